@@ -1,0 +1,1 @@
+"""edgewise.kernels: Numba-JIT statistics and drift kernels (numpy and numba only)."""

@@ -1,0 +1,1 @@
+"""edgewise.runtime: model packages, conversion and the gRPC serving runtime."""

@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, server lifecycle, generated code."""
