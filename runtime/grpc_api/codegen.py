@@ -32,9 +32,7 @@ def _rewrite_imports(text: str, proto_package: str) -> str:
     dotted = proto_package.replace("/", ".")
     # "from inference import x_pb2 as ..." and "import inference.x_pb2" (in stubs)
     text = re.sub(rf"^from {re.escape(dotted)} import ", "from . import ", text, flags=re.M)
-    text = re.sub(
-        rf"^import {re.escape(dotted)}\.(\w+)$", r"from . import \1", text, flags=re.M
-    )
+    text = re.sub(rf"^import {re.escape(dotted)}\.(\w+)$", r"from . import \1", text, flags=re.M)
     return re.sub(rf"\b{re.escape(dotted)}\.(\w+_pb2)\b", r"\1", text)
 
 

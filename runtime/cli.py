@@ -1,0 +1,201 @@
+"""The ``edgewise`` command: argv -> settings -> wiring, nothing else.
+
+Every failure edgewise expects ends as one readable line on stderr and a non-zero exit code
+(1 for an error, 2 for bad usage, 130 for an interrupt); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgewise.runtime.errors import EdgewiseError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a scikit-learn model to an ONNX model package",
+        description="Convert a pickled scikit-learn estimator or pipeline to ONNX, prove parity "
+        "with the original on a sample, and write a model package REPO/NAME/VERSION/.",
+    )
+    p.add_argument("model", type=Path, help="the fitted model (.joblib or .pkl)")
+    p.add_argument("--sample", type=Path, required=True, help="sample data (.csv, .parquet, .npy)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--out", type=Path, required=True, help="model repository folder")
+    p.add_argument("--held-out", type=Path, help="extra data for the parity check")
+    p.add_argument("--opset", type=int, help="target ONNX opset (default: edgewise's choice)")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.set_defaults(handler=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from edgewise.runtime.convert import convert_files
+
+    result = convert_files(
+        args.model,
+        args.sample,
+        name=args.name,
+        repo=args.out,
+        held_out_path=args.held_out,
+        opset=args.opset,
+        atol=args.atol,
+        version=args.version,
+    )
+    parity = result.manifest.parity.get("max_abs_diff", {})
+    figures = ", ".join(f"{k} {v:.3g}" for k, v in parity.items())
+    print(f"wrote {result.path} (parity max |diff|: {figures or 'n/a'})")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (Open Inference Protocol V2)",
+        description="Serve every model in REPO over gRPC: the Open Inference Protocol (V2), "
+        "edgewise's repository service, grpc.health.v1 and server reflection; Prometheus "
+        "metrics over HTTP. Flags override EDGEWISE_* environment variables.",
+    )
+    p.add_argument("--repo", type=Path, help="model repository folder [EDGEWISE_REPO]")
+    p.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-host", help="metrics address to bind (default 0.0.0.0)")
+    p.add_argument("--metrics-port", type=int, help="metrics port (default 8002; -1 disables)")
+    p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    p.add_argument("--worker-threads", type=int, help="threads for large requests and control")
+    p.add_argument("--inline-max-bytes", type=int, help="payloads up to this run on the loop")
+    p.add_argument("--intra-op-threads", type=int, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--inter-op-threads", type=int, help="onnxruntime inter-op threads (default 1)")
+    p.add_argument("--version-policy", help="latest:N | all | specific:V1,V2 (default latest:1)")
+    p.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 10)")
+    p.add_argument("--port-file", type=Path, help="write 'GRPC_PORT METRICS_PORT' when ready")
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from edgewise.runtime.grpc_api.server import run_server
+    from edgewise.runtime.settings import ServerSettings
+
+    keys = [
+        "repo", "host", "port", "metrics_host", "metrics_port", "max_message_bytes",
+        "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
+        "version_policy", "grace_seconds", "port_file",
+    ]  # fmt: skip
+    settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
+    if not settings.repo.is_dir():
+        raise EdgewiseError(f"model repository {settings.repo} is not a folder")
+    return run_server(settings)
+
+
+def _add_repository(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "repository",
+        help="list, load and unload models on a running server",
+        description="Control a running server's model repository.",
+    )
+    p.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    index = actions.add_parser("index", help="every model version and its state")
+    index.add_argument("--ready", action="store_true", help="only versions ready to serve")
+    load = actions.add_parser("load", help="load a model (its policy's versions, or one)")
+    load.add_argument("name")
+    load.add_argument("--version", default="", help="one version to load")
+    load.add_argument("--make-default", action="store_true", help="serve it when none is named")
+    unload = actions.add_parser("unload", help="unload a model, or one version")
+    unload.add_argument("name")
+    unload.add_argument("--version", default="")
+    p.set_defaults(handler=_cmd_repository)
+
+
+def _cmd_repository(args: argparse.Namespace) -> int:
+    from edgewise.runtime.client import EdgewiseClient
+
+    with EdgewiseClient(args.server) as client:
+        if args.action == "index":
+            states = client.repository_index(ready_only=args.ready)
+        elif args.action == "load":
+            states = client.load_model(args.name, args.version, args.make_default)
+        else:
+            states = client.unload_model(args.name, args.version)
+    print(f"{'MODEL':<20} {'VERSION':>7}  {'STATE':<11} {'DEFAULT':<7} SHA256 / REASON")
+    for s in states:
+        detail = s.reason or s.sha256[:16]
+        print(
+            f"{s.name:<20} {s.version:>7}  {s.state:<11} {'yes' if s.is_default else '':<7} "
+            f"{detail}"
+        )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train, convert and serve a model, then answer a few requests",
+        description="Train a logistic regression on scikit-learn's breast cancer data, convert "
+        "it, place it in a local model repository, serve it, send a few requests with a client "
+        "and print the answers; then keep serving until interrupted.",
+    )
+    p.add_argument("--repo", type=Path, default=Path("demo-repo"), help="repository folder")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (0: free one)")
+    p.add_argument(
+        "--exit-after-requests", action="store_true", help="stop after the sample requests"
+    )
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgewise.runtime.demo import run_demo
+
+    return run_demo(args.repo, args.port, args.metrics_port, args.exit_after_requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgewise",
+        description="A lightweight runtime for serving classical ML models over gRPC.",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_serve(sub)
+    _add_repository(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Any = args.handler
+    try:
+        return int(handler(args))
+    except EdgewiseError as exc:
+        print(f"edgewise {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"edgewise {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

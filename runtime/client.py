@@ -1,0 +1,164 @@
+"""A small client of edgewise's own over the generated stubs (used by the CLI, the demo, tests and
+the agent). tritonclient and any other Open Inference Protocol client work too; this one adds the
+repository service and needs nothing beyond grpcio.
+
+Note: this module registers the ``inference`` protobuf package in the process's default descriptor
+pool, as tritonclient's generated code also does, so the two cannot be imported into one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+from edgewise.runtime.codecs import decode_outputs, encode_inputs
+from edgewise.runtime.errors import EdgewiseError, Unavailable
+from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
+from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+__all__ = ["EdgewiseClient", "InferResult", "ServerError"]
+
+
+class ServerError(EdgewiseError):
+    """The server answered with a non-OK gRPC status."""
+
+    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{status.name}: {details}")
+        self.status = status
+        self.details = details
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: dict[str, npt.NDArray[Any]]
+
+
+class EdgewiseClient:
+    def __init__(
+        self, target: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.repository = epb_grpc.ModelRepositoryServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> EdgewiseClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+                raise Unavailable(f"cannot reach the server at {self.target}: {details}") from None
+            raise ServerError(code, details) from None
+
+    # ---- health and metadata -------------------------------------------------------------------
+
+    def server_live(self) -> bool:
+        return bool(self._call(self.inference.ServerLive, pb.ServerLiveRequest()).live)
+
+    def server_ready(self) -> bool:
+        return bool(self._call(self.inference.ServerReady, pb.ServerReadyRequest()).ready)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        request = pb.ModelReadyRequest(name=name, version=version)
+        return bool(self._call(self.inference.ModelReady, request).ready)
+
+    def health_status(self, service: str = "") -> str:
+        response = self._call(self.health.Check, health_pb2.HealthCheckRequest(service=service))
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout: float = 30.0) -> None:
+        """Poll the health service (with short backoff) until it reports SERVING."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health_status()
+                if last == "SERVING":
+                    return
+            except EdgewiseError as exc:
+                last = exc.message
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        raise Unavailable(f"server at {self.target} not SERVING after {timeout:.0f} s: {last}")
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        result: pb.ServerMetadataResponse = self._call(
+            self.inference.ServerMetadata, pb.ServerMetadataRequest()
+        )
+        return result
+
+    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+        request = pb.ModelMetadataRequest(name=name, version=version)
+        result: pb.ModelMetadataResponse = self._call(self.inference.ModelMetadata, request)
+        return result
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        *,
+        version: str = "",
+        outputs: Sequence[str] = (),
+        request_id: str = "",
+        raw: bool = True,
+        timeout: float | None = None,
+    ) -> InferResult:
+        request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        encode_inputs(request, inputs, raw=raw)
+        for name in outputs:
+            request.outputs.add(name=name)
+        response: pb.ModelInferResponse = self._call(self.inference.ModelInfer, request, timeout)
+        return InferResult(
+            model_name=response.model_name,
+            model_version=response.model_version,
+            id=response.id,
+            outputs=decode_outputs(response),
+        )
+
+    # ---- repository ----------------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[epb.ModelVersionState]:
+        request = epb.RepositoryIndexRequest(ready_only=ready_only)
+        return list(self._call(self.repository.RepositoryIndex, request).models)
+
+    def load_model(
+        self, name: str, version: str = "", make_default: bool = False, timeout: float = 120.0
+    ) -> list[epb.ModelVersionState]:
+        request = epb.LoadModelRequest(name=name, version=version, make_default=make_default)
+        return list(self._call(self.repository.LoadModel, request, timeout).models)
+
+    def unload_model(self, name: str, version: str = "") -> list[epb.ModelVersionState]:
+        request = epb.UnloadModelRequest(name=name, version=version)
+        return list(self._call(self.repository.UnloadModel, request).models)

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one server: requests, latency, in-flight requests, model load events.
+
+Each server owns its own registry (several servers can live in one process, as in tests). Label
+children are cached so the request path pays a dict lookup, not a label resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["LATENCY_BUCKETS", "ServerMetrics"]
+
+# Seconds: fine resolution below a millisecond, where a healthy request lives.
+LATENCY_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "edgewise_requests",
+            "Inference requests by model, version and status code.",
+            ["model", "version", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "edgewise_request_duration_seconds",
+            "Server-side inference latency, decode to encode.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "edgewise_inflight_requests",
+            "Inference requests being processed now.",
+            registry=self.registry,
+        )
+        self.model_events = Counter(
+            "edgewise_model_events",
+            "Model version lifecycle events (load, load_failed, unload).",
+            ["model", "version", "event"],
+            registry=self.registry,
+        )
+        self.models_ready = Gauge(
+            "edgewise_model_versions_ready",
+            "Model versions being served.",
+            registry=self.registry,
+        )
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        self._latency_children: dict[tuple[str, str], Histogram] = {}
+
+    def observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        key = (model, version, code)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self.requests.labels(model, version, code)
+            self._request_children[key] = counter
+        counter.inc()
+        if code == "OK":
+            hkey = (model, version)
+            histogram = self._latency_children.get(hkey)
+            if histogram is None:
+                histogram = self.latency.labels(model, version)
+                self._latency_children[hkey] = histogram
+            histogram.observe(seconds)
+
+    def model_event(self, model: str, version: int, event: str) -> None:
+        self.model_events.labels(model, str(version), event).inc()

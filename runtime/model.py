@@ -1,0 +1,220 @@
+"""The onnxruntime session wrapper: the only module that imports onnxruntime for serving.
+
+A :class:`LoadedModel` is one version of one model package, fully loaded: the session is created,
+its inputs and outputs are checked against the manifest, and a warm-up run has succeeded before
+anyone can see it. onnxruntime's errors are translated into edgewise's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from edgewise.runtime.datatypes import BYTES, numpy_dtype
+from edgewise.runtime.errors import InvalidInput, ModelLoadError, PackageError
+from edgewise.runtime.package import MODEL_FILE, Manifest, TensorSpec, read_manifest, verify_files
+
+__all__ = ["LoadedModel", "SessionSettings", "load_model"]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How onnxruntime sessions are built. Never "all host cores" unless asked for."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    # Spinning keeps a second core busy even at batch 1; off unless asked for.
+    allow_spinning: bool = False
+    graph_optimization: str = "all"  # disabled | basic | extended | all
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        levels = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        options.graph_optimization_level = levels[self.graph_optimization]
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        options.log_severity_level = 3
+        return options
+
+
+@contextlib.contextmanager
+def _translate_ort_errors(what: str) -> Iterator[None]:
+    """Turn onnxruntime's exceptions into edgewise errors."""
+    try:
+        yield
+    except (InvalidInput, ModelLoadError):
+        raise
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in ("InvalidArgument", "InvalidProtobuf", "NoSuchFile", "NotImplemented"):
+            raise InvalidInput(f"{what}: {exc}") from None
+        raise ModelLoadError(f"{what}: {name}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _InputPlan:
+    spec: TensorSpec
+    dtype: np.dtype[Any]
+    is_string: bool
+
+
+class LoadedModel:
+    """One model version, ready to run."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        folder: Path,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        load_seconds: float,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.version_str = str(version)
+        self.folder = folder
+        self.manifest = manifest
+        self.session = session
+        self.load_seconds = load_seconds
+        self.inputs: tuple[TensorSpec, ...] = manifest.inputs
+        self.outputs: tuple[TensorSpec, ...] = manifest.outputs
+        self.input_specs: dict[str, TensorSpec] = {t.name: t for t in manifest.inputs}
+        self.output_names: tuple[str, ...] = tuple(t.name for t in manifest.outputs)
+        self._plans = {
+            t.name: _InputPlan(t, numpy_dtype(t.datatype), t.datatype == BYTES)
+            for t in manifest.inputs
+        }
+        self._run = session.run
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.model_sha256
+
+    def check_input(self, name: str, datatype: str, shape: Sequence[int]) -> TensorSpec:
+        """The spec of input ``name``, after checking the declared datatype and shape fit it."""
+        spec = self.input_specs.get(name)
+        if spec is None:
+            expected = ", ".join(self.input_specs)
+            raise InvalidInput(
+                f"input {name!r} is not an input of model {self.name!r} (expected: {expected})"
+            )
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}"
+            )
+        if len(shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input {name!r}: shape {list(shape)} does not match the model's "
+                f"{list(spec.shape)} (-1 is any size)"
+            )
+        return spec
+
+    def run(
+        self,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str] | None = None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run the model; ``feeds`` must hold every input, already checked by ``check_input``."""
+        if len(feeds) != len(self._plans):
+            missing = [n for n in self._plans if n not in feeds]
+            raise InvalidInput(
+                f"model {self.name!r} needs input(s) {', '.join(map(repr, missing))}"
+            )
+        prepared: dict[str, npt.NDArray[Any]] = {}
+        for name, array in feeds.items():
+            prepared[name] = _as_strings(name, array) if self._plans[name].is_string else array
+        names = list(output_names) if output_names else list(self.output_names)
+        with _translate_ort_errors(f"model {self.name!r} version {self.version}"):
+            results = self._run(names, prepared)
+        return dict(zip(names, results, strict=True))
+
+
+def _as_strings(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """onnxruntime string tensors want ``str`` objects; BYTES inputs arrive as ``bytes``."""
+    out = np.empty(array.shape, dtype=object)
+    flat_in = array.ravel()
+    flat_out = out.ravel()
+    try:
+        for index, item in enumerate(flat_in):
+            flat_out[index] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input {name!r}: a BYTES element is not valid UTF-8") from None
+    return out
+
+
+def _warmup_feeds(inputs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    for spec in inputs:
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        if spec.datatype == BYTES:
+            feeds[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+    return feeds
+
+
+def load_model(
+    name: str,
+    version: int,
+    folder: Path,
+    settings: SessionSettings,
+    *,
+    verify: bool = True,
+) -> LoadedModel:
+    """Load a package folder into a ready :class:`LoadedModel`.
+
+    Raises :class:`PackageError` for a bad package and :class:`ModelLoadError` when onnxruntime
+    refuses the model or the warm-up run fails; nothing half-loaded escapes.
+    """
+    started = time.perf_counter()
+    manifest = read_manifest(folder)
+    if manifest.name != name:
+        raise PackageError(f"{folder}: manifest names model {manifest.name!r}, not {name!r}")
+    if verify:
+        verify_files(folder, manifest)
+    model_path = folder / MODEL_FILE
+    try:
+        session = ort.InferenceSession(
+            str(model_path),
+            sess_options=settings.session_options(),
+            providers=["CPUExecutionProvider"],
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from None
+    session_inputs = {i.name for i in session.get_inputs()}
+    declared = {t.name for t in manifest.inputs}
+    if session_inputs != declared:
+        raise ModelLoadError(
+            f"{folder}: manifest inputs {sorted(declared)} differ from the model's "
+            f"{sorted(session_inputs)}"
+        )
+    session_outputs = {o.name for o in session.get_outputs()}
+    missing = [t.name for t in manifest.outputs if t.name not in session_outputs]
+    if missing:
+        raise ModelLoadError(f"{folder}: model has no output(s) {missing}")
+    model = LoadedModel(name, version, folder, manifest, session, 0.0)
+    try:
+        model.run(_warmup_feeds(manifest.inputs))
+    except (InvalidInput, ModelLoadError) as exc:
+        raise ModelLoadError(f"{folder}: warm-up run failed: {exc}") from None
+    model.load_seconds = time.perf_counter() - started
+    return model

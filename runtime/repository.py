@@ -1,0 +1,382 @@
+"""The model repository: versions on disk, a version policy per model, and the set being served.
+
+Layout: ``<repo>/<model>/<version>/`` (integer versions), with an optional
+``<repo>/<model>/config.json`` that sets the model's version policy::
+
+    {"version_policy": {"latest": 2}}          # the two highest versions (default: latest 1)
+    {"version_policy": {"all": true}}          # every version on disk
+    {"version_policy": {"specific": [1, 3]}}   # exactly these
+
+Loading is done before unloading: new versions are loaded and warmed up first, then the served set
+is swapped in one assignment, then versions that left the set are dropped (requests already
+running on them finish). A version that fails to load is recorded as FAILED with its reason and
+leaves the served versions untouched. Requests read the served set without taking a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final
+
+from edgewise.runtime.errors import (
+    EdgewiseError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    PackageError,
+)
+from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
+from edgewise.runtime.package import list_versions, read_manifest, validate_model_name
+
+__all__ = [
+    "ModelRepository",
+    "ModelState",
+    "VersionPolicy",
+    "VersionStatus",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE: Final = "config.json"
+
+
+class ModelState(Enum):
+    UNAVAILABLE = "UNAVAILABLE"  # on disk, not loaded
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk a model serves: the latest N, all, or a specific list."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+    all: bool = False
+
+    def select(self, available: list[int]) -> list[int]:
+        if self.all:
+            return sorted(available)
+        if self.specific:
+            return sorted(v for v in available if v in self.specific)
+        count = self.latest or 1
+        return sorted(available)[-count:]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VersionPolicy:
+        if data.get("all"):
+            return cls(latest=None, all=True)
+        if "specific" in data:
+            versions = tuple(int(v) for v in data["specific"])
+            if not versions or any(v < 1 for v in versions):
+                raise ValueError("specific versions must be a non-empty list of integers >= 1")
+            return cls(latest=None, specific=versions)
+        latest = int(data.get("latest", 1))
+        if latest < 1:
+            raise ValueError("latest must be >= 1")
+        return cls(latest=latest)
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """From a CLI string: ``latest:N``, ``all`` or ``specific:1,3``."""
+        kind, _, arg = text.partition(":")
+        try:
+            if kind == "all" and not arg:
+                return cls(latest=None, all=True)
+            if kind == "latest":
+                return cls.from_json({"latest": int(arg or 1)})
+            if kind == "specific":
+                return cls.from_json({"specific": [int(v) for v in arg.split(",") if v]})
+        except ValueError as exc:
+            raise InvalidInput(f"version policy {text!r}: {exc}") from None
+        raise InvalidInput(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    name: str
+    version: int
+    state: ModelState
+    reason: str = ""
+    sha256: str = ""
+    is_default: bool = False
+
+
+@dataclass(frozen=True)
+class _ServedModel:
+    """An immutable snapshot of one model's served versions."""
+
+    versions: Mapping[int, LoadedModel]
+    default: int
+    pinned_default: int | None = None
+
+
+@dataclass
+class _Failures:
+    reasons: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+LoadListener = Callable[[str, int, str], None]
+
+
+class ModelRepository:
+    """The served model set, backed by a repository folder."""
+
+    def __init__(
+        self,
+        root: Path,
+        session_settings: SessionSettings | None = None,
+        default_policy: VersionPolicy | None = None,
+        on_event: LoadListener | None = None,
+    ) -> None:
+        self.root = root
+        self.session_settings = session_settings or SessionSettings()
+        self.default_policy = default_policy or VersionPolicy()
+        self._served: dict[str, _ServedModel] = {}
+        self._loading: set[tuple[str, int]] = set()
+        self._failures = _Failures()
+        self._control = threading.Lock()
+        self._on_event = on_event or (lambda name, version, event: None)
+
+    # ---- reading (the request path: no locks) -------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The model version a request asks for; ``version`` "" means the default version."""
+        served = self._served.get(name)
+        if served is None:
+            if any(key[0] == name for key in self._loading):
+                raise ModelNotReady(f"model {name!r} is loading")
+            raise ModelNotFound(f"model {name!r} is not served (unknown or unloaded)")
+        if not version:
+            return served.versions[served.default]
+        try:
+            number = int(version)
+        except ValueError:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}") from None
+        model = served.versions.get(number)
+        if model is not None:
+            return model
+        if (name, number) in self._loading:
+            raise ModelNotReady(f"model {name!r} version {number} is loading")
+        if (name, number) in self._failures.reasons:
+            raise ModelNotReady(
+                f"model {name!r} version {number} failed to load: "
+                f"{self._failures.reasons[(name, number)]}"
+            )
+        if number in list_versions(self.root / name):
+            raise ModelNotReady(f"model {name!r} version {number} is not loaded")
+        raise ModelNotFound(f"model {name!r} has no version {number}")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except EdgewiseError:
+            return False
+        return True
+
+    def served_versions(self, name: str) -> list[int]:
+        served = self._served.get(name)
+        if served is None:
+            raise ModelNotFound(f"model {name!r} is not served (unknown or unloaded)")
+        return sorted(served.versions)
+
+    def served_models(self) -> list[LoadedModel]:
+        return [m for s in self._served.values() for m in s.versions.values()]
+
+    def index(self, ready_only: bool = False) -> list[VersionStatus]:
+        """Every model and version known on disk or in memory, with its state."""
+        statuses: list[VersionStatus] = []
+        names = set(self._served) | set(self._model_dirs())
+        names |= {key[0] for key in self._loading} | {k[0] for k in self._failures.reasons}
+        for name in sorted(names):
+            served = self._served.get(name)
+            versions = set(list_versions(self.root / name))
+            if served:
+                versions |= set(served.versions)
+            versions |= {v for (n, v) in self._loading if n == name}
+            versions |= {v for (n, v) in self._failures.reasons if n == name}
+            for version in sorted(versions):
+                status = self._status(name, version, served)
+                if ready_only and status.state is not ModelState.READY:
+                    continue
+                statuses.append(status)
+        return statuses
+
+    def _status(self, name: str, version: int, served: _ServedModel | None) -> VersionStatus:
+        if served and version in served.versions:
+            model = served.versions[version]
+            return VersionStatus(
+                name, version, ModelState.READY, "", model.sha256, served.default == version
+            )
+        if (name, version) in self._loading:
+            return VersionStatus(name, version, ModelState.LOADING)
+        if (name, version) in self._failures.reasons:
+            reason = self._failures.reasons[(name, version)]
+            return VersionStatus(name, version, ModelState.FAILED, reason)
+        return VersionStatus(name, version, ModelState.UNAVAILABLE)
+
+    # ---- control (serialised) -----------------------------------------------------------------
+
+    def _model_dirs(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        names = []
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            try:
+                names.append(validate_model_name(entry.name))
+            except InvalidInput:
+                log.warning("ignoring %s: not a valid model name", entry)
+        return names
+
+    def policy_for(self, name: str) -> VersionPolicy:
+        path = self.root / name / MODEL_CONFIG_FILE
+        if not path.exists():
+            return self.default_policy
+        try:
+            data = json.loads(path.read_text())
+            return VersionPolicy.from_json(data.get("version_policy", {}))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise PackageError(f"{path}: invalid model config: {exc}") from None
+
+    def load_all(self) -> list[VersionStatus]:
+        """Load every model found in the repository folder (at start-up)."""
+        statuses: list[VersionStatus] = []
+        for name in self._model_dirs():
+            try:
+                statuses.extend(self.load(name))
+            except EdgewiseError as exc:
+                log.error("model %s: %s", name, exc)
+        return statuses
+
+    def load(
+        self, name: str, version: int | None = None, make_default: bool = False
+    ) -> list[VersionStatus]:
+        """Load a model's versions (by policy, or one version), then swap them in.
+
+        Already-served versions whose files are unchanged are kept as they are; a served version
+        whose model file changed on disk is reloaded.
+        """
+        validate_model_name(name)
+        with self._control:
+            model_dir = self.root / name
+            available = list_versions(model_dir)
+            if version is not None:
+                if version not in available:
+                    raise ModelNotFound(f"model {name!r} has no version {version} on disk")
+                targets = [version]
+            else:
+                if not available:
+                    raise ModelNotFound(f"model {name!r} has no versions in {self.root}")
+                targets = self.policy_for(name).select(available)
+                if not targets:
+                    raise ModelNotFound(f"model {name!r}: its version policy selects no version")
+
+            current = self._served.get(name)
+            current_versions: dict[int, LoadedModel] = dict(current.versions) if current else {}
+            loaded: dict[int, LoadedModel] = {}
+            for number in targets:
+                existing = current_versions.get(number)
+                if existing is not None and not self._changed_on_disk(existing):
+                    loaded[number] = existing
+                    continue
+                model = self._load_one(name, number, model_dir / str(number))
+                if model is not None:
+                    loaded[number] = model
+
+            if not loaded:
+                # Every target failed: what was served stays served.
+                return [self._status(name, v, current) for v in targets]
+
+            # One version loaded by name joins the others; a policy load replaces the set.
+            new_versions = {**current_versions, **loaded} if version is not None else loaded
+            pinned = current.pinned_default if current else None
+            if make_default and version is not None and version in loaded:
+                pinned = version
+            if pinned not in new_versions:
+                pinned = None
+            default = pinned if pinned is not None else max(new_versions)
+            snapshot = _ServedModel(new_versions, default, pinned)
+            served = dict(self._served)
+            served[name] = snapshot
+            self._served = served  # the swap: one assignment, seen atomically by readers
+            for number in current_versions:
+                if number not in new_versions:
+                    self._on_event(name, number, "unload")
+                    log.info("model %s version %d unloaded", name, number)
+            return [
+                self._status(name, v, snapshot) for v in sorted(set(targets) | set(new_versions))
+            ]
+
+    def set_default(self, name: str, version: int) -> None:
+        with self._control:
+            current = self._served.get(name)
+            if current is None or version not in current.versions:
+                raise ModelNotReady(f"model {name!r} version {version} is not loaded")
+            served = dict(self._served)
+            served[name] = _ServedModel(current.versions, version, version)
+            self._served = served
+
+    def unload(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """Stop serving a model, or one version of it."""
+        with self._control:
+            current = self._served.get(name)
+            if current is None:
+                raise ModelNotFound(f"model {name!r} is not served")
+            served = dict(self._served)
+            if version is None:
+                removed = list(current.versions)
+                del served[name]
+            else:
+                if version not in current.versions:
+                    raise ModelNotFound(f"model {name!r} version {version} is not served")
+                removed = [version]
+                remaining = {v: m for v, m in current.versions.items() if v != version}
+                if remaining:
+                    pinned = current.pinned_default if current.pinned_default != version else None
+                    default = pinned if pinned is not None else max(remaining)
+                    served[name] = _ServedModel(remaining, default, pinned)
+                else:
+                    del served[name]
+            self._served = served
+            for number in removed:
+                self._on_event(name, number, "unload")
+            return [self._status(name, v, served.get(name)) for v in removed]
+
+    def _changed_on_disk(self, model: LoadedModel) -> bool:
+        try:
+            return read_manifest(model.folder).model_sha256 != model.sha256
+        except EdgewiseError:
+            return False
+
+    def _load_one(self, name: str, version: int, folder: Path) -> LoadedModel | None:
+        key = (name, version)
+        self._loading.add(key)
+        try:
+            model = load_model(name, version, folder, self.session_settings)
+        except EdgewiseError as exc:
+            self._failures.reasons[key] = exc.message
+            self._on_event(name, version, "load_failed")
+            log.error("model %s version %d failed to load: %s", name, version, exc.message)
+            return None
+        finally:
+            self._loading.discard(key)
+        self._failures.reasons.pop(key, None)
+        self._on_event(name, version, "load")
+        log.info(
+            "model %s version %d loaded in %.3f s (sha256 %s)",
+            name,
+            version,
+            model.load_seconds,
+            model.sha256[:12],
+        )
+        return model

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import numpy as np
+import pytest
+from edgewise.runtime.codecs import (
+    MAX_ELEMENTS,
+    decode_bytes_raw,
+    decode_inputs,
+    decode_outputs,
+    encode_bytes_raw,
+    encode_inputs,
+    encode_outputs,
+)
+from edgewise.runtime.datatypes import DATATYPE_TO_NUMPY, datatype_of
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+NUMERIC = [d for d in DATATYPE_TO_NUMPY if d != "BYTES"]
+
+
+def sample_array(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if datatype == "BYTES":
+        flat = np.empty(int(np.prod(shape)), dtype=object)
+        flat[:] = [f"v{i}".encode() * (i % 3) for i in range(flat.size)]
+        return flat.reshape(shape)
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def round_trip_request(arrays: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
+    request = pb.ModelInferRequest(model_name="m")
+    encode_inputs(request, arrays, raw=raw)
+    wire = pb.ModelInferRequest.FromString(request.SerializeToString())
+    return {t.name: t.array for t in decode_inputs(wire)}
+
+
+# FP16 exists only as raw contents in the protocol (its typed refusal is tested below).
+@pytest.mark.parametrize(
+    ("datatype", "raw"),
+    [(d, r) for d in [*NUMERIC, "BYTES"] for r in (True, False) if not (d == "FP16" and not r)],
+)
+def test_every_datatype_round_trips(datatype: str, raw: bool) -> None:
+    array = sample_array(datatype, (3, 4))
+    decoded = round_trip_request({"x": array}, raw)["x"]
+    assert decoded.shape == (3, 4)
+    if datatype == "BYTES":
+        assert decoded.tolist() == array.tolist()
+    else:
+        assert decoded.dtype == DATATYPE_TO_NUMPY[datatype]
+        np.testing.assert_array_equal(decoded, array)
+
+
+def test_typed_fp16_input_is_refused_with_the_tensor_name() -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="half", datatype="FP16", shape=[2])
+    tensor.contents.fp32_contents.extend([1.0, 2.0])
+    with pytest.raises(InvalidInput, match=r"'half'.*FP16"):
+        decode_inputs(request)
+    with pytest.raises(InvalidInput, match="FP16"):
+        encode_inputs(pb.ModelInferRequest(), {"h": np.zeros(2, np.float16)}, raw=False)
+
+
+def test_raw_decoding_does_not_copy() -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    request = pb.ModelInferRequest()
+    encode_inputs(request, {"x": array})
+    decoded = decode_inputs(request)[0].array
+    assert not decoded.flags.owndata
+    assert not decoded.flags.writeable
+    # The array is a view over the bytes object protobuf hands out: no copy of our own.
+    base = decoded
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, bytes)
+    np.testing.assert_array_equal(decoded, array)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_outputs_round_trip_in_the_requested_form(raw: bool) -> None:
+    outputs = {
+        "label": np.array([0, 1, 1], dtype=np.int64),
+        "probabilities": np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]], dtype=np.float32),
+        "names": np.array(["a", "bb", ""], dtype=object),
+    }
+    response = pb.ModelInferResponse()
+    encode_outputs(response, outputs, raw=raw)
+    assert bool(response.raw_output_contents) is raw
+    decoded = decode_outputs(pb.ModelInferResponse.FromString(response.SerializeToString()))
+    np.testing.assert_array_equal(decoded["label"], outputs["label"])
+    np.testing.assert_array_equal(decoded["probabilities"], outputs["probabilities"])
+    assert decoded["names"].tolist() == [b"a", b"bb", b""]
+
+
+def test_bytes_raw_format_is_length_prefixed_little_endian() -> None:
+    encoded = encode_bytes_raw(np.array([b"ab", b""], dtype=object))
+    assert encoded == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+    assert decode_bytes_raw("t", encoded, 2).tolist() == [b"ab", b""]
+
+
+def raw_request(
+    datatype: str, shape: list[int], raw: bytes, name: str = "x"
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest()
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (raw_request("FP32", [2, 2], b"\0" * 15), r"'x'.*15 bytes, expected 16"),
+        (raw_request("FP64", [-1, 2], b""), r"'x'.*negative"),
+        (raw_request("FLOAT", [1], b"\0" * 4), r"'x'.*unknown datatype 'FLOAT'"),
+        (raw_request("INT32", [1 << 20, 1 << 20], b""), r"'x'.*more than"),
+        (raw_request("BYTES", [2], struct.pack("<I", 1) + b"a"), r"'x'.*ends after 1 of 2"),
+        (raw_request("BYTES", [1], struct.pack("<I", 9) + b"a"), r"'x'.*claims 9 bytes"),
+        (raw_request("BYTES", [1], struct.pack("<I", 1) + b"ab"), r"'x'.*1 bytes after"),
+    ],
+)
+def test_malformed_raw_inputs_name_the_tensor(request_: pb.ModelInferRequest, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        decode_inputs(request_)
+
+
+def test_mixed_raw_and_typed_contents_are_refused() -> None:
+    request = raw_request("FP32", [1], b"\0" * 4)
+    request.inputs[0].contents.fp32_contents.append(1.0)
+    with pytest.raises(InvalidInput, match=r"'x'.*cannot be mixed"):
+        decode_inputs(request)
+
+
+def test_raw_entry_count_must_match_inputs() -> None:
+    request = raw_request("FP32", [1], b"\0" * 4)
+    request.inputs.add(name="y", datatype="FP32", shape=[1])
+    with pytest.raises(InvalidInput, match="raw_input_contents has 1 entries for 2 inputs"):
+        decode_inputs(request)
+
+
+def test_typed_contents_checks() -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="t", datatype="INT8", shape=[2])
+    tensor.contents.int_contents.extend([1, 300])
+    with pytest.raises(InvalidInput, match=r"'t'.*outside the INT8 range"):
+        decode_inputs(request)
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="t", datatype="FP32", shape=[3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0])
+    with pytest.raises(InvalidInput, match=r"'t'.*2 values, expected 3"):
+        decode_inputs(request)
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="t", datatype="FP32", shape=[1])
+    tensor.contents.fp32_contents.append(1.0)
+    tensor.contents.int64_contents.append(1)
+    with pytest.raises(InvalidInput, match=r"'t'.*contents.int64_contents has values"):
+        decode_inputs(request)
+
+
+def test_duplicate_and_unnamed_inputs() -> None:
+    request = raw_request("FP32", [1], b"\0" * 4)
+    request.inputs.add(name="x", datatype="FP32", shape=[1])
+    request.raw_input_contents.append(b"\0" * 4)
+    with pytest.raises(InvalidInput, match=r"'x'.*more than once"):
+        decode_inputs(request)
+    with pytest.raises(InvalidInput, match="input 0: the tensor has no name"):
+        decode_inputs(raw_request("FP32", [1], b"\0" * 4, name=""))
+
+
+def test_datatype_table_is_consistent() -> None:
+    for name, dtype in DATATYPE_TO_NUMPY.items():
+        assert datatype_of(dtype) == name
+    assert datatype_of(np.dtype(">f4")) == "FP32"
+    with pytest.raises(ValueError, match="complex"):
+        datatype_of(np.dtype(np.complex64))
+    assert MAX_ELEMENTS > 0
+
+
+# ---- fuzzing: whatever bytes arrive, decoding either works or raises InvalidInput ----------------
+
+tensor_strategy = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=4),
+        "datatype": st.sampled_from([*DATATYPE_TO_NUMPY, "FLOAT", ""]),
+        "shape": st.lists(st.integers(-3, 1 << 33), max_size=4),
+        "fp32": st.lists(st.floats(width=32), max_size=6),
+        "ints": st.lists(st.integers(-(1 << 31), (1 << 31) - 1), max_size=6),
+        "bytes": st.lists(st.binary(max_size=6), max_size=4),
+    }
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tensors=st.lists(tensor_strategy, max_size=3),
+    raws=st.lists(st.binary(max_size=40), max_size=3),
+)
+def test_fuzz_decoder_only_raises_invalid_input(tensors: list[dict], raws: list[bytes]) -> None:
+    request = pb.ModelInferRequest()
+    for spec in tensors:
+        tensor = request.inputs.add(
+            name=spec["name"], datatype=spec["datatype"], shape=spec["shape"]
+        )
+        tensor.contents.fp32_contents.extend(spec["fp32"])
+        tensor.contents.int_contents.extend(spec["ints"])
+        tensor.contents.bytes_contents.extend(spec["bytes"])
+    request.raw_input_contents.extend(raws)
+    try:
+        decoded = decode_inputs(request)
+    except InvalidInput as exc:
+        assert exc.message
+        return
+    for tensor in decoded:
+        assert tensor.array.shape == tensor.shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=200))
+def test_fuzz_wire_bytes(payload: bytes) -> None:
+    """Arbitrary bytes on the wire: protobuf refuses them or the decoder answers InvalidInput."""
+    try:
+        request = pb.ModelInferRequest.FromString(payload)
+    except Exception:  # protobuf's DecodeError: gRPC answers INTERNAL before our code runs
+        return
+    with contextlib.suppress(InvalidInput):
+        decode_inputs(request)

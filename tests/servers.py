@@ -1,0 +1,91 @@
+"""Real edgewise servers for tests: started as subprocesses on 127.0.0.1 with free ports, waited on
+through their port file and the gRPC health service (never a fixed sleep), stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgewise.runtime.client import EdgewiseClient
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def client(self) -> EdgewiseClient:
+        return EdgewiseClient(self.target)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_server(
+    repo: Path, workdir: Path, extra_args: Sequence[str] = (), timeout: float = 60.0
+) -> RunningServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"ports-{time.monotonic_ns()}"
+    log_path = workdir / f"server-{time.monotonic_ns()}.log"
+    command = [
+        sys.executable, "-m", "edgewise.runtime.cli", "serve",
+        "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
+        "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--port-file", str(port_file), *extra_args,
+    ]  # fmt: skip
+    log_handle = log_path.open("wb")
+    process = subprocess.Popen(
+        command, stdout=log_handle, stderr=subprocess.STDOUT, env={**os.environ}
+    )
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not write its port file:\n{log_path.read_text()}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+    port, metrics_port = (int(x) for x in port_file.read_text().split())
+    server = RunningServer(process, port, metrics_port, log_path)
+    with server.client() as client:
+        client.wait_until_serving(timeout=max(1.0, deadline - time.monotonic()))
+    return server
+
+
+@contextmanager
+def running_server(
+    repo: Path, workdir: Path, extra_args: Sequence[str] = ()
+) -> Iterator[RunningServer]:
+    server = start_server(repo, workdir, extra_args)
+    try:
+        yield server
+    finally:
+        server.stop()
