@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,13 +33,16 @@ from edgewise.runtime.errors import (
     PackageError,
 )
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
-from edgewise.runtime.package import list_versions, read_manifest, validate_model_name
+from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, validate_model_name
 
 __all__ = [
+    "ModelConfig",
     "ModelRepository",
     "ModelState",
     "VersionPolicy",
     "VersionStatus",
+    "read_model_config",
+    "write_model_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,58 @@ class VersionPolicy:
         except ValueError as exc:
             raise InvalidInput(f"version policy {text!r}: {exc}") from None
         raise InvalidInput(f"version policy {text!r}: use latest:N, all, or specific:V1,V2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``<repo>/<model>/config.json``: the version policy and an optional pinned default version
+    (the sync agent pins the last good version here so a restarted server serves it)."""
+
+    version_policy: VersionPolicy
+    default_version: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        policy = self.version_policy
+        if policy.all:
+            policy_json: dict[str, Any] = {"all": True}
+        elif policy.specific:
+            policy_json = {"specific": list(policy.specific)}
+        else:
+            policy_json = {"latest": policy.latest or 1}
+        data: dict[str, Any] = {"version_policy": policy_json}
+        if self.default_version is not None:
+            data["default_version"] = self.default_version
+        return data
+
+
+def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelConfig:
+    path = model_dir / MODEL_CONFIG_FILE
+    if not path.exists():
+        return ModelConfig(default_policy)
+    try:
+        data = json.loads(path.read_text())
+        policy = (
+            VersionPolicy.from_json(data["version_policy"])
+            if "version_policy" in data
+            else default_policy
+        )
+        default = data.get("default_version")
+        return ModelConfig(policy, None if default is None else int(default))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise PackageError(f"{path}: invalid model config: {exc}") from None
+
+
+def write_model_config(model_dir: Path, config: ModelConfig) -> None:
+    """Write ``config.json`` atomically (temporary file, fsync, rename)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    temporary = model_dir / f".{MODEL_CONFIG_FILE}.{os.getpid()}.tmp"
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(config.to_json(), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, model_dir / MODEL_CONFIG_FILE)
+    fsync_dir(model_dir)
 
 
 @dataclass(frozen=True)
@@ -238,15 +294,8 @@ class ModelRepository:
                 log.warning("ignoring %s: not a valid model name", entry)
         return names
 
-    def policy_for(self, name: str) -> VersionPolicy:
-        path = self.root / name / MODEL_CONFIG_FILE
-        if not path.exists():
-            return self.default_policy
-        try:
-            data = json.loads(path.read_text())
-            return VersionPolicy.from_json(data.get("version_policy", {}))
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise PackageError(f"{path}: invalid model config: {exc}") from None
+    def config_for(self, name: str) -> ModelConfig:
+        return read_model_config(self.root / name, self.default_policy)
 
     def load_all(self) -> list[VersionStatus]:
         """Load every model found in the repository folder (at start-up)."""
@@ -277,7 +326,10 @@ class ModelRepository:
             else:
                 if not available:
                     raise ModelNotFound(f"model {name!r} has no versions in {self.root}")
-                targets = self.policy_for(name).select(available)
+                config = self.config_for(name)
+                targets = config.version_policy.select(available)
+                if config.default_version in available and config.default_version not in targets:
+                    targets = sorted([*targets, config.default_version])
                 if not targets:
                     raise ModelNotFound(f"model {name!r}: its version policy selects no version")
 
@@ -300,6 +352,8 @@ class ModelRepository:
             # One version loaded by name joins the others; a policy load replaces the set.
             new_versions = {**current_versions, **loaded} if version is not None else loaded
             pinned = current.pinned_default if current else None
+            if version is None:
+                pinned = self.config_for(name).default_version or pinned
             if make_default and version is not None and version in loaded:
                 pinned = version
             if pinned not in new_versions:

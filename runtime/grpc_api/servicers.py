@@ -107,34 +107,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
+    def _infer_counted(
+        self, request: pb.ModelInferRequest, deadline: float | None, started: float
+    ) -> pb.ModelInferResponse:
+        """Run one request and count it, on whichever thread runs it: a request whose caller has
+        gone away is still counted with the outcome it really had."""
+        metrics = self.metrics
+        metrics.inflight.inc()
+        try:
+            response, model = self.dataplane.infer(request, deadline)
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+            metrics.observe_request(request.model_name, request.model_version, code, 0.0)
+            raise
+        finally:
+            metrics.inflight.dec()
+        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
+        return response
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        metrics = self.metrics
-        metrics.inflight.inc()
-        version = request.model_version
         try:
             if _payload_bytes(request) <= self.inline_max_bytes:
-                response, model = self.dataplane.infer(request, deadline)
-            else:
-                loop = asyncio.get_running_loop()
-                response, model = await loop.run_in_executor(
-                    self.executor, self.dataplane.infer, request, deadline
-                )
-            metrics.observe_request(
-                model.name, model.version_str, "OK", time.perf_counter() - started
+                return self._infer_counted(request, deadline, started)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.executor, self._infer_counted, request, deadline, started
             )
-            return response
         except Exception as exc:
-            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
-            metrics.observe_request(request.model_name, version, code, 0.0)
             await _abort(context, exc)
             raise
-        finally:
-            metrics.inflight.dec()
 
 
 def _to_proto(status: VersionStatus) -> epb.ModelVersionState:

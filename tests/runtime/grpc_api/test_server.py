@@ -221,17 +221,35 @@ def test_message_over_the_limit_is_resource_exhausted(model_repo: Path, tmp_path
 
 
 def test_expired_deadlines_are_not_run(server: RunningServer) -> None:
+    """Requests whose deadline runs out while they are decoded are refused, not computed.
+
+    Each request carries 20,000 rows as typed contents (decoding alone takes ~30 ms, longer than
+    its 15 ms deadline), so the server's check before inference must refuse it: the OK counter of
+    the model must not move, whatever the client saw."""
+    rows = 20_000
+    request = pb.ModelInferRequest(model_name="logreg")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=[rows, 30])
+    tensor.contents.fp32_contents.extend(np.zeros(rows * 30, np.float32).tolist())
     before = metric_value(
         metrics_text(server), "edgewise_requests_total", model="logreg", code="OK"
     )
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(20):
+        stub.ModelInfer(logreg_request(), timeout=10)  # connect first
+        for _ in range(5):
             with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(logreg_request(), timeout=1e-6)
+                stub.ModelInfer(request, timeout=0.015)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while metric_value(metrics_text(server), "edgewise_inflight_requests") > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     after = metric_value(metrics_text(server), "edgewise_requests_total", model="logreg", code="OK")
-    assert after == before
+    assert after == before + 1  # only the connecting request
+    refused = metric_value(
+        metrics_text(server), "edgewise_requests_total", model="logreg", code="DEADLINE_EXCEEDED"
+    )
+    assert refused >= 1
 
 
 # ---- metrics -------------------------------------------------------------------------------------

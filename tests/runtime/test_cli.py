@@ -1,0 +1,101 @@
+"""The ``edgewise`` command as a user runs it: a real process, its exit code and its output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import pytest
+
+from tests import models
+from tests.servers import running_server
+
+
+def edgewise(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgewise.runtime.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_every_command() -> None:
+    done = edgewise("--help")
+    assert done.returncode == 0
+    for command in ("convert", "serve", "repository", "demo"):
+        assert command in done.stdout
+
+
+def test_demo_trains_converts_serves_and_answers(tmp_path: Path) -> None:
+    done = edgewise(
+        "demo", "--exit-after-requests", "--port", "0", "--metrics-port", "0",
+        "--repo", str(tmp_path / "demo-repo"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "converted to" in out
+    assert "model 'breast_cancer' version 1" in out
+    assert out.count("demo-") >= 5
+    assert "labels agree with scikit-learn on 100.0%" in out
+    assert (tmp_path / "demo-repo" / "breast_cancer" / "1" / "model.onnx").is_file()
+
+
+def test_convert_cli_writes_a_package_and_serves_it(tmp_path: Path) -> None:
+    model, frame, _ = models.train_logreg()
+    joblib.dump(model, tmp_path / "model.joblib")
+    frame.to_csv(tmp_path / "sample.csv", index=False)
+    repo = tmp_path / "repo"
+    done = edgewise(
+        "convert", str(tmp_path / "model.joblib"), "--sample", str(tmp_path / "sample.csv"),
+        "--name", "cancer", "--out", str(repo),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "parity max |diff|" in done.stdout
+    with running_server(repo, tmp_path) as server:
+        index = edgewise("repository", "--server", server.target, "index")
+        assert index.returncode == 0, index.stderr
+        assert "cancer" in index.stdout
+        assert "READY" in index.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["convert", "missing.joblib", "--sample", "x.csv", "--name", "m", "--out", "r"],
+            "missing",
+        ),
+        (["serve", "--repo", "/nonexistent/repo"], "not a folder"),
+        (["serve", "--repo", ".", "--version-policy", "newest"], "version policy"),
+        (["repository", "--server", "127.0.0.1:1", "index"], "cannot reach the server"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.runtime.cli", *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert message in lines[0]
+
+
+def test_corrupt_pickle_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "model.pkl").write_bytes(b"\x80\x04not a pickle")
+    (tmp_path / "sample.csv").write_text("a,b\n1,2\n")
+    done = edgewise(
+        "convert", str(tmp_path / "model.pkl"), "--sample", str(tmp_path / "sample.csv"),
+        "--name", "m", "--out", str(tmp_path / "repo"),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "repo" / "m").exists()
