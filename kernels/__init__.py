@@ -1,1 +1,126 @@
-"""edgewise.kernels: Numba-JIT statistics and drift kernels (numpy and numba only)."""
+"""edgewise.kernels: Numba-JIT statistics and drift kernels (numpy and numba only).
+
+Per-request feature statistics (:class:`MomentState`, :class:`HistogramState`,
+:class:`CategoricalState`, or both numeric ones fused in :class:`FeatureProfile`) and drift
+scores between reference and current counts or raw samples (:mod:`edgewise.kernels.drift`).
+
+Call :func:`warmup` once at server start: it compiles every kernel for the dtypes the server
+uses (or loads them from numba's on-disk cache), so no request pays a JIT compile.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._checks import CodeBatch, FloatBatch
+from .drift import (
+    KS_AUTO_EXACT_MAX_N,
+    PSI_EPSILON,
+    Chi2Result,
+    DriftScores,
+    KSResult,
+    chi2_homogeneity,
+    drift_scores,
+    jensenshannon,
+    ks_2samp,
+    ks_binned,
+    linf_distance,
+    psi,
+    wasserstein_binned,
+    wasserstein_samples,
+)
+from .histograms import (
+    DEFAULT_N_BINS,
+    BinEdges,
+    CategoricalState,
+    HistogramState,
+    categorical_counts,
+    histogram_counts,
+    quantile_edges,
+)
+from .moments import MomentState
+from .profile import FeatureProfile
+
+__all__ = [
+    "DEFAULT_N_BINS",
+    "KS_AUTO_EXACT_MAX_N",
+    "PSI_EPSILON",
+    "BinEdges",
+    "CategoricalState",
+    "Chi2Result",
+    "DriftScores",
+    "FeatureProfile",
+    "HistogramState",
+    "KSResult",
+    "MomentState",
+    "categorical_counts",
+    "chi2_homogeneity",
+    "drift_scores",
+    "histogram_counts",
+    "jensenshannon",
+    "ks_2samp",
+    "ks_binned",
+    "linf_distance",
+    "psi",
+    "quantile_edges",
+    "warmup",
+    "wasserstein_binned",
+    "wasserstein_samples",
+]
+
+
+def warmup() -> float:
+    """Compile (or load from cache) every kernel for float32/float64 batches and int32/int64
+    codes by running each public entry point once on tiny inputs.  Returns the seconds spent.
+
+    Batches are compiled for C-contiguous layout, writable *and* read-only (numba types them
+    apart; ``np.frombuffer`` on request bytes gives read-only arrays), so neither kind
+    triggers a compile later.  The wrappers copy any other layout to C order first.
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(64, 2))
+    edges = quantile_edges(reference, n_bins=4)
+    batches: tuple[FloatBatch, ...] = (reference.astype(np.float32), reference)
+    for batch in batches:
+        frozen = batch.copy()
+        frozen.setflags(write=False)
+        for readonly in (frozen, frozen[:1]):
+            MomentState(2).update(readonly)
+            HistogramState(edges).update(readonly)
+            FeatureProfile(edges).update(readonly)
+        moments = MomentState(2)
+        moments.update(batch)
+        moments.update(batch[:1])
+        other = MomentState.from_batch(batch[:8])
+        moments.merge(other)
+        moments.subtract(other)
+        hist = HistogramState(edges)
+        hist.update(batch)
+        profile = FeatureProfile(edges)
+        profile.update(batch[:1])
+        sample = batch[:, 0]
+        ks_2samp(sample, sample[:32])  # exact, unequal sizes
+        ks_2samp(sample[:32], sample[32:])  # exact, equal sizes
+        ks_2samp(sample, sample[:32], method="asymp")
+        wasserstein_samples(sample, sample[:32])
+    codes64 = rng.integers(-1, 3, size=(16, 2)).astype(np.int64)
+    code_batches: tuple[CodeBatch, ...] = (codes64.astype(np.int32), codes64)
+    for codes in code_batches:
+        CategoricalState([3, 2]).update(codes)
+        frozen_codes = codes.copy()
+        frozen_codes.setflags(write=False)
+        CategoricalState([3, 2]).update(frozen_codes)
+    counts = histogram_counts(reference, edges)
+    moved = histogram_counts(reference + 0.5, edges)
+    drift_scores(counts, moved, edges)
+    drift_scores(counts, moved)
+    psi(counts, moved)
+    jensenshannon(counts, moved)
+    wasserstein_binned(counts[:, :-1], moved[:, :-1], edges.support)
+    ks_binned(counts[:, :-1], moved[:, :-1])
+    linf_distance(counts, moved)
+    chi2_homogeneity(counts, moved)
+    return time.perf_counter() - start
