@@ -15,13 +15,14 @@ from typing import Any
 
 import grpc
 import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from edgewise.runtime.codecs import decode_outputs, encode_inputs
 from edgewise.runtime.errors import EdgewiseError, Unavailable
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["EdgewiseClient", "InferResult", "ServerError"]
 
@@ -58,6 +59,7 @@ class EdgewiseClient:
         )
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.repository = epb_grpc.ModelRepositoryServiceStub(self.channel)
+        self.monitoring = epb_grpc.MonitoringServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -158,6 +160,27 @@ class EdgewiseClient:
     ) -> list[epb.ModelVersionState]:
         request = epb.LoadModelRequest(name=name, version=version, make_default=make_default)
         return list(self._call(self.repository.LoadModel, request, timeout).models)
+
+    # ---- monitoring ----------------------------------------------------------------------------
+
+    def drift_report(
+        self, model: str, version: str = "", window: str = "current", exact: bool = False
+    ) -> epb.DriftReport:
+        request = epb.DriftReportRequest(model=model, version=version, window=window, exact=exact)
+        report: epb.DriftReport = self._call(self.monitoring.GetDriftReport, request)
+        return report
+
+    def feature_statistics(
+        self, model: str, version: str = "", window: str = "current"
+    ) -> epb.DriftReport:
+        request = epb.DriftReportRequest(model=model, version=version, window=window)
+        report: epb.DriftReport = self._call(self.monitoring.GetFeatureStatistics, request)
+        return report
+
+    def reset_window(self, model: str, version: str = "") -> None:
+        self._call(
+            self.monitoring.ResetWindow, epb.ResetWindowRequest(model=model, version=version)
+        )
 
     def unload_model(self, name: str, version: str = "") -> list[epb.ModelVersionState]:
         request = epb.UnloadModelRequest(name=name, version=version)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
+
 from edgewise.runtime.datatypes import datatype_of
 from edgewise.runtime.errors import ConversionError, EdgewiseError, InvalidInput
 from edgewise.runtime.features import (
@@ -57,6 +58,7 @@ from edgewise.runtime.package import (
     validate_model_name,
     write_manifest,
 )
+from edgewise.runtime.profile import profile_builder as default_profile_builder
 from edgewise.runtime.tabular import load_table, require_module, require_pandas, table_format
 
 if TYPE_CHECKING:
@@ -919,6 +921,7 @@ def convert(
     held_out: pd.DataFrame | np.ndarray[Any, Any] | None = None,
     profile_builder: ProfileBuilder | None = None,
     source: Mapping[str, Any] | None = None,
+    reference_profile: bool = True,
 ) -> ConvertResult:
     """Convert a fitted scikit-learn model and publish it as ``repo/name/version``.
 
@@ -926,7 +929,8 @@ def convert(
     order) gives the input schema and the parity data; ``held_out`` is checked as well when
     given. ``version`` None takes the next free integer. ``opset`` is the target ``ai.onnx``
     opset (or a ``{domain: version}`` mapping); the model records the opsets it actually uses.
-    ``profile_builder`` may write a reference profile into the package before it is published.
+    A reference profile of the sample (``profile.json``, see :mod:`edgewise.runtime.profile`) is
+    written unless ``reference_profile`` is False; ``profile_builder`` replaces the standard one.
     ``source`` adds entries to the manifest's ``source`` (e.g. the model file and its sha256).
 
     Raises :class:`ConversionError` when the model cannot be converted or fails the parity check
@@ -1016,6 +1020,8 @@ def convert(
         with staging_dir(repo, name, version) as (folder, chosen):
             (folder / MODEL_FILE).write_bytes(model_bytes)
             profile = None
+            if profile_builder is None and reference_profile:
+                profile_builder = default_profile_builder()
             if profile_builder is not None:
                 entry = profile_builder(folder, frame, features)
                 profile = None if entry is None else dict(entry)
@@ -1055,6 +1061,7 @@ def convert_files(
     rtol: float = DEFAULT_RTOL,
     held_out_path: Path | str | None = None,
     profile_builder: ProfileBuilder | None = None,
+    reference_profile: bool = True,
 ) -> ConvertResult:
     """:func:`convert` from files: a ``.joblib``/``.pkl`` model and a ``.csv``, ``.parquet`` or
     ``.npy`` sample (and held-out table). A ``.npy`` table's columns are taken in the order the
@@ -1092,6 +1099,7 @@ def convert_files(
         held_out=held_out,
         profile_builder=profile_builder,
         source=source,
+        reference_profile=reference_profile,
     )
 
 

@@ -11,6 +11,7 @@ import time
 from typing import Any, Final
 
 import numpy.typing as npt
+
 from edgewise.runtime.codecs import decode_inputs, encode_outputs
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
@@ -83,6 +84,9 @@ class DataPlane:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before inference started")
         results = model.run(feeds, outputs)
+        monitor = model.monitor
+        if monitor is not None:
+            monitor.observe(feeds)
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version_str, id=request.id
         )
@@ -95,7 +99,12 @@ class DataPlane:
         batch: int | None = None
         batch_from = ""
         for tensor in decode_inputs(request):
-            model.check_input(tensor.name, tensor.datatype, tensor.shape)
+            try:
+                model.check_input(tensor.name, tensor.datatype, tensor.shape)
+            except InvalidInput:
+                if model.monitor is not None and tensor.name in model.input_specs:
+                    model.monitor.count_wrong_type(tensor.name)
+                raise
             if tensor.shape:
                 if batch is None:
                     batch, batch_from = tensor.shape[0], tensor.name
@@ -125,6 +134,3 @@ class DataPlane:
                 )
             names.append(output.name)
         return names
-
-
-_ = (PLATFORM,)

@@ -6,9 +6,12 @@ children are cached so the request path pays a dict lookup, not a label resoluti
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from edgewise.runtime.monitor import DriftReport
 
 __all__ = ["LATENCY_BUCKETS", "ServerMetrics"]
 
@@ -50,6 +53,36 @@ class ServerMetrics:
             "Model versions being served.",
             registry=self.registry,
         )
+        self.drift_score = Gauge(
+            "edgewise_drift_score",
+            "Drift statistic of a feature in the judged window against the reference profile.",
+            ["model", "version", "feature", "statistic"],
+            registry=self.registry,
+        )
+        self.feature_drifting = Gauge(
+            "edgewise_feature_drifting",
+            "1 when a feature's drift statistics cross their thresholds.",
+            ["model", "version", "feature"],
+            registry=self.registry,
+        )
+        self.model_drifting = Gauge(
+            "edgewise_model_drifting",
+            "1 when any feature of the model version is drifting.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.schema_skew = Gauge(
+            "edgewise_schema_skew",
+            "Schema violations in the judged window (missing, infinite, out_of_range, unseen).",
+            ["model", "version", "feature", "kind"],
+            registry=self.registry,
+        )
+        self.monitored_rows = Gauge(
+            "edgewise_monitored_rows",
+            "Rows in the judged monitoring window.",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[tuple[str, str], Histogram] = {}
 
@@ -70,3 +103,32 @@ class ServerMetrics:
 
     def model_event(self, model: str, version: int, event: str) -> None:
         self.model_events.labels(model, str(version), event).inc()
+
+    def publish_drift(self, report: DriftReport) -> None:
+        model, version = report.model, report.version
+        self.monitored_rows.labels(model, version).set(report.rows)
+        self.model_drifting.labels(model, version).set(1.0 if report.drifting else 0.0)
+        for feature in report.features:
+            for statistic, value in feature.scores.items():
+                self.drift_score.labels(model, version, feature.name, statistic).set(value)
+            self.feature_drifting.labels(model, version, feature.name).set(
+                1.0 if feature.drifting else 0.0
+            )
+            for kind in ("missing", "infinite", "out_of_range", "unseen"):
+                if kind in feature.statistics:
+                    self.schema_skew.labels(model, version, feature.name, kind).set(
+                        feature.statistics[kind]
+                    )
+
+    def forget_model(self, model: str, version: str) -> None:
+        """Drop the monitoring series of an unloaded model version."""
+        for gauge in (
+            self.drift_score,
+            self.feature_drifting,
+            self.model_drifting,
+            self.schema_skew,
+            self.monitored_rows,
+        ):
+            for sample_labels in list(gauge._metrics):  # prometheus_client keeps them here
+                if sample_labels[:2] == (model, version):
+                    gauge.remove(*sample_labels)

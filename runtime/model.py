@@ -12,14 +12,18 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+
 from edgewise.runtime.datatypes import BYTES, numpy_dtype
 from edgewise.runtime.errors import InvalidInput, ModelLoadError, PackageError
 from edgewise.runtime.package import MODEL_FILE, Manifest, TensorSpec, read_manifest, verify_files
+
+if TYPE_CHECKING:
+    from edgewise.runtime.monitor import ModelMonitor
 
 __all__ = ["LoadedModel", "SessionSettings", "load_model"]
 
@@ -33,6 +37,8 @@ class SessionSettings:
     # Spinning keeps a second core busy even at batch 1; off unless asked for.
     allow_spinning: bool = False
     graph_optimization: str = "all"  # disabled | basic | extended | all
+    # The CPU arena grows in doublings and never gives memory back: off under small memory limits.
+    memory_arena: bool = True
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -46,6 +52,8 @@ class SessionSettings:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         options.graph_optimization_level = levels[self.graph_optimization]
+        options.enable_cpu_mem_arena = self.memory_arena
+        options.enable_mem_pattern = self.memory_arena
         spin = "1" if self.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spin)
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -102,6 +110,10 @@ class LoadedModel:
             for t in manifest.inputs
         }
         self._run = session.run
+        # Set by the repository after loading: live statistics and drift (None: unmonitored,
+        # with the reason in monitor_reason).
+        self.monitor: ModelMonitor | None = None
+        self.monitor_reason = "monitoring not set up"
 
     @property
     def sha256(self) -> str:

@@ -33,7 +33,9 @@ from edgewise.runtime.errors import (
     PackageError,
 )
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
+from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, validate_model_name
+from edgewise.runtime.profile import read_profile
 
 __all__ = [
     "ModelConfig",
@@ -111,6 +113,7 @@ class ModelConfig:
 
     version_policy: VersionPolicy
     default_version: int | None = None
+    monitoring: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         policy = self.version_policy
@@ -123,6 +126,8 @@ class ModelConfig:
         data: dict[str, Any] = {"version_policy": policy_json}
         if self.default_version is not None:
             data["default_version"] = self.default_version
+        if self.monitoring is not None:
+            data["monitoring"] = dict(self.monitoring)
         return data
 
 
@@ -138,7 +143,10 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
             else default_policy
         )
         default = data.get("default_version")
-        return ModelConfig(policy, None if default is None else int(default))
+        monitoring = data.get("monitoring")
+        if monitoring is not None and not isinstance(monitoring, dict):
+            raise ValueError("monitoring must be an object")
+        return ModelConfig(policy, None if default is None else int(default), monitoring)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise PackageError(f"{path}: invalid model config: {exc}") from None
 
@@ -192,8 +200,10 @@ class ModelRepository:
         session_settings: SessionSettings | None = None,
         default_policy: VersionPolicy | None = None,
         on_event: LoadListener | None = None,
+        monitor_defaults: MonitorConfig | None = None,
     ) -> None:
         self.root = root
+        self.monitor_defaults = monitor_defaults or MonitorConfig(enabled=False)
         self.session_settings = session_settings or SessionSettings()
         self.default_policy = default_policy or VersionPolicy()
         self._served: dict[str, _ServedModel] = {}
@@ -412,6 +422,19 @@ class ModelRepository:
         except EdgewiseError:
             return False
 
+    def _attach_monitor(self, model: LoadedModel) -> None:
+        config = self.config_for(model.name).monitoring
+        settings = MonitorConfig.from_json(config or {}, self.monitor_defaults)
+        if not settings.enabled:
+            model.monitor_reason = "monitoring is off for this model"
+            return
+        profile = read_profile(model.folder, model.manifest)
+        if profile is None:
+            model.monitor_reason = "the model package has no reference profile"
+            return
+        model.monitor = ModelMonitor(model.name, model.version_str, profile, settings)
+        model.monitor_reason = ""
+
     def _load_one(self, name: str, version: int, folder: Path) -> LoadedModel | None:
         key = (name, version)
         self._loading.add(key)
@@ -424,6 +447,13 @@ class ModelRepository:
             return None
         finally:
             self._loading.discard(key)
+        try:
+            self._attach_monitor(model)
+        except EdgewiseError as exc:
+            self._failures.reasons[key] = exc.message
+            self._on_event(name, version, "load_failed")
+            log.error("model %s version %d failed to load: %s", name, version, exc.message)
+            return None
         self._failures.reasons.pop(key, None)
         self._on_event(name, version, "load")
         log.info(

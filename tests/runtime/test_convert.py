@@ -14,6 +14,12 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
 from edgewise.runtime import convert as convert_module
 from edgewise.runtime.convert import (
     DEFAULT_ATOL,
@@ -34,12 +40,6 @@ from edgewise.runtime.package import (
     sha256_file,
     verify_files,
 )
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.compose import ColumnTransformer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
 from tests.models import (
     MIXED_CATEGORICALS,
     MIXED_INTEGER,
@@ -267,18 +267,23 @@ def test_sha256_and_files(model_repo: Path) -> None:
     for name in MODEL_NAMES:
         folder = model_repo / name / "1"
         manifest = manifest_of(model_repo, name)
-        assert [f.path for f in manifest.files] == [MODEL_FILE]
-        entry = manifest.file(MODEL_FILE)
-        assert entry.sha256 == sha256_file(folder / MODEL_FILE)
-        assert entry.size == (folder / MODEL_FILE).stat().st_size
+        assert [f.path for f in manifest.files] == [MODEL_FILE, PROFILE_FILE]
+        for path in (MODEL_FILE, PROFILE_FILE):
+            entry = manifest.file(path)
+            assert entry.sha256 == sha256_file(folder / path)
+            assert entry.size == (folder / path).stat().st_size
         verify_files(folder, manifest)
-        assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", MODEL_FILE]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "manifest.json",
+            MODEL_FILE,
+            PROFILE_FILE,
+        ]
 
 
 def test_manifest_metadata(model_repo: Path) -> None:
     manifest = manifest_of(model_repo, "mixed")
     assert manifest.name == "mixed"
-    assert manifest.profile is None
+    assert manifest.profile == {"file": PROFILE_FILE, "format": "edgewise.profile/1", "rows": 178}
     assert set(manifest.parity["max_abs_diff"]) == {"probabilities"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest.created_at)
     for library in ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "edgewise"):

@@ -24,13 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gewise/v1/edgewise.proto\x12\x0b\x65\x64gewise.v1\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"u\n\x11ModelVersionState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"I\n\x17RepositoryIndexResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"G\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\"C\n\x11LoadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\x13UnloadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState2\x9a\x02\n\x16ModelRepositoryService\x12^\n\x0fRepositoryIndex\x12#.edgewise.v1.RepositoryIndexRequest\x1a$.edgewise.v1.RepositoryIndexResponse\"\x00\x12L\n\tLoadModel\x12\x1d.edgewise.v1.LoadModelRequest\x1a\x1e.edgewise.v1.LoadModelResponse\"\x00\x12R\n\x0bUnloadModel\x12\x1f.edgewise.v1.UnloadModelRequest\x1a .edgewise.v1.UnloadModelResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gewise/v1/edgewise.proto\x12\x0b\x65\x64gewise.v1\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"u\n\x11ModelVersionState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"I\n\x17RepositoryIndexResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"G\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\"C\n\x11LoadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\x13UnloadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"S\n\x12\x44riftReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\r\n\x05\x65xact\x18\x04 \x01(\x08\"\xa0\x01\n\x11\x46\x65\x61tureStatistics\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0b\n\x03std\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0f\n\x07missing\x18\x06 \x01(\x04\x12\x10\n\x08infinite\x18\x07 \x01(\x04\x12\x14\n\x0cout_of_range\x18\x08 \x01(\x04\x12\x0e\n\x06unseen\x18\t \x01(\x04\"\xf8\x01\n\x0c\x46\x65\x61tureDrift\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x35\n\x06scores\x18\x03 \x03(\x0b\x32%.edgewise.v1.FeatureDrift.ScoresEntry\x12\x10\n\x08\x64rifting\x18\x04 \x01(\x08\x12\x0f\n\x07warning\x18\x05 \x01(\x08\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x32\n\nstatistics\x18\x07 \x01(\x0b\x32\x1e.edgewise.v1.FeatureStatistics\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xda\x03\n\x0b\x44riftReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x16\n\x0ereference_rows\x18\x07 \x01(\x04\x12\x19\n\x11insufficient_data\x18\x08 \x01(\x08\x12\x10\n\x08\x64rifting\x18\t \x01(\x08\x12+\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x19.edgewise.v1.FeatureDrift\x12;\n\nwrong_type\x18\x0b \x03(\x0b\x32\'.edgewise.v1.DriftReport.WrongTypeEntry\x12\x18\n\x10\x63omputed_at_unix\x18\x0c \x01(\x01\x12<\n\nthresholds\x18\r \x03(\x0b\x32(.edgewise.v1.DriftReport.ThresholdsEntry\x1a\x30\n\x0eWrongTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x12ResetWindowRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x15\n\x13ResetWindowResponse2\x9a\x02\n\x16ModelRepositoryService\x12^\n\x0fRepositoryIndex\x12#.edgewise.v1.RepositoryIndexRequest\x1a$.edgewise.v1.RepositoryIndexResponse\"\x00\x12L\n\tLoadModel\x12\x1d.edgewise.v1.LoadModelRequest\x1a\x1e.edgewise.v1.LoadModelResponse\"\x00\x12R\n\x0bUnloadModel\x12\x1f.edgewise.v1.UnloadModelRequest\x1a .edgewise.v1.UnloadModelResponse\"\x00\x32\x8b\x02\n\x11MonitoringService\x12M\n\x0eGetDriftReport\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12S\n\x14GetFeatureStatistics\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12R\n\x0bResetWindow\x12\x1f.edgewise.v1.ResetWindowRequest\x1a .edgewise.v1.ResetWindowResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgewise_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FEATUREDRIFT_SCORESENTRY']._loaded_options = None
+  _globals['_FEATUREDRIFT_SCORESENTRY']._serialized_options = b'8\001'
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._loaded_options = None
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_options = b'8\001'
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._loaded_options = None
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_REPOSITORYINDEXREQUEST']._serialized_start=43
   _globals['_REPOSITORYINDEXREQUEST']._serialized_end=87
   _globals['_MODELVERSIONSTATE']._serialized_start=89
@@ -45,6 +51,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELREQUEST']._serialized_end=476
   _globals['_UNLOADMODELRESPONSE']._serialized_start=478
   _globals['_UNLOADMODELRESPONSE']._serialized_end=547
-  _globals['_MODELREPOSITORYSERVICE']._serialized_start=550
-  _globals['_MODELREPOSITORYSERVICE']._serialized_end=832
+  _globals['_DRIFTREPORTREQUEST']._serialized_start=549
+  _globals['_DRIFTREPORTREQUEST']._serialized_end=632
+  _globals['_FEATURESTATISTICS']._serialized_start=635
+  _globals['_FEATURESTATISTICS']._serialized_end=795
+  _globals['_FEATUREDRIFT']._serialized_start=798
+  _globals['_FEATUREDRIFT']._serialized_end=1046
+  _globals['_FEATUREDRIFT_SCORESENTRY']._serialized_start=1001
+  _globals['_FEATUREDRIFT_SCORESENTRY']._serialized_end=1046
+  _globals['_DRIFTREPORT']._serialized_start=1049
+  _globals['_DRIFTREPORT']._serialized_end=1523
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_start=1424
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_end=1472
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_start=1474
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_end=1523
+  _globals['_RESETWINDOWREQUEST']._serialized_start=1525
+  _globals['_RESETWINDOWREQUEST']._serialized_end=1577
+  _globals['_RESETWINDOWRESPONSE']._serialized_start=1579
+  _globals['_RESETWINDOWRESPONSE']._serialized_end=1600
+  _globals['_MODELREPOSITORYSERVICE']._serialized_start=1603
+  _globals['_MODELREPOSITORYSERVICE']._serialized_end=1885
+  _globals['_MONITORINGSERVICE']._serialized_start=1888
+  _globals['_MONITORINGSERVICE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

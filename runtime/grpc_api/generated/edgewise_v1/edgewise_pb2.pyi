@@ -186,3 +186,293 @@ class UnloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class DriftReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """Empty: the default version."""
+    window: _builtins.str
+    """"current" (default), "previous" (the last complete tumbling window), "decayed", "lifetime"."""
+    exact: _builtins.bool
+    """Also run the exact sample tests (two-sample KS with p-value, Wasserstein-1) on the reservoir
+    of recent rows against the reference sample.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        window: _builtins.str = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "model", b"model", "version", b"version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftReportRequest: _TypeAlias = DriftReportRequest  # noqa: Y015
+
+@_typing.final
+class FeatureStatistics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    INFINITE_FIELD_NUMBER: _builtins.int
+    OUT_OF_RANGE_FIELD_NUMBER: _builtins.int
+    UNSEEN_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """finite values (numeric) or values seen (categorical)"""
+    mean: _builtins.float
+    std: _builtins.float
+    min: _builtins.float
+    max: _builtins.float
+    missing: _builtins.int
+    """Schema skew.
+    NaN (numeric) or empty (categorical)
+    """
+    infinite: _builtins.int
+    out_of_range: _builtins.int
+    """outside the reference [min, max]"""
+    unseen: _builtins.int
+    """categories the reference never saw"""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        mean: _builtins.float = ...,
+        std: _builtins.float = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        missing: _builtins.int = ...,
+        infinite: _builtins.int = ...,
+        out_of_range: _builtins.int = ...,
+        unseen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "infinite", b"infinite", "max", b"max", "mean", b"mean", "min", b"min", "missing", b"missing", "out_of_range", b"out_of_range", "std", b"std", "unseen", b"unseen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureStatistics: _TypeAlias = FeatureStatistics  # noqa: Y015
+
+@_typing.final
+class FeatureDrift(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    DRIFTING_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """numeric | categorical"""
+    drifting: _builtins.bool
+    warning: _builtins.bool
+    @_builtins.property
+    def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Statistic name -> value: psi, jensenshannon, wasserstein, ks, chi2, chi2_pvalue, linf, and
+        with exact=true ks_exact, ks_exact_pvalue, wasserstein_exact.
+        """
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which statistics crossed their thresholds."""
+
+    @_builtins.property
+    def statistics(self) -> Global___FeatureStatistics: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        drifting: _builtins.bool = ...,
+        warning: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        statistics: Global___FeatureStatistics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drifting", b"drifting", "kind", b"kind", "name", b"name", "reasons", b"reasons", "scores", b"scores", "statistics", b"statistics", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureDrift: _TypeAlias = FeatureDrift  # noqa: Y015
+
+@_typing.final
+class DriftReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WrongTypeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ThresholdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    REFERENCE_ROWS_FIELD_NUMBER: _builtins.int
+    INSUFFICIENT_DATA_FIELD_NUMBER: _builtins.int
+    DRIFTING_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    WRONG_TYPE_FIELD_NUMBER: _builtins.int
+    COMPUTED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    window: _builtins.str
+    available: _builtins.bool
+    """False when the model has no reference profile or monitoring is off; see reason."""
+    reason: _builtins.str
+    rows: _builtins.int
+    reference_rows: _builtins.int
+    insufficient_data: _builtins.bool
+    """True when the window has fewer rows than the minimum to judge drift."""
+    drifting: _builtins.bool
+    computed_at_unix: _builtins.float
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureDrift]: ...
+    @_builtins.property
+    def wrong_type(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Inputs refused for a wrong datatype or shape, by input tensor name."""
+
+    @_builtins.property
+    def thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The thresholds in force: statistic -> value at or above which a feature drifts."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        window: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        reference_rows: _builtins.int = ...,
+        insufficient_data: _builtins.bool = ...,
+        drifting: _builtins.bool = ...,
+        features: _abc.Iterable[Global___FeatureDrift] | None = ...,
+        wrong_type: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        computed_at_unix: _builtins.float = ...,
+        thresholds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "computed_at_unix", b"computed_at_unix", "drifting", b"drifting", "features", b"features", "insufficient_data", b"insufficient_data", "model", b"model", "reason", b"reason", "reference_rows", b"reference_rows", "rows", b"rows", "thresholds", b"thresholds", "version", b"version", "window", b"window", "wrong_type", b"wrong_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftReport: _TypeAlias = DriftReport  # noqa: Y015
+
+@_typing.final
+class ResetWindowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetWindowRequest: _TypeAlias = ResetWindowRequest  # noqa: Y015
+
+@_typing.final
+class ResetWindowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetWindowResponse: _TypeAlias = ResetWindowResponse  # noqa: Y015

@@ -185,3 +185,170 @@ class ModelRepositoryService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MonitoringServiceStub(object):
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetDriftReport = channel.unary_unary(
+                '/edgewise.v1.MonitoringService/GetDriftReport',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReport.FromString,
+                _registered_method=True)
+        self.GetFeatureStatistics = channel.unary_unary(
+                '/edgewise.v1.MonitoringService/GetFeatureStatistics',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReport.FromString,
+                _registered_method=True)
+        self.ResetWindow = channel.unary_unary(
+                '/edgewise.v1.MonitoringService/ResetWindow',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.ResetWindowRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.ResetWindowResponse.FromString,
+                _registered_method=True)
+
+
+class MonitoringServiceServicer(object):
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    def GetDriftReport(self, request, context):
+        """Drift scores and feature statistics of one window of a model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeatureStatistics(self, request, context):
+        """Feature statistics only (no drift computation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetWindow(self, request, context):
+        """Start a fresh window (the current one is dropped, lifetime totals are kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MonitoringServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetDriftReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDriftReport,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReport.SerializeToString,
+            ),
+            'GetFeatureStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureStatistics,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.DriftReport.SerializeToString,
+            ),
+            'ResetWindow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetWindow,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.ResetWindowRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.ResetWindowResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgewise.v1.MonitoringService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgewise.v1.MonitoringService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MonitoringService(object):
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    @staticmethod
+    def GetDriftReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.MonitoringService/GetDriftReport',
+            edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.DriftReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.MonitoringService/GetFeatureStatistics',
+            edgewise_dot_v1_dot_edgewise__pb2.DriftReportRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.DriftReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetWindow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.MonitoringService/ResetWindow',
+            edgewise_dot_v1_dot_edgewise__pb2.ResetWindowRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.ResetWindowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -82,3 +82,64 @@ class ModelRepositoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Unload a model, or one version of it."""
 
 def add_ModelRepositoryServiceServicer_to_server(servicer: ModelRepositoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MonitoringServiceStub:
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MonitoringServiceAsyncStub: ...
+    GetDriftReport: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]
+    """Drift scores and feature statistics of one window of a model version."""
+    GetFeatureStatistics: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]
+    """Feature statistics only (no drift computation)."""
+    ResetWindow: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]
+    """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+
+@_typing.type_check_only
+class MonitoringServiceAsyncStub(MonitoringServiceStub):
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetDriftReport: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]  # type: ignore[assignment]
+    """Drift scores and feature statistics of one window of a model version."""
+    GetFeatureStatistics: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]  # type: ignore[assignment]
+    """Feature statistics only (no drift computation)."""
+    ResetWindow: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]  # type: ignore[assignment]
+    """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+
+class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
+    scores against the reference profile stored with the model.
+    """
+
+    @_abc_1.abstractmethod
+    def GetDriftReport(
+        self,
+        request: _edgewise_pb2.DriftReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.DriftReport, _abc.Awaitable[_edgewise_pb2.DriftReport]]:
+        """Drift scores and feature statistics of one window of a model version."""
+
+    @_abc_1.abstractmethod
+    def GetFeatureStatistics(
+        self,
+        request: _edgewise_pb2.DriftReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.DriftReport, _abc.Awaitable[_edgewise_pb2.DriftReport]]:
+        """Feature statistics only (no drift computation)."""
+
+    @_abc_1.abstractmethod
+    def ResetWindow(
+        self,
+        request: _edgewise_pb2.ResetWindowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.ResetWindowResponse, _abc.Awaitable[_edgewise_pb2.ResetWindowResponse]]:
+        """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+
+def add_MonitoringServiceServicer_to_server(servicer: MonitoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.features import frame_to_inputs
+from edgewise.runtime.monitor import DEFAULT_THRESHOLDS, ModelMonitor, MonitorConfig
+from edgewise.runtime.package import read_manifest
+from edgewise.runtime.profile import read_profile
+from tests import models
+
+
+def monitor_for(repo: Path, name: str, **config: object) -> tuple[ModelMonitor, dict]:
+    folder = repo / name / "1"
+    manifest = read_manifest(folder)
+    profile = read_profile(folder, manifest)
+    assert profile is not None
+    monitor = ModelMonitor(name, "1", profile, MonitorConfig(**config))  # type: ignore[arg-type]
+    trainer = {"logreg": models.train_logreg, "mixed": models.train_mixed}[name]
+    _, frame, _ = trainer()
+    return monitor, {"manifest": manifest, "frame": frame}
+
+
+def feed_rows(monitor: ModelMonitor, inputs: dict[str, np.ndarray], batch: int = 1) -> None:
+    rows = next(iter(inputs.values())).shape[0]
+    for start in range(0, rows, batch):
+        monitor.observe({k: v[start : start + batch] for k, v in inputs.items()})
+
+
+def test_window_statistics_match_numpy(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=0)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"].copy()
+    batch[:5, 0] = np.nan
+    batch[5:8, 1] = np.inf
+    batch[8:20, 2] = 1e6  # far outside the reference range
+    feed_rows(monitor, {"features": batch}, batch=7)
+    report = monitor.report("current")
+    assert report.rows == len(batch)
+    wide = batch.astype(np.float64)
+    first = report.features[0].statistics
+    finite = wide[np.isfinite(wide[:, 0]), 0]
+    assert first["count"] == finite.size
+    assert first["missing"] == 5
+    assert first["mean"] == pytest.approx(finite.mean(), rel=1e-9)
+    assert first["std"] == pytest.approx(finite.std(), rel=1e-9)
+    assert first["min"] == finite.min() and first["max"] == finite.max()
+    second = report.features[1].statistics
+    assert second["infinite"] == 3
+    assert second["out_of_range"] == 3  # +inf is above the reference maximum
+    third = report.features[2].statistics
+    reference = monitor.reference.numeric
+    assert reference is not None
+    outside = (wide[:, 2] < reference.minimum[2]) | (wide[:, 2] > reference.maximum[2])
+    assert third["out_of_range"] == outside.sum() >= 12
+
+
+def test_reference_data_does_not_drift_and_a_shift_does(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=0)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch}, batch=16)
+    calm = monitor.report("current")
+    assert not calm.insufficient_data
+    assert not calm.drifting
+    assert max(f.scores["psi"] for f in calm.features) < 1e-9  # identical distribution
+    monitor.reset()
+    shifted = batch.copy()
+    shifted[:, 3] *= 1.8  # "mean area" moves
+    feed_rows(monitor, {"features": shifted}, batch=16)
+    moved = monitor.report("current")
+    assert moved.drifting
+    drifting = [f.name for f in moved.features if f.drifting]
+    assert drifting == ["mean area"]
+    assert any(reason.startswith("psi") for reason in moved.features[3].reasons)
+    assert moved.features[3].scores["psi"] >= DEFAULT_THRESHOLDS["psi"]
+
+
+def test_too_few_rows_are_reported_but_not_judged(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", min_rows=100)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"] * 3
+    feed_rows(monitor, {"features": batch[:20]})
+    report = monitor.report()
+    assert report.rows == 20
+    assert report.insufficient_data
+    assert not report.drifting
+    assert report.features[0].scores  # scores are still there to read
+
+
+def test_exact_tests_match_scipy_on_the_reservoir(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", reservoir_rows=300)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch}, batch=50)  # 569 rows: the ring keeps the last 300
+    report = monitor.report("current", exact=True)
+    reference = monitor.reference.numeric
+    assert reference is not None
+    recent = batch[-300:].astype(np.float64)
+    for index in (0, 7, 29):
+        expected = stats.ks_2samp(reference.sample[:, index], recent[:, index])
+        scores = report.features[index].scores
+        assert scores["ks_exact"] == pytest.approx(expected.statistic, abs=1e-12)
+        assert scores["ks_exact_pvalue"] == pytest.approx(expected.pvalue, rel=1e-6, abs=1e-12)
+        assert scores["wasserstein_exact"] == pytest.approx(
+            stats.wasserstein_distance(reference.sample[:, index], recent[:, index]), rel=1e-9
+        )
+
+
+def test_tumbling_windows_by_count_and_time(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=100)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch[:250]}, batch=10)
+    assert monitor.previous is not None and monitor.previous.rows == 100
+    assert monitor.current.rows == 50
+    assert monitor.report("lifetime").rows == 250
+    assert monitor.judgement_window() == "previous"  # current has < min_rows
+    timed, _ = monitor_for(model_repo, "logreg", window_rows=0, window_seconds=0.05)
+    feed_rows(timed, {"features": batch[:30]})
+    deadline = time.monotonic() + 5
+    while timed.previous is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+        timed.tick()
+    assert timed.previous.rows == 30
+    assert timed.current.rows == 0
+
+
+def test_decayed_view_forgets_old_traffic(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=0, decay_half_life_seconds=0.05)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch}, batch=64)
+    monitor.tick()
+    first = monitor.report("decayed").rows
+    assert first == len(batch)
+    time.sleep(0.25)  # five half-lives of this test's own decay setting
+    monitor.tick()
+    assert monitor.report("decayed").rows < first / 16
+
+
+def test_categorical_skew_and_drift(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "mixed")
+    inputs = frame_to_inputs(ctx["manifest"], ctx["frame"])
+    feed_rows(monitor, inputs, batch=8)
+    report = monitor.report()
+    level = next(f for f in report.features if f.name == "alcohol_level")
+    assert level.kind == "categorical"
+    assert level.statistics == {"count": 178.0, "missing": 0.0, "unseen": 0.0}
+    assert not level.drifting
+    monitor.reset()
+    skewed = {k: v.copy() for k, v in inputs.items()}
+    skewed["alcohol_level"][:60, 0] = b"very high"  # unseen
+    skewed["alcohol_level"][60:70, 0] = b""  # missing
+    feed_rows(monitor, skewed, batch=8)
+    level = next(f for f in monitor.report().features if f.name == "alcohol_level")
+    assert level.statistics["unseen"] == 60
+    assert level.statistics["missing"] == 10
+    assert level.drifting
+    assert level.scores["linf"] >= 0.3
+
+
+def test_wrong_types_are_counted(model_repo: Path) -> None:
+    monitor, _ = monitor_for(model_repo, "logreg")
+    monitor.count_wrong_type("features")
+    monitor.count_wrong_type("features")
+    assert monitor.report().wrong_type == {"features": 2}
+
+
+def test_config_from_json() -> None:
+    config = MonitorConfig.from_json({"window_rows": 50, "thresholds": {"psi": 0.5}})
+    assert config.window_rows == 50
+    assert config.thresholds["psi"] == 0.5
+    assert config.thresholds["ks"] == DEFAULT_THRESHOLDS["ks"]
+    with pytest.raises(InvalidInput, match="unknown monitoring setting 'bins'"):
+        MonitorConfig.from_json({"bins": 3})
+    with pytest.raises(InvalidInput, match="window"):
+        MonitorConfig.from_json({"window_rows": -1})
+
+
+def test_unknown_window_is_invalid(model_repo: Path) -> None:
+    monitor, _ = monitor_for(model_repo, "logreg")
+    with pytest.raises(InvalidInput, match="window 'weekly' is not one of"):
+        monitor.report("weekly")
