@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+from pathlib import Path
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,6 +311,58 @@ def bench_ks_2samp_exact(cfg: Config) -> dict[str, Any]:
     return _ks_case(cfg, "exact")
 
 
+def bench_server_monitoring(cfg: Config) -> dict[str, Any]:
+    """Whole-server p50 at concurrency 1 (tritonclient, batch 1, 32 features) with monitoring on
+    and off, in alternating rounds; and the per-request kernel update as a share of that p50."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tempfile
+
+    import serving  # benchmarks/serving.py: model building, servers, the tritonclient driver
+
+    work = Path(tempfile.mkdtemp(prefix="edgewise-kernels-bench-"))
+    serving.build_models(work / "repo")
+    servers = {}
+    for mode in ("on", "off"):
+        port_file = work / f"{mode}.port"
+        servers[mode] = serving.Server(
+            [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+             "--repo", str(work / "repo"), "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "-1", "--monitoring", mode, "--port-file", str(port_file)],
+            port_file,
+        )  # fmt: skip
+    seconds = 1.5 if cfg is QUICK else 4.0
+    rounds = 1 if cfg is QUICK else 3
+    p50: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for _ in range(rounds):
+            for mode, server in servers.items():
+                stats = serving.drive(server.url, "logreg32", 1, seconds, server.process.pid)
+                p50[mode].append(stats["p50_us"])
+                cpu[mode].append(stats["server_cpu_us_per_req"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    profile = kernels.FeatureProfile(kernels.quantile_edges(_reference(np.random.default_rng(0))))
+    row = np.random.default_rng(1).normal(size=(1, N_FEATURES)).astype(np.float32)
+    update_us = statistics.median(per_call_seconds(lambda: profile.update(row), 20_000, 5)) * 1e6
+    on, off = statistics.median(p50["on"]), statistics.median(p50["off"])
+    return {
+        "case": "server_p50_monitoring_on_off",
+        "unit": "us",
+        "p50_monitoring_on": round(on, 1),
+        "p50_monitoring_off": round(off, 1),
+        "ratio_on_over_off": round(on / off, 3),
+        "server_cpu_us_per_req_on": round(statistics.median(cpu["on"]), 1),
+        "server_cpu_us_per_req_off": round(statistics.median(cpu["off"]), 1),
+        "kernel_update_us": round(update_us, 3),
+        "kernel_update_share_of_p50": round(update_us / on, 4),
+        "target": "kernel update < 5% of the server's p50",
+        "meets_target": update_us / on < 0.05,
+        "rounds": rounds,
+    }
+
+
 CASES: list[Callable[[Config], dict[str, Any]]] = [
     bench_warmup,
     bench_per_request_update,
@@ -318,6 +371,7 @@ CASES: list[Callable[[Config], dict[str, Any]]] = [
     bench_drift_from_counts,
     bench_ks_2samp_auto,
     bench_ks_2samp_exact,
+    bench_server_monitoring,
 ]
 
 
