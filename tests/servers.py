@@ -48,7 +48,11 @@ class RunningServer:
 
 
 def start_server(
-    repo: Path, workdir: Path, extra_args: Sequence[str] = (), timeout: float = 60.0
+    repo: Path,
+    workdir: Path,
+    extra_args: Sequence[str] = (),
+    timeout: float = 60.0,
+    wait_serving: bool = True,
 ) -> RunningServer:
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"ports-{time.monotonic_ns()}"
@@ -75,6 +79,8 @@ def start_server(
         delay = min(delay * 1.5, 0.2)
     port, metrics_port = (int(x) for x in port_file.read_text().split())
     server = RunningServer(process, port, metrics_port, log_path)
+    if not wait_serving:
+        return server
     with server.client() as client:
         client.wait_until_serving(timeout=max(1.0, deadline - time.monotonic()))
     return server

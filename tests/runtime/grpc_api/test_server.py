@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import models
-from tests.servers import RunningServer, running_server
+from tests.servers import RunningServer, running_server, start_server
 
 
 def status_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -381,6 +381,26 @@ def test_version_policy_from_model_config(model_repo: Path, tmp_path: Path) -> N
         served.client() as client,
     ):
         assert list(client.model_metadata("logreg").versions) == ["1", "3"]
+
+
+def test_health_follows_readiness(model_repo: Path, tmp_path: Path) -> None:
+    """An empty repository serves nothing: NOT_SERVING until a model is loaded."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_server(repo, tmp_path, wait_serving=False)
+    try:
+        with server.client() as client:
+            assert client.server_live()
+            assert not client.server_ready()
+            assert client.health_status() == "NOT_SERVING"
+            shutil.copytree(model_repo / "logreg", repo / "logreg")
+            client.load_model("logreg")
+            assert client.server_ready()
+            assert client.health_status() == "SERVING"
+            client.unload_model("logreg")
+            assert client.health_status() == "NOT_SERVING"
+    finally:
+        assert server.stop() == 0
 
 
 # ---- graceful shutdown -----------------------------------------------------------------------
