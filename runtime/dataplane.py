@@ -8,7 +8,9 @@ knows about gRPC beyond the V2 protocol messages themselves.
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy.typing as npt
 
@@ -16,9 +18,11 @@ from edgewise.runtime.codecs import decode_inputs, encode_outputs
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.model import LoadedModel
-from edgewise.runtime.repository import ModelRepository
 
-__all__ = ["SERVER_NAME", "DataPlane"]
+if TYPE_CHECKING:
+    from edgewise.runtime.repository import ModelRepository
+
+__all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
 
 SERVER_NAME: Final = "edgewise"
 PLATFORM: Final = "onnxruntime_onnx"
@@ -31,6 +35,28 @@ def _package_version() -> str:
         return version("edgewise")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A decoded, checked request, ready to run alone or as part of a batch."""
+
+    model: LoadedModel
+    feeds: dict[str, npt.NDArray[Any]]
+    outputs: list[str] | None  # None: every output
+    raw: bool  # answer in raw form
+    request_id: str
+    rows: int  # the batch dimension
+
+    def respond(self, results: Mapping[str, npt.NDArray[Any]]) -> pb.ModelInferResponse:
+        model = self.model
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version_str, id=self.request_id
+        )
+        if self.outputs is not None:
+            results = {name: results[name] for name in self.outputs}
+        encode_outputs(response, results, raw=self.raw)
+        return response
 
 
 class DataPlane:
@@ -78,23 +104,38 @@ class DataPlane:
         self, request: pb.ModelInferRequest, deadline: float | None = None
     ) -> tuple[pb.ModelInferResponse, LoadedModel]:
         """Run one request. ``deadline`` is a ``time.monotonic()`` instant, or None."""
+        prepared = self.prepare(request)
+        return self.execute(prepared, deadline), prepared.model
+
+    def prepare(self, request: pb.ModelInferRequest) -> PreparedRequest:
+        """Find the model and decode and check the request; nothing runs yet."""
         model = self.repository.get(request.model_name, request.model_version)
-        feeds = self._feeds(model, request)
-        outputs = self._requested_outputs(model, request)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed before inference started")
-        results = model.run(feeds, outputs)
-        monitor = model.monitor
-        if monitor is not None:
-            monitor.observe(feeds)
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=model.version_str, id=request.id
+        feeds, rows = self._feeds(model, request)
+        return PreparedRequest(
+            model=model,
+            feeds=feeds,
+            outputs=self._requested_outputs(model, request),
+            raw=len(request.raw_input_contents) > 0,
+            request_id=request.id,
+            rows=rows,
         )
-        encode_outputs(response, results, raw=len(request.raw_input_contents) > 0)
-        return response, model
 
     @staticmethod
-    def _feeds(model: LoadedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[Any]]:
+    def execute(prepared: PreparedRequest, deadline: float | None = None) -> pb.ModelInferResponse:
+        """Run a prepared request unless its deadline has passed."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before inference started")
+        model = prepared.model
+        results = model.run(prepared.feeds, prepared.outputs)
+        monitor = model.monitor
+        if monitor is not None:
+            monitor.observe(prepared.feeds)
+        return prepared.respond(results)
+
+    @staticmethod
+    def _feeds(
+        model: LoadedModel, request: pb.ModelInferRequest
+    ) -> tuple[dict[str, npt.NDArray[Any]], int]:
         feeds: dict[str, npt.NDArray[Any]] = {}
         batch: int | None = None
         batch_from = ""
@@ -119,7 +160,7 @@ class DataPlane:
             raise InvalidInput(
                 f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
             )
-        return feeds
+        return feeds, batch or 0
 
     @staticmethod
     def _requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[str] | None:

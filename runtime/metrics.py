@@ -83,6 +83,13 @@ class ServerMetrics:
             ["model", "version"],
             registry=self.registry,
         )
+        self.batch_rows = Histogram(
+            "edgewise_batch_rows",
+            "Rows per onnxruntime call made by the dynamic batcher.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[tuple[str, str], Histogram] = {}
 

@@ -23,6 +23,7 @@ from edgewise.runtime.errors import InvalidInput, ModelLoadError, PackageError
 from edgewise.runtime.package import MODEL_FILE, Manifest, TensorSpec, read_manifest, verify_files
 
 if TYPE_CHECKING:
+    from edgewise.runtime.batching import BatchingConfig
     from edgewise.runtime.monitor import ModelMonitor
 
 __all__ = ["LoadedModel", "SessionSettings", "load_model"]
@@ -114,6 +115,8 @@ class LoadedModel:
         # with the reason in monitor_reason).
         self.monitor: ModelMonitor | None = None
         self.monitor_reason = "monitoring not set up"
+        # Set by the repository from the model's config.json: dynamic batching, or None (off).
+        self.batching: BatchingConfig | None = None
 
     @property
     def sha256(self) -> str:

@@ -25,6 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
+from edgewise.runtime.batching import BatchingConfig, batchable
 from edgewise.runtime.errors import (
     EdgewiseError,
     InvalidInput,
@@ -114,6 +115,7 @@ class ModelConfig:
     version_policy: VersionPolicy
     default_version: int | None = None
     monitoring: Mapping[str, Any] | None = None
+    batching: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         policy = self.version_policy
@@ -128,6 +130,8 @@ class ModelConfig:
             data["default_version"] = self.default_version
         if self.monitoring is not None:
             data["monitoring"] = dict(self.monitoring)
+        if self.batching is not None:
+            data["batching"] = dict(self.batching)
         return data
 
 
@@ -143,10 +147,13 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
             else default_policy
         )
         default = data.get("default_version")
-        monitoring = data.get("monitoring")
-        if monitoring is not None and not isinstance(monitoring, dict):
-            raise ValueError("monitoring must be an object")
-        return ModelConfig(policy, None if default is None else int(default), monitoring)
+        sections = {}
+        for key in ("monitoring", "batching"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{key} must be an object")
+            sections[key] = value
+        return ModelConfig(policy, None if default is None else int(default), **sections)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise PackageError(f"{path}: invalid model config: {exc}") from None
 
@@ -422,9 +429,19 @@ class ModelRepository:
         except EdgewiseError:
             return False
 
-    def _attach_monitor(self, model: LoadedModel) -> None:
-        config = self.config_for(model.name).monitoring
-        settings = MonitorConfig.from_json(config or {}, self.monitor_defaults)
+    def _attach_extras(self, model: LoadedModel) -> None:
+        """Batching and monitoring, as the model's config.json and the server defaults say."""
+        model_config = self.config_for(model.name)
+        if model_config.batching is not None:
+            model.batching = BatchingConfig.from_json(model_config.batching)
+            if not batchable(model):
+                log.warning(
+                    "model %s: batching stays off: not every input and output has a variable "
+                    "first (batch) dimension",
+                    model.name,
+                )
+                model.batching = None
+        settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:
             model.monitor_reason = "monitoring is off for this model"
             return
@@ -448,7 +465,7 @@ class ModelRepository:
         finally:
             self._loading.discard(key)
         try:
-            self._attach_monitor(model)
+            self._attach_extras(model)
         except EdgewiseError as exc:
             self._failures.reasons[key] = exc.message
             self._on_event(name, version, "load_failed")

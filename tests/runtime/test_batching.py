@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgewise.runtime.batching import BatchingConfig, DynamicBatcher, batchable
+from edgewise.runtime.client import EdgewiseClient, ServerError
+from edgewise.runtime.dataplane import PreparedRequest
+from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
+from tests.runtime.grpc_api.test_server import metric_value, metrics_text
+from tests.servers import running_server
+
+
+@pytest.fixture(scope="module")
+def logreg(model_repo: Path) -> LoadedModel:
+    return load_model("logreg", 1, model_repo / "logreg" / "1", SessionSettings())
+
+
+def prepared(model: LoadedModel, rows: np.ndarray, request_id: str = "") -> PreparedRequest:
+    return PreparedRequest(model, {"features": rows}, None, True, request_id, rows.shape[0])
+
+
+def rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(10, 5, size=(n, 30)).astype(np.float32)
+
+
+def test_config_parsing() -> None:
+    config = BatchingConfig.from_json({"max_batch_size": 16, "preferred_batch_sizes": [8, 4]})
+    assert config.preferred_batch_sizes == (4, 8)
+    for bad in ({"max_batch_size": 0}, {"preferred_batch_sizes": [64]}, {"delay": 1}):
+        with pytest.raises(InvalidInput):
+            BatchingConfig.from_json(bad)
+
+
+def test_batched_answers_equal_single_runs(logreg: LoadedModel) -> None:
+    assert batchable(logreg)
+    config = BatchingConfig(max_batch_size=32, max_queue_delay_us=20_000)
+    inputs = [rows(1 + i % 3, i) for i in range(40)]
+
+    async def scenario() -> tuple[list, DynamicBatcher]:
+        with ThreadPoolExecutor(2) as executor:
+            batcher = DynamicBatcher(logreg, config, executor)
+            answers = await asyncio.gather(
+                *(batcher.submit(prepared(logreg, x, f"r{i}"), None) for i, x in enumerate(inputs))
+            )
+            return answers, batcher
+
+    answers, batcher = asyncio.run(scenario())
+    assert batcher.batches_run >= 1
+    assert batcher.batches_run < len(inputs)  # requests really were combined
+    for index, (x, response) in enumerate(zip(inputs, answers, strict=True)):
+        expected = logreg.run({"features": x})
+        assert response.id == f"r{index}"
+        label = np.frombuffer(response.raw_output_contents[0], dtype=np.int64)
+        probabilities = np.frombuffer(response.raw_output_contents[1], np.float32).reshape(-1, 2)
+        np.testing.assert_array_equal(label, expected["label"])
+        np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-6)
+        assert list(response.outputs[1].shape) == [x.shape[0], 2]
+
+
+def test_full_queue_and_expired_deadlines(logreg: LoadedModel) -> None:
+    config = BatchingConfig(max_batch_size=1000, max_queue_delay_us=50_000, max_queue_size=3)
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor)
+            expired = time.monotonic() - 1
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(prepared(logreg, rows(1, 0)), expired)
+            soon = time.monotonic() + 0.01  # expires while waiting for the 50 ms batch
+            tasks = [
+                asyncio.ensure_future(batcher.submit(prepared(logreg, rows(1, i)), soon))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0)
+            with pytest.raises(ResourceExhausted, match="full"):
+                await batcher.submit(prepared(logreg, rows(1, 9)), None)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, DeadlineExceeded) for o in outcomes), outcomes
+
+
+def test_a_failed_batch_fails_every_request(logreg: LoadedModel) -> None:
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000)
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor)
+            good = [prepared(logreg, rows(1, i)) for i in range(3)]
+            bad = prepared(logreg, rows(1, 5).astype(np.float64))  # onnxruntime refuses FP64
+            return await asyncio.gather(
+                *(batcher.submit(p, None) for p in [*good, bad]), return_exceptions=True
+            )
+
+    outcomes = asyncio.run(scenario())
+    assert len(outcomes) == 4
+    assert all(isinstance(o, InvalidInput) for o in outcomes), outcomes
+
+
+def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    (repo / "logreg" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 16, "max_queue_delay_us": 2000}})
+    )
+    model = load_model("logreg", 1, repo / "logreg" / "1", SessionSettings())
+    failures: list[str] = []
+    checked = 0
+    lock = threading.Lock()
+
+    def client_thread(target: str, seed: int) -> None:
+        nonlocal checked
+        with EdgewiseClient(target) as client:
+            for i in range(40):
+                x = rows(1 + i % 2, seed * 100 + i)
+                try:
+                    result = client.infer("logreg", {"features": x})
+                    expected = model.run({"features": x})
+                    np.testing.assert_array_equal(result.outputs["label"], expected["label"])
+                    with lock:
+                        checked += 1
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    with running_server(repo, tmp_path) as server:
+        threads = [
+            threading.Thread(target=client_thread, args=(server.target, s)) for s in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with server.client() as client, pytest.raises(ServerError, match="FP64"):
+            client.infer("logreg", {"features": rows(1, 0).astype(np.float64)})
+        text = metrics_text(server)
+    assert failures == []
+    assert checked == 240
+    calls = metric_value(text, "edgewise_batch_rows_count", model="logreg")
+    batched_rows = metric_value(text, "edgewise_batch_rows_sum", model="logreg")
+    assert batched_rows == 6 * (20 * 1 + 20 * 2)  # every row went through the batcher
+    assert calls < 240  # and requests shared onnxruntime calls
