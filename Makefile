@@ -4,8 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TYPECHECK := .build/typecheck
+# The real MLflow server of the store tests lives in an environment of its own (tests/mlflow_server.py).
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: demo test check lint format typecheck proto proto-check bench clean
+.PHONY: demo test mlflow-venv check lint format typecheck proto proto-check bench image podman clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+## mlflow-venv: the MLflow server the store tests start (pyproject's mlflow-server extra)
+mlflow-venv: $(MLFLOW_STAMP)
+$(MLFLOW_STAMP): pyproject.toml | $(STAMP)
+	EDGEWISE_MLFLOW_VENV=$(MLFLOW_VENV) $(BIN)/python -m tests.mlflow_server install
+	touch $(MLFLOW_STAMP)
+
 ## demo: train, convert, serve a model from a local repository and answer a few requests
 demo: $(STAMP)
 	$(BIN)/edgewise demo $(DEMO_ARGS)
 
 ## test: the whole test suite (what CI runs)
-test: $(STAMP)
+test: $(STAMP) $(MLFLOW_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
@@ -49,5 +58,14 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serving.py
 
+## image: the container image from wheels built here (ENGINE=docker, BASE_IMAGE=..., OFFLINE=1)
+IMAGE ?= edgewise:latest
+image: $(STAMP)
+	PIP=$(BIN)/pip containers/build.sh $(IMAGE)
+
+## podman: what the container test needs on a Debian host (root): podman, runc, mmdebstrap
+podman:
+	containers/install-podman.sh
+
 clean:
-	rm -rf $(VENV) .build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache

@@ -363,6 +363,60 @@ def bench_server_monitoring(cfg: Config) -> dict[str, Any]:
     }
 
 
+def bench_detectors(cfg: Config) -> dict[str, Any]:
+    """DDM and ADWIN: µs per value fed one value per call (the per-feedback path) and per value
+    fed in arrays of 1,000, against river's detectors (one ``update`` per value) on the same
+    stream, same run."""
+    from river import drift
+
+    rng = np.random.default_rng(0)
+    n = max(cfg.calls_per_round, 2_000)
+    errors = (rng.random(n) < np.linspace(0.1, 0.3, n)).astype(np.float64)
+    losses = rng.normal(np.linspace(0.0, 1.0, n), 1.0)
+    rows: dict[str, Any] = {}
+    samples_all: dict[str, list[float]] = {}
+    for name, ours_cls, river_cls, stream, cast in (
+        ("ddm", kernels.DDM, drift.binary.DDM, errors, bool),
+        ("adwin", kernels.ADWIN, drift.ADWIN, losses, float),
+    ):
+        singles = [stream[i : i + 1] for i in range(n)]
+        chunks = [stream[i : i + 1000] for i in range(0, n, 1000)]
+        python_values = [cast(v) for v in stream]
+        one, batched, river = [], [], []
+        for _ in range(cfg.rounds):
+            ours = ours_cls()
+            start = time.perf_counter()
+            for single in singles:
+                ours.update(single)
+            one.append((time.perf_counter() - start) / n * 1e6)
+            ours = ours_cls()
+            start = time.perf_counter()
+            for chunk in chunks:
+                ours.update(chunk)
+            batched.append((time.perf_counter() - start) / n * 1e6)
+            theirs = river_cls()
+            start = time.perf_counter()
+            for value in python_values:
+                theirs.update(value)
+            river.append((time.perf_counter() - start) / n * 1e6)
+        samples_all[name] = one
+        rows[f"{name}_us_per_value_batch1"] = round(statistics.median(one), 4)
+        rows[f"{name}_us_per_value_batch1000"] = round(statistics.median(batched), 4)
+        rows[f"{name}_river_us_per_value"] = round(statistics.median(river), 4)
+        rows[f"{name}_ratio_batch1"] = round(statistics.median(river) / statistics.median(one), 2)
+        rows[f"{name}_ratio_batch1000"] = round(
+            statistics.median(river) / statistics.median(batched), 2
+        )
+    return result(
+        "detectors",
+        "us/value",
+        samples_all["adwin"],
+        values_per_round=n,
+        ratio_meaning="river time / ours (>1: ours faster)",
+        **rows,
+    )
+
+
 CASES: list[Callable[[Config], dict[str, Any]]] = [
     bench_warmup,
     bench_per_request_update,
@@ -372,6 +426,7 @@ CASES: list[Callable[[Config], dict[str, Any]]] = [
     bench_ks_2samp_auto,
     bench_ks_2samp_exact,
     bench_server_monitoring,
+    bench_detectors,
 ]
 
 

@@ -1,8 +1,9 @@
 """edgewise.kernels: Numba-JIT statistics and drift kernels (numpy and numba only).
 
 Per-request feature statistics (:class:`MomentState`, :class:`HistogramState`,
-:class:`CategoricalState`, or both numeric ones fused in :class:`FeatureProfile`) and drift
-scores between reference and current counts or raw samples (:mod:`edgewise.kernels.drift`).
+:class:`CategoricalState`, or both numeric ones fused in :class:`FeatureProfile`), drift
+scores between reference and current counts or raw samples (:mod:`edgewise.kernels.drift`),
+and concept-drift detectors on error or loss streams (:class:`DDM`, :class:`ADWIN`).
 
 Call :func:`warmup` once at server start: it compiles every kernel for the dtypes the server
 uses (or loads them from numba's on-disk cache), so no request pays a JIT compile.
@@ -15,6 +16,7 @@ import time
 import numpy as np
 
 from ._checks import CodeBatch, FloatBatch
+from .detectors import ADWIN, DDM
 from .drift import (
     KS_AUTO_EXACT_MAX_N,
     PSI_EPSILON,
@@ -44,6 +46,8 @@ from .moments import MomentState
 from .profile import FeatureProfile
 
 __all__ = [
+    "ADWIN",
+    "DDM",
     "DEFAULT_N_BINS",
     "KS_AUTO_EXACT_MAX_N",
     "PSI_EPSILON",
@@ -123,4 +127,10 @@ def warmup() -> float:
     ks_binned(counts[:, :-1], moved[:, :-1])
     linf_distance(counts, moved)
     chi2_homogeneity(counts, moved)
+    errors = (rng.random(64) < 0.2).astype(np.float64)
+    frozen_errors = errors.copy()
+    frozen_errors.setflags(write=False)
+    for stream in (errors, frozen_errors):
+        DDM(warm_start=8).update(stream)
+        ADWIN(clock=4).update(stream)
     return time.perf_counter() - start

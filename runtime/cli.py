@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgewise.runtime.batch.cli_commands import _add_batch
+from edgewise.runtime.cgroup_run import _add_run
+from edgewise.runtime.container_render import _add_containers
 from edgewise.runtime.errors import EdgewiseError
+from edgewise.runtime.limits import _add_limits
+from edgewise.runtime.quality_cli import _add_evaluate, _add_gate
+from edgewise.runtime.store import cli_commands as store_cli
 
 __all__ = ["main"]
 
@@ -37,6 +43,9 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--opset", type=int, help="target ONNX opset (default: edgewise's choice)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.add_argument(
+        "--no-profile", action="store_true", help="do not store a reference profile for drift"
+    )
     p.set_defaults(handler=_cmd_convert)
 
 
@@ -52,6 +61,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         opset=args.opset,
         atol=args.atol,
         version=args.version,
+        reference_profile=not args.no_profile,
     )
     parity = result.manifest.parity.get("max_abs_diff", {})
     figures = ", ".join(f"{k} {v:.3g}" for k, v in parity.items())
@@ -80,17 +90,28 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--version-policy", help="latest:N | all | specific:V1,V2 (default latest:1)")
     p.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 10)")
     p.add_argument("--port-file", type=Path, help="write 'GRPC_PORT METRICS_PORT' when ready")
+    p.add_argument(
+        "--monitoring", choices=["on", "off"], help="per-request statistics and drift (default on)"
+    )
+    p.add_argument("--processes", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument(
+        "--drift-interval-seconds", type=float, help="drift timer (default 10; 0: on demand only)"
+    )
     p.set_defaults(handler=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from edgewise.runtime.limits import prepare_process
+
+    prepare_process()  # size numba's and BLAS's pools to the limits before they are imported
     from edgewise.runtime.grpc_api.server import run_server
     from edgewise.runtime.settings import ServerSettings
 
     keys = [
         "repo", "host", "port", "metrics_host", "metrics_port", "max_message_bytes",
         "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
-        "version_policy", "grace_seconds", "port_file",
+        "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
+        "processes",
     ]  # fmt: skip
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
     if not settings.repo.is_dir():
@@ -161,6 +182,77 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.repo, args.port, args.metrics_port, args.exit_after_requests)
 
 
+def _add_drift(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "drift",
+        help="drift report of a served model version",
+        description="Print the feature statistics, schema skew and drift scores of a served "
+        "model version against its reference profile.",
+    )
+    p.add_argument("model", help="model name")
+    p.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
+    p.add_argument("--version", default="", help="model version (default: the default version)")
+    p.add_argument(
+        "--window",
+        default="current",
+        choices=["current", "previous", "decayed", "lifetime"],
+        help="which window (default current)",
+    )
+    p.add_argument("--exact", action="store_true", help="also run exact KS/Wasserstein tests")
+    p.add_argument("--reset", action="store_true", help="start a fresh window after printing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_cmd_drift)
+
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    from edgewise.runtime.client import EdgewiseClient
+
+    with EdgewiseClient(args.server) as client:
+        report = client.drift_report(args.model, args.version, args.window, args.exact)
+        if args.reset:
+            client.reset_window(args.model, args.version)
+    if args.json:
+        print(MessageToJson(report, always_print_fields_with_no_presence=True))
+        return 0
+    print(_format_drift(report))
+    return 0
+
+
+def _format_drift(report: Any) -> str:
+    head = f"model {report.model} version {report.version}, window {report.window}"
+    if not report.available:
+        return f"{head}: monitoring unavailable ({report.reason})"
+    state = "DRIFTING" if report.drifting else "not drifting"
+    if report.insufficient_data:
+        state = "not judged: too few rows"
+    lines = [
+        f"{head}: {report.rows} rows (reference {report.reference_rows}); {state}",
+        f"{'feature':<28} {'kind':<11} {'psi':>7} {'js':>6} {'ks':>6} {'wass':>8} "
+        f"{'mean':>10} {'missing':>7} {'out/unseen':>10}  status",
+    ]
+
+    def score(feature: Any, key: str, width: int, digits: int = 3) -> str:
+        value = feature.scores.get(key)
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    for f in report.features:
+        stats = f.statistics
+        status = "DRIFT " + "; ".join(f.reasons) if f.drifting else ("warn" if f.warning else "ok")
+        skew = stats.out_of_range if f.kind == "numeric" else stats.unseen
+        mean = f"{stats.mean:>10.4g}" if f.kind == "numeric" else f"{'':>10}"
+        lines.append(
+            f"{f.name[:28]:<28} {f.kind:<11} {score(f, 'psi', 7)} {score(f, 'jensenshannon', 6)} "
+            f"{score(f, 'ks', 6)} {score(f, 'wasserstein', 8, 4)} {mean} {stats.missing:>7} "
+            f"{skew:>10}  {status}"
+        )
+    if report.wrong_type:
+        wrong = ", ".join(f"{k}: {v}" for k, v in sorted(report.wrong_type.items()))
+        lines.append(f"requests refused for a wrong datatype or shape: {wrong}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgewise",
@@ -174,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_repository(sub)
     _add_demo(sub)
+    _add_drift(sub)
+    _add_limits(sub)
+    _add_run(sub)
+    _add_containers(sub)
+    store_cli._add_register(sub)
+    store_cli._add_models(sub)
+    store_cli._add_agent(sub)
+    store_cli._add_rollback(sub)
+    _add_evaluate(sub)
+    _add_gate(sub)
+    _add_batch(sub)
     return parser
 
 

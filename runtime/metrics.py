@@ -41,6 +41,7 @@ class ServerMetrics:
             "edgewise_inflight_requests",
             "Inference requests being processed now.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.model_events = Counter(
             "edgewise_model_events",
@@ -52,36 +53,42 @@ class ServerMetrics:
             "edgewise_model_versions_ready",
             "Model versions being served.",
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.drift_score = Gauge(
             "edgewise_drift_score",
             "Drift statistic of a feature in the judged window against the reference profile.",
             ["model", "version", "feature", "statistic"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.feature_drifting = Gauge(
             "edgewise_feature_drifting",
             "1 when a feature's drift statistics cross their thresholds.",
             ["model", "version", "feature"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.model_drifting = Gauge(
             "edgewise_model_drifting",
             "1 when any feature of the model version is drifting.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.schema_skew = Gauge(
             "edgewise_schema_skew",
             "Schema violations in the judged window (missing, infinite, out_of_range, unseen).",
             ["model", "version", "feature", "kind"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.monitored_rows = Gauge(
             "edgewise_monitored_rows",
             "Rows in the judged monitoring window.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.batch_rows = Histogram(
             "edgewise_batch_rows",

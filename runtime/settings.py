@@ -1,24 +1,45 @@
 """Server settings: the one place that reads environment variables.
 
 Precedence: command-line flags, then ``EDGEWISE_*`` environment variables, then the defaults
-here. Each field documents its environment variable.
+here. Each field documents its environment variable. In :meth:`ServerSettings.from_sources`, the
+fields of :data:`BUDGET_FIELDS` that are not set explicitly come from the runtime budget derived
+from the process's CPU and memory limits (:mod:`edgewise.runtime.limits`); the defaults below
+are only those of a directly constructed ``ServerSettings``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.limits import (
+    ResourceLimits,
+    RuntimeBudget,
+    derive_budget,
+    detect_limits,
+    numba_override,
+)
 from edgewise.runtime.model import SessionSettings
 from edgewise.runtime.repository import VersionPolicy
 
-__all__ = ["ServerSettings"]
+__all__ = ["BUDGET_FIELDS", "ServerSettings"]
 
 ENV_PREFIX = "EDGEWISE_"
+
+#: Settings whose default is derived from the CPU and memory limits (see ``limits.py``).
+BUDGET_FIELDS = (
+    "worker_threads",
+    "intra_op_threads",
+    "inter_op_threads",
+    "max_message_bytes",
+    "max_inflight",
+    "memory_budget_bytes",
+    "memory_arena",
+)
 
 
 @dataclass(frozen=True)
@@ -36,10 +57,24 @@ class ServerSettings:
     version_policy: str = "latest:1"  # EDGEWISE_VERSION_POLICY: latest:N | all | specific:1,2
     grace_seconds: float = 10.0  # EDGEWISE_GRACE_SECONDS: finish in-flight work on SIGTERM
     port_file: Path | None = None  # EDGEWISE_PORT_FILE: write "grpc_port metrics_port" when ready
+    processes: int = 1  # EDGEWISE_PROCESSES: server processes sharing the port (SO_REUSEPORT)
+    # Set by the multi-process supervisor for its server processes (not for users):
+    reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
+    peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
+    monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
+    drift_interval_seconds: float = 10.0  # EDGEWISE_DRIFT_INTERVAL_SECONDS: timer (0: on demand)
+    max_inflight: int = 0  # EDGEWISE_MAX_INFLIGHT: calls at once (0: no cap)
+    memory_budget_bytes: int = 0  # EDGEWISE_MEMORY_BUDGET_BYTES: admission's budget (0: none)
+    admission: str = "on"  # EDGEWISE_ADMISSION: on | off (memory admission)
+    memory_arena: bool = True  # EDGEWISE_MEMORY_ARENA: onnxruntime CPU arena and memory patterns
+    # The budget the derived defaults came from (set by from_sources; not an environment variable).
+    budget: RuntimeBudget | None = field(default=None, compare=False, metadata={"env": False})
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
-            intra_op_threads=self.intra_op_threads, inter_op_threads=self.inter_op_threads
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            memory_arena=self.memory_arena,
         )
 
     def policy(self) -> VersionPolicy:
@@ -47,18 +82,32 @@ class ServerSettings:
 
     @classmethod
     def from_sources(
-        cls, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
+        cls,
+        overrides: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+        limits: ResourceLimits | None = None,
     ) -> ServerSettings:
-        """Defaults, then ``EDGEWISE_*`` variables, then the non-None ``overrides``."""
+        """Defaults, then ``EDGEWISE_*`` variables, then the non-None ``overrides``; the
+        :data:`BUDGET_FIELDS` none of them set come from the budget derived from ``limits``
+        (default: the limits this process runs under)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
+        for item in fields(cls):
+            if not item.metadata.get("env", True):
+                continue
+            raw = env.get(ENV_PREFIX + item.name.upper())
             if raw is not None and raw != "":
-                values[field.name] = _convert(field.name, field.type, raw)
+                values[item.name] = _convert(item.name, item.type, raw)
         for key, value in overrides.items():
             if value is not None:
                 values[key] = value
+        explicit = {name: values[name] for name in BUDGET_FIELDS if name in values}
+        budget = derive_budget(
+            limits if limits is not None else detect_limits(), {**numba_override(env), **explicit}
+        )
+        for name in BUDGET_FIELDS:
+            values.setdefault(name, getattr(budget, name))
+        values["budget"] = budget
         settings = cls(**values)
         settings.validate()
         return settings
@@ -73,6 +122,16 @@ class ServerSettings:
                 raise InvalidInput(f"{name.replace('_', '-')} must be at least 1")
         if self.max_message_bytes < 1024:
             raise InvalidInput("max-message-bytes must be at least 1024")
+        if self.max_inflight < 0 or self.memory_budget_bytes < 0:
+            raise InvalidInput("max-inflight and memory-budget-bytes must not be negative")
+        if self.admission not in ("on", "off"):
+            raise InvalidInput(f"admission must be 'on' or 'off', not {self.admission!r}")
+        if self.processes < 1:
+            raise InvalidInput("processes must be at least 1")
+        if self.monitoring not in ("on", "off"):
+            raise InvalidInput(f"monitoring must be 'on' or 'off', not {self.monitoring!r}")
+        if self.drift_interval_seconds < 0:
+            raise InvalidInput("drift-interval-seconds must not be negative")
         self.policy()
 
 
@@ -85,6 +144,11 @@ def _convert(name: str, type_name: object, raw: str) -> Any:
             return int(raw)
         if text == "float":
             return float(raw)
+        if text == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "on", "yes")
     except ValueError:
         raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
     return raw

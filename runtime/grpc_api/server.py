@@ -17,19 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from edgewise import kernels
+from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.dataplane import DataPlane
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.servicers import InferenceServicer, RepositoryServicer
+from edgewise.runtime.grpc_api.servicers import (
+    InferenceServicer,
+    MonitoringServicer,
+    RepositoryServicer,
+)
+from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
+from edgewise.runtime.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.metrics import ServerMetrics
+from edgewise.runtime.monitor import MonitorConfig
 from edgewise.runtime.repository import ModelRepository
-from edgewise.runtime.settings import ServerSettings
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from edgewise.runtime.settings import BUDGET_FIELDS, ServerSettings
 
 __all__ = ["InferenceServer", "run_server"]
 
@@ -37,17 +47,30 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
+MONITORING_SERVICE = epb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
 
 
 class InferenceServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
+        self.admission = MemoryAdmission(
+            settings.memory_budget_bytes,
+            enabled=settings.admission == "on",
+            registry=self.metrics.registry,
+        )
+        # The split in use (derived, or as set explicitly), published as a metric and logged.
+        split: dict[str, int | bool] = settings.budget.split() if settings.budget else {}
+        split.update({name: getattr(settings, name) for name in BUDGET_FIELDS})
+        limits = detect_limits()
+        publish_budget(self.metrics.registry, limits, split)
+        log.info("%s", describe_split(limits, split))
         self.repository = ModelRepository(
             settings.repo,
             settings.session_settings(),
             settings.policy(),
             on_event=self._on_model_event,
+            monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -55,9 +78,12 @@ class InferenceServer:
         )
         self.health = HealthServicer()
         self.port = 0
+        self.private_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self._drift_task: asyncio.Task[None] | None = None
+        self._published: set[tuple[str, str]] = set()
 
     def _on_model_event(self, name: str, version: int, event: str) -> None:
         self.metrics.model_event(name, version, event)
@@ -80,23 +106,38 @@ class InferenceServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
+            maximum_concurrent_rpcs=settings.max_inflight or None,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
-                self.dataplane, self.metrics, self.executor, settings.inline_max_bytes
+                self.dataplane,
+                self.metrics,
+                self.executor,
+                settings.inline_max_bytes,
+                self.admission,
             ),
             server,
         )
         epb_grpc.add_ModelRepositoryServiceServicer_to_server(
-            RepositoryServicer(self.repository, self.executor, self.update_health), server
+            RepositoryServicer(
+                self.repository,
+                self.executor,
+                self.update_health,
+                peers=self._peers if settings.peers_dir is not None else None,
+            ),
+            server,
+        )
+        epb_grpc.add_MonitoringServiceServicer_to_server(
+            MonitoringServicer(self.repository, self.executor), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 INFERENCE_SERVICE,
                 REPOSITORY_SERVICE,
+                MONITORING_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -105,6 +146,9 @@ class InferenceServer:
         self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        if settings.peers_dir is not None:
+            # Multi-process mode: a private address for control calls forwarded by siblings.
+            self.private_port = server.add_insecure_port("127.0.0.1:0")
         await self.update_health()
         await server.start()
         self._grpc = server
@@ -121,6 +165,10 @@ class InferenceServer:
             settings.repo,
         )
         loop = asyncio.get_running_loop()
+        if settings.monitoring == "on":
+            # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
+            seconds = await loop.run_in_executor(self.executor, kernels.warmup)
+            log.info("monitoring kernels ready in %.2f s", seconds)
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
         self.dataplane.set_ready(True)
@@ -132,11 +180,49 @@ class InferenceServer:
             self.port,
             self.metrics_port if self._metrics_http else "off",
         )
+        if settings.monitoring == "on" and settings.drift_interval_seconds > 0:
+            self._drift_task = asyncio.create_task(self._drift_timer())
         if settings.port_file is not None:
             _write_port_file(settings.port_file, self.port, self.metrics_port)
+        if settings.peers_dir is not None:
+            peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
+            temporary = peer_file.with_name(peer_file.name + ".tmp")
+            temporary.write_text(f"127.0.0.1:{self.private_port}\n")
+            os.replace(temporary, peer_file)
+
+    def _peers(self) -> list[str]:
+        assert self.settings.peers_dir is not None
+        return peer_addresses(self.settings.peers_dir, os.getpid())
+
+    async def _drift_timer(self) -> None:
+        """Every drift interval: tick each monitor, judge its window, publish, log transitions."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.drift_interval_seconds)
+            try:
+                await loop.run_in_executor(self.executor, self.judge_drift)
+            except Exception:
+                log.exception("drift evaluation failed")
+
+    def judge_drift(self) -> None:
+        served = {(m.name, m.version_str) for m in self.repository.served_models()}
+        for gone in self._published - served:
+            self.metrics.forget_model(*gone)
+        self._published &= served
+        for model in self.repository.served_models():
+            monitor = model.monitor
+            if monitor is None:
+                continue
+            monitor.tick()
+            report = monitor.report(monitor.judgement_window())
+            self.metrics.publish_drift(report)
+            monitor.observe_transition(report)
+            self._published.add((model.name, model.version_str))
 
     async def stop(self, grace: float | None = None) -> None:
         self.dataplane.set_ready(False)
+        if self._drift_task is not None:
+            self._drift_task.cancel()
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.grace_seconds if grace is None else grace)
@@ -174,5 +260,9 @@ async def _serve(settings: ServerSettings) -> None:
 
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code."""
+    if settings.processes > 1:
+        from edgewise.runtime.grpc_api.supervisor import run_supervisor
+
+        return run_supervisor(settings)
     asyncio.run(_serve(settings))
     return 0

@@ -14,27 +14,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
-from edgewise.runtime.dataplane import DataPlane
-from edgewise.runtime.errors import EdgewiseError, InvalidInput
+
+from edgewise.runtime.admission import MemoryAdmission
+from edgewise.runtime.batching import BatchingConfig, DynamicBatcher
+from edgewise.runtime.dataplane import DataPlane, PreparedRequest
+from edgewise.runtime.errors import EdgewiseError, InvalidInput, ModelNotReady, ResourceExhausted
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.grpc_api.status import grpc_status
 from edgewise.runtime.metrics import ServerMetrics
+from edgewise.runtime.model import LoadedModel
+from edgewise.runtime.monitor import DriftReport
 from edgewise.runtime.repository import ModelRepository, VersionStatus
 
-__all__ = ["InferenceServicer", "RepositoryServicer"]
+__all__ = ["InferenceServicer", "MonitoringServicer", "RepositoryServicer"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Marks a control call one process forwards to its siblings in multi-process mode.
+FORWARDED_HEADER = "edgewise-forwarded"
 
 
 def _payload_bytes(request: pb.ModelInferRequest) -> int:
@@ -70,11 +80,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metrics: ServerMetrics,
         executor: ThreadPoolExecutor,
         inline_max_bytes: int = 64 * 1024,
+        admission: MemoryAdmission | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.executor = executor
         self.inline_max_bytes = inline_max_bytes
+        self.admission = admission
+        # One batch queue per served model version that has batching configured; a version
+        # that is unloaded drops out with its last reference.
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -107,8 +124,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
+    def _admit(self, request: pb.ModelInferRequest) -> int:
+        """Memory admission, before anything is decoded: the reservation to release, or
+        ResourceExhausted (counted here, as no thread will run the request)."""
+        if self.admission is None:
+            return 0
+        try:
+            return self.admission.admit(request)
+        except ResourceExhausted as exc:
+            code = exc.code.name
+            self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
+            raise
+
+    def _release(self, reservation: int) -> None:
+        if reservation and self.admission is not None:
+            self.admission.release(reservation)
+
     def _infer_counted(
-        self, request: pb.ModelInferRequest, deadline: float | None, started: float
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: float,
+        reservation: int = 0,
     ) -> pb.ModelInferResponse:
         """Run one request and count it, on whichever thread runs it: a request whose caller has
         gone away is still counted with the outcome it really had."""
@@ -122,6 +159,66 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             metrics.inflight.dec()
+            self._release(reservation)
+        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
+        return response
+
+    def _prepare_counted(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
+        try:
+            return self.dataplane.prepare(request)
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+            self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
+            self._release(reservation)
+            raise
+
+    def _execute_counted(
+        self,
+        prepared: PreparedRequest,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+    ) -> pb.ModelInferResponse:
+        metrics = self.metrics
+        model = prepared.model
+        metrics.inflight.inc()
+        try:
+            response = self.dataplane.execute(prepared, deadline)
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+            metrics.observe_request(model.name, model.version_str, code, 0.0)
+            raise
+        finally:
+            metrics.inflight.dec()
+            self._release(reservation)
+        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
+        return response
+
+    async def _batched(
+        self,
+        prepared: PreparedRequest,
+        config: BatchingConfig,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+    ) -> pb.ModelInferResponse:
+        model = prepared.model
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            histogram = self.metrics.batch_rows.labels(model.name, model.version_str)
+            batcher = DynamicBatcher(model, config, self.executor, histogram.observe)
+            self._batchers[model] = batcher
+        metrics = self.metrics
+        metrics.inflight.inc()
+        try:
+            response = await batcher.submit(prepared, deadline)
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+            metrics.observe_request(model.name, model.version_str, code, 0.0)
+            raise
+        finally:
+            metrics.inflight.dec()
+            self._release(reservation)
         metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
         return response
 
@@ -132,12 +229,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
+            reservation = self._admit(request)
             if _payload_bytes(request) <= self.inline_max_bytes:
-                return self._infer_counted(request, deadline, started)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self.executor, self._infer_counted, request, deadline, started
+                prepared = self._prepare_counted(request, reservation)
+                batching = prepared.model.batching
+                if batching is not None:
+                    return await self._batched(prepared, batching, deadline, started, reservation)
+                return self._execute_counted(prepared, deadline, started, reservation)
+            future = self.executor.submit(
+                self._infer_counted, request, deadline, started, reservation
             )
+            try:
+                return await asyncio.wrap_future(future)
+            finally:
+                if future.cancelled():  # never ran: its reservation is still held
+                    self._release(reservation)
         except Exception as exc:
             await _abort(context, exc)
             raise
@@ -170,10 +276,45 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
         repository: ModelRepository,
         executor: ThreadPoolExecutor,
         on_change: Callable[[], Awaitable[None]],
+        peers: Callable[[], list[str]] | None = None,
     ) -> None:
         self.repository = repository
         self.executor = executor
         self.on_change = on_change
+        # Multi-process mode: the private addresses of the sibling processes, which must make
+        # the same load or unload (a client's call reaches only one process of the shared port).
+        self.peers = peers
+
+    async def _fan_out(
+        self,
+        method: str,
+        request: epb.LoadModelRequest | epb.UnloadModelRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> None:
+        if self.peers is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get(FORWARDED_HEADER):
+            return  # already a forwarded call: do not forward again
+
+        async def call(address: str) -> None:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = epb_grpc.ModelRepositoryServiceStub(channel)
+                await getattr(stub, method)(
+                    request, timeout=120, metadata=((FORWARDED_HEADER, "1"),)
+                )
+
+        results = await asyncio.gather(
+            *(call(address) for address in self.peers()), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            details = failed[0].details() if isinstance(failed[0], grpc.aio.AioRpcError) else ""
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{method} succeeded here but failed in {len(failed)} of {len(results)} sibling "
+                f"process(es): {details or type(failed[0]).__name__}",
+            )
 
     async def _control(self, work: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -206,6 +347,8 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
             await _abort(context, exc)
             raise
         failed = [s for s in statuses if s.state.value == "FAILED" and s.version == version]
+        if not failed:
+            await self._fan_out("LoadModel", request, context)
         if version is not None and failed:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -222,4 +365,104 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
         except Exception as exc:
             await _abort(context, exc)
             raise
+        await self._fan_out("UnloadModel", request, context)
         return epb.UnloadModelResponse(models=[_to_proto(s) for s in statuses])
+
+
+def _report_to_proto(report: DriftReport) -> epb.DriftReport:
+    message = epb.DriftReport(
+        model=report.model,
+        version=report.version,
+        window=report.window,
+        available=report.available,
+        reason=report.reason,
+        rows=report.rows,
+        reference_rows=report.reference_rows,
+        insufficient_data=report.insufficient_data,
+        drifting=report.drifting,
+        wrong_type=report.wrong_type,
+        computed_at_unix=report.computed_at,
+        thresholds=report.thresholds,
+    )
+    for feature in report.features:
+        stats = feature.statistics
+        message.features.add(
+            name=feature.name,
+            kind=feature.kind,
+            scores=feature.scores,
+            drifting=feature.drifting,
+            warning=feature.warning,
+            reasons=feature.reasons,
+            statistics=epb.FeatureStatistics(
+                count=int(stats.get("count", 0)),
+                mean=stats.get("mean", math.nan),
+                std=stats.get("std", math.nan),
+                min=stats.get("min", math.nan),
+                max=stats.get("max", math.nan),
+                missing=int(stats.get("missing", 0)),
+                infinite=int(stats.get("infinite", 0)),
+                out_of_range=int(stats.get("out_of_range", 0)),
+                unseen=int(stats.get("unseen", 0)),
+            ),
+        )
+    return message
+
+
+class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
+    """Drift reports, feature statistics and window resets of served model versions."""
+
+    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor) -> None:
+        self.repository = repository
+        self.executor = executor
+
+    async def _report(
+        self,
+        request: epb.DriftReportRequest,
+        context: grpc.aio.ServicerContext[object, object],
+        scores: bool,
+    ) -> epb.DriftReport:
+        try:
+            model = self.repository.get(request.model, request.version)
+            monitor = model.monitor
+            if monitor is None:
+                return epb.DriftReport(
+                    model=model.name,
+                    version=model.version_str,
+                    window=request.window or "current",
+                    available=False,
+                    reason=model.monitor_reason,
+                )
+            loop = asyncio.get_running_loop()
+            report = await loop.run_in_executor(
+                self.executor, monitor.report, request.window or "current", request.exact, scores
+            )
+            return _report_to_proto(report)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+
+    async def GetDriftReport(
+        self, request: epb.DriftReportRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> epb.DriftReport:
+        return await self._report(request, context, scores=True)
+
+    async def GetFeatureStatistics(
+        self, request: epb.DriftReportRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> epb.DriftReport:
+        return await self._report(request, context, scores=False)
+
+    async def ResetWindow(
+        self, request: epb.ResetWindowRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> epb.ResetWindowResponse:
+        try:
+            model = self.repository.get(request.model, request.version)
+            if model.monitor is None:
+                raise ModelNotReady(
+                    f"model {model.name!r} version {model.version} is not monitored: "
+                    f"{model.monitor_reason}"
+                )
+            model.monitor.reset()
+            return epb.ResetWindowResponse()
+        except Exception as exc:
+            await _abort(context, exc)
+            raise

@@ -12,6 +12,8 @@ import pytest
 from edgewise.kernels import _config
 
 PUBLIC_API = [
+    "ADWIN",
+    "DDM",
     "DEFAULT_N_BINS",
     "KS_AUTO_EXACT_MAX_N",
     "PSI_EPSILON",

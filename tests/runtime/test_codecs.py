@@ -5,6 +5,9 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from edgewise.runtime.codecs import (
     MAX_ELEMENTS,
     decode_bytes_raw,
@@ -17,8 +20,6 @@ from edgewise.runtime.codecs import (
 from edgewise.runtime.datatypes import DATATYPE_TO_NUMPY, datatype_of
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d != "BYTES"]
 

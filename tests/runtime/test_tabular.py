@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.tabular import (
     DATA_EXTRA_HINT,

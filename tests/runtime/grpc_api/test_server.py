@@ -12,17 +12,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from edgewise.runtime.client import EdgewiseClient, ServerError
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.package import read_manifest, staging_dir
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgewise.runtime.client import EdgewiseClient, ServerError
+from edgewise.runtime.features import frame_to_inputs
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.package import read_manifest, staging_dir
 from tests import models
 from tests.servers import RunningServer, running_server, start_server
 

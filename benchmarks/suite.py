@@ -1,0 +1,312 @@
+"""The benchmark suite: edgewise against the onnxruntime floor and MLServer, in one run.
+
+    .venv/bin/python benchmarks/suite.py [--quick] [--seconds S] [--rounds R] [--no-mlserver]
+                                         [--write-results]
+
+Models (all from scikit-learn, 32 real pixel features of the bundled digits data): a logistic
+regression, a 100-tree random forest and a small MLP pipeline. Servers, each started fresh:
+
+- edgewise, one process, batching off (the default);
+- edgewise, one process, dynamic batching on (max 32 rows, 500 us);
+- edgewise, two processes on one port (SO_REUSEPORT), batching off;
+- MLServer with mlserver-sklearn serving the original scikit-learn models (joblib files) as its
+  users deploy them, installed by this script into its own virtual environment
+  (.build/mlserver-venv), never into the project's.
+
+Clients: tritonclient[grpc] (aio) in separate processes, batch 1, at concurrency 1, 8 and 32 for a
+bounded time each. Figures per case: p50/p99 latency, throughput, server CPU per request (read
+from /proc over the measurement window, the server's whole process tree), the ratio to MLServer
+and to the in-process onnxruntime floor; per server: time from start to ready and idle RSS.
+Prints a table and one JSON line per case; `--write-results` also rewrites benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import serving  # noqa: E402  (benchmarks/serving.py: drive, Server, floors)
+
+MLSERVER_VENV = PROJECT / ".build" / "mlserver-venv"
+# uvloop 0.22+ breaks MLServer 1.7.1 ("no current event loop" at start-up).
+MLSERVER_PACKAGES = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop<0.22"]
+CONCURRENCIES = (1, 8, 32)
+
+
+def build_models(repo: Path, joblib_dir: Path) -> dict[str, Path]:
+    import joblib
+    import numpy as np
+    import pandas as pd
+    from sklearn.datasets import load_digits
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from edgewise.runtime.convert import convert
+
+    digits = load_digits()
+    columns = [f"px{i}" for i in range(serving.N_FEATURES)]
+    frame = pd.DataFrame(digits.data[:, : serving.N_FEATURES].astype(np.float64), columns=columns)
+    estimators = {
+        "logreg32": make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+        "forest100": RandomForestClassifier(n_estimators=100, random_state=0),
+        "mlp32": make_pipeline(
+            StandardScaler(), MLPClassifier((64, 32), max_iter=400, random_state=0)
+        ),
+    }
+    paths = {}
+    for name, estimator in estimators.items():
+        estimator.fit(frame.to_numpy(np.float32), digits.target)  # arrays: MLServer sends arrays
+        paths[name] = convert(estimator, frame, name=name, repo=repo).path
+        folder = joblib_dir / name
+        folder.mkdir(parents=True)
+        joblib.dump(estimator, folder / "model.joblib")
+        (folder / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "implementation": "mlserver_sklearn.SKLearnModel",
+                    "parameters": {"uri": "./model.joblib", "version": "1"},
+                }
+            )
+        )
+    return paths
+
+
+def ensure_mlserver() -> Path:
+    python = MLSERVER_VENV / "bin" / "python"
+    if not (MLSERVER_VENV / "bin" / "mlserver").exists():
+        print(f"installing MLServer into {MLSERVER_VENV} (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True
+        )
+    return MLSERVER_VENV / "bin" / "mlserver"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MLServer:
+    def __init__(self, models_dir: Path) -> None:
+        self.grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        (models_dir / "settings.json").write_text(
+            json.dumps(
+                {
+                    "http_port": http_port,
+                    "grpc_port": self.grpc_port,
+                    "metrics_port": metrics_port,
+                    "host": "127.0.0.1",
+                }
+            )
+        )
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [str(ensure_mlserver()), "start", str(models_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=models_dir,
+        )
+        deadline = time.monotonic() + 180
+        url = f"http://127.0.0.1:{http_port}/v2/health/ready"
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"MLServer exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("MLServer not ready within 180 s")
+            time.sleep(0.1)
+        self.ready_seconds = time.perf_counter() - started
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class EdgewiseServer:
+    def __init__(self, repo: Path, work: Path, label: str, extra: list[str]) -> None:
+        port_file = work / f"{label}.port"
+        started = time.perf_counter()
+        self.server = serving.Server(
+            [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+             "--repo", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+             "--port-file", str(port_file), *extra],
+            port_file,
+        )  # fmt: skip
+        self.ready_seconds = time.perf_counter() - started
+        self.process = self.server.process
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def set_batching(repo: Path, enabled: bool) -> None:
+    for model_dir in repo.iterdir():
+        config = model_dir / "config.json"
+        if enabled:
+            config.write_text(
+                json.dumps({"batching": {"max_batch_size": 32, "max_queue_delay_us": 500}})
+            )
+        elif config.exists():
+            config.unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows")
+    parser.add_argument("--seconds", type=float, default=3.0, help="window per case")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per case (median)")
+    parser.add_argument("--no-mlserver", action="store_true", help="skip MLServer")
+    parser.add_argument("--write-results", action="store_true", help="rewrite RESULTS.md")
+    args = parser.parse_args()
+    seconds = 1.5 if args.quick else args.seconds
+
+    work = Path(tempfile.mkdtemp(prefix="edgewise-suite-"))
+    repo, joblib_dir = work / "repo", work / "mlserver-models"
+    paths = build_models(repo, joblib_dir)
+    floors = {name: serving.onnxruntime_floor(path, 5000) * 1e6 for name, path in paths.items()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    setups: list[tuple[str, Any]] = [
+        ("edgewise", lambda: EdgewiseServer(repo, work, "single", [])),
+        ("edgewise_batching", lambda: EdgewiseServer(repo, work, "batching", [])),
+        ("edgewise_2proc", lambda: EdgewiseServer(repo, work, "multi", ["--processes", "2"])),
+    ]
+    if not args.no_mlserver:
+        setups.append(("mlserver", lambda: MLServer(joblib_dir)))
+    rows: list[dict[str, Any]] = []
+    servers_info: dict[str, dict[str, float]] = {}
+    for label, start in setups:
+        set_batching(repo, label == "edgewise_batching")
+        server = start()
+        try:
+            time.sleep(1.0)  # settle before reading idle memory
+            servers_info[label] = {
+                "ready_seconds": round(server.ready_seconds, 2),
+                "idle_rss_mb": round(tree_rss_mb(server.process.pid), 1),
+            }
+            for name in paths:
+                for concurrency in CONCURRENCIES:
+                    results = [
+                        serving.drive(server.url, name, concurrency, seconds, server.process.pid)
+                        for _ in range(args.rounds)
+                    ]
+                    row = {
+                        "server": label,
+                        "model": name,
+                        "concurrency": concurrency,
+                        **{
+                            key: statistics.median(r[key] for r in results)
+                            for key in ("p50_us", "p99_us", "rps", "server_cpu_us_per_req")
+                        },
+                        "errors": sum(r["errors"] for r in results),
+                        "requests": sum(r["requests"] for r in results),
+                    }
+                    rows.append(row)
+        finally:
+            server.stop()
+    set_batching(repo, False)
+    by_key = {(r["server"], r["model"], r["concurrency"]): r for r in rows}
+    for row in rows:
+        baseline = by_key.get(("mlserver", row["model"], row["concurrency"]))
+        row["rps_vs_mlserver"] = (
+            round(row["rps"] / baseline["rps"], 2) if baseline and baseline["rps"] else None
+        )
+        row["p50_vs_onnxruntime_floor"] = round(row["p50_us"] / floors[row["model"]], 1)
+        row["onnxruntime_floor_us"] = round(floors[row["model"]], 2)
+        row.update(servers_info[row["server"]])
+        row.update(machine)
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+    table = render_table(rows, servers_info, floors, seconds, args.rounds)
+    print(table)
+    if args.write_results:
+        (HERE / "RESULTS.md").write_text(table)
+    return 0
+
+
+def render_table(
+    rows: list[dict[str, Any]],
+    servers: dict[str, dict[str, float]],
+    floors: dict[str, float],
+    seconds: float,
+    rounds: int,
+) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}; client and server on the same machine. "
+        f"Command: `.venv/bin/python benchmarks/suite.py --write-results` "
+        f"({seconds:g} s per case, {rounds} round(s), batch 1, tritonclient aio clients).",
+        "",
+        "| server | ready (s) | idle RSS (MB) |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {v['ready_seconds']} | {v['idle_rss_mb']} |" for k, v in servers.items()]
+    lines += [
+        "",
+        "In-process onnxruntime floor (batch 1): "
+        + ", ".join(f"{k} {v:.1f} us" for k, v in floors.items()),
+        "",
+        "| server | model | conc. | p50 (us) | p99 (us) | req/s | server CPU/req (us) "
+        "| req/s vs MLServer | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        versus = r.get("rps_vs_mlserver")
+        lines.append(
+            f"| {r['server']} | {r['model']} | {r['concurrency']} | {r['p50_us']:.0f} | "
+            f"{r['p99_us']:.0f} | {r['rps']:.0f} | {r['server_cpu_us_per_req']:.0f} | "
+            f"{'' if versus is None else f'{versus:.2f}x'} | {r['errors']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

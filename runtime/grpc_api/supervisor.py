@@ -1,0 +1,209 @@
+"""Multi-process serving: N server processes share one port through SO_REUSEPORT.
+
+Python serves one request at a time per process (the GIL), so past one core the way to use the
+CPU budget is more processes. ``edgewise serve --processes N`` starts this supervisor, which:
+
+- reserves the port, then starts N ordinary ``edgewise serve`` processes on it with SO_REUSEPORT
+  (the kernel spreads new connections over them), each with the same settings (handed down as
+  ``EDGEWISE_*`` variables), the same model repository, and a private control address on
+  127.0.0.1 published in a peers folder;
+- serves the aggregated Prometheus metrics of all of them on the metrics port (prometheus_client's
+  multiprocess mode);
+- writes the port file once every process is SERVING, restarts a process that dies, and on
+  SIGTERM/SIGINT stops them all (each drains its in-flight requests) and exits 0.
+
+A LoadModel or UnloadModel call reaches one process; that process makes the change, then
+forwards the call to its siblings' private addresses, so every process serves the same model set
+and a hot swap stays zero-failure. Worker threads, memory admission and in-flight limits are split
+evenly between the processes. Drift reports are per process (each sees a share of the traffic);
+the Prometheus gauges report the most recent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from edgewise.runtime.errors import EdgewiseError, Unavailable
+from edgewise.runtime.settings import ENV_PREFIX, ServerSettings
+
+__all__ = ["peer_addresses", "run_supervisor"]
+
+log = logging.getLogger(__name__)
+
+PEER_SUFFIX = ".peer"
+
+
+def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
+    """Private control addresses of the sibling processes (from their files in ``peers_dir``)."""
+    addresses = []
+    for path in sorted(peers_dir.glob(f"*{PEER_SUFFIX}")):
+        pid = int(path.name.removesuffix(PEER_SUFFIX))
+        if pid == exclude_pid:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue  # a dead sibling whose file is stale
+        addresses.append(path.read_text().strip())
+    return addresses
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket: fixes the port number, takes no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _child_environment(
+    settings: ServerSettings, processes: int, base: dict[str, str]
+) -> dict[str, str]:
+    env = dict(base)
+    per_process = replace(
+        settings,
+        # The budget is the whole CPU and memory: each process gets its share.
+        worker_threads=max(1, settings.worker_threads // processes),
+        memory_budget_bytes=settings.memory_budget_bytes // processes,
+        max_inflight=max(1, settings.max_inflight // processes) if settings.max_inflight else 0,
+    )
+    for item in fields(per_process):
+        if not item.metadata.get("env", True):
+            continue
+        value = getattr(per_process, item.name)
+        if value is None or item.name in ("port_file", "processes"):
+            continue
+        env[ENV_PREFIX + item.name.upper()] = str(value)
+    return env
+
+
+class _Child:
+    def __init__(self, command: list[str], env: dict[str, str], index: int) -> None:
+        self.command = command
+        self.env = env
+        self.metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
+        self.index = index
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, env=self.env)
+
+    def restart(self) -> None:
+        mark_process_dead(self.process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        self.process = self._spawn()
+
+
+def run_supervisor(settings: ServerSettings) -> int:
+    processes = settings.processes
+    workdir = Path(tempfile.mkdtemp(prefix="edgewise-workers-"))
+    prom_dir = workdir / "metrics"
+    peers_dir = workdir / "peers"
+    prom_dir.mkdir()
+    peers_dir.mkdir()
+    reserved = _reserve_port(settings.host, settings.port)
+    port = reserved.getsockname()[1]
+    base_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+    env = _child_environment(settings, processes, base_env)
+    env.update(
+        {
+            ENV_PREFIX + "PORT": str(port),
+            ENV_PREFIX + "METRICS_PORT": "-1",
+            ENV_PREFIX + "REUSE_PORT": "true",
+            ENV_PREFIX + "PEERS_DIR": str(peers_dir),
+            ENV_PREFIX + "PROCESSES": "1",
+        }
+    )
+    env.pop(ENV_PREFIX + "PORT_FILE", None)
+    command = [sys.executable, "-m", "edgewise.runtime.cli", "serve"]
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    children = [_Child(command, env, i) for i in range(processes)]
+    metrics_server: Any = None
+    try:
+        _wait_serving(children, peers_dir, stopping)
+        reserved.close()
+        metrics_port = -1
+        if settings.metrics_port >= 0:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(prom_dir))  # type: ignore[no-untyped-call]
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.metrics_host, registry=registry
+            )
+            metrics_port = int(metrics_server.server_port)
+        log.info(
+            "serving with %d processes on %s:%d (metrics on %s)",
+            processes,
+            settings.host,
+            port,
+            metrics_port if metrics_port >= 0 else "off",
+        )
+        if settings.port_file is not None:
+            temporary = settings.port_file.with_name(settings.port_file.name + ".tmp")
+            temporary.write_text(f"{port} {metrics_port}\n")
+            os.replace(temporary, settings.port_file)
+        while not stopping.wait(0.2):
+            for child in children:
+                code = child.process.poll()
+                if code is not None and not stopping.is_set():
+                    log.error("server process %d exited with %s: restarting it", child.index, code)
+                    try:
+                        child.restart()
+                    except OSError as exc:
+                        log.error("cannot restart server process %d: %s", child.index, exc)
+        return 0
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.grace_seconds + 5
+        for child in children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        reserved.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        log.info("stopped")
+
+
+def _wait_serving(children: list[_Child], peers_dir: Path, stopping: threading.Event) -> None:
+    """Until every process has published its control address (it does so once SERVING)."""
+    deadline = time.monotonic() + 300
+    while True:
+        published = {
+            int(p.name.removesuffix(PEER_SUFFIX)) for p in peers_dir.glob(f"*{PEER_SUFFIX}")
+        }
+        if all(child.process.pid in published for child in children):
+            return
+        for child in children:
+            if child.process.poll() is not None:
+                raise EdgewiseError(
+                    f"server process {child.index} exited with code {child.process.returncode} "
+                    "during start-up"
+                )
+        if stopping.is_set():
+            raise Unavailable("stopped during start-up")
+        if time.monotonic() > deadline:
+            raise Unavailable("the server processes did not become ready within 300 s")
+        time.sleep(0.05)

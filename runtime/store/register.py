@@ -1,0 +1,138 @@
+"""``edgewise register``: publish a model package to a store with its lineage.
+
+The package folder ``REPO/NAME/VERSION`` is verified (manifest, sha256 of every file), copied to
+a private temporary folder (the original is never modified), given golden requests if it has none
+(recorded from synthetic rows, see :mod:`edgewise.runtime.golden`), and published: every file
+with its sha256 and size, ``manifest.json`` included. The store assigns the version number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgewise.runtime.errors import InvalidInput, PackageError
+from edgewise.runtime.golden import GOLDEN_FILE, add_golden
+from edgewise.runtime.package import (
+    MANIFEST_FILE,
+    FileEntry,
+    Manifest,
+    file_entry,
+    read_manifest,
+    validate_model_name,
+    verify_files,
+    write_manifest,
+)
+from edgewise.runtime.store.base import Store, VersionRecord, safe_join, validate_alias
+from edgewise.runtime.store.lineage import collect_lineage
+
+__all__ = [
+    "ALLOW_SCHEMA_CHANGE",
+    "RegisterResult",
+    "package_files",
+    "parse_package_path",
+    "register",
+]
+
+log = logging.getLogger(__name__)
+
+ALLOW_SCHEMA_CHANGE = "allow_schema_change"
+"""Manifest ``config`` key: the package may change the input schema of the deployed version."""
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    record: VersionRecord
+    alias: str | None
+    golden_added: bool
+
+
+def parse_package_path(path: Path) -> tuple[Path, str, int]:
+    """``REPO/NAME/VERSION`` -> ``(repo, name, version)``, refusing unsafe names and links."""
+    if path.is_symlink():
+        raise InvalidInput(f"{path}: is a symbolic link; give the package folder itself")
+    name, version_text = path.parent.name, path.name
+    validate_model_name(name)
+    if not version_text.isdigit() or version_text.startswith("0"):
+        raise InvalidInput(f"{path}: expected REPO/NAME/VERSION with an integer VERSION")
+    if not path.is_dir():
+        raise InvalidInput(f"{path}: no such package folder")
+    return path.parent.parent, name, int(version_text)
+
+
+def package_files(folder: Path, manifest: Manifest) -> tuple[FileEntry, ...]:
+    """Every file of a package for the store: the manifest's list plus ``manifest.json``."""
+    return (*manifest.files, file_entry(folder, MANIFEST_FILE))
+
+
+def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
+    for relative in [*(f.path for f in manifest.files), MANIFEST_FILE]:
+        origin = safe_join(source, relative)
+        if origin.is_symlink() or not origin.is_file():
+            raise PackageError(f"{origin}: not a regular file")
+        destination = safe_join(target, relative)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(origin, destination)
+
+
+def register(
+    store: Store,
+    package: Path,
+    *,
+    alias: str | None = None,
+    description: str = "",
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    data: Sequence[Path] = (),
+    code_dir: Path | None = None,
+    code_version: str | None = None,
+    author: str | None = None,
+    allow_schema_change: bool = False,
+    golden: bool = True,
+) -> RegisterResult:
+    """Publish the package folder ``package`` (``REPO/NAME/VERSION``) to ``store``."""
+    _, name, _ = parse_package_path(package)
+    if alias is not None:
+        validate_alias(alias)
+    manifest = read_manifest(package)
+    if manifest.name != name:
+        raise PackageError(f"{package}: manifest names model {manifest.name!r}, not {name!r}")
+    verify_files(package, manifest)
+    with tempfile.TemporaryDirectory(prefix="edgewise-register-") as scratch:
+        copy = Path(scratch) / name
+        copy.mkdir()
+        _copy_package(package, manifest, copy)
+        golden_added = False
+        if golden and not (copy / GOLDEN_FILE).exists():
+            manifest = add_golden(copy)
+            golden_added = True
+            log.info("%s: no golden requests in the package; recorded %s", package, GOLDEN_FILE)
+        elif golden:
+            manifest = add_golden(copy)  # lists an unlisted golden.json, keeps its content
+        if allow_schema_change and not manifest.config.get(ALLOW_SCHEMA_CHANGE):
+            config = {**manifest.config, ALLOW_SCHEMA_CHANGE: True}
+            manifest = dataclasses.replace(manifest, config=config)
+            write_manifest(copy, manifest)
+        verify_files(copy, manifest)
+        lineage = collect_lineage(
+            manifest,
+            code_dir=code_dir,
+            code_version=code_version,
+            params=params,
+            metrics=metrics,
+            data=data,
+            author=author,
+        )
+        record = store.publish(
+            name, copy, package_files(copy, manifest), lineage, description=description
+        )
+    if alias is not None:
+        store.set_alias(name, alias, record.version)
+        record = dataclasses.replace(record, aliases=(*record.aliases, alias))
+    return RegisterResult(record=record, alias=alias, golden_added=golden_added)

@@ -1,0 +1,434 @@
+"""The embedded metadata store: one SQLite database plus a content-addressed artifact folder.
+
+Layout, for ``sqlite:///path/store.db``::
+
+    path/store.db                    models, versions (files, lineage), aliases, node reports
+    path/store.db-artifacts/ab/abcd…  every file, named by its sha256 (so identical files of two
+                                      versions are stored once)
+
+Safe under concurrent writers (processes or threads): the database runs in WAL mode with a busy
+timeout, every write is one ``BEGIN IMMEDIATE`` transaction, and a version number is taken inside
+the transaction that inserts it. Nothing is half-written after a crash: an artifact is copied to a
+temporary name, checked against its sha256, fsynced and renamed into place before the transaction
+that makes the version visible commits (``synchronous=FULL``); a crash in between leaves at most
+an unreferenced artifact (or a temporary file, removed by a later open once an hour old), never a
+version whose files are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from edgewise.runtime.errors import EdgewiseError, ModelNotFound, PackageError
+from edgewise.runtime.package import FileEntry, fsync_dir, validate_model_name
+from edgewise.runtime.store.base import (
+    FileStream,
+    Lineage,
+    LocalFileStream,
+    ModelSummary,
+    NodeReport,
+    StoreUnavailable,
+    VersionRecord,
+    safe_join,
+    validate_alias,
+    validate_artifact_path,
+    validate_node_id,
+)
+from edgewise.runtime.store.lineage import utc_now
+
+__all__ = ["SqliteStore"]
+
+SCHEMA_VERSION: Final = 1
+_SHA_CHARS: Final = frozenset("0123456789abcdef")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL REFERENCES models(name),
+    version INTEGER NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    files TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (name, alias),
+    FOREIGN KEY (name, version) REFERENCES versions(name, version)
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT NOT NULL,
+    node TEXT NOT NULL,
+    report TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (name, node)
+);
+"""
+
+
+def _check_sha(sha: str) -> str:
+    if len(sha) != 64 or not set(sha) <= _SHA_CHARS:
+        raise PackageError(f"{sha!r} is not a sha256 hex digest")
+    return sha
+
+
+class SqliteStore:
+    """The embedded store (see the module docstring)."""
+
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        self.artifacts = path.with_name(path.name + "-artifacts")
+        self.uri = f"sqlite:///{path}"
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.artifacts.mkdir(exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"store {self.uri}: cannot open: {exc}") from None
+        with self._errors("open"):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._write():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                row = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                elif int(row[0]) != SCHEMA_VERSION:
+                    raise PackageError(
+                        f"store {self.uri}: schema version {row[0]}, this edgewise reads "
+                        f"{SCHEMA_VERSION}"
+                    )
+            self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self, older_than: float = 3600.0) -> None:
+        """Temporary artifact files a crashed writer left behind (never ones being written)."""
+        cutoff = time.time() - older_than
+        for folder in self.artifacts.iterdir():
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for entry in folder.glob(".tmp-*"):
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_mtime < cutoff:
+                        entry.unlink()
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except EdgewiseError:
+            raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"store {self.uri}: {what}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"store {self.uri}: {what}: {type(exc).__name__}: {exc}"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"store {self.uri}: {what}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, taken immediately (writers queue on the busy timeout)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def artifact_path(self, sha256: str) -> Path:
+        _check_sha(sha256)
+        return self.artifacts / sha256[:2] / sha256
+
+    # ---- artifacts -----------------------------------------------------------------------------
+
+    def _put_artifact(self, source: Path, entry: FileEntry) -> None:
+        target = self.artifact_path(entry.sha256)
+        if target.is_file() and target.stat().st_size == entry.size:
+            return  # content-addressed: the same bytes are already there
+        if source.is_symlink():
+            raise PackageError(f"{source}: is a symbolic link; refusing to publish it")
+        target.parent.mkdir(exist_ok=True)
+        temporary = target.parent / f".tmp-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with source.open("rb") as src, temporary.open("wb") as dst:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if digest.hexdigest() != entry.sha256 or size != entry.size:
+                raise PackageError(
+                    f"{source}: changed while publishing (sha256 or size differs from the "
+                    "manifest's)"
+                )
+            os.replace(temporary, target)
+            fsync_dir(target.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+
+    # ---- versions ------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        name: str,
+        folder: Path,
+        files: tuple[FileEntry, ...],
+        lineage: Lineage,
+        description: str = "",
+    ) -> VersionRecord:
+        validate_model_name(name)
+        model_sha = None
+        for entry in files:
+            validate_artifact_path(entry.path)
+            _check_sha(entry.sha256)
+            if entry.path == "model.onnx":
+                model_sha = entry.sha256
+        if model_sha is None:
+            raise PackageError(f"{folder}: the package has no model.onnx")
+        with self._lock, self._errors("publish"):
+            for entry in files:
+                self._put_artifact(safe_join(folder, entry.path), entry)
+            fsync_dir(self.artifacts)
+            now = utc_now()
+            with self._write():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO models (name, description, created_at) "
+                    "VALUES (?, '', ?)",
+                    (name, now),
+                )
+                row = self._db.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name = ?", (name,)
+                ).fetchone()
+                version = int(row[0])
+                self._db.execute(
+                    "INSERT INTO versions (name, version, model_sha256, files, lineage, "
+                    "description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        version,
+                        model_sha,
+                        json.dumps([f.to_json() for f in files]),
+                        json.dumps(lineage.to_json()),
+                        description,
+                        now,
+                    ),
+                )
+        return VersionRecord(
+            name=name,
+            version=version,
+            model_sha256=model_sha,
+            files=files,
+            lineage=lineage,
+            description=description,
+            location=str(self.artifacts),
+        )
+
+    def _aliases_of(self, name: str) -> dict[int, list[str]]:
+        result: dict[int, list[str]] = {}
+        for alias, version in self._db.execute(
+            "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,)
+        ):
+            result.setdefault(int(version), []).append(str(alias))
+        return result
+
+    def _record(self, row: Any, aliases: dict[int, list[str]]) -> VersionRecord:
+        name, version, model_sha, files, lineage, description = row
+        try:
+            entries = tuple(FileEntry.from_json(f) for f in json.loads(files))
+            for entry in entries:
+                validate_artifact_path(entry.path)
+                _check_sha(entry.sha256)
+            lineage_obj = Lineage.from_json(json.loads(lineage))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+            raise PackageError(f"store {self.uri}: {name} version {version}: {exc}") from None
+        return VersionRecord(
+            name=str(name),
+            version=int(version),
+            model_sha256=str(model_sha),
+            files=entries,
+            lineage=lineage_obj,
+            aliases=tuple(aliases.get(int(version), ())),
+            description=str(description),
+            location=str(self.artifacts),
+        )
+
+    def _require_model(self, name: str) -> None:
+        row = self._db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ModelNotFound(f"store {self.uri} has no model {name!r}")
+
+    _COLUMNS: Final = "name, version, model_sha256, files, lineage, description"
+
+    def list_models(self) -> list[ModelSummary]:
+        with self._lock, self._errors("list models"):
+            rows = self._db.execute(
+                "SELECT m.name, m.description, MAX(v.version) FROM models m "
+                "LEFT JOIN versions v ON v.name = m.name GROUP BY m.name ORDER BY m.name"
+            ).fetchall()
+            summaries = []
+            for name, description, latest in rows:
+                aliases = {
+                    str(a): int(v)
+                    for a, v in self._db.execute(
+                        "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,)
+                    )
+                }
+                summaries.append(
+                    ModelSummary(
+                        str(name), None if latest is None else int(latest), aliases, description
+                    )
+                )
+            return summaries
+
+    def list_versions(self, name: str) -> list[VersionRecord]:
+        validate_model_name(name)
+        with self._lock, self._errors("list versions"):
+            self._require_model(name)
+            aliases = self._aliases_of(name)
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM versions WHERE name = ? ORDER BY version DESC",
+                (name,),
+            ).fetchall()
+            return [self._record(row, aliases) for row in rows]
+
+    def get_version(self, name: str, version: int) -> VersionRecord:
+        validate_model_name(name)
+        with self._lock, self._errors("get version"):
+            row = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM versions WHERE name = ? AND version = ?",
+                (name, version),
+            ).fetchone()
+            if row is None:
+                self._require_model(name)
+                raise ModelNotFound(f"store {self.uri}: model {name!r} has no version {version}")
+            return self._record(row, self._aliases_of(name))
+
+    def resolve_alias(self, name: str, alias: str) -> VersionRecord:
+        validate_model_name(name)
+        validate_alias(alias)
+        with self._lock, self._errors("resolve alias"):
+            row = self._db.execute(
+                f"SELECT {', '.join('v.' + c.strip() for c in self._COLUMNS.split(','))} "
+                "FROM aliases a JOIN versions v ON v.name = a.name AND v.version = a.version "
+                "WHERE a.name = ? AND a.alias = ?",
+                (name, alias),
+            ).fetchone()
+            if row is None:
+                self._require_model(name)
+                raise ModelNotFound(f"store {self.uri}: model {name!r} has no alias {alias!r}")
+            return self._record(row, self._aliases_of(name))
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        validate_model_name(name)
+        validate_alias(alias)
+        with self._lock, self._errors("set alias"), self._write():
+            row = self._db.execute(
+                "SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()
+            if row is None:
+                self._require_model(name)
+                raise ModelNotFound(f"store {self.uri}: model {name!r} has no version {version}")
+            self._db.execute(
+                "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, "
+                "updated_at = excluded.updated_at",
+                (name, alias, version, utc_now()),
+            )
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        validate_model_name(name)
+        validate_alias(alias)
+        with self._lock, self._errors("delete alias"), self._write():
+            deleted = self._db.execute(
+                "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
+            ).rowcount
+            if not deleted:
+                self._require_model(name)
+                raise ModelNotFound(f"store {self.uri}: model {name!r} has no alias {alias!r}")
+
+    def open_file(self, record: VersionRecord, entry: FileEntry, offset: int = 0) -> FileStream:
+        validate_artifact_path(entry.path)
+        path = self.artifact_path(entry.sha256)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise ModelNotFound(
+                f"store {self.uri}: artifact {entry.path} of {record.name} version "
+                f"{record.version} is missing ({path})"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"store {self.uri}: {path}: {exc.strerror}") from None
+        size = os.fstat(handle.fileno()).st_size
+        start = offset if 0 <= offset <= size else 0
+        handle.seek(start)
+        return LocalFileStream(handle, start)
+
+    # ---- nodes ---------------------------------------------------------------------------------
+
+    def report_node(self, report: NodeReport) -> None:
+        validate_model_name(report.model)
+        validate_node_id(report.node)
+        with self._lock, self._errors("report node"), self._write():
+            self._db.execute(
+                "INSERT INTO nodes (name, node, report, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, node) DO UPDATE SET report = excluded.report, "
+                "updated_at = excluded.updated_at",
+                (report.model, report.node, json.dumps(report.to_json()), report.updated_at),
+            )
+
+    def node_reports(self, name: str) -> list[NodeReport]:
+        validate_model_name(name)
+        with self._lock, self._errors("node reports"):
+            rows = self._db.execute(
+                "SELECT report FROM nodes WHERE name = ? ORDER BY node", (name,)
+            ).fetchall()
+        reports = []
+        for (text,) in rows:
+            try:
+                reports.append(NodeReport.from_json(json.loads(text)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise PackageError(f"store {self.uri}: malformed node report: {exc}") from None
+        return reports
