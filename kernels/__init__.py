@@ -70,9 +70,32 @@ __all__ = [
     "psi",
     "quantile_edges",
     "warmup",
+    "warmup_request_path",
     "wasserstein_binned",
     "wasserstein_samples",
 ]
+
+
+def warmup_request_path() -> float:
+    """Compile (or load from cache) only the kernels a request runs: the fused numeric update
+    and the categorical update, for float32/float64 batches and int32/int64 codes, writable and
+    read-only. The drift kernels load on their first use, off the request path; loading only
+    these keeps a server's memory small.  Returns the seconds spent."""
+    start = time.perf_counter()
+    reference = np.random.default_rng(0).normal(size=(64, 2))
+    edges = quantile_edges(reference, n_bins=4)
+    for batch in (reference.astype(np.float32), reference):
+        frozen = batch.copy()
+        frozen.setflags(write=False)
+        for rows in (batch, batch[:1], frozen, frozen[:1]):
+            FeatureProfile(edges).update(rows)
+    codes64 = np.zeros((4, 2), dtype=np.int64)
+    for codes in (codes64.astype(np.int32), codes64):
+        frozen_codes = codes.copy()
+        frozen_codes.setflags(write=False)
+        CategoricalState([3, 2]).update(codes)
+        CategoricalState([3, 2]).update(frozen_codes)
+    return time.perf_counter() - start
 
 
 def warmup() -> float:

@@ -182,6 +182,8 @@ class DynamicBatcher:
             if model.monitor is not None:
                 model.monitor.observe(prepared.feeds)
             self._on_batch(prepared.rows)
+            if model.quality is not None and prepared.request_id:
+                model.quality.remember(prepared.request_id, prepared.feeds, results)
             return [prepared.respond(results)]
         feeds: dict[str, npt.NDArray[Any]] = {
             name: np.concatenate([item.prepared.feeds[name] for item in batch])
@@ -198,9 +200,10 @@ class DynamicBatcher:
         start = 0
         for item in batch:
             stop = start + item.prepared.rows
-            responses.append(
-                item.prepared.respond({name: value[start:stop] for name, value in results.items()})
-            )
+            own = {name: value[start:stop] for name, value in results.items()}
+            if model.quality is not None and item.prepared.request_id:
+                model.quality.remember(item.prepared.request_id, item.prepared.feeds, own)
+            responses.append(item.prepared.respond(own))
             start = stop
         return responses
 

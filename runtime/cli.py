@@ -95,6 +95,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--processes", type=int, help="server processes sharing the port (default 1)")
     p.add_argument(
+        "--quality",
+        choices=["on", "off"],
+        help="keep predictions by request id for delayed labels (default on)",
+    )
+    p.add_argument("--alert-command", help="run with each quality/drift alert as JSON on stdin")
+    p.add_argument("--alert-webhook", help="POST each quality/drift alert as JSON here")
+    p.add_argument(
         "--drift-interval-seconds", type=float, help="drift timer (default 10; 0: on demand only)"
     )
     p.set_defaults(handler=_cmd_serve)
@@ -111,7 +118,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "repo", "host", "port", "metrics_host", "metrics_port", "max_message_bytes",
         "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
         "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
-        "processes",
+        "processes", "quality", "alert_command", "alert_webhook",
     ]  # fmt: skip
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
     if not settings.repo.is_dir():
@@ -253,6 +260,69 @@ def _format_drift(report: Any) -> str:
     return "\n".join(lines)
 
 
+def _add_quality(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "quality",
+        help="online quality of a served model version (from delayed labels)",
+        description="Print the running error, per-slice errors and the change detectors' state "
+        "of a served model version, from the labels sent with `edgewise feedback`.",
+    )
+    p.add_argument("model")
+    p.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
+    p.add_argument("--version", default="")
+    p.set_defaults(handler=_cmd_quality)
+    f = sub.add_parser(
+        "feedback",
+        help="send ground-truth labels for earlier requests",
+        description="Send labels for earlier requests: a CSV or Parquet table with the columns "
+        "request_id, label and optionally row (default 0).",
+    )
+    f.add_argument("model")
+    f.add_argument("--labels", type=Path, required=True, help="table of request_id,label[,row]")
+    f.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
+    f.add_argument("--version", default="")
+    f.set_defaults(handler=_cmd_feedback)
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from edgewise.runtime.client import EdgewiseClient
+
+    with EdgewiseClient(args.server) as client:
+        report = client.quality_report(args.model, args.version)
+    head = f"model {report.model} version {report.version}"
+    if not report.available:
+        print(f"{head}: quality unavailable ({report.reason})")
+        return 0
+    state = "DRIFT detected" if report.drifting else ("warning" if report.warning else "stable")
+    print(
+        f"{head}: {report.labelled} labelled predictions ({report.kept_predictions} kept); "
+        f"{report.metric} {report.error:.4g} overall, {report.recent_error:.4g} over the last "
+        f"{report.window}; {state}; {report.drifts} detection(s) since load"
+    )
+    for item in report.slices:
+        print(f"  {item.slice:<40} {item.count:>8}  {report.metric} {item.error:.4g}")
+    return 0
+
+
+def _cmd_feedback(args: argparse.Namespace) -> int:
+    from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.tabular import load_table
+
+    table = load_table(args.labels)
+    for column in ("request_id", "label"):
+        if column not in table.columns:
+            raise EdgewiseError(f"{args.labels}: no column {column!r} (need request_id, label)")
+    rows = table["row"] if "row" in table.columns else [0] * len(table)
+    labels = [
+        (str(rid), int(row), label.item() if hasattr(label, "item") else label)
+        for rid, row, label in zip(table["request_id"], rows, table["label"], strict=True)
+    ]
+    with EdgewiseClient(args.server) as client:
+        result = client.submit_feedback(args.model, labels, args.version)
+    print(f"joined {result.joined}, unknown {result.unknown}, duplicate {result.duplicate}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgewise",
@@ -267,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repository(sub)
     _add_demo(sub)
     _add_drift(sub)
+    _add_quality(sub)
     _add_limits(sub)
     _add_run(sub)
     _add_containers(sub)

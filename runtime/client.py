@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -60,6 +61,7 @@ class EdgewiseClient:
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.repository = epb_grpc.ModelRepositoryServiceStub(self.channel)
         self.monitoring = epb_grpc.MonitoringServiceStub(self.channel)
+        self.quality = epb_grpc.QualityServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -181,6 +183,32 @@ class EdgewiseClient:
         self._call(
             self.monitoring.ResetWindow, epb.ResetWindowRequest(model=model, version=version)
         )
+
+    # ---- quality ----------------------------------------------------------------------------
+
+    def submit_feedback(
+        self,
+        model: str,
+        labels: Sequence[tuple[str, int, int | float | str]],
+        version: str = "",
+    ) -> epb.FeedbackResponse:
+        """Ground truth for earlier requests: ``(request_id, row, label)`` triples."""
+        request = epb.FeedbackRequest(model=model, version=version)
+        for request_id, row, truth in labels:
+            label = request.labels.add(request_id=request_id, row=row)
+            if isinstance(truth, str):
+                label.class_name = truth
+            elif isinstance(truth, int | np.integer):
+                label.class_index = int(truth)
+            else:
+                label.value = float(truth)
+        response: epb.FeedbackResponse = self._call(self.quality.SubmitFeedback, request)
+        return response
+
+    def quality_report(self, model: str, version: str = "") -> epb.QualityReport:
+        request = epb.QualityRequest(model=model, version=version)
+        report: epb.QualityReport = self._call(self.quality.GetQuality, request)
+        return report
 
     def unload_model(self, name: str, version: str = "") -> list[epb.ModelVersionState]:
         request = epb.UnloadModelRequest(name=name, version=version)

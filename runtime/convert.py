@@ -42,6 +42,7 @@ from edgewise.runtime.features import (
     input_specs,
     onnxruntime_inputs,
 )
+from edgewise.runtime.golden import add_golden, golden_inputs_from_sample
 from edgewise.runtime.package import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -1040,6 +1041,9 @@ def convert(
                 profile=profile,
             )
             write_manifest(folder, manifest)
+            # Golden requests: a few sample rows and the outputs this model gave for them, which
+            # the sync agent replays before it switches a node to this version.
+            manifest = add_golden(folder, golden_inputs_from_sample(manifest, frame))
     except BaseException:
         _remove_if_empty(created)
         raise

@@ -126,10 +126,16 @@ class DataPlane:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before inference started")
         model = prepared.model
-        results = model.run(prepared.feeds, prepared.outputs)
+        quality = model.quality if prepared.request_id else None
+        outputs = prepared.outputs
+        if quality is not None and outputs is not None and quality.prediction_output not in outputs:
+            outputs = [*outputs, quality.prediction_output]  # kept for labels to come
+        results = model.run(prepared.feeds, outputs)
         monitor = model.monitor
         if monitor is not None:
             monitor.observe(prepared.feeds)
+        if quality is not None:
+            quality.remember(prepared.request_id, prepared.feeds, results)
         return prepared.respond(results)
 
     @staticmethod

@@ -6,7 +6,8 @@ children are cached so the request path pays a dict lookup, not a label resoluti
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -90,6 +91,28 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.quality_error = Gauge(
+            "edgewise_quality_error",
+            "Online error from delayed labels (error rate or mean absolute error); "
+            "window=all or recent (ADWIN's window).",
+            ["model", "version", "window"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.quality_labelled = Gauge(
+            "edgewise_quality_labelled",
+            "Predictions joined with a ground-truth label.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.quality_drifts = Gauge(
+            "edgewise_quality_drifts",
+            "Change-detector firings on the online error since the version was loaded.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.batch_rows = Histogram(
             "edgewise_batch_rows",
             "Rows per onnxruntime call made by the dynamic batcher.",
@@ -134,6 +157,13 @@ class ServerMetrics:
                         feature.statistics[kind]
                     )
 
+    def publish_quality(self, snapshot: Mapping[str, Any]) -> None:
+        model, version = snapshot["model"], snapshot["version"]
+        self.quality_error.labels(model, version, "all").set(snapshot["error"])
+        self.quality_error.labels(model, version, "recent").set(snapshot["recent_error"])
+        self.quality_labelled.labels(model, version).set(snapshot["labelled"])
+        self.quality_drifts.labels(model, version).set(snapshot["drifts"])
+
     def forget_model(self, model: str, version: str) -> None:
         """Drop the monitoring series of an unloaded model version."""
         for gauge in (
@@ -142,6 +172,9 @@ class ServerMetrics:
             self.model_drifting,
             self.schema_skew,
             self.monitored_rows,
+            self.quality_error,
+            self.quality_labelled,
+            self.quality_drifts,
         ):
             for sample_labels in list(gauge._metrics):  # prometheus_client keeps them here
                 if sample_labels[:2] == (model, version):

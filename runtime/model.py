@@ -8,6 +8,7 @@ anyone can see it. onnxruntime's errors are translated into edgewise's own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,22 @@ import onnxruntime as ort
 
 from edgewise.runtime.datatypes import BYTES, numpy_dtype
 from edgewise.runtime.errors import InvalidInput, ModelLoadError, PackageError
-from edgewise.runtime.package import MODEL_FILE, Manifest, TensorSpec, read_manifest, verify_files
+from edgewise.runtime.package import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    TensorSpec,
+    parse_manifest,
+    read_manifest_bytes,
+    verify_files,
+)
+from edgewise.runtime.paths import check_external_data, resolve_inside
 
 if TYPE_CHECKING:
     from edgewise.runtime.batching import BatchingConfig
     from edgewise.runtime.monitor import ModelMonitor
+    from edgewise.runtime.quality import OnlineQuality
+    from edgewise.runtime.signing import TrustedKeys
 
 __all__ = ["LoadedModel", "SessionSettings", "load_model"]
 
@@ -117,6 +129,8 @@ class LoadedModel:
         self.monitor_reason = "monitoring not set up"
         # Set by the repository from the model's config.json: dynamic batching, or None (off).
         self.batching: BatchingConfig | None = None
+        # Set by the repository: the prediction join and online quality (None: off).
+        self.quality: OnlineQuality | None = None
 
     @property
     def sha256(self) -> str:
@@ -194,27 +208,50 @@ def load_model(
     settings: SessionSettings,
     *,
     verify: bool = True,
+    trusted: TrustedKeys | None = None,
 ) -> LoadedModel:
     """Load a package folder into a ready :class:`LoadedModel`.
 
-    Raises :class:`PackageError` for a bad package and :class:`ModelLoadError` when onnxruntime
-    refuses the model or the warm-up run fails; nothing half-loaded escapes.
+    With ``trusted`` keys, the manifest's signature (``manifest.sig``) must verify against one
+    of them first. ``verify`` checks every file against the manifest's sha256 and size. ONNX
+    external data must stay inside the package (and, with ``verify``, be listed in it).
+
+    Raises :class:`PackageError` for a bad package (:class:`~edgewise.runtime.signing.
+    SignatureError` for a bad signature) and :class:`ModelLoadError` when onnxruntime refuses
+    the model or the warm-up run fails; nothing half-loaded escapes.
     """
     started = time.perf_counter()
-    manifest = read_manifest(folder)
+    raw_manifest = read_manifest_bytes(folder)
+    if trusted is not None:
+        from edgewise.runtime.signing import verify_package
+
+        verify_package(folder, trusted, raw_manifest)
+    manifest = parse_manifest(raw_manifest, str(folder / MANIFEST_FILE))
     if manifest.name != name:
         raise PackageError(f"{folder}: manifest names model {manifest.name!r}, not {name!r}")
     if verify:
         verify_files(folder, manifest)
-    model_path = folder / MODEL_FILE
+    model_path = resolve_inside(folder, MODEL_FILE, "model file")
+    try:
+        # Read once: what is checked is what onnxruntime gets (no swap between check and load).
+        content = model_path.read_bytes()
+    except OSError as exc:
+        raise PackageError(f"{model_path}: cannot read: {exc.strerror}") from None
+    if verify and hashlib.sha256(content).hexdigest() != manifest.model_sha256:
+        raise PackageError(f"{model_path}: changed while it was being loaded")
+    external = check_external_data(
+        model_path, folder, [f.path for f in manifest.files] if verify else None, content
+    )
     try:
         session = ort.InferenceSession(
-            str(model_path),
+            # External data is opened relative to the model's path, so such a model loads by path.
+            str(model_path) if external else content,
             sess_options=settings.session_options(),
             providers=["CPUExecutionProvider"],
         )
     except Exception as exc:
         raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from None
+    del content
     session_inputs = {i.name for i in session.get_inputs()}
     declared = {t.name for t in manifest.inputs}
     if session_inputs != declared:

@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 
 from edgewise.runtime.datatypes import V2_DATATYPES
 from edgewise.runtime.errors import InvalidInput, PackageError
+from edgewise.runtime.paths import ensure_inside, resolve_inside, validate_relative_path
 
 __all__ = [
     "MANIFEST_FILE",
@@ -44,7 +45,9 @@ __all__ = [
     "TensorSpec",
     "fsync_dir",
     "list_versions",
+    "parse_manifest",
     "read_manifest",
+    "read_manifest_bytes",
     "sha256_file",
     "staging_dir",
     "validate_model_name",
@@ -58,6 +61,8 @@ MODEL_FILE: Final = "model.onnx"
 PROFILE_FILE: Final = "profile.json"
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_VERSION_DIR_RE: Final = re.compile(r"^[1-9][0-9]{0,17}$")
+_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _STAGING_PREFIX: Final = ".staging-"
 
 FeatureKind = Literal["numeric", "categorical"]
@@ -66,7 +71,7 @@ Task = Literal["classification", "regression", "other"]
 
 def validate_model_name(name: str) -> str:
     """Return ``name`` if it is a safe model name (letters, digits, ``_.-``; no path parts)."""
-    if not _NAME_RE.match(name) or name in (".", "..") or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise InvalidInput(
             f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -146,7 +151,14 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
-        return cls(path=str(data["path"]), sha256=str(data["sha256"]), size=int(data["size"]))
+        path = validate_relative_path(str(data["path"]), "file path")
+        sha256 = str(data["sha256"])
+        if not _SHA256_RE.match(sha256):
+            raise PackageError(f"file {path!r}: sha256 {sha256[:80]!r} is not 64 hex digits")
+        size = int(data["size"])
+        if size < 0:
+            raise PackageError(f"file {path!r}: negative size {size}")
+        return cls(path=path, sha256=sha256, size=size)
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,9 @@ class Manifest:
             if task not in ("classification", "regression", "other"):
                 raise PackageError(f"unknown task {task!r}")
             profile = data.get("profile")
+            if profile is not None:
+                profile = dict(profile)
+                validate_relative_path(str(profile.get("file", PROFILE_FILE)), "profile file")
             return cls(
                 format=fmt,
                 name=validate_model_name(str(data["name"])),
@@ -245,28 +260,44 @@ def file_entry(folder: Path, relative: str) -> FileEntry:
     return FileEntry(path=relative, sha256=sha256_file(path), size=path.stat().st_size)
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """Parse ``folder/manifest.json``; :class:`PackageError` if it is missing or malformed."""
+def read_manifest_bytes(folder: Path) -> bytes:
+    """The bytes of ``folder/manifest.json`` (what a signature covers); :class:`PackageError`
+    if it is missing, unreadable or a symbolic link leaving ``folder``."""
     path = folder / MANIFEST_FILE
     try:
-        raw = path.read_bytes()
+        if path.is_symlink():
+            ensure_inside(folder, path, str(path))
+        return path.read_bytes()
     except FileNotFoundError:
         raise PackageError(f"{folder}: no {MANIFEST_FILE}") from None
     except OSError as exc:
         raise PackageError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def parse_manifest(raw: bytes, where: str = MANIFEST_FILE) -> Manifest:
+    """A :class:`Manifest` from the bytes of a manifest file; :class:`PackageError` naming
+    ``where`` for anything malformed."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{path}: not valid JSON: {exc}") from None
+        raise PackageError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PackageError(f"{where}: nested too deeply") from None
     if not isinstance(data, dict):
-        raise PackageError(f"{path}: expected a JSON object")
+        raise PackageError(f"{where}: expected a JSON object")
     return Manifest.from_json(data)
 
 
+def read_manifest(folder: Path) -> Manifest:
+    """Parse ``folder/manifest.json``; :class:`PackageError` if it is missing or malformed."""
+    return parse_manifest(read_manifest_bytes(folder), str(folder / MANIFEST_FILE))
+
+
 def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Check that every file the manifest lists exists with its recorded size and sha256."""
+    """Check that every file the manifest lists exists inside ``folder`` (no symbolic link
+    leaving it) with its recorded size and sha256."""
     for entry in manifest.files:
-        path = folder / entry.path
+        path = resolve_inside(folder, entry.path, "file")
         if not path.is_file():
             raise PackageError(f"{folder}: missing file {entry.path!r}")
         size = path.stat().st_size
@@ -299,13 +330,21 @@ def fsync_dir(folder: Path) -> None:
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """Integer version folders of a model, ascending (staging and stray entries ignored)."""
+    """Integer version folders of a model, ascending. Staging and stray entries are ignored, and
+    so is a version folder that is a symbolic link leaving the repository (``model_dir``'s
+    parent)."""
     if not model_dir.is_dir():
         return []
     versions = []
     for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isdigit() and not entry.name.startswith("0"):
-            versions.append(int(entry.name))
+        if not _VERSION_DIR_RE.match(entry.name) or not entry.is_dir():
+            continue
+        if entry.is_symlink():
+            try:
+                ensure_inside(model_dir.parent, entry)
+            except PackageError:
+                continue
+        versions.append(int(entry.name))
     return sorted(versions)
 
 

@@ -36,7 +36,10 @@ from edgewise.runtime.errors import (
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, validate_model_name
+from edgewise.runtime.paths import ensure_inside
 from edgewise.runtime.profile import read_profile
+from edgewise.runtime.quality import OnlineQuality, QualityConfig
+from edgewise.runtime.signing import TrustedKeys
 
 __all__ = [
     "ModelConfig",
@@ -116,6 +119,7 @@ class ModelConfig:
     default_version: int | None = None
     monitoring: Mapping[str, Any] | None = None
     batching: Mapping[str, Any] | None = None
+    quality: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         policy = self.version_policy
@@ -132,6 +136,8 @@ class ModelConfig:
             data["monitoring"] = dict(self.monitoring)
         if self.batching is not None:
             data["batching"] = dict(self.batching)
+        if self.quality is not None:
+            data["quality"] = dict(self.quality)
         return data
 
 
@@ -148,7 +154,7 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
         )
         default = data.get("default_version")
         sections = {}
-        for key in ("monitoring", "batching"):
+        for key in ("monitoring", "batching", "quality"):
             value = data.get(key)
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{key} must be an object")
@@ -201,6 +207,9 @@ LoadListener = Callable[[str, int, str], None]
 class ModelRepository:
     """The served model set, backed by a repository folder."""
 
+    #: Public keys a package's signature must verify against (None: signatures not required).
+    trusted_keys: TrustedKeys | None = None
+
     def __init__(
         self,
         root: Path,
@@ -208,8 +217,12 @@ class ModelRepository:
         default_policy: VersionPolicy | None = None,
         on_event: LoadListener | None = None,
         monitor_defaults: MonitorConfig | None = None,
+        quality_enabled: bool = False,
+        on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
     ) -> None:
         self.root = root
+        self.quality_enabled = quality_enabled
+        self.on_alert = on_alert
         self.monitor_defaults = monitor_defaults or MonitorConfig(enabled=False)
         self.session_settings = session_settings or SessionSettings()
         self.default_policy = default_policy or VersionPolicy()
@@ -286,8 +299,10 @@ class ModelRepository:
     def _status(self, name: str, version: int, served: _ServedModel | None) -> VersionStatus:
         if served and version in served.versions:
             model = served.versions[version]
+            failed = self._failures.reasons.get((name, version))
+            reason = f"serving the copy loaded earlier; a reload failed: {failed}" if failed else ""
             return VersionStatus(
-                name, version, ModelState.READY, "", model.sha256, served.default == version
+                name, version, ModelState.READY, reason, model.sha256, served.default == version
             )
         if (name, version) in self._loading:
             return VersionStatus(name, version, ModelState.LOADING)
@@ -307,8 +322,13 @@ class ModelRepository:
                 continue
             try:
                 names.append(validate_model_name(entry.name))
+                if entry.is_symlink():
+                    ensure_inside(self.root, entry)
             except InvalidInput:
                 log.warning("ignoring %s: not a valid model name", entry)
+            except PackageError as exc:
+                names.pop()
+                log.warning("ignoring %s: %s", entry, exc.message)
         return names
 
     def config_for(self, name: str) -> ModelConfig:
@@ -361,6 +381,8 @@ class ModelRepository:
                 model = self._load_one(name, number, model_dir / str(number))
                 if model is not None:
                     loaded[number] = model
+                elif existing is not None:
+                    loaded[number] = existing  # its reload failed: what was loaded serves on
 
             if not loaded:
                 # Every target failed: what was served stays served.
@@ -441,6 +463,14 @@ class ModelRepository:
                     model.name,
                 )
                 model.batching = None
+        quality = QualityConfig.from_json(model_config.quality or {})
+        if self.quality_enabled and quality.enabled and model.manifest.task != "other":
+            classifier = model.manifest.task == "classification"
+            output = "label" if classifier else model.output_names[0]
+            if output in model.output_names:
+                model.quality = OnlineQuality(
+                    model.name, model.version_str, classifier, output, quality, self.on_alert
+                )
         settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:
             model.monitor_reason = "monitoring is off for this model"
@@ -456,7 +486,9 @@ class ModelRepository:
         key = (name, version)
         self._loading.add(key)
         try:
-            model = load_model(name, version, folder, self.session_settings)
+            model = load_model(
+                name, version, folder, self.session_settings, trusted=self.trusted_keys
+            )
         except EdgewiseError as exc:
             self._failures.reasons[key] = exc.message
             self._on_event(name, version, "load_failed")

@@ -26,7 +26,7 @@ from edgewise.runtime.limits import (
 from edgewise.runtime.model import SessionSettings
 from edgewise.runtime.repository import VersionPolicy
 
-__all__ = ["BUDGET_FIELDS", "ServerSettings"]
+__all__ = ["BUDGET_FIELDS", "ClientSecurity", "ServerSettings"]
 
 ENV_PREFIX = "EDGEWISE_"
 
@@ -62,13 +62,31 @@ class ServerSettings:
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
     monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
+    quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
+    alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
+    alert_webhook: str | None = None  # EDGEWISE_ALERT_WEBHOOK: POST the alert JSON here
     drift_interval_seconds: float = 10.0  # EDGEWISE_DRIFT_INTERVAL_SECONDS: timer (0: on demand)
     max_inflight: int = 0  # EDGEWISE_MAX_INFLIGHT: calls at once (0: no cap)
     memory_budget_bytes: int = 0  # EDGEWISE_MEMORY_BUDGET_BYTES: admission's budget (0: none)
     admission: str = "on"  # EDGEWISE_ADMISSION: on | off (memory admission)
     memory_arena: bool = True  # EDGEWISE_MEMORY_ARENA: onnxruntime CPU arena and memory patterns
+    # Security (see runtime/grpc_api/security.py and runtime/signing.py):
+    tls_cert: Path | None = None  # EDGEWISE_TLS_CERT: PEM certificate chain of the gRPC port
+    tls_key: Path | None = None  # EDGEWISE_TLS_KEY: its PEM private key
+    tls_client_ca: Path | None = None  # EDGEWISE_TLS_CLIENT_CA: require client certs (mutual TLS)
+    tokens_file: Path | None = None  # EDGEWISE_TOKENS_FILE: bearer tokens, one per line
+    # EDGEWISE_TOKENS: bearer tokens, comma- or space-separated (never on the command line)
+    tokens: str = field(default="", repr=False)
+    health_open: bool = True  # EDGEWISE_HEALTH_OPEN: the health service needs no token
+    reflection_open: bool = False  # EDGEWISE_REFLECTION_OPEN: server reflection needs no token
+    trusted_keys: Path | None = None  # EDGEWISE_TRUSTED_KEYS: refuse packages not signed by these
+    retry_after_ms: int = 50  # EDGEWISE_RETRY_AFTER_MS: retry hint of a shed/refused request
     # The budget the derived defaults came from (set by from_sources; not an environment variable).
     budget: RuntimeBudget | None = field(default=None, compare=False, metadata={"env": False})
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.tokens_file is not None or bool(self.tokens.strip())
 
     def session_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -128,10 +146,18 @@ class ServerSettings:
             raise InvalidInput(f"admission must be 'on' or 'off', not {self.admission!r}")
         if self.processes < 1:
             raise InvalidInput("processes must be at least 1")
+        if self.quality not in ("on", "off"):
+            raise InvalidInput(f"quality must be 'on' or 'off', not {self.quality!r}")
         if self.monitoring not in ("on", "off"):
             raise InvalidInput(f"monitoring must be 'on' or 'off', not {self.monitoring!r}")
         if self.drift_interval_seconds < 0:
             raise InvalidInput("drift-interval-seconds must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("tls-cert and tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
+        if self.retry_after_ms < 0:
+            raise InvalidInput("retry-after-ms must not be negative")
         self.policy()
 
 
@@ -152,3 +178,42 @@ def _convert(name: str, type_name: object, raw: str) -> Any:
     except ValueError:
         raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
     return raw
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client of edgewise's gRPC port (the CLI, the agent) connects: TLS with a CA bundle
+    to trust (and a client certificate for mutual TLS), and a bearer token. Each field also reads
+    ``EDGEWISE_CLIENT_<FIELD>``; a token goes in the environment or a file, never on a command
+    line."""
+
+    tls_ca: Path | None = None  # EDGEWISE_CLIENT_TLS_CA: PEM CA bundle; turns TLS on
+    tls_cert: Path | None = None  # EDGEWISE_CLIENT_TLS_CERT: client certificate (mutual TLS)
+    tls_key: Path | None = None  # EDGEWISE_CLIENT_TLS_KEY: its private key
+    tls_server_name: str | None = None  # EDGEWISE_CLIENT_TLS_SERVER_NAME: name the cert must hold
+    tls: bool = False  # EDGEWISE_CLIENT_TLS: TLS with the system's CA bundle
+    token_file: Path | None = None  # EDGEWISE_CLIENT_TOKEN_FILE: first token of the file
+    token: str | None = field(default=None, repr=False)  # EDGEWISE_CLIENT_TOKEN
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    @classmethod
+    def from_sources(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ClientSecurity:
+        """``EDGEWISE_CLIENT_*`` variables, then the non-None ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            raw = env.get(f"{ENV_PREFIX}CLIENT_{item.name.upper()}")
+            if raw:
+                values[item.name] = _convert(f"CLIENT_{item.name}", item.type, raw)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        security = cls(**values)
+        if (security.tls_cert is None) != (security.tls_key is None):
+            raise InvalidInput("the client certificate and key go together: give both or neither")
+        return security

@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from edgewise import kernels
 from edgewise.runtime.admission import MemoryAdmission
+from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.dataplane import DataPlane
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
@@ -32,6 +33,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_gr
 from edgewise.runtime.grpc_api.servicers import (
     InferenceServicer,
     MonitoringServicer,
+    QualityServicer,
     RepositoryServicer,
 )
 from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
 MONITORING_SERVICE = epb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
+QUALITY_SERVICE = epb.DESCRIPTOR.services_by_name["QualityService"].full_name
 
 
 class InferenceServer:
@@ -65,12 +68,15 @@ class InferenceServer:
         limits = detect_limits()
         publish_budget(self.metrics.registry, limits, split)
         log.info("%s", describe_split(limits, split))
+        self.alerts = AlertHook(settings.alert_command, settings.alert_webhook)
         self.repository = ModelRepository(
             settings.repo,
             settings.session_settings(),
             settings.policy(),
             on_event=self._on_model_event,
             monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
+            quality_enabled=settings.quality == "on",
+            on_alert=self.alerts.fire,
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -132,12 +138,16 @@ class InferenceServer:
         epb_grpc.add_MonitoringServiceServicer_to_server(
             MonitoringServicer(self.repository, self.executor), server
         )
+        epb_grpc.add_QualityServiceServicer_to_server(
+            QualityServicer(self.repository, self.executor), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 INFERENCE_SERVICE,
                 REPOSITORY_SERVICE,
                 MONITORING_SERVICE,
+                QUALITY_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -167,7 +177,7 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         if settings.monitoring == "on":
             # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
-            seconds = await loop.run_in_executor(self.executor, kernels.warmup)
+            seconds = await loop.run_in_executor(self.executor, kernels.warmup_request_path)
             log.info("monitoring kernels ready in %.2f s", seconds)
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
@@ -210,13 +220,31 @@ class InferenceServer:
             self.metrics.forget_model(*gone)
         self._published &= served
         for model in self.repository.served_models():
+            if model.quality is not None:
+                self.metrics.publish_quality(model.quality.snapshot())
             monitor = model.monitor
             if monitor is None:
                 continue
             monitor.tick()
             report = monitor.report(monitor.judgement_window())
             self.metrics.publish_drift(report)
+            was_drifting = monitor.drifting
             monitor.observe_transition(report)
+            if report.drifting and not was_drifting:
+                self.alerts.fire(
+                    "data_drift",
+                    {
+                        "model": report.model,
+                        "version": report.version,
+                        "window": report.window,
+                        "rows": report.rows,
+                        "features": {
+                            f.name: {"reasons": f.reasons, "scores": f.scores}
+                            for f in report.features
+                            if f.drifting
+                        },
+                    },
+                )
             self._published.add((model.name, model.version_str))
 
     async def stop(self, grace: float | None = None) -> None:

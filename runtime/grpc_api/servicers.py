@@ -35,9 +35,10 @@ from edgewise.runtime.grpc_api.status import grpc_status
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.model import LoadedModel
 from edgewise.runtime.monitor import DriftReport
+from edgewise.runtime.quality import OnlineQuality
 from edgewise.runtime.repository import ModelRepository, VersionStatus
 
-__all__ = ["InferenceServicer", "MonitoringServicer", "RepositoryServicer"]
+__all__ = ["InferenceServicer", "MonitoringServicer", "QualityServicer", "RepositoryServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +464,81 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
                 )
             model.monitor.reset()
             return epb.ResetWindowResponse()
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+
+
+def _truth(label: epb.Label) -> int | float | str:
+    kind = label.WhichOneof("truth")
+    if kind is None:
+        raise InvalidInput(f"label for request {label.request_id!r} row {label.row} has no value")
+    value: int | float | str = getattr(label, kind)
+    return value
+
+
+class QualityServicer(epb_grpc.QualityServiceServicer):
+    """Ground-truth feedback joined with kept predictions, and the online quality report."""
+
+    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor) -> None:
+        self.repository = repository
+        self.executor = executor
+
+    def _quality(self, model_name: str, version: str) -> OnlineQuality:
+        model = self.repository.get(model_name, version)
+        if model.quality is None:
+            raise ModelNotReady(
+                f"model {model.name!r} version {model.version} keeps no predictions for "
+                "feedback (quality tracking is off, or the model is not a classifier or regressor)"
+            )
+        return model.quality
+
+    async def SubmitFeedback(
+        self, request: epb.FeedbackRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> epb.FeedbackResponse:
+        try:
+            quality = self._quality(request.model, request.version)
+            labels = [(label.request_id, label.row, _truth(label)) for label in request.labels]
+            loop = asyncio.get_running_loop()
+            joined, unknown, duplicate = await loop.run_in_executor(
+                self.executor, quality.feedback, labels
+            )
+            return epb.FeedbackResponse(joined=joined, unknown=unknown, duplicate=duplicate)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+
+    async def GetQuality(
+        self, request: epb.QualityRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> epb.QualityReport:
+        try:
+            model = self.repository.get(request.model, request.version)
+            if model.quality is None:
+                return epb.QualityReport(
+                    model=model.name,
+                    version=model.version_str,
+                    available=False,
+                    reason="quality tracking is off for this model version",
+                )
+            report = model.quality.report()
+            return epb.QualityReport(
+                model=model.name,
+                version=model.version_str,
+                available=True,
+                metric=report["metric"],
+                labelled=report["labelled"],
+                error=report["error"],
+                recent_error=report["recent_error"],
+                window=report["window"],
+                warning=report["warning"],
+                drifting=report["drifting"],
+                drifts=report["drifts"],
+                kept_predictions=report["kept_predictions"],
+                slices=[
+                    epb.SliceQuality(slice=key, count=value["count"], error=value["error"])
+                    for key, value in report["slices"].items()
+                ],
+            )
         except Exception as exc:
             await _abort(context, exc)
             raise

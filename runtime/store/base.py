@@ -29,6 +29,7 @@ from edgewise.runtime.errors import (
     Unavailable,
 )
 from edgewise.runtime.package import FileEntry
+from edgewise.runtime.paths import validate_relative_path
 
 __all__ = [
     "ALIAS_RE",
@@ -49,7 +50,6 @@ __all__ = [
 
 ALIAS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 _NODE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 class StoreUnavailable(Unavailable):
@@ -87,17 +87,7 @@ def validate_artifact_path(path: str) -> str:
     """Return ``path`` if it is a safe relative file path inside a package: POSIX separators,
     no empty, ``.`` or ``..`` segment, no absolute path, no backslash, each segment of letters,
     digits and ``_.-``. Anything else raises :class:`PackageError` (it never reaches the disk)."""
-    segments = path.split("/")
-    if (
-        not path
-        or len(path) > 512
-        or path.startswith("/")
-        or "\\" in path
-        or any(s in ("", ".", "..") or not _SEGMENT_RE.match(s) for s in segments)
-        or len(segments) > 8
-    ):
-        raise PackageError(f"artifact path {path!r} is not a safe relative path inside a package")
-    return path
+    return validate_relative_path(path, "artifact path")
 
 
 def safe_join(root: Path, relative: str) -> Path:

@@ -90,6 +90,13 @@ def _add_register(sub: Subparsers) -> None:
         help="let agents deploy it even if its input schema differs from the deployed one",
     )
     p.add_argument("--no-golden", action="store_true", help="do not add golden requests")
+    p.add_argument(
+        "--gate",
+        type=Path,
+        metavar="SPEC",
+        help="run this promotion gate first; a failing candidate is registered but the alias "
+        "stays where it is (exit 1)",
+    )
     p.add_argument("--json", action="store_true", help="print the version record as JSON")
     p.set_defaults(handler=_cmd_register)
 
@@ -121,10 +128,19 @@ def _cmd_register(args: argparse.Namespace) -> int:
             author=args.author,
             allow_schema_change=args.allow_schema_change,
             golden=not args.no_golden,
+            gate=args.gate,
         )
     finally:
         store.close()
     record = result.record
+    if result.gate is not None:
+        print(result.gate.format())
+        if not result.gate.passed:
+            print(
+                f"registered {record.name} version {record.version} in {store.uri}, but the gate "
+                f"failed: alias {args.alias or '(none)'} not moved"
+            )
+            return 1
     if args.json:
         print(json.dumps(record.to_json(), indent=2))
         return 0

@@ -9,15 +9,16 @@ with its sha256 and size, ``manifest.json`` included. The store assigns the vers
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgewise.runtime.errors import InvalidInput, PackageError
+from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
 from edgewise.runtime.golden import GOLDEN_FILE, add_golden
 from edgewise.runtime.package import (
     MANIFEST_FILE,
@@ -31,6 +32,9 @@ from edgewise.runtime.package import (
 )
 from edgewise.runtime.store.base import Store, VersionRecord, safe_join, validate_alias
 from edgewise.runtime.store.lineage import collect_lineage
+
+if TYPE_CHECKING:
+    from edgewise.runtime.gate import GateVerdict
 
 __all__ = [
     "ALLOW_SCHEMA_CHANGE",
@@ -49,8 +53,43 @@ ALLOW_SCHEMA_CHANGE = "allow_schema_change"
 @dataclass(frozen=True)
 class RegisterResult:
     record: VersionRecord
-    alias: str | None
+    alias: str | None  # the alias moved to the new version (None: none, or the gate failed)
     golden_added: bool
+    gate: GateVerdict | None = None
+
+
+GATE_LINEAGE_KEY = "gate"
+"""Lineage ``extra`` key: the promotion gate's verdict (a compact JSON summary)."""
+
+
+def _gate_summary(verdict: GateVerdict) -> str:
+    """The verdict as stored in the lineage: short enough for an MLflow tag."""
+    failures = [check.message for check in verdict.failures][:10]
+    return json.dumps(
+        {"passed": verdict.passed, "summary": verdict.summary(), "failures": failures},
+        separators=(",", ":"),
+    )[:4000]
+
+
+def run_gate(store: Store, spec: Path, package: Path, name: str, alias: str | None) -> GateVerdict:
+    """The gate on ``package``, against the version ``alias`` names in the store (if any)."""
+    from edgewise.runtime.gate import evaluate_gate
+    from edgewise.runtime.store.transfer import fetch_file
+
+    current = None
+    if alias is not None:
+        try:
+            current = store.resolve_alias(name, alias)
+        except ModelNotFound:
+            current = None
+    with tempfile.TemporaryDirectory(prefix="edgewise-gate-") as scratch:
+        baseline = None
+        if current is not None:
+            baseline = Path(scratch) / name / str(current.version)
+            baseline.mkdir(parents=True)
+            for entry in current.files:
+                fetch_file(store, current, entry, baseline)
+        return evaluate_gate(spec, package, baseline=baseline)
 
 
 def parse_package_path(path: Path) -> tuple[Path, str, int]:
@@ -95,8 +134,13 @@ def register(
     author: str | None = None,
     allow_schema_change: bool = False,
     golden: bool = True,
+    gate: Path | None = None,
 ) -> RegisterResult:
-    """Publish the package folder ``package`` (``REPO/NAME/VERSION``) to ``store``."""
+    """Publish the package folder ``package`` (``REPO/NAME/VERSION``) to ``store``.
+
+    With ``gate`` (a gate spec file), the promotion gate runs first, against the version the
+    alias names now; its verdict goes into the lineage, and a failing candidate is still
+    published but the alias is not moved to it."""
     _, name, _ = parse_package_path(package)
     if alias is not None:
         validate_alias(alias)
@@ -104,6 +148,7 @@ def register(
     if manifest.name != name:
         raise PackageError(f"{package}: manifest names model {manifest.name!r}, not {name!r}")
     verify_files(package, manifest)
+    verdict = run_gate(store, gate, package, name, alias) if gate is not None else None
     with tempfile.TemporaryDirectory(prefix="edgewise-register-") as scratch:
         copy = Path(scratch) / name
         copy.mkdir()
@@ -129,10 +174,15 @@ def register(
             data=data,
             author=author,
         )
+        if verdict is not None:
+            extra = {**lineage.extra, GATE_LINEAGE_KEY: _gate_summary(verdict)}
+            lineage = dataclasses.replace(lineage, extra=extra)
         record = store.publish(
             name, copy, package_files(copy, manifest), lineage, description=description
         )
+    if verdict is not None and not verdict.passed:
+        return RegisterResult(record=record, alias=None, golden_added=golden_added, gate=verdict)
     if alias is not None:
         store.set_alias(name, alias, record.version)
         record = dataclasses.replace(record, aliases=(*record.aliases, alias))
-    return RegisterResult(record=record, alias=alias, golden_added=golden_added)
+    return RegisterResult(record=record, alias=alias, golden_added=golden_added, gate=verdict)

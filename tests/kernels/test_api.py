@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
-import edgewise.kernels as kernels
 import numpy as np
 import pytest
+
+import edgewise.kernels as kernels
 from edgewise.kernels import _config
 
 PUBLIC_API = [
@@ -38,6 +42,7 @@ PUBLIC_API = [
     "wasserstein_binned",
     "wasserstein_samples",
     "warmup",
+    "warmup_request_path",
 ]
 
 PACKAGE_DIR = Path(kernels.__file__).resolve().parent
@@ -154,3 +159,31 @@ def test_no_compile_after_warmup_for_server_inputs() -> None:
     kernels.ks_2samp(sample, sample[:20])
     kernels.wasserstein_samples(sample, [1, 2, 3])
     assert _signature_counts() == before
+
+
+@pytest.mark.skipif(_config.JIT_DISABLED, reason="counts numba signatures; no JIT in this pass")
+def test_request_path_warmup_leaves_nothing_to_compile_for_a_request() -> None:
+    """In a fresh process: after warmup_request_path(), the per-request updates of a server
+    (read-only float32 rows decoded from request bytes, int64 codes) add no new signature."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from edgewise import kernels
+        from edgewise.kernels import histograms, profile
+        kernels.warmup_request_path()
+        before = (len(profile._profile_update.signatures),
+                  len(histograms._categorical_update.signatures))
+        edges = kernels.quantile_edges(np.random.default_rng(0).normal(size=(50, 3)))
+        row = np.frombuffer(np.ones((1, 3), np.float32).tobytes(), np.float32).reshape(1, 3)
+        kernels.FeatureProfile(edges).update(row)
+        kernels.FeatureProfile(edges).update(np.ones((5, 3)))
+        kernels.CategoricalState([2, 4]).update(np.array([[0, 3]], dtype=np.int64))
+        after = (len(profile._profile_update.signatures),
+                 len(histograms._categorical_update.signatures))
+        print(before == after, before, after)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.startswith("True"), done.stdout + done.stderr

@@ -267,13 +267,14 @@ def test_sha256_and_files(model_repo: Path) -> None:
     for name in MODEL_NAMES:
         folder = model_repo / name / "1"
         manifest = manifest_of(model_repo, name)
-        assert [f.path for f in manifest.files] == [MODEL_FILE, PROFILE_FILE]
-        for path in (MODEL_FILE, PROFILE_FILE):
+        assert [f.path for f in manifest.files] == [MODEL_FILE, PROFILE_FILE, "golden.json"]
+        for path in (MODEL_FILE, PROFILE_FILE, "golden.json"):
             entry = manifest.file(path)
             assert entry.sha256 == sha256_file(folder / path)
             assert entry.size == (folder / path).stat().st_size
         verify_files(folder, manifest)
         assert sorted(p.name for p in folder.iterdir()) == [
+            "golden.json",
             "manifest.json",
             MODEL_FILE,
             PROFILE_FILE,
@@ -637,7 +638,7 @@ def test_profile_builder_writes_into_the_package(tmp_path: Path) -> None:
     assert seen["folder"].name.startswith(".staging-")
     assert seen["columns"] == seen["features"] == list(X.columns)
     assert result.manifest.profile == {"file": PROFILE_FILE, "format": "test/1"}
-    assert [f.path for f in result.manifest.files] == [MODEL_FILE, PROFILE_FILE]
+    assert [f.path for f in result.manifest.files] == [MODEL_FILE, PROFILE_FILE, "golden.json"]
     verify_files(result.path, result.manifest)
 
 

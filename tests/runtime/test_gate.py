@@ -401,3 +401,38 @@ def test_verdict_without_latency_has_no_latency_line() -> None:
     )
     latency = LatencyResult(10, 1, 0.1, 0.2, 0.12, 0.3, 1, 1)
     assert "p99 0.200 ms" in GateVerdict(True, "m", 1, None, [], latency=latency).format()
+
+
+# ---- register --gate ----------------------------------------------------------------------------
+
+
+def test_register_with_a_gate_moves_the_alias_only_for_a_passing_candidate(
+    scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgewise.runtime.store.register import GATE_LINEAGE_KEY
+    from edgewise.runtime.store.sqlite import SqliteStore
+
+    store_uri = f"sqlite:///{tmp_path / 'store.db'}"
+    repo = scenario / "repo" / "logreg"
+    spec = str(scenario / "gate.toml")
+
+    def register(version: int, *extra: str) -> int:
+        return main(["register", str(repo / str(version)), "--store", store_uri, *extra])
+
+    assert register(1, "--alias", "production") == 0
+    assert register(3, "--alias", "production", "--gate", spec) == 1  # the degraded slice
+    out = capsys.readouterr().out
+    assert "gate FAILED" in out and DEGRADED in out
+    assert "alias production not moved" in out
+    store = SqliteStore(tmp_path / "store.db")
+    try:
+        assert store.resolve_alias("logreg", "production").version == 1
+        refused = json.loads(store.get_version("logreg", 2).lineage.extra[GATE_LINEAGE_KEY])
+        assert refused["passed"] is False
+        assert any(DEGRADED in failure for failure in refused["failures"])
+        assert register(2, "--alias", "production", "--gate", spec) == 0  # the honest one
+        promoted = store.resolve_alias("logreg", "production")
+        assert promoted.version == 3
+        assert json.loads(promoted.lineage.extra[GATE_LINEAGE_KEY])["passed"] is True
+    finally:
+        store.close()

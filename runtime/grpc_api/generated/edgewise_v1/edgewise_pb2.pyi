@@ -476,3 +476,211 @@ class ResetWindowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetWindowResponse: _TypeAlias = ResetWindowResponse  # noqa: Y015
+
+@_typing.final
+class Label(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROW_FIELD_NUMBER: _builtins.int
+    CLASS_INDEX_FIELD_NUMBER: _builtins.int
+    CLASS_NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The id of the ModelInferRequest the prediction answered."""
+    row: _builtins.int
+    """The row of that request (0 for a single-row request)."""
+    class_index: _builtins.int
+    """classifiers with integer labels"""
+    class_name: _builtins.str
+    """classifiers with string labels"""
+    value: _builtins.float
+    """regressors"""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        row: _builtins.int = ...,
+        class_index: _builtins.int = ...,
+        class_name: _builtins.str = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["class_index", b"class_index", "class_name", b"class_name", "truth", b"truth", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_index", b"class_index", "class_name", b"class_name", "request_id", b"request_id", "row", b"row", "truth", b"truth", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_truth: _TypeAlias = _typing.Literal["class_index", "class_name", "value"]  # noqa: Y015
+    _WhichOneofArgType_truth: _TypeAlias = _typing.Literal["truth", b"truth"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_truth) -> _WhichOneofReturnType_truth | None: ...
+
+Global___Label: _TypeAlias = Label  # noqa: Y015
+
+@_typing.final
+class FeedbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """Empty: the version that answered (kept with each prediction)."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Label]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        labels: _abc.Iterable[Global___Label] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackRequest: _TypeAlias = FeedbackRequest  # noqa: Y015
+
+@_typing.final
+class FeedbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOINED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    joined: _builtins.int
+    """labels matched with a kept prediction"""
+    unknown: _builtins.int
+    """no prediction kept for that id and row (expired or never seen)"""
+    duplicate: _builtins.int
+    """that prediction had a label already"""
+    def __init__(
+        self,
+        *,
+        joined: _builtins.int = ...,
+        unknown: _builtins.int = ...,
+        duplicate: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "joined", b"joined", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeedbackResponse: _TypeAlias = FeedbackResponse  # noqa: Y015
+
+@_typing.final
+class QualityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityRequest: _TypeAlias = QualityRequest  # noqa: Y015
+
+@_typing.final
+class SliceQuality(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLICE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    slice: _builtins.str
+    """"column=value" """
+    count: _builtins.int
+    error: _builtins.float
+    """error rate (classifiers) or mean absolute error (regressors)"""
+    def __init__(
+        self,
+        *,
+        slice: _builtins.str = ...,
+        count: _builtins.int = ...,
+        error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "slice", b"slice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SliceQuality: _TypeAlias = SliceQuality  # noqa: Y015
+
+@_typing.final
+class QualityReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RECENT_ERROR_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    DRIFTING_FIELD_NUMBER: _builtins.int
+    DRIFTS_FIELD_NUMBER: _builtins.int
+    SLICES_FIELD_NUMBER: _builtins.int
+    KEPT_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    available: _builtins.bool
+    reason: _builtins.str
+    metric: _builtins.str
+    """"error_rate" or "mean_absolute_error" """
+    labelled: _builtins.int
+    error: _builtins.float
+    """over every label received"""
+    recent_error: _builtins.float
+    """ADWIN's current window"""
+    window: _builtins.int
+    """ADWIN's window width"""
+    warning: _builtins.bool
+    """DDM warning zone"""
+    drifting: _builtins.bool
+    """a detector fired since the last report reset"""
+    drifts: _builtins.int
+    """detections since the version was loaded"""
+    kept_predictions: _builtins.int
+    @_builtins.property
+    def slices(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliceQuality]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        labelled: _builtins.int = ...,
+        error: _builtins.float = ...,
+        recent_error: _builtins.float = ...,
+        window: _builtins.int = ...,
+        warning: _builtins.bool = ...,
+        drifting: _builtins.bool = ...,
+        drifts: _builtins.int = ...,
+        slices: _abc.Iterable[Global___SliceQuality] | None = ...,
+        kept_predictions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "drifting", b"drifting", "drifts", b"drifts", "error", b"error", "kept_predictions", b"kept_predictions", "labelled", b"labelled", "metric", b"metric", "model", b"model", "reason", b"reason", "recent_error", b"recent_error", "slices", b"slices", "version", b"version", "warning", b"warning", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityReport: _TypeAlias = QualityReport  # noqa: Y015

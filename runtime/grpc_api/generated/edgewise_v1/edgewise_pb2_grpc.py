@@ -352,3 +352,125 @@ class MonitoringService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class QualityServiceStub(object):
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SubmitFeedback = channel.unary_unary(
+                '/edgewise.v1.QualityService/SubmitFeedback',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
+        self.GetQuality = channel.unary_unary(
+                '/edgewise.v1.QualityService/GetQuality',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.QualityReport.FromString,
+                _registered_method=True)
+
+
+class QualityServiceServicer(object):
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    def SubmitFeedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuality(self, request, context):
+        """Online quality of a model version: running error, per slice, and the change detectors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_QualityServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.FeedbackRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'GetQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuality,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.QualityReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgewise.v1.QualityService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgewise.v1.QualityService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class QualityService(object):
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.QualityService/SubmitFeedback',
+            edgewise_dot_v1_dot_edgewise__pb2.FeedbackRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.QualityService/GetQuality',
+            edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.QualityReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

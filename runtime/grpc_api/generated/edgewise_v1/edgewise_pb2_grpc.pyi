@@ -143,3 +143,49 @@ class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
         """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
 
 def add_MonitoringServiceServicer_to_server(servicer: MonitoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class QualityServiceStub:
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> QualityServiceAsyncStub: ...
+    SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.FeedbackRequest, _edgewise_pb2.FeedbackResponse]
+    GetQuality: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]
+    """Online quality of a model version: running error, per slice, and the change detectors."""
+
+@_typing.type_check_only
+class QualityServiceAsyncStub(QualityServiceStub):
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SubmitFeedback: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.FeedbackRequest, _edgewise_pb2.FeedbackResponse]  # type: ignore[assignment]
+    GetQuality: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]  # type: ignore[assignment]
+    """Online quality of a model version: running error, per slice, and the change detectors."""
+
+class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
+    days later, and are joined with the predictions the server kept for that purpose.
+    """
+
+    @_abc_1.abstractmethod
+    def SubmitFeedback(
+        self,
+        request: _edgewise_pb2.FeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.FeedbackResponse, _abc.Awaitable[_edgewise_pb2.FeedbackResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetQuality(
+        self,
+        request: _edgewise_pb2.QualityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.QualityReport, _abc.Awaitable[_edgewise_pb2.QualityReport]]:
+        """Online quality of a model version: running error, per slice, and the change detectors."""
+
+def add_QualityServiceServicer_to_server(servicer: QualityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,282 @@
+"""Batch scoring benchmark: ``edgewise batch`` against onnxruntime in a plain loop, in one run.
+
+    .venv/bin/python benchmarks/batch.py [--sizes 1000000 10000000] [--rounds 3] [--workdir DIR]
+
+Models: a logistic regression (StandardScaler + LogisticRegression) and a random forest (100 trees,
+depth 8), both on scikit-learn's breast cancer data (30 numeric columns), converted with edgewise.
+Input: the data tiled to each size with a unique ``row_id``, one Parquet file written with
+pyarrow's defaults in row groups of 1M rows.
+
+For each model and size, alternating in every round:
+- the floor: onnxruntime called in a plain loop over the same rows already in memory (packed
+  FP32 chunks of the job's chunk size), one session with the batch job's session settings, one
+  thread (``floor``) and, for reference, the job's scorer threads sharing it (``floor_threads``);
+- ``edgewise batch`` as a real process (``--id-columns row_id``, drift report on, the default
+  chunk size and CPU budget): its own summary gives the job's time (model loading, schema check,
+  scoring, report) and the scoring phase's; the process's wall time adds interpreter start-up;
+  its peak RSS is the process's ``ru_maxrss`` from ``wait4``.
+
+Prints one JSON line per case (medians over the rounds) with the ratios to the floor measured in
+the same run, and one line per model comparing the peak RSS at the largest and smallest size.
+Targets: the job at >= 85 % of the floor's rows/s; peak RSS at 10M rows within 10 % of 1M's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_RATIO = 0.85
+TARGET_RSS_GROWTH = 0.10
+ROW_GROUP = 1_000_000
+
+
+def build_models(repo: Path) -> None:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from edgewise.runtime.convert import convert
+
+    data = load_breast_cancer(as_frame=True)
+    X, y = data.data, data.target.to_numpy()
+    logreg = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000))])
+    forest = RandomForestClassifier(n_estimators=100, max_depth=8, random_state=0)
+    for name, model in (("logreg", logreg), ("forest", forest)):
+        if not (repo / name / "1").is_dir():
+            convert(model.fit(X, y), X, name=name, repo=repo, version=1)
+
+
+def write_input(path: Path, rows: int) -> None:
+    """The breast cancer rows tiled to ``rows``, streamed in row groups of 1M rows."""
+    if path.exists():
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).data
+    values = frame.to_numpy()
+    schema = pa.schema([("row_id", pa.int64()), *((c, pa.float64()) for c in frame.columns)])
+    partial = path.with_suffix(".partial")
+    with pq.ParquetWriter(partial, schema) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            index = np.arange(start, min(rows, start + ROW_GROUP))
+            block = values[index % len(values)]
+            arrays = [pa.array(index), *(pa.array(block[:, j]) for j in range(block.shape[1]))]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+    partial.rename(path)
+
+
+def job_settings() -> tuple[Any, int]:
+    """The session settings and scorer threads ``edgewise batch`` uses on this machine."""
+    from edgewise.runtime.settings import ServerSettings
+
+    settings = ServerSettings.from_sources({})
+    return settings.session_settings(), settings.worker_threads
+
+
+def load_floor_data(path: Path, repo: Path, chunk_rows: int) -> list[np.ndarray]:
+    """The input's model inputs, packed FP32 chunks in memory (as the job makes them)."""
+    from edgewise.runtime.batch.reader import ColumnSpec, discover_inputs, open_reader
+    from edgewise.runtime.batch.scoring import chunk_inputs
+    from edgewise.runtime.package import read_manifest
+
+    manifest = read_manifest(repo / "logreg" / "1")
+    columns = ColumnSpec(manifest.features, ())
+    (file,) = discover_inputs(str(path))
+    return [
+        chunk_inputs(manifest, columns, chunk.table)["features"]
+        for chunk in open_reader(file, columns, chunk_rows).chunks()
+    ]
+
+
+def floor(model_path: Path, chunks: list[np.ndarray], session: Any, threads: int) -> float:
+    """rows/s of onnxruntime's ``run`` in a plain loop over ``chunks`` (``threads`` loops)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(
+        str(model_path), sess_options=session.session_options(), providers=["CPUExecutionProvider"]
+    )
+    sess.run(None, {"features": chunks[0]})
+    rows = sum(c.shape[0] for c in chunks)
+
+    def loop(part: list[np.ndarray]) -> None:
+        for chunk in part:
+            sess.run(None, {"features": chunk})
+
+    started = time.perf_counter()
+    if threads == 1:
+        loop(chunks)
+    else:
+        workers = [
+            threading.Thread(target=loop, args=(chunks[i::threads],)) for i in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    return rows / (time.perf_counter() - started)
+
+
+def rss_helper(args: list[str]) -> None:
+    """Run one job as a child and print its summary with the child's own peak RSS (wait4)."""
+    repo, model, source, out = args
+    command = [
+        sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "batch",
+        "--repo", repo, "--model", model, "--input", source, "--output", out,
+        "--id-columns", "row_id", "--progress", "off", "--json",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"edgewise batch failed with {process.returncode}")
+    summary = json.loads(stdout)
+    summary["process_seconds"] = wall
+    summary["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux: kilobytes
+    print(json.dumps(summary))
+
+
+def measure_job(repo: Path, model: str, source: Path, out: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--rss-helper", str(repo), model,
+         str(source), str(out)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(done.stderr.decode())
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--models", nargs="+", default=["logreg", "forest"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, help="keep models and inputs here between runs")
+    parser.add_argument("--rss-helper", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_helper:
+        rss_helper(args.rss_helper)
+        return
+
+    from edgewise.runtime.batch import DEFAULT_CHUNK_ROWS
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgewise-batch-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    repo = workdir / "repo"
+    build_models(repo)
+    session, threads = job_settings()
+    import onnxruntime
+    import pyarrow
+
+    print(
+        json.dumps(
+            {
+                "bench": "batch-setup",
+                "python": platform.python_version(),
+                "onnxruntime": onnxruntime.__version__,
+                "pyarrow": pyarrow.__version__,
+                "cpus_visible": len(os.sched_getaffinity(0)),
+                "scorer_threads": threads,
+                "intra_op_threads": session.intra_op_threads,
+                "chunk_rows": DEFAULT_CHUNK_ROWS,
+            }
+        ),
+        flush=True,
+    )
+    rss: dict[tuple[str, int], float] = {}
+    for rows in args.sizes:
+        source = workdir / f"cancer_{rows}.parquet"
+        write_input(source, rows)
+        chunks = load_floor_data(source, repo, DEFAULT_CHUNK_ROWS)
+        for model in args.models:
+            model_path = repo / model / "1" / "model.onnx"
+            floors: list[float] = []
+            floors_threads: list[float] = []
+            jobs: list[dict[str, Any]] = []
+            for round_ in range(args.rounds):
+                floors.append(floor(model_path, chunks, session, 1))
+                floors_threads.append(floor(model_path, chunks, session, threads))
+                out = workdir / f"out-{model}-{rows}-{round_}"
+                shutil.rmtree(out, ignore_errors=True)
+                jobs.append(measure_job(repo, model, source, out))
+                assert jobs[-1]["rows"] == rows
+                shutil.rmtree(out)
+            floor_rate = statistics.median(floors)
+            floor_threads_rate = statistics.median(floors_threads)
+            job_rate = statistics.median(rows / j["seconds"] for j in jobs)
+            scoring_rate = statistics.median(rows / j["scoring_seconds"] for j in jobs)
+            process_rate = statistics.median(rows / j["process_seconds"] for j in jobs)
+            peak = statistics.median(j["peak_rss_bytes"] for j in jobs)
+            rss[(model, rows)] = peak
+            print(
+                json.dumps(
+                    {
+                        "bench": "batch",
+                        "model": model,
+                        "rows": rows,
+                        "rounds": args.rounds,
+                        "floor_rows_per_s": round(floor_rate),
+                        "floor_threads_rows_per_s": round(floor_threads_rate),
+                        "job_rows_per_s": round(job_rate),
+                        "scoring_rows_per_s": round(scoring_rate),
+                        "process_rows_per_s": round(process_rate),
+                        "ratio_job_vs_floor": round(job_rate / floor_rate, 3),
+                        "ratio_scoring_vs_floor": round(scoring_rate / floor_rate, 3),
+                        "ratio_process_vs_floor": round(process_rate / floor_rate, 3),
+                        "ratio_job_vs_floor_threads": round(job_rate / floor_threads_rate, 3),
+                        "peak_rss_mib": round(peak / 2**20, 1),
+                        "target_ratio": TARGET_RATIO,
+                        "meets_target": job_rate / floor_rate >= TARGET_RATIO,
+                    }
+                ),
+                flush=True,
+            )
+        del chunks
+    smallest, largest = min(args.sizes), max(args.sizes)
+    if smallest != largest:
+        for model in args.models:
+            low, high = rss[(model, smallest)], rss[(model, largest)]
+            growth = high / low - 1
+            print(
+                json.dumps(
+                    {
+                        "bench": "batch-rss",
+                        "model": model,
+                        "rows_small": smallest,
+                        "rows_large": largest,
+                        "peak_rss_small_mib": round(low / 2**20, 1),
+                        "peak_rss_large_mib": round(high / 2**20, 1),
+                        "growth": round(growth, 3),
+                        "target_growth": TARGET_RSS_GROWTH,
+                        "meets_target": growth <= TARGET_RSS_GROWTH,
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""A batch job from start to finish: resolve the model, check the inputs, own the output folder,
+run an engine, write the drift report and the summary.
+
+Everything that can be checked is checked before the first chunk is scored: the model package
+(files and sha256), every input file's columns against the model's features, the id columns, and,
+when resuming, that the model, the inputs (size and modification time of each file) and the
+chunking are those the job started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import pyarrow as pa
+
+from edgewise.runtime.batch.options import (
+    DEFAULT_CHUNK_ROWS,
+    BatchOptions,
+    BatchSummary,
+    parse_model_ref,
+)
+from edgewise.runtime.batch.plan import EngineResult, JobPlan
+from edgewise.runtime.batch.progress import Progress
+from edgewise.runtime.batch.reader import (
+    ColumnSpec,
+    InputFile,
+    check_inputs,
+    discover_inputs,
+)
+from edgewise.runtime.batch.report import build_report, render_html, unavailable_report
+from edgewise.runtime.batch.scoring import output_schema
+from edgewise.runtime.batch.stats import DriftCollector
+from edgewise.runtime.batch.writer import (
+    REPORT_HTML,
+    REPORT_JSON,
+    SUMMARY_FILE,
+    ChunkRecord,
+    JobFolder,
+)
+from edgewise.runtime.errors import InvalidInput, ModelNotFound
+from edgewise.runtime.model import SessionSettings, load_model
+from edgewise.runtime.package import list_versions, read_manifest
+from edgewise.runtime.repository import VersionPolicy, read_model_config
+
+__all__ = ["DEFAULT_CHUNK_ROWS", "JOB_FORMAT", "run_batch"]
+
+log = logging.getLogger("edgewise.runtime.batch")
+
+JOB_FORMAT: Final = "edgewise.batch/1"
+
+
+def _default_version(model_dir: Path) -> int:
+    """The version the server serves when none is named: the pinned default, else the newest
+    version the model's policy selects."""
+    available = list_versions(model_dir)
+    if not available:
+        raise ModelNotFound(f"model {model_dir.name!r} has no versions in {model_dir.parent}")
+    config = read_model_config(model_dir, VersionPolicy())
+    if config.default_version in available:
+        return int(config.default_version)
+    selected = config.version_policy.select(available)
+    return max(selected or available)
+
+
+def _session_settings(options: BatchOptions) -> tuple[SessionSettings, int, int]:
+    """The server's onnxruntime session settings for this process's CPU budget (cgroup aware),
+    the scorer threads and the budget's cores."""
+    from edgewise.runtime.settings import ServerSettings
+
+    overrides: dict[str, Any] = {
+        "intra_op_threads": options.intra_op_threads,
+        "worker_threads": options.threads,
+    }
+    settings = ServerSettings.from_sources(overrides)
+    cores = settings.budget.cores if settings.budget is not None else os.cpu_count() or 1
+    return settings.session_settings(), settings.worker_threads, cores
+
+
+def _check_same_inputs(recorded: list[InputFile], found: list[InputFile]) -> None:
+    old = {f.path: f for f in recorded}
+    new = {f.path: f for f in found}
+    for path in old:
+        if path not in new:
+            raise InvalidInput(f"cannot resume: input {path} is gone since the job started")
+    for path, file in new.items():
+        before = old.get(path)
+        if before is None:
+            raise InvalidInput(f"cannot resume: input {path} is new since the job started")
+        if (before.size, before.mtime_ns) != (file.size, file.mtime_ns):
+            raise InvalidInput(f"cannot resume: input {path} changed since the job started")
+    if [f.path for f in recorded] != [f.path for f in found]:  # pragma: no cover - sorted both
+        raise InvalidInput("cannot resume: the inputs are in a different order")
+
+
+def _check_output_location(output: Path, spec: str, files: list[InputFile]) -> None:
+    out = output.resolve()
+    for file in files:
+        if Path(file.path).is_relative_to(out):
+            raise InvalidInput(f"input {file.path} lies inside the output folder {output}")
+    source = Path(spec).expanduser()
+    if source.is_dir() and out.is_relative_to(source.resolve()):
+        raise InvalidInput(
+            f"the output folder {output} lies inside the input folder {spec}: its part files "
+            "would become inputs"
+        )
+
+
+def _id_fields(schemas: list[Any], columns: ColumnSpec, files: list[InputFile]) -> list[Any]:
+    """One Arrow field per id column, of a type every input's column can be cast to."""
+    fields = []
+    for name in columns.id_columns:
+        types = [schema.field(name).type for schema in schemas]
+        try:
+            unified = pa.unify_schemas(
+                [pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive"
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            shown = ", ".join(
+                f"{t} in {Path(f.path).name}" for t, f in zip(types, files, strict=True)
+            )
+            raise InvalidInput(
+                f"id column {name!r} has types that do not go together: {shown}"
+            ) from None
+        fields.append(unified.field(name))
+    return fields
+
+
+def _check_id_columns(ids: tuple[str, ...]) -> None:
+    seen: set[str] = set()
+    for name in ids:
+        if not name:
+            raise InvalidInput("an id column name is empty")
+        if name in seen:
+            raise InvalidInput(f"id column {name!r} is given twice")
+        seen.add(name)
+
+
+def _chunk_counts(
+    files: list[InputFile],
+    chunk_rows: int,
+    records: dict[tuple[int, int], ChunkRecord],
+    learnt: dict[int, int],
+) -> list[int | None]:
+    counts: list[int | None] = []
+    for number, file in enumerate(files):
+        known = file.chunk_count(chunk_rows)
+        if known is None:
+            known = learnt.get(number)
+        if known is None:
+            lasts = [r.chunk for (f, _), r in records.items() if f == number and r.last]
+            known = lasts[0] + 1 if lasts else None
+        counts.append(known)
+    return counts
+
+
+def _missing_chunks(
+    files: list[InputFile],
+    chunk_rows: int,
+    records: dict[tuple[int, int], ChunkRecord],
+    learnt: dict[int, int],
+) -> list[str]:
+    missing = []
+    for number, count in enumerate(_chunk_counts(files, chunk_rows, records, learnt)):
+        if count is None:
+            missing.append(f"{files[number].path} (not read to its end)")
+            continue
+        absent = [c for c in range(count) if (number, c) not in records]
+        if absent:
+            missing.append(f"{files[number].path} chunk(s) {absent[:5]}")
+    return missing
+
+
+def run_batch(options: BatchOptions) -> BatchSummary:
+    """Run (or resume) a batch job; see :mod:`edgewise.runtime.batch`."""
+    started = time.perf_counter()
+    name, pinned = parse_model_ref(options.model)
+    model_dir = options.repo / name
+    if not model_dir.is_dir():
+        raise ModelNotFound(f"no model {name!r} in the repository {options.repo}")
+    _check_id_columns(options.id_columns)
+    if options.chunk_rows is not None and options.chunk_rows < 1:
+        raise InvalidInput("--chunk-rows must be at least 1")
+
+    files = discover_inputs(options.input)
+    _check_output_location(options.output, options.input, files)
+
+    folder = JobFolder(options.output)
+    folder.create()
+    folder.lock()
+    try:
+        return _run_locked(options, folder, name, pinned, model_dir, files, started)
+    finally:
+        folder.close()
+
+
+def _run_locked(
+    options: BatchOptions,
+    folder: JobFolder,
+    name: str,
+    pinned: int | None,
+    model_dir: Path,
+    files: list[InputFile],
+    started: float,
+) -> BatchSummary:
+    resumed = folder.has_job()
+    if resumed and not options.resume:
+        raise InvalidInput(
+            f"output {options.output} holds a batch job already: pass --resume to continue it, "
+            "or choose another folder"
+        )
+    if not resumed:
+        foreign = folder.foreign_entries()
+        if foreign:
+            raise InvalidInput(
+                f"output {options.output} is not empty ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): a new job needs an empty folder"
+            )
+
+    chunk_rows = options.chunk_rows or DEFAULT_CHUNK_ROWS
+    id_columns = options.id_columns
+    drift_report = options.drift_report
+    job: dict[str, Any] = {}
+    if resumed:
+        job = folder.read_job()
+        if job.get("format") != JOB_FORMAT:
+            raise InvalidInput(f"{options.output}: unknown job format {job.get('format')!r}")
+        recorded = job["model"]
+        if recorded["name"] != name:
+            raise InvalidInput(
+                f"cannot resume: the job scores model {recorded['name']!r}, not {name!r}"
+            )
+        if pinned is not None and pinned != int(recorded["version"]):
+            raise InvalidInput(
+                f"cannot resume: the job scores version {recorded['version']}, not {pinned}"
+            )
+        pinned = int(recorded["version"])
+        if options.chunk_rows is not None and options.chunk_rows != int(job["chunk_rows"]):
+            raise InvalidInput(
+                f"cannot resume: the job's chunks have {job['chunk_rows']} rows, not "
+                f"{options.chunk_rows}"
+            )
+        chunk_rows = int(job["chunk_rows"])
+        if options.id_columns and tuple(options.id_columns) != tuple(job["id_columns"]):
+            raise InvalidInput(
+                f"cannot resume: the job passes id columns {job['id_columns']}, not "
+                f"{list(options.id_columns)}"
+            )
+        id_columns = tuple(str(c) for c in job["id_columns"])
+        drift_report = bool(job["drift_report"])
+        _check_same_inputs([InputFile.from_json(f) for f in job["inputs"]], files)
+
+    version = pinned if pinned is not None else _default_version(model_dir)
+    version_dir = model_dir / str(version)
+    if not version_dir.is_dir():
+        raise ModelNotFound(f"model {name!r} has no version {version} in {options.repo}")
+    manifest = read_manifest(version_dir)
+    if resumed and job["model"]["sha256"] != manifest.model_sha256:
+        raise InvalidInput(
+            f"cannot resume: model {name!r} version {version} changed since the job started "
+            "(its sha256 differs)"
+        )
+    columns = ColumnSpec(manifest.features, id_columns)
+    schemas = check_inputs(files, columns)  # every file's columns, before anything is scored
+    identity = {"model": name, "version": version, "sha256": manifest.model_sha256}
+    schema = output_schema(manifest, _id_fields(schemas, columns, files), identity)
+
+    if resumed and folder.is_complete() and (folder.path / SUMMARY_FILE).is_file():
+        data = json.loads((folder.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        return BatchSummary.from_json({**data, "already_complete": True})
+
+    done = folder.recover() if resumed else {}
+    if not resumed:
+        job = {
+            "format": JOB_FORMAT,
+            "model": {"name": name, "version": version, "sha256": manifest.model_sha256},
+            "input": options.input,
+            "inputs": [f.to_json() for f in files],
+            "chunk_rows": chunk_rows,
+            "id_columns": list(id_columns),
+            "drift_report": drift_report,
+            "output_schema": schema.to_string(show_schema_metadata=False),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        folder.write_job(job)
+
+    session, threads, cores = _session_settings(options)
+    pa.set_cpu_count(max(1, cores))
+    plan = JobPlan(
+        out=options.output,
+        folder=folder,
+        files=files,
+        columns=columns,
+        chunk_rows=chunk_rows,
+        schema=schema,
+        done=done,
+        model_name=name,
+        version=version,
+        version_dir=version_dir,
+        session=session,
+    )
+    collector: DriftCollector | None = None
+    no_report_reason = "the drift report was turned off (--no-drift-report)"
+    if drift_report:
+        collector = DriftCollector.for_model(model_dir, version_dir, manifest)
+        if collector is None:
+            no_report_reason = "the model package has no reference profile"
+            log.warning("batch: no drift report: %s", no_report_reason)
+
+    progress = Progress([f.rows for f in files], [f.size for f in files], options.progress)
+    progress.already_done(sum(r.rows for r in done.values()))
+    log.info(
+        "batch: model %s version %d (sha256 %s), %d input file(s), %d chunk(s) done before, "
+        "%s engine",
+        name,
+        version,
+        manifest.model_sha256[:12],
+        len(files),
+        len(done),
+        options.engine,
+    )
+    if options.engine == "ray":
+        from edgewise.runtime.batch.engine_ray import run_ray
+
+        result: EngineResult = run_ray(
+            plan,
+            collector,
+            progress,
+            address=options.ray_address,
+            actors=options.ray_actors,
+            threads=threads,
+        )
+    else:
+        from edgewise.runtime.batch.pipeline import run_local
+
+        model = load_model(name, version, version_dir, session)
+        result = run_local(plan, model, collector, progress, threads)
+    progress.finish()
+
+    records = folder.recover()
+    missing = _missing_chunks(files, chunk_rows, records, result.file_chunks)
+    if missing:  # pragma: no cover - an engine that returns without error finished every chunk
+        raise InvalidInput(f"the job did not finish: missing {'; '.join(missing[:3])}")
+    rows = sum(r.rows for r in records.values())
+    expected = [f.rows for f in files]
+    if all(r is not None for r in expected) and rows != sum(r or 0 for r in expected):
+        raise InvalidInput(  # pragma: no cover - guards the exactly-once invariant
+            f"the output holds {rows} rows but the inputs {sum(r or 0 for r in expected)}"
+        )
+
+    drift: dict[str, Any]
+    if collector is not None:
+        report = build_report(
+            collector.report(),
+            collector.distributions(),
+            collector.reference,
+            manifest.model_sha256,
+        )
+    else:
+        report = unavailable_report(name, str(version), manifest.model_sha256, no_report_reason)
+    folder.write_json(REPORT_JSON, report)
+    folder.write_text(REPORT_HTML, render_html(report))
+    drift = {
+        "available": report["available"],
+        "drifting": report["drifting"],
+        "drifting_features": report["drifting_features"],
+        "insufficient_data": report["insufficient_data"],
+        "report": str(options.output / REPORT_HTML),
+    }
+    seconds = time.perf_counter() - started
+    summary = BatchSummary(
+        output=str(options.output),
+        model=name,
+        version=version,
+        sha256=manifest.model_sha256,
+        engine=options.engine,
+        inputs=len(files),
+        rows=rows,
+        rows_this_run=result.rows_scored,
+        parts=len(records),
+        seconds=round(seconds, 4),
+        scoring_seconds=round(result.seconds, 4),
+        rows_per_second=round(result.rows_scored / seconds, 1) if seconds > 0 else 0.0,
+        resumed=resumed,
+        drift=drift,
+    )
+    folder.write_json(SUMMARY_FILE, summary.to_json())
+    folder.mark_complete()
+    return summary

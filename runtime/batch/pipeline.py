@@ -1,0 +1,251 @@
+"""The local engine: a reader thread, scorer threads and a writer thread joined by bounded queues.
+
+::
+
+    reader ──(chunks)──> scorers (N threads) ──(part tables)──> writer
+    pyarrow decode        inputs, onnxruntime,                  Parquet encode, fsync,
+                          monitor (all GIL-free                 rename, journal
+                          in their heavy parts)
+
+The queues hold at most ``N + 1`` chunks each, so memory is bounded by about ``3N + 3`` chunks
+whatever the input's size, and the reader waits when the scorers fall behind. onnxruntime, the
+pyarrow readers and writers and the monitor's kernels release the GIL, so the stages overlap.
+
+The first error on any thread stops every thread and is raised from :func:`run_local`;
+chunks finished before it stay finished (journaled), so ``--resume`` carries on from there.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from edgewise.runtime.batch.plan import EngineResult, JobPlan
+from edgewise.runtime.batch.progress import Progress
+from edgewise.runtime.batch.reader import ChunkReader
+from edgewise.runtime.batch.scoring import chunk_inputs, score_chunk
+from edgewise.runtime.batch.stats import ChunkWindow, DriftCollector
+from edgewise.runtime.batch.writer import ChunkRecord, write_part
+from edgewise.runtime.model import LoadedModel
+
+__all__ = ["run_local"]
+
+_POLL: Final = 0.1
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    """Another thread failed (or the run was interrupted): leave quietly."""
+
+
+@dataclass
+class _Chunk:
+    file: int
+    index: int
+    table: Any
+    last: bool
+    bytes_read: int
+    done: bool  # finished by an earlier run: observed for the report, not scored again
+
+
+@dataclass
+class _Scored:
+    file: int
+    index: int
+    rows: int
+    last: bool
+    bytes_read: int
+    output: Any | None  # the part file table (None for an earlier run's chunk)
+    window: ChunkWindow | None
+
+
+_END: Final = object()
+
+
+class _Run:
+    def __init__(
+        self,
+        plan: JobPlan,
+        model: LoadedModel,
+        collector: DriftCollector | None,
+        progress: Progress,
+        threads: int,
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.collector = collector
+        self.progress = progress
+        self.threads = threads
+        self.chunks: queue.Queue[Any] = queue.Queue(maxsize=threads + 1)
+        self.scored: queue.Queue[Any] = queue.Queue(maxsize=threads + 1)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._error_lock = threading.Lock()
+        self.rows_scored = 0
+        self.chunks_scored = 0
+        self.file_chunks: dict[int, int] = {}
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._error_lock:
+            if self.error is None:
+                self.error = exc
+        self.stop.set()
+
+    def _put(self, target: queue.Queue[Any], item: object) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                target.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, source: queue.Queue[Any]) -> Any:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                return source.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+
+    def _thread(self, name: str, body: Callable[[], None]) -> threading.Thread:
+        def target() -> None:
+            try:
+                body()
+            except _Stopped:
+                pass
+            except BaseException as exc:
+                self._fail(exc)
+
+        return threading.Thread(target=target, name=f"edgewise-batch-{name}", daemon=True)
+
+    # ---- stages ------------------------------------------------------------------------------
+
+    def read(self) -> None:
+        plan = self.plan
+        for number, file in enumerate(plan.files):
+            done = plan.done_chunks(number)
+            known = file.chunk_count(plan.chunk_rows)
+            if known is not None and len(done) == known and self.collector is None:
+                self.progress.file_done(number)
+                continue  # every chunk finished earlier and no report to feed: skip the file
+            first = 0
+            if self.collector is None and known is not None:
+                first = min(set(range(known)) - done)
+            reader = ChunkReader(file, plan.columns, plan.chunk_rows)
+            count = first
+            for raw in reader.chunks(first):
+                self._put(
+                    self.chunks,
+                    _Chunk(
+                        number, raw.index, raw.table, raw.last, raw.bytes_read, raw.index in done
+                    ),
+                )
+                count = raw.index + 1
+            self.file_chunks[number] = count
+            if self.collector is not None:
+                self.collector.file_chunks(number, count)
+        for _ in range(self.threads):
+            self._put(self.chunks, _END)
+
+    def score(self) -> None:
+        plan = self.plan
+        while True:
+            item = self._get(self.chunks)
+            if item is _END:
+                self._put(self.scored, _END)
+                return
+            chunk: _Chunk = item
+            window = None
+            output = None
+            feeds = None
+            if self.collector is not None or not chunk.done:
+                feeds = chunk_inputs(self.model.manifest, plan.columns, chunk.table)
+                if self.collector is not None:
+                    window = self.collector.observe(feeds)
+                if not chunk.done:
+                    output = score_chunk(self.model, plan.columns, plan.schema, chunk.table, feeds)
+            scored = _Scored(
+                chunk.file,
+                chunk.index,
+                chunk.table.num_rows,
+                chunk.last,
+                chunk.bytes_read,
+                output,
+                window,
+            )
+            del chunk, item, feeds  # the input rows are not needed past this point
+            self._put(self.scored, scored)
+
+    def write(self) -> None:
+        plan = self.plan
+        ended = 0
+        while ended < self.threads:
+            item = self._get(self.scored)
+            if item is _END:
+                ended += 1
+                continue
+            result: _Scored = item
+            rows = result.rows
+            if result.output is not None:
+                size = write_part(plan.out, result.file, result.index, result.output)
+                plan.folder.record(ChunkRecord(result.file, result.index, rows, size, result.last))
+                self.rows_scored += rows
+                self.chunks_scored += 1
+                self.progress.advance(rows, result.file, result.bytes_read)
+            else:
+                self.progress.seen(result.file, result.bytes_read)
+            if result.last:
+                self.progress.file_done(result.file)
+            if self.collector is not None and result.window is not None:
+                self.collector.add(result.file, result.index, result.window)
+
+    # ---- driving -----------------------------------------------------------------------------
+
+    def run(self, tick_seconds: float) -> EngineResult:
+        started = time.perf_counter()
+        workers = [
+            self._thread("reader", self.read),
+            *(self._thread(f"scorer-{i}", self.score) for i in range(self.threads)),
+            self._thread("writer", self.write),
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(timeout=tick_seconds)
+                    self.progress.tick()
+        except BaseException:
+            self.stop.set()
+            for worker in workers:
+                worker.join(timeout=10.0)
+            raise
+        if self.error is not None:
+            raise self.error
+        return EngineResult(
+            rows_scored=self.rows_scored,
+            chunks_scored=self.chunks_scored,
+            seconds=time.perf_counter() - started,
+            file_chunks=dict(self.file_chunks),
+        )
+
+
+def run_local(
+    plan: JobPlan,
+    model: LoadedModel,
+    collector: DriftCollector | None,
+    progress: Progress,
+    threads: int,
+    tick_seconds: float = 0.25,
+) -> EngineResult:
+    """Score every unfinished chunk of ``plan`` on this machine with ``threads`` scorer threads."""
+    return _Run(plan, model, collector, progress, max(1, threads)).run(tick_seconds)

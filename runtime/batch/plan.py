@@ -1,0 +1,42 @@
+"""What an engine needs to run a job, and what it reports back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgewise.runtime.batch.reader import ColumnSpec, InputFile
+from edgewise.runtime.batch.writer import ChunkRecord, JobFolder
+from edgewise.runtime.model import SessionSettings
+
+__all__ = ["EngineResult", "JobPlan"]
+
+
+@dataclass
+class JobPlan:
+    """A job ready to run: its inputs, columns, chunking, output schema and finished chunks."""
+
+    out: Path
+    folder: JobFolder
+    files: list[InputFile]
+    columns: ColumnSpec
+    chunk_rows: int
+    schema: Any  # pyarrow.Schema of every part file
+    done: dict[tuple[int, int], ChunkRecord]
+    model_name: str
+    version: int
+    version_dir: Path
+    session: SessionSettings
+
+    def done_chunks(self, file: int) -> set[int]:
+        return {chunk for (f, chunk) in self.done if f == file}
+
+
+@dataclass
+class EngineResult:
+    rows_scored: int
+    chunks_scored: int
+    seconds: float
+    # Chunks of the files an engine read to their end (how a CSV file's chunk count is learnt).
+    file_chunks: dict[int, int] = field(default_factory=dict)

@@ -1,0 +1,587 @@
+"""Batch inputs: finding the files, checking their columns against the model, reading in chunks.
+
+An input is a file, a folder (every ``.parquet``/``.pq``, ``.csv[.gz|.bz2|.zst]`` and ``.npy``
+below it, in sorted order, hidden and ``_``-prefixed entries skipped) or a glob. The list is fixed
+when a job starts and recorded with each file's size and modification time, so a resumed job can
+tell whether its inputs changed.
+
+Chunks are fixed: chunk ``j`` of a file is rows ``[j * chunk_rows, (j + 1) * chunk_rows)``, whatever
+the file's row groups or CSV blocks look like. A :class:`ChunkReader` re-cuts what pyarrow gives
+it into those chunks, so the chunk a row belongs to, and hence the part file it is written to,
+never changes between runs: that is what makes resuming exactly-once.
+
+Memory: Parquet is read a record batch at a time (pyarrow decodes one row group's pages at a
+time), CSV through pyarrow's streaming reader, ``.npy`` through a read-only memory map; only the
+chunk being assembled is held, so peak memory does not grow with the input.
+
+Columns are matched to the model's features by name. :func:`check_schema` runs on every file
+before anything is scored and names each missing or mistyped column: a numeric feature needs an
+integer, floating-point, decimal or boolean column; a categorical one a string, dictionary,
+integer or boolean column. A CSV file's types are those pyarrow infers from its first block; its
+numeric feature columns are then read as float64 and its categorical ones as strings.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.package import Feature
+from edgewise.runtime.tabular import TableFormat
+
+__all__ = [
+    "ChunkReader",
+    "ColumnSpec",
+    "InputFile",
+    "RawChunk",
+    "check_schema",
+    "discover_inputs",
+    "input_format",
+    "open_reader",
+    "read_schema",
+]
+
+_PARQUET: Final = (".parquet", ".pq")
+_CSV_CODECS: Final = {".csv": None, ".csv.gz": "gzip", ".csv.bz2": "bz2", ".csv.zst": "zstd"}
+_NPY: Final = (".npy",)
+_UNSUPPORTED_CSV: Final = (".csv.zip", ".csv.xz")
+#: Bytes pyarrow's CSV reader parses per block (and infers the first block's types from).
+CSV_BLOCK_BYTES: Final = 4 << 20
+#: Rows per record batch asked of the Parquet reader (re-cut into chunks afterwards).
+PARQUET_BATCH_ROWS: Final = 65536
+_GLOB_CHARS: Final = frozenset("*?[")
+
+
+def input_format(path: Path | str) -> TableFormat | None:
+    """The format of an input file from its name, or None for a file that is not a table."""
+    name = Path(path).name.lower()
+    if name.endswith(_PARQUET):
+        return "parquet"
+    if name.endswith(tuple(_CSV_CODECS)):
+        return "csv"
+    if name.endswith(_NPY):
+        return "npy"
+    return None
+
+
+def _csv_codec(path: str) -> str | None:
+    name = path.lower()
+    for suffix, codec in _CSV_CODECS.items():
+        if suffix != ".csv" and name.endswith(suffix):
+            return codec
+    return None
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file as found when the job started."""
+
+    path: str  # absolute
+    format: TableFormat
+    size: int
+    mtime_ns: int
+    rows: int | None  # known up front for Parquet and .npy; None for CSV
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputFile:
+        fmt = str(data["format"])
+        if fmt not in ("parquet", "csv", "npy"):
+            raise ValueError(f"unknown input format {fmt!r}")
+        rows = data.get("rows")
+        return cls(
+            path=str(data["path"]),
+            format=fmt,  # type: ignore[arg-type]
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            rows=None if rows is None else int(rows),
+        )
+
+    def chunk_count(self, chunk_rows: int) -> int | None:
+        """Chunks of the file, when its row count is known."""
+        return None if self.rows is None else -(-self.rows // chunk_rows)
+
+
+def _walk(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in sorted(files):
+            if name.startswith((".", "_")):
+                continue
+            if input_format(name) is not None:
+                found.append(Path(root) / name)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def discover_inputs(spec: str) -> list[InputFile]:
+    """The input files a ``--input`` value names: a file, a folder (recursively) or a glob.
+
+    Raises :class:`InvalidInput` when nothing matches or a named file has an unknown format.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        paths = _walk(path)
+        if not paths:
+            raise InvalidInput(f"{spec}: the folder holds no .parquet, .csv or .npy files")
+    elif path.is_file():
+        paths = [path]
+    elif _GLOB_CHARS & set(spec):
+        matched = sorted(glob.glob(str(path), recursive=True))
+        paths = []
+        for name in matched:
+            candidate = Path(name)
+            if candidate.is_dir():
+                paths.extend(_walk(candidate))
+            elif input_format(candidate) is not None:
+                paths.append(candidate)
+        if not paths:
+            raise InvalidInput(f"{spec}: no .parquet, .csv or .npy file matches")
+    else:
+        raise InvalidInput(f"{spec}: no such file or folder")
+    files: list[InputFile] = []
+    seen: set[str] = set()
+    for candidate in paths:
+        absolute = str(candidate.resolve())
+        if absolute in seen:
+            continue
+        seen.add(absolute)
+        files.append(_describe(Path(absolute)))
+    return files
+
+
+def _describe(path: Path) -> InputFile:
+    name = path.name.lower()
+    if name.endswith(_UNSUPPORTED_CSV):
+        raise InvalidInput(
+            f"{path}: .zip and .xz CSV files are not read in chunks; use .csv, .csv.gz, "
+            ".csv.bz2 or .csv.zst"
+        )
+    fmt = input_format(path)
+    if fmt is None:
+        raise InvalidInput(
+            f"{path}: unknown table format; expected .parquet, .csv (optionally .gz, .bz2, "
+            ".zst) or .npy"
+        )
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror}") from None
+    rows: int | None = None
+    if fmt == "parquet":
+        rows = _parquet_file(path).metadata.num_rows
+    elif fmt == "npy":
+        rows = int(_npy_array(path).shape[0])
+    return InputFile(str(path), fmt, stat.st_size, stat.st_mtime_ns, rows)
+
+
+def _parquet_file(path: Path | str) -> Any:
+    try:
+        return pq.ParquetFile(str(path), pre_buffer=False, buffer_size=1 << 20)
+    except Exception as exc:  # pyarrow raises many types for corrupt or foreign files
+        raise InvalidInput(f"{path}: cannot read as Parquet: {_one_line(exc)}") from None
+
+
+def _npy_array(path: Path | str) -> np.ndarray[Any, Any]:
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise InvalidInput(f"{path}: cannot read as .npy: not a numpy .npy file")
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "object" in str(exc):
+            raise InvalidInput(
+                f"{path}: holds an object (pickled) array, which is not loaded; save numbers or "
+                "fixed-width strings instead"
+            ) from None
+        raise InvalidInput(f"{path}: cannot read as .npy: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+    if not isinstance(array, np.ndarray):  # pragma: no cover - np.load of a .npy is an array
+        raise InvalidInput(f"{path}: not a .npy array file")
+    if array.dtype.names is None and array.ndim not in (1, 2):
+        raise InvalidInput(f"{path}: expected a 1-D or 2-D array, got shape {list(array.shape)}")
+    if array.dtype.names is not None and array.ndim != 1:
+        raise InvalidInput(f"{path}: a structured array must be 1-D, got {array.ndim}-D")
+    if array.dtype.hasobject:
+        raise InvalidInput(f"{path}: holds Python objects; save numbers or fixed-width strings")
+    return array
+
+
+# ---- columns ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """The columns a job reads: the model's features (by name) and the pass-through id columns."""
+
+    features: tuple[Feature, ...]
+    id_columns: tuple[str, ...]
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every column read, features first, each once."""
+        ordered = list(self.feature_names)
+        ordered.extend(c for c in self.id_columns if c not in ordered)
+        return tuple(ordered)
+
+
+def _numeric_type(dtype: Any) -> bool:
+    return bool(
+        pa.types.is_integer(dtype)
+        or pa.types.is_floating(dtype)
+        or pa.types.is_decimal(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_null(dtype)
+    )
+
+
+def _categorical_type(dtype: Any) -> bool:
+    if pa.types.is_dictionary(dtype):
+        return _categorical_type(dtype.value_type)
+    return bool(
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_string_view(dtype)
+        or pa.types.is_integer(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_null(dtype)
+    )
+
+
+def _type_name(dtype: Any) -> str:
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "string"
+    if pa.types.is_string_view(dtype):
+        return "string"
+    return str(dtype)
+
+
+def check_schema(schema: Any, columns: ColumnSpec, what: str) -> None:
+    """Raise :class:`InvalidInput` naming every missing or mistyped column of ``schema`` (an
+    Arrow schema), in one line."""
+    present = {name: schema.field(name).type for name in schema.names}
+    problems: list[str] = []
+    missing = [name for name in columns.names if name not in present]
+    if missing:
+        kind = [
+            "id column" if name not in columns.feature_names else "feature column"
+            for name in missing
+        ]
+        shown = ", ".join(f"{k} {n!r}" for k, n in zip(kind, missing, strict=True))
+        problems.append(f"missing {shown}")
+    for feature in columns.features:
+        dtype = present.get(feature.name)
+        if dtype is None:
+            continue
+        if feature.kind == "numeric" and not _numeric_type(dtype):
+            problems.append(
+                f"column {feature.name!r} holds {_type_name(dtype)}, but the model's feature is "
+                "numeric"
+            )
+        elif feature.kind == "categorical" and not _categorical_type(dtype):
+            problems.append(
+                f"column {feature.name!r} holds {_type_name(dtype)}, but the model's feature is "
+                "categorical "
+                "(strings)"
+            )
+    if problems:
+        raise InvalidInput(f"{what}: {'; '.join(problems)}")
+
+
+def _npy_names(array: np.ndarray[Any, Any], columns: ColumnSpec, what: str) -> list[str]:
+    """Column names of an ``.npy`` array: a structured array's fields; otherwise the model's
+    features in order (a plain array must have exactly one column per feature)."""
+    if array.dtype.names is not None:
+        return list(array.dtype.names)
+    width = 1 if array.ndim == 1 else int(array.shape[1])
+    if width != len(columns.features):
+        raise InvalidInput(
+            f"{what}: a plain array has {width} column(s) but the model has "
+            f"{len(columns.features)} feature(s); save one column per feature, in the model's "
+            "order, or a structured array with named fields"
+        )
+    if columns.id_columns:
+        raise InvalidInput(
+            f"{what}: a plain array has no column names, so it has no id column "
+            f"{columns.id_columns[0]!r}; save a structured array with named fields"
+        )
+    return list(columns.feature_names)
+
+
+def read_schema(file: InputFile, columns: ColumnSpec) -> Any:
+    """The Arrow schema of an input file (a CSV file's as inferred from its first block)."""
+    what = file.path
+    if file.format == "parquet":
+        try:
+            return _parquet_file(file.path).schema_arrow
+        except InvalidInput:
+            raise
+        except Exception as exc:
+            raise InvalidInput(f"{what}: cannot read as Parquet: {_one_line(exc)}") from None
+    if file.format == "npy":
+        array = _npy_array(file.path)
+        names = _npy_names(array, columns, what)
+        if array.dtype.names is not None:
+            types = [_arrow_type(array.dtype.fields[n][0], what) for n in names]
+        else:
+            types = [_arrow_type(array.dtype, what)] * len(names)
+        return pa.schema(list(zip(names, types, strict=True)))
+    stream = _csv_stream(file.path)
+    try:
+        reader = pa_csv.open_csv(
+            stream, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)
+        )
+        schema = reader.schema
+        reader.close()
+        return schema
+    except pa.ArrowInvalid as exc:
+        raise InvalidInput(f"{what}: cannot read as CSV: {_one_line(exc)}") from None
+    finally:
+        stream.close()
+
+
+def _arrow_type(dtype: np.dtype[Any], what: str) -> Any:
+    try:
+        return pa.from_numpy_dtype(dtype)
+    except (pa.ArrowNotImplementedError, TypeError):
+        raise InvalidInput(f"{what}: numpy dtype {dtype} cannot be read") from None
+
+
+def _csv_stream(path: str) -> Any:
+    try:
+        raw = pa.OSFile(path)
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {_one_line(exc)}") from None
+    codec = _csv_codec(path)
+    return raw if codec is None else pa.CompressedInputStream(raw, codec)
+
+
+# ---- chunked reading ---------------------------------------------------------------------------
+
+
+@dataclass
+class RawChunk:
+    """Rows ``[index * chunk_rows, index * chunk_rows + table.num_rows)`` of one input file."""
+
+    index: int
+    table: Any  # pyarrow.Table with the ColumnSpec's columns
+    last: bool  # the file's last chunk
+    bytes_read: int  # how far into the file the reader is (for progress)
+
+
+class _Rechunker:
+    """Re-cuts a stream of record batches (starting at a chunk boundary) into chunk-sized tables."""
+
+    def __init__(self, chunk_rows: int, first_chunk: int) -> None:
+        self.chunk_rows = chunk_rows
+        self.index = first_chunk
+        self.pending: list[Any] = []
+        self.pending_rows = 0
+
+    def push(self, batch: Any) -> Iterator[Any]:
+        while batch.num_rows:
+            take = min(batch.num_rows, self.chunk_rows - self.pending_rows)
+            self.pending.append(batch.slice(0, take))
+            self.pending_rows += take
+            batch = batch.slice(take)
+            if self.pending_rows == self.chunk_rows:
+                yield self._emit()
+
+    def flush(self) -> Any | None:
+        return self._emit() if self.pending_rows else None
+
+    def _emit(self) -> Any:
+        table = pa.Table.from_batches(self.pending)
+        self.pending = []
+        self.pending_rows = 0
+        self.index += 1
+        return table
+
+
+class ChunkReader:
+    """Reads the chunks of one input file, from ``first_chunk`` on."""
+
+    def __init__(self, file: InputFile, columns: ColumnSpec, chunk_rows: int) -> None:
+        if chunk_rows < 1:
+            raise InvalidInput("chunk rows must be at least 1")
+        self.file = file
+        self.columns = columns
+        self.chunk_rows = chunk_rows
+        self.schema = read_schema(file, columns)
+        check_schema(self.schema, columns, file.path)
+
+    def chunks(self, first_chunk: int = 0, last_chunk: int | None = None) -> Iterator[RawChunk]:
+        """Chunks ``first_chunk ..= last_chunk`` (default: to the end of the file), in order.
+
+        The last chunk of the file may be short; a file with no rows has no chunks.
+        """
+        if self.file.format == "parquet":
+            source = self._parquet(first_chunk)
+        elif self.file.format == "npy":
+            source = self._npy(first_chunk)
+        else:
+            source = self._csv(first_chunk)
+        yield from _assemble(source, self.chunk_rows, first_chunk, last_chunk)
+
+    # Each source yields (record batch or None, bytes read so far), starting at the first row of
+    # ``first_chunk``; None marks the end.
+
+    def _parquet(self, first_chunk: int) -> Iterator[tuple[Any, int]]:
+        parquet = _parquet_file(self.file.path)
+        metadata = parquet.metadata
+        start = first_chunk * self.chunk_rows
+        offset = 0
+        group = 0
+        while group < metadata.num_row_groups:
+            rows = metadata.row_group(group).num_rows
+            if offset + rows > start:
+                break
+            offset += rows
+            group += 1
+        groups = list(range(group, metadata.num_row_groups))
+        skip = start - offset
+        total = max(1, metadata.num_rows)
+        names = list(self.columns.names)
+        if groups:
+            try:
+                for read in parquet.iter_batches(
+                    batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=names
+                ):
+                    offset += read.num_rows
+                    dropped = min(skip, read.num_rows)
+                    skip -= dropped
+                    yield read.slice(dropped), self.file.size * offset // total
+            except Exception as exc:
+                raise InvalidInput(
+                    f"{self.file.path}: cannot read as Parquet: {_one_line(exc)}"
+                ) from None
+
+    def _npy(self, first_chunk: int) -> Iterator[tuple[Any, int]]:
+        array = _npy_array(self.file.path)
+        names = _npy_names(array, self.columns, self.file.path)
+        wanted = list(self.columns.names)
+        rows = int(array.shape[0])
+        total = max(1, rows)
+        for start in range(first_chunk * self.chunk_rows, rows, self.chunk_rows):
+            stop = min(rows, start + self.chunk_rows)
+            part = array[start:stop]
+            if array.dtype.names is not None:
+                data = [np.ascontiguousarray(part[name]) for name in wanted]
+            elif array.ndim == 1:
+                data = [np.ascontiguousarray(part)]
+            else:
+                by_name = {name: index for index, name in enumerate(names)}
+                data = [np.ascontiguousarray(part[:, by_name[name]]) for name in wanted]
+            yield pa.RecordBatch.from_arrays(data, names=wanted), self.file.size * stop // total
+
+    def _csv(self, first_chunk: int) -> Iterator[tuple[Any, int]]:
+        features = {f.name: f for f in self.columns.features}
+        types = {}
+        for name in self.columns.names:
+            feature = features.get(name)
+            if feature is None:
+                types[name] = self.schema.field(name).type
+            elif feature.kind == "numeric":
+                types[name] = pa.float64()
+            else:
+                types[name] = pa.string()
+        raw = pa.OSFile(self.file.path)
+        codec = _csv_codec(self.file.path)
+        stream = raw if codec is None else pa.CompressedInputStream(raw, codec)
+        skip = first_chunk * self.chunk_rows
+        try:
+            reader = pa_csv.open_csv(
+                stream,
+                read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=types, include_columns=list(self.columns.names)
+                ),
+            )
+            for read in reader:
+                dropped = min(skip, read.num_rows)
+                skip -= dropped
+                yield read.slice(dropped), raw.tell()
+        except pa.ArrowInvalid as exc:
+            raise InvalidInput(f"{self.file.path}: {_csv_message(exc)}") from None
+        finally:
+            stream.close()
+
+
+def _csv_message(exc: BaseException) -> str:
+    text = _one_line(exc)
+    # pyarrow: "In CSV column #3: Row #17: CSV conversion error to double: invalid value 'x'"
+    return text.replace("In CSV column", "CSV column")
+
+
+def _assemble(
+    source: Iterator[tuple[Any, int]],
+    chunk_rows: int,
+    first_chunk: int,
+    last_chunk: int | None,
+) -> Iterator[RawChunk]:
+    rechunker = _Rechunker(chunk_rows, first_chunk)
+    previous: RawChunk | None = None
+    position = 0
+    for batch, position in source:
+        for table in rechunker.push(batch):
+            if previous is not None:
+                yield previous
+            previous = RawChunk(rechunker.index - 1, table, False, position)
+            if last_chunk is not None and previous.index >= last_chunk:
+                # Whether this is the file's last chunk is not known without reading on; the
+                # caller that stops early does not need it.
+                yield previous
+                return
+    tail = rechunker.flush()
+    if tail is not None:
+        if previous is not None:
+            yield previous
+        previous = RawChunk(rechunker.index - 1, tail, False, position)
+    if previous is not None:
+        previous.last = True
+        previous.bytes_read = position
+        yield previous
+
+
+def open_reader(file: InputFile, columns: ColumnSpec, chunk_rows: int) -> ChunkReader:
+    """A chunk reader for ``file`` (its schema checked against ``columns``)."""
+    return ChunkReader(file, columns, chunk_rows)
+
+
+def check_inputs(files: Sequence[InputFile], columns: ColumnSpec) -> list[Any]:
+    """Check every file's columns before anything is scored; returns their schemas."""
+    schemas = []
+    for file in files:
+        schema = read_schema(file, columns)
+        check_schema(schema, columns, file.path)
+        schemas.append(schema)
+    return schemas

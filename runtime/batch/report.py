@@ -1,0 +1,345 @@
+"""The batch drift report: the input's statistics and drift scores against the model's reference
+profile, as JSON and as one self-contained HTML page.
+
+The page needs nothing but a browser (no script, no stylesheet or font from the network): a
+verdict, a table of drift scores (drifting features first, then by PSI) and one inline SVG chart
+per feature with the reference and the batch distribution side by side, bin by bin (numeric: the
+reference bins plus below range, above range and missing; categorical: each category plus
+unseen), so a person sees at a glance what moved.
+
+Everything in it comes from the monitor's :class:`~edgewise.runtime.monitor.DriftReport` and the
+counts it merged (:class:`~edgewise.runtime.batch.stats.FeatureDistribution`); nothing is
+recomputed here.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from edgewise.runtime.batch.stats import FeatureDistribution
+from edgewise.runtime.monitor import DriftReport
+from edgewise.runtime.profile import ReferenceProfile
+
+__all__ = ["REPORT_FORMAT", "build_report", "render_html", "unavailable_report"]
+
+REPORT_FORMAT: Final = "edgewise.batch-drift/1"
+
+# Scores shown in the table, in order, with their headings.
+_SCORE_COLUMNS: Final = (
+    ("psi", "PSI"),
+    ("jensenshannon", "Jensen-Shannon"),
+    ("wasserstein", "Wasserstein"),
+    ("ks", "KS"),
+    ("chi2_pvalue", "χ² p-value"),
+    ("linf", "L∞"),
+)
+
+
+def _number(value: Any) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) or math.isinf(number) else number
+
+
+def _numbers(data: Mapping[str, Any]) -> dict[str, float | None]:
+    return {str(k): _number(v) for k, v in data.items()}
+
+
+def _reference_statistics(reference: ReferenceProfile) -> dict[str, dict[str, float | None]]:
+    stats: dict[str, dict[str, float | None]] = {}
+    numeric = reference.numeric
+    if numeric is not None:
+        count, mean, m2, low, high, nan = (numeric.moments[i] for i in range(6))
+        for index, name in enumerate(numeric.names):
+            n = float(count[index])
+            stats[name] = {
+                "count": n,
+                "mean": _number(mean[index]),
+                "std": _number(np.sqrt(m2[index] / n)) if n > 0 else None,
+                "min": _number(low[index]),
+                "max": _number(high[index]),
+                "missing": _number(nan[index]),
+            }
+    for cat in reference.categorical:
+        stats[cat.name] = {"count": float(cat.counts.sum()), "missing": float(cat.missing)}
+    return stats
+
+
+def build_report(
+    report: DriftReport,
+    distributions: Sequence[FeatureDistribution],
+    reference: ReferenceProfile,
+    sha256: str,
+) -> dict[str, Any]:
+    """The report as JSON-ready data (NaN and infinities become null)."""
+    by_name = {d.name: d for d in distributions}
+    reference_stats = _reference_statistics(reference)
+    features = []
+    for feature in report.features:
+        distribution = by_name.get(feature.name)
+        features.append(
+            {
+                "name": feature.name,
+                "kind": feature.kind,
+                "drifting": feature.drifting,
+                "warning": feature.warning,
+                "reasons": list(feature.reasons),
+                "scores": _numbers(feature.scores),
+                "statistics": _numbers(feature.statistics),
+                "reference_statistics": reference_stats.get(feature.name, {}),
+                "distribution": None
+                if distribution is None
+                else {
+                    "labels": list(distribution.labels),
+                    "edges": [_number(e) for e in distribution.edges],
+                    "reference": list(distribution.reference),
+                    "batch": list(distribution.batch),
+                },
+            }
+        )
+    return {
+        "format": REPORT_FORMAT,
+        "available": report.available,
+        "reason": report.reason,
+        "model": report.model,
+        "version": report.version,
+        "sha256": sha256,
+        "rows": report.rows,
+        "reference_rows": report.reference_rows,
+        "insufficient_data": report.insufficient_data,
+        "drifting": report.drifting,
+        "drifting_features": [f.name for f in report.features if f.drifting],
+        "thresholds": _numbers(report.thresholds),
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.computed_at)),
+        "features": features,
+    }
+
+
+def unavailable_report(model: str, version: str, sha256: str, reason: str) -> dict[str, Any]:
+    """The report of a job that could not compute drift (e.g. no reference profile)."""
+    return {
+        "format": REPORT_FORMAT,
+        "available": False,
+        "reason": reason,
+        "model": model,
+        "version": version,
+        "sha256": sha256,
+        "rows": 0,
+        "reference_rows": 0,
+        "insufficient_data": True,
+        "drifting": False,
+        "drifting_features": [],
+        "thresholds": {},
+        "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "features": [],
+    }
+
+
+# ---- HTML ------------------------------------------------------------------------------------
+
+_CSS: Final = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
+       margin: 24px auto; max-width: 1180px; padding: 0 16px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
+.meta { color: #566; margin-bottom: 14px; } code { font-size: 12px; }
+.verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; margin: 12px 0; }
+.verdict.drift { background: #fde8e6; color: #9b1c13; }
+.verdict.ok { background: #e6f4ea; color: #1e6b34; }
+.verdict.na { background: #eef0f3; color: #40464f; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { padding: 5px 8px; border-bottom: 1px solid #e3e6ea; text-align: right; }
+th { background: #f5f6f8; position: sticky; top: 0; }
+td.name, th.name, td.kind, td.status { text-align: left; }
+tr.drift td.status { color: #b3261e; font-weight: 600; }
+tr.warn td.status { color: #a05a00; }
+.charts { display: flex; flex-wrap: wrap; gap: 14px; }
+figure.chart { margin: 0; border: 1px solid #e3e6ea; border-radius: 6px; padding: 8px; }
+figure.chart.drift { border-color: #e2a29c; }
+figcaption { font-weight: 600; margin-bottom: 2px; }
+figcaption span { font-weight: normal; color: #566; font-size: 12px; }
+.legend { font-size: 12px; color: #40464f; margin: 6px 0 12px; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
+"""
+
+_REFERENCE_COLOR: Final = "#9aa5b1"
+_BATCH_COLOR: Final = "#2f6fde"
+_DRIFT_COLOR: Final = "#d93b2b"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    number = float(value)
+    if math.isnan(number):
+        return "–"
+    if number != 0 and (abs(number) >= 1e5 or abs(number) < 1e-3):
+        return f"{number:.{digits - 1}e}"
+    return f"{number:.{digits}g}"
+
+
+def _status(feature: Mapping[str, Any], judged: bool) -> tuple[str, str]:
+    if not feature["scores"]:
+        return "na", "no scores"
+    if not judged:
+        return "na", "not judged (too few rows)"
+    if feature["drifting"]:
+        return "drift", "DRIFT: " + "; ".join(feature["reasons"])
+    if feature["warning"]:
+        return "warn", "warning (PSI ≥ 0.1)"
+    return "ok", "ok"
+
+
+def _order(features: Sequence[Mapping[str, Any]]) -> list[int]:
+    def key(index: int) -> tuple[int, float]:
+        feature = features[index]
+        psi = feature["scores"].get("psi")
+        return (0 if feature["drifting"] else 1, -(psi if psi is not None else -1.0))
+
+    return sorted(range(len(features)), key=key)
+
+
+def _chart(feature: Mapping[str, Any], index: int, drifting: bool) -> str:
+    dist = feature["distribution"]
+    labels: list[str] = dist["labels"]
+    reference = np.asarray(dist["reference"], dtype=np.float64)
+    batch = np.asarray(dist["batch"], dtype=np.float64)
+    ref_share = reference / reference.sum() if reference.sum() > 0 else reference
+    batch_share = batch / batch.sum() if batch.sum() > 0 else batch
+    top = float(max(ref_share.max(initial=0.0), batch_share.max(initial=0.0), 1e-9))
+    # A round upper bound for the axis: 10%, 20%, 25%, 50%, 100% ...
+    nice = next((s for s in (0.05, 0.1, 0.2, 0.25, 0.4, 0.5, 0.6, 0.8, 1.0) if s >= top), 1.0)
+    n = len(labels)
+    slot = 34
+    left, right, top_pad, bottom = 44, 10, 10, 78
+    plot_w = max(slot * n, 240)
+    plot_h = 150
+    width = left + plot_w + right
+    height = top_pad + plot_h + bottom
+    step = plot_w / max(n, 1)
+    bar = step * 0.36
+    batch_color = _DRIFT_COLOR if drifting else _BATCH_COLOR
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{html.escape(str(feature["name"]))}: reference vs batch distribution">'
+    ]
+    for tick in range(5):
+        share = nice * tick / 4
+        y = top_pad + plot_h - plot_h * share / nice
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" '
+            f'stroke="#e3e6ea"/><text x="{left - 4}" y="{y + 4:.1f}" font-size="10" '
+            f'text-anchor="end" fill="#566">{share * 100:g}%</text>'
+        )
+    for i, label in enumerate(labels):
+        x0 = left + i * step + step / 2
+        for offset, share, color, who in (
+            (-bar, ref_share[i], _REFERENCE_COLOR, "reference"),
+            (0.0, batch_share[i], batch_color, "batch"),
+        ):
+            h = plot_h * float(share) / nice
+            y = top_pad + plot_h - h
+            parts.append(
+                f'<rect class="{who}" x="{x0 + offset:.1f}" y="{y:.1f}" width="{bar:.1f}" '
+                f'height="{h:.1f}" fill="{color}"><title>{html.escape(label)}: {who} '
+                f"{share * 100:.2f}%</title></rect>"
+            )
+        short = label if len(label) <= 16 else label[:15] + "…"
+        ty = top_pad + plot_h + 10
+        parts.append(
+            f'<text x="{x0:.1f}" y="{ty:.1f}" font-size="10" fill="#40464f" '
+            f'text-anchor="end" transform="rotate(-40 {x0:.1f} {ty:.1f})">'
+            f"{html.escape(short)}</text>"
+        )
+    parts.append(
+        f'<line x1="{left}" y1="{top_pad + plot_h}" x2="{left + plot_w}" '
+        f'y2="{top_pad + plot_h}" stroke="#8a929c"/></svg>'
+    )
+    scores = feature["scores"]
+    caption = ", ".join(
+        f"{heading} {_fmt(scores[key], 3)}"
+        for key, heading in _SCORE_COLUMNS[:3]
+        if scores.get(key) is not None
+    )
+    css = "chart drift" if drifting else "chart"
+    return (
+        f'<figure class="{css}" id="feature-{index}" '
+        f'data-feature="{html.escape(str(feature["name"]))}">'
+        f"<figcaption>{html.escape(str(feature['name']))} <span>({feature['kind']}; "
+        f"{html.escape(caption)})</span></figcaption>{''.join(parts)}</figure>"
+    )
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The report (as :func:`build_report` made it) as a self-contained HTML page."""
+    esc = html.escape
+    features: list[Mapping[str, Any]] = list(report["features"])
+    title = f"Batch drift report: {report['model']} version {report['version']}"
+    judged = not report["insufficient_data"]
+    if not report["available"]:
+        verdict = ("na", f"Drift not computed: {report['reason']}")
+    elif not judged:
+        verdict = ("na", f"Not judged: {report['rows']} rows is too few")
+    elif report["drifting"]:
+        names = ", ".join(report["drifting_features"])
+        verdict = (
+            "drift",
+            f"DRIFTING: {len(report['drifting_features'])} of {len(features)} features ({names})",
+        )
+    else:
+        verdict = ("ok", f"No drift: all {len(features)} features within thresholds")
+    thresholds = ", ".join(f"{k} ≥ {_fmt(v, 3)}" for k, v in report["thresholds"].items())
+    order = _order(features)
+    rows = []
+    for index in order:
+        feature = features[index]
+        css, status = _status(feature, judged)
+        scores = feature["scores"]
+        stats = feature["statistics"]
+        ref = feature["reference_statistics"]
+        skew = stats.get("out_of_range", stats.get("unseen"))
+        cells = "".join(f"<td>{_fmt(scores.get(key))}</td>" for key, _ in _SCORE_COLUMNS)
+        rows.append(
+            f'<tr class="{css}"><td class="name"><a href="#feature-{index}">'
+            f'{esc(str(feature["name"]))}</a></td><td class="kind">{feature["kind"]}</td>'
+            f'<td class="status">{esc(status)}</td>{cells}'
+            f"<td>{_fmt(stats.get('mean'))}</td><td>{_fmt(ref.get('mean'))}</td>"
+            f"<td>{_fmt(stats.get('missing'))}</td><td>{_fmt(skew)}</td></tr>"
+        )
+    headings = "".join(f"<th>{esc(h)}</th>" for _, h in _SCORE_COLUMNS)
+    charts = "".join(
+        _chart(features[i], i, bool(features[i]["drifting"]) and judged)
+        for i in order
+        if features[i]["distribution"] is not None
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<div class="meta">{report["rows"]:,} batch rows against a reference of
+{report["reference_rows"]:,} rows · model sha256 <code>{esc(str(report["sha256"]))}</code>
+· computed {esc(report["computed_at"])} · thresholds: {esc(thresholds) or "–"}</div>
+<div class="verdict {verdict[0]}">{esc(verdict[1])}</div>
+<h2>Drift scores</h2>
+<table><thead><tr><th class="name">feature</th><th>kind</th><th>status</th>{headings}
+<th>batch mean</th><th>reference mean</th><th>missing</th><th>out of range / unseen</th>
+</tr></thead><tbody>
+{"".join(rows)}
+</tbody></table>
+<h2>Distributions: reference vs batch</h2>
+<div class="legend"><span class="swatch" style="background:{_REFERENCE_COLOR}"></span>reference
+<span class="swatch" style="background:{_BATCH_COLOR}"></span>batch
+<span class="swatch" style="background:{_DRIFT_COLOR}"></span>batch (drifting feature)
+· share of rows per bin</div>
+<div class="charts">
+{charts}
+</div>
+</body></html>
+"""

@@ -1,0 +1,204 @@
+"""Online quality from delayed labels: the join, the error, the detectors, alerts, and the
+feedback path through a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from edgewise.kernels import ADWIN, DDM
+from edgewise.runtime.alerts import AlertHook
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.features import frame_to_inputs
+from edgewise.runtime.package import read_manifest
+from edgewise.runtime.quality import OnlineQuality, QualityConfig
+from tests import models
+from tests.runtime.grpc_api.test_server import metric_value, metrics_text
+from tests.servers import running_server
+
+
+def classifier(**config: object) -> OnlineQuality:
+    return OnlineQuality("m", "1", True, "label", QualityConfig(**config))  # type: ignore[arg-type]
+
+
+def test_join_errors_unknown_and_duplicates() -> None:
+    quality = classifier(slice_by=("color",))
+    for i in range(4):
+        quality.remember(
+            f"r{i}",
+            {"color": np.array([[b"red"], [b"blue"]], dtype=object)},
+            {"label": np.array([1, 0], dtype=np.int64)},
+        )
+    joined, unknown, duplicate = quality.feedback(
+        [("r0", 0, 1), ("r0", 1, 1), ("r1", 0, 1), ("nope", 0, 1), ("r0", 0, 1), ("r2", 5, 0)]
+    )
+    assert (joined, unknown, duplicate) == (3, 2, 1)
+    report = quality.report()
+    assert report["labelled"] == 3
+    assert report["error"] == pytest.approx(1 / 3)
+    assert report["slices"] == {
+        "color=blue": {"count": 1, "error": 1.0},
+        "color=red": {"count": 2, "error": 0.0},
+    }
+    with pytest.raises(InvalidInput, match="predicts int64 labels; got a str label"):
+        quality.feedback([("r3", 0, "yes")])
+
+
+def test_the_join_is_bounded_oldest_first() -> None:
+    quality = classifier(join_size=5)
+    for i in range(8):
+        quality.remember(f"r{i}", {}, {"label": np.array([0])})
+    assert quality.report()["kept_predictions"] == 5
+    joined, unknown, _ = quality.feedback([(f"r{i}", 0, 0) for i in range(8)])
+    assert (joined, unknown) == (5, 3)
+
+
+def test_detectors_fire_like_the_kernels_on_the_same_error_stream() -> None:
+    rng = np.random.default_rng(3)
+    errors = np.concatenate([rng.random(800) < 0.05, rng.random(800) < 0.5]).astype(np.int64)
+    quality = classifier()
+    truth = []
+    for i, error in enumerate(errors):
+        quality.remember(f"r{i}", {}, {"label": np.array([1])})
+        truth.append((f"r{i}", 0, 0 if error else 1))
+    for start in range(0, len(truth), 100):  # labels arrive in chunks
+        quality.feedback(truth[start : start + 100])
+    expected = DDM().update(errors.astype(np.float64)).size
+    expected += ADWIN().update(errors.astype(np.float64)).size
+    report = quality.report()
+    assert expected >= 1
+    assert report["drifts"] == expected
+    assert report["drifting"] is True
+    assert quality.report()["drifting"] is False  # reset by the previous report
+    assert report["recent_error"] > 0.3
+
+
+def test_regressor_mean_absolute_error() -> None:
+    quality = OnlineQuality("r", "1", False, "predictions", QualityConfig())
+    quality.remember("a", {}, {"predictions": np.array([[10.0], [20.0]], dtype=np.float32)})
+    quality.feedback([("a", 0, 12.5), ("a", 1, 19.0)])
+    assert quality.report()["error"] == pytest.approx((2.5 + 1.0) / 2)
+    assert quality.metric == "mean_absolute_error"
+
+
+def test_config_validation() -> None:
+    assert QualityConfig.from_json({"join_size": 7, "slice_by": ["a"]}).join_size == 7
+    for bad in ({"join_size": 0}, {"window": 3}, {"ddm": {"warm_start": -1}}):
+        with pytest.raises(InvalidInput):
+            QualityConfig.from_json(bad)
+
+
+def test_alert_command_receives_json(tmp_path: Path) -> None:
+    target = tmp_path / "alert.json"
+    script = tmp_path / "hook.py"
+    script.write_text(f"import sys; open({str(target)!r}, 'wb').write(sys.stdin.buffer.read())\n")
+    hook = AlertHook(command=f"{sys.executable} {script}")
+    thread = hook.fire("quality_drift", {"model": "m", "version": "1"})
+    assert thread is not None
+    thread.join(30)
+    alert = json.loads(target.read_text())
+    assert alert["kind"] == "quality_drift" and alert["model"] == "m"
+    assert hook.sent == 1
+    failing = AlertHook(command=f"{sys.executable} -c 'raise SystemExit(3)'")
+    thread = failing.fire("x", {})
+    assert thread is not None
+    thread.join(30)
+    assert failing.failed == 1  # logged and counted, never raised
+
+
+def test_feedback_through_a_real_server(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "mixed", repo / "mixed")
+    (repo / "mixed" / "config.json").write_text(
+        json.dumps({"quality": {"slice_by": ["alcohol_level"]}})
+    )
+    alerts = tmp_path / "alerts.jsonl"
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        "import sys\n"
+        f"with open({str(alerts)!r}, 'ab') as f:\n"
+        "    f.write(sys.stdin.buffer.read() + b'\\n')\n"
+    )
+    _, frame, y = models.train_mixed()
+    inputs = frame_to_inputs(read_manifest(repo / "mixed" / "1"), frame)
+    args = ["--alert-command", f"{sys.executable} {hook}", "--drift-interval-seconds", "0.2"]
+    with running_server(repo, tmp_path, args) as server, server.client() as client:
+        predicted = []
+        for round_ in range(6):  # 6 x 178 requests, one row each, with ids
+            for i in range(len(frame)):
+                result = client.infer(
+                    "mixed",
+                    {k: v[i : i + 1] for k, v in inputs.items()},
+                    request_id=f"{round_}-{i}",
+                    outputs=["probabilities"],  # the label is kept even when not asked for
+                )
+                predicted.append(int(np.argmax(result.outputs["probabilities"][0])))
+        truth = np.tile(y, 6)
+        labels = [
+            (f"{r}-{i}", 0, int(truth[r * len(frame) + i]))
+            for r in range(3)
+            for i in range(len(frame))
+        ]
+        response = client.submit_feedback("mixed", labels)
+        assert (response.joined, response.unknown, response.duplicate) == (534, 0, 0)
+        calm = client.quality_report("mixed")
+        expected_error = np.mean(np.array(predicted[:534]) != truth[:534])
+        assert calm.error == pytest.approx(expected_error)
+        assert calm.drifts == 0
+        assert {s.slice for s in calm.slices} == {
+            "alcohol_level=low",
+            "alcohol_level=mid",
+            "alcohol_level=high",
+        }
+        # Labels change: the world now disagrees with the model on every second row.
+        wrong = [
+            (
+                f"{r}-{i}",
+                0,
+                int((truth[r * len(frame) + i] + 1) % 3)
+                if i % 2
+                else int(truth[r * len(frame) + i]),
+            )
+            for r in range(3, 6)
+            for i in range(len(frame))
+        ]
+        assert client.submit_feedback("mixed", wrong).joined == 534
+        again = client.submit_feedback("mixed", wrong[:10])
+        assert again.duplicate == 10
+        drifted = client.quality_report("mixed")
+        assert drifted.drifting and drifted.drifts >= 1
+        assert drifted.recent_error > calm.error + 0.2
+        deadline = time.monotonic() + 30
+        while not alerts.exists() or "quality_drift" not in alerts.read_text():
+            assert time.monotonic() < deadline, "the alert hook never ran"
+            time.sleep(0.05)
+        alert = json.loads(alerts.read_text().splitlines()[0])
+        assert alert["model"] == "mixed" and alert["metric"] == "error_rate"
+        while metric_value(metrics_text(server), "edgewise_quality_labelled", model="mixed") < 1068:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        done = subprocess.run(
+            [sys.executable, "-m", "edgewise.runtime.cli", "quality", "mixed",
+             "--server", server.target],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "1068 labelled predictions" in done.stdout
+        assert "alcohol_level=mid" in done.stdout
+        table = tmp_path / "labels.csv"
+        pd.DataFrame({"request_id": ["0-0", "zzz"], "label": [0, 1]}).to_csv(table, index=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "edgewise.runtime.cli", "feedback", "mixed",
+             "--labels", str(table), "--server", server.target],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "joined 0, unknown 1, duplicate 1" in done.stdout
