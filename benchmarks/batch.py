@@ -11,10 +11,13 @@ For each model and size, alternating in every round:
 - the floor: onnxruntime called in a plain loop over the same rows already in memory (packed
   FP32 chunks of the job's chunk size), one session with the batch job's session settings, one
   thread (``floor``) and, for reference, the job's scorer threads sharing it (``floor_threads``);
+- the read floor: pyarrow alone reading the input file in a plain loop (nothing scored), the
+  lower bound on any job's time that reads the file;
 - ``edgewise batch`` as a real process (``--id-columns row_id``, drift report on, the default
   chunk size and CPU budget): its own summary gives the job's time (model loading, schema check,
   scoring, report) and the scoring phase's; the process's wall time adds interpreter start-up;
-  its peak RSS is the process's ``ru_maxrss`` from ``wait4``.
+  its peak RSS is the process's ``ru_maxrss`` from ``wait4``; and once more with
+  ``--no-drift-report``, to show what the input statistics cost.
 
 Prints one JSON line per case (medians over the rounds) with the ratios to the floor measured in
 the same run, and one line per model comparing the peak RSS at the largest and smallest size.
@@ -136,11 +139,12 @@ def floor(model_path: Path, chunks: list[np.ndarray], session: Any, threads: int
 
 def rss_helper(args: list[str]) -> None:
     """Run one job as a child and print its summary with the child's own peak RSS (wait4)."""
-    repo, model, source, out = args
+    repo, model, source, out, extra = args
     command = [
         sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "batch",
         "--repo", repo, "--model", model, "--input", source, "--output", out,
         "--id-columns", "row_id", "--progress", "off", "--json",
+        *filter(None, extra.removeprefix("flags:").split(",")),
     ]  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
@@ -157,10 +161,20 @@ def rss_helper(args: list[str]) -> None:
     print(json.dumps(summary))
 
 
-def measure_job(repo: Path, model: str, source: Path, out: Path) -> dict[str, Any]:
+def read_floor(path: Path, chunk_rows: int) -> float:
+    """rows/s of pyarrow alone reading the input's columns in a plain loop (nothing scored)."""
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    rows = sum(batch.num_rows for batch in parquet.iter_batches(batch_size=chunk_rows))
+    return rows / (time.perf_counter() - started)
+
+
+def measure_job(repo: Path, model: str, source: Path, out: Path, *extra: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--rss-helper", str(repo), model,
-         str(source), str(out)],
+         str(source), str(out), "flags:" + ",".join(extra)],
         capture_output=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:
@@ -175,7 +189,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["logreg", "forest"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="keep models and inputs here between runs")
-    parser.add_argument("--rss-helper", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-helper", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_helper:
         rss_helper(args.rss_helper)
@@ -215,21 +229,27 @@ def main() -> None:
             model_path = repo / model / "1" / "model.onnx"
             floors: list[float] = []
             floors_threads: list[float] = []
+            reads: list[float] = []
             jobs: list[dict[str, Any]] = []
+            bare: list[dict[str, Any]] = []
             for round_ in range(args.rounds):
                 floors.append(floor(model_path, chunks, session, 1))
                 floors_threads.append(floor(model_path, chunks, session, threads))
+                reads.append(read_floor(source, DEFAULT_CHUNK_ROWS))
                 out = workdir / f"out-{model}-{rows}-{round_}"
-                shutil.rmtree(out, ignore_errors=True)
-                jobs.append(measure_job(repo, model, source, out))
-                assert jobs[-1]["rows"] == rows
-                shutil.rmtree(out)
+                for results, extra in ((jobs, ()), (bare, ("--no-drift-report",))):
+                    shutil.rmtree(out, ignore_errors=True)
+                    results.append(measure_job(repo, model, source, out, *extra))
+                    assert results[-1]["rows"] == rows
+                    shutil.rmtree(out)
             floor_rate = statistics.median(floors)
             floor_threads_rate = statistics.median(floors_threads)
             job_rate = statistics.median(rows / j["seconds"] for j in jobs)
             scoring_rate = statistics.median(rows / j["scoring_seconds"] for j in jobs)
             process_rate = statistics.median(rows / j["process_seconds"] for j in jobs)
             peak = statistics.median(j["peak_rss_bytes"] for j in jobs)
+            bare_rate = statistics.median(rows / j["seconds"] for j in bare)
+            read_rate = statistics.median(reads)
             rss[(model, rows)] = peak
             print(
                 json.dumps(
@@ -247,6 +267,10 @@ def main() -> None:
                         "ratio_scoring_vs_floor": round(scoring_rate / floor_rate, 3),
                         "ratio_process_vs_floor": round(process_rate / floor_rate, 3),
                         "ratio_job_vs_floor_threads": round(job_rate / floor_threads_rate, 3),
+                        "read_only_rows_per_s": round(read_rate),
+                        "ratio_read_only_vs_floor": round(read_rate / floor_rate, 3),
+                        "job_no_drift_report_rows_per_s": round(bare_rate),
+                        "ratio_job_no_drift_report_vs_floor": round(bare_rate / floor_rate, 3),
                         "peak_rss_mib": round(peak / 2**20, 1),
                         "target_ratio": TARGET_RATIO,
                         "meets_target": job_rate / floor_rate >= TARGET_RATIO,

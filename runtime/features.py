@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+
 from edgewise.runtime.datatypes import BYTES
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package import Feature, Manifest, TensorSpec

@@ -1,7 +1,8 @@
 """``edgewise batch``: score Parquet, CSV and NumPy files with a model package, resumably.
 
 Inputs are read in fixed chunks with pyarrow (:mod:`.reader`), turned into model inputs by
-``frame_to_inputs`` and scored with the server's onnxruntime session settings (:mod:`.scoring`);
+``arrow_to_inputs`` (``frame_to_inputs``' Arrow fast path) and scored with the server's
+onnxruntime session settings (:mod:`.scoring`);
 each chunk becomes one Parquet part file, written atomically and journaled, so a job killed at
 any point and resumed produces exactly the output of an uninterrupted run (:mod:`.writer`). The
 local engine (:mod:`.pipeline`) overlaps reading, scoring and writing on threads; the Ray engine

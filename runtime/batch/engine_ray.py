@@ -10,10 +10,12 @@ per chunk, its row count, part file size and monitor window. The driver journals
 record arrives and merges the windows in chunk order, so resuming and the drift report work as
 they do locally. A unit retried by Ray rewrites identical part files: still exactly once.
 
-Inputs and the output folder must be reachable under the same paths from every node (a shared
-filesystem), and edgewise must be installed on the nodes. Without ``address`` and without
-``RAY_ADDRESS``, a local Ray instance is started with the process's CPU budget and shut down at
-the end; an instance that is already running (``ray.init`` by the caller) is used as it is.
+Each actor takes one CPU and builds its session with the driver's settings (the server's, for
+the driver's CPU budget). Inputs and the output folder must be reachable under the same paths
+from every node (a shared filesystem), and edgewise must be installed on the nodes. Without
+``address`` and without ``RAY_ADDRESS``, a local Ray instance is started with the process's CPU
+budget and shut down at the end; an instance already running (``ray.init`` by the caller) is
+used as it is.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -175,6 +176,72 @@ def _missing_chunks(
     return missing
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The job's settings: as asked for a new job, as recorded for a resumed one."""
+
+    resumed: bool
+    pinned: int | None
+    chunk_rows: int
+    id_columns: tuple[str, ...]
+    drift_report: bool
+    sha256: str | None = None  # the recorded model's, when resuming
+
+
+def _settings(
+    options: BatchOptions, folder: JobFolder, name: str, pinned: int | None, files: list[InputFile]
+) -> _Settings:
+    """A new job's settings, or a resumed job's after checking that the command and the inputs
+    agree with what the job recorded."""
+    if not folder.has_job():
+        foreign = folder.foreign_entries()
+        if foreign:
+            raise InvalidInput(
+                f"output {options.output} is not empty ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): a new job needs an empty folder"
+            )
+        chunk_rows = options.chunk_rows or DEFAULT_CHUNK_ROWS
+        return _Settings(False, pinned, chunk_rows, options.id_columns, options.drift_report)
+    if not options.resume:
+        raise InvalidInput(
+            f"output {options.output} holds a batch job already: pass --resume to continue it, "
+            "or choose another folder"
+        )
+    job = folder.read_job()
+    if job.get("format") != JOB_FORMAT:
+        raise InvalidInput(f"{options.output}: unknown job format {job.get('format')!r}")
+    try:
+        model = job["model"]
+        recorded = _Settings(
+            True,
+            int(model["version"]),
+            int(job["chunk_rows"]),
+            tuple(str(c) for c in job["id_columns"]),
+            bool(job["drift_report"]),
+            str(model["sha256"]),
+        )
+        recorded_name = str(model["name"])
+        inputs = [InputFile.from_json(f) for f in job["inputs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{options.output}: malformed job manifest ({exc!r})") from None
+    if recorded_name != name:
+        raise InvalidInput(f"cannot resume: the job scores model {recorded_name!r}, not {name!r}")
+    if pinned is not None and pinned != recorded.pinned:
+        raise InvalidInput(f"cannot resume: the job scores version {recorded.pinned}, not {pinned}")
+    if options.chunk_rows is not None and options.chunk_rows != recorded.chunk_rows:
+        raise InvalidInput(
+            f"cannot resume: the job's chunks have {recorded.chunk_rows} rows, not "
+            f"{options.chunk_rows}"
+        )
+    if options.id_columns and tuple(options.id_columns) != recorded.id_columns:
+        raise InvalidInput(
+            f"cannot resume: the job passes id columns {list(recorded.id_columns)}, not "
+            f"{list(options.id_columns)}"
+        )
+    _check_same_inputs(inputs, files)
+    return recorded
+
+
 def run_batch(options: BatchOptions) -> BatchSummary:
     """Run (or resume) a batch job; see :mod:`edgewise.runtime.batch`."""
     started = time.perf_counter()
@@ -207,95 +274,62 @@ def _run_locked(
     files: list[InputFile],
     started: float,
 ) -> BatchSummary:
-    resumed = folder.has_job()
-    if resumed and not options.resume:
-        raise InvalidInput(
-            f"output {options.output} holds a batch job already: pass --resume to continue it, "
-            "or choose another folder"
-        )
-    if not resumed:
-        foreign = folder.foreign_entries()
-        if foreign:
-            raise InvalidInput(
-                f"output {options.output} is not empty ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}): a new job needs an empty folder"
-            )
-
-    chunk_rows = options.chunk_rows or DEFAULT_CHUNK_ROWS
-    id_columns = options.id_columns
-    drift_report = options.drift_report
-    job: dict[str, Any] = {}
-    if resumed:
-        job = folder.read_job()
-        if job.get("format") != JOB_FORMAT:
-            raise InvalidInput(f"{options.output}: unknown job format {job.get('format')!r}")
-        recorded = job["model"]
-        if recorded["name"] != name:
-            raise InvalidInput(
-                f"cannot resume: the job scores model {recorded['name']!r}, not {name!r}"
-            )
-        if pinned is not None and pinned != int(recorded["version"]):
-            raise InvalidInput(
-                f"cannot resume: the job scores version {recorded['version']}, not {pinned}"
-            )
-        pinned = int(recorded["version"])
-        if options.chunk_rows is not None and options.chunk_rows != int(job["chunk_rows"]):
-            raise InvalidInput(
-                f"cannot resume: the job's chunks have {job['chunk_rows']} rows, not "
-                f"{options.chunk_rows}"
-            )
-        chunk_rows = int(job["chunk_rows"])
-        if options.id_columns and tuple(options.id_columns) != tuple(job["id_columns"]):
-            raise InvalidInput(
-                f"cannot resume: the job passes id columns {job['id_columns']}, not "
-                f"{list(options.id_columns)}"
-            )
-        id_columns = tuple(str(c) for c in job["id_columns"])
-        drift_report = bool(job["drift_report"])
-        _check_same_inputs([InputFile.from_json(f) for f in job["inputs"]], files)
-
-    version = pinned if pinned is not None else _default_version(model_dir)
+    settings = _settings(options, folder, name, pinned, files)
+    version = settings.pinned if settings.pinned is not None else _default_version(model_dir)
     version_dir = model_dir / str(version)
     if not version_dir.is_dir():
         raise ModelNotFound(f"model {name!r} has no version {version} in {options.repo}")
     manifest = read_manifest(version_dir)
-    if resumed and job["model"]["sha256"] != manifest.model_sha256:
+    if settings.sha256 is not None and settings.sha256 != manifest.model_sha256:
         raise InvalidInput(
             f"cannot resume: model {name!r} version {version} changed since the job started "
             "(its sha256 differs)"
         )
-    columns = ColumnSpec(manifest.features, id_columns)
+    columns = ColumnSpec(manifest.features, settings.id_columns)
     schemas = check_inputs(files, columns)  # every file's columns, before anything is scored
     identity = {"model": name, "version": version, "sha256": manifest.model_sha256}
     schema = output_schema(manifest, _id_fields(schemas, columns, files), identity)
 
-    if resumed and folder.is_complete() and (folder.path / SUMMARY_FILE).is_file():
+    if settings.resumed and folder.is_complete() and (folder.path / SUMMARY_FILE).is_file():
         data = json.loads((folder.path / SUMMARY_FILE).read_text(encoding="utf-8"))
         return BatchSummary.from_json({**data, "already_complete": True})
 
-    done = folder.recover() if resumed else {}
-    if not resumed:
-        job = {
-            "format": JOB_FORMAT,
-            "model": {"name": name, "version": version, "sha256": manifest.model_sha256},
-            "input": options.input,
-            "inputs": [f.to_json() for f in files],
-            "chunk_rows": chunk_rows,
-            "id_columns": list(id_columns),
-            "drift_report": drift_report,
-            "output_schema": schema.to_string(show_schema_metadata=False),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        folder.write_job(job)
-
+    # The model is loaded (files and sha256 verified, warm-up run) before the job is recorded:
+    # a package that cannot be served leaves no job behind.
     session, threads, cores = _session_settings(options)
     pa.set_cpu_count(max(1, cores))
+    model = load_model(name, version, version_dir, session)
+    collector: DriftCollector | None = None
+    no_report = "the drift report was turned off (--no-drift-report)"
+    if settings.drift_report:
+        collector = DriftCollector.for_model(model_dir, version_dir, manifest)
+        if collector is None:
+            no_report = "the model package has no reference profile"
+            log.warning("batch: no drift report: %s", no_report)
+
+    if settings.resumed:
+        done = folder.recover()
+    else:
+        done = {}
+        folder.write_job(
+            {
+                "format": JOB_FORMAT,
+                "model": {"name": name, "version": version, "sha256": manifest.model_sha256},
+                "input": options.input,
+                "inputs": [f.to_json() for f in files],
+                "chunk_rows": settings.chunk_rows,
+                "id_columns": list(settings.id_columns),
+                "drift_report": settings.drift_report,
+                "output_schema": schema.to_string(show_schema_metadata=False),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
     plan = JobPlan(
         out=options.output,
         folder=folder,
         files=files,
         columns=columns,
-        chunk_rows=chunk_rows,
+        chunk_rows=settings.chunk_rows,
         schema=schema,
         done=done,
         model_name=name,
@@ -303,29 +337,23 @@ def _run_locked(
         version_dir=version_dir,
         session=session,
     )
-    collector: DriftCollector | None = None
-    no_report_reason = "the drift report was turned off (--no-drift-report)"
-    if drift_report:
-        collector = DriftCollector.for_model(model_dir, version_dir, manifest)
-        if collector is None:
-            no_report_reason = "the model package has no reference profile"
-            log.warning("batch: no drift report: %s", no_report_reason)
-
     progress = Progress([f.rows for f in files], [f.size for f in files], options.progress)
     progress.already_done(sum(r.rows for r in done.values()))
     log.info(
         "batch: model %s version %d (sha256 %s), %d input file(s), %d chunk(s) done before, "
-        "%s engine",
+        "%s engine, %d scorer thread(s)",
         name,
         version,
         manifest.model_sha256[:12],
         len(files),
         len(done),
         options.engine,
+        threads,
     )
     if options.engine == "ray":
         from edgewise.runtime.batch.engine_ray import run_ray
 
+        del model  # each actor loads its own
         result: EngineResult = run_ray(
             plan,
             collector,
@@ -337,48 +365,59 @@ def _run_locked(
     else:
         from edgewise.runtime.batch.pipeline import run_local
 
-        model = load_model(name, version, version_dir, session)
         result = run_local(plan, model, collector, progress, threads)
     progress.finish()
+    return _finish(
+        options,
+        folder,
+        plan,
+        manifest.model_sha256,
+        result,
+        collector,
+        no_report,
+        started,
+        settings.resumed,
+    )
 
+
+def _finish(
+    options: BatchOptions,
+    folder: JobFolder,
+    plan: JobPlan,
+    sha256: str,
+    result: EngineResult,
+    collector: DriftCollector | None,
+    no_report: str,
+    started: float,
+    resumed: bool,
+) -> BatchSummary:
+    """Check every chunk is done, write the drift report and the summary, mark the job done."""
     records = folder.recover()
-    missing = _missing_chunks(files, chunk_rows, records, result.file_chunks)
+    missing = _missing_chunks(plan.files, plan.chunk_rows, records, result.file_chunks)
     if missing:  # pragma: no cover - an engine that returns without error finished every chunk
         raise InvalidInput(f"the job did not finish: missing {'; '.join(missing[:3])}")
     rows = sum(r.rows for r in records.values())
-    expected = [f.rows for f in files]
+    expected = [f.rows for f in plan.files]
     if all(r is not None for r in expected) and rows != sum(r or 0 for r in expected):
         raise InvalidInput(  # pragma: no cover - guards the exactly-once invariant
             f"the output holds {rows} rows but the inputs {sum(r or 0 for r in expected)}"
         )
-
-    drift: dict[str, Any]
     if collector is not None:
         report = build_report(
-            collector.report(),
-            collector.distributions(),
-            collector.reference,
-            manifest.model_sha256,
+            collector.report(), collector.distributions(), collector.reference, sha256
         )
     else:
-        report = unavailable_report(name, str(version), manifest.model_sha256, no_report_reason)
+        report = unavailable_report(plan.model_name, str(plan.version), sha256, no_report)
     folder.write_json(REPORT_JSON, report)
     folder.write_text(REPORT_HTML, render_html(report))
-    drift = {
-        "available": report["available"],
-        "drifting": report["drifting"],
-        "drifting_features": report["drifting_features"],
-        "insufficient_data": report["insufficient_data"],
-        "report": str(options.output / REPORT_HTML),
-    }
     seconds = time.perf_counter() - started
     summary = BatchSummary(
         output=str(options.output),
-        model=name,
-        version=version,
-        sha256=manifest.model_sha256,
+        model=plan.model_name,
+        version=plan.version,
+        sha256=sha256,
         engine=options.engine,
-        inputs=len(files),
+        inputs=len(plan.files),
         rows=rows,
         rows_this_run=result.rows_scored,
         parts=len(records),
@@ -386,7 +425,13 @@ def _run_locked(
         scoring_seconds=round(result.seconds, 4),
         rows_per_second=round(result.rows_scored / seconds, 1) if seconds > 0 else 0.0,
         resumed=resumed,
-        drift=drift,
+        drift={
+            "available": report["available"],
+            "drifting": report["drifting"],
+            "drifting_features": report["drifting_features"],
+            "insufficient_data": report["insufficient_data"],
+            "report": str(options.output / REPORT_HTML),
+        },
     )
     folder.write_json(SUMMARY_FILE, summary.to_json())
     folder.mark_complete()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from edgewise.runtime.errors import InvalidInput, ModelNotFound
+from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
 from tests import models
@@ -383,3 +383,26 @@ def test_part_files_hold_the_rows_of_their_chunk(
         assert part.name == f"part-00000-{index:06d}.parquet"
         got = pq.read_table(part).column(ID).to_numpy()
         np.testing.assert_array_equal(got, ids[index * 4096 : (index + 1) * 4096])
+
+
+def test_a_package_that_fails_verification_leaves_no_job_behind(
+    fresh_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    model_file = fresh_repo / "logreg" / "1" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:-1] + b"\0")
+    out = tmp_path / "out"
+    with pytest.raises(PackageError, match="sha256"):
+        batch(fresh_repo, "logreg", inputs.cancer_parquet, out)
+    assert not (out / "_job.json").exists()
+
+
+def test_a_malformed_job_manifest_is_reported(
+    model_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    batch(model_repo, "logreg", inputs.cancer_parquet, out)
+    job = json.loads((out / "_job.json").read_text())
+    del job["chunk_rows"]
+    (out / "_job.json").write_text(json.dumps(job))
+    with pytest.raises(InvalidInput, match="malformed job manifest"):
+        batch(model_repo, "logreg", inputs.cancer_parquet, out, resume=True)
