@@ -22,17 +22,18 @@ import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import edgewise.kernels as kernels
 import numba
 import numpy as np
 from scipy import stats
 from scipy.spatial import distance
+
+import edgewise.kernels as kernels
 
 N_FEATURES = 32
 

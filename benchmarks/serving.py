@@ -128,12 +128,13 @@ def bare_server_main(kind: str, port_file: Path) -> None:
 def build_models(repo: Path) -> dict[str, Path]:
     import numpy as np
     import pandas as pd
-    from edgewise.runtime.convert import convert
     from sklearn.datasets import load_digits
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from edgewise.runtime.convert import convert
 
     digits = load_digits()
     # The top half of each 8x8 digit: 32 real pixel features.

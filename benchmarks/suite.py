@@ -95,9 +95,7 @@ def ensure_mlserver() -> Path:
     if not (MLSERVER_VENV / "bin" / "mlserver").exists():
         print(f"installing MLServer into {MLSERVER_VENV} (once) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True
-        )
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True)
     return MLSERVER_VENV / "bin" / "mlserver"
 
 

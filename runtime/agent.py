@@ -65,16 +65,21 @@ from edgewise.runtime.errors import (
 )
 from edgewise.runtime.golden import GOLDEN_FILE, compare_outputs, read_golden
 from edgewise.runtime.package import (
+    MANIFEST_FILE,
     MODEL_FILE,
     Manifest,
     fsync_dir,
     list_versions,
+    parse_manifest,
     read_manifest,
+    read_manifest_bytes,
     sha256_file,
     validate_model_name,
     verify_files,
 )
+from edgewise.runtime.paths import check_external_data
 from edgewise.runtime.repository import ModelConfig, VersionPolicy, write_model_config
+from edgewise.runtime.signing import TrustedKeys, verify_package
 from edgewise.runtime.store.base import (
     ArtifactCorrupt,
     NodeReport,
@@ -130,6 +135,7 @@ class AgentSettings:
     corrupt_retry_seconds: float = 600.0
     report_interval: float = 60.0
     state_dir: Path | None = None
+    trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -281,12 +287,17 @@ def validate_package(
     *,
     local_load: bool = True,
     require_golden: bool = False,
+    trusted: TrustedKeys | None = None,
 ) -> Validation:
     """Check a downloaded package before it goes near the server; :class:`PackageError` or
-    :class:`ModelLoadError` naming the first problem."""
+    :class:`ModelLoadError` naming the first problem. With ``trusted`` keys the manifest's
+    signature is checked first (:class:`~edgewise.runtime.signing.SignatureError`)."""
     import onnx
 
-    manifest = read_manifest(folder)
+    raw_manifest = read_manifest_bytes(folder)
+    if trusted is not None:
+        verify_package(folder, trusted, raw_manifest)
+    manifest = parse_manifest(raw_manifest, str(folder / MANIFEST_FILE))
     if manifest.name != record.name:
         raise PackageError(f"manifest names model {manifest.name!r}, not {record.name!r}")
     if manifest.model_sha256 != record.model_sha256:
@@ -295,6 +306,8 @@ def validate_package(
             f"{record.model_sha256[:12]}…"
         )
     verify_files(folder, manifest)
+    # Before the checker, which would open external data files wherever they point.
+    check_external_data(folder / MODEL_FILE, folder, [f.path for f in manifest.files])
     try:
         onnx.checker.check_model(str(folder / MODEL_FILE))
     except Exception as exc:
@@ -319,7 +332,9 @@ def validate_package(
         from edgewise.runtime.model import SessionSettings, load_model
 
         started = time.perf_counter()
-        model = load_model(record.name, record.version, folder, SessionSettings(), verify=False)
+        model = load_model(
+            record.name, record.version, folder, SessionSettings(), verify=False, trusted=trusted
+        )
         try:
             if golden is not None:
                 check_golden(model, golden)
@@ -421,6 +436,15 @@ class Agent:
         self._said: str = ""
         self._watching = False
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
+        self.trusted: TrustedKeys | None = None
+        if settings.trusted_keys is not None:
+            self.trusted = TrustedKeys.load(settings.trusted_keys)
+            log.info(
+                "model %s: packages must be signed by one of %d trusted key(s) (%s)",
+                settings.model,
+                len(self.trusted),
+                ", ".join(self.trusted),
+            )
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -507,6 +531,11 @@ class Agent:
             return self._failed("error", exc.reason)
         except OSError as exc:
             return self._failed("error", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # A store answering garbage, or a bug: the agent logs it and carries on polling;
+            # the server keeps serving what it serves.
+            log.exception("model %s: unexpected error in a poll", self.settings.model)
+            return self._failed("error", f"unexpected {type(exc).__name__}: {exc}")
         self.failures = 0
         self.metrics.failures.set(0)
         self.metrics.polls.labels("ok").inc()
@@ -768,6 +797,7 @@ class Agent:
                 self._deployed_manifest(state),
                 local_load=self.settings.local_load,
                 require_golden=self.settings.require_golden,
+                trusted=self.trusted,
             )
             log.info(
                 "model %s version %d: valid (%d golden request(s) %s)",

@@ -61,7 +61,7 @@ class BatchingConfig:
                 ),
                 max_queue_size=int(data.get("max_queue_size", 1024)),
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
         if config.max_batch_size < 1 or config.max_queue_delay_us < 0 or config.max_queue_size < 1:
             raise InvalidInput("batching: sizes must be >= 1 and the delay >= 0")

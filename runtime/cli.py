@@ -104,7 +104,50 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--drift-interval-seconds", type=float, help="drift timer (default 10; 0: on demand only)"
     )
+    _add_serve_security(p)
     p.set_defaults(handler=_cmd_serve)
+
+
+#: Settings of ``serve``'s security and overload flags (see _add_serve_security).
+SERVE_SECURITY_KEYS = (
+    "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "health_open", "reflection_open",
+    "trusted_keys", "max_inflight", "retry_after_ms",
+)  # fmt: skip
+
+
+def _add_serve_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security and overload")
+    g.add_argument("--tls-cert", type=Path, help="PEM certificate chain: TLS on the gRPC port")
+    g.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
+    )
+    g.add_argument(
+        "--tokens-file",
+        type=Path,
+        help="bearer tokens, one per line (re-read when changed); also EDGEWISE_TOKENS",
+    )
+    g.add_argument(
+        "--health-open",
+        action=argparse.BooleanOptionalAction,
+        help="health service without a token (default: open)",
+    )
+    g.add_argument(
+        "--reflection-open",
+        action=argparse.BooleanOptionalAction,
+        help="server reflection without a token (default: closed when tokens are on)",
+    )
+    g.add_argument(
+        "--trusted-keys",
+        type=Path,
+        help="ed25519 public key file or folder: refuse packages not signed by one of them",
+    )
+    g.add_argument(
+        "--max-inflight", type=int, help="inference calls at once; beyond: RESOURCE_EXHAUSTED"
+    )
+    g.add_argument(
+        "--retry-after-ms", type=int, help="retry hint sent with RESOURCE_EXHAUSTED (default 50)"
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -120,6 +163,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
         "processes", "quality", "alert_command", "alert_webhook",
     ]  # fmt: skip
+    keys.extend(SERVE_SECURITY_KEYS)
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
     if not settings.repo.is_dir():
         raise EdgewiseError(f"model repository {settings.repo} is not a folder")
@@ -143,13 +187,21 @@ def _add_repository(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     unload = actions.add_parser("unload", help="unload a model, or one version")
     unload.add_argument("name")
     unload.add_argument("--version", default="")
+    _client_security(p)
     p.set_defaults(handler=_cmd_repository)
+
+
+def _client_security(p: argparse.ArgumentParser) -> None:
+    from edgewise.runtime.settings import add_client_security_arguments
+
+    add_client_security_arguments(p)
 
 
 def _cmd_repository(args: argparse.Namespace) -> int:
     from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.settings import client_security_from_args as security_from_args
 
-    with EdgewiseClient(args.server) as client:
+    with EdgewiseClient(args.server, security=security_from_args(args)) as client:
         if args.action == "index":
             states = client.repository_index(ready_only=args.ready)
         elif args.action == "load":
@@ -208,6 +260,7 @@ def _add_drift(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--exact", action="store_true", help="also run exact KS/Wasserstein tests")
     p.add_argument("--reset", action="store_true", help="start a fresh window after printing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _client_security(p)
     p.set_defaults(handler=_cmd_drift)
 
 
@@ -215,8 +268,9 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
     from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.settings import client_security_from_args as security_from_args
 
-    with EdgewiseClient(args.server) as client:
+    with EdgewiseClient(args.server, security=security_from_args(args)) as client:
         report = client.drift_report(args.model, args.version, args.window, args.exact)
         if args.reset:
             client.reset_window(args.model, args.version)
@@ -345,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cli._add_models(sub)
     store_cli._add_agent(sub)
     store_cli._add_rollback(sub)
+    store_cli._add_keys(sub)
     _add_evaluate(sub)
     _add_gate(sub)
     _add_batch(sub)

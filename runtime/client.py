@@ -18,23 +18,29 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgewise.runtime.channels import client_channel, retry_after_ms
 from edgewise.runtime.codecs import decode_outputs, encode_inputs
 from edgewise.runtime.errors import EdgewiseError, Unavailable
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.settings import ClientSecurity
 
 __all__ = ["EdgewiseClient", "InferResult", "ServerError"]
 
 
 class ServerError(EdgewiseError):
-    """The server answered with a non-OK gRPC status."""
+    """The server answered with a non-OK gRPC status (``retry_after_ms``: the server's retry
+    hint of a RESOURCE_EXHAUSTED, when it gave one)."""
 
-    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, status: grpc.StatusCode, details: str, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(f"{status.name}: {details}")
         self.status = status
         self.details = details
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,21 @@ class InferResult:
 
 class EdgewiseClient:
     def __init__(
-        self, target: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024
+        self,
+        target: str,
+        timeout: float = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        security: ClientSecurity | None = None,
     ) -> None:
+        """``security`` (TLS and a bearer token) defaults to the ``EDGEWISE_CLIENT_*``
+        variables; without any, the channel is plaintext and sends no token."""
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
+        security = security if security is not None else ClientSecurity.from_sources()
+        self.channel, self._metadata = client_channel(
             target,
-            options=[
+            security,
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
@@ -75,13 +89,21 @@ class EdgewiseClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
                 raise Unavailable(f"cannot reach the server at {self.target}: {details}") from None
-            raise ServerError(code, details) from None
+            hint = None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                trailing = getattr(exc, "trailing_metadata", None)
+                hint = retry_after_ms(trailing() if callable(trailing) else None)
+            raise ServerError(code, details, hint) from None
 
     # ---- health and metadata -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
 from edgewise.runtime.datatypes import BYTES, DATATYPE_TO_NUMPY, datatype_of
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb

@@ -333,14 +333,20 @@ def render(profile: Profile, fmt: str, options: RenderOptions = RenderOptions())
 
 
 def healthcheck(target: str, service: str = "", timeout: float = 3.0) -> str:
-    """The serving status of ``service`` at ``target`` (``SERVING``, ``NOT_SERVING``, ...)."""
+    """The serving status of ``service`` at ``target`` (``SERVING``, ``NOT_SERVING``, ...), over
+    TLS and with a token when the ``EDGEWISE_CLIENT_*`` variables say so."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from edgewise.runtime.channels import client_channel
+    from edgewise.runtime.settings import ClientSecurity
+
+    channel, metadata = client_channel(target, ClientSecurity.from_sources())
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            request = health_pb2.HealthCheckRequest(service=service)
+            response = stub.Check(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             detail = f"{exc.code().name}: {exc.details()}"
             raise Unavailable(f"health check of {target}: {detail}") from None

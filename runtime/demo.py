@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from edgewise.runtime.client import EdgewiseClient
 from edgewise.runtime.errors import EdgewiseError
 
@@ -26,12 +27,13 @@ MODEL_NAME = "breast_cancer"
 
 
 def _train_and_convert(repo: Path) -> tuple[object, object, object]:
-    from edgewise.runtime.convert import convert
     from sklearn.datasets import load_breast_cancer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from edgewise.runtime.convert import convert
 
     data = load_breast_cancer(as_frame=True)
     x_train, x_test, _y_train, y_test = train_test_split(
@@ -92,6 +94,7 @@ def _show_requests(
     client: EdgewiseClient, repo: Path, model: object, x_test: object, y_test: object
 ) -> None:
     import pandas as pd
+
     from edgewise.runtime.features import frame_to_inputs
     from edgewise.runtime.package import read_manifest
 

@@ -157,7 +157,7 @@ class ModelRef:
             raise InvalidInput(f"model {text!r}: expected NAME or NAME:VERSION") from None
         if not sep:
             return cls(name)
-        if not version.isdigit() or int(version) < 1:
+        if not version.isascii() or not version.isdigit() or int(version) < 1:
             raise InvalidInput(f"model {text!r}: VERSION must be an integer >= 1")
         return cls(name, int(version))
 
@@ -204,7 +204,7 @@ def load_package(folder: Path, settings: SessionSettings | None = None) -> Loade
     if not folder.is_dir():
         raise ModelNotFound(f"{folder}: no such package folder")
     manifest = read_manifest(folder)
-    version = int(folder.name) if folder.name.isdigit() else 0
+    version = int(folder.name) if folder.name.isascii() and folder.name.isdigit() else 0
     return load_model(manifest.name, version, folder, settings or SessionSettings())
 
 

@@ -148,7 +148,7 @@ class GoldenSet:
             )
         except PackageError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PackageError(f"golden requests: malformed: {type(exc).__name__}: {exc}") from None
 
 
@@ -312,7 +312,7 @@ def read_golden(folder: Path) -> GoldenSet | None:
         raise PackageError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise PackageError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{path}: expected a JSON object")

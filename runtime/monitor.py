@@ -86,17 +86,20 @@ class MonitorConfig:
         }
         values: dict[str, Any] = {}
         for key, value in data.items():
-            if key == "thresholds":
-                if not isinstance(value, Mapping):
-                    raise InvalidInput("monitoring.thresholds must be an object")
-                values["thresholds"] = {
-                    **config.thresholds,
-                    **{k: float(v) for k, v in value.items()},
-                }
-            elif key in known:
-                values[key] = known[key](value)
-            else:
-                raise InvalidInput(f"unknown monitoring setting {key!r}")
+            try:
+                if key == "thresholds":
+                    if not isinstance(value, Mapping):
+                        raise InvalidInput("monitoring.thresholds must be an object")
+                    values["thresholds"] = {
+                        **config.thresholds,
+                        **{k: float(v) for k, v in value.items()},
+                    }
+                elif key in known:
+                    values[key] = known[key](value)
+                else:
+                    raise InvalidInput(f"unknown monitoring setting {key!r}")
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidInput(f"monitoring.{key}: {exc}") from None
         result = replace(config, **values)
         if result.window_rows < 0 or result.window_seconds < 0 or result.reservoir_rows < 0:
             raise InvalidInput("monitoring windows and reservoir sizes must be >= 0")

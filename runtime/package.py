@@ -241,8 +241,8 @@ class Manifest:
             )
         except PackageError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, InvalidInput) as exc:
-            raise PackageError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, InvalidInput) as e:
+            raise PackageError(f"malformed manifest: {type(e).__name__}: {e}") from None
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -194,7 +194,7 @@ class ReferenceProfile:
             return cls(int(data["rows"]), int(data["n_bins"]), numeric, categorical)
         except PackageError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise PackageError(
                 f"malformed reference profile: {type(exc).__name__}: {exc}"
             ) from None
@@ -310,7 +310,7 @@ def read_profile(folder: Path, manifest: Manifest) -> ReferenceProfile | None:
         raise PackageError(
             f"{folder}: the manifest names a profile but {path.name} is missing"
         ) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise PackageError(f"{path}: cannot read the reference profile: {exc}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{path}: expected a JSON object")

@@ -160,7 +160,15 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
                 raise ValueError(f"{key} must be an object")
             sections[key] = value
         return ModelConfig(policy, None if default is None else int(default), **sections)
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise PackageError(f"{path}: invalid model config: {exc}") from None
 
 
@@ -421,6 +429,7 @@ class ModelRepository:
 
     def unload(self, name: str, version: int | None = None) -> list[VersionStatus]:
         """Stop serving a model, or one version of it."""
+        validate_model_name(name)
         with self._control:
             current = self._served.get(name)
             if current is None:

@@ -9,11 +9,12 @@ are only those of a directly constructed ``ServerSettings``.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.limits import (
@@ -23,10 +24,18 @@ from edgewise.runtime.limits import (
     detect_limits,
     numba_override,
 )
-from edgewise.runtime.model import SessionSettings
-from edgewise.runtime.repository import VersionPolicy
 
-__all__ = ["BUDGET_FIELDS", "ClientSecurity", "ServerSettings"]
+if TYPE_CHECKING:  # imported where used: clients read this module without onnxruntime or numba
+    from edgewise.runtime.model import SessionSettings
+    from edgewise.runtime.repository import VersionPolicy
+
+__all__ = [
+    "BUDGET_FIELDS",
+    "ClientSecurity",
+    "ServerSettings",
+    "add_client_security_arguments",
+    "client_security_from_args",
+]
 
 ENV_PREFIX = "EDGEWISE_"
 
@@ -62,6 +71,7 @@ class ServerSettings:
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
     monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
+    gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
     alert_webhook: str | None = None  # EDGEWISE_ALERT_WEBHOOK: POST the alert JSON here
@@ -89,6 +99,8 @@ class ServerSettings:
         return self.tokens_file is not None or bool(self.tokens.strip())
 
     def session_settings(self) -> SessionSettings:
+        from edgewise.runtime.model import SessionSettings
+
         return SessionSettings(
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
@@ -96,6 +108,8 @@ class ServerSettings:
         )
 
     def policy(self) -> VersionPolicy:
+        from edgewise.runtime.repository import VersionPolicy
+
         return VersionPolicy.parse(self.version_policy)
 
     @classmethod
@@ -217,3 +231,23 @@ class ClientSecurity:
         if (security.tls_cert is None) != (security.tls_key is None):
             raise InvalidInput("the client certificate and key go together: give both or neither")
         return security
+
+
+def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that talks to a server: TLS and a bearer token (each also reads
+    its ``EDGEWISE_CLIENT_*`` variable)."""
+    group = parser.add_argument_group("connection security")
+    group.add_argument(
+        "--tls-ca", type=Path, help="PEM CA bundle to trust; turns TLS on [EDGEWISE_CLIENT_TLS_CA]"
+    )
+    group.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    group.add_argument("--tls-key", type=Path, help="client certificate's private key")
+    group.add_argument("--tls-server-name", help="name the server's certificate must hold")
+    group.add_argument(
+        "--token-file", type=Path, help="bearer token file [EDGEWISE_CLIENT_TOKEN(_FILE)]"
+    )
+
+
+def client_security_from_args(args: argparse.Namespace) -> ClientSecurity:
+    keys = ("tls_ca", "tls_cert", "tls_key", "tls_server_name", "token_file")
+    return ClientSecurity.from_sources({k: getattr(args, k, None) for k in keys})

@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from edgewise.runtime.errors import InvalidInput, PackageError
 
@@ -136,7 +136,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         ) from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise InvalidInput(f"signing key {path}: not an ed25519 key ({type(key).__name__})")
-    return key
+    return cast("Ed25519PrivateKey", key)
 
 
 def _load_public_key(path: Path) -> Ed25519PublicKey:
@@ -153,7 +153,7 @@ def _load_public_key(path: Path) -> Ed25519PublicKey:
         raise InvalidInput(f"trusted key {path}: not a PEM public key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise InvalidInput(f"trusted key {path}: not an ed25519 key ({type(key).__name__})")
-    return key
+    return cast("Ed25519PublicKey", key)
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def read_signature(folder: Path) -> Signature:
         raise SignatureError(f"{path}: too large for a signature ({len(raw)} bytes)")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SignatureError(f"{path}: not valid JSON: {exc}") from None
     return Signature.from_json(data, str(path))
 

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
+
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgewise.runtime.client import EdgewiseClient
+from edgewise.runtime.settings import ClientSecurity
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RunningServer:
     port: int
     metrics_port: int
     log_path: Path
+    security: ClientSecurity | None = None  # how to connect (TLS, token); None: plaintext
 
     @property
     def target(self) -> str:
@@ -32,7 +34,7 @@ class RunningServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def client(self) -> EdgewiseClient:
-        return EdgewiseClient(self.target)
+        return EdgewiseClient(self.target, security=self.security or ClientSecurity())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -53,19 +55,24 @@ def start_server(
     extra_args: Sequence[str] = (),
     timeout: float = 60.0,
     wait_serving: bool = True,
+    env: dict[str, str] | None = None,
+    security: ClientSecurity | None = None,
+    prefix: Sequence[str] = (),
 ) -> RunningServer:
+    """``env`` adds environment variables to the server's; ``security`` is how the tests (and
+    the wait for SERVING) connect to it; ``prefix`` goes before the command (e.g. nsenter)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"ports-{time.monotonic_ns()}"
     log_path = workdir / f"server-{time.monotonic_ns()}.log"
     command = [
-        sys.executable, "-m", "edgewise.runtime.cli", "serve",
+        *prefix, sys.executable, "-m", "edgewise.runtime.cli", "serve",
         "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
         "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--port-file", str(port_file), *extra_args,
     ]  # fmt: skip
     log_handle = log_path.open("wb")
     process = subprocess.Popen(
-        command, stdout=log_handle, stderr=subprocess.STDOUT, env={**os.environ}
+        command, stdout=log_handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -78,7 +85,7 @@ def start_server(
         time.sleep(delay)
         delay = min(delay * 1.5, 0.2)
     port, metrics_port = (int(x) for x in port_file.read_text().split())
-    server = RunningServer(process, port, metrics_port, log_path)
+    server = RunningServer(process, port, metrics_port, log_path, security)
     if not wait_serving:
         return server
     with server.client() as client:

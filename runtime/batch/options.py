@@ -79,6 +79,6 @@ def parse_model_ref(text: str) -> tuple[str, int | None]:
     validate_model_name(name)
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not version.isascii() or not version.isdigit() or int(version) < 1:
         raise InvalidInput(f"model {text!r}: the version must be a positive integer")
     return name, int(version)

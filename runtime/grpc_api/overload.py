@@ -9,7 +9,7 @@ event loop or for a worker thread count, so the limit bounds the queue as well a
 
 Only ``ModelInfer`` is shed: health checks, metadata and control calls always get through, so a
 saturated server still answers its liveness probe. A refused call never reads its request (no
-protobuf parsing), which keeps shedding cheap next to serving.
+protobuf parsing, not even a wait for the message), which keeps shedding cheap next to serving.
 
 Every RESOURCE_EXHAUSTED a client can usefully retry (shedding, memory admission, a full batch
 queue) carries the same hint in its trailing metadata (:func:`retry_trailers`):
@@ -22,25 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-__all__ = [
-    "PUSHBACK_KEY",
-    "RETRY_AFTER_KEY",
-    "LoadShedder",
-    "backstop_limit",
-    "retry_after_ms",
-    "retry_trailers",
+from edgewise.runtime.channels import PUSHBACK_KEY, RETRY_AFTER_KEY
+
+#: What an aio interceptor is handed: resolves a call's details to its method handler.
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
 ]
 
-log = logging.getLogger(__name__)
+__all__ = ["LoadShedder", "LoopLoad", "backstop_limit", "retry_trailers"]
 
-RETRY_AFTER_KEY: Final = "retry-after-ms"
-PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
+log = logging.getLogger(__name__)
 
 
 def retry_trailers(milliseconds: int) -> tuple[tuple[str, str], ...]:
@@ -49,22 +47,12 @@ def retry_trailers(milliseconds: int) -> tuple[tuple[str, str], ...]:
     return ((RETRY_AFTER_KEY, value), (PUSHBACK_KEY, value))
 
 
-def retry_after_ms(trailing_metadata: Any) -> int | None:
-    """The retry hint of a call's trailing metadata (client side), or None."""
-    for key, value in trailing_metadata or ():
-        if key in (RETRY_AFTER_KEY, PUSHBACK_KEY):
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
 def backstop_limit(max_inflight: int) -> int | None:
-    """gRPC's own cap on concurrent calls of every kind, behind our shedding: high enough that
-    health and control calls get through while inference is shed, low enough to bound memory
-    if even shedding cannot keep up."""
-    return 4 * max_inflight + 64 if max_inflight > 0 else None
+    """gRPC's own cap on concurrent calls of every kind, far behind our shedding: calls being
+    refused count there too, and on a machine short of CPU they can be hundreds at once, so it
+    sits high enough that health checks still get through while inference is shed (a lower
+    cap refused them in a 10-minute soak), and only bounds memory if shedding cannot keep up."""
+    return max(1024, 32 * max_inflight) if max_inflight > 0 else None
 
 
 class LoadShedder(grpc.aio.ServerInterceptor):
@@ -83,6 +71,7 @@ class LoadShedder(grpc.aio.ServerInterceptor):
         self.methods = methods
         self.inflight = 0
         self.shed = 0
+        self.last_shed = -1e9  # time.monotonic() of the last refusal
         registry = registry if registry is not None else CollectorRegistry()
         self._shed_counter = Counter(
             "edgewise_shed_requests",
@@ -101,30 +90,32 @@ class LoadShedder(grpc.aio.ServerInterceptor):
         )
         admitted.set_function(lambda: self.inflight)
         trailers = retry_trailers(retry_ms)
-        message = (
-            f"server overloaded: {limit} inference calls in flight; retry after {retry_ms} ms"
-        )
+        message = f"server overloaded: {limit} inference calls in flight; retry after {retry_ms} ms"
 
-        async def refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def refuse(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing_metadata=trailers
             )
 
-        # No deserializer: a refused request is never parsed.
-        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+        # A streaming handler, so that gRPC does not even wait for the request message: a
+        # refused request is never received into Python, let alone parsed.
+        self._refuse: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(
+            refuse
+        )
 
     def _done(self, _task: object) -> None:
         self.inflight -= 1
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if handler_call_details.method not in self.methods:
             return await continuation(handler_call_details)
         if self.inflight >= self.limit:
             self.shed += 1
+            self.last_shed = time.monotonic()
             self._shed_counter.inc()
             return self._refuse
         task = asyncio.current_task()
@@ -133,3 +124,99 @@ class LoadShedder(grpc.aio.ServerInterceptor):
             self.inflight += 1
             task.add_done_callback(self._done)
         return await continuation(handler_call_details)
+
+
+class LoopLoad:
+    """How busy the event loop is: the share of wall time it spent waiting in ``select`` over
+    the last ``window`` seconds, measured by wrapping the loop's selector.
+
+    Why it matters: gRPC hands the server one new call per turn of the loop or so, and calls
+    not yet handed over wait inside gRPC's core, where no Python code can see, count or shed
+    them. While requests run inline on the loop, a saturated loop therefore queues new calls
+    out of sight. When the loop stops idling while most of its time goes to running models
+    inline (:attr:`inline_seconds`, added up by the servicer), :attr:`busy` turns on and the
+    servicer runs requests on worker threads instead: the loop is free again to take calls in,
+    the queue moves where :class:`LoadShedder` counts it, and excess calls get
+    RESOURCE_EXHAUSTED with a retry hint. Below saturation requests stay inline (no thread
+    hand-off), and so do requests so cheap that gRPC's own machinery, not the model, fills the
+    loop (moving them would cost a hand-off and free nothing). Once busy, it stays
+    busy until the loop idles again *and* nothing was shed for ``hold`` seconds, so that it does
+    not flap back to inline work while the overload lasts.
+
+    With an event loop that has no selector to wrap (uvloop), :attr:`busy` stays False.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        window: float = 0.1,
+        busy_below: float = 0.05,
+        idle_above: float = 0.15,
+        hold: float = 2.0,
+        last_shed: Callable[[], float] = lambda: -1e9,
+        inline_share: float = 0.25,
+    ) -> None:
+        self.window = window
+        self.busy_below = busy_below
+        self.idle_above = idle_above
+        self.hold = hold
+        self.inline_share = inline_share
+        self.inline_seconds = 0.0  # added to by the servicer: time spent running requests inline
+        self._inline_mark = 0.0
+        self._last_shed = last_shed
+        self._busy_since_seen = -1e9
+        self.busy = False
+        self.idle_fraction = 1.0
+        self._idle = 0.0
+        self._mark = (time.perf_counter(), 0.0)
+        self._task: asyncio.Task[None] | None = None
+        selector = getattr(loop, "_selector", None)
+        original = getattr(selector, "select", None)
+        self.enabled = original is not None
+        if original is None:
+            log.info("event loop without a selector: inline requests are not moved off it")
+            return
+
+        def select(timeout: float | None = None) -> Any:
+            if timeout is not None and timeout <= 0:
+                return original(timeout)
+            started = time.perf_counter()
+            try:
+                return original(timeout)
+            finally:
+                self._idle += time.perf_counter() - started
+
+        selector.select = select  # type: ignore[union-attr]
+        self._task = loop.create_task(self._watch())
+
+    def sample(self) -> float:
+        """Close a window: the idle share since the previous one; updates :attr:`busy`."""
+        now = time.perf_counter()
+        then, idle_then = self._mark
+        elapsed = now - then
+        if elapsed <= 0:
+            return self.idle_fraction
+        self.idle_fraction = min(1.0, (self._idle - idle_then) / elapsed)
+        inline = (self.inline_seconds - self._inline_mark) / elapsed
+        self._mark = (now, self._idle)
+        self._inline_mark = self.inline_seconds
+        moment = time.monotonic()
+        if self.idle_fraction < self.busy_below and (self.busy or inline >= self.inline_share):
+            self.busy = True
+            self._busy_since_seen = moment
+        elif (
+            self.busy
+            and self.idle_fraction > self.idle_above
+            and moment - max(self._busy_since_seen, self._last_shed()) > self.hold
+        ):
+            self.busy = False
+        return self.idle_fraction
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.window)
+            self.sample()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -27,20 +27,24 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from edgewise.runtime.channels import parse_tokens
 from edgewise.runtime.errors import InvalidInput
+
+#: What an aio interceptor is handed: resolves a call's details to its method handler.
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
+]
 
 __all__ = [
     "HEALTH_PREFIX",
     "REFLECTION_PREFIXES",
     "AuthInterceptor",
     "TokenSet",
-    "client_token",
-    "parse_tokens",
     "server_credentials",
 ]
 
@@ -51,31 +55,10 @@ REFLECTION_PREFIXES: Final = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-MIN_TOKEN_CHARS: Final = 16
 _RELOAD_CHECK_SECONDS: Final = 2.0
-_TOKEN_CHARS: Final = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
-)
 
 
 # ---- tokens --------------------------------------------------------------------------------------
-
-
-def parse_tokens(text: str, where: str) -> list[str]:
-    """Tokens from text: one per line (or separated by commas or spaces), ``#`` comments and
-    blank lines ignored. Each must be at least 16 characters of the RFC 6750 token alphabet."""
-    tokens = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        for token in line.replace(",", " ").split():
-            if len(token) < MIN_TOKEN_CHARS or not set(token) <= _TOKEN_CHARS:
-                raise InvalidInput(
-                    f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters of letters, "
-                    "digits and -._~+/= (found one of "
-                    f"{len(token)} characters{' with other characters' if len(token) else ''})"
-                )
-            tokens.append(token)
-    return tokens
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -157,21 +140,6 @@ class TokenSet:
         return accepted
 
 
-def client_token(token: str | None = None, file: Path | None = None) -> str | None:
-    """The token a client sends: given directly, or the first token of a file."""
-    if token:
-        return token.strip()
-    if file is None:
-        return None
-    try:
-        tokens = parse_tokens(file.read_text(encoding="utf-8"), str(file))
-    except OSError as exc:
-        raise InvalidInput(f"token file {file}: {exc.strerror}") from None
-    if not tokens:
-        raise InvalidInput(f"token file {file}: no token in it")
-    return tokens[0]
-
-
 # ---- the interceptor -----------------------------------------------------------------------------
 
 
@@ -232,9 +200,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         if method.startswith(self.open_prefixes):
             return await continuation(handler_call_details)
@@ -310,6 +278,8 @@ def server_credentials(
         log.info("TLS certificate reloaded from %s", cert)
         return configuration
 
+    # The stubs type the fetcher as never returning None; gRPC reads None as "unchanged".
+    fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
     return grpc.dynamic_ssl_server_credentials(
-        initial, fetch, require_client_authentication=client_ca is not None
+        initial, fetcher, require_client_authentication=client_ca is not None
     )

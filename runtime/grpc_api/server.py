@@ -9,6 +9,7 @@ returns exit code 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,14 @@ from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.grpc_api.overload import LoadShedder, LoopLoad, backstop_limit
+from edgewise.runtime.grpc_api.security import (
+    HEALTH_PREFIX,
+    REFLECTION_PREFIXES,
+    AuthInterceptor,
+    TokenSet,
+    server_credentials,
+)
 from edgewise.runtime.grpc_api.servicers import (
     InferenceServicer,
     MonitoringServicer,
@@ -42,6 +51,7 @@ from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.monitor import MonitorConfig
 from edgewise.runtime.repository import ModelRepository
 from edgewise.runtime.settings import BUDGET_FIELDS, ServerSettings
+from edgewise.runtime.signing import TrustedKeys
 
 __all__ = ["InferenceServer", "run_server"]
 
@@ -90,6 +100,8 @@ class InferenceServer:
         self._metrics_http: Any = None
         self._drift_task: asyncio.Task[None] | None = None
         self._published: set[tuple[str, str]] = set()
+        self.shedder: LoadShedder | None = None
+        self.loop_load: LoopLoad | None = None
 
     def _on_model_event(self, name: str, version: int, event: str) -> None:
         self.metrics.model_event(name, version, event)
@@ -105,16 +117,70 @@ class InferenceServer:
             await self.health.set(service, status)
         self.metrics.models_ready.set(len(self.repository.served_models()))
 
+    def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
+        """Trusted keys for packages, the interceptors (tokens, then shedding) and the TLS
+        credentials of the port, from the settings; every problem is one readable error."""
+        settings = self.settings
+        if settings.trusted_keys is not None:
+            trusted = TrustedKeys.load(settings.trusted_keys)
+            self.repository.trusted_keys = trusted
+            log.info(
+                "model packages must be signed by one of %d trusted key(s) from %s: %s",
+                len(trusted),
+                settings.trusted_keys,
+                ", ".join(trusted),
+            )
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if settings.auth_enabled:
+            tokens = TokenSet(settings.tokens_file, settings.tokens)
+            open_prefixes = [HEALTH_PREFIX] if settings.health_open else []
+            if settings.reflection_open:
+                open_prefixes.extend(REFLECTION_PREFIXES)
+            interceptors.append(AuthInterceptor(tokens, open_prefixes, self.metrics.registry))
+            log.info(
+                "bearer-token authentication on (%d token(s)); open without a token: %s",
+                len(tokens),
+                ", ".join(p.strip("/").split("/")[0] for p in open_prefixes) or "nothing",
+            )
+            if settings.tls_cert is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("tokens travel in clear text without TLS (--tls-cert/--tls-key)")
+        if settings.max_inflight > 0:
+            self.shedder = LoadShedder(
+                settings.max_inflight,
+                settings.retry_after_ms,
+                frozenset({f"/{INFERENCE_SERVICE}/ModelInfer"}),
+                self.metrics.registry,
+            )
+            interceptors.append(self.shedder)
+        credentials = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+            log.info(
+                "TLS on the gRPC port%s",
+                " with client certificates required (mutual TLS)" if settings.tls_client_ca else "",
+            )
+        return interceptors, credentials
+
     async def start(self) -> None:
         settings = self.settings
         limit = settings.max_message_bytes
+        interceptors, credentials = self._security()
+        if self.shedder is not None:
+            shedder = self.shedder
+            loop = asyncio.get_running_loop()
+            self.loop_load = LoopLoad(loop, last_shed=lambda: shedder.last_shed)
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
-            maximum_concurrent_rpcs=settings.max_inflight or None,
+            # Our shedder answers past max_inflight (with a retry hint, counted); gRPC's own cap
+            # is only a backstop for every kind of call.
+            maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
@@ -123,6 +189,8 @@ class InferenceServer:
                 self.executor,
                 settings.inline_max_bytes,
                 self.admission,
+                retry_after_ms=settings.retry_after_ms,
+                loop_load=self.loop_load,
             ),
             server,
         )
@@ -153,7 +221,11 @@ class InferenceServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if credentials is not None:
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         if settings.peers_dir is not None:
@@ -181,6 +253,8 @@ class InferenceServer:
             log.info("monitoring kernels ready in %.2f s", seconds)
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
+        if settings.gc_tuning:
+            _tune_garbage_collector()
         self.dataplane.set_ready(True)
         await self.update_health()
         log.info(
@@ -249,6 +323,8 @@ class InferenceServer:
 
     async def stop(self, grace: float | None = None) -> None:
         self.dataplane.set_ready(False)
+        if self.loop_load is not None:
+            self.loop_load.close()
         if self._drift_task is not None:
             self._drift_task.cancel()
         await self.health.enter_graceful_shutdown()
@@ -262,6 +338,16 @@ class InferenceServer:
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def _tune_garbage_collector() -> None:
+    """After start-up: collect once, then move everything allocated so far (modules, models,
+    sessions, monitors) out of the collector's reach, and run the youngest generation's
+    collections less often, so that requests do not pay for rescanning start-up objects."""
+    gc.collect()
+    gc.freeze()
+    threshold, *older = gc.get_threshold()
+    gc.set_threshold(max(threshold, 50_000), *older)
 
 
 def _write_port_file(path: Path, port: int, metrics_port: int) -> None:

@@ -26,15 +26,23 @@ import grpc
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.batching import BatchingConfig, DynamicBatcher
 from edgewise.runtime.dataplane import DataPlane, PreparedRequest
-from edgewise.runtime.errors import EdgewiseError, InvalidInput, ModelNotReady, ResourceExhausted
+from edgewise.runtime.errors import (
+    EdgewiseError,
+    ErrorCode,
+    InvalidInput,
+    ModelNotReady,
+    ResourceExhausted,
+)
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.grpc_api.overload import LoopLoad, retry_trailers
 from edgewise.runtime.grpc_api.status import grpc_status
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.model import LoadedModel
 from edgewise.runtime.monitor import DriftReport
+from edgewise.runtime.paths import parse_version
 from edgewise.runtime.quality import OnlineQuality
 from edgewise.runtime.repository import ModelRepository, VersionStatus
 
@@ -67,9 +75,17 @@ def _payload_bytes(request: pb.ModelInferRequest) -> int:
     return total
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[object, object],
+    exc: Exception,
+    retry_after_ms: int | None = None,
+) -> None:
+    """Answer ``exc`` with its status; a RESOURCE_EXHAUSTED carries the retry hint."""
     if isinstance(exc, EdgewiseError):
-        await context.abort(grpc_status(exc.code), exc.message)
+        trailers: tuple[tuple[str, str], ...] = ()
+        if retry_after_ms is not None and exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+            trailers = retry_trailers(retry_after_ms)
+        await context.abort(grpc_status(exc.code), exc.message, trailing_metadata=trailers)
     log.exception("unexpected error in a request")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
@@ -82,12 +98,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         executor: ThreadPoolExecutor,
         inline_max_bytes: int = 64 * 1024,
         admission: MemoryAdmission | None = None,
+        retry_after_ms: int = 50,
+        loop_load: LoopLoad | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
         self.executor = executor
         self.inline_max_bytes = inline_max_bytes
         self.admission = admission
+        self.retry_after_ms = retry_after_ms  # the hint of memory admission and full batch queues
+        # A saturated event loop runs nothing inline (see LoopLoad): calls stay visible to shedding.
+        self.loop_load = loop_load
         # One batch queue per served model version that has batching configured; a version
         # that is unloaded drops out with its last reference.
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
@@ -231,12 +252,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             reservation = self._admit(request)
-            if _payload_bytes(request) <= self.inline_max_bytes:
+            busy = self.loop_load is not None and self.loop_load.busy
+            if not busy and _payload_bytes(request) <= self.inline_max_bytes:
                 prepared = self._prepare_counted(request, reservation)
                 batching = prepared.model.batching
                 if batching is not None:
                     return await self._batched(prepared, batching, deadline, started, reservation)
-                return self._execute_counted(prepared, deadline, started, reservation)
+                try:
+                    return self._execute_counted(prepared, deadline, started, reservation)
+                finally:
+                    if self.loop_load is not None:  # the loop's time spent on models
+                        self.loop_load.inline_seconds += time.perf_counter() - started
             future = self.executor.submit(
                 self._infer_counted, request, deadline, started, reservation
             )
@@ -246,7 +272,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if future.cancelled():  # never ran: its reservation is still held
                     self._release(reservation)
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.retry_after_ms)
             raise
 
 
@@ -262,11 +288,7 @@ def _to_proto(status: VersionStatus) -> epb.ModelVersionState:
 
 
 def _parse_version(text: str) -> int | None:
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidInput(f"version {text!r} is not a positive integer")
-    return int(text)
+    return parse_version(text) if text else None
 
 
 class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
@@ -298,12 +320,16 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
         if metadata.get(FORWARDED_HEADER):
             return  # already a forwarded call: do not forward again
 
+        # The siblings' private addresses are plaintext on 127.0.0.1; with authentication on,
+        # the caller's token goes along (the same interceptor checks it there).
+        forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
+        if metadata.get("authorization"):
+            forwarded += (("authorization", str(metadata["authorization"])),)
+
         async def call(address: str) -> None:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = epb_grpc.ModelRepositoryServiceStub(channel)
-                await getattr(stub, method)(
-                    request, timeout=120, metadata=((FORWARDED_HEADER, "1"),)
-                )
+                await getattr(stub, method)(request, timeout=120, metadata=forwarded)
 
         results = await asyncio.gather(
             *(call(address) for address in self.peers()), return_exceptions=True

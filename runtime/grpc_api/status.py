@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 import grpc
+
 from edgewise.runtime.errors import ErrorCode
 
 __all__ = ["GRPC_STATUS", "error_code_for", "grpc_status"]

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.settings import add_client_security_arguments, client_security_from_args
 
 if TYPE_CHECKING:
     from edgewise.runtime.store.base import Store, VersionRecord
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["_add_agent", "_add_models", "_add_register", "_add_rollback"]
+__all__ = ["_add_agent", "_add_keys", "_add_models", "_add_register", "_add_rollback"]
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +98,12 @@ def _add_register(sub: Subparsers) -> None:
         help="run this promotion gate first; a failing candidate is registered but the alias "
         "stays where it is (exit 1)",
     )
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="KEY",
+        help="ed25519 private key (edgewise keys generate): sign the published manifest",
+    )
     p.add_argument("--json", action="store_true", help="print the version record as JSON")
     p.set_defaults(handler=_cmd_register)
 
@@ -129,6 +136,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             allow_schema_change=args.allow_schema_change,
             golden=not args.no_golden,
             gate=args.gate,
+            sign_key=args.sign_key,
         )
     finally:
         store.close()
@@ -318,6 +326,12 @@ def _add_agent(sub: Subparsers) -> None:
     p.add_argument("--metrics-port", type=int, default=8003, help="0: free port, -1: off (8003)")
     p.add_argument("--port-file", type=Path, help="write the metrics port here when ready")
     p.add_argument("--once", action="store_true", help="poll once and exit (1 if it failed)")
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        help="ed25519 public key file or folder: refuse packages not signed by one of them",
+    )
+    add_client_security_arguments(p)
     p.set_defaults(handler=_cmd_agent)
 
 
@@ -348,6 +362,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         local_load=not args.no_local_load,
         require_golden=args.require_golden,
         state_dir=args.state_dir,
+        trusted_keys=args.trusted_keys,
     )
     store = _open_store(args)
     metrics = AgentMetrics()
@@ -364,7 +379,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         temporary = args.port_file.with_name(args.port_file.name + ".tmp")
         temporary.write_text(f"{port}\n")
         os.replace(temporary, args.port_file)
-    client = EdgewiseClient(args.server)
+    client = EdgewiseClient(args.server, security=client_security_from_args(args))
     agent = Agent(settings, store, client, metrics)
     try:
         if args.once:
@@ -395,6 +410,7 @@ def _add_rollback(sub: Subparsers) -> None:
     p.add_argument("--server", default="127.0.0.1:8001", help="server HOST:PORT (gRPC)")
     p.add_argument("--to", type=int, help="the version to go back to")
     p.add_argument("--state-dir", type=Path, help="default: REPO/.edgewise-agent")
+    add_client_security_arguments(p)
     p.set_defaults(handler=_cmd_rollback)
 
 
@@ -402,7 +418,57 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from edgewise.runtime.agent import rollback
     from edgewise.runtime.client import EdgewiseClient
 
-    with EdgewiseClient(args.server) as client:
+    with EdgewiseClient(args.server, security=client_security_from_args(args)) as client:
         before, after = rollback(args.repo, args.name, client, to=args.to, state_dir=args.state_dir)
     print(f"{args.name}: rolled back from version {before} to version {after}")
+    return 0
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+def _add_keys(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "keys",
+        help="make ed25519 keys and sign or verify model packages",
+        description="Signed model packages: a signature over manifest.json (which lists the "
+        "sha256 of every file) in a detached manifest.sig. Servers (serve --trusted-keys) and "
+        "agents (agent --trusted-keys) refuse packages whose signature does not verify.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = actions.add_parser("generate", help="write NAME.key (private) and NAME.pub")
+    generate.add_argument("--out", type=Path, required=True, help="folder for the two files")
+    generate.add_argument("--name", default="edgewise", help="file name stem (default edgewise)")
+    sign = actions.add_parser("sign", help="sign a package folder in place")
+    sign.add_argument("package", type=Path, help="the package folder REPO/NAME/VERSION")
+    sign.add_argument("--key", type=Path, required=True, help="ed25519 private key")
+    verify = actions.add_parser("verify", help="check a package's signature and files")
+    verify.add_argument("package", type=Path, help="the package folder")
+    verify.add_argument("--trusted-keys", type=Path, required=True, help="public key file/folder")
+    p.set_defaults(handler=_cmd_keys)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from edgewise.runtime.package import read_manifest, verify_files
+    from edgewise.runtime.signing import (
+        TrustedKeys,
+        generate_keypair,
+        sign_package,
+        verify_package,
+    )
+
+    if args.action == "generate":
+        private, public, kid = generate_keypair(args.out, args.name)
+        print(f"key {kid}: private {private} (keep it secret), public {public} (trust it)")
+        return 0
+    if args.action == "sign":
+        manifest = read_manifest(args.package)
+        verify_files(args.package, manifest)  # never sign files that do not match
+        path = sign_package(args.package, args.key)
+        print(f"signed {args.package} ({manifest.name}): {path}")
+        return 0
+    kid = verify_package(args.package, TrustedKeys.load(args.trusted_keys))
+    manifest = read_manifest(args.package)
+    verify_files(args.package, manifest)
+    print(f"{args.package}: signature by key {kid} verifies; {len(manifest.files)} file(s) match")
     return 0

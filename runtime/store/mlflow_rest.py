@@ -225,7 +225,12 @@ class _AlreadyExists(EdgewiseError):
 def _tags(items: Any) -> dict[str, str]:
     if isinstance(items, dict):
         return {str(k): str(v) for k, v in items.items()}
-    return {str(t["key"]): str(t.get("value", "")) for t in items or ()}
+    if items is not None and not isinstance(items, list):
+        raise PackageError(f"MLflow returned tags that are not a list: {str(items)[:80]!r}")
+    try:
+        return {str(t["key"]): str(t.get("value", "")) for t in items or ()}
+    except (KeyError, TypeError, AttributeError):
+        raise PackageError(f"MLflow returned malformed tags: {str(items)[:80]!r}") from None
 
 
 def _quote_path(path: str) -> str:
@@ -252,6 +257,11 @@ class MlflowStore:
     # ---- reading ------------------------------------------------------------------------------
 
     def _record(self, data: Mapping[str, Any]) -> VersionRecord:
+        if not isinstance(data, Mapping):
+            raise StoreUnavailable(
+                f"MLflow at {self.uri}: a model version that is not a JSON object: "
+                f"{str(data)[:80]!r}"
+            )
         name = str(data.get("name", ""))
         try:
             version = int(data["version"])

@@ -26,14 +26,18 @@ from edgewise.runtime.package import (
     Manifest,
     file_entry,
     read_manifest,
+    read_manifest_bytes,
     validate_model_name,
     verify_files,
     write_manifest,
 )
+from edgewise.runtime.signing import SIGNATURE_FILE, load_private_key, sign_package
 from edgewise.runtime.store.base import Store, VersionRecord, safe_join, validate_alias
 from edgewise.runtime.store.lineage import collect_lineage
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from edgewise.runtime.gate import GateVerdict
 
 __all__ = [
@@ -98,7 +102,7 @@ def parse_package_path(path: Path) -> tuple[Path, str, int]:
         raise InvalidInput(f"{path}: is a symbolic link; give the package folder itself")
     name, version_text = path.parent.name, path.name
     validate_model_name(name)
-    if not version_text.isdigit() or version_text.startswith("0"):
+    if not version_text.isascii() or not version_text.isdigit() or version_text.startswith("0"):
         raise InvalidInput(f"{path}: expected REPO/NAME/VERSION with an integer VERSION")
     if not path.is_dir():
         raise InvalidInput(f"{path}: no such package folder")
@@ -106,8 +110,12 @@ def parse_package_path(path: Path) -> tuple[Path, str, int]:
 
 
 def package_files(folder: Path, manifest: Manifest) -> tuple[FileEntry, ...]:
-    """Every file of a package for the store: the manifest's list plus ``manifest.json``."""
-    return (*manifest.files, file_entry(folder, MANIFEST_FILE))
+    """Every file of a package for the store: the manifest's list plus ``manifest.json`` (and
+    its signature ``manifest.sig`` when the package is signed)."""
+    extra = [MANIFEST_FILE]
+    if (folder / SIGNATURE_FILE).is_file():
+        extra.append(SIGNATURE_FILE)
+    return (*manifest.files, *(file_entry(folder, name) for name in extra))
 
 
 def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
@@ -118,6 +126,24 @@ def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
         destination = safe_join(target, relative)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(origin, destination)
+
+
+def _carry_signature(source: Path, copy: Path, key: Ed25519PrivateKey | None) -> None:
+    """Sign the copy's manifest with ``key``; without a key, keep the source's signature when
+    the manifest is unchanged (a changed manifest would not verify: it is left unsigned)."""
+    if key is not None:
+        sign_package(copy, key)
+        return
+    signature = safe_join(source, SIGNATURE_FILE)
+    if not signature.is_file() or signature.is_symlink():
+        return
+    if read_manifest_bytes(copy) == read_manifest_bytes(source):
+        shutil.copyfile(signature, copy / SIGNATURE_FILE)
+    else:
+        log.warning(
+            "%s: its manifest.sig is dropped (register changed the manifest); sign with --sign-key",
+            source,
+        )
 
 
 def register(
@@ -135,12 +161,17 @@ def register(
     allow_schema_change: bool = False,
     golden: bool = True,
     gate: Path | None = None,
+    sign_key: Path | None = None,
 ) -> RegisterResult:
     """Publish the package folder ``package`` (``REPO/NAME/VERSION``) to ``store``.
 
     With ``gate`` (a gate spec file), the promotion gate runs first, against the version the
     alias names now; its verdict goes into the lineage, and a failing candidate is still
-    published but the alias is not moved to it."""
+    published but the alias is not moved to it.
+
+    With ``sign_key`` (an ed25519 private key), the manifest as published is signed
+    (``manifest.sig``, see :mod:`edgewise.runtime.signing`). Without it, a signature the
+    package already has is kept if the manifest is published unchanged."""
     _, name, _ = parse_package_path(package)
     if alias is not None:
         validate_alias(alias)
@@ -148,6 +179,7 @@ def register(
     if manifest.name != name:
         raise PackageError(f"{package}: manifest names model {manifest.name!r}, not {name!r}")
     verify_files(package, manifest)
+    key = load_private_key(sign_key) if sign_key is not None else None  # fail before work
     verdict = run_gate(store, gate, package, name, alias) if gate is not None else None
     with tempfile.TemporaryDirectory(prefix="edgewise-register-") as scratch:
         copy = Path(scratch) / name
@@ -165,6 +197,7 @@ def register(
             manifest = dataclasses.replace(manifest, config=config)
             write_manifest(copy, manifest)
         verify_files(copy, manifest)
+        _carry_signature(package, copy, key)
         lineage = collect_lineage(
             manifest,
             code_dir=code_dir,

@@ -128,6 +128,11 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Pa
     # Non-root, read-only root filesystem, numba's cache compiled at build time (no JIT).
     assert podman.run("exec", "edgewise-test", "id", "-u").stdout.strip() == "10001"
     assert podman.run("exec", "edgewise-test", "touch", "/opt/x", check=False).returncode != 0
+    # No capability at all (--cap-drop ALL) and no way to gain one (no-new-privileges).
+    status = podman.run("exec", "edgewise-test", "cat", "/proc/1/status").stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, status
+    assert fields["NoNewPrivs"].strip() == "1", status
     probe = (
         "import gc, edgewise.kernels as k; k.warmup(); "
         "from numba.core.registry import CPUDispatcher as D; "

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
-
 from tests import models
 from tests.servers import RunningServer, start_server
 

@@ -7,6 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from scipy.spatial import distance
+
 from edgewise.kernels import (
     PSI_EPSILON,
     BinEdges,
@@ -22,10 +27,6 @@ from edgewise.kernels import (
     wasserstein_binned,
     wasserstein_samples,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats
-from scipy.spatial import distance
 
 from .kernel_strategies import count_pairs
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from edgewise.kernels import (
     BinEdges,
     CategoricalState,
@@ -13,8 +16,6 @@ from edgewise.kernels import (
     quantile_edges,
 )
 from edgewise.kernels.histograms import MAX_EDGES
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from .kernel_strategies import FLOAT_DTYPES, float_batches
 

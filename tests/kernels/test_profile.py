@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgewise.kernels import FeatureProfile, HistogramState, MomentState, quantile_edges
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from edgewise.kernels import FeatureProfile, HistogramState, MomentState, quantile_edges
 
 from .kernel_strategies import float_batches
 

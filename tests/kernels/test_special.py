@@ -7,6 +7,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import special, stats
+
 from edgewise.kernels._special import (
     _chi2_sf,
     _gammaincc,
@@ -15,9 +19,6 @@ from edgewise.kernels._special import (
     _kstwo_sf,
     _smirnov_sf,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import special, stats
 
 
 @pytest.mark.parametrize("a", [0.5, 1.0, 1.5, 2.0, 4.5, 10.0, 50.0, 200.5, 1000.0])

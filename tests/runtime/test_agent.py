@@ -324,6 +324,52 @@ def test_store_down_slow_or_failing_keeps_v1_serving_with_backoff(
     assert {count for count, _ in delays} >= {1, 2, 3}
 
 
+def test_store_answering_garbage_resetting_or_slowly_never_stops_the_agent(
+    mlflow_server: MlflowServer,  # noqa: F811
+    agents: Agents,
+    edge: Edge,
+    packages: Packages,
+    workdir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    name = unique(request, "logreg")
+    v1 = copy_package(packages.logreg_v1, workdir / "pkgs", name)
+    v2 = copy_package(packages.logreg_v2, workdir / "pkgs", name)
+    inputs = logreg_inputs(v1)
+
+    def failed_polls(agent: AgentProcess) -> float:
+        return sum(
+            value
+            for key, value in agent.metrics().items()
+            if key.startswith("edgewise_agent_polls_total") and 'result="ok"' not in key
+        )
+
+    with FaultProxy(("127.0.0.1", mlflow_server.port)) as proxy:
+        chosen = _mlflow(mlflow_server, url=proxy.url)  # the agent goes through the proxy
+        agent = deploy_v1(chosen, agents, v1, inputs)
+        register(chosen.store, v2, alias="production")  # straight to MLflow
+        # 200 answers that are not JSON, JSON of the wrong shape, or empty; then connections
+        # reset without an answer. Each is a failed poll with backoff, never a dead agent.
+        for mode, polls in (("garbage", 2 * len(proxy.state.garbage)), ("reset", 3)):
+            before = failed_polls(agent)
+            proxy.set_mode(mode)
+            wait_for(lambda: failed_polls(agent) >= before + polls, 60, f"{mode} polls")  # noqa: B023
+            assert agent.alive(), agent.log()
+            assert served_version(edge.server, name, inputs) == "1"
+        assert proxy.state.served_garbage >= 2 * len(proxy.state.garbage)
+        assert any(e.fault == "reset" for e in proxy.requests())
+        # Slow but within the agent's 2 s timeout: the deployment goes through.
+        proxy.state.delay = 0.5
+        proxy.set_mode("slow")
+        wait_for(lambda: served_version(edge.server, name, inputs) == "2", 120, "v2, slowly")
+        assert agent.alive()
+    log = agent.log()
+    assert "unexpected error in a poll" not in log, log  # garbage is a store error, not a bug
+    for line in ("did not answer JSON", "not a JSON object", "unexpected answer"):
+        assert line in log, line
+    assert "closed connection without response" in log or "reset" in log.lower()
+
+
 def test_connection_dropped_mid_download_resumes_with_range(
     mlflow_server: MlflowServer,  # noqa: F811
     agents: Agents,

@@ -1,10 +1,13 @@
 """A small HTTP reverse proxy that injects real network faults between a client and a real server.
 
 Every fault happens on a real socket: the listening socket is closed ("down": connection refused),
-a request is accepted and never answered ("hang": the client times out), the response is cut
-after N bytes and the connection closed ("drop": the client sees a short read), or stalls after N
-bytes until released ("stall"), or the server answers 503 ("error"). Requests are logged with their
-Range header and the number of body bytes sent, so tests can prove a download resumed.
+a request is accepted and never answered ("hang": the client times out), answered only after a
+delay ("slow"), answered 200 with a body that is not what was asked for ("garbage": see
+``ProxyState.garbage``), or the connection is reset without an answer ("reset"), the response is
+cut after N bytes and the connection closed ("drop": the client sees a short read), or stalls
+after N bytes until released ("stall"), or the server answers 503 ("error"). Requests are logged
+with their Range header and the number of body bytes sent, so tests can prove a download
+resumed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import http.client
 import http.server
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,7 +60,17 @@ class Cut:
 @dataclass
 class ProxyState:
     upstream: tuple[str, int]
-    mode: str = "pass"  # pass | hang | error
+    mode: str = "pass"  # pass | hang | error | slow | garbage | reset
+    delay: float = 1.0  # seconds, in "slow" mode
+    # Bodies answered in "garbage" mode, in turn: not JSON, JSON of the wrong shape, nothing.
+    garbage: tuple[bytes, ...] = (
+        b"\x89PNG\r\n\x1a\n\x00\x00garbage",
+        b'{"model_version": [1, 2, 3]}',
+        b'["not", "an", "object"]',
+        b'{"model_version": {"name": 7, "version": "x", "tags": "nope"}}',
+        b"",
+    )
+    served_garbage: int = 0
     cuts: list[Cut] = field(default_factory=list)
     log: list[Logged] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
@@ -83,6 +97,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             state.release.wait(60)
             self.close_connection = True
             return
+        if mode == "reset":
+            entry.fault = "reset"
+            # SO_LINGER 0: close() sends a RST, the client sees "connection reset by peer".
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if mode == "garbage":
+            entry.fault = "garbage"
+            with state.lock:
+                payload = state.garbage[state.served_garbage % len(state.garbage)]
+                state.served_garbage += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(payload)
+            self.close_connection = True
+            return
+        if mode == "slow":
+            entry.fault = "slow"
+            time.sleep(state.delay)
         if mode == "error":
             entry.fault = "error"
             payload = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected 503"}'

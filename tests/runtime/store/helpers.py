@@ -265,13 +265,15 @@ def start_agent(
     workdir: Path,
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> AgentProcess:
+    """``prefix`` goes before the command (e.g. nsenter into a mount namespace)."""
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     port_file = workdir / f"agent-port-{stamp}"
     log_path = workdir / f"agent-{stamp}.log"
     command = [
-        sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "INFO", "agent",
+        *prefix, sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "INFO", "agent",
         "--store", store, "--store-timeout", "2", "--model", model, "--repo", str(repo),
         "--server", server.target, "--server-metrics", server.metrics_url,
         "--node-id", "edge-test-1", "--interval", "0.25", "--jitter", "0.1",
