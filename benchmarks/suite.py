@@ -280,7 +280,7 @@ def render_table(
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; client and server on the same machine. "
-        f"Command: `.venv/bin/python benchmarks/suite.py --write-results` "
+        f"Command: `.venv/bin/python benchmarks/suite.py {' '.join(sys.argv[1:])}` "
         f"({seconds:g} s per case, {rounds} round(s), batch 1, tritonclient aio clients).",
         "",
         "| server | ready (s) | idle RSS (MB) |",
@@ -296,6 +296,11 @@ def render_table(
         "| req/s vs MLServer | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    notes = [
+        "",
+        "errors: calls that did not answer OK (with two processes, each process sheds past its",
+        "share of the in-flight limit with RESOURCE_EXHAUSTED and a retry hint).",
+    ]
     for r in rows:
         versus = r.get("rps_vs_mlserver")
         lines.append(
@@ -303,7 +308,7 @@ def render_table(
             f"{r['p99_us']:.0f} | {r['rps']:.0f} | {r['server_cpu_us_per_req']:.0f} | "
             f"{'' if versus is None else f'{versus:.2f}x'} | {r['errors']} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
 
 
 if __name__ == "__main__":
