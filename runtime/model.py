@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edgewise.runtime.datatypes import BYTES, numpy_dtype
 from edgewise.runtime.errors import InvalidInput, ModelLoadError, PackageError
+from edgewise.runtime.features import onnxruntime_inputs
 from edgewise.runtime.package import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -179,15 +180,7 @@ class LoadedModel:
 
 def _as_strings(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """onnxruntime string tensors want ``str`` objects; BYTES inputs arrive as ``bytes``."""
-    out = np.empty(array.shape, dtype=object)
-    flat_in = array.ravel()
-    flat_out = out.ravel()
-    try:
-        for index, item in enumerate(flat_in):
-            flat_out[index] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
-    except UnicodeDecodeError:
-        raise InvalidInput(f"input {name!r}: a BYTES element is not valid UTF-8") from None
-    return out
+    return onnxruntime_inputs({name: array.astype(object, copy=False)})[name]
 
 
 def _warmup_feeds(inputs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
