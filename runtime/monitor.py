@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -34,6 +34,7 @@ from edgewise.kernels import (
     wasserstein_samples,
 )
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.monitor_config import DEFAULT_THRESHOLDS, MonitorConfig
 from edgewise.runtime.profile import ReferenceProfile
 
 __all__ = [
@@ -43,67 +44,14 @@ __all__ = [
     "FeatureReport",
     "ModelMonitor",
     "MonitorConfig",
+    "WindowStats",
 ]
 
 log = logging.getLogger(__name__)
 
 WINDOWS: Final = ("current", "previous", "decayed", "lifetime")
 
-# A feature drifts when a statistic reaches its threshold. PSI 0.1 / 0.25 are the customary
-# "moderate" / "significant" shift levels; the distances are on a 0..1 scale.
-DEFAULT_THRESHOLDS: Final[Mapping[str, float]] = {
-    "psi": 0.25,
-    "jensenshannon": 0.2,
-    "ks": 0.2,
-    "linf": 0.2,
-}
 PSI_WARNING: Final = 0.1
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """How a model version is monitored; set per model in ``<repo>/<model>/config.json`` under
-    ``"monitoring"`` (the keys below), with server-wide defaults from ``edgewise serve``."""
-
-    enabled: bool = True
-    window_rows: int = 10_000  # tumbling window by row count (0: no count limit)
-    window_seconds: float = 0.0  # tumbling window by time (0: no time limit)
-    decay_half_life_seconds: float = 300.0
-    reservoir_rows: int = 5_000  # recent rows kept for the exact tests
-    min_rows: int = 100  # fewer rows are reported but not judged
-    thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], base: MonitorConfig | None = None) -> MonitorConfig:
-        config = base or cls()
-        known = {
-            "enabled": bool,
-            "window_rows": int,
-            "window_seconds": float,
-            "decay_half_life_seconds": float,
-            "reservoir_rows": int,
-            "min_rows": int,
-        }
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            try:
-                if key == "thresholds":
-                    if not isinstance(value, Mapping):
-                        raise InvalidInput("monitoring.thresholds must be an object")
-                    values["thresholds"] = {
-                        **config.thresholds,
-                        **{k: float(v) for k, v in value.items()},
-                    }
-                elif key in known:
-                    values[key] = known[key](value)
-                else:
-                    raise InvalidInput(f"unknown monitoring setting {key!r}")
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise InvalidInput(f"monitoring.{key}: {exc}") from None
-        result = replace(config, **values)
-        if result.window_rows < 0 or result.window_seconds < 0 or result.reservoir_rows < 0:
-            raise InvalidInput("monitoring windows and reservoir sizes must be >= 0")
-        return result
 
 
 @dataclass
@@ -134,13 +82,19 @@ class DriftReport:
     thresholds: dict[str, float] = field(default_factory=dict)
 
 
-class _Window:
-    """Statistics of one span of traffic: numeric profile, categorical counts, missing counts."""
+class WindowStats:
+    """Statistics of one span of traffic: numeric profile, categorical counts, missing counts.
+
+    The monitor's windows are ``WindowStats``; so are the statistics a caller collects on its own
+    (:meth:`ModelMonitor.new_window`, :meth:`ModelMonitor.observe_window`) and folds in later
+    (:meth:`ModelMonitor.fold`), e.g. the batch scorer's per-chunk statistics. Picklable (numpy
+    arrays and the kernels' states), so statistics can be collected on another machine.
+    """
 
     __slots__ = ("categorical", "missing", "numeric", "rows", "started")
 
-    def __init__(self, monitor: ModelMonitor) -> None:
-        ref = monitor.reference
+    def __init__(self, reference: ReferenceProfile) -> None:
+        ref = reference
         self.numeric = FeatureProfile(ref.numeric.edges) if ref.numeric is not None else None
         self.categorical = (
             CategoricalState([len(c.categories) for c in ref.categorical])
@@ -151,7 +105,7 @@ class _Window:
         self.rows = 0
         self.started = time.monotonic()
 
-    def merge(self, other: _Window) -> None:
+    def merge(self, other: WindowStats) -> None:
         if self.numeric is not None and other.numeric is not None:
             self.numeric.merge(other.numeric)
         if self.categorical is not None and other.categorical is not None:
@@ -159,8 +113,8 @@ class _Window:
         self.missing += other.missing
         self.rows += other.rows
 
-    def copy(self, monitor: ModelMonitor) -> _Window:
-        new = _Window(monitor)
+    def copy(self, reference: ReferenceProfile) -> WindowStats:
+        new = WindowStats(reference)
         new.merge(self)
         new.started = self.started
         return new
@@ -181,9 +135,9 @@ class ModelMonitor:
         self._categorical_inputs = [c.input for c in reference.categorical]
         self._codes = [c.codes() for c in reference.categorical]
         self._unseen = [len(c.categories) for c in reference.categorical]
-        self.current = _Window(self)
-        self.previous: _Window | None = None
-        self.lifetime = _Window(self)
+        self.current = WindowStats(self.reference)
+        self.previous: WindowStats | None = None
+        self.lifetime = WindowStats(self.reference)
         n_features = len(reference.numeric.names) if reference.numeric is not None else 0
         self._ring = np.full((config.reservoir_rows, n_features), np.nan, dtype=np.float64)
         self._ring_pos = 0
@@ -202,26 +156,62 @@ class ModelMonitor:
 
     def observe(self, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
         """Add one request's inputs (already validated against the model's schema)."""
-        numeric_name = self._numeric_input
-        rows = 0
         with self._lock:
             window = self.current
-            if numeric_name is not None:
-                batch = feeds[numeric_name]
-                rows = batch.shape[0]
-                assert window.numeric is not None
-                window.numeric.update(batch)
-                self._remember(batch)
-            if self._categorical_inputs:
-                rows = self._observe_categorical(feeds, window)
-            window.rows += rows
-            config = self.config
-            if (config.window_rows and window.rows >= config.window_rows) or (
-                config.window_seconds and time.monotonic() - window.started >= config.window_seconds
-            ):
-                self._roll()
+            self._observe(window, feeds)
+            if self._numeric_input is not None:
+                self._remember(feeds[self._numeric_input])
+            self._maybe_roll()
 
-    def _observe_categorical(self, feeds: Mapping[str, npt.NDArray[Any]], window: _Window) -> int:
+    def _observe(self, window: WindowStats, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
+        numeric_name = self._numeric_input
+        rows = 0
+        if numeric_name is not None:
+            batch = feeds[numeric_name]
+            rows = batch.shape[0]
+            assert window.numeric is not None
+            window.numeric.update(batch)
+        if self._categorical_inputs:
+            rows = self._observe_categorical(feeds, window)
+        window.rows += rows
+
+    def _maybe_roll(self) -> None:
+        """Close the current window once it is full (lock held)."""
+        config = self.config
+        window = self.current
+        if (config.window_rows and window.rows >= config.window_rows) or (
+            config.window_seconds and time.monotonic() - window.started >= config.window_seconds
+        ):
+            self._roll()
+
+    # ---- statistics collected elsewhere ----------------------------------------------------------
+
+    def new_window(self) -> WindowStats:
+        """Empty statistics shaped for this monitor's reference profile, owned by the caller."""
+        return WindowStats(self.reference)
+
+    def observe_window(self, window: WindowStats, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Add inputs to a caller-owned ``window`` (from :meth:`new_window`), as :meth:`observe`
+        adds them to the current one; the monitor's own state (windows, reservoir) is untouched,
+        so different windows can be observed on different threads at once."""
+        self._observe(window, feeds)
+
+    def fold(self, window: WindowStats) -> None:
+        """Merge statistics collected elsewhere into the current window (its rows count towards
+        the window's size, which then rolls as usual). The reservoir is not fed: exact tests
+        see only rows given to :meth:`observe`."""
+        with self._lock:
+            self.current.merge(window)
+            self._maybe_roll()
+
+    def snapshot(self, window: str = "current") -> WindowStats | None:
+        """A copy of the statistics of a named window (``current``, ``previous`` or
+        ``lifetime``), or None for a ``previous`` window that has not completed yet."""
+        if window == "decayed":
+            raise InvalidInput("the decayed window holds counts only, no statistics")
+        return self._window_counts(window)[0]
+
+    def _observe_categorical(self, feeds: Mapping[str, npt.NDArray[Any]], window: WindowStats) -> int:
         columns = []
         for index, name in enumerate(self._categorical_inputs):
             values = feeds[name].reshape(-1)
@@ -270,16 +260,16 @@ class ModelMonitor:
         """Close the current window (lock held)."""
         self.lifetime.merge(self.current)
         self.previous = self.current
-        self.current = _Window(self)
+        self.current = WindowStats(self.reference)
 
     def reset(self) -> None:
         with self._lock:
             self.lifetime.merge(self.current)
-            self.current = _Window(self)
+            self.current = WindowStats(self.reference)
 
     def _totals(self) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64] | None, int]:
         numeric = categorical = None
-        total = self.lifetime.copy(self)
+        total = self.lifetime.copy(self.reference)
         total.merge(self.current)
         if total.numeric is not None:
             numeric = total.numeric.histogram.counts.astype(np.float64)
@@ -319,15 +309,15 @@ class ModelMonitor:
 
     def _window_counts(
         self, window: str
-    ) -> tuple[_Window | None, npt.NDArray[Any] | None, npt.NDArray[Any] | None, float]:
+    ) -> tuple[WindowStats | None, npt.NDArray[Any] | None, npt.NDArray[Any] | None, float]:
         """(statistics window, numeric counts, categorical counts, rows) of a named window."""
         with self._lock:
             if window == "current":
-                chosen: _Window | None = self.current.copy(self)
+                chosen: WindowStats | None = self.current.copy(self.reference)
             elif window == "previous":
-                chosen = self.previous.copy(self) if self.previous is not None else None
+                chosen = self.previous.copy(self.reference) if self.previous is not None else None
             elif window == "lifetime":
-                chosen = self.lifetime.copy(self)
+                chosen = self.lifetime.copy(self.reference)
                 chosen.merge(self.current)
             elif window == "decayed":
                 chosen = None

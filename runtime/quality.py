@@ -21,13 +21,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.kernels import ADWIN, DDM
 from edgewise.runtime.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from edgewise.kernels import ADWIN, DDM
 
 __all__ = ["LabelValue", "OnlineQuality", "QualityConfig"]
 
@@ -57,13 +59,21 @@ class QualityConfig:
                 ddm=dict(data.get("ddm", {})),
                 adwin=dict(data.get("adwin", {})),
             )
-            DDM(**config.ddm)  # type: ignore[arg-type]
-            ADWIN(**config.adwin)  # type: ignore[arg-type]
+            if config.ddm or config.adwin:  # only then are the Numba kernels needed to check
+                config.detectors(classifier=True)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"quality: {exc}") from None
         if config.join_size < 1:
             raise InvalidInput("quality.join_size must be at least 1")
         return config
+
+    def detectors(self, classifier: bool) -> tuple[DDM | None, ADWIN]:
+        """New change detectors with these settings (DDM only for a classifier's 0/1 errors).
+        Imports the Numba kernels: called when the first labels arrive, not at load."""
+        from edgewise.kernels import ADWIN, DDM
+
+        ddm = DDM(**self.ddm) if classifier else None  # type: ignore[arg-type]
+        return ddm, ADWIN(**self.adwin)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -99,8 +109,10 @@ class OnlineQuality:
         self.metric = "error_rate" if classifier else "mean_absolute_error"
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._lock = threading.Lock()
-        self._ddm = DDM(**config.ddm) if classifier else None  # type: ignore[arg-type]
-        self._adwin = ADWIN(**config.adwin)  # type: ignore[arg-type]
+        # Built with the first labels (see QualityConfig.detectors): a server that keeps
+        # predictions but never gets a label does not load the kernels.
+        self._ddm: DDM | None = None
+        self._adwin: ADWIN | None = None
         self._slices: dict[str, _SliceStats] = {}
         self.labelled = 0
         self.total_error = 0.0
@@ -184,6 +196,8 @@ class OnlineQuality:
                 stats = self._slices.setdefault(key, _SliceStats())
                 stats.count += 1
                 stats.error += error
+            if self._adwin is None:
+                self._ddm, self._adwin = self.config.detectors(self.classifier)
             detections = 0
             if self._ddm is not None:
                 status = self._ddm.update_status(errors)
@@ -211,14 +225,15 @@ class OnlineQuality:
 
     def snapshot(self) -> dict[str, Any]:
         """The current state (called with or without the lock: reads plain attributes)."""
-        width = self._adwin.width
+        adwin = self._adwin
+        width = adwin.width if adwin is not None else 0
         return {
             "model": self.model,
             "version": self.version,
             "metric": self.metric,
             "labelled": self.labelled,
             "error": self.total_error / self.labelled if self.labelled else math.nan,
-            "recent_error": self._adwin.estimation if width else math.nan,
+            "recent_error": adwin.estimation if adwin is not None and width else math.nan,
             "window": width,
             "warning": self.warning,
             "drifting": self.drifting,

@@ -34,10 +34,9 @@ from edgewise.runtime.errors import (
     PackageError,
 )
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
-from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
+from edgewise.runtime.monitor_config import MonitorConfig
 from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, validate_model_name
 from edgewise.runtime.paths import ensure_inside
-from edgewise.runtime.profile import read_profile
 from edgewise.runtime.quality import OnlineQuality, QualityConfig
 from edgewise.runtime.signing import TrustedKeys
 
@@ -484,6 +483,10 @@ class ModelRepository:
         if not settings.enabled:
             model.monitor_reason = "monitoring is off for this model"
             return
+        # Imported here: a server with monitoring off never loads the Numba kernels.
+        from edgewise.runtime.monitor import ModelMonitor
+        from edgewise.runtime.profile import read_profile
+
         profile = read_profile(model.folder, model.manifest)
         if profile is None:
             model.monitor_reason = "the model package has no reference profile"

@@ -23,7 +23,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from edgewise import kernels
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.dataplane import DataPlane
@@ -48,7 +47,7 @@ from edgewise.runtime.grpc_api.servicers import (
 from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
 from edgewise.runtime.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.metrics import ServerMetrics
-from edgewise.runtime.monitor import MonitorConfig
+from edgewise.runtime.monitor_config import MonitorConfig
 from edgewise.runtime.repository import ModelRepository
 from edgewise.runtime.settings import BUDGET_FIELDS, ServerSettings
 from edgewise.runtime.signing import TrustedKeys
@@ -249,6 +248,9 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         if settings.monitoring == "on":
             # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
+            # Imported only here: with monitoring off the server never loads numba.
+            from edgewise import kernels
+
             seconds = await loop.run_in_executor(self.executor, kernels.warmup_request_path)
             log.info("monitoring kernels ready in %.2f s", seconds)
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)

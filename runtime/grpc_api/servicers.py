@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -41,10 +41,12 @@ from edgewise.runtime.grpc_api.overload import LoopLoad, retry_trailers
 from edgewise.runtime.grpc_api.status import grpc_status
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.model import LoadedModel
-from edgewise.runtime.monitor import DriftReport
 from edgewise.runtime.paths import parse_version
-from edgewise.runtime.quality import OnlineQuality
 from edgewise.runtime.repository import ModelRepository, VersionStatus
+
+if TYPE_CHECKING:
+    from edgewise.runtime.monitor import DriftReport
+    from edgewise.runtime.quality import OnlineQuality
 
 __all__ = ["InferenceServicer", "MonitoringServicer", "QualityServicer", "RepositoryServicer"]
 

@@ -1,0 +1,70 @@
+"""With monitoring off, a server never loads numba (about 120 MB of resident memory); with it on,
+the kernels load at start. Checked in a fresh interpreter, where ``sys.modules`` tells."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from edgewise.runtime.quality import OnlineQuality
+    from edgewise.runtime.repository import ModelRepository
+    from edgewise.runtime.monitor_config import MonitorConfig
+
+    monitoring = sys.argv[2] == "on"
+    repo = ModelRepository(
+        Path(sys.argv[1]),
+        monitor_defaults=MonitorConfig(enabled=monitoring),
+        quality_enabled=True,
+    )
+    repo.load_all()
+    model = repo.get("logreg")
+    loaded_after_load = "numba" in sys.modules
+    quality = model.quality
+    assert isinstance(quality, OnlineQuality)
+    import numpy as np
+    feeds = {"features": np.zeros((1, 30), dtype=np.float32)}
+    quality.remember("r1", feeds, model.run(feeds))
+    quality.feedback([("r1", 0, 1)])
+    print(json.dumps({
+        "after_load": loaded_after_load,
+        "after_labels": "numba" in sys.modules,
+        "monitored": model.monitor is not None,
+        "labelled": quality.snapshot()["labelled"],
+    }))
+    """
+)
+
+
+def _run(repo: Path, monitoring: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(repo), monitoring],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "after_load", "monitored"), [("off", False, False), ("on", True, True)]
+)
+def test_numba_loads_only_when_needed(
+    model_repo: Path, monitoring: str, after_load: bool, monitored: bool
+) -> None:
+    result = _run(model_repo, monitoring)
+    assert result["after_load"] is after_load
+    assert result["monitored"] is monitored
+    # The change detectors of online quality load the kernels with the first labels.
+    assert result["after_labels"] is True
+    assert result["labelled"] == 1
