@@ -5,7 +5,15 @@ and the outputs split back, one response per request.
 Configured per model in ``<repo>/<model>/config.json``::
 
     {"batching": {"max_batch_size": 32, "max_queue_delay_us": 500,
-                  "preferred_batch_sizes": [8, 16, 32], "max_queue_size": 1024}}
+                  "preferred_batch_sizes": [8, 16, 32], "max_queue_size": 1024,
+                  "idle_dispatch": true}}
+
+Idle dispatch (on by default): a request that arrives when it is the server's only call in flight
+(nothing else queued, running or on its way) starts its batch at once instead of waiting out the
+delay: nothing could join it, so waiting would only add latency. A lone client therefore pays
+for batching only the hand-off to a worker thread; under concurrent load requests gather as
+before. With ``"idle_dispatch": false`` every batch waits for the delay or the size, as in
+Triton's dynamic batcher.
 
 Off unless configured, and refused for a model whose inputs' first dimension is not a variable
 batch dimension (-1). The queue is bounded: a full queue answers RESOURCE_EXHAUSTED. A request
@@ -45,10 +53,17 @@ class BatchingConfig:
     max_queue_delay_us: int = 500  # how long the first request of a batch may wait
     preferred_batch_sizes: tuple[int, ...] = ()  # cut batches at these sizes when possible
     max_queue_size: int = 1024  # requests waiting; beyond: RESOURCE_EXHAUSTED
+    idle_dispatch: bool = True  # a request that finds no batch running starts one at once
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BatchingConfig:
-        known = {"max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "max_queue_size"}
+        known = {
+            "max_batch_size",
+            "max_queue_delay_us",
+            "preferred_batch_sizes",
+            "max_queue_size",
+            "idle_dispatch",
+        }
         unknown = set(data) - known
         if unknown:
             raise InvalidInput(f"unknown batching setting(s) {sorted(unknown)}")
@@ -60,6 +75,7 @@ class BatchingConfig:
                     sorted(int(v) for v in data.get("preferred_batch_sizes", ()))
                 ),
                 max_queue_size=int(data.get("max_queue_size", 1024)),
+                idle_dispatch=_flag(data.get("idle_dispatch", True)),
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
@@ -68,6 +84,12 @@ class BatchingConfig:
         if any(v < 1 or v > config.max_batch_size for v in config.preferred_batch_sizes):
             raise InvalidInput("batching: preferred sizes must lie in 1..max_batch_size")
         return config
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"idle_dispatch must be true or false, not {value!r}")
+    return value
 
 
 def batchable(model: LoadedModel) -> bool:
@@ -91,7 +113,10 @@ class DynamicBatcher:
         config: BatchingConfig,
         executor: ThreadPoolExecutor,
         on_batch: Callable[[int], None] | None = None,
+        calls_in_flight: Callable[[], int] | None = None,
     ) -> None:
+        """``calls_in_flight`` counts the server's inference calls in flight, this one included
+        (the load shedder's count); without it, idle means no batch of this model running."""
         if not batchable(model):
             raise InvalidInput(
                 f"model {model.name!r}: batching needs -1 as the first dimension of every "
@@ -103,9 +128,11 @@ class DynamicBatcher:
         self._waiting: deque[_Waiting] = deque()
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._running = 0  # batches handed to worker threads and not finished yet
         self.batches_run = 0
         self.rows_run = 0
         self._on_batch = on_batch or (lambda rows: None)
+        self._calls_in_flight = calls_in_flight
 
     @property
     def queued(self) -> int:
@@ -125,11 +152,17 @@ class DynamicBatcher:
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
         self._waiting.append(_Waiting(prepared, future, deadline))
         self._rows += prepared.rows
-        if self._rows >= self.config.max_batch_size:
+        if self._rows >= self.config.max_batch_size or self._alone():
             self._dispatch()
         elif self._timer is None:
             self._timer = loop.call_later(self.config.max_queue_delay_us / 1e6, self._dispatch)
         return await future
+
+    def _alone(self) -> bool:
+        """Whether the request just queued is the only work around (see idle dispatch)."""
+        if not self.config.idle_dispatch or self._running or len(self._waiting) != 1:
+            return False
+        return self._calls_in_flight is None or self._calls_in_flight() <= 1
 
     def _take(self) -> list[_Waiting]:
         """Requests for the next batch: up to max_batch_size rows, cut at the largest preferred
@@ -166,6 +199,7 @@ class DynamicBatcher:
         while self._waiting:
             batch = self._take()
             if batch:
+                self._running += 1
                 work = loop.run_in_executor(self.executor, self._run, batch)
                 work.add_done_callback(functools.partial(self._settle, batch))
             if self._rows < self.config.max_batch_size:
@@ -207,14 +241,17 @@ class DynamicBatcher:
             start = stop
         return responses
 
-    @staticmethod
-    def _settle(batch: list[_Waiting], done: asyncio.Future[list[pb.ModelInferResponse]]) -> None:
+    def _settle(
+        self, batch: list[_Waiting], done: asyncio.Future[list[pb.ModelInferResponse]]
+    ) -> None:
+        """On the event loop, when a batch finishes: answer its requests."""
+        self._running -= 1
         error = done.exception()
         if error is not None:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
-            return
-        for item, response in zip(batch, done.result(), strict=True):
-            if not item.future.done():
-                item.future.set_result(response)
+        else:
+            for item, response in zip(batch, done.result(), strict=True):
+                if not item.future.done():
+                    item.future.set_result(response)

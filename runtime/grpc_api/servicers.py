@@ -102,6 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         admission: MemoryAdmission | None = None,
         retry_after_ms: int = 50,
         loop_load: LoopLoad | None = None,
+        calls_in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
@@ -111,6 +112,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.retry_after_ms = retry_after_ms  # the hint of memory admission and full batch queues
         # A saturated event loop runs nothing inline (see LoopLoad): calls stay visible to shedding.
         self.loop_load = loop_load
+        self.calls_in_flight = calls_in_flight  # the shedder's count: a batcher's idle test
         # One batch queue per served model version that has batching configured; a version
         # that is unloaded drops out with its last reference.
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
@@ -230,7 +232,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         batcher = self._batchers.get(model)
         if batcher is None:
             histogram = self.metrics.batch_rows.labels(model.name, model.version_str)
-            batcher = DynamicBatcher(model, config, self.executor, histogram.observe)
+            batcher = DynamicBatcher(
+                model, config, self.executor, histogram.observe, self.calls_in_flight
+            )
             self._batchers[model] = batcher
         metrics = self.metrics
         metrics.inflight.inc()

@@ -36,7 +36,15 @@ def rows(n: int, seed: int) -> np.ndarray:
 def test_config_parsing() -> None:
     config = BatchingConfig.from_json({"max_batch_size": 16, "preferred_batch_sizes": [8, 4]})
     assert config.preferred_batch_sizes == (4, 8)
-    for bad in ({"max_batch_size": 0}, {"preferred_batch_sizes": [64]}, {"delay": 1}):
+    assert config.idle_dispatch is True
+    assert BatchingConfig.from_json({"idle_dispatch": False}).idle_dispatch is False
+    bad_settings = (
+        {"max_batch_size": 0},
+        {"preferred_batch_sizes": [64]},
+        {"delay": 1},
+        {"idle_dispatch": "yes"},
+    )
+    for bad in bad_settings:
         with pytest.raises(InvalidInput):
             BatchingConfig.from_json(bad)
 
@@ -67,8 +75,66 @@ def test_batched_answers_equal_single_runs(logreg: LoadedModel) -> None:
         assert list(response.outputs[1].shape) == [x.shape[0], 2]
 
 
+def test_a_lone_request_does_not_wait_for_the_delay(logreg: LoadedModel) -> None:
+    """Idle dispatch: with nothing of the model running, a request starts a batch at once (the
+    60 s delay would otherwise hold it far past the 20 s the test waits)."""
+    config = BatchingConfig(max_batch_size=32, max_queue_delay_us=60_000_000)
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor)
+            for index in range(3):  # one after the other: each finds the model idle
+                await asyncio.wait_for(batcher.submit(prepared(logreg, rows(1, index)), None), 20)
+            return batcher.queued
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_requests_gather_behind_a_running_batch(logreg: LoadedModel) -> None:
+    """Requests that arrive while a batch runs are not alone: they gather (here until the size
+    is reached; the 60 s delay would hold them past the test's 20 s)."""
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=60_000_000)
+    sizes: list[int] = []
+
+    async def scenario() -> list[object]:
+        release = threading.Event()
+        with ThreadPoolExecutor(1) as executor:
+            executor.submit(release.wait)  # the only worker is busy: the first batch must wait
+            batcher = DynamicBatcher(logreg, config, executor, sizes.append)
+            first = asyncio.ensure_future(batcher.submit(prepared(logreg, rows(1, 0)), None))
+            await asyncio.sleep(0)
+            later = [
+                asyncio.ensure_future(batcher.submit(prepared(logreg, rows(2, i)), None))
+                for i in range(1, 5)
+            ]
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(first, *later), 20)
+
+    answers = asyncio.run(scenario())
+    assert len(answers) == 5
+    assert sizes == [1, 8]  # the lone first request, then the four gathered ones together
+
+
+def test_a_request_with_other_calls_in_flight_waits_to_gather(logreg: LoadedModel) -> None:
+    """With other calls in flight on the server, a request is not alone: it waits for company."""
+    config = BatchingConfig(max_batch_size=32, max_queue_delay_us=60_000_000)
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor, calls_in_flight=lambda: 3)
+            task = asyncio.ensure_future(batcher.submit(prepared(logreg, rows(1, 0)), None))
+            await asyncio.sleep(0.05)
+            queued = batcher.queued
+            task.cancel()
+            return queued
+
+    assert asyncio.run(scenario()) == 1
+
+
 def test_full_queue_and_expired_deadlines(logreg: LoadedModel) -> None:
-    config = BatchingConfig(max_batch_size=1000, max_queue_delay_us=50_000, max_queue_size=3)
+    config = BatchingConfig(
+        max_batch_size=1000, max_queue_delay_us=50_000, max_queue_size=3, idle_dispatch=False
+    )
 
     async def scenario() -> list[object]:
         with ThreadPoolExecutor(1) as executor:
@@ -91,7 +157,7 @@ def test_full_queue_and_expired_deadlines(logreg: LoadedModel) -> None:
 
 
 def test_a_failed_batch_fails_every_request(logreg: LoadedModel) -> None:
-    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000)
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=20_000, idle_dispatch=False)
 
     async def scenario() -> list[object]:
         with ThreadPoolExecutor(1) as executor:
