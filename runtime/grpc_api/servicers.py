@@ -92,6 +92,44 @@ async def _abort(
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
+def _code_of(exc: Exception) -> str:
+    return exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+
+
+class _CallAccounting:
+    """Counts one inference call while its model runs (or it waits for a batch): the in-flight
+    gauge, the memory reservation given back at the end, and the outcome with its latency. Used
+    as ``with`` on whichever thread or task runs the call, so a call whose caller has gone away
+    is still counted with the outcome it really had. ``name`` and ``version`` may be set to the
+    model version that answered."""
+
+    __slots__ = ("name", "reservation", "servicer", "started", "version")
+
+    def __init__(
+        self, servicer: InferenceServicer, name: str, version: str, started: float, reservation: int
+    ) -> None:
+        self.servicer = servicer
+        self.name = name
+        self.version = version
+        self.started = started
+        self.reservation = reservation
+
+    def __enter__(self) -> _CallAccounting:
+        self.servicer.metrics.inflight.inc()
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        servicer = self.servicer
+        metrics = servicer.metrics
+        metrics.inflight.dec()
+        servicer._release(self.reservation)
+        if exc is None:
+            seconds = time.perf_counter() - self.started
+            metrics.observe_request(self.name, self.version, "OK", seconds)
+        elif isinstance(exc, Exception):  # not a cancellation: the call had an outcome
+            metrics.observe_request(self.name, self.version, _code_of(exc), 0.0)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -175,25 +213,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         """Run one request and count it, on whichever thread runs it: a request whose caller has
         gone away is still counted with the outcome it really had."""
-        metrics = self.metrics
-        metrics.inflight.inc()
-        try:
+        name, version = request.model_name, request.model_version
+        with _CallAccounting(self, name, version, started, reservation) as call:
             response, model = self.dataplane.infer(request, deadline)
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
-            metrics.observe_request(request.model_name, request.model_version, code, 0.0)
-            raise
-        finally:
-            metrics.inflight.dec()
-            self._release(reservation)
-        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
+            call.name, call.version = model.name, model.version_str
         return response
 
     def _prepare_counted(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
         try:
             return self.dataplane.prepare(request)
         except Exception as exc:
-            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
+            code = _code_of(exc)
             self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
             self._release(reservation)
             raise
@@ -205,20 +235,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started: float,
         reservation: int,
     ) -> pb.ModelInferResponse:
-        metrics = self.metrics
         model = prepared.model
-        metrics.inflight.inc()
-        try:
-            response = self.dataplane.execute(prepared, deadline)
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
-            metrics.observe_request(model.name, model.version_str, code, 0.0)
-            raise
-        finally:
-            metrics.inflight.dec()
-            self._release(reservation)
-        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
-        return response
+        with _CallAccounting(self, model.name, model.version_str, started, reservation):
+            return self.dataplane.execute(prepared, deadline)
 
     async def _batched(
         self,
@@ -236,19 +255,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model, config, self.executor, histogram.observe, self.calls_in_flight
             )
             self._batchers[model] = batcher
-        metrics = self.metrics
-        metrics.inflight.inc()
-        try:
-            response = await batcher.submit(prepared, deadline)
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
-            metrics.observe_request(model.name, model.version_str, code, 0.0)
-            raise
-        finally:
-            metrics.inflight.dec()
-            self._release(reservation)
-        metrics.observe_request(model.name, model.version_str, "OK", time.perf_counter() - started)
-        return response
+        with _CallAccounting(self, model.name, model.version_str, started, reservation):
+            return await batcher.submit(prepared, deadline)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
