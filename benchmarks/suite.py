@@ -11,7 +11,10 @@ regression, a 100-tree random forest and a small MLP pipeline. Servers, each sta
 - edgewise, two processes on one port (SO_REUSEPORT), batching off;
 - MLServer with mlserver-sklearn serving the original scikit-learn models (joblib files) as its
   users deploy them, installed by this script into its own virtual environment
-  (.build/mlserver-venv), never into the project's.
+  (.build/mlserver-venv), never into the project's;
+- the transport ceiling: a bare grpc.aio server whose ModelInfer returns a canned answer for any
+  model (gRPC parses the request; no tensor decoding, no model, no metrics), driven by the same
+  clients: the most any Python gRPC server could answer with this client on this machine.
 
 Clients: tritonclient[grpc] (aio) in separate processes, batch 1, at concurrency 1, 8 and 32 for a
 bounded time each. Figures per case: p50/p99 latency, throughput, server CPU per request (read
@@ -153,6 +156,26 @@ class MLServer:
             self.process.kill()
 
 
+class BareServer:
+    """benchmarks/serving.py's bare grpc.aio server: answers every ModelInfer, doing nothing."""
+
+    def __init__(self, work: Path) -> None:
+        port_file = work / "bare.port"
+        started = time.perf_counter()
+        self.server = serving.Server(
+            [sys.executable, str(HERE / "serving.py"), "--bare", "aio", str(port_file)], port_file
+        )
+        self.ready_seconds = time.perf_counter() - started
+        self.process = self.server.process
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 class EdgewiseServer:
     def __init__(self, repo: Path, work: Path, label: str, extra: list[str]) -> None:
         port_file = work / f"{label}.port"
@@ -218,6 +241,7 @@ def main() -> int:
     ]
     if not args.no_mlserver:
         setups.append(("mlserver", lambda: MLServer(joblib_dir)))
+    setups.append(("bare_grpc_ceiling", lambda: BareServer(work)))
     rows: list[dict[str, Any]] = []
     servers_info: dict[str, dict[str, float]] = {}
     for label, start in setups:
@@ -300,6 +324,10 @@ def render_table(
         "",
         "errors: calls that did not answer OK (with two processes, each process sheds past its",
         "share of the in-flight limit with RESOURCE_EXHAUSTED and a retry hint).",
+        "",
+        "bare_grpc_ceiling: a grpc.aio server whose ModelInfer returns a canned answer (gRPC",
+        "parses the request; no model, no tensor decoding): its req/s vs MLServer is the most",
+        "any Python gRPC server could reach with this client on this machine.",
     ]
     for r in rows:
         versus = r.get("rps_vs_mlserver")
