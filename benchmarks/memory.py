@@ -13,9 +13,11 @@ onnxruntime sees many shapes, and some requests are large enough to run on a wor
 The server's RSS and thread count are sampled every half second.
 
 Prints one JSON line per case:
-- ``idle``: RSS once SERVING, before any request, with monitoring on and with monitoring off
-  (the baseline: the same server without numba), for the logistic regression alone (the "one
-  small model" of the 150 MB target) and for both models;
+- ``idle``: memory once SERVING, before any request, with monitoring on and with monitoring
+  off (the baseline: the same server without numba), for the logistic regression alone (the
+  "one small model" of the 150 MB target) and for both models: RSS, its anonymous part (the
+  process's own memory) and its file-backed part (shared libraries mapped from disk, shared
+  between processes and reclaimable), and PSS;
 - ``long_run``: RSS after the first 10 % of the requests (the warm baseline, measured in the
   same run), at the end, and the largest seen, with the ratio end / warm. Target: within 5 %.
 """
@@ -176,9 +178,31 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def idle_rss(process: subprocess.Popen[bytes], settle: float = 2.0) -> float:
+def memory_breakdown(pid: int) -> dict[str, float]:
+    """RSS split into anonymous memory (the process's own) and file-backed pages (shared
+    libraries' code and data mapped from disk: shared with other processes, and reclaimable
+    under memory pressure), plus PSS (shared pages divided among their users), in MB."""
+    status = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            status[key] = int(value.split()[0]) / 1024
+    pss = sum(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        if line.startswith("Pss:")
+    )
+    return {
+        "rss": status["VmRSS"],
+        "anon": status["RssAnon"],
+        "file": status["RssFile"],
+        "pss": pss / 1024,
+    }
+
+
+def idle_memory(process: subprocess.Popen[bytes], settle: float = 2.0) -> dict[str, float]:
     time.sleep(settle)  # let start-up garbage be collected and threads park
-    return rss_mb(process.pid)
+    return memory_breakdown(process.pid)
 
 
 def _median_near(samples: list[tuple[float, float, int]], at: float, width: float) -> float:
@@ -217,27 +241,20 @@ def main() -> int:
     small.mkdir()
     shutil.copytree(repo / "logreg32", small / "logreg32")
     for models, folder in (("logreg32", small), ("logreg32+forest100", repo)):
-        idle: dict[str, float] = {}
+        idle: dict[str, dict[str, float]] = {}
         for monitoring in ("off", "on"):
             process, _port = start_server(folder, work, monitoring, f"idle-{monitoring}-{models}")
             try:
-                idle[monitoring] = idle_rss(process)
+                idle[monitoring] = idle_memory(process)
             finally:
                 stop(process)
-        print(
-            json.dumps(
-                {
-                    "case": "idle",
-                    "models": models,
-                    "rss_mb_monitoring_on": round(idle["on"], 1),
-                    "rss_mb_monitoring_off": round(idle["off"], 1),
-                    "ratio_on_vs_off": round(idle["on"] / idle["off"], 3),
-                    "target_mb": TARGET_IDLE_MB,
-                    **machine,
-                }
-            ),
-            flush=True,
-        )
+        line: dict[str, Any] = {"case": "idle", "models": models}
+        for monitoring in ("on", "off"):
+            for kind, value in idle[monitoring].items():
+                line[f"{kind}_mb_monitoring_{monitoring}"] = round(value, 1)
+        line["ratio_rss_on_vs_off"] = round(idle["on"]["rss"] / idle["off"]["rss"], 3)
+        line["target_rss_mb"] = TARGET_IDLE_MB
+        print(json.dumps(line | machine), flush=True)
 
     process, port = start_server(repo, work, args.monitoring, "long-run")
     samples: list[tuple[float, float, int]] = []  # (fraction done, rss, threads)
