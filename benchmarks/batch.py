@@ -13,6 +13,12 @@ For each model and size, alternating in every round:
   thread (``floor``) and, for reference, the job's scorer threads sharing it (``floor_threads``);
 - the read floor: pyarrow alone reading the input file in a plain loop (nothing scored), the
   lower bound on any job's time that reads the file;
+- read+pack+write, nothing scored: the job's own reader, packing (``chunk_inputs``) and part
+  file writer (encode, fsync, rename) in a plain single-thread loop, without and with the drift
+  statistics, each chunk written with the outputs of one real model run (the same bytes to
+  encode); from it, ``bound_ratio``: the best ratio a job on ``cpus_visible`` cores could reach
+  if that work and the floor's scoring overlapped perfectly (the work split evenly over the
+  cores, but never faster than the single reader thread);
 - ``edgewise batch`` as a real process (``--id-columns row_id``, drift report on, the default
   chunk size and CPU budget): its own summary gives the job's time (model loading, schema check,
   scoring, report) and the scoring phase's; the process's wall time adds interpreter start-up;
@@ -161,6 +167,66 @@ def rss_helper(args: list[str]) -> None:
     print(json.dumps(summary))
 
 
+def read_pack_write(
+    path: Path, repo: Path, model: str, chunk_rows: int, out: Path, stats: bool
+) -> tuple[float, float]:
+    """(rows/s, rows/s of the reading alone) of the job's reader, packing and part writer in a
+    plain loop: everything a job does per row except scoring (and the thread hand-offs)."""
+    import pyarrow as pa
+
+    from edgewise.runtime.batch.reader import ColumnSpec, discover_inputs, open_reader
+    from edgewise.runtime.batch.scoring import chunk_inputs, output_schema, output_table
+    from edgewise.runtime.batch.stats import DriftCollector
+    from edgewise.runtime.batch.writer import write_part
+    from edgewise.runtime.model import load_model
+    from edgewise.runtime.package import read_manifest
+
+    version_dir = repo / model / "1"
+    manifest = read_manifest(version_dir)
+    session, _ = job_settings()
+    loaded = load_model(model, 1, version_dir, session)
+    collector = DriftCollector.for_model(repo / model, version_dir, manifest) if stats else None
+    columns = ColumnSpec(manifest.features, ("row_id",))
+    schema = output_schema(manifest, [pa.field("row_id", pa.int64())], {"model": model})
+    (file,) = discover_inputs(str(path))
+    reader = open_reader(file, columns, chunk_rows)
+    results: dict[str, np.ndarray] = {}
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rows = 0
+    reading = 0.0
+    started = time.perf_counter()
+    chunks = reader.chunks()
+    while True:
+        began = time.perf_counter()
+        chunk = next(chunks, None)
+        reading += time.perf_counter() - began
+        if chunk is None:
+            break
+        table = chunk.table
+        feeds = chunk_inputs(manifest, columns, table)
+        if collector is not None:
+            collector.observe(feeds)
+        if not results:
+            results = loaded.run(feeds)  # one model run, reused: nothing is scored in the loop
+        n = table.num_rows
+        outputs = {spec.name: results[spec.name][:n] for spec in manifest.outputs}
+        part = output_table(schema, manifest, table.select(["row_id"]), outputs)
+        write_part(out, 0, chunk.index, part)
+        rows += n
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    return rows / seconds, rows / reading
+
+
+def bound_ratio(floor_rate: float, work_rate: float, read_rate: float, cores: int) -> float:
+    """The best job/floor ratio on ``cores`` cores: scoring (the floor's time) and the rest
+    (``work_rate``'s time) perfectly overlapped and split, but no faster than the one reader."""
+    floor_time, work_time, read_time = 1 / floor_rate, 1 / work_rate, 1 / read_rate
+    best = max((floor_time + work_time) / cores, read_time, floor_time / cores)
+    return floor_time / best
+
+
 def read_floor(path: Path, chunk_rows: int) -> float:
     """rows/s of pyarrow alone reading the input's columns in a plain loop (nothing scored)."""
     import pyarrow.parquet as pq
@@ -230,6 +296,8 @@ def main() -> None:
             floors: list[float] = []
             floors_threads: list[float] = []
             reads: list[float] = []
+            bare_work: list[tuple[float, float]] = []
+            stats_work: list[tuple[float, float]] = []
             jobs: list[dict[str, Any]] = []
             bare: list[dict[str, Any]] = []
             for round_ in range(args.rounds):
@@ -237,6 +305,10 @@ def main() -> None:
                 floors_threads.append(floor(model_path, chunks, session, threads))
                 reads.append(read_floor(source, DEFAULT_CHUNK_ROWS))
                 out = workdir / f"out-{model}-{rows}-{round_}"
+                for work, stats in ((bare_work, False), (stats_work, True)):
+                    work.append(
+                        read_pack_write(source, repo, model, DEFAULT_CHUNK_ROWS, out, stats)
+                    )
                 for results, extra in ((jobs, ()), (bare, ("--no-drift-report",))):
                     shutil.rmtree(out, ignore_errors=True)
                     results.append(measure_job(repo, model, source, out, *extra))
@@ -248,8 +320,12 @@ def main() -> None:
             scoring_rate = statistics.median(rows / j["scoring_seconds"] for j in jobs)
             process_rate = statistics.median(rows / j["process_seconds"] for j in jobs)
             peak = statistics.median(j["peak_rss_bytes"] for j in jobs)
-            bare_rate = statistics.median(rows / j["seconds"] for j in bare)
+            no_report_rate = statistics.median(rows / j["seconds"] for j in bare)
             read_rate = statistics.median(reads)
+            bare_rate = statistics.median(w[0] for w in bare_work)
+            stats_rate = statistics.median(w[0] for w in stats_work)
+            reader_rate = statistics.median(w[1] for w in bare_work + stats_work)
+            cores = len(os.sched_getaffinity(0))
             rss[(model, rows)] = peak
             print(
                 json.dumps(
@@ -269,8 +345,17 @@ def main() -> None:
                         "ratio_job_vs_floor_threads": round(job_rate / floor_threads_rate, 3),
                         "read_only_rows_per_s": round(read_rate),
                         "ratio_read_only_vs_floor": round(read_rate / floor_rate, 3),
-                        "job_no_drift_report_rows_per_s": round(bare_rate),
-                        "ratio_job_no_drift_report_vs_floor": round(bare_rate / floor_rate, 3),
+                        "job_no_drift_report_rows_per_s": round(no_report_rate),
+                        "ratio_job_no_drift_report_vs_floor": round(no_report_rate / floor_rate, 3),
+                        "read_pack_write_rows_per_s": round(bare_rate),
+                        "read_pack_stats_write_rows_per_s": round(stats_rate),
+                        "job_reader_rows_per_s": round(reader_rate),
+                        "bound_ratio_no_drift_report": round(
+                            bound_ratio(floor_rate, bare_rate, reader_rate, cores), 3
+                        ),
+                        "bound_ratio": round(
+                            bound_ratio(floor_rate, stats_rate, reader_rate, cores), 3
+                        ),
                         "peak_rss_mib": round(peak / 2**20, 1),
                         "target_ratio": TARGET_RATIO,
                         "meets_target": job_rate / floor_rate >= TARGET_RATIO,

@@ -211,7 +211,9 @@ class ModelMonitor:
             raise InvalidInput("the decayed window holds counts only, no statistics")
         return self._window_counts(window)[0]
 
-    def _observe_categorical(self, feeds: Mapping[str, npt.NDArray[Any]], window: WindowStats) -> int:
+    def _observe_categorical(
+        self, feeds: Mapping[str, npt.NDArray[Any]], window: WindowStats
+    ) -> int:
         columns = []
         for index, name in enumerate(self._categorical_inputs):
             values = feeds[name].reshape(-1)

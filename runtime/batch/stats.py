@@ -1,15 +1,14 @@
 """Input statistics of a batch job, through the server's monitor.
 
-Each chunk is observed by a fresh :class:`~edgewise.runtime.monitor.ModelMonitor` (one window, no
-reservoir), so chunks can be observed on any thread, or on another machine (the Ray engine ships a
-chunk's window back to the driver). The job's :class:`DriftCollector` merges the chunk windows in
-chunk order, whatever order they finish in, and asks its own monitor for the report at the end:
-the statistics and drift scores are the monitor's, never recomputed here, and an interrupted and
-resumed job, or the Ray engine, reports exactly what one uninterrupted local run does.
-
-A chunk's window is the monitor's ``current`` window object (picklable: numpy arrays and the
-kernels' states). This module is the one place that relies on that; a public snapshot/merge on
-:class:`ModelMonitor` would replace it.
+Each chunk's statistics go into a window of their own
+(:meth:`~edgewise.runtime.monitor.ModelMonitor.new_window`), filled by the monitor
+(:meth:`~edgewise.runtime.monitor.ModelMonitor.observe_window`), so chunks can be observed on any
+thread, or on another machine (the Ray engine ships a chunk's window back to the driver). The
+job's :class:`DriftCollector` folds the chunk windows into its monitor
+(:meth:`~edgewise.runtime.monitor.ModelMonitor.fold`) in chunk order, whatever order they finish
+in, and asks the monitor for the report at the end: the statistics and drift scores are the
+monitor's, never recomputed here, and an interrupted and resumed job, or the Ray engine, reports
+exactly what one uninterrupted local run does.
 """
 
 from __future__ import annotations
@@ -24,14 +23,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.monitor import DriftReport, ModelMonitor, MonitorConfig
+from edgewise.runtime.monitor import DriftReport, ModelMonitor, MonitorConfig, WindowStats
 from edgewise.runtime.profile import ReferenceProfile, read_profile
 from edgewise.runtime.repository import VersionPolicy, read_model_config
 
 __all__ = ["ChunkWindow", "DriftCollector", "FeatureDistribution", "batch_monitor_config"]
 
-ChunkWindow = Any
-"""The statistics of one chunk: a monitor window (opaque here; merged by the collector)."""
+ChunkWindow = WindowStats
+"""The statistics of one chunk: a monitor window, folded into the job's by the collector."""
 
 
 def batch_monitor_config(model_dir: Path) -> MonitorConfig:
@@ -85,10 +84,10 @@ class DriftCollector:
         return cls(manifest.name, version_dir.name, profile, batch_monitor_config(model_dir))
 
     def observe(self, feeds: Mapping[str, npt.NDArray[Any]]) -> ChunkWindow:
-        """The window of one chunk's model inputs (thread-safe: a monitor of its own)."""
-        monitor = ModelMonitor(self.model, self.version, self.reference, self.config)
-        monitor.observe(feeds)
-        return monitor.current
+        """The window of one chunk's model inputs (thread-safe: a window of its own)."""
+        window = self.monitor.new_window()
+        self.monitor.observe_window(window, feeds)
+        return window
 
     def add(self, file: int, chunk: int, window: ChunkWindow) -> None:
         """Take a chunk's window; it is merged once every chunk before it has been."""
@@ -112,7 +111,7 @@ class DriftCollector:
             window = self._waiting.pop((self._file, self._chunk), None)
             if window is None:
                 return
-            self.monitor.current.merge(window)
+            self.monitor.fold(window)
             self.merged_chunks += 1
             self._chunk += 1
 
@@ -128,7 +127,8 @@ class DriftCollector:
 
     def distributions(self) -> list[FeatureDistribution]:
         """Reference vs batch counts per feature, in the report's feature order."""
-        window = self.monitor.current
+        window = self.monitor.snapshot("current")
+        assert window is not None
         result: list[FeatureDistribution] = []
         numeric = self.reference.numeric
         if numeric is not None and window.numeric is not None:

@@ -182,3 +182,59 @@ def test_unknown_window_is_invalid(model_repo: Path) -> None:
     monitor, _ = monitor_for(model_repo, "logreg")
     with pytest.raises(InvalidInput, match="window 'weekly' is not one of"):
         monitor.report("weekly")
+
+
+def test_windows_collected_elsewhere_fold_into_the_current_one(model_repo: Path) -> None:
+    """observe_window + fold (the batch scorer's path) give the report observe gives."""
+    direct, ctx = monitor_for(model_repo, "logreg", window_rows=0, reservoir_rows=0)
+    folded, _ = monitor_for(model_repo, "logreg", window_rows=0, reservoir_rows=0)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    direct.observe({"features": batch[:300]})
+    direct.observe({"features": batch[300:]})
+    windows = [folded.new_window(), folded.new_window()]
+    folded.observe_window(windows[1], {"features": batch[300:]})
+    folded.observe_window(windows[0], {"features": batch[:300]})
+    assert folded.current.rows == 0  # a caller's window leaves the monitor alone
+    assert windows[0].rows == 300 and windows[1].rows == len(batch) - 300
+    for window in windows:
+        folded.fold(window)
+    want, got = direct.report("current"), folded.report("current")
+    assert got.rows == want.rows == len(batch)
+    for a, b in zip(want.features, got.features, strict=True):
+        assert a.scores == b.scores and a.statistics == b.statistics
+    snapshot = folded.snapshot("current")
+    assert snapshot is not None and snapshot is not folded.current
+    assert snapshot.rows == len(batch)
+    assert snapshot.numeric is not None and folded.current.numeric is not None
+    np.testing.assert_array_equal(
+        snapshot.numeric.histogram.counts, folded.current.numeric.histogram.counts
+    )
+    assert folded.snapshot("previous") is None
+    with pytest.raises(InvalidInput, match="decayed"):
+        folded.snapshot("decayed")
+    with pytest.raises(InvalidInput, match="window"):
+        folded.snapshot("nope")
+
+
+def test_fold_rolls_a_full_window(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=100)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    window = monitor.new_window()
+    monitor.observe_window(window, {"features": batch[:150]})
+    monitor.fold(window)
+    assert monitor.previous is not None and monitor.previous.rows == 150
+    assert monitor.current.rows == 0
+
+
+def test_categorical_windows_collected_elsewhere(model_repo: Path) -> None:
+    direct, ctx = monitor_for(model_repo, "mixed", window_rows=0)
+    folded, _ = monitor_for(model_repo, "mixed", window_rows=0)
+    inputs = frame_to_inputs(ctx["manifest"], ctx["frame"])
+    direct.observe(inputs)
+    window = folded.new_window()
+    folded.observe_window(window, inputs)
+    folded.fold(window)
+    for a, b in zip(
+        direct.report("current").features, folded.report("current").features, strict=True
+    ):
+        assert a.scores == b.scores and a.statistics == b.statistics
