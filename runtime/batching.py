@@ -53,7 +53,7 @@ class BatchingConfig:
     max_queue_delay_us: int = 500  # how long the first request of a batch may wait
     preferred_batch_sizes: tuple[int, ...] = ()  # cut batches at these sizes when possible
     max_queue_size: int = 1024  # requests waiting; beyond: RESOURCE_EXHAUSTED
-    idle_dispatch: bool = True  # a request that finds no batch running starts one at once
+    idle_dispatch: bool = True  # the server's only call in flight starts its batch at once
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BatchingConfig:

@@ -106,6 +106,10 @@ class LoadShedder(grpc.aio.ServerInterceptor):
     def _done(self, _task: object) -> None:
         self.inflight -= 1
 
+    def calls_in_flight(self) -> int:
+        """Inference calls dispatched and not yet ended (refused ones excluded)."""
+        return self.inflight
+
     async def intercept_service(
         self,
         continuation: Continuation,

@@ -102,9 +102,6 @@ class InferenceServer:
         self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
 
-    def _calls_in_flight(self) -> int:
-        return self.shedder.inflight if self.shedder is not None else 0
-
     def _on_model_event(self, name: str, version: int, event: str) -> None:
         self.metrics.model_event(name, version, event)
         self.metrics.models_ready.set(len(self.repository.served_models()))
@@ -193,7 +190,7 @@ class InferenceServer:
                 self.admission,
                 retry_after_ms=settings.retry_after_ms,
                 loop_load=self.loop_load,
-                calls_in_flight=self._calls_in_flight if self.shedder is not None else None,
+                calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
             ),
             server,
         )
