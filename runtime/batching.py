@@ -9,9 +9,9 @@ Configured per model in ``<repo>/<model>/config.json``::
                   "idle_dispatch": true}}
 
 Idle dispatch (on by default): a request that arrives when it is the server's only call in flight
-(nothing else queued, running or on its way) starts its batch at once instead of waiting out the
-delay: nothing could join it, so waiting would only add latency. A lone client therefore pays
-for batching only the hand-off to a worker thread; under concurrent load requests gather as
+(nothing else queued, running or on its way) runs at once, on the event loop like an unbatched
+request: nothing could join it, so waiting (or a hand-off to a worker thread) would only add
+latency. Batching therefore costs a lone client nothing; under concurrent load requests gather as
 before. With ``"idle_dispatch": false`` every batch waits for the delay or the size, as in
 Triton's dynamic batcher.
 
@@ -148,19 +148,21 @@ class DynamicBatcher:
                 f"the batch queue of model {self.model.name!r} is full "
                 f"({self.config.max_queue_size} requests); retry later"
             )
+        if self._alone():
+            return self._run_one(prepared)  # here and now: nothing could join it
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
         self._waiting.append(_Waiting(prepared, future, deadline))
         self._rows += prepared.rows
-        if self._rows >= self.config.max_batch_size or self._alone():
+        if self._rows >= self.config.max_batch_size:
             self._dispatch()
         elif self._timer is None:
             self._timer = loop.call_later(self.config.max_queue_delay_us / 1e6, self._dispatch)
         return await future
 
     def _alone(self) -> bool:
-        """Whether the request just queued is the only work around (see idle dispatch)."""
-        if not self.config.idle_dispatch or self._running or len(self._waiting) != 1:
+        """Whether a request arriving now is the only work around (see idle dispatch)."""
+        if not self.config.idle_dispatch or self._running or self._waiting:
             return False
         return self._calls_in_flight is None or self._calls_in_flight() <= 1
 
@@ -211,14 +213,7 @@ class DynamicBatcher:
         """On a worker thread: one onnxruntime call for the whole batch."""
         model = self.model
         if len(batch) == 1:
-            prepared = batch[0].prepared
-            results = model.run(prepared.feeds)
-            if model.monitor is not None:
-                model.monitor.observe(prepared.feeds)
-            self._on_batch(prepared.rows)
-            if model.quality is not None and prepared.request_id:
-                model.quality.remember(prepared.request_id, prepared.feeds, results)
-            return [prepared.respond(results)]
+            return [self._run_one(batch[0].prepared)]
         feeds: dict[str, npt.NDArray[Any]] = {
             name: np.concatenate([item.prepared.feeds[name] for item in batch])
             for name in model.input_specs
@@ -240,6 +235,17 @@ class DynamicBatcher:
             responses.append(item.prepared.respond(own))
             start = stop
         return responses
+
+    def _run_one(self, prepared: PreparedRequest) -> pb.ModelInferResponse:
+        """One request alone, on whichever thread calls it."""
+        model = self.model
+        results = model.run(prepared.feeds)
+        if model.monitor is not None:
+            model.monitor.observe(prepared.feeds)
+        self._on_batch(prepared.rows)
+        if model.quality is not None and prepared.request_id:
+            model.quality.remember(prepared.request_id, prepared.feeds, results)
+        return prepared.respond(results)
 
     def _settle(
         self, batch: list[_Waiting], done: asyncio.Future[list[pb.ModelInferResponse]]

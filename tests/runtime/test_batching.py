@@ -51,7 +51,9 @@ def test_config_parsing() -> None:
 
 def test_batched_answers_equal_single_runs(logreg: LoadedModel) -> None:
     assert batchable(logreg)
-    config = BatchingConfig(max_batch_size=32, max_queue_delay_us=20_000)
+    # Without idle dispatch: each request here would find the model idle (the loop runs the
+    # submissions one after another) and run alone.
+    config = BatchingConfig(max_batch_size=32, max_queue_delay_us=20_000, idle_dispatch=False)
     inputs = [rows(1 + i % 3, i) for i in range(40)]
 
     async def scenario() -> tuple[list, DynamicBatcher]:
@@ -75,44 +77,78 @@ def test_batched_answers_equal_single_runs(logreg: LoadedModel) -> None:
         assert list(response.outputs[1].shape) == [x.shape[0], 2]
 
 
-def test_a_lone_request_does_not_wait_for_the_delay(logreg: LoadedModel) -> None:
-    """Idle dispatch: with nothing of the model running, a request starts a batch at once (the
-    60 s delay would otherwise hold it far past the 20 s the test waits)."""
+def test_a_lone_request_runs_at_once(logreg: LoadedModel) -> None:
+    """Idle dispatch: with nothing else around, a request runs at once on the event loop: it
+    waits neither for the 60 s delay nor for a worker thread (the only one is blocked here)."""
     config = BatchingConfig(max_batch_size=32, max_queue_delay_us=60_000_000)
+    sizes: list[int] = []
 
     async def scenario() -> int:
+        release = threading.Event()
         with ThreadPoolExecutor(1) as executor:
-            batcher = DynamicBatcher(logreg, config, executor)
-            for index in range(3):  # one after the other: each finds the model idle
-                await asyncio.wait_for(batcher.submit(prepared(logreg, rows(1, index)), None), 20)
-            return batcher.queued
+            executor.submit(release.wait)
+            try:
+                batcher = DynamicBatcher(logreg, config, executor, sizes.append)
+                for index in range(3):  # one after the other: each finds the model idle
+                    submitted = batcher.submit(prepared(logreg, rows(1, index)), None)
+                    await asyncio.wait_for(submitted, 20)
+                return batcher.queued
+            finally:
+                release.set()
 
     assert asyncio.run(scenario()) == 0
+    assert sizes == [1, 1, 1]
 
 
-def test_requests_gather_behind_a_running_batch(logreg: LoadedModel) -> None:
-    """Requests that arrive while a batch runs are not alone: they gather (here until the size
-    is reached; the 60 s delay would hold them past the test's 20 s)."""
+def test_requests_with_company_gather_into_one_batch(logreg: LoadedModel) -> None:
+    """With other calls in flight, requests wait for company (here until the size is reached;
+    the 60 s delay would hold them past the test's 20 s) and run as one batch."""
     config = BatchingConfig(max_batch_size=8, max_queue_delay_us=60_000_000)
     sizes: list[int] = []
 
     async def scenario() -> list[object]:
-        release = threading.Event()
         with ThreadPoolExecutor(1) as executor:
-            executor.submit(release.wait)  # the only worker is busy: the first batch must wait
-            batcher = DynamicBatcher(logreg, config, executor, sizes.append)
-            first = asyncio.ensure_future(batcher.submit(prepared(logreg, rows(1, 0)), None))
-            await asyncio.sleep(0)
-            later = [
+            batcher = DynamicBatcher(logreg, config, executor, sizes.append, lambda: 4)
+            tasks = [
                 asyncio.ensure_future(batcher.submit(prepared(logreg, rows(2, i)), None))
-                for i in range(1, 5)
+                for i in range(4)
             ]
-            release.set()
-            return await asyncio.wait_for(asyncio.gather(first, *later), 20)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 20)
 
     answers = asyncio.run(scenario())
-    assert len(answers) == 5
-    assert sizes == [1, 8]  # the lone first request, then the four gathered ones together
+    assert len(answers) == 4
+    assert sizes == [8]
+
+
+def test_a_request_behind_a_running_batch_is_not_alone(logreg: LoadedModel) -> None:
+    """While a batch of its model runs, a request queues even if it is the server's only new
+    call: it goes with the next batch, not around the running one."""
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=60_000_000)
+    in_flight = [3]
+
+    async def scenario() -> int:
+        release = threading.Event()
+        with ThreadPoolExecutor(1) as executor:
+            executor.submit(release.wait)  # the batch below must wait for the worker
+            try:
+                batcher = DynamicBatcher(logreg, config, executor, None, lambda: in_flight[0])
+                running = [
+                    asyncio.ensure_future(batcher.submit(prepared(logreg, rows(4, i)), None))
+                    for i in range(2)
+                ]
+                await asyncio.sleep(0)  # 8 rows: dispatched to the (busy) worker
+                in_flight[0] = 1
+                late = asyncio.ensure_future(batcher.submit(prepared(logreg, rows(1, 9)), None))
+                await asyncio.sleep(0.05)
+                queued = batcher.queued
+                late.cancel()
+                release.set()
+                await asyncio.wait_for(asyncio.gather(*running), 20)
+                return queued
+            finally:
+                release.set()
+
+    assert asyncio.run(scenario()) == 1
 
 
 def test_a_request_with_other_calls_in_flight_waits_to_gather(logreg: LoadedModel) -> None:
