@@ -75,7 +75,7 @@ class BatchingConfig:
                     sorted(int(v) for v in data.get("preferred_batch_sizes", ()))
                 ),
                 max_queue_size=int(data.get("max_queue_size", 1024)),
-                idle_dispatch=_flag(data.get("idle_dispatch", True)),
+                idle_dispatch=_flag("idle_dispatch", data.get("idle_dispatch", True)),
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
@@ -86,9 +86,9 @@ class BatchingConfig:
         return config
 
 
-def _flag(value: object) -> bool:
+def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"idle_dispatch must be true or false, not {value!r}")
+        raise ValueError(f"{name} must be true or false, not {value!r}")
     return value
 
 
