@@ -2,8 +2,9 @@
 
 Start-up binds the gRPC port first with health NOT_SERVING (so liveness probes answer while models
 load), loads the repository, then turns health to SERVING. SIGTERM or SIGINT turns health to
-NOT_SERVING, stops accepting new calls, lets in-flight calls finish within the grace period, and
-returns exit code 0.
+NOT_SERVING, stops accepting new calls, lets in-flight calls finish within the grace period, keeps
+the connections open (within it, at most 5 s) until the clients have acknowledged the end of the
+last responses (see drain.py), and returns exit code 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from prometheus_client import start_http_server
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.dataplane import DataPlane
+from edgewise.runtime.grpc_api.drain import hold_connections
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
@@ -55,6 +58,10 @@ from edgewise.runtime.signing import TrustedKeys
 __all__ = ["InferenceServer", "run_server"]
 
 log = logging.getLogger(__name__)
+
+# At most this long after the last call (and never past the grace period) the server waits for
+# its clients to acknowledge the end of the last responses before closing their connections.
+_CONNECTION_DRAIN_SECONDS = 5.0
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
@@ -332,7 +339,18 @@ class InferenceServer:
             self._drift_task.cancel()
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.grace_seconds if grace is None else grace)
+            grace = self.settings.grace_seconds if grace is None else grace
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(self._grpc.stop(grace))
+            await asyncio.sleep(0)  # gRPC has begun to stop: no new connection is accepted
+            held = hold_connections(self.port)
+            await stopping
+            # The last responses may still be on their way (see drain.py): keep the sockets
+            # open until the clients have them, within what is left of the grace period.
+            linger = min(_CONNECTION_DRAIN_SECONDS, grace - (time.monotonic() - started))
+            undelivered = await held.release_when_delivered(linger)
+            if undelivered:
+                log.warning("%d bytes of responses were not delivered before closing", undelivered)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
