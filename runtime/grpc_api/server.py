@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,9 +258,7 @@ class InferenceServer:
         if settings.monitoring == "on":
             # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
             # Imported only here: with monitoring off the server never loads numba.
-            from edgewise import kernels
-
-            seconds = await loop.run_in_executor(self.executor, kernels.warmup_request_path)
+            seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
             log.info("monitoring kernels ready in %.2f s", seconds)
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
@@ -359,6 +358,26 @@ class InferenceServer:
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def warm_request_kernels() -> float:
+    """Load the request path's kernels (from numba's cache, or compiled); return the seconds.
+
+    numba probes for SciPy's BLAS when its CPU target first initialises, which imports
+    scipy.linalg: ~16 MB resident and ~70 ms here. edgewise's kernels never call BLAS (see
+    kernels/_special.py), and this server process runs no other numba code, so the probe is
+    made to find nothing; scipy.linalg stays importable for anything that asks for it later."""
+    from edgewise import kernels
+
+    probe = "scipy.linalg.cython_blas"
+    hidden = probe not in sys.modules
+    if hidden:
+        sys.modules[probe] = None  # type: ignore[assignment]  # importing it raises ImportError
+    try:
+        return kernels.warmup_request_path()
+    finally:
+        if hidden and sys.modules.get(probe, object()) is None:
+            del sys.modules[probe]
 
 
 def _tune_garbage_collector() -> None:

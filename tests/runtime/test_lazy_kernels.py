@@ -68,3 +68,37 @@ def test_numba_loads_only_when_needed(
     # The change detectors of online quality load the kernels with the first labels.
     assert result["after_labels"] is True
     assert result["labelled"] == 1
+
+
+WARM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from edgewise.runtime.grpc_api.server import warm_request_kernels
+
+    seconds = warm_request_kernels()
+    skipped_blas = "scipy.linalg" not in sys.modules
+    import scipy.linalg  # still importable by anything that wants it later
+
+    from edgewise.kernels import FeatureProfile, quantile_edges
+    import numpy as np
+
+    rows = np.random.default_rng(1).normal(size=(256, 3))
+    profile = FeatureProfile(quantile_edges(rows, n_bins=8))
+    profile.update(rows)
+    print(json.dumps({"skipped_blas": skipped_blas, "seconds": seconds,
+                      "rows": int(profile.moments.count[0]),
+                      "mean_ok": bool(np.allclose(profile.moments.mean, rows.mean(axis=0)))}))
+    """
+)
+
+
+def test_warming_the_request_kernels_skips_numbas_blas_probe() -> None:
+    """The server's kernels load without SciPy's BLAS (about 16 MB), and still compute."""
+    out = subprocess.run(
+        [sys.executable, "-c", WARM_SCRIPT], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["skipped_blas"] is True
+    assert result["seconds"] > 0
+    assert result["rows"] == 256
+    assert result["mean_ok"] is True
