@@ -74,11 +74,13 @@ __all__ = [
     "detect_limits",
     "format_bytes",
     "group_folder",
+    "inflight_by_memory",
     "parse_bytes",
     "parse_cpu_list",
     "parse_mountinfo",
     "parse_proc_cgroup",
     "prepare_process",
+    "process_inflight_limit",
 ]
 
 MiB: Final = 1 << 20
@@ -544,6 +546,29 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def inflight_by_memory(memory_budget_bytes: int, max_message_bytes: int) -> int:
+    """In-flight calls a memory budget holds when each may hold its serialized and its parsed
+    message of the largest size, above an idle server's own memory."""
+    return (memory_budget_bytes - BASELINE_RSS_BYTES) // (2 * max_message_bytes)
+
+
+def process_inflight_limit(
+    max_inflight: int, processes: int, memory_budget_bytes: int, max_message_bytes: int
+) -> int:
+    """The in-flight limit of each of ``processes`` server processes sharing one port: the
+    whole server's ``max_inflight`` (0: none), within what the process's share of the memory
+    budget holds (at least 1).
+
+    Not a share of the limit: an HTTP/2 client keeps its connection, and so all its calls, on
+    the one process the kernel gave it, so one process may get most of the load while another
+    idles. Shedding there at a fraction of the limit would only fail calls a single process
+    would have taken: a retry comes back over the same connection to the same process."""
+    if max_inflight == 0:
+        return 0
+    by_memory = inflight_by_memory(memory_budget_bytes // processes, max_message_bytes)
+    return max(1, min(max_inflight, by_memory))
+
+
 def derive_budget(
     limits: ResourceLimits, overrides: Mapping[str, int | bool] | None = None
 ) -> RuntimeBudget:
@@ -598,7 +623,7 @@ def derive_budget(
     if "max_inflight" in given:
         inflight = int(given["max_inflight"])
     else:
-        by_memory = (memory_budget - BASELINE_RSS_BYTES) // (2 * max_message)
+        by_memory = inflight_by_memory(memory_budget, max_message)
         inflight = max(workers + 1, min(workers + 1 + queue_depth, by_memory))
     arena = bool(given.get("memory_arena", memory >= ARENA_MIN_MEMORY_BYTES))
     return RuntimeBudget(

@@ -14,8 +14,10 @@ CPU budget is more processes. ``edgewise serve --processes N`` starts this super
 
 A LoadModel or UnloadModel call reaches one process; that process makes the change, then
 forwards the call to its siblings' private addresses, so every process serves the same model set
-and a hot swap stays zero-failure. Worker threads, memory admission and in-flight limits are split
-evenly between the processes. Drift reports are per process (each sees a share of the traffic);
+and a hot swap stays zero-failure. Worker threads and the memory budget are split evenly between
+the processes; each admits up to the whole in-flight limit, within its share of the memory (a
+client's calls stay on the process its connection reached, so the load need not be even; see
+:func:`~edgewise.runtime.limits.process_inflight_limit`). Drift reports are per process (each sees a share of the traffic);
 the Prometheus gauges report the most recent.
 """
 
@@ -39,6 +41,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from edgewise.runtime.errors import EdgewiseError, Unavailable
+from edgewise.runtime.limits import process_inflight_limit
 from edgewise.runtime.settings import ENV_PREFIX, ServerSettings
 
 __all__ = ["peer_addresses", "run_supervisor"]
@@ -78,10 +81,16 @@ def _child_environment(
     env = dict(base)
     per_process = replace(
         settings,
-        # The budget is the whole CPU and memory: each process gets its share.
+        # The budget is the whole CPU and memory: each process gets its share of the threads
+        # and memory, and the whole in-flight limit within its memory (see limits.py).
         worker_threads=max(1, settings.worker_threads // processes),
         memory_budget_bytes=settings.memory_budget_bytes // processes,
-        max_inflight=max(1, settings.max_inflight // processes) if settings.max_inflight else 0,
+        max_inflight=process_inflight_limit(
+            settings.max_inflight,
+            processes,
+            settings.memory_budget_bytes,
+            settings.max_message_bytes,
+        ),
     )
     for item in fields(per_process):
         if not item.metadata.get("env", True):

@@ -526,3 +526,25 @@ def test_cli_limits_unknown_profile_is_one_line(capsys: pytest.CaptureFixture[st
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no profile named 'no-such-profile'" in err
     assert "edge-tiny" in err  # lists the known ones
+
+
+# ---- the in-flight limit of each of several server processes -----------------------------------
+
+
+def test_each_process_admits_the_whole_in_flight_limit_when_memory_allows() -> None:
+    """Clients keep their connection to one process: a share of the limit would shed calls a
+    single process takes (the load need not be even)."""
+    assert L.process_inflight_limit(35, 2, 16 * L.GiB, 64 * L.MiB) == 35
+    assert L.process_inflight_limit(35, 8, 64 * L.GiB, 64 * L.MiB) == 35
+
+
+def test_a_process_in_flight_limit_stays_within_its_share_of_memory() -> None:
+    budget, message = 2 * L.GiB, 16 * L.MiB
+    per_process = L.inflight_by_memory(budget // 4, message)
+    assert per_process == (budget // 4 - L.BASELINE_RSS_BYTES) // (2 * message)
+    assert L.process_inflight_limit(1000, 4, budget, message) == per_process < 1000
+    assert L.process_inflight_limit(1000, 64, budget, message) == 1  # never below one call
+
+
+def test_no_in_flight_limit_stays_none_in_every_process() -> None:
+    assert L.process_inflight_limit(0, 4, 16 * L.GiB, 64 * L.MiB) == 0

@@ -123,3 +123,25 @@ def test_a_dead_process_is_replaced(multi: tuple[RunningServer, Path]) -> None:
         with EdgewiseClient(server.target) as client:
             client.wait_until_serving(timeout=60)
             assert client.infer("logreg", FEATURES).model_version == "1"
+
+
+def test_processes_get_shares_of_threads_and_memory_and_the_whole_in_flight_limit() -> None:
+    from edgewise.runtime.grpc_api.supervisor import _child_environment
+    from edgewise.runtime.limits import ResourceLimits
+    from edgewise.runtime.settings import ENV_PREFIX, ServerSettings
+
+    settings = ServerSettings.from_sources(
+        {
+            "worker_threads": 4,
+            "intra_op_threads": 1,
+            "max_inflight": 40,
+            "memory_budget_bytes": 8 << 30,
+            "max_message_bytes": 4 << 20,
+        },
+        environ={},
+        limits=ResourceLimits.simulated(4, 16 << 30),
+    )
+    env = _child_environment(settings, 2, {})
+    assert env[ENV_PREFIX + "WORKER_THREADS"] == "2"
+    assert env[ENV_PREFIX + "MEMORY_BUDGET_BYTES"] == str(4 << 30)
+    assert env[ENV_PREFIX + "MAX_INFLIGHT"] == "40"
