@@ -322,8 +322,7 @@ def render_table(
     ]
     notes = [
         "",
-        "errors: calls that did not answer OK (with two processes, each process sheds past its",
-        "share of the in-flight limit with RESOURCE_EXHAUSTED and a retry hint).",
+        "errors: calls that did not answer OK (RESOURCE_EXHAUSTED from shedding included).",
         "",
         "bare_grpc_ceiling: a grpc.aio server whose ModelInfer returns a canned answer (gRPC",
         "parses the request; no model, no tensor decoding): its req/s vs MLServer is the most",
