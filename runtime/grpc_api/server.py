@@ -340,10 +340,8 @@ class InferenceServer:
         if self._grpc is not None:
             grace = self.settings.grace_seconds if grace is None else grace
             started = time.monotonic()
-            stopping = asyncio.ensure_future(self._grpc.stop(grace))
-            await asyncio.sleep(0)  # gRPC has begun to stop: no new connection is accepted
-            held = hold_connections(self.port)
-            await stopping
+            held = hold_connections(self.port)  # before gRPC can close any of them
+            await self._grpc.stop(grace)
             # The last responses may still be on their way (see drain.py): keep the sockets
             # open until the clients have them, within what is left of the grace period.
             linger = min(_CONNECTION_DRAIN_SECONDS, grace - (time.monotonic() - started))
