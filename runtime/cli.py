@@ -69,6 +69,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _processes(text: str) -> int | str:
+    """``--processes``: a count of at least 1, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a count of at least 1 or 'auto', not {text!r}")
+    return count
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -94,9 +107,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--monitoring",
         choices=["on", "off"],
         help="per-request statistics and drift (default on); off never loads numba: "
-        "about 130 MB less resident memory and 0.4 s faster start",
+        "about 115 MB less resident memory and 0.35 s faster start",
     )
-    p.add_argument("--processes", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        help="server processes sharing the port (default 1); 'auto': one per core of the CPU "
+        "budget, as many as the memory budget holds (384 MiB each)",
+    )
     p.add_argument(
         "--quality",
         choices=["on", "off"],

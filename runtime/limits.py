@@ -66,10 +66,12 @@ __all__ = [
     "MEMORY_BUDGET_FRACTION",
     "NATIVE_THREAD_ENV",
     "OVERRIDABLE",
+    "PROCESS_MEMORY_BYTES",
     "QUEUE_DEPTH_PER_CORE",
     "CgroupMount",
     "ResourceLimits",
     "RuntimeBudget",
+    "auto_processes",
     "derive_budget",
     "detect_limits",
     "format_bytes",
@@ -94,6 +96,10 @@ MEMORY_BUDGET_FRACTION: Final = 0.8
 #: Resident memory of an idle server (Python, numpy, onnxruntime, grpc, a few small models):
 #: measured 92 MiB. Only used to size the in-flight limit; admission measures the real figure.
 BASELINE_RSS_BYTES: Final = 96 * MiB
+#: Memory one server process needs to start and idle with monitoring on and a few small models
+#: (measured 209 MiB with one; see benchmarks/memory.py), with room for requests: what
+#: ``--processes auto`` sets aside for each process it starts.
+PROCESS_MEMORY_BYTES: Final = 384 * MiB
 #: Queued requests allowed per core, on top of those running.
 QUEUE_DEPTH_PER_CORE: Final = 16
 #: Below this much memory, onnxruntime's CPU arena and memory patterns are off: the arena grows
@@ -550,6 +556,14 @@ def inflight_by_memory(memory_budget_bytes: int, max_message_bytes: int) -> int:
     """In-flight calls a memory budget holds when each may hold its serialized and its parsed
     message of the largest size, above an idle server's own memory."""
     return (memory_budget_bytes - BASELINE_RSS_BYTES) // (2 * max_message_bytes)
+
+
+def auto_processes(budget: RuntimeBudget) -> int:
+    """``--processes auto``: one server process per core of the CPU budget (a Python process
+    serves one request at a time), as many as the memory budget holds at
+    :data:`PROCESS_MEMORY_BYTES` each, at least one."""
+    by_memory = budget.memory_budget_bytes // PROCESS_MEMORY_BYTES
+    return max(1, min(budget.cores, by_memory))
 
 
 def process_inflight_limit(

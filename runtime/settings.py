@@ -20,6 +20,7 @@ from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.limits import (
     ResourceLimits,
     RuntimeBudget,
+    auto_processes,
     derive_budget,
     detect_limits,
     numba_override,
@@ -66,7 +67,9 @@ class ServerSettings:
     version_policy: str = "latest:1"  # EDGEWISE_VERSION_POLICY: latest:N | all | specific:1,2
     grace_seconds: float = 10.0  # EDGEWISE_GRACE_SECONDS: finish in-flight work on SIGTERM
     port_file: Path | None = None  # EDGEWISE_PORT_FILE: write "grpc_port metrics_port" when ready
-    processes: int = 1  # EDGEWISE_PROCESSES: server processes sharing the port (SO_REUSEPORT)
+    # EDGEWISE_PROCESSES: server processes sharing the port (SO_REUSEPORT); "auto": one per core
+    # of the CPU budget, as many as the memory budget holds (see limits.auto_processes)
+    processes: int = 1
     # Set by the multi-process supervisor for its server processes (not for users):
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
@@ -129,6 +132,9 @@ class ServerSettings:
                 continue
             raw = env.get(ENV_PREFIX + item.name.upper())
             if raw is not None and raw != "":
+                if item.name == "processes" and raw.strip().lower() == AUTO:
+                    values[item.name] = AUTO
+                    continue
                 values[item.name] = _convert(item.name, item.type, raw)
         for key, value in overrides.items():
             if value is not None:
@@ -139,6 +145,8 @@ class ServerSettings:
         )
         for name in BUDGET_FIELDS:
             values.setdefault(name, getattr(budget, name))
+        if values.get("processes") == AUTO:
+            values["processes"] = auto_processes(budget)
         values["budget"] = budget
         settings = cls(**values)
         settings.validate()
@@ -173,6 +181,10 @@ class ServerSettings:
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
         self.policy()
+
+
+#: The value of ``processes`` that sizes it from the budget.
+AUTO = "auto"
 
 
 def _convert(name: str, type_name: object, raw: str) -> Any:

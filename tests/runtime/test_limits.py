@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -548,3 +549,35 @@ def test_a_process_in_flight_limit_stays_within_its_share_of_memory() -> None:
 
 def test_no_in_flight_limit_stays_none_in_every_process() -> None:
     assert L.process_inflight_limit(0, 4, 16 * L.GiB, 64 * L.MiB) == 0
+
+
+# ---- --processes auto ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpus", "memory", "expected"),
+    [
+        (4, 16 * L.GiB, 4),  # one per core
+        (4, 1 * L.GiB, 2),  # 0.8 GiB of budget holds two processes of 384 MiB
+        (0.5, 256 * MiB, 1),  # never fewer than one
+        (8.0, 64 * L.GiB, 8),
+    ],
+)
+def test_auto_processes_follow_cores_within_memory(cpus: float, memory: int, expected: int) -> None:
+    limits = ResourceLimits.simulated(cpus, memory)
+    assert L.auto_processes(derive_budget(limits)) == expected
+    from_flag = ServerSettings.from_sources({"processes": "auto"}, environ={}, limits=limits)
+    from_env = ServerSettings.from_sources(
+        {}, environ={"EDGEWISE_PROCESSES": "auto"}, limits=limits
+    )
+    assert from_flag.processes == from_env.processes == expected
+
+
+def test_the_processes_flag_takes_a_count_or_auto() -> None:
+    from edgewise.runtime.cli import _processes
+
+    assert _processes("3") == 3
+    assert _processes("AUTO") == "auto"
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1 or 'auto'"):
+            _processes(bad)
