@@ -177,7 +177,12 @@ class InferenceServer:
         if self.shedder is not None:
             shedder = self.shedder
             loop = asyncio.get_running_loop()
-            self.loop_load = LoopLoad(loop, last_shed=lambda: shedder.last_shed)
+            self.loop_load = LoopLoad(
+                loop,
+                last_shed=lambda: shedder.last_shed,
+                in_flight=shedder.calls_in_flight,
+                limit=shedder.limit,
+            )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

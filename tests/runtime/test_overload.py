@@ -164,3 +164,87 @@ def test_shedding_counts_every_call_until_its_task_ends_and_never_leaks() -> Non
     assert codes[:8].count("OK") == 3 and codes[:8].count("RESOURCE_EXHAUSTED") == 5, codes
     assert codes[8:11] == ["DEADLINE_EXCEEDED"] * 3
     assert left == 0 and codes[11:] == ["OK"] * 3 and shed == 5
+
+
+def test_a_saturated_loop_without_a_backlog_goes_back_inline_after_a_probe() -> None:
+    """Closed-loop clients can saturate the loop with nothing waiting: a short probe on threads
+    shows every call (fewer than the limit, none shed), and requests go back inline for the
+    quiet period; then the next saturated window probes again."""
+    import asyncio
+    import time
+
+    from edgewise.runtime.grpc_api.overload import LoopLoad
+
+    async def scenario() -> list[bool]:
+        load = LoopLoad(
+            asyncio.get_running_loop(),
+            window=3600,  # sampled by hand
+            hold=0.3,
+            in_flight=lambda: 4,
+            limit=10,
+            probe=0.05,
+            quiet=0.5,
+        )
+        seen = []
+
+        def saturated_by_models(seconds: float) -> None:
+            time.sleep(seconds)  # the loop never idles
+            load.inline_seconds += 0.8 * seconds
+            load.sample()
+            seen.append(load.busy)
+
+        load.sample()
+        saturated_by_models(0.1)  # busy: the probe starts
+        saturated_by_models(0.1)  # probe over: 4 in flight of 10, nothing shed -> inline
+        saturated_by_models(0.1)  # still saturated, but within the quiet period: inline
+        saturated_by_models(0.5)  # quiet period over: the next probe
+        load.close()
+        assert load.probes_cleared == 1
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, False, True]
+
+
+def test_a_probe_that_finds_a_backlog_keeps_the_work_off_the_loop() -> None:
+    """A probe that sees the limit reached (or sheds) leaves the work on threads; once nothing
+    is shed for the hold time a new probe runs, and when the overload is over requests go back
+    inline although the loop stays saturated."""
+    import asyncio
+    import time
+
+    from edgewise.runtime.grpc_api.overload import LoopLoad
+
+    in_flight = {"now": 10}
+    shed_at = {"last": -1e9}
+
+    async def scenario() -> list[bool]:
+        load = LoopLoad(
+            asyncio.get_running_loop(),
+            window=3600,
+            hold=0.2,
+            last_shed=lambda: shed_at["last"],
+            in_flight=lambda: in_flight["now"],
+            limit=10,
+            probe=0.05,
+            quiet=0.5,
+        )
+        seen = []
+
+        def saturated_by_models(seconds: float) -> None:
+            time.sleep(seconds)
+            load.inline_seconds += 0.8 * seconds
+            load.sample()
+            seen.append(load.busy)
+
+        load.sample()
+        saturated_by_models(0.1)  # probe starts with 10 of 10 in flight
+        shed_at["last"] = time.monotonic()  # and the shedder refuses a call
+        saturated_by_models(0.1)  # probe over, it found a backlog: stay on threads
+        saturated_by_models(0.1)  # within the hold time: no new probe, still on threads
+        in_flight["now"] = 3  # the overload ends; the loop stays saturated
+        saturated_by_models(0.25)  # nothing shed for the hold time: a new probe
+        saturated_by_models(0.1)  # it finds 3 of 10 and no shedding: inline
+        load.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, True, True, False]
