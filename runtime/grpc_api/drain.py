@@ -94,11 +94,11 @@ class HeldConnections:
             self.release()
 
 
-def hold_connections(port: int, fd_dir: Path = _FD_DIR) -> HeldConnections:
+def hold_connections(port: int) -> HeldConnections:
     """Take a second descriptor of every connected TCP socket of this process on local port
     ``port``; none where the process's descriptors cannot be listed."""
     try:
-        names = os.listdir(fd_dir)
+        names = os.listdir(_FD_DIR)
     except OSError:
         return HeldConnections([])
     held: list[socket.socket] = []
@@ -106,7 +106,7 @@ def hold_connections(port: int, fd_dir: Path = _FD_DIR) -> HeldConnections:
     for name in names:
         try:
             fd = int(name)
-            target = os.readlink(fd_dir / name)
+            target = os.readlink(_FD_DIR / name)
         except (OSError, ValueError):
             continue
         if not target.startswith("socket:") or target in seen:

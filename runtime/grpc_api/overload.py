@@ -233,7 +233,6 @@ class LoopLoad:
         saturated = self.idle_fraction < self.busy_below
         if self.busy and self._probe_started is not None and self._probe_cleared(moment):
             self.busy = False
-            self._probe_started = None
             self._quiet_until = moment + self.quiet
             self.probes_cleared += 1
         elif saturated and (self.busy or inline >= self.inline_share):
