@@ -156,45 +156,40 @@ class MLServer:
             self.process.kill()
 
 
-class BareServer:
+class TimedServer:
+    """A server started with serving.Server (``command`` writes ``port_file`` once ready),
+    timed from launch to ready."""
+
+    def __init__(self, command: list[str], port_file: Path) -> None:
+        started = time.perf_counter()
+        self.server = serving.Server(command, port_file)
+        self.ready_seconds = time.perf_counter() - started
+        self.process = self.server.process
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def bare_server(work: Path) -> TimedServer:
     """benchmarks/serving.py's bare grpc.aio server: answers every ModelInfer, doing nothing."""
-
-    def __init__(self, work: Path) -> None:
-        port_file = work / "bare.port"
-        started = time.perf_counter()
-        self.server = serving.Server(
-            [sys.executable, str(HERE / "serving.py"), "--bare", "aio", str(port_file)], port_file
-        )
-        self.ready_seconds = time.perf_counter() - started
-        self.process = self.server.process
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
+    port_file = work / "bare.port"
+    return TimedServer(
+        [sys.executable, str(HERE / "serving.py"), "--bare", "aio", str(port_file)], port_file
+    )
 
 
-class EdgewiseServer:
-    def __init__(self, repo: Path, work: Path, label: str, extra: list[str]) -> None:
-        port_file = work / f"{label}.port"
-        started = time.perf_counter()
-        self.server = serving.Server(
-            [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
-             "--repo", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-             "--port-file", str(port_file), *extra],
-            port_file,
-        )  # fmt: skip
-        self.ready_seconds = time.perf_counter() - started
-        self.process = self.server.process
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
+def edgewise_server(repo: Path, work: Path, label: str, extra: list[str]) -> TimedServer:
+    port_file = work / f"{label}.port"
+    return TimedServer(
+        [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+         "--repo", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+         "--port-file", str(port_file), *extra],
+        port_file,
+    )  # fmt: skip
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -235,13 +230,13 @@ def main() -> int:
         "machine": platform.machine(),
     }
     setups: list[tuple[str, Any]] = [
-        ("edgewise", lambda: EdgewiseServer(repo, work, "single", [])),
-        ("edgewise_batching", lambda: EdgewiseServer(repo, work, "batching", [])),
-        ("edgewise_2proc", lambda: EdgewiseServer(repo, work, "multi", ["--processes", "2"])),
+        ("edgewise", lambda: edgewise_server(repo, work, "single", [])),
+        ("edgewise_batching", lambda: edgewise_server(repo, work, "batching", [])),
+        ("edgewise_2proc", lambda: edgewise_server(repo, work, "multi", ["--processes", "2"])),
     ]
     if not args.no_mlserver:
         setups.append(("mlserver", lambda: MLServer(joblib_dir)))
-    setups.append(("bare_grpc_ceiling", lambda: BareServer(work)))
+    setups.append(("bare_grpc_ceiling", lambda: bare_server(work)))
     rows: list[dict[str, Any]] = []
     servers_info: dict[str, dict[str, float]] = {}
     for label, start in setups:

@@ -19,6 +19,7 @@ from edgewise.runtime.container_render import _add_containers
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.limits import _add_limits
 from edgewise.runtime.quality_cli import _add_evaluate, _add_gate
+from edgewise.runtime.settings import AUTO
 from edgewise.runtime.store import cli_commands as store_cli
 
 __all__ = ["main"]
@@ -71,8 +72,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _processes(text: str) -> int | str:
     """``--processes``: a count of at least 1, or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
+    if text.strip().lower() == AUTO:
+        return AUTO
     try:
         count = int(text)
     except ValueError:
