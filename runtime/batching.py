@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.dataplane import PreparedRequest
+from edgewise.runtime.dataplane import DataPlane, PreparedRequest
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.model import LoadedModel
@@ -149,7 +149,7 @@ class DynamicBatcher:
                 f"({self.config.max_queue_size} requests); retry later"
             )
         if self._alone():
-            return self._run_one(prepared)  # here and now: nothing could join it
+            return self._run_one(prepared, on_loop=True)  # here and now: nothing could join it
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
         self._waiting.append(_Waiting(prepared, future, deadline))
@@ -236,16 +236,10 @@ class DynamicBatcher:
             start = stop
         return responses
 
-    def _run_one(self, prepared: PreparedRequest) -> pb.ModelInferResponse:
-        """One request alone, on whichever thread calls it."""
-        model = self.model
-        results = model.run(prepared.feeds)
-        if model.monitor is not None:
-            model.monitor.observe(prepared.feeds)
+    def _run_one(self, prepared: PreparedRequest, on_loop: bool = False) -> pb.ModelInferResponse:
+        """One request alone, on whichever thread calls it (``on_loop``: see DataPlane.execute)."""
         self._on_batch(prepared.rows)
-        if model.quality is not None and prepared.request_id:
-            model.quality.remember(prepared.request_id, prepared.feeds, results)
-        return prepared.respond(results)
+        return DataPlane.execute(prepared, on_loop=on_loop)
 
     def _settle(
         self, batch: list[_Waiting], done: asyncio.Future[list[pb.ModelInferResponse]]

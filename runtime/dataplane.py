@@ -7,6 +7,8 @@ knows about gRPC beyond the V2 protocol messages themselves.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +22,12 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.model import LoadedModel
 
 if TYPE_CHECKING:
+    from edgewise.runtime.monitor import ModelMonitor
     from edgewise.runtime.repository import ModelRepository
 
 __all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME: Final = "edgewise"
 PLATFORM: Final = "onnxruntime_onnx"
@@ -121,8 +126,17 @@ class DataPlane:
         )
 
     @staticmethod
-    def execute(prepared: PreparedRequest, deadline: float | None = None) -> pb.ModelInferResponse:
-        """Run a prepared request unless its deadline has passed."""
+    def execute(
+        prepared: PreparedRequest, deadline: float | None = None, *, on_loop: bool = False
+    ) -> pb.ModelInferResponse:
+        """Run a prepared request unless its deadline has passed.
+
+        ``on_loop``: the caller is a handler running on the event loop, which hands the
+        response to gRPC as soon as this returns. The monitor's statistics are then taken on
+        the loop's next turn, after the response is on its way, instead of before it: the
+        client does not wait for them (at concurrency 1 this takes ~50 us off the median round
+        trip, more than the update's own cost, as the kernel releases the GIL), and the total
+        work is the same. A statistics failure is logged; the answer already stands."""
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before inference started")
         model = prepared.model
@@ -133,7 +147,10 @@ class DataPlane:
         results = model.run(prepared.feeds, outputs)
         monitor = model.monitor
         if monitor is not None:
-            monitor.observe(prepared.feeds)
+            if on_loop:
+                asyncio.get_running_loop().call_soon(_observe_quietly, monitor, prepared.feeds)
+            else:
+                monitor.observe(prepared.feeds)
         if quality is not None:
             quality.remember(prepared.request_id, prepared.feeds, results)
         return prepared.respond(results)
@@ -181,3 +198,10 @@ class DataPlane:
                 )
             names.append(output.name)
         return names
+
+
+def _observe_quietly(monitor: ModelMonitor, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
+    try:
+        monitor.observe(feeds)
+    except Exception:
+        log.exception("monitoring statistics of an answered request failed")

@@ -237,7 +237,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         model = prepared.model
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline)
+            return self.dataplane.execute(prepared, deadline, on_loop=True)
 
     async def _batched(
         self,
