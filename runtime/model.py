@@ -7,10 +7,9 @@ anyone can see it. onnxruntime's errors are translated into edgewise's own.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,18 +74,14 @@ class SessionSettings:
         return options
 
 
-@contextlib.contextmanager
-def _translate_ort_errors(what: str) -> Iterator[None]:
-    """Turn onnxruntime's exceptions into edgewise errors."""
-    try:
-        yield
-    except (InvalidInput, ModelLoadError):
-        raise
-    except Exception as exc:
-        name = type(exc).__name__
-        if name in ("InvalidArgument", "InvalidProtobuf", "NoSuchFile", "NotImplemented"):
-            raise InvalidInput(f"{what}: {exc}") from None
-        raise ModelLoadError(f"{what}: {name}: {exc}") from None
+def _edgewise_error(what: str, exc: Exception) -> Exception:
+    """onnxruntime's exception ``exc`` as an edgewise error (ours pass through unchanged)."""
+    if isinstance(exc, (InvalidInput, ModelLoadError)):
+        return exc
+    name = type(exc).__name__
+    if name in ("InvalidArgument", "InvalidProtobuf", "NoSuchFile", "NotImplemented"):
+        return InvalidInput(f"{what}: {exc}")
+    return ModelLoadError(f"{what}: {name}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +168,13 @@ class LoadedModel:
         for name, array in feeds.items():
             prepared[name] = _as_strings(name, array) if self._plans[name].is_string else array
         names = list(output_names) if output_names else list(self.output_names)
-        with _translate_ort_errors(f"model {self.name!r} version {self.version}"):
+        try:
             results = self._run(names, prepared)
+        except Exception as exc:
+            translated = _edgewise_error(f"model {self.name!r} version {self.version}", exc)
+            if translated is exc:
+                raise
+            raise translated from None
         return dict(zip(names, results, strict=True))
 
 
