@@ -1,6 +1,6 @@
 """Serving benchmark: edgewise against the compute floor and the transport floor, in one run.
 
-    .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--rounds R]
+    .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--rounds R (default 5)]
 
 For each model (a logistic regression and a 100-tree random forest on 32 features of
 scikit-learn's bundled digits data, converted with edgewise convert):
@@ -13,6 +13,8 @@ scikit-learn's bundled digits data, converted with edgewise convert):
 
 Prints one JSON line per case; the ratio fields compare with the floors measured in the same run.
 Rounds alternate between servers so drift on a shared machine hits both; medians are reported.
+``ratio_p50_vs_transport_floor`` divides the medians; ``..._paired`` is the median of the
+per-round ratios (each against the faster bare server of that round), the steadier of the two.
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows, one round")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per case")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per case (median taken)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per case (median taken)")
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -390,6 +392,10 @@ def main() -> int:
                     **_rounded(stats),
                     "transport_floor": floor_kind,
                     "ratio_p50_vs_transport_floor": _ratio(stats["p50_us"], floor["p50_us"]),
+                    "ratio_p50_vs_transport_floor_paired": _paired_ratio(
+                        results[("edgewise", name, concurrency)],
+                        [results[(k, "bare", concurrency)] for k in bare],
+                    ),
                     "ratio_rps_vs_transport_floor": _ratio(stats["rps"], floor["rps"]),
                     "compute_floor_us": round(floors[name] * 1e6, 2),
                     "ratio_p50_vs_compute_floor": _ratio(stats["p50_us"], floors[name] * 1e6),
@@ -404,6 +410,17 @@ def main() -> int:
 
 def _rounded(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def _paired_ratio(rows: list[dict[str, Any]], floors: list[list[dict[str, Any]]]) -> float | None:
+    """The median over rounds of p50 / the faster bare server's p50 in the same round: each
+    ratio compares runs a few seconds apart, so drift on a shared machine cancels out."""
+    ratios = []
+    for index, row in enumerate(rows):
+        floor = min((f[index]["p50_us"] or float("inf")) for f in floors)
+        if row["p50_us"] and floor != float("inf"):
+            ratios.append(row["p50_us"] / floor)
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
