@@ -7,14 +7,22 @@ TYPECHECK := .build/typecheck
 # The real MLflow server of the store tests lives in an environment of its own (tests/mlflow_server.py).
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+# The ahead-of-time compiled kernels (kernels/_native.py), rebuilt when a kernel source changes.
+NATIVE_STAMP := $(VENV)/.native-kernels
 
-.PHONY: demo test mlflow-venv check lint format typecheck proto proto-check bench image podman clean
+.PHONY: demo test native mlflow-venv check lint format typecheck proto proto-check bench image podman clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving)
+native: $(NATIVE_STAMP)
+$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py)
+	$(BIN)/python -m edgewise.kernels.native_build || echo "numba's JIT serves every kernel instead"
+	touch $(NATIVE_STAMP)
 
 ## mlflow-venv: the MLflow server the store tests start (pyproject's mlflow-server extra)
 mlflow-venv: $(MLFLOW_STAMP)
@@ -23,11 +31,11 @@ $(MLFLOW_STAMP): pyproject.toml | $(STAMP)
 	touch $(MLFLOW_STAMP)
 
 ## demo: train, convert, serve a model from a local repository and answer a few requests
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/edgewise demo $(DEMO_ARGS)
 
 ## test: the whole test suite (what CI runs)
-test: $(STAMP) $(MLFLOW_STAMP)
+test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
@@ -55,7 +63,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python -m edgewise.runtime.grpc_api.codegen --check
 
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python benchmarks/serving.py
 
 ## image: the container image from wheels built here (ENGINE=docker, BASE_IMAGE=..., OFFLINE=1)
@@ -69,3 +77,4 @@ podman:
 
 clean:
 	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache
+	rm -f kernels/_native_kernels.*

@@ -6,7 +6,10 @@ scores between reference and current counts or raw samples (:mod:`edgewise.kerne
 and concept-drift detectors on error or loss streams (:class:`DDM`, :class:`ADWIN`).
 
 Call :func:`warmup` once at server start: it compiles every kernel for the dtypes the server
-uses (or loads them from numba's on-disk cache), so no request pays a JIT compile.
+uses (or loads them from numba's on-disk cache), so no request pays a JIT compile. The kernels a
+server runs all the time can also be compiled ahead of time (``python -m
+edgewise.kernels.native_build``, done by ``make``); they then run without numba or LLVM in the
+process (:func:`native_status`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 
 import numpy as np
 
+from . import _native
 from ._checks import CodeBatch, FloatBatch
 from .detectors import ADWIN, DDM
 from .drift import (
@@ -67,6 +71,7 @@ __all__ = [
     "ks_2samp",
     "ks_binned",
     "linf_distance",
+    "native_status",
     "psi",
     "quantile_edges",
     "warmup",
@@ -76,11 +81,18 @@ __all__ = [
 ]
 
 
+def native_status() -> str:
+    """Whether the ahead-of-time compiled kernels serve (``"loaded"``) or numba's, and why."""
+    return _native.STATUS
+
+
 def warmup_request_path() -> float:
     """Compile (or load from cache) only the kernels a request runs: the fused numeric update
     and the categorical update, for float32/float64 batches and int32/int64 codes, writable and
     read-only. The drift kernels load on their first use, off the request path; loading only
-    these keeps a server's memory small.  Returns the seconds spent."""
+    these keeps a server's memory small. With the ahead-of-time compiled kernels built
+    (:func:`native_status`), these run from them and numba is not even imported.
+    Returns the seconds spent."""
     start = time.perf_counter()
     reference = np.random.default_rng(0).normal(size=(64, 2))
     edges = quantile_edges(reference, n_bins=4)

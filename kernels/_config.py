@@ -27,17 +27,26 @@ below are the only place where compilation behaviour is decided:
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Final
 
-import numba
-
-__all__ = ["FASTMATH", "JIT_DISABLED", "jit"]
+__all__ = ["FASTMATH", "JIT_DISABLED", "LazyKernel", "jit", "numba_loaded"]
 
 #: The explicit fast-math choice for every kernel (see the module docstring).
 FASTMATH: Final = False
 
+
+def _env_flag(name: str) -> bool:
+    """An integer environment flag read the way numba reads its own (non-integers are 0)."""
+    try:
+        return int(os.environ.get(name, "0") or "0") != 0
+    except ValueError:
+        return False
+
+
 #: True when ``NUMBA_DISABLE_JIT=1``: the kernels then run as plain Python functions.
-JIT_DISABLED: Final[bool] = bool(getattr(numba.config, "DISABLE_JIT", 0))
+JIT_DISABLED: Final[bool] = _env_flag("NUMBA_DISABLE_JIT")
 
 _FLAGS: Final[dict[str, bool]] = {
     "nopython": True,
@@ -47,16 +56,64 @@ _FLAGS: Final[dict[str, bool]] = {
 }
 
 
-def jit(fn: Any) -> Any:
-    """Compile ``fn`` lazily with the package-wide flags (``nopython``, ``cache``, ``nogil``).
+class LazyKernel:
+    """A kernel whose numba dispatcher is made on first use, so that importing
+    ``edgewise.kernels`` does not import numba (nor load LLVM): a process that runs only the
+    ahead-of-time compiled kernels (:mod:`edgewise.kernels._native`) never needs it.
 
-    The result is a numba dispatcher (or ``fn`` itself under ``NUMBA_DISABLE_JIT=1``) and is
-    typed ``Any``: kernels are private and only called from typed public wrappers.
+    The first call of any lazy kernel makes every one of them a dispatcher and puts the
+    dispatchers in place of the lazy kernels in the modules of this package, before numba
+    compiles anything: kernels that call kernels then see dispatchers, and later calls by name
+    go straight to them."""
+
+    __slots__ = ("dispatcher", "py_func")
+
+    def __init__(self, fn: Any) -> None:
+        self.py_func = fn
+        self.dispatcher: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.dispatcher is None:
+            _make_dispatchers()
+        return self.dispatcher(*args)
+
+
+_LAZY: list[LazyKernel] = []
+
+
+def _make_dispatchers() -> None:
+    import numba
+
+    for kernel in _LAZY:
+        if kernel.dispatcher is None:
+            kernel.dispatcher = numba.jit(
+                kernel.py_func,
+                nopython=_FLAGS["nopython"],
+                cache=_FLAGS["cache"],
+                nogil=_FLAGS["nogil"],
+                fastmath=_FLAGS["fastmath"],
+            )
+    package = __name__.rpartition(".")[0]
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == package or name.startswith(package + ".")):
+            continue
+        namespace = vars(module)
+        for attribute, value in list(namespace.items()):
+            if isinstance(value, LazyKernel):
+                namespace[attribute] = value.dispatcher
+
+
+def jit(fn: Any) -> Any:
+    """``fn`` as a kernel compiled with the package-wide flags (``nopython``, ``cache``,
+    ``nogil``), lazily: see :class:`LazyKernel`.
+
+    Typed ``Any``: kernels are private and only called from typed public wrappers.
     """
-    return numba.jit(
-        fn,
-        nopython=_FLAGS["nopython"],
-        cache=_FLAGS["cache"],
-        nogil=_FLAGS["nogil"],
-        fastmath=_FLAGS["fastmath"],
-    )
+    kernel = LazyKernel(fn)
+    _LAZY.append(kernel)
+    return kernel
+
+
+def numba_loaded() -> bool:
+    """Whether numba has been imported in this process (by the kernels or anything else)."""
+    return "numba" in sys.modules

@@ -64,7 +64,7 @@ from typing import Final, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from . import _checks
+from . import _checks, _native
 from ._checks import F32, F64, counts_2d
 from ._config import jit
 from ._special import (
@@ -586,6 +586,8 @@ class DriftScores:
 
 
 _NO_SUPPORT: Final = np.zeros((1, 1))
+#: The compiled ``_drift_all`` (``_native``), or None: then numba's dispatcher.
+_NATIVE_DRIFT_ALL = _native.functions("drift_all")
 
 
 def drift_scores(
@@ -620,7 +622,8 @@ def drift_scores(
             )
         support = edges.support
         ordered = True
-    table = _drift_all(ref, cur, support, ordered, float(eps), log_base, bool(correction))
+    kernel = _drift_all if _NATIVE_DRIFT_ALL is None else _NATIVE_DRIFT_ALL[0]
+    table = kernel(ref, cur, support, ordered, float(eps), log_base, bool(correction))
     return DriftScores(table)
 
 

@@ -50,7 +50,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from . import _checks
+from . import _checks, _native
 from ._checks import F32, F64, I32, I64, CodeBatch, FloatBatch
 from ._config import jit
 
@@ -144,6 +144,11 @@ def _categorical_update(
                 counts[j, c] += 1
             else:
                 counts[j, unseen] += 1
+
+
+#: Compiled variants (``_native``), or None: then numba's dispatchers.
+_NATIVE_HISTOGRAM = _native.functions("histogram_update_f32", "histogram_update_f64")
+_NATIVE_CATEGORICAL = _native.functions("categorical_update_i32", "categorical_update_i64")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +379,13 @@ class HistogramState:
             ok = False
         if not ok:
             batch = _checks.float_batch("batch", batch, self._n)
-        _histogram_update(self._counts, batch, self._table, self._sizes, self._top)
+        native = _NATIVE_HISTOGRAM
+        if native is not None:
+            native[batch.dtype.itemsize == 8](
+                self._counts, batch, self._table, self._sizes, self._top
+            )
+        else:
+            _histogram_update(self._counts, batch, self._table, self._sizes, self._top)
 
     def merge(self, other: HistogramState) -> None:
         self._check_other(other)
@@ -462,7 +473,11 @@ class CategoricalState:
             ok = False
         if not ok:
             codes = _checks.code_batch("codes", codes, self._n)
-        _categorical_update(self._counts, codes, self._n_categories)
+        native = _NATIVE_CATEGORICAL
+        if native is not None:
+            native[codes.dtype.itemsize == 8](self._counts, codes, self._n_categories)
+        else:
+            _categorical_update(self._counts, codes, self._n_categories)
 
     def merge(self, other: CategoricalState) -> None:
         self._check_other(other)

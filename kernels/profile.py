@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from . import _checks
+from . import _checks, _native
 from ._checks import F32, F64, FloatBatch
 from ._config import jit
 from .histograms import BinEdges, HistogramState, _histogram_update
@@ -31,6 +31,10 @@ def _profile_update(
 ) -> None:
     _moments_update(state, batch)
     _histogram_update(counts, batch, table, sizes, top)
+
+
+#: Compiled float32/float64 variants (``_native``), or None: then numba's dispatcher.
+_NATIVE_UPDATE = _native.functions("profile_update_f32", "profile_update_f64")
 
 
 class FeatureProfile:
@@ -83,7 +87,13 @@ class FeatureProfile:
             ok = False
         if not ok:
             batch = _checks.float_batch("batch", batch, self._n)
-        _profile_update(self._state, self._counts, batch, self._table, self._sizes, self._top)
+        native = _NATIVE_UPDATE
+        if native is not None:
+            native[batch.dtype.itemsize == 8](
+                self._state, self._counts, batch, self._table, self._sizes, self._top
+            )
+        else:
+            _profile_update(self._state, self._counts, batch, self._table, self._sizes, self._top)
 
     def merge(self, other: FeatureProfile) -> None:
         self._check_other(other)

@@ -264,7 +264,13 @@ class InferenceServer:
             # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
             # Imported only here: with monitoring off the server never loads numba.
             seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
-            log.info("monitoring kernels ready in %.2f s", seconds)
+            from edgewise.kernels import native_status
+
+            log.info(
+                "monitoring kernels ready in %.2f s (ahead-of-time compiled kernels: %s)",
+                seconds,
+                native_status(),
+            )
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
         if settings.gc_tuning:
@@ -364,7 +370,8 @@ class InferenceServer:
 
 
 def warm_request_kernels() -> float:
-    """Load the request path's kernels (from numba's cache, or compiled); return the seconds.
+    """Load the request path's kernels (the ahead-of-time compiled ones when built, otherwise
+    numba's, from its cache or compiled); return the seconds.
 
     numba probes for SciPy's BLAS when its CPU target first initialises, which imports
     scipy.linalg: ~16 MB resident and ~70 ms here. edgewise's kernels never call BLAS (see

@@ -1,15 +1,19 @@
 """With monitoring off, a server never loads numba (about 120 MB of resident memory); with it on,
-the kernels load at start. Checked in a fresh interpreter, where ``sys.modules`` tells."""
+the kernels load at start, from the ahead-of-time compiled module when it is built (still
+without numba) or through numba. Checked in a fresh interpreter, where ``sys.modules`` tells."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from edgewise.kernels import _native
 
 SCRIPT = textwrap.dedent(
     """
@@ -32,10 +36,18 @@ SCRIPT = textwrap.dedent(
     assert isinstance(quality, OnlineQuality)
     import numpy as np
     feeds = {"features": np.zeros((1, 30), dtype=np.float32)}
+    if model.monitor is not None:  # what the request path and the drift timer run
+        for _ in range(3):
+            model.monitor.observe(feeds)
+        model.monitor.tick()
+        report = model.monitor.report(model.monitor.judgement_window())
+        assert report.rows == 3, report.rows
+    loaded_after_report = "numba" in sys.modules
     quality.remember("r1", feeds, model.run(feeds))
     quality.feedback([("r1", 0, 1)])
     print(json.dumps({
         "after_load": loaded_after_load,
+        "after_report": loaded_after_report,
         "after_labels": "numba" in sys.modules,
         "monitored": model.monitor is not None,
         "labelled": quality.snapshot()["labelled"],
@@ -44,28 +56,43 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(repo: Path, monitoring: str) -> dict[str, object]:
+def _run(repo: Path, monitoring: str, native: str) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(repo), monitoring],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": native},
     ).stdout
     result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
 @pytest.mark.parametrize(
-    ("monitoring", "after_load", "monitored"), [("off", False, False), ("on", True, True)]
+    ("monitoring", "native", "after_load", "monitored"),
+    [
+        ("off", "1", False, False),
+        ("on", "0", True, True),  # numba's JIT kernels
+        pytest.param(
+            "on",
+            "1",
+            False,
+            True,
+            marks=pytest.mark.skipif(
+                _native.NATIVE is None, reason=f"native kernels {_native.STATUS}"
+            ),
+        ),
+    ],
 )
 def test_numba_loads_only_when_needed(
-    model_repo: Path, monitoring: str, after_load: bool, monitored: bool
+    model_repo: Path, monitoring: str, native: str, after_load: bool, monitored: bool
 ) -> None:
-    result = _run(model_repo, monitoring)
+    result = _run(model_repo, monitoring, native)
     assert result["after_load"] is after_load
+    assert result["after_report"] is after_load  # the drift timer's kernels load nothing more
     assert result["monitored"] is monitored
-    # The change detectors of online quality load the kernels with the first labels.
+    # The change detectors of online quality load numba with the first labels.
     assert result["after_labels"] is True
     assert result["labelled"] == 1
 
@@ -95,7 +122,12 @@ WARM_SCRIPT = textwrap.dedent(
 def test_warming_the_request_kernels_skips_numbas_blas_probe() -> None:
     """The server's kernels load without SciPy's BLAS (about 16 MB), and still compute."""
     out = subprocess.run(
-        [sys.executable, "-c", WARM_SCRIPT], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", WARM_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": "0"},  # numba's path: the probe runs there
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["skipped_blas"] is True

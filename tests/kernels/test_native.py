@@ -1,0 +1,191 @@
+"""The ahead-of-time compiled kernels: the same results as numba's dispatchers, used only when
+built from these sources, and a process that runs them never imports numba."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgewise.kernels import _config, _native, drift, histograms, moments, profile
+from edgewise.kernels.histograms import quantile_edges
+
+pytestmark = pytest.mark.skipif(
+    _config.JIT_DISABLED, reason="compares compiled kernels; NUMBA_DISABLE_JIT=1 compiles none"
+)
+
+needs_native = pytest.mark.skipif(
+    _native.NATIVE is None and shutil.which("cc") is None,
+    reason=f"native kernels {_native.STATUS} and no C compiler here to build them",
+)
+
+
+@pytest.fixture(scope="module")
+def native() -> Any:
+    if _native.NATIVE is None:
+        pytest.fail(
+            f"native kernels {_native.STATUS}: `make` builds them "
+            "(python -m edgewise.kernels.native_build)"
+        )
+    return _native.NATIVE
+
+
+def dispatcher(module: Any, name: str) -> Any:
+    """The numba dispatcher of a kernel, made now if nothing made it yet."""
+    kernel = getattr(module, name)
+    if isinstance(kernel, _config.LazyKernel):
+        _config._make_dispatchers()
+        kernel = getattr(module, name)
+    return kernel
+
+
+def awkward_batch(rng: np.random.Generator, dtype: type, rows: int = 200) -> np.ndarray:
+    batch = rng.normal(size=(rows, 5)) * 3
+    batch[rng.random(batch.shape) < 0.05] = np.nan
+    batch[0, 0], batch[1, 1] = np.inf, -np.inf
+    batch[2, 2] = np.finfo(dtype).max  # finite, far past the last edge
+    out = np.ascontiguousarray(batch.astype(dtype))
+    out.setflags(write=False)  # as decoded from request bytes
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numeric_updates_equal_numba(native: Any, dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    edges = quantile_edges(rng.normal(size=(500, 5)), n_bins=7)
+    batch = awkward_batch(rng, dtype)
+    suffix = "f32" if dtype is np.float32 else "f64"
+
+    def run(kernel: Any, with_moments: bool, with_counts: bool) -> tuple[Any, Any]:
+        state = moments.MomentState(5).to_array()  # the kernels' layout: 7 rows x features
+        counts = np.zeros((5, edges.width), dtype=np.int64)
+        args: list[Any] = []
+        if with_moments:
+            args.append(state)
+        if with_counts:
+            args.append(counts)
+        args.append(batch)
+        if with_counts:
+            args += [edges.search_table, edges.sizes, edges.search_top]
+        kernel(*args)
+        return state, counts
+
+    cases = (
+        ("profile_update", profile, "_profile_update", True, True),
+        ("histogram_update", histograms, "_histogram_update", False, True),
+        ("moments_update", moments, "_moments_update", True, False),
+    )
+    for export, module, name, with_moments, with_counts in cases:
+        compiled = run(getattr(native, f"{export}_{suffix}"), with_moments, with_counts)
+        jitted = run(dispatcher(module, name), with_moments, with_counts)
+        np.testing.assert_array_equal(compiled[1], jitted[1], err_msg=export)
+        np.testing.assert_array_equal(compiled[0], jitted[0], err_msg=export)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_categorical_update_equals_numba(native: Any, dtype: type) -> None:
+    codes = np.random.default_rng(2).integers(-2, 6, size=(300, 3)).astype(dtype)
+    n_categories = np.array([3, 4, 5], dtype=np.int64)
+    compiled = np.zeros((3, 6), dtype=np.int64)
+    jitted = np.zeros((3, 6), dtype=np.int64)
+    suffix = "i32" if dtype is np.int32 else "i64"
+    getattr(native, f"categorical_update_{suffix}")(compiled, codes, n_categories)
+    dispatcher(histograms, "_categorical_update")(jitted, codes, n_categories)
+    np.testing.assert_array_equal(compiled, jitted)
+    assert compiled.sum() == codes.size
+
+
+@needs_native
+def test_merge_subtract_and_drift_equal_numba(native: Any) -> None:
+    rng = np.random.default_rng(3)
+    edges = quantile_edges(rng.normal(size=(400, 4)))
+    big, small = moments.MomentState(4), moments.MomentState(4)
+    big.update(rng.normal(size=(100, 4)))
+    small.update(rng.normal(size=(30, 4)))
+    for export, name in (("moments_merge", "_moments_merge"),):
+        a, b = big.to_array(), big.to_array()
+        getattr(native, export)(a, small.to_array())
+        dispatcher(moments, name)(b, small.to_array())
+        np.testing.assert_array_equal(a, b)
+    a, b = big.to_array(), big.to_array()
+    assert native.moments_subtract(a, small.to_array()) == -1
+    assert dispatcher(moments, "_moments_subtract")(b, small.to_array()) == -1
+    np.testing.assert_array_equal(a, b)
+    # Subtracting more than was merged names the first bad feature, and changes nothing.
+    assert native.moments_subtract(small.to_array(), big.to_array()) == 0
+
+    reference = histograms.histogram_counts(rng.normal(size=(500, 4)), edges).astype(np.float64)
+    current = histograms.histogram_counts(rng.normal(0.3, 1, size=(80, 4)), edges)
+    current = current.astype(np.float64)
+    kernel = dispatcher(drift, "_drift_all")
+    for support, ordered in ((edges.support, True), (drift._NO_SUPPORT, False)):
+        for correction in (True, False):
+            args = (reference, current, support, ordered, 1e-4, np.e, correction)
+            np.testing.assert_array_equal(native.drift_all(*args), kernel(*args))
+
+
+def test_a_module_built_from_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_native, "source_digest", lambda: 12345)
+    module, status = _native._load()
+    if _native.NATIVE is None and "not built" in _native.STATUS:
+        assert module is None and "not built" in status
+    else:
+        assert module is None and status.startswith("stale")
+    monkeypatch.setenv("EDGEWISE_NATIVE_KERNELS", "0")
+    assert _native._load() == (None, "off (EDGEWISE_NATIVE_KERNELS=0)")
+
+
+@needs_native
+def test_serving_kernels_never_import_numba(native: Any) -> None:
+    """A fresh process runs what a server with monitoring runs (request updates, window merges,
+    drift scores): with the compiled kernels, neither numba nor LLVM is ever imported."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from edgewise import kernels
+        kernels.warmup_request_path()
+        rng = np.random.default_rng(0)
+        edges = kernels.quantile_edges(rng.normal(size=(100, 3)))
+        window, total = kernels.FeatureProfile(edges), kernels.FeatureProfile(edges)
+        rows = np.frombuffer(rng.random((4, 3), np.float32).tobytes(), np.float32).reshape(4, 3)
+        window.update(rows)
+        total.merge(window)
+        total.subtract(window)
+        total.merge(window)
+        codes = kernels.CategoricalState([2, 3])
+        codes.update(np.array([[0, 2], [1, 5]], dtype=np.int64))
+        reference = kernels.histogram_counts(rng.normal(size=(50, 3)), edges)
+        kernels.drift_scores(reference, total.histogram.counts, edges)
+        kernels.drift_scores(codes.counts, codes.counts)
+        print(sorted(m for m in ("numba", "llvmlite") if m in sys.modules))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "EDGEWISE_NATIVE_KERNELS"},
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_lazy_kernels_become_dispatchers_everywhere_on_first_use() -> None:
+    dispatcher(profile, "_profile_update")
+    for module in (profile, histograms, moments, drift):
+        lazy = [n for n, v in vars(module).items() if isinstance(v, _config.LazyKernel)]
+        assert lazy == [], (module.__name__, lazy)
+    # profile.py imported _histogram_update and _moments_update from their modules: the same
+    # dispatchers there and here, so profile's fused kernel compiles calls to them.
+    assert profile._histogram_update is histograms._histogram_update
+    assert profile._moments_update is moments._moments_update
