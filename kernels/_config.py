@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Final
 
 __all__ = ["FASTMATH", "JIT_DISABLED", "LazyKernel", "jit", "numba_loaded"]
@@ -79,9 +80,15 @@ class LazyKernel:
 
 
 _LAZY: list[LazyKernel] = []
+_MAKING = threading.Lock()  # two threads' first calls make one set of dispatchers
 
 
 def _make_dispatchers() -> None:
+    with _MAKING:
+        _make_dispatchers_locked()
+
+
+def _make_dispatchers_locked() -> None:
     import numba
 
     for kernel in _LAZY:

@@ -58,6 +58,7 @@ ALLOWED_IMPORTS = {  # numpy, numba and the standard library
     "os",
     "pathlib",
     "sys",
+    "threading",
     "collections",
     "dataclasses",
     "math",

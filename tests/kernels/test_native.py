@@ -189,3 +189,39 @@ def test_lazy_kernels_become_dispatchers_everywhere_on_first_use() -> None:
     # dispatchers there and here, so profile's fused kernel compiles calls to them.
     assert profile._histogram_update is histograms._histogram_update
     assert profile._moments_update is moments._moments_update
+
+
+def test_first_use_from_several_threads_makes_one_set_of_dispatchers() -> None:
+    script = textwrap.dedent(
+        """
+        import threading
+        import numpy as np
+        from edgewise.kernels import _config, histograms, moments, profile
+
+        states = [moments.MomentState(3) for _ in range(4)]
+        start = threading.Barrier(4)
+
+        def first_use(state):
+            start.wait()
+            state.update(np.ones((5, 3)))
+
+        threads = [threading.Thread(target=first_use, args=(s,)) for s in states]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        lazy = [n for m in (histograms, moments, profile) for n, v in vars(m).items()
+                if isinstance(v, _config.LazyKernel)]
+        made = {id(k.dispatcher) for k in _config._LAZY if k.py_func.__name__ == "_moments_update"}
+        print(lazy, [int(s.count[0]) for s in states], len(made))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": "0"},  # numba's path, made lazily
+    )
+    assert done.stdout.strip() == "[] [5, 5, 5, 5] 1", done.stdout + done.stderr
