@@ -8,6 +8,10 @@ module, for the dtypes a server uses; the wrappers in this package call those fu
 they are here, and the numba dispatchers otherwise (and for every kernel not listed in
 :data:`EXPORTS`, which numba then loads on first use).
 
+The compiled functions check nothing: an array of another dtype or layout than their signature
+is read as if it had theirs (a float32 array where float64 is expected crashes the process).
+Only the validating wrappers of this package call them, with arrays they made or checked.
+
 The module is used only when it was built from exactly these kernel sources, for this kind of CPU
 (a digest of every module of the package, numpy's version and the CPU's model and flags is
 compiled into it; the code uses the CPU's own instructions, as numba's JIT does), and never

@@ -261,8 +261,9 @@ class InferenceServer:
         )
         loop = asyncio.get_running_loop()
         if settings.monitoring == "on":
-            # Compile (or load from numba's cache) every kernel now: no request pays a JIT.
-            # Imported only here: with monitoring off the server never loads numba.
+            # Load the request path's kernels now (compiled ahead of time, or numba's from its
+            # cache or compiled): no request pays a JIT. Imported only here: with monitoring off
+            # the server never loads them.
             seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
             from edgewise.kernels import native_status
 
