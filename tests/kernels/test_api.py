@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ import pytest
 
 import edgewise.kernels as kernels
 from edgewise.kernels import _config
+from tests.fresh import run_python
 
 PUBLIC_API = [
     "ADWIN",
@@ -197,13 +195,5 @@ def test_request_path_warmup_leaves_nothing_to_compile_for_a_request() -> None:
         """
     )
     # numba's path, also where the ahead-of-time kernels are built (tests/kernels/test_native.py)
-    environment = os.environ | {"EDGEWISE_NATIVE_KERNELS": "0"}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-        env=environment,
-    )
-    assert done.stdout.startswith("True"), done.stdout + done.stderr
+    out = run_python(script, env={"EDGEWISE_NATIVE_KERNELS": "0"})
+    assert out.startswith("True"), out

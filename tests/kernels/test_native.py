@@ -3,10 +3,7 @@ built from these sources, and a process that runs them never imports numba."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
@@ -15,6 +12,7 @@ import pytest
 
 from edgewise.kernels import _config, _native, drift, histograms, moments, profile
 from edgewise.kernels.histograms import quantile_edges
+from tests.fresh import run_python
 
 pytestmark = pytest.mark.skipif(
     _config.JIT_DISABLED, reason="compares compiled kernels; NUMBA_DISABLE_JIT=1 compiles none"
@@ -169,15 +167,8 @@ def test_serving_kernels_never_import_numba(native: Any) -> None:
         print(sorted(m for m in ("numba", "llvmlite") if m in sys.modules))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env={k: v for k, v in os.environ.items() if k != "EDGEWISE_NATIVE_KERNELS"},
-    )
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    out = run_python(script, env={"EDGEWISE_NATIVE_KERNELS": "1"})
+    assert out.strip() == "[]", out
 
 
 def test_lazy_kernels_become_dispatchers_everywhere_on_first_use() -> None:
@@ -216,12 +207,5 @@ def test_first_use_from_several_threads_makes_one_set_of_dispatchers() -> None:
         print(lazy, [int(s.count[0]) for s in states], len(made))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": "0"},  # numba's path, made lazily
-    )
-    assert done.stdout.strip() == "[] [5, 5, 5, 5] 1", done.stdout + done.stderr
+    out = run_python(script, env={"EDGEWISE_NATIVE_KERNELS": "0"})  # numba's path, made lazily
+    assert out.strip() == "[] [5, 5, 5, 5] 1", out

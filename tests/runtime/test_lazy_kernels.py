@@ -5,15 +5,13 @@ without numba) or through numba. Checked in a fresh interpreter, where ``sys.mod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from edgewise.kernels import _native
+from tests.fresh import run_python
 
 SCRIPT = textwrap.dedent(
     """
@@ -57,14 +55,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(repo: Path, monitoring: str, native: str) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(repo), monitoring],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": native},
-    ).stdout
+    out = run_python(SCRIPT, str(repo), monitoring, env={"EDGEWISE_NATIVE_KERNELS": native})
     result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -121,14 +112,8 @@ WARM_SCRIPT = textwrap.dedent(
 
 def test_warming_the_request_kernels_skips_numbas_blas_probe() -> None:
     """The server's kernels load without SciPy's BLAS (about 16 MB), and still compute."""
-    out = subprocess.run(
-        [sys.executable, "-c", WARM_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-        env=os.environ | {"EDGEWISE_NATIVE_KERNELS": "0"},  # numba's path: the probe runs there
-    ).stdout
+    # numba's path: the probe runs there
+    out = run_python(WARM_SCRIPT, env={"EDGEWISE_NATIVE_KERNELS": "0"})
     result = json.loads(out.strip().splitlines()[-1])
     assert result["skipped_blas"] is True
     assert result["seconds"] > 0
