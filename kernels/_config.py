@@ -32,7 +32,7 @@ import sys
 import threading
 from typing import Any, Final
 
-__all__ = ["FASTMATH", "JIT_DISABLED", "LazyKernel", "jit", "numba_loaded"]
+__all__ = ["FASTMATH", "JIT_DISABLED", "LazyKernel", "jit"]
 
 #: The explicit fast-math choice for every kernel (see the module docstring).
 FASTMATH: Final = False
@@ -119,8 +119,3 @@ def jit(fn: Any) -> Any:
     kernel = LazyKernel(fn)
     _LAZY.append(kernel)
     return kernel
-
-
-def numba_loaded() -> bool:
-    """Whether numba has been imported in this process (by the kernels or anything else)."""
-    return "numba" in sys.modules
