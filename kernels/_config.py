@@ -84,30 +84,26 @@ _MAKING = threading.Lock()  # two threads' first calls make one set of dispatche
 
 
 def _make_dispatchers() -> None:
-    with _MAKING:
-        _make_dispatchers_locked()
-
-
-def _make_dispatchers_locked() -> None:
     import numba
 
-    for kernel in _LAZY:
-        if kernel.dispatcher is None:
-            kernel.dispatcher = numba.jit(
-                kernel.py_func,
-                nopython=_FLAGS["nopython"],
-                cache=_FLAGS["cache"],
-                nogil=_FLAGS["nogil"],
-                fastmath=_FLAGS["fastmath"],
-            )
-    package = __name__.rpartition(".")[0]
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == package or name.startswith(package + ".")):
-            continue
-        namespace = vars(module)
-        for attribute, value in list(namespace.items()):
-            if isinstance(value, LazyKernel):
-                namespace[attribute] = value.dispatcher
+    with _MAKING:
+        for kernel in _LAZY:
+            if kernel.dispatcher is None:
+                kernel.dispatcher = numba.jit(
+                    kernel.py_func,
+                    nopython=_FLAGS["nopython"],
+                    cache=_FLAGS["cache"],
+                    nogil=_FLAGS["nogil"],
+                    fastmath=_FLAGS["fastmath"],
+                )
+        package = __name__.rpartition(".")[0]
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == package or name.startswith(package + ".")):
+                continue
+            namespace = vars(module)
+            for attribute, value in list(namespace.items()):
+                if isinstance(value, LazyKernel):
+                    namespace[attribute] = value.dispatcher
 
 
 def jit(fn: Any) -> Any:
