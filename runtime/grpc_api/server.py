@@ -34,7 +34,12 @@ from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.overload import LoadShedder, LoopLoad, backstop_limit
+from edgewise.runtime.grpc_api.overload import (
+    LoadShedder,
+    LoopLoad,
+    backstop_limit,
+    service_handlers,
+)
 from edgewise.runtime.grpc_api.security import (
     HEALTH_PREFIX,
     REFLECTION_PREFIXES,
@@ -125,7 +130,7 @@ class InferenceServer:
         self.metrics.models_ready.set(len(self.repository.served_models()))
 
     def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
-        """Trusted keys for packages, the interceptors (tokens, then shedding) and the TLS
+        """Trusted keys for packages, the interceptors (tokens), the load shedder and the TLS
         credentials of the port, from the settings; every problem is one readable error."""
         settings = self.settings
         if settings.trusted_keys is not None:
@@ -158,7 +163,6 @@ class InferenceServer:
                 frozenset({f"/{INFERENCE_SERVICE}/ModelInfer"}),
                 self.metrics.registry,
             )
-            interceptors.append(self.shedder)
         credentials = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             credentials = server_credentials(
@@ -194,19 +198,23 @@ class InferenceServer:
             # is only a backstop for every kind of call.
             maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.dataplane,
-                self.metrics,
-                self.executor,
-                settings.inline_max_bytes,
-                self.admission,
-                retry_after_ms=settings.retry_after_ms,
-                loop_load=self.loop_load,
-                calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
-            ),
-            server,
+        inference = InferenceServicer(
+            self.dataplane,
+            self.metrics,
+            self.executor,
+            settings.inline_max_bytes,
+            self.admission,
+            retry_after_ms=settings.retry_after_ms,
+            loop_load=self.loop_load,
+            calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
         )
+        if self.shedder is None:
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        else:  # the shedder serves the inference service and refuses past its limit
+            self.shedder.add_service(
+                *service_handlers(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference)
+            )
+            server.add_generic_rpc_handlers((self.shedder,))
         epb_grpc.add_ModelRepositoryServiceServicer_to_server(
             RepositoryServicer(
                 self.repository,

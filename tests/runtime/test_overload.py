@@ -130,12 +130,12 @@ def test_shedding_counts_every_call_until_its_task_ends_and_never_leaks() -> Non
             await asyncio.sleep(0.3)
             return b""
 
-        handler = grpc.method_handlers_generic_handler(
+        shedder.add_service(
             "inference.GRPCInferenceService",
             {"ModelInfer": grpc.unary_unary_rpc_method_handler(slow)},
         )
-        server = grpc.aio.server(interceptors=[shedder])
-        server.add_generic_rpc_handlers((handler,))
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((shedder,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         codes: list[str] = []
