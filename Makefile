@@ -77,4 +77,4 @@ podman:
 
 clean:
 	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache
-	rm -f kernels/_native_kernels.*
+	rm -f kernels/_native_kernels*

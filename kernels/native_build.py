@@ -1,10 +1,13 @@
 """Build the ahead-of-time compiled kernels (see :mod:`edgewise.kernels._native`).
 
-    python -m edgewise.kernels.native_build [--output-dir DIR]
+    python -m edgewise.kernels.native_build [--cpu host|x86-64-v3|x86-64-v2] [--output-dir DIR]
 
 Compiles the kernels of ``_native.EXPORTS`` with ``numba.pycc`` (numba and a C compiler are
-needed here, not where the module is used) into ``_native_kernels`` in this package's folder.
-Prints one line: the file written, or why nothing was built (exit status 1).
+needed here, not where the module is used) into this package's folder: ``_native_kernels`` for
+this machine's CPU (``--cpu host``, the default), or a portable module for an x86-64 level, for
+images that run on other machines (``_native_kernels_x86_64_v3``, used on any CPU with AVX2 and
+the rest of that level). Prints one line: the file written, or why nothing was built (exit
+status 1).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import importlib
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +52,13 @@ def _signatures() -> dict[str, Any]:
     return signatures
 
 
-def build(output_dir: Path | None = None) -> Path:
-    """Compile the exported kernels; return the extension module's path."""
-    pycc: Any = importlib.import_module("numba.pycc")  # untyped
+def build(output_dir: Path | None = None, target: str = _native.HOST) -> Path:
+    """Compile the exported kernels for ``target`` (see :data:`_native.LEVELS`); return the
+    extension module's path."""
+    name = _native.module_name(target)
+    with warnings.catch_warnings():  # pycc's pending deprecation: see _native's docstring
+        warnings.simplefilter("ignore")
+        pycc: Any = importlib.import_module("numba.pycc")  # untyped
 
     # Kernels that call kernels must see numba dispatchers, not lazy placeholders.
     _config._make_dispatchers()
@@ -59,37 +67,45 @@ def build(output_dir: Path | None = None) -> Path:
     if missing:
         raise RuntimeError(f"exports and signatures differ: {sorted(missing)}")
     folder = output_dir or Path(__file__).resolve().parent
-    compiler = pycc.CC(_native.MODULE_NAME)
+    compiler = pycc.CC(name)
     compiler.output_dir = str(folder)
     compiler.verbose = False
-    # For this machine's CPU, as numba's JIT would compile (generic x86-64 code ran 1.7x slower
-    # on 1,000-row batches); _native's digest includes the CPU's flags, so a module built on
-    # another kind of CPU is never used.
-    compiler.target_cpu = "host"
+    # By default for this machine's CPU, as numba's JIT would compile (generic x86-64 code ran
+    # 1.7x slower on 1,000-row batches); _native's digest includes the CPU's flags, so a host
+    # module built on another kind of CPU is never used. A level's digest names the level.
+    compiler.target_cpu = target
     for export, (module_name, kernel_name) in _native.EXPORTS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
         kernel = getattr(module, kernel_name)
         compiler.export(export, signatures[export])(kernel.py_func)
-    digest = _native.source_digest()
+    digest = _native.source_digest(target)
 
     def source_digest() -> int:  # numba compiles the closure's value in as a constant
         return digest
 
     compiler.export("source_digest", "int64()")(source_digest)
     compiler.compile()
-    built = sorted(folder.glob(f"{_native.MODULE_NAME}.*"), key=lambda p: p.stat().st_mtime)
+    built = sorted(folder.glob(f"{name}.*"), key=lambda p: p.stat().st_mtime)
     if not built:
-        raise RuntimeError(f"numba.pycc wrote no {_native.MODULE_NAME} module in {folder}")
+        raise RuntimeError(f"numba.pycc wrote no {name} module in {folder}")
     return built[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument(
+        "--cpu",
+        choices=[_native.HOST, *_native.LEVELS],
+        default=_native.HOST,
+        help="the CPUs the code is for: this machine's kind (default) or an x86-64 level",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="default: the package's own folder"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        path = build(args.output_dir)
+        path = build(args.output_dir, args.cpu)
     except Exception as exc:  # a missing compiler, numba without pycc: the JIT serves instead
         print(f"native kernels not built ({type(exc).__name__}: {exc}); numba's JIT serves")
         return 1

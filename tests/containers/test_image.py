@@ -145,6 +145,21 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Pa
     )
     assert hits > 0 and misses == 0
 
+    # The serving kernels come compiled ahead of time for a portable x86-64 level
+    # (containers/build.sh): the server answered and monitored without loading numba's LLVM.
+    status = podman.run(
+        "exec", "edgewise-test", "python", "-c",
+        "import edgewise.kernels as k; print(k.native_status())",
+    ).stdout.strip()  # fmt: skip
+    assert status.startswith("loaded (x86-64-v"), status
+    maps = podman.run("exec", "edgewise-test", "cat", "/proc/1/maps").stdout
+    assert "llvmlite" not in maps and "_native_kernels_x86_64_v" in maps
+    fields = dict(
+        line.split(":", 1)
+        for line in podman.run("exec", "edgewise-test", "cat", "/proc/1/status").stdout.splitlines()
+    )
+    print(f"server in the container: {status}, VmRSS {fields['VmRSS'].strip()}")
+
     # SIGTERM drains and exits 0.
     podman.run("stop", "--time", "20", "edgewise-test")
     code = podman.run("inspect", "--format", "{{.State.ExitCode}}", "edgewise-test").stdout

@@ -3,14 +3,18 @@ built from these sources, and a process that runs them never imports numba."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import shutil
+import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edgewise.kernels import _config, _native, drift, histograms, moments, profile
+from edgewise.kernels import _config, _native, drift, histograms, moments, native_build, profile
 from edgewise.kernels.histograms import quantile_edges
 from tests.fresh import run_python
 
@@ -25,13 +29,36 @@ needs_native = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def native() -> Any:
+def portable_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A portable x86-64-v2 build of the kernels, in a folder of its own (not the package's)."""
+    folder = tmp_path_factory.mktemp("portable")
+    path = native_build.build(folder, "x86-64-v2")
+    assert path.name.startswith("_native_kernels_x86_64_v2.")
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_native() -> Any:
+    """The host build, as `make` leaves it in the package."""
     if _native.NATIVE is None:
         pytest.fail(
             f"native kernels {_native.STATUS}: `make` builds them "
             "(python -m edgewise.kernels.native_build)"
         )
     return _native.NATIVE
+
+
+@pytest.fixture(scope="module", params=["host", "x86-64-v2"])
+def native(request: pytest.FixtureRequest) -> Any:
+    """The host build and a portable build (as an image carries it)."""
+    if request.param == "host":
+        return request.getfixturevalue("host_native")
+    path = request.getfixturevalue("portable_build")
+    spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def dispatcher(module: Any, name: str) -> Any:
@@ -130,7 +157,7 @@ def test_merge_subtract_and_drift_equal_numba(native: Any) -> None:
 
 
 def test_a_module_built_from_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_native, "source_digest", lambda: 12345)
+    monkeypatch.setattr(_native, "source_digest", lambda target="host": 12345)
     module, status = _native._load()
     if _native.NATIVE is None and "not built" in _native.STATUS:
         assert module is None and "not built" in status
@@ -140,8 +167,55 @@ def test_a_module_built_from_other_sources_is_not_used(monkeypatch: pytest.Monke
     assert _native._load() == (None, "off (EDGEWISE_NATIVE_KERNELS=0)")
 
 
+@pytest.fixture()
+def only_portable(monkeypatch: pytest.MonkeyPatch, portable_build: Path) -> None:
+    """The package as an image ships it: the portable build beside it, no host build."""
+    package = importlib.import_module("edgewise.kernels")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(portable_build.parent)])
+    monkeypatch.setitem(sys.modules, f"edgewise.kernels.{_native.MODULE_NAME}", None)
+    monkeypatch.delitem(sys.modules, "edgewise.kernels._native_kernels_x86_64_v2", raising=False)
+
+
 @needs_native
-def test_serving_kernels_never_import_numba(native: Any) -> None:
+@pytest.mark.skipif(not _native.LEVELS["x86-64-v2"] <= _native._cpu_flags(), reason="no x86-64-v2")
+def test_a_portable_build_serves_on_a_cpu_with_its_level(only_portable: None) -> None:
+    module, status = _native._load()
+    assert status == "loaded (x86-64-v2 build)" and module is not None
+    # Its functions are compared with numba's above (the `native` fixture's second build).
+    state = moments.MomentState(3)
+    state.update(np.ones((4, 3)))
+    merged = state.to_array()
+    module.moments_merge(merged, state.to_array())
+    np.testing.assert_array_equal(merged[0], [8, 8, 8])  # the count row
+
+
+@needs_native
+def test_a_portable_build_is_skipped_on_a_cpu_without_its_level(
+    only_portable: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_native, "_cpu_flags", lambda: frozenset({"sse4_2", "popcnt"}))
+    assert _native._load() == (None, "not built (python -m edgewise.kernels.native_build)")
+
+
+@needs_native
+def test_a_portable_build_from_other_sources_is_stale(
+    only_portable: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _native.LEVELS["x86-64-v2"] <= _native._cpu_flags():
+        pytest.skip("this CPU lacks x86-64-v2: the build is skipped, not found stale")
+    monkeypatch.setattr(_native, "source_digest", lambda target="host": 12345)
+    module, status = _native._load()
+    assert module is None and status.startswith("stale") and "x86-64-v2" in status
+
+
+def test_an_unknown_cpu_target_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown CPU target 'pentium'"):
+        _native.module_name("pentium")
+    assert _native.module_name("x86-64-v3") == "_native_kernels_x86_64_v3"
+
+
+@needs_native
+def test_serving_kernels_never_import_numba(host_native: Any) -> None:
     """A fresh process runs what a server with monitoring runs (request updates, window merges,
     drift scores): with the compiled kernels, neither numba nor LLVM is ever imported."""
     script = textwrap.dedent(
