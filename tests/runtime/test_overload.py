@@ -166,6 +166,64 @@ def test_shedding_counts_every_call_until_its_task_ends_and_never_leaks() -> Non
     assert left == 0 and codes[11:] == ["OK"] * 3 and shed == 5
 
 
+def test_calls_refused_by_the_token_check_never_take_an_in_flight_slot() -> None:
+    """The shedder is the handler lookup, after the interceptors: with its one slot taken, a
+    call without a token is UNAUTHENTICATED (not shed, not counted) and one with a token is
+    shed with the hint."""
+    import asyncio
+
+    import grpc
+
+    from edgewise.runtime.grpc_api.overload import LoadShedder
+    from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
+
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    token = "shed-test-token-0123456789"
+
+    async def scenario() -> tuple[list[str], int, int]:
+        shedder = LoadShedder(limit=1, retry_ms=20, methods=frozenset({method}))
+        release = asyncio.Event()
+
+        async def held(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await release.wait()
+            return b""
+
+        shedder.add_service(
+            "inference.GRPCInferenceService",
+            {"ModelInfer": grpc.unary_unary_rpc_method_handler(held)},
+        )
+        server = grpc.aio.server(interceptors=[AuthInterceptor(TokenSet(inline=token), [])])
+        server.add_generic_rpc_handlers((shedder,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes: list[str] = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(method)
+            good = (("authorization", f"Bearer {token}"),)
+
+            async def one(metadata: tuple[tuple[str, str], ...]) -> str:
+                try:
+                    await call(b"", timeout=5, metadata=metadata)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            holder = asyncio.ensure_future(one(good))
+            while shedder.inflight < 1:
+                await asyncio.sleep(0.01)
+            codes += await asyncio.gather(*(one(()) for _ in range(5)))
+            in_flight = shedder.inflight
+            codes.append(await one(good))
+            release.set()
+            codes.append(await holder)
+        await server.stop(None)
+        return codes, in_flight, shedder.shed
+
+    codes, in_flight, shed = asyncio.run(scenario())
+    assert codes == ["UNAUTHENTICATED"] * 5 + ["RESOURCE_EXHAUSTED", "OK"], codes
+    assert in_flight == 1 and shed == 1
+
+
 def test_a_saturated_loop_without_a_backlog_goes_back_inline_after_a_probe() -> None:
     """Closed-loop clients can saturate the loop with nothing waiting: a short probe on threads
     shows every call (fewer than the limit, none shed), and requests go back inline for the
