@@ -306,3 +306,16 @@ def test_a_probe_that_finds_a_backlog_keeps_the_work_off_the_loop() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [True, True, True, True, False]
+
+
+def test_service_handlers_are_what_the_generated_code_registers() -> None:
+    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from edgewise.runtime.grpc_api.overload import service_handlers
+
+    servicer = pb_grpc.GRPCInferenceServiceServicer()
+    service, handlers = service_handlers(
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer
+    )
+    assert service == "inference.GRPCInferenceService"
+    assert {"ServerLive", "ServerReady", "ModelReady", "ModelInfer"} <= set(handlers)
+    assert handlers["ModelInfer"].unary_unary == servicer.ModelInfer
