@@ -200,6 +200,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
             raise
 
+    def _batches(self, request: pb.ModelInferRequest) -> bool:
+        """Whether the model version ``request`` asks for has dynamic batching configured."""
+        try:
+            model = self.dataplane.repository.get(request.model_name, request.model_version)
+        except EdgewiseError:
+            return False  # the request fails the same way wherever it is decoded
+        return model.batching is not None
+
     def _release(self, reservation: int) -> None:
         if reservation and self.admission is not None:
             self.admission.release(reservation)
@@ -267,7 +275,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             reservation = self._admit(request)
             busy = self.loop_load is not None and self.loop_load.busy
-            if not busy and _payload_bytes(request) <= self.inline_max_bytes:
+            # A busy loop runs no model inline, but a request for a model with batching still
+            # joins its batch queue (decoded here; its batch runs on a worker thread anyway).
+            if _payload_bytes(request) <= self.inline_max_bytes and (
+                not busy or self._batches(request)
+            ):
                 prepared = self._prepare_counted(request, reservation)
                 batching = prepared.model.batching
                 if batching is not None:

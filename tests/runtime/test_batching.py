@@ -251,3 +251,58 @@ def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path) -> None:
     batched_rows = metric_value(text, "edgewise_batch_rows_sum", model="logreg")
     assert batched_rows == 6 * (20 * 1 + 20 * 2)  # every row went through the batcher
     assert calls < 240  # and requests shared onnxruntime calls
+
+
+def test_a_busy_loop_still_batches_requests_for_a_batching_model(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """When the event loop is saturated, requests for models without batching move to worker
+    threads; requests for a model with batching still join its batch queue."""
+    from types import SimpleNamespace
+
+    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.grpc_api.server import InferenceServer
+    from edgewise.runtime.grpc_api.servicers import InferenceServicer
+    from edgewise.runtime.settings import ServerSettings
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    shutil.copytree(model_repo / "regressor", repo / "regressor")  # no batching
+    (repo / "logreg" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 8, "max_queue_delay_us": 20_000}})
+    )
+    server = InferenceServer(ServerSettings.from_sources({"repo": repo, "monitoring": "off"}))
+    server.repository.load_all()
+    busy = SimpleNamespace(busy=True, inline_seconds=0.0)  # what the servicer reads of LoopLoad
+    servicer = InferenceServicer(
+        server.dataplane,
+        server.metrics,
+        server.executor,
+        loop_load=busy,  # type: ignore[arg-type]
+        calls_in_flight=lambda: 8,
+    )
+    context = SimpleNamespace(time_remaining=lambda: None)
+
+    def request(model: str, seed: int) -> pb.ModelInferRequest:
+        x = rows(1, seed)[:, : 30 if model == "logreg" else 10]
+        message = pb.ModelInferRequest(model_name=model)
+        message.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+        message.raw_input_contents.append(x.tobytes())
+        return message
+
+    async def scenario() -> list[pb.ModelInferResponse]:
+        calls = [
+            servicer.ModelInfer(request(m, i), context)
+            for i in range(8)
+            for m in ("logreg", "regressor")
+        ]
+        return await asyncio.gather(*calls)  # type: ignore[arg-type]
+
+    try:
+        responses = asyncio.run(scenario())
+    finally:
+        server.executor.shutdown()
+    assert [r.model_name for r in responses] == ["logreg", "regressor"] * 8
+    batchers = {model.name: batcher for model, batcher in servicer._batchers.items()}
+    assert list(batchers) == ["logreg"]  # the regressor has no batching: worker threads ran it
+    assert batchers["logreg"].rows_run == 8 and batchers["logreg"].batches_run == 1
