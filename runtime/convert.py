@@ -82,6 +82,7 @@ __all__ = [
     "convert_files",
     "frame_to_inputs",
     "load_model",
+    "require_converter",
     "to_onnx",
 ]
 
@@ -233,6 +234,13 @@ def load_model(path: Path | str) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # the model and its sample
+
+
+def require_converter(purpose: str = "edgewise convert") -> None:
+    """scikit-learn and skl2onnx are here (the ``edgewise[convert]`` extra), else
+    :class:`~edgewise.runtime.tabular.MissingDependency` naming the extra."""
+    for module in ("sklearn", "skl2onnx"):
+        require_module(module, purpose, extra="convert")
 
 
 def _check_model(model: Any) -> None:
@@ -562,7 +570,7 @@ def to_onnx(
     result is not a valid model.
     """
     onnx_lib = require_module("onnx", "conversion")
-    skl2onnx = require_module("skl2onnx", "conversion")
+    skl2onnx = require_module("skl2onnx", "conversion", extra="convert")
     target = _target_opsets(opset)
     task = _task_of(model)
     packed = _single_input(model, features)
@@ -950,6 +958,7 @@ def convert(
     if version is not None and (model_dir / str(version)).exists():
         raise InvalidInput(f"version: {model_dir / str(version)} already exists")
     target = _target_opsets(opset)
+    require_converter()
     _check_model(model)
 
     frame, positional = _prepare_frame(model, sample, "sample")
@@ -1071,6 +1080,7 @@ def convert_files(
     ``.npy`` sample (and held-out table). A ``.npy`` table's columns are taken in the order the
     model was fit on. The manifest records the model file's sha256."""
     validate_model_name(name)
+    require_converter()  # before unpickling: a scikit-learn model cannot load without it
     model_path = Path(model_path)
     for path in (sample_path, held_out_path):
         if path is not None:

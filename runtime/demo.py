@@ -128,6 +128,9 @@ def _show_requests(
 
 
 def run_demo(repo: Path, port: int, metrics_port: int, exit_after_requests: bool) -> int:
+    from edgewise.runtime.convert import require_converter
+
+    require_converter("edgewise demo")  # it trains a scikit-learn model
     repo.mkdir(parents=True, exist_ok=True)
     model, x_test, y_test = _train_and_convert(repo)
     with tempfile.TemporaryDirectory(prefix="edgewise-demo-") as scratch:

@@ -49,19 +49,20 @@ _NPY_MAGIC: Final = b"\x93NUMPY"
 
 
 class MissingDependency(EdgewiseError):
-    """An optional dependency (pandas, pyarrow, joblib: the ``edgewise[data]`` extra) is absent."""
+    """An optional dependency is absent: pandas, pyarrow or joblib (the ``edgewise[data]``
+    extra), scikit-learn or skl2onnx (``edgewise[convert]``)."""
 
     code = ErrorCode.FAILED_PRECONDITION
 
 
-def require_module(module: str, purpose: str) -> ModuleType:
+def require_module(module: str, purpose: str, extra: str = "data") -> ModuleType:
     """Import an optional module, or raise :class:`MissingDependency` naming the extra."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependency(
             f"{purpose} needs the Python package {module!r}, which is not installed: "
-            f"run {DATA_EXTRA_HINT}"
+            f"run pip install 'edgewise[{extra}]'"
         ) from None
 
 

@@ -152,6 +152,13 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Pa
         "import edgewise.kernels as k; print(k.native_status())",
     ).stdout.strip()  # fmt: skip
     assert status.startswith("loaded (x86-64-v"), status
+    # A serving image: no scikit-learn, skl2onnx or SciPy (the convert extra) inside.
+    absent = podman.run(
+        "exec", "edgewise-test", "python", "-c",
+        "import importlib.util as u; print([m for m in ('sklearn', 'skl2onnx', 'scipy') "
+        "if u.find_spec(m)])",
+    ).stdout.strip()  # fmt: skip
+    assert absent == "[]", absent
     maps = podman.run("exec", "edgewise-test", "cat", "/proc/1/maps").stdout
     assert "llvmlite" not in maps and "_native_kernels_x86_64_v" in maps
     fields = dict(

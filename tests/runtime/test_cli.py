@@ -99,3 +99,30 @@ def test_corrupt_pickle_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "repo" / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "model.joblib", "--sample", "x.csv", "--name", "m", "--out", "repo"],
+        ["demo", "--exit-after-requests", "--repo", "repo"],
+    ],
+)
+def test_convert_and_demo_without_scikit_learn_name_the_extra(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """A node installed without the convert extra (as the image is) gets one line naming it."""
+    script = (
+        "import sys; sys.modules['sklearn'] = None\n"  # what a missing package looks like
+        "from edgewise.runtime.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "'sklearn'" in lines[0] and "pip install 'edgewise[convert]'" in lines[0]
+    assert not (tmp_path / "repo").exists()
