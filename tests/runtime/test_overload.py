@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,24 @@ def test_the_loop_goes_off_inline_work_only_when_models_saturate_it() -> None:
     assert asyncio.run(scenario()) == [False, True, True, False]
 
 
+async def shedding_server(
+    shedder: Any, model_infer: Any, interceptors: Sequence[Any] = ()
+) -> tuple[Any, int]:
+    """A started grpc.aio server on loopback whose ModelInfer (``model_infer``) the shedder
+    serves, behind ``interceptors``; and its port."""
+    import grpc
+
+    shedder.add_service(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
+    )
+    server = grpc.aio.server(interceptors=list(interceptors))
+    server.add_generic_rpc_handlers((shedder,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 def test_shedding_counts_every_call_until_its_task_ends_and_never_leaks() -> None:
     import asyncio
 
@@ -130,14 +149,7 @@ def test_shedding_counts_every_call_until_its_task_ends_and_never_leaks() -> Non
             await asyncio.sleep(0.3)
             return b""
 
-        shedder.add_service(
-            "inference.GRPCInferenceService",
-            {"ModelInfer": grpc.unary_unary_rpc_method_handler(slow)},
-        )
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((shedder,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await shedding_server(shedder, slow)
         codes: list[str] = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(method)
@@ -188,14 +200,9 @@ def test_calls_refused_by_the_token_check_never_take_an_in_flight_slot() -> None
             await release.wait()
             return b""
 
-        shedder.add_service(
-            "inference.GRPCInferenceService",
-            {"ModelInfer": grpc.unary_unary_rpc_method_handler(held)},
+        server, port = await shedding_server(
+            shedder, held, [AuthInterceptor(TokenSet(inline=token), [])]
         )
-        server = grpc.aio.server(interceptors=[AuthInterceptor(TokenSet(inline=token), [])])
-        server.add_generic_rpc_handlers((shedder,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         codes: list[str] = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_unary(method)
