@@ -63,9 +63,9 @@ class LazyKernel:
     ahead-of-time compiled kernels (:mod:`edgewise.kernels._native`) never needs it.
 
     The first call of any lazy kernel makes every one of them a dispatcher and puts the
-    dispatchers in place of the lazy kernels in the modules of this package, before numba
-    compiles anything: kernels that call kernels then see dispatchers, and later calls by name
-    go straight to them."""
+    dispatchers in place of the lazy kernels in the modules of this package (also inside
+    module-level tuples, the wrappers' dtype variants), before numba compiles anything: kernels
+    that call kernels then see dispatchers, and later calls go straight to them."""
 
     __slots__ = ("dispatcher", "py_func")
 
@@ -104,6 +104,11 @@ def _make_dispatchers() -> None:
             for attribute, value in list(namespace.items()):
                 if isinstance(value, LazyKernel):
                     namespace[attribute] = value.dispatcher
+                elif type(value) is tuple and any(isinstance(v, LazyKernel) for v in value):
+                    # A wrapper's variants (_native.kernels) without the compiled module.
+                    namespace[attribute] = tuple(
+                        v.dispatcher if isinstance(v, LazyKernel) else v for v in value
+                    )
 
 
 def jit(fn: Any) -> Any:

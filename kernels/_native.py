@@ -45,7 +45,7 @@ __all__ = [
     "MODULE_NAME",
     "NATIVE",
     "STATUS",
-    "functions",
+    "kernels",
     "module_name",
     "source_digest",
 ]
@@ -151,8 +151,10 @@ def _load() -> tuple[Any, str]:
 NATIVE, STATUS = _load()
 
 
-def functions(*names: str) -> tuple[Any, ...] | None:
-    """The compiled functions ``names`` (see :data:`EXPORTS`), or None without the module."""
+def kernels(fallback: Any, *names: str) -> tuple[Any, ...]:
+    """The compiled functions ``names`` (see :data:`EXPORTS`), or ``fallback`` (the numba
+    kernel they are compiled from) in each place without the module. A wrapper calls
+    ``KERNELS[batch.dtype.itemsize == 8]`` for a float32/float64 pair."""
     if NATIVE is None:
-        return None
+        return (fallback,) * len(names)
     return tuple(getattr(NATIVE, name) for name in names)

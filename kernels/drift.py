@@ -586,8 +586,8 @@ class DriftScores:
 
 
 _NO_SUPPORT: Final = np.zeros((1, 1))
-#: The compiled ``_drift_all`` (``_native``), or None: then numba's dispatcher.
-_NATIVE_DRIFT_ALL = _native.functions("drift_all")
+#: The compiled ``_drift_all`` (``_native``), else numba's.
+(_DRIFT_ALL,) = _native.kernels(_drift_all, "drift_all")
 
 
 def drift_scores(
@@ -622,8 +622,7 @@ def drift_scores(
             )
         support = edges.support
         ordered = True
-    kernel = _drift_all if _NATIVE_DRIFT_ALL is None else _NATIVE_DRIFT_ALL[0]
-    table = kernel(ref, cur, support, ordered, float(eps), log_base, bool(correction))
+    table = _DRIFT_ALL(ref, cur, support, ordered, float(eps), log_base, bool(correction))
     return DriftScores(table)
 
 

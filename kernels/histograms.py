@@ -146,9 +146,13 @@ def _categorical_update(
                 counts[j, unseen] += 1
 
 
-#: Compiled variants (``_native``), or None: then numba's dispatchers.
-_NATIVE_HISTOGRAM = _native.functions("histogram_update_f32", "histogram_update_f64")
-_NATIVE_CATEGORICAL = _native.functions("categorical_update_i32", "categorical_update_i64")
+#: [32-bit, 64-bit] variants: compiled (``_native``), else numba's.
+_HISTOGRAM_UPDATE = _native.kernels(
+    _histogram_update, "histogram_update_f32", "histogram_update_f64"
+)
+_CATEGORICAL_UPDATE = _native.kernels(
+    _categorical_update, "categorical_update_i32", "categorical_update_i64"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,13 +383,9 @@ class HistogramState:
             ok = False
         if not ok:
             batch = _checks.float_batch("batch", batch, self._n)
-        native = _NATIVE_HISTOGRAM
-        if native is not None:
-            native[batch.dtype.itemsize == 8](
-                self._counts, batch, self._table, self._sizes, self._top
-            )
-        else:
-            _histogram_update(self._counts, batch, self._table, self._sizes, self._top)
+        _HISTOGRAM_UPDATE[batch.dtype.itemsize == 8](
+            self._counts, batch, self._table, self._sizes, self._top
+        )
 
     def merge(self, other: HistogramState) -> None:
         self._check_other(other)
@@ -473,11 +473,7 @@ class CategoricalState:
             ok = False
         if not ok:
             codes = _checks.code_batch("codes", codes, self._n)
-        native = _NATIVE_CATEGORICAL
-        if native is not None:
-            native[codes.dtype.itemsize == 8](self._counts, codes, self._n_categories)
-        else:
-            _categorical_update(self._counts, codes, self._n_categories)
+        _CATEGORICAL_UPDATE[codes.dtype.itemsize == 8](self._counts, codes, self._n_categories)
 
     def merge(self, other: CategoricalState) -> None:
         self._check_other(other)

@@ -188,9 +188,10 @@ def _moments_subtract(state: npt.NDArray[np.float64], other: npt.NDArray[np.floa
 # Public API
 
 
-#: Compiled variants (``_native``), or None: then numba's dispatchers.
-_NATIVE_UPDATE = _native.functions("moments_update_f32", "moments_update_f64")
-_NATIVE_MERGE = _native.functions("moments_merge", "moments_subtract")
+#: Compiled (``_native``), else numba's; the update as a [float32, float64] pair.
+_UPDATE = _native.kernels(_moments_update, "moments_update_f32", "moments_update_f64")
+(_MERGE,) = _native.kernels(_moments_merge, "moments_merge")
+(_SUBTRACT,) = _native.kernels(_moments_subtract, "moments_subtract")
 
 
 def _empty(n_features: int) -> npt.NDArray[np.float64]:
@@ -269,19 +270,12 @@ class MomentState:
             ok = False
         if not ok:
             batch = _checks.float_batch("batch", batch, self._n)
-        native = _NATIVE_UPDATE
-        if native is not None:
-            native[batch.dtype.itemsize == 8](self._data, batch)
-        else:
-            _moments_update(self._data, batch)
+        _UPDATE[batch.dtype.itemsize == 8](self._data, batch)
 
     def merge(self, other: MomentState) -> None:
         """Add the observations summarised by ``other`` (Chan et al.'s parallel formula)."""
         self._check_other(other)
-        if _NATIVE_MERGE is not None:
-            _NATIVE_MERGE[0](self._data, other._data)
-        else:
-            _moments_merge(self._data, other._data)
+        _MERGE(self._data, other._data)
         self._extrema_exact = self._extrema_exact and other._extrema_exact
 
     def subtract(self, other: MomentState) -> None:
@@ -293,10 +287,7 @@ class MomentState:
         the matching count of ``self``.  Min/max become bounds, see the module docstring.
         """
         self._check_other(other)
-        if _NATIVE_MERGE is not None:
-            bad = int(_NATIVE_MERGE[1](self._data, other._data))
-        else:
-            bad = int(_moments_subtract(self._data, other._data))
+        bad = int(_SUBTRACT(self._data, other._data))
         if bad >= 0:
             raise ValueError(
                 f"other has more observations than this state for feature {bad}; "

@@ -33,8 +33,8 @@ def _profile_update(
     _histogram_update(counts, batch, table, sizes, top)
 
 
-#: Compiled float32/float64 variants (``_native``), or None: then numba's dispatcher.
-_NATIVE_UPDATE = _native.functions("profile_update_f32", "profile_update_f64")
+#: [float32, float64] variants: compiled (``_native``), else numba's.
+_UPDATE = _native.kernels(_profile_update, "profile_update_f32", "profile_update_f64")
 
 
 class FeatureProfile:
@@ -87,13 +87,9 @@ class FeatureProfile:
             ok = False
         if not ok:
             batch = _checks.float_batch("batch", batch, self._n)
-        native = _NATIVE_UPDATE
-        if native is not None:
-            native[batch.dtype.itemsize == 8](
-                self._state, self._counts, batch, self._table, self._sizes, self._top
-            )
-        else:
-            _profile_update(self._state, self._counts, batch, self._table, self._sizes, self._top)
+        _UPDATE[batch.dtype.itemsize == 8](
+            self._state, self._counts, batch, self._table, self._sizes, self._top
+        )
 
     def merge(self, other: FeatureProfile) -> None:
         self._check_other(other)
