@@ -111,6 +111,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "about 115 MB less resident memory and 0.35 s faster start",
     )
     p.add_argument(
+        "--front-end",
+        choices=["grpcio", "native"],
+        help="what serves the gRPC port (default grpcio): native is gRPC's C++ server answering "
+        "ModelInfer with no Python gRPC work per call (built by `make native`; no TLS yet)",
+    )
+    p.add_argument(
         "--processes",
         type=_processes,
         help="server processes sharing the port (default 1); 'auto': one per core of the CPU "
@@ -183,7 +189,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "repo", "host", "port", "metrics_host", "metrics_port", "max_message_bytes",
         "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
         "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
-        "processes", "quality", "alert_command", "alert_webhook",
+        "processes", "quality", "alert_command", "alert_webhook", "front_end",
     ]  # fmt: skip
     keys.extend(SERVE_SECURITY_KEYS)
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})

@@ -74,6 +74,8 @@ class ServerSettings:
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
     monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
+    # EDGEWISE_FRONT_END: grpcio | native (gRPC's C++ server on the port; grpc_api/native_front.py)
+    front_end: str = "grpcio"
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
@@ -170,6 +172,12 @@ class ServerSettings:
             raise InvalidInput("processes must be at least 1")
         if self.quality not in ("on", "off"):
             raise InvalidInput(f"quality must be 'on' or 'off', not {self.quality!r}")
+        if self.front_end not in ("grpcio", "native"):
+            raise InvalidInput(f"front-end must be 'grpcio' or 'native', not {self.front_end!r}")
+        if self.front_end == "native" and self.tls_cert is not None:
+            raise InvalidInput(
+                "the native front end does not serve TLS yet: use --front-end grpcio with TLS"
+            )
         if self.monitoring not in ("on", "off"):
             raise InvalidInput(f"monitoring must be 'on' or 'off', not {self.monitoring!r}")
         if self.drift_interval_seconds < 0:

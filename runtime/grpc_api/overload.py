@@ -92,6 +92,7 @@ class LoadShedder(grpc.GenericRpcHandler):
         admitted.set_function(lambda: self.inflight)
         trailers = retry_trailers(retry_ms)
         message = f"server overloaded: {limit} inference calls in flight; retry after {retry_ms} ms"
+        self.refusal: tuple[str, tuple[tuple[str, str], ...]] = (message, trailers)
 
         async def refuse(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(
@@ -111,6 +112,12 @@ class LoadShedder(grpc.GenericRpcHandler):
         for method, handler in handlers.items():
             self._handlers[f"/{service}/{method}"] = handler
 
+    def record_shed(self) -> None:
+        """Count one call refused for the limit (the refusal is :attr:`refusal`)."""
+        self.shed += 1
+        self.last_shed = time.monotonic()
+        self._shed_counter.inc()
+
     def _done(self, _task: object) -> None:
         self.inflight -= 1
 
@@ -126,9 +133,7 @@ class LoadShedder(grpc.GenericRpcHandler):
         if handler is None or method not in self.methods:
             return handler
         if self.inflight >= self.limit:
-            self.shed += 1
-            self.last_shed = time.monotonic()
-            self._shed_counter.inc()
+            self.record_shed()
             return self._refuse
         task = asyncio.current_task()
         if task is not None:

@@ -143,13 +143,16 @@ class TokenSet:
 # ---- the interceptor -----------------------------------------------------------------------------
 
 
+#: The UNAUTHENTICATED message for each reason a token is refused.
+DENY_MESSAGES: Final = {
+    "missing": "missing credentials: send the metadata 'authorization: Bearer <token>'",
+    "malformed": "malformed credentials: expected 'authorization: Bearer <token>'",
+    "invalid": "invalid credentials: the bearer token is not accepted",
+}
+
+
 def _deny_handler(reason: str) -> grpc.RpcMethodHandler[Any, Any]:
-    messages = {
-        "missing": "missing credentials: send the metadata 'authorization: Bearer <token>'",
-        "malformed": "malformed credentials: expected 'authorization: Bearer <token>'",
-        "invalid": "invalid credentials: the bearer token is not accepted",
-    }
-    message = messages[reason]
+    message = DENY_MESSAGES[reason]
 
     async def deny(request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Aborts before reading anything, whatever the method's arity: the client gets the
@@ -197,6 +200,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if scheme.lower() != "bearer" or not token or " " in token:
             return "malformed"
         return None if self.tokens.accepts(token) else "invalid"
+
+    def refusal(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """None when the metadata carries an accepted token; else the refusal is counted and
+        its UNAUTHENTICATED message returned (for front ends that check tokens themselves)."""
+        try:
+            reason = self.check(metadata)
+        except Exception:  # a bug here must refuse, never crash or let the call through
+            log.exception("authentication check failed")
+            reason = "invalid"
+        if reason is None:
+            return None
+        self._counters[reason].inc()
+        return DENY_MESSAGES[reason]
 
     async def intercept_service(
         self,

@@ -13,8 +13,10 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +36,7 @@ from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.grpc_api.native_front import NativeFront
 from edgewise.runtime.grpc_api.overload import (
     LoadShedder,
     LoopLoad,
@@ -114,6 +117,8 @@ class InferenceServer:
         self._published: set[tuple[str, str]] = set()
         self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
+        self.front: NativeFront | None = None  # --front-end native
+        self._front_dir: Path | None = None
 
     def _on_model_event(self, name: str, version: int, event: str) -> None:
         self.metrics.model_event(name, version, event)
@@ -243,11 +248,19 @@ class InferenceServer:
             server,
         )
         address = f"{settings.host}:{settings.port}"
-        if credentials is not None:
+        upstream = ""
+        if settings.front_end == "native":
+            # The C++ front end takes the port; this server answers what it relays, on a
+            # Unix socket in a folder only this user can enter.
+            self._front_dir = Path(tempfile.mkdtemp(prefix="edgewise-front-"))
+            upstream = f"unix:{self._front_dir / 'grpc.sock'}"
+            if server.add_insecure_port(upstream) == 0:
+                raise OSError(f"cannot bind {upstream}")
+        elif credentials is not None:
             self.port = server.add_secure_port(address, credentials)
         else:
             self.port = server.add_insecure_port(address)
-        if self.port == 0:
+        if self.port == 0 and not upstream:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         if settings.peers_dir is not None:
             # Multi-process mode: a private address for control calls forwarded by siblings.
@@ -255,6 +268,10 @@ class InferenceServer:
         await self.update_health()
         await server.start()
         self._grpc = server
+        if upstream:
+            auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
+            self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
+            self.port = self.front.start(address, upstream, limit, settings.reuse_port)
         if settings.metrics_port >= 0:
             http_server, _thread = start_http_server(
                 settings.metrics_port, settings.metrics_host, registry=self.metrics.registry
@@ -262,9 +279,10 @@ class InferenceServer:
             self._metrics_http = http_server
             self.metrics_port = int(http_server.server_port)
         log.info(
-            "gRPC listening on %s:%d, loading models from %s",
+            "gRPC listening on %s:%d (front end: %s), loading models from %s",
             settings.host,
             self.port,
+            settings.front_end,
             settings.repo,
         )
         loop = asyncio.get_running_loop()
@@ -361,7 +379,13 @@ class InferenceServer:
             grace = self.settings.grace_seconds if grace is None else grace
             started = time.monotonic()
             held = hold_connections(self.port)  # before gRPC can close any of them
-            await self._grpc.stop(grace)
+            if self.front is not None:
+                # The C++ server drains first, off the loop: the calls it relays still need
+                # this server until they end.
+                await asyncio.to_thread(self.front.shutdown, grace)
+                await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
+            else:
+                await self._grpc.stop(grace)
             # The last responses may still be on their way (see drain.py): keep the sockets
             # open until the clients have them, within what is left of the grace period.
             linger = min(_CONNECTION_DRAIN_SECONDS, grace - (time.monotonic() - started))
@@ -372,6 +396,8 @@ class InferenceServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._front_dir is not None:
+            shutil.rmtree(self._front_dir, ignore_errors=True)
 
     async def wait(self) -> None:
         if self._grpc is not None:

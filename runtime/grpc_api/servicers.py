@@ -77,19 +77,28 @@ def _payload_bytes(request: pb.ModelInferRequest) -> int:
     return total
 
 
+def status_of(
+    exc: Exception, retry_after_ms: int | None = None
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, message and trailing metadata that answer ``exc``: a RESOURCE_EXHAUSTED
+    carries the retry hint; an unexpected error is logged and answered INTERNAL."""
+    if isinstance(exc, EdgewiseError):
+        trailers: tuple[tuple[str, str], ...] = ()
+        if retry_after_ms is not None and exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+            trailers = retry_trailers(retry_after_ms)
+        return grpc_status(exc.code), exc.message, trailers
+    log.exception("unexpected error in a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()
+
+
 async def _abort(
     context: grpc.aio.ServicerContext[object, object],
     exc: Exception,
     retry_after_ms: int | None = None,
 ) -> None:
-    """Answer ``exc`` with its status; a RESOURCE_EXHAUSTED carries the retry hint."""
-    if isinstance(exc, EdgewiseError):
-        trailers: tuple[tuple[str, str], ...] = ()
-        if retry_after_ms is not None and exc.code is ErrorCode.RESOURCE_EXHAUSTED:
-            trailers = retry_trailers(retry_after_ms)
-        await context.abort(grpc_status(exc.code), exc.message, trailing_metadata=trailers)
-    log.exception("unexpected error in a request")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    """Answer ``exc`` with its status (see :func:`status_of`)."""
+    code, message, trailers = status_of(exc, retry_after_ms)
+    await context.abort(code, message, trailing_metadata=trailers)
 
 
 def _code_of(exc: Exception) -> str:
@@ -242,10 +251,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline: float | None,
         started: float,
         reservation: int,
+        on_loop: bool = True,
     ) -> pb.ModelInferResponse:
         model = prepared.model
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline, on_loop=True)
+            return self.dataplane.execute(prepared, deadline, on_loop=on_loop)
 
     async def _batched(
         self,

@@ -1,0 +1,521 @@
+// The native front end: gRPC's C++ server on the public port (see native_front.py).
+//
+// ModelInfer calls are read by C++ and handed, as bytes, to one Python callable on gRPC's own
+// callback threads (the GIL taken only for that call); its answer goes back without any Python
+// gRPC machinery. Every other call (health, reflection, metadata, the repository and monitoring
+// services), and any ModelInfer the Python side declines, is relayed byte for byte, metadata,
+// deadline, status and trailers included, to the process's grpc.aio server on a private Unix
+// socket, so that those services are served by the same Python code as without this front end.
+//
+// Built by `python -m edgewise.runtime.grpc_api.front_build` against the system's gRPC C++
+// library (Debian: libgrpc++-dev). Python 3.11 C API only; no pybind11.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <structmember.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#ifndef EDGEWISE_FRONT_DIGEST
+#define EDGEWISE_FRONT_DIGEST "unknown"
+#endif
+
+namespace {
+
+// The Python handler's answer code that means "relay this call to the Python server".
+constexpr int kRelay = -1;
+
+struct Front;
+
+std::string Flatten(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  out.reserve(buffer.Length());
+  for (const auto& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  return out;
+}
+
+bool Forwardable(const std::string& key) {
+  // What gRPC itself sets on each hop is not copied: pseudo-headers, the transport's own
+  // headers and grpc-* (the deadline travels as the relayed call's deadline).
+  if (key.empty() || key[0] == ':') return false;
+  if (key.rfind("grpc-", 0) == 0) return false;
+  return key != "content-type" && key != "te" && key != "user-agent";
+}
+
+// One call on the public port: answered by Python (ModelInfer) or relayed.
+class Call final : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Front* front, grpc::GenericCallbackServerContext* context);
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  // The relayed call to the Python server.
+  class Upstream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    explicit Upstream(Call* call) : call_(call) {}
+    void OnReadDone(bool ok) override { call_->UpstreamReadDone(ok); }
+    void OnWriteDone(bool ok) override { call_->UpstreamWriteDone(ok); }
+    void OnWritesDoneDone(bool) override {}
+    void OnDone(const grpc::Status& status) override { call_->UpstreamDone(status); }
+
+   private:
+    Call* call_;
+  };
+
+  void Answer();                        // the fast path, with the request in from_client_
+  void StartRelay(bool first_is_read);  // relay, the first request possibly read already
+  void UpstreamReadDone(bool ok);
+  void UpstreamWriteDone(bool ok);
+  void UpstreamDone(const grpc::Status& status);
+  void ReleaseWriteHold();   // mu_ held
+  void ReleaseReadHold();    // mu_ held
+  void FinishLocked(const grpc::Status& status);  // mu_ held
+  void MaybeDelete();        // mu_ not held
+
+  Front* front_;
+  grpc::GenericCallbackServerContext* context_;
+  bool fast_;
+  bool counted_ = false;
+  std::recursive_mutex mu_;
+  grpc::ByteBuffer from_client_, from_upstream_, response_;
+  std::unique_ptr<grpc::ClientContext> upstream_context_;
+  Upstream upstream_{this};
+  bool relaying_ = false;
+  bool write_hold_ = false, read_hold_ = false;
+  bool writing_to_client_ = false;
+  bool finished_ = false;
+  bool finish_pending_ = false;
+  grpc::Status pending_status_;
+  bool server_done_ = false, upstream_done_ = true;
+};
+
+struct Front {
+  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight) -> answer
+  std::string fast_method;
+  std::unique_ptr<grpc::GenericStub> upstream;
+  std::unique_ptr<grpc::CallbackGenericService> service;  // outlives the server
+  std::unique_ptr<grpc::Server> server;
+  std::atomic<long> in_flight{0};
+  std::atomic<long> calls{0};
+  std::atomic<long> relayed{0};
+};
+
+class Service final : public grpc::CallbackGenericService {
+ public:
+  explicit Service(Front* front) : front_(front) {}
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
+    return new Call(front_, context);
+  }
+
+ private:
+  Front* front_;
+};
+
+Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
+    : front_(front), context_(context), fast_(context->method() == front->fast_method) {
+  front_->calls.fetch_add(1, std::memory_order_relaxed);
+  if (fast_) {
+    front_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    counted_ = true;
+    StartRead(&from_client_);
+  } else {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    StartRelay(false);
+  }
+}
+
+void Call::OnReadDone(bool ok) {
+  std::unique_lock<std::recursive_mutex> lock(mu_);
+  if (fast_ && !relaying_) {
+    if (!ok) {  // the client went away (or sent no request) before its request arrived
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+      return;
+    }
+    lock.unlock();
+    Answer();
+    return;
+  }
+  if (upstream_done_ || !write_hold_) return;  // nothing more goes upstream
+  if (ok) {
+    upstream_.StartWrite(&from_client_);
+  } else {  // the client has half-closed
+    upstream_.StartWritesDone();
+    ReleaseWriteHold();
+  }
+}
+
+void Call::OnWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  writing_to_client_ = false;
+  if (!ok) {  // the client is gone
+    if (upstream_context_) upstream_context_->TryCancel();
+    if (finish_pending_) FinishLocked(pending_status_);
+    return;
+  }
+  if (finish_pending_) {
+    FinishLocked(pending_status_);
+  } else if (!upstream_done_ && read_hold_) {
+    upstream_.StartRead(&from_upstream_);
+  }
+}
+
+void Call::OnCancel() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (upstream_context_) upstream_context_->TryCancel();
+}
+
+void Call::OnDone() {
+  if (counted_) front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    server_done_ = true;
+  }
+  MaybeDelete();
+}
+
+void Call::Answer() {
+  std::string body = Flatten(from_client_);
+  std::string authorization;
+  bool has_authorization = false;
+  for (const auto& [key, value] : context_->client_metadata()) {
+    if (key == "authorization") {
+      authorization.assign(value.data(), value.size());
+      has_authorization = true;
+      break;
+    }
+  }
+  double remaining = -1.0;  // no deadline
+  auto deadline = context_->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    remaining = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+    if (remaining < 0) remaining = 0;
+  }
+  long in_flight = front_->in_flight.load(std::memory_order_relaxed);
+
+  int code = static_cast<int>(grpc::StatusCode::INTERNAL);
+  std::string message = "internal error in the front end";
+  std::string reply;
+  bool has_reply = false;
+  std::vector<std::pair<std::string, std::string>> trailers;
+
+  PyGILState_STATE gil = PyGILState_Ensure();
+  PyObject* arg_body = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
+  PyObject* arg_auth = has_authorization
+      ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
+      : (Py_INCREF(Py_None), Py_None);
+  PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
+  PyObject* arg_in_flight = PyLong_FromLong(in_flight);
+  PyObject* result = nullptr;
+  if (arg_body && arg_auth && arg_remaining && arg_in_flight) {
+    PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight};
+    result = PyObject_Vectorcall(front_->handler, args, 4, nullptr);
+  }
+  Py_XDECREF(arg_body);
+  Py_XDECREF(arg_auth);
+  Py_XDECREF(arg_remaining);
+  Py_XDECREF(arg_in_flight);
+  // The answer: (code, message, body or None, ((key, value), ...)).
+  if (result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4) {
+    PyObject* py_code = PyTuple_GET_ITEM(result, 0);
+    PyObject* py_message = PyTuple_GET_ITEM(result, 1);
+    PyObject* py_body = PyTuple_GET_ITEM(result, 2);
+    PyObject* py_trailers = PyTuple_GET_ITEM(result, 3);
+    bool good = PyLong_Check(py_code) && PyUnicode_Check(py_message) &&
+                (py_body == Py_None || PyBytes_Check(py_body)) && PyTuple_Check(py_trailers);
+    if (good) {
+      code = static_cast<int>(PyLong_AsLong(py_code));
+      Py_ssize_t size = 0;
+      const char* text = PyUnicode_AsUTF8AndSize(py_message, &size);
+      if (text) message.assign(text, static_cast<size_t>(size));
+      if (py_body != Py_None) {
+        reply.assign(PyBytes_AS_STRING(py_body), static_cast<size_t>(PyBytes_GET_SIZE(py_body)));
+        has_reply = true;
+      }
+      for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(py_trailers); ++i) {
+        PyObject* pair = PyTuple_GET_ITEM(py_trailers, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) continue;
+        const char* key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 0));
+        const char* value = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 1));
+        if (key && value) trailers.emplace_back(key, value);
+      }
+    }
+  }
+  if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
+  Py_XDECREF(result);
+  PyGILState_Release(gil);
+
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (code == kRelay) {
+    StartRelay(true);
+    return;
+  }
+  for (const auto& [key, value] : trailers) context_->AddTrailingMetadata(key, value);
+  if (code == 0 && has_reply) {
+    grpc::Slice slice(reply);
+    response_ = grpc::ByteBuffer(&slice, 1);
+    finished_ = true;
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    return;
+  }
+  if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
+  FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), message));
+}
+
+void Call::StartRelay(bool first_is_read) {
+  relaying_ = true;
+  front_->relayed.fetch_add(1, std::memory_order_relaxed);
+  upstream_context_ = std::make_unique<grpc::ClientContext>();
+  auto deadline = context_->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) upstream_context_->set_deadline(deadline);
+  for (const auto& [key, value] : context_->client_metadata()) {
+    std::string name(key.data(), key.size());
+    if (Forwardable(name)) upstream_context_->AddMetadata(name, std::string(value.data(), value.size()));
+  }
+  upstream_done_ = false;
+  write_hold_ = read_hold_ = true;
+  front_->upstream->PrepareBidiStreamingCall(upstream_context_.get(), context_->method(),
+                                             grpc::StubOptions(), &upstream_);
+  upstream_.AddMultipleHolds(2);  // one for each direction we still drive from the server side
+  upstream_.StartRead(&from_upstream_);
+  if (first_is_read) {
+    upstream_.StartWrite(&from_client_);
+  } else {
+    StartRead(&from_client_);
+  }
+  upstream_.StartCall();
+}
+
+void Call::UpstreamWriteDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (!ok) {  // the relayed call has ended; its status will tell
+    ReleaseWriteHold();
+    return;
+  }
+  if (!finished_) StartRead(&from_client_);
+}
+
+void Call::UpstreamReadDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (!ok) {  // no more messages: the status follows (UpstreamDone)
+    ReleaseReadHold();
+    return;
+  }
+  if (finished_) {
+    ReleaseReadHold();
+    return;
+  }
+  writing_to_client_ = true;
+  StartWrite(&from_upstream_);
+}
+
+void Call::UpstreamDone(const grpc::Status& status) {
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    upstream_done_ = true;
+    if (!finished_) {
+      for (const auto& [key, value] : upstream_context_->GetServerTrailingMetadata()) {
+        context_->AddTrailingMetadata(std::string(key.data(), key.size()),
+                                      std::string(value.data(), value.size()));
+      }
+      if (writing_to_client_) {
+        finish_pending_ = true;
+        pending_status_ = status;
+      } else {
+        FinishLocked(status);
+      }
+    }
+  }
+  MaybeDelete();
+}
+
+void Call::ReleaseWriteHold() {
+  if (write_hold_) {
+    write_hold_ = false;
+    upstream_.RemoveHold();
+  }
+}
+
+void Call::ReleaseReadHold() {
+  if (read_hold_) {
+    read_hold_ = false;
+    upstream_.RemoveHold();
+  }
+}
+
+void Call::FinishLocked(const grpc::Status& status) {
+  if (finished_) return;
+  finished_ = true;
+  finish_pending_ = false;
+  Finish(status);
+}
+
+void Call::MaybeDelete() {
+  bool done;
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    done = server_done_ && upstream_done_;
+  }
+  if (done) delete this;
+}
+
+// ---- the Python object -----------------------------------------------------------------------
+
+struct FrontObject {
+  PyObject_HEAD
+  Front* front;
+  int port;
+};
+
+void FrontDealloc(PyObject* self) {
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (object->front) {
+    if (object->front->server) {
+      Py_BEGIN_ALLOW_THREADS
+      object->front->server->Shutdown(std::chrono::system_clock::now());
+      object->front->server->Wait();
+      Py_END_ALLOW_THREADS
+    }
+    Py_XDECREF(object->front->handler);
+    delete object->front;
+  }
+  Py_TYPE(self)->tp_free(self);
+}
+
+// Front(address, upstream, handler, fast_method, max_message_bytes, reuse_port)
+int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"address", "upstream", "handler", "fast_method",
+                                    "max_message_bytes", "reuse_port", nullptr};
+  const char* address;
+  const char* upstream;
+  const char* fast_method;
+  PyObject* handler;
+  int max_message_bytes;
+  int reuse_port;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOsip", const_cast<char**>(keywords), &address,
+                                   &upstream, &handler, &fast_method, &max_message_bytes,
+                                   &reuse_port)) {
+    return -1;
+  }
+  if (!PyCallable_Check(handler)) {
+    PyErr_SetString(PyExc_TypeError, "handler must be callable");
+    return -1;
+  }
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (object->front) {
+    PyErr_SetString(PyExc_RuntimeError, "already initialised");
+    return -1;
+  }
+  auto front = std::unique_ptr<Front, void (*)(Front*)>(new Front(), [](Front* f) {
+    Py_XDECREF(f->handler);
+    delete f;
+  });
+  Py_INCREF(handler);
+  front->handler = handler;
+  front->fast_method = fast_method;
+  grpc::ChannelArguments channel_args;
+  channel_args.SetMaxReceiveMessageSize(max_message_bytes);
+  channel_args.SetMaxSendMessageSize(max_message_bytes);
+  front->upstream = std::make_unique<grpc::GenericStub>(
+      grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), channel_args));
+
+  front->service = std::make_unique<Service>(front.get());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
+  builder.RegisterCallbackGenericService(front->service.get());
+  Py_BEGIN_ALLOW_THREADS
+  front->server = builder.BuildAndStart();
+  Py_END_ALLOW_THREADS
+  if (!front->server || port == 0) {
+    PyErr_Format(PyExc_OSError, "cannot bind %s", address);
+    return -1;
+  }
+  object->front = front.release();
+  object->port = port;
+  return 0;
+}
+
+PyObject* FrontShutdown(PyObject* self, PyObject* args) {
+  double grace;
+  if (!PyArg_ParseTuple(args, "d", &grace)) return nullptr;
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (!object->front || !object->front->server) Py_RETURN_NONE;
+  auto deadline = std::chrono::system_clock::now() +
+                  std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                      std::chrono::duration<double>(grace > 0 ? grace : 0));
+  Py_BEGIN_ALLOW_THREADS
+  object->front->server->Shutdown(deadline);  // stops accepting; waits for calls, then cancels
+  object->front->server->Wait();
+  Py_END_ALLOW_THREADS
+  object->front->server.reset();
+  Py_RETURN_NONE;
+}
+
+PyObject* FrontCounts(PyObject* self, PyObject*) {
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (!object->front) return Py_BuildValue("(lll)", 0L, 0L, 0L);
+  return Py_BuildValue("(lll)", object->front->calls.load(), object->front->relayed.load(),
+                       object->front->in_flight.load());
+}
+
+PyMethodDef kFrontMethods[] = {
+    {"shutdown", FrontShutdown, METH_VARARGS,
+     "shutdown(grace): stop accepting calls, wait up to grace seconds for those in flight"},
+    {"counts", FrontCounts, METH_NOARGS, "counts() -> (calls, relayed, in_flight)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyMemberDef kFrontMembers[] = {
+    {"port", T_INT, offsetof(FrontObject, port), READONLY, "the bound TCP port"},
+    {nullptr, 0, 0, 0, nullptr},
+};
+
+PyTypeObject kFrontType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_front", "gRPC C++ front end (see native_front.py)",
+                       -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__front() {
+  kFrontType.tp_name = "edgewise.runtime.grpc_api._front.Front";
+  kFrontType.tp_basicsize = sizeof(FrontObject);
+  kFrontType.tp_flags = Py_TPFLAGS_DEFAULT;
+  kFrontType.tp_new = PyType_GenericNew;
+  kFrontType.tp_init = FrontInit;
+  kFrontType.tp_dealloc = FrontDealloc;
+  kFrontType.tp_methods = kFrontMethods;
+  kFrontType.tp_members = kFrontMembers;
+  if (PyType_Ready(&kFrontType) < 0) return nullptr;
+  PyObject* module = PyModule_Create(&kModule);
+  if (!module) return nullptr;
+  if (PyModule_AddStringConstant(module, "SOURCE_DIGEST", EDGEWISE_FRONT_DIGEST) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  Py_INCREF(&kFrontType);
+  if (PyModule_AddObject(module, "Front", reinterpret_cast<PyObject*>(&kFrontType)) < 0) {
+    Py_DECREF(&kFrontType);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

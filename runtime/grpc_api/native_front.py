@@ -1,0 +1,160 @@
+"""The native front end: gRPC's C++ server on the public port, Python for the work.
+
+With ``--front-end native`` the public port belongs to gRPC's C++ server (``_front.cc``, built
+by ``front_build``). A ModelInfer call is read by C++ and handed to :meth:`NativeFront.handle` as
+bytes, on one of gRPC's callback threads: the token check, the in-flight limit, parsing, the
+same decode-run-encode path and accounting as the grpcio server, then the serialised answer.
+No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
+call than the model (see benchmarks/RESULTS.md).
+
+Every other call, and a ModelInfer for a model with dynamic batching (its batch queue lives on
+the event loop), is relayed by C++ to the process's grpc.aio server on a private Unix socket, with
+its metadata (the token included, checked there), deadline, messages, status and trailers: the
+health, reflection, metadata, repository, monitoring and quality services are the grpcio
+server's own code, unchanged.
+
+Not served natively (the server refuses to start, saying so): TLS on the port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.grpc_api.overload import LoadShedder
+from edgewise.runtime.grpc_api.security import AuthInterceptor
+from edgewise.runtime.grpc_api.servicers import InferenceServicer, status_of
+
+__all__ = ["SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
+
+log = logging.getLogger(__name__)
+
+SOURCE: Final = Path(__file__).with_name("_front.cc")
+MODULE: Final = "edgewise.runtime.grpc_api._front"
+MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
+
+#: The answer code that tells the C++ side to relay the call to the grpc.aio server.
+RELAY: Final = -1
+
+Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...]]
+
+_OK: Final = 0
+_UNAUTHENTICATED: Final = int(grpc.StatusCode.UNAUTHENTICATED.value[0])
+_RESOURCE_EXHAUSTED: Final = int(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+_INVALID_ARGUMENT: Final = int(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+_RELAY_ANSWER: Final[Answer] = (RELAY, "", None, ())
+
+
+def source_digest() -> str:
+    """The digest of ``_front.cc`` a built module must carry to be used."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def load_front() -> tuple[ModuleType | None, str]:
+    """The built front-end module, or None; and a line saying which (for logs and errors)."""
+    try:
+        module = importlib.import_module(MODULE)
+    except ImportError as exc:
+        return None, (
+            f"not built ({exc}; build it with `make native` or "
+            "`python -m edgewise.runtime.grpc_api.front_build`, which need libgrpc++-dev)"
+        )
+    built = str(getattr(module, "SOURCE_DIGEST", ""))
+    if SOURCE.exists() and built != source_digest():
+        return None, "stale: built from another version of _front.cc; rebuild it (`make native`)"
+    return module, "loaded"
+
+
+def front_status() -> str:
+    return load_front()[1]
+
+
+class NativeFront:
+    """The Python side of the C++ front end: answers ModelInfer calls handed over as bytes."""
+
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        auth: AuthInterceptor | None,
+        shedder: LoadShedder | None,
+        retry_after_ms: int,
+    ) -> None:
+        self.servicer = servicer
+        self.auth = auth
+        self.shedder = shedder
+        self.retry_after_ms = retry_after_ms
+        self._front: Any = None
+
+    def start(self, address: str, upstream: str, max_message_bytes: int, reuse_port: bool) -> int:
+        """Bind ``address`` and serve; calls that are not answered here go to ``upstream``
+        (the grpc.aio server's address). Returns the bound port."""
+        module, status = load_front()
+        if module is None:
+            raise RuntimeError(f"the native front end is {status}")
+        self._front = module.Front(
+            address=address,
+            upstream=upstream,
+            handler=self.handle,
+            fast_method=MODEL_INFER,
+            max_message_bytes=max_message_bytes,
+            reuse_port=reuse_port,
+        )
+        return int(self._front.port)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting calls; wait up to ``grace`` seconds for those in flight (blocking:
+        run it off the event loop, which must go on serving the relayed calls meanwhile)."""
+        if self._front is not None:
+            self._front.shutdown(grace)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(calls, relayed calls, ModelInfer calls in flight) since the start."""
+        if self._front is None:
+            return 0, 0, 0
+        calls, relayed, in_flight = self._front.counts()
+        return int(calls), int(relayed), int(in_flight)
+
+    def handle(
+        self, body: bytes, authorization: str | None, remaining: float | None, in_flight: int
+    ) -> Answer:
+        """Answer one ModelInfer call: ``(status code, message, response bytes or None,
+        trailing metadata)``, or :data:`RELAY`. Runs on a gRPC callback thread; never raises."""
+        started = time.perf_counter()
+        if self.auth is not None:
+            refused = self.auth.refusal(
+                (("authorization", authorization),) if authorization is not None else ()
+            )
+            if refused is not None:
+                return _UNAUTHENTICATED, refused, None, ()
+        shedder = self.shedder
+        if shedder is not None and in_flight > shedder.limit:
+            shedder.record_shed()
+            message, trailers = shedder.refusal
+            return _RESOURCE_EXHAUSTED, message, None, trailers
+        try:
+            request = pb.ModelInferRequest.FromString(body)
+        except DecodeError:
+            return _INVALID_ARGUMENT, "the request is not a valid ModelInferRequest", None, ()
+        servicer = self.servicer
+        try:
+            if servicer._batches(request):
+                return _RELAY_ANSWER  # its batch queue is on the event loop
+            deadline = None if remaining is None else time.monotonic() + remaining
+            reservation = servicer._admit(request)
+            prepared = servicer._prepare_counted(request, reservation)
+            response = servicer._execute_counted(
+                prepared, deadline, started, reservation, on_loop=False
+            )
+            return _OK, "", response.SerializeToString(), ()
+        except Exception as exc:
+            code, message, trailers = status_of(exc, self.retry_after_ms)
+            return int(code.value[0]), message, None, trailers
