@@ -18,10 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving)
+## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving) and
+## the native gRPC front end (serve --front-end native), installing libgrpc++-dev where it can
 native: $(NATIVE_STAMP)
-$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py)
+$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/grpc_api/_front.cc
 	$(BIN)/python -m edgewise.kernels.native_build || echo "numba's JIT serves every kernel instead"
+	@pkg-config --exists grpc++ 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| apt-get install -y -q libgrpc++-dev >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libgrpc++-dev >/dev/null 2>&1; } \
+		|| echo "libgrpc++-dev could not be installed"
+	$(BIN)/python -m edgewise.runtime.grpc_api.front_build || echo "the server serves with grpcio alone"
 	touch $(NATIVE_STAMP)
 
 ## mlflow-venv: the MLflow server the store tests start (pyproject's mlflow-server extra)
@@ -77,4 +83,4 @@ podman:
 
 clean:
 	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache
-	rm -f kernels/_native_kernels*
+	rm -f kernels/_native_kernels* runtime/grpc_api/_front*.so

@@ -102,3 +102,21 @@ def running_server(
         yield server
     finally:
         server.stop()
+
+
+#: The front ends a server can have (``serve --front-end``); tests of the gRPC surface run on each.
+FRONT_ENDS = ("grpcio", "native")
+
+
+def front_end_args(front_end: str) -> list[str]:
+    """The ``serve`` arguments for ``front_end``; skips the test where the native front end is
+    not built (it needs the gRPC C++ library: ``make native``)."""
+    if front_end == "native":
+        import pytest
+
+        from edgewise.runtime.grpc_api.native_front import front_status
+
+        status = front_status()
+        if status != "loaded":
+            pytest.skip(f"the native front end is {status}")
+    return ["--front-end", front_end]

@@ -85,7 +85,6 @@ class Call final : public grpc::ServerGenericBidiReactor {
   void ReleaseWriteHold();   // mu_ held
   void ReleaseReadHold();    // mu_ held
   void FinishLocked(const grpc::Status& status);  // mu_ held
-  void MaybeDelete();        // mu_ not held
 
   Front* front_;
   grpc::GenericCallbackServerContext* context_;
@@ -181,11 +180,13 @@ void Call::OnCancel() {
 
 void Call::OnDone() {
   if (counted_) front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  bool last;
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
     server_done_ = true;
+    last = upstream_done_;
   }
-  MaybeDelete();
+  if (last) delete this;  // both halves are done: nothing can call into this object again
 }
 
 void Call::Answer() {
@@ -324,9 +325,11 @@ void Call::UpstreamReadDone(bool ok) {
 }
 
 void Call::UpstreamDone(const grpc::Status& status) {
+  bool last;
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
     upstream_done_ = true;
+    last = server_done_;
     if (!finished_) {
       for (const auto& [key, value] : upstream_context_->GetServerTrailingMetadata()) {
         context_->AddTrailingMetadata(std::string(key.data(), key.size()),
@@ -340,7 +343,7 @@ void Call::UpstreamDone(const grpc::Status& status) {
       }
     }
   }
-  MaybeDelete();
+  if (last) delete this;
 }
 
 void Call::ReleaseWriteHold() {
@@ -364,14 +367,6 @@ void Call::FinishLocked(const grpc::Status& status) {
   Finish(status);
 }
 
-void Call::MaybeDelete() {
-  bool done;
-  {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    done = server_done_ && upstream_done_;
-  }
-  if (done) delete this;
-}
 
 // ---- the Python object -----------------------------------------------------------------------
 

@@ -16,14 +16,18 @@ import pytest
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
 from tests import models
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 SCRIPT = Path(__file__).with_name("triton_calls.py")
 
 
-@pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(model_repo, tmp_path_factory.mktemp("triton"))
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[RunningServer]:
+    running = start_server(
+        model_repo, tmp_path_factory.mktemp("triton"), front_end_args(request.param)
+    )
     yield running
     assert running.stop() == 0
 

@@ -27,7 +27,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_gr
 from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.settings import ClientSecurity
 from tests.runtime.store.helpers import logreg_inputs
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 FILE_TOKEN = "file-token-0123456789abcdef"
 OTHER_FILE_TOKEN = "file-token-second-0123456789"
@@ -45,9 +45,9 @@ def metric(server: RunningServer, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=FRONT_ENDS)
 def secured(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[tuple[RunningServer, Path]]:
     root = tmp_path_factory.mktemp("auth")
     repo = root / "repo"
@@ -57,7 +57,7 @@ def secured(
     server = start_server(
         repo,
         root / "server",
-        ["--monitoring", "off", "--tokens-file", str(tokens)],
+        ["--monitoring", "off", "--tokens-file", str(tokens), *front_end_args(request.param)],
         env={"EDGEWISE_TOKENS": ENV_TOKEN},
     )
     yield server, tokens

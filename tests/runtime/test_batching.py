@@ -17,7 +17,7 @@ from edgewise.runtime.dataplane import PreparedRequest
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
-from tests.servers import running_server
+from tests.servers import FRONT_ENDS, front_end_args, running_server
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,8 @@ def test_a_failed_batch_fails_every_request(logreg: LoadedModel) -> None:
     assert all(isinstance(o, InvalidInput) for o in outcomes), outcomes
 
 
-def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path, front_end: str) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(model_repo / "logreg", repo / "logreg")
     (repo / "logreg" / "config.json").write_text(
@@ -234,7 +235,7 @@ def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path) -> None:
                 except Exception as exc:
                     failures.append(repr(exc))
 
-    with running_server(repo, tmp_path) as server:
+    with running_server(repo, tmp_path, front_end_args(front_end)) as server:
         threads = [
             threading.Thread(target=client_thread, args=(server.target, s)) for s in range(6)
         ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,13 @@ def served_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return target
 
 
-@pytest.fixture(scope="module")
-def server(served_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(served_repo, tmp_path_factory.mktemp("server"))
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def server(
+    served_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[RunningServer]:
+    running = start_server(
+        served_repo, tmp_path_factory.mktemp("server"), front_end_args(request.param)
+    )
     yield running
     code = running.stop()
     assert code == 0, running.log()

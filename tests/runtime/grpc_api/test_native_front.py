@@ -1,0 +1,210 @@
+"""The native front end: the Python handler it calls per ModelInfer, and a real server behind it.
+
+The gRPC surface as a whole (health, reflection, metadata, errors, tokens, batching, the real
+tritonclient) runs on both front ends in test_server.py, test_auth.py, test_batching.py and
+tests/interop; this file covers what only the native front end does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.grpc_api.native_front import RELAY, NativeFront
+from edgewise.runtime.grpc_api.overload import LoadShedder
+from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
+from edgewise.runtime.grpc_api.server import InferenceServer
+from edgewise.runtime.grpc_api.servicers import InferenceServicer
+from edgewise.runtime.model import SessionSettings, load_model
+from edgewise.runtime.settings import ServerSettings
+from tests.runtime.grpc_api.test_server import metric_value, metrics_text
+from tests.servers import front_end_args, running_server
+
+TOKEN = "native-front-token-0123456789abcdef"
+CODES = {code.value[0] for code in grpc.StatusCode} | {RELAY}
+
+
+@pytest.fixture(scope="module")
+def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """logreg and forest; forest with dynamic batching."""
+    target = tmp_path_factory.mktemp("native") / "repo"
+    for name in ("logreg", "forest"):
+        shutil.copytree(model_repo / name, target / name)
+    (target / "forest" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 8, "max_queue_delay_us": 1000}})
+    )
+    return target
+
+
+@pytest.fixture(scope="module")
+def servicer(repo: Path) -> Iterator[InferenceServicer]:
+    """The grpcio server's inference servicer, in process, without gRPC."""
+    server = InferenceServer(ServerSettings.from_sources({"repo": repo, "metrics_port": -1}))
+    server.repository.load_all()
+    server.dataplane.set_ready(True)
+    yield InferenceServicer(
+        server.dataplane,
+        server.metrics,
+        server.executor,
+        server.settings.inline_max_bytes,
+        server.admission,
+    )
+    server.executor.shutdown()
+
+
+def request_bytes(model: str, rows: np.ndarray, request_id: str = "") -> bytes:
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.astype(np.float32).tobytes())
+    return request.SerializeToString()
+
+
+def features(repo: Path, n: int, seed: int = 0, model: str = "logreg") -> np.ndarray:
+    manifest = json.loads((repo / model / "1" / "manifest.json").read_text())
+    width = int(manifest["inputs"][0]["shape"][1])
+    return np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
+
+
+def test_a_request_is_answered_as_the_model_answers(
+    servicer: InferenceServicer, repo: Path
+) -> None:
+    front = NativeFront(servicer, None, None, 50)
+    rows = features(repo, 5)
+    code, message, body, trailers = front.handle(
+        request_bytes("logreg", rows, "r-1"), None, 10.0, 1
+    )
+    assert (code, message, trailers) == (0, "", ())
+    assert body is not None
+    response = pb.ModelInferResponse.FromString(body)
+    assert (response.model_name, response.model_version, response.id) == ("logreg", "1", "r-1")
+    expected = load_model("logreg", 1, repo / "logreg" / "1", SessionSettings()).run(
+        {"features": rows}
+    )
+    index = [o.name for o in response.outputs].index("label")
+    labels = np.frombuffer(response.raw_output_contents[index], dtype=expected["label"].dtype)
+    np.testing.assert_array_equal(labels, expected["label"])
+
+
+def test_errors_carry_their_status_and_a_message_naming_the_field(
+    servicer: InferenceServicer, repo: Path
+) -> None:
+    front = NativeFront(servicer, None, None, 50)
+    rows = features(repo, 2)
+    code, message, body, _ = front.handle(b"\xff\xff not protobuf", None, None, 1)
+    assert (code, body) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], None)
+    assert "ModelInferRequest" in message
+    code, message, _, _ = front.handle(request_bytes("nope", rows), None, None, 1)
+    assert code == grpc.StatusCode.NOT_FOUND.value[0] and "'nope'" in message
+    code, message, _, _ = front.handle(request_bytes("logreg", rows[:, :3]), None, None, 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "'features'" in message
+    code, message, _, _ = front.handle(request_bytes("logreg", rows), None, 0.0, 1)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "deadline" in message
+
+
+def test_a_model_with_batching_is_relayed_to_its_batch_queue(
+    servicer: InferenceServicer, repo: Path
+) -> None:
+    front = NativeFront(servicer, None, None, 50)
+    assert (
+        front.handle(request_bytes("forest", features(repo, 1, model="forest")), None, None, 1)[0]
+        == RELAY
+    )
+
+
+def test_tokens_are_checked_before_the_in_flight_limit(
+    servicer: InferenceServicer, repo: Path
+) -> None:
+    auth = AuthInterceptor(TokenSet(inline=TOKEN))
+    shedder = LoadShedder(2, 75, frozenset())
+    front = NativeFront(servicer, auth, shedder, 75)
+    body = request_bytes("logreg", features(repo, 1))
+    # Over the limit without a token: refused for the token, and no shed is counted.
+    code, message, _, _ = front.handle(body, None, None, 3)
+    assert code == grpc.StatusCode.UNAUTHENTICATED.value[0] and "missing credentials" in message
+    code, _, _, _ = front.handle(body, "Bearer wrong-token-0123456789abcdef", None, 3)
+    assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert shedder.shed == 0
+    # With the token, over the limit: shed with the retry hint; at the limit: answered.
+    code, message, body_out, trailers = front.handle(body, f"Bearer {TOKEN}", None, 3)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and body_out is None
+    assert "overloaded" in message
+    assert dict(trailers) == {"retry-after-ms": "75", "grpc-retry-pushback-ms": "75"}
+    assert shedder.shed == 1
+    assert front.handle(body, f"Bearer {TOKEN}", None, 2)[0] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=512))
+def test_any_bytes_get_an_answer_never_an_exception(
+    servicer: InferenceServicer, data: bytes
+) -> None:
+    code, message, body, trailers = NativeFront(servicer, None, None, 50).handle(
+        data, None, None, 1
+    )
+    assert code in CODES and isinstance(message, str) and isinstance(trailers, tuple)
+    assert (body is not None) == (code == 0)
+
+
+def test_a_real_native_server_batches_sheds_and_relays_large_messages(
+    repo: Path, tmp_path: Path
+) -> None:
+    args = [*front_end_args("native"), "--max-inflight", "2", "--monitoring", "off"]
+    with running_server(repo, tmp_path, args) as server:
+        channel = grpc.insecure_channel(
+            server.target, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def caller(seed: int) -> None:
+            for i in range(6):
+                rows = features(repo, 2000, seed * 10 + i)
+                request = pb.ModelInferRequest.FromString(request_bytes("logreg", rows))
+                try:
+                    stub.ModelInfer(request, timeout=30)
+                    outcome = "OK"
+                except grpc.RpcError as exc:
+                    trailing = dict(exc.trailing_metadata() or ())
+                    outcome = f"{exc.code().name}:{trailing.get('retry-after-ms')}"
+                with lock:
+                    outcomes.append(outcome)
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED:50"}, outcomes
+        assert "OK" in outcomes
+        assert "RESOURCE_EXHAUSTED:50" in outcomes  # 12 callers, a limit of 2
+
+        # A model with batching goes through the relay to its batch queue; a message larger
+        # than gRPC's default 4 MiB goes through too.
+        big = features(repo, 100_000, model="forest")
+        request = pb.ModelInferRequest.FromString(request_bytes("forest", big))
+        assert len(request.raw_input_contents[0]) > 4 << 20
+        response = stub.ModelInfer(request, timeout=60)
+        assert response.model_name == "forest"
+        assert response.outputs[0].shape[0] == 100_000
+        # (a request that large runs on a worker thread, unbatched, as without this front end)
+        small = pb.ModelInferRequest.FromString(
+            request_bytes("forest", features(repo, 4, model="forest"))
+        )
+        assert stub.ModelInfer(small, timeout=30).outputs[0].shape[0] == 4
+        text = metrics_text(server)
+        assert metric_value(text, "edgewise_batch_rows_sum", model="forest") == 4
+        assert metric_value(text, "edgewise_shed_requests_total") == outcomes.count(
+            "RESOURCE_EXHAUSTED:50"
+        )
+        channel.close()
