@@ -23,6 +23,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,29 @@ namespace {
 constexpr int kRelay = -1;
 
 struct Front;
+
+// The GIL for gRPC's callback threads. Each thread keeps one Python thread state for its whole
+// life (created on its first call): PyGILState_Ensure/Release would create and destroy one at
+// every call, which costs more than the rest of the hand-over.
+class Gil {
+ public:
+  Gil() {
+    thread_local PyThreadState* state = nullptr;
+    if (state == nullptr) {
+      PyGILState_Ensure();  // never released: the thread state stays
+      state = PyThreadState_Get();
+    } else {
+      PyEval_RestoreThread(state);
+    }
+    state_ = state;
+  }
+  ~Gil() { PyEval_SaveThread(); }
+  Gil(const Gil&) = delete;
+  Gil& operator=(const Gil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
 
 std::string Flatten(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -105,6 +129,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
 
 struct Front {
   PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight) -> answer
+  PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
   std::string fast_method;
   std::unique_ptr<grpc::GenericStub> upstream;
   std::unique_ptr<grpc::CallbackGenericService> service;  // outlives the server
@@ -213,8 +238,9 @@ void Call::Answer() {
   std::string reply;
   bool has_reply = false;
   std::vector<std::pair<std::string, std::string>> trailers;
+  bool run_after = false;
 
-  PyGILState_STATE gil = PyGILState_Ensure();
+  std::optional<Gil> gil(std::in_place);
   PyObject* arg_body = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
   PyObject* arg_auth = has_authorization
       ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
@@ -230,8 +256,8 @@ void Call::Answer() {
   Py_XDECREF(arg_auth);
   Py_XDECREF(arg_remaining);
   Py_XDECREF(arg_in_flight);
-  // The answer: (code, message, body or None, ((key, value), ...)).
-  if (result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4) {
+  // The answer: (code, message, body or None, ((key, value), ...), work deferred: bool).
+  if (result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 5) {
     PyObject* py_code = PyTuple_GET_ITEM(result, 0);
     PyObject* py_message = PyTuple_GET_ITEM(result, 1);
     PyObject* py_body = PyTuple_GET_ITEM(result, 2);
@@ -254,27 +280,38 @@ void Call::Answer() {
         const char* value = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 1));
         if (key && value) trailers.emplace_back(key, value);
       }
+      run_after = PyObject_IsTrue(PyTuple_GET_ITEM(result, 4)) == 1;
     }
   }
   if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
   Py_XDECREF(result);
-  PyGILState_Release(gil);
+  gil.reset();
 
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  if (code == kRelay) {
-    StartRelay(true);
-    return;
+  PyObject* after = front_->after;  // the call may be gone once answered: keep what is needed
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    if (code == kRelay) {
+      StartRelay(true);
+    } else {
+      for (const auto& [key, value] : trailers) context_->AddTrailingMetadata(key, value);
+      if (code == 0 && has_reply) {
+        grpc::Slice slice(reply);
+        response_ = grpc::ByteBuffer(&slice, 1);
+        finished_ = true;
+        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+      } else {
+        if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
+        FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), message));
+      }
+    }
   }
-  for (const auto& [key, value] : trailers) context_->AddTrailingMetadata(key, value);
-  if (code == 0 && has_reply) {
-    grpc::Slice slice(reply);
-    response_ = grpc::ByteBuffer(&slice, 1);
-    finished_ = true;
-    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
-    return;
+  // From here on `this` may have been deleted (OnDone on another thread).
+  if (run_after && after != nullptr) {
+    Gil again;
+    PyObject* done = PyObject_CallNoArgs(after);
+    if (!done) PyErr_Print();
+    Py_XDECREF(done);
   }
-  if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
-  FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), message));
 }
 
 void Call::StartRelay(bool first_is_read) {
@@ -386,28 +423,30 @@ void FrontDealloc(PyObject* self) {
       Py_END_ALLOW_THREADS
     }
     Py_XDECREF(object->front->handler);
+    Py_XDECREF(object->front->after);
     delete object->front;
   }
   Py_TYPE(self)->tp_free(self);
 }
 
-// Front(address, upstream, handler, fast_method, max_message_bytes, reuse_port)
+// Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port)
 int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"address", "upstream", "handler", "fast_method",
+  static const char* keywords[] = {"address", "upstream", "handler", "after", "fast_method",
                                     "max_message_bytes", "reuse_port", nullptr};
   const char* address;
   const char* upstream;
   const char* fast_method;
   PyObject* handler;
+  PyObject* after;
   int max_message_bytes;
   int reuse_port;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOsip", const_cast<char**>(keywords), &address,
-                                   &upstream, &handler, &fast_method, &max_message_bytes,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsip", const_cast<char**>(keywords), &address,
+                                   &upstream, &handler, &after, &fast_method, &max_message_bytes,
                                    &reuse_port)) {
     return -1;
   }
-  if (!PyCallable_Check(handler)) {
-    PyErr_SetString(PyExc_TypeError, "handler must be callable");
+  if (!PyCallable_Check(handler) || !PyCallable_Check(after)) {
+    PyErr_SetString(PyExc_TypeError, "handler and after must be callable");
     return -1;
   }
   auto* object = reinterpret_cast<FrontObject*>(self);
@@ -417,10 +456,13 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   }
   auto front = std::unique_ptr<Front, void (*)(Front*)>(new Front(), [](Front* f) {
     Py_XDECREF(f->handler);
+    Py_XDECREF(f->after);
     delete f;
   });
   Py_INCREF(handler);
   front->handler = handler;
+  Py_INCREF(after);
+  front->after = after;
   front->fast_method = fast_method;
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(max_message_bytes);

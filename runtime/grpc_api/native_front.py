@@ -22,6 +22,8 @@ import hashlib
 import importlib
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -45,13 +47,14 @@ MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
 #: The answer code that tells the C++ side to relay the call to the grpc.aio server.
 RELAY: Final = -1
 
-Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...]]
+#: (status code, message, response bytes or None, trailing metadata, work deferred)
+Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...], bool]
 
 _OK: Final = 0
 _UNAUTHENTICATED: Final = int(grpc.StatusCode.UNAUTHENTICATED.value[0])
 _RESOURCE_EXHAUSTED: Final = int(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 _INVALID_ARGUMENT: Final = int(grpc.StatusCode.INVALID_ARGUMENT.value[0])
-_RELAY_ANSWER: Final[Answer] = (RELAY, "", None, ())
+_RELAY_ANSWER: Final[Answer] = (RELAY, "", None, (), False)
 
 
 def source_digest() -> str:
@@ -93,6 +96,9 @@ class NativeFront:
         self.shedder = shedder
         self.retry_after_ms = retry_after_ms
         self._front: Any = None
+        # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
+        # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
+        self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
 
     def start(self, address: str, upstream: str, max_message_bytes: int, reuse_port: bool) -> int:
         """Bind ``address`` and serve; calls that are not answered here go to ``upstream``
@@ -104,6 +110,7 @@ class NativeFront:
             address=address,
             upstream=upstream,
             handler=self.handle,
+            after=self.after,
             fast_method=MODEL_INFER,
             max_message_bytes=max_message_bytes,
             reuse_port=reuse_port,
@@ -123,27 +130,46 @@ class NativeFront:
         calls, relayed, in_flight = self._front.counts()
         return int(calls), int(relayed), int(in_flight)
 
+    def _defer(self, function: Callable[..., object], *args: Any) -> None:
+        self._deferred.append((function, args))
+
+    def after(self) -> None:
+        """Run the work deferred by the calls answered so far (called by C++ after sending)."""
+        deferred = self._deferred
+        while deferred:
+            try:
+                function, args = deferred.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            function(*args)
+
     def handle(
         self, body: bytes, authorization: str | None, remaining: float | None, in_flight: int
     ) -> Answer:
-        """Answer one ModelInfer call: ``(status code, message, response bytes or None,
-        trailing metadata)``, or :data:`RELAY`. Runs on a gRPC callback thread; never raises."""
+        """Answer one ModelInfer call (see :data:`Answer`), or relay it (:data:`RELAY`).
+        Runs on a gRPC callback thread; never raises."""
         started = time.perf_counter()
         if self.auth is not None:
             refused = self.auth.refusal(
                 (("authorization", authorization),) if authorization is not None else ()
             )
             if refused is not None:
-                return _UNAUTHENTICATED, refused, None, ()
+                return _UNAUTHENTICATED, refused, None, (), False
         shedder = self.shedder
         if shedder is not None and in_flight > shedder.limit:
             shedder.record_shed()
             message, trailers = shedder.refusal
-            return _RESOURCE_EXHAUSTED, message, None, trailers
+            return _RESOURCE_EXHAUSTED, message, None, trailers, False
         try:
             request = pb.ModelInferRequest.FromString(body)
         except DecodeError:
-            return _INVALID_ARGUMENT, "the request is not a valid ModelInferRequest", None, ()
+            return (
+                _INVALID_ARGUMENT,
+                "the request is not a valid ModelInferRequest",
+                None,
+                (),
+                False,
+            )
         servicer = self.servicer
         try:
             if servicer._batches(request):
@@ -152,9 +178,9 @@ class NativeFront:
             reservation = servicer._admit(request)
             prepared = servicer._prepare_counted(request, reservation)
             response = servicer._execute_counted(
-                prepared, deadline, started, reservation, on_loop=False
+                prepared, deadline, started, reservation, defer=self._defer
             )
-            return _OK, "", response.SerializeToString(), ()
+            return _OK, "", response.SerializeToString(), (), bool(self._deferred)
         except Exception as exc:
             code, message, trailers = status_of(exc, self.retry_after_ms)
-            return int(code.value[0]), message, None, trailers
+            return int(code.value[0]), message, None, trailers, False

@@ -251,11 +251,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline: float | None,
         started: float,
         reservation: int,
-        on_loop: bool = True,
+        defer: Callable[..., object] | None = None,
     ) -> pb.ModelInferResponse:
+        """Run and count a prepared request; the monitor's statistics are taken after the
+        response: on the loop's next turn, or through ``defer`` (see DataPlane.execute)."""
         model = prepared.model
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline, on_loop=on_loop)
+            return self.dataplane.execute(prepared, deadline, on_loop=defer is None, defer=defer)
 
     async def _batched(
         self,

@@ -80,10 +80,17 @@ def test_a_request_is_answered_as_the_model_answers(
 ) -> None:
     front = NativeFront(servicer, None, None, 50)
     rows = features(repo, 5)
-    code, message, body, trailers = front.handle(
+    monitor = servicer.dataplane.repository.get("logreg", "").monitor
+    assert monitor is not None
+    before = monitor.current.rows
+    code, message, body, trailers, deferred = front.handle(
         request_bytes("logreg", rows, "r-1"), None, 10.0, 1
     )
     assert (code, message, trailers) == (0, "", ())
+    # The monitor's statistics wait until C++ has sent the answer (it then calls after()).
+    assert deferred and monitor.current.rows == before
+    front.after()
+    assert monitor.current.rows == before + 5
     assert body is not None
     response = pb.ModelInferResponse.FromString(body)
     assert (response.model_name, response.model_version, response.id) == ("logreg", "1", "r-1")
@@ -100,14 +107,14 @@ def test_errors_carry_their_status_and_a_message_naming_the_field(
 ) -> None:
     front = NativeFront(servicer, None, None, 50)
     rows = features(repo, 2)
-    code, message, body, _ = front.handle(b"\xff\xff not protobuf", None, None, 1)
+    code, message, body, _, _ = front.handle(b"\xff\xff not protobuf", None, None, 1)
     assert (code, body) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], None)
     assert "ModelInferRequest" in message
-    code, message, _, _ = front.handle(request_bytes("nope", rows), None, None, 1)
+    code, message, _, _, _ = front.handle(request_bytes("nope", rows), None, None, 1)
     assert code == grpc.StatusCode.NOT_FOUND.value[0] and "'nope'" in message
-    code, message, _, _ = front.handle(request_bytes("logreg", rows[:, :3]), None, None, 1)
+    code, message, _, _, _ = front.handle(request_bytes("logreg", rows[:, :3]), None, None, 1)
     assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "'features'" in message
-    code, message, _, _ = front.handle(request_bytes("logreg", rows), None, 0.0, 1)
+    code, message, _, _, _ = front.handle(request_bytes("logreg", rows), None, 0.0, 1)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "deadline" in message
 
 
@@ -129,13 +136,13 @@ def test_tokens_are_checked_before_the_in_flight_limit(
     front = NativeFront(servicer, auth, shedder, 75)
     body = request_bytes("logreg", features(repo, 1))
     # Over the limit without a token: refused for the token, and no shed is counted.
-    code, message, _, _ = front.handle(body, None, None, 3)
+    code, message, _, _, _ = front.handle(body, None, None, 3)
     assert code == grpc.StatusCode.UNAUTHENTICATED.value[0] and "missing credentials" in message
-    code, _, _, _ = front.handle(body, "Bearer wrong-token-0123456789abcdef", None, 3)
+    code, _, _, _, _ = front.handle(body, "Bearer wrong-token-0123456789abcdef", None, 3)
     assert code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert shedder.shed == 0
     # With the token, over the limit: shed with the retry hint; at the limit: answered.
-    code, message, body_out, trailers = front.handle(body, f"Bearer {TOKEN}", None, 3)
+    code, message, body_out, trailers, _ = front.handle(body, f"Bearer {TOKEN}", None, 3)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and body_out is None
     assert "overloaded" in message
     assert dict(trailers) == {"retry-after-ms": "75", "grpc-retry-pushback-ms": "75"}
@@ -148,7 +155,7 @@ def test_tokens_are_checked_before_the_in_flight_limit(
 def test_any_bytes_get_an_answer_never_an_exception(
     servicer: InferenceServicer, data: bytes
 ) -> None:
-    code, message, body, trailers = NativeFront(servicer, None, None, 50).handle(
+    code, message, body, trailers, _ = NativeFront(servicer, None, None, 50).handle(
         data, None, None, 1
     )
     assert code in CODES and isinstance(message, str) and isinstance(trailers, tuple)
