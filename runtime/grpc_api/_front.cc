@@ -186,8 +186,9 @@ void Call::OnReadDone(bool ok) {
 void Call::OnWriteDone(bool ok) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   writing_to_client_ = false;
-  if (!ok) {  // the client is gone
+  if (!ok) {  // the client is gone: no more reads from upstream; its status ends the call
     if (upstream_context_) upstream_context_->TryCancel();
+    if (!upstream_done_) ReleaseReadHold();
     if (finish_pending_) FinishLocked(pending_status_);
     return;
   }
@@ -349,8 +350,9 @@ void Call::UpstreamWriteDone(bool ok) {
 
 void Call::UpstreamReadDone(bool ok) {
   std::lock_guard<std::recursive_mutex> lock(mu_);
-  if (!ok) {  // no more messages: the status follows (UpstreamDone)
-    ReleaseReadHold();
+  if (!ok) {  // the upstream call is over (a gRPC server's status ends the whole call):
+    ReleaseReadHold();   // its status follows in UpstreamDone, which must not wait for the
+    ReleaseWriteHold();  // client to half-close a stream nobody reads any more
     return;
   }
   if (finished_) {

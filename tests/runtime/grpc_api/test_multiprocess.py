@@ -21,16 +21,18 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.package import staging_dir
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 FEATURES = {"features": np.zeros((1, 30), np.float32)}
 
 
-@pytest.fixture
-def multi(model_repo: Path, tmp_path: Path) -> Iterator[tuple[RunningServer, Path]]:
+@pytest.fixture(params=FRONT_ENDS)
+def multi(
+    model_repo: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[RunningServer, Path]]:
     repo = tmp_path / "repo"
     shutil.copytree(model_repo / "logreg", repo / "logreg")
-    server = start_server(repo, tmp_path, ["--processes", "2"])
+    server = start_server(repo, tmp_path, ["--processes", "2", *front_end_args(request.param)])
     yield server, repo
     assert server.stop() == 0, server.log()
 

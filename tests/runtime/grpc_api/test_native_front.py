@@ -26,9 +26,9 @@ from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.grpc_api.server import InferenceServer
 from edgewise.runtime.grpc_api.servicers import InferenceServicer
 from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.settings import ServerSettings
+from edgewise.runtime.settings import ClientSecurity, ServerSettings
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
-from tests.servers import front_end_args, running_server
+from tests.servers import front_end_args, running_server, start_server
 
 TOKEN = "native-front-token-0123456789abcdef"
 CODES = {code.value[0] for code in grpc.StatusCode} | {RELAY}
@@ -215,3 +215,97 @@ def test_a_real_native_server_batches_sheds_and_relays_large_messages(
             "RESOURCE_EXHAUSTED:50"
         )
         channel.close()
+
+
+def test_cancelled_expired_and_abandoned_calls_leave_the_server_serving(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Every way a call can end early, on both paths (answered in C++/Python, relayed), many at
+    once: the server keeps answering and stops cleanly."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with running_server(repo, tmp_path, front_end_args("native")) as server:
+        big = pb.ModelInferRequest.FromString(
+            request_bytes("forest", features(repo, 200_000, model="forest"))
+        )
+        small = pb.ModelInferRequest.FromString(request_bytes("logreg", features(repo, 3)))
+        batched = pb.ModelInferRequest.FromString(
+            request_bytes("forest", features(repo, 2, model="forest"))
+        )
+        failures: list[str] = []
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            channel = grpc.insecure_channel(
+                server.target, options=[("grpc.max_send_message_length", 64 << 20)]
+            )
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(25):
+                kind = int(rng.integers(6))
+                try:
+                    if kind == 0:  # answered
+                        stub.ModelInfer(small, timeout=30)
+                    elif kind == 1:  # expires while the model runs (relayed: big, unbatched)
+                        stub.ModelInfer(big, timeout=0.005)
+                    elif kind == 2:  # cancelled by the client mid-call
+                        future = stub.ModelInfer.future(big, timeout=30)
+                        future.cancel()
+                    elif kind == 3:  # a server stream, abandoned after its first message
+                        stream = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+                        next(stream)
+                        stream.cancel()
+                    elif kind == 4:  # relayed to the batch queue, tiny deadline
+                        stub.ModelInfer(batched, timeout=0.0005)
+                    else:  # a relayed unary call
+                        stub.ModelMetadata(pb.ModelMetadataRequest(name="logreg"), timeout=30)
+                except grpc.RpcError as exc:
+                    if exc.code() not in (
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED,
+                    ):
+                        failures.append(f"{kind}: {exc.code()} {exc.details()}")
+            channel.close()
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        with grpc.insecure_channel(server.target) as channel:
+            answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(small, timeout=30)
+        assert answer.model_name == "logreg"
+        assert server.process.poll() is None
+        code = server.stop()
+    assert code == 0, server.log()
+
+
+def test_a_refused_stream_ends_while_the_client_still_holds_it_open(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The relayed call's status ends the client's call even though the client has neither sent
+    a message nor half-closed: the front end does not wait on a stream nobody reads."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    args = [*front_end_args("native"), "--monitoring", "off"]
+    env = {"EDGEWISE_TOKENS": TOKEN}
+    server = start_server(repo, tmp_path, args, env=env, security=ClientSecurity(token=TOKEN))
+    try:
+        release = threading.Event()
+
+        def held_open() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+            release.wait(30)  # sends nothing and keeps the stream open until the end
+            return
+            yield  # a generator
+
+        with grpc.insecure_channel(server.target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stub.ServerReflectionInfo(held_open(), timeout=20):
+                    pass
+            release.set()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        release.set()
+        assert server.stop() == 0, server.log()

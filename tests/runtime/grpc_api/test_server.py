@@ -24,7 +24,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.package import read_manifest, staging_dir
 from tests import models
-from tests.servers import RunningServer, running_server, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, running_server, start_server
 
 
 def status_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -406,8 +406,13 @@ def test_health_follows_readiness(model_repo: Path, tmp_path: Path) -> None:
 # ---- graceful shutdown -----------------------------------------------------------------------
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_zero(model_repo: Path, tmp_path: Path) -> None:
-    served = running_server(model_repo, tmp_path, ["--grace-seconds", "30"])
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_sigterm_drains_in_flight_requests_and_exits_zero(
+    model_repo: Path, tmp_path: Path, front_end: str
+) -> None:
+    served = running_server(
+        model_repo, tmp_path, ["--grace-seconds", "30", *front_end_args(front_end)]
+    )
     with served as running:
         big = {"features": np.random.default_rng(0).normal(size=(400_000, 13)).astype(np.float32)}
         outcome: dict[str, object] = {}
