@@ -1,6 +1,7 @@
 """Serving benchmark: edgewise against the compute floor and the transport floor, in one run.
 
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--rounds R (default 5)]
+                                           [--front-end auto|native|grpcio]
 
 For each model (a logistic regression and a 100-tree random forest on 32 features of
 scikit-learn's bundled digits data, converted with edgewise convert):
@@ -272,6 +273,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per case (median taken)")
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--front-end", choices=["auto", "native", "grpcio"], default="auto", help="edgewise's"
+    )
     args = parser.parse_args()
     if args.client:
         url, model, concurrency, seconds, warmup = args.client
@@ -286,7 +290,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgewise-bench-"))
     repo = work / "repo"
     paths = build_models(repo)
-    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    from edgewise.runtime.grpc_api.native_front import front_status
+
+    native = front_status() == "loaded"
+    front_end = args.front_end if args.front_end != "auto" else "native" if native else "grpcio"
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "front_end": front_end}
 
     floors = {
         name: onnxruntime_floor(path, 3000 if args.quick else 20000) for name, path in paths.items()
@@ -324,6 +332,8 @@ def main() -> int:
                 "-1",
                 "--port-file",
                 str(work / "edgewise.port"),
+                "--front-end",
+                front_end,
             ],
             work / "edgewise.port",
         ),

@@ -6,15 +6,17 @@
 Models (all from scikit-learn, 32 real pixel features of the bundled digits data): a logistic
 regression, a 100-tree random forest and a small MLP pipeline. Servers, each started fresh:
 
-- edgewise, one process, batching off (the default);
+- edgewise, one process, batching off (the default), with its default front end: the native one
+  (gRPC's C++ server, runtime/grpc_api/native_front.py) where it is built, else grpcio;
+- edgewise_grpcio: the same with ``--front-end grpcio`` (Python's grpc.aio server on the port);
 - edgewise, one process, dynamic batching on (max 32 rows, 500 us);
 - edgewise, two processes on one port (SO_REUSEPORT), batching off;
 - MLServer with mlserver-sklearn serving the original scikit-learn models (joblib files) as its
   users deploy them, installed by this script into its own virtual environment
   (.build/mlserver-venv), never into the project's;
-- the transport ceiling: a bare grpc.aio server whose ModelInfer returns a canned answer for any
+- the grpcio ceiling: a bare grpc.aio server whose ModelInfer returns a canned answer for any
   model (gRPC parses the request; no tensor decoding, no model, no metrics), driven by the same
-  clients: the most any Python gRPC server could answer with this client on this machine.
+  clients: the most a server built on Python's grpcio could answer with this client here.
 
 Clients: tritonclient[grpc] (aio) in separate processes, batch 1, at concurrency 1, 8 and 32 for a
 bounded time each. Figures per case: p50/p99 latency, throughput, server CPU per request (read
@@ -229,8 +231,16 @@ def main() -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    from edgewise.runtime.grpc_api.native_front import front_status
+
+    native = front_status()
+    print(f"native front end: {native}", file=sys.stderr)
     setups: list[tuple[str, Any]] = [
         ("edgewise", lambda: edgewise_server(repo, work, "single", [])),
+        (
+            "edgewise_grpcio",
+            lambda: edgewise_server(repo, work, "grpcio", ["--front-end", "grpcio"]),
+        ),
         ("edgewise_batching", lambda: edgewise_server(repo, work, "batching", [])),
         ("edgewise_2proc", lambda: edgewise_server(repo, work, "multi", ["--processes", "2"])),
     ]
@@ -284,7 +294,7 @@ def main() -> int:
         row.update(servers_info[row["server"]])
         row.update(machine)
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
-    table = render_table(rows, servers_info, floors, seconds, args.rounds)
+    table = render_table(rows, servers_info, floors, seconds, args.rounds, native)
     print(table)
     if args.write_results:
         (HERE / "RESULTS.md").write_text(table)
@@ -297,6 +307,7 @@ def render_table(
     floors: dict[str, float],
     seconds: float,
     rounds: int,
+    native: str,
 ) -> str:
     lines = [
         "# Benchmark results",
@@ -304,7 +315,9 @@ def render_table(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; client and server on the same machine. "
         f"Command: `.venv/bin/python benchmarks/suite.py {' '.join(sys.argv[1:])}` "
-        f"({seconds:g} s per case, {rounds} round(s), batch 1, tritonclient aio clients).",
+        f"({seconds:g} s per case, {rounds} round(s), batch 1, tritonclient aio clients). "
+        f"Native front end: {native} (the edgewise rows other than edgewise_grpcio use it "
+        "when loaded).",
         "",
         "| server | ready (s) | idle RSS (MB) |",
         "|---|---:|---:|",
@@ -325,11 +338,16 @@ def render_table(
         "",
         "bare_grpc_ceiling: a grpc.aio server whose ModelInfer returns a canned answer (gRPC",
         "parses the request; no model, no tensor decoding): its req/s vs MLServer is the most",
-        "any Python gRPC server could reach with this client on this machine.",
+        "a server built on Python's grpcio could reach with this client on this machine. The",
+        "native front end is above it: gRPC's C++ server reads and answers the call, and only",
+        "the model's work (decode, run, monitor, encode) runs in Python.",
         "",
-        "server cores: CPU seconds the server used per second (req/s x CPU/req). One process",
-        "serves from one event loop, so it stays near 1.0 (gRPC's C threads add a little); what",
-        "the server leaves of the machine's cores is what the clients get.",
+        "edgewise_batching with the native front end: requests for a batching model are relayed",
+        "to the process's grpc.aio server, where the batch queue lives, so they pay for both.",
+        "",
+        "server cores: CPU seconds the server used per second (req/s x CPU/req). A grpcio",
+        "process serves from one event loop, so it stays near 1.0 (gRPC's C threads add a",
+        "little); what the server leaves of the machine's cores is what the clients get.",
     ]
     for r in rows:
         versus = r.get("rps_vs_mlserver")

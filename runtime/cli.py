@@ -112,9 +112,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--front-end",
-        choices=["grpcio", "native"],
-        help="what serves the gRPC port (default grpcio): native is gRPC's C++ server answering "
-        "ModelInfer with no Python gRPC work per call (built by `make native`; no TLS yet)",
+        choices=["auto", "native", "grpcio"],
+        help="what serves the gRPC port: native is gRPC's C++ server, answering ModelInfer "
+        "with no Python gRPC work per call (built by `make native`; no TLS yet); grpcio is "
+        "Python's grpc.aio server; auto (default): native where it is built and TLS is off",
     )
     p.add_argument(
         "--processes",

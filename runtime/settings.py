@@ -74,8 +74,9 @@ class ServerSettings:
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
     monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
-    # EDGEWISE_FRONT_END: grpcio | native (gRPC's C++ server on the port; grpc_api/native_front.py)
-    front_end: str = "grpcio"
+    # EDGEWISE_FRONT_END: auto | native | grpcio: what serves the gRPC port (native: gRPC's C++
+    # server, see grpc_api/native_front.py; auto: native where it is built and TLS is off)
+    front_end: str = "auto"
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
@@ -172,8 +173,10 @@ class ServerSettings:
             raise InvalidInput("processes must be at least 1")
         if self.quality not in ("on", "off"):
             raise InvalidInput(f"quality must be 'on' or 'off', not {self.quality!r}")
-        if self.front_end not in ("grpcio", "native"):
-            raise InvalidInput(f"front-end must be 'grpcio' or 'native', not {self.front_end!r}")
+        if self.front_end not in ("auto", "native", "grpcio"):
+            raise InvalidInput(
+                f"front-end must be 'auto', 'native' or 'grpcio', not {self.front_end!r}"
+            )
         if self.front_end == "native" and self.tls_cert is not None:
             raise InvalidInput(
                 "the native front end does not serve TLS yet: use --front-end grpcio with TLS"

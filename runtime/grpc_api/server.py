@@ -31,12 +31,13 @@ from prometheus_client import start_http_server
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.dataplane import DataPlane
+from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.grpc_api.drain import hold_connections
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.native_front import NativeFront
+from edgewise.runtime.grpc_api.native_front import NativeFront, load_front
 from edgewise.runtime.grpc_api.overload import (
     LoadShedder,
     LoopLoad,
@@ -249,7 +250,7 @@ class InferenceServer:
         )
         address = f"{settings.host}:{settings.port}"
         upstream = ""
-        if settings.front_end == "native":
+        if self._front_end() == "native":
             # The C++ front end takes the port; this server answers what it relays, on a
             # Unix socket in a folder only this user can enter.
             self._front_dir = Path(tempfile.mkdtemp(prefix="edgewise-front-"))
@@ -282,7 +283,7 @@ class InferenceServer:
             "gRPC listening on %s:%d (front end: %s), loading models from %s",
             settings.host,
             self.port,
-            settings.front_end,
+            "native" if self.front is not None else "grpcio",
             settings.repo,
         )
         loop = asyncio.get_running_loop()
@@ -320,6 +321,24 @@ class InferenceServer:
             temporary = peer_file.with_name(peer_file.name + ".tmp")
             temporary.write_text(f"127.0.0.1:{self.private_port}\n")
             os.replace(temporary, peer_file)
+
+    def _front_end(self) -> str:
+        """The front end to serve with: ``auto`` is native where its module is built and TLS
+        is off (the native front end does not serve TLS yet), else grpcio."""
+        choice = self.settings.front_end
+        if choice == "auto":
+            if self.settings.tls_cert is not None:
+                return "grpcio"
+            module, status = load_front()
+            if module is None:
+                log.info("native front end %s: serving with grpcio", status)
+                return "grpcio"
+            return "native"
+        if choice == "native":
+            module, status = load_front()
+            if module is None:
+                raise InvalidInput(f"--front-end native: the native front end is {status}")
+        return choice
 
     def _peers(self) -> list[str]:
         assert self.settings.peers_dir is not None
