@@ -2,10 +2,11 @@
 //
 // ModelInfer calls are read by C++ and handed, as bytes, to one Python callable on gRPC's own
 // callback threads (the GIL taken only for that call); its answer goes back without any Python
-// gRPC machinery. Every other call (health, reflection, metadata, the repository and monitoring
-// services), and any ModelInfer the Python side declines, is relayed byte for byte, metadata,
-// deadline, status and trailers included, to the process's grpc.aio server on a private Unix
-// socket, so that those services are served by the same Python code as without this front end.
+// gRPC machinery, at once or later (Front.complete, for a call waiting in a batch queue). Every
+// other call (health, reflection, metadata, the repository and monitoring services) is relayed
+// byte for byte, metadata, deadline, status and trailers included, to the process's grpc.aio
+// server on a private Unix socket, so that those services are served by the same Python code
+// as without this front end.
 //
 // Built by `python -m edgewise.runtime.grpc_api.front_build` against the system's gRPC C++
 // library (Debian: libgrpc++-dev). Python 3.11 C API only; no pybind11.
@@ -33,8 +34,51 @@
 
 namespace {
 
-// The Python handler's answer code that means "relay this call to the Python server".
-constexpr int kRelay = -1;
+// The Python handler's answer code besides gRPC's: the answer comes later, through
+// Front.complete(token, answer) (the call waits in a batch queue on the event loop).
+constexpr int kPending = -2;
+
+// An answer from Python: (code, message, body or None, ((key, value), ...), work deferred).
+struct Parsed {
+  int code = static_cast<int>(grpc::StatusCode::INTERNAL);
+  std::string message = "internal error in the front end";
+  std::string reply;
+  bool has_reply = false;
+  std::vector<std::pair<std::string, std::string>> trailers;
+  bool run_after = false;
+};
+
+// Reads an answer tuple (the GIL held); a malformed one leaves the INTERNAL defaults.
+Parsed ParseAnswer(PyObject* result) {
+  Parsed out;
+  if (!result || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 5) return out;
+  PyObject* py_code = PyTuple_GET_ITEM(result, 0);
+  PyObject* py_message = PyTuple_GET_ITEM(result, 1);
+  PyObject* py_body = PyTuple_GET_ITEM(result, 2);
+  PyObject* py_trailers = PyTuple_GET_ITEM(result, 3);
+  if (!PyLong_Check(py_code) || !PyUnicode_Check(py_message) ||
+      !(py_body == Py_None || PyBytes_Check(py_body)) || !PyTuple_Check(py_trailers)) {
+    return out;
+  }
+  out.code = static_cast<int>(PyLong_AsLong(py_code));
+  Py_ssize_t size = 0;
+  const char* text = PyUnicode_AsUTF8AndSize(py_message, &size);
+  if (text) out.message.assign(text, static_cast<size_t>(size));
+  if (py_body != Py_None) {
+    out.reply.assign(PyBytes_AS_STRING(py_body), static_cast<size_t>(PyBytes_GET_SIZE(py_body)));
+    out.has_reply = true;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(py_trailers); ++i) {
+    PyObject* pair = PyTuple_GET_ITEM(py_trailers, i);
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) continue;
+    const char* key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 0));
+    const char* value = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 1));
+    if (key && value) out.trailers.emplace_back(key, value);
+  }
+  out.run_after = PyObject_IsTrue(PyTuple_GET_ITEM(result, 4)) == 1;
+  if (PyErr_Occurred()) PyErr_Print();
+  return out;
+}
 
 struct Front;
 
@@ -87,7 +131,6 @@ class Call final : public grpc::ServerGenericBidiReactor {
   void OnCancel() override;
   void OnDone() override;
 
- private:
   // The relayed call to the Python server.
   class Upstream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
    public:
@@ -101,8 +144,15 @@ class Call final : public grpc::ServerGenericBidiReactor {
     Call* call_;
   };
 
+  // A pending call's answer, from Front.complete (the GIL held). Returns false when the call
+  // was not pending (a second completion): nothing is done then.
+  bool Complete(PyObject* answer);
+
+ private:
   void Answer();                        // the fast path, with the request in from_client_
-  void StartRelay(bool first_is_read);  // relay, the first request possibly read already
+  void Deliver(Parsed& answer);         // write the answer or the status (mu_ held)
+  void Uncount();                       // the call no longer counts as in flight (mu_ held)
+  void StartRelay();                    // relay the call to the Python server
   void UpstreamReadDone(bool ok);
   void UpstreamWriteDone(bool ok);
   void UpstreamDone(const grpc::Status& status);
@@ -114,6 +164,10 @@ class Call final : public grpc::ServerGenericBidiReactor {
   grpc::GenericCallbackServerContext* context_;
   bool fast_;
   bool counted_ = false;
+  bool pending_ = false;
+  // An answer that came through Front.complete before Answer() saw the handler's kPending (the
+  // event loop can run the batch before this thread gets the lock back).
+  std::optional<Parsed> early_;
   std::recursive_mutex mu_;
   grpc::ByteBuffer from_client_, from_upstream_, response_;
   std::unique_ptr<grpc::ClientContext> upstream_context_;
@@ -128,7 +182,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
 };
 
 struct Front {
-  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight) -> answer
+  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token)
   PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
   std::string fast_method;
   std::unique_ptr<grpc::GenericStub> upstream;
@@ -159,7 +213,7 @@ Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
     StartRead(&from_client_);
   } else {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    StartRelay(false);
+    StartRelay();
   }
 }
 
@@ -205,10 +259,10 @@ void Call::OnCancel() {
 }
 
 void Call::OnDone() {
-  if (counted_) front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
   bool last;
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
+    Uncount();
     server_done_ = true;
     last = upstream_done_;
   }
@@ -234,80 +288,46 @@ void Call::Answer() {
   }
   long in_flight = front_->in_flight.load(std::memory_order_relaxed);
 
-  int code = static_cast<int>(grpc::StatusCode::INTERNAL);
-  std::string message = "internal error in the front end";
-  std::string reply;
-  bool has_reply = false;
-  std::vector<std::pair<std::string, std::string>> trailers;
-  bool run_after = false;
-
-  std::optional<Gil> gil(std::in_place);
-  PyObject* arg_body = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
-  PyObject* arg_auth = has_authorization
-      ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
-      : (Py_INCREF(Py_None), Py_None);
-  PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
-  PyObject* arg_in_flight = PyLong_FromLong(in_flight);
-  PyObject* result = nullptr;
-  if (arg_body && arg_auth && arg_remaining && arg_in_flight) {
-    PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight};
-    result = PyObject_Vectorcall(front_->handler, args, 4, nullptr);
-  }
-  Py_XDECREF(arg_body);
-  Py_XDECREF(arg_auth);
-  Py_XDECREF(arg_remaining);
-  Py_XDECREF(arg_in_flight);
-  // The answer: (code, message, body or None, ((key, value), ...), work deferred: bool).
-  if (result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 5) {
-    PyObject* py_code = PyTuple_GET_ITEM(result, 0);
-    PyObject* py_message = PyTuple_GET_ITEM(result, 1);
-    PyObject* py_body = PyTuple_GET_ITEM(result, 2);
-    PyObject* py_trailers = PyTuple_GET_ITEM(result, 3);
-    bool good = PyLong_Check(py_code) && PyUnicode_Check(py_message) &&
-                (py_body == Py_None || PyBytes_Check(py_body)) && PyTuple_Check(py_trailers);
-    if (good) {
-      code = static_cast<int>(PyLong_AsLong(py_code));
-      Py_ssize_t size = 0;
-      const char* text = PyUnicode_AsUTF8AndSize(py_message, &size);
-      if (text) message.assign(text, static_cast<size_t>(size));
-      if (py_body != Py_None) {
-        reply.assign(PyBytes_AS_STRING(py_body), static_cast<size_t>(PyBytes_GET_SIZE(py_body)));
-        has_reply = true;
-      }
-      for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(py_trailers); ++i) {
-        PyObject* pair = PyTuple_GET_ITEM(py_trailers, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) continue;
-        const char* key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 0));
-        const char* value = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pair, 1));
-        if (key && value) trailers.emplace_back(key, value);
-      }
-      run_after = PyObject_IsTrue(PyTuple_GET_ITEM(result, 4)) == 1;
+  Parsed answer;
+  {
+    Gil gil;
+    PyObject* arg_body = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
+    PyObject* arg_auth = has_authorization
+        ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
+        : (Py_INCREF(Py_None), Py_None);
+    PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
+    PyObject* arg_in_flight = PyLong_FromLong(in_flight);
+    PyObject* arg_token = PyLong_FromVoidPtr(this);
+    PyObject* result = nullptr;
+    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token) {
+      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token};
+      result = PyObject_Vectorcall(front_->handler, args, 5, nullptr);
     }
+    Py_XDECREF(arg_body);
+    Py_XDECREF(arg_auth);
+    Py_XDECREF(arg_remaining);
+    Py_XDECREF(arg_in_flight);
+    Py_XDECREF(arg_token);
+    if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
+    answer = ParseAnswer(result);
+    Py_XDECREF(result);
   }
-  if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
-  Py_XDECREF(result);
-  gil.reset();
 
   PyObject* after = front_->after;  // the call may be gone once answered: keep what is needed
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    if (code == kRelay) {
-      StartRelay(true);
-    } else {
-      for (const auto& [key, value] : trailers) context_->AddTrailingMetadata(key, value);
-      if (code == 0 && has_reply) {
-        grpc::Slice slice(reply);
-        response_ = grpc::ByteBuffer(&slice, 1);
-        finished_ = true;
-        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    if (answer.code == kPending) {  // Front.complete answers it; until then it is in flight
+      if (early_) {
+        Deliver(*early_);
       } else {
-        if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
-        FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), message));
+        pending_ = true;
       }
+      return;
     }
+    Deliver(answer);
   }
   // From here on `this` may have been deleted (OnDone on another thread).
-  if (run_after && after != nullptr) {
+  if (answer.run_after && after != nullptr) {
     Gil again;
     PyObject* done = PyObject_CallNoArgs(after);
     if (!done) PyErr_Print();
@@ -315,7 +335,47 @@ void Call::Answer() {
   }
 }
 
-void Call::StartRelay(bool first_is_read) {
+bool Call::Complete(PyObject* result) {
+  Parsed answer = ParseAnswer(result);
+  if (answer.code == kPending) answer = Parsed();  // not an answer: INTERNAL
+  answer.run_after = false;
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (pending_) {
+    pending_ = false;
+    Deliver(answer);
+    return true;
+  }
+  if (finished_ || early_) return false;  // answered already
+  early_ = std::move(answer);  // Answer() delivers it when the handler's kPending comes back
+  return true;
+}
+
+void Call::Deliver(Parsed& answer) {
+  // The model's work is over: the call stops counting against the in-flight limit now, not
+  // when the client has read the answer (a client's next call would otherwise find its last
+  // one still counted, and calls below the limit would be refused).
+  Uncount();
+  for (const auto& [key, value] : answer.trailers) context_->AddTrailingMetadata(key, value);
+  if (answer.code == 0 && answer.has_reply) {
+    grpc::Slice slice(answer.reply);
+    response_ = grpc::ByteBuffer(&slice, 1);
+    finished_ = true;
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+    return;
+  }
+  int code = answer.code;
+  if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
+  FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), answer.message));
+}
+
+void Call::Uncount() {
+  if (counted_) {
+    counted_ = false;
+    front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+void Call::StartRelay() {
   relaying_ = true;
   front_->relayed.fetch_add(1, std::memory_order_relaxed);
   upstream_context_ = std::make_unique<grpc::ClientContext>();
@@ -331,11 +391,7 @@ void Call::StartRelay(bool first_is_read) {
                                              grpc::StubOptions(), &upstream_);
   upstream_.AddMultipleHolds(2);  // one for each direction we still drive from the server side
   upstream_.StartRead(&from_upstream_);
-  if (first_is_read) {
-    upstream_.StartWrite(&from_client_);
-  } else {
-    StartRead(&from_client_);
-  }
+  StartRead(&from_client_);
   upstream_.StartCall();
 }
 
@@ -508,6 +564,30 @@ PyObject* FrontShutdown(PyObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// complete(token, answer): the answer of a call the handler left pending (kPending), given
+// the token it was called with. Each pending call must be completed exactly once.
+PyObject* FrontComplete(PyObject* self, PyObject* args) {
+  PyObject* token;
+  PyObject* answer;
+  if (!PyArg_ParseTuple(args, "OO", &token, &answer)) return nullptr;
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (!object->front) {
+    PyErr_SetString(PyExc_RuntimeError, "the front end is not running");
+    return nullptr;
+  }
+  void* pointer = PyLong_AsVoidPtr(token);
+  if (pointer == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "not a call token");
+    return nullptr;
+  }
+  // A pending call stays alive until it is answered: gRPC ends it (OnDone) only after Finish.
+  if (!static_cast<Call*>(pointer)->Complete(answer)) {
+    PyErr_SetString(PyExc_ValueError, "the call was not waiting for an answer");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* FrontCounts(PyObject* self, PyObject*) {
   auto* object = reinterpret_cast<FrontObject*>(self);
   if (!object->front) return Py_BuildValue("(lll)", 0L, 0L, 0L);
@@ -519,6 +599,8 @@ PyMethodDef kFrontMethods[] = {
     {"shutdown", FrontShutdown, METH_VARARGS,
      "shutdown(grace): stop accepting calls, wait up to grace seconds for those in flight"},
     {"counts", FrontCounts, METH_NOARGS, "counts() -> (calls, relayed, in_flight)"},
+    {"complete", FrontComplete, METH_VARARGS,
+     "complete(token, answer): answer a call the handler left pending"},
     {nullptr, nullptr, 0, nullptr},
 };
 

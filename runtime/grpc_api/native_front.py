@@ -7,23 +7,25 @@ same decode-run-encode path and accounting as the grpcio server, then the serial
 No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
 call than the model (see benchmarks/RESULTS.md).
 
-Every other call, and a ModelInfer for a model with dynamic batching (its batch queue lives on
-the event loop), is relayed by C++ to the process's grpc.aio server on a private Unix socket, with
-its metadata (the token included, checked there), deadline, messages, status and trailers: the
-health, reflection, metadata, repository, monitoring and quality services are the grpcio
-server's own code, unchanged.
+A ModelInfer for a model with dynamic batching is decoded there too, then joins the model's
+batch queue on the event loop; its answer goes back through ``Front.complete`` when its batch
+has run. Every other call is relayed by C++ to the process's grpc.aio server on a private Unix
+socket, with its metadata (the token included, checked there), deadline, messages, status and
+trailers: the health, reflection, metadata, repository, monitoring and quality services are the
+grpcio server's own code, unchanged.
 
 Not served natively (the server refuses to start, saying so): TLS on the port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -31,12 +33,14 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from edgewise.runtime.batching import BatchingConfig
+from edgewise.runtime.dataplane import PreparedRequest
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor
 from edgewise.runtime.grpc_api.servicers import InferenceServicer, status_of
 
-__all__ = ["SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
+__all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ SOURCE: Final = Path(__file__).with_name("_front.cc")
 MODULE: Final = "edgewise.runtime.grpc_api._front"
 MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
 
-#: The answer code that tells the C++ side to relay the call to the grpc.aio server.
-RELAY: Final = -1
+#: The answer code that says the answer will come through ``Front.complete(token, answer)``.
+PENDING: Final = -2
 
 #: (status code, message, response bytes or None, trailing metadata, work deferred)
 Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...], bool]
@@ -54,7 +58,7 @@ _OK: Final = 0
 _UNAUTHENTICATED: Final = int(grpc.StatusCode.UNAUTHENTICATED.value[0])
 _RESOURCE_EXHAUSTED: Final = int(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 _INVALID_ARGUMENT: Final = int(grpc.StatusCode.INVALID_ARGUMENT.value[0])
-_RELAY_ANSWER: Final[Answer] = (RELAY, "", None, (), False)
+_PENDING_ANSWER: Final[Answer] = (PENDING, "", None, (), False)
 
 
 def source_digest() -> str:
@@ -96,13 +100,17 @@ class NativeFront:
         self.shedder = shedder
         self.retry_after_ms = retry_after_ms
         self._front: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batched_tasks: set[asyncio.Future[None]] = set()
         # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
         # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
         self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
 
     def start(self, address: str, upstream: str, max_message_bytes: int, reuse_port: bool) -> int:
         """Bind ``address`` and serve; calls that are not answered here go to ``upstream``
-        (the grpc.aio server's address). Returns the bound port."""
+        (the grpc.aio server's address). Call it on the event loop that serves batch queues.
+        Returns the bound port."""
+        self._loop = asyncio.get_running_loop()
         module, status = load_front()
         if module is None:
             raise RuntimeError(f"the native front end is {status}")
@@ -122,6 +130,10 @@ class NativeFront:
         run it off the event loop, which must go on serving the relayed calls meanwhile)."""
         if self._front is not None:
             self._front.shutdown(grace)
+
+    def in_flight(self) -> int:
+        """ModelInfer calls the front end holds: being answered, or waiting in a batch queue."""
+        return self.counts()[2]
 
     def counts(self) -> tuple[int, int, int]:
         """(calls, relayed calls, ModelInfer calls in flight) since the start."""
@@ -144,10 +156,16 @@ class NativeFront:
             function(*args)
 
     def handle(
-        self, body: bytes, authorization: str | None, remaining: float | None, in_flight: int
+        self,
+        body: bytes,
+        authorization: str | None,
+        remaining: float | None,
+        in_flight: int,
+        token: int = 0,
     ) -> Answer:
-        """Answer one ModelInfer call (see :data:`Answer`), or relay it (:data:`RELAY`).
-        Runs on a gRPC callback thread; never raises."""
+        """Answer one ModelInfer call (see :data:`Answer`), or leave it :data:`PENDING` on a
+        batch queue (answered through ``complete(token, ...)``). Runs on a gRPC callback thread;
+        never raises."""
         started = time.perf_counter()
         if self.auth is not None:
             refused = self.auth.refusal(
@@ -172,15 +190,46 @@ class NativeFront:
             )
         servicer = self.servicer
         try:
-            if servicer._batches(request):
-                return _RELAY_ANSWER  # its batch queue is on the event loop
             deadline = None if remaining is None else time.monotonic() + remaining
             reservation = servicer._admit(request)
             prepared = servicer._prepare_counted(request, reservation)
+            batching = prepared.model.batching
+            if batching is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(
+                    self._start_batched, token, prepared, batching, deadline, started, reservation
+                )
+                return _PENDING_ANSWER
             response = servicer._execute_counted(
                 prepared, deadline, started, reservation, defer=self._defer
             )
             return _OK, "", response.SerializeToString(), (), bool(self._deferred)
         except Exception as exc:
-            code, message, trailers = status_of(exc, self.retry_after_ms)
-            return int(code.value[0]), message, None, trailers, False
+            return self._failure(exc)
+
+    def _failure(self, exc: Exception) -> Answer:
+        code, message, trailers = status_of(exc, self.retry_after_ms)
+        return int(code.value[0]), message, None, trailers, False
+
+    def _start_batched(
+        self,
+        token: int,
+        prepared: PreparedRequest,
+        batching: BatchingConfig,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+    ) -> None:
+        """On the event loop: join the model's batch queue; answer the call when it has run."""
+        waiting = self.servicer._batched(prepared, batching, deadline, started, reservation)
+        task = asyncio.ensure_future(self._answer_batched(token, waiting))
+        self._batched_tasks.add(task)
+        task.add_done_callback(self._batched_tasks.discard)
+
+    async def _answer_batched(self, token: int, waiting: Awaitable[pb.ModelInferResponse]) -> None:
+        try:
+            response = await waiting
+            answer: Answer = (_OK, "", response.SerializeToString(), (), False)
+        except Exception as exc:
+            answer = self._failure(exc)
+        # Exactly once, whatever happened: the call stays open until it is answered.
+        self._front.complete(token, answer)

@@ -84,12 +84,12 @@ class LoadShedder(grpc.GenericRpcHandler):
             "Inference calls admitted at once before shedding starts.",
             registry=registry,
         ).set(limit)
-        admitted = Gauge(
+        self.admitted = Gauge(
             "edgewise_admitted_calls",
             "Inference calls in flight as the shedder counts them (dispatched, not yet ended).",
             registry=registry,
         )
-        admitted.set_function(lambda: self.inflight)
+        self.admitted.set_function(lambda: self.inflight)
         trailers = retry_trailers(retry_ms)
         message = f"server overloaded: {limit} inference calls in flight; retry after {retry_ms} ms"
         self.refusal: tuple[str, tuple[tuple[str, str], ...]] = (message, trailers)

@@ -273,6 +273,10 @@ class InferenceServer:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
             self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
             self.port = self.front.start(address, upstream, limit, settings.reuse_port)
+            # The front end counts the inference calls (the shedder sees only relayed ones).
+            inference.calls_in_flight = self.front.in_flight
+            if self.shedder is not None:
+                self.shedder.admitted.set_function(self.front.in_flight)
         if settings.metrics_port >= 0:
             http_server, _thread = start_http_server(
                 settings.metrics_port, settings.metrics_host, registry=self.metrics.registry

@@ -6,11 +6,14 @@ tests/interop; this file covers what only the native front end does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,7 +23,7 @@ from hypothesis import strategies as st
 
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.native_front import RELAY, NativeFront
+from edgewise.runtime.grpc_api.native_front import PENDING, NativeFront
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.grpc_api.server import InferenceServer
@@ -31,7 +34,7 @@ from tests.runtime.grpc_api.test_server import metric_value, metrics_text
 from tests.servers import front_end_args, running_server, start_server
 
 TOKEN = "native-front-token-0123456789abcdef"
-CODES = {code.value[0] for code in grpc.StatusCode} | {RELAY}
+CODES = {code.value[0] for code in grpc.StatusCode}
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +121,33 @@ def test_errors_carry_their_status_and_a_message_naming_the_field(
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "deadline" in message
 
 
-def test_a_model_with_batching_is_relayed_to_its_batch_queue(
+def test_a_model_with_batching_joins_its_batch_queue_and_is_completed_later(
     servicer: InferenceServicer, repo: Path
 ) -> None:
-    front = NativeFront(servicer, None, None, 50)
-    assert (
-        front.handle(request_bytes("forest", features(repo, 1, model="forest")), None, None, 1)[0]
-        == RELAY
-    )
+    rows = features(repo, 3, model="forest")
+
+    async def scenario() -> list[tuple[int, Any]]:
+        front = NativeFront(servicer, None, None, 50)
+        front._loop = asyncio.get_running_loop()
+        completed: list[tuple[int, Any]] = []
+        front._front = SimpleNamespace(
+            complete=lambda token, answer: completed.append((token, answer))
+        )
+        answer = front.handle(request_bytes("forest", rows), None, 10.0, 1, 4242)
+        assert answer[0] == PENDING  # decoded now; answered once its batch has run
+        failed = front.handle(request_bytes("forest", rows), None, 0.0, 1, 4343)
+        assert failed[0] == PENDING
+        while len(completed) < 2:
+            await asyncio.sleep(0.001)
+        return completed
+
+    completed = dict(asyncio.run(scenario()))
+    code, _, body, _, _ = completed[4242]
+    assert code == 0 and body is not None
+    response = pb.ModelInferResponse.FromString(body)
+    assert response.model_name == "forest" and response.outputs[0].shape[0] == 3
+    code, message, body, _, _ = completed[4343]  # its deadline passed before it joined
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and body is None and message
 
 
 def test_tokens_are_checked_before_the_in_flight_limit(
@@ -162,7 +184,7 @@ def test_any_bytes_get_an_answer_never_an_exception(
     assert (body is not None) == (code == 0)
 
 
-def test_a_real_native_server_batches_sheds_and_relays_large_messages(
+def test_a_real_native_server_sheds_batches_and_takes_large_messages(
     repo: Path, tmp_path: Path
 ) -> None:
     args = [*front_end_args("native"), "--max-inflight", "2", "--monitoring", "off"]
@@ -196,21 +218,23 @@ def test_a_real_native_server_batches_sheds_and_relays_large_messages(
         assert "OK" in outcomes
         assert "RESOURCE_EXHAUSTED:50" in outcomes  # 12 callers, a limit of 2
 
-        # A model with batching goes through the relay to its batch queue; a message larger
-        # than gRPC's default 4 MiB goes through too.
+        # A model with batching: its requests join the model's batch queue, a message larger
+        # than gRPC's default 4 MiB included.
         big = features(repo, 100_000, model="forest")
         request = pb.ModelInferRequest.FromString(request_bytes("forest", big))
         assert len(request.raw_input_contents[0]) > 4 << 20
         response = stub.ModelInfer(request, timeout=60)
         assert response.model_name == "forest"
         assert response.outputs[0].shape[0] == 100_000
-        # (a request that large runs on a worker thread, unbatched, as without this front end)
         small = pb.ModelInferRequest.FromString(
             request_bytes("forest", features(repo, 4, model="forest"))
         )
         assert stub.ModelInfer(small, timeout=30).outputs[0].shape[0] == 4
+        # Both went through the model's batch queue (the large one in a batch of its own, on a
+        # worker thread like every batch).
         text = metrics_text(server)
-        assert metric_value(text, "edgewise_batch_rows_sum", model="forest") == 4
+        assert metric_value(text, "edgewise_batch_rows_sum", model="forest") == 100_004
+        assert metric_value(text, "edgewise_batch_rows_count", model="forest") == 2
         assert metric_value(text, "edgewise_shed_requests_total") == outcomes.count(
             "RESOURCE_EXHAUSTED:50"
         )
