@@ -172,7 +172,6 @@ class Call final : public grpc::ServerGenericBidiReactor {
   grpc::ByteBuffer from_client_, from_upstream_, response_;
   std::unique_ptr<grpc::ClientContext> upstream_context_;
   Upstream upstream_{this};
-  bool relaying_ = false;
   bool write_hold_ = false, read_hold_ = false;
   bool writing_to_client_ = false;
   bool finished_ = false;
@@ -219,7 +218,7 @@ Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
 
 void Call::OnReadDone(bool ok) {
   std::unique_lock<std::recursive_mutex> lock(mu_);
-  if (fast_ && !relaying_) {
+  if (fast_) {
     if (!ok) {  // the client went away (or sent no request) before its request arrived
       FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
       return;
@@ -376,7 +375,6 @@ void Call::Uncount() {
 }
 
 void Call::StartRelay() {
-  relaying_ = true;
   front_->relayed.fetch_add(1, std::memory_order_relaxed);
   upstream_context_ = std::make_unique<grpc::ClientContext>();
   auto deadline = context_->deadline();

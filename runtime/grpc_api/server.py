@@ -335,7 +335,10 @@ class InferenceServer:
                 return "grpcio"
             module, status = load_front()
             if module is None:
-                log.info("native front end %s: serving with grpcio", status)
+                # Built but stale (an upgrade without `make native`) is worth a warning: the
+                # server is several times slower than it was.
+                report = log.warning if status.startswith("stale") else log.info
+                report("native front end %s: serving with grpcio", status)
                 return "grpcio"
             return "native"
         if choice == "native":
