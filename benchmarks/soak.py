@@ -156,8 +156,11 @@ def _sample(
     health_failures = 0
     proc.cpu_percent()
     started = time.monotonic()
+    next_at = started
     while any(g.poll() is None for g in generators):
-        time.sleep(args.sample_interval)
+        # On a fixed clock: a slow health check below does not stretch the interval.
+        next_at += args.sample_interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
         if time.monotonic() - started > args.seconds:
             continue  # the tail: generators waiting for their last answers
         info = proc.memory_info()
