@@ -22,6 +22,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -82,28 +85,40 @@ Parsed ParseAnswer(PyObject* result) {
 
 struct Front;
 
-// The GIL for gRPC's callback threads. Each thread keeps one Python thread state for its whole
-// life (created on its first call): PyGILState_Ensure/Release would create and destroy one at
-// every call, which costs more than the rest of the hand-over.
+// This thread's Python thread state, made on its first call into Python and kept for the
+// thread's life: PyGILState_Ensure/Release would create and destroy one at every call, which
+// costs more than the rest of the hand-over.
+PyThreadState*& ThreadState() {
+  thread_local PyThreadState* state = nullptr;
+  return state;
+}
+
+// The GIL, for the front end's own threads.
 class Gil {
  public:
   Gil() {
-    thread_local PyThreadState* state = nullptr;
+    PyThreadState*& state = ThreadState();
     if (state == nullptr) {
       PyGILState_Ensure();  // never released: the thread state stays
       state = PyThreadState_Get();
     } else {
       PyEval_RestoreThread(state);
     }
-    state_ = state;
   }
   ~Gil() { PyEval_SaveThread(); }
   Gil(const Gil&) = delete;
   Gil& operator=(const Gil&) = delete;
-
- private:
-  PyThreadState* state_;
 };
+
+// At a thread's end (the interpreter alive, the GIL not held): its thread state goes.
+void ForgetThreadState() {
+  PyThreadState*& state = ThreadState();
+  if (state == nullptr) return;
+  PyEval_RestoreThread(state);
+  PyThreadState_Clear(state);
+  PyThreadState_DeleteCurrent();
+  state = nullptr;
+}
 
 std::string Flatten(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -147,9 +162,10 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // A pending call's answer, from Front.complete (the GIL held). Returns false when the call
   // was not pending (a second completion): nothing is done then.
   bool Complete(PyObject* answer);
+  // The fast path, with the request in from_client_: on one of the front end's own threads.
+  void Answer();
 
  private:
-  void Answer();                        // the fast path, with the request in from_client_
   void Deliver(Parsed& answer);         // write the answer or the status (mu_ held)
   void Uncount();                       // the call no longer counts as in flight (mu_ held)
   void StartRelay();                    // relay the call to the Python server
@@ -190,6 +206,49 @@ struct Front {
   std::atomic<long> in_flight{0};
   std::atomic<long> calls{0};
   std::atomic<long> relayed{0};
+
+  // The threads that run the Python handler (as many as the CPU budget computes with). gRPC's
+  // callback threads only queue a call for them and never wait for the GIL themselves: they
+  // also accept connections and move every other call, health checks included.
+  std::mutex queue_mu;
+  std::condition_variable queue_cv;
+  std::deque<Call*> queue;
+  bool stopping = false;
+  std::vector<std::thread> workers;
+
+  void Enqueue(Call* call) {
+    {
+      std::lock_guard<std::mutex> lock(queue_mu);
+      queue.push_back(call);
+    }
+    queue_cv.notify_one();
+  }
+  void Work() {
+    while (true) {
+      Call* call;
+      {
+        std::unique_lock<std::mutex> lock(queue_mu);
+        queue_cv.wait(lock, [this] { return stopping || !queue.empty(); });
+        if (queue.empty()) break;  // stopping, nothing left
+        call = queue.front();
+        queue.pop_front();
+      }
+      call->Answer();
+    }
+    ForgetThreadState();
+  }
+  void StartWorkers(int count) {
+    for (int i = 0; i < count; ++i) workers.emplace_back([this] { Work(); });
+  }
+  void StopWorkers() {  // the GIL not held: the workers take it to forget their thread states
+    {
+      std::lock_guard<std::mutex> lock(queue_mu);
+      stopping = true;
+    }
+    queue_cv.notify_all();
+    for (auto& worker : workers) worker.join();
+    workers.clear();
+  }
 };
 
 class Service final : public grpc::CallbackGenericService {
@@ -224,7 +283,7 @@ void Call::OnReadDone(bool ok) {
       return;
     }
     lock.unlock();
-    Answer();
+    front_->Enqueue(this);  // stays alive until answered: gRPC ends a call only after Finish
     return;
   }
   if (upstream_done_ || !write_hold_) return;  // nothing more goes upstream
@@ -472,12 +531,13 @@ struct FrontObject {
 void FrontDealloc(PyObject* self) {
   auto* object = reinterpret_cast<FrontObject*>(self);
   if (object->front) {
+    Py_BEGIN_ALLOW_THREADS
     if (object->front->server) {
-      Py_BEGIN_ALLOW_THREADS
       object->front->server->Shutdown(std::chrono::system_clock::now());
       object->front->server->Wait();
-      Py_END_ALLOW_THREADS
     }
+    object->front->StopWorkers();
+    Py_END_ALLOW_THREADS
     Py_XDECREF(object->front->handler);
     Py_XDECREF(object->front->after);
     delete object->front;
@@ -485,10 +545,10 @@ void FrontDealloc(PyObject* self) {
   Py_TYPE(self)->tp_free(self);
 }
 
-// Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port)
+// Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port, handlers)
 int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"address", "upstream", "handler", "after", "fast_method",
-                                    "max_message_bytes", "reuse_port", nullptr};
+                                    "max_message_bytes", "reuse_port", "handlers", nullptr};
   const char* address;
   const char* upstream;
   const char* fast_method;
@@ -496,9 +556,14 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   PyObject* after;
   int max_message_bytes;
   int reuse_port;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsip", const_cast<char**>(keywords), &address,
+  int handlers;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsipi", const_cast<char**>(keywords), &address,
                                    &upstream, &handler, &after, &fast_method, &max_message_bytes,
-                                   &reuse_port)) {
+                                   &reuse_port, &handlers)) {
+    return -1;
+  }
+  if (handlers < 1 || handlers > 256) {
+    PyErr_SetString(PyExc_ValueError, "handlers must be between 1 and 256");
     return -1;
   }
   if (!PyCallable_Check(handler) || !PyCallable_Check(after)) {
@@ -541,6 +606,7 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
     PyErr_Format(PyExc_OSError, "cannot bind %s", address);
     return -1;
   }
+  front->StartWorkers(handlers);
   object->front = front.release();
   object->port = port;
   return 0;
@@ -557,6 +623,7 @@ PyObject* FrontShutdown(PyObject* self, PyObject* args) {
   Py_BEGIN_ALLOW_THREADS
   object->front->server->Shutdown(deadline);  // stops accepting; waits for calls, then cancels
   object->front->server->Wait();
+  object->front->StopWorkers();  // every call has ended: the queue is empty
   Py_END_ALLOW_THREADS
   object->front->server.reset();
   Py_RETURN_NONE;

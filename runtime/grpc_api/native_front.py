@@ -2,8 +2,10 @@
 
 With ``--front-end native`` the public port belongs to gRPC's C++ server (``_front.cc``, built
 by ``front_build``). A ModelInfer call is read by C++ and handed to :meth:`NativeFront.handle` as
-bytes, on one of gRPC's callback threads: the token check, the in-flight limit, parsing, the
-same decode-run-encode path and accounting as the grpcio server, then the serialised answer.
+bytes, on one of the front end's own threads (as many as the CPU budget computes with; gRPC's
+threads only queue the call, so they never wait for the GIL and stay free for connections and
+every other call): the token check, the in-flight limit, parsing, the same decode-run-encode
+path and accounting as the grpcio server, then the serialised answer.
 No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
 call than the model (see benchmarks/RESULTS.md).
 
@@ -106,10 +108,17 @@ class NativeFront:
         # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
         self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
 
-    def start(self, address: str, upstream: str, max_message_bytes: int, reuse_port: bool) -> int:
+    def start(
+        self,
+        address: str,
+        upstream: str,
+        max_message_bytes: int,
+        reuse_port: bool,
+        handlers: int,
+    ) -> int:
         """Bind ``address`` and serve; calls that are not answered here go to ``upstream``
-        (the grpc.aio server's address). Call it on the event loop that serves batch queues.
-        Returns the bound port."""
+        (the grpc.aio server's address). ``handlers`` threads run :meth:`handle`. Call it on the
+        event loop that serves batch queues. Returns the bound port."""
         self._loop = asyncio.get_running_loop()
         module, status = load_front()
         if module is None:
@@ -122,6 +131,7 @@ class NativeFront:
             fast_method=MODEL_INFER,
             max_message_bytes=max_message_bytes,
             reuse_port=reuse_port,
+            handlers=handlers,
         )
         return int(self._front.port)
 
@@ -164,8 +174,8 @@ class NativeFront:
         token: int = 0,
     ) -> Answer:
         """Answer one ModelInfer call (see :data:`Answer`), or leave it :data:`PENDING` on a
-        batch queue (answered through ``complete(token, ...)``). Runs on a gRPC callback thread;
-        never raises."""
+        batch queue (answered through ``complete(token, ...)``). Runs on one of the front end's
+        threads; never raises."""
         started = time.perf_counter()
         if self.auth is not None:
             refused = self.auth.refusal(

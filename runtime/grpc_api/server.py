@@ -272,7 +272,9 @@ class InferenceServer:
         if upstream:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
             self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
-            self.port = self.front.start(address, upstream, limit, settings.reuse_port)
+            # As many threads compute at once as with grpcio: its worker threads and its loop.
+            handlers = settings.worker_threads + 1
+            self.port = self.front.start(address, upstream, limit, settings.reuse_port, handlers)
             # The front end counts the inference calls (the shedder sees only relayed ones).
             inference.calls_in_flight = self.front.in_flight
             if self.shedder is not None:
