@@ -110,19 +110,18 @@ class NativeFront:
 
     def start(
         self,
+        module: ModuleType,
         address: str,
         upstream: str,
         max_message_bytes: int,
         reuse_port: bool,
         handlers: int,
     ) -> int:
-        """Bind ``address`` and serve; calls that are not answered here go to ``upstream``
+        """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
+        not answered here go to ``upstream``
         (the grpc.aio server's address). ``handlers`` threads run :meth:`handle`. Call it on the
         event loop that serves batch queues. Returns the bound port."""
         self._loop = asyncio.get_running_loop()
-        module, status = load_front()
-        if module is None:
-            raise RuntimeError(f"the native front end is {status}")
         self._front = module.Front(
             address=address,
             upstream=upstream,

@@ -20,6 +20,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -250,7 +251,8 @@ class InferenceServer:
         )
         address = f"{settings.host}:{settings.port}"
         upstream = ""
-        if self._front_end() == "native":
+        front_module = self._front_module()
+        if front_module is not None:
             # The C++ front end takes the port; this server answers what it relays, on a
             # Unix socket in a folder only this user can enter.
             self._front_dir = Path(tempfile.mkdtemp(prefix="edgewise-front-"))
@@ -261,7 +263,7 @@ class InferenceServer:
             self.port = server.add_secure_port(address, credentials)
         else:
             self.port = server.add_insecure_port(address)
-        if self.port == 0 and not upstream:
+        if self.port == 0 and front_module is None:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         if settings.peers_dir is not None:
             # Multi-process mode: a private address for control calls forwarded by siblings.
@@ -269,12 +271,14 @@ class InferenceServer:
         await self.update_health()
         await server.start()
         self._grpc = server
-        if upstream:
+        if front_module is not None:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
             self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
             # As many threads compute at once as with grpcio: its worker threads and its loop.
             handlers = settings.worker_threads + 1
-            self.port = self.front.start(address, upstream, limit, settings.reuse_port, handlers)
+            self.port = self.front.start(
+                front_module, address, upstream, limit, settings.reuse_port, handlers
+            )
             # The front end counts the inference calls (the shedder sees only relayed ones).
             inference.calls_in_flight = self.front.in_flight
             if self.shedder is not None:
@@ -328,26 +332,22 @@ class InferenceServer:
             temporary.write_text(f"127.0.0.1:{self.private_port}\n")
             os.replace(temporary, peer_file)
 
-    def _front_end(self) -> str:
-        """The front end to serve with: ``auto`` is native where its module is built and TLS
-        is off (the native front end does not serve TLS yet), else grpcio."""
+    def _front_module(self) -> ModuleType | None:
+        """The native front end's module to serve with, or None for grpcio: ``auto`` is native
+        where its module is built and TLS is off (the native front end does not serve TLS yet).
+        """
         choice = self.settings.front_end
-        if choice == "auto":
-            if self.settings.tls_cert is not None:
-                return "grpcio"
-            module, status = load_front()
-            if module is None:
-                # Built but stale (an upgrade without `make native`) is worth a warning: the
-                # server is several times slower than it was.
-                report = log.warning if status.startswith("stale") else log.info
-                report("native front end %s: serving with grpcio", status)
-                return "grpcio"
-            return "native"
-        if choice == "native":
-            module, status = load_front()
-            if module is None:
+        if choice == "grpcio" or (choice == "auto" and self.settings.tls_cert is not None):
+            return None
+        module, status = load_front()
+        if module is None:
+            if choice == "native":
                 raise InvalidInput(f"--front-end native: the native front end is {status}")
-        return choice
+            # Built but stale (an upgrade without `make native`) is worth a warning: the
+            # server is several times slower than it was.
+            report = log.warning if status.startswith("stale") else log.info
+            report("native front end %s: serving with grpcio", status)
+        return module
 
     def _peers(self) -> list[str]:
         assert self.settings.peers_dir is not None
