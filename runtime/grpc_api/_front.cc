@@ -1,8 +1,10 @@
 // The native front end: gRPC's C++ server on the public port (see native_front.py).
 //
-// ModelInfer calls are read by C++ and handed, as bytes, to one Python callable on gRPC's own
-// callback threads (the GIL taken only for that call); its answer goes back without any Python
-// gRPC machinery, at once or later (Front.complete, for a call waiting in a batch queue). Every
+// ModelInfer is registered with gRPC as a unary method taking and giving raw bytes: its request
+// comes in with the call, and the call is queued for the front end's own threads, which hand the
+// bytes to one Python callable (the GIL taken only for that call); its answer goes back without
+// any Python gRPC machinery, at once or later (Front.complete, for a call waiting in a batch
+// queue). Every
 // other call (health, reflection, metadata, the repository and monitoring services) is relayed
 // byte for byte, metadata, deadline, status and trailers included, to the process's grpc.aio
 // server on a private Unix socket, so that those services are served by the same Python code
@@ -17,12 +19,15 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/server_callback_handlers.h>
 
 #include <structmember.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <thread>
 #include <memory>
@@ -45,7 +50,7 @@ constexpr int kPending = -2;
 struct Parsed {
   int code = static_cast<int>(grpc::StatusCode::INTERNAL);
   std::string message = "internal error in the front end";
-  std::string reply;
+  grpc::Slice reply;
   bool has_reply = false;
   std::vector<std::pair<std::string, std::string>> trailers;
   bool run_after = false;
@@ -68,7 +73,7 @@ Parsed ParseAnswer(PyObject* result) {
   const char* text = PyUnicode_AsUTF8AndSize(py_message, &size);
   if (text) out.message.assign(text, static_cast<size_t>(size));
   if (py_body != Py_None) {
-    out.reply.assign(PyBytes_AS_STRING(py_body), static_cast<size_t>(PyBytes_GET_SIZE(py_body)));
+    out.reply = grpc::Slice(PyBytes_AS_STRING(py_body), static_cast<size_t>(PyBytes_GET_SIZE(py_body)));
     out.has_reply = true;
   }
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(py_trailers); ++i) {
@@ -82,8 +87,6 @@ Parsed ParseAnswer(PyObject* result) {
   if (PyErr_Occurred()) PyErr_Print();
   return out;
 }
-
-struct Front;
 
 // This thread's Python thread state, made on its first call into Python and kept for the
 // thread's life: PyGILState_Ensure/Release would create and destroy one at every call, which
@@ -120,12 +123,17 @@ void ForgetThreadState() {
   state = nullptr;
 }
 
-std::string Flatten(const grpc::ByteBuffer& buffer) {
-  std::vector<grpc::Slice> slices;
-  std::string out;
-  if (!buffer.Dump(&slices).ok()) return out;
-  out.reserve(buffer.Length());
-  for (const auto& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+// The message's bytes as a Python bytes object (the GIL held), copied once.
+PyObject* ToBytes(const std::vector<grpc::Slice>& slices) {
+  size_t size = 0;
+  for (const auto& slice : slices) size += slice.size();
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
+  if (!out) return nullptr;
+  char* into = PyBytes_AS_STRING(out);
+  for (const auto& slice : slices) {
+    std::memcpy(into, slice.begin(), slice.size());
+    into += slice.size();
+  }
   return out;
 }
 
@@ -137,7 +145,46 @@ bool Forwardable(const std::string& key) {
   return key != "content-type" && key != "te" && key != "user-agent";
 }
 
-// One call on the public port: answered by Python (ModelInfer) or relayed.
+struct Front;
+
+// One ModelInfer call: its request came in with the call; one of the front end's own threads
+// answers it through the Python handler (Answer), or Front.complete does later (Complete).
+class InferCall final : public grpc::ServerUnaryReactor {
+ public:
+  InferCall(Front* front, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+            grpc::ByteBuffer* response);
+  void OnCancel() override {}
+  void OnDone() override;
+  // OnDone only uncounts the call and deletes it, and OnCancel does nothing: gRPC may run them
+  // on the thread that ends the call instead of waking its executor for them.
+  bool InternalInlineable() override { return true; }
+
+  // The fast path: on one of the front end's own threads.
+  void Answer();
+  // A pending call's answer, from Front.complete (the GIL held). Returns false when the call
+  // was not pending (a second completion): nothing is done then.
+  bool Complete(PyObject* answer);
+
+ private:
+  // Writes the answer or the status; unlocks `lock` first (Finish may end the call, running
+  // OnDone and deleting this object before it returns).
+  void Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock);
+  void Uncount();  // the call no longer counts as in flight
+
+  Front* front_;
+  grpc::CallbackServerContext* context_;
+  const grpc::ByteBuffer* request_;
+  grpc::ByteBuffer* response_;
+  std::atomic<bool> counted_{true};
+  std::mutex mu_;
+  bool pending_ = false;
+  bool answered_ = false;
+  // An answer that came through Front.complete before Answer() saw the handler's kPending (the
+  // event loop can run the batch before this thread gets the lock back).
+  std::optional<Parsed> early_;
+};
+
+// Any other call on the public port: relayed to the Python server.
 class Call final : public grpc::ServerGenericBidiReactor {
  public:
   Call(Front* front, grpc::GenericCallbackServerContext* context);
@@ -159,15 +206,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
     Call* call_;
   };
 
-  // A pending call's answer, from Front.complete (the GIL held). Returns false when the call
-  // was not pending (a second completion): nothing is done then.
-  bool Complete(PyObject* answer);
-  // The fast path, with the request in from_client_: on one of the front end's own threads.
-  void Answer();
-
  private:
-  void Deliver(Parsed& answer);         // write the answer or the status (mu_ held)
-  void Uncount();                       // the call no longer counts as in flight (mu_ held)
   void StartRelay();                    // relay the call to the Python server
   void UpstreamReadDone(bool ok);
   void UpstreamWriteDone(bool ok);
@@ -178,14 +217,8 @@ class Call final : public grpc::ServerGenericBidiReactor {
 
   Front* front_;
   grpc::GenericCallbackServerContext* context_;
-  bool fast_;
-  bool counted_ = false;
-  bool pending_ = false;
-  // An answer that came through Front.complete before Answer() saw the handler's kPending (the
-  // event loop can run the batch before this thread gets the lock back).
-  std::optional<Parsed> early_;
   std::recursive_mutex mu_;
-  grpc::ByteBuffer from_client_, from_upstream_, response_;
+  grpc::ByteBuffer from_client_, from_upstream_;
   std::unique_ptr<grpc::ClientContext> upstream_context_;
   Upstream upstream_{this};
   bool write_hold_ = false, read_hold_ = false;
@@ -199,58 +232,85 @@ class Call final : public grpc::ServerGenericBidiReactor {
 struct Front {
   PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token)
   PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
-  std::string fast_method;
+  std::string fast_method;      // outlives the server: gRPC keeps a pointer to it
   std::unique_ptr<grpc::GenericStub> upstream;
-  std::unique_ptr<grpc::CallbackGenericService> service;  // outlives the server
+  std::unique_ptr<grpc::Service> infer_service;           // outlive the server
+  std::unique_ptr<grpc::CallbackGenericService> service;
   std::unique_ptr<grpc::Server> server;
   std::atomic<long> in_flight{0};
   std::atomic<long> calls{0};
   std::atomic<long> relayed{0};
 
-  // The threads that run the Python handler (as many as the CPU budget computes with). gRPC's
-  // callback threads only queue a call for them and never wait for the GIL themselves: they
-  // also accept connections and move every other call, health checks included.
-  std::mutex queue_mu;
-  std::condition_variable queue_cv;
-  std::deque<Call*> queue;
-  bool stopping = false;
+  // The threads that run the Python handler. gRPC's callback threads only queue a call for them
+  // and never wait for the GIL themselves: they also accept connections and move every other
+  // call, health checks included. Small requests (up to small_max_bytes) go to one thread that
+  // answers them back to back: more threads would only pass the GIL between them, each pass a
+  // thread wake-up. Larger requests go to the others, whose onnxruntime runs (which release
+  // the GIL) overlap. The same split as the grpcio server's event loop and worker threads.
+  struct Queue {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<InferCall*> calls;
+  };
+  Queue small, large;
+  size_t small_max_bytes = 0;
+  bool stopping = false;  // under each queue's mu
   std::vector<std::thread> workers;
 
-  void Enqueue(Call* call) {
+  void Enqueue(InferCall* call, size_t bytes) {
+    Queue& queue = bytes <= small_max_bytes ? small : large;
     {
-      std::lock_guard<std::mutex> lock(queue_mu);
-      queue.push_back(call);
+      std::lock_guard<std::mutex> lock(queue.mu);
+      queue.calls.push_back(call);
     }
-    queue_cv.notify_one();
+    queue.cv.notify_one();
   }
-  void Work() {
+  void Work(Queue& queue) {
     while (true) {
-      Call* call;
+      InferCall* call;
       {
-        std::unique_lock<std::mutex> lock(queue_mu);
-        queue_cv.wait(lock, [this] { return stopping || !queue.empty(); });
-        if (queue.empty()) break;  // stopping, nothing left
-        call = queue.front();
-        queue.pop_front();
+        std::unique_lock<std::mutex> lock(queue.mu);
+        queue.cv.wait(lock, [&] { return stopping || !queue.calls.empty(); });
+        if (queue.calls.empty()) break;  // stopping, nothing left
+        call = queue.calls.front();
+        queue.calls.pop_front();
       }
       call->Answer();
     }
     ForgetThreadState();
   }
-  void StartWorkers(int count) {
-    for (int i = 0; i < count; ++i) workers.emplace_back([this] { Work(); });
+  void StartWorkers(int count) {  // one for small requests, the others for large ones
+    workers.emplace_back([this] { Work(small); });
+    for (int i = 1; i < std::max(count, 2); ++i) workers.emplace_back([this] { Work(large); });
   }
   void StopWorkers() {  // the GIL not held: the workers take it to forget their thread states
-    {
-      std::lock_guard<std::mutex> lock(queue_mu);
+    for (Queue* queue : {&small, &large}) {
+      std::lock_guard<std::mutex> lock(queue->mu);
       stopping = true;
     }
-    queue_cv.notify_all();
+    small.cv.notify_all();
+    large.cv.notify_all();
     for (auto& worker : workers) worker.join();
     workers.clear();
   }
 };
 
+// ModelInfer, registered as a unary method on raw bytes (gRPC does not parse them).
+class InferService final : public grpc::Service {
+ public:
+  explicit InferService(Front* front) {
+    AddMethod(new grpc::internal::RpcServiceMethod(front->fast_method.c_str(),
+                                                   grpc::internal::RpcMethod::NORMAL_RPC, nullptr));
+    MarkMethodRawCallback(
+        0, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+               [front](grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                       grpc::ByteBuffer* response) -> grpc::ServerUnaryReactor* {
+                 return new InferCall(front, context, request, response);
+               }));
+  }
+};
+
+// Every method not registered: relayed.
 class Service final : public grpc::CallbackGenericService {
  public:
   explicit Service(Front* front) : front_(front) {}
@@ -262,30 +322,140 @@ class Service final : public grpc::CallbackGenericService {
   Front* front_;
 };
 
-Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
-    : front_(front), context_(context), fast_(context->method() == front->fast_method) {
+InferCall::InferCall(Front* front, grpc::CallbackServerContext* context,
+                     const grpc::ByteBuffer* request, grpc::ByteBuffer* response)
+    : front_(front), context_(context), request_(request), response_(response) {
   front_->calls.fetch_add(1, std::memory_order_relaxed);
-  if (fast_) {
-    front_->in_flight.fetch_add(1, std::memory_order_relaxed);
-    counted_ = true;
-    StartRead(&from_client_);
-  } else {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    StartRelay();
+  front_->in_flight.fetch_add(1, std::memory_order_relaxed);
+  // Stays alive until answered: gRPC ends a call (OnDone) only after Finish.
+  front_->Enqueue(this, request->Length());
+}
+
+void InferCall::OnDone() {
+  Uncount();
+  delete this;
+}
+
+void InferCall::Uncount() {
+  if (counted_.exchange(false, std::memory_order_relaxed)) {
+    front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
   }
 }
 
-void Call::OnReadDone(bool ok) {
-  std::unique_lock<std::recursive_mutex> lock(mu_);
-  if (fast_) {
-    if (!ok) {  // the client went away (or sent no request) before its request arrived
-      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
-      return;
+void InferCall::Answer() {
+  std::vector<grpc::Slice> slices;
+  bool readable = request_->Dump(&slices).ok();
+  std::string authorization;
+  bool has_authorization = false;
+  for (const auto& [key, value] : context_->client_metadata()) {
+    if (key == "authorization") {
+      authorization.assign(value.data(), value.size());
+      has_authorization = true;
+      break;
     }
-    lock.unlock();
-    front_->Enqueue(this);  // stays alive until answered: gRPC ends a call only after Finish
-    return;
   }
+  double remaining = -1.0;  // no deadline
+  auto deadline = context_->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    remaining = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+    if (remaining < 0) remaining = 0;
+  }
+  long in_flight = front_->in_flight.load(std::memory_order_relaxed);
+
+  Parsed answer;
+  {
+    Gil gil;
+    PyObject* arg_body = readable ? ToBytes(slices) : PyBytes_FromStringAndSize("", 0);
+    PyObject* arg_auth = has_authorization
+        ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
+        : (Py_INCREF(Py_None), Py_None);
+    PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
+    PyObject* arg_in_flight = PyLong_FromLong(in_flight);
+    PyObject* arg_token = PyLong_FromVoidPtr(this);
+    PyObject* result = nullptr;
+    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token) {
+      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token};
+      result = PyObject_Vectorcall(front_->handler, args, 5, nullptr);
+    }
+    Py_XDECREF(arg_body);
+    Py_XDECREF(arg_auth);
+    Py_XDECREF(arg_remaining);
+    Py_XDECREF(arg_in_flight);
+    Py_XDECREF(arg_token);
+    if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
+    answer = ParseAnswer(result);
+    Py_XDECREF(result);
+
+    // Answered with the GIL still held (Finish never waits), then the deferred work in the same
+    // hold: taking the GIL again for it would cost another hand-over when other threads wait.
+    PyObject* after = front_->after;  // the call may be gone once answered: keep what is needed
+    bool run_after = answer.run_after;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (answer.code == kPending) {  // Front.complete answers it; until then it is in flight
+        if (early_) {
+          Parsed early = std::move(*early_);
+          early_.reset();
+          Deliver(early, lock);
+        } else {
+          pending_ = true;
+        }
+        return;
+      }
+      Deliver(answer, lock);
+    }
+    // From here on `this` may have been deleted (OnDone on another thread).
+    if (run_after && after != nullptr) {
+      PyObject* done = PyObject_CallNoArgs(after);
+      if (!done) PyErr_Print();
+      Py_XDECREF(done);
+    }
+  }
+}
+
+bool InferCall::Complete(PyObject* result) {
+  Parsed answer = ParseAnswer(result);
+  if (answer.code == kPending) answer = Parsed();  // not an answer: INTERNAL
+  answer.run_after = false;
+  std::unique_lock<std::mutex> lock(mu_);
+  if (pending_) {
+    pending_ = false;
+    Deliver(answer, lock);
+    return true;
+  }
+  if (answered_ || early_) return false;  // answered already
+  early_ = std::move(answer);  // Answer() delivers it when the handler's kPending comes back
+  return true;
+}
+
+void InferCall::Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock) {
+  // The model's work is over: the call stops counting against the in-flight limit now, not
+  // when the client has read the answer (a client's next call would otherwise find its last
+  // one still counted, and calls below the limit would be refused).
+  Uncount();
+  answered_ = true;
+  for (const auto& [key, value] : answer.trailers) context_->AddTrailingMetadata(key, value);
+  grpc::Status status;
+  if (answer.code == 0 && answer.has_reply) {
+    *response_ = grpc::ByteBuffer(&answer.reply, 1);
+  } else {
+    int code = answer.code;
+    if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
+    status = grpc::Status(static_cast<grpc::StatusCode>(code), answer.message);
+  }
+  lock.unlock();
+  Finish(status);
+}
+
+Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
+    : front_(front), context_(context) {
+  front_->calls.fetch_add(1, std::memory_order_relaxed);
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  StartRelay();
+}
+
+void Call::OnReadDone(bool ok) {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
   if (upstream_done_ || !write_hold_) return;  // nothing more goes upstream
   if (ok) {
     upstream_.StartWrite(&from_client_);
@@ -320,117 +490,10 @@ void Call::OnDone() {
   bool last;
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
-    Uncount();
     server_done_ = true;
     last = upstream_done_;
   }
   if (last) delete this;  // both halves are done: nothing can call into this object again
-}
-
-void Call::Answer() {
-  std::string body = Flatten(from_client_);
-  std::string authorization;
-  bool has_authorization = false;
-  for (const auto& [key, value] : context_->client_metadata()) {
-    if (key == "authorization") {
-      authorization.assign(value.data(), value.size());
-      has_authorization = true;
-      break;
-    }
-  }
-  double remaining = -1.0;  // no deadline
-  auto deadline = context_->deadline();
-  if (deadline != std::chrono::system_clock::time_point::max()) {
-    remaining = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
-    if (remaining < 0) remaining = 0;
-  }
-  long in_flight = front_->in_flight.load(std::memory_order_relaxed);
-
-  Parsed answer;
-  {
-    Gil gil;
-    PyObject* arg_body = PyBytes_FromStringAndSize(body.data(), static_cast<Py_ssize_t>(body.size()));
-    PyObject* arg_auth = has_authorization
-        ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
-        : (Py_INCREF(Py_None), Py_None);
-    PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
-    PyObject* arg_in_flight = PyLong_FromLong(in_flight);
-    PyObject* arg_token = PyLong_FromVoidPtr(this);
-    PyObject* result = nullptr;
-    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token) {
-      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token};
-      result = PyObject_Vectorcall(front_->handler, args, 5, nullptr);
-    }
-    Py_XDECREF(arg_body);
-    Py_XDECREF(arg_auth);
-    Py_XDECREF(arg_remaining);
-    Py_XDECREF(arg_in_flight);
-    Py_XDECREF(arg_token);
-    if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
-    answer = ParseAnswer(result);
-    Py_XDECREF(result);
-  }
-
-  PyObject* after = front_->after;  // the call may be gone once answered: keep what is needed
-  {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    if (answer.code == kPending) {  // Front.complete answers it; until then it is in flight
-      if (early_) {
-        Deliver(*early_);
-      } else {
-        pending_ = true;
-      }
-      return;
-    }
-    Deliver(answer);
-  }
-  // From here on `this` may have been deleted (OnDone on another thread).
-  if (answer.run_after && after != nullptr) {
-    Gil again;
-    PyObject* done = PyObject_CallNoArgs(after);
-    if (!done) PyErr_Print();
-    Py_XDECREF(done);
-  }
-}
-
-bool Call::Complete(PyObject* result) {
-  Parsed answer = ParseAnswer(result);
-  if (answer.code == kPending) answer = Parsed();  // not an answer: INTERNAL
-  answer.run_after = false;
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  if (pending_) {
-    pending_ = false;
-    Deliver(answer);
-    return true;
-  }
-  if (finished_ || early_) return false;  // answered already
-  early_ = std::move(answer);  // Answer() delivers it when the handler's kPending comes back
-  return true;
-}
-
-void Call::Deliver(Parsed& answer) {
-  // The model's work is over: the call stops counting against the in-flight limit now, not
-  // when the client has read the answer (a client's next call would otherwise find its last
-  // one still counted, and calls below the limit would be refused).
-  Uncount();
-  for (const auto& [key, value] : answer.trailers) context_->AddTrailingMetadata(key, value);
-  if (answer.code == 0 && answer.has_reply) {
-    grpc::Slice slice(answer.reply);
-    response_ = grpc::ByteBuffer(&slice, 1);
-    finished_ = true;
-    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
-    return;
-  }
-  int code = answer.code;
-  if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
-  FinishLocked(grpc::Status(static_cast<grpc::StatusCode>(code), answer.message));
-}
-
-void Call::Uncount() {
-  if (counted_) {
-    counted_ = false;
-    front_->in_flight.fetch_sub(1, std::memory_order_relaxed);
-  }
 }
 
 void Call::StartRelay() {
@@ -545,10 +608,12 @@ void FrontDealloc(PyObject* self) {
   Py_TYPE(self)->tp_free(self);
 }
 
-// Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port, handlers)
+// Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port, handlers,
+//       small_max_bytes=65536)
 int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"address", "upstream", "handler", "after", "fast_method",
-                                    "max_message_bytes", "reuse_port", "handlers", nullptr};
+                                    "max_message_bytes", "reuse_port", "handlers",
+                                    "small_max_bytes", nullptr};
   const char* address;
   const char* upstream;
   const char* fast_method;
@@ -557,13 +622,18 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   int max_message_bytes;
   int reuse_port;
   int handlers;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsipi", const_cast<char**>(keywords), &address,
+  Py_ssize_t small_max_bytes = 64 * 1024;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsipi|n", const_cast<char**>(keywords), &address,
                                    &upstream, &handler, &after, &fast_method, &max_message_bytes,
-                                   &reuse_port, &handlers)) {
+                                   &reuse_port, &handlers, &small_max_bytes)) {
     return -1;
   }
-  if (handlers < 1 || handlers > 256) {
-    PyErr_SetString(PyExc_ValueError, "handlers must be between 1 and 256");
+  if (handlers < 2 || handlers > 256) {
+    PyErr_SetString(PyExc_ValueError, "handlers must be between 2 and 256");
+    return -1;
+  }
+  if (small_max_bytes < 0) {
+    PyErr_SetString(PyExc_ValueError, "small_max_bytes must not be negative");
     return -1;
   }
   if (!PyCallable_Check(handler) || !PyCallable_Check(after)) {
@@ -585,12 +655,14 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   Py_INCREF(after);
   front->after = after;
   front->fast_method = fast_method;
+  front->small_max_bytes = static_cast<size_t>(small_max_bytes);
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(max_message_bytes);
   channel_args.SetMaxSendMessageSize(max_message_bytes);
   front->upstream = std::make_unique<grpc::GenericStub>(
       grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), channel_args));
 
+  front->infer_service = std::make_unique<InferService>(front.get());
   front->service = std::make_unique<Service>(front.get());
   grpc::ServerBuilder builder;
   int port = 0;
@@ -598,6 +670,7 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
+  builder.RegisterService(front->infer_service.get());
   builder.RegisterCallbackGenericService(front->service.get());
   Py_BEGIN_ALLOW_THREADS
   front->server = builder.BuildAndStart();
@@ -646,7 +719,7 @@ PyObject* FrontComplete(PyObject* self, PyObject* args) {
     return nullptr;
   }
   // A pending call stays alive until it is answered: gRPC ends it (OnDone) only after Finish.
-  if (!static_cast<Call*>(pointer)->Complete(answer)) {
+  if (!static_cast<InferCall*>(pointer)->Complete(answer)) {
     PyErr_SetString(PyExc_ValueError, "the call was not waiting for an answer");
     return nullptr;
   }

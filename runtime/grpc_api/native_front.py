@@ -116,11 +116,13 @@ class NativeFront:
         max_message_bytes: int,
         reuse_port: bool,
         handlers: int,
+        small_max_bytes: int = 64 * 1024,
     ) -> int:
         """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
-        not answered here go to ``upstream``
-        (the grpc.aio server's address). ``handlers`` threads run :meth:`handle`. Call it on the
-        event loop that serves batch queues. Returns the bound port."""
+        not answered here go to ``upstream`` (the grpc.aio server's address). ``handlers``
+        threads (at least 2) run :meth:`handle`: one answers requests of up to
+        ``small_max_bytes`` back to back, the others larger ones. Call it on the event loop that
+        serves batch queues. Returns the bound port."""
         self._loop = asyncio.get_running_loop()
         self._front = module.Front(
             address=address,
@@ -131,6 +133,7 @@ class NativeFront:
             max_message_bytes=max_message_bytes,
             reuse_port=reuse_port,
             handlers=handlers,
+            small_max_bytes=small_max_bytes,
         )
         return int(self._front.port)
 

@@ -274,10 +274,16 @@ class InferenceServer:
         if front_module is not None:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
             self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
-            # As many threads compute at once as with grpcio: its worker threads and its loop.
-            handlers = settings.worker_threads + 1
+            # As many threads compute at once as with grpcio: one for small requests (its event
+            # loop) and its worker threads for those over inline_max_bytes.
             self.port = self.front.start(
-                front_module, address, upstream, limit, settings.reuse_port, handlers
+                front_module,
+                address,
+                upstream,
+                limit,
+                settings.reuse_port,
+                handlers=settings.worker_threads + 1,
+                small_max_bytes=settings.inline_max_bytes,
             )
             # The front end counts the inference calls (the shedder sees only relayed ones).
             inference.calls_in_flight = self.front.in_flight

@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.native_front import PENDING, NativeFront
+from edgewise.runtime.grpc_api.native_front import MODEL_INFER, PENDING, NativeFront, load_front
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.grpc_api.server import InferenceServer
@@ -333,3 +334,69 @@ def test_a_refused_stream_ends_while_the_client_still_holds_it_open(
     finally:
         release.set()
         assert server.stop() == 0, server.log()
+
+
+def test_small_requests_are_answered_one_at_a_time_and_large_ones_side_by_side() -> None:
+    """Requests up to small_max_bytes go to one thread (no GIL passed between threads for them);
+    larger ones to the other handler threads, which overlap (here: while the handler sleeps,
+    as onnxruntime runs without the GIL)."""
+    module, status = load_front()
+    if module is None:
+        pytest.skip(f"native front end {status}")
+    lock = threading.Lock()
+    running = {"small": 0, "large": 0}
+    most = {"small": 0, "large": 0}
+
+    def handler(
+        body: bytes, authorization: str | None, remaining: float | None, in_flight: int, token: int
+    ) -> tuple[int, str, bytes, tuple[()], bool]:
+        kind = "small" if len(body) <= 1024 else "large"
+        with lock:
+            running[kind] += 1
+            most[kind] = max(most[kind], running[kind])
+        time.sleep(0.05)
+        with lock:
+            running[kind] -= 1
+        return 0, "", body[:16], (), False
+
+    front = module.Front(
+        address="127.0.0.1:0",
+        upstream="unix:/nonexistent/edgewise-test.sock",
+        handler=handler,
+        after=lambda: None,
+        fast_method=MODEL_INFER,
+        max_message_bytes=1 << 20,
+        reuse_port=False,
+        handlers=3,
+        small_max_bytes=1024,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            call = channel.unary_unary(MODEL_INFER)
+            bodies = [bytes([i]) * 100 for i in range(6)] + [bytes([i]) * 5000 for i in range(6)]
+            answers: dict[int, bytes] = {}
+
+            def send(i: int) -> None:
+                answers[i] = call(bodies[i], timeout=30)
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert answers == {i: body[:16] for i, body in enumerate(bodies)}
+        assert most == {"small": 1, "large": 2}  # one thread for small, the other two for large
+        assert front.counts() == (12, 0, 0)
+    finally:
+        front.shutdown(5.0)
+    with pytest.raises(ValueError, match="handlers"):
+        module.Front(
+            address="127.0.0.1:0",
+            upstream="unix:/nonexistent/edgewise-test.sock",
+            handler=handler,
+            after=lambda: None,
+            fast_method=MODEL_INFER,
+            max_message_bytes=1 << 20,
+            reuse_port=False,
+            handlers=1,
+        )
