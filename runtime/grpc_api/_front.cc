@@ -243,10 +243,12 @@ struct Front {
 
   // The threads that run the Python handler. gRPC's callback threads only queue a call for them
   // and never wait for the GIL themselves: they also accept connections and move every other
-  // call, health checks included. Small requests (up to small_max_bytes) go to one thread that
-  // answers them back to back: more threads would only pass the GIL between them, each pass a
-  // thread wake-up. Larger requests go to the others, whose onnxruntime runs (which release
-  // the GIL) overlap. The same split as the grpcio server's event loop and worker threads.
+  // call, health checks included. Cheap calls go to one thread that answers them back to back:
+  // more threads would only pass the GIL between them, each pass a thread wake-up. The others
+  // take the calls whose onnxruntime runs (which release the GIL) are worth overlapping:
+  // requests over small_max_bytes, and every request while the handler has recently taken
+  // longer than kSideBySideMicros a call (a moving average over all calls).
+  static constexpr long kSideBySideMicros = 500;
   struct Queue {
     std::mutex mu;
     std::condition_variable cv;
@@ -254,11 +256,18 @@ struct Front {
   };
   Queue small, large;
   size_t small_max_bytes = 0;
+  std::atomic<long> handler_micros{0};  // moving average of the handler's time per call
   bool stopping = false;  // under each queue's mu
   std::vector<std::thread> workers;
 
+  void Timed(long micros) {  // one more handler time (races between threads only blur it)
+    long average = handler_micros.load(std::memory_order_relaxed);
+    handler_micros.store(average + (micros - average) / 16, std::memory_order_relaxed);
+  }
   void Enqueue(InferCall* call, size_t bytes) {
-    Queue& queue = bytes <= small_max_bytes ? small : large;
+    bool cheap = bytes <= small_max_bytes &&
+                 handler_micros.load(std::memory_order_relaxed) <= kSideBySideMicros;
+    Queue& queue = cheap ? small : large;
     {
       std::lock_guard<std::mutex> lock(queue.mu);
       queue.calls.push_back(call);
@@ -375,7 +384,11 @@ void InferCall::Answer() {
     PyObject* result = nullptr;
     if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token) {
       PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token};
+      auto started = std::chrono::steady_clock::now();
       result = PyObject_Vectorcall(front_->handler, args, 5, nullptr);
+      front_->Timed(static_cast<long>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                          std::chrono::steady_clock::now() - started)
+                                          .count()));
     }
     Py_XDECREF(arg_body);
     Py_XDECREF(arg_auth);

@@ -336,25 +336,26 @@ def test_a_refused_stream_ends_while_the_client_still_holds_it_open(
         assert server.stop() == 0, server.log()
 
 
-def test_small_requests_are_answered_one_at_a_time_and_large_ones_side_by_side() -> None:
-    """Requests up to small_max_bytes go to one thread (no GIL passed between threads for them);
-    larger ones to the other handler threads, which overlap (here: while the handler sleeps,
-    as onnxruntime runs without the GIL)."""
+def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -> None:
+    """Cheap calls go to one thread (no GIL passed between threads for them); requests over
+    small_max_bytes, and every request once the handler has been taking more than half a
+    millisecond a call, go to the other handler threads, which overlap (here: while the handler
+    sleeps, as onnxruntime runs without the GIL)."""
     module, status = load_front()
     if module is None:
         pytest.skip(f"native front end {status}")
     lock = threading.Lock()
-    running = {"small": 0, "large": 0}
-    most = {"small": 0, "large": 0}
+    running: dict[str, int] = {}
+    most: dict[str, int] = {}
 
     def handler(
         body: bytes, authorization: str | None, remaining: float | None, in_flight: int, token: int
     ) -> tuple[int, str, bytes, tuple[()], bool]:
-        kind = "small" if len(body) <= 1024 else "large"
+        kind = "large" if len(body) > 1024 else body[:4].decode()
         with lock:
-            running[kind] += 1
-            most[kind] = max(most[kind], running[kind])
-        time.sleep(0.05)
+            running[kind] = running.get(kind, 0) + 1
+            most[kind] = max(most.get(kind, 0), running[kind])
+        time.sleep(0.0001 if kind == "fast" else 0.05)
         with lock:
             running[kind] -= 1
         return 0, "", body[:16], (), False
@@ -373,20 +374,27 @@ def test_small_requests_are_answered_one_at_a_time_and_large_ones_side_by_side()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
             call = channel.unary_unary(MODEL_INFER)
-            bodies = [bytes([i]) * 100 for i in range(6)] + [bytes([i]) * 5000 for i in range(6)]
-            answers: dict[int, bytes] = {}
 
-            def send(i: int) -> None:
-                answers[i] = call(bodies[i], timeout=30)
+            def send_all(bodies: list[bytes]) -> None:
+                answers: dict[int, bytes] = {}
 
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        assert answers == {i: body[:16] for i, body in enumerate(bodies)}
-        assert most == {"small": 1, "large": 2}  # one thread for small, the other two for large
-        assert front.counts() == (12, 0, 0)
+                def send(i: int) -> None:
+                    answers[i] = call(bodies[i], timeout=30)
+
+                threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                assert answers == {i: body[:16] for i, body in enumerate(bodies)}
+
+            send_all([b"fast" + bytes([i]) * 100 for i in range(40)])
+            assert most == {"fast": 1}  # cheap: one thread, one at a time
+            send_all([bytes([i]) * 5000 for i in range(6)])
+            assert most["large"] == 2  # over small_max_bytes: the other two threads
+            send_all([b"slow" + bytes([i]) * 100 for i in range(6)])
+            assert most["slow"] == 2  # small, but the handler has been slow: side by side
+        assert front.counts() == (52, 0, 0)
     finally:
         front.shutdown(5.0)
     with pytest.raises(ValueError, match="handlers"):
