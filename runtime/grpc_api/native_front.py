@@ -1,11 +1,13 @@
 """The native front end: gRPC's C++ server on the public port, Python for the work.
 
 With ``--front-end native`` the public port belongs to gRPC's C++ server (``_front.cc``, built
-by ``front_build``). A ModelInfer call is read by C++ and handed to :meth:`NativeFront.handle` as
-bytes, on one of the front end's own threads (as many as the CPU budget computes with; gRPC's
-threads only queue the call, so they never wait for the GIL and stay free for connections and
-every other call): the token check, the in-flight limit, parsing, the same decode-run-encode
-path and accounting as the grpcio server, then the serialised answer.
+by ``front_build``). ModelInfer is a unary method on raw bytes there: C++ hands each call to
+:meth:`NativeFront.handle` as bytes, on one of the front end's own threads (as many as the CPU
+budget computes with: one answers cheap calls back to back, the others requests over
+``small_max_bytes`` and every request while the handler is slow; gRPC's threads only queue the
+call, so they never wait for the GIL and stay free for connections and every other call): the
+token check, the in-flight limit, parsing, the same decode-run-encode path and accounting as
+the grpcio server, then the serialised answer.
 No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
 call than the model (see benchmarks/RESULTS.md).
 
