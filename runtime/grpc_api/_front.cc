@@ -257,7 +257,7 @@ struct Front {
   Queue small, large;
   size_t small_max_bytes = 0;
   std::atomic<long> handler_micros{0};  // moving average of the handler's time per call
-  bool stopping = false;  // under each queue's mu
+  std::atomic<bool> stopping{false};  // set under each queue's mu, so that no waiter misses it
   std::vector<std::thread> workers;
 
   void Timed(long micros) {  // one more handler time (races between threads only blur it)
@@ -288,7 +288,7 @@ struct Front {
     }
     ForgetThreadState();
   }
-  void StartWorkers(int count) {  // one for small requests, the others for large ones
+  void StartWorkers(int count) {  // one for cheap calls, the others for costly ones
     workers.emplace_back([this] { Work(small); });
     for (int i = 1; i < std::max(count, 2); ++i) workers.emplace_back([this] { Work(large); });
   }
