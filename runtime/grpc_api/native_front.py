@@ -122,9 +122,10 @@ class NativeFront:
     ) -> int:
         """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
         not answered here go to ``upstream`` (the grpc.aio server's address). ``handlers``
-        threads (at least 2) run :meth:`handle`: one answers requests of up to
-        ``small_max_bytes`` back to back, the others larger ones. Call it on the event loop that
-        serves batch queues. Returns the bound port."""
+        threads (at least 2) run :meth:`handle`: one answers cheap calls back to back, the others
+        requests over ``small_max_bytes`` and every request while the handler has been taking
+        over half a millisecond a call. Call it on the event loop that serves batch queues.
+        Returns the bound port."""
         self._loop = asyncio.get_running_loop()
         self._front = module.Front(
             address=address,

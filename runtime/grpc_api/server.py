@@ -274,8 +274,8 @@ class InferenceServer:
         if front_module is not None:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
             self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
-            # As many threads compute at once as with grpcio: one for small requests (its event
-            # loop) and its worker threads for those over inline_max_bytes.
+            # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
+            # and its worker threads for those over inline_max_bytes or while calls are slow.
             self.port = self.front.start(
                 front_module,
                 address,
