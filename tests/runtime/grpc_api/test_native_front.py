@@ -360,17 +360,20 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
             running[kind] -= 1
         return 0, "", body[:16], (), False
 
-    front = module.Front(
-        address="127.0.0.1:0",
-        upstream="unix:/nonexistent/edgewise-test.sock",
-        handler=handler,
-        after=lambda: None,
-        fast_method=MODEL_INFER,
-        max_message_bytes=1 << 20,
-        reuse_port=False,
-        handlers=3,
-        small_max_bytes=1024,
-    )
+    def start(handlers: int) -> Any:
+        return module.Front(
+            address="127.0.0.1:0",
+            upstream="unix:/nonexistent/edgewise-test.sock",
+            handler=handler,
+            after=lambda: None,
+            fast_method=MODEL_INFER,
+            max_message_bytes=1 << 20,
+            reuse_port=False,
+            handlers=handlers,
+            small_max_bytes=1024,
+        )
+
+    front = start(handlers=3)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
             call = channel.unary_unary(MODEL_INFER)
@@ -398,13 +401,4 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
     finally:
         front.shutdown(5.0)
     with pytest.raises(ValueError, match="handlers"):
-        module.Front(
-            address="127.0.0.1:0",
-            upstream="unix:/nonexistent/edgewise-test.sock",
-            handler=handler,
-            after=lambda: None,
-            fast_method=MODEL_INFER,
-            max_message_bytes=1 << 20,
-            reuse_port=False,
-            handlers=1,
-        )
+        start(handlers=1)
