@@ -23,7 +23,6 @@
 
 #include <structmember.h>
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -290,7 +289,7 @@ struct Front {
   }
   void StartWorkers(int count) {  // one for cheap calls, the others for costly ones
     workers.emplace_back([this] { Work(small); });
-    for (int i = 1; i < std::max(count, 2); ++i) workers.emplace_back([this] { Work(large); });
+    for (int i = 1; i < count; ++i) workers.emplace_back([this] { Work(large); });  // count >= 2
   }
   void StopWorkers() {  // the GIL not held: the workers take it to forget their thread states
     for (Queue* queue : {&small, &large}) {
@@ -429,7 +428,6 @@ void InferCall::Answer() {
 bool InferCall::Complete(PyObject* result) {
   Parsed answer = ParseAnswer(result);
   if (answer.code == kPending) answer = Parsed();  // not an answer: INTERNAL
-  answer.run_after = false;
   std::unique_lock<std::mutex> lock(mu_);
   if (pending_) {
     pending_ = false;
