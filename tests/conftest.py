@@ -3,6 +3,9 @@
 ``model_repo`` is a model repository holding version 1 of the four reference models of
 :mod:`tests.models` (``logreg``, ``forest``, ``mixed``, ``regressor``), converted once per session:
 treat it as read-only. ``fresh_repo`` is a private copy of it for a test that writes.
+
+A test marked ``requires(reason)`` (:func:`tests.prerequisites.requires`) is skipped with the reason
+where it cannot run, and failed under CI.
 """
 
 from __future__ import annotations
@@ -13,6 +16,21 @@ from pathlib import Path
 import pytest
 
 from tests.models import build_repo
+from tests.prerequisites import unmet
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires(reason): runs only where reason is None; else skipped, or failed under CI",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        reason = mark.args[0] if mark.args else mark.kwargs.get("reason")
+        if reason is not None:
+            unmet(str(reason))
 
 
 @pytest.fixture(scope="session")

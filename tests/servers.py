@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from edgewise.runtime.client import EdgewiseClient
 from edgewise.runtime.settings import ClientSecurity
@@ -109,14 +110,20 @@ FRONT_ENDS = ("grpcio", "native")
 
 
 def front_end_args(front_end: str) -> list[str]:
-    """The ``serve`` arguments for ``front_end``; skips the test where the native front end is
-    not built (it needs the gRPC C++ library: ``make native``)."""
+    """The ``serve`` arguments for ``front_end``. Where the native front end is not built (it
+    needs the gRPC C++ library: ``make native``) the test is skipped, or failed under CI."""
     if front_end == "native":
-        import pytest
-
-        from edgewise.runtime.grpc_api.native_front import front_status
-
-        status = front_status()
-        if status != "loaded":
-            pytest.skip(f"the native front end is {status}")
+        native_front_or_unmet()
     return ["--front-end", front_end]
+
+
+def native_front_or_unmet() -> ModuleType:
+    """The built native front-end module; without it the test is skipped with the reason, or
+    failed under CI (:func:`tests.prerequisites.unmet`)."""
+    from edgewise.runtime.grpc_api.native_front import load_front
+    from tests.prerequisites import unmet
+
+    module, status = load_front()
+    if module is None:
+        unmet(f"the native front end is {status}")
+    return module

@@ -4,8 +4,9 @@ that cannot write there keeps trying (and succeeds once space is back).
 
 The read-only and full filesystems are small tmpfs mounts in a private mount namespace
 (``unshare -m``), entered with ``nsenter``: the host's mounts are untouched. They need root;
-without it those tests are skipped with that reason. (The agent against a slow, garbage-answering
-or connection-resetting store is in test_agent.py, beside its MLflow server.)"""
+without it those tests are skipped with that reason (and fail under CI: tests/prerequisites.py).
+(The agent against a slow, garbage-answering or connection-resetting store is in test_agent.py,
+beside its MLflow server.)"""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from edgewise.runtime.client import ServerError
 from edgewise.runtime.repository import ModelConfig, VersionPolicy, write_model_config
 from edgewise.runtime.store.register import register
 from edgewise.runtime.store.sqlite import SqliteStore
+from tests.prerequisites import requires
 from tests.runtime.store.helpers import (
     AgentProcess,
     logreg_inputs,
@@ -34,9 +36,10 @@ from tests.runtime.store.helpers import (
 )
 from tests.servers import RunningServer, start_server
 
-NEEDS_NAMESPACES = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
-    reason="mounting a read-only or full filesystem needs root and util-linux unshare/nsenter",
+NEEDS_NAMESPACES = requires(  # skipped with the reason; failed under CI
+    "mounting a read-only or full filesystem needs root and util-linux unshare/nsenter"
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter")
+    else None
 )
 
 

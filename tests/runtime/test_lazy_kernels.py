@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgewise.kernels import _native
 from tests.fresh import run_python
+from tests.prerequisites import native_kernels_missing, requires
 
 SCRIPT = textwrap.dedent(
     """
@@ -70,9 +70,7 @@ def _run(repo: Path, monitoring: str, native: str) -> dict[str, object]:
             "1",
             False,
             True,
-            marks=pytest.mark.skipif(
-                _native.NATIVE is None, reason=f"native kernels {_native.STATUS}"
-            ),
+            marks=requires(native_kernels_missing()),
         ),
     ],
 )

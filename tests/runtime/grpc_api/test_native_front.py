@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.native_front import MODEL_INFER, PENDING, NativeFront, load_front
+from edgewise.runtime.grpc_api.native_front import MODEL_INFER, PENDING, NativeFront
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.grpc_api.server import InferenceServer
@@ -32,7 +32,7 @@ from edgewise.runtime.grpc_api.servicers import InferenceServicer
 from edgewise.runtime.model import SessionSettings, load_model
 from edgewise.runtime.settings import ClientSecurity, ServerSettings
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
-from tests.servers import front_end_args, running_server, start_server
+from tests.servers import front_end_args, native_front_or_unmet, running_server, start_server
 
 TOKEN = "native-front-token-0123456789abcdef"
 CODES = {code.value[0] for code in grpc.StatusCode}
@@ -341,9 +341,7 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
     small_max_bytes, and every request once the handler has been taking more than half a
     millisecond a call, go to the other handler threads, which overlap (here: while the handler
     sleeps, as onnxruntime runs without the GIL)."""
-    module, status = load_front()
-    if module is None:
-        pytest.skip(f"native front end {status}")
+    module = native_front_or_unmet()
     lock = threading.Lock()
     running: dict[str, int] = {}
     most: dict[str, int] = {}
