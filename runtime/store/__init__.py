@@ -40,14 +40,17 @@ __all__ = [
 ]
 
 
-def open_store(uri: StoreURI | str | None, timeout: float = 30.0) -> Store:
-    """The store a URI names (``None``: the embedded default)."""
+def open_store(uri: StoreURI | str | None, timeout: float = 30.0, *, create: bool = False) -> Store:
+    """The store a URI names (``None``: the embedded default). Only a publisher passes
+    ``create=True``: a reader (the agent, ``models``) never creates the store it reads; it
+    answers :class:`StoreUnavailable` while the store is missing and sees it when it comes
+    back. (An MLflow store is never created: its tracking server owns it.)"""
     parsed = uri if isinstance(uri, StoreURI) else parse_store_uri(uri)
     if parsed.kind == "sqlite":
         from edgewise.runtime.store.sqlite import SqliteStore
 
         assert parsed.path is not None
-        return SqliteStore(parsed.path)
+        return SqliteStore(parsed.path, create=create)
     from edgewise.runtime.store.mlflow_rest import MlflowStore
 
     return MlflowStore(parsed.base_url, parsed.username, parsed.password, timeout=timeout)

@@ -40,14 +40,15 @@ def _store_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _open_store(args: argparse.Namespace) -> Store:
+def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
+    """The store of ``--store``; only ``register`` creates a missing one (``create``)."""
     from edgewise.runtime.store import open_store, parse_store_uri
 
     uri = parse_store_uri(args.store or os.environ.get("EDGEWISE_STORE"))
     uri = uri.with_credentials(
         os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     )
-    return open_store(uri, timeout=args.store_timeout)
+    return open_store(uri, timeout=args.store_timeout, create=create)
 
 
 def _human_bytes(count: int) -> str:
@@ -120,7 +121,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.metrics_file:
         metrics.update(read_json_mapping(args.metrics_file, "metrics"))
     metrics.update(parse_key_values(args.metric, "metric"))
-    store = _open_store(args)
+    store = _open_store(args, create=True)
     try:
         result = register(
             store,

@@ -24,6 +24,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,41 +96,104 @@ def _check_sha(sha: str) -> str:
 class SqliteStore:
     """The embedded store (see the module docstring)."""
 
-    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0, *, create: bool = True) -> None:
+        """``create``: a writer's store (``register``) is created when missing, at once. A reader
+        (``create=False``: the agent, ``models``) never creates it: it connects at its first
+        call, answers :class:`StoreUnavailable` while the database file is missing, and
+        reconnects when the file comes back or another one replaces it."""
         self.path = path
         self.artifacts = path.with_name(path.name + "-artifacts")
         self.uri = f"sqlite:///{path}"
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        if create:
+            self._create()
+
+    def _create(self) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.artifacts.mkdir(exist_ok=True)
-            self._db = sqlite3.connect(
-                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreUnavailable(f"store {self.uri}: cannot open: {exc}") from None
+        db = self._connect("rwc")
         with self._errors("open"):
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            with self._write():
+            db.execute("PRAGMA journal_mode=WAL")
+            with self._write(db):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-                row = self._db.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'"
-                ).fetchone()
+                        db.execute(statement)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
-                    self._db.execute(
+                    db.execute(
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),),
                     )
-                elif int(row[0]) != SCHEMA_VERSION:
-                    raise PackageError(
-                        f"store {self.uri}: schema version {row[0]}, this edgewise reads "
-                        f"{SCHEMA_VERSION}"
-                    )
+                else:
+                    self._check_schema(row[0])
             self._remove_stale_temporaries()
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        """Open the database file (``mode`` ``rw``: it must exist; ``rwc``: create it)."""
+        self._drop()
+        target = f"file:{urllib.parse.quote(str(self.path))}?mode={mode}"
+        try:
+            db = sqlite3.connect(
+                target,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            info = os.stat(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"store {self.uri}: cannot open: {exc}") from None
+        self._db, self._identity = db, (info.st_dev, info.st_ino)
+        with self._errors("open"):
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    def _check_schema(self, value: object) -> None:
+        if str(value) != str(SCHEMA_VERSION):
+            raise PackageError(
+                f"store {self.uri}: schema version {value}, this edgewise reads {SCHEMA_VERSION}"
+            )
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db, self._identity = None, None
+
+    def _connection(self) -> sqlite3.Connection:
+        """The connection to the database file at :attr:`path` now (the lock is held): opened
+        again when the file was replaced; :class:`StoreUnavailable` while it is missing."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            self._drop()
+            raise StoreUnavailable(
+                f"store {self.uri}: {self.path} does not exist (a reader never creates it; "
+                "register a model to create a store)"
+            ) from None
+        except OSError as exc:
+            self._drop()
+            raise StoreUnavailable(f"store {self.uri}: {exc}") from None
+        if self._db is not None and self._identity == (info.st_dev, info.st_ino):
+            return self._db
+        db = self._connect("rw")
+        with self._errors("open"):
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:
+                row = None
+            if row is None:
+                self._drop()
+                raise PackageError(f"store {self.uri}: {self.path} is not an edgewise store")
+            self._check_schema(row[0])
+        return db
 
     def _remove_stale_temporaries(self, older_than: float = 3600.0) -> None:
         """Temporary artifact files a crashed writer left behind (never ones being written)."""
@@ -151,28 +215,32 @@ class SqliteStore:
         except EdgewiseError:
             raise
         except sqlite3.OperationalError as exc:
+            self._drop()  # the next call opens the file again
             raise StoreUnavailable(f"store {self.uri}: {what}: {exc}") from None
         except sqlite3.Error as exc:
+            self._drop()
             raise StoreUnavailable(
                 f"store {self.uri}: {what}: {type(exc).__name__}: {exc}"
             ) from None
         except OSError as exc:
             raise StoreUnavailable(f"store {self.uri}: {what}: {exc}") from None
 
+    @staticmethod
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(db: sqlite3.Connection) -> Iterator[None]:
         """One write transaction, taken immediately (writers queue on the busy timeout)."""
-        self._db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._drop()
 
     def artifact_path(self, sha256: str) -> Path:
         _check_sha(sha256)
@@ -229,21 +297,22 @@ class SqliteStore:
         if model_sha is None:
             raise PackageError(f"{folder}: the package has no model.onnx")
         with self._lock, self._errors("publish"):
+            db = self._connection()
             for entry in files:
                 self._put_artifact(safe_join(folder, entry.path), entry)
             fsync_dir(self.artifacts)
             now = utc_now()
-            with self._write():
-                self._db.execute(
+            with self._write(db):
+                db.execute(
                     "INSERT OR IGNORE INTO models (name, description, created_at) "
                     "VALUES (?, '', ?)",
                     (name, now),
                 )
-                row = self._db.execute(
+                row = db.execute(
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name = ?", (name,)
                 ).fetchone()
                 version = int(row[0])
-                self._db.execute(
+                db.execute(
                     "INSERT INTO versions (name, version, model_sha256, files, lineage, "
                     "description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -266,9 +335,10 @@ class SqliteStore:
             location=str(self.artifacts),
         )
 
-    def _aliases_of(self, name: str) -> dict[int, list[str]]:
+    @staticmethod
+    def _aliases_of(db: sqlite3.Connection, name: str) -> dict[int, list[str]]:
         result: dict[int, list[str]] = {}
-        for alias, version in self._db.execute(
+        for alias, version in db.execute(
             "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,)
         ):
             result.setdefault(int(version), []).append(str(alias))
@@ -295,8 +365,8 @@ class SqliteStore:
             location=str(self.artifacts),
         )
 
-    def _require_model(self, name: str) -> None:
-        row = self._db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone()
+    def _require_model(self, db: sqlite3.Connection, name: str) -> None:
+        row = db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise ModelNotFound(f"store {self.uri} has no model {name!r}")
 
@@ -304,7 +374,8 @@ class SqliteStore:
 
     def list_models(self) -> list[ModelSummary]:
         with self._lock, self._errors("list models"):
-            rows = self._db.execute(
+            db = self._connection()
+            rows = db.execute(
                 "SELECT m.name, m.description, MAX(v.version) FROM models m "
                 "LEFT JOIN versions v ON v.name = m.name GROUP BY m.name ORDER BY m.name"
             ).fetchall()
@@ -312,7 +383,7 @@ class SqliteStore:
             for name, description, latest in rows:
                 aliases = {
                     str(a): int(v)
-                    for a, v in self._db.execute(
+                    for a, v in db.execute(
                         "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,)
                     )
                 }
@@ -326,9 +397,10 @@ class SqliteStore:
     def list_versions(self, name: str) -> list[VersionRecord]:
         validate_model_name(name)
         with self._lock, self._errors("list versions"):
-            self._require_model(name)
-            aliases = self._aliases_of(name)
-            rows = self._db.execute(
+            db = self._connection()
+            self._require_model(db, name)
+            aliases = self._aliases_of(db, name)
+            rows = db.execute(
                 f"SELECT {self._COLUMNS} FROM versions WHERE name = ? ORDER BY version DESC",
                 (name,),
             ).fetchall()
@@ -337,61 +409,72 @@ class SqliteStore:
     def get_version(self, name: str, version: int) -> VersionRecord:
         validate_model_name(name)
         with self._lock, self._errors("get version"):
-            row = self._db.execute(
+            db = self._connection()
+            row = db.execute(
                 f"SELECT {self._COLUMNS} FROM versions WHERE name = ? AND version = ?",
                 (name, version),
             ).fetchone()
             if row is None:
-                self._require_model(name)
+                self._require_model(db, name)
                 raise ModelNotFound(f"store {self.uri}: model {name!r} has no version {version}")
-            return self._record(row, self._aliases_of(name))
+            return self._record(row, self._aliases_of(db, name))
 
     def resolve_alias(self, name: str, alias: str) -> VersionRecord:
         validate_model_name(name)
         validate_alias(alias)
         with self._lock, self._errors("resolve alias"):
-            row = self._db.execute(
+            db = self._connection()
+            row = db.execute(
                 f"SELECT {', '.join('v.' + c.strip() for c in self._COLUMNS.split(','))} "
                 "FROM aliases a JOIN versions v ON v.name = a.name AND v.version = a.version "
                 "WHERE a.name = ? AND a.alias = ?",
                 (name, alias),
             ).fetchone()
             if row is None:
-                self._require_model(name)
+                self._require_model(db, name)
                 raise ModelNotFound(f"store {self.uri}: model {name!r} has no alias {alias!r}")
-            return self._record(row, self._aliases_of(name))
+            return self._record(row, self._aliases_of(db, name))
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         validate_model_name(name)
         validate_alias(alias)
-        with self._lock, self._errors("set alias"), self._write():
-            row = self._db.execute(
-                "SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, version)
-            ).fetchone()
-            if row is None:
-                self._require_model(name)
-                raise ModelNotFound(f"store {self.uri}: model {name!r} has no version {version}")
-            self._db.execute(
-                "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, "
-                "updated_at = excluded.updated_at",
-                (name, alias, version, utc_now()),
-            )
+        with self._lock, self._errors("set alias"):
+            db = self._connection()
+            with self._write(db):
+                self._set_alias(db, name, alias, version)
+
+    def _set_alias(self, db: sqlite3.Connection, name: str, alias: str, version: int) -> None:
+        row = db.execute(
+            "SELECT 1 FROM versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if row is None:
+            self._require_model(db, name)
+            raise ModelNotFound(f"store {self.uri}: model {name!r} has no version {version}")
+        db.execute(
+            "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, "
+            "updated_at = excluded.updated_at",
+            (name, alias, version, utc_now()),
+        )
 
     def delete_alias(self, name: str, alias: str) -> None:
         validate_model_name(name)
         validate_alias(alias)
-        with self._lock, self._errors("delete alias"), self._write():
-            deleted = self._db.execute(
-                "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
-            ).rowcount
-            if not deleted:
-                self._require_model(name)
-                raise ModelNotFound(f"store {self.uri}: model {name!r} has no alias {alias!r}")
+        with self._lock, self._errors("delete alias"):
+            db = self._connection()
+            with self._write(db):
+                deleted = db.execute(
+                    "DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)
+                ).rowcount
+                if not deleted:
+                    self._require_model(db, name)
+                    raise ModelNotFound(f"store {self.uri}: model {name!r} has no alias {alias!r}")
 
     def open_file(self, record: VersionRecord, entry: FileEntry, offset: int = 0) -> FileStream:
         validate_artifact_path(entry.path)
         path = self.artifact_path(entry.sha256)
+        with self._lock, self._errors("open file"):
+            self._connection()  # a missing store is unavailable, not a missing artifact
         try:
             handle = path.open("rb")
         except FileNotFoundError:
@@ -411,20 +494,24 @@ class SqliteStore:
     def report_node(self, report: NodeReport) -> None:
         validate_model_name(report.model)
         validate_node_id(report.node)
-        with self._lock, self._errors("report node"), self._write():
-            self._db.execute(
-                "INSERT INTO nodes (name, node, report, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name, node) DO UPDATE SET report = excluded.report, "
-                "updated_at = excluded.updated_at",
-                (report.model, report.node, json.dumps(report.to_json()), report.updated_at),
-            )
+        with self._lock, self._errors("report node"):
+            db = self._connection()
+            with self._write(db):
+                db.execute(
+                    "INSERT INTO nodes (name, node, report, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name, node) DO UPDATE SET report = excluded.report, "
+                    "updated_at = excluded.updated_at",
+                    (report.model, report.node, json.dumps(report.to_json()), report.updated_at),
+                )
 
     def node_reports(self, name: str) -> list[NodeReport]:
         validate_model_name(name)
         with self._lock, self._errors("node reports"):
-            rows = self._db.execute(
-                "SELECT report FROM nodes WHERE name = ? ORDER BY node", (name,)
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT report FROM nodes WHERE name = ? ORDER BY node", (name,))
+                .fetchall()
+            )
         reports = []
         for (text,) in rows:
             try:

@@ -160,13 +160,20 @@ def test_default_store_and_environment(small: Path, tmp_path: Path) -> None:
     assert (home / ".edgewise" / "store.db").exists()
     assert "golden" not in done.stdout
 
+    # EDGEWISE_STORE names the store; a reader (models list) never creates a missing one.
     env["EDGEWISE_STORE"] = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     listed = subprocess.run(
         [*command, "models", "list"], capture_output=True, text=True, env=env, timeout=60,
         check=False,
     )  # fmt: skip
-    assert listed.returncode == 0 and "logreg" not in listed.stdout
-    assert (tmp_path / "elsewhere.db").exists()
+    assert listed.returncode == 1 and "does not exist" in listed.stderr
+    assert not (tmp_path / "elsewhere.db").exists()
+    env["EDGEWISE_STORE"] = f"sqlite:///{home / '.edgewise' / 'store.db'}"
+    listed = subprocess.run(
+        [*command, "models", "list"], capture_output=True, text=True, env=env, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert listed.returncode == 0 and "logreg" in listed.stdout
 
 
 def test_schema_version_is_checked(tmp_path: Path) -> None:
