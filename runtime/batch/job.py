@@ -32,6 +32,7 @@ from edgewise.runtime.batch.reader import (
     InputFile,
     check_inputs,
     discover_inputs,
+    raise_all,
 )
 from edgewise.runtime.batch.report import build_report, render_html, unavailable_report
 from edgewise.runtime.batch.scoring import output_schema
@@ -114,6 +115,7 @@ def _check_output_location(output: Path, spec: str, files: list[InputFile]) -> N
 def _id_fields(schemas: list[Any], columns: ColumnSpec, files: list[InputFile]) -> list[Any]:
     """One Arrow field per id column, of a type every input's column can be cast to."""
     fields = []
+    problems = []
     for name in columns.id_columns:
         types = [schema.field(name).type for schema in schemas]
         try:
@@ -124,10 +126,10 @@ def _id_fields(schemas: list[Any], columns: ColumnSpec, files: list[InputFile]) 
             shown = ", ".join(
                 f"{t} in {Path(f.path).name}" for t, f in zip(types, files, strict=True)
             )
-            raise InvalidInput(
-                f"id column {name!r} has types that do not go together: {shown}"
-            ) from None
+            problems.append(f"id column {name!r} has types that do not go together: {shown}")
+            continue
         fields.append(unified.field(name))
+    raise_all(problems, "id columns do not fit")
     return fields
 
 
@@ -242,8 +244,35 @@ def _settings(
     return recorded
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A job checked from end to end, before its output folder is touched."""
+
+    settings: _Settings
+    version: int
+    version_dir: Path
+    manifest: Any  # edgewise.runtime.package.Manifest
+    columns: ColumnSpec
+    schema: Any  # pyarrow.Schema of every part file
+
+
+@dataclass
+class _Loaded:
+    """The model and drift collector of a job, loaded (files verified, warm-up run)."""
+
+    model: Any  # edgewise.runtime.model.LoadedModel
+    collector: DriftCollector | None
+    no_report: str
+    session: SessionSettings
+    threads: int
+
+
 def run_batch(options: BatchOptions) -> BatchSummary:
-    """Run (or resume) a batch job; see :mod:`edgewise.runtime.batch`."""
+    """Run (or resume) a batch job; see :mod:`edgewise.runtime.batch`.
+
+    Validate, then commit: the model, every input file and the output folder are checked, and
+    the model is loaded, before the output folder is created or locked, so a refused job writes
+    nothing."""
     started = time.perf_counter()
     name, pinned = parse_model_ref(options.model)
     model_dir = options.repo / name
@@ -257,23 +286,38 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     _check_output_location(options.output, options.input, files)
 
     folder = JobFolder(options.output)
+    folder.check_path()
+    prepared = _prepare(options, folder, name, pinned, model_dir, files)
+    loaded = None
+    if not _already_complete(folder, prepared):
+        loaded = _load(options, prepared, name, model_dir)
     folder.create()
     folder.lock()
     try:
-        return _run_locked(options, folder, name, pinned, model_dir, files, started)
+        if _settings(options, folder, name, pinned, files) != prepared.settings:
+            raise InvalidInput(
+                f"output {options.output} changed while the job was starting (another edgewise "
+                "batch process?); run the command again"
+            )
+        if _already_complete(folder, prepared):
+            data = json.loads((folder.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+            return BatchSummary.from_json({**data, "already_complete": True})
+        if loaded is None:  # pragma: no cover - completed before the lock, not after it
+            loaded = _load(options, prepared, name, model_dir)
+        return _run_locked(options, folder, name, files, prepared, loaded, started)
     finally:
         folder.close()
 
 
-def _run_locked(
+def _prepare(
     options: BatchOptions,
     folder: JobFolder,
     name: str,
     pinned: int | None,
     model_dir: Path,
     files: list[InputFile],
-    started: float,
-) -> BatchSummary:
+) -> _Prepared:
+    """Every check of a job that reads only: settings, version, package, every input's columns."""
     settings = _settings(options, folder, name, pinned, files)
     version = settings.pinned if settings.pinned is not None else _default_version(model_dir)
     version_dir = model_dir / str(version)
@@ -289,24 +333,43 @@ def _run_locked(
     schemas = check_inputs(files, columns)  # every file's columns, before anything is scored
     identity = {"model": name, "version": version, "sha256": manifest.model_sha256}
     schema = output_schema(manifest, _id_fields(schemas, columns, files), identity)
+    return _Prepared(settings, version, version_dir, manifest, columns, schema)
 
-    if settings.resumed and folder.is_complete() and (folder.path / SUMMARY_FILE).is_file():
-        data = json.loads((folder.path / SUMMARY_FILE).read_text(encoding="utf-8"))
-        return BatchSummary.from_json({**data, "already_complete": True})
 
-    # The model is loaded (files and sha256 verified, warm-up run) before the job is recorded:
-    # a package that cannot be served leaves no job behind.
+def _already_complete(folder: JobFolder, prepared: _Prepared) -> bool:
+    return (
+        prepared.settings.resumed
+        and folder.is_complete()
+        and (folder.path / SUMMARY_FILE).is_file()
+    )
+
+
+def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path) -> _Loaded:
+    """The model is loaded (files and sha256 verified, warm-up run) before the job is recorded:
+    a package that cannot be served leaves no job behind."""
     session, threads, cores = _session_settings(options)
     pa.set_cpu_count(max(1, cores))
-    model = load_model(name, version, version_dir, session)
+    model = load_model(name, prepared.version, prepared.version_dir, session)
     collector: DriftCollector | None = None
     no_report = "the drift report was turned off (--no-drift-report)"
-    if settings.drift_report:
-        collector = DriftCollector.for_model(model_dir, version_dir, manifest)
+    if prepared.settings.drift_report:
+        collector = DriftCollector.for_model(model_dir, prepared.version_dir, prepared.manifest)
         if collector is None:
             no_report = "the model package has no reference profile"
             log.warning("batch: no drift report: %s", no_report)
+    return _Loaded(model, collector, no_report, session, threads)
 
+
+def _run_locked(
+    options: BatchOptions,
+    folder: JobFolder,
+    name: str,
+    files: list[InputFile],
+    prepared: _Prepared,
+    loaded: _Loaded,
+    started: float,
+) -> BatchSummary:
+    settings, version, manifest = prepared.settings, prepared.version, prepared.manifest
     if settings.resumed:
         done = folder.recover()
     else:
@@ -320,7 +383,7 @@ def _run_locked(
                 "chunk_rows": settings.chunk_rows,
                 "id_columns": list(settings.id_columns),
                 "drift_report": settings.drift_report,
-                "output_schema": schema.to_string(show_schema_metadata=False),
+                "output_schema": prepared.schema.to_string(show_schema_metadata=False),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         )
@@ -328,14 +391,14 @@ def _run_locked(
         out=options.output,
         folder=folder,
         files=files,
-        columns=columns,
+        columns=prepared.columns,
         chunk_rows=settings.chunk_rows,
-        schema=schema,
+        schema=prepared.schema,
         done=done,
         model_name=name,
         version=version,
-        version_dir=version_dir,
-        session=session,
+        version_dir=prepared.version_dir,
+        session=loaded.session,
     )
     progress = Progress([f.rows for f in files], [f.size for f in files], options.progress)
     progress.already_done(sum(r.rows for r in done.values()))
@@ -348,24 +411,24 @@ def _run_locked(
         len(files),
         len(done),
         options.engine,
-        threads,
+        loaded.threads,
     )
     if options.engine == "ray":
         from edgewise.runtime.batch.engine_ray import run_ray
 
-        del model  # each actor loads its own
+        loaded.model = None  # each actor loads its own
         result: EngineResult = run_ray(
             plan,
-            collector,
+            loaded.collector,
             progress,
             address=options.ray_address,
             actors=options.ray_actors,
-            threads=threads,
+            threads=loaded.threads,
         )
     else:
         from edgewise.runtime.batch.pipeline import run_local
 
-        result = run_local(plan, model, collector, progress, threads)
+        result = run_local(plan, loaded.model, loaded.collector, progress, loaded.threads)
     progress.finish()
     return _finish(
         options,
@@ -373,8 +436,8 @@ def _run_locked(
         plan,
         manifest.model_sha256,
         result,
-        collector,
-        no_report,
+        loaded.collector,
+        loaded.no_report,
         started,
         settings.resumed,
     )

@@ -44,6 +44,7 @@ __all__ = [
     "ColumnSpec",
     "InputFile",
     "RawChunk",
+    "check_inputs",
     "check_schema",
     "discover_inputs",
     "input_format",
@@ -164,13 +165,18 @@ def discover_inputs(spec: str) -> list[InputFile]:
     else:
         raise InvalidInput(f"{spec}: no such file or folder")
     files: list[InputFile] = []
+    problems: list[str] = []
     seen: set[str] = set()
     for candidate in paths:
         absolute = str(candidate.resolve())
         if absolute in seen:
             continue
         seen.add(absolute)
-        files.append(_describe(Path(absolute)))
+        try:
+            files.append(_describe(Path(absolute)))
+        except InvalidInput as exc:
+            problems.append(exc.message)
+    raise_all(problems, "input files cannot be read")
     return files
 
 
@@ -285,9 +291,8 @@ def _type_name(dtype: Any) -> str:
     return str(dtype)
 
 
-def check_schema(schema: Any, columns: ColumnSpec, what: str) -> None:
-    """Raise :class:`InvalidInput` naming every missing or mistyped column of ``schema`` (an
-    Arrow schema), in one line."""
+def schema_problems(schema: Any, columns: ColumnSpec) -> list[str]:
+    """Every missing or mistyped column of ``schema`` (an Arrow schema), one phrase each."""
     present = {name: schema.field(name).type for name in schema.names}
     problems: list[str] = []
     missing = [name for name in columns.names if name not in present]
@@ -313,8 +318,24 @@ def check_schema(schema: Any, columns: ColumnSpec, what: str) -> None:
                 "categorical "
                 "(strings)"
             )
+    return problems
+
+
+def check_schema(schema: Any, columns: ColumnSpec, what: str) -> None:
+    """Raise :class:`InvalidInput` naming every missing or mistyped column of ``schema`` (an
+    Arrow schema), in one line."""
+    problems = schema_problems(schema, columns)
     if problems:
         raise InvalidInput(f"{what}: {'; '.join(problems)}")
+
+
+def raise_all(problems: Sequence[str], what: str) -> None:
+    """Raise one :class:`InvalidInput` listing every problem (one per file) on one line: the
+    message alone when there is one, else ``N <what>: first | second | ...``."""
+    if len(problems) == 1:
+        raise InvalidInput(problems[0])
+    if problems:
+        raise InvalidInput(f"{len(problems)} {what}: {' | '.join(problems)}")
 
 
 def _npy_names(array: np.ndarray[Any, Any], columns: ColumnSpec, what: str) -> list[str]:
@@ -578,10 +599,20 @@ def open_reader(file: InputFile, columns: ColumnSpec, chunk_rows: int) -> ChunkR
 
 
 def check_inputs(files: Sequence[InputFile], columns: ColumnSpec) -> list[Any]:
-    """Check every file's columns before anything is scored; returns their schemas."""
+    """Check every file's columns before anything is scored; returns their schemas.
+
+    Every file is checked: one :class:`InvalidInput` names every problem of every file."""
     schemas = []
+    problems: list[str] = []
     for file in files:
-        schema = read_schema(file, columns)
-        check_schema(schema, columns, file.path)
+        try:
+            schema = read_schema(file, columns)
+        except InvalidInput as exc:
+            problems.append(exc.message)
+            continue
+        found = schema_problems(schema, columns)
+        if found:
+            problems.append(f"{file.path}: {'; '.join(found)}")
         schemas.append(schema)
+    raise_all(problems, "input files do not fit the model")
     return schemas

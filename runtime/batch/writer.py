@@ -160,10 +160,14 @@ class JobFolder:
 
     # ---- ownership ---------------------------------------------------------------------------
 
-    def create(self) -> None:
-        """Make the folder if needed; :class:`InvalidInput` if it holds anything but a job."""
+    def check_path(self) -> None:
+        """:class:`InvalidInput` if the output exists and is not a folder (reads only)."""
         if self.path.exists() and not self.path.is_dir():
             raise InvalidInput(f"output {self.path} is not a folder")
+
+    def create(self) -> None:
+        """Make the folder if needed; :class:`InvalidInput` if it is not a folder."""
+        self.check_path()
         self.path.mkdir(parents=True, exist_ok=True)
 
     def lock(self) -> None:
@@ -194,6 +198,8 @@ class JobFolder:
 
     def foreign_entries(self) -> list[str]:
         """Entries that a job folder does not hold (a fresh job needs an empty folder)."""
+        if not self.path.is_dir():
+            return []  # a folder not made yet holds nothing
         return sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE,))
 
     # ---- the job manifest --------------------------------------------------------------------

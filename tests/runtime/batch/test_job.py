@@ -191,6 +191,38 @@ def test_a_later_file_with_a_bad_schema_stops_the_job_before_scoring(
     assert "b.parquet" in message and "'worst symmetry'" in message
 
 
+def test_every_problem_of_every_file_is_reported_at_once_and_nothing_is_written(
+    model_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    inputs.cancer.drop(columns=["mean radius"]).to_parquet(folder / "a.parquet", index=False)
+    inputs.cancer.iloc[:50].to_parquet(folder / "b.parquet", index=False)  # a good one
+    texty = inputs.cancer.iloc[:50].drop(columns=["worst symmetry"])
+    texty["mean texture"] = "rough"
+    texty.to_csv(folder / "c.csv", index=False)
+    out = tmp_path / "out"
+    message = _error(model_repo, folder, out)
+    assert message.startswith("2 input files do not fit the model: "), message
+    assert "a.parquet: missing feature column 'mean radius'" in message
+    assert "c.csv: missing feature column 'worst symmetry'; column 'mean texture' holds" in message
+    assert "b.parquet" not in message and "\n" not in message
+    assert not out.exists(), "a refused job creates no output folder"
+
+
+def test_every_unreadable_file_is_reported_at_once(
+    model_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(b"not parquet")
+    inputs.cancer.iloc[:50].to_parquet(folder / "b.parquet", index=False)
+    (folder / "c.npy").write_bytes(b"not numpy")
+    message = _error(model_repo, folder, tmp_path / "out")
+    assert message.startswith("2 input files cannot be read: "), message
+    assert "a.parquet: cannot read as Parquet" in message and "c.npy: cannot read" in message
+
+
 def test_categorical_feature_given_floats_is_refused(
     model_repo: Path, inputs: Inputs, tmp_path: Path
 ) -> None:
@@ -335,6 +367,25 @@ def test_cli_schema_error_is_one_line_and_exit_1(
     assert len(errors) == 1 and expected in errors[0], done.stderr
     assert errors[0].startswith("edgewise batch: error:")
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_every_bad_file_on_one_line(
+    model_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, column in (("a", "mean radius"), ("b", "worst area")):
+        inputs.cancer.iloc[:100].drop(columns=[column]).to_parquet(folder / f"{name}.parquet")
+    done = edgewise(
+        "batch", "--repo", str(model_repo), "--model", "logreg", "--input", str(folder),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "a.parquet: missing feature column 'mean radius'" in line
+    assert "b.parquet: missing feature column 'worst area'" in line
+    assert not (tmp_path / "out").exists()
 
 
 # ---- online/offline parity ---------------------------------------------------------------------
