@@ -89,61 +89,167 @@ def resolve_inside(root: Path, relative: str, what: str = "path") -> Path:
     return target
 
 
-def _tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of an ONNX graph: initializers, sparse initializers and attribute
+# ---- ONNX external data, read from the protobuf wire format --------------------------------
+#
+# A model load must not import ``onnx`` (and its ml_dtypes): ~1 s in a fresh process. The few
+# fields that lead to a tensor are read straight from the wire format (field numbers of
+# onnx/onnx.proto); everything else is skipped by its length.
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_MODEL_GRAPH, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 20, 25
+_TRAINING_GRAPHS: Final = (1, 2)  # TrainingInfoProto.initialization, .algorithm
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE = 5
+_FUNCTION_NODE = 7
+_ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
+_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+_EXTERNAL: Final = 1  # TensorProto.DataLocation.EXTERNAL
+_MAX_NESTING: Final = 64
+
+
+class _Malformed(Exception):
+    """The bytes are not a protobuf message."""
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise _Malformed("truncated varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """``(field number, wire type, value)`` of a message: an int, or a memoryview for a
+    length-delimited field (fixed-width fields are skipped and given as 0)."""
+    position = 0
+    while position < len(data):
+        tag, position = _varint(data, position)
+        number, wire = tag >> 3, tag & 7
+        if wire == _VARINT:
+            value, position = _varint(data, position)
+            yield number, wire, value
+        elif wire == _LENGTH:
+            length, position = _varint(data, position)
+            if position + length > len(data):
+                raise _Malformed("a field runs past the end of its message")
+            yield number, wire, data[position : position + length]
+            position += length
+        elif wire in (_FIXED64, _FIXED32):
+            position += 8 if wire == _FIXED64 else 4
+            if position > len(data):
+                raise _Malformed("a fixed-width field runs past the end of its message")
+            yield number, wire, 0
+        else:
+            raise _Malformed(f"wire type {wire} (groups are not used by ONNX)")
+
+
+def _messages(data: memoryview, *numbers: int) -> Iterator[memoryview]:
+    for number, wire, value in _fields(data):
+        if number in numbers and wire == _LENGTH:
+            yield value
+
+
+def _graph_tensors(graph: memoryview, depth: int) -> Iterator[memoryview]:
+    """Every TensorProto of a GraphProto: initializers, sparse initializers and attribute
     tensors, in nested graphs too (if/loop/scan bodies)."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _attribute_tensors(node.attribute)
+    if depth > _MAX_NESTING:
+        raise _Malformed("graphs nested too deep")
+    for number, wire, value in _fields(graph):
+        if wire != _LENGTH:
+            continue
+        if number == _GRAPH_INITIALIZER:
+            yield value
+        elif number == _GRAPH_SPARSE_INITIALIZER:
+            yield from _messages(value, _SPARSE_VALUES, _SPARSE_INDICES)
+        elif number == _GRAPH_NODE:
+            yield from _node_tensors(value, depth)
 
 
-def _attribute_tensors(attributes: Iterable[Any]) -> Iterator[Any]:
-    for attribute in attributes:
-        if attribute.HasField("t"):
-            yield attribute.t
-        yield from attribute.tensors
-        if attribute.HasField("g"):
-            yield from _tensors(attribute.g)
-        for graph in attribute.graphs:
-            yield from _tensors(graph)
-        if attribute.HasField("sparse_tensor"):
-            yield attribute.sparse_tensor.values
-            yield attribute.sparse_tensor.indices
+def _node_tensors(node: memoryview, depth: int) -> Iterator[memoryview]:
+    for attribute in _messages(node, _NODE_ATTRIBUTE):
+        for number, wire, value in _fields(attribute):
+            if wire != _LENGTH:
+                continue
+            if number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+                yield value
+            elif number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+                yield from _graph_tensors(value, depth + 1)
+            elif number in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
+                yield from _messages(value, _SPARSE_VALUES, _SPARSE_INDICES)
+
+
+def _model_tensors(model: memoryview) -> Iterator[memoryview]:
+    for number, wire, value in _fields(model):
+        if wire != _LENGTH:
+            continue
+        if number == _MODEL_GRAPH:
+            yield from _graph_tensors(value, 0)
+        elif number == _MODEL_TRAINING_INFO:
+            for graph in _messages(value, *_TRAINING_GRAPHS):
+                yield from _graph_tensors(graph, 0)
+        elif number == _MODEL_FUNCTIONS:
+            for node in _messages(value, _FUNCTION_NODE):
+                yield from _node_tensors(node, 0)
+
+
+def _text(value: memoryview) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed("a string field is not UTF-8") from None
+
+
+def _external_location(tensor: memoryview, model_path: Path) -> str | None:
+    """A TensorProto's external data location, None when its data is inside the model."""
+    name = ""
+    external = False
+    location = None
+    for number, wire, value in _fields(tensor):
+        if number == _TENSOR_NAME and wire == _LENGTH:
+            name = _text(value)
+        elif number == _TENSOR_DATA_LOCATION and wire == _VARINT:
+            external = value == _EXTERNAL  # the last one read counts, as in protobuf
+        elif number == _TENSOR_EXTERNAL_DATA and wire == _LENGTH:
+            entry = {k: _text(v) for k, w, v in _fields(value) if w == _LENGTH}
+            if entry.get(_ENTRY_KEY) == "location":
+                location = entry.get(_ENTRY_VALUE, "")
+    if not external:
+        return None
+    if location is None:
+        raise PackageError(f"{model_path}: tensor {name!r} is stored externally without a location")
+    return location
 
 
 def external_data_locations(model_path: Path, content: bytes | None = None) -> list[str]:
     """The ``location`` of every tensor of an ONNX model (the file, or its ``content`` already
     read) whose data lives in another file (``data_location == EXTERNAL``), read without loading
-    that data."""
-    import onnx
-
+    that data and without importing ``onnx``."""
+    if content is None:
+        try:
+            content = model_path.read_bytes()
+        except OSError as exc:
+            raise PackageError(f"{model_path}: cannot read: {exc.strerror}") from None
+    if b"location" not in content:
+        # No tensor can name an external file: the key is stored verbatim. (A tensor marked
+        # EXTERNAL without a location is refused by onnxruntime.)
+        return []
     try:
-        if content is None:
-            model = onnx.load(str(model_path), load_external_data=False)
-        else:
-            model = onnx.load_model_from_string(content)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PackageError(f"{model_path}: not a readable ONNX model: {first}") from None
-    locations: list[str] = []
-    tensors = list(_tensors(model.graph))
-    for function in model.functions:
-        for node in function.node:
-            tensors.extend(_attribute_tensors(node.attribute))
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entries = {item.key: item.value for item in tensor.external_data}
-        location = entries.get("location")
-        if location is None:
-            raise PackageError(
-                f"{model_path}: tensor {tensor.name!r} is stored externally without a location"
-            )
-        locations.append(location)
-    return locations
+        return [
+            location
+            for tensor in _model_tensors(memoryview(content))
+            if (location := _external_location(tensor, model_path)) is not None
+        ]
+    except _Malformed as exc:
+        raise PackageError(f"{model_path}: not a readable ONNX model: {exc}") from None
 
 
 def check_external_data(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,12 +35,14 @@ from edgewise.runtime.package import (
 from edgewise.runtime.paths import (
     check_external_data,
     ensure_inside,
+    external_data_locations,
     parse_version,
     resolve_inside,
     validate_relative_path,
 )
 from edgewise.runtime.store.base import VersionRecord
 from edgewise.runtime.store.lineage import Lineage
+from tests.fresh import run_python
 from tests.runtime.store.helpers import copy_package, logreg_inputs
 from tests.servers import RunningServer, start_server
 
@@ -167,6 +170,162 @@ def test_external_data_inside_the_package_and_listed_loads(
     model = load_model("logreg", int(folder.name), folder, SessionSettings())
     inputs = {k: np.asarray(v) for k, v in logreg_inputs(model_repo / "logreg" / "1").items()}
     assert model.run(inputs)["probabilities"].shape == (1, 2)
+
+
+def _onnx_external_locations(path: Path) -> list[str]:
+    """The oracle: every EXTERNAL tensor's location, as onnx itself parses the model."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from graph_tensors(attribute.g)
+            for graph in attribute.graphs:
+                yield from graph_tensors(graph)
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+
+    tensors = list(graph_tensors(model.graph))
+    for function in model.functions:
+        for node in function.node:
+            tensors.extend(node_tensors(node))
+    return [
+        {e.key: e.value for e in t.external_data}["location"]
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
+def _nested_external_model(folder: Path) -> Path:
+    """A model whose external tensors sit in an If's branch graphs, a Constant node's attribute,
+    a sparse initializer and the main graph, each in a file of its own."""
+    folder.mkdir(parents=True)
+    h = onnx.helper
+
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        weight = onnx.numpy_helper.from_array(np.full(4, value, np.float32), f"{name}_w")
+        node = h.make_node("Add", ["x", f"{name}_w"], [f"{name}_y"])
+        out = h.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, [4])
+        return h.make_graph([node], name, [], [out], initializer=[weight])
+
+    constant = h.make_node(
+        "Constant",
+        [],
+        ["c"],
+        value=onnx.numpy_helper.from_array(np.arange(4, dtype=np.float32), "c_value"),
+    )
+    sparse = h.make_sparse_tensor(
+        onnx.numpy_helper.from_array(np.ones(2, np.float32), "s"),
+        onnx.numpy_helper.from_array(np.array([0, 3], np.int64), "s_idx"),
+        [4],
+    )
+    condition = h.make_node("Greater", ["c", "x"], ["cond_all"])
+    reduce = h.make_node("ReduceMin", ["cond_all"], ["cond"], keepdims=0)
+    branches = h.make_node(
+        "If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0)
+    )
+    graph = h.make_graph(
+        [constant, condition, reduce, branches],
+        "nested",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        initializer=[onnx.numpy_helper.from_array(np.zeros(4, np.float32), "unused")],
+        sparse_initializer=[sparse],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=False, size_threshold=0
+    )
+    # onnx's converter leaves attribute and sparse tensors inside: mark those by hand (the
+    # model is only parsed, never run).
+    by_hand = [
+        model.graph.node[0].attribute[0].t,
+        model.graph.sparse_initializer[0].values,
+        model.graph.sparse_initializer[0].indices,
+    ]
+    for tensor in by_hand:
+        external_data_helper.set_external_data(tensor, f"{tensor.name}.bin")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    path = folder / MODEL_FILE
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_external_data_is_found_as_onnx_finds_it_without_importing_onnx(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    nested = _nested_external_model(tmp_path / "nested")
+    expected = sorted(_onnx_external_locations(nested))  # the order of the walk is no rule
+    assert len(expected) == 6, expected  # main graph, both branches, the Constant, the sparse
+    assert sorted(external_data_locations(nested)) == expected
+    assert sorted(external_data_locations(nested, nested.read_bytes())) == expected
+    assert sorted(check_external_data(nested, nested.parent)) == expected
+    plain = external_package(model_repo, tmp_path / "repo", "weights.bin") / MODEL_FILE
+    assert external_data_locations(plain) == _onnx_external_locations(plain) == ["weights.bin"]
+    for name in ("logreg", "forest", "mixed", "regressor"):
+        path = model_repo / name / "1" / MODEL_FILE
+        assert external_data_locations(path) == _onnx_external_locations(path) == []
+
+
+def test_a_tensor_marked_external_without_a_location_or_a_torn_model_is_refused(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    nested = _nested_external_model(tmp_path / "nested")
+    model = onnx.load(str(nested), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.key = "place"
+    onnx.save_model(model, str(nested))
+    with pytest.raises(PackageError, match="'unused' is stored externally without a location"):
+        external_data_locations(nested)
+    content = (model_repo / "logreg" / "1" / MODEL_FILE).read_bytes() + b"\x0alocation"
+    with pytest.raises(PackageError, match="not a readable ONNX model"):
+        external_data_locations(tmp_path / "torn.onnx", content)
+
+
+LOAD_AND_SERVE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    import edgewise.runtime.cli, edgewise.runtime.grpc_api.server
+    from edgewise.runtime.monitor_config import MonitorConfig
+    from edgewise.runtime.repository import ModelRepository
+
+    repo = ModelRepository(Path(sys.argv[1]), monitor_defaults=MonitorConfig(enabled=False))
+    repo.load_all()
+    for name in ("logreg", "forest", "mixed", "regressor"):
+        assert repo.get(name) is not None, name
+    external = repo.get("logreg_external")
+    out = external.run({"features": np.zeros((1, 30), dtype=np.float32)})
+    assert out["probabilities"].shape == (1, 2)
+    print(json.dumps({m: m in sys.modules for m in ("onnx", "ml_dtypes", "scipy", "sklearn")}))
+    """
+)
+
+
+def test_loading_and_serving_a_model_does_not_import_onnx(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    package = external_package(model_repo, tmp_path / "staging", "weights.bin")
+    manifest = read_manifest(package)
+    shutil.copytree(package.parent, repo / "logreg_external")
+    write_manifest(
+        repo / "logreg_external" / package.name,
+        dataclasses.replace(manifest, name="logreg_external"),
+    )
+    imported = json.loads(run_python(LOAD_AND_SERVE, str(repo)).strip().splitlines()[-1])
+    assert imported == {"onnx": False, "ml_dtypes": False, "scipy": False, "sklearn": False}
 
 
 def test_external_data_outside_the_package_is_refused(model_repo: Path, tmp_path: Path) -> None:
