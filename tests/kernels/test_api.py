@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,9 @@ import numpy as np
 import pytest
 
 import edgewise.kernels as kernels
-from edgewise.kernels import _config
+from edgewise.kernels import _config, _native, native_build
 from tests.fresh import run_python
+from tests.prerequisites import native_kernels_missing, unmet
 
 PUBLIC_API = [
     "ADWIN",
@@ -72,38 +76,168 @@ def test_public_api_is_pinned() -> None:
         assert getattr(kernels, name) is not None
 
 
-def test_warmup_compiles_everything() -> None:
+@dataclass
+class KernelPath:
+    """Which kernels the package's wrappers call in a test: ``aot`` (the ahead-of-time compiled
+    functions, each call checked against its signature and recorded in ``calls``) or ``jit``
+    (numba's dispatchers)."""
+
+    name: str
+    calls: list[str] = field(default_factory=list)
+
+
+#: Each wrapper's kernels: (module, attribute) -> the compiled functions in it when the
+#: ahead-of-time module serves; a pair ([float32, float64] or [int32, int64]) is a tuple there,
+#: a single function is the attribute itself.
+WRAPPERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("moments", "_UPDATE"): ("moments_update_f32", "moments_update_f64"),
+    ("moments", "_MERGE"): ("moments_merge",),
+    ("moments", "_SUBTRACT"): ("moments_subtract",),
+    ("histograms", "_HISTOGRAM_UPDATE"): ("histogram_update_f32", "histogram_update_f64"),
+    ("histograms", "_CATEGORICAL_UPDATE"): ("categorical_update_i32", "categorical_update_i64"),
+    ("profile", "_UPDATE"): ("profile_update_f32", "profile_update_f64"),
+    ("drift", "_DRIFT_ALL"): ("drift_all",),
+}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"edgewise.kernels.{name}")
+
+
+def _install(monkeypatch: pytest.MonkeyPatch, function_of: Callable[[str], Any]) -> None:
+    """Every wrapper of WRAPPERS calls ``function_of(exported name)`` for this test."""
+    for (module, attribute), names in WRAPPERS.items():
+        functions = tuple(function_of(name) for name in names)
+        monkeypatch.setattr(
+            _module(module), attribute, functions if len(names) > 1 else functions[0]
+        )
+
+
+def numba_kernel(name: str) -> Any:
+    """The numba kernel the compiled function ``name`` is built from."""
+    module, kernel = _native.EXPORTS[name]
+    return getattr(_module(module), kernel)
+
+
+def _check_arguments(name: str, signature: Any, args: tuple[Any, ...]) -> None:
+    """The compiled functions check nothing (a wrong dtype is read as theirs): every argument a
+    wrapper passes must have the type, dtype, rank and layout of the signature it was built
+    for."""
+    from numba import types
+
+    assert len(args) == len(signature.args), (name, len(args))
+    for index, (kind, arg) in enumerate(zip(signature.args, args, strict=True)):
+        where = f"{name} argument {index}"
+        if isinstance(kind, types.Array):
+            assert isinstance(arg, np.ndarray), (where, type(arg))
+            assert arg.dtype == np.dtype(str(kind.dtype)), (where, arg.dtype, kind)
+            assert arg.ndim == kind.ndim, (where, arg.shape, kind)
+            assert arg.flags.c_contiguous and arg.flags.aligned, (where, arg.flags)
+        elif isinstance(kind, types.Boolean):
+            assert isinstance(arg, bool | np.bool_), (where, type(arg))
+        elif isinstance(kind, types.Integer):
+            assert isinstance(arg, int | np.integer) and not isinstance(arg, bool), (where, arg)
+        else:
+            assert isinstance(kind, types.Float) and isinstance(arg, float | np.floating), where
+
+
+@pytest.fixture(params=["aot", "jit"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> KernelPath:
+    """Each test runs on both paths, whichever one this process loaded."""
+    if _config.JIT_DISABLED:
+        pytest.skip("NUMBA_DISABLE_JIT=1: the kernels run as Python, neither compiled path")
+    path = KernelPath(request.param)
+    if path.name == "jit":
+        _config._make_dispatchers()  # numba's dispatchers in place of the lazy kernels
+        _install(monkeypatch, numba_kernel)
+        return path
+    missing = native_kernels_missing()
+    if missing is not None:
+        unmet(missing)
+    signatures = native_build._signatures()
+    # The package calls the compiled functions where they are loaded; the spies stand in for them.
+    for (module, attribute), names in WRAPPERS.items():
+        loaded = tuple(getattr(_native.NATIVE, name) for name in names)
+        assert getattr(_module(module), attribute) == (loaded if len(names) > 1 else loaded[0])
+
+    def spy(name: str) -> Callable[..., Any]:
+        compiled = getattr(_native.NATIVE, name)
+
+        def checked(*args: Any) -> Any:
+            _check_arguments(name, signatures[name], args)  # before a wrong one can crash
+            path.calls.append(name)
+            return compiled(*args)
+
+        return checked
+
+    _install(monkeypatch, spy)
+    return path
+
+
+def test_the_wrappers_table_covers_every_compiled_function() -> None:
+    assert sorted(name for names in WRAPPERS.values() for name in names) == sorted(_native.EXPORTS)
+
+
+@pytest.mark.skipif(_config.JIT_DISABLED, reason="numba.pycc signatures; no JIT in this pass")
+def test_the_spies_refuse_arguments_a_compiled_function_was_not_built_for() -> None:
+    signature = native_build._signatures()["moments_update_f64"]
+    state = np.zeros((5, 3))
+    _check_arguments("moments_update_f64", signature, (state, np.ones((2, 3))))
+    for batch in (
+        np.ones((2, 3), np.float32),  # the other dtype: read as float64, garbage or a crash
+        np.asfortranarray(np.ones((2, 3))),  # another layout
+        np.ones(3),  # another rank
+    ):
+        with pytest.raises(AssertionError):
+            _check_arguments("moments_update_f64", signature, (state, batch))
+
+
+def _exported_kernel_signatures() -> dict[str, int]:
+    """Signatures numba compiled for the kernels the ahead-of-time module also holds."""
+    out = {}
+    for module, kernel in set(_native.EXPORTS.values()):
+        dispatcher = getattr(_module(module), kernel)
+        out[f"{module}.{kernel}"] = len(getattr(dispatcher, "signatures", ()))  # lazy: none yet
+    return out
+
+
+def test_warmup_compiles_everything(kernel_path: KernelPath) -> None:
+    from edgewise.kernels import _special, drift, histograms, moments, profile
+
+    before = _exported_kernel_signatures()
     seconds = kernels.warmup()
     assert seconds >= 0.0
-    if not _config.JIT_DISABLED:
-        from edgewise.kernels import _native, _special, drift, histograms, moments, profile
-
-        if _native.NATIVE is not None:  # these run compiled ahead of time: nothing to JIT
-            for dispatcher in (drift._ks_statistic, drift._wasserstein_sorted, _special._kstwo_sf):
-                assert dispatcher.signatures
-            return
-        compiled = {
-            "moments.update": moments._moments_update,
-            "histograms.update": histograms._histogram_update,
-            "histograms.categorical": histograms._categorical_update,
-            "profile.update": profile._profile_update,
-            "drift.ks_statistic": drift._ks_statistic,
-            "drift.wasserstein": drift._wasserstein_sorted,
-        }
-        for name, dispatcher in compiled.items():
-            sigs = " ".join(str(s) for s in dispatcher.signatures)
-            assert sigs, name
-            if name.startswith(("moments", "histograms.update", "profile", "drift")):
-                assert "float32" in sigs and "float64" in sigs, (name, sigs)
-        cat = " ".join(str(s) for s in histograms._categorical_update.signatures)
-        assert "int32" in cat and "int64" in cat
-        for dispatcher in (
-            drift._drift_all,
-            _special._kstwo_sf,
-            _special._ks2_prob_outside_band,
-            _special._ks2_prob_outside_square,
-        ):
-            assert dispatcher.signatures
+    # The kernels outside the compiled module run through numba on both paths.
+    for dispatcher in (
+        drift._ks_statistic,
+        drift._wasserstein_sorted,
+        _special._kstwo_sf,
+        _special._ks2_prob_outside_band,
+        _special._ks2_prob_outside_square,
+    ):
+        assert dispatcher.signatures
+    if kernel_path.name == "aot":
+        # Every compiled function ran, each with arguments of its signature; numba compiled
+        # none of the kernels they were built from.
+        assert set(kernel_path.calls) == set(_native.EXPORTS)
+        assert _exported_kernel_signatures() == before
+        return
+    compiled = {
+        "moments.update": moments._moments_update,
+        "histograms.update": histograms._histogram_update,
+        "histograms.categorical": histograms._categorical_update,
+        "profile.update": profile._profile_update,
+        "drift.ks_statistic": drift._ks_statistic,
+        "drift.wasserstein": drift._wasserstein_sorted,
+    }
+    for name, dispatcher in compiled.items():
+        sigs = " ".join(str(s) for s in dispatcher.signatures)
+        assert sigs, name
+        if name.startswith(("moments", "histograms.update", "profile", "drift")):
+            assert "float32" in sigs and "float64" in sigs, (name, sigs)
+    cat = " ".join(str(s) for s in histograms._categorical_update.signatures)
+    assert "int32" in cat and "int64" in cat
+    assert drift._drift_all.signatures and moments._moments_merge.signatures
 
 
 def test_kernel_modules_import_only_numpy_and_numba() -> None:
@@ -138,10 +272,13 @@ def _signature_counts() -> dict[str, int]:
     return out
 
 
-@pytest.mark.skipif(_config.JIT_DISABLED, reason="inspects numba dispatchers; no JIT here")
-def test_no_compile_after_warmup_for_server_inputs() -> None:
+def test_no_compile_after_warmup_for_server_inputs(kernel_path: KernelPath) -> None:
+    """After warmup, no input a server passes (read-only, sliced, Fortran-ordered, misaligned,
+    both dtypes) makes numba compile; on the compiled path each reaches the compiled function in
+    the dtype and layout of its signature (checked by the spies)."""
     kernels.warmup()
     before = _signature_counts()
+    kernel_path.calls.clear()  # from here: what the server's inputs call
     rng = np.random.default_rng(0)
     edges = kernels.quantile_edges(rng.normal(size=(100, 4)))
     for dtype in (np.float32, np.float64):
@@ -170,6 +307,9 @@ def test_no_compile_after_warmup_for_server_inputs() -> None:
     kernels.ks_2samp(sample, sample[:20])
     kernels.wasserstein_samples(sample, [1, 2, 3])
     assert _signature_counts() == before
+    if kernel_path.name == "aot":  # every update ran compiled, fed the dtype it was built for
+        merges = {"moments_merge", "moments_subtract"}  # a request merges no states
+        assert set(kernel_path.calls) == set(_native.EXPORTS) - merges
 
 
 @pytest.mark.skipif(_config.JIT_DISABLED, reason="counts numba signatures; no JIT in this pass")
