@@ -6,6 +6,8 @@ children are cached so the request path pays a dict lookup, not a label resoluti
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -14,12 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 if TYPE_CHECKING:
     from edgewise.runtime.monitor import DriftReport
 
-__all__ = ["LATENCY_BUCKETS", "ServerMetrics"]
+__all__ = ["LATENCY_BUCKETS", "SKEW_KINDS", "ServerMetrics"]
 
 # Seconds: fine resolution below a millisecond, where a healthy request lives.
 LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+
+#: The schema-skew counts of a feature's statistics shown as ``edgewise_schema_skew{kind}``.
+SKEW_KINDS: Final = ("missing", "infinite", "out_of_range", "unseen")
 
 
 class ServerMetrics:
@@ -142,20 +147,43 @@ class ServerMetrics:
         self.model_events.labels(model, str(version), event).inc()
 
     def publish_drift(self, report: DriftReport) -> None:
+        """Show ``report`` as the model version's drift state. Every drift series of the version
+        that the report does not carry (a statistic the window has no value for, e.g. after a
+        reset) is dropped, so no series outlives the window it described."""
         model, version = report.model, report.version
-        self.monitored_rows.labels(model, version).set(report.rows)
-        self.model_drifting.labels(model, version).set(1.0 if report.drifting else 0.0)
+        wanted: dict[Gauge, dict[tuple[str, ...], float]] = {
+            self.monitored_rows: {(model, version): float(report.rows)},
+            self.model_drifting: {(model, version): 1.0 if report.drifting else 0.0},
+            self.drift_score: {},
+            self.feature_drifting: {},
+            self.schema_skew: {},
+        }
         for feature in report.features:
             for statistic, value in feature.scores.items():
-                self.drift_score.labels(model, version, feature.name, statistic).set(value)
-            self.feature_drifting.labels(model, version, feature.name).set(
+                wanted[self.drift_score][(model, version, feature.name, statistic)] = value
+            wanted[self.feature_drifting][(model, version, feature.name)] = (
                 1.0 if feature.drifting else 0.0
             )
-            for kind in ("missing", "infinite", "out_of_range", "unseen"):
+            for kind in SKEW_KINDS:
                 if kind in feature.statistics:
-                    self.schema_skew.labels(model, version, feature.name, kind).set(
-                        feature.statistics[kind]
-                    )
+                    key = (model, version, feature.name, kind)
+                    wanted[self.schema_skew][key] = feature.statistics[kind]
+        for gauge, values in wanted.items():
+            _replace_series(gauge, model, version, values)
+
+    def forget_drift(self, model: str, version: str) -> None:
+        """Drop the drift series of a model version (it is unloaded)."""
+        for gauge in self._drift_gauges():
+            _replace_series(gauge, model, version, {})
+
+    def _drift_gauges(self) -> tuple[Gauge, ...]:
+        return (
+            self.drift_score,
+            self.feature_drifting,
+            self.model_drifting,
+            self.schema_skew,
+            self.monitored_rows,
+        )
 
     def publish_quality(self, snapshot: Mapping[str, Any]) -> None:
         model, version = snapshot["model"], snapshot["version"]
@@ -166,16 +194,29 @@ class ServerMetrics:
 
     def forget_model(self, model: str, version: str) -> None:
         """Drop the monitoring series of an unloaded model version."""
-        for gauge in (
-            self.drift_score,
-            self.feature_drifting,
-            self.model_drifting,
-            self.schema_skew,
-            self.monitored_rows,
-            self.quality_error,
-            self.quality_labelled,
-            self.quality_drifts,
-        ):
-            for sample_labels in list(gauge._metrics):  # prometheus_client keeps them here
-                if sample_labels[:2] == (model, version):
-                    gauge.remove(*sample_labels)
+        self.forget_drift(model, version)
+        for gauge in (self.quality_error, self.quality_labelled, self.quality_drifts):
+            _replace_series(gauge, model, version, {})
+
+
+def _replace_series(
+    gauge: Gauge, model: str, version: str, values: Mapping[tuple[str, ...], float]
+) -> None:
+    """Make ``values`` the series of ``gauge`` for one model version: set them, and clear the
+    version's other series. In prometheus_client's multiprocess mode a removed child would keep
+    its last value in the process's file (the supervisor would go on showing it), so there a
+    cleared series is set to NaN instead; otherwise it is removed."""
+    multiprocess = _multiprocess()
+    for labels in list(gauge._metrics):  # prometheus_client keeps the children here
+        if labels[:2] == (model, version) and labels not in values:
+            if multiprocess:
+                gauge.labels(*labels).set(math.nan)
+            else:
+                gauge.remove(*labels)
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+
+
+def _multiprocess() -> bool:
+    names = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+    return any(name in os.environ for name in names)

@@ -2,15 +2,23 @@
 reference profile. The only caller of :mod:`edgewise.kernels` in the server.
 
 Request path (:meth:`ModelMonitor.observe`): one fused kernel call (moments + reference-binned
-histogram) for the packed numeric tensor, one for the categorical codes, and a slice copy into a
-ring buffer of recent rows (the reservoir for exact tests). Numeric schema skew needs no extra work:
-values outside the reference ``[min, max]`` are exactly the histogram's underflow and overflow
-columns, and NaN/inf are counted by the moments.
+histogram) for the packed numeric tensor, one for the categorical codes, and a slice copy into the
+current window's reservoir (a ring buffer of its most recent rows, for the exact tests). Numeric
+schema skew needs no extra work: values outside the reference ``[min, max]`` are exactly the
+histogram's underflow and overflow columns, and NaN/inf are counted by the moments.
 
 Windows: a *current* window, tumbling by row count and/or time; the *previous* complete window; an
-exponentially *decayed* view updated on each timer tick; and *lifetime* totals. Drift is computed
-on demand (the gRPC monitoring service, ``edgewise drift``) and on a timer (Prometheus gauges and
-one log line per drift transition), never per request.
+exponentially *decayed* view updated on each timer tick; and *lifetime* totals. The current and the
+previous window each have their reservoir: the exact tests of a report cover the rows of the window
+it names, never rows of another one.
+
+State changes only in its transitions: :meth:`ModelMonitor.observe` and ``fold`` (the request
+path and the batch scorer), ``evaluate`` (the timer: tick, judge, log, publish), ``reset`` and
+``close`` (the version is unloaded). ``evaluate`` and ``reset`` publish the judged window to the
+monitor's :class:`DriftPublisher` (the Prometheus gauges) before they return, ``close`` has it
+forget the version, so the gauges never show a window that is gone. Reports (``report``,
+``snapshot``) are pure: any number of readers, any number of times. Drift is computed on demand
+and on the timer, never per request.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -33,15 +41,18 @@ from edgewise.kernels import (
     ks_2samp,
     wasserstein_samples,
 )
-from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.errors import InvalidInput, ModelNotFound
 from edgewise.runtime.monitor_config import DEFAULT_THRESHOLDS, MonitorConfig
 from edgewise.runtime.profile import ReferenceProfile
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "EXACT_WINDOWS",
     "WINDOWS",
+    "DriftPublisher",
     "DriftReport",
     "FeatureReport",
+    "Judgement",
     "ModelMonitor",
     "MonitorConfig",
     "WindowStats",
@@ -50,8 +61,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WINDOWS: Final = ("current", "previous", "decayed", "lifetime")
+#: The windows that keep a reservoir of their rows, hence the windows the exact tests can cover.
+EXACT_WINDOWS: Final = ("current", "previous")
 
 PSI_WARNING: Final = 0.1
+
+#: Called ``(kind, details)`` when something worth an alert happens (the server's AlertHook.fire).
+AlertHook = Callable[[str, Mapping[str, Any]], object]
 
 
 @dataclass
@@ -80,6 +96,77 @@ class DriftReport:
     wrong_type: dict[str, int] = field(default_factory=dict)
     computed_at: float = 0.0
     thresholds: dict[str, float] = field(default_factory=dict)
+
+
+class DriftPublisher(Protocol):
+    """Where a monitor publishes its judged window (the server's Prometheus gauges)."""
+
+    def publish_drift(self, report: DriftReport) -> None:
+        """Show ``report`` as the model version's state, replacing everything shown before."""
+
+    def forget_drift(self, model: str, version: str) -> None:
+        """Show nothing more for a model version (it is unloaded)."""
+
+
+class Judgement(NamedTuple):
+    """What a transition judged: the report of the judged window, and whether the model version
+    started drifting with it."""
+
+    report: DriftReport
+    started_drifting: bool
+
+
+class Reservoir:
+    """The most recent rows of one window's numeric tensor, for the exact tests."""
+
+    __slots__ = ("_filled", "_position", "_rows")
+
+    def __init__(self, capacity: int, features: int) -> None:
+        self._rows = np.full((capacity, features), np.nan, dtype=np.float64)
+        self._position = 0
+        self._filled = 0
+
+    def clear(self) -> None:
+        self._position = 0
+        self._filled = 0
+
+    def rows(self) -> npt.NDArray[np.float64]:
+        """A copy of the rows held (in ring order: the exact tests do not depend on order)."""
+        return self._rows[: self._filled].copy()
+
+    def add(self, batch: npt.NDArray[Any]) -> None:
+        ring = self._rows
+        size = ring.shape[0]
+        if size == 0:
+            return
+        rows = batch.shape[0]
+        if rows >= size:
+            ring[:] = batch[-size:]
+            self._position = 0
+            self._filled = size
+            return
+        start = self._position
+        end = start + rows
+        if end <= size:
+            ring[start:end] = batch
+        else:
+            first = size - start
+            ring[start:] = batch[:first]
+            ring[: rows - first] = batch[first:]
+        self._position = end % size
+        self._filled = min(size, self._filled + rows)
+
+
+@dataclass
+class _WindowView:
+    """A consistent copy of what a report reads, taken under the monitor's lock."""
+
+    stats: WindowStats | None
+    numeric: npt.NDArray[Any] | None
+    categorical: npt.NDArray[Any] | None
+    rows: float
+    recent: npt.NDArray[np.float64] | None
+    wrong_type: dict[str, int]
 
 
 class WindowStats:
@@ -121,16 +208,33 @@ class WindowStats:
 
 
 class ModelMonitor:
-    """Live statistics and drift of one model version against its reference profile."""
+    """Live statistics and drift of one model version against its reference profile.
+
+    ``publisher`` (optional) receives the judged window after each :meth:`evaluate` and
+    :meth:`reset`, and is told to forget the version at :meth:`close`; ``on_alert`` (optional)
+    is called ``("data_drift", details)`` when a judgement finds the version newly drifting.
+    """
 
     def __init__(
-        self, model: str, version: str, reference: ReferenceProfile, config: MonitorConfig
+        self,
+        model: str,
+        version: str,
+        reference: ReferenceProfile,
+        config: MonitorConfig,
+        publisher: DriftPublisher | None = None,
+        on_alert: AlertHook | None = None,
     ) -> None:
         self.model = model
         self.version = version
         self.reference = reference
         self.config = config
+        self._publisher = publisher
+        self._on_alert = on_alert
+        # _lock guards the windows (the request path takes it); _judging orders the transitions
+        # that judge and publish, so that two of them never publish out of order.
         self._lock = threading.Lock()
+        self._judging = threading.Lock()
+        self._closed = False
         self._numeric_input = reference.numeric.input if reference.numeric is not None else None
         self._categorical_inputs = [c.input for c in reference.categorical]
         self._codes = [c.codes() for c in reference.categorical]
@@ -139,9 +243,8 @@ class ModelMonitor:
         self.previous: WindowStats | None = None
         self.lifetime = WindowStats(self.reference)
         n_features = len(reference.numeric.names) if reference.numeric is not None else 0
-        self._ring = np.full((config.reservoir_rows, n_features), np.nan, dtype=np.float64)
-        self._ring_pos = 0
-        self._ring_filled = 0
+        self._current_rows = Reservoir(config.reservoir_rows, n_features)
+        self._previous_rows = Reservoir(config.reservoir_rows, n_features)
         self.wrong_type: dict[str, int] = {}
         # Decayed view: float counts, updated at each tick from the lifetime totals' growth.
         self._decayed_numeric: npt.NDArray[np.float64] | None = None
@@ -157,22 +260,26 @@ class ModelMonitor:
     def observe(self, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
         """Add one request's inputs (already validated against the model's schema)."""
         with self._lock:
-            window = self.current
-            self._observe(window, feeds)
+            self._observe(self.current, feeds)
             if self._numeric_input is not None:
-                self._remember(feeds[self._numeric_input])
+                self._current_rows.add(feeds[self._numeric_input])
             self._maybe_roll()
 
     def _observe(self, window: WindowStats, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
-        numeric_name = self._numeric_input
+        # Everything that can refuse the input runs before the window changes.
+        numeric = feeds[self._numeric_input] if self._numeric_input is not None else None
+        categorical = self._categorical_codes(feeds) if self._categorical_inputs else None
         rows = 0
-        if numeric_name is not None:
-            batch = feeds[numeric_name]
-            rows = batch.shape[0]
+        if numeric is not None:
             assert window.numeric is not None
-            window.numeric.update(batch)
-        if self._categorical_inputs:
-            rows = self._observe_categorical(feeds, window)
+            window.numeric.update(numeric)
+            rows = numeric.shape[0]
+        if categorical is not None:
+            codes, missing = categorical
+            assert window.categorical is not None
+            window.categorical.update(codes)
+            window.missing += missing
+            rows = codes.shape[0]
         window.rows += rows
 
     def _maybe_roll(self) -> None:
@@ -209,12 +316,14 @@ class ModelMonitor:
         ``lifetime``), or None for a ``previous`` window that has not completed yet."""
         if window == "decayed":
             raise InvalidInput("the decayed window holds counts only, no statistics")
-        return self._window_counts(window)[0]
+        return self._view(window, exact=False).stats
 
-    def _observe_categorical(
-        self, feeds: Mapping[str, npt.NDArray[Any]], window: WindowStats
-    ) -> int:
+    def _categorical_codes(
+        self, feeds: Mapping[str, npt.NDArray[Any]]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(codes, one column per categorical input; missing values per input) of a request."""
         columns = []
+        missing = np.zeros(len(self._categorical_inputs), dtype=np.int64)
         for index, name in enumerate(self._categorical_inputs):
             values = feeds[name].reshape(-1)
             table = self._codes[index]
@@ -223,51 +332,75 @@ class ModelMonitor:
             for row, value in enumerate(values):
                 text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
                 if not text:
-                    window.missing[index] += 1
+                    missing[index] += 1
                 codes[row] = table.get(text, unseen)
             columns.append(codes)
-        assert window.categorical is not None
-        window.categorical.update(np.ascontiguousarray(np.stack(columns, axis=1)))
-        return len(columns[0])
-
-    def _remember(self, batch: npt.NDArray[Any]) -> None:
-        ring = self._ring
-        size = ring.shape[0]
-        if size == 0:
-            return
-        rows = batch.shape[0]
-        if rows >= size:
-            ring[:] = batch[-size:]
-            self._ring_pos = 0
-            self._ring_filled = size
-            return
-        start = self._ring_pos
-        end = start + rows
-        if end <= size:
-            ring[start:end] = batch
-        else:
-            first = size - start
-            ring[start:] = batch[:first]
-            ring[: rows - first] = batch[first:]
-        self._ring_pos = end % size
-        self._ring_filled = min(size, self._ring_filled + rows)
+        return np.ascontiguousarray(np.stack(columns, axis=1)), missing
 
     def count_wrong_type(self, input_name: str) -> None:
         with self._lock:
             self.wrong_type[input_name] = self.wrong_type.get(input_name, 0) + 1
 
-    # ---- windows ---------------------------------------------------------------------------------
+    # ---- transitions -----------------------------------------------------------------------------
 
     def _roll(self) -> None:
-        """Close the current window (lock held)."""
+        """Close the current window, its reservoir with it (lock held)."""
         self.lifetime.merge(self.current)
         self.previous = self.current
         self.current = WindowStats(self.reference)
+        self._previous_rows, self._current_rows = self._current_rows, self._previous_rows
+        self._current_rows.clear()
 
-    def reset(self) -> None:
-        with self._lock:
-            self.lifetime.merge(self.current)
-            self.current = WindowStats(self.reference)
+    def reset(self) -> Judgement:
+        """Drop the current window (its rows stay in the lifetime totals) and its reservoir,
+        then judge and publish as :meth:`evaluate` does, so that nothing of the dropped window
+        is shown any more. The previous complete window is kept."""
+        with self._judging:
+            self._refuse_if_closed()
+            with self._lock:
+                self.lifetime.merge(self.current)
+                self.current = WindowStats(self.reference)
+                self._current_rows.clear()
+            return self._judge()
+
+    def evaluate(self) -> Judgement | None:
+        """The timer's transition: roll a time-limited window, fold new traffic into the decayed
+        view, judge the :meth:`judgement_window`, log drift transitions, publish. None once the
+        monitor is closed."""
+        with self._judging:
+            if self._closed:
+                return None
+            self._tick()
+            return self._judge()
+
+    def close(self) -> None:
+        """The version is unloaded: publish no more, and have the publisher forget it."""
+        with self._judging:
+            self._closed = True
+            if self._publisher is not None:
+                self._publisher.forget_drift(self.model, self.version)
+
+    def tick(self) -> None:
+        """Timer work: roll a time-limited window, fold new traffic into the decayed view."""
+        with self._judging:
+            self._tick()
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise ModelNotFound(
+                f"model {self.model!r} version {self.version} is not served (unloaded)"
+            )
+
+    def _judge(self) -> Judgement:
+        """Judge, log and publish (``_judging`` held)."""
+        report = self.report(self.judgement_window())
+        started = report.drifting and not self.drifting
+        self._log_transition(report)
+        if self._publisher is not None:
+            self._publisher.publish_drift(report)
+        if started and self._on_alert is not None:
+            self._on_alert("data_drift", _alert_details(report))
+        return Judgement(report, started)
 
     def _totals(self) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64] | None, int]:
         numeric = categorical = None
@@ -279,8 +412,9 @@ class ModelMonitor:
             categorical = total.categorical.counts.astype(np.float64)
         return numeric, categorical, total.rows
 
-    def tick(self) -> None:
-        """Timer work: roll a time-limited window, fold new traffic into the decayed view."""
+    def _tick(self) -> None:
+        """Roll a time-limited window, fold new traffic into the decayed view (``_judging``
+        held)."""
         with self._lock:
             now = time.monotonic()
             config = self.config
@@ -301,42 +435,63 @@ class ModelMonitor:
             delta = new - (old if old is not None else 0.0)
             return delta if decayed is None else decayed * factor + delta
 
-        self._decayed_numeric = fold(self._decayed_numeric, totals[0], previous[0])
-        self._decayed_categorical = fold(self._decayed_categorical, totals[1], previous[1])
-        self._decayed_rows = self._decayed_rows * factor + (totals[2] - previous[2])
+        numeric = fold(self._decayed_numeric, totals[0], previous[0])
+        categorical = fold(self._decayed_categorical, totals[1], previous[1])
+        rows = self._decayed_rows * factor + (totals[2] - previous[2])
+        with self._lock:  # readers see the three together
+            self._decayed_numeric, self._decayed_categorical = numeric, categorical
+            self._decayed_rows = rows
         self._last_totals = totals
         self._last_tick = now
 
-    # ---- reports ---------------------------------------------------------------------------------
+    # ---- reports (pure) --------------------------------------------------------------------------
 
-    def _window_counts(
-        self, window: str
-    ) -> tuple[WindowStats | None, npt.NDArray[Any] | None, npt.NDArray[Any] | None, float]:
-        """(statistics window, numeric counts, categorical counts, rows) of a named window."""
+    def _view(self, window: str, exact: bool) -> _WindowView:
+        """What a report of ``window`` reads, copied under one hold of the lock."""
+        if window not in WINDOWS:
+            raise InvalidInput(f"window {window!r} is not one of {', '.join(WINDOWS)}")
+        if exact and window not in EXACT_WINDOWS:
+            raise InvalidInput(
+                f"the exact tests cover the {' and '.join(EXACT_WINDOWS)} windows only "
+                f"(their reservoirs of rows), not {window!r}"
+            )
         with self._lock:
-            if window == "current":
-                chosen: WindowStats | None = self.current.copy(self.reference)
-            elif window == "previous":
-                chosen = self.previous.copy(self.reference) if self.previous is not None else None
-            elif window == "lifetime":
-                chosen = self.lifetime.copy(self.reference)
-                chosen.merge(self.current)
-            elif window == "decayed":
-                chosen = None
-            else:
-                raise InvalidInput(f"window {window!r} is not one of {', '.join(WINDOWS)}")
-        if window == "decayed":
-            return None, self._decayed_numeric, self._decayed_categorical, self._decayed_rows
+            wrong_type = dict(self.wrong_type)
+            if window == "decayed":
+                return _WindowView(
+                    None,
+                    self._decayed_numeric,
+                    self._decayed_categorical,
+                    self._decayed_rows,
+                    None,
+                    wrong_type,
+                )
+            chosen = self._copy_of(window)
+            reservoir = self._current_rows if window == "current" else self._previous_rows
+            recent = reservoir.rows() if exact and chosen is not None else None
         if chosen is None:
-            return None, None, None, 0.0
+            return _WindowView(None, None, None, 0.0, None, wrong_type)
         numeric = chosen.numeric.histogram.counts if chosen.numeric is not None else None
         categorical = chosen.categorical.counts if chosen.categorical is not None else None
-        return chosen, numeric, categorical, float(chosen.rows)
+        return _WindowView(chosen, numeric, categorical, float(chosen.rows), recent, wrong_type)
+
+    def _copy_of(self, window: str) -> WindowStats | None:
+        """A copy of a named window's statistics (lock held)."""
+        if window == "current":
+            return self.current.copy(self.reference)
+        if window == "previous":
+            return self.previous.copy(self.reference) if self.previous is not None else None
+        chosen = self.lifetime.copy(self.reference)
+        chosen.merge(self.current)
+        return chosen
 
     def report(
         self, window: str = "current", exact: bool = False, scores: bool = True
     ) -> DriftReport:
-        stats_window, numeric_counts, categorical_counts, rows = self._window_counts(window)
+        """The statistics (and with ``scores`` the drift) of a named window; ``exact`` adds the
+        exact tests on the window's reservoir (``current`` and ``previous`` only). Pure."""
+        view = self._view(window, exact and scores)
+        rows = view.rows
         thresholds = dict(self.config.thresholds)
         report = DriftReport(
             model=self.model,
@@ -346,41 +501,52 @@ class ModelMonitor:
             rows=round(rows),
             reference_rows=self.reference.rows,
             insufficient_data=rows < self.config.min_rows,
-            wrong_type=dict(self.wrong_type),
+            wrong_type=view.wrong_type,
             computed_at=time.time(),
             thresholds=thresholds,
         )
-        if window == "previous" and stats_window is None:
+        if window == "previous" and view.stats is None:
             report.reason = "no window has completed yet"
-        ref = self.reference
-        if ref.numeric is not None:
-            numeric = ref.numeric
-            table = None
-            if scores and numeric_counts is not None and rows > 0:
-                table = drift_scores(numeric.counts, numeric_counts, numeric.edges)
-            for index, name in enumerate(numeric.names):
-                feature = FeatureReport(name, "numeric", {}, False, False, [], {})
-                if table is not None:
-                    feature.scores = {
-                        "psi": float(table.psi[index]),
-                        "jensenshannon": float(table.jensenshannon[index]),
-                        "wasserstein": float(table.wasserstein[index]),
-                        "ks": float(table.ks[index]),
-                        "chi2": float(table.chi2[index]),
-                        "chi2_pvalue": float(table.chi2_pvalue[index]),
-                    }
-                if stats_window is not None and stats_window.numeric is not None:
-                    feature.statistics = _numeric_statistics(
-                        stats_window.numeric, index, numeric.edges.overflow_column
-                    )
-                report.features.append(feature)
-            if exact and scores:
-                self._exact_tests(report)
-        for index, cat in enumerate(ref.categorical):
+        self._numeric_features(report, view, scores)
+        self._categorical_features(report, view, scores)
+        if not report.insufficient_data:
+            for feature in report.features:
+                _judge(feature, thresholds)
+            report.drifting = any(f.drifting for f in report.features)
+        return report
+
+    def _numeric_features(self, report: DriftReport, view: _WindowView, scores: bool) -> None:
+        numeric = self.reference.numeric
+        if numeric is None:
+            return
+        table = None
+        if scores and view.numeric is not None and view.rows > 0:
+            table = drift_scores(numeric.counts, view.numeric, numeric.edges)
+        for index, name in enumerate(numeric.names):
+            feature = FeatureReport(name, "numeric", {}, False, False, [], {})
+            if table is not None:
+                feature.scores = {
+                    "psi": float(table.psi[index]),
+                    "jensenshannon": float(table.jensenshannon[index]),
+                    "wasserstein": float(table.wasserstein[index]),
+                    "ks": float(table.ks[index]),
+                    "chi2": float(table.chi2[index]),
+                    "chi2_pvalue": float(table.chi2_pvalue[index]),
+                }
+            if view.stats is not None and view.stats.numeric is not None:
+                feature.statistics = _numeric_statistics(
+                    view.stats.numeric, index, numeric.edges.overflow_column
+                )
+            report.features.append(feature)
+        if view.recent is not None:
+            self._exact_tests(report, view.recent)
+
+    def _categorical_features(self, report: DriftReport, view: _WindowView, scores: bool) -> None:
+        for index, cat in enumerate(self.reference.categorical):
             feature = FeatureReport(cat.name, "categorical", {}, False, False, [], {})
-            if scores and categorical_counts is not None and rows > 0:
+            if scores and view.categorical is not None and view.rows > 0:
                 # Counts rows are [categories..., padding..., unseen]: keep this feature's own.
-                row = categorical_counts[index]
+                row = view.categorical[index]
                 current = np.concatenate([row[: len(cat.categories)], row[-1:]])
                 table = drift_scores(cat.counts[None, :], current[None, :])
                 feature.scores = {
@@ -390,32 +556,26 @@ class ModelMonitor:
                     "chi2_pvalue": float(table.chi2_pvalue[0]),
                     "linf": float(table.linf[0]),
                 }
-            if stats_window is not None and stats_window.categorical is not None:
-                counts = stats_window.categorical.counts[index]
+            if view.stats is not None and view.stats.categorical is not None:
+                counts = view.stats.categorical.counts[index]
                 feature.statistics = {
                     "count": float(counts.sum()),
-                    "missing": float(stats_window.missing[index]),
-                    "unseen": float(counts[-1] - stats_window.missing[index]),
+                    "missing": float(view.stats.missing[index]),
+                    "unseen": float(counts[-1] - view.stats.missing[index]),
                 }
             report.features.append(feature)
-        if not report.insufficient_data:
-            for feature in report.features:
-                _judge(feature, thresholds)
-            report.drifting = any(f.drifting for f in report.features)
-        return report
 
     def judgement_window(self) -> str:
         """The window the timer judges: the current one once it holds enough rows, else the last
         complete one, else the current one (reported as insufficient data)."""
-        if self.current.rows >= self.config.min_rows or self.previous is None:
-            return "current"
-        return "previous"
+        with self._lock:
+            if self.current.rows >= self.config.min_rows or self.previous is None:
+                return "current"
+            return "previous"
 
-    def _exact_tests(self, report: DriftReport) -> None:
+    def _exact_tests(self, report: DriftReport, recent: npt.NDArray[np.float64]) -> None:
         numeric = self.reference.numeric
         assert numeric is not None
-        with self._lock:
-            recent = self._ring[: self._ring_filled].copy()
         if recent.shape[0] == 0 or numeric.sample.shape[0] == 0:
             return
         for index, feature in enumerate(report.features[: len(numeric.names)]):
@@ -430,8 +590,8 @@ class ModelMonitor:
             feature.scores["ks_exact_pvalue"] = float(result.pvalue)
             feature.scores["wasserstein_exact"] = float(wasserstein_samples(reference, live))
 
-    def observe_transition(self, report: DriftReport) -> None:
-        """Log once per change of the model's or a feature's drift state."""
+    def _log_transition(self, report: DriftReport) -> None:
+        """Log once per change of the model's or a feature's drift state (``_judging`` held)."""
         drifting_now = {f.name for f in report.features if f.drifting}
         for name in sorted(drifting_now - self.drifting_features):
             feature = next(f for f in report.features if f.name == name)
@@ -458,6 +618,20 @@ class ModelMonitor:
             )
         self.drifting_features = drifting_now
         self.drifting = report.drifting
+
+
+def _alert_details(report: DriftReport) -> dict[str, Any]:
+    return {
+        "model": report.model,
+        "version": report.version,
+        "window": report.window,
+        "rows": report.rows,
+        "features": {
+            feature.name: {"reasons": feature.reasons, "scores": feature.scores}
+            for feature in report.features
+            if feature.drifting
+        },
+    }
 
 
 def _numeric_statistics(profile: FeatureProfile, index: int, overflow: int) -> dict[str, float]:

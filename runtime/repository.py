@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from edgewise.runtime.batching import BatchingConfig, batchable
 from edgewise.runtime.errors import (
@@ -39,6 +39,9 @@ from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, va
 from edgewise.runtime.paths import ensure_inside
 from edgewise.runtime.quality import OnlineQuality, QualityConfig
 from edgewise.runtime.signing import TrustedKeys
+
+if TYPE_CHECKING:
+    from edgewise.runtime.monitor import DriftPublisher
 
 __all__ = [
     "ModelConfig",
@@ -226,8 +229,10 @@ class ModelRepository:
         monitor_defaults: MonitorConfig | None = None,
         quality_enabled: bool = False,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
+        drift_publisher: DriftPublisher | None = None,
     ) -> None:
         self.root = root
+        self.drift_publisher = drift_publisher  # where monitors publish their judged windows
         self.quality_enabled = quality_enabled
         self.on_alert = on_alert
         self.monitor_defaults = monitor_defaults or MonitorConfig(enabled=False)
@@ -409,6 +414,7 @@ class ModelRepository:
             served = dict(self._served)
             served[name] = snapshot
             self._served = served  # the swap: one assignment, seen atomically by readers
+            _close_monitors(current_versions, new_versions)
             for number in current_versions:
                 if number not in new_versions:
                     self._on_event(name, number, "unload")
@@ -449,6 +455,7 @@ class ModelRepository:
                 else:
                     del served[name]
             self._served = served
+            _close_monitors(current.versions, served[name].versions if name in served else {})
             for number in removed:
                 self._on_event(name, number, "unload")
             return [self._status(name, v, served.get(name)) for v in removed]
@@ -491,7 +498,9 @@ class ModelRepository:
         if profile is None:
             model.monitor_reason = "the model package has no reference profile"
             return
-        model.monitor = ModelMonitor(model.name, model.version_str, profile, settings)
+        model.monitor = ModelMonitor(
+            model.name, model.version_str, profile, settings, self.drift_publisher, self.on_alert
+        )
         model.monitor_reason = ""
 
     def _load_one(self, name: str, version: int, folder: Path) -> LoadedModel | None:
@@ -525,3 +534,11 @@ class ModelRepository:
             model.sha256[:12],
         )
         return model
+
+
+def _close_monitors(before: Mapping[int, LoadedModel], after: Mapping[int, LoadedModel]) -> None:
+    """Close the monitors of the versions no longer served as they were (unloaded, or replaced
+    by a reload): they publish nothing more, and their gauges are dropped."""
+    for number, model in before.items():
+        if after.get(number) is not model and model.monitor is not None:
+            model.monitor.close()

@@ -104,6 +104,7 @@ class InferenceServer:
             monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
             quality_enabled=settings.quality == "on",
             on_alert=self.alerts.fire,
+            drift_publisher=self.metrics,
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -377,29 +378,8 @@ class InferenceServer:
         for model in self.repository.served_models():
             if model.quality is not None:
                 self.metrics.publish_quality(model.quality.snapshot())
-            monitor = model.monitor
-            if monitor is None:
-                continue
-            monitor.tick()
-            report = monitor.report(monitor.judgement_window())
-            self.metrics.publish_drift(report)
-            was_drifting = monitor.drifting
-            monitor.observe_transition(report)
-            if report.drifting and not was_drifting:
-                self.alerts.fire(
-                    "data_drift",
-                    {
-                        "model": report.model,
-                        "version": report.version,
-                        "window": report.window,
-                        "rows": report.rows,
-                        "features": {
-                            f.name: {"reasons": f.reasons, "scores": f.scores}
-                            for f in report.features
-                            if f.drifting
-                        },
-                    },
-                )
+            if model.monitor is not None:
+                model.monitor.evaluate()  # judges, logs, publishes and alerts in one place
             self._published.add((model.name, model.version_str))
 
     async def stop(self, grace: float | None = None) -> None:

@@ -526,7 +526,8 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
                     f"model {model.name!r} version {model.version} is not monitored: "
                     f"{model.monitor_reason}"
                 )
-            model.monitor.reset()
+            # The reset judges the fresh window and publishes it before answering.
+            await asyncio.get_running_loop().run_in_executor(self.executor, model.monitor.reset)
             return epb.ResetWindowResponse()
         except Exception as exc:
             await _abort(context, exc)

@@ -238,3 +238,44 @@ def test_categorical_windows_collected_elsewhere(model_repo: Path) -> None:
         direct.report("current").features, folded.report("current").features, strict=True
     ):
         assert a.scores == b.scores and a.statistics == b.statistics
+
+
+def assert_exact_scores_over(
+    monitor: ModelMonitor, report_scores: list[dict[str, float]], rows: np.ndarray
+) -> None:
+    reference = monitor.reference.numeric
+    assert reference is not None
+    wide = rows.astype(np.float64)
+    for index in (0, 3, 29):
+        expected = stats.ks_2samp(reference.sample[:, index], wide[:, index])
+        assert report_scores[index]["ks_exact"] == pytest.approx(expected.statistic, abs=1e-12)
+        assert report_scores[index]["wasserstein_exact"] == pytest.approx(
+            stats.wasserstein_distance(reference.sample[:, index], wide[:, index]), rel=1e-9
+        )
+
+
+def test_reset_empties_the_reservoir_of_the_exact_tests(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=0, reservoir_rows=300)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch[:200] * 3}, batch=50)  # a window that drifted
+    monitor.reset()
+    assert all("ks_exact" not in f.scores for f in monitor.report(exact=True).features)
+    feed_rows(monitor, {"features": batch[200:320]}, batch=40)
+    report = monitor.report("current", exact=True)
+    assert report.rows == 120
+    assert_exact_scores_over(monitor, [f.scores for f in report.features], batch[200:320])
+
+
+def test_exact_tests_cover_the_reported_window_only(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=200, reservoir_rows=150)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch[:260]}, batch=20)  # one full window, 60 rows in the next
+    current = monitor.report("current", exact=True)
+    assert current.rows == 60
+    assert_exact_scores_over(monitor, [f.scores for f in current.features], batch[200:260])
+    previous = monitor.report("previous", exact=True)
+    assert previous.rows == 200
+    assert_exact_scores_over(monitor, [f.scores for f in previous.features], batch[50:200])
+    for window in ("lifetime", "decayed"):
+        with pytest.raises(InvalidInput, match="exact"):
+            monitor.report(window, exact=True)
