@@ -23,18 +23,24 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 
 __all__ = [
     "MAX_ELEMENTS",
+    "MAX_RANK",
     "DecodedInput",
+    "TensorPlan",
     "decode_bytes_raw",
     "decode_inputs",
     "decode_outputs",
+    "element_count",
     "encode_bytes_raw",
     "encode_inputs",
     "encode_outputs",
+    "plan_inputs",
 ]
 
 # A guard against shapes whose product overflows or asks for absurd allocations: no tensor may
 # claim more elements than this, whatever bytes it carries.
 MAX_ELEMENTS: Final = 1 << 31
+# Numpy 1 shapes at most 32 dimensions (numpy 2: 64); no model takes more.
+MAX_RANK: Final = 32
 
 # Which InferTensorContents field carries which datatype, and the value range for the narrow ones.
 _TYPED_FIELD: Final[dict[str, str]] = {
@@ -71,22 +77,46 @@ class DecodedInput:
     array: npt.NDArray[Any]
 
 
-def _element_count(name: str, shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        if dim < 0:
-            raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
-        count *= dim
-        if count > MAX_ELEMENTS:
+def element_count(name: str, shape: Sequence[int], kind: str = "input") -> int:
+    """The number of elements ``shape`` declares, after checking numpy can hold it: at most
+    :data:`MAX_RANK` dimensions, none negative, and the non-zero ones multiplying to at most
+    :data:`MAX_ELEMENTS` (a zero does not make ``[0, 2**62, 4]`` an array numpy can shape).
+    Reads no more than ``MAX_RANK`` dimensions, whatever the request declares."""
+    rank = len(shape)
+    if rank > MAX_RANK:
+        raise InvalidInput(
+            f"{kind} {name!r}: shape has {rank} dimensions; at most {MAX_RANK} are accepted"
+        )
+    dims = [int(dim) for dim in shape]
+    if any(dim < 0 for dim in dims):
+        raise InvalidInput(f"{kind} {name!r}: shape {dims} has a negative dimension")
+    span = 1
+    for dim in dims:
+        span *= max(dim, 1)
+        if span > MAX_ELEMENTS:
+            what = "non-zero dimensions multiply" if 0 in dims else "dimensions multiply"
             raise InvalidInput(
-                f"input {name!r}: shape {list(shape)} has more than {MAX_ELEMENTS} elements"
+                f"{kind} {name!r}: shape {dims} is too large: its {what} to more than "
+                f"{MAX_ELEMENTS} elements"
             )
-    return count
+    return span if 0 not in dims else 0
 
 
-def decode_bytes_raw(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:
+def _check_bytes_raw_size(name: str, raw: bytes, count: int, kind: str) -> None:
+    if len(raw) < _LENGTH.size * count:
+        raise InvalidInput(
+            f"{kind} {name!r}: raw BYTES content has {len(raw)} bytes, too few for {count} "
+            f"elements (each takes at least its {_LENGTH.size}-byte length)"
+        )
+
+
+def decode_bytes_raw(
+    name: str, raw: bytes, count: int, kind: str = "input"
+) -> npt.NDArray[np.object_]:
     """Split a raw BYTES buffer (4-byte little-endian length, then the bytes) into ``count``
-    elements; the buffer must hold exactly that many."""
+    elements; the buffer must hold exactly that many. Nothing is allocated for a ``count`` the
+    buffer cannot hold."""
+    _check_bytes_raw_size(name, raw, count, kind)
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -94,20 +124,20 @@ def decode_bytes_raw(name: str, raw: bytes, count: int) -> npt.NDArray[np.object
     for index in range(count):
         if offset + 4 > total:
             raise InvalidInput(
-                f"input {name!r}: raw BYTES content ends after {index} of {count} elements"
+                f"{kind} {name!r}: raw BYTES content ends after {index} of {count} elements"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > total:
             raise InvalidInput(
-                f"input {name!r}: BYTES element {index} claims {length} bytes, "
+                f"{kind} {name!r}: BYTES element {index} claims {length} bytes, "
                 f"only {total - offset} remain"
             )
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != total:
         raise InvalidInput(
-            f"input {name!r}: raw BYTES content has {total - offset} bytes after its "
+            f"{kind} {name!r}: raw BYTES content has {total - offset} bytes after its "
             f"{count} elements"
         )
     return out
@@ -123,100 +153,162 @@ def encode_bytes_raw(array: npt.NDArray[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> npt.NDArray[Any]:
-    count = _element_count(name, shape)
+@dataclass(frozen=True, slots=True)
+class TensorPlan:
+    """A tensor whose declaration (name, datatype, shape) and payload size have been checked
+    against each other; nothing is allocated until :meth:`decode`. Checks that need to read
+    every element (BYTES length prefixes, value ranges) are left to :meth:`decode`, whose
+    allocations the payload's size bounds."""
+
+    kind: str
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    count: int
+    raw: bytes | None  # None: typed contents
+    contents: pb.InferTensorContents | None
+
+    def decode(self) -> npt.NDArray[Any]:
+        if self.raw is not None:
+            return self._decode_raw(self.raw)
+        assert self.contents is not None
+        return self._decode_typed(self.contents)
+
+    def _decode_raw(self, raw: bytes) -> npt.NDArray[Any]:
+        if self.datatype == BYTES:
+            return decode_bytes_raw(self.name, raw, self.count, self.kind).reshape(self.shape)
+        if self.datatype == "BOOL" and raw and np.frombuffer(raw, dtype=np.uint8).max() > 1:
+            raise InvalidInput(
+                f"{self.kind} {self.name!r}: raw BOOL content has a byte other than 0 or 1"
+            )
+        return np.frombuffer(raw, dtype=DATATYPE_TO_NUMPY[self.datatype]).reshape(self.shape)
+
+    def _decode_typed(self, contents: pb.InferTensorContents) -> npt.NDArray[Any]:
+        datatype, count = self.datatype, self.count
+        field = _TYPED_FIELD[datatype]
+        values = getattr(contents, field)
+        if datatype == BYTES:
+            array = np.empty(count, dtype=object)
+            array[:] = list(values)
+            return array.reshape(self.shape)
+        dtype = DATATYPE_TO_NUMPY[datatype]
+        if datatype in _NARROW:
+            low, high = _NARROW[datatype]
+            wide = np.array(values, dtype=np.int64)
+            if count and (wide.min() < low or wide.max() > high):
+                raise InvalidInput(
+                    f"{self.kind} {self.name!r}: a value in contents.{field} is outside the "
+                    f"{datatype} range"
+                )
+            return wide.astype(dtype).reshape(self.shape)
+        return np.array(values, dtype=dtype).reshape(self.shape)
+
+
+def _check_raw_size(
+    kind: str, name: str, datatype: str, dims: list[int], count: int, raw: bytes
+) -> None:
     if datatype == BYTES:
-        return decode_bytes_raw(name, raw, count).reshape(shape)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    expected = count * dtype.itemsize
+        _check_bytes_raw_size(name, raw, count, kind)
+        return
+    expected = count * DATATYPE_TO_NUMPY[datatype].itemsize
     if len(raw) != expected:
         raise InvalidInput(
-            f"input {name!r}: raw content has {len(raw)} bytes, expected {expected} "
-            f"for {datatype} shape {list(shape)}"
+            f"{kind} {name!r}: raw content has {len(raw)} bytes, expected {expected} "
+            f"for {datatype} shape {dims}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _decode_typed(
-    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
-) -> npt.NDArray[Any]:
-    count = _element_count(name, shape)
+def _check_typed_count(
+    kind: str,
+    name: str,
+    datatype: str,
+    dims: list[int],
+    count: int,
+    contents: pb.InferTensorContents,
+) -> None:
     if datatype == "FP16":
-        raise InvalidInput(f"input {name!r}: FP16 is only accepted as raw_input_contents")
+        raise InvalidInput(f"{kind} {name!r}: FP16 is only accepted as raw_{kind}_contents")
     field = _TYPED_FIELD[datatype]
     for other in _ALL_TYPED_FIELDS:
         if other != field and len(getattr(contents, other)):
             raise InvalidInput(
-                f"input {name!r}: datatype {datatype} belongs in contents.{field}, "
+                f"{kind} {name!r}: datatype {datatype} belongs in contents.{field}, "
                 f"but contents.{other} has values"
             )
-    values = getattr(contents, field)
-    if len(values) != count:
+    given = len(getattr(contents, field))
+    if given != count:
         raise InvalidInput(
-            f"input {name!r}: contents.{field} has {len(values)} values, expected {count} "
-            f"for shape {list(shape)}"
+            f"{kind} {name!r}: contents.{field} has {given} values, expected {count} "
+            f"for shape {dims}"
         )
-    if datatype == BYTES:
-        array = np.empty(count, dtype=object)
-        array[:] = list(values)
-        return array.reshape(shape)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    if datatype in _NARROW:
-        low, high = _NARROW[datatype]
-        wide = np.array(values, dtype=np.int64)
-        if count and (wide.min() < low or wide.max() > high):
-            raise InvalidInput(
-                f"input {name!r}: a value in contents.{field} is outside the {datatype} range"
-            )
-        return wide.astype(dtype).reshape(shape)
-    return np.array(values, dtype=dtype).reshape(shape)
 
 
-def _decode_tensors(
+def _has_typed_values(tensor: Any) -> bool:
+    return bool(tensor.HasField("contents")) and any(
+        len(getattr(tensor.contents, field)) for field in _ALL_TYPED_FIELDS
+    )
+
+
+def _plan_tensor(kind: str, index: int, tensor: Any, raw: bytes | None) -> TensorPlan:
+    name = tensor.name
+    if not name:
+        raise InvalidInput(f"{kind} {index}: the tensor has no name")
+    datatype = tensor.datatype
+    if datatype not in DATATYPE_TO_NUMPY:
+        raise InvalidInput(f"{kind} {name!r}: unknown datatype {datatype!r}")
+    count = element_count(name, tensor.shape, kind)
+    shape = tuple(tensor.shape)
+    dims = list(shape)
+    if raw is None:
+        _check_typed_count(kind, name, datatype, dims, count, tensor.contents)
+        return TensorPlan(kind, name, datatype, shape, count, None, tensor.contents)
+    if _has_typed_values(tensor):
+        raise InvalidInput(
+            f"{kind} {name!r}: has typed contents while raw_{kind}_contents is used; "
+            "raw and typed contents cannot be mixed"
+        )
+    _check_raw_size(kind, name, datatype, dims, count, raw)
+    return TensorPlan(kind, name, datatype, shape, count, raw, None)
+
+
+def _plan_tensors(
     tensors: Sequence[Any], raw_contents: Sequence[bytes], kind: str
-) -> list[DecodedInput]:
+) -> list[TensorPlan]:
     use_raw = len(raw_contents) > 0
     if use_raw and len(raw_contents) != len(tensors):
         raise InvalidInput(
             f"raw_{kind}_contents has {len(raw_contents)} entries for {len(tensors)} {kind}s"
         )
-    decoded: list[DecodedInput] = []
+    plans: list[TensorPlan] = []
     seen: set[str] = set()
     for index, tensor in enumerate(tensors):
-        name = tensor.name
-        if not name:
-            raise InvalidInput(f"{kind} {index}: the tensor has no name")
-        if name in seen:
-            raise InvalidInput(f"{kind} {name!r}: given more than once")
-        seen.add(name)
-        datatype = tensor.datatype
-        if datatype not in DATATYPE_TO_NUMPY:
-            raise InvalidInput(f"{kind} {name!r}: unknown datatype {datatype!r}")
-        shape = tuple(tensor.shape)
-        if use_raw:
-            if tensor.HasField("contents") and any(
-                len(getattr(tensor.contents, f)) for f in _ALL_TYPED_FIELDS
-            ):
-                raise InvalidInput(
-                    f"{kind} {name!r}: has typed contents while raw_{kind}_contents is used; "
-                    "raw and typed contents cannot be mixed"
-                )
-            array = _decode_raw(name, datatype, shape, raw_contents[index])
-        else:
-            array = _decode_typed(name, datatype, shape, tensor.contents)
-        decoded.append(DecodedInput(name=name, datatype=datatype, shape=shape, array=array))
-    return decoded
+        plan = _plan_tensor(kind, index, tensor, raw_contents[index] if use_raw else None)
+        if plan.name in seen:
+            raise InvalidInput(f"{kind} {plan.name!r}: given more than once")
+        seen.add(plan.name)
+        plans.append(plan)
+    return plans
+
+
+def plan_inputs(request: pb.ModelInferRequest) -> list[TensorPlan]:
+    """Check every input's declaration against its payload, allocating nothing: decode each
+    with :meth:`TensorPlan.decode` once the caller has checked them against the model too."""
+    return _plan_tensors(request.inputs, request.raw_input_contents, "input")
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> list[DecodedInput]:
-    """Decode every input of a request, raw or typed, checking sizes and shapes."""
-    return _decode_tensors(request.inputs, request.raw_input_contents, "input")
+    """Decode every input of a request, raw or typed, checking sizes and shapes (every input's
+    declaration first, then the contents)."""
+    return [
+        DecodedInput(name=plan.name, datatype=plan.datatype, shape=plan.shape, array=plan.decode())
+        for plan in plan_inputs(request)
+    ]
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, npt.NDArray[Any]]:
     """Decode every output of a response (the client side), raw or typed."""
-    decoded = _decode_tensors(response.outputs, response.raw_output_contents, "output")
-    return {tensor.name: tensor.array for tensor in decoded}
+    plans = _plan_tensors(response.outputs, response.raw_output_contents, "output")
+    return {plan.name: plan.decode() for plan in plans}
 
 
 def _fill_typed(contents: pb.InferTensorContents, datatype: str, array: npt.NDArray[Any]) -> None:

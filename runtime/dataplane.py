@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy.typing as npt
 
-from edgewise.runtime.codecs import decode_inputs, encode_outputs
+from edgewise.runtime.codecs import TensorPlan, encode_outputs, plan_inputs
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.model import LoadedModel
@@ -167,31 +167,11 @@ class DataPlane:
     def _feeds(
         model: LoadedModel, request: pb.ModelInferRequest
     ) -> tuple[dict[str, npt.NDArray[Any]], int]:
-        feeds: dict[str, npt.NDArray[Any]] = {}
-        batch: int | None = None
-        batch_from = ""
-        for tensor in decode_inputs(request):
-            try:
-                model.check_input(tensor.name, tensor.datatype, tensor.shape)
-            except InvalidInput:
-                if model.monitor is not None and tensor.name in model.input_specs:
-                    model.monitor.count_wrong_type(tensor.name)
-                raise
-            if tensor.shape:
-                if batch is None:
-                    batch, batch_from = tensor.shape[0], tensor.name
-                elif tensor.shape[0] != batch:
-                    raise InvalidInput(
-                        f"input {tensor.name!r}: batch size {tensor.shape[0]} differs from "
-                        f"input {batch_from!r}'s {batch}"
-                    )
-            feeds[tensor.name] = tensor.array
-        missing = [name for name in model.input_specs if name not in feeds]
-        if missing:
-            raise InvalidInput(
-                f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
-            )
-        return feeds, batch or 0
+        """Check every input's declaration against its payload and the model, then decode: no
+        tensor is allocated for a request that is refused."""
+        plans = plan_inputs(request)
+        rows = _check_against_model(model, plans)
+        return {plan.name: plan.decode() for plan in plans}, rows
 
     @staticmethod
     def _requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[str] | None:
@@ -206,6 +186,35 @@ class DataPlane:
                 )
             names.append(output.name)
         return names
+
+
+def _check_against_model(model: LoadedModel, plans: list[TensorPlan]) -> int:
+    """Check the declared inputs fit ``model`` (names, datatypes, shapes, one batch size, none
+    missing); the batch size, 0 when no input has a dimension."""
+    batch: int | None = None
+    batch_from = ""
+    for plan in plans:
+        try:
+            model.check_input(plan.name, plan.datatype, plan.shape)
+        except InvalidInput:
+            if model.monitor is not None and plan.name in model.input_specs:
+                model.monitor.count_wrong_type(plan.name)
+            raise
+        if plan.shape:
+            if batch is None:
+                batch, batch_from = plan.shape[0], plan.name
+            elif plan.shape[0] != batch:
+                raise InvalidInput(
+                    f"input {plan.name!r}: batch size {plan.shape[0]} differs from "
+                    f"input {batch_from!r}'s {batch}"
+                )
+    declared = {plan.name for plan in plans}
+    missing = [name for name in model.input_specs if name not in declared]
+    if missing:
+        raise InvalidInput(
+            f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
+        )
+    return batch or 0
 
 
 def _observe_quietly(monitor: ModelMonitor, feeds: Mapping[str, npt.NDArray[Any]]) -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -125,7 +127,8 @@ def raw_request(
         (raw_request("FP64", [-1, 2], b""), r"'x'.*negative"),
         (raw_request("FLOAT", [1], b"\0" * 4), r"'x'.*unknown datatype 'FLOAT'"),
         (raw_request("INT32", [1 << 20, 1 << 20], b""), r"'x'.*more than"),
-        (raw_request("BYTES", [2], struct.pack("<I", 1) + b"a"), r"'x'.*ends after 1 of 2"),
+        (raw_request("BYTES", [2], struct.pack("<I", 4) + b"abcd"), r"'x'.*ends after 1 of 2"),
+        (raw_request("BYTES", [2], struct.pack("<I", 1) + b"a"), r"'x'.*5 bytes, too few for 2"),
         (raw_request("BYTES", [1], struct.pack("<I", 9) + b"a"), r"'x'.*claims 9 bytes"),
         (raw_request("BYTES", [1], struct.pack("<I", 1) + b"ab"), r"'x'.*1 bytes after"),
     ],
@@ -235,3 +238,96 @@ def test_fuzz_wire_bytes(payload: bytes) -> None:
         return
     with contextlib.suppress(InvalidInput):
         decode_inputs(request)
+
+
+# ---- declarations a payload cannot back: refused before anything is allocated (issue 18) --------
+
+RANK_65 = [1] * 65
+ZERO_SPANNING = [0, 1 << 62, 4]
+
+
+def typed_request(datatype: str, shape: list[int], name: str = "x") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest()
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (raw_request("FP32", RANK_65, b"\0" * 4), r"'x'.*65 dimensions.*at most"),
+        (typed_request("FP32", RANK_65), r"'x'.*65 dimensions.*at most"),
+        (raw_request("BYTES", RANK_65, b"\0" * 4), r"'x'.*65 dimensions.*at most"),
+        (raw_request("FP32", ZERO_SPANNING, b""), r"'x'.*non-zero dimensions.*more than"),
+        (typed_request("FP32", ZERO_SPANNING), r"'x'.*non-zero dimensions.*more than"),
+        (raw_request("BYTES", ZERO_SPANNING, b""), r"'x'.*non-zero dimensions.*more than"),
+        (typed_request("BYTES", [1 << 62, 0]), r"'x'.*non-zero dimensions.*more than"),
+        (raw_request("INT64", [0, -1], b""), r"'x'.*negative"),
+    ],
+    ids=["rank65-raw", "rank65-typed", "rank65-bytes", "zero-raw", "zero-typed", "zero-bytes",
+         "zero-typed-bytes", "zero-negative"],
+)  # fmt: skip
+def test_shapes_numpy_cannot_hold_are_invalid_input(
+    request_: pb.ModelInferRequest, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        decode_inputs(request_)
+
+
+def test_a_huge_rank_is_refused_with_a_short_message() -> None:
+    """The message names the rank, not a shape of a million dimensions."""
+    with pytest.raises(InvalidInput) as info:
+        decode_inputs(raw_request("BYTES", [3] * 1_000_000, b"\0" * 4))
+    assert "1000000 dimensions" in info.value.message
+    assert len(info.value.message) < 200
+
+
+def peak_traced_bytes(action: Callable[[], object]) -> int:
+    """The most memory ``action`` held at once, as tracemalloc (numpy's buffers included) saw."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(InvalidInput):
+            action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        # 35 bytes on the wire declaring 2**26 elements: 512 MiB of object pointers before.
+        raw_request("BYTES", [1 << 26, 1], struct.pack("<I", 0)),
+        raw_request("BYTES", [1 << 31], struct.pack("<I", 0) * 3),
+        raw_request("BYTES", [1 << 26], b""),
+    ],
+    ids=["2^26", "2^31", "empty"],
+)
+def test_a_bytes_declaration_the_payload_cannot_hold_allocates_nothing(
+    request_: pb.ModelInferRequest,
+) -> None:
+    with pytest.raises(InvalidInput, match=r"'x'.*too few for .* elements"):
+        decode_inputs(request_)
+    assert peak_traced_bytes(lambda: decode_inputs(request_)) < 64 * 1024
+
+
+def test_typed_bytes_must_carry_exactly_the_declared_count_before_allocating() -> None:
+    request = typed_request("BYTES", [1 << 26, 1])
+    request.inputs[0].contents.bytes_contents.append(b"a")
+    with pytest.raises(InvalidInput, match=r"'x'.*1 values, expected 67108864"):
+        decode_inputs(request)
+    assert peak_traced_bytes(lambda: decode_inputs(request)) < 64 * 1024
+
+
+def test_raw_bool_bytes_other_than_0_and_1_are_refused() -> None:
+    with pytest.raises(InvalidInput, match=r"'x'.*BOOL.*0 or 1"):
+        decode_inputs(raw_request("BOOL", [3], b"\x00\x01\x02"))
+    decoded = decode_inputs(raw_request("BOOL", [2], b"\x00\x01"))[0].array
+    assert decoded.tolist() == [False, True]
+
+
+def test_output_errors_name_outputs() -> None:
+    response = pb.ModelInferResponse()
+    response.outputs.add(name="y", datatype="FP32", shape=[-1])
+    with pytest.raises(InvalidInput, match=r"^output 'y'.*negative"):
+        decode_outputs(response)

@@ -4,17 +4,24 @@ after the answer, on the loop's next turn; everywhere else before it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import struct
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgewise.runtime.dataplane import DataPlane, PreparedRequest
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
+from edgewise.runtime.repository import ModelRepository
 
 
 @pytest.fixture
@@ -76,3 +83,58 @@ def test_a_failing_statistics_update_is_logged_and_the_answer_stands(
         assert asyncio.run(scenario()) == 2
     assert "monitoring statistics of an answered request failed" in caplog.text
     assert "statistics broke" in caplog.text
+
+
+# ---- validate, then allocate: a refused request decodes nothing (issue 18) ----------------------
+
+
+def peak_traced_bytes(action: Callable[[], object]) -> int:
+    """The most memory ``action`` held at once, as tracemalloc (numpy's buffers included) saw."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(InvalidInput):
+            action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def bytes_request(name: str, elements: int) -> pb.ModelInferRequest:
+    """``elements`` empty BYTES elements in raw form: 4 bytes each on the wire."""
+    request = pb.ModelInferRequest(model_name="logreg")
+    request.inputs.add(name=name, datatype="BYTES", shape=[elements, 1])
+    request.raw_input_contents.append(struct.pack("<I", 0) * elements)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("features", r"'features': datatype BYTES does not match"), ("stray", r"'stray' is not an")],
+)
+def test_inputs_the_model_refuses_are_not_decoded(
+    model_repo: Path, name: str, message: str
+) -> None:
+    """Each object of a decoded BYTES tensor costs 8 bytes of array for 4 bytes of payload: a
+    request the model refuses must be refused before that, not after."""
+    repository = ModelRepository(model_repo)
+    repository.load("logreg")
+    plane = DataPlane(repository)
+    request = bytes_request(name, 250_000)
+    with pytest.raises(InvalidInput, match=message):
+        plane.prepare(request)
+    payload = len(request.raw_input_contents[0])
+    # Reading the payload out of the message copies it (upb): that much, not the 2x of decoding.
+    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
+
+
+def test_a_missing_input_is_refused_before_the_others_are_decoded(model_repo: Path) -> None:
+    repository = ModelRepository(model_repo)
+    repository.load("mixed")
+    plane = DataPlane(repository)
+    request = bytes_request("alcohol_level", 250_000)
+    request.model_name = "mixed"
+    with pytest.raises(InvalidInput, match="missing input"):
+        plane.prepare(request)
+    payload = len(request.raw_input_contents[0])
+    # Reading the payload out of the message copies it (upb): that much, not the 2x of decoding.
+    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
