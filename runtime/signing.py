@@ -89,35 +89,64 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 
 def generate_keypair(folder: Path, name: str = "edgewise") -> tuple[Path, Path, str]:
-    """Write ``folder/NAME.key`` (private, mode 0600, never overwritten) and ``folder/NAME.pub``;
-    returns ``(private_path, public_path, key_id)``."""
+    """Write ``folder/NAME.key`` (private, mode 0600) and ``folder/NAME.pub``; returns
+    ``(private_path, public_path, key_id)``.
+
+    Neither file is ever overwritten: if either exists nothing is written, and if the public key
+    cannot be written the private key just written is removed (no half pair is left behind)."""
     from cryptography.hazmat.primitives import serialization
 
     from edgewise.runtime.package import validate_model_name
 
     validate_model_name(name)  # the same safe-name rule: no path parts
+    private_path = folder / f"{name}.key"
+    public_path = folder / f"{name}.pub"
+    _refuse_existing(private_path, public_path)
     ed25519 = _crypto()
     private = ed25519.Ed25519PrivateKey.generate()
     public = private.public_key()
-    folder.mkdir(parents=True, exist_ok=True)
-    private_path = folder / f"{name}.key"
-    public_path = folder / f"{name}.pub"
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    try:
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise InvalidInput(f"{private_path} already exists; not overwriting a key") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
     public_pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    public_path.write_bytes(public_pem)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"{folder}: cannot create the key folder: {exc.strerror}") from None
+    _write_new(private_path, pem, 0o600)
+    try:
+        _write_new(public_path, public_pem, 0o644)
+    except BaseException:
+        private_path.unlink(missing_ok=True)
+        raise
     return private_path, public_path, key_id(public)
+
+
+def _refuse_existing(*paths: Path) -> None:
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise InvalidInput(f"{path} already exists; not overwriting a key")
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (never an existing file or link) holding ``data``; a failed write
+    removes the file it created."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        raise InvalidInput(f"{path} already exists; not overwriting a key") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot create: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise InvalidInput(f"{path}: cannot write: {exc.strerror}") from None
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -87,6 +87,35 @@ def test_keys_are_written_safely(tmp_path: Path) -> None:
         TrustedKeys.load(empty)
 
 
+def test_generate_refuses_when_either_file_exists_and_writes_nothing(tmp_path: Path) -> None:
+    public = tmp_path / "k.pub"
+    public.write_bytes(b"the operator's trusted key\n")
+    with pytest.raises(InvalidInput, match=r"k\.pub already exists"):
+        generate_keypair(tmp_path, "k")
+    assert public.read_bytes() == b"the operator's trusted key\n"
+    assert not (tmp_path / "k.key").exists()
+    (tmp_path / "d.pub").symlink_to(tmp_path / "nowhere")  # a dangling link counts as there
+    with pytest.raises(InvalidInput, match="already exists"):
+        generate_keypair(tmp_path, "d")
+    assert not (tmp_path / "d.key").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_public_key_write_leaves_no_private_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def disk_full_for_public_keys(path: object, flags: int, mode: int = 0o777) -> int:
+        if str(path).endswith(".pub"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, flags, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", disk_full_for_public_keys)
+    with pytest.raises(InvalidInput, match="No space left"):
+        generate_keypair(tmp_path, "k")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_tampering_is_refused(
     model_repo: Path, keys: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -168,6 +197,13 @@ def test_the_cli_makes_keys_signs_and_verifies(model_repo: Path, tmp_path: Path)
     assert "does not verify" in bad.stderr
     again = run("generate", "--out", str(tmp_path / "k"), "--name", "ops")
     assert again.returncode == 1 and "already exists" in again.stderr
+    (tmp_path / "k" / "ops.key").unlink()  # only the public key left: still not overwritten
+    trusted = (tmp_path / "k" / "ops.pub").read_bytes()
+    half = run("generate", "--out", str(tmp_path / "k"), "--name", "ops")
+    assert half.returncode == 1 and half.stderr.count("\n") == 1, half.stderr
+    assert "ops.pub already exists" in half.stderr
+    assert (tmp_path / "k" / "ops.pub").read_bytes() == trusted
+    assert not (tmp_path / "k" / "ops.key").exists()
     # A server told to trust keys that are not there does not start, and says why in a line.
     serve = subprocess.run(
         [sys.executable, "-m", "edgewise.runtime.cli", "serve", "--repo", str(tmp_path / "repo"),
