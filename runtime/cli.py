@@ -348,30 +348,55 @@ def _add_quality(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "quality",
         help="online quality of a served model version (from delayed labels)",
         description="Print the running error, per-slice errors and the change detectors' state "
-        "of a served model version, from the labels sent with `edgewise feedback`.",
+        "of a served model version, from the labels sent with `edgewise feedback`. Reading "
+        "changes nothing: 'DRIFT detected' stays until --reset acknowledges it.",
     )
     p.add_argument("model")
     p.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="model version (default: the default version)")
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="after printing, acknowledge the detections (ResetQuality): 'drifting' starts over; "
+        "the totals and the detectors' state are kept",
+    )
+    _client_security(p)
     p.set_defaults(handler=_cmd_quality)
     f = sub.add_parser(
         "feedback",
         help="send ground-truth labels for earlier requests",
         description="Send labels for earlier requests: a CSV or Parquet table with the columns "
-        "request_id, label and optionally row (default 0).",
+        "request_id, label and optionally row (default 0). Request ids are read as text. Every "
+        "cell is checked before anything is sent, and the server refuses the whole batch if one "
+        "label is bad (not a class of the model, NaN, the wrong type): nothing is joined then.",
     )
     f.add_argument("model")
     f.add_argument("--labels", type=Path, required=True, help="table of request_id,label[,row]")
     f.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
-    f.add_argument("--version", default="")
+    f.add_argument(
+        "--version",
+        default="",
+        help="model version (default: each label goes to the version that answered its request)",
+    )
+    f.add_argument(
+        "--label-type",
+        default="auto",
+        choices=["auto", "int", "float", "str"],
+        help="how CSV labels are read: auto (default) takes a whole number as a class index, "
+        "another number as a value and anything else as a class name",
+    )
+    _client_security(f)
     f.set_defaults(handler=_cmd_feedback)
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
     from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.settings import client_security_from_args as security_from_args
 
-    with EdgewiseClient(args.server) as client:
+    with EdgewiseClient(args.server, security=security_from_args(args)) as client:
         report = client.quality_report(args.model, args.version)
+        if args.reset and report.available:
+            client.reset_quality(args.model, args.version)
     head = f"model {report.model} version {report.version}"
     if not report.available:
         print(f"{head}: quality unavailable ({report.reason})")
@@ -384,23 +409,18 @@ def _cmd_quality(args: argparse.Namespace) -> int:
     )
     for item in report.slices:
         print(f"  {item.slice:<40} {item.count:>8}  {report.metric} {item.error:.4g}")
+    if args.reset:
+        print("detections acknowledged: drifting starts over")
     return 0
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
     from edgewise.runtime.client import EdgewiseClient
-    from edgewise.runtime.tabular import load_table
+    from edgewise.runtime.labels_table import read_labels
+    from edgewise.runtime.settings import client_security_from_args as security_from_args
 
-    table = load_table(args.labels)
-    for column in ("request_id", "label"):
-        if column not in table.columns:
-            raise EdgewiseError(f"{args.labels}: no column {column!r} (need request_id, label)")
-    rows = table["row"] if "row" in table.columns else [0] * len(table)
-    labels = [
-        (str(rid), int(row), label.item() if hasattr(label, "item") else label)
-        for rid, row, label in zip(table["request_id"], rows, table["label"], strict=True)
-    ]
-    with EdgewiseClient(args.server) as client:
+    labels = read_labels(args.labels, args.label_type)
+    with EdgewiseClient(args.server, security=security_from_args(args)) as client:
         result = client.submit_feedback(args.model, labels, args.version)
     print(f"joined {result.joined}, unknown {result.unknown}, duplicate {result.duplicate}")
     return 0

@@ -214,7 +214,8 @@ class EdgewiseClient:
         labels: Sequence[tuple[str, int, int | float | str]],
         version: str = "",
     ) -> epb.FeedbackResponse:
-        """Ground truth for earlier requests: ``(request_id, row, label)`` triples."""
+        """Ground truth for earlier requests: ``(request_id, row, label)`` triples; without a
+        ``version`` each label goes to the served version that kept its request id."""
         request = epb.FeedbackRequest(model=model, version=version)
         for request_id, row, truth in labels:
             label = request.labels.add(request_id=request_id, row=row)
@@ -228,9 +229,15 @@ class EdgewiseClient:
         return response
 
     def quality_report(self, model: str, version: str = "") -> epb.QualityReport:
+        """The online quality of a model version (a read: changes nothing)."""
         request = epb.QualityRequest(model=model, version=version)
         report: epb.QualityReport = self._call(self.quality.GetQuality, request)
         return report
+
+    def reset_quality(self, model: str, version: str = "") -> None:
+        """Acknowledge the change detections: ``drifting`` starts over."""
+        request = epb.ResetQualityRequest(model=model, version=version)
+        self._call(self.quality.ResetQuality, request)
 
     def unload_model(self, name: str, version: str = "") -> list[epb.ModelVersionState]:
         request = epb.UnloadModelRequest(name=name, version=version)

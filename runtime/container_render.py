@@ -26,6 +26,11 @@ from typing import Any, Final
 
 from edgewise.runtime.errors import EdgewiseError, InvalidInput, Unavailable
 from edgewise.runtime.profiles import Profile, list_profiles, load_profile
+from edgewise.runtime.settings import (
+    ClientSecurity,
+    add_client_security_arguments,
+    client_security_from_args,
+)
 
 __all__ = [
     "CONTAINER_GID",
@@ -332,16 +337,18 @@ def render(profile: Profile, fmt: str, options: RenderOptions = RenderOptions())
 # ---- health check ---------------------------------------------------------------------------
 
 
-def healthcheck(target: str, service: str = "", timeout: float = 3.0) -> str:
+def healthcheck(
+    target: str, service: str = "", timeout: float = 3.0, security: ClientSecurity | None = None
+) -> str:
     """The serving status of ``service`` at ``target`` (``SERVING``, ``NOT_SERVING``, ...), over
-    TLS and with a token when the ``EDGEWISE_CLIENT_*`` variables say so."""
+    TLS and with a token as ``security`` says (default: the ``EDGEWISE_CLIENT_*`` variables)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from edgewise.runtime.channels import client_channel
-    from edgewise.runtime.settings import ClientSecurity
 
-    channel, metadata = client_channel(target, ClientSecurity.from_sources())
+    security = security if security is not None else ClientSecurity.from_sources()
+    channel, metadata = client_channel(target, security)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
@@ -391,6 +398,7 @@ def _add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     health.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT")
     health.add_argument("--service", default="", help="health service name (default: overall)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    add_client_security_arguments(health)
     health.set_defaults(handler=_cmd_healthcheck)
 
 
@@ -427,6 +435,6 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
-    status = healthcheck(args.server, args.service, args.timeout)
+    status = healthcheck(args.server, args.service, args.timeout, client_security_from_args(args))
     print(status)
     return 0 if status == "SERVING" else 1

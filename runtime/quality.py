@@ -11,6 +11,11 @@ happens when labels arrive. Configured per model in ``<repo>/<model>/config.json
                  "adwin": {"delta": 0.002}}}
 
 ``slice_by`` names categorical inputs (BYTES tensors) whose values split the error.
+
+The state changes in two places only, each validated first: a batch of labels is checked whole
+(type, NaN or infinity, a class the model has) before any row is marked labelled, so a refused
+batch changes nothing; :meth:`OnlineQuality.reset` (the ResetQuality RPC) acknowledges the
+detections. Reading the report changes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,11 +37,20 @@ from edgewise.runtime.errors import InvalidInput
 if TYPE_CHECKING:
     from edgewise.kernels import ADWIN, DDM
 
-__all__ = ["LabelValue", "OnlineQuality", "QualityConfig"]
+__all__ = [
+    "LabelValue",
+    "OnlineQuality",
+    "QualityConfig",
+    "graph_class_labels",
+    "submit_feedback",
+]
 
 log = logging.getLogger(__name__)
 
 LabelValue = int | float | str
+Label = tuple[str, int, LabelValue]  # (request_id, row, truth)
+#: The class labels of a classifier, or what reads them (once, when the first labels arrive).
+ClassSource = Sequence[LabelValue] | Callable[[], Sequence[LabelValue] | None] | None
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,23 @@ class QualityConfig:
         return ddm, ADWIN(**self.adwin)  # type: ignore[arg-type]
 
 
+def graph_class_labels(model_file: Path) -> tuple[LabelValue, ...] | None:
+    """The class labels of a classifier, from the ONNX graph's ``classlabels_*`` attribute
+    (None when the graph has no single one, e.g. a regressor). Imports onnx: called when the
+    first labels arrive, never at load."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    found: set[tuple[LabelValue, ...]] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name in ("classlabels_int64s", "classlabels_ints"):
+                found.add(tuple(int(v) for v in attribute.ints))
+            elif attribute.name == "classlabels_strings":
+                found.add(tuple(v.decode("utf-8") for v in attribute.strings))
+    return found.pop() if len(found) == 1 else None
+
+
 @dataclass(slots=True)
 class _Kept:
     predictions: npt.NDArray[Any]  # one per row: class labels or regression values
@@ -89,6 +121,20 @@ class _SliceStats:
     error: float = 0.0
 
 
+@dataclass(slots=True)
+class _Join:
+    """One label matched with its kept prediction, not yet committed."""
+
+    kept: _Kept
+    row: int
+    error: float
+    slices: tuple[str, ...]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
 class OnlineQuality:
     """The prediction join and online error of one model version."""
 
@@ -100,6 +146,7 @@ class OnlineQuality:
         prediction_output: str,
         config: QualityConfig,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
+        classes: ClassSource = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -120,6 +167,12 @@ class OnlineQuality:
         self.drifting = False
         self.warning = False
         self._on_alert = on_alert
+        self._class_source = classes if classifier else None
+        self._classes: tuple[LabelValue, ...] | None = None
+        self._classes_read = False
+        # Whether the model predicts string labels (from its first kept prediction): the type
+        # check of a classifier's labels when the graph names no classes.
+        self._string_labels: bool | None = None
 
     # ---- the request path --------------------------------------------------------------------
 
@@ -134,6 +187,8 @@ class OnlineQuality:
         if predictions is None or not request_id:
             return
         rows = predictions.reshape(predictions.shape[0], -1)[:, 0].copy()
+        if self._string_labels is None:
+            self._string_labels = rows.dtype.kind in "OSU"
         slices = tuple(
             np.asarray(feeds[name]).reshape(-1).copy()
             for name in self.config.slice_by
@@ -146,82 +201,170 @@ class OnlineQuality:
             while len(self._kept) > self.config.join_size:
                 self._kept.popitem(last=False)
 
+    def keeps(self, request_id: str) -> bool:
+        """Whether a prediction of ``request_id`` is kept here (for routing labels)."""
+        return request_id in self._kept
+
     # ---- labels ------------------------------------------------------------------------------
 
-    def feedback(self, labels: Sequence[tuple[str, int, LabelValue]]) -> tuple[int, int, int]:
-        """Join labels ``(request_id, row, truth)``; returns (joined, unknown, duplicate)."""
-        errors: list[float] = []
-        slice_errors: list[tuple[str, float]] = []
-        unknown = duplicate = 0
+    def feedback(self, labels: Sequence[Label]) -> tuple[int, int, int]:
+        """Join labels ``(request_id, row, truth)``; returns (joined, unknown, duplicate).
+        Every label is checked before any is joined: :class:`InvalidInput` changes nothing."""
+        return self.commit(self.validate(labels))
+
+    def validate(
+        self, labels: Sequence[Label], numbers: Sequence[int] | None = None
+    ) -> list[Label]:
+        """The labels with their truths normalised (an integral float class index -> int), or
+        :class:`InvalidInput` naming the first bad one (``numbers``: their places in the batch
+        the caller received). Changes nothing."""
+        places = range(len(labels)) if numbers is None else numbers
+        return [
+            (request_id, row, self._checked(place, request_id, row, truth))
+            for place, (request_id, row, truth) in zip(places, labels, strict=True)
+        ]
+
+    def _checked(self, place: int, request_id: str, row: int, truth: LabelValue) -> LabelValue:
+        where = f"label {place} (request {request_id!r} row {row})"
+        truth = _plain(truth)
+        if isinstance(truth, float) and not math.isfinite(truth):
+            raise InvalidInput(f"{where}: {truth} is not a label")
+        if not self.classifier:
+            if isinstance(truth, str | bytes):
+                raise InvalidInput(
+                    f"{where}: model {self.model!r} is a regressor: labels must be numbers"
+                )
+            return truth
+        return self._checked_class(where, truth)
+
+    def _checked_class(self, where: str, truth: LabelValue) -> LabelValue:
+        if isinstance(truth, float):
+            if not truth.is_integer():
+                raise InvalidInput(f"{where}: {truth} is not a class index")
+            truth = int(truth)
+        classes = self.classes()
+        string_labels = all(isinstance(c, str) for c in classes) if classes else self._string_labels
+        if string_labels is not None and isinstance(truth, str) != string_labels:
+            raise InvalidInput(
+                f"{where}: model {self.model!r} predicts {'str' if string_labels else 'int'} "
+                f"labels; got a {type(truth).__name__} label"
+            )
+        if classes and truth not in classes:
+            raise InvalidInput(
+                f"{where}: {truth!r} is not a class of model {self.model!r} "
+                f"(classes: {', '.join(str(c) for c in classes)})"
+            )
+        return truth
+
+    def classes(self) -> tuple[LabelValue, ...] | None:
+        """The classifier's class labels (None: unknown, or a regressor); read once."""
+        if not self._classes_read:
+            self._classes = self._read_classes()
+            self._classes_read = True
+        return self._classes
+
+    def _read_classes(self) -> tuple[LabelValue, ...] | None:
+        source = self._class_source
+        try:
+            found = source() if callable(source) else source
+        except Exception as exc:  # onnx raises several types for an unreadable file
+            log.warning(
+                "quality: model %s version %s: cannot read its classes (%s); labels are checked "
+                "for type only",
+                self.model,
+                self.version,
+                exc,
+            )
+            return None
+        return None if found is None else tuple(_plain(c) for c in found)
+
+    def commit(self, labels: Sequence[Label]) -> tuple[int, int, int]:
+        """Join labels that :meth:`validate` returned; returns (joined, unknown, duplicate)."""
         with self._lock:
-            for request_id, row, truth in labels:
-                kept = self._kept.get(request_id)
-                if kept is None or not 0 <= row < kept.predictions.shape[0]:
-                    unknown += 1
-                    continue
-                if kept.labelled[row]:
-                    duplicate += 1
-                    continue
-                kept.labelled[row] = True
+            joins, unknown, duplicate = self._match(labels)
+            for join in joins:
+                join.kept.labelled[join.row] = True
+            snapshot = self._learn(joins) if joins else None
+        if snapshot is not None:
+            self._alert(snapshot)
+        return len(joins), unknown, duplicate
+
+    def _match(self, labels: Sequence[Label]) -> tuple[list[_Join], int, int]:
+        """Which labels join which kept row (under the lock; marks nothing)."""
+        joins: list[_Join] = []
+        taken: set[tuple[str, int]] = set()
+        unknown = duplicate = 0
+        for request_id, row, truth in labels:
+            kept = self._kept.get(request_id)
+            if kept is None or not 0 <= row < kept.predictions.shape[0]:
+                unknown += 1
+            elif kept.labelled[row] or (request_id, row) in taken:
+                duplicate += 1
+            else:
+                taken.add((request_id, row))
                 error = self._error(kept.predictions[row], truth)
-                errors.append(error)
-                for index, values in enumerate(kept.slices):
-                    name = self.config.slice_by[index]
-                    value = values[row]
-                    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-                    slice_errors.append((f"{name}={text}", error))
-        if errors:
-            self._learn(np.asarray(errors, dtype=np.float64), slice_errors)
-        return len(errors), unknown, duplicate
+                joins.append(_Join(kept, row, error, self._slice_keys(kept, row)))
+        return joins, unknown, duplicate
+
+    def _slice_keys(self, kept: _Kept, row: int) -> tuple[str, ...]:
+        keys = []
+        for index, values in enumerate(kept.slices):
+            value = values[row]
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            keys.append(f"{self.config.slice_by[index]}={text}")
+        return tuple(keys)
 
     def _error(self, predicted: Any, truth: LabelValue) -> float:
         if self.classifier:
             if isinstance(predicted, bytes):
                 predicted = predicted.decode("utf-8", "replace")
-            if isinstance(truth, str) != isinstance(predicted, str):
-                raise InvalidInput(
-                    f"model {self.model!r} predicts {type(predicted).__name__} labels; "
-                    f"got a {type(truth).__name__} label"
-                )
-            return 0.0 if predicted == truth else 1.0
-        if isinstance(truth, str):
-            raise InvalidInput(f"model {self.model!r} is a regressor: labels must be numbers")
+            return 0.0 if _plain(predicted) == truth else 1.0
         return abs(float(predicted) - float(truth))
 
-    def _learn(self, errors: npt.NDArray[np.float64], slices: list[tuple[str, float]]) -> None:
-        with self._lock:
-            self.labelled += errors.size
-            self.total_error += float(errors.sum())
-            for key, error in slices:
+    def _learn(self, joins: Sequence[_Join]) -> dict[str, Any] | None:
+        """Count joined labels and feed the detectors (under the lock); the snapshot to alert
+        with when a detector fired."""
+        errors = np.asarray([join.error for join in joins], dtype=np.float64)
+        self.labelled += errors.size
+        self.total_error += float(errors.sum())
+        for join in joins:
+            for key in join.slices:
                 stats = self._slices.setdefault(key, _SliceStats())
                 stats.count += 1
-                stats.error += error
-            if self._adwin is None:
-                self._ddm, self._adwin = self.config.detectors(self.classifier)
-            detections = 0
-            if self._ddm is not None:
-                status = self._ddm.update_status(errors)
-                detections += int(np.count_nonzero(status == 2))
-                self.warning = bool(status[-1] == 1)
-            detections += int(self._adwin.update(errors).size)
-            fired = detections > 0
-            if fired:
-                self.drifts += detections
-                self.drifting = True
-            snapshot = self.snapshot() if fired else None
-        if snapshot is not None:
-            log.warning(
-                "quality: model %s version %s: a change detector fired (%s %.4g over %d labels)",
-                self.model,
-                self.version,
-                self.metric,
-                snapshot["recent_error"],
-                snapshot["window"],
-            )
-            if self._on_alert is not None:
-                self._on_alert("quality_drift", snapshot)
+                stats.error += join.error
+        if self._adwin is None:
+            self._ddm, self._adwin = self.config.detectors(self.classifier)
+        detections = 0
+        if self._ddm is not None:
+            status = self._ddm.update_status(errors)
+            detections += int(np.count_nonzero(status == 2))
+            self.warning = bool(status[-1] == 1)
+        detections += int(self._adwin.update(errors).size)
+        if not detections:
+            return None
+        self.drifts += detections
+        self.drifting = True
+        return self.snapshot()
 
-    # ---- reports -------------------------------------------------------------------------------
+    def _alert(self, snapshot: Mapping[str, Any]) -> None:
+        log.warning(
+            "quality: model %s version %s: a change detector fired (%s %.4g over %d labels)",
+            self.model,
+            self.version,
+            self.metric,
+            snapshot["recent_error"],
+            snapshot["window"],
+        )
+        if self._on_alert is not None:
+            self._on_alert("quality_drift", snapshot)
+
+    # ---- commands and reports --------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Acknowledge the detections: ``drifting`` is false until a detector fires again. The
+        kept predictions, the totals, ``drifts`` and the detectors' own state are kept."""
+        with self._lock:
+            self.drifting = False
 
     def snapshot(self) -> dict[str, Any]:
         """The current state (called with or without the lock: reads plain attributes)."""
@@ -245,10 +388,29 @@ class OnlineQuality:
             },
         }
 
-    def report(self, reset: bool = True) -> dict[str, Any]:
-        """The snapshot; ``drifting`` then starts over (it says: fired since the last report)."""
+    def report(self) -> dict[str, Any]:
+        """A consistent snapshot (taken under the lock). Reading changes nothing."""
         with self._lock:
-            snapshot = self.snapshot()
-            if reset:
-                self.drifting = False
-        return snapshot
+            return self.snapshot()
+
+
+def submit_feedback(
+    qualities: Sequence[OnlineQuality], labels: Sequence[Label]
+) -> tuple[int, int, int]:
+    """Join labels across the served versions of one model, each with the version that kept its
+    request id (``qualities[0]``, the default version, first; an id no version keeps is counted
+    unknown). Every label is checked, against the version it goes to, before any is joined.
+    Returns (joined, unknown, duplicate)."""
+    groups: dict[int, list[int]] = {}
+    for place, (request_id, _, _) in enumerate(labels):
+        owner = next((i for i, q in enumerate(qualities) if q.keeps(request_id)), 0)
+        groups.setdefault(owner, []).append(place)
+    checked = {
+        owner: qualities[owner].validate([labels[p] for p in places], places)
+        for owner, places in groups.items()
+    }
+    joined = unknown = duplicate = 0
+    for owner, group in checked.items():
+        counts = qualities[owner].commit(group)
+        joined, unknown, duplicate = joined + counts[0], unknown + counts[1], duplicate + counts[2]
+    return joined, unknown, duplicate

@@ -35,9 +35,15 @@ from edgewise.runtime.errors import (
 )
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.monitor_config import MonitorConfig
-from edgewise.runtime.package import fsync_dir, list_versions, read_manifest, validate_model_name
+from edgewise.runtime.package import (
+    MODEL_FILE,
+    fsync_dir,
+    list_versions,
+    read_manifest,
+    validate_model_name,
+)
 from edgewise.runtime.paths import ensure_inside
-from edgewise.runtime.quality import OnlineQuality, QualityConfig
+from edgewise.runtime.quality import OnlineQuality, QualityConfig, graph_class_labels
 from edgewise.runtime.signing import TrustedKeys
 
 if TYPE_CHECKING:
@@ -483,8 +489,15 @@ class ModelRepository:
             classifier = model.manifest.task == "classification"
             output = "label" if classifier else model.output_names[0]
             if output in model.output_names:
+                model_file = model.folder / MODEL_FILE
                 model.quality = OnlineQuality(
-                    model.name, model.version_str, classifier, output, quality, self.on_alert
+                    model.name,
+                    model.version_str,
+                    classifier,
+                    output,
+                    quality,
+                    self.on_alert,
+                    classes=lambda: graph_class_labels(model_file),  # read with the first labels
                 )
         settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:

@@ -4,6 +4,7 @@ feedback path through a real server."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
-from edgewise.runtime.quality import OnlineQuality, QualityConfig
+from edgewise.runtime.quality import OnlineQuality, QualityConfig, graph_class_labels
 from tests import models
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
 from tests.servers import running_server
@@ -48,7 +49,7 @@ def test_join_errors_unknown_and_duplicates() -> None:
         "color=blue": {"count": 1, "error": 1.0},
         "color=red": {"count": 2, "error": 0.0},
     }
-    with pytest.raises(InvalidInput, match="predicts int64 labels; got a str label"):
+    with pytest.raises(InvalidInput, match="predicts int labels; got a str label"):
         quality.feedback([("r3", 0, "yes")])
 
 
@@ -77,7 +78,6 @@ def test_detectors_fire_like_the_kernels_on_the_same_error_stream() -> None:
     assert expected >= 1
     assert report["drifts"] == expected
     assert report["drifting"] is True
-    assert quality.report()["drifting"] is False  # reset by the previous report
     assert report["recent_error"] > 0.3
 
 
@@ -206,3 +206,92 @@ def test_feedback_through_a_real_server(model_repo: Path, tmp_path: Path) -> Non
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert "joined 0, unknown 1, duplicate 1" in done.stdout
+
+
+def drifted_classifier() -> OnlineQuality:
+    """A classifier whose detectors have fired: right for 300 labels, then wrong on every one."""
+    quality = classifier()
+    for i in range(600):
+        quality.remember(f"r{i}", {}, {"label": np.array([1])})
+    quality.feedback([(f"r{i}", 0, 1 if i < 300 else 0) for i in range(600)])
+    return quality
+
+
+def test_reading_the_report_never_clears_drifting_only_reset_does() -> None:
+    quality = drifted_classifier()
+    first = quality.report()
+    assert first["drifting"] is True and first["drifts"] >= 1
+    for _ in range(3):
+        assert quality.report() == first
+    quality.reset()
+    after = quality.report()
+    assert after["drifting"] is False
+    # The reset acknowledges the detections; the totals stay.
+    assert {k: v for k, v in after.items() if k != "drifting"} == {
+        k: v for k, v in first.items() if k != "drifting"
+    }
+
+
+def test_a_refused_batch_marks_no_row_labelled() -> None:
+    quality = classifier(slice_by=("color",))
+    quality.remember(
+        "r0",
+        {"color": np.array([[b"red"], [b"blue"]], dtype=object)},
+        {"label": np.array([1, 0], dtype=np.int64)},
+    )
+    before = quality.report()
+    with pytest.raises(InvalidInput, match=r"label 1 .*request 'r0' row 1.*str label"):
+        quality.feedback([("r0", 0, 1), ("r0", 1, "benign")])
+    assert quality.report() == before
+    assert quality.feedback([("r0", 0, 1)]) == (1, 0, 0)  # not a duplicate: nothing was marked
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.5])
+def test_a_classifier_refuses_labels_that_are_no_class_index(bad: float) -> None:
+    quality = classifier()
+    quality.remember("r0", {}, {"label": np.array([1, 0], dtype=np.int64)})
+    before = quality.report()
+    with pytest.raises(InvalidInput, match=r"label 1 .*request 'r0' row 1"):
+        quality.feedback([("r0", 0, 1), ("r0", 1, bad)])
+    assert quality.report() == before
+    assert quality.feedback([("r0", 0, 1.0), ("r0", 1, 0)]) == (2, 0, 0)  # integral floats are
+    assert quality.report()["error"] == 0.0  # class indices
+
+
+def test_a_classifier_refuses_a_class_the_model_does_not_have() -> None:
+    quality = OnlineQuality("m", "1", True, "label", QualityConfig(), classes=(0, 1))
+    quality.remember("r0", {}, {"label": np.array([1, 0], dtype=np.int64)})
+    before = quality.report()
+    with pytest.raises(
+        InvalidInput, match=r"label 0 .*: 7 is not a class of model 'm' \(classes: 0, 1\)"
+    ):
+        quality.feedback([("r0", 0, 7), ("r0", 1, 0)])
+    # A label for an id no longer kept is checked too: it is bad whether or not it joins.
+    with pytest.raises(InvalidInput, match="7 is not a class"):
+        quality.feedback([("gone", 0, 7)])
+    assert quality.report() == before
+    named = OnlineQuality("s", "1", True, "label", QualityConfig(), classes=("no", "yes"))
+    named.remember("r0", {}, {"label": np.array([b"yes"], dtype=object)})
+    with pytest.raises(InvalidInput, match="'maybe' is not a class"):
+        named.feedback([("r0", 0, "maybe")])
+    with pytest.raises(InvalidInput, match="predicts str labels; got a int label"):
+        named.feedback([("r0", 0, 1)])
+    assert named.feedback([("r0", 0, "yes")]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "ten"])
+def test_a_regressor_refuses_a_label_that_is_no_finite_number(bad: float | str) -> None:
+    quality = OnlineQuality("r", "1", False, "predictions", QualityConfig())
+    quality.remember("a", {}, {"predictions": np.array([[10.0], [20.0]], dtype=np.float32)})
+    before = quality.report()
+    with pytest.raises(InvalidInput, match=r"label 1 .*request 'a' row 1"):
+        quality.feedback([("a", 0, 12.5), ("a", 1, bad)])
+    assert quality.report() == before
+    assert quality.feedback([("a", 0, 12.5), ("a", 1, 19)]) == (2, 0, 0)
+    assert quality.report()["error"] == pytest.approx((2.5 + 1.0) / 2)
+
+
+def test_class_labels_are_read_from_the_model_graph(model_repo: Path) -> None:
+    assert graph_class_labels(model_repo / "logreg" / "1" / "model.onnx") == (0, 1)
+    assert graph_class_labels(model_repo / "forest" / "1" / "model.onnx") == (0, 1, 2)
+    assert graph_class_labels(model_repo / "regressor" / "1" / "model.onnx") is None

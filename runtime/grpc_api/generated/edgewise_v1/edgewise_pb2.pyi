@@ -524,7 +524,9 @@ class FeedbackRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
-    """Empty: the version that answered (kept with each prediction)."""
+    """Empty: each label goes to the served version that kept its request id (the default version
+    first); an id no served version keeps is counted unknown.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Label]: ...
     def __init__(
@@ -653,7 +655,7 @@ class QualityReport(_message.Message):
     warning: _builtins.bool
     """DDM warning zone"""
     drifting: _builtins.bool
-    """a detector fired since the last report reset"""
+    """a detector fired since load or the last ResetQuality"""
     drifts: _builtins.int
     """detections since the version was loaded"""
     kept_predictions: _builtins.int
@@ -684,3 +686,41 @@ class QualityReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QualityReport: _TypeAlias = QualityReport  # noqa: Y015
+
+@_typing.final
+class ResetQualityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """Empty: the default version."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetQualityRequest: _TypeAlias = ResetQualityRequest  # noqa: Y015
+
+@_typing.final
+class ResetQualityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetQualityResponse: _TypeAlias = ResetQualityResponse  # noqa: Y015

@@ -375,6 +375,11 @@ class QualityServiceStub(object):
                 request_serializer=edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.SerializeToString,
                 response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.QualityReport.FromString,
                 _registered_method=True)
+        self.ResetQuality = channel.unary_unary(
+                '/edgewise.v1.QualityService/ResetQuality',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.ResetQualityRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.ResetQualityResponse.FromString,
+                _registered_method=True)
 
 
 class QualityServiceServicer(object):
@@ -383,13 +388,25 @@ class QualityServiceServicer(object):
     """
 
     def SubmitFeedback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every label of the batch is checked first (a number for a regressor, finite; for a
+        classifier, a class the model has, of its label type): one bad label refuses the whole batch
+        with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetQuality(self, request, context):
         """Online quality of a model version: running error, per slice, and the change detectors.
+        A read: any number of readers may call it any number of times; it changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetQuality(self, request, context):
+        """Acknowledge the detections: `drifting` is false until a detector fires again. The kept
+        predictions, the totals, `drifts` and the detectors' own state are kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -407,6 +424,11 @@ def add_QualityServiceServicer_to_server(servicer, server):
                     servicer.GetQuality,
                     request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.FromString,
                     response_serializer=edgewise_dot_v1_dot_edgewise__pb2.QualityReport.SerializeToString,
+            ),
+            'ResetQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetQuality,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.ResetQualityRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.ResetQualityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -465,6 +487,33 @@ class QualityService(object):
             '/edgewise.v1.QualityService/GetQuality',
             edgewise_dot_v1_dot_edgewise__pb2.QualityRequest.SerializeToString,
             edgewise_dot_v1_dot_edgewise__pb2.QualityReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.QualityService/ResetQuality',
+            edgewise_dot_v1_dot_edgewise__pb2.ResetQualityRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.ResetQualityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -154,8 +154,18 @@ class QualityServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> QualityServiceAsyncStub: ...
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.FeedbackRequest, _edgewise_pb2.FeedbackResponse]
+    """Every label of the batch is checked first (a number for a regressor, finite; for a
+    classifier, a class the model has, of its label type): one bad label refuses the whole batch
+    with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
+    """
     GetQuality: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]
-    """Online quality of a model version: running error, per slice, and the change detectors."""
+    """Online quality of a model version: running error, per slice, and the change detectors.
+    A read: any number of readers may call it any number of times; it changes nothing.
+    """
+    ResetQuality: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.ResetQualityRequest, _edgewise_pb2.ResetQualityResponse]
+    """Acknowledge the detections: `drifting` is false until a detector fires again. The kept
+    predictions, the totals, `drifts` and the detectors' own state are kept.
+    """
 
 @_typing.type_check_only
 class QualityServiceAsyncStub(QualityServiceStub):
@@ -165,8 +175,18 @@ class QualityServiceAsyncStub(QualityServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.FeedbackRequest, _edgewise_pb2.FeedbackResponse]  # type: ignore[assignment]
+    """Every label of the batch is checked first (a number for a regressor, finite; for a
+    classifier, a class the model has, of its label type): one bad label refuses the whole batch
+    with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
+    """
     GetQuality: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]  # type: ignore[assignment]
-    """Online quality of a model version: running error, per slice, and the change detectors."""
+    """Online quality of a model version: running error, per slice, and the change detectors.
+    A read: any number of readers may call it any number of times; it changes nothing.
+    """
+    ResetQuality: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.ResetQualityRequest, _edgewise_pb2.ResetQualityResponse]  # type: ignore[assignment]
+    """Acknowledge the detections: `drifting` is false until a detector fires again. The kept
+    predictions, the totals, `drifts` and the detectors' own state are kept.
+    """
 
 class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
@@ -178,7 +198,11 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _edgewise_pb2.FeedbackRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_edgewise_pb2.FeedbackResponse, _abc.Awaitable[_edgewise_pb2.FeedbackResponse]]: ...
+    ) -> _typing.Union[_edgewise_pb2.FeedbackResponse, _abc.Awaitable[_edgewise_pb2.FeedbackResponse]]:
+        """Every label of the batch is checked first (a number for a regressor, finite; for a
+        classifier, a class the model has, of its label type): one bad label refuses the whole batch
+        with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
+        """
 
     @_abc_1.abstractmethod
     def GetQuality(
@@ -186,6 +210,18 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _edgewise_pb2.QualityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_edgewise_pb2.QualityReport, _abc.Awaitable[_edgewise_pb2.QualityReport]]:
-        """Online quality of a model version: running error, per slice, and the change detectors."""
+        """Online quality of a model version: running error, per slice, and the change detectors.
+        A read: any number of readers may call it any number of times; it changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetQuality(
+        self,
+        request: _edgewise_pb2.ResetQualityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.ResetQualityResponse, _abc.Awaitable[_edgewise_pb2.ResetQualityResponse]]:
+        """Acknowledge the detections: `drifting` is false until a detector fires again. The kept
+        predictions, the totals, `drifts` and the detectors' own state are kept.
+        """
 
 def add_QualityServiceServicer_to_server(servicer: QualityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
