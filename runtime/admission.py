@@ -38,8 +38,9 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from edgewise.runtime.codecs import element_count
 from edgewise.runtime.datatypes import BYTES, DATATYPE_TO_NUMPY
-from edgewise.runtime.errors import ResourceExhausted
+from edgewise.runtime.errors import InvalidInput, ResourceExhausted
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.limits import format_bytes
 
@@ -102,11 +103,14 @@ def estimate_request_bytes(request: pb.ModelInferRequest) -> int:
             size = len(raw[index])
             fixed += size
             if datatype == BYTES:
-                # The declared element count, but no more than the payload can carry (each
-                # element has at least its 4-byte length).
-                declared = 1
-                for dim in tensor.shape:
-                    declared *= max(0, dim)
+                # The objects decoding will make: the declared count, which the decoder refuses
+                # beyond what the payload can carry (each element has at least its 4-byte
+                # length). The decoder's own rule reads no more than MAX_RANK dimensions (a
+                # product over a million declared ones took seconds of big-integer arithmetic).
+                try:
+                    declared = element_count(tensor.name, tensor.shape)
+                except InvalidInput:
+                    continue  # the decoder refuses it
                 objects += min(declared, size // 4)
             continue
         contents = tensor.contents

@@ -25,7 +25,7 @@ from edgewise.runtime.admission import (
     estimate_request_bytes,
 )
 from edgewise.runtime.client import ServerError
-from edgewise.runtime.codecs import encode_inputs
+from edgewise.runtime.codecs import MAX_RANK, encode_inputs
 from edgewise.runtime.errors import ResourceExhausted
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from tests.servers import RunningServer, running_server
@@ -78,6 +78,19 @@ def test_estimate_follows_the_payload_not_a_claimed_shape() -> None:
     assert estimate_request_bytes(request) == REQUEST_MEMORY_FACTOR * 120
     request.inputs.add(name="y", datatype="NOPE", shape=[1])
     assert estimate_request_bytes(request) == REQUEST_MEMORY_FACTOR * 120
+
+
+def test_the_estimate_reads_no_more_dimensions_than_the_decoder_accepts() -> None:
+    """A BYTES tensor declaring 300,000 dimensions of 3: the estimate multiplied them all (big
+    integers of up to 475,000 bits: seconds of CPU on the event loop for one 300 kB request)
+    and priced one object; the decoder refuses the rank, so there is nothing to price."""
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="s", datatype="BYTES", shape=[3] * 300_000)
+    request.raw_input_contents.append(b"\0" * 4)
+    assert estimate_request_bytes(request) == REQUEST_MEMORY_FACTOR * 4
+    request.inputs[0].ClearField("shape")
+    request.inputs[0].shape.extend([1] * MAX_RANK)
+    assert estimate_request_bytes(request) == REQUEST_MEMORY_FACTOR * 4 + OBJECT_ELEMENT_BYTES
 
 
 def test_the_estimate_covers_what_decoding_really_allocates() -> None:
