@@ -35,7 +35,6 @@ from types import ModuleType
 from typing import Any, Final
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from edgewise.runtime.batching import BatchingConfig
 from edgewise.runtime.dataplane import PreparedRequest
@@ -43,6 +42,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor
 from edgewise.runtime.grpc_api.servicers import InferenceServicer, status_of
+from edgewise.runtime.grpc_api.wire import decode
 
 __all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
 
@@ -61,7 +61,6 @@ Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...], bool]
 _OK: Final = 0
 _UNAUTHENTICATED: Final = int(grpc.StatusCode.UNAUTHENTICATED.value[0])
 _RESOURCE_EXHAUSTED: Final = int(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-_INVALID_ARGUMENT: Final = int(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 _PENDING_ANSWER: Final[Answer] = (PENDING, "", None, (), False)
 
 
@@ -193,18 +192,9 @@ class NativeFront:
             shedder.record_shed()
             message, trailers = shedder.refusal
             return _RESOURCE_EXHAUSTED, message, None, trailers, False
-        try:
-            request = pb.ModelInferRequest.FromString(body)
-        except DecodeError:
-            return (
-                _INVALID_ARGUMENT,
-                "the request is not a valid ModelInferRequest",
-                None,
-                (),
-                False,
-            )
         servicer = self.servicer
         try:
+            request = decode(pb.ModelInferRequest, body)  # INVALID_ARGUMENT, as on grpcio
             deadline = None if remaining is None else time.monotonic() + remaining
             reservation = servicer._admit(request)
             prepared = servicer._prepare_counted(request, reservation)

@@ -59,6 +59,7 @@ from edgewise.runtime.grpc_api.servicers import (
     RepositoryServicer,
 )
 from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
+from edgewise.runtime.grpc_api.wire import parsing_inside
 from edgewise.runtime.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.monitor_config import MonitorConfig
@@ -216,29 +217,27 @@ class InferenceServer:
             loop_load=self.loop_load,
             calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
         )
+        control = (self.repository, self.executor)
+        service, handlers = _inference_handlers(inference)
         if self.shedder is None:
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+            _register(server, service, handlers)
         else:  # the shedder serves the inference service and refuses past its limit
-            self.shedder.add_service(
-                *service_handlers(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference)
-            )
+            self.shedder.add_service(service, handlers)
             server.add_generic_rpc_handlers((self.shedder,))
-        epb_grpc.add_ModelRepositoryServiceServicer_to_server(
-            RepositoryServicer(
-                self.repository,
-                self.executor,
-                self.update_health,
-                peers=self._peers if settings.peers_dir is not None else None,
-            ),
-            server,
+        repository = RepositoryServicer(
+            self.repository,
+            self.executor,
+            self.update_health,
+            peers=self._peers if settings.peers_dir is not None else None,
         )
-        epb_grpc.add_MonitoringServiceServicer_to_server(
-            MonitoringServicer(self.repository, self.executor), server
-        )
-        epb_grpc.add_QualityServiceServicer_to_server(
-            QualityServicer(self.repository, self.executor), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for add_to_server, servicer in (
+            (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository),
+            (epb_grpc.add_MonitoringServiceServicer_to_server, MonitoringServicer(*control)),
+            (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control)),
+            (health_pb2_grpc.add_HealthServicer_to_server, self.health),
+        ):
+            service, handlers = service_handlers(add_to_server, servicer)
+            _register(server, service, parsing_inside(handlers))
         reflection.enable_server_reflection(
             (
                 INFERENCE_SERVICE,
@@ -416,6 +415,28 @@ class InferenceServer:
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def _inference_handlers(
+    inference: InferenceServicer,
+) -> tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]:
+    """The inference service's name and handlers, every one parsing its own request (see
+    wire.py); ModelInfer takes its request as bytes (see InferenceServicer.infer_bytes)."""
+    add_to_server = pb_grpc.add_GRPCInferenceServiceServicer_to_server
+    service, handlers = service_handlers(add_to_server, inference)
+    handlers = parsing_inside(handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        inference.infer_bytes, response_serializer=pb.ModelInferResponse.SerializeToString
+    )
+    return service, handlers
+
+
+def _register(
+    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> None:
+    """Serve ``handlers`` of ``service``, as generated ``add_..._to_server`` functions do."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def warm_request_kernels() -> float:

@@ -6,8 +6,12 @@ Every handler calls the data plane (or the repository) and maps an
 name; the server itself never goes down because of a request.
 
 Small requests run inline on the event loop (onnxruntime at batch 1 costs tens of microseconds, less
-than a thread hand-off); requests with a large payload run on a worker thread so they do not hold
-up the loop.
+than a thread hand-off); requests with a large payload, and every request while recent model runs
+took longer than :data:`SIDE_BY_SIDE_SECONDS` (the native front end's rule), run on a worker thread
+so they do not hold up the loop: a loop busy running models takes no new calls in, and calls it
+has not taken in wait inside gRPC where nothing can shed them. The grpcio server hands ModelInfer
+its request as bytes (:meth:`InferenceServicer.infer_bytes`): a large body is parsed on the worker
+thread too, and an undecodable one is INVALID_ARGUMENT (see wire.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.grpc_api.overload import LoopLoad, retry_trailers
 from edgewise.runtime.grpc_api.status import grpc_status
+from edgewise.runtime.grpc_api.wire import decode
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.model import LoadedModel
 from edgewise.runtime.paths import parse_version
@@ -57,6 +62,11 @@ T = TypeVar("T")
 
 # Marks a control call one process forwards to its siblings in multi-process mode.
 FORWARDED_HEADER = "edgewise-forwarded"
+
+#: While model runs have recently taken longer than this a call (a moving average), every request
+#: runs on a worker thread: onnxruntime releases the GIL, so such runs overlap and the event loop
+#: stays free to take calls in (and shed them). The native front end uses the same figure.
+SIDE_BY_SIDE_SECONDS = 0.0005
 
 
 def _payload_bytes(request: pb.ModelInferRequest) -> int:
@@ -161,6 +171,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # A saturated event loop runs nothing inline (see LoopLoad): calls stay visible to shedding.
         self.loop_load = loop_load
         self.calls_in_flight = calls_in_flight  # the shedder's count: a batcher's idle test
+        # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
+        # thread ran the model: a race only blurs it.
+        self.run_seconds = 0.0
         # One batch queue per served model version that has batching configured; a version
         # that is unloaded drops out with its last reference.
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
@@ -222,6 +235,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if reservation and self.admission is not None:
             self.admission.release(reservation)
 
+    def _timed(self, began: float) -> None:
+        """One more model run, begun at ``began`` (perf_counter), in the moving average."""
+        self.run_seconds += (time.perf_counter() - began - self.run_seconds) / 16
+
     def _infer_counted(
         self,
         request: pb.ModelInferRequest,
@@ -232,10 +249,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Run one request and count it, on whichever thread runs it: a request whose caller has
         gone away is still counted with the outcome it really had."""
         name, version = request.model_name, request.model_version
+        began = time.perf_counter()
         with _CallAccounting(self, name, version, started, reservation) as call:
             response, model = self.dataplane.infer(request, deadline)
             call.name, call.version = model.name, model.version_str
+        self._timed(began)
         return response
+
+    def _decode_and_infer(
+        self, body: bytes, deadline: float | None, started: float
+    ) -> pb.ModelInferResponse:
+        """On a worker thread: parse a large request, admit it, run it and count it."""
+        request = decode(pb.ModelInferRequest, body)
+        return self._infer_counted(request, deadline, started, self._admit(request))
 
     def _prepare_counted(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
         try:
@@ -257,8 +283,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Run and count a prepared request; the monitor's statistics are taken after the
         response: on the loop's next turn, or through ``defer`` (see DataPlane.execute)."""
         model = prepared.model
+        began = time.perf_counter()
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline, on_loop=defer is None, defer=defer)
+            response = self.dataplane.execute(
+                prepared, deadline, on_loop=defer is None, defer=defer
+            )
+        self._timed(began)
+        return response
 
     async def _batched(
         self,
@@ -282,37 +313,79 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
+        """ModelInfer on a request parsed already (the grpcio server calls :meth:`infer_bytes`)."""
         started = time.perf_counter()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+        deadline = _deadline(context)
         try:
-            reservation = self._admit(request)
-            busy = self.loop_load is not None and self.loop_load.busy
-            # A busy loop runs no model inline, but a request for a model with batching still
-            # joins its batch queue (decoded here; its batch runs on a worker thread anyway).
-            if _payload_bytes(request) <= self.inline_max_bytes and (
-                not busy or self._batches(request)
-            ):
-                prepared = self._prepare_counted(request, reservation)
-                batching = prepared.model.batching
-                if batching is not None:
-                    return await self._batched(prepared, batching, deadline, started, reservation)
-                try:
-                    return self._execute_counted(prepared, deadline, started, reservation)
-                finally:
-                    if self.loop_load is not None:  # the loop's time spent on models
-                        self.loop_load.inline_seconds += time.perf_counter() - started
-            future = self.executor.submit(
-                self._infer_counted, request, deadline, started, reservation
-            )
-            try:
-                return await asyncio.wrap_future(future)
-            finally:
-                if future.cancelled():  # never ran: its reservation is still held
-                    self._release(reservation)
+            return await self._infer(request, deadline, started)
         except Exception as exc:
             await _abort(context, exc, self.retry_after_ms)
             raise
+
+    async def infer_bytes(
+        self, body: bytes, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        """ModelInfer on the request's bytes: a body over ``inline_max_bytes`` is parsed, admitted
+        and run on a worker thread (the event loop never spends long on one call); a smaller one
+        is parsed here. An undecodable body is INVALID_ARGUMENT."""
+        started = time.perf_counter()
+        deadline = _deadline(context)
+        try:
+            if len(body) > self.inline_max_bytes:
+                return await self._on_worker(self._decode_and_infer, body, deadline, started)
+            request = decode(pb.ModelInferRequest, body)
+            return await self._infer(request, deadline, started)
+        except Exception as exc:
+            await _abort(context, exc, self.retry_after_ms)
+            raise
+
+    def _runs_inline(self, request: pb.ModelInferRequest) -> bool:
+        """Whether ``request`` runs on the event loop: a small one while model runs are cheap
+        and the loop is not saturated by them (see LoopLoad); a request for a model with
+        batching joins its batch queue from the loop whatever (its batch runs on a worker
+        thread anyway)."""
+        if _payload_bytes(request) > self.inline_max_bytes:
+            return False
+        busy = self.loop_load is not None and self.loop_load.busy
+        costly = self.run_seconds > SIDE_BY_SIDE_SECONDS
+        return not (busy or costly) or self._batches(request)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, started: float
+    ) -> pb.ModelInferResponse:
+        reservation = self._admit(request)
+        if not self._runs_inline(request):
+            run = self._infer_counted
+            return await self._on_worker(
+                run, request, deadline, started, reservation, reservation=reservation
+            )
+        prepared = self._prepare_counted(request, reservation)
+        batching = prepared.model.batching
+        if batching is not None:
+            return await self._batched(prepared, batching, deadline, started, reservation)
+        try:
+            return self._execute_counted(prepared, deadline, started, reservation)
+        finally:
+            if self.loop_load is not None:  # the loop's time spent on models
+                self.loop_load.inline_seconds += time.perf_counter() - started
+
+    async def _on_worker(
+        self, function: Callable[..., T], *args: object, reservation: int = 0
+    ) -> T:
+        """``function(*args)`` on a worker thread; a call cancelled before it ran gives back
+        ``reservation``."""
+        future = self.executor.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.cancelled():  # never ran: its reservation is still held
+                self._release(reservation)
+
+
+def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _to_proto(status: VersionStatus) -> epb.ModelVersionState:
