@@ -370,17 +370,20 @@ def test_half_a_cpu_holds_and_compute_threads_follow_the_split(
         for worker in workers:
             worker.join()
         wall = time.monotonic() - started
-        used = (sum(srv.server.cpu_times()[:2]) - before_cpu) / wall
+        cpu_seconds = sum(srv.server.cpu_times()[:2]) - before_cpu
         stat = cpu_stat(cpu_dir)
         compute = busy_threads(before_threads, thread_cpu(pid)) - pollers
+        periods = stat["nr_periods"] - before_stat["nr_periods"]
+        throttled = stat["nr_throttled"] - before_stat["nr_throttled"]
         print(
-            f"\n0.5 CPU profile: used {used:.3f} CPU over {wall:.1f} s; throttled in "
-            f"{stat['nr_throttled'] - before_stat['nr_throttled']} of "
-            f"{stat['nr_periods'] - before_stat['nr_periods']} periods; compute threads busy: "
-            f"{len(compute)} (split: 2)"
+            f"\n0.5 CPU profile: used {cpu_seconds / wall:.3f} CPU over {wall:.1f} s; throttled "
+            f"in {throttled} of {periods} periods; compute threads busy: {len(compute)} (split: 2)"
         )
-    assert used <= 0.5 * 1.10, used
-    assert stat["nr_throttled"] - before_stat["nr_throttled"] > 0
+    # The quota held, by the kernel's own count (not the wall clock, which CPU contention
+    # stretches): the group was throttled, and used no more than its 50 ms in each of the
+    # 100 ms periods it ran in (10 % for accounting granularity).
+    assert throttled > 0
+    assert cpu_seconds <= 0.050 * periods * 1.10, (cpu_seconds, periods)
     # The loop and one worker computed; no other pool (onnxruntime, BLAS, numba) did.
     assert pid in compute
     assert 2 <= len(compute) <= 2, compute

@@ -340,11 +340,18 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
     """Cheap calls go to one thread (no GIL passed between threads for them); requests over
     small_max_bytes, and every request once the handler has been taking more than half a
     millisecond a call, go to the other handler threads, which overlap (here: while the handler
-    sleeps, as onnxruntime runs without the GIL)."""
+    sleeps, as onnxruntime runs without the GIL).
+
+    No timing decides the outcome: a cheap handler does next to nothing (far under the half
+    millisecond, whatever else runs on the machine), a costly one sleeps 50 ms (at least that,
+    however loaded the machine) after meeting a second costly call at a barrier, which only
+    handlers running side by side can pass."""
     module = native_front_or_unmet()
     lock = threading.Lock()
     running: dict[str, int] = {}
     most: dict[str, int] = {}
+    handler_threads: dict[str, set[int]] = {}
+    side_by_side = threading.Barrier(2, timeout=20)  # broken (an error answer): one at a time
 
     def handler(
         body: bytes, authorization: str | None, remaining: float | None, in_flight: int, token: int
@@ -353,7 +360,10 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
         with lock:
             running[kind] = running.get(kind, 0) + 1
             most[kind] = max(most.get(kind, 0), running[kind])
-        time.sleep(0.0001 if kind == "fast" else 0.05)
+            handler_threads.setdefault(kind, set()).add(threading.get_ident())
+        if kind != "fast":
+            side_by_side.wait()
+            time.sleep(0.05)
         with lock:
             running[kind] -= 1
         return 0, "", body[:16], (), False
@@ -391,8 +401,11 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
 
             send_all([b"fast" + bytes([i]) * 100 for i in range(40)])
             assert most == {"fast": 1}  # cheap: one thread, one at a time
+            assert len(handler_threads["fast"]) == 1
             send_all([bytes([i]) * 5000 for i in range(6)])
             assert most["large"] == 2  # over small_max_bytes: the other two threads
+            assert len(handler_threads["large"]) == 2  # and none of them the cheap calls' one
+            assert handler_threads["large"].isdisjoint(handler_threads["fast"])
             send_all([b"slow" + bytes([i]) * 100 for i in range(6)])
             assert most["slow"] == 2  # small, but the handler has been slow: side by side
         assert front.counts() == (52, 0, 0)
