@@ -10,11 +10,13 @@ last responses (see drain.py), and returns exit code 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -116,6 +118,7 @@ class InferenceServer:
         self.private_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._created: grpc.aio.Server | None = None  # made by start(), started or not
         self._metrics_http: Any = None
         self._drift_task: asyncio.Task[None] | None = None
         self._published: set[tuple[str, str]] = set()
@@ -184,6 +187,27 @@ class InferenceServer:
         return interceptors, credentials
 
     async def start(self) -> None:
+        """Bind, register and start serving; a start that fails (a busy port) closes what it
+        opened, so the caller reports one error and nothing is left to clean up at exit."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_failed_start()
+            raise
+
+    async def _close_failed_start(self) -> None:
+        if self.front is not None:
+            await asyncio.to_thread(self.front.shutdown, 0.0)
+        if self._created is not None:
+            await self._created.stop(None)  # else grpc's __del__ stops it on a closed loop
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._front_dir is not None:
+            shutil.rmtree(self._front_dir, ignore_errors=True)
+
+    async def _start(self) -> None:
         settings = self.settings
         limit = settings.max_message_bytes
         interceptors, credentials = self._security()
@@ -207,6 +231,7 @@ class InferenceServer:
             # is only a backstop for every kind of call.
             maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
         )
+        self._created = server
         inference = InferenceServicer(
             self.dataplane,
             self.metrics,
@@ -250,6 +275,7 @@ class InferenceServer:
             server,
         )
         address = f"{settings.host}:{settings.port}"
+        check_port_free(settings.host, settings.port, settings.reuse_port)
         upstream = ""
         front_module = self._front_module()
         if front_module is not None:
@@ -290,9 +316,13 @@ class InferenceServer:
             if self.shedder is not None:
                 self.shedder.admitted.set_function(self.front.in_flight)
         if settings.metrics_port >= 0:
-            http_server, _thread = start_http_server(
-                settings.metrics_port, settings.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                http_server, _thread = start_http_server(
+                    settings.metrics_port, settings.metrics_host, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                where = f"{settings.metrics_host}:{settings.metrics_port}"
+                raise OSError(f"cannot bind the metrics port {where}: {exc.strerror}") from None
             self._metrics_http = http_server
             self.metrics_port = int(http_server.server_port)
         log.info(
@@ -415,6 +445,32 @@ class InferenceServer:
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def check_port_free(host: str, port: int, reuse_port: bool) -> None:
+    """:class:`OSError` naming ``host:port`` when another process listens there, checked with
+    the socket options gRPC binds with (so the answer is gRPC's), before gRPC tries and logs a
+    screenful about it. Port 0 and names that do not resolve are left to gRPC."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return
+    for family, kind, proto, _name, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    busy = f"cannot bind {host}:{port}: the address is already in use"
+                    raise OSError(busy) from None
+                return  # anything else (no such interface, no rights): gRPC says
 
 
 def _inference_handlers(

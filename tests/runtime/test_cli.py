@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,52 @@ def test_convert_and_demo_without_scikit_learn_name_the_extra(
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "'sklearn'" in lines[0] and "pip install 'edgewise[convert]'" in lines[0]
     assert not (tmp_path / "repo").exists()
+
+
+# ---- serve: start-up errors ----------------------------------------------------------------------
+
+
+def _serve_error(model_repo: Path, *args: str) -> str:
+    """``edgewise serve`` that cannot start: exit 1, one error line, no traceback; its line."""
+    done = edgewise("--log-level", "WARNING", "serve", "--repo", str(model_repo), *args, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgewise serve:")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("ports", "expected"),
+    [
+        (
+            ["--port", "{port}", "--metrics-port", "0"],
+            "cannot bind 127.0.0.1:{port}: the address is ",
+        ),
+        (
+            ["--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "{port}"],
+            "cannot bind the metrics port 127.0.0.1:{port}: Address ",
+        ),
+    ],
+)
+def test_a_busy_port_is_one_line_and_exit_1(
+    model_repo: Path, ports: list[str], expected: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = edgewise(
+            "--log-level", "WARNING", "serve", "--repo", str(model_repo), "--host", "127.0.0.1",
+            *(arg.format(port=port) for arg in ports), timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    message = f"edgewise serve: error: {expected.format(port=port)}"
+    assert done.stderr.strip().splitlines() == [message + "already in use"], done.stderr
+
+
+def test_an_address_grpc_cannot_bind_stops_cleanly(model_repo: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface: gRPC's own bind fails after the server object
+    # exists, which used to end in a traceback from grpc's Server.__del__ on a closed loop.
+    line = _serve_error(model_repo, "--host", "192.0.2.1", "--port", "0", "--metrics-port", "-1")
+    assert line == "edgewise serve: error: cannot bind 192.0.2.1:0"
