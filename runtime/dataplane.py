@@ -113,13 +113,17 @@ class DataPlane:
         return self.execute(prepared, deadline), prepared.model
 
     def prepare(self, request: pb.ModelInferRequest) -> PreparedRequest:
-        """Find the model and decode and check the request; nothing runs yet."""
+        """Find the model, check the whole request, then decode it; nothing runs yet. Every
+        check (each input's declaration against its payload and the model, the requested
+        outputs) comes before any tensor is decoded: a refused request allocates nothing."""
         model = self.repository.get(request.model_name, request.model_version)
-        feeds, rows = self._feeds(model, request)
+        plans = plan_inputs(request)
+        rows = _check_against_model(model, plans)
+        outputs = self._requested_outputs(model, request)
         return PreparedRequest(
             model=model,
-            feeds=feeds,
-            outputs=self._requested_outputs(model, request),
+            feeds={plan.name: plan.decode() for plan in plans},
+            outputs=outputs,
             raw=len(request.raw_input_contents) > 0,
             request_id=request.id,
             rows=rows,
@@ -164,16 +168,6 @@ class DataPlane:
         return prepared.respond(results)
 
     @staticmethod
-    def _feeds(
-        model: LoadedModel, request: pb.ModelInferRequest
-    ) -> tuple[dict[str, npt.NDArray[Any]], int]:
-        """Check every input's declaration against its payload and the model, then decode: no
-        tensor is allocated for a request that is refused."""
-        plans = plan_inputs(request)
-        rows = _check_against_model(model, plans)
-        return {plan.name: plan.decode() for plan in plans}, rows
-
-    @staticmethod
     def _requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[str] | None:
         if not request.outputs:
             return None
@@ -184,6 +178,8 @@ class DataPlane:
                     f"requested output {output.name!r} is not an output of model "
                     f"{model.name!r} (outputs: {', '.join(model.output_names)})"
                 )
+            if output.name in names:
+                raise InvalidInput(f"requested output {output.name!r}: given more than once")
             names.append(output.name)
         return names
 

@@ -138,3 +138,34 @@ def test_a_missing_input_is_refused_before_the_others_are_decoded(model_repo: Pa
     payload = len(request.raw_input_contents[0])
     # Reading the payload out of the message copies it (upb): that much, not the 2x of decoding.
     assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
+
+
+def mixed_request(rows: int, outputs: list[str]) -> pb.ModelInferRequest:
+    """A valid request for ``mixed`` (empty strings in both string columns), plus ``outputs``."""
+    request = pb.ModelInferRequest(model_name="mixed")
+    request.inputs.add(name="features", datatype="FP32", shape=[rows, 13])
+    request.raw_input_contents.append(b"\0" * (rows * 13 * 4))
+    for name in ("alcohol_level", "color_band"):
+        request.inputs.add(name=name, datatype="BYTES", shape=[rows, 1])
+        request.raw_input_contents.append(struct.pack("<I", 0) * rows)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [(["nope"], r"requested output 'nope' is not an output"), (["label", "label"], "more than")],
+)
+def test_bad_requested_outputs_are_refused_before_decoding(
+    model_repo: Path, outputs: list[str], message: str
+) -> None:
+    repository = ModelRepository(model_repo)
+    repository.load("mixed")
+    plane = DataPlane(repository)
+    assert plane.prepare(mixed_request(2, ["label"])).feeds["color_band"].shape == (2, 1)
+    request = mixed_request(100_000, outputs)
+    with pytest.raises(InvalidInput, match=message):
+        plane.prepare(request)
+    payload = sum(len(raw) for raw in request.raw_input_contents)
+    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
