@@ -53,6 +53,7 @@ __all__ = [
     "validate_model_name",
     "verify_files",
     "write_manifest",
+    "write_text_atomic",
 ]
 
 PACKAGE_FORMAT: Final = "edgewise.package/1"
@@ -327,6 +328,23 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a hidden ``.tmp-`` file beside it, fsynced,
+    renamed over it, the folder fsynced. A reader sees the old file or the new one, never a
+    part; a failed write leaves the old file (or none) and no temporary file."""
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    fsync_dir(path.parent)
 
 
 def list_versions(model_dir: Path) -> list[int]:

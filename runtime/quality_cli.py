@@ -140,12 +140,42 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return folder, None if default is None else package_folder(args.repo, candidate.name, default)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    if str(path) == "-":
-        sys.stdout.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def _json_to_stdout(args: argparse.Namespace) -> bool:
+    return args.json is not None and str(args.json) == "-"
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written, before any work is done."""
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path is None or (flag == "--json" and _json_to_stdout(args)):
+            continue
+        if path.is_dir():
+            raise InvalidInput(f"{flag} {path}: is a folder")
+        if not path.parent.is_dir():
+            raise InvalidInput(f"{flag} {path}: folder {path.parent} does not exist")
+
+
+def _write_outputs(args: argparse.Namespace, json_text: str | None, html: str | None) -> None:
+    """Write each rendered output atomically (old file or new, never a part); then JSON to
+    stdout if asked for. Rendering is done before anything is written."""
+    from edgewise.runtime.package import write_text_atomic
+
+    files = [(args.json, json_text), (args.html, html)]
+    if _json_to_stdout(args):
+        files = files[1:]
+    for path, text in files:
+        if path is None or text is None:
+            continue
+        try:
+            write_text_atomic(path, text)
+        except OSError as exc:
+            raise InvalidInput(f"{path}: cannot write: {exc.strerror or exc}") from None
+    if json_text is not None and _json_to_stdout(args):
+        sys.stdout.write(json_text)
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
@@ -178,6 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _UsageError("--min-slice-size must be at least 1")
     if bins < 2:
         raise _UsageError("--numeric-bins must be at least 2")
+    _check_outputs(args)
     candidate, baseline = _resolve(args)
     frame = load_table(args.data)
     evaluation = evaluate_models(
@@ -190,11 +221,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         numeric_bins=bins,
         data_info=data_info(args.data),
     )
-    if args.json is not None:
-        _write_json(args.json, evaluation.to_json())
-    if args.html is not None:
-        args.html.write_text(render_html(evaluation), encoding="utf-8")
-    if args.json is None or str(args.json) != "-":
+    json_text = None if args.json is None else _json_text(evaluation.to_json())
+    html = None if args.html is None else render_html(evaluation)
+    _write_outputs(args, json_text, html)
+    if not _json_to_stdout(args):
         print(format_summary(evaluation))
     return 0
 
@@ -212,6 +242,7 @@ def _gate(args: argparse.Namespace) -> int:
         raise _UsageError("no labelled data: give --data, or [data] path in the gate spec")
     if args.label is None and spec.label is None:
         raise _UsageError("no label column: give --label, or [data] label in the gate spec")
+    _check_outputs(args)
     candidate, baseline = _resolve(args)
     verdict = evaluate_gate(
         spec,
@@ -221,10 +252,11 @@ def _gate(args: argparse.Namespace) -> int:
         label=args.label,
         slice_by=args.slice_by or None,
     )
-    if args.json is not None:
-        _write_json(args.json, verdict.to_json(include_evaluation=True))
+    json_text = None if args.json is None else _json_text(verdict.to_json(include_evaluation=True))
+    html = None
     if args.html is not None and verdict.evaluation is not None:
-        args.html.write_text(render_html(verdict.evaluation, verdict), encoding="utf-8")
-    if args.json is None or str(args.json) != "-":
+        html = render_html(verdict.evaluation, verdict)
+    _write_outputs(args, json_text, html)
+    if not _json_to_stdout(args):
         print(verdict.format(verbose=args.verbose))
     return 0 if verdict.passed else EXIT_FAILED

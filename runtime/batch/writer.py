@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package import fsync_dir
+from edgewise.runtime.package import write_text_atomic as _atomic_write  # .tmp- files too
 
 __all__ = [
     "JOB_FILE",
@@ -134,20 +135,6 @@ def write_part(folder: Path, file: int, chunk: int, table: Any) -> int:
             temporary.unlink()
     fsync_dir(folder)
     return final.stat().st_size
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    fsync_dir(path.parent)
 
 
 class JobFolder:

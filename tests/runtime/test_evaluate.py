@@ -451,6 +451,27 @@ def test_cli_evaluate_errors(
     assert exit_info.value.code == 2
 
 
+def test_cli_evaluate_refuses_unwritable_outputs_before_writing_anything(
+    model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "wine.csv"
+    labelled("forest").to_csv(data, index=False)
+    out_json = tmp_path / "e.json"
+    argv = ["evaluate", "--repo", str(model_repo), "--model", "forest", "--data", str(data)]
+    argv += ["--label", "target", "--no-baseline", "--json", str(out_json)]
+    assert main([*argv, "--html", str(tmp_path / "missing" / "e.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing does not exist" in err, err
+    assert not out_json.exists()
+    out_json.write_text("the previous result\n")
+    assert main([*argv, "--html", str(tmp_path)]) == 1  # a folder is no file to write
+    assert "is a folder" in capsys.readouterr().err
+    assert out_json.read_text() == "the previous result\n"
+    assert main([*argv, "--html", str(tmp_path / "e.html")]) == 0
+    assert json.loads(out_json.read_text())["format"] == "edgewise.evaluation/1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.html", "e.json", "wine.csv"]
+
+
 def test_json_to_stdout(
     model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

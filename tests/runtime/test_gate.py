@@ -197,6 +197,19 @@ def test_cli_gate_usage_and_errors(
     assert "does not apply to a classification model" in capsys.readouterr().err
 
 
+def test_cli_gate_refuses_unwritable_outputs_before_judging(
+    scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    verdict_json = tmp_path / "verdict.json"
+    argv = ["gate", "--spec", str(scenario / "gate.toml"), "--repo", str(scenario / "repo")]
+    argv += ["--model", "logreg:2", "--baseline", "logreg:1", "--json", str(verdict_json)]
+    assert main([*argv, "--html", str(tmp_path / "missing" / "report.html")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "does not exist" in captured.err
+    assert "gate PASSED" not in captured.out  # refused, not judged
+    assert list(tmp_path.iterdir()) == []  # no passing verdict left behind by a failed command
+
+
 def test_no_baseline_fails_relative_rules_unless_optional(scenario: Path, tmp_path: Path) -> None:
     candidate = scenario / "repo" / "logreg" / "2"
     spec = GateSpec.load(scenario / "gate.toml")
