@@ -79,6 +79,7 @@ from edgewise.runtime.package import (
 )
 from edgewise.runtime.paths import check_external_data
 from edgewise.runtime.repository import ModelConfig, VersionPolicy, write_model_config
+from edgewise.runtime.settings import server_metrics_port
 from edgewise.runtime.signing import TrustedKeys, verify_package
 from edgewise.runtime.store.base import (
     ArtifactCorrupt,
@@ -129,7 +130,9 @@ class AgentSettings:
     watch_seconds: float = 60.0
     max_error_rate: float = 0.05
     min_requests: int = 20
-    server_metrics: str | None = None  # the server's Prometheus URL (None: derived from server)
+    # The server's Prometheus URL (None: the server's host at the metrics port of the server's
+    # own settings, EDGEWISE_METRICS_PORT or its default).
+    server_metrics: str | None = None
     local_load: bool = True
     require_golden: bool = False
     corrupt_retry_seconds: float = 600.0
@@ -153,13 +156,19 @@ class AgentSettings:
             raise InvalidInput(
                 f"agent: max_error_rate must be in [0, 1], got {self.max_error_rate}"
             )
+        _ = self.metrics_url  # a malformed EDGEWISE_METRICS_PORT fails here, at start-up
 
     @property
-    def metrics_url(self) -> str:
+    def metrics_url(self) -> str | None:
+        """The server's Prometheus endpoint; None when it cannot be known (the server's metrics
+        port setting is 0, a free port, or -1, none) and no ``server_metrics`` is given."""
         if self.server_metrics:
             return self.server_metrics
+        port = server_metrics_port()
+        if port <= 0:
+            return None
         host = self.server.rsplit(":", 1)[0] or "127.0.0.1"
-        return f"http://{host}:8002/metrics"
+        return f"http://{host}:{port}/metrics"
 
 
 class AgentMetrics:
@@ -481,8 +490,7 @@ class Agent:
         for entry in self.model_dir.iterdir():
             if entry.name.startswith(TRASH_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
-        state = self.state_file.read()
-        self._publish_state(state)
+        state = self._read_state()
         if state.deployed is not None:
             log.info(
                 "model %s: resuming; deployed version %d (last good %s)",
@@ -504,7 +512,7 @@ class Agent:
         """One poll; returns the delay before the next one."""
         self._watching = False
         try:
-            state = self.state_file.read()
+            state = self._read_state()  # publishes what another process (rollback) changed
             if state.watch is not None:
                 state = self._watch_step(state)
                 self._watching = state.watch is not None
@@ -537,26 +545,26 @@ class Agent:
             log.exception("model %s: unexpected error in a poll", self.settings.model)
             return self._failed("error", f"unexpected {type(exc).__name__}: {exc}")
         self.failures = 0
-        self.metrics.failures.set(0)
+        self._publish_health()
         self.metrics.polls.labels("ok").inc()
         self.metrics.last_success.set(time.time())
         self._maybe_report()
-        state = self.state_file.read()
+        state = self._read_state()
         if state.watch is not None:
             remaining = state.watch.since + self.settings.watch_seconds - time.time()
-            return max(0.05, min(self.poll_delay(), 1.0, remaining))
-        return self.poll_delay()
+            if remaining > 0:
+                return max(0.05, min(self.poll_delay(), 1.0, remaining))
+        return self.poll_delay()  # (a watch past its time cannot see: retried at each poll)
 
     def _failed(self, result: str, message: str, report: bool = True) -> float:
         self.failures += 1
-        self.metrics.failures.set(self.failures)
         self.metrics.polls.labels(result).inc()
         delay = self.backoff_delay()
         if self._watching:
             delay = min(delay, 1.0)  # a switch being watched is judged on time, store or not
         self.health = "failing" if self.failures >= 3 else self.health
         self.detail = message
-        self.metrics.healthy.set(0)
+        self._publish_health()
         log.warning(
             "model %s: %s (failure %d in a row; next try in %.1f s; the server keeps serving "
             "what it serves)",
@@ -576,9 +584,23 @@ class Agent:
 
     # ---- state -----------------------------------------------------------------------------------
 
+    # The agent's gauges are set in two places only: _publish_state after every read and write
+    # of the state file (which `edgewise rollback` changes too, from another process), and
+    # _publish_health after every change of health or of the failure count.
+
     def _publish_state(self, state: AgentState) -> None:
         self.metrics.deployed.set(state.deployed.version if state.deployed else 0)
         self.metrics.last_good.set(state.last_good.version if state.last_good else 0)
+
+    def _publish_health(self) -> None:
+        healthy = self.failures == 0 and self.health in ("ok", "watching")
+        self.metrics.healthy.set(1 if healthy else 0)
+        self.metrics.failures.set(self.failures)
+
+    def _read_state(self) -> AgentState:
+        state = self.state_file.read()
+        self._publish_state(state)
+        return state
 
     def _save(self, state: AgentState) -> AgentState:
         state = replace(state, updated_at=utc_now())
@@ -642,7 +664,7 @@ class Agent:
         if (health, detail) != (self.health, self.detail):
             self._report_due = True
         self.health, self.detail = health, detail
-        self.metrics.healthy.set(1 if health in ("ok", "watching") else 0)
+        self._publish_health()
 
     def _reconcile(self, state: AgentState) -> None:
         """Make the server's default the deployed version again if it drifted (e.g. after a
@@ -807,7 +829,7 @@ class Agent:
                 "passed locally" if validation.local_load_seconds is not None else "to check",
             )
             with self.state_file.locked():
-                state = self.state_file.read()
+                state = self._read_state()
                 self.phase = "installing"
                 if not installed:
                     self._write_config(state)
@@ -821,7 +843,7 @@ class Agent:
                 self._load(version, make_default=False)
                 self._wait_ready(version)
                 checked = self._golden_on_server(final, version)
-                baseline = self._request_counts()
+                baseline, blind = self._baseline()
                 self.phase = "switching"
                 self._load(version, make_default=True)
                 previous = state.deployed.version if state.deployed else None
@@ -841,7 +863,10 @@ class Agent:
                         ),
                     )
                     state = self._save(state)
-                    self._set_health("watching", f"watching version {version} after the switch")
+                    if blind:
+                        self._set_blind(version, state, blind)
+                    else:
+                        self._set_health("watching", f"watching version {version} after the switch")
                 else:
                     state = self._promote_locked(state, item)
             self.metrics.deploys.labels("success").inc()
@@ -866,7 +891,7 @@ class Agent:
     def _refuse(self, record: VersionRecord, refused: _Refused) -> None:
         name, version = record.name, record.version
         with self.state_file.locked():
-            state = self.state_file.read()
+            state = self._read_state()
             serving = state.deployed is not None and state.deployed.version == version
             if refused.kind in ("load", "golden") and not serving:
                 with contextlib.suppress(EdgewiseError):
@@ -902,38 +927,84 @@ class Agent:
 
     # ---- after the switch ------------------------------------------------------------------------
 
-    def _request_counts(self) -> tuple[float, float] | None:
+    def _request_counts(self) -> tuple[float, float]:
+        """The server's ``(requests, errors)`` of the model; :class:`Unavailable` when they
+        cannot be read."""
+        url = self.settings.metrics_url
+        if url is None:
+            raise Unavailable(
+                "the server's metrics port is not known (EDGEWISE_METRICS_PORT is 0 or -1): "
+                "give --server-metrics"
+            )
+        return scrape_request_counts(url, self.settings.model)
+
+    def _baseline(self) -> tuple[tuple[float, float] | None, str]:
+        """The counts at the switch, or why they cannot be read."""
         try:
-            return scrape_request_counts(self.settings.metrics_url, self.settings.model)
+            return self._request_counts(), ""
         except Unavailable as exc:
-            self._say_once(f"cannot watch the error rate: {exc.message}")
-            return None
+            return None, exc.message
+
+    def _set_blind(self, version: int, state: AgentState, why: str) -> None:
+        """A watch that cannot see: it judges nothing and promotes nothing; unhealthy."""
+        last_good = state.last_good.version if state.last_good else None
+        self._set_health(
+            "degraded",
+            f"cannot see the server's metrics ({why}): version {version} stays under watch, "
+            f"version {last_good} stays the last good one",
+        )
+        self._say_once(self.detail)
 
     def _watch_step(self, state: AgentState) -> AgentState:
+        """Judge the version under watch: roll it back on errors, promote it once it was seen
+        for ``watch_seconds``. Its time starts when the agent can see the server's metrics."""
         watch = state.watch
         assert watch is not None
-        counts = self._request_counts()
+        counts, blind = self._baseline()
+        if counts is None:
+            self._set_blind(watch.version, state, blind)
+            return state
+        if watch.baseline_total is None or watch.baseline_errors is None:
+            return self._start_watch(watch, counts)
+        total = counts[0] - watch.baseline_total
+        errors = counts[1] - watch.baseline_errors
         base_total, base_errors = watch.baseline_total, watch.baseline_errors
-        if counts is not None and base_total is not None and base_errors is not None:
-            total = counts[0] - base_total
-            errors = counts[1] - base_errors
-            before = base_errors / base_total if base_total > 0 else 0.0
-            if total >= self.settings.min_requests and total > 0:
-                rate = errors / total
-                if rate - before > self.settings.max_error_rate:
-                    reason = (
-                        f"error rate {rate:.1%} over {int(total)} requests since the switch "
-                        f"(before: {before:.1%}; allowed: +{self.settings.max_error_rate:.1%})"
-                    )
-                    return self._rollback(watch.version, watch.previous, reason, "error_rate")
+        before = base_errors / base_total if base_total > 0 else 0.0
+        if total >= self.settings.min_requests and total > 0:
+            rate = errors / total
+            if rate - before > self.settings.max_error_rate:
+                reason = (
+                    f"error rate {rate:.1%} over {int(total)} requests since the switch "
+                    f"(before: {before:.1%}; allowed: +{self.settings.max_error_rate:.1%})"
+                )
+                return self._rollback(watch.version, watch.previous, reason, "error_rate")
+        self._set_health("watching", f"watching version {watch.version} after the switch")
         if time.time() - watch.since >= self.settings.watch_seconds:
             with self.state_file.locked():
-                state = self.state_file.read()
+                state = self._read_state()
                 if state.watch is None or state.watch.version != watch.version:
                     return state
                 state = self._promote_locked(
                     state, Deployed(watch.version, watch.sha256, utc_now())
                 )
+        return state
+
+    def _start_watch(self, watch: Watch, counts: tuple[float, float]) -> AgentState:
+        """The switch's counts could not be read: the watch starts now, from these."""
+        with self.state_file.locked():
+            state = self._read_state()
+            if state.watch is None or state.watch.version != watch.version:
+                return state
+            started = replace(
+                watch, since=time.time(), baseline_total=counts[0], baseline_errors=counts[1]
+            )
+            state = self._save(replace(state, watch=started))
+        self._set_health("watching", f"watching version {watch.version} after the switch")
+        log.info(
+            "model %s: the server's metrics can be read again; watching version %d from now",
+            self.settings.model,
+            watch.version,
+        )
         return state
 
     def _promote_locked(self, state: AgentState, item: Deployed) -> AgentState:
@@ -977,7 +1048,7 @@ class Agent:
 
     def _rollback(self, bad: int, previous: int | None, reason: str, why: str) -> AgentState:
         with self.state_file.locked():
-            state = self.state_file.read()
+            state = self._read_state()
             state = rollback_locked(
                 self.client,
                 self.state_file,
@@ -1005,7 +1076,7 @@ class Agent:
             force or self._report_due or now - self._last_report >= self.settings.report_interval
         ):
             return
-        state = self.state_file.read()
+        state = self._read_state()
         report = NodeReport(
             node=self.settings.node_id,
             model=self.settings.model,
@@ -1099,15 +1170,18 @@ def rollback(
     before it). Returns ``(from, to)``."""
     validate_model_name(name)
     state_file = StateFile.for_repo(repo, name, state_dir)
+    # Refused before the lock, which would create the state folder and its lock file.
+    if state_file.read().deployed is None:
+        raise EdgewiseError(
+            f"model {name!r}: the agent's state ({state_file.path}) records no deployed version"
+        )
+    if to is not None and to not in list_versions(repo / name):
+        raise EdgewiseError(f"model {name!r}: version {to} is not on disk in {repo / name}")
     with state_file.locked():
         state = state_file.read()
-        if state.deployed is None:
-            raise EdgewiseError(
-                f"model {name!r}: the agent's state ({state_file.path}) records no deployed version"
-            )
+        if state.deployed is None:  # (only a state file that vanished since gets here)
+            raise EdgewiseError(f"model {name!r}: the agent's state records no deployed version")
         bad = state.deployed.version
-        if to is not None and to not in list_versions(repo / name):
-            raise EdgewiseError(f"model {name!r}: version {to} is not on disk in {repo / name}")
         state = rollback_locked(client, state_file, repo / name, state, bad, to, reason)
     assert state.deployed is not None
     return bad, state.deployed.version

@@ -36,6 +36,7 @@ __all__ = [
     "ServerSettings",
     "add_client_security_arguments",
     "client_security_from_args",
+    "server_metrics_port",
 ]
 
 ENV_PREFIX = "EDGEWISE_"
@@ -196,6 +197,18 @@ class ServerSettings:
 
 #: The value of ``processes`` that sizes it from the budget.
 AUTO = "auto"
+
+
+def server_metrics_port(environ: Mapping[str, str] | None = None) -> int:
+    """The metrics port a server on this node listens on by the same rule it uses itself:
+    ``EDGEWISE_METRICS_PORT``, else the default of :attr:`ServerSettings.metrics_port` (0 picks
+    a free port and -1 disables it: then a client cannot know it)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_PREFIX + "METRICS_PORT")
+    if raw is None or raw == "":
+        return ServerSettings.metrics_port
+    port: int = _convert("metrics_port", "int", raw)
+    return port
 
 
 def _convert(name: str, type_name: object, raw: str) -> Any:

@@ -304,7 +304,11 @@ def _add_agent(sub: Subparsers) -> None:
     p.add_argument("--repo", type=Path, required=True, help="the server's model repository")
     p.add_argument("--server", default="127.0.0.1:8001", help="server HOST:PORT (gRPC)")
     p.add_argument(
-        "--server-metrics", help="server's metrics URL (default http://HOST:8002/metrics)"
+        "--server-metrics",
+        help="server's metrics URL, read to watch a new version's error rate (default "
+        "http://HOST:PORT/metrics, PORT from EDGEWISE_METRICS_PORT as the server reads it, else "
+        "8002); while it cannot be read the new version is not promoted and the agent reports "
+        "itself unhealthy",
     )
     p.add_argument("--node-id", help="this node's name in reports (default: the host name)")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between polls (30)")
