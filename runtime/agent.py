@@ -19,7 +19,9 @@ sha256, differs from what the agent deployed:
    requests seen; read from the server's Prometheus endpoint), roll back; otherwise it becomes the
    **last good** version: pinned in ``REPO/NAME/config.json`` (``default_version`` and a
    ``specific`` version policy), so a restarted server serves it; older versions are unloaded and
-   only the last ``keep`` versions stay on disk.
+   only the last ``keep`` versions stay on disk. A watch that cannot read the server's metrics
+   promotes nothing: the previous version stays the last good one and the agent reports itself
+   unhealthy until it can read them (the watch's time starts then).
 
 A version that fails any step is refused (recorded in the state file with its reason, not retried
 until the alias names something else; a corrupted download is retried after
@@ -29,7 +31,10 @@ rollback NAME`` does a rollback by hand.
 Store or server unreachable, slow or failing: exponential backoff with jitter, one log line per
 failure, the server untouched. State lives in ``REPO/.edgewise-agent/NAME.json``; a restarted
 agent resumes from it and never downloads what is already on disk. Each node reports its state to
-the store (a tag or table row per node) and exposes Prometheus metrics (``edgewise_agent_*``).
+the store (a tag or table row per node) and exposes Prometheus metrics (``edgewise_agent_*``), set
+from the state file each time the agent reads or writes it (so ``edgewise rollback`` from another
+process shows at the next poll). The agent never creates the store it reads: while it is missing
+the store is reported unavailable and the agent retries.
 """
 
 from __future__ import annotations
