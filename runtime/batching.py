@@ -122,7 +122,10 @@ class DynamicBatcher:
                 f"model {model.name!r}: batching needs -1 as the first dimension of every "
                 "input and output"
             )
-        self.model = model
+        # No reference to the model: the servicer maps model -> batcher in a WeakKeyDictionary,
+        # whose entry (and the unloaded model with its session, monitor and kept predictions)
+        # one would keep alive for ever. A batch takes its model from its requests.
+        self.name = model.name
         self.config = config
         self.executor = executor
         self._waiting: deque[_Waiting] = deque()
@@ -145,7 +148,7 @@ class DynamicBatcher:
             raise DeadlineExceeded("the request's deadline passed before it joined a batch")
         if len(self._waiting) >= self.config.max_queue_size:
             raise ResourceExhausted(
-                f"the batch queue of model {self.model.name!r} is full "
+                f"the batch queue of model {self.name!r} is full "
                 f"({self.config.max_queue_size} requests); retry later"
             )
         if self._alone():
@@ -211,7 +214,7 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Waiting]) -> list[pb.ModelInferResponse]:
         """On a worker thread: one onnxruntime call for the whole batch."""
-        model = self.model
+        model = batch[0].prepared.model
         if len(batch) == 1:
             return [self._run_one(batch[0].prepared)]
         feeds: dict[str, npt.NDArray[Any]] = {
@@ -237,9 +240,11 @@ class DynamicBatcher:
         return responses
 
     def _run_one(self, prepared: PreparedRequest, on_loop: bool = False) -> pb.ModelInferResponse:
-        """One request alone, on whichever thread calls it (``on_loop``: see DataPlane.execute)."""
+        """One request alone, on whichever thread calls it (``on_loop``: see DataPlane.execute);
+        counted as a batch once it has run, as :meth:`_run` counts."""
+        response = DataPlane.execute(prepared, on_loop=on_loop)
         self._on_batch(prepared.rows)
-        return DataPlane.execute(prepared, on_loop=on_loop)
+        return response
 
     def _settle(
         self, batch: list[_Waiting], done: asyncio.Future[list[pb.ModelInferResponse]]

@@ -209,6 +209,77 @@ def test_a_failed_batch_fails_every_request(logreg: LoadedModel) -> None:
     assert all(isinstance(o, InvalidInput) for o in outcomes), outcomes
 
 
+def test_a_failed_lone_request_is_not_counted_as_a_batch(logreg: LoadedModel) -> None:
+    """``edgewise_batch_rows`` counts the rows of batches that ran: a request that runs alone
+    (at once, or as a one-request batch) and fails is not counted, as a failed batch is not."""
+    sizes: list[int] = []
+    bad = rows(2, 5).astype(np.float64)  # onnxruntime refuses FP64
+
+    async def scenario(config: BatchingConfig) -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor, sizes.append)
+            with pytest.raises(InvalidInput):
+                await asyncio.wait_for(batcher.submit(prepared(logreg, bad), None), 20)
+            await asyncio.wait_for(batcher.submit(prepared(logreg, rows(3, 1)), None), 20)
+
+    asyncio.run(scenario(BatchingConfig(max_batch_size=8)))  # idle dispatch: runs at once
+    assert sizes == [3]
+    asyncio.run(
+        scenario(BatchingConfig(max_batch_size=8, max_queue_delay_us=1_000, idle_dispatch=False))
+    )
+    assert sizes == [3, 3]
+
+
+def test_an_unloaded_batching_model_is_freed(model_repo: Path, tmp_path: Path) -> None:
+    """The servicer's batcher of a model version does not keep the version alive after it is
+    unloaded: its session, monitor and kept predictions are freed, and the batcher with them."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.grpc_api.server import InferenceServer
+    from edgewise.runtime.grpc_api.servicers import InferenceServicer
+    from edgewise.runtime.settings import ServerSettings
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    (repo / "logreg" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4, "max_queue_delay_us": 20_000}})
+    )
+    server = InferenceServer(ServerSettings.from_sources({"repo": repo, "monitoring": "off"}))
+    server.repository.load_all()
+    in_flight = [1]
+    servicer = InferenceServicer(
+        server.dataplane, server.metrics, server.executor, calls_in_flight=lambda: in_flight[0]
+    )
+    context = SimpleNamespace(time_remaining=lambda: None)
+
+    def request(seed: int) -> pb.ModelInferRequest:
+        x = rows(1, seed)
+        message = pb.ModelInferRequest(model_name="logreg", id=f"r{seed}")
+        message.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+        message.raw_input_contents.append(x.tobytes())
+        return message
+
+    async def scenario() -> None:
+        await servicer.ModelInfer(request(0), context)  # type: ignore[arg-type]  # alone
+        in_flight[0] = 4
+        calls = [servicer.ModelInfer(request(i), context) for i in range(1, 5)]  # type: ignore[arg-type]
+        await asyncio.gather(*calls)  # one batch of 4
+
+    try:
+        asyncio.run(scenario())
+        assert len(servicer._batchers) == 1
+        model = weakref.ref(server.repository.get("logreg"))
+        server.repository.unload("logreg")
+        gc.collect()
+        assert model() is None, gc.get_referrers(model())
+        assert len(servicer._batchers) == 0
+    finally:
+        server.executor.shutdown()
+
+
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_batching_in_a_real_server(model_repo: Path, tmp_path: Path, front_end: str) -> None:
     repo = tmp_path / "repo"
