@@ -115,9 +115,14 @@ def test_statistics_missing_from_a_new_report_leave_no_series() -> None:
     }
     assert samples == {"psi": 0.01}
     metrics.publish_drift(report_with({}, rows=0))
-    assert metrics.registry.get_sample_value(
-        "edgewise_drift_score", {"model": "m", "version": "1", "feature": "x", "statistic": "psi"}
-    ) is None
-    assert metrics.registry.get_sample_value(
-        "edgewise_monitored_rows", {"model": "m", "version": "1"}
-    ) == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "edgewise_drift_score",
+            {"model": "m", "version": "1", "feature": "x", "statistic": "psi"},
+        )
+        is None
+    )
+    assert (
+        metrics.registry.get_sample_value("edgewise_monitored_rows", {"model": "m", "version": "1"})
+        == 0
+    )
