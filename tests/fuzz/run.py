@@ -1,15 +1,17 @@
 """Run the fuzz targets of tests/fuzz/targets.py for longer than the test suite does.
 
     python tests/fuzz/run.py [--engine atheris|hypothesis] [--runs N | --seconds S]
-                             [--target NAME ...] [--repo REPO]
+                             [--target NAME ...] [--repo REPO] [--rss-limit-mb MB]
 
 atheris (``pip install 'edgewise[fuzz]'``) is coverage-guided: the first byte of each input picks
 the target, the rest is the target's input, and edgewise's modules are instrumented. Without it
 (or with ``--engine hypothesis``) hypothesis generates the inputs, with a fresh random seed per
 run. Either way the run is bounded (``--runs`` inputs per target with hypothesis, in all with
 atheris; ``--seconds`` in all), and prints one line per target and a verdict; an input that
-raises anything but a documented error, or runs longer than ``--timeout`` seconds, is reported
-with its bytes (saved under ``--findings``) and makes the exit code 1.
+raises anything but a documented error, runs longer than ``--timeout`` seconds, or takes the
+process's peak RSS past ``--rss-limit-mb`` is reported with its bytes (saved under
+``--findings``) and makes the exit code 1. The request targets also fail an input whose decoding
+holds more memory than its bytes back (tests/fuzz/targets.py: ``MemoryCeilingExceeded``).
 
 The model repository (``logreg`` and ``mixed`` from tests/models.py) is built in a temporary
 folder unless ``--repo`` names one.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,10 +42,16 @@ def _build_repo(folder: Path) -> Path:
     return folder
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Findings:
-    def __init__(self, folder: Path, timeout: float) -> None:
+    def __init__(self, folder: Path, timeout: float, rss_limit_mb: int) -> None:
         self.folder = folder
         self.timeout = timeout
+        self.rss_limit_mb = rss_limit_mb
         self.count = 0
         self.per_target: dict[str, int] = {}
 
@@ -57,6 +66,10 @@ class Findings:
         if elapsed > self.timeout:
             self.record(name, data, f"slow input: {elapsed:.2f} s")
             raise TimeoutError(f"{name}: an input took {elapsed:.2f} s")
+        peak = peak_rss_mib()
+        if peak > self.rss_limit_mb:  # the peak never comes down: the run stops here
+            self.record(name, data, f"peak RSS {peak:.0f} MiB, over {self.rss_limit_mb} MiB")
+            raise MemoryError(f"{name}: peak RSS {peak:.0f} MiB over {self.rss_limit_mb} MiB")
 
     def record(self, name: str, data: bytes, what: str) -> None:
         self.count += 1
@@ -101,7 +114,7 @@ def run_hypothesis(targets: dict[str, Any], args: argparse.Namespace, findings: 
             failed += 1
             verdict = f"FAILED: {type(exc).__name__}"
         seconds = time.monotonic() - started
-        print(f"{name:<16} {count:>8} inputs {seconds:>7.1f} s  {verdict}")
+        print(f"{name:<20} {count:>8} inputs {seconds:>7.1f} s  {verdict}")
     return failed
 
 
@@ -118,7 +131,7 @@ def run_atheris(targets: dict[str, Any], args: argparse.Namespace, findings: Fin
         # libFuzzer leaves with _exit (no atexit, no return): the summary is printed here.
         seconds = time.monotonic() - started
         for name in names:
-            print(f"{name:<16} {counts[name]:>8} inputs")
+            print(f"{name:<20} {counts[name]:>8} inputs")
         print(f"atheris: {sum(counts.values())} inputs in {seconds:.1f} s")
         print("no findings" if not findings.count else f"{findings.count} finding(s)")
         sys.stdout.flush()
@@ -136,7 +149,10 @@ def run_atheris(targets: dict[str, Any], args: argparse.Namespace, findings: Fin
         counts[name] += 1
         findings.check(name, targets[name], data[1:])
 
-    atheris.Setup([sys.argv[0], f"-max_len={args.max_len + 1}", "-rss_limit_mb=4096"], one_input)
+    atheris.Setup(
+        [sys.argv[0], f"-max_len={args.max_len + 1}", f"-rss_limit_mb={args.rss_limit_mb}"],
+        one_input,
+    )
     atheris.Fuzz()
     return findings.count
 
@@ -153,6 +169,13 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, default=4096, help="longest input in bytes")
     parser.add_argument("--timeout", type=float, default=5.0, help="slowest acceptable input")
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
+    parser.add_argument(
+        "--rss-limit-mb",
+        type=int,
+        default=2048,
+        help="a finding when the process's peak RSS passes this (the request targets also "
+        "hold each decode to a ceiling set by its size: tests/fuzz/targets.py)",
+    )
     args = parser.parse_args()
     if args.runs is None:
         args.runs = 0 if args.seconds else 20000
@@ -185,7 +208,7 @@ def main() -> int:
             if unknown:
                 parser.error(f"unknown target(s) {sorted(unknown)}; known: {sorted(targets)}")
             targets = {k: v for k, v in targets.items() if k in args.target}
-        findings = Findings(args.findings, args.timeout)
+        findings = Findings(args.findings, args.timeout, args.rss_limit_mb)
         print(f"engine {engine}; targets {', '.join(targets)}")
         if engine == "atheris":
             failed = run_atheris(targets, args, findings)

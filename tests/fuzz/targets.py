@@ -1,7 +1,10 @@
 """Fuzz targets over everything edgewise parses from outside: the model package's manifest,
 reference profile and golden requests, a model's config.json (with its batching and monitoring
-sections), a package signature, a bearer-token header, and inference requests (protobuf bytes,
-then the full decode-and-check of the data plane against real models).
+sections), a package signature, a bearer-token header, and inference requests (protobuf bytes;
+real requests with bytes overwritten; structurally valid requests with bad contents, built by
+tests/fuzz/requests.py), then the full decode-and-check of the data plane against real models.
+Preparing a request must stay under a memory ceiling set by its size on the wire, and under what
+admission estimated when it is accepted (:class:`MemoryCeilingExceeded` otherwise).
 
 Each target takes bytes, so the same targets serve hypothesis (tests/runtime/test_fuzz_loaders.py,
 a bounded number of inputs) and atheris (tests/fuzz/run.py, as long as you like). A target
@@ -19,13 +22,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
+from edgewise.runtime.admission import estimate_request_bytes
 from edgewise.runtime.batching import BatchingConfig
 from edgewise.runtime.dataplane import DataPlane
 from edgewise.runtime.errors import EdgewiseError, PackageError
@@ -37,8 +42,46 @@ from edgewise.runtime.package import parse_manifest
 from edgewise.runtime.profile import ReferenceProfile
 from edgewise.runtime.repository import ModelRepository, VersionPolicy, read_model_config
 from edgewise.runtime.signing import Signature
+from tests.fuzz.requests import InputSpec, RequestBuilder
 
-__all__ = ["Mutator", "Targets", "make_targets"]
+T = TypeVar("T")
+
+__all__ = ["MemoryCeilingExceeded", "Mutator", "Targets", "make_targets"]
+
+#: The memory ceiling of the request targets: preparing (decoding and checking) a request may
+#: hold at most this much plus DECODE_BYTES_PER_WIRE_BYTE per byte on the wire at once, as
+#: tracemalloc sees it (numpy's buffers included). The most a byte of wire legitimately turns
+#: into is a typed BYTES element: 2 bytes of wire, a ``bytes`` object (33 bytes and up), its
+#: pointer in a list and in an object array (8 + 8). A shape the payload does not back (a
+#: 28-byte request declaring 2**26 BYTES elements allocated 512 MiB) goes far past it.
+DECODE_SLACK_BYTES = 64 * 1024
+DECODE_BYTES_PER_WIRE_BYTE = 64
+
+
+class MemoryCeilingExceeded(AssertionError):
+    """Decoding held more memory than the request's bytes back, or than admission priced."""
+
+
+def traced_peak(action: Callable[[], T]) -> tuple[T | None, int]:
+    """``action()`` (None where it raised a documented error) and the most memory it held at
+    once, as tracemalloc sees it; nests in a tracemalloc session already running."""
+    running = tracemalloc.is_tracing()
+    if running:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+    else:
+        base = 0
+        tracemalloc.start()
+    try:
+        try:
+            result: T | None = action()
+        except EdgewiseError:
+            result = None
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not running:
+            tracemalloc.stop()
+
 
 # Values a mutation puts in place of a node: each is a plausible mistake or an attack.
 PALETTE: tuple[Any, ...] = (
@@ -126,6 +169,7 @@ class Targets:
     request_seeds: list[bytes]
     dataplane: DataPlane
     scratch: Path
+    request_builder: RequestBuilder
     auth: AuthInterceptor = field(
         default_factory=lambda: AuthInterceptor(TokenSet(inline="fuzz-token-0123456789abcdef"))
     )
@@ -201,11 +245,30 @@ class Targets:
             seed[position] = mutator.byte()
         self.request_bytes(bytes(seed))
 
-    def _prepare(self, request: pb.ModelInferRequest) -> None:
-        try:
-            prepared = self.dataplane.prepare(request)
-        except EdgewiseError:
+    def request_structured(self, data: bytes) -> None:
+        """A structurally valid request with bad contents (tests/fuzz/requests.py), through the
+        wire and the data plane."""
+        wire = self.request_builder.build(data).SerializeToString()
+        self._prepare(pb.ModelInferRequest.FromString(wire), len(wire))
+
+    def _prepare(self, request: pb.ModelInferRequest, wire_size: int | None = None) -> None:
+        """Prepare (decode and check) under the memory ceiling, then run what was accepted."""
+        wire_size = request.ByteSize() if wire_size is None else wire_size
+        prepared, peak = traced_peak(lambda: self.dataplane.prepare(request))
+        ceiling = DECODE_SLACK_BYTES + DECODE_BYTES_PER_WIRE_BYTE * wire_size
+        if peak > ceiling:
+            raise MemoryCeilingExceeded(
+                f"preparing a {wire_size}-byte request held {peak} bytes at once (ceiling "
+                f"{ceiling}): memory the payload does not back"
+            )
+        if prepared is None:
             return
+        estimate = estimate_request_bytes(request)
+        if peak > estimate + DECODE_SLACK_BYTES:
+            raise MemoryCeilingExceeded(
+                f"decoding held {peak} bytes, admission estimated {estimate}: admission "
+                "prices less than decoding allocates"
+            )
         with contextlib.suppress(EdgewiseError):
             self.dataplane.execute(prepared)
 
@@ -219,6 +282,7 @@ class Targets:
             "token_header": self.token_header,
             "request_bytes": self.request_bytes,
             "request_mutated": self.request_mutated,
+            "request_structured": self.request_structured,
         }
 
 
@@ -255,6 +319,16 @@ def make_targets(repo: Path, scratch: Path) -> Targets:
             "signature": "A" * 86 + "==",
         },
         request_seeds=seeds,
+        request_builder=RequestBuilder(
+            {
+                name: (
+                    [InputSpec(s.name, s.datatype, tuple(s.shape)) for s in model.inputs],
+                    list(model.output_names),
+                )
+                for name in ("logreg", "mixed")
+                for model in [repository.get(name, "")]
+            }
+        ),
         dataplane=DataPlane(repository),
         scratch=scratch,
     )

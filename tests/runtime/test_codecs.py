@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import struct
 import tracemalloc
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgewise.runtime.admission import estimate_request_bytes
 from edgewise.runtime.codecs import (
     MAX_ELEMENTS,
     decode_bytes_raw,
@@ -18,10 +20,13 @@ from edgewise.runtime.codecs import (
     encode_bytes_raw,
     encode_inputs,
     encode_outputs,
+    plan_inputs,
 )
 from edgewise.runtime.datatypes import DATATYPE_TO_NUMPY, datatype_of
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from tests.fuzz.requests import InputSpec, RequestBuilder
+from tests.fuzz.targets import DECODE_BYTES_PER_WIRE_BYTE, DECODE_SLACK_BYTES, traced_peak
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d != "BYTES"]
 
@@ -331,3 +336,69 @@ def test_output_errors_name_outputs() -> None:
     response.outputs.add(name="y", datatype="FP32", shape=[-1])
     with pytest.raises(InvalidInput, match=r"^output 'y'.*negative"):
         decode_outputs(response)
+
+
+# ---- structured fuzzing: valid messages with bad contents, under a memory ceiling ---------------
+
+FUZZ_MODELS = {
+    "one": ([InputSpec("x", "FP32", (-1, 3))], ["y"]),
+    "three": (
+        [
+            InputSpec("f", "FP32", (-1, 2)),
+            InputSpec("i", "INT64", (-1, 1)),
+            InputSpec("s", "BYTES", (-1, 1)),
+        ],
+        ["label", "probabilities"],
+    ),
+}
+
+
+def reaches_the_tensor_checks(request: pb.ModelInferRequest) -> bool:
+    """The decoder got past the message-level checks (an input, each named, a known datatype,
+    one raw entry each) to a tensor's shape and contents."""
+    try:
+        plan_inputs(request)
+    except InvalidInput as exc:
+        message = exc.message
+        return not (
+            message.startswith("raw_input_contents")
+            or "the tensor has no name" in message
+            or "unknown datatype" in message
+        )
+    return len(request.inputs) > 0
+
+
+def test_structured_requests_reach_the_decoder() -> None:
+    """Random bytes reach a tensor in none of 3,000 payloads (test_fuzz_wire_bytes); the
+    structured builder in most of them."""
+    builder = RequestBuilder(FUZZ_MODELS)
+    rng = random.Random(18)
+    payloads = [rng.randbytes(rng.randrange(200)) for _ in range(3000)]
+    wire = [pb.ModelInferRequest.FromString(builder.build(p).SerializeToString()) for p in payloads]
+    reached = sum(reaches_the_tensor_checks(request) for request in wire)
+    assert reached >= 0.8 * len(payloads)
+    accepted = sum(_decodes(request) for request in wire)
+    assert 0.1 * len(payloads) <= accepted <= 0.6 * len(payloads)  # right and wrong ones both
+
+
+def _decodes(request: pb.ModelInferRequest) -> bool:
+    try:
+        decode_inputs(request)
+    except InvalidInput:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=200))
+def test_fuzz_structured_requests_stay_under_the_memory_ceiling(data: bytes) -> None:
+    """Decoding a request holds no more memory than its bytes back (the 28-byte request that
+    allocated 512 MiB), and no more than admission priced when it is accepted."""
+    wire = RequestBuilder(FUZZ_MODELS).build(data).SerializeToString()
+    request = pb.ModelInferRequest.FromString(wire)
+    decoded, peak = traced_peak(lambda: decode_inputs(request))
+    assert peak <= DECODE_SLACK_BYTES + DECODE_BYTES_PER_WIRE_BYTE * len(wire)
+    if decoded is not None:
+        assert peak <= estimate_request_bytes(request) + DECODE_SLACK_BYTES
+        for tensor in decoded:
+            assert tensor.array.shape == tensor.shape

@@ -31,7 +31,7 @@ def targets(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Targe
 @pytest.mark.parametrize(
     "name",
     ["manifest", "profile", "golden", "config", "signature", "token_header",
-     "request_bytes", "request_mutated"],
+     "request_bytes", "request_mutated", "request_structured"],
 )  # fmt: skip
 def test_fuzz_target(targets: Targets, name: str) -> None:
     target = targets.all()[name]
