@@ -7,13 +7,14 @@ resident memory between its import and its first kernel).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from edgewise.runtime.errors import InvalidInput
 
-__all__ = ["DEFAULT_THRESHOLDS", "MonitorConfig"]
+__all__ = ["DEFAULT_THRESHOLDS", "STATISTICS", "MonitorConfig"]
 
 # A feature drifts when a statistic reaches its threshold. PSI 0.1 / 0.25 are the customary
 # "moderate" / "significant" shift levels; the distances are on a 0..1 scale.
@@ -40,32 +41,84 @@ class MonitorConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], base: MonitorConfig | None = None) -> MonitorConfig:
+        """``base`` with the settings of a ``"monitoring"`` object; every value is checked
+        before any is used (JSON booleans and numbers only: ``"false"`` is not false)."""
         config = base or cls()
-        known = {
-            "enabled": bool,
-            "window_rows": int,
-            "window_seconds": float,
-            "decay_half_life_seconds": float,
-            "reservoir_rows": int,
-            "min_rows": int,
-        }
         values: dict[str, Any] = {}
         for key, value in data.items():
-            try:
-                if key == "thresholds":
-                    if not isinstance(value, Mapping):
-                        raise InvalidInput("monitoring.thresholds must be an object")
-                    values["thresholds"] = {
-                        **config.thresholds,
-                        **{k: float(v) for k, v in value.items()},
-                    }
-                elif key in known:
-                    values[key] = known[key](value)
-                else:
-                    raise InvalidInput(f"unknown monitoring setting {key!r}")
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise InvalidInput(f"monitoring.{key}: {exc}") from None
-        result = replace(config, **values)
-        if result.window_rows < 0 or result.window_seconds < 0 or result.reservoir_rows < 0:
-            raise InvalidInput("monitoring windows and reservoir sizes must be >= 0")
-        return result
+            reader = _READERS.get(key)
+            if key == "thresholds":
+                values["thresholds"] = {**config.thresholds, **_thresholds(value)}
+            elif reader is not None:
+                values[key] = reader(f"monitoring.{key}", value)
+            else:
+                raise InvalidInput(f"unknown monitoring setting {key!r}")
+        return replace(config, **values)
+
+
+#: The statistics a report can carry, hence the ones a threshold can name.
+STATISTICS: Final = frozenset(
+    {
+        "psi",
+        "jensenshannon",
+        "wasserstein",
+        "ks",
+        "chi2",
+        "chi2_pvalue",
+        "linf",
+        "ks_exact",
+        "ks_exact_pvalue",
+        "wasserstein_exact",
+    }
+)
+
+
+def _flag(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where} must be true or false, not {value!r}")
+    return value
+
+
+def _count(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{where} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _number(where: str, value: Any) -> float:
+    """A finite JSON number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{where} must be a number, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise InvalidInput(f"{where} must be a finite number >= 0, not {value!r}")
+    return number
+
+
+def _positive(where: str, value: Any) -> float:
+    number = _number(where, value)
+    if number == 0:
+        raise InvalidInput(f"{where} must be > 0")
+    return number
+
+
+_READERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
+    "enabled": _flag,
+    "window_rows": _count,
+    "window_seconds": _number,
+    "decay_half_life_seconds": _positive,
+    "reservoir_rows": _count,
+    "min_rows": _count,
+}
+
+
+def _thresholds(value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise InvalidInput("monitoring.thresholds must be an object")
+    unknown = sorted(str(name) for name in value if name not in STATISTICS)
+    if unknown:
+        raise InvalidInput(
+            f"monitoring.thresholds: unknown statistic(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(STATISTICS))})"
+        )
+    return {name: _number(f"monitoring.thresholds.{name}", limit) for name, limit in value.items()}

@@ -279,3 +279,34 @@ def test_exact_tests_cover_the_reported_window_only(model_repo: Path) -> None:
     for window in ("lifetime", "decayed"):
         with pytest.raises(InvalidInput, match="exact"):
             monitor.report(window, exact=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"enabled": "false"}, "enabled"),  # bool("false") is True
+        ({"decay_half_life_seconds": 0}, "decay_half_life_seconds"),  # 0.5 ** (t / 0) at a tick
+        ({"window_seconds": "nan"}, "window_seconds"),
+        ({"window_rows": 2.5}, "window_rows"),
+        ({"min_rows": -1}, "min_rows"),
+        ({"thresholds": {"psi": "nan"}}, "psi"),  # never reached: nothing would ever drift
+        ({"thresholds": {"pis": 0.2}}, "pis"),  # a typo judges nothing
+    ],
+)
+def test_config_refuses_settings_that_would_silently_misbehave(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        MonitorConfig.from_json(setting)
+
+
+def test_config_accepts_json_numbers_and_booleans() -> None:
+    config = MonitorConfig.from_json(
+        {"enabled": False, "window_seconds": 30, "window_rows": 500, "thresholds": {"ks": 1}}
+    )
+    assert config == MonitorConfig(
+        enabled=False,
+        window_seconds=30.0,
+        window_rows=500,
+        thresholds={**DEFAULT_THRESHOLDS, "ks": 1.0},
+    )
