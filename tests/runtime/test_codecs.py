@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -234,15 +235,25 @@ def test_fuzz_decoder_only_raises_invalid_input(tensors: list[dict], raws: list[
 
 
 @settings(max_examples=300, deadline=None)
-@given(payload=st.binary(max_size=200))
-def test_fuzz_wire_bytes(payload: bytes) -> None:
-    """Arbitrary bytes on the wire: protobuf refuses them or the decoder answers InvalidInput."""
+@given(
+    shape_of=st.binary(max_size=64),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=2),
+)
+def test_fuzz_wire_bytes(shape_of: bytes, edits: list[tuple[int, int]]) -> None:
+    """Bytes on the wire: a structurally valid request (tests/fuzz/requests.py) with a few bytes
+    overwritten, so most still parse and reach the decoder (arbitrary bytes reached a tensor in
+    none of 3,000 payloads). Protobuf refuses them or the decoder answers InvalidInput."""
+    payload = bytearray(RequestBuilder(FUZZ_MODELS).build(shape_of).SerializeToString())
+    for position, value in edits:
+        if payload:
+            payload[position % len(payload)] = value
     try:
-        request = pb.ModelInferRequest.FromString(payload)
-    except Exception:  # protobuf's DecodeError: gRPC answers INTERNAL before our code runs
+        request = pb.ModelInferRequest.FromString(bytes(payload))
+    except DecodeError:  # gRPC's own parse refuses it before our code runs
         return
     with contextlib.suppress(InvalidInput):
-        decode_inputs(request)
+        for tensor in decode_inputs(request):
+            assert tensor.array.shape == tensor.shape
 
 
 # ---- declarations a payload cannot back: refused before anything is allocated (issue 18) --------
