@@ -12,7 +12,8 @@ against a :class:`TokenSet` (a file with one token per line, re-read when it cha
 :func:`hmac.compare_digest`, against every accepted token, so the time taken says nothing about
 which token came close. A call without a valid token is answered UNAUTHENTICATED by a handler
 that aborts (no exception escapes the interceptor) and counted in
-``edgewise_auth_failures_total{reason}`` (``missing``, ``malformed``, ``invalid``). The health
+``edgewise_auth_failures_total{reason}`` (``missing``, ``malformed``, ``invalid``); a tokens file
+that changed and cannot be used shows as ``edgewise_tokens_file_ok`` 0. The health
 service and server reflection can be left open (health is by default: probes send no tokens).
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.channels import parse_tokens
 from edgewise.runtime.errors import InvalidInput
@@ -69,8 +70,9 @@ def _digest(token: str | bytes) -> bytes:
 class TokenSet:
     """The accepted tokens, as sha256 digests; the file (if any) is re-read when it changes.
 
-    A file that becomes unreadable or malformed keeps the tokens read before (and logs once); a
-    file emptied on purpose accepts no token at all.
+    A file that becomes unreadable or malformed keeps the tokens read before, logs once per
+    change of the file and sets :attr:`file_ok` False (``edgewise_tokens_file_ok`` 0) until a
+    change can be read again; a file emptied on purpose accepts no token at all.
     """
 
     def __init__(self, file: Path | None = None, inline: str = "") -> None:
@@ -80,6 +82,7 @@ class TokenSet:
         self._inline = [_digest(t) for t in parse_tokens(inline, "EDGEWISE_TOKENS")]
         self._from_file: list[bytes] = []
         self._stamp: tuple[int, int, int] | None = None
+        self.file_ok = True  # the file's last version was read (False: the previous tokens stay)
         self._next_check = 0.0
         self._lock = threading.Lock()
         if file is not None:
@@ -92,6 +95,7 @@ class TokenSet:
 
     def _read_file(self, initial: bool = False) -> None:
         assert self.file is not None
+        stamp = None  # a file that cannot be stat'ed: looked at again once it can
         try:
             stamp = self._stat()
             tokens = parse_tokens(self.file.read_text(encoding="utf-8"), str(self.file))
@@ -100,7 +104,8 @@ class TokenSet:
             if initial:
                 raise InvalidInput(f"tokens file: {message}") from None
             log.error("tokens file not reloaded (the previous tokens stay in use): %s", message)
-            self._stamp = None
+            self._stamp = stamp  # this version is not read again: one error per change
+            self.file_ok = False
             return
         if not tokens and not self._inline:
             log.warning("tokens file %s holds no token: every call is refused", self.file)
@@ -108,6 +113,7 @@ class TokenSet:
         if not initial:
             log.info("tokens file %s reloaded: %d token(s)", self.file, len(tokens))
         self._stamp = stamp
+        self.file_ok = True
 
     def maybe_reload(self, now: float | None = None) -> None:
         """Re-read the file if it changed (checked at most every 2 s)."""
@@ -173,15 +179,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self.tokens = tokens
         self.open_prefixes = tuple(open_prefixes)
+        registry = registry if registry is not None else CollectorRegistry()
         self.failures = Counter(
             "edgewise_auth_failures",
             "Calls refused UNAUTHENTICATED, by reason (missing, malformed, invalid).",
             ["reason"],
-            registry=registry if registry is not None else CollectorRegistry(),
+            registry=registry,
         )
         self._counters = {
             reason: self.failures.labels(reason) for reason in ("missing", "malformed", "invalid")
         }
+        if tokens.file is not None:
+            file_ok = Gauge(
+                "edgewise_tokens_file_ok",
+                "1 while the tokens file's last version is in use; 0 when it changed (seen at "
+                "the next call) and cannot be read or parsed: the previous tokens stay in use.",
+                registry=registry,
+            )
+            file_ok.set_function(lambda: 1.0 if tokens.file_ok else 0.0)
         self._deny = {reason: _deny_handler(reason) for reason in self._counters}
 
     def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from edgewise.runtime.channels import parse_tokens
 from edgewise.runtime.client import EdgewiseClient, ServerError
@@ -188,12 +189,14 @@ def test_the_tokens_file_is_reread_when_it_changes(secured: tuple[RunningServer,
             assert call_with(server, (("authorization", f"Bearer {ROTATED_TOKEN}"),)) is None
             time.sleep(0.2)
         assert call_with(server, (("authorization", f"Bearer {ROTATED_TOKEN}"),)) is None
+        assert metric(server, "edgewise_tokens_file_ok") == 0  # and says so in its metrics
     finally:
         tokens.write_text(original)
         deadline = time.monotonic() + 15
         while call_with(server, (("authorization", f"Bearer {FILE_TOKEN}"),)) is not None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+    assert metric(server, "edgewise_tokens_file_ok") == 1
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -271,6 +274,46 @@ def test_an_emptied_tokens_file_accepts_nothing(tmp_path: Path) -> None:
     tokens.maybe_reload(now=time.monotonic() + 10)
     assert len(tokens) == 0
     assert not tokens.accepts(FILE_TOKEN)
+
+
+def test_a_broken_tokens_file_is_reported_once_per_change_and_published(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(FILE_TOKEN + "\n")
+    registry = CollectorRegistry()
+    tokens = TokenSet(path)
+    AuthInterceptor(tokens, registry=registry)
+
+    def file_ok() -> float | None:
+        return registry.get_sample_value("edgewise_tokens_file_ok")
+
+    def change(text: str, seconds: int) -> None:
+        path.write_text(text)
+        later = time.time_ns() + seconds * 10**9  # a stamp of its own, whatever the clock's grain
+        os.utime(path, ns=(later, later))
+
+    def errors_after_checks(start: float) -> int:
+        caplog.clear()
+        for step in range(4):  # four checks, 3 s apart: the file does not change in between
+            tokens.maybe_reload(now=start + 3 * step)
+        return sum(r.levelname == "ERROR" for r in caplog.records)
+
+    assert file_ok() == 1
+    now = time.monotonic() + 10
+    change("short\n", 1)
+    assert errors_after_checks(now) == 1
+    assert file_ok() == 0 and tokens.accepts(FILE_TOKEN)  # the previous tokens stay
+    change("still-short\n", 2)  # another change, another single error
+    assert errors_after_checks(now + 20) == 1 and file_ok() == 0
+    path.unlink()  # a file gone: one error too
+    assert errors_after_checks(now + 40) == 1 and file_ok() == 0
+    change(ROTATED_TOKEN + "\n", 3)
+    assert errors_after_checks(now + 60) == 0
+    assert file_ok() == 1 and tokens.accepts(ROTATED_TOKEN) and not tokens.accepts(FILE_TOKEN)
+    inline_only = CollectorRegistry()
+    AuthInterceptor(TokenSet(inline=FILE_TOKEN), registry=inline_only)
+    assert inline_only.get_sample_value("edgewise_tokens_file_ok") is None  # no file, no gauge
 
 
 def test_random_authorization_headers_are_refused_never_crash() -> None:
