@@ -310,3 +310,15 @@ def test_config_accepts_json_numbers_and_booleans() -> None:
         window_rows=500,
         thresholds={**DEFAULT_THRESHOLDS, "ks": 1.0},
     )
+
+
+def test_a_refused_observation_leaves_the_window_as_it_was(model_repo: Path) -> None:
+    monitor, ctx = monitor_for(model_repo, "mixed", window_rows=0)
+    inputs = frame_to_inputs(ctx["manifest"], ctx["frame"])
+    incomplete = {k: v for k, v in inputs.items() if k != "color_band"}
+    with pytest.raises(KeyError):
+        monitor.observe(incomplete)
+    report = monitor.report()
+    assert report.rows == 0
+    assert all(f.statistics["count"] == 0 for f in report.features)
+    assert all("ks_exact" not in f.scores for f in monitor.report(exact=True).features)
