@@ -286,8 +286,18 @@ def _add_drift(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["current", "previous", "decayed", "lifetime"],
         help="which window (default current)",
     )
-    p.add_argument("--exact", action="store_true", help="also run exact KS/Wasserstein tests")
-    p.add_argument("--reset", action="store_true", help="start a fresh window after printing")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="also run exact KS/Wasserstein tests on the window's most recent rows "
+        "(current and previous windows only)",
+    )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="start a fresh window after printing (drops the current window and its rows; "
+        "reading a report never does)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _client_security(p)
     p.set_defaults(handler=_cmd_drift)

@@ -201,8 +201,9 @@ class DriftReportRequest(_message.Message):
     window: _builtins.str
     """"current" (default), "previous" (the last complete tumbling window), "decayed", "lifetime"."""
     exact: _builtins.bool
-    """Also run the exact sample tests (two-sample KS with p-value, Wasserstein-1) on the reservoir
-    of recent rows against the reference sample.
+    """Also run the exact sample tests (two-sample KS with p-value, Wasserstein-1) on the window's
+    reservoir (its most recent rows, up to reservoir_rows) against the reference sample. Only the
+    "current" and "previous" windows keep one: exact on another window is INVALID_ARGUMENT.
     """
     def __init__(
         self,

@@ -97,7 +97,10 @@ class MonitoringServiceStub:
     GetFeatureStatistics: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]
     """Feature statistics only (no drift computation)."""
     ResetWindow: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]
-    """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+    """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
+    and the previous complete window are kept); the Prometheus gauges show the new judged window
+    before the call returns. Reports never change state: resetting is this explicit command.
+    """
 
 @_typing.type_check_only
 class MonitoringServiceAsyncStub(MonitoringServiceStub):
@@ -111,7 +114,10 @@ class MonitoringServiceAsyncStub(MonitoringServiceStub):
     GetFeatureStatistics: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]  # type: ignore[assignment]
     """Feature statistics only (no drift computation)."""
     ResetWindow: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]  # type: ignore[assignment]
-    """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+    """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
+    and the previous complete window are kept); the Prometheus gauges show the new judged window
+    before the call returns. Reports never change state: resetting is this explicit command.
+    """
 
 class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
     """Per model version monitoring: feature statistics of the live traffic, schema skew, and drift
@@ -140,7 +146,10 @@ class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _edgewise_pb2.ResetWindowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_edgewise_pb2.ResetWindowResponse, _abc.Awaitable[_edgewise_pb2.ResetWindowResponse]]:
-        """Start a fresh window (the current one is dropped, lifetime totals are kept)."""
+        """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
+        and the previous complete window are kept); the Prometheus gauges show the new judged window
+        before the call returns. Reports never change state: resetting is this explicit command.
+        """
 
 def add_MonitoringServiceServicer_to_server(servicer: MonitoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
