@@ -10,7 +10,9 @@ status is the command's, or 128 + the signal that killed it (137 after an OOM ki
 reports on stderr).
 
 New groups are children of the caller's own group for each controller, so the limits nest under
-whatever already limits the caller. Creating them needs root, or on cgroup v2 a delegated
+whatever already limits the caller. On cgroup v2 the cpu and memory controllers it had to enable
+in the parent's ``cgroup.subtree_control`` are disabled again when its group is removed (after a
+failure too), unless another group below the parent is there by then. Creating them needs root, or on cgroup v2 a delegated
 subtree; without the rights the error says so in one line.
 """
 
@@ -155,6 +157,9 @@ class CgroupSession:
     def __init__(self, plan: CgroupPlan) -> None:
         self.plan = plan
         self._created: list[Path] = []
+        # (cgroup.subtree_control, the controllers this session enabled there): disabled again
+        # by remove(), so that a run leaves the parent group as it found it.
+        self._enabled_here: list[tuple[Path, list[str]]] = []
 
     def __enter__(self) -> CgroupSession:
         try:
@@ -169,32 +174,62 @@ class CgroupSession:
             for path, value in self.plan.writes:
                 if path in self.plan.optional and not path.exists():
                     continue
-                if path.name == "cgroup.subtree_control" and self._enabled(path, value):
+                if path.name == "cgroup.subtree_control":
+                    self._enable_controllers(path, value)
                     continue
                 try:
                     path.write_text(value)
                 except OSError as exc:
                     if path in self.plan.optional:
                         continue
-                    if path.name == "cgroup.subtree_control" and exc.errno == errno.EBUSY:
-                        raise CgroupError(
-                            f"cannot enable cpu and memory in {path}: the group has processes of "
-                            "its own (cgroup v2 allows controllers only below groups without "
-                            "processes); start edgewise run from a leaf of a delegated subtree"
-                        ) from None
                     raise _rights_error(f"write {value!r} to", path, exc) from None
         except BaseException:
             self.remove()
             raise
         return self
 
+    def _enable_controllers(self, path: Path, value: str) -> None:
+        """Enable the controllers of ``value`` not enabled yet, remembering which."""
+        missing = self._missing(path, value)
+        if not missing:
+            return
+        wanted = " ".join(f"+{c}" for c in missing)
+        try:
+            path.write_text(wanted)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise CgroupError(
+                    f"cannot enable cpu and memory in {path}: the group has processes of "
+                    "its own (cgroup v2 allows controllers only below groups without "
+                    "processes); start edgewise run from a leaf of a delegated subtree"
+                ) from None
+            raise _rights_error(f"write {wanted!r} to", path, exc) from None
+        self._enabled_here.append((path, missing))
+
     @staticmethod
-    def _enabled(path: Path, value: str) -> bool:
+    def _missing(path: Path, value: str) -> list[str]:
+        """The controllers of ``value`` (``+cpu +memory``) not enabled in ``path`` yet."""
         try:
             enabled = set(path.read_text().split())
         except OSError:
-            return False
-        return all(item.lstrip("+") in enabled for item in value.split())
+            enabled = set()
+        return [item.lstrip("+") for item in value.split() if item.lstrip("+") not in enabled]
+
+    def _restore_subtree_control(self) -> None:
+        """Disable the controllers this session enabled, unless another group below the same
+        parent is there (it may be another run's, relying on them)."""
+        while self._enabled_here:
+            path, controllers = self._enabled_here[-1]
+            with contextlib.suppress(OSError):
+                if any(child.is_dir() for child in path.parent.iterdir()):
+                    self._enabled_here.pop()
+                    continue
+            value = " ".join(f"-{c}" for c in controllers)
+            try:
+                path.write_text(value)
+            except OSError as exc:
+                raise _rights_error(f"write {value!r} to", path, exc) from None
+            self._enabled_here.pop()
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
@@ -222,7 +257,8 @@ class CgroupSession:
         return 0
 
     def remove(self, timeout: float = 10.0) -> None:
-        """Kill what is left in the groups, then remove them (children of the caller)."""
+        """Kill what is left in the groups, then remove them (children of the caller), and
+        disable the controllers this session enabled in the parent."""
         deadline = time.monotonic() + timeout
         for folder in reversed(self._created):
             kill_file = folder / "cgroup.kill"
@@ -250,6 +286,7 @@ class CgroupSession:
                     raise CgroupError(f"cannot empty cgroup {folder}: pids {pids} remain")
                 time.sleep(0.02)
         self._created.clear()
+        self._restore_subtree_control()
 
 
 def _remove_stale(plan: CgroupPlan, prefix: str) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 
-from edgewise.runtime.cgroup_run import CFS_PERIOD_US, CgroupError, plan_cgroup
+from edgewise.runtime.cgroup_run import CFS_PERIOD_US, CgroupError, CgroupSession, plan_cgroup
 from edgewise.runtime.client import EdgewiseClient, ServerError
 from edgewise.runtime.profiles import Profile, load_profile
 from tests.prerequisites import requires
@@ -91,6 +91,65 @@ def test_plan_without_usable_controllers_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(CgroupError, match="no usable cpu controller"):
         plan_cgroup(EDGE_TINY, "g", root)
+
+
+@pytest.fixture
+def kernel_subtree_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes to a fixture tree's ``cgroup.subtree_control`` act as on cgroupfs: ``+c``/``-c``
+    enable or disable controller ``c``; reading gives the enabled ones."""
+    write_text = Path.write_text
+
+    def write(path: Path, data: str, *args: object, **kwargs: object) -> int:
+        if path.name != "cgroup.subtree_control":
+            return write_text(path, data, *args, **kwargs)  # type: ignore[arg-type]
+        enabled = set(path.read_text().split()) if path.exists() else set()
+        for token in data.split():
+            assert token[0] in "+-", f"cgroupfs refuses {token!r}"
+            (enabled.add if token[0] == "+" else enabled.discard)(token[1:])
+        write_text(path, " ".join(sorted(enabled)))
+        return len(data)
+
+    monkeypatch.setattr(Path, "write_text", write)
+
+
+@pytest.mark.parametrize("outcome", ["fails", "succeeds"])
+def test_a_v2_run_leaves_the_parents_subtree_control_as_it_was(
+    tmp_path: Path, kernel_subtree_control: None, outcome: str
+) -> None:
+    root = write_tree(
+        tmp_path,
+        {
+            "proc/self/mountinfo": V2_MOUNTINFO,
+            "proc/self/cgroup": "0::/user.slice/me\n",
+            "sys/fs/cgroup/user.slice/me/cgroup.controllers": "cpu memory pids\n",
+        },
+    )
+    parent = root / "sys/fs/cgroup/user.slice/me"
+    control = parent / "cgroup.subtree_control"
+    control.write_text("+pids")
+    plan = plan_cgroup(EDGE_TINY, "g", root)
+    assert plan.writes[0][0] == control
+    # Only the subtree write and, to fail, one the kernel refuses (a fixture tree's group folder
+    # cannot be removed once limit files are written in it, as cgroupfs's can).
+    failing = ((parent / "g" / "no-such-folder" / "cpu.max", "1"),) if outcome == "fails" else ()
+    plan = replace(plan, writes=(plan.writes[0], *failing))
+
+    def run_session() -> None:
+        with contextlib.ExitStack() as stack:
+            if failing:
+                stack.enter_context(pytest.raises(CgroupError, match="no-such-folder"))
+            with CgroupSession(plan):
+                assert control.read_text() == "cpu memory pids"
+
+    run_session()
+    assert control.read_text() == "pids" and not (parent / "g").exists()
+    control.write_text("+cpu")  # cpu was enabled before: only memory is enabled and disabled
+    run_session()
+    assert control.read_text() == "cpu pids"
+    (parent / "other-run").mkdir()  # a group that may rely on the controllers: left enabled
+    control.write_text("-cpu")
+    run_session()
+    assert control.read_text() == "cpu memory pids"
 
 
 def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
