@@ -53,6 +53,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     codes: dict[str, int] = {}
     ok_latency: list[float] = []
+    shed_latency: list[float] = []  # how fast RESOURCE_EXHAUSTED came back
     ok_by_third: list[list[float]] = [[], [], []]
     hinted = 0
     hints: set[str] = set()
@@ -86,6 +87,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ok_latency.append(end - begin)
             third = min(2, int(3 * (begin - started) / args.duration))
             ok_by_third[third].append(end - begin)
+        elif code == "RESOURCE_EXHAUSTED":
+            shed_latency.append(end - begin)
 
     tasks: set[asyncio.Task[None]] = set()
     interval = 1.0 / args.rate
@@ -124,6 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ok_rate": ok / args.duration,
         "ok_latency_ms": {f"p{q}": percentile(ok_latency, q) * 1000 for q in (50, 90, 99, 99.9)}
         | {"max": (max(ok_latency) * 1000) if ok_latency else math.nan},
+        "shed_latency_ms": {f"p{q}": percentile(shed_latency, q) * 1000 for q in (50, 99)},
         "thirds": [
             {
                 "ok": len(values),

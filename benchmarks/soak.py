@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py [--seconds 600] [--processes 3] [--rate 400]
                                         [--max-inflight 16] [--no-shedding] [--json OUT]
+                                        [--front-end auto|native|grpcio]
 
 Builds a compute-heavy model (a 200-tree random forest of depth 12 on 16 features; a request of
 256 rows costs about 3 ms of onnxruntime) in a temporary repository, serves it with
@@ -11,9 +12,13 @@ retrying). Meanwhile it samples the server's resident memory, threads and CPU ev
 
 Reports what was offered and sent, what was accepted (OK) and shed (RESOURCE_EXHAUSTED, and how
 many carried the retry hint), the accepted requests' latency (overall and per third of the run),
-and the server's memory and threads in the first and last thirds. ``--no-shedding`` runs the
-same load against a server without a useful in-flight limit (100000), for comparison. Used by
-tests/runtime/test_overload.py with short durations; 10 minutes is the soak of the README.
+how fast refusals came back (``shed_p50_ms``, ``shed_p99_ms``), the share of calls that met
+their deadline instead of an answer, and the server's memory and threads in the first and last
+thirds. ``--front-end`` picks what serves the port (default: ``EDGEWISE_FRONT_END``, else auto).
+``--no-shedding`` runs the same load against a server without a useful in-flight limit
+(100000), for comparison. Used by tests/runtime/test_overload.py and
+tests/runtime/grpc_api/test_grpcio_overload.py with short durations; 10 minutes is the soak of
+the README.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def build_model(repo: Path, trees: int = 200, rows: int = 256) -> Path:
 
 
 def start_server(
-    repo: Path, workdir: Path, max_inflight: int
+    repo: Path, workdir: Path, max_inflight: int, front_end: str | None = None
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     port_file = workdir / "ports"
     log = (workdir / "server.log").open("wb")
@@ -73,6 +78,8 @@ def start_server(
         "127.0.0.1", "--metrics-port", "0", "--port-file", str(port_file), "--monitoring", "off",
         "--max-inflight", str(max_inflight), "--worker-threads", "2",
     ]  # fmt: skip
+    if front_end is not None:
+        command += ["--front-end", front_end]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not port_file.exists() or len(port_file.read_text().split()) != 2:
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repo = workdir / "repo"
         request = build_model(repo, args.trees, args.rows)
         limit = 100000 if args.no_shedding else args.max_inflight
-        server, port, metrics_port = start_server(repo, workdir, limit)
+        server, port, metrics_port = start_server(repo, workdir, limit, args.front_end)
         try:
             return measure(args, server, port, metrics_port, request, workdir)
         finally:
@@ -208,6 +215,9 @@ def _sample(
         "accepted_rate": ok / args.seconds,
         "shed_rate": shed / args.seconds,
         "shed_fraction": shed / sent if sent else 0.0,
+        "deadline_exceeded_fraction": codes.get("DEADLINE_EXCEEDED", 0) / sent if sent else 0.0,
+        "shed_p50_ms": max(load["shed_latency_ms"]["p50"] for load in loads),
+        "shed_p99_ms": max(load["shed_latency_ms"]["p99"] for load in loads),
         "shed_with_retry_hint": sum(load["resource_exhausted_with_hint"] for load in loads),
         "retry_hints_ms": sorted({h for load in loads for h in load["retry_hints_ms"]}),
         "server_shed_total": metric(metrics_port, "edgewise_shed_requests_total") - shed_before,
@@ -259,6 +269,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=256, help="rows per request (256)")
     parser.add_argument("--trees", type=int, default=200, help="trees of the model (200)")
     parser.add_argument("--sample-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--front-end", choices=("auto", "native", "grpcio"), help="serve --front-end (default: env)"
+    )
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: the system's)")
     args = parser.parse_args()

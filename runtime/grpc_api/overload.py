@@ -11,6 +11,11 @@ Only ``ModelInfer`` is shed: health checks, metadata and control calls always ge
 saturated server still answers its liveness probe. A refused call never reads its request (no
 protobuf parsing, not even a wait for the message), which keeps shedding cheap next to serving.
 
+Calls the event loop has not taken in yet wait in gRPC's core, where no Python can count them:
+the grpcio server keeps that queue short (:func:`pending_limits`; the core refuses past it, at
+once, with CANCELLED) and keeps model runs off the loop while they are costly (see servicers.py),
+so that the loop takes calls in as they come and the shedder decides on them there.
+
 Every RESOURCE_EXHAUSTED a client can usefully retry (shedding, memory admission, a full batch
 queue) carries the same hint in its trailing metadata (:func:`retry_trailers`):
 ``retry-after-ms`` for any client and ``grpc-retry-pushback-ms``, which gRPC's own retry policy
@@ -31,7 +36,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.channels import PUSHBACK_KEY, RETRY_AFTER_KEY
 
-__all__ = ["LoadShedder", "LoopLoad", "backstop_limit", "retry_trailers", "service_handlers"]
+__all__ = [
+    "LoadShedder",
+    "LoopLoad",
+    "backstop_limit",
+    "pending_limits",
+    "retry_trailers",
+    "service_handlers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,21 @@ def backstop_limit(max_inflight: int) -> int | None:
     sits high enough that health checks still get through while inference is shed (a lower
     cap refused them in a 10-minute soak), and only bounds memory if shedding cannot keep up."""
     return max(1024, 32 * max_inflight) if max_inflight > 0 else None
+
+
+def pending_limits(max_inflight: int) -> list[tuple[str, int]]:
+    """gRPC core options that bound its own queue: the calls that arrived but that the event
+    loop has not taken in yet. Past the soft limit core refuses a growing share of new calls at
+    once (CANCELLED, before any Python runs), past the hard limit all of them; without these
+    bounds (1000 and 3000 by default) a loop that falls behind on a machine short of CPU
+    lets calls wait there until their deadline, each holding its request's memory."""
+    if max_inflight <= 0:
+        return []
+    soft = max(64, 8 * max_inflight)
+    return [
+        ("grpc.server.max_pending_requests", soft),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * soft),
+    ]
 
 
 class LoadShedder(grpc.GenericRpcHandler):

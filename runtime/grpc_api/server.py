@@ -45,6 +45,7 @@ from edgewise.runtime.grpc_api.overload import (
     LoadShedder,
     LoopLoad,
     backstop_limit,
+    pending_limits,
     service_handlers,
 )
 from edgewise.runtime.grpc_api.security import (
@@ -226,6 +227,7 @@ class InferenceServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+                *pending_limits(settings.max_inflight),
             ],
             # Our shedder answers past max_inflight (with a retry hint, counted); gRPC's own cap
             # is only a backstop for every kind of call.
