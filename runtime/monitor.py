@@ -352,15 +352,18 @@ class ModelMonitor:
         self._current_rows.clear()
 
     def reset(self) -> Judgement:
-        """Drop the current window (its rows stay in the lifetime totals) and its reservoir,
-        then judge and publish as :meth:`evaluate` does, so that nothing of the dropped window
-        is shown any more. The previous complete window is kept."""
+        """Start over: drop the current and the previous window (their rows stay in the
+        lifetime totals) and both reservoirs, then judge and publish as :meth:`evaluate` does, so
+        that nothing from before the reset is judged or shown any more (a model that drifted is
+        not still judged on the pre-reset window until the fresh one reaches ``min_rows``)."""
         with self._judging:
             self._refuse_if_closed()
             with self._lock:
                 self.lifetime.merge(self.current)
                 self.current = WindowStats(self.reference)
+                self.previous = None
                 self._current_rows.clear()
+                self._previous_rows.clear()
             return self._judge()
 
     def evaluate(self) -> Judgement | None:

@@ -97,6 +97,7 @@ class MonitorWindows(RuleBasedStateMachine):
     def reset(self) -> None:
         judged = self.monitor.reset()
         self.current = []
+        self.previous = None
         self.published = self.expect_judgement(judged.report)
 
     @rule()

@@ -235,9 +235,10 @@ class MonitoringServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ResetWindow(self, request, context):
-        """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
-        and the previous complete window are kept); the Prometheus gauges show the new judged window
-        before the call returns. Reports never change state: resetting is this explicit command.
+        """Start over: the current and the previous window and their reservoirs of rows are dropped
+        (lifetime totals are kept), so nothing from before the reset is judged again; the Prometheus
+        gauges show the fresh window before the call returns. Reports never change state: resetting
+        is this explicit command.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

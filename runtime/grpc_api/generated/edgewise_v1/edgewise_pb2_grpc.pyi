@@ -97,9 +97,10 @@ class MonitoringServiceStub:
     GetFeatureStatistics: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]
     """Feature statistics only (no drift computation)."""
     ResetWindow: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]
-    """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
-    and the previous complete window are kept); the Prometheus gauges show the new judged window
-    before the call returns. Reports never change state: resetting is this explicit command.
+    """Start over: the current and the previous window and their reservoirs of rows are dropped
+    (lifetime totals are kept), so nothing from before the reset is judged again; the Prometheus
+    gauges show the fresh window before the call returns. Reports never change state: resetting
+    is this explicit command.
     """
 
 @_typing.type_check_only
@@ -114,9 +115,10 @@ class MonitoringServiceAsyncStub(MonitoringServiceStub):
     GetFeatureStatistics: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.DriftReportRequest, _edgewise_pb2.DriftReport]  # type: ignore[assignment]
     """Feature statistics only (no drift computation)."""
     ResetWindow: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.ResetWindowRequest, _edgewise_pb2.ResetWindowResponse]  # type: ignore[assignment]
-    """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
-    and the previous complete window are kept); the Prometheus gauges show the new judged window
-    before the call returns. Reports never change state: resetting is this explicit command.
+    """Start over: the current and the previous window and their reservoirs of rows are dropped
+    (lifetime totals are kept), so nothing from before the reset is judged again; the Prometheus
+    gauges show the fresh window before the call returns. Reports never change state: resetting
+    is this explicit command.
     """
 
 class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,9 +148,10 @@ class MonitoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _edgewise_pb2.ResetWindowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_edgewise_pb2.ResetWindowResponse, _abc.Awaitable[_edgewise_pb2.ResetWindowResponse]]:
-        """Start a fresh window: the current one and its reservoir of rows are dropped (lifetime totals
-        and the previous complete window are kept); the Prometheus gauges show the new judged window
-        before the call returns. Reports never change state: resetting is this explicit command.
+        """Start over: the current and the previous window and their reservoirs of rows are dropped
+        (lifetime totals are kept), so nothing from before the reset is judged again; the Prometheus
+        gauges show the fresh window before the call returns. Reports never change state: resetting
+        is this explicit command.
         """
 
 def add_MonitoringServiceServicer_to_server(servicer: MonitoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
