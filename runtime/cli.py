@@ -295,8 +295,8 @@ def _add_drift(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--reset",
         action="store_true",
-        help="start a fresh window after printing (drops the current window and its rows; "
-        "reading a report never does)",
+        help="start over after printing (drops the current and previous windows and their "
+        "rows; reading a report never does)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _client_security(p)
