@@ -13,8 +13,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 
@@ -78,16 +81,24 @@ def _start_server(
             str(port_file),
         ],
     )
+    try:
+        grpc_port, metrics = _wait_for_ports(process, port_file)
+    except BaseException:  # an interrupt while it starts too
+        _stop_server(process)
+        raise
+    return process, grpc_port, metrics
+
+
+def _wait_for_ports(process: subprocess.Popen[bytes], port_file: Path) -> tuple[int, int]:
     deadline = time.monotonic() + 60
     while not port_file.exists():
         if process.poll() is not None:
             raise EdgewiseError(f"the server exited with code {process.returncode}")
         if time.monotonic() > deadline:
-            process.kill()
             raise EdgewiseError("the server did not start within 60 s")
         time.sleep(0.05)
     grpc_port, metrics = (int(x) for x in port_file.read_text().split())
-    return process, grpc_port, metrics
+    return grpc_port, metrics
 
 
 def _show_requests(
@@ -127,7 +138,32 @@ def _show_requests(
     print(f"batch of {len(x_test)} rows: labels agree with scikit-learn on {agree:.1%}")
 
 
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the demo's ``finally`` stops its
+    server (by default SIGTERM ends the process at once and the server kept running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(repo: Path, port: int, metrics_port: int, exit_after_requests: bool) -> int:
+    """Train, convert, serve and show requests; keep serving until SIGINT or SIGTERM (or return
+    after the requests), always stopping the server it started."""
+    with _sigterm_interrupts():
+        return _run_demo(repo, port, metrics_port, exit_after_requests)
+
+
+def _run_demo(repo: Path, port: int, metrics_port: int, exit_after_requests: bool) -> int:
     from edgewise.runtime.convert import require_converter
 
     require_converter("edgewise demo")  # it trains a scikit-learn model
@@ -143,21 +179,29 @@ def run_demo(repo: Path, port: int, metrics_port: int, exit_after_requests: bool
                 _show_requests(client, repo, model, x_test, y_test)
             if exit_after_requests:
                 return 0
-            print(
-                f"\nStill serving. Try:\n"
-                f"  .venv/bin/edgewise repository --server {target} index\n"
-                f"  curl -s http://127.0.0.1:{metrics}/metrics | grep edgewise_requests\n"
-                f'  python -c "import tritonclient.grpc as t; '
-                f"print(t.InferenceServerClient('{target}').get_model_metadata('{MODEL_NAME}'))\"\n"
-                f"Press Ctrl-C to stop."
-            )
-            with contextlib.suppress(KeyboardInterrupt):
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: a clean stop
+                print(
+                    f"\nStill serving. Try:\n"
+                    f"  .venv/bin/edgewise repository --server {target} index\n"
+                    f"  curl -s http://127.0.0.1:{metrics}/metrics | grep edgewise_requests\n"
+                    f'  python -c "import tritonclient.grpc as t; '
+                    f"print(t.InferenceServerClient('{target}').get_model_metadata('{MODEL_NAME}'))\"\n"
+                    f"Press Ctrl-C to stop."
+                )
                 process.wait()
             return 0
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            _stop_server(process)
+
+
+def _stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains), then SIGKILL after 30 s; a second Ctrl-C or SIGTERM while
+    waiting kills it at once."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.kill()
+        process.wait()

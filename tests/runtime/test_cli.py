@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +13,7 @@ from pathlib import Path
 import joblib
 import pytest
 
+from edgewise.runtime.client import EdgewiseClient
 from tests import models
 from tests.servers import running_server
 
@@ -43,6 +47,67 @@ def test_demo_trains_converts_serves_and_answers(tmp_path: Path) -> None:
     assert out.count("demo-") >= 5
     assert "labels agree with scikit-learn on 100.0%" in out
     assert (tmp_path / "demo-repo" / "breast_cancer" / "1" / "model.onnx").is_file()
+
+
+def _children(pid: int) -> set[int]:
+    """The process ids of ``pid``'s children (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except FileNotFoundError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # exited, not reaped yet (its parent, the demo, is gone)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_demo_stopped_by_a_signal_stops_its_server(tmp_path: Path, stop: signal.Signals) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "edgewise.runtime.cli", "demo", "--port", "0",
+         "--metrics-port", "0", "--repo", str(tmp_path / "demo-repo")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        target = ""
+        for line in demo.stdout:
+            if line.startswith("serving "):
+                target = line.split(" on ")[1].split()[0]
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert target, "the demo never said where it serves"
+        with EdgewiseClient(target) as client:
+            client.wait_until_serving(timeout=30)
+        (server,) = (c for c in _children(demo.pid) if "serve" in _command_line(c))
+        demo.send_signal(stop)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        if demo.poll() is None:
+            leftovers = _children(demo.pid)
+            demo.kill()
+            for child in leftovers:  # no leftover from a failing run
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+    if not _gone(server):
+        os.kill(server, signal.SIGKILL)  # no leftover from a failing run
+        raise AssertionError("the demo's server outlived it")
+    with socket.socket() as probe:
+        host, port = target.rsplit(":", 1)
+        assert probe.connect_ex((host, int(port))) != 0, "something still listens on its port"
 
 
 def test_convert_cli_writes_a_package_and_serves_it(tmp_path: Path) -> None:
