@@ -466,6 +466,7 @@ class Agent:
         """Poll until ``stop`` is set (SIGTERM in the CLI)."""
         if stop is not None:
             self._stop = stop
+        self._check_repo()
         self.state_file.claim_agent()
         try:
             self._startup()
@@ -478,6 +479,7 @@ class Agent:
 
     def run_once(self) -> bool:
         """One poll (``--once``); True when it succeeded."""
+        self._check_repo()
         self.state_file.claim_agent()
         try:
             self._startup()
@@ -489,8 +491,16 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def _check_repo(self) -> None:
+        """The server's repository must exist: the agent creates only its model's folder and
+        its state folder inside (a typo, or a volume not mounted yet, is not a new repository)."""
+        if not self.settings.repo.is_dir():
+            raise EdgewiseError(
+                f"model repository {self.settings.repo} does not exist (the agent never creates "
+                "it: it is the server's)"
+            )
+
     def _startup(self) -> None:
-        self.settings.repo.mkdir(parents=True, exist_ok=True)
         self.model_dir.mkdir(exist_ok=True)
         for entry in self.model_dir.iterdir():
             if entry.name.startswith(TRASH_PREFIX):

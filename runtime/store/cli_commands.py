@@ -301,7 +301,9 @@ def _add_agent(sub: Subparsers) -> None:
     _store_argument(p)
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--alias", default="production", help="alias to follow (default production)")
-    p.add_argument("--repo", type=Path, required=True, help="the server's model repository")
+    p.add_argument(
+        "--repo", type=Path, required=True, help="the server's model repository (must exist)"
+    )
     p.add_argument("--server", default="127.0.0.1:8001", help="server HOST:PORT (gRPC)")
     p.add_argument(
         "--server-metrics",

@@ -163,3 +163,19 @@ def test_a_watch_that_cannot_see_does_not_promote(rig: Rig, tmp_path: Path) -> N
 def test_state_file_reads_create_nothing(tmp_path: Path) -> None:
     state = StateFile.for_repo(tmp_path / "repo", "m").read()
     assert state.deployed is None and not (tmp_path / "repo").exists()
+
+
+def test_an_agent_never_creates_the_servers_repository(tmp_path: Path) -> None:
+    from edgewise.runtime.agent import Agent
+    from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.store import open_store
+
+    repo = tmp_path / "mnt" / "repo"  # a typo, or a volume not mounted yet
+    settings = AgentSettings(model="m", repo=repo, server_metrics="http://127.0.0.1:9/metrics")
+    store = open_store(f"sqlite:///{tmp_path / 'store' / 'store.db'}")
+    with EdgewiseClient("127.0.0.1:9") as client:
+        agent = Agent(settings, store, client)
+        with pytest.raises(EdgewiseError, match="does not exist"):
+            agent.run_once()
+    store.close()
+    assert _tree(tmp_path) == []
