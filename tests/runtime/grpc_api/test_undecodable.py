@@ -47,3 +47,14 @@ def test_the_server_serves_on_after_undecodable_bodies(server: RunningServer) ->
         answer_to(server, "/inference.GRPCInferenceService/ModelInfer", UNDECODABLE)
     with server.client() as client:
         assert client.server_live() and client.model_ready("logreg")
+
+
+def test_an_undecodable_health_watch_is_invalid_argument(server: RunningServer) -> None:
+    """A server-streaming method parses its request the same way."""
+    with grpc.insecure_channel(server.target) as channel:
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(watch(UNDECODABLE, timeout=30))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
