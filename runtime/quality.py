@@ -147,7 +147,10 @@ class OnlineQuality:
         config: QualityConfig,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         classes: ClassSource = None,
+        publish: Callable[[Mapping[str, Any]], object] | None = None,
     ) -> None:
+        """``publish`` shows a snapshot as the version's gauges; it is called after every
+        batch that joined labels (the one place the totals change)."""
         self.model = model
         self.version = version
         self.classifier = classifier
@@ -167,6 +170,7 @@ class OnlineQuality:
         self.drifting = False
         self.warning = False
         self._on_alert = on_alert
+        self._publish = publish
         self._class_source = classes if classifier else None
         self._classes: tuple[LabelValue, ...] | None = None
         self._classes_read = False
@@ -284,8 +288,11 @@ class OnlineQuality:
             joins, unknown, duplicate = self._match(labels)
             for join in joins:
                 join.kept.labelled[join.row] = True
-            snapshot = self._learn(joins) if joins else None
-        if snapshot is not None:
+            fired = self._learn(joins) if joins else False
+            snapshot = self.snapshot() if joins else None
+        if snapshot is not None and self._publish is not None:
+            self._publish(snapshot)
+        if snapshot is not None and fired:
             self._alert(snapshot)
         return len(joins), unknown, duplicate
 
@@ -321,9 +328,8 @@ class OnlineQuality:
             return 0.0 if _plain(predicted) == truth else 1.0
         return abs(float(predicted) - float(truth))
 
-    def _learn(self, joins: Sequence[_Join]) -> dict[str, Any] | None:
-        """Count joined labels and feed the detectors (under the lock); the snapshot to alert
-        with when a detector fired."""
+    def _learn(self, joins: Sequence[_Join]) -> bool:
+        """Count joined labels and feed the detectors (under the lock); whether one fired."""
         errors = np.asarray([join.error for join in joins], dtype=np.float64)
         self.labelled += errors.size
         self.total_error += float(errors.sum())
@@ -341,10 +347,10 @@ class OnlineQuality:
             self.warning = bool(status[-1] == 1)
         detections += int(self._adwin.update(errors).size)
         if not detections:
-            return None
+            return False
         self.drifts += detections
         self.drifting = True
-        return self.snapshot()
+        return True
 
     def _alert(self, snapshot: Mapping[str, Any]) -> None:
         log.warning(

@@ -236,9 +236,11 @@ class ModelRepository:
         quality_enabled: bool = False,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         drift_publisher: DriftPublisher | None = None,
+        quality_publisher: Callable[[Mapping[str, Any]], object] | None = None,
     ) -> None:
         self.root = root
         self.drift_publisher = drift_publisher  # where monitors publish their judged windows
+        self.quality_publisher = quality_publisher  # where online quality publishes its totals
         self.quality_enabled = quality_enabled
         self.on_alert = on_alert
         self.monitor_defaults = monitor_defaults or MonitorConfig(enabled=False)
@@ -498,6 +500,7 @@ class ModelRepository:
                     quality,
                     self.on_alert,
                     classes=lambda: graph_class_labels(model_file),  # read with the first labels
+                    publish=self.quality_publisher,
                 )
         settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:

@@ -109,6 +109,7 @@ class InferenceServer:
             quality_enabled=settings.quality == "on",
             on_alert=self.alerts.fire,
             drift_publisher=self.metrics,
+            quality_publisher=self.metrics.publish_quality,
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -407,8 +408,6 @@ class InferenceServer:
             self.metrics.forget_model(*gone)
         self._published &= served
         for model in self.repository.served_models():
-            if model.quality is not None:
-                self.metrics.publish_quality(model.quality.snapshot())
             if model.monitor is not None:
                 model.monitor.evaluate()  # judges, logs, publishes and alerts in one place
             self._published.add((model.name, model.version_str))

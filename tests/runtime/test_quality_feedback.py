@@ -21,6 +21,7 @@ from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.labels_table import read_labels
 from edgewise.runtime.settings import ClientSecurity
 from tests.certs import make_certificates
+from tests.runtime.grpc_api.test_server import metric_value, metrics_text
 from tests.runtime.store.helpers import diabetes_inputs, logreg_inputs
 from tests.servers import RunningServer, start_server
 
@@ -133,6 +134,23 @@ def test_labels_without_a_version_join_the_version_that_answered(
         error = refused(client, "logreg", [("w1-0", 0, more_one[0]), ("w2-0", 0, 9)], version="")
         assert "label 1 (request 'w2-0' row 0): 9 is not a class" in error.details
         assert client.submit_feedback("logreg", [("w1-0", 0, more_one[0])]).joined == 1
+
+
+def test_joined_labels_publish_the_quality_gauges_at_once(
+    server: RunningServer, repo: Path
+) -> None:
+    """The server runs no drift timer (monitoring off): the gauges move with the labels."""
+    with server.client() as client:
+        predicted = predict(client, repo, "gauge-", 3, version="2")
+        labels = [(f"gauge-{i}", 0, p if i else 1 - p) for i, p in enumerate(predicted)]
+        assert client.submit_feedback("logreg", labels, "2").joined == 3
+        report = client.quality_report("logreg", "2")
+    text = metrics_text(server)
+    labels_of = {"model": "logreg", "version": "2"}
+    assert metric_value(text, "edgewise_quality_labelled", **labels_of) == report.labelled
+    error = metric_value(text, "edgewise_quality_error", window="all", **labels_of)
+    assert error == pytest.approx(report.error)
+    assert metric_value(text, "edgewise_quality_drifts", **labels_of) == report.drifts
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
