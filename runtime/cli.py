@@ -212,7 +212,12 @@ def _add_repository(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     load = actions.add_parser("load", help="load a model (its policy's versions, or one)")
     load.add_argument("name")
     load.add_argument("--version", default="", help="one version to load")
-    load.add_argument("--make-default", action="store_true", help="serve it when none is named")
+    load.add_argument(
+        "--make-default",
+        action="store_true",
+        help="serve it when none is named, now and after a restart (written to the model's "
+        "config.json as default_version)",
+    )
     unload = actions.add_parser("unload", help="unload a model, or one version")
     unload.add_argument("name")
     unload.add_argument("--version", default="")

@@ -166,12 +166,15 @@ class ModelRef:
 
 
 def resolve_version(repo: Path, ref: ModelRef) -> int:
-    """The version ``ref`` names, or the model's highest version on disk."""
+    """The version ``ref`` names, or the one the server serves by default
+    (:func:`edgewise.runtime.repository.default_version`: one rule everywhere)."""
+    from edgewise.runtime.repository import default_version
+
     versions = list_versions(repo / ref.name)
     if not versions:
         raise ModelNotFound(f"model {ref.name!r}: no versions in repository {repo}")
     if ref.version is None:
-        return versions[-1]
+        return default_version(repo / ref.name)
     if ref.version not in versions:
         raise ModelNotFound(
             f"model {ref.name!r} has no version {ref.version} in {repo} "

@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         "--model",
         required=True,
         metavar="NAME[:VERSION]",
-        help="the candidate (default version: the highest on disk)",
+        help="the candidate (default version: the one the server serves by default: "
+        "config.json's default_version, else the highest its version policy selects)",
     )
     p.add_argument(
         "--data",

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -37,10 +36,10 @@ from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.monitor_config import MonitorConfig
 from edgewise.runtime.package import (
     MODEL_FILE,
-    fsync_dir,
     list_versions,
     read_manifest,
     validate_model_name,
+    write_text_atomic,
 )
 from edgewise.runtime.paths import ensure_inside
 from edgewise.runtime.quality import OnlineQuality, QualityConfig, graph_class_labels
@@ -55,6 +54,8 @@ __all__ = [
     "ModelState",
     "VersionPolicy",
     "VersionStatus",
+    "default_version",
+    "pick_default",
     "read_model_config",
     "write_model_config",
 ]
@@ -181,16 +182,34 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
 
 
 def write_model_config(model_dir: Path, config: ModelConfig) -> None:
-    """Write ``config.json`` atomically (temporary file, fsync, rename)."""
+    """Write ``config.json`` atomically (:func:`edgewise.runtime.package.write_text_atomic`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    temporary = model_dir / f".{MODEL_CONFIG_FILE}.{os.getpid()}.tmp"
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(config.to_json(), handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, model_dir / MODEL_CONFIG_FILE)
-    fsync_dir(model_dir)
+    write_text_atomic(model_dir / MODEL_CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
+
+
+def pick_default(available: Iterable[int], config: ModelConfig) -> int | None:
+    """The one rule for the version a model answers when none is named, everywhere (the
+    server, ``edgewise batch``, ``evaluate``, ``gate``): ``config.json``'s ``default_version``
+    when it is among ``available``, else the highest version the version policy selects from
+    them, else the highest of them; None when there is none."""
+    versions = sorted(set(available))
+    if not versions:
+        return None
+    if config.default_version in versions:
+        return config.default_version
+    selected = config.version_policy.select(versions)
+    return max(selected or versions)
+
+
+def default_version(model_dir: Path, default_policy: VersionPolicy | None = None) -> int:
+    """:func:`pick_default` over the versions on disk of the model in ``model_dir``, as a server
+    started now would serve it (:class:`ModelNotFound` when it has none)."""
+    picked = pick_default(
+        list_versions(model_dir), read_model_config(model_dir, default_policy or VersionPolicy())
+    )
+    if picked is None:
+        raise ModelNotFound(f"model {model_dir.name!r} has no versions in {model_dir.parent}")
+    return picked
 
 
 @dataclass(frozen=True)
@@ -376,6 +395,7 @@ class ModelRepository:
         with self._control:
             model_dir = self.root / name
             available = list_versions(model_dir)
+            config = self._config_to_load(name, version, make_default)
             if version is not None:
                 if version not in available:
                     raise ModelNotFound(f"model {name!r} has no version {version} on disk")
@@ -383,7 +403,6 @@ class ModelRepository:
             else:
                 if not available:
                     raise ModelNotFound(f"model {name!r} has no versions in {self.root}")
-                config = self.config_for(name)
                 targets = config.version_policy.select(available)
                 if config.default_version in available and config.default_version not in targets:
                     targets = sorted([*targets, config.default_version])
@@ -412,12 +431,15 @@ class ModelRepository:
             new_versions = {**current_versions, **loaded} if version is not None else loaded
             pinned = current.pinned_default if current else None
             if version is None:
-                pinned = self.config_for(name).default_version or pinned
+                pinned = config.default_version or pinned
             if make_default and version is not None and version in loaded:
                 pinned = version
+                # Persisted before the swap: a restarted server serves it by default too.
+                self._persist_default(model_dir, config, version)
             if pinned not in new_versions:
                 pinned = None
-            default = pinned if pinned is not None else max(new_versions)
+            default = pick_default(new_versions, replace(config, default_version=pinned))
+            assert default is not None  # new_versions is not empty
             snapshot = _ServedModel(new_versions, default, pinned)
             served = dict(self._served)
             served[name] = snapshot
@@ -431,11 +453,33 @@ class ModelRepository:
                 self._status(name, v, snapshot) for v in sorted(set(targets) | set(new_versions))
             ]
 
+    def _config_to_load(self, name: str, version: int | None, make_default: bool) -> ModelConfig:
+        """The model's config; when it is invalid, a load by policy or one that would write it
+        is refused here (before anything changes), a load of one named version goes on."""
+        try:
+            return self.config_for(name)
+        except PackageError:
+            if version is None or make_default:
+                raise
+            return ModelConfig(self.default_policy)
+
+    def _persist_default(self, model_dir: Path, config: ModelConfig, version: int) -> None:
+        """Pin ``version`` in ``config.json`` (atomically; its other settings kept)."""
+        if config.default_version == version:
+            return
+        try:
+            write_model_config(model_dir, replace(config, default_version=version))
+        except OSError as exc:
+            path = model_dir / MODEL_CONFIG_FILE
+            raise PackageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
     def set_default(self, name: str, version: int) -> None:
+        """Serve ``version`` (loaded) by default, now and after a restart."""
         with self._control:
             current = self._served.get(name)
             if current is None or version not in current.versions:
                 raise ModelNotReady(f"model {name!r} version {version} is not loaded")
+            self._persist_default(self.root / name, self.config_for(name), version)
             served = dict(self._served)
             served[name] = _ServedModel(current.versions, version, version)
             self._served = served

@@ -46,27 +46,14 @@ from edgewise.runtime.batch.writer import (
 )
 from edgewise.runtime.errors import InvalidInput, ModelNotFound
 from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.package import list_versions, read_manifest
-from edgewise.runtime.repository import VersionPolicy, read_model_config
+from edgewise.runtime.package import read_manifest
+from edgewise.runtime.repository import default_version
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "JOB_FORMAT", "run_batch"]
 
 log = logging.getLogger("edgewise.runtime.batch")
 
 JOB_FORMAT: Final = "edgewise.batch/1"
-
-
-def _default_version(model_dir: Path) -> int:
-    """The version the server serves when none is named: the pinned default, else the newest
-    version the model's policy selects."""
-    available = list_versions(model_dir)
-    if not available:
-        raise ModelNotFound(f"model {model_dir.name!r} has no versions in {model_dir.parent}")
-    config = read_model_config(model_dir, VersionPolicy())
-    if config.default_version in available:
-        return int(config.default_version)
-    selected = config.version_policy.select(available)
-    return max(selected or available)
 
 
 def _session_settings(options: BatchOptions) -> tuple[SessionSettings, int, int]:
@@ -319,7 +306,7 @@ def _prepare(
 ) -> _Prepared:
     """Every check of a job that reads only: settings, version, package, every input's columns."""
     settings = _settings(options, folder, name, pinned, files)
-    version = settings.pinned if settings.pinned is not None else _default_version(model_dir)
+    version = settings.pinned if settings.pinned is not None else default_version(model_dir)
     version_dir = model_dir / str(version)
     if not version_dir.is_dir():
         raise ModelNotFound(f"model {name!r} has no version {version} in {options.repo}")

@@ -355,6 +355,8 @@ def test_new_version_loads_while_requests_flow_with_zero_failures(
         client.load_model("logreg", "1", make_default=True)
         assert client.infer("logreg", inputs).model_version == "1"
     shutil.rmtree(served_repo / "logreg" / "2")
+    # --make-default is kept in config.json (a restart serves it too): put the repository back.
+    (served_repo / "logreg" / "config.json").unlink()
     with server.client() as client:
         client.load_model("logreg")
 
