@@ -698,6 +698,7 @@ class Agent:
             version,
         )
         self._load(version, make_default=True)
+        self._write_config(state)  # the last good version stays pinned (see _deploy)
 
     def _load(self, version: int, make_default: bool) -> None:
         try:
@@ -878,6 +879,9 @@ class Agent:
                         ),
                     )
                     state = self._save(state)
+                    # The server pins what it is told to make the default; until the watch is
+                    # over, a restarted server must serve the last good version.
+                    self._write_config(state)
                     if blind:
                         self._set_blind(version, state, blind)
                     else:
