@@ -12,8 +12,8 @@ reports on stderr).
 New groups are children of the caller's own group for each controller, so the limits nest under
 whatever already limits the caller. On cgroup v2 the cpu and memory controllers it had to enable
 in the parent's ``cgroup.subtree_control`` are disabled again when its group is removed (after a
-failure too), unless another group below the parent is there by then. Creating them needs root, or on cgroup v2 a delegated
-subtree; without the rights the error says so in one line.
+failure too), unless another group below the parent is there by then. Creating them needs root,
+or on cgroup v2 a delegated subtree; without the rights the error says so in one line.
 """
 
 from __future__ import annotations
