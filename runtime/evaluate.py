@@ -69,7 +69,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
+from edgewise.runtime.errors import InvalidInput, ModelNotFound
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.package import (
@@ -79,6 +79,7 @@ from edgewise.runtime.package import (
     sha256_file,
     validate_model_name,
 )
+from edgewise.runtime.paths import graph_class_labels
 
 __all__ = [
     "CALIBRATION_BINS",
@@ -103,7 +104,6 @@ __all__ = [
     "format_summary",
     "is_worse",
     "load_package",
-    "model_classes",
     "package_folder",
     "predict",
     "regression_metrics",
@@ -211,26 +211,6 @@ def load_package(folder: Path, settings: SessionSettings | None = None) -> Loade
     return load_model(manifest.name, version, folder, settings or SessionSettings())
 
 
-def model_classes(model: LoadedModel) -> tuple[Any, ...] | None:
-    """The class labels of a classifier in the order of its ``probabilities`` columns, read
-    from the ONNX graph's ``classlabels_*`` attribute (None when the graph has no single one).
-    """
-    import onnx
-
-    try:
-        graph = onnx.load(str(model.folder / MODEL_FILE), load_external_data=False).graph
-    except Exception as exc:  # onnx raises several types for unreadable files
-        raise PackageError(f"{model.folder / MODEL_FILE}: cannot read: {exc}") from None
-    found: set[tuple[Any, ...]] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.name in ("classlabels_int64s", "classlabels_ints"):
-                found.add(tuple(int(v) for v in attribute.ints))
-            elif attribute.name == "classlabels_strings":
-                found.add(tuple(v.decode("utf-8") for v in attribute.strings))
-    return found.pop() if len(found) == 1 else None
-
-
 # ---- predictions -------------------------------------------------------------------------------
 
 
@@ -299,7 +279,7 @@ def _class_order(model: LoadedModel, predictions: Predictions, y_raw: Any) -> tu
     """The model's classes, in probability-column order (from the graph, else from the data)."""
     assert predictions.proba is not None and predictions.labels is not None
     n_classes = predictions.proba.shape[1]
-    classes = model_classes(model)
+    classes = graph_class_labels(model.folder / MODEL_FILE)
     if classes is None or len(classes) != n_classes:
         seen = {_plain(v) for v in predictions.labels} | {_plain(v) for v in y_raw}
         try:

@@ -14,6 +14,10 @@ may run with more rights than whoever dropped a file into it. The rules:
   Kubernetes volume's ``..data``) are fine, links that leave are refused;
 - ONNX external data (a tensor stored in another file, which onnxruntime opens relative to the
   model) must name a file of the package, inside the package (:func:`check_external_data`).
+
+The ONNX facts needed here and when labels are checked (external data locations, a classifier's
+class labels: :func:`graph_class_labels`) are read from the protobuf wire format, without
+importing ``onnx``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "check_external_data",
     "ensure_inside",
     "external_data_locations",
+    "graph_class_labels",
     "parse_version",
     "resolve_inside",
     "validate_relative_path",
@@ -100,6 +105,7 @@ _MODEL_GRAPH, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 20, 25
 _TRAINING_GRAPHS: Final = (1, 2)  # TrainingInfoProto.initialization, .algorithm
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _NODE_ATTRIBUTE = 5
+_ATTRIBUTE_NAME, _ATTRIBUTE_INTS, _ATTRIBUTE_STRINGS = 1, 8, 9
 _FUNCTION_NODE = 7
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 _ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
@@ -275,3 +281,80 @@ def check_external_data(
                 "would not be verified)"
             )
     return locations
+
+
+# ---- a classifier's class labels, read from the protobuf wire format --------------------------
+
+_INT_CLASS_LABELS: Final = (b"classlabels_int64s", b"classlabels_ints")
+_STRING_CLASS_LABELS: Final = b"classlabels_strings"
+
+
+def _int64(value: int) -> int:
+    """A varint as the int64 it encodes (negative numbers take ten bytes, two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _packed_varints(data: memoryview) -> Iterator[int]:
+    position = 0
+    while position < len(data):
+        value, position = _varint(data, position)
+        yield value
+
+
+def _attribute_class_labels(attribute: memoryview) -> tuple[int, ...] | tuple[str, ...] | None:
+    """The labels of a ``classlabels_*`` AttributeProto, None for any other attribute. Stops
+    at another attribute's name (serialisers write the name, field 1, first), so the long lists
+    of a tree ensemble's attributes are not walked."""
+    name: bytes | None = None
+    ints: list[int] = []
+    strings: list[bytes] = []
+    for number, wire, value in _fields(attribute):
+        if number == _ATTRIBUTE_NAME and wire == _LENGTH:
+            name = bytes(value)
+            if name not in _INT_CLASS_LABELS and name != _STRING_CLASS_LABELS:
+                return None
+        elif number == _ATTRIBUTE_INTS and wire == _VARINT:
+            ints.append(_int64(value))
+        elif number == _ATTRIBUTE_INTS and wire == _LENGTH:  # packed
+            ints.extend(_int64(v) for v in _packed_varints(value))
+        elif number == _ATTRIBUTE_STRINGS and wire == _LENGTH:
+            strings.append(bytes(value))
+    if name in _INT_CLASS_LABELS:
+        return tuple(ints)
+    if name == _STRING_CLASS_LABELS:
+        return tuple(_text(memoryview(s)) for s in strings)
+    return None
+
+
+def _graph_class_labels(model: memoryview) -> set[tuple[int, ...] | tuple[str, ...]]:
+    """Every distinct ``classlabels_*`` list on the nodes of the model's main graph."""
+    found: set[tuple[int, ...] | tuple[str, ...]] = set()
+    for graph in _messages(model, _MODEL_GRAPH):
+        for node in _messages(graph, _GRAPH_NODE):
+            for attribute in _messages(node, _NODE_ATTRIBUTE):
+                labels = _attribute_class_labels(attribute)
+                if labels is not None:
+                    found.add(labels)
+    return found
+
+
+def graph_class_labels(
+    model_path: Path, content: bytes | None = None
+) -> tuple[int, ...] | tuple[str, ...] | None:
+    """The class labels of a classifier (the file, or its ``content`` already read), in the
+    order of its probability columns: the ``classlabels_ints``/``classlabels_int64s`` or
+    ``classlabels_strings`` attribute that the classifier node and its ZipMap carry. None when
+    the main graph has none, or several that differ (a regressor, a stack of classifiers). Read
+    without importing ``onnx``; :class:`PackageError` for a file that cannot be read."""
+    if content is None:
+        try:
+            content = model_path.read_bytes()
+        except OSError as exc:
+            raise PackageError(f"{model_path}: cannot read: {exc.strerror}") from None
+    if b"classlabels_" not in content:  # attribute names are stored verbatim
+        return None
+    try:
+        found = _graph_class_labels(memoryview(content))
+    except _Malformed as exc:
+        raise PackageError(f"{model_path}: not a readable ONNX model: {exc}") from None
+    return found.pop() if len(found) == 1 else None

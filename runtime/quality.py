@@ -26,13 +26,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.errors import InvalidInput, PackageError
 
 if TYPE_CHECKING:
     from edgewise.kernels import ADWIN, DDM
@@ -41,7 +40,6 @@ __all__ = [
     "LabelValue",
     "OnlineQuality",
     "QualityConfig",
-    "graph_class_labels",
     "submit_feedback",
 ]
 
@@ -89,23 +87,6 @@ class QualityConfig:
 
         ddm = DDM(**self.ddm) if classifier else None  # type: ignore[arg-type]
         return ddm, ADWIN(**self.adwin)  # type: ignore[arg-type]
-
-
-def graph_class_labels(model_file: Path) -> tuple[LabelValue, ...] | None:
-    """The class labels of a classifier, from the ONNX graph's ``classlabels_*`` attribute
-    (None when the graph has no single one, e.g. a regressor). Imports onnx: called when the
-    first labels arrive, never at load."""
-    import onnx
-
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    found: set[tuple[LabelValue, ...]] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.name in ("classlabels_int64s", "classlabels_ints"):
-                found.add(tuple(int(v) for v in attribute.ints))
-            elif attribute.name == "classlabels_strings":
-                found.add(tuple(v.decode("utf-8") for v in attribute.strings))
-    return found.pop() if len(found) == 1 else None
 
 
 @dataclass(slots=True)
@@ -271,7 +252,7 @@ class OnlineQuality:
         source = self._class_source
         try:
             found = source() if callable(source) else source
-        except Exception as exc:  # onnx raises several types for an unreadable file
+        except PackageError as exc:
             log.warning(
                 "quality: model %s version %s: cannot read its classes (%s); labels are checked "
                 "for type only",

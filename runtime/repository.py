@@ -41,8 +41,8 @@ from edgewise.runtime.package import (
     validate_model_name,
     write_text_atomic,
 )
-from edgewise.runtime.paths import ensure_inside
-from edgewise.runtime.quality import OnlineQuality, QualityConfig, graph_class_labels
+from edgewise.runtime.paths import ensure_inside, graph_class_labels
+from edgewise.runtime.quality import OnlineQuality, QualityConfig
 from edgewise.runtime.signing import TrustedKeys
 
 if TYPE_CHECKING:

@@ -35,7 +35,6 @@ from edgewise.runtime.evaluate import (
     evaluate_models,
     expected_calibration_error,
     load_package,
-    model_classes,
     regression_metrics,
     resolve_version,
     roc_auc,
@@ -279,12 +278,6 @@ def test_real_models_overall_and_slices_match_sklearn(model_repo: Path, name: st
         assert evaluation.overall.metrics["rmse"] == pytest.approx(
             skm.root_mean_squared_error(y, estimator.predict(X)), rel=1e-5
         )
-
-
-def test_class_order_is_read_from_the_graph(model_repo: Path) -> None:
-    assert model_classes(load_package(model_repo / "forest" / "1")) == (0, 1, 2)
-    assert model_classes(load_package(model_repo / "logreg" / "1")) == (0, 1)
-    assert model_classes(load_package(model_repo / "regressor" / "1")) is None
 
 
 def test_string_and_float_labels(model_repo: Path) -> None:

@@ -17,10 +17,13 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from onnx import external_data_helper
+from sklearn.base import clone
+from sklearn.ensemble import RandomForestClassifier
 
 from edgewise.runtime.agent import validate_package
 from edgewise.runtime.batch.options import parse_model_ref
 from edgewise.runtime.client import ServerError
+from edgewise.runtime.convert import convert
 from edgewise.runtime.errors import InvalidInput, PackageError
 from edgewise.runtime.evaluate import ModelRef
 from edgewise.runtime.model import SessionSettings, load_model
@@ -36,12 +39,14 @@ from edgewise.runtime.paths import (
     check_external_data,
     ensure_inside,
     external_data_locations,
+    graph_class_labels,
     parse_version,
     resolve_inside,
     validate_relative_path,
 )
 from edgewise.runtime.store.base import VersionRecord
 from edgewise.runtime.store.lineage import Lineage
+from tests import models
 from tests.fresh import run_python
 from tests.runtime.store.helpers import copy_package, logreg_inputs
 from tests.servers import RunningServer, start_server
@@ -293,6 +298,69 @@ def test_a_tensor_marked_external_without_a_location_or_a_torn_model_is_refused(
         external_data_locations(tmp_path / "torn.onnx", content)
 
 
+def _onnx_class_labels(path: Path) -> tuple[int, ...] | tuple[str, ...] | None:
+    """The oracle: the ``classlabels_*`` lists of the main graph's nodes as onnx parses them,
+    the one list when all agree."""
+    found: set[tuple[int, ...] | tuple[str, ...]] = set()
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        for attribute in node.attribute:
+            if attribute.name in ("classlabels_int64s", "classlabels_ints"):
+                found.add(tuple(int(v) for v in attribute.ints))
+            elif attribute.name == "classlabels_strings":
+                found.add(tuple(v.decode("utf-8") for v in attribute.strings))
+    return found.pop() if len(found) == 1 else None
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 two's complement, as protobuf writes a negative int64
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _length_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _packed_labels_model(labels: list[int]) -> bytes:
+    """A model whose one node carries ``classlabels_int64s`` packed (onnx's Python writer never
+    packs; other writers may, and protobuf readers accept both)."""
+    name = _length_field(1, b"classlabels_int64s")
+    ints = _length_field(8, b"".join(_varint(v) for v in labels))
+    node = _length_field(5, name + ints + _varint(20 << 3) + _varint(7))  # type INTS
+    return _length_field(7, _length_field(1, node))
+
+
+def test_class_labels_are_read_as_onnx_reads_them(model_repo: Path, tmp_path: Path) -> None:
+    pipeline, X, y = models.train_logreg()
+    strings = clone(pipeline).fit(X, np.where(y == 1, "benign", "malignant"))
+    convert(strings, X, name="strings", repo=tmp_path / "repo")
+    _, X, y = models.train_forest()
+    negative = RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0).fit(X, y - 1)
+    convert(negative, X, name="negative", repo=tmp_path / "repo")
+    packed = tmp_path / "packed.onnx"
+    packed.write_bytes(_packed_labels_model([3, -2, 0, 2**40]))
+    files = [
+        *(model_repo / name / "1" / MODEL_FILE for name in models.MODEL_NAMES),
+        tmp_path / "repo" / "strings" / "1" / MODEL_FILE,
+        tmp_path / "repo" / "negative" / "1" / MODEL_FILE,
+        packed,
+    ]
+    read = {path: graph_class_labels(path) for path in files}
+    assert read == {path: _onnx_class_labels(path) for path in files}
+    assert [read[path] for path in files] == [
+        (0, 1), (0, 1, 2), (0, 1, 2), None, ("benign", "malignant"), (-1, 0, 1),
+        (3, -2, 0, 2**40),
+    ]  # fmt: skip
+    with pytest.raises(PackageError, match="not a readable ONNX model"):
+        graph_class_labels(tmp_path / "torn.onnx", packed.read_bytes()[:-3])
+    with pytest.raises(PackageError, match="cannot read"):
+        graph_class_labels(tmp_path / "missing.onnx")
+
+
 LOAD_AND_SERVE = textwrap.dedent(
     """
     import json, sys
@@ -326,6 +394,60 @@ def test_loading_and_serving_a_model_does_not_import_onnx(model_repo: Path, tmp_
     )
     imported = json.loads(run_python(LOAD_AND_SERVE, str(repo)).strip().splitlines()[-1])
     assert imported == {"onnx": False, "ml_dtypes": False, "scipy": False, "sklearn": False}
+
+
+SERVE_AND_JOIN_LABELS = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    import numpy as np
+    from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.grpc_api.server import InferenceServer
+    from edgewise.runtime.settings import ServerSettings
+
+    def use(port):
+        with EdgewiseClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving()
+            rows = np.zeros((2, 30), dtype=np.float32)
+            client.infer("logreg", {"features": rows}, request_id="r1")
+            joined = client.submit_feedback("logreg", [("r1", 0, 1), ("r1", 1, 0)]).joined
+            try:
+                client.submit_feedback("logreg", [("r1", 0, 7)])  # checked against the classes
+                refused = ""
+            except Exception as exc:
+                refused = str(exc)
+            return joined, refused
+
+    async def main():
+        settings = ServerSettings.from_sources({
+            "repo": Path(sys.argv[1]), "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+            "monitoring": "off", "grace_seconds": 0.0,
+        })
+        server = InferenceServer(settings)
+        await server.start()
+        try:
+            return await asyncio.to_thread(use, server.port)
+        finally:
+            await server.stop(0.0)
+
+    joined, refused = asyncio.run(main())
+    imported = {m: m in sys.modules for m in ("onnx", "ml_dtypes")}
+    print(json.dumps({"joined": joined, "refused": refused, "imported": imported}))
+    """
+)
+
+
+def test_feedback_on_a_served_classifier_does_not_import_onnx(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """The classes that labels are checked against are read with the first labels, from the
+    wire format: a serving process never imports onnx (nor ml_dtypes, ~1 s)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    result = json.loads(run_python(SERVE_AND_JOIN_LABELS, str(repo)).strip().splitlines()[-1])
+    assert result["joined"] == 2
+    assert "7 is not a class of model 'logreg' (classes: 0, 1)" in result["refused"]
+    assert result["imported"] == {"onnx": False, "ml_dtypes": False}
 
 
 def test_external_data_outside_the_package_is_refused(model_repo: Path, tmp_path: Path) -> None:

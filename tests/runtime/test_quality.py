@@ -20,7 +20,7 @@ from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
-from edgewise.runtime.quality import OnlineQuality, QualityConfig, graph_class_labels
+from edgewise.runtime.quality import OnlineQuality, QualityConfig
 from tests import models
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
 from tests.servers import running_server
@@ -289,9 +289,3 @@ def test_a_regressor_refuses_a_label_that_is_no_finite_number(bad: float | str) 
     assert quality.report() == before
     assert quality.feedback([("a", 0, 12.5), ("a", 1, 19)]) == (2, 0, 0)
     assert quality.report()["error"] == pytest.approx((2.5 + 1.0) / 2)
-
-
-def test_class_labels_are_read_from_the_model_graph(model_repo: Path) -> None:
-    assert graph_class_labels(model_repo / "logreg" / "1" / "model.onnx") == (0, 1)
-    assert graph_class_labels(model_repo / "forest" / "1" / "model.onnx") == (0, 1, 2)
-    assert graph_class_labels(model_repo / "regressor" / "1" / "model.onnx") is None
