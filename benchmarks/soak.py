@@ -18,7 +18,7 @@ thirds. ``--front-end`` picks what serves the port (default: ``EDGEWISE_FRONT_EN
 ``--no-shedding`` runs the same load against a server without a useful in-flight limit
 (100000), for comparison. Used by tests/runtime/test_overload.py and
 tests/runtime/grpc_api/test_grpcio_overload.py with short durations; 10 minutes is the soak of
-the README.
+docs/security.md.
 """
 
 from __future__ import annotations
