@@ -23,6 +23,7 @@ sees a share of the traffic); the Prometheus gauges report the most recent.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -67,11 +68,18 @@ def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) a SO_REUSEPORT socket: fixes the port number, takes no connections."""
+    """Bind (not listen) a SO_REUSEPORT socket: fixes the port number, takes no connections.
+    :class:`OSError` naming ``host:port`` (as a single server says it) when it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        busy = exc.errno == errno.EADDRINUSE
+        reason = "the address is already in use" if busy else exc.strerror or str(exc)
+        raise OSError(f"cannot bind {host}:{port}: {reason}") from None
     return sock
 
 
@@ -119,14 +127,32 @@ class _Child:
 
 
 def run_supervisor(settings: ServerSettings) -> int:
+    """Serve with ``settings.processes`` server processes; return the exit code. A start that
+    fails leaves nothing behind (processes, the port, the work folder)."""
+    reserved = _reserve_port(settings.host, settings.port)  # before anything is made
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="edgewise-workers-"))
+    except OSError:
+        reserved.close()
+        raise
+    try:
+        return _supervise(settings, reserved, workdir)
+    finally:
+        reserved.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        log.info("stopped")
+
+
+def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path) -> int:
+    """Start the server processes sharing ``reserved``'s port, restart those that exit, and
+    stop them all at SIGTERM/SIGINT or when one cannot start; ``workdir`` holds their metrics
+    and control addresses."""
     processes = settings.processes
-    workdir = Path(tempfile.mkdtemp(prefix="edgewise-workers-"))
+    port = reserved.getsockname()[1]
     prom_dir = workdir / "metrics"
     peers_dir = workdir / "peers"
     prom_dir.mkdir()
     peers_dir.mkdir()
-    reserved = _reserve_port(settings.host, settings.port)
-    port = reserved.getsockname()[1]
     base_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
     env = _child_environment(settings, processes, base_env)
     env.update(
@@ -143,19 +169,14 @@ def run_supervisor(settings: ServerSettings) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    children = [_Child(command, env, i) for i in range(processes)]
+    children: list[_Child] = []
     metrics_server: Any = None
     try:
+        metrics_server = _start_metrics(settings, prom_dir)  # a busy port: before any process
+        metrics_port = -1 if metrics_server is None else int(metrics_server.server_port)
+        children.extend(_Child(command, env, i) for i in range(processes))
         _wait_serving(children, peers_dir, stopping)
         reserved.close()
-        metrics_port = -1
-        if settings.metrics_port >= 0:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=str(prom_dir))  # type: ignore[no-untyped-call]
-            metrics_server, _ = start_http_server(
-                settings.metrics_port, settings.metrics_host, registry=registry
-            )
-            metrics_port = int(metrics_server.server_port)
         log.info(
             "serving with %d processes on %s:%d (metrics on %s)",
             processes,
@@ -191,9 +212,22 @@ def run_supervisor(settings: ServerSettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
-        reserved.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-        log.info("stopped")
+
+
+def _start_metrics(settings: ServerSettings, prom_dir: Path) -> Any:
+    """The metrics endpoint over every process's metrics in ``prom_dir`` (None when off)."""
+    if settings.metrics_port < 0:
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(prom_dir))  # type: ignore[no-untyped-call]
+    try:
+        metrics_server, _thread = start_http_server(
+            settings.metrics_port, settings.metrics_host, registry=registry
+        )
+    except OSError as exc:
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        raise OSError(f"cannot bind the metrics port {where}: {exc.strerror}") from None
+    return metrics_server
 
 
 def _wait_serving(children: list[_Child], peers_dir: Path, stopping: threading.Event) -> None:
