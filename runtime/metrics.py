@@ -186,15 +186,15 @@ class ServerMetrics:
         )
 
     def publish_quality(self, snapshot: Mapping[str, Any]) -> None:
+        """Show a model version's online quality totals (after a batch that joined labels)."""
         model, version = snapshot["model"], snapshot["version"]
         self.quality_error.labels(model, version, "all").set(snapshot["error"])
         self.quality_error.labels(model, version, "recent").set(snapshot["recent_error"])
         self.quality_labelled.labels(model, version).set(snapshot["labelled"])
         self.quality_drifts.labels(model, version).set(snapshot["drifts"])
 
-    def forget_model(self, model: str, version: str) -> None:
-        """Drop the monitoring series of an unloaded model version."""
-        self.forget_drift(model, version)
+    def forget_quality(self, model: str, version: str) -> None:
+        """Drop the online quality series of a model version (it is unloaded)."""
         for gauge in (self.quality_error, self.quality_labelled, self.quality_drifts):
             _replace_series(gauge, model, version, {})
 

@@ -15,7 +15,9 @@ happens when labels arrive. Configured per model in ``<repo>/<model>/config.json
 The state changes in two places only, each validated first: a batch of labels is checked whole
 (type, NaN or infinity, a class the model has) before any row is marked labelled, so a refused
 batch changes nothing; :meth:`OnlineQuality.reset` (the ResetQuality RPC) acknowledges the
-detections. Reading the report changes nothing.
+detections. Reading the report changes nothing. The totals are published (the server's gauges)
+where they change, after each batch that joined labels, and forgotten where the version goes:
+:meth:`OnlineQuality.close`, called when it is unloaded or replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +42,7 @@ __all__ = [
     "LabelValue",
     "OnlineQuality",
     "QualityConfig",
+    "QualityPublisher",
     "submit_feedback",
 ]
 
@@ -49,6 +52,16 @@ LabelValue = int | float | str
 Label = tuple[str, int, LabelValue]  # (request_id, row, truth)
 #: The class labels of a classifier, or what reads them (once, when the first labels arrive).
 ClassSource = Sequence[LabelValue] | Callable[[], Sequence[LabelValue] | None] | None
+
+
+class QualityPublisher(Protocol):
+    """Where online quality shows its totals (the server's Prometheus gauges)."""
+
+    def publish_quality(self, snapshot: Mapping[str, Any]) -> None:
+        """Show ``snapshot`` as the model version's quality, replacing what was shown."""
+
+    def forget_quality(self, model: str, version: str) -> None:
+        """Show nothing more for a model version (it is unloaded)."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +141,10 @@ class OnlineQuality:
         config: QualityConfig,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         classes: ClassSource = None,
-        publish: Callable[[Mapping[str, Any]], object] | None = None,
+        publisher: QualityPublisher | None = None,
     ) -> None:
-        """``publish`` shows a snapshot as the version's gauges; it is called after every
-        batch that joined labels (the one place the totals change)."""
+        """``publisher`` shows a snapshot as the version's gauges after every batch that joined
+        labels (the one place the totals change), and forgets them at :meth:`close`."""
         self.model = model
         self.version = version
         self.classifier = classifier
@@ -151,7 +164,8 @@ class OnlineQuality:
         self.drifting = False
         self.warning = False
         self._on_alert = on_alert
-        self._publish = publish
+        self._publisher = publisher
+        self._closed = False
         self._class_source = classes if classifier else None
         self._classes: tuple[LabelValue, ...] | None = None
         self._classes_read = False
@@ -271,8 +285,10 @@ class OnlineQuality:
                 join.kept.labelled[join.row] = True
             fired = self._learn(joins) if joins else False
             snapshot = self.snapshot() if joins else None
-        if snapshot is not None and self._publish is not None:
-            self._publish(snapshot)
+            # Under the lock: the gauges show the batches in the order they were joined, and
+            # nothing is shown again for a version that close() forgot.
+            if snapshot is not None and self._publisher is not None and not self._closed:
+                self._publisher.publish_quality(snapshot)
         if snapshot is not None and fired:
             self._alert(snapshot)
         return len(joins), unknown, duplicate
@@ -346,6 +362,14 @@ class OnlineQuality:
             self._on_alert("quality_drift", snapshot)
 
     # ---- commands and reports --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The version is unloaded (or replaced by a reload): publish no more, and have the
+        publisher forget its series."""
+        with self._lock:
+            self._closed = True
+            if self._publisher is not None:
+                self._publisher.forget_quality(self.model, self.version)
 
     def reset(self) -> None:
         """Acknowledge the detections: ``drifting`` is false until a detector fires again. The

@@ -42,7 +42,7 @@ from edgewise.runtime.package import (
     write_text_atomic,
 )
 from edgewise.runtime.paths import ensure_inside, graph_class_labels
-from edgewise.runtime.quality import OnlineQuality, QualityConfig
+from edgewise.runtime.quality import OnlineQuality, QualityConfig, QualityPublisher
 from edgewise.runtime.signing import TrustedKeys
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ class ModelRepository:
         quality_enabled: bool = False,
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         drift_publisher: DriftPublisher | None = None,
-        quality_publisher: Callable[[Mapping[str, Any]], object] | None = None,
+        quality_publisher: QualityPublisher | None = None,
     ) -> None:
         self.root = root
         self.drift_publisher = drift_publisher  # where monitors publish their judged windows
@@ -444,7 +444,7 @@ class ModelRepository:
             served = dict(self._served)
             served[name] = snapshot
             self._served = served  # the swap: one assignment, seen atomically by readers
-            _close_monitors(current_versions, new_versions)
+            _close_versions(current_versions, new_versions)
             for number in current_versions:
                 if number not in new_versions:
                     self._on_event(name, number, "unload")
@@ -507,7 +507,7 @@ class ModelRepository:
                 else:
                     del served[name]
             self._served = served
-            _close_monitors(current.versions, served[name].versions if name in served else {})
+            _close_versions(current.versions, served[name].versions if name in served else {})
             for number in removed:
                 self._on_event(name, number, "unload")
             return [self._status(name, v, served.get(name)) for v in removed]
@@ -544,7 +544,7 @@ class ModelRepository:
                     quality,
                     self.on_alert,
                     classes=lambda: graph_class_labels(model_file),  # read with the first labels
-                    publish=self.quality_publisher,
+                    publisher=self.quality_publisher,
                 )
         settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:
@@ -596,9 +596,14 @@ class ModelRepository:
         return model
 
 
-def _close_monitors(before: Mapping[int, LoadedModel], after: Mapping[int, LoadedModel]) -> None:
-    """Close the monitors of the versions no longer served as they were (unloaded, or replaced
-    by a reload): they publish nothing more, and their gauges are dropped."""
+def _close_versions(before: Mapping[int, LoadedModel], after: Mapping[int, LoadedModel]) -> None:
+    """Close the drift monitor and the online quality of the versions no longer served as they
+    were (unloaded, or replaced by a reload): they publish nothing more, and their gauges are
+    dropped there and then."""
     for number, model in before.items():
-        if after.get(number) is not model and model.monitor is not None:
+        if after.get(number) is model:
+            continue
+        if model.monitor is not None:
             model.monitor.close()
+        if model.quality is not None:
+            model.quality.close()

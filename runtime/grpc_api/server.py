@@ -109,7 +109,7 @@ class InferenceServer:
             quality_enabled=settings.quality == "on",
             on_alert=self.alerts.fire,
             drift_publisher=self.metrics,
-            quality_publisher=self.metrics.publish_quality,
+            quality_publisher=self.metrics,
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -123,7 +123,6 @@ class InferenceServer:
         self._created: grpc.aio.Server | None = None  # made by start(), started or not
         self._metrics_http: Any = None
         self._drift_task: asyncio.Task[None] | None = None
-        self._published: set[tuple[str, str]] = set()
         self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
         self.front: NativeFront | None = None  # --front-end native
@@ -403,14 +402,11 @@ class InferenceServer:
                 log.exception("drift evaluation failed")
 
     def judge_drift(self) -> None:
-        served = {(m.name, m.version_str) for m in self.repository.served_models()}
-        for gone in self._published - served:
-            self.metrics.forget_model(*gone)
-        self._published &= served
+        """Each monitor judges, logs, publishes and alerts in one place; an unloaded version's
+        series were dropped by the unload itself (its monitor's and its quality's close)."""
         for model in self.repository.served_models():
             if model.monitor is not None:
-                model.monitor.evaluate()  # judges, logs, publishes and alerts in one place
-            self._published.add((model.name, model.version_str))
+                model.monitor.evaluate()
 
     async def stop(self, grace: float | None = None) -> None:
         self.dataplane.set_ready(False)

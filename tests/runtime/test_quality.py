@@ -19,6 +19,7 @@ from edgewise.kernels import ADWIN, DDM
 from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.features import frame_to_inputs
+from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.quality import OnlineQuality, QualityConfig
 from tests import models
@@ -289,3 +290,38 @@ def test_a_regressor_refuses_a_label_that_is_no_finite_number(bad: float | str) 
     assert quality.report() == before
     assert quality.feedback([("a", 0, 12.5), ("a", 1, 19)]) == (2, 0, 0)
     assert quality.report()["error"] == pytest.approx((2.5 + 1.0) / 2)
+
+
+def test_close_drops_the_versions_series_and_nothing_is_published_after_it() -> None:
+    """A version's quality publishes where its totals change and is forgotten where it goes
+    (the repository closes it at unload); labels that still reach it publish nothing again."""
+    metrics = ServerMetrics()
+    versions = {
+        v: OnlineQuality("m", v, True, "label", QualityConfig(), publisher=metrics) for v in "12"
+    }
+    for version, quality in versions.items():
+        quality.remember(f"r{version}", {}, {"label": np.array([0, 1])})
+        assert quality.feedback([(f"r{version}", 0, 0)]) == (1, 0, 0)
+    series = {v: quality_series(metrics, v) for v in "12"}
+    assert series["2"] == {
+        ("edgewise_quality_error", "all"): 0.0,
+        ("edgewise_quality_error", "recent"): 0.0,
+        ("edgewise_quality_labelled", ""): 1.0,
+        ("edgewise_quality_drifts", ""): 0.0,
+    }
+    versions["2"].close()
+    assert quality_series(metrics, "2") == {}
+    assert quality_series(metrics, "1") == series["1"]
+    assert versions["2"].feedback([("r2", 1, 1)]) == (1, 0, 0)  # an in-flight batch
+    assert quality_series(metrics, "2") == {}
+
+
+def quality_series(metrics: ServerMetrics, version: str) -> dict[tuple[str, str], float]:
+    """The ``edgewise_quality_*`` samples of model ``m`` ``version``: (name, window) -> value."""
+    return {
+        (sample.name, sample.labels.get("window", "")): sample.value
+        for family in metrics.registry.collect()
+        if family.name.startswith("edgewise_quality_")
+        for sample in family.samples
+        if sample.labels.get("model") == "m" and sample.labels.get("version") == version
+    }

@@ -153,6 +153,46 @@ def test_joined_labels_publish_the_quality_gauges_at_once(
     assert metric_value(text, "edgewise_quality_drifts", **labels_of) == report.drifts
 
 
+def quality_series(text: str, version: str) -> list[str]:
+    """The ``edgewise_quality_*`` series of logreg ``version`` on a scrape."""
+    labels = f'model="logreg",version="{version}"'
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("edgewise_quality_") and labels in line
+    ]
+
+
+def test_an_unloaded_version_has_its_quality_series_dropped_at_once(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Monitoring off, so no drift timer: the unload itself drops the version's series."""
+    server = start_server(
+        repo, tmp_path, ["--monitoring", "off", "--version-policy", "all", "--front-end", "grpcio"]
+    )
+    try:
+        with server.client() as client:
+            for version in ("1", "2"):
+                predicted = predict(client, repo, f"gone-{version}-", 2, version=version)
+                labels = [(f"gone-{version}-{i}", 0, p) for i, p in enumerate(predicted)]
+                assert client.submit_feedback("logreg", labels, version).joined == 2
+            before = metrics_text(server)
+            assert len(quality_series(before, "2")) == 4  # error all/recent, labelled, drifts
+            client.unload_model("logreg", "2")
+            after = metrics_text(server)
+            assert quality_series(after, "2") == []
+            assert quality_series(after, "1") == quality_series(before, "1")
+            # Version 1 still joins and publishes; version 2's series stay gone.
+            predicted = predict(client, repo, "still-", 1, version="1")
+            assert client.submit_feedback("logreg", [("still-0", 0, predicted[0])]).joined == 1
+            later = metrics_text(server)
+            one = {"model": "logreg", "version": "1"}
+            assert metric_value(later, "edgewise_quality_labelled", **one) == 3
+            assert quality_series(later, "2") == []
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgewise.runtime.cli", *args],
