@@ -360,6 +360,11 @@ class MonitoringService(object):
 class QualityServiceStub(object):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     def __init__(self, channel):
@@ -388,6 +393,11 @@ class QualityServiceStub(object):
 class QualityServiceServicer(object):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     def SubmitFeedback(self, request, context):
@@ -400,7 +410,8 @@ class QualityServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetQuality(self, request, context):
-        """Online quality of a model version: running error, per slice, and the change detectors.
+        """Online quality of a model version: running error, per slice, and the change detectors (of
+        the process the call reaches, see above).
         A read: any number of readers may call it any number of times; it changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -444,6 +455,11 @@ def add_QualityServiceServicer_to_server(servicer, server):
 class QualityService(object):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     @staticmethod

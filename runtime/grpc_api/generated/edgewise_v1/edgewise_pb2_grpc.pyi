@@ -159,6 +159,11 @@ def add_MonitoringServiceServicer_to_server(servicer: MonitoringServiceServicer,
 class QualityServiceStub:
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     @_typing.overload
@@ -171,7 +176,8 @@ class QualityServiceStub:
     with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
     """
     GetQuality: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]
-    """Online quality of a model version: running error, per slice, and the change detectors.
+    """Online quality of a model version: running error, per slice, and the change detectors (of
+    the process the call reaches, see above).
     A read: any number of readers may call it any number of times; it changes nothing.
     """
     ResetQuality: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.ResetQualityRequest, _edgewise_pb2.ResetQualityResponse]
@@ -183,6 +189,11 @@ class QualityServiceStub:
 class QualityServiceAsyncStub(QualityServiceStub):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -192,7 +203,8 @@ class QualityServiceAsyncStub(QualityServiceStub):
     with INVALID_ARGUMENT, naming it, and nothing is joined or counted.
     """
     GetQuality: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.QualityRequest, _edgewise_pb2.QualityReport]  # type: ignore[assignment]
-    """Online quality of a model version: running error, per slice, and the change detectors.
+    """Online quality of a model version: running error, per slice, and the change detectors (of
+    the process the call reaches, see above).
     A read: any number of readers may call it any number of times; it changes nothing.
     """
     ResetQuality: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.ResetQualityRequest, _edgewise_pb2.ResetQualityResponse]  # type: ignore[assignment]
@@ -203,6 +215,11 @@ class QualityServiceAsyncStub(QualityServiceStub):
 class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Ground truth for earlier predictions (concept drift): labels arrive by request id, minutes or
     days later, and are joined with the predictions the server kept for that purpose.
+
+    With several server processes (`serve --processes N`) each process keeps the predictions it
+    answered and has its own quality: nothing is shared or forwarded. A call reaches the process
+    its connection reaches, so a label whose prediction another process kept is counted unknown,
+    and GetQuality and ResetQuality read and reset that one process's state.
     """
 
     @_abc_1.abstractmethod
@@ -222,7 +239,8 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _edgewise_pb2.QualityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_edgewise_pb2.QualityReport, _abc.Awaitable[_edgewise_pb2.QualityReport]]:
-        """Online quality of a model version: running error, per slice, and the change detectors.
+        """Online quality of a model version: running error, per slice, and the change detectors (of
+        the process the call reaches, see above).
         A read: any number of readers may call it any number of times; it changes nothing.
         """
 
