@@ -57,6 +57,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgewise.runtime._fs import fsync_dir
 from edgewise.runtime.agent_state import AgentState, Deployed, Rejection, StateFile, Watch
 from edgewise.runtime.client import EdgewiseClient, ServerError
 from edgewise.runtime.errors import (
@@ -73,7 +74,6 @@ from edgewise.runtime.package import (
     MANIFEST_FILE,
     MODEL_FILE,
     Manifest,
-    fsync_dir,
     list_versions,
     parse_manifest,
     read_manifest,

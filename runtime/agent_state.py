@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from edgewise.runtime._fs import write_text_atomic
 from edgewise.runtime.errors import EdgewiseError, PackageError, Unavailable
-from edgewise.runtime.package import fsync_dir, validate_model_name
+from edgewise.runtime.package import validate_model_name
 
 __all__ = [
     "STATE_FORMAT",
@@ -220,14 +221,7 @@ class StateFile:
 
     def write(self, state: AgentState) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = self.folder / f".{self.model}.json.{os.getpid()}.tmp"
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(state.to_json(), handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
-        fsync_dir(self.folder)
+        write_text_atomic(self.path, json.dumps(state.to_json(), indent=2) + "\n")
 
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0) -> Iterator[None]:

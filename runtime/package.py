@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from edgewise.runtime._fs import fsync_dir, write_text_atomic  # re-exported (callers: use _fs)
 from edgewise.runtime.datatypes import V2_DATATYPES
 from edgewise.runtime.errors import InvalidInput, PackageError
 from edgewise.runtime.paths import ensure_inside, resolve_inside, validate_relative_path
@@ -312,39 +313,9 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write ``manifest.json`` into ``folder`` (fsynced)."""
-    path = folder / MANIFEST_FILE
+    """Write ``manifest.json`` into ``folder`` atomically (:func:`write_text_atomic`)."""
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n"
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a directory so that a rename inside it is durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: a hidden ``.tmp-`` file beside it, fsynced,
-    renamed over it, the folder fsynced. A reader sees the old file or the new one, never a
-    part; a failed write leaves the old file (or none) and no temporary file."""
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    fsync_dir(path.parent)
+    write_text_atomic(folder / MANIFEST_FILE, text)
 
 
 def list_versions(model_dir: Path) -> list[int]:

@@ -163,7 +163,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _write_outputs(args: argparse.Namespace, json_text: str | None, html: str | None) -> None:
     """Write each rendered output atomically (old file or new, never a part); then JSON to
     stdout if asked for. Rendering is done before anything is written."""
-    from edgewise.runtime.package import write_text_atomic
+    from edgewise.runtime._fs import write_text_atomic
 
     files = [(args.json, json_text), (args.html, html)]
     if _json_to_stdout(args):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from edgewise.runtime._fs import write_text_atomic
 from edgewise.runtime.errors import InvalidInput, PackageError
 
 if TYPE_CHECKING:
@@ -280,13 +281,7 @@ def sign_package(folder: Path, private_key: Ed25519PrivateKey | Path) -> Path:
         key_id(key.public_key()), key.sign(manifest), hashlib.sha256(manifest).hexdigest()
     )
     path = folder / SIGNATURE_FILE
-    temporary = folder / f".{SIGNATURE_FILE}.tmp"
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(signature.to_json(), handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(signature.to_json(), indent=2) + "\n")
     return path
 
 

@@ -11,8 +11,6 @@ unreadable or of an unknown format, :class:`MissingDependency` when the extra is
 from __future__ import annotations
 
 import importlib
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
+from edgewise.runtime._fs import replacing
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput
 
 if TYPE_CHECKING:
@@ -223,33 +222,27 @@ def write_table(frame: pd.DataFrame, path: Path | str) -> None:
     pd = require_pandas()
     if not isinstance(frame, pd.DataFrame):
         raise InvalidInput(f"{path}: expected a pandas DataFrame, got {type(frame).__name__}")
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
-        if fmt == "csv":
-            frame.to_csv(temporary, index=False)
-        elif fmt == "parquet":
-            require_module("pyarrow", "writing Parquet files")
-            frame.to_parquet(temporary, index=False)
-        else:
-            non_numeric = [
-                str(c)
-                for c in frame.columns
-                if not (
-                    pd.api.types.is_numeric_dtype(frame[c].dtype)
-                    or pd.api.types.is_bool_dtype(frame[c].dtype)
-                )
-            ]
-            if non_numeric:
-                raise InvalidInput(
-                    f"{path}: .npy holds numeric columns only; not numeric: "
-                    + ", ".join(repr(c) for c in non_numeric[:8])
-                )
-            np.save(temporary, frame.to_numpy(), allow_pickle=False)
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        with replacing(path) as temporary:
+            if fmt == "csv":
+                frame.to_csv(temporary, index=False)
+            elif fmt == "parquet":
+                require_module("pyarrow", "writing Parquet files")
+                frame.to_parquet(temporary, index=False)
+            else:
+                non_numeric = [
+                    str(c)
+                    for c in frame.columns
+                    if not (
+                        pd.api.types.is_numeric_dtype(frame[c].dtype)
+                        or pd.api.types.is_bool_dtype(frame[c].dtype)
+                    )
+                ]
+                if non_numeric:
+                    raise InvalidInput(
+                        f"{path}: .npy holds numeric columns only; not numeric: "
+                        + ", ".join(repr(c) for c in non_numeric[:8])
+                    )
+                np.save(temporary, frame.to_numpy(), allow_pickle=False)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot write: {exc.strerror or _one_line(exc)}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()

@@ -29,7 +29,6 @@ import fcntl
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -37,9 +36,10 @@ from typing import Any, Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from edgewise.runtime._fs import TEMP_PREFIX as _TEMP_PREFIX  # removed by recover()
+from edgewise.runtime._fs import replacing
+from edgewise.runtime._fs import write_text_atomic as _atomic_write
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package import fsync_dir
-from edgewise.runtime.package import write_text_atomic as _atomic_write  # .tmp- files too
 
 __all__ = [
     "JOB_FILE",
@@ -63,7 +63,6 @@ SUCCESS_FILE: Final = "_SUCCESS"
 REPORT_JSON: Final = "_drift_report.json"
 REPORT_HTML: Final = "_drift_report.html"
 _PART_RE: Final = re.compile(r"^part-(\d{5,})-(\d{6,})\.parquet$")
-_TEMP_PREFIX: Final = ".tmp-"
 
 
 def part_name(file: int, chunk: int) -> str:
@@ -105,18 +104,12 @@ class ChunkRecord:
         )
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def write_part(folder: Path, file: int, chunk: int, table: Any) -> int:
     """Write a chunk's table as its part file, atomically; returns the file's size in bytes.
 
     Writing the same chunk twice (a retried task) replaces the file with an identical one.
     """
     final = folder / part_name(file, chunk)
-    temporary = folder / f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{final.name}"
     # Dictionary encoding only for strings: scores and numeric ids rarely repeat, and trying a
     # dictionary on them costs more than the rest of the write (and makes larger files).
     strings = [
@@ -125,15 +118,10 @@ def write_part(folder: Path, file: int, chunk: int, table: Any) -> int:
         if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
     ]
     try:
-        pq.write_table(table, temporary, use_dictionary=strings)
-        _fsync_file(temporary)
-        os.replace(temporary, final)
+        with replacing(final) as temporary:
+            pq.write_table(table, temporary, use_dictionary=strings)
     except OSError as exc:
         raise InvalidInput(f"{final}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    fsync_dir(folder)
     return final.stat().st_size
 
 

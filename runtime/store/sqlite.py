@@ -25,13 +25,13 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from edgewise.runtime._fs import TEMP_PREFIX, fsync_dir, replacing
 from edgewise.runtime.errors import EdgewiseError, ModelNotFound, PackageError
-from edgewise.runtime.package import FileEntry, fsync_dir, validate_model_name
+from edgewise.runtime.package import FileEntry, validate_model_name
 from edgewise.runtime.store.base import (
     FileStream,
     Lineage,
@@ -201,7 +201,7 @@ class SqliteStore:
         for folder in self.artifacts.iterdir():
             if not folder.is_dir() or folder.is_symlink():
                 continue
-            for entry in folder.glob(".tmp-*"):
+            for entry in folder.glob(f"{TEMP_PREFIX}*"):
                 with contextlib.suppress(OSError):
                     if entry.stat().st_mtime < cutoff:
                         entry.unlink()
@@ -255,27 +255,19 @@ class SqliteStore:
         if source.is_symlink():
             raise PackageError(f"{source}: is a symbolic link; refusing to publish it")
         target.parent.mkdir(exist_ok=True)
-        temporary = target.parent / f".tmp-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         size = 0
-        try:
+        with replacing(target) as temporary:
             with source.open("rb") as src, temporary.open("wb") as dst:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     size += len(chunk)
                     dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
             if digest.hexdigest() != entry.sha256 or size != entry.size:
                 raise PackageError(
                     f"{source}: changed while publishing (sha256 or size differs from the "
                     "manifest's)"
                 )
-            os.replace(temporary, target)
-            fsync_dir(target.parent)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
 
     # ---- versions ------------------------------------------------------------------------------
 
