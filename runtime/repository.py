@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from edgewise.runtime._fs import write_text_atomic
 from edgewise.runtime.batching import BatchingConfig, batchable
 from edgewise.runtime.errors import (
     EdgewiseError,
@@ -34,13 +35,7 @@ from edgewise.runtime.errors import (
 )
 from edgewise.runtime.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.monitor_config import MonitorConfig
-from edgewise.runtime.package import (
-    MODEL_FILE,
-    list_versions,
-    read_manifest,
-    validate_model_name,
-    write_text_atomic,
-)
+from edgewise.runtime.package import MODEL_FILE, list_versions, read_manifest, validate_model_name
 from edgewise.runtime.paths import ensure_inside, graph_class_labels
 from edgewise.runtime.quality import OnlineQuality, QualityConfig, QualityPublisher
 from edgewise.runtime.signing import TrustedKeys
@@ -182,7 +177,7 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
 
 
 def write_model_config(model_dir: Path, config: ModelConfig) -> None:
-    """Write ``config.json`` atomically (:func:`edgewise.runtime.package.write_text_atomic`)."""
+    """Write ``config.json`` atomically (:func:`edgewise.runtime._fs.write_text_atomic`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(model_dir / MODEL_CONFIG_FILE, json.dumps(config.to_json(), indent=2) + "\n")
 
@@ -389,9 +384,14 @@ class ModelRepository:
         """Load a model's versions (by policy, or one version), then swap them in.
 
         Already-served versions whose files are unchanged are kept as they are; a served version
-        whose model file changed on disk is reloaded.
+        whose model file changed on disk is reloaded. ``make_default`` needs ``version``.
         """
         validate_model_name(name)
+        if make_default and version is None:
+            raise InvalidInput(
+                "make_default needs a version: name the version to serve by default "
+                "(repository load NAME --version V --make-default)"
+            )
         with self._control:
             model_dir = self.root / name
             available = list_versions(model_dir)
@@ -432,10 +432,10 @@ class ModelRepository:
             pinned = current.pinned_default if current else None
             if version is None:
                 pinned = config.default_version or pinned
-            if make_default and version is not None and version in loaded:
+            if make_default and version in loaded:
                 pinned = version
                 # Persisted before the swap: a restarted server serves it by default too.
-                self._persist_default(model_dir, config, version)
+                self._write_default(model_dir, config, version)
             if pinned not in new_versions:
                 pinned = None
             default = pick_default(new_versions, replace(config, default_version=pinned))
@@ -463,8 +463,9 @@ class ModelRepository:
                 raise
             return ModelConfig(self.default_policy)
 
-    def _persist_default(self, model_dir: Path, config: ModelConfig, version: int) -> None:
-        """Pin ``version`` in ``config.json`` (atomically; its other settings kept)."""
+    def _write_default(self, model_dir: Path, config: ModelConfig, version: int | None) -> None:
+        """Pin ``version`` in ``config.json``, or drop the pin (None), atomically; its other
+        settings kept; :class:`PackageError` when it cannot be written."""
         if config.default_version == version:
             return
         try:
@@ -479,13 +480,20 @@ class ModelRepository:
             current = self._served.get(name)
             if current is None or version not in current.versions:
                 raise ModelNotReady(f"model {name!r} version {version} is not loaded")
-            self._persist_default(self.root / name, self.config_for(name), version)
+            self._write_default(self.root / name, self.config_for(name), version)
             served = dict(self._served)
             served[name] = _ServedModel(current.versions, version, version)
             self._served = served
 
     def unload(self, name: str, version: int | None = None) -> list[VersionStatus]:
-        """Stop serving a model, or one version of it."""
+        """Stop serving a model, or one version of it.
+
+        The versions left answer by the one rule (:func:`pick_default`): the pinned default if
+        it is still served, else the highest the version policy selects. Unloading the version
+        ``config.json`` pins drops the pin there too (before anything else changes; when it
+        cannot be written the unload is refused), so a restarted server does not serve it by
+        default again. Unloading the whole model leaves ``config.json`` as it is.
+        """
         validate_model_name(name)
         with self._control:
             current = self._served.get(name)
@@ -499,11 +507,9 @@ class ModelRepository:
                 if version not in current.versions:
                     raise ModelNotFound(f"model {name!r} version {version} is not served")
                 removed = [version]
-                remaining = {v: m for v, m in current.versions.items() if v != version}
-                if remaining:
-                    pinned = current.pinned_default if current.pinned_default != version else None
-                    default = pinned if pinned is not None else max(remaining)
-                    served[name] = _ServedModel(remaining, default, pinned)
+                left = self._unload_version(name, current, version)
+                if left is not None:
+                    served[name] = left
                 else:
                     del served[name]
             self._served = served
@@ -511,6 +517,22 @@ class ModelRepository:
             for number in removed:
                 self._on_event(name, number, "unload")
             return [self._status(name, v, served.get(name)) for v in removed]
+
+    def _unload_version(
+        self, name: str, current: _ServedModel, version: int
+    ) -> _ServedModel | None:
+        """What is served once ``version`` is gone (None: nothing), after dropping its pin
+        from ``config.json`` (a config that cannot be read is left alone: its policy is the
+        server's default policy then, as for a load of one named version)."""
+        config = self._config_to_load(name, version, make_default=False)
+        if config.default_version == version:
+            self._write_default(self.root / name, config, None)
+        remaining = {v: m for v, m in current.versions.items() if v != version}
+        pinned = current.pinned_default if current.pinned_default != version else None
+        default = pick_default(remaining, replace(config, default_version=pinned))
+        if default is None:
+            return None
+        return _ServedModel(remaining, default, pinned)
 
     def _changed_on_disk(self, model: LoadedModel) -> bool:
         try:

@@ -4,13 +4,17 @@ and the server, ``edgewise batch`` and ``evaluate``/``gate`` follow one rule."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from edgewise.runtime.errors import ModelNotFound, PackageError
+from edgewise.runtime import repository as repository_module
+from edgewise.runtime.client import ServerError
+from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
 from edgewise.runtime.evaluate import ModelRef, resolve_version
 from edgewise.runtime.repository import ModelRepository, default_version
 from tests import models
@@ -112,3 +116,129 @@ def test_one_rule_for_the_default_version(
         expected,
         expected,
     )
+
+
+def test_make_default_without_a_version_is_refused(two_versions: Path) -> None:
+    repository = ModelRepository(two_versions)
+    repository.load_all()
+    (two_versions / NAME / "2").rename(two_versions / NAME / "2.moved")  # a reload would show
+    with pytest.raises(InvalidInput, match="make_default needs a version"):
+        repository.load(NAME, None, make_default=True)
+    assert repository.served_versions(NAME) == [2]
+    assert repository.get(NAME).version == 2
+    assert not (two_versions / NAME / "config.json").exists(), "a refused call wrote config.json"
+
+
+def test_the_server_refuses_make_default_without_a_version(
+    two_versions: Path, tmp_path: Path
+) -> None:
+    server = start_server(two_versions, tmp_path)
+    try:
+        with server.client() as client:
+            with pytest.raises(ServerError) as refused:
+                client.load_model(NAME, "", make_default=True)
+            states = client.repository_index()
+    finally:
+        server.stop()
+    assert refused.value.status is grpc.StatusCode.INVALID_ARGUMENT
+    assert "make_default needs a version" in refused.value.details
+    assert [(s.version, s.state, s.is_default) for s in states if s.name == NAME] == [
+        ("1", "UNAVAILABLE", False),
+        ("2", "READY", True),
+    ]
+    assert not (two_versions / NAME / "config.json").exists()
+
+
+@pytest.fixture
+def three_versions(two_versions: Path) -> Path:
+    models.convert_model(NAME, two_versions)  # version 3
+    return two_versions
+
+
+def test_unloading_a_version_follows_the_one_rule(three_versions: Path) -> None:
+    """Policy ``specific: [1]``, versions 2 and 3 loaded by name: the default stays 1 when 3 is
+    unloaded (it was the highest one left), and is 1 again, as a restart would pick, when
+    the default itself was unloaded and loaded again."""
+    (three_versions / NAME / "config.json").write_text('{"version_policy": {"specific": [1]}}')
+    repository = ModelRepository(three_versions)
+    repository.load_all()
+    repository.load(NAME, 2)
+    repository.load(NAME, 3)
+    assert repository.get(NAME).version == 1
+    repository.unload(NAME, 3)
+    assert repository.get(NAME).version == 1
+    assert repository.get(NAME).version == default_version(three_versions / NAME)
+
+
+def test_a_new_default_after_unload_is_the_policys_pick(three_versions: Path) -> None:
+    """Policy ``specific: [1, 3]``, version 2 loaded by name, the default (3) unloaded: the new
+    default is what :func:`pick_default` says over what is left (the policy selects 1), not the
+    highest version left (2)."""
+    (three_versions / NAME / "config.json").write_text('{"version_policy": {"specific": [1, 3]}}')
+    repository = ModelRepository(three_versions)
+    repository.load_all()
+    repository.load(NAME, 2)
+    assert repository.served_versions(NAME) == [1, 2, 3]
+    assert repository.get(NAME).version == 3
+    repository.unload(NAME, 3)
+    assert repository.get(NAME).version == 1  # the policy selects 1 of [1, 2]
+
+
+def test_unloading_the_pinned_default_unpins_it(two_versions: Path, tmp_path: Path) -> None:
+    config = {"version_policy": {"all": True}, "batching": {"max_batch_size": 8}}
+    (two_versions / NAME / "config.json").write_text(json.dumps(config))
+    repository = ModelRepository(two_versions)
+    repository.load_all()
+    repository.load(NAME, 1, make_default=True)
+    assert _config(two_versions)["default_version"] == 1
+    repository.unload(NAME, 1)
+    assert _config(two_versions) == config, "the pin of an unloaded version was kept"
+    assert repository.get(NAME).version == 2
+    restarted = ModelRepository(two_versions)
+    restarted.load_all()
+    assert restarted.get(NAME).version == 2
+    assert restarted.served_versions(NAME) == [1, 2]
+    assert not [p.name for p in (two_versions / NAME).iterdir() if p.name.startswith(".")]
+
+
+def test_unloading_the_whole_model_keeps_its_pin(two_versions: Path) -> None:
+    """The model's settings stay with the model: loading it again serves the pinned version."""
+    repository = ModelRepository(two_versions)
+    repository.load_all()
+    repository.load(NAME, 1, make_default=True)
+    repository.unload(NAME)
+    assert _config(two_versions)["default_version"] == 1
+    repository.load(NAME)
+    assert repository.get(NAME).version == 1
+
+
+def test_an_unload_that_cannot_unpin_changes_nothing(
+    two_versions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository = ModelRepository(two_versions)
+    repository.load_all()
+    repository.load(NAME, 1, make_default=True)
+    before = (two_versions / NAME / "config.json").read_bytes()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(repository_module, "write_text_atomic", full_disk)
+    with pytest.raises(PackageError, match="cannot write"):
+        repository.unload(NAME, 1)
+    assert (two_versions / NAME / "config.json").read_bytes() == before
+    assert repository.served_versions(NAME) == [1, 2]
+    assert repository.get(NAME).version == 1
+
+
+def test_unloading_a_version_with_a_broken_config_goes_on(two_versions: Path) -> None:
+    """A named version can be unloaded whatever config.json says (as it can be loaded); the
+    broken file is left as it is."""
+    repository = ModelRepository(two_versions)
+    repository.load_all()
+    repository.load(NAME, 1)
+    broken = b'{"version_policy": {"latest": 0}}'
+    (two_versions / NAME / "config.json").write_bytes(broken)
+    repository.unload(NAME, 2)
+    assert repository.get(NAME).version == 1
+    assert (two_versions / NAME / "config.json").read_bytes() == broken

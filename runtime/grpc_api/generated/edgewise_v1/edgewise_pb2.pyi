@@ -108,7 +108,10 @@ class LoadModelRequest(_message.Message):
     version: _builtins.str
     """Empty: the versions chosen by the model's version policy."""
     make_default: _builtins.bool
-    """Make this version the one that requests without a version get."""
+    """Make this version the one that requests without a version get, now and after a restart:
+    it is kept as default_version in the model's config.json (written before the version is
+    swapped in; the file's other settings are kept). Needs version: INVALID_ARGUMENT without.
+    """
     def __init__(
         self,
         *,
@@ -152,7 +155,10 @@ class UnloadModelRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
-    """Empty: every version of the model."""
+    """Empty: every version of the model (its config.json is left as it is). Unloading the
+    version config.json pins as default_version drops the pin there too, so a restart does
+    not serve it by default again; the versions left answer by the version policy.
+    """
     def __init__(
         self,
         *,
