@@ -38,15 +38,23 @@ def soak(tmp_path: Path, seconds: float, rate: float, front_end: str = "auto") -
     return result
 
 
-def check_common(result: dict[str, Any]) -> None:
+def check_common(result: dict[str, Any], front_end: str = "native") -> None:
     codes = result["codes"]
     sent = result["sent"]
     ok, shed = codes.get("OK", 0), codes.get("RESOURCE_EXHAUSTED", 0)
-    # Only documented answers. Alone on the machine it is OK and RESOURCE_EXHAUSTED only; when
-    # other work starves the server of CPU, a few calls also meet their 2 s deadline, and gRPC's
-    # core refuses a few itself before Python sees them (CANCELLED): a tenth at most.
+    refused_by_core = codes.get("CANCELLED", 0)
+    # Only documented answers, and next to no call left to wait out its 2 s deadline.
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
-    assert ok + shed >= 0.9 * sent, codes
+    assert codes.get("DEADLINE_EXCEEDED", 0) <= 0.05 * sent, codes
+    if front_end == "grpcio":
+        # Known gap (issue 18, item 16): past its bounded queue of calls not yet taken in
+        # (overload.pending_limits), gRPC's core refuses calls itself, with CANCELLED and no
+        # retry hint, when the event loop cannot take them in fast enough to shed them.
+        assert ok + shed + refused_by_core >= 0.95 * sent, codes
+    else:
+        # The native front end takes every call in and sheds it with the hint: alone on the
+        # machine OK and RESOURCE_EXHAUSTED only; a few CANCELLED when other work starves it.
+        assert ok + shed >= 0.9 * sent, codes
     # It was overloaded, it shed, and every call it refused carried the retry hint.
     assert result["server_shed_total"] >= 0.2 * sent, result
     assert result["shed_with_retry_hint"] == result["server_shed_total"] >= 0.9 * shed, result
@@ -62,7 +70,10 @@ def check_common(result: dict[str, Any]) -> None:
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_overload_is_shed_with_a_retry_hint(tmp_path: Path, front_end: str) -> None:
     result = soak(tmp_path, seconds=20, rate=400, front_end=front_end)
-    check_common(result)
+    check_common(result, front_end)
+    # Memory stays bounded: no queue grows with the overload (grpcio before its queue was
+    # bounded: +70 to +176 MiB in 20 s).
+    assert result["rss_mib_max"] - result["rss_mib_first_third"] < 60, result  # MiB
     assert result["offered_rate"] >= 2 * result["accepted_rate"], result
 
 
@@ -73,8 +84,11 @@ def test_a_minute_of_overload_leaves_memory_and_threads_flat(tmp_path: Path) -> 
     assert result["samples"] >= 45
     growth = result["rss_mib_last_third"] - result["rss_mib_first_third"]
     assert growth < 40, result  # MiB; an unbounded queue grows by hundreds in a minute
-    assert result["threads_max"] - result["threads_min"] <= 2, result
-    assert result["threads_last_third"] <= result["threads_first_third"] + 1
+    # Threads: gRPC core's own pools (its default executor, the event engine) grow and shrink by
+    # a few threads on their own under load (seen: 3 -> 4 default-executor threads within the
+    # minute); a thread per call or per refusal would add thousands.
+    assert result["threads_max"] - result["threads_min"] <= 5, result
+    assert result["threads_last_third"] <= result["threads_first_third"] + 3, result
     # Nothing piles up over the minute: check_common found calls accepted in every third and
     # next to no deadline met. The latency per third is a figure: benchmarks/soak.py prints it.
 
