@@ -117,8 +117,8 @@ class SqliteStore:
             self.artifacts.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"store {self.uri}: cannot open: {exc}") from None
-        db = self._connect("rwc")
-        with self._errors("open"):
+        db, identity = self._connect("rwc")
+        with self._closing_unless_adopted(db, identity), self._errors("open"):
             db.execute("PRAGMA journal_mode=WAL")
             with self._write(db):
                 for statement in _SCHEMA.split(";"):
@@ -134,8 +134,10 @@ class SqliteStore:
                     self._check_schema(row[0])
             self._remove_stale_temporaries()
 
-    def _connect(self, mode: str) -> sqlite3.Connection:
-        """Open the database file (``mode`` ``rw``: it must exist; ``rwc``: create it)."""
+    def _connect(self, mode: str) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """Open the database file (``mode`` ``rw``: it must exist; ``rwc``: create it) and say
+        which file it is; the store keeps it only once its schema is checked (see
+        :meth:`_closing_unless_adopted`)."""
         self._drop()
         target = f"file:{urllib.parse.quote(str(self.path))}?mode={mode}"
         try:
@@ -146,14 +148,29 @@ class SqliteStore:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            info = os.stat(self.path)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
             raise StoreUnavailable(f"store {self.uri}: cannot open: {exc}") from None
-        self._db, self._identity = db, (info.st_dev, info.st_ino)
-        with self._errors("open"):
+        with self._closing_unless_adopted(db, None), self._errors("open"):
+            info = os.stat(self.path)
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
-        return db
+        return db, (info.st_dev, info.st_ino)
+
+    @contextlib.contextmanager
+    def _closing_unless_adopted(
+        self, db: sqlite3.Connection, identity: tuple[int, int] | None
+    ) -> Iterator[None]:
+        """Run the block that checks a new connection: when it raises the connection is closed
+        (a refused store is refused again at the next call, never read); when it returns and
+        ``identity`` is given, the store keeps the connection as the one to that file."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            raise
+        if identity is not None:
+            self._db, self._identity = db, identity
 
     def _check_schema(self, value: object) -> None:
         if str(value) != str(SCHEMA_VERSION):
@@ -183,14 +200,13 @@ class SqliteStore:
             raise StoreUnavailable(f"store {self.uri}: {exc}") from None
         if self._db is not None and self._identity == (info.st_dev, info.st_ino):
             return self._db
-        db = self._connect("rw")
-        with self._errors("open"):
+        db, identity = self._connect("rw")
+        with self._closing_unless_adopted(db, identity), self._errors("open"):
             try:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             except sqlite3.OperationalError:
                 row = None
             if row is None:
-                self._drop()
                 raise PackageError(f"store {self.uri}: {self.path} is not an edgewise store")
             self._check_schema(row[0])
         return db

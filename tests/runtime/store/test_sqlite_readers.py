@@ -3,12 +3,14 @@ and sees it again when it comes back (or when another store replaces it)."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from edgewise.runtime.errors import PackageError
 from edgewise.runtime.store import StoreUnavailable, open_store
 from edgewise.runtime.store.register import register
 from edgewise.runtime.store.sqlite import SqliteStore
@@ -84,3 +86,24 @@ def test_models_list_on_a_missing_store_is_one_line_and_creates_nothing(tmp_path
     assert done.returncode != 0
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
     assert _tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("schema", ["99", None], ids=["newer-schema", "not-a-store"])
+def test_a_store_a_reader_refuses_is_refused_at_every_call(
+    tmp_path: Path, package: Path, schema: str | None
+) -> None:
+    path = tmp_path / "store.db"
+    writer = SqliteStore(path)
+    register(writer, package, alias="production")
+    writer.close()
+    with sqlite3.connect(path) as db:
+        if schema is None:
+            db.execute("DROP TABLE meta")
+        else:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (schema,))
+    db.close()
+    reader = open_store(f"sqlite:///{path}")
+    for _ in range(2):  # the refused connection is not kept, so the check runs again
+        with pytest.raises(PackageError, match=r"schema version 99|not an edgewise store"):
+            reader.resolve_alias("logreg", "production")
+    reader.close()
