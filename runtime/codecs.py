@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -81,25 +81,37 @@ def element_count(name: str, shape: Sequence[int], kind: str = "input") -> int:
     """The number of elements ``shape`` declares, after checking numpy can hold it: at most
     :data:`MAX_RANK` dimensions, none negative, and the non-zero ones multiplying to at most
     :data:`MAX_ELEMENTS` (a zero does not make ``[0, 2**62, 4]`` an array numpy can shape).
-    Reads no more than ``MAX_RANK`` dimensions, whatever the request declares."""
+    Reads no more than ``MAX_RANK`` dimensions, whatever the request declares; one pass over
+    them (this runs for every input of every request)."""
     rank = len(shape)
     if rank > MAX_RANK:
         raise InvalidInput(
             f"{kind} {name!r}: shape has {rank} dimensions; at most {MAX_RANK} are accepted"
         )
+    span = 1  # the product of the non-zero dimensions
+    empty = False
+    for dim in shape:
+        if dim > 1:
+            span *= dim
+            if span > MAX_ELEMENTS:
+                _raise_bad_shape(name, shape, kind)
+        elif dim < 0:
+            _raise_bad_shape(name, shape, kind)
+        elif dim == 0:
+            empty = True
+    return 0 if empty else span
+
+
+def _raise_bad_shape(name: str, shape: Sequence[int], kind: str) -> NoReturn:
+    """The message for a shape :func:`element_count` refuses, formatted only when refusing."""
     dims = [int(dim) for dim in shape]
     if any(dim < 0 for dim in dims):
         raise InvalidInput(f"{kind} {name!r}: shape {dims} has a negative dimension")
-    span = 1
-    for dim in dims:
-        span *= max(dim, 1)
-        if span > MAX_ELEMENTS:
-            what = "non-zero dimensions multiply" if 0 in dims else "dimensions multiply"
-            raise InvalidInput(
-                f"{kind} {name!r}: shape {dims} is too large: its {what} to more than "
-                f"{MAX_ELEMENTS} elements"
-            )
-    return span if 0 not in dims else 0
+    what = "non-zero dimensions multiply" if 0 in dims else "dimensions multiply"
+    raise InvalidInput(
+        f"{kind} {name!r}: shape {dims} is too large: its {what} to more than "
+        f"{MAX_ELEMENTS} elements"
+    )
 
 
 def _check_bytes_raw_size(name: str, raw: bytes, count: int, kind: str) -> None:
@@ -153,12 +165,13 @@ def encode_bytes_raw(array: npt.NDArray[Any]) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TensorPlan:
     """A tensor whose declaration (name, datatype, shape) and payload size have been checked
     against each other; nothing is allocated until :meth:`decode`. Checks that need to read
     every element (BYTES length prefixes, value ranges) are left to :meth:`decode`, whose
-    allocations the payload's size bounds."""
+    allocations the payload's size bounds. Not frozen: one is built per input of every request,
+    and a frozen dataclass's ``__init__`` costs an ``object.__setattr__`` per field."""
 
     kind: str
     name: str
@@ -205,7 +218,7 @@ class TensorPlan:
 
 
 def _check_raw_size(
-    kind: str, name: str, datatype: str, dims: list[int], count: int, raw: bytes
+    kind: str, name: str, datatype: str, shape: tuple[int, ...], count: int, raw: bytes
 ) -> None:
     if datatype == BYTES:
         _check_bytes_raw_size(name, raw, count, kind)
@@ -214,7 +227,7 @@ def _check_raw_size(
     if len(raw) != expected:
         raise InvalidInput(
             f"{kind} {name!r}: raw content has {len(raw)} bytes, expected {expected} "
-            f"for {datatype} shape {dims}"
+            f"for {datatype} shape {list(shape)}"
         )
 
 
@@ -222,7 +235,7 @@ def _check_typed_count(
     kind: str,
     name: str,
     datatype: str,
-    dims: list[int],
+    shape: tuple[int, ...],
     count: int,
     contents: pb.InferTensorContents,
 ) -> None:
@@ -239,7 +252,7 @@ def _check_typed_count(
     if given != count:
         raise InvalidInput(
             f"{kind} {name!r}: contents.{field} has {given} values, expected {count} "
-            f"for shape {dims}"
+            f"for shape {list(shape)}"
         )
 
 
@@ -256,18 +269,17 @@ def _plan_tensor(kind: str, index: int, tensor: Any, raw: bytes | None) -> Tenso
     datatype = tensor.datatype
     if datatype not in DATATYPE_TO_NUMPY:
         raise InvalidInput(f"{kind} {name!r}: unknown datatype {datatype!r}")
-    count = element_count(name, tensor.shape, kind)
     shape = tuple(tensor.shape)
-    dims = list(shape)
+    count = element_count(name, shape, kind)
     if raw is None:
-        _check_typed_count(kind, name, datatype, dims, count, tensor.contents)
+        _check_typed_count(kind, name, datatype, shape, count, tensor.contents)
         return TensorPlan(kind, name, datatype, shape, count, None, tensor.contents)
     if _has_typed_values(tensor):
         raise InvalidInput(
             f"{kind} {name!r}: has typed contents while raw_{kind}_contents is used; "
             "raw and typed contents cannot be mixed"
         )
-    _check_raw_size(kind, name, datatype, dims, count, raw)
+    _check_raw_size(kind, name, datatype, shape, count, raw)
     return TensorPlan(kind, name, datatype, shape, count, raw, None)
 
 

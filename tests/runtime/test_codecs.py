@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import struct
 import tracemalloc
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 from edgewise.runtime.admission import estimate_request_bytes
 from edgewise.runtime.codecs import (
     MAX_ELEMENTS,
+    MAX_RANK,
     decode_bytes_raw,
     decode_inputs,
     decode_outputs,
+    element_count,
     encode_bytes_raw,
     encode_inputs,
     encode_outputs,
@@ -288,6 +291,22 @@ def test_shapes_numpy_cannot_hold_are_invalid_input(
 ) -> None:
     with pytest.raises(InvalidInput, match=message):
         decode_inputs(request_)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.integers(-2, 1 << 33) | st.sampled_from([0, 1, 2]), max_size=MAX_RANK))
+def test_element_count_follows_the_product_of_the_shape(shape: list[int]) -> None:
+    """The one-pass count against math.prod: a negative dimension is refused, the non-zero
+    dimensions may multiply to at most MAX_ELEMENTS, and a zero makes the tensor empty."""
+    non_zero = math.prod(dim for dim in shape if dim != 0)
+    if any(dim < 0 for dim in shape):
+        with pytest.raises(InvalidInput, match=r"'x'.*negative dimension"):
+            element_count("x", shape)
+    elif non_zero > MAX_ELEMENTS:
+        with pytest.raises(InvalidInput, match=rf"'x': shape \[.*too large.*{MAX_ELEMENTS}"):
+            element_count("x", shape)
+    else:
+        assert element_count("x", shape) == math.prod(shape)
 
 
 def test_a_huge_rank_is_refused_with_a_short_message() -> None:
