@@ -45,12 +45,17 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _temporary_name(path: Path) -> Path:
+    """A name beside ``path`` no other write uses (one per call, not per process)."""
+    return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``: what the block writes there replaces ``path`` atomically
     when the block ends without an error. An error in the block (or in the fsync or rename)
     leaves ``path`` as it was and removes the temporary file, then propagates."""
-    temporary = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+    temporary = _temporary_name(path)
     try:
         yield temporary
         fsync_file(temporary)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,10 +88,9 @@ def test_the_renamed_file_and_its_folder_are_fsynced(
     assert folder == (tmp_path.name, True)  # the folder, after it
 
 
-def test_concurrent_writers_never_share_a_temporary_file(tmp_path: Path) -> None:
-    """Every writer has its own temporary name: the file is always one writer's whole text."""
-    path = tmp_path / "state.json"
-    texts = [str(n) * 50_000 for n in range(8)]
+def _write_concurrently(path: Path, texts: list[str]) -> None:
+    """Writers, one per text, each writing its text five times from the same moment; the first
+    error a writer meets is raised here."""
     start = threading.Barrier(len(texts))
 
     def write(text: str) -> None:
@@ -98,10 +98,31 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path: Path) -> None
         for _ in range(5):
             write_text_atomic(path, text)
 
-    threads = [threading.Thread(target=write, args=(text,)) for text in texts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(max_workers=len(texts)) as pool:
+        for future in [pool.submit(write, text) for text in texts]:
+            future.result()
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path: Path) -> None:
+    """Every writer has its own temporary name: the file is always one writer's whole text."""
+    path = tmp_path / "state.json"
+    texts = [str(n) * 50_000 for n in range(8)]
+    _write_concurrently(path, texts)
     assert path.read_text() in texts
     assert _entries(tmp_path) == ["state.json"]
+
+
+def test_the_concurrent_writers_test_sees_a_shared_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above can fail: with one temporary name per process (as the agent's state file
+    had) a writer finds its temporary file renamed away or overwritten by another."""
+    monkeypatch.setattr(
+        _fs, "_temporary_name", lambda path: path.with_name(f"{TEMP_PREFIX}{os.getpid()}")
+    )
+    path = tmp_path / "state.json"
+    texts = [str(n) * 50_000 for n in range(8)]
+    with pytest.raises((OSError, AssertionError)):  # seen: FileNotFoundError in round one
+        for _ in range(20):  # a race: each round gives it a chance
+            _write_concurrently(path, texts)
+            assert path.read_text() in texts
