@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from edgewise.runtime._fs import fsync_dir, write_text_atomic  # re-exported (callers: use _fs)
+from edgewise.runtime._fs import fsync_dir, write_text_atomic
 from edgewise.runtime.datatypes import V2_DATATYPES
 from edgewise.runtime.errors import InvalidInput, PackageError
 from edgewise.runtime.paths import ensure_inside, resolve_inside, validate_relative_path
@@ -44,7 +44,6 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "TensorSpec",
-    "fsync_dir",
     "list_versions",
     "parse_manifest",
     "read_manifest",
@@ -54,7 +53,6 @@ __all__ = [
     "validate_model_name",
     "verify_files",
     "write_manifest",
-    "write_text_atomic",
 ]
 
 PACKAGE_FORMAT: Final = "edgewise.package/1"

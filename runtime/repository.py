@@ -474,17 +474,6 @@ class ModelRepository:
             path = model_dir / MODEL_CONFIG_FILE
             raise PackageError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
-    def set_default(self, name: str, version: int) -> None:
-        """Serve ``version`` (loaded) by default, now and after a restart."""
-        with self._control:
-            current = self._served.get(name)
-            if current is None or version not in current.versions:
-                raise ModelNotReady(f"model {name!r} version {version} is not loaded")
-            self._write_default(self.root / name, self.config_for(name), version)
-            served = dict(self._served)
-            served[name] = _ServedModel(current.versions, version, version)
-            self._served = served
-
     def unload(self, name: str, version: int | None = None) -> list[VersionStatus]:
         """Stop serving a model, or one version of it.
 
