@@ -41,6 +41,12 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--out", type=Path, required=True, help="model repository folder")
     p.add_argument("--held-out", type=Path, help="extra data for the parity check")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="a classifier's true labels of the held-out rows (else of the sample), one column: "
+        "calibrates its probabilities to estimate accuracy and ROC-AUC before labels arrive",
+    )
     p.add_argument("--opset", type=int, help="target ONNX opset (default: edgewise's choice)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
@@ -59,6 +65,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         name=args.name,
         repo=args.out,
         held_out_path=args.held_out,
+        labels_path=args.labels,
         opset=args.opset,
         atol=args.atol,
         version=args.version,

@@ -59,6 +59,7 @@ from edgewise.runtime.package import (
     validate_model_name,
     write_manifest,
 )
+from edgewise.runtime.performance_estimation import fit_for_package, write_calibration
 from edgewise.runtime.profile import profile_builder as default_profile_builder
 from edgewise.runtime.tabular import load_table, require_module, require_pandas, table_format
 
@@ -931,6 +932,7 @@ def convert(
     profile_builder: ProfileBuilder | None = None,
     source: Mapping[str, Any] | None = None,
     reference_profile: bool = True,
+    labels: Any = None,
 ) -> ConvertResult:
     """Convert a fitted scikit-learn model and publish it as ``repo/name/version``.
 
@@ -941,6 +943,9 @@ def convert(
     A reference profile of the sample (``profile.json``, see :mod:`edgewise.runtime.profile`) is
     written unless ``reference_profile`` is False; ``profile_builder`` replaces the standard one.
     ``source`` adds entries to the manifest's ``source`` (e.g. the model file and its sha256).
+    ``labels`` (a classifier's true labels of the held-out rows, else of the sample) calibrate its
+    probabilities for performance estimation without labels (``calibration.json`` beside the
+    profile, see :mod:`edgewise.runtime.performance_estimation`).
 
     Raises :class:`ConversionError` when the model cannot be converted or fails the parity check
     and :class:`InvalidInput` for a bad sample or argument; nothing is written then.
@@ -1000,6 +1005,15 @@ def convert(
         )[0]  # fmt: skip
     parity["max_abs_diff"] = _max_abs_diffs(parity)
     outputs = _output_specs(session, results)
+    calibration = None
+    if labels is not None:
+        if profile_builder is None and not reference_profile:
+            raise InvalidInput("labels: the calibration is kept with the reference profile")
+        labelled, role = (frame, "sample") if held_frame is None else (held_frame, "held_out")
+        scored = _run(session, features, labelled, role) if role == "held_out" else results
+        calibration = fit_for_package(
+            task, getattr(model, "classes_", None), scored.get(PROBABILITIES_OUTPUT), labels, role
+        )
 
     opset_imports = {(o.domain or "ai.onnx"): int(o.version) for o in onx.opset_import}
     conversion = {
@@ -1035,6 +1049,10 @@ def convert(
             if profile_builder is not None:
                 entry = profile_builder(folder, frame, features)
                 profile = None if entry is None else dict(entry)
+            if calibration is not None:
+                if profile is None:
+                    raise InvalidInput("labels: the profile builder wrote no profile to keep")
+                profile["calibration"] = write_calibration(folder, calibration)
             manifest = Manifest(
                 name=name,
                 task=task,
@@ -1075,19 +1093,22 @@ def convert_files(
     held_out_path: Path | str | None = None,
     profile_builder: ProfileBuilder | None = None,
     reference_profile: bool = True,
+    labels_path: Path | str | None = None,
 ) -> ConvertResult:
     """:func:`convert` from files: a ``.joblib``/``.pkl`` model and a ``.csv``, ``.parquet`` or
     ``.npy`` sample (and held-out table). A ``.npy`` table's columns are taken in the order the
-    model was fit on. The manifest records the model file's sha256."""
+    model was fit on. The manifest records the model file's sha256. ``labels_path`` is a
+    one-column table of the true labels of the held-out rows (else the sample's)."""
     validate_model_name(name)
     require_converter()  # before unpickling: a scikit-learn model cannot load without it
     model_path = Path(model_path)
-    for path in (sample_path, held_out_path):
+    for path in (sample_path, held_out_path, labels_path):
         if path is not None:
             table_format(path)  # fail on a bad file name before loading the model
     model = load_model(model_path)
     sample = _load_for(model, sample_path)
     held_out = None if held_out_path is None else _load_for(model, held_out_path)
+    labels = None if labels_path is None else _load_labels(labels_path)
     source: dict[str, Any] = {
         "model_file": {
             "path": str(model_path),
@@ -1101,6 +1122,8 @@ def convert_files(
             "file": str(held_out_path),
             "sha256": sha256_file(Path(held_out_path)),
         }
+    if labels_path is not None:
+        source["labels"] = {"file": str(labels_path), "sha256": sha256_file(Path(labels_path))}
     return convert(
         model,
         sample,
@@ -1114,7 +1137,15 @@ def convert_files(
         profile_builder=profile_builder,
         source=source,
         reference_profile=reference_profile,
+        labels=labels,
     )
+
+
+def _load_labels(path: Path | str) -> np.ndarray[Any, Any]:
+    table = load_table(path)
+    if table.shape[1] != 1:
+        raise InvalidInput(f"labels: {path} has {table.shape[1]} columns; expected one")
+    return np.asarray(table.iloc[:, 0].to_numpy())
 
 
 def _load_for(model: Any, path: Path | str) -> Any:

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import joblib
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer, load_wine
 from sklearn.isotonic import IsotonicRegression
@@ -19,7 +21,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from edgewise.runtime.cli import main as cli_main
+from edgewise.runtime.convert import convert
 from edgewise.runtime.errors import InvalidInput, PackageError
+from edgewise.runtime.package import read_manifest, verify_files
 from edgewise.runtime.performance_estimation import (
     CALIBRATION_FILE,
     Calibration,
@@ -31,6 +36,7 @@ from edgewise.runtime.performance_estimation import (
     read_calibration,
     write_calibration,
 )
+from tests.models import train_regressor
 
 CHUNK = 50
 
@@ -212,3 +218,78 @@ assert "sklearn" not in sys.modules, "scikit-learn was imported"
         [sys.executable, "-c", script], check=False, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+# ---- convert stores the calibration beside the profile ----------------------------------------
+
+
+def _split_frame(seed: int = 0) -> tuple[object, object, object, np.ndarray]:
+    data = load_breast_cancer(as_frame=True)
+    x_train, x_held, y_train, y_held = train_test_split(
+        data.data, data.target.to_numpy(), train_size=0.5, stratify=data.target, random_state=seed
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    return model.fit(x_train, y_train), x_train, x_held, y_held
+
+
+def test_convert_with_held_out_labels_stores_the_calibration(tmp_path: Path) -> None:
+    model, x_train, x_held, y_held = _split_frame()
+    result = convert(model, x_train, name="bc", repo=tmp_path, held_out=x_held, labels=y_held)
+    entry = result.manifest.profile["calibration"]
+    assert entry["file"] == CALIBRATION_FILE and entry["rows"] == len(y_held)
+    assert CALIBRATION_FILE in {f.path for f in result.manifest.files}
+    verify_files(result.path, read_manifest(result.path))
+    stored = read_calibration(result.path, entry)
+    direct = fit_calibration(model.predict_proba(x_held), y_held, model.classes_)
+    assert stored is not None and stored.source == "held_out" and stored.classes == (0, 1)
+    probe = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(stored.maps[0](probe), direct.maps[0](probe), atol=1e-3)
+
+
+def test_convert_without_held_out_calibrates_on_the_sample(tmp_path: Path) -> None:
+    model, x_train, _, _ = _split_frame()
+    y_train = model.predict(x_train)  # any labels of the sample rows will do here
+    result = convert(model, x_train, name="bc", repo=tmp_path, labels=y_train)
+    stored = read_calibration(result.path, result.manifest.profile["calibration"])
+    assert stored is not None and stored.source == "sample" and stored.rows == len(x_train)
+
+
+def _refused(tmp_path: Path, **kwargs: object) -> str:
+    with pytest.raises(InvalidInput) as caught:
+        convert(name="m", repo=tmp_path / "repo", **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "repo").exists()  # nothing written
+    return str(caught.value)
+
+
+def test_convert_refuses_labels_it_cannot_use_and_writes_nothing(tmp_path: Path) -> None:
+    model, x_train, x_held, y_held = _split_frame()
+    text = _refused(tmp_path, model=model, sample=x_train, held_out=x_held, labels=y_held[:-1])
+    assert "labels" in text
+    text = _refused(tmp_path, model=model, sample=x_train, held_out=x_held, labels=y_held + 5)
+    assert "not one of the classes" in text
+    text = _refused(
+        tmp_path,
+        model=model,
+        sample=x_train,
+        held_out=x_held,
+        labels=y_held,
+        reference_profile=False,
+    )
+    assert "profile" in text
+    regressor, x, y = train_regressor()
+    assert "classifier" in _refused(tmp_path, model=regressor, sample=x, labels=y)
+
+
+def test_cli_convert_labels(tmp_path: Path) -> None:
+    model, x_train, x_held, y_held = _split_frame()
+    joblib.dump(model, tmp_path / "model.joblib")
+    x_train.to_csv(tmp_path / "sample.csv", index=False)
+    x_held.to_csv(tmp_path / "held.csv", index=False)
+    pd.DataFrame({"target": y_held}).to_csv(tmp_path / "labels.csv", index=False)
+    argv = ["convert", str(tmp_path / "model.joblib"), "--sample", str(tmp_path / "sample.csv")]
+    argv += ["--name", "bc", "--out", str(tmp_path / "repo"), "--held-out"]
+    argv += [str(tmp_path / "held.csv"), "--labels", str(tmp_path / "labels.csv")]
+    assert cli_main(argv) == 0
+    manifest = read_manifest(tmp_path / "repo" / "bc" / "1")
+    assert manifest.source["labels"]["file"] == str(tmp_path / "labels.csv")
+    assert read_calibration(tmp_path / "repo" / "bc" / "1", manifest.profile["calibration"])
