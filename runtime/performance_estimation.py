@@ -55,6 +55,7 @@ __all__ = [
     "estimate",
     "expected_roc_auc",
     "fit_calibration",
+    "fit_for_package",
     "read_calibration",
     "write_calibration",
 ]
@@ -258,6 +259,26 @@ def _isotonic_helps(scores: Floats, target: Floats, seed: int) -> bool:
         calibrated[test_rows] = _isotonic(scores[fit_rows], target[fit_rows])(scores[test_rows])
     raw_brier = float(np.mean((np.clip(scores, 0, 1) - target) ** 2))
     return float(np.mean((calibrated - target) ** 2)) < raw_brier
+
+
+def fit_for_package(
+    task: str,
+    classes: Sequence[Any] | None,
+    probabilities: npt.ArrayLike | None,
+    labels: npt.ArrayLike,
+    source: str,
+) -> Calibration:
+    """The calibration ``edgewise convert`` stores for a classifier given true labels.
+
+    ``probabilities`` are the converted model's on the labelled rows (the held-out rows, else the
+    sample). Raises :class:`InvalidInput` where the model is no classifier with probabilities.
+    """
+    if task != "classification" or classes is None or probabilities is None:
+        raise InvalidInput(
+            "labels: performance estimation needs a classifier with predict_proba "
+            "(its probabilities output)"
+        )
+    return fit_calibration(probabilities, labels, classes, source=source)
 
 
 # ---- estimating (serve time: numpy only) ------------------------------------------------------
