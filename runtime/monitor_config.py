@@ -7,11 +7,13 @@ resident memory between its import and its first kernel).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from edgewise.runtime.config_values import count as _count
+from edgewise.runtime.config_values import flag as _flag
+from edgewise.runtime.config_values import number as _number
 from edgewise.runtime.errors import InvalidInput
 
 __all__ = ["DEFAULT_THRESHOLDS", "STATISTICS", "MonitorConfig"]
@@ -71,28 +73,6 @@ STATISTICS: Final = frozenset(
         "wasserstein_exact",
     }
 )
-
-
-def _flag(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{where} must be true or false, not {value!r}")
-    return value
-
-
-def _count(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{where} must be a whole number >= 0, not {value!r}")
-    return value
-
-
-def _number(where: str, value: Any) -> float:
-    """A finite JSON number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{where} must be a number, not {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise InvalidInput(f"{where} must be a finite number >= 0, not {value!r}")
-    return number
 
 
 def _positive(where: str, value: Any) -> float:

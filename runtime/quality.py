@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edgewise.runtime import config_values
 from edgewise.runtime.errors import InvalidInput, PackageError
 
 if TYPE_CHECKING:
@@ -74,23 +75,23 @@ class QualityConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> QualityConfig:
+        """The settings of a ``"quality"`` object; every value is checked before any is used
+        (JSON types only: ``"false"`` is not false, ``"color"`` is not a list of names)."""
         unknown = set(data) - {"enabled", "join_size", "slice_by", "ddm", "adwin"}
         if unknown:
             raise InvalidInput(f"unknown quality setting(s) {sorted(unknown)}")
-        try:
-            config = cls(
-                enabled=bool(data.get("enabled", True)),
-                join_size=int(data.get("join_size", 10_000)),
-                slice_by=tuple(str(s) for s in data.get("slice_by", ())),
-                ddm=dict(data.get("ddm", {})),
-                adwin=dict(data.get("adwin", {})),
-            )
-            if config.ddm or config.adwin:  # only then are the Numba kernels needed to check
+        config = cls(
+            enabled=config_values.flag("quality.enabled", data.get("enabled", True)),
+            join_size=config_values.count("quality.join_size", data.get("join_size", 10_000), 1),
+            slice_by=config_values.names("quality.slice_by", data.get("slice_by", [])),
+            ddm=config_values.numbers("quality.ddm", data.get("ddm", {})),
+            adwin=config_values.numbers("quality.adwin", data.get("adwin", {})),
+        )
+        if config.ddm or config.adwin:  # only then are the Numba kernels needed to check
+            try:
                 config.detectors(classifier=True)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"quality: {exc}") from None
-        if config.join_size < 1:
-            raise InvalidInput("quality.join_size must be at least 1")
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"quality: {exc}") from None
         return config
 
     def detectors(self, classifier: bool) -> tuple[DDM | None, ADWIN]:

@@ -97,6 +97,49 @@ def test_config_validation() -> None:
             QualityConfig.from_json(bad)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"enabled": "false"}, "enabled"),  # bool("false") is True
+        ({"enabled": 0}, "enabled"),
+        ({"join_size": 2.7}, "join_size"),  # int(2.7) was 2
+        ({"join_size": "100"}, "join_size"),
+        ({"join_size": True}, "join_size"),
+        ({"slice_by": "color"}, "slice_by"),  # was ('c', 'o', 'l', 'o', 'r')
+        ({"slice_by": ["color", 3]}, "slice_by"),
+        ({"slice_by": [""]}, "slice_by"),
+        ({"ddm": [["warm_start", 5]]}, "ddm"),  # dict() of pairs was accepted
+        ({"ddm": {"warm_start": True}}, "warm_start"),  # int(True) was 1
+        ({"adwin": {"delta": "0.01"}}, "delta"),
+        ({"adwin": 0.01}, "adwin"),
+    ],
+)
+def test_config_refuses_settings_that_would_silently_misbehave(
+    setting: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        QualityConfig.from_json(setting)
+
+
+def test_config_accepts_json_values() -> None:
+    config = QualityConfig.from_json(
+        {
+            "enabled": False,
+            "join_size": 50,
+            "slice_by": ["color", "region"],
+            "ddm": {"warm_start": 10, "drift_threshold": 2.5},
+            "adwin": {"delta": 0.01},
+        }
+    )
+    assert config == QualityConfig(
+        enabled=False,
+        join_size=50,
+        slice_by=("color", "region"),
+        ddm={"warm_start": 10, "drift_threshold": 2.5},
+        adwin={"delta": 0.01},
+    )
+
+
 def test_alert_command_receives_json(tmp_path: Path) -> None:
     target = tmp_path / "alert.json"
     script = tmp_path / "hook.py"
