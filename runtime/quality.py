@@ -130,6 +130,14 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _member(truth: Any, classes: frozenset[LabelValue]) -> bool:
+    """``truth in classes``, false for a value that cannot be a class (unhashable)."""
+    try:
+        return truth in classes
+    except TypeError:
+        return False
+
+
 class OnlineQuality:
     """The prediction join and online error of one model version."""
 
@@ -170,6 +178,10 @@ class OnlineQuality:
         self._class_source = classes if classifier else None
         self._classes: tuple[LabelValue, ...] | None = None
         self._classes_read = False
+        # Read with the classes, for the check of each label: the set and whether they are
+        # strings (None: no classes known).
+        self._class_set: frozenset[LabelValue] | None = None
+        self._string_classes: bool | None = None
         # Whether the model predicts string labels (from its first kept prediction): the type
         # check of a classifier's labels when the graph names no classes.
         self._string_labels: bool | None = None
@@ -242,24 +254,29 @@ class OnlineQuality:
             if not truth.is_integer():
                 raise InvalidInput(f"{where}: {truth} is not a class index")
             truth = int(truth)
-        classes = self.classes()
-        string_labels = all(isinstance(c, str) for c in classes) if classes else self._string_labels
+        self.classes()  # read once, with the first labels
+        class_set = self._class_set
+        string_labels = self._string_labels if class_set is None else self._string_classes
         if string_labels is not None and isinstance(truth, str) != string_labels:
             raise InvalidInput(
                 f"{where}: model {self.model!r} predicts {'str' if string_labels else 'int'} "
                 f"labels; got a {type(truth).__name__} label"
             )
-        if classes and truth not in classes:
+        if class_set is not None and not _member(truth, class_set):
             raise InvalidInput(
                 f"{where}: {truth!r} is not a class of model {self.model!r} "
-                f"(classes: {', '.join(str(c) for c in classes)})"
+                f"(classes: {', '.join(str(c) for c in self._classes or ())})"
             )
         return truth
 
     def classes(self) -> tuple[LabelValue, ...] | None:
         """The classifier's class labels (None: unknown, or a regressor); read once."""
         if not self._classes_read:
-            self._classes = self._read_classes()
+            classes = self._read_classes()
+            if classes:
+                self._class_set = frozenset(classes)
+                self._string_classes = all(isinstance(c, str) for c in classes)
+            self._classes = classes
             self._classes_read = True
         return self._classes
 
