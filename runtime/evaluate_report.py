@@ -1,59 +1,50 @@
 """The HTML page of an evaluation (and, optionally, of a gate verdict): one self-contained file.
 
-No JavaScript, no external stylesheet, font or CDN: inline CSS and inline SVG charts, so the page
-can be archived as a CI artifact and opened anywhere. Sections, top to bottom:
+No JavaScript, no external stylesheet, font or CDN: the shared inline stylesheet and inline SVG
+charts of :mod:`~edgewise.runtime.html_style`, so the page can be archived as a CI artifact and
+opened anywhere. Sections, top to bottom:
 
 * the gate verdict, when there is one: failed checks first;
 * an overview table, one row per slice and one column per metric, each cell the candidate's
-  value with its difference from the baseline, red where the candidate is worse (the darker the
-  worse) and green where it is better; slices too small to be judged are greyed;
-* one bar chart per metric: every slice, baseline and candidate side by side;
+  value with its difference from the baseline, red where the candidate is worse and green where
+  it is better, on the fixed colour scale of ``html_style`` (the same difference has the same
+  colour on every page, whatever the other slices); slices too small to be judged are greyed;
+* one chart per metric: every slice, baseline and candidate as bars from zero on the metric's
+  fixed axis (0..1 for metrics on a 0..1 scale), the values printed beside them, and candidate −
+  baseline on a fixed ±0.10 axis (±10 % for MAE and RMSE), so a 0.95 against 1.0 is plain;
 * one table per slice: metric, candidate, baseline, difference, and the class counts.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from edgewise.runtime.evaluate import LOWER_IS_BETTER, Evaluation, SliceResult, is_worse
+from edgewise.runtime.html_style import (
+    BASELINE,
+    BETTER,
+    CANDIDATE,
+    FULL_CHANGE,
+    RELATIVE_CHANGE_METRICS,
+    UNIT_METRICS,
+    WORSE,
+    Axis,
+    change_background,
+    change_legend,
+    change_strength,
+    esc,
+    page,
+    relative_change,
+    swatch,
+)
 
 if TYPE_CHECKING:
     from edgewise.runtime.gate import Check, GateVerdict
 
 __all__ = ["render_html"]
 
-_CANDIDATE: Final = "#2563eb"
-_WORSE: Final = "#dc2626"
-_BASELINE: Final = "#9ca3af"
-
-_CSS: Final = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #111827;
-       margin: 24px auto; max-width: 1200px; padding: 0 16px; }
-h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 32px; }
-h3 { font-size: 15px; margin: 0 0 6px; }
-.meta { color: #4b5563; margin: 2px 0; }
-table { border-collapse: collapse; margin: 8px 0; }
-th, td { border: 1px solid #e5e7eb; padding: 3px 8px; text-align: right; white-space: nowrap; }
-th { background: #f9fafb; font-weight: 600; }
-td.key, th.key { text-align: left; white-space: normal; max-width: 360px; }
-tr.small td { color: #9ca3af; }
-.delta { font-size: 12px; color: #4b5563; }
-.badge { display: inline-block; padding: 2px 10px; border-radius: 10px; color: white;
-         font-weight: 600; }
-.pass { background: #16a34a; } .fail { background: #dc2626; } .skip { background: #9ca3af; }
-.grid { display: flex; flex-wrap: wrap; gap: 16px; }
-.card { border: 1px solid #e5e7eb; border-radius: 6px; padding: 10px 12px; }
-.legend span { display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px;
-               vertical-align: -1px; }
-svg text { font: 11px system-ui, sans-serif; fill: #111827; }
-details { margin: 6px 0; }
-"""
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+_e = esc
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -64,14 +55,12 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.4f}"
 
 
-def _cell_style(metric: str, delta: float | None, scale: float) -> str:
-    """Background for a difference: red (worse) or green (better), stronger when larger."""
-    if delta is None or delta == 0 or scale <= 0:
+def _cell_style(metric: str, delta: float | None, base: float | None) -> str:
+    """Background for a difference: red (worse) or green (better), on the fixed scale of
+    :func:`~edgewise.runtime.html_style.change_strength` (the same whatever the other cells)."""
+    if delta is None:
         return ""
-    strength = min(abs(delta) / scale, 1.0)
-    alpha = 0.12 + 0.55 * strength
-    rgb = "220,38,38" if is_worse(metric, delta) else "22,163,74"
-    return f' style="background: rgba({rgb},{alpha:.2f})"'
+    return change_background(change_strength(metric, delta, base), is_worse(metric, delta))
 
 
 def _header(evaluation: Evaluation, verdict: GateVerdict | None) -> list[str]:
@@ -139,18 +128,16 @@ def _verdict_section(verdict: GateVerdict) -> list[str]:
 def _overview(evaluation: Evaluation) -> list[str]:
     results = evaluation.all_slices()
     has_baseline = evaluation.baseline is not None
-    scales: dict[str, float] = {}
-    for metric in evaluation.metric_names:
-        deltas = [abs(d) for r in results if (d := r.delta.get(metric)) is not None]
-        scales[metric] = max(deltas, default=0.0)
     title = "Slices against the baseline" if has_baseline else "Slices"
     out = [f"<h2>{title}</h2>"]
     if has_baseline:
         out.append(
             '<p class="meta">each cell: candidate value, and below it candidate − baseline; '
             "red where the candidate is worse, green where it is better (lower is better for "
-            f"{_e(', '.join(m for m in evaluation.metric_names if m in LOWER_IS_BETTER))})</p>"
+            f"{_e(', '.join(m for m in evaluation.metric_names if m in LOWER_IS_BETTER))}); "
+            "slices too small to be judged are not coloured</p>"
         )
+        out.append(change_legend())
     out.append("<table><tr><th class='key'>slice</th><th>rows</th>")
     out.extend(f"<th>{_e(m)}</th>" for m in evaluation.metric_names)
     out.append("</tr>")
@@ -161,7 +148,8 @@ def _overview(evaluation: Evaluation) -> list[str]:
         for metric in evaluation.metric_names:
             value = result.metrics.get(metric)
             change = delta.get(metric)
-            style = _cell_style(metric, change, scales[metric]) if result.judged else ""
+            base = (result.baseline_metrics or {}).get(metric)
+            style = _cell_style(metric, change, base) if result.judged else ""
             extra = f'<br><span class="delta">{_signed(change)}</span>' if has_baseline else ""
             out.append(f"<td{style}>{_num(value)}{extra}</td>")
         out.append("</tr>")
@@ -169,84 +157,131 @@ def _overview(evaluation: Evaluation) -> list[str]:
     return out
 
 
+_LABEL_W: Final = 260
+_VALUE_W: Final = 360
+_NUMBER_W: Final = 56
+_GAP: Final = 24
+_CHANGE_W: Final = 200
+_CHANGE_NUMBER_W: Final = 130
+_BAR_H: Final = 11
+_ROW_GAP: Final = 8
+_TOP: Final = 8
+
+
+def _value_bars(
+    metric: str, result: SliceResult, y: float, axis: Axis, has_baseline: bool, opacity: str
+) -> list[str]:
+    """The baseline (grey) above the candidate (blue; red if worse), from zero, numbers beside."""
+    value = result.metrics.get(metric)
+    base = (result.baseline_metrics or {}).get(metric)
+    worse = value is not None and base is not None and is_worse(metric, value - base)
+    bars: list[tuple[float | None, str, str]] = []
+    if has_baseline:
+        bars.append((base, BASELINE, "baseline"))
+    bars.append((value, WORSE if worse else CANDIDATE, "candidate"))
+    zero = axis.x(0.0)
+    number_x = axis.origin + axis.length + 4
+    parts = []
+    for j, (amount, colour, who) in enumerate(bars):
+        by = y + j * _BAR_H
+        if amount is None:
+            parts.append(
+                f'<text x="{zero + 4:.1f}" y="{by + _BAR_H - 1}" opacity="0.6">'
+                f"{who}: undefined</text>"
+            )
+            continue
+        x0, x1 = sorted((zero, axis.x(amount)))
+        parts.append(
+            f'<rect class="{who}" x="{x0:.1f}" y="{by}" width="{x1 - x0:.2f}" '
+            f'height="{_BAR_H - 1}" fill="{colour}" opacity="{opacity}" data-value="{amount!r}">'
+            f"<title>{esc(result.key)}: {who} {amount:.4f}</title></rect>"
+            f'<text x="{number_x:.1f}" y="{by + _BAR_H - 1}" fill="{colour}">{amount:.3f}</text>'
+        )
+    return parts
+
+
+def _change_bar(metric: str, result: SliceResult, y: float, axis: Axis, opacity: str) -> str:
+    """candidate − baseline from zero on the fixed difference axis; cut (with a mark) beyond it."""
+    value = result.metrics.get(metric)
+    base = (result.baseline_metrics or {}).get(metric)
+    number_x = axis.origin + axis.length + 6
+    if value is None or base is None:
+        return f'<text x="{number_x}" y="{y}" opacity="0.6">undefined</text>'
+    delta = value - base
+    change = relative_change(metric, delta, base)
+    assert change is not None  # base is known
+    relative = metric in RELATIVE_CHANGE_METRICS
+    shown = f"{delta:+.4g} ({change:+.1%})" if relative else f"{delta:+.4f}"
+    if delta == 0:
+        return f'<text x="{number_x}" y="{y}">{shown}</text>'
+    colour = WORSE if is_worse(metric, delta) else BETTER
+    x0, x1 = sorted((axis.x(0.0), axis.x(change)))
+    top = y - _BAR_H + 1
+    parts = [
+        f'<rect class="change" x="{x0:.1f}" y="{top}" width="{x1 - x0:.2f}" height="{_BAR_H}" '
+        f'fill="{colour}" opacity="{opacity}" data-value="{change!r}">'
+        f"<title>{esc(result.key)}: candidate − baseline {shown}</title></rect>"
+    ]
+    if axis.clipped(change):  # two white strokes across the bar near its cut end
+        end = x1 - 8 if change > 0 else x0 + 4
+        parts.extend(
+            f'<line class="cut" x1="{end + dx:.1f}" y1="{top + _BAR_H + 1}" '
+            f'x2="{end + dx + 3:.1f}" y2="{top - 1}" stroke="white" stroke-width="1.5"/>'
+            for dx in (0, 4)
+        )
+    parts.append(f'<text x="{number_x}" y="{y}" fill="{colour}">{shown}</text>')
+    return "".join(parts)
+
+
 def _bar_chart(metric: str, results: Sequence[SliceResult], has_baseline: bool) -> str:
-    """Horizontal bars: per slice the baseline (grey) above the candidate (blue; red if worse)."""
-    label_w, plot_w, value_w = 300, 380, 60
-    bar_h, gap = 9, 8
-    row_h = (2 * bar_h if has_baseline else bar_h) + gap
-    top = 8
-    height = top + row_h * len(results) + 22
+    """Per slice, the values as bars from zero on the metric's fixed axis and (with a baseline)
+    candidate − baseline on the fixed difference axis (:mod:`~edgewise.runtime.html_style`)."""
+    row_h = (2 * _BAR_H if has_baseline else _BAR_H) + _ROW_GAP
     values = [
         v
         for r in results
         for v in (r.metrics.get(metric), (r.baseline_metrics or {}).get(metric))
         if v is not None
     ]
-    low = min([0.0, *values])
-    high = max([1.0 if metric not in ("mae", "rmse", "log_loss") else 0.0, *values])
-    if high - low <= 0:
-        high = low + 1.0
-    span = high - low
-
-    def x(value: float) -> float:
-        return label_w + (value - low) / span * plot_w
-
+    axis = Axis.for_metric(metric, values, _LABEL_W, _VALUE_W)
+    change_origin = _LABEL_W + _VALUE_W + _NUMBER_W + _GAP
+    change_axis = Axis.for_change(change_origin, _CHANGE_W)
+    width = change_origin + (_CHANGE_W + _CHANGE_NUMBER_W if has_baseline else 0)
+    axis_y = _TOP + row_h * len(results) + 2
+    height = axis_y + 34
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + value_w}" '
-        f'height="{height}" role="img" aria-label="{_e(metric)} by slice">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{esc(metric)} by slice">',
+        axis.svg(axis_y, count=10 if metric in UNIT_METRICS else 5, grid_top=_TOP),
     ]
-    zero = x(0.0)
+    if has_baseline:
+        relative = metric in RELATIVE_CHANGE_METRICS
+        parts.append(change_axis.svg(axis_y, percent=relative, grid_top=_TOP))
+        zero = change_axis.x(0.0)
+        parts.append(f'<line class="zero" x1="{zero}" y1="{_TOP}" x2="{zero}" y2="{axis_y}"/>')
+        parts.append(
+            f'<text x="{change_origin + _CHANGE_W / 2}" y="{axis_y + 28}" '
+            'text-anchor="middle">candidate − baseline</text>'
+        )
+    if axis.low < 0:
+        zero = axis.x(0.0)
+        parts.append(f'<line class="zero" x1="{zero}" y1="{_TOP}" x2="{zero}" y2="{axis_y}"/>')
+    parts.append(
+        f'<text x="{_LABEL_W + _VALUE_W / 2}" y="{axis_y + 28}" text-anchor="middle">'
+        f"{esc(metric)}</text>"
+    )
     for i, result in enumerate(results):
-        y = top + i * row_h
-        key = result.key if len(result.key) <= 46 else result.key[:45] + "…"
+        y = _TOP + i * row_h
+        key = result.key if len(result.key) <= 40 else result.key[:39] + "…"
         opacity = "1" if result.judged else "0.45"
         parts.append(
-            f'<text x="{label_w - 6}" y="{y + row_h / 2}" text-anchor="end" '
-            f'opacity="{opacity}">{_e(key)}<title>{_e(result.key)} ({result.count} rows)'
+            f'<text x="{_LABEL_W - 6}" y="{y + row_h / 2}" text-anchor="end" '
+            f'opacity="{opacity}">{esc(key)}<title>{esc(result.key)} ({result.count} rows)'
             "</title></text>"
         )
-        value = result.metrics.get(metric)
-        base = (result.baseline_metrics or {}).get(metric)
-        bars: list[tuple[float | None, str, str]] = []
+        parts.extend(_value_bars(metric, result, y, axis, has_baseline, opacity))
         if has_baseline:
-            bars.append((base, _BASELINE, "baseline"))
-        worse = value is not None and base is not None and is_worse(metric, value - base)
-        bars.append((value, _WORSE if worse else _CANDIDATE, "candidate"))
-        for j, (amount, colour, who) in enumerate(bars):
-            by = y + j * bar_h
-            if amount is None:
-                parts.append(
-                    f'<text x="{zero + 4}" y="{by + bar_h - 1}" opacity="0.6">'
-                    f"{who}: undefined</text>"
-                )
-                continue
-            x0, x1 = sorted((zero, x(amount)))
-            parts.append(
-                f'<rect x="{x0:.1f}" y="{by}" width="{max(x1 - x0, 0.5):.1f}" '
-                f'height="{bar_h - 1}" fill="{colour}" opacity="{opacity}">'
-                f"<title>{_e(result.key)}: {who} {amount:.4f}</title></rect>"
-            )
-            parts.append(
-                f'<text x="{label_w + plot_w + 4}" y="{by + bar_h - 1}" '
-                f'fill="{colour}">{amount:.3f}</text>'
-            )
-    axis_y = top + row_h * len(results) + 2
-    parts.append(
-        f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + plot_w}" y2="{axis_y}" '
-        'stroke="#9ca3af"/>'
-    )
-    for tick in range(5):
-        value = low + span * tick / 4
-        tx = x(value)
-        parts.append(
-            f'<line x1="{tx:.1f}" y1="{axis_y}" x2="{tx:.1f}" y2="{axis_y + 4}" stroke="#9ca3af"/>'
-            f'<text x="{tx:.1f}" y="{axis_y + 15}" text-anchor="middle">{value:.3g}</text>'
-        )
-    if low < 0 < high:
-        parts.append(
-            f'<line x1="{zero:.1f}" y1="{top}" x2="{zero:.1f}" y2="{axis_y}" stroke="#6b7280" '
-            'stroke-dasharray="2,2"/>'
-        )
+            parts.append(_change_bar(metric, result, y + 2 * _BAR_H - 1, change_axis, opacity))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -254,18 +289,32 @@ def _bar_chart(metric: str, results: Sequence[SliceResult], has_baseline: bool) 
 def _charts(evaluation: Evaluation) -> list[str]:
     has_baseline = evaluation.baseline is not None
     out = ["<h2>Metrics by slice</h2>"]
-    legend = f'<span style="background:{_CANDIDATE}"></span>candidate'
+    legend = swatch(CANDIDATE, "candidate")
     if has_baseline:
         legend = (
-            f'<span style="background:{_BASELINE}"></span>baseline'
+            swatch(BASELINE, "baseline")
             + legend
-            + f'<span style="background:{_WORSE}"></span>candidate, worse than the baseline'
+            + swatch(WORSE, "candidate, worse than the baseline")
+            + swatch(BETTER, "candidate, better than the baseline")
         )
-    out.append(f'<p class="legend meta">{legend}</p>')
+    out.append(f'<p class="legend">{legend}</p>')
+    axes = (
+        "Bars start at zero on a fixed axis: 0..1 for "
+        + ", ".join(m for m in evaluation.metric_names if m in UNIT_METRICS)
+        + ", otherwise 0..a round number above the largest value; the value is printed beside "
+        "each bar."
+    )
+    if has_baseline:
+        axes += (
+            f" On the right, candidate − baseline on a fixed axis of ±{FULL_CHANGE:g} "
+            f"(±{FULL_CHANGE:.0%} of the baseline for mae and rmse): a bar cut by a white "
+            "stroke goes beyond it; its number says how far."
+        )
+    out.append(f'<p class="meta">{esc(axes)}</p>')
     results = evaluation.all_slices()
     for metric in evaluation.metric_names:
         direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-        out.append(f"<h3>{_e(metric)} <span class='meta'>({direction})</span></h3>")
+        out.append(f"<h3>{esc(metric)} <span class='meta'>({direction})</span></h3>")
         out.append(_bar_chart(metric, results, has_baseline))
     return out
 
@@ -286,7 +335,7 @@ def _slice_tables(evaluation: Evaluation) -> list[str]:
             if has_baseline:
                 change = delta.get(metric)
                 base = (result.baseline_metrics or {}).get(metric)
-                style = _cell_style(metric, change, abs(change or 0.0) or 1.0)
+                style = _cell_style(metric, change, base) if result.judged else ""
                 row += f"<td>{_num(base)}</td><td{style}>{_signed(change) or '–'}</td>"
             out.append(row + "</tr>")
         out.append("</table>")
@@ -307,11 +356,4 @@ def render_html(evaluation: Evaluation, verdict: GateVerdict | None = None) -> s
     body.extend(_overview(evaluation))
     body.extend(_charts(evaluation))
     body.extend(_slice_tables(evaluation))
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
+    return page(title, body)

@@ -23,6 +23,7 @@ from typing import Any, Final
 import numpy as np
 
 from edgewise.runtime.batch.stats import FeatureDistribution
+from edgewise.runtime.html_style import BATCH, DRIFT, REFERENCE, page, share_axis, swatch
 from edgewise.runtime.monitor import DriftReport
 from edgewise.runtime.profile import ReferenceProfile
 
@@ -142,33 +143,10 @@ def unavailable_report(model: str, version: str, sha256: str, reason: str) -> di
 
 # ---- HTML ------------------------------------------------------------------------------------
 
-_CSS: Final = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
-       margin: 24px auto; max-width: 1180px; padding: 0 16px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; }
-.meta { color: #566; margin-bottom: 14px; } code { font-size: 12px; }
-.verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; margin: 12px 0; }
-.verdict.drift { background: #fde8e6; color: #9b1c13; }
-.verdict.ok { background: #e6f4ea; color: #1e6b34; }
-.verdict.na { background: #eef0f3; color: #40464f; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; }
-th, td { padding: 5px 8px; border-bottom: 1px solid #e3e6ea; text-align: right; }
-th { background: #f5f6f8; position: sticky; top: 0; }
-td.name, th.name, td.kind, td.status { text-align: left; }
-tr.drift td.status { color: #b3261e; font-weight: 600; }
-tr.warn td.status { color: #a05a00; }
-.charts { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.chart { margin: 0; border: 1px solid #e3e6ea; border-radius: 6px; padding: 8px; }
-figure.chart.drift { border-color: #e2a29c; }
-figcaption { font-weight: 600; margin-bottom: 2px; }
-figcaption span { font-weight: normal; color: #566; font-size: 12px; }
-.legend { font-size: 12px; color: #40464f; margin: 6px 0 12px; }
-.swatch { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
-"""
-
-_REFERENCE_COLOR: Final = "#9aa5b1"
-_BATCH_COLOR: Final = "#2f6fde"
-_DRIFT_COLOR: Final = "#d93b2b"
+# The stylesheet, colours and axes are the shared ones of every report (html_style).
+_REFERENCE_COLOR: Final = REFERENCE
+_BATCH_COLOR: Final = BATCH
+_DRIFT_COLOR: Final = DRIFT
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -210,9 +188,10 @@ def _chart(feature: Mapping[str, Any], index: int, drifting: bool) -> str:
     batch = np.asarray(dist["batch"], dtype=np.float64)
     ref_share = reference / reference.sum() if reference.sum() > 0 else reference
     batch_share = batch / batch.sum() if batch.sum() > 0 else batch
-    top = float(max(ref_share.max(initial=0.0), batch_share.max(initial=0.0), 1e-9))
-    # A round upper bound for the axis: 10%, 20%, 25%, 50%, 100% ...
-    nice = next((s for s in (0.05, 0.1, 0.2, 0.25, 0.4, 0.5, 0.6, 0.8, 1.0) if s >= top), 1.0)
+    top = float(max(ref_share.max(initial=0.0), batch_share.max(initial=0.0)))
+    # One of three fixed axes (0-25 %, 0-50 %, 0-100 %), from zero: bars are comparable across
+    # the charts that share an axis, and every chart states its own.
+    nice = share_axis(top, 0.0, 1.0).high
     n = len(labels)
     slot = 34
     left, right, top_pad, bottom = 44, 10, 10, 78
@@ -228,13 +207,13 @@ def _chart(feature: Mapping[str, Any], index: int, drifting: bool) -> str:
         f'viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{html.escape(str(feature["name"]))}: reference vs batch distribution">'
     ]
-    for tick in range(5):
-        share = nice * tick / 4
+    for tick in range(6):
+        share = nice * tick / 5
         y = top_pad + plot_h - plot_h * share / nice
         parts.append(
-            f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" '
-            f'stroke="#e3e6ea"/><text x="{left - 4}" y="{y + 4:.1f}" font-size="10" '
-            f'text-anchor="end" fill="#566">{share * 100:g}%</text>'
+            f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end" '
+            f'fill="#566">{share * 100:g}%</text>'
         )
     for i, label in enumerate(labels):
         x0 = left + i * step + step / 2
@@ -317,29 +296,27 @@ def render_html(report: Mapping[str, Any]) -> str:
         for i in order
         if features[i]["distribution"] is not None
     )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{esc(title)}</h1>
+    legend = (
+        swatch(_REFERENCE_COLOR, "reference")
+        + swatch(_BATCH_COLOR, "batch")
+        + swatch(_DRIFT_COLOR, "batch (drifting feature)")
+        + " · share of rows per bin; each chart's axis starts at zero and ends at 25 %, 50 % or "
+        "100 %"
+    )
+    body = f"""<h1>{esc(title)}</h1>
 <div class="meta">{report["rows"]:,} batch rows against a reference of
 {report["reference_rows"]:,} rows · model sha256 <code>{esc(str(report["sha256"]))}</code>
 · computed {esc(report["computed_at"])} · thresholds: {esc(thresholds) or "–"}</div>
 <div class="verdict {verdict[0]}">{esc(verdict[1])}</div>
 <h2>Drift scores</h2>
-<table><thead><tr><th class="name">feature</th><th>kind</th><th>status</th>{headings}
-<th>batch mean</th><th>reference mean</th><th>missing</th><th>out of range / unseen</th>
-</tr></thead><tbody>
+<table class="wide"><thead><tr><th class="name">feature</th><th class="kind">kind</th>
+<th class="status">status</th>{headings}<th>batch mean</th><th>reference mean</th><th>missing</th>
+<th>out of range / unseen</th></tr></thead><tbody>
 {"".join(rows)}
 </tbody></table>
 <h2>Distributions: reference vs batch</h2>
-<div class="legend"><span class="swatch" style="background:{_REFERENCE_COLOR}"></span>reference
-<span class="swatch" style="background:{_BATCH_COLOR}"></span>batch
-<span class="swatch" style="background:{_DRIFT_COLOR}"></span>batch (drifting feature)
-· share of rows per bin</div>
+<div class="legend">{legend}</div>
 <div class="charts">
 {charts}
-</div>
-</body></html>
-"""
+</div>"""
+    return page(title, [body])
