@@ -159,8 +159,7 @@ class ServerSettings:
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port} is not a TCP port")
-        if not -1 <= self.metrics_port <= 65535:
-            raise InvalidInput(f"metrics port {self.metrics_port} is not a TCP port")
+        _checked_metrics_port(self.metrics_port)
         for name in ("worker_threads", "intra_op_threads", "inter_op_threads"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name.replace('_', '-')} must be at least 1")
@@ -208,6 +207,14 @@ def server_metrics_port(environ: Mapping[str, str] | None = None) -> int:
     if raw is None or raw == "":
         return ServerSettings.metrics_port
     port: int = _convert("metrics_port", "int", raw)
+    return _checked_metrics_port(port)
+
+
+def _checked_metrics_port(port: int) -> int:
+    """A metrics port the server can take: -1 (none), 0 (a free one) or a TCP port; the one
+    check of the server's setting and of what a client derives from it."""
+    if not -1 <= port <= 65535:
+        raise InvalidInput(f"metrics port {port} is not a TCP port")
     return port
 
 
