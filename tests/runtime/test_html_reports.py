@@ -174,6 +174,8 @@ def test_the_colour_of_a_change_does_not_depend_on_the_other_slices(
     # The fixed scale: half of the full colour for half of FULL_CHANGE, whatever the page.
     want = html_style.change_background(0.05 / html_style.FULL_CHANGE, worse=True)
     assert colour == want.removeprefix(' style="').removesuffix('"')
+    # The slice's own table and the legend's 0.05 step show that same colour (3 places in all).
+    assert render_html(first).count(colour) == 3
 
 
 def test_change_strength_is_fixed_and_linear() -> None:
@@ -286,6 +288,19 @@ def test_distribution_axes_are_fixed_steps_from_zero() -> None:
     axis = html_style.Axis.for_metric("r2", [0.7, -0.3], 0, 100)
     assert (axis.low, axis.high) == (-0.5, 1.0)
     assert html_style.Axis.for_metric("accuracy", [0.96, 0.99], 0, 100).low == 0.0
+
+
+def test_without_a_baseline_there_is_no_difference_chart_and_no_colour(
+    models: dict[str, Any],
+) -> None:
+    frame = _frame(models, {"a": (20, 0), "b": (19, 1)})
+    evaluation = evaluate_models(models["candidate"], frame, "diagnosis", slice_by=["part"])
+    page = render_html(evaluation)
+    report = _parse(page)
+    assert not _bars(report, "accuracy", "change") and not _bars(report, "accuracy", "baseline")
+    assert set(dict(_bars(report, "accuracy", "candidate"))) == {39 / 40, 1.0, 0.95}
+    assert all(style == "" for style in report.styles.values())
+    assert "candidate − baseline" not in page
 
 
 def test_frame_of_a_page_is_valid_and_escaped() -> None:
