@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -127,6 +128,13 @@ class ServerMetrics:
         )
         self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[tuple[str, str], Histogram] = {}
+        # The drift and quality series this object shows, per model version and gauge: what
+        # a publish replaces and a forget clears (prometheus_client's children are private).
+        self._shown: dict[tuple[str, str], dict[Gauge, set[tuple[str, ...]]]] = {}
+        self._shown_lock = threading.Lock()
+        # prometheus_client picks its multiprocess value files once, at import: read the same
+        # environment once here, not at each publish.
+        self._multiprocess = _multiprocess()
 
     def observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
         key = (model, version, code)
@@ -168,13 +176,11 @@ class ServerMetrics:
                 if kind in feature.statistics:
                     key = (model, version, feature.name, kind)
                     wanted[self.schema_skew][key] = feature.statistics[kind]
-        for gauge, values in wanted.items():
-            _replace_series(gauge, model, version, values)
+        self._replace_series(model, version, wanted)
 
     def forget_drift(self, model: str, version: str) -> None:
         """Drop the drift series of a model version (it is unloaded)."""
-        for gauge in self._drift_gauges():
-            _replace_series(gauge, model, version, {})
+        self._replace_series(model, version, {gauge: {} for gauge in self._drift_gauges()})
 
     def _drift_gauges(self) -> tuple[Gauge, ...]:
         return (
@@ -188,33 +194,49 @@ class ServerMetrics:
     def publish_quality(self, snapshot: Mapping[str, Any]) -> None:
         """Show a model version's online quality totals (after a batch that joined labels)."""
         model, version = snapshot["model"], snapshot["version"]
-        self.quality_error.labels(model, version, "all").set(snapshot["error"])
-        self.quality_error.labels(model, version, "recent").set(snapshot["recent_error"])
-        self.quality_labelled.labels(model, version).set(snapshot["labelled"])
-        self.quality_drifts.labels(model, version).set(snapshot["drifts"])
+        wanted: dict[Gauge, dict[tuple[str, ...], float]] = {
+            self.quality_error: {
+                (model, version, "all"): snapshot["error"],
+                (model, version, "recent"): snapshot["recent_error"],
+            },
+            self.quality_labelled: {(model, version): snapshot["labelled"]},
+            self.quality_drifts: {(model, version): snapshot["drifts"]},
+        }
+        self._replace_series(model, version, wanted)
 
     def forget_quality(self, model: str, version: str) -> None:
         """Drop the online quality series of a model version (it is unloaded)."""
-        for gauge in (self.quality_error, self.quality_labelled, self.quality_drifts):
-            _replace_series(gauge, model, version, {})
+        gauges = (self.quality_error, self.quality_labelled, self.quality_drifts)
+        self._replace_series(model, version, {gauge: {} for gauge in gauges})
 
+    def _replace_series(
+        self, model: str, version: str, wanted: Mapping[Gauge, Mapping[tuple[str, ...], float]]
+    ) -> None:
+        """Make ``wanted[gauge]`` the series of each gauge for one model version: set them, and
+        clear the version's other series this object showed. In prometheus_client's
+        multiprocess mode a removed child would keep its last value in the process's file (the
+        supervisor would go on showing it), so there a cleared series is set to NaN instead;
+        otherwise it is removed."""
+        key = (model, version)
+        with self._shown_lock:
+            shown = self._shown.setdefault(key, {})
+            for gauge, values in wanted.items():
+                for labels in shown.get(gauge, set()) - values.keys():
+                    self._clear(gauge, labels)
+                for labels, value in values.items():
+                    gauge.labels(*labels).set(value)
+                if values:
+                    shown[gauge] = set(values)
+                else:
+                    shown.pop(gauge, None)
+            if not shown:
+                del self._shown[key]  # an unloaded version leaves nothing behind
 
-def _replace_series(
-    gauge: Gauge, model: str, version: str, values: Mapping[tuple[str, ...], float]
-) -> None:
-    """Make ``values`` the series of ``gauge`` for one model version: set them, and clear the
-    version's other series. In prometheus_client's multiprocess mode a removed child would keep
-    its last value in the process's file (the supervisor would go on showing it), so there a
-    cleared series is set to NaN instead; otherwise it is removed."""
-    multiprocess = _multiprocess()
-    for labels in list(gauge._metrics):  # prometheus_client keeps the children here
-        if labels[:2] == (model, version) and labels not in values:
-            if multiprocess:
-                gauge.labels(*labels).set(math.nan)
-            else:
-                gauge.remove(*labels)
-    for labels, value in values.items():
-        gauge.labels(*labels).set(value)
+    def _clear(self, gauge: Gauge, labels: tuple[str, ...]) -> None:
+        if self._multiprocess:
+            gauge.labels(*labels).set(math.nan)
+        else:
+            gauge.remove(*labels)
 
 
 def _multiprocess() -> bool:

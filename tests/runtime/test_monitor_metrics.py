@@ -126,3 +126,50 @@ def test_statistics_missing_from_a_new_report_leave_no_series() -> None:
         metrics.registry.get_sample_value("edgewise_monitored_rows", {"model": "m", "version": "1"})
         == 0
     )
+
+
+def shown(metrics: ServerMetrics, family: str) -> dict[tuple[str, ...], float]:
+    """The samples of a family this registry shows: label values -> value."""
+    return {
+        tuple(s.labels.values()): s.value
+        for metric in metrics.registry.collect()
+        if metric.name == family
+        for s in metric.samples
+    }
+
+
+def quality_snapshot(version: str, error: float) -> dict[str, object]:
+    return {
+        "model": "m",
+        "version": version,
+        "error": error,
+        "recent_error": error / 2,
+        "labelled": 10,
+        "drifts": 1,
+    }
+
+
+def test_forgetting_a_version_clears_its_series_only() -> None:
+    metrics = ServerMetrics()
+    for version in ("1", "2"):
+        metrics.publish_drift(
+            DriftReport("m", version, "current", True, rows=5, features=report_with({}, 5).features)
+        )
+        metrics.publish_quality(quality_snapshot(version, 0.25))
+    metrics.forget_drift("m", "1")
+    metrics.forget_quality("m", "1")
+    assert shown(metrics, "edgewise_monitored_rows") == {("m", "2"): 5.0}
+    assert shown(metrics, "edgewise_quality_error") == {
+        ("m", "2", "all"): 0.25,
+        ("m", "2", "recent"): 0.125,
+    }
+    metrics.forget_quality("m", "1")  # again: nothing left to clear
+    metrics.publish_quality(quality_snapshot("1", 0.5))  # a reload publishes afresh
+    assert shown(metrics, "edgewise_quality_labelled") == {("m", "1"): 10.0, ("m", "2"): 10.0}
+    metrics.forget_quality("m", "2")
+    metrics.forget_drift("m", "2")
+    assert shown(metrics, "edgewise_monitored_rows") == {}
+    assert shown(metrics, "edgewise_quality_error") == {
+        ("m", "1", "all"): 0.5,
+        ("m", "1", "recent"): 0.25,
+    }
