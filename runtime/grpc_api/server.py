@@ -10,13 +10,11 @@ last responses (see drain.py), and returns exit code 0.
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -24,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.alerts import AlertHook
@@ -47,6 +45,12 @@ from edgewise.runtime.grpc_api.overload import (
     backstop_limit,
     pending_limits,
     service_handlers,
+)
+from edgewise.runtime.grpc_api.ports import (
+    check_port_free,
+    start_metrics_http,
+    stop_http,
+    write_port_file,
 )
 from edgewise.runtime.grpc_api.security import (
     HEALTH_PREFIX,
@@ -121,7 +125,7 @@ class InferenceServer:
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._created: grpc.aio.Server | None = None  # made by start(), started or not
-        self._metrics_http: Any = None
+        self._metrics_http: WSGIServer | None = None
         self._drift_task: asyncio.Task[None] | None = None
         self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
@@ -201,9 +205,13 @@ class InferenceServer:
             await asyncio.to_thread(self.front.shutdown, 0.0)
         if self._created is not None:
             await self._created.stop(None)  # else grpc's __del__ stops it on a closed loop
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        """What outlives the gRPC server: the metrics endpoint, the worker threads and the
+        native front end's folder (the last step of a stop, and of a start that failed)."""
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            stop_http(self._metrics_http)
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self._front_dir is not None:
             shutil.rmtree(self._front_dir, ignore_errors=True)
@@ -285,17 +293,12 @@ class InferenceServer:
             # Unix socket in a folder only this user can enter.
             self._front_dir = Path(tempfile.mkdtemp(prefix="edgewise-front-"))
             upstream = f"unix:{self._front_dir / 'grpc.sock'}"
-            if server.add_insecure_port(upstream) == 0:
-                raise OSError(f"cannot bind {upstream}")
-        elif credentials is not None:
-            self.port = server.add_secure_port(address, credentials)
+            _add_port(server, upstream)
         else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0 and front_module is None:
-            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+            self.port = _add_port(server, address, credentials)
         if settings.peers_dir is not None:
             # Multi-process mode: a private address for control calls forwarded by siblings.
-            self.private_port = server.add_insecure_port("127.0.0.1:0")
+            self.private_port = _add_port(server, "127.0.0.1:0")
         await self.update_health()
         await server.start()
         self._grpc = server
@@ -318,15 +321,10 @@ class InferenceServer:
             if self.shedder is not None:
                 self.shedder.admitted.set_function(self.front.in_flight)
         if settings.metrics_port >= 0:
-            try:
-                http_server, _thread = start_http_server(
-                    settings.metrics_port, settings.metrics_host, registry=self.metrics.registry
-                )
-            except OSError as exc:
-                where = f"{settings.metrics_host}:{settings.metrics_port}"
-                raise OSError(f"cannot bind the metrics port {where}: {exc.strerror}") from None
-            self._metrics_http = http_server
-            self.metrics_port = int(http_server.server_port)
+            self._metrics_http = start_metrics_http(
+                settings.metrics_port, settings.metrics_host, self.metrics.registry
+            )
+            self.metrics_port = int(self._metrics_http.server_port)
         log.info(
             "gRPC listening on %s:%d (front end: %s), loading models from %s",
             settings.host,
@@ -363,7 +361,7 @@ class InferenceServer:
         if settings.monitoring == "on" and settings.drift_interval_seconds > 0:
             self._drift_task = asyncio.create_task(self._drift_timer())
         if settings.port_file is not None:
-            _write_port_file(settings.port_file, self.port, self.metrics_port)
+            write_port_file(settings.port_file, self.port, self.metrics_port)
         if settings.peers_dir is not None:
             peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
             temporary = peer_file.with_name(peer_file.name + ".tmp")
@@ -432,42 +430,29 @@ class InferenceServer:
             undelivered = await held.release_when_delivered(linger)
             if undelivered:
                 log.warning("%d bytes of responses were not delivered before closing", undelivered)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        if self._front_dir is not None:
-            shutil.rmtree(self._front_dir, ignore_errors=True)
+        self._release_resources()
 
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
 
 
-def check_port_free(host: str, port: int, reuse_port: bool) -> None:
-    """:class:`OSError` naming ``host:port`` when another process listens there, checked with
-    the socket options gRPC binds with (so the answer is gRPC's), before gRPC tries and logs a
-    screenful about it. Port 0 and names that do not resolve are left to gRPC."""
-    if port == 0:
-        return
+def _add_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind ``address`` (TLS with ``credentials``); the port bound. gRPC says it cannot by
+    returning 0 or raising RuntimeError (grpcio's aio server): :class:`OSError` naming the
+    address either way (the command line's one error line)."""
     try:
-        addresses = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except OSError:
-        return
-    for family, kind, proto, _name, sockaddr in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    busy = f"cannot bind {host}:{port}: the address is already in use"
-                    raise OSError(busy) from None
-                return  # anything else (no such interface, no rights): gRPC says
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
 
 
 def _inference_handlers(
@@ -521,12 +506,6 @@ def _tune_garbage_collector() -> None:
     gc.freeze()
     threshold, *older = gc.get_threshold()
     gc.set_threshold(max(threshold, 50_000), *older)
-
-
-def _write_port_file(path: Path, port: int, metrics_port: int) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(f"{port} {metrics_port}\n")
-    os.replace(temporary, path)
 
 
 async def _serve(settings: ServerSettings) -> None:

@@ -23,7 +23,6 @@ sees a share of the traffic); the Prometheus gauges report the most recent.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -36,12 +35,18 @@ import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from edgewise.runtime.errors import EdgewiseError, Unavailable
+from edgewise.runtime.grpc_api.ports import (
+    reserve_port,
+    start_metrics_http,
+    stop_http,
+    write_port_file,
+)
 from edgewise.runtime.limits import process_inflight_limit
 from edgewise.runtime.settings import ENV_PREFIX, ServerSettings
 
@@ -65,22 +70,6 @@ def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
             continue  # a dead sibling whose file is stale
         addresses.append(path.read_text().strip())
     return addresses
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) a SO_REUSEPORT socket: fixes the port number, takes no connections.
-    :class:`OSError` naming ``host:port`` (as a single server says it) when it cannot."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        busy = exc.errno == errno.EADDRINUSE
-        reason = "the address is already in use" if busy else exc.strerror or str(exc)
-        raise OSError(f"cannot bind {host}:{port}: {reason}") from None
-    return sock
 
 
 def _child_environment(
@@ -129,7 +118,7 @@ class _Child:
 def run_supervisor(settings: ServerSettings) -> int:
     """Serve with ``settings.processes`` server processes; return the exit code. A start that
     fails leaves nothing behind (processes, the port, the work folder)."""
-    reserved = _reserve_port(settings.host, settings.port)  # before anything is made
+    reserved = reserve_port(settings.host, settings.port)  # before anything is made
     try:
         workdir = Path(tempfile.mkdtemp(prefix="edgewise-workers-"))
     except OSError:
@@ -170,7 +159,7 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     children: list[_Child] = []
-    metrics_server: Any = None
+    metrics_server: WSGIServer | None = None
     try:
         metrics_server = _start_metrics(settings, prom_dir)  # a busy port: before any process
         metrics_port = -1 if metrics_server is None else int(metrics_server.server_port)
@@ -185,9 +174,7 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
             metrics_port if metrics_port >= 0 else "off",
         )
         if settings.port_file is not None:
-            temporary = settings.port_file.with_name(settings.port_file.name + ".tmp")
-            temporary.write_text(f"{port} {metrics_port}\n")
-            os.replace(temporary, settings.port_file)
+            write_port_file(settings.port_file, port, metrics_port)
         while not stopping.wait(0.2):
             for child in children:
                 code = child.process.poll()
@@ -210,24 +197,16 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
                 child.process.kill()
                 child.process.wait()
         if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+            stop_http(metrics_server)
 
 
-def _start_metrics(settings: ServerSettings, prom_dir: Path) -> Any:
+def _start_metrics(settings: ServerSettings, prom_dir: Path) -> WSGIServer | None:
     """The metrics endpoint over every process's metrics in ``prom_dir`` (None when off)."""
     if settings.metrics_port < 0:
         return None
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(prom_dir))  # type: ignore[no-untyped-call]
-    try:
-        metrics_server, _thread = start_http_server(
-            settings.metrics_port, settings.metrics_host, registry=registry
-        )
-    except OSError as exc:
-        where = f"{settings.metrics_host}:{settings.metrics_port}"
-        raise OSError(f"cannot bind the metrics port {where}: {exc.strerror}") from None
-    return metrics_server
+    return start_metrics_http(settings.metrics_port, settings.metrics_host, registry)
 
 
 def _wait_serving(children: list[_Child], peers_dir: Path, stopping: threading.Event) -> None:
