@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from edgewise.runtime.errors import InvalidInput, PackageError
 
@@ -114,6 +114,7 @@ _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _EXTERNAL: Final = 1  # TensorProto.DataLocation.EXTERNAL
 _MAX_NESTING: Final = 64
+_T = TypeVar("_T")
 
 
 class _Malformed(Exception):
@@ -235,27 +236,40 @@ def _external_location(tensor: memoryview, model_path: Path) -> str | None:
     return location
 
 
-def external_data_locations(model_path: Path, content: bytes | None = None) -> list[str]:
-    """The ``location`` of every tensor of an ONNX model (the file, or its ``content`` already
-    read) whose data lives in another file (``data_location == EXTERNAL``), read without loading
-    that data and without importing ``onnx``."""
+def _parse_model(
+    model_path: Path, content: bytes | None, marker: bytes, parse: Callable[[memoryview], _T]
+) -> _T | None:
+    """``parse`` over an ONNX model (the file, or its ``content`` already read); None, unparsed,
+    when ``marker`` (a field name, stored verbatim) is nowhere in it. :class:`PackageError` for a
+    file that cannot be read or is no protobuf message."""
     if content is None:
         try:
             content = model_path.read_bytes()
         except OSError as exc:
             raise PackageError(f"{model_path}: cannot read: {exc.strerror}") from None
-    if b"location" not in content:
-        # No tensor can name an external file: the key is stored verbatim. (A tensor marked
-        # EXTERNAL without a location is refused by onnxruntime.)
-        return []
+    if marker not in content:
+        return None
     try:
-        return [
-            location
-            for tensor in _model_tensors(memoryview(content))
-            if (location := _external_location(tensor, model_path)) is not None
-        ]
+        return parse(memoryview(content))
     except _Malformed as exc:
         raise PackageError(f"{model_path}: not a readable ONNX model: {exc}") from None
+
+
+def external_data_locations(model_path: Path, content: bytes | None = None) -> list[str]:
+    """The ``location`` of every tensor of an ONNX model (the file, or its ``content`` already
+    read) whose data lives in another file (``data_location == EXTERNAL``), read without loading
+    that data and without importing ``onnx``."""
+
+    def locations(model: memoryview) -> list[str]:
+        return [
+            location
+            for tensor in _model_tensors(model)
+            if (location := _external_location(tensor, model_path)) is not None
+        ]
+
+    # Without the key "location" no tensor can name an external file. (A tensor marked
+    # EXTERNAL without a location is refused by onnxruntime.)
+    return _parse_model(model_path, content, b"location", locations) or []
 
 
 def check_external_data(
@@ -346,15 +360,5 @@ def graph_class_labels(
     ``classlabels_strings`` attribute that the classifier node and its ZipMap carry. None when
     the main graph has none, or several that differ (a regressor, a stack of classifiers). Read
     without importing ``onnx``; :class:`PackageError` for a file that cannot be read."""
-    if content is None:
-        try:
-            content = model_path.read_bytes()
-        except OSError as exc:
-            raise PackageError(f"{model_path}: cannot read: {exc.strerror}") from None
-    if b"classlabels_" not in content:  # attribute names are stored verbatim
-        return None
-    try:
-        found = _graph_class_labels(memoryview(content))
-    except _Malformed as exc:
-        raise PackageError(f"{model_path}: not a readable ONNX model: {exc}") from None
-    return found.pop() if len(found) == 1 else None
+    found = _parse_model(model_path, content, b"classlabels_", _graph_class_labels)
+    return found.pop() if found is not None and len(found) == 1 else None
