@@ -14,6 +14,11 @@ negative or non-finite count, gets NaN.
   ``q_i <- max(q_i, eps)`` with ``eps = PSI_EPSILON = 1e-4`` by default, and *not*
   renormalised.  A bin empty on both sides therefore contributes exactly 0; a bin empty on
   one side contributes a finite, eps-bounded amount instead of infinity.
+  **Smoothing rule** (``smoothing = a > 0``, what the monitor uses): additive smoothing of both
+  histograms over the ``k`` columns non-empty on either side, ``p_i = (r_i + a) / (R + a k)``,
+  ``q_i = (c_i + a) / (C + a k)``; columns empty on both sides are left out.  A column the
+  reference has no row in then weighs as half a row of it (``a = 0.5``), not as the arbitrary
+  ``eps`` share.
 * :func:`jensenshannon` - Jensen-Shannon **distance** (the square root of the divergence),
   natural log unless ``base`` is given: the same value as
   ``scipy.spatial.distance.jensenshannon(reference, current, base)``.  A divergence that
@@ -30,6 +35,12 @@ negative or non-finite count, gets NaN.
   on them because their expected frequency is 0); ``dof = (non-empty columns) - 1``.  With a
   single non-empty column ``dof = 0``, statistic 0 and p-value 1, as SciPy.  The p-value is
   ``chi2.sf(statistic, dof)`` computed with an own regularised upper incomplete gamma.
+  **Pooling** (``min_expected = m > 0``, what the monitor uses, ``m = 5``: Cochran's rule):
+  the non-empty columns are pooled in column order, left to right, each pool closing once its
+  expected count in the smaller row, ``min(R, C) * pool / (R + C)``, reaches ``m``; a last
+  pool short of ``m`` joins the pool before it.  The test is then
+  ``chi2_contingency`` of the pooled table (same statistic, p-value and dof), valid where
+  the chi-square approximation needs adequate expected counts.  ``m = 0`` pools nothing.
 * :func:`linf_distance` - L-infinity distance ``max_i |p_i - q_i|`` of the frequency vectors
   (meant for categorical counts).
 * :func:`drift_scores` - all of the above for many features in ONE kernel call.  For a
@@ -40,6 +51,9 @@ negative or non-finite count, gets NaN.
   :attr:`BinEdges.support` as bin values (under/overflow mass sits at the outer edges, so
   the Wasserstein distance is a lower bound when values fall outside the reference range).
   For categorical counts (``edges=None``) the ordered statistics are NaN.
+* :func:`open_ended` - numeric histogram counts with the underflow folded into the first bin
+  and the overflow into the last (open outer bins), as the monitor scores them.
+* :func:`holm` - Holm-Bonferroni adjusted p-values (family-wise error control over features).
 
 From raw samples
 ----------------
@@ -83,10 +97,12 @@ __all__ = [
     "KSResult",
     "chi2_homogeneity",
     "drift_scores",
+    "holm",
     "jensenshannon",
     "ks_2samp",
     "ks_binned",
     "linf_distance",
+    "open_ended",
     "psi",
     "wasserstein_binned",
     "wasserstein_samples",
@@ -126,12 +142,28 @@ def _total(row: npt.NDArray[np.float64]) -> float:
 
 
 @jit
-def _psi_row(r: npt.NDArray[np.float64], c: npt.NDArray[np.float64], eps: float) -> float:
+def _psi_row(
+    r: npt.NDArray[np.float64], c: npt.NDArray[np.float64], eps: float, smoothing: float
+) -> float:
     tr = _total(r)
     tc = _total(c)
     if not (tr > 0.0 and tc > 0.0):
         return np.nan
     s = 0.0
+    if smoothing > 0.0:
+        # Additive smoothing over the columns non-empty on either side.
+        k = 0
+        for i in range(r.shape[0]):
+            if r[i] + c[i] > 0.0:
+                k += 1
+        sr = tr + smoothing * k
+        sc = tc + smoothing * k
+        for i in range(r.shape[0]):
+            if r[i] + c[i] > 0.0:
+                p = (r[i] + smoothing) / sr
+                q = (c[i] + smoothing) / sc
+                s += (q - p) * math.log(q / p)
+        return s
     for i in range(r.shape[0]):
         p = max(r[i] / tr, eps)
         q = max(c[i] / tc, eps)
@@ -220,34 +252,54 @@ def _yates(observed: float, expected: float) -> float:
 
 @jit
 def _chi2_row(
-    r: npt.NDArray[np.float64], c: npt.NDArray[np.float64], correction: bool
+    r: npt.NDArray[np.float64],
+    c: npt.NDArray[np.float64],
+    correction: bool,
+    min_expected: float,
 ) -> tuple[float, float, float]:
-    """(statistic, p-value, dof) of chi2_contingency([r, c]) without all-zero columns."""
+    """(statistic, p-value, dof) of chi2_contingency on [r, c] pooled: all-zero columns dropped,
+    adjacent columns pooled until both expected counts reach ``min_expected`` (0: no pooling)."""
     tr = _total(r)
     tc = _total(c)
     if not (tr > 0.0 and tc > 0.0):
         return np.nan, np.nan, np.nan
-    n_cols = 0
-    for i in range(r.shape[0]):
-        if r[i] + c[i] > 0.0:
-            n_cols += 1
-    dof = n_cols - 1
-    if dof == 0:
-        return 0.0, 1.0, 0.0
     total = tr + tc
-    yates = correction and dof == 1
-    stat = 0.0
+    # A pooled column of total ``col`` expects min(tr, tc) * col / total in its smaller row.
+    need = min_expected * total / min(tr, tc)
+    pooled_r = np.zeros(r.shape[0])
+    pooled_c = np.zeros(r.shape[0])
+    n_cols = 0
+    open_total = 0.0
     for i in range(r.shape[0]):
         col = r[i] + c[i]
         if col > 0.0:
-            er = tr * col / total
-            ec = tc * col / total
-            o_r = r[i]
-            o_c = c[i]
-            if yates:
-                o_r = _yates(o_r, er)
-                o_c = _yates(o_c, ec)
-            stat += (o_r - er) ** 2 / er + (o_c - ec) ** 2 / ec
+            pooled_r[n_cols] += r[i]
+            pooled_c[n_cols] += c[i]
+            open_total += col
+            if open_total >= need:
+                n_cols += 1
+                open_total = 0.0
+    if open_total > 0.0:  # a last pool short of the minimum joins the one before it
+        if n_cols > 0:
+            pooled_r[n_cols - 1] += pooled_r[n_cols]
+            pooled_c[n_cols - 1] += pooled_c[n_cols]
+        else:
+            n_cols = 1
+    dof = n_cols - 1
+    if dof == 0:
+        return 0.0, 1.0, 0.0
+    yates = correction and dof == 1
+    stat = 0.0
+    for i in range(n_cols):
+        col = pooled_r[i] + pooled_c[i]
+        er = tr * col / total
+        ec = tc * col / total
+        o_r = pooled_r[i]
+        o_c = pooled_c[i]
+        if yates:
+            o_r = _yates(o_r, er)
+            o_c = _yates(o_c, ec)
+        stat += (o_r - er) ** 2 / er + (o_c - ec) ** 2 / ec
     return stat, _chi2_sf(stat, float(dof)), float(dof)
 
 
@@ -257,11 +309,11 @@ def _chi2_row(
 
 @jit
 def _psi_2d(
-    ref: npt.NDArray[np.float64], cur: npt.NDArray[np.float64], eps: float
+    ref: npt.NDArray[np.float64], cur: npt.NDArray[np.float64], eps: float, smoothing: float
 ) -> npt.NDArray[np.float64]:
     out = np.empty(ref.shape[0])
     for f in range(ref.shape[0]):
-        out[f] = _psi_row(ref[f], cur[f], eps)
+        out[f] = _psi_row(ref[f], cur[f], eps, smoothing)
     return out
 
 
@@ -305,11 +357,14 @@ def _linf_2d(ref: npt.NDArray[np.float64], cur: npt.NDArray[np.float64]) -> npt.
 
 @jit
 def _chi2_2d(
-    ref: npt.NDArray[np.float64], cur: npt.NDArray[np.float64], correction: bool
+    ref: npt.NDArray[np.float64],
+    cur: npt.NDArray[np.float64],
+    correction: bool,
+    min_expected: float,
 ) -> npt.NDArray[np.float64]:
     out = np.empty((3, ref.shape[0]))
     for f in range(ref.shape[0]):
-        stat, p, dof = _chi2_row(ref[f], cur[f], correction)
+        stat, p, dof = _chi2_row(ref[f], cur[f], correction, min_expected)
         out[0, f] = stat
         out[1, f] = p
         out[2, f] = dof
@@ -325,6 +380,8 @@ def _drift_all(
     eps: float,
     log_base: float,
     correction: bool,
+    smoothing: float,
+    min_expected: float,
 ) -> npt.NDArray[np.float64]:
     n_features = ref.shape[0]
     n_ordered = ref.shape[1] - 1  # all but the NaN column
@@ -332,7 +389,7 @@ def _drift_all(
     for f in range(n_features):
         r = ref[f]
         c = cur[f]
-        out[0, f] = _psi_row(r, c, eps)
+        out[0, f] = _psi_row(r, c, eps, smoothing)
         out[1, f] = _js_row(r, c, log_base)
         if ordered:
             out[2, f] = _wasserstein_row(r[:n_ordered], c[:n_ordered], support[f])
@@ -340,7 +397,7 @@ def _drift_all(
         else:
             out[2, f] = np.nan
             out[3, f] = np.nan
-        stat, p, dof = _chi2_row(r, c, correction)
+        stat, p, dof = _chi2_row(r, c, correction, min_expected)
         out[4, f] = stat
         out[5, f] = p
         out[6, f] = dof
@@ -457,14 +514,29 @@ def _shape_out(values: npt.NDArray[np.float64], one_d: bool) -> npt.NDArray[np.f
     return values.reshape(()) if one_d else values
 
 
-def psi(
-    reference: npt.NDArray[np.number], current: npt.NDArray[np.number], eps: float = PSI_EPSILON
-) -> npt.NDArray[np.float64]:
-    """Population Stability Index per feature (epsilon rule: module docstring)."""
+def _check_eps(eps: float) -> float:
     if not (isinstance(eps, float | int) and 0.0 < eps < 1.0):
         raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+def _check_non_negative(name: str, value: float) -> float:
+    if isinstance(value, bool) or not (isinstance(value, float | int) and 0.0 <= value < np.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def psi(
+    reference: npt.NDArray[np.number],
+    current: npt.NDArray[np.number],
+    eps: float = PSI_EPSILON,
+    smoothing: float = 0.0,
+) -> npt.NDArray[np.float64]:
+    """Population Stability Index per feature (epsilon and smoothing rules: module docstring)."""
+    eps = _check_eps(eps)
+    smoothing = _check_non_negative("smoothing", smoothing)
     ref, cur, one_d = _pair(reference, current)
-    return _shape_out(_psi_2d(ref, cur, float(eps)), one_d)
+    return _shape_out(_psi_2d(ref, cur, eps, smoothing), one_d)
 
 
 def _log_base(base: float | None) -> float:
@@ -530,11 +602,16 @@ class Chi2Result(NamedTuple):
 
 
 def chi2_homogeneity(
-    reference: npt.NDArray[np.number], current: npt.NDArray[np.number], correction: bool = True
+    reference: npt.NDArray[np.number],
+    current: npt.NDArray[np.number],
+    correction: bool = True,
+    min_expected: float = 0.0,
 ) -> Chi2Result:
-    """``chi2_contingency([reference, current], correction)`` per feature, empty bins dropped."""
+    """``chi2_contingency([reference, current], correction)`` per feature, empty bins dropped
+    and, with ``min_expected``, sparse columns pooled (pooling rule: module docstring)."""
+    min_expected = _check_non_negative("min_expected", min_expected)
     ref, cur, one_d = _pair(reference, current)
-    out = _chi2_2d(ref, cur, bool(correction))
+    out = _chi2_2d(ref, cur, bool(correction), min_expected)
     return Chi2Result(
         _shape_out(out[0], one_d), _shape_out(out[1], one_d), _shape_out(out[2], one_d)
     )
@@ -598,15 +675,20 @@ def drift_scores(
     eps: float = PSI_EPSILON,
     base: float | None = None,
     correction: bool = True,
+    smoothing: float = 0.0,
+    min_expected: float = 0.0,
 ) -> DriftScores:
     """Every count statistic for ``[features, columns]`` counts in one kernel call.
 
     With ``edges`` the counts must have the numeric histogram layout of those edges
     (``[features, edges.width]``); without, they are treated as categorical counts and the
     ordered statistics (wasserstein, ks) are NaN.  Column usage: see the module docstring.
+    ``smoothing`` is PSI's (as :func:`psi`), ``min_expected`` the chi-square's pooling (as
+    :func:`chi2_homogeneity`).
     """
-    if not (isinstance(eps, float | int) and 0.0 < eps < 1.0):
-        raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
+    eps = _check_eps(eps)
+    smoothing = _check_non_negative("smoothing", smoothing)
+    min_expected = _check_non_negative("min_expected", min_expected)
     log_base = _log_base(base)
     ref, cur, _ = _pair(reference, current)
     if edges is None:
@@ -622,8 +704,50 @@ def drift_scores(
             )
         support = edges.support
         ordered = True
-    table = _DRIFT_ALL(ref, cur, support, ordered, float(eps), log_base, bool(correction))
+    table = _DRIFT_ALL(
+        ref, cur, support, ordered, eps, log_base, bool(correction), smoothing, min_expected
+    )
     return DriftScores(table)
+
+
+def open_ended(counts: npt.NDArray[np.integer], edges: BinEdges) -> npt.NDArray[np.int64]:
+    """Numeric histogram counts with open outer bins: the underflow column added to the first
+    bin and the overflow column to each feature's last bin (both then 0), the NaN column kept.
+
+    The reference's own counts do not change (its extremes are the outer edges); a window's
+    values just outside the reference range then count as the outer bin's, not as a column the
+    reference has no share of.
+    """
+    arr = np.array(counts, dtype=np.int64)  # a copy
+    if arr.shape != (edges.n_features, edges.width):
+        raise ValueError(
+            f"counts must have shape {(edges.n_features, edges.width)}, got {arr.shape}"
+        )
+    over = edges.overflow_column
+    features = np.arange(edges.n_features)
+    last_bin = edges.sizes - 1  # bin k-1 of a feature with k bins sits in column k
+    arr[:, 1] += arr[:, 0]
+    arr[:, 0] = 0
+    arr[features, last_bin] += arr[:, over]
+    arr[:, over] = 0
+    return arr
+
+
+def holm(pvalues: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1) over the finite
+    entries of ``pvalues``; NaN entries stay NaN and do not count as tests.  Rejecting where the
+    adjusted p-value is <= alpha keeps the family-wise error rate at alpha for any dependence
+    between the tests (as ``statsmodels.stats.multitest.multipletests(p, method="holm")``)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    m = tested.size
+    if m == 0:
+        return out
+    order = tested[np.argsort(p[tested], kind="stable")]
+    scaled = p[order] * (m - np.arange(m))
+    out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

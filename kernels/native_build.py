@@ -47,7 +47,15 @@ def _signatures() -> dict[str, Any]:
     signatures["moments_merge"] = types.void(f64_2d, f64_2d)
     signatures["moments_subtract"] = types.int64(f64_2d, f64_2d)
     signatures["drift_all"] = f64_2d(
-        f64_2d, f64_2d, f64_2d, types.boolean, types.float64, types.float64, types.boolean
+        f64_2d,
+        f64_2d,
+        f64_2d,
+        types.boolean,
+        types.float64,
+        types.float64,
+        types.boolean,
+        types.float64,
+        types.float64,
     )
     return signatures
 

@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -38,11 +38,18 @@ from edgewise.kernels import (
     CategoricalState,
     FeatureProfile,
     drift_scores,
+    holm,
     ks_2samp,
+    open_ended,
     wasserstein_samples,
 )
 from edgewise.runtime.errors import InvalidInput, ModelNotFound
-from edgewise.runtime.monitor_config import DEFAULT_THRESHOLDS, MonitorConfig
+from edgewise.runtime.monitor_config import (
+    DEFAULT_THRESHOLDS,
+    MIN_EXPECTED,
+    PSI_SMOOTHING,
+    MonitorConfig,
+)
 from edgewise.runtime.profile import ReferenceProfile
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "ModelMonitor",
     "MonitorConfig",
     "WindowStats",
+    "judge",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,8 +71,6 @@ log = logging.getLogger(__name__)
 WINDOWS: Final = ("current", "previous", "decayed", "lifetime")
 #: The windows that keep a reservoir of their rows, hence the windows the exact tests can cover.
 EXACT_WINDOWS: Final = ("current", "previous")
-
-PSI_WARNING: Final = 0.1
 
 #: Called ``(kind, details)`` when something worth an alert happens (the server's AlertHook.fire).
 AlertHook = Callable[[str, Mapping[str, Any]], object]
@@ -495,7 +501,7 @@ class ModelMonitor:
         exact tests on the window's reservoir (``current`` and ``previous`` only). Pure."""
         view = self._view(window, exact and scores)
         rows = view.rows
-        thresholds = dict(self.config.thresholds)
+        thresholds = verdict_thresholds(self.config)
         report = DriftReport(
             model=self.model,
             version=self.version,
@@ -513,8 +519,7 @@ class ModelMonitor:
         self._numeric_features(report, view, scores)
         self._categorical_features(report, view, scores)
         if not report.insufficient_data:
-            for feature in report.features:
-                _judge(feature, thresholds)
+            judge(report.features, self.config)
             report.drifting = any(f.drifting for f in report.features)
         return report
 
@@ -524,7 +529,13 @@ class ModelMonitor:
             return
         table = None
         if scores and view.numeric is not None and view.rows > 0:
-            table = drift_scores(numeric.counts, view.numeric, numeric.edges)
+            table = drift_scores(
+                numeric.counts,
+                open_ended(view.numeric, numeric.edges),
+                numeric.edges,
+                smoothing=PSI_SMOOTHING,
+                min_expected=MIN_EXPECTED,
+            )
         for index, name in enumerate(numeric.names):
             feature = FeatureReport(name, "numeric", {}, False, False, [], {})
             if table is not None:
@@ -551,7 +562,12 @@ class ModelMonitor:
                 # Counts rows are [categories..., padding..., unseen]: keep this feature's own.
                 row = view.categorical[index]
                 current = np.concatenate([row[: len(cat.categories)], row[-1:]])
-                table = drift_scores(cat.counts[None, :], current[None, :])
+                table = drift_scores(
+                    cat.counts[None, :],
+                    current[None, :],
+                    smoothing=PSI_SMOOTHING,
+                    min_expected=MIN_EXPECTED,
+                )
                 feature.scores = {
                     "psi": float(table.psi[0]),
                     "jensenshannon": float(table.jensenshannon[0]),
@@ -654,11 +670,52 @@ def _numeric_statistics(profile: FeatureProfile, index: int, overflow: int) -> d
     }
 
 
-def _judge(feature: FeatureReport, thresholds: Mapping[str, float]) -> None:
+def verdict_thresholds(config: MonitorConfig) -> dict[str, float]:
+    """What a report shows as its thresholds: the minimum effects (statistic -> value a
+    significant feature must reach) and the family-wise rates ``alpha`` and ``warning_alpha``
+    its Holm-adjusted chi-square p-value must not exceed."""
+    return {**config.thresholds, "alpha": config.alpha, "warning_alpha": config.warning_alpha}
+
+
+def judge(features: Sequence[FeatureReport], config: MonitorConfig) -> None:
+    """The drift verdict of one window (the server's and batch's): per feature the chi-square
+    homogeneity test's p-value, Holm-adjusted over the features that have one, against
+    ``config.alpha`` (drifting) and ``config.warning_alpha`` (warning), each gated by the
+    minimum effects of ``config.thresholds`` (rule and expected false-alarm rate:
+    :mod:`edgewise.runtime.monitor_config`). Adds ``chi2_pvalue_adjusted`` to each judged
+    feature's scores and sets its ``drifting``, ``warning`` and ``reasons``."""
+    raw = [f.scores.get("chi2_pvalue", math.nan) for f in features]
+    for feature, adjusted in zip(features, holm(raw), strict=True):
+        _judge_feature(feature, float(adjusted), config)
+
+
+def _judge_feature(feature: FeatureReport, adjusted: float, config: MonitorConfig) -> None:
+    feature.drifting = feature.warning = False
+    feature.reasons = []
+    if math.isnan(adjusted):
+        return
+    feature.scores["chi2_pvalue_adjusted"] = adjusted
+    effects = _effects(feature.scores, config.thresholds)
+    if config.thresholds and not effects:
+        return
+    test = (
+        f"chi2 p {feature.scores['chi2_pvalue']:.3g} (Holm {adjusted:.3g})"
+        f" <= {config.alpha if adjusted <= config.alpha else config.warning_alpha:g}"
+    )
+    if adjusted <= config.alpha:
+        feature.drifting = True
+    elif adjusted <= config.warning_alpha:
+        feature.warning = True
+    else:
+        return
+    feature.reasons = [test, *effects]
+
+
+def _effects(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> list[str]:
+    """The minimum effects ``scores`` reach, as reasons."""
+    reached = []
     for statistic, limit in thresholds.items():
-        value = feature.scores.get(statistic)
+        value = scores.get(statistic)
         if value is not None and not math.isnan(value) and value >= limit:
-            feature.drifting = True
-            feature.reasons.append(f"{statistic} {value:.3g} >= {limit:g}")
-    psi = feature.scores.get("psi", math.nan)
-    feature.warning = not feature.drifting and psi >= PSI_WARNING
+            reached.append(f"{statistic} {value:.3g} >= {limit:g}")
+    return reached

@@ -160,6 +160,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{number:.{digits}g}"
 
 
+def _verdict_rule(thresholds: Mapping[str, Any]) -> str:
+    """The drift rule a report was judged by (runtime.monitor.judge), in words."""
+    effects = " or ".join(
+        f"{k} ≥ {_fmt(v, 3)}" for k, v in thresholds.items() if k not in _RATES and v is not None
+    )
+    rates = [
+        f"Holm-adjusted chi-square p ≤ {_fmt(thresholds[k], 3)} ({k})"
+        for k in _RATES
+        if thresholds.get(k) is not None
+    ]
+    return "; ".join(rates) + (f"; minimum effect {effects}" if effects else "")
+
+
+_RATES = ("alpha", "warning_alpha")
+
+
 def _status(feature: Mapping[str, Any], judged: bool) -> tuple[str, str]:
     if not feature["scores"]:
         return "na", "no scores"
@@ -168,7 +184,7 @@ def _status(feature: Mapping[str, Any], judged: bool) -> tuple[str, str]:
     if feature["drifting"]:
         return "drift", "DRIFT: " + "; ".join(feature["reasons"])
     if feature["warning"]:
-        return "warn", "warning (PSI ≥ 0.1)"
+        return "warn", "warning: " + "; ".join(feature["reasons"])
     return "ok", "ok"
 
 
@@ -271,8 +287,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             f"DRIFTING: {len(report['drifting_features'])} of {len(features)} features ({names})",
         )
     else:
-        verdict = ("ok", f"No drift: all {len(features)} features within thresholds")
-    thresholds = ", ".join(f"{k} ≥ {_fmt(v, 3)}" for k, v in report["thresholds"].items())
+        verdict = ("ok", f"No drift: no feature of {len(features)} differs significantly")
+    thresholds = _verdict_rule(report["thresholds"])
     order = _order(features)
     rows = []
     for index in order:

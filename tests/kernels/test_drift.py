@@ -18,10 +18,12 @@ from edgewise.kernels import (
     chi2_homogeneity,
     drift_scores,
     histogram_counts,
+    holm,
     jensenshannon,
     ks_2samp,
     ks_binned,
     linf_distance,
+    open_ended,
     psi,
     quantile_edges,
     wasserstein_binned,
@@ -201,6 +203,142 @@ def test_chi2_edge_cases() -> None:
     want = stats.chi2_contingency(np.array([[100000, 0, 5], [0, 100000, 5]]))
     assert float(big.statistic) == pytest.approx(want.statistic, rel=1e-12)
     assert float(big.pvalue) == want.pvalue == 0.0
+
+
+def naive_pool(r: np.ndarray, c: np.ndarray, m: float) -> np.ndarray:
+    """The pooling rule written out: the 2 x k table of pooled non-empty columns."""
+    need = m * (r.sum() + c.sum()) / min(r.sum(), c.sum())
+    pools: list[list[float]] = []
+    open_pool = [0.0, 0.0]
+    for a, b in zip(r, c, strict=True):
+        if a + b == 0:
+            continue
+        open_pool = [open_pool[0] + a, open_pool[1] + b]
+        if sum(open_pool) >= need:
+            pools.append(open_pool)
+            open_pool = [0.0, 0.0]
+    if sum(open_pool) > 0:
+        if pools:
+            pools[-1] = [pools[-1][0] + open_pool[0], pools[-1][1] + open_pool[1]]
+        else:
+            pools.append(open_pool)
+    return np.array(pools).T
+
+
+@SETTINGS
+@given(count_pairs(max_bins=12), st.sampled_from([1.0, 5.0]), st.booleans())
+def test_pooled_chi2_matches_scipy_on_the_pooled_table(
+    pair: tuple[np.ndarray, np.ndarray], min_expected: float, correction: bool
+) -> None:
+    ref, cur = pair
+    got = chi2_homogeneity(ref, cur, correction=correction, min_expected=min_expected)
+    for f in range(ref.shape[0]):
+        if _empty(ref[f]) or _empty(cur[f]):
+            assert np.isnan(got.pvalue[f])
+            continue
+        table = naive_pool(ref[f], cur[f], min_expected)
+        stat, p, dof = scipy_chi2(table[0], table[1], correction)
+        assert got.dof[f] == dof
+        assert got.statistic[f] == pytest.approx(stat, rel=1e-12, abs=1e-12)
+        assert got.pvalue[f] == pytest.approx(p, rel=1e-9, abs=1e-300)
+        if dof > 0:  # every pooled expected count reaches the minimum
+            assert stats.contingency.expected_freq(table).min() >= min_expected * (1 - 1e-12)
+
+
+def test_pooling_leaves_adequate_tables_alone_and_merges_sparse_columns() -> None:
+    ref = np.array([40, 0, 50, 60, 3, 0])
+    cur = np.array([30, 0, 45, 20, 1, 0])
+    plain = chi2_homogeneity(ref, cur)
+    pooled = chi2_homogeneity(ref, cur, min_expected=2.0)
+    want = stats.chi2_contingency(np.array([[40, 50, 63], [30, 45, 21]]))
+    assert float(pooled.dof) == want.dof == 2  # the sparse last column joins the one before
+    assert float(pooled.statistic) == pytest.approx(want.statistic, rel=1e-12)
+    assert float(pooled.pvalue) == pytest.approx(want.pvalue, rel=1e-10)
+    assert float(plain.dof) == 3
+    # Everything below the minimum: one pool, no test (dof 0, p 1).
+    tiny = chi2_homogeneity(np.array([1, 2]), np.array([2, 1]), min_expected=5.0)
+    assert (float(tiny.statistic), float(tiny.pvalue), float(tiny.dof)) == (0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="min_expected"):
+        chi2_homogeneity(ref, cur, min_expected=-1.0)
+
+
+def naive_smoothed_psi(r: np.ndarray, c: np.ndarray, a: float) -> float:
+    keep = (r + c) > 0
+    r, c = r[keep], c[keep]
+    p = (r + a) / (r.sum() + a * r.size)
+    q = (c + a) / (c.sum() + a * c.size)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+@SETTINGS
+@given(count_pairs(), st.sampled_from([0.5, 1.0]))
+def test_smoothed_psi_matches_naive(pair: tuple[np.ndarray, np.ndarray], a: float) -> None:
+    ref, cur = pair
+    got = psi(ref, cur, smoothing=a)
+    for f in range(ref.shape[0]):
+        if _empty(ref[f]) or _empty(cur[f]):
+            assert np.isnan(got[f])
+        else:
+            assert got[f] == pytest.approx(naive_smoothed_psi(ref[f], cur[f], a), abs=1e-12)
+
+
+def test_smoothing_bounds_what_an_empty_window_bin_adds() -> None:
+    # 100 window rows, one of ten equal reference bins empty (probability 0.9**100 under no
+    # drift): with eps clipping the empty bin alone adds 0.1 ln(0.1 / 1e-4) = 0.69 PSI.
+    ref = np.full(10, 100)
+    cur = np.array([0] + [11] * 9 + [1])[:10]
+    cur[1] += 100 - cur.sum()
+    clipped = float(psi(ref, cur))
+    smoothed = float(psi(ref, cur, smoothing=0.5))
+    assert clipped > 0.69
+    assert smoothed < clipped / 2
+    assert smoothed == pytest.approx(naive_smoothed_psi(ref, cur, 0.5), abs=1e-12)
+    with pytest.raises(ValueError, match="smoothing"):
+        psi(ref, cur, smoothing=-0.5)
+
+
+def test_open_ended_folds_outer_columns_into_the_outer_bins() -> None:
+    edges = BinEdges.from_ragged([np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0])])
+    values = np.array([[-5.0, 0.5], [0.5, 7.0], [9.0, np.nan], [2.5, -1.0]])
+    counts = histogram_counts(values, edges)
+    folded = open_ended(counts, edges)
+    assert folded.sum() == counts.sum()
+    np.testing.assert_array_equal(folded[:, 0], 0)
+    np.testing.assert_array_equal(folded[:, edges.overflow_column], 0)
+    np.testing.assert_array_equal(folded[:, edges.nan_column], counts[:, edges.nan_column])
+    # Feature 0 (3 bins): -5 joins bin 0, 9 joins bin 2; feature 1 (1 bin): -1 and 7 join it.
+    assert folded[0, 1:4].tolist() == [2, 0, 2]
+    assert folded[1, 1] == 3
+    np.testing.assert_array_equal(counts, histogram_counts(values, edges))  # input untouched
+    with pytest.raises(ValueError, match="shape"):
+        open_ended(counts[:, :-1], edges)
+
+
+def naive_holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down rule written out: the smallest alpha at which each test is rejected."""
+    m = p.size
+    order = np.argsort(p)
+    out = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        out[index] = running
+    return out
+
+
+@SETTINGS
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30))
+def test_holm_matches_the_step_down_rule(values: list[float]) -> None:
+    p = np.array(values)
+    np.testing.assert_allclose(holm(p), naive_holm(p), rtol=1e-15, atol=0.0)
+
+
+def test_holm_skips_untested_features() -> None:
+    got = holm([0.01, np.nan, 0.04, 0.2])
+    np.testing.assert_allclose(got[[0, 2, 3]], naive_holm(np.array([0.01, 0.04, 0.2])))
+    assert np.isnan(got[1])
+    assert np.isnan(holm([np.nan])).all()
+    assert holm([]).shape == (0,)
 
 
 def test_negative_or_nonfinite_counts_give_nan() -> None:

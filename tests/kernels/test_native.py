@@ -153,8 +153,18 @@ def test_merge_subtract_and_drift_equal_numba(native: Any) -> None:
     current = current.astype(np.float64)
     kernel = dispatcher(drift, "_drift_all")
     for support, ordered in ((edges.support, True), (drift._NO_SUPPORT, False)):
-        for correction in (True, False):
-            args = (reference, current, support, ordered, 1e-4, np.e, correction)
+        for correction, smoothing, min_expected in ((True, 0.0, 0.0), (False, 0.5, 5.0)):
+            args = (
+                reference,
+                current,
+                support,
+                ordered,
+                1e-4,
+                np.e,
+                correction,
+                smoothing,
+                min_expected,
+            )
             np.testing.assert_array_equal(native.drift_all(*args), kernel(*args))
 
 

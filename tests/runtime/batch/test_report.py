@@ -119,7 +119,7 @@ def test_report_flags_the_moved_features_only(drifted: Path, model_repo: Path) -
     )
     assert moved["distribution"]["batch"][-2] > 0  # "above range" bin filled
     still = by_name["mean texture"]
-    assert not still["drifting"] and still["scores"]["psi"] == pytest.approx(0, abs=1e-9)
+    assert not still["drifting"] and still["scores"]["psi"] == pytest.approx(0, abs=1e-6)
     assert sum(still["distribution"]["reference"]) == 569
     # The batch is the training data tiled 20 times: the same share in every bin.
     assert still["distribution"]["batch"] == [20 * c for c in still["distribution"]["reference"]]

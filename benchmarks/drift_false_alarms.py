@@ -1,0 +1,299 @@
+"""False alarms and power of the drift verdict: prints ONE JSON line per case.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/drift_false_alarms.py            # 100 splits per case
+    .venv/bin/python benchmarks/drift_false_alarms.py --quick    # 20 splits
+    .venv/bin/python benchmarks/drift_false_alarms.py --dataset wine --splits 400
+
+For each of scikit-learn's breast-cancer, wine, digits and diabetes data (shipped inside
+scikit-learn, no download), many random splits: the reference profile is built from one part the
+way ``edgewise convert`` builds it (:func:`infer_features`, :func:`frame_to_inputs`,
+:func:`build_profile`), the other part is observed as one window by a :class:`ModelMonitor`
+(no server) and judged by its verdict (``report().drifting``: the model, any feature).
+
+Cases (``shift``):
+
+* ``none``: the held-out rows as they are (in distribution): the figure is the share of splits
+  flagged, a false alarm; target <= 1 % at the default window (100 rows, ``min_rows``);
+* ``plus_1sd``: one feature (``feature``) moved by +1 reference standard deviation;
+* ``scale_1.5``: that feature spread x1.5 around the reference mean;
+* ``other_class``: the reference from rows of the other classes, the window from one class;
+* ``older_age`` (diabetes): the reference from rows with age <= median, the window from older
+  rows.
+
+For the shifted cases the figure is the power (share of splits flagged). Each line also has, on
+the same windows, the ``baseline``: the old rule (fixed thresholds PSI >= 0.25, JS >= 0.2,
+binned KS >= 0.2, L-inf >= 0.2 on PSI with 1e-4 clipping), and the ``oracle``: SciPy's exact
+``ks_2samp`` on the raw rows per feature with a Bonferroni correction at the same alpha (0.01).
+``ratio`` is ``value / baseline_value`` (its meaning is on the line). Windows below 100 rows are
+judged here too (``min_rows`` 0) to show the power curve; the server reports them unjudged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn import datasets
+
+from edgewise.kernels import drift_scores
+from edgewise.runtime.features import frame_to_inputs, infer_features
+from edgewise.runtime.monitor import ModelMonitor
+from edgewise.runtime.monitor_config import DEFAULT_ALPHA, MonitorConfig
+from edgewise.runtime.profile import ReferenceProfile, build_profile
+
+WINDOWS = (50, 100, 200, 500)
+DEFAULT_WINDOW = 100
+#: The reference keeps at least this many rows in the in-distribution splits.
+MIN_REFERENCE_ROWS = 50
+#: Share of the other group's rows the group cases build the reference from.
+GROUP_REFERENCE_SHARE = 0.8
+TARGET_FALSE_ALARMS = 0.01
+OLD_THRESHOLDS = {"psi": 0.25, "jensenshannon": 0.2, "ks": 0.2, "linf": 0.2}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    frame: pd.DataFrame  # features only
+    target: np.ndarray
+    feature: str  # the feature the +1 sd and x1.5 cases move
+    classifier: bool
+
+
+def load(name: str) -> Dataset:
+    loaders: dict[str, tuple[Callable[..., Any], str, bool]] = {
+        "breast_cancer": (datasets.load_breast_cancer, "mean radius", True),
+        "wine": (datasets.load_wine, "alcohol", True),
+        "digits": (datasets.load_digits, "pixel_5_3", True),
+        "diabetes": (datasets.load_diabetes, "bmi", False),
+    }
+    loader, feature, classifier = loaders[name]
+    bunch = loader(as_frame=True)
+    return Dataset(name, bunch.data, np.asarray(bunch.target), feature, classifier)
+
+
+@dataclass(frozen=True)
+class Split:
+    reference: np.ndarray  # row indices
+    window: np.ndarray
+    transform: Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame] | None = None
+
+
+def _identity_split(n: int, rows: int, rng: np.random.Generator) -> Split | None:
+    if n - rows < MIN_REFERENCE_ROWS:
+        return None
+    order = rng.permutation(n)
+    return Split(order[rows:], order[:rows])
+
+
+def _group_split(group: np.ndarray, rows: int, rng: np.random.Generator) -> Split | None:
+    inside = np.flatnonzero(group)
+    outside = np.flatnonzero(~group)
+    if inside.size < rows:
+        return None
+    reference = rng.permutation(outside)[: round(outside.size * GROUP_REFERENCE_SHARE)]
+    return Split(reference, rng.permutation(inside)[:rows])
+
+
+def _moved(feature: str, how: str) -> Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]:
+    def move(reference: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame:
+        out = window.copy()
+        mean = float(reference[feature].mean())
+        sd = float(reference[feature].std(ddof=0))
+        column = out[feature].astype(np.float64)
+        out[feature] = column + sd if how == "plus_1sd" else mean + 1.5 * (column - mean)
+        return out
+
+    return move
+
+
+def splits(data: Dataset, shift: str, rows: int, seed: int) -> Split | None:
+    rng = np.random.default_rng([seed, rows, len(shift)])
+    n = len(data.frame)
+    if shift == "none":
+        return _identity_split(n, rows, rng)
+    if shift in ("plus_1sd", "scale_1.5"):
+        split = _identity_split(n, rows, rng)
+        return (
+            None
+            if split is None
+            else Split(split.reference, split.window, _moved(data.feature, shift))
+        )
+    if shift == "other_class":
+        return _group_split(data.target == 0, rows, rng)
+    if shift == "older_age":
+        age = data.frame["age"].to_numpy()
+        return _group_split(age > np.median(age), rows, rng)
+    raise ValueError(shift)
+
+
+def shifts(data: Dataset) -> tuple[str, ...]:
+    extra = ("other_class",) if data.classifier else ("older_age",)
+    return ("none", "plus_1sd", "scale_1.5", *extra)
+
+
+# ---- the three verdicts -----------------------------------------------------------------------
+
+
+def profile_of(frame: pd.DataFrame) -> tuple[ReferenceProfile, Any]:
+    """The reference profile as ``edgewise convert`` builds it, and the model's features."""
+    features = infer_features(frame)
+    return build_profile(frame_to_inputs(features, frame), features), features
+
+
+def verdicts(
+    reference: pd.DataFrame, window: pd.DataFrame, alpha: float
+) -> tuple[bool, bool, bool]:
+    """(new verdict, old fixed-threshold rule, KS + Bonferroni oracle) of one window."""
+    profile, features = profile_of(reference)
+    monitor = ModelMonitor(
+        "bench", "1", profile, MonitorConfig(window_rows=0, reservoir_rows=0, min_rows=0)
+    )
+    inputs = frame_to_inputs(features, window)
+    monitor.observe(inputs)
+    new = monitor.report("current").drifting
+    snapshot = monitor.snapshot("current")
+    assert snapshot is not None and snapshot.numeric is not None and profile.numeric is not None
+    old = old_rule(profile, snapshot.numeric.histogram.counts)
+    # The oracle sees the model's input tensors (float32), as the monitor does.
+    ref_values = frame_to_inputs(features, reference)["features"].astype(np.float64)
+    win_values = inputs["features"].astype(np.float64)
+    return new, old, ks_bonferroni(ref_values, win_values, alpha)
+
+
+def old_rule(profile: ReferenceProfile, counts: np.ndarray) -> bool:
+    """The verdict before issue 19: any statistic at or above its fixed threshold."""
+    numeric = profile.numeric
+    assert numeric is not None
+    table = drift_scores(numeric.counts, counts, numeric.edges)
+    values = {
+        "psi": table.psi,
+        "jensenshannon": table.jensenshannon,
+        "ks": table.ks,
+        "linf": table.linf,
+    }
+    return any(
+        bool(np.any(np.nan_to_num(values[name], nan=-1.0) >= limit))
+        for name, limit in OLD_THRESHOLDS.items()
+    )
+
+
+def ks_bonferroni(reference: np.ndarray, window: np.ndarray, alpha: float) -> bool:
+    """SciPy's exact two-sample KS per feature, Bonferroni over the features."""
+    m = reference.shape[1]
+    for j in range(m):
+        if stats.ks_2samp(reference[:, j], window[:, j], method="exact").pvalue * m <= alpha:
+            return True
+    return False
+
+
+# ---- cases ------------------------------------------------------------------------------------
+
+
+def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, Any] | None:
+    counts = np.zeros(3, dtype=np.int64)
+    reference_rows = []
+    started = time.perf_counter()
+    for seed in range(n_splits):
+        split = splits(data, shift, rows, seed)
+        if split is None:
+            return None
+        reference = data.frame.iloc[split.reference]
+        window = data.frame.iloc[split.window]
+        if split.transform is not None:
+            window = split.transform(reference, window)
+        counts += np.array(verdicts(reference, window, DEFAULT_ALPHA), dtype=np.int64)
+        reference_rows.append(len(split.reference))
+    new, old, oracle = (float(c) / n_splits for c in counts)
+    null = shift == "none"
+    row: dict[str, Any] = {
+        "case": f"drift_{'false_alarms' if null else 'power'}",
+        "dataset": data.name,
+        "shift": shift,
+        "feature": data.feature if shift in ("plus_1sd", "scale_1.5") else None,
+        "window_rows": rows,
+        "reference_rows": int(np.median(reference_rows)),
+        "features": data.frame.shape[1],
+        "splits": n_splits,
+        "unit": "share of splits flagged drifting" + (" (false alarms)" if null else " (power)"),
+        "value": round(new, 4),
+        "baseline": "old rule: psi>=0.25 | js>=0.2 | ks>=0.2 | linf>=0.2 (eps 1e-4)",
+        "baseline_value": round(old, 4),
+        "ratio": round(new / old, 3) if old else None,
+        "ratio_meaning": "new/baseline share ("
+        + ("<1: fewer false alarms" if null else ">=1: at least the baseline's power")
+        + ")",
+        "oracle": f"scipy ks_2samp exact + Bonferroni at {DEFAULT_ALPHA:g}",
+        "oracle_value": round(oracle, 4),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if null:
+        # A one-sided binomial 95 % upper bound on the true rate, from the splits measured.
+        row["upper_95"] = round(_upper_bound(int(counts[0]), n_splits), 4)
+        if rows == DEFAULT_WINDOW:
+            row["target"] = f"<= {TARGET_FALSE_ALARMS:g} at {DEFAULT_WINDOW} rows"
+            row["meets_target"] = new <= TARGET_FALSE_ALARMS
+    return row
+
+
+def _upper_bound(flagged: int, n: int, confidence: float = 0.95) -> float:
+    """Clopper-Pearson one-sided upper bound of a binomial proportion."""
+    if flagged >= n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, flagged + 1, n - flagged))
+
+
+def cases(names: list[str], n_splits: int) -> Iterator[dict[str, Any]]:
+    for name in names:
+        data = load(name)
+        for shift in shifts(data):
+            for rows in WINDOWS:
+                row = run_case(data, shift, rows, n_splits)
+                if row is not None:
+                    yield row
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 splits per case")
+    parser.add_argument("--splits", type=int, default=100, help="random splits per case")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        choices=["breast_cancer", "wine", "digits", "diabetes"],
+        help="only these data sets (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    n_splits = 20 if args.quick else args.splits
+    env = environment()
+    names = args.dataset or ["breast_cancer", "wine", "digits", "diabetes"]
+    for row in cases(names, n_splits):
+        row["quick"] = args.quick
+        row["env"] = env
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
