@@ -197,8 +197,12 @@ def pick_default(available: Iterable[int], config: ModelConfig) -> int | None:
 
 
 def default_version(model_dir: Path, default_policy: VersionPolicy | None = None) -> int:
-    """:func:`pick_default` over the versions on disk of the model in ``model_dir``, as a server
-    started now would serve it (:class:`ModelNotFound` when it has none)."""
+    """:func:`pick_default` over the versions on disk of the model in ``model_dir``, under the
+    version policy of its ``config.json``, else ``default_policy`` (the server passes its
+    ``--version-policy``; ``edgewise batch``, ``evaluate`` and ``gate`` know none and use
+    ``latest:1``). The pick is the server's unless a server-wide ``specific:`` policy applies
+    (``latest:N`` and ``all`` select the highest version too). :class:`ModelNotFound` when the
+    model has no versions."""
     picked = pick_default(
         list_versions(model_dir), read_model_config(model_dir, default_policy or VersionPolicy())
     )
