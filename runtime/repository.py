@@ -196,16 +196,13 @@ def pick_default(available: Iterable[int], config: ModelConfig) -> int | None:
     return max(selected or versions)
 
 
-def default_version(model_dir: Path, default_policy: VersionPolicy | None = None) -> int:
+def default_version(model_dir: Path) -> int:
     """:func:`pick_default` over the versions on disk of the model in ``model_dir``, under the
-    version policy of its ``config.json``, else ``default_policy`` (the server passes its
-    ``--version-policy``; ``edgewise batch``, ``evaluate`` and ``gate`` know none and use
-    ``latest:1``). The pick is the server's unless a server-wide ``specific:`` policy applies
-    (``latest:N`` and ``all`` select the highest version too). :class:`ModelNotFound` when the
-    model has no versions."""
-    picked = pick_default(
-        list_versions(model_dir), read_model_config(model_dir, default_policy or VersionPolicy())
-    )
+    version policy of its ``config.json``, else ``latest:1`` (``edgewise batch``, ``evaluate``
+    and ``gate`` do not know a server's ``--version-policy``): the version a server serves by
+    default unless a server-wide ``specific:`` policy applies (``latest:N`` and ``all`` select
+    the highest version too). :class:`ModelNotFound` when the model has no versions."""
+    picked = pick_default(list_versions(model_dir), read_model_config(model_dir, VersionPolicy()))
     if picked is None:
         raise ModelNotFound(f"model {model_dir.name!r} has no versions in {model_dir.parent}")
     return picked
