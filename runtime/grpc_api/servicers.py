@@ -236,7 +236,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.admission.release(reservation)
 
     def _timed(self, began: float) -> None:
-        """One more model run, begun at ``began`` (perf_counter), in the moving average."""
+        """One more model run, begun at ``began`` (perf_counter), in the moving average. Taken
+        on the grpcio path only, the one that reads it (:meth:`_runs_inline`): the native front
+        end keeps its own average in C++."""
         self.run_seconds += (time.perf_counter() - began - self.run_seconds) / 16
 
     def _infer_counted(
@@ -283,13 +285,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Run and count a prepared request; the monitor's statistics are taken after the
         response: on the loop's next turn, or through ``defer`` (see DataPlane.execute)."""
         model = prepared.model
-        began = time.perf_counter()
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            response = self.dataplane.execute(
-                prepared, deadline, on_loop=defer is None, defer=defer
-            )
-        self._timed(began)
-        return response
+            return self.dataplane.execute(prepared, deadline, on_loop=defer is None, defer=defer)
 
     async def _batched(
         self,
@@ -334,27 +331,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if len(body) > self.inline_max_bytes:
                 return await self._on_worker(self._decode_and_infer, body, deadline, started)
             request = decode(pb.ModelInferRequest, body)
-            return await self._infer(request, deadline, started)
+            return await self._infer(request, deadline, started, small=True)
         except Exception as exc:
             await _abort(context, exc, self.retry_after_ms)
             raise
 
-    def _runs_inline(self, request: pb.ModelInferRequest) -> bool:
+    def _runs_inline(self, request: pb.ModelInferRequest, small: bool) -> bool:
         """Whether ``request`` runs on the event loop: a small one while model runs are cheap
         and the loop is not saturated by them (see LoopLoad); a request for a model with
         batching joins its batch queue from the loop whatever (its batch runs on a worker
-        thread anyway)."""
-        if _payload_bytes(request) > self.inline_max_bytes:
+        thread anyway). ``small``: its body is known to be at most ``inline_max_bytes`` (which
+        bounds its parsing and decoding), else its payload is measured."""
+        if not small and _payload_bytes(request) > self.inline_max_bytes:
             return False
         busy = self.loop_load is not None and self.loop_load.busy
         costly = self.run_seconds > SIDE_BY_SIDE_SECONDS
         return not (busy or costly) or self._batches(request)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float | None, started: float
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: float,
+        small: bool = False,
     ) -> pb.ModelInferResponse:
         reservation = self._admit(request)
-        if not self._runs_inline(request):
+        if not self._runs_inline(request, small):
             run = self._infer_counted
             return await self._on_worker(
                 run, request, deadline, started, reservation, reservation=reservation
@@ -364,7 +366,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if batching is not None:
             return await self._batched(prepared, batching, deadline, started, reservation)
         try:
-            return self._execute_counted(prepared, deadline, started, reservation)
+            began = time.perf_counter()
+            response = self._execute_counted(prepared, deadline, started, reservation)
+            self._timed(began)
+            return response
         finally:
             if self.loop_load is not None:  # the loop's time spent on models
                 self.loop_load.inline_seconds += time.perf_counter() - started

@@ -106,6 +106,22 @@ def test_a_request_is_answered_as_the_model_answers(
     np.testing.assert_array_equal(labels, expected["label"])
 
 
+def test_only_the_grpcio_path_keeps_the_model_run_average(
+    servicer: InferenceServicer, repo: Path
+) -> None:
+    """The servicer's moving average of a model run is what the grpcio path reads to choose
+    where a call runs; the native front end keeps its own in C++, so its calls leave it be."""
+    body = request_bytes("logreg", features(repo, 3))
+    before = servicer.run_seconds
+    code, message, _, _, _ = NativeFront(servicer, None, None, 50).handle(body, None, 10.0, 1)
+    assert (code, message) == (0, "")
+    assert servicer.run_seconds == before
+    context: Any = SimpleNamespace(time_remaining=lambda: None)
+    response = asyncio.run(servicer.infer_bytes(body, context))
+    assert response.model_name == "logreg"
+    assert servicer.run_seconds != before
+
+
 def test_errors_carry_their_status_and_a_message_naming_the_field(
     servicer: InferenceServicer, repo: Path
 ) -> None:
