@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgewise.runtime.config_values import count, flag
 from edgewise.runtime.dataplane import DataPlane, PreparedRequest
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
@@ -67,29 +68,23 @@ class BatchingConfig:
         unknown = set(data) - known
         if unknown:
             raise InvalidInput(f"unknown batching setting(s) {sorted(unknown)}")
-        try:
-            config = cls(
-                max_batch_size=int(data.get("max_batch_size", 32)),
-                max_queue_delay_us=int(data.get("max_queue_delay_us", 500)),
-                preferred_batch_sizes=tuple(
-                    sorted(int(v) for v in data.get("preferred_batch_sizes", ()))
-                ),
-                max_queue_size=int(data.get("max_queue_size", 1024)),
-                idle_dispatch=_flag("idle_dispatch", data.get("idle_dispatch", True)),
-            )
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidInput(f"batching: {exc}") from None
-        if config.max_batch_size < 1 or config.max_queue_delay_us < 0 or config.max_queue_size < 1:
-            raise InvalidInput("batching: sizes must be >= 1 and the delay >= 0")
+        sizes = data.get("preferred_batch_sizes", [])
+        if not isinstance(sizes, list):
+            raise InvalidInput(f"batching.preferred_batch_sizes must be a list, not {sizes!r}")
+        config = cls(
+            max_batch_size=count("batching.max_batch_size", data.get("max_batch_size", 32), 1),
+            max_queue_delay_us=count(
+                "batching.max_queue_delay_us", data.get("max_queue_delay_us", 500)
+            ),
+            preferred_batch_sizes=tuple(
+                sorted(count("batching.preferred_batch_sizes[]", v, 1) for v in sizes)
+            ),
+            max_queue_size=count("batching.max_queue_size", data.get("max_queue_size", 1024), 1),
+            idle_dispatch=flag("batching.idle_dispatch", data.get("idle_dispatch", True)),
+        )
         if any(v < 1 or v > config.max_batch_size for v in config.preferred_batch_sizes):
             raise InvalidInput("batching: preferred sizes must lie in 1..max_batch_size")
         return config
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, not {value!r}")
-    return value
 
 
 def batchable(model: LoadedModel) -> bool:

@@ -134,8 +134,8 @@ class GoldenSet:
                 float(data.get("atol", DEFAULT_ATOL)),
                 float(data.get("rtol", DEFAULT_RTOL)),
             )
-            if not (atol >= 0 and rtol >= 0):
-                raise PackageError("golden requests: atol and rtol must be >= 0")
+            if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+                raise PackageError("golden requests: atol and rtol must be finite and >= 0")
             if not requests or any(not r.inputs or not r.outputs for r in requests):
                 raise PackageError("golden requests: no request, or one without inputs/outputs")
             return cls(

@@ -43,6 +43,12 @@ def test_config_parsing() -> None:
         {"preferred_batch_sizes": [64]},
         {"delay": 1},
         {"idle_dispatch": "yes"},
+        # JSON's own types only: these were read as 2, 8, 1, (4, 8) and -1 us
+        {"max_batch_size": 2.7},
+        {"max_batch_size": "8"},
+        {"max_batch_size": True},
+        {"preferred_batch_sizes": "48"},
+        {"max_queue_delay_us": -1},
     )
     for bad in bad_settings:
         with pytest.raises(InvalidInput):

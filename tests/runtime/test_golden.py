@@ -165,6 +165,12 @@ def test_nan_and_infinity_survive_json(package: Path, tmp_path: Path) -> None:
             '{"datatype": "FP32", "shape": [1], "data": [1]}}}]}',
             "unknown datatype",
         ),
+        (  # an infinite tolerance would let every answer pass the parity check
+            '{"format": "edgewise.golden/1", "model": "m", "atol": Infinity, "requests": '
+            '[{"inputs": {"x": {"datatype": "FP32", "shape": [1], "data": [1]}}, "outputs": '
+            '{"y": {"datatype": "FP32", "shape": [1], "data": [1]}}}]}',
+            "must be finite",
+        ),
     ],
 )
 def test_malformed_golden_files(tmp_path: Path, content: str, message: str) -> None:
