@@ -698,15 +698,19 @@ class Agent:
             version,
         )
         self._load(version, make_default=True)
-        self._write_config(state)  # the last good version stays pinned (see _deploy)
 
     def _load(self, version: int, make_default: bool) -> None:
+        """Load ``version`` on the server; ``make_default``: its default until it restarts, not
+        in ``config.json``. That file pins the last good version and only the agent writes it
+        (:meth:`_write_config`), so a server restarted while a version is under watch serves
+        the last good one."""
         try:
             self.client.load_model(
                 self.settings.model,
                 str(version),
                 make_default=make_default,
                 timeout=self.settings.load_timeout,
+                transient_default=make_default,
             )
         except ServerError as exc:
             if exc.status.name in ("FAILED_PRECONDITION", "NOT_FOUND", "INVALID_ARGUMENT"):
@@ -879,9 +883,6 @@ class Agent:
                         ),
                     )
                     state = self._save(state)
-                    # The server pins what it is told to make the default; until the watch is
-                    # over, a restarted server must serve the last good version.
-                    self._write_config(state)
                     if blind:
                         self._set_blind(version, state, blind)
                     else:

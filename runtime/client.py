@@ -180,9 +180,22 @@ class EdgewiseClient:
         return list(self._call(self.repository.RepositoryIndex, request).models)
 
     def load_model(
-        self, name: str, version: str = "", make_default: bool = False, timeout: float = 120.0
+        self,
+        name: str,
+        version: str = "",
+        make_default: bool = False,
+        timeout: float = 120.0,
+        *,
+        transient_default: bool = False,
     ) -> list[epb.ModelVersionState]:
-        request = epb.LoadModelRequest(name=name, version=version, make_default=make_default)
+        """LoadModel; ``transient_default`` (with ``make_default``): the default of the running
+        server only, ``config.json`` left as it is."""
+        request = epb.LoadModelRequest(
+            name=name,
+            version=version,
+            make_default=make_default,
+            transient_default=transient_default,
+        )
         return list(self._call(self.repository.LoadModel, request, timeout).models)
 
     # ---- monitoring ----------------------------------------------------------------------------

@@ -380,12 +380,19 @@ class ModelRepository:
         return statuses
 
     def load(
-        self, name: str, version: int | None = None, make_default: bool = False
+        self,
+        name: str,
+        version: int | None = None,
+        make_default: bool = False,
+        *,
+        persist: bool = True,
     ) -> list[VersionStatus]:
         """Load a model's versions (by policy, or one version), then swap them in.
 
         Already-served versions whose files are unchanged are kept as they are; a served version
-        whose model file changed on disk is reloaded. ``make_default`` needs ``version``.
+        whose model file changed on disk is reloaded. ``make_default`` needs ``version``; it is
+        kept in ``config.json`` too unless ``persist`` is false (then this server serves it by
+        default until it stops; ``persist=False`` needs ``make_default``).
         """
         validate_model_name(name)
         if make_default and version is None:
@@ -393,10 +400,13 @@ class ModelRepository:
                 "make_default needs a version: name the version to serve by default "
                 "(repository load NAME --version V --make-default)"
             )
+        if not persist and not make_default:
+            raise InvalidInput("transient_default needs make_default (and a version)")
+        writes_default = make_default and persist
         with self._control:
             model_dir = self.root / name
             available = list_versions(model_dir)
-            config = self._config_to_load(name, version, make_default)
+            config = self._config_to_load(name, version, writes_default)
             if version is not None:
                 if version not in available:
                     raise ModelNotFound(f"model {name!r} has no version {version} on disk")
@@ -435,8 +445,9 @@ class ModelRepository:
                 pinned = config.default_version or pinned
             if make_default and version in loaded:
                 pinned = version
-                # Persisted before the swap: a restarted server serves it by default too.
-                self._write_default(model_dir, config, version)
+                if writes_default:
+                    # Persisted before the swap: a restarted server serves it by default too.
+                    self._write_default(model_dir, config, version)
             if pinned not in new_versions:
                 pinned = None
             default = pick_default(new_versions, replace(config, default_version=pinned))

@@ -485,7 +485,12 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
         try:
             version = _parse_version(request.version)
             statuses = await self._control(
-                lambda: self.repository.load(request.name, version, request.make_default)
+                lambda: self.repository.load(
+                    request.name,
+                    version,
+                    request.make_default,
+                    persist=not request.transient_default,
+                )
             )
         except Exception as exc:
             await _abort(context, exc)

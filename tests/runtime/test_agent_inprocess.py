@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgewise.runtime.agent import AgentSettings, rollback
-from edgewise.runtime.agent_state import StateFile
+from edgewise.runtime.agent_state import AgentState, StateFile
 from edgewise.runtime.errors import EdgewiseError
 from tests.runtime.store.agent_rig import Rig, gauge, served_default
 from tests.runtime.store.helpers import logreg_v1, logreg_v2, start_empty_server, wait_for
@@ -179,3 +179,32 @@ def test_an_agent_never_creates_the_servers_repository(tmp_path: Path) -> None:
             agent.run_once()
     store.close()
     assert _tree(tmp_path) == []
+
+
+class _Killed(BaseException):
+    """The agent's process killed at this point (no handler of the agent catches it)."""
+
+
+def test_an_agent_killed_right_after_a_switch_leaves_the_last_good_version_pinned(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent switches the server to a version it is going to watch without the server
+    pinning it in config.json (the agent pins a version once it is its last good one): killed
+    between the switch and saving the watch, a restarted server serves the last good version."""
+    agent = rig.start_agent(watch_seconds=60.0)
+    rig.register(0)
+    agent.run_once()
+    rig.register(1)
+    save = agent._save
+
+    def killed_once_watching(state: AgentState) -> AgentState:
+        if state.watch is not None:
+            raise _Killed
+        return save(state)
+
+    monkeypatch.setattr(agent, "_save", killed_once_watching)
+    with pytest.raises(_Killed):
+        agent.cycle()
+    assert served_default(rig.client, rig.name) == 2  # switched
+    config = json.loads((rig.repo / rig.name / "config.json").read_text())
+    assert config["default_version"] == 1

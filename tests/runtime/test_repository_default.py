@@ -149,6 +149,30 @@ def test_the_server_refuses_make_default_without_a_version(
     assert not (two_versions / NAME / "config.json").exists()
 
 
+def test_a_transient_default_is_not_kept_in_the_config(two_versions: Path, tmp_path: Path) -> None:
+    """``transient_default`` (the agent's switch while it watches a version): the default of
+    the running server only; config.json is not written, so a restart serves what it says.
+    Without make_default it is refused, nothing changed."""
+    server = start_server(two_versions, tmp_path / "first")
+    try:
+        with server.client() as client:
+            with pytest.raises(ServerError) as refused:
+                client.load_model(NAME, "1", transient_default=True)
+            assert _answering_version(server, two_versions) == "2"
+            client.load_model(NAME, "1", make_default=True, transient_default=True)
+        assert _answering_version(server, two_versions) == "1"
+    finally:
+        server.stop()
+    assert refused.value.status is grpc.StatusCode.INVALID_ARGUMENT
+    assert "transient_default needs make_default" in refused.value.details
+    assert not (two_versions / NAME / "config.json").exists()
+    again = start_server(two_versions, tmp_path / "second")
+    try:
+        assert _answering_version(again, two_versions) == "2"
+    finally:
+        again.stop()
+
+
 @pytest.fixture
 def three_versions(two_versions: Path) -> Path:
     models.convert_model(NAME, two_versions)  # version 3

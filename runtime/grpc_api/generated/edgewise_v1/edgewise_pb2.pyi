@@ -104,6 +104,7 @@ class LoadModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     MAKE_DEFAULT_FIELD_NUMBER: _builtins.int
+    TRANSIENT_DEFAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     """Empty: the versions chosen by the model's version policy."""
@@ -112,16 +113,23 @@ class LoadModelRequest(_message.Message):
     it is kept as default_version in the model's config.json (written before the version is
     swapped in; the file's other settings are kept). Needs version: INVALID_ARGUMENT without.
     """
+    transient_default: _builtins.bool
+    """With make_default: the version is the default of the running server only; config.json is
+    left as it is, so a restarted server serves what it pins. The sync agent switches this way
+    and pins a version in config.json once it is its last good version (not while it watches
+    it). Needs make_default: INVALID_ARGUMENT without.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         make_default: _builtins.bool = ...,
+        transient_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_default", b"make_default", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_default", b"make_default", "name", b"name", "transient_default", b"transient_default", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
