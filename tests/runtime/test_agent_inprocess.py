@@ -16,22 +16,8 @@ from edgewise.runtime.agent import AgentSettings, rollback
 from edgewise.runtime.agent_state import AgentState, StateFile
 from edgewise.runtime.errors import EdgewiseError
 from tests.runtime.store.agent_rig import Rig, gauge, served_default
-from tests.runtime.store.helpers import logreg_v1, logreg_v2, start_empty_server, wait_for
+from tests.runtime.store.helpers import wait_for
 from tests.servers import RunningServer
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    return logreg_v1(root), logreg_v2(root)
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, RunningServer]]:
-    repo = tmp_path_factory.mktemp("edge-repo")
-    server = start_empty_server(repo, tmp_path_factory.mktemp("server"))
-    yield repo, server
-    server.stop()
 
 
 @pytest.fixture

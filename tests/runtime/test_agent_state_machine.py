@@ -8,7 +8,7 @@ per module; each example is a model of its own on the one server)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +27,6 @@ from hypothesis.stateful import (
 from edgewise.runtime.agent import rollback
 from edgewise.runtime.errors import EdgewiseError
 from tests.runtime.store.agent_rig import Rig, gauge, served_default
-from tests.runtime.store.helpers import logreg_v1, logreg_v2, start_empty_server
 from tests.servers import RunningServer
 
 NEVER, PRESENT, AWAY = "never", "present", "away"
@@ -170,20 +169,6 @@ class AgentMachine(RuleBasedStateMachine):
         assert gauge(metrics, "edgewise_agent_healthy") == (1 if expected.healthy else 0)
         store_up = gauge(metrics, "edgewise_agent_store_up")
         assert store_up == (1 if expected.store_up else 0)
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    return logreg_v1(root), logreg_v2(root)
-
-
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, RunningServer]]:
-    repo = tmp_path_factory.mktemp("edge-repo")
-    server = start_empty_server(repo, tmp_path_factory.mktemp("server"))
-    yield repo, server
-    server.stop()
 
 
 def test_agent_state_machine(

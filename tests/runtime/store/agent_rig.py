@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from edgewise.runtime.agent import Agent, AgentMetrics, AgentSettings
 from edgewise.runtime.agent_state import AgentState, StateFile
@@ -16,10 +19,26 @@ from edgewise.runtime.client import EdgewiseClient
 from edgewise.runtime.store import Store, open_store
 from edgewise.runtime.store.register import register
 from edgewise.runtime.store.sqlite import SqliteStore
-from tests.runtime.store.helpers import copy_package
+from tests.runtime.store.helpers import copy_package, logreg_v1, logreg_v2, start_empty_server
 from tests.servers import RunningServer
 
 _names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The two packages a rig's model is published from (version 1, then 2)."""
+    root = tmp_path_factory.mktemp("sources")
+    return logreg_v1(root), logreg_v2(root)
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, RunningServer]]:
+    """The edge node: an empty model repository and the server over it, one per test module."""
+    repo = tmp_path_factory.mktemp("edge-repo")
+    server = start_empty_server(repo, tmp_path_factory.mktemp("server"))
+    yield repo, server
+    server.stop()
 
 
 def gauge(metrics: AgentMetrics, name: str, **labels: str) -> float | None:
