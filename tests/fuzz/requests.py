@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from edgewise.runtime.datatypes import BYTES, DATATYPE_TO_NUMPY
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from tests.fuzz.choices import ByteReader
 
 __all__ = ["DIMENSIONS", "InputSpec", "RequestBuilder"]
 
@@ -42,28 +43,6 @@ class InputSpec:
     shape: tuple[int, ...]  # -1: any size
 
 
-class _Bytes:
-    """Reads choices from the fuzzer's bytes (zeros once they run out)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.position = 0
-
-    def byte(self) -> int:
-        if self.position >= len(self.data):
-            return 0
-        value = self.data[self.position]
-        self.position += 1
-        return value
-
-    def pick(self, options: Sequence[object]) -> object:
-        return options[self.byte() % len(options)]
-
-    def chance(self, out_of: int) -> bool:
-        """True about once in ``out_of`` (never once the bytes run out)."""
-        return self.byte() % out_of == out_of - 1
-
-
 class RequestBuilder:
     """``build(data)``: a request for one of ``models`` (name -> input specs and output names),
     wrong in the ways ``data`` chooses."""
@@ -72,7 +51,7 @@ class RequestBuilder:
         self.models = dict(models)
 
     def build(self, data: bytes) -> pb.ModelInferRequest:
-        choose = _Bytes(data)
+        choose = ByteReader(data)
         names = sorted(self.models)
         model = str(choose.pick(names)) if not choose.chance(16) else "no-such-model"
         inputs, outputs = self.models.get(model, self.models[names[0]])
@@ -86,7 +65,7 @@ class RequestBuilder:
         return request
 
     @staticmethod
-    def _which_inputs(choose: _Bytes, inputs: Sequence[InputSpec]) -> list[InputSpec]:
+    def _which_inputs(choose: ByteReader, inputs: Sequence[InputSpec]) -> list[InputSpec]:
         chosen = list(inputs)
         if choose.chance(8) and chosen:
             del chosen[choose.byte() % len(chosen)]  # one missing
@@ -97,7 +76,12 @@ class RequestBuilder:
         return chosen
 
     def _add_input(
-        self, choose: _Bytes, request: pb.ModelInferRequest, spec: InputSpec, rows: int, raw: bool
+        self,
+        choose: ByteReader,
+        request: pb.ModelInferRequest,
+        spec: InputSpec,
+        rows: int,
+        raw: bool,
     ) -> None:
         datatype = spec.datatype if not choose.chance(6) else str(choose.pick(_DATATYPES))
         shape = self._shape(choose, spec, rows)
@@ -115,7 +99,7 @@ class RequestBuilder:
             self._typed(choose, tensor.contents, datatype, count, mode)
 
     @staticmethod
-    def _shape(choose: _Bytes, spec: InputSpec, rows: int) -> list[int]:
+    def _shape(choose: ByteReader, spec: InputSpec, rows: int) -> list[int]:
         shape = [rows if dim == -1 else dim for dim in spec.shape]
         if choose.chance(4):
             for _ in range(1 + choose.byte() % 3):
@@ -130,7 +114,7 @@ class RequestBuilder:
         return shape
 
     @staticmethod
-    def _raw(choose: _Bytes, datatype: str, count: int, mode: int) -> bytes:
+    def _raw(choose: ByteReader, datatype: str, count: int, mode: int) -> bytes:
         if datatype == BYTES or datatype not in DATATYPE_TO_NUMPY:
             payload = b"".join(
                 _LENGTH.pack(len(item)) + item for item in (b"v%d" % i for i in range(count))
@@ -151,7 +135,7 @@ class RequestBuilder:
 
     @staticmethod
     def _typed(
-        choose: _Bytes, contents: pb.InferTensorContents, datatype: str, count: int, mode: int
+        choose: ByteReader, contents: pb.InferTensorContents, datatype: str, count: int, mode: int
     ) -> None:
         given = {5: max(0, count - 1), 6: count + 1, 7: 0}.get(mode, count)
         field = {
@@ -175,7 +159,7 @@ class RequestBuilder:
             values.extend([value] * given)
 
     @staticmethod
-    def _break_raw_entries(choose: _Bytes, request: pb.ModelInferRequest, raw: bool) -> None:
+    def _break_raw_entries(choose: ByteReader, request: pb.ModelInferRequest, raw: bool) -> None:
         if not raw or not choose.chance(16):
             return
         entries = request.raw_input_contents
@@ -186,7 +170,7 @@ class RequestBuilder:
 
     @staticmethod
     def _request_outputs(
-        choose: _Bytes, request: pb.ModelInferRequest, outputs: Sequence[str]
+        choose: ByteReader, request: pb.ModelInferRequest, outputs: Sequence[str]
     ) -> None:
         if not choose.chance(4):
             return

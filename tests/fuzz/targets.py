@@ -42,6 +42,7 @@ from edgewise.runtime.package import parse_manifest
 from edgewise.runtime.profile import ReferenceProfile
 from edgewise.runtime.repository import ModelRepository, VersionPolicy, read_model_config
 from edgewise.runtime.signing import Signature
+from tests.fuzz.choices import ByteReader
 from tests.fuzz.requests import InputSpec, RequestBuilder
 
 T = TypeVar("T")
@@ -92,19 +93,8 @@ PALETTE: tuple[Any, ...] = (
 )  # fmt: skip
 
 
-class Mutator:
+class Mutator(ByteReader):
     """Replaces nodes of a JSON document, as directed by a byte string."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.position = 0
-
-    def byte(self) -> int:
-        if self.position >= len(self.data):
-            return 0
-        value = self.data[self.position]
-        self.position += 1
-        return value
 
     def value(self) -> Any:
         choice = self.byte()

@@ -4,8 +4,6 @@ import contextlib
 import math
 import random
 import struct
-import tracemalloc
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -317,17 +315,6 @@ def test_a_huge_rank_is_refused_with_a_short_message() -> None:
     assert len(info.value.message) < 200
 
 
-def peak_traced_bytes(action: Callable[[], object]) -> int:
-    """The most memory ``action`` held at once, as tracemalloc (numpy's buffers included) saw."""
-    tracemalloc.start()
-    try:
-        with contextlib.suppress(InvalidInput):
-            action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize(
     "request_",
     [
@@ -343,7 +330,7 @@ def test_a_bytes_declaration_the_payload_cannot_hold_allocates_nothing(
 ) -> None:
     with pytest.raises(InvalidInput, match=r"'x'.*too few for .* elements"):
         decode_inputs(request_)
-    assert peak_traced_bytes(lambda: decode_inputs(request_)) < 64 * 1024
+    assert traced_peak(lambda: decode_inputs(request_))[1] < 64 * 1024
 
 
 def test_typed_bytes_must_carry_exactly_the_declared_count_before_allocating() -> None:
@@ -351,7 +338,7 @@ def test_typed_bytes_must_carry_exactly_the_declared_count_before_allocating() -
     request.inputs[0].contents.bytes_contents.append(b"a")
     with pytest.raises(InvalidInput, match=r"'x'.*1 values, expected 67108864"):
         decode_inputs(request)
-    assert peak_traced_bytes(lambda: decode_inputs(request)) < 64 * 1024
+    assert traced_peak(lambda: decode_inputs(request))[1] < 64 * 1024
 
 
 def test_raw_bool_bytes_other_than_0_and_1_are_refused() -> None:

@@ -4,11 +4,8 @@ after the answer, on the loop's next turn; everywhere else before it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
-import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
 from edgewise.runtime.repository import ModelRepository
+from tests.fuzz.targets import traced_peak
 
 
 @pytest.fixture
@@ -88,17 +86,6 @@ def test_a_failing_statistics_update_is_logged_and_the_answer_stands(
 # ---- validate, then allocate: a refused request decodes nothing (issue 18) ----------------------
 
 
-def peak_traced_bytes(action: Callable[[], object]) -> int:
-    """The most memory ``action`` held at once, as tracemalloc (numpy's buffers included) saw."""
-    tracemalloc.start()
-    try:
-        with contextlib.suppress(InvalidInput):
-            action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def bytes_request(name: str, elements: int) -> pb.ModelInferRequest:
     """``elements`` empty BYTES elements in raw form: 4 bytes each on the wire."""
     request = pb.ModelInferRequest(model_name="logreg")
@@ -124,7 +111,7 @@ def test_inputs_the_model_refuses_are_not_decoded(
         plane.prepare(request)
     payload = len(request.raw_input_contents[0])
     # Reading the payload out of the message copies it (upb): that much, not the 2x of decoding.
-    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
+    assert traced_peak(lambda: plane.prepare(request))[1] < payload + 64 * 1024
 
 
 def test_a_missing_input_is_refused_before_the_others_are_decoded(model_repo: Path) -> None:
@@ -137,7 +124,7 @@ def test_a_missing_input_is_refused_before_the_others_are_decoded(model_repo: Pa
         plane.prepare(request)
     payload = len(request.raw_input_contents[0])
     # Reading the payload out of the message copies it (upb): that much, not the 2x of decoding.
-    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
+    assert traced_peak(lambda: plane.prepare(request))[1] < payload + 64 * 1024
 
 
 def mixed_request(rows: int, outputs: list[str]) -> pb.ModelInferRequest:
@@ -168,4 +155,4 @@ def test_bad_requested_outputs_are_refused_before_decoding(
     with pytest.raises(InvalidInput, match=message):
         plane.prepare(request)
     payload = sum(len(raw) for raw in request.raw_input_contents)
-    assert peak_traced_bytes(lambda: plane.prepare(request)) < payload + 64 * 1024
+    assert traced_peak(lambda: plane.prepare(request))[1] < payload + 64 * 1024
