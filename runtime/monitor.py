@@ -16,9 +16,12 @@ State changes only in its transitions: :meth:`ModelMonitor.observe` and ``fold``
 path and the batch scorer), ``evaluate`` (the timer: tick, judge, log, publish), ``reset`` and
 ``close`` (the version is unloaded). ``evaluate`` and ``reset`` publish the judged window to the
 monitor's :class:`DriftPublisher` (the Prometheus gauges) before they return, ``close`` has it
-forget the version, so the gauges never show a window that is gone. Reports (``report``,
-``snapshot``) are pure: any number of readers, any number of times. Drift is computed on demand
-and on the timer, never per request.
+forget the version, so the gauges never show a window that is gone. ``evaluate`` judges a
+window only at its planned looks (the doublings of ``min_rows``, and once when it closes), with
+the rates split across them, so the false-alarm rate holds per window, not per tick (rule:
+:mod:`edgewise.runtime.monitor_config`); between looks the published judgement stays. Reports
+(``report``, ``snapshot``) are pure: any number of readers, any number of times. Drift is
+computed on demand and on the timer, never per request.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
@@ -49,6 +52,8 @@ from edgewise.runtime.monitor_config import (
     MIN_EXPECTED,
     PSI_SMOOTHING,
     MonitorConfig,
+    look_alpha_share,
+    look_level,
 )
 from edgewise.runtime.profile import ReferenceProfile
 
@@ -260,6 +265,13 @@ class ModelMonitor:
         self._last_totals = self._totals()
         self.drifting = False
         self.drifting_features: set[str] = set()
+        # Looks (``_judging`` held): the windows opened so far (a roll or a reset opens one;
+        # counted under _lock), the window the looks below belong to, the level of its last
+        # look (-1: none yet), and the last judgement published.
+        self._window_number = 0
+        self._looked_window = 0
+        self._looked_level = -1
+        self._last: Judgement | None = None
 
     # ---- the request path ----------------------------------------------------------------------
 
@@ -356,6 +368,7 @@ class ModelMonitor:
         self.current = WindowStats(self.reference)
         self._previous_rows, self._current_rows = self._current_rows, self._previous_rows
         self._current_rows.clear()
+        self._window_number += 1
 
     def reset(self) -> Judgement:
         """Start over: drop the current and the previous window (their rows stay in the
@@ -370,17 +383,67 @@ class ModelMonitor:
                 self.previous = None
                 self._current_rows.clear()
                 self._previous_rows.clear()
-            return self._judge()
+                self._window_number += 1
+                self._looked_window, self._looked_level = self._window_number, -1
+            return self._judge("current", self.config)
 
     def evaluate(self) -> Judgement | None:
         """The timer's transition: roll a time-limited window, fold new traffic into the decayed
-        view, judge the :meth:`judgement_window`, log drift transitions, publish. None once the
+        view, then take the looks that are due (:meth:`due_looks`: a closed window's last look,
+        then the current window's look at a new doubling of ``min_rows``), each judged at its
+        share of the rates, logged and published in that order. With no look due the published
+        judgement stays and is returned (``started_drifting`` False), unless nothing judged is
+        shown yet: then the current window is published unjudged (too few rows). None once the
         monitor is closed."""
         with self._judging:
             if self._closed:
                 return None
             self._tick()
-            return self._judge()
+            judgements = [self._look(window, level) for window, level in self.due_looks()]
+            if judgements:
+                return Judgement(judgements[-1].report, any(j.started_drifting for j in judgements))
+            last = self._last
+            if last is None or last.report.insufficient_data:
+                # Nothing judged to keep showing: the current window, unjudged below min_rows
+                # (a look at level 0 if it reached min_rows in the meantime).
+                return self._look("current", 0)
+            return Judgement(last.report, False)
+
+    def due_looks(self) -> list[tuple[str, int]]:
+        """The looks the timer takes now, in order, as (window, level): the previous window's
+        last look if a window closed since the last look (at the level after its last one), and
+        the current window's if its rows reached a level above its last look's. Pure."""
+        with self._lock:
+            number, rows = self._window_number, self.current.rows
+            closed = self.previous is not None
+        looks = []
+        if number != self._looked_window and closed:
+            # Only the newest closed window is kept: its looks so far are known if it is the one
+            # the looks belong to, else it had none.
+            last = self._looked_level if self._looked_window == number - 1 else -1
+            looks.append(("previous", last + 1))
+        level = look_level(rows, self.config.min_rows)
+        last = self._looked_level if self._looked_window == number else -1
+        if rows >= self.config.min_rows and level > last:
+            looks.append(("current", level))
+        return looks
+
+    def _look(self, window: str, level: int) -> Judgement:
+        """Judge one look at its share of the rates and remember it (``_judging`` held)."""
+        share = look_alpha_share(self.config, level)
+        config = replace(
+            self.config,
+            alpha=self.config.alpha * share,
+            warning_alpha=self.config.warning_alpha * share,
+        )
+        with self._lock:
+            number = self._window_number
+        judgement = self._judge(window, config)
+        if window == "previous":
+            self._looked_window, self._looked_level = number, -1
+        elif not judgement.report.insufficient_data:  # a window too small to judge: no look
+            self._looked_window, self._looked_level = number, level
+        return judgement
 
     def close(self) -> None:
         """The version is unloaded: publish no more, and have the publisher forget it."""
@@ -400,16 +463,23 @@ class ModelMonitor:
                 f"model {self.model!r} version {self.version} is not served (unloaded)"
             )
 
-    def _judge(self) -> Judgement:
-        """Judge, log and publish (``_judging`` held)."""
-        report = self.report(self.judgement_window())
+    @property
+    def last_judgement(self) -> Judgement | None:
+        """The judgement published last (by :meth:`evaluate` or :meth:`reset`), None before the
+        first. Pure."""
+        return self._last
+
+    def _judge(self, window: str, config: MonitorConfig) -> Judgement:
+        """Judge ``window`` with ``config``'s rates, log and publish (``_judging`` held)."""
+        report = self._report(window, False, True, config)
         started = report.drifting and not self.drifting
         self._log_transition(report)
         if self._publisher is not None:
             self._publisher.publish_drift(report)
         if started and self._on_alert is not None:
             self._on_alert("data_drift", _alert_details(report))
-        return Judgement(report, started)
+        self._last = Judgement(report, started)
+        return self._last
 
     def _totals(self) -> tuple[npt.NDArray[np.float64] | None, npt.NDArray[np.float64] | None, int]:
         numeric = categorical = None
@@ -498,10 +568,15 @@ class ModelMonitor:
         self, window: str = "current", exact: bool = False, scores: bool = True
     ) -> DriftReport:
         """The statistics (and with ``scores`` the drift) of a named window; ``exact`` adds the
-        exact tests on the window's reservoir (``current`` and ``previous`` only). Pure."""
+        exact tests on the window's reservoir (``current`` and ``previous`` only). Its verdict
+        is one judgement at the full ``alpha`` / ``warning_alpha`` (the timer's looks use their
+        share: :meth:`last_judgement`). Pure."""
+        return self._report(window, exact, scores, self.config)
+
+    def _report(self, window: str, exact: bool, scores: bool, config: MonitorConfig) -> DriftReport:
         view = self._view(window, exact and scores)
         rows = view.rows
-        thresholds = verdict_thresholds(self.config)
+        thresholds = verdict_thresholds(config)
         report = DriftReport(
             model=self.model,
             version=self.version,
@@ -519,7 +594,7 @@ class ModelMonitor:
         self._numeric_features(report, view, scores)
         self._categorical_features(report, view, scores)
         if not report.insufficient_data:
-            judge(report.features, self.config)
+            judge(report.features, config)
             report.drifting = any(f.drifting for f in report.features)
         return report
 
@@ -583,14 +658,6 @@ class ModelMonitor:
                     "unseen": float(counts[-1] - view.stats.missing[index]),
                 }
             report.features.append(feature)
-
-    def judgement_window(self) -> str:
-        """The window the timer judges: the current one once it holds enough rows, else the last
-        complete one, else the current one (reported as insufficient data)."""
-        with self._lock:
-            if self.current.rows >= self.config.min_rows or self.previous is None:
-                return "current"
-            return "previous"
 
     def _exact_tests(self, report: DriftReport, recent: npt.NDArray[np.float64]) -> None:
         numeric = self.reference.numeric

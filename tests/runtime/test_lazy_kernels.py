@@ -37,8 +37,7 @@ SCRIPT = textwrap.dedent(
     if model.monitor is not None:  # what the request path and the drift timer run
         for _ in range(3):
             model.monitor.observe(feeds)
-        model.monitor.tick()
-        report = model.monitor.report(model.monitor.judgement_window())
+        report = model.monitor.evaluate().report
         assert report.rows == 3, report.rows
     loaded_after_report = "numba" in sys.modules
     quality.remember("r1", feeds, model.run(feeds))

@@ -116,7 +116,12 @@ def test_tumbling_windows_by_count_and_time(model_repo: Path) -> None:
     assert monitor.previous is not None and monitor.previous.rows == 100
     assert monitor.current.rows == 50
     assert monitor.report("lifetime").rows == 250
-    assert monitor.judgement_window() == "previous"  # current has < min_rows
+    # The closed window's last look is due; the current one (< min_rows) has none yet.
+    assert monitor.due_looks() == [("previous", 0)]
+    judged = monitor.evaluate()
+    assert judged is not None and judged.report.window == "previous"
+    assert judged.report.rows == 100
+    assert monitor.due_looks() == []
     timed, _ = monitor_for(model_repo, "logreg", window_rows=0, window_seconds=0.05)
     feed_rows(timed, {"features": batch[:30]})
     deadline = time.monotonic() + 5

@@ -1,8 +1,10 @@
 """The monitor's windows as a state machine (observe, reset, evaluate, report, exact report,
 metrics scrape) against a reference model written here: the rows of the current and previous
-windows as plain lists. Checks that reports and scrapes change nothing, that a reset empties the
-window, its reservoir and its series, and that the exact tests agree with SciPy on exactly the
-rows of the window a report names."""
+windows as plain lists, and the timer's looks (a window is judged when its rows reach a new
+doubling of MIN_ROWS and once when it closes, each look at alpha / K). Checks that reports and
+scrapes change nothing, that a reset empties the window, its reservoir and its series, that
+between looks the published judgement stays, and that the exact tests agree with SciPy on
+exactly the rows of the window a report names."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ WINDOW_ROWS = 60
 MIN_ROWS = 20
 RESERVOIR_ROWS = 25
 CHECKED_FEATURES = (0, 3)  # a few of the 30, to keep each step cheap
+#: Looks a window can have: levels 0 (20-39 rows) and 1 (40-59 rows), and the closed window.
+PLANNED_LOOKS = 3
+ALPHA = MonitorConfig().alpha
 
 
 @dataclasses.dataclass
@@ -75,6 +80,11 @@ class MonitorWindows(RuleBasedStateMachine):
         self.current: list[np.ndarray] = []
         self.previous: list[np.ndarray] | None = None
         self.lifetime = 0
+        # The looks: windows opened so far, the window the looks belong to, its last look's
+        # level (-1: none).
+        self.opened = 0
+        self.looked_window = 0
+        self.looked_level = -1
         # What the gauges must show: the report of the window judged at the last transition.
         self.published: DriftReport | None = None
 
@@ -92,26 +102,60 @@ class MonitorWindows(RuleBasedStateMachine):
         self.lifetime += len(batch)
         if len(self.current) >= WINDOW_ROWS:
             self.previous, self.current = self.current, []
+            self.opened += 1
 
     @rule()
     def reset(self) -> None:
         judged = self.monitor.reset()
         self.current = []
         self.previous = None
-        self.published = self.expect_judgement(judged.report)
+        self.opened += 1
+        self.looked_window, self.looked_level = self.opened, -1
+        self.published = self.expect_judgement(judged.report, "current", None)
 
     @rule()
     def evaluate(self) -> None:
+        before = self.state()
         judged = self.monitor.evaluate()
         assert judged is not None
-        self.published = self.expect_judgement(judged.report)
+        looks = self.due_looks()
+        for window, level in looks:
+            self.looked_window = self.opened
+            self.looked_level = level if window == "current" else -1
+        if looks:  # the tick's last look is what it returns and shows
+            window, level = looks[-1]
+            self.published = self.expect_judgement(judged.report, window, level)
+            assert judged.report is self.monitor.last_judgement.report  # type: ignore[union-attr]
+        elif self.published is None or self.published.insufficient_data:
+            # Nothing judged to keep showing: the current window, too small to judge.
+            assert len(self.current) < MIN_ROWS
+            self.published = self.expect_judgement(judged.report, "current", None)
+        else:  # between looks: the published judgement stays, nothing changes
+            assert judged.report is self.monitor.last_judgement.report  # type: ignore[union-attr]
+            assert same(without_time(judged.report), without_time(self.published))
+            assert not judged.started_drifting
+            assert self.state() == before
 
-    def expect_judgement(self, report: DriftReport) -> DriftReport:
-        judged = "current" if len(self.current) >= MIN_ROWS or self.previous is None else "previous"
-        assert report.window == judged
-        assert report.rows == len(self.window_rows(judged))
+    def due_looks(self) -> list[tuple[str, int]]:
+        """The model's looks for this tick: the closed window's last, then the current one's."""
+        looks = []
+        if self.opened != self.looked_window and self.previous is not None:
+            last = self.looked_level if self.looked_window == self.opened - 1 else -1
+            looks.append(("previous", last + 1))
+        rows = len(self.current)
+        last = self.looked_level if self.looked_window == self.opened else -1
+        if rows >= MIN_ROWS and int(math.log2(rows / MIN_ROWS)) > last:
+            looks.append(("current", int(math.log2(rows / MIN_ROWS))))
+        return looks
+
+    def expect_judgement(self, report: DriftReport, window: str, level: int | None) -> DriftReport:
+        """``report`` is of ``window`` with its rows; a look (``level``) uses alpha / K."""
+        assert report.window == window
+        assert report.rows == len(self.window_rows(window))
         if report.rows == 0:
             assert all(not f.scores for f in report.features)
+        if level is not None and not report.insufficient_data:
+            assert report.thresholds["alpha"] == pytest.approx(ALPHA / PLANNED_LOOKS)
         return report
 
     # ---- reads: each must change nothing ----
