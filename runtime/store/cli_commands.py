@@ -345,10 +345,10 @@ def _add_agent(sub: Subparsers) -> None:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import socket
 
-    from prometheus_client import start_http_server
-
+    from edgewise.runtime._fs import write_text_atomic
     from edgewise.runtime.agent import Agent, AgentMetrics, AgentSettings
     from edgewise.runtime.client import EdgewiseClient
+    from edgewise.runtime.grpc_api.ports import start_metrics_http, stop_http
 
     settings = AgentSettings(
         model=args.model,
@@ -378,14 +378,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     http_server = None
     if args.metrics_port >= 0:
-        http_server, _thread = start_http_server(
-            args.metrics_port, args.metrics_host, registry=metrics.registry
-        )
+        http_server = start_metrics_http(args.metrics_port, args.metrics_host, metrics.registry)
     if args.port_file:
         port = http_server.server_port if http_server is not None else -1
-        temporary = args.port_file.with_name(args.port_file.name + ".tmp")
-        temporary.write_text(f"{port}\n")
-        os.replace(temporary, args.port_file)
+        write_text_atomic(args.port_file, f"{port}\n")
     client = EdgewiseClient(args.server, security=client_security_from_args(args))
     agent = Agent(settings, store, client, metrics)
     try:
@@ -396,7 +392,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         client.close()
         store.close()
         if http_server is not None:
-            http_server.shutdown()
+            stop_http(http_server)
     print(f"edgewise agent: stopped ({args.model})", file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -633,6 +634,25 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+def test_a_busy_metrics_port_is_one_line_naming_it(tmp_path: Path) -> None:
+    """The agent refuses a busy metrics port as the server does (one line naming the address,
+    exit 1), before it polls anything."""
+    store = f"sqlite:///{tmp_path / 'store' / 'store.db'}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _cli(
+            "agent", "--model", "m", "--repo", str(tmp_path), "--store", store, "--once",
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"edgewise agent: error: cannot bind the metrics port 127.0.0.1:{port}: "
+        "the address is already in use"
+    ]
 
 
 def test_rollback_by_hand(
