@@ -322,13 +322,16 @@ class FeatureDrift(_message.Message):
     warning: _builtins.bool
     @_builtins.property
     def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Statistic name -> value: psi, jensenshannon, wasserstein, ks, chi2, chi2_pvalue, linf, and
+        """Statistic name -> value: psi, jensenshannon, wasserstein, ks, chi2, chi2_pvalue, linf,
+        chi2_pvalue_adjusted (Holm over the model's features: the p-value the verdict uses), and
         with exact=true ks_exact, ks_exact_pvalue, wasserstein_exact.
         """
 
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Which statistics crossed their thresholds."""
+        """Why it is flagged: the test (adjusted chi-square p-value against alpha or warning_alpha)
+        and the minimum effects it reached.
+        """
 
     @_builtins.property
     def statistics(self) -> Global___FeatureStatistics: ...
@@ -428,7 +431,10 @@ class DriftReport(_message.Message):
 
     @_builtins.property
     def thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """The thresholds in force: statistic -> value at or above which a feature drifts."""
+        """The rule in force: "alpha" and "warning_alpha" (family-wise false-alarm rates the adjusted
+        chi-square p-value is held to for drifting and warning), and statistic -> minimum effect
+        a significant feature must also reach (e.g. psi 0.1).
+        """
 
     def __init__(
         self,
