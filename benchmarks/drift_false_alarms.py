@@ -28,6 +28,18 @@ binned KS >= 0.2, L-inf >= 0.2 on PSI with 1e-4 clipping), and the ``oracle``: S
 ``ks_2samp`` on the raw rows per feature with a Bonferroni correction at the same alpha (0.01).
 ``ratio`` is ``value / baseline_value`` (its meaning is on the line). Windows below 100 rows are
 judged here too (``min_rows`` 0) to show the power curve; the server reports them unjudged.
+
+``--sequential``: the server's drift timer sees a window *grow* and judges it at each tick. Per
+case (``drift_sequential_false_alarms`` / ``drift_sequential_power``), many windows: a reference
+and a window drawn from one Gaussian (the breast-cancer data's mean and covariance, so that both
+are samples of one distribution), the window fed to a :class:`ModelMonitor` in batches of
+``--batch-rows`` with ``evaluate()`` after each (a tick) until it closes at ``--window-rows``
+(and one tick more). The figure is the share of windows flagged drifting (``value``) or warned
+(``warning_value``) at *any* tick: the timer's looks (the doublings of ``min_rows`` and the
+close, rates split across them). The ``baseline`` is the timer before the looks: at each tick the
+window judged afresh at the full rates. Cases: ``thresholds`` default (PSI >= 0.1) and ``{}``
+(the test alone); ``plus_1sd`` moves the first feature by +1 sd in the window (power), with the
+median rows at the first flag.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ from sklearn import datasets
 from edgewise.kernels import drift_scores
 from edgewise.runtime.features import frame_to_inputs, infer_features
 from edgewise.runtime.monitor import ModelMonitor
-from edgewise.runtime.monitor_config import DEFAULT_ALPHA, MonitorConfig
+from edgewise.runtime.monitor_config import DEFAULT_ALPHA, MonitorConfig, planned_looks
 from edgewise.runtime.profile import ReferenceProfile, build_profile
 
 WINDOWS = (50, 100, 200, 500)
@@ -255,6 +267,114 @@ def _upper_bound(flagged: int, n: int, confidence: float = 0.95) -> float:
     return float(stats.beta.ppf(confidence, flagged + 1, n - flagged))
 
 
+# ---- the timer's looks at a growing window ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stream:
+    window_rows: int
+    batch_rows: int
+    reference_rows: int
+    thresholds: dict[str, float] | None  # None: the default minimum effects
+    shift: str  # "none" or "plus_1sd"
+
+
+@dataclass
+class StreamFlags:
+    drifting: bool = False
+    warning: bool = False
+    first_rows: int | None = None  # rows of the window at its first drifting flag
+
+    def see(self, report: Any) -> None:
+        if report.drifting and self.first_rows is None:
+            self.first_rows = report.rows
+        self.drifting = self.drifting or report.drifting
+        self.warning = self.warning or any(f.warning or f.drifting for f in report.features)
+
+
+def stream_window(stream: Stream, seed: int, data: pd.DataFrame) -> tuple[StreamFlags, StreamFlags]:
+    """(the timer's looks, the old timer: each tick at the full rates) on one growing window."""
+    rng = np.random.default_rng([19, seed, stream.window_rows])
+    mean, cov = data.mean().to_numpy(), np.cov(data.to_numpy(), rowvar=False)
+    reference = pd.DataFrame(
+        rng.multivariate_normal(mean, cov, stream.reference_rows), columns=data.columns
+    )
+    profile, features = profile_of(reference)
+    window = pd.DataFrame(
+        rng.multivariate_normal(mean, cov, stream.window_rows), columns=data.columns
+    )
+    if stream.shift == "plus_1sd":
+        column = data.columns[0]
+        window[column] += float(reference[column].std(ddof=0))
+    rows = frame_to_inputs(features, window)["features"]
+    settings: dict[str, Any] = {"window_rows": stream.window_rows, "reservoir_rows": 0}
+    if stream.thresholds is not None:
+        settings["thresholds"] = stream.thresholds
+    monitor = ModelMonitor("bench", "1", profile, MonitorConfig(**settings))
+    looks, old = StreamFlags(), StreamFlags()
+    for start in range(0, stream.window_rows + stream.batch_rows, stream.batch_rows):
+        monitor.observe({"features": rows[start : start + stream.batch_rows]})
+        judged = monitor.evaluate()
+        assert judged is not None
+        looks.see(judged.report)
+        old.see(monitor.report(old_timer_window(monitor)))
+    return looks, old
+
+
+def old_timer_window(monitor: ModelMonitor) -> str:
+    """The window the timer judged before the looks: the current one once it has min_rows,
+    else the last closed one."""
+    if monitor.current.rows >= monitor.config.min_rows or monitor.previous is None:
+        return "current"
+    return "previous"
+
+
+def sequential_case(stream: Stream, windows: int) -> dict[str, Any]:
+    data = load("breast_cancer").frame
+    started = time.perf_counter()
+    runs = [stream_window(stream, seed, data) for seed in range(windows)]
+    null = stream.shift == "none"
+    share = {
+        name: [sum(getattr(run[i], name) for run in runs) / windows for i in (0, 1)]
+        for name in ("drifting", "warning")
+    }
+    first = [r[0].first_rows for r in runs if r[0].first_rows is not None]
+    config = MonitorConfig(window_rows=stream.window_rows)
+    row: dict[str, Any] = {
+        "case": f"drift_sequential_{'false_alarms' if null else 'power'}",
+        "dataset": "gaussian(breast_cancer mean, cov)",
+        "shift": stream.shift,
+        "thresholds": stream.thresholds if stream.thresholds is not None else "default",
+        "window_rows": stream.window_rows,
+        "batch_rows": stream.batch_rows,
+        "ticks_per_window": -(-stream.window_rows // stream.batch_rows) + 1,
+        "min_rows": config.min_rows,
+        "planned_looks": planned_looks(config),
+        "reference_rows": stream.reference_rows,
+        "windows": windows,
+        "unit": "share of windows flagged drifting at any tick",
+        "value": round(share["drifting"][0], 4),
+        "warning_value": round(share["warning"][0], 4),
+        "baseline": "each tick judged afresh at the full rates (before the looks)",
+        "baseline_value": round(share["drifting"][1], 4),
+        "baseline_warning_value": round(share["warning"][1], 4),
+        "nominal": {"alpha": config.alpha, "warning_alpha": config.warning_alpha},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if null:
+        flagged = round(share["drifting"][0] * windows)
+        row["upper_95"] = round(_upper_bound(flagged, windows), 4)
+    else:
+        row["median_rows_at_first_flag"] = float(np.median(first)) if first else None
+    return row
+
+
+def sequential_cases(windows: int, window_rows: int, batch_rows: int) -> Iterator[dict[str, Any]]:
+    for thresholds, shift in (({}, "none"), (None, "none"), (None, "plus_1sd")):
+        stream = Stream(window_rows, batch_rows, 2_000, thresholds, shift)
+        yield sequential_case(stream, windows)
+
+
 def cases(names: list[str], n_splits: int) -> Iterator[dict[str, Any]]:
     for name in names:
         data = load(name)
@@ -284,9 +404,24 @@ def main(argv: list[str] | None = None) -> int:
         choices=["breast_cancer", "wine", "digits", "diabetes"],
         help="only these data sets (repeatable)",
     )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="the timer's looks at growing windows instead of the splits",
+    )
+    parser.add_argument("--windows", type=int, default=300, help="windows per sequential case")
+    parser.add_argument("--window-rows", type=int, default=1_600, help="sequential window size")
+    parser.add_argument("--batch-rows", type=int, default=25, help="rows between two ticks")
     args = parser.parse_args(argv)
     n_splits = 20 if args.quick else args.splits
     env = environment()
+    if args.sequential:
+        windows = 50 if args.quick else args.windows
+        for row in sequential_cases(windows, args.window_rows, args.batch_rows):
+            row["quick"] = args.quick
+            row["env"] = env
+            print(json.dumps(row), flush=True)
+        return 0
     names = args.dataset or ["breast_cancer", "wine", "digits", "diabetes"]
     for row in cases(names, n_splits):
         row["quick"] = args.quick
