@@ -23,6 +23,7 @@ from edgewise.runtime.model import LoadedModel
 
 if TYPE_CHECKING:
     from edgewise.runtime.monitor import ModelMonitor
+    from edgewise.runtime.performance_estimation import PerformanceEstimator
     from edgewise.runtime.repository import ModelRepository
 
 __all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME: Final = "edgewise"
 PLATFORM: Final = "onnxruntime_onnx"
+PROBABILITIES: Final = "probabilities"  # the classifier output CBPE reads (see convert)
 
 
 def _package_version() -> str:
@@ -154,15 +156,24 @@ class DataPlane:
         outputs = prepared.outputs
         if quality is not None and outputs is not None and quality.prediction_output not in outputs:
             outputs = [*outputs, quality.prediction_output]  # kept for labels to come
+        performance = model.performance
+        if performance is not None and outputs is not None and PROBABILITIES not in outputs:
+            outputs = [*outputs, PROBABILITIES]  # read by the estimate, not answered
         results = model.run(prepared.feeds, outputs)
         monitor = model.monitor
-        if monitor is not None:
+        if monitor is not None or performance is not None:
             if on_loop:
                 defer = asyncio.get_running_loop().call_soon
-            if defer is not None:
-                defer(_observe_quietly, monitor, prepared.feeds)
-            else:
-                monitor.observe(prepared.feeds)
+            if monitor is not None:
+                if defer is not None:
+                    defer(_observe_quietly, monitor, prepared.feeds)
+                else:
+                    monitor.observe(prepared.feeds)
+            if performance is not None:
+                if defer is not None:
+                    defer(_estimate_quietly, performance, results[PROBABILITIES])
+                else:
+                    performance.update(results[PROBABILITIES])
         if quality is not None:
             quality.remember(prepared.request_id, prepared.feeds, results)
         return prepared.respond(results)
@@ -211,6 +222,13 @@ def _check_against_model(model: LoadedModel, plans: list[TensorPlan]) -> int:
             f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
         )
     return batch or 0
+
+
+def _estimate_quietly(performance: PerformanceEstimator, probabilities: npt.NDArray[Any]) -> None:
+    try:
+        performance.update(probabilities)
+    except Exception:
+        log.exception("the performance estimate of an answered request failed")
 
 
 def _observe_quietly(monitor: ModelMonitor, feeds: Mapping[str, npt.NDArray[Any]]) -> None:

@@ -119,6 +119,14 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.estimated_performance = Gauge(
+            "edgewise_estimated_performance",
+            "Confidence-based (CBPE) estimate of a classifier's accuracy or ROC-AUC over the last "
+            "closed estimate window, from its calibrated probabilities (no labels needed).",
+            ["model", "version", "metric"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.batch_rows = Histogram(
             "edgewise_batch_rows",
             "Rows per onnxruntime call made by the dynamic batcher.",
@@ -208,6 +216,17 @@ class ServerMetrics:
         """Drop the online quality series of a model version (it is unloaded)."""
         gauges = (self.quality_error, self.quality_labelled, self.quality_drifts)
         self._replace_series(model, version, {gauge: {} for gauge in gauges})
+
+    def publish_performance(self, model: str, version: str, estimates: Mapping[str, float]) -> None:
+        """Show a version's CBPE estimates (at the roll of its estimate window)."""
+        wanted: dict[tuple[str, ...], float] = {
+            (model, version, metric): value for metric, value in estimates.items()
+        }
+        self._replace_series(model, version, {self.estimated_performance: wanted})
+
+    def forget_performance(self, model: str, version: str) -> None:
+        """Drop the estimate series of a model version (it is unloaded)."""
+        self._replace_series(model, version, {self.estimated_performance: {}})
 
     def _replace_series(
         self, model: str, version: str, wanted: Mapping[Gauge, Mapping[tuple[str, ...], float]]

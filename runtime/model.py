@@ -35,6 +35,7 @@ from edgewise.runtime.paths import check_external_data, resolve_inside
 if TYPE_CHECKING:
     from edgewise.runtime.batching import BatchingConfig
     from edgewise.runtime.monitor import ModelMonitor
+    from edgewise.runtime.performance_estimation import PerformanceEstimator
     from edgewise.runtime.quality import OnlineQuality
     from edgewise.runtime.signing import TrustedKeys
 
@@ -127,6 +128,8 @@ class LoadedModel:
         self.batching: BatchingConfig | None = None
         # Set by the repository: the prediction join and online quality (None: off).
         self.quality: OnlineQuality | None = None
+        # Set by the repository for a monitored classifier with a calibration: CBPE (None: off).
+        self.performance: PerformanceEstimator | None = None
 
     @property
     def sha256(self) -> str:

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,8 +50,12 @@ __all__ = [
     "CALIBRATION_FILE",
     "CALIBRATION_FORMAT",
     "DEFAULT_BINS",
+    "DEFAULT_WINDOW_ROWS",
+    "PROBABILITIES_OUTPUT",
     "Calibration",
     "ClassMap",
+    "PerformanceEstimator",
+    "PerformancePublisher",
     "PerformanceWindow",
     "estimate",
     "expected_roc_auc",
@@ -63,6 +68,8 @@ __all__ = [
 CALIBRATION_FILE: Final = "calibration.json"
 CALIBRATION_FORMAT: Final = "edgewise.calibration/1"
 DEFAULT_BINS: Final = 1000
+DEFAULT_WINDOW_ROWS: Final = 10_000  # the server's estimate window when monitoring has no row limit
+PROBABILITIES_OUTPUT: Final = "probabilities"  # the classifier output the estimate reads
 _FOLDS: Final = 5
 _METHODS: Final = frozenset({"auto", "isotonic", "identity"})
 
@@ -340,6 +347,9 @@ class PerformanceWindow:
 
     def update(self, probabilities: npt.ArrayLike) -> None:
         scores = _probability_matrix(probabilities, self.calibration.n_classes)
+        if scores.shape[0] == 1 and self.calibration.n_classes == 2:
+            self._update_binary_row(*scores[0].tolist())
+            return
         if not np.all(np.isfinite(scores)):
             raise InvalidInput("probabilities: NaN or infinity")
         calibrated = self.calibration.calibrate(scores)
@@ -351,6 +361,20 @@ class PerformanceWindow:
             np.add.at(self.positives[curve], bin_of[:, column], calibrated[:, column])
         self.correct += float(calibrated[np.arange(len(predicted)), predicted].sum())
         self.rows += int(scores.shape[0])
+
+    def _update_binary_row(self, negative: float, positive: float) -> None:
+        """``update`` of one binary row in Python floats (the common one-row request: the
+        array path's set-up costs several times the arithmetic); the same sums."""
+        if not (math.isfinite(negative) and math.isfinite(positive)):
+            raise InvalidInput("probabilities: NaN or infinity")
+        ours = self.calibration.maps[0]
+        calibrated = float(np.interp(positive, ours.scores, ours.probabilities))
+        index = min(int(calibrated * self.bins), self.bins - 1)
+        self.counts[0, index] += 1.0
+        self.positives[0, index] += calibrated
+        # argmax picks the first of equal scores: the negative class on a tie.
+        self.correct += calibrated if positive > negative else 1.0 - calibrated
+        self.rows += 1
 
     def merge(self, other: PerformanceWindow) -> None:
         if other.bins != self.bins or other.counts.shape != self.counts.shape:
@@ -375,6 +399,67 @@ class PerformanceWindow:
         self.correct = 0.0
         self.counts[:] = 0.0
         self.positives[:] = 0.0
+
+
+class PerformancePublisher(Protocol):
+    """Where a served version's estimates are shown (the server's Prometheus gauges)."""
+
+    def publish_performance(self, model: str, version: str, estimates: Mapping[str, float]) -> None:
+        """Show ``estimates`` (metric name: value) as the version's, replacing what was shown."""
+
+    def forget_performance(self, model: str, version: str) -> None:
+        """Show nothing more for a model version (it is unloaded)."""
+
+
+class PerformanceEstimator:
+    """The server's CBPE estimate of one served classifier version, over windows of its own.
+
+    ``update`` (the request path, after the answer) adds a request's probabilities to the
+    current window; when the window reaches ``window_rows`` rows it closes: its estimate is
+    published and a fresh window starts (the roll is where the state changes, so it publishes
+    there). Between rolls the published estimate is that of the last closed window. ``close``
+    (the version is unloaded) has the publisher forget the version; later updates are ignored.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        calibration: Calibration,
+        window_rows: int = DEFAULT_WINDOW_ROWS,
+        publisher: PerformancePublisher | None = None,
+    ) -> None:
+        if window_rows < 1:
+            raise InvalidInput(f"window_rows: expected a positive integer, got {window_rows}")
+        self.model = model
+        self.version = version
+        self.window_rows = window_rows
+        self.current = PerformanceWindow(calibration)
+        self.last: dict[str, float] | None = None  # the last closed window's estimate
+        self._publisher = publisher
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def update(self, probabilities: npt.ArrayLike) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.current.update(probabilities)
+            if self.current.rows >= self.window_rows:
+                self._roll()
+
+    def _roll(self) -> None:
+        """Close the current window: publish its estimate, start a fresh one (lock held)."""
+        self.last = self.current.estimate()
+        self.current.reset()
+        if self._publisher is not None:
+            self._publisher.publish_performance(self.model, self.version, self.last)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._publisher is not None:
+                self._publisher.forget_performance(self.model, self.version)
 
 
 # ---- files ------------------------------------------------------------------------------------

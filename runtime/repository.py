@@ -42,6 +42,7 @@ from edgewise.runtime.signing import TrustedKeys
 
 if TYPE_CHECKING:
     from edgewise.runtime.monitor import DriftPublisher
+    from edgewise.runtime.performance_estimation import PerformancePublisher
 
 __all__ = [
     "ModelConfig",
@@ -252,10 +253,12 @@ class ModelRepository:
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         drift_publisher: DriftPublisher | None = None,
         quality_publisher: QualityPublisher | None = None,
+        performance_publisher: PerformancePublisher | None = None,
     ) -> None:
         self.root = root
         self.drift_publisher = drift_publisher  # where monitors publish their judged windows
         self.quality_publisher = quality_publisher  # where online quality publishes its totals
+        self.performance_publisher = performance_publisher  # where CBPE estimates are shown
         self.quality_enabled = quality_enabled
         self.on_alert = on_alert
         self.monitor_defaults = monitor_defaults or MonitorConfig(enabled=False)
@@ -573,6 +576,7 @@ class ModelRepository:
         if not settings.enabled:
             model.monitor_reason = "monitoring is off for this model"
             return
+        self._attach_performance(model, settings)
         # Imported here: a server with monitoring off never loads the Numba kernels.
         from edgewise.runtime.monitor import ModelMonitor
         from edgewise.runtime.profile import read_profile
@@ -585,6 +589,27 @@ class ModelRepository:
             model.name, model.version_str, profile, settings, self.drift_publisher, self.on_alert
         )
         model.monitor_reason = ""
+
+    def _attach_performance(self, model: LoadedModel, settings: MonitorConfig) -> None:
+        """CBPE for a monitored classifier whose package has a calibration (numpy only)."""
+        from edgewise.runtime.performance_estimation import (
+            DEFAULT_WINDOW_ROWS,
+            PROBABILITIES_OUTPUT,
+            PerformanceEstimator,
+            read_calibration,
+        )
+
+        profile = model.manifest.profile or {}
+        calibration = read_calibration(model.folder, profile.get("calibration"))
+        if calibration is None or PROBABILITIES_OUTPUT not in model.output_names:
+            return
+        model.performance = PerformanceEstimator(
+            model.name,
+            model.version_str,
+            calibration,
+            settings.window_rows or DEFAULT_WINDOW_ROWS,
+            self.performance_publisher,
+        )
 
     def _load_one(self, name: str, version: int, folder: Path) -> LoadedModel | None:
         key = (name, version)
@@ -630,3 +655,5 @@ def _close_versions(before: Mapping[int, LoadedModel], after: Mapping[int, Loade
             model.monitor.close()
         if model.quality is not None:
             model.quality.close()
+        if model.performance is not None:
+            model.performance.close()

@@ -114,6 +114,7 @@ class InferenceServer:
             on_alert=self.alerts.fire,
             drift_publisher=self.metrics,
             quality_publisher=self.metrics,
+            performance_publisher=self.metrics,
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(

@@ -293,3 +293,24 @@ def test_cli_convert_labels(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "repo" / "bc" / "1")
     assert manifest.source["labels"]["file"] == str(tmp_path / "labels.csv")
     assert read_calibration(tmp_path / "repo" / "bc" / "1", manifest.profile["calibration"])
+
+
+def test_one_row_updates_add_the_same_sums_as_one_batch() -> None:
+    """The one-row binary path (Python floats) against the array path, ties included."""
+    rng = np.random.default_rng(5)
+    scores = rng.random(400).astype(np.float32)
+    scores[:30] = 0.5  # tied probabilities: argmax picks the first (negative) column
+    labels = (rng.random(400) < scores).astype(int)
+    rows = np.column_stack([1 - scores, scores])
+    calibration = fit_calibration(rows, labels, [0, 1])
+    batch, single = PerformanceWindow(calibration), PerformanceWindow(calibration)
+    batch.update(rows)
+    for row in rows:
+        single.update(row[None, :])
+    assert single.rows == batch.rows == 400
+    assert single.correct == pytest.approx(batch.correct, abs=1e-9)
+    np.testing.assert_array_equal(single.counts, batch.counts)
+    np.testing.assert_allclose(single.positives, batch.positives, atol=1e-12)
+    with pytest.raises(InvalidInput, match="NaN"):
+        single.update(np.array([[np.nan, 0.5]]))
+    assert single.rows == 400
