@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from edgewise.runtime.convert import convert
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.package import read_manifest
+from edgewise.runtime.performance_estimation import estimate, read_calibration
 from tests.runtime.grpc_api.test_server import metrics_text
 from tests.servers import RunningServer, start_server
 
@@ -71,18 +72,25 @@ def estimates(text: str, model: str) -> dict[str, float]:
     return found
 
 
-def send(server: RunningServer, repo: Path, model: str, frame: object) -> tuple[list, list]:
-    """One-row requests of ``frame``'s rows; the labels and positive probabilities answered.
-    Only the label is asked for: the estimate reads the probabilities all the same."""
+def send(
+    server: RunningServer, repo: Path, model: str, frame: object, label_only: int = 0
+) -> tuple[list, np.ndarray]:
+    """One-row requests of ``frame``'s rows; the labels and the probabilities answered. The
+    first ``label_only`` requests ask for the label alone (their probabilities rows are NaN):
+    the estimate reads the probabilities all the same, and they are not answered."""
     manifest = read_manifest(repo / model / "1")
-    labels, positives = [], []
+    labels, probabilities = [], np.full((len(frame), 2), np.nan)  # type: ignore[arg-type]
     with server.client() as client:
         for i in range(len(frame)):  # type: ignore[arg-type]
             inputs = frame_to_inputs(manifest, frame.iloc[i : i + 1])  # type: ignore[attr-defined]
-            both = client.infer(model, inputs, outputs=["label", "probabilities"])
-            labels.append(int(both.outputs["label"].reshape(-1)[0]))
-            positives.append(float(both.outputs["probabilities"][0, 1]))
-    return labels, positives
+            if i < label_only:
+                answer = client.infer(model, inputs, outputs=["label"])
+                assert set(answer.outputs) == {"label"}
+            else:
+                answer = client.infer(model, inputs, outputs=["label", "probabilities"])
+                probabilities[i] = answer.outputs["probabilities"][0]
+            labels.append(int(answer.outputs["label"].reshape(-1)[0]))
+    return labels, probabilities
 
 
 def test_the_estimate_tracks_the_realized_metrics_and_goes_with_the_version(
@@ -91,14 +99,22 @@ def test_the_estimate_tracks_the_realized_metrics_and_goes_with_the_version(
     repo, x_new, y_new = traffic
     assert estimates(metrics_text(server), "bc") == {}  # nothing before a window closes
     rows = 3 * WINDOW + 7  # three closed windows, and a few rows of the fourth
-    predicted, positives = send(server, repo, "bc", x_new.iloc[:rows])
+    predicted, probabilities = send(server, repo, "bc", x_new.iloc[:rows], label_only=30)
     send(server, repo, "plain", x_new.iloc[:rows])
     text = metrics_text(server)
     shown = estimates(text, "bc")
     assert set(shown) == {"accuracy", "roc_auc"}
-    last = slice(2 * WINDOW, 3 * WINDOW)  # the last closed window
+    last = slice(2 * WINDOW, 3 * WINDOW)  # the last closed window (the label-only rows count)
+    # The same window estimated row by row from the package's calibration: the accuracy is a
+    # plain sum, the ROC-AUC binned (1000 bins).
+    manifest = read_manifest(repo / "bc" / "1")
+    calibration = read_calibration(repo / "bc" / "1", (manifest.profile or {})["calibration"])
+    assert calibration is not None
+    exact = estimate(probabilities[last], calibration)
+    assert shown["accuracy"] == pytest.approx(exact["accuracy"], abs=1e-9)
+    assert shown["roc_auc"] == pytest.approx(exact["roc_auc"], abs=0.01)
     realized_accuracy = accuracy_score(y_new[last], predicted[last])
-    realized_auc = roc_auc_score(y_new[last], positives[last])
+    realized_auc = roc_auc_score(y_new[last], probabilities[last, 1])
     assert abs(shown["accuracy"] - realized_accuracy) < 0.1, (shown, realized_accuracy)
     assert abs(shown["roc_auc"] - realized_auc) < 0.1, (shown, realized_auc)
     assert estimates(text, "plain") == {}  # no calibration, no estimate
