@@ -714,9 +714,10 @@ def open_ended(counts: npt.NDArray[np.integer], edges: BinEdges) -> npt.NDArray[
     """Numeric histogram counts with open outer bins: the underflow column added to the first
     bin and the overflow column to each feature's last bin (both then 0), the NaN column kept.
 
-    The reference's own counts do not change (its extremes are the outer edges); a window's
-    values just outside the reference range then count as the outer bin's, not as a column the
-    reference has no share of.
+    Both tables of a comparison are folded the same way: a window's values just outside the
+    reference range then count as the outer bin's, not as a column the reference has no share
+    of, and a reference's own +-inf rows (its edges come from its finite values) meet the
+    window's in the same outer bins.
     """
     arr = np.array(counts, dtype=np.int64)  # a copy
     if arr.shape != (edges.n_features, edges.width):

@@ -247,6 +247,14 @@ class ModelMonitor:
         self._judging = threading.Lock()
         self._closed = False
         self._numeric_input = reference.numeric.input if reference.numeric is not None else None
+        # The reference's counts with open outer bins, as each window's are compared: a
+        # reference's +-inf rows sit in its underflow/overflow columns (its edges come from its
+        # finite values), and only folding both tables the same way keeps them comparable.
+        self._reference_numeric_counts = (
+            open_ended(reference.numeric.counts, reference.numeric.edges)
+            if reference.numeric is not None
+            else None
+        )
         self._categorical_inputs = [c.input for c in reference.categorical]
         self._codes = [c.codes() for c in reference.categorical]
         self._unseen = [len(c.categories) for c in reference.categorical]
@@ -604,8 +612,9 @@ class ModelMonitor:
             return
         table = None
         if scores and view.numeric is not None and view.rows > 0:
+            assert self._reference_numeric_counts is not None
             table = drift_scores(
-                numeric.counts,
+                self._reference_numeric_counts,
                 open_ended(view.numeric, numeric.edges),
                 numeric.edges,
                 smoothing=PSI_SMOOTHING,

@@ -1,7 +1,7 @@
 """How a model version is monitored: :class:`MonitorConfig` and the drift verdict's defaults.
 
 Kept apart from :mod:`edgewise.runtime.monitor` so that reading a model's configuration does not
-import the Numba kernels: a server with monitoring on never loads numba (about 120 MB of
+import the Numba kernels: a server with monitoring off never loads numba (about 120 MB of
 resident memory between its import and its first kernel).
 
 The drift verdict (:func:`edgewise.runtime.monitor.judge`, the same for the server and batch)
