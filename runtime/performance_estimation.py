@@ -417,7 +417,8 @@ class PerformanceEstimator:
     ``update`` (the request path, after the answer) adds a request's probabilities to the
     current window; when the window reaches ``window_rows`` rows it closes: its estimate is
     published and a fresh window starts (the roll is where the state changes, so it publishes
-    there). Between rolls the published estimate is that of the last closed window. ``close``
+    there). Between rolls the published estimate is that of the last closed window. ``reset``
+    (``ResetWindow``) drops the window and the shown estimate. ``close``
     (the version is unloaded) has the publisher forget the version; later updates are ignored.
     """
 
@@ -454,6 +455,17 @@ class PerformanceEstimator:
         self.current.reset()
         if self._publisher is not None:
             self._publisher.publish_performance(self.model, self.version, self.last)
+
+    def reset(self) -> None:
+        """Start over (with the drift monitor's ``ResetWindow``): drop the current window and
+        the shown estimate, so that nothing from before the reset is shown any more."""
+        with self._lock:
+            if self._closed:
+                return
+            self.current.reset()
+            self.last = None
+            if self._publisher is not None:
+                self._publisher.forget_performance(self.model, self.version)
 
     def close(self) -> None:
         with self._lock:

@@ -612,6 +612,8 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
                 )
             # The reset judges the fresh window and publishes it before answering.
             await asyncio.get_running_loop().run_in_executor(self.executor, model.monitor.reset)
+            if model.performance is not None:
+                model.performance.reset()  # the CBPE window starts over with the drift window
             return epb.ResetWindowResponse()
         except Exception as exc:
             await _abort(context, exc)

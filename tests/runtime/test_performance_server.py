@@ -121,5 +121,12 @@ def test_the_estimate_tracks_the_realized_metrics_and_goes_with_the_version(
     assert estimates(metrics_text(server), "bc") == shown  # a scrape changes nothing
 
     with server.client() as client:
+        client.reset_window("bc")  # starts the estimate window over: nothing from before shows
+    assert estimates(metrics_text(server), "bc") == {}
+    _, probabilities = send(server, repo, "bc", x_new.iloc[: WINDOW + 1])
+    exact = estimate(probabilities[:WINDOW], calibration)
+    assert estimates(metrics_text(server), "bc")["accuracy"] == pytest.approx(exact["accuracy"])
+
+    with server.client() as client:
         client.unload_model("bc")
     assert estimates(metrics_text(server), "bc") == {}
