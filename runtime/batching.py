@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgewise.runtime.config_values import count, flag
-from edgewise.runtime.dataplane import DataPlane, PreparedRequest
+from edgewise.runtime.dataplane import PROBABILITIES, DataPlane, PreparedRequest
 from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.model import LoadedModel
@@ -219,6 +219,8 @@ class DynamicBatcher:
         results = model.run(feeds)
         if model.monitor is not None:
             model.monitor.observe(feeds)
+        if model.performance is not None:  # the classifier's estimate before labels (CBPE)
+            model.performance.update(results[PROBABILITIES])
         rows = sum(item.prepared.rows for item in batch)
         self.batches_run += 1
         self.rows_run += rows

@@ -126,6 +126,32 @@ def test_requests_with_company_gather_into_one_batch(logreg: LoadedModel) -> Non
     assert sizes == [8]
 
 
+def test_a_batch_feeds_the_performance_estimate(logreg: LoadedModel) -> None:
+    """Rows answered in a batch count in the classifier's CBPE window as rows answered alone
+    do (the batch path used to observe drift but never update the estimate)."""
+    from edgewise.runtime.performance_estimation import (
+        Calibration,
+        ClassMap,
+        PerformanceEstimator,
+    )
+
+    calibration = Calibration((0, 1), (ClassMap.identity(),), 100, "sample", ("identity",))
+    logreg.performance = PerformanceEstimator("logreg", "1", calibration, window_rows=1000)
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=60_000_000)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(logreg, config, executor, lambda rows: None, lambda: 4)
+            tasks = [
+                asyncio.ensure_future(batcher.submit(prepared(logreg, rows(2, i)), None))
+                for i in range(4)
+            ]
+            await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+    asyncio.run(scenario())
+    assert logreg.performance.current.rows == 8
+
+
 def test_a_request_behind_a_running_batch_is_not_alone(logreg: LoadedModel) -> None:
     """While a batch of its model runs, a request queues even if it is the server's only new
     call: it goes with the next batch, not around the running one."""
