@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--rounds R (default 5)]
                                            [--front-end auto|native|grpcio]
+                                           [--monitoring-cost]
 
 For each model (a logistic regression and a 100-tree random forest on 32 features of
 scikit-learn's bundled digits data, converted with edgewise convert):
@@ -16,6 +17,11 @@ Prints one JSON line per case; the ratio fields compare with the floors measured
 Rounds alternate between servers so drift on a shared machine hits both; medians are reported.
 ``ratio_p50_vs_transport_floor`` divides the medians; ``..._paired`` is the median of the
 per-round ratios (each against the faster bare server of that round), the steadier of the two.
+
+``--monitoring-cost`` also serves the same models from a second edgewise server with
+``--monitoring off``, driven in the same alternating rounds, and prints one
+``monitoring_cost`` line per model and concurrency: the medians over rounds of the per-round
+differences (monitoring on minus off) of p50 and of server CPU per request.
 """
 
 from __future__ import annotations
@@ -276,6 +282,11 @@ def main() -> int:
     parser.add_argument(
         "--front-end", choices=["auto", "native", "grpcio"], default="auto", help="edgewise's"
     )
+    parser.add_argument(
+        "--monitoring-cost",
+        action="store_true",
+        help="also measure a second server with --monitoring off (same rounds) and print the cost",
+    )
     args = parser.parse_args()
     if args.client:
         url, model, concurrency, seconds, warmup = args.client
@@ -313,30 +324,19 @@ def main() -> int:
             flush=True,
         )
 
+    def edgewise_server(label: str, monitoring: str) -> Server:
+        port_file = work / f"{label}.port"
+        command = [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING",
+                   "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
+                   "--metrics-port", "-1", "--port-file", str(port_file),
+                   "--front-end", front_end, "--monitoring", monitoring]  # fmt: skip
+        return Server(command, port_file)
+
+    edgewise_kinds = (
+        ["edgewise", "edgewise_monitoring_off"] if args.monitoring_cost else ["edgewise"]
+    )
     servers = {
-        "edgewise": Server(
-            [
-                sys.executable,
-                "-m",
-                "edgewise.runtime.cli",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--repo",
-                str(repo),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                "-1",
-                "--port-file",
-                str(work / "edgewise.port"),
-                "--front-end",
-                front_end,
-            ],
-            work / "edgewise.port",
-        ),
+        "edgewise": edgewise_server("edgewise", "on"),
         "bare_aio": Server(
             [sys.executable, str(HERE), "--bare", "aio", str(work / "aio.port")], work / "aio.port"
         ),
@@ -345,6 +345,8 @@ def main() -> int:
             work / "sync.port",
         ),
     }
+    if args.monitoring_cost:
+        servers["edgewise_monitoring_off"] = edgewise_server("edgewise_monitoring_off", "off")
     try:
         results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
         for concurrency in (1, 8, 32):
@@ -361,16 +363,16 @@ def main() -> int:
                         )
                     )
                 for name in paths:
-                    key = ("edgewise", name, concurrency)
-                    results.setdefault(key, []).append(
-                        drive(
-                            servers["edgewise"].url,
-                            name,
-                            concurrency,
-                            seconds,
-                            servers["edgewise"].process.pid,
+                    for kind in edgewise_kinds:
+                        results.setdefault((kind, name, concurrency), []).append(
+                            drive(
+                                servers[kind].url,
+                                name,
+                                concurrency,
+                                seconds,
+                                servers[kind].process.pid,
+                            )
                         )
-                    )
         summary: dict[tuple[str, str, int], dict[str, Any]] = {}
         for (kind, name, concurrency), rows in results.items():
             summary[(kind, name, concurrency)] = {
@@ -412,6 +414,23 @@ def main() -> int:
                     **machine,
                 }
                 print(json.dumps(line), flush=True)
+                if args.monitoring_cost:
+                    on = results[("edgewise", name, concurrency)]
+                    off = results[("edgewise_monitoring_off", name, concurrency)]
+                    cost = {
+                        "case": "monitoring_cost",
+                        "model": name,
+                        "concurrency": concurrency,
+                        "rounds": len(on),
+                        "p50_us_on": summary[("edgewise", name, concurrency)]["p50_us"],
+                        "p50_us_off": summary[("edgewise_monitoring_off", name, concurrency)][
+                            "p50_us"
+                        ],
+                        "p50_us_added": _paired_difference(on, off, "p50_us"),
+                        "server_cpu_us_added": _paired_difference(on, off, "server_cpu_us_per_req"),
+                        **machine,
+                    }
+                    print(json.dumps(_rounded(cost)), flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -431,6 +450,19 @@ def _paired_ratio(rows: list[dict[str, Any]], floors: list[list[dict[str, Any]]]
         if row["p50_us"] and floor != float("inf"):
             ratios.append(row["p50_us"] / floor)
     return round(statistics.median(ratios), 3) if ratios else None
+
+
+def _paired_difference(
+    rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str
+) -> float | None:
+    """The median over rounds of ``rows[i][key] - baseline[i][key]``: runs of the same round,
+    seconds apart, so drift on a shared machine cancels out."""
+    differences = [
+        row[key] - base[key]
+        for row, base in zip(rows, baseline, strict=True)
+        if row.get(key) is not None and base.get(key) is not None
+    ]
+    return round(statistics.median(differences), 1) if differences else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
