@@ -68,6 +68,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from edgewise.runtime.config_values import names
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.evaluate import (
     CLASSIFICATION_METRICS,
@@ -211,7 +212,7 @@ class GateSpec:
             if not data_path.is_absolute() and base_dir is not None:
                 data_path = base_dir / data_path
         label = _text(section["label"], f"{where}: [data] label") if "label" in section else None
-        slice_by = _texts(section.get("slice_by", []), f"{where}: [data] slice_by")
+        slice_by = names(f"{where}: [data] slice_by", section.get("slice_by", []))
         baseline = _table(data, "baseline", where)
         _known(baseline, {"required"}, f"{where}: [baseline]")
         required = baseline.get("required", True)
@@ -224,7 +225,7 @@ class GateSpec:
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
             raise InvalidInput(f"{where}: [slices] min_size must be an integer >= 1")
         columns = (
-            _texts(slices_table["columns"], f"{where}: [slices] columns")
+            names(f"{where}: [slices] columns", slices_table["columns"])
             if "columns" in slices_table
             else None
         )
@@ -287,12 +288,6 @@ def _text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"{where} must be a non-empty string")
     return value
-
-
-def _texts(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise InvalidInput(f"{where} must be a list of column names")
-    return tuple(value)
 
 
 def _number(value: Any, where: str) -> float:
