@@ -289,6 +289,21 @@ def test_exact_tests_cover_the_reported_window_only(model_repo: Path) -> None:
             monitor.report(window, exact=True)
 
 
+def test_every_statistic_a_report_carries_can_be_named_in_thresholds(model_repo: Path) -> None:
+    """monitor_config.STATISTICS (what a threshold may name) is kept by hand beside the scores
+    the monitor writes: each score of a full report, exact tests included, must be in it (the
+    Holm-adjusted p-value is the test itself, not an effect a threshold gates)."""
+    from edgewise.runtime.monitor_config import STATISTICS
+
+    monitor, ctx = monitor_for(model_repo, "logreg", window_rows=200, reservoir_rows=150)
+    batch = frame_to_inputs(ctx["manifest"], ctx["frame"])["features"]
+    feed_rows(monitor, {"features": batch[:150]}, batch=50)
+    report = monitor.report("current", exact=True)
+    written = {key for feature in report.features for key in feature.scores}
+    assert {"psi", "ks_exact"} <= written
+    assert written - {"chi2_pvalue_adjusted"} <= STATISTICS
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
