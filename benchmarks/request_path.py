@@ -67,6 +67,7 @@ def main() -> int:
     from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
     from edgewise.runtime.grpc_api.server import InferenceServer
     from edgewise.runtime.grpc_api.servicers import InferenceServicer
+    from edgewise.runtime.inference_core import InferenceCore
     from edgewise.runtime.settings import ServerSettings
 
     repo = Path(tempfile.mkdtemp(prefix="edgewise-path-")) / "repo"
@@ -77,11 +78,13 @@ def main() -> int:
     server.repository.load_all()
     server.dataplane.set_ready(True)
     servicer = InferenceServicer(
-        server.dataplane,
-        server.metrics,
-        server.executor,
-        settings.inline_max_bytes,
-        server.admission,
+        InferenceCore(
+            server.dataplane,
+            server.metrics,
+            server.executor,
+            settings.inline_max_bytes,
+            server.admission,
+        )
     )
     dataplane: DataPlane = server.dataplane
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}

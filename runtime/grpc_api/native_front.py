@@ -11,12 +11,14 @@ the grpcio server, then the serialised answer.
 No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
 call than the model (see benchmarks/RESULTS.md).
 
-A ModelInfer for a model with dynamic batching is decoded there too, then joins the model's
-batch queue on the event loop; its answer goes back through ``Front.complete`` when its batch
-has run. Every other call is relayed by C++ to the process's grpc.aio server on a private Unix
-socket, with its metadata (the token included, checked there), deadline, messages, status and
-trailers: the health, reflection, metadata, repository, monitoring and quality services are the
-grpcio server's own code, unchanged.
+The request itself goes through the serving core's pipeline
+(:meth:`~edgewise.runtime.inference_core.InferenceCore.infer_on_thread`), the same one every
+front end calls. A ModelInfer for a model with dynamic batching is decoded there too, then joins
+the model's batch queue on the event loop; its answer goes back through ``Front.complete`` when
+its batch has run. Every other call is relayed by C++ to the process's grpc.aio server on a
+private Unix socket, with its metadata (the token included, checked there), deadline, messages,
+status and trailers: the health, reflection, metadata, repository, monitoring and quality
+services are the grpcio server's own code, unchanged.
 
 Not served natively (the server refuses to start, saying so): TLS on the port.
 """
@@ -24,25 +26,25 @@ Not served natively (the server refuses to start, saying so): TLS on the port.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import importlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
 import grpc
 
-from edgewise.runtime.batching import BatchingConfig
-from edgewise.runtime.dataplane import PreparedRequest
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor
-from edgewise.runtime.grpc_api.servicers import InferenceServicer, status_of
+from edgewise.runtime.grpc_api.servicers import status_of
 from edgewise.runtime.grpc_api.wire import decode
+from edgewise.runtime.inference_core import InferenceCore
 
 __all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
 
@@ -93,18 +95,16 @@ class NativeFront:
 
     def __init__(
         self,
-        servicer: InferenceServicer,
+        core: InferenceCore,
         auth: AuthInterceptor | None,
         shedder: LoadShedder | None,
         retry_after_ms: int,
     ) -> None:
-        self.servicer = servicer
+        self.core = core
         self.auth = auth
         self.shedder = shedder
         self.retry_after_ms = retry_after_ms
         self._front: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._batched_tasks: set[asyncio.Future[None]] = set()
         # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
         # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
         self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
@@ -125,7 +125,7 @@ class NativeFront:
         requests over ``small_max_bytes`` and every request while the handler has been taking
         over half a millisecond a call. Call it on the event loop that serves batch queues.
         Returns the bound port."""
-        self._loop = asyncio.get_running_loop()
+        self.core.attach(asyncio.get_running_loop())
         self._front = module.Front(
             address=address,
             upstream=upstream,
@@ -192,22 +192,14 @@ class NativeFront:
             shedder.record_shed()
             message, trailers = shedder.refusal
             return _RESOURCE_EXHAUSTED, message, None, trailers, False
-        servicer = self.servicer
         try:
             request = decode(pb.ModelInferRequest, body)  # INVALID_ARGUMENT, as on grpcio
             deadline = None if remaining is None else time.monotonic() + remaining
-            reservation = servicer._admit(request)
-            prepared = servicer._prepare_counted(request, reservation)
-            batching = prepared.model.batching
-            if batching is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(
-                    self._start_batched, token, prepared, batching, deadline, started, reservation
-                )
+            answer = self.core.infer_on_thread(request, deadline, started, defer=self._defer)
+            if isinstance(answer, concurrent.futures.Future):  # on a batch queue
+                answer.add_done_callback(lambda done: self._complete(token, done))
                 return _PENDING_ANSWER
-            response = servicer._execute_counted(
-                prepared, deadline, started, reservation, defer=self._defer
-            )
-            return _OK, "", response.SerializeToString(), (), bool(self._deferred)
+            return _OK, "", answer.SerializeToString(), (), bool(self._deferred)
         except Exception as exc:
             return self._failure(exc)
 
@@ -215,26 +207,13 @@ class NativeFront:
         code, message, trailers = status_of(exc, self.retry_after_ms)
         return int(code.value[0]), message, None, trailers, False
 
-    def _start_batched(
-        self,
-        token: int,
-        prepared: PreparedRequest,
-        batching: BatchingConfig,
-        deadline: float | None,
-        started: float,
-        reservation: int,
-    ) -> None:
-        """On the event loop: join the model's batch queue; answer the call when it has run."""
-        waiting = self.servicer._batched(prepared, batching, deadline, started, reservation)
-        task = asyncio.ensure_future(self._answer_batched(token, waiting))
-        self._batched_tasks.add(task)
-        task.add_done_callback(self._batched_tasks.discard)
-
-    async def _answer_batched(self, token: int, waiting: Awaitable[pb.ModelInferResponse]) -> None:
+    def _complete(self, token: int, done: concurrent.futures.Future[pb.ModelInferResponse]) -> None:
+        """Answer a call that waited on a batch queue: exactly once, whatever happened (the call
+        stays open until it is answered)."""
         try:
-            response = await waiting
-            answer: Answer = (_OK, "", response.SerializeToString(), (), False)
+            answer: Answer = (_OK, "", done.result().SerializeToString(), (), False)
         except Exception as exc:
             answer = self._failure(exc)
-        # Exactly once, whatever happened: the call stays open until it is answered.
+        except BaseException as exc:  # cancelled: the server is stopping
+            answer = self._failure(RuntimeError(f"cancelled: {type(exc).__name__}"))
         self._front.complete(token, answer)

@@ -67,6 +67,7 @@ from edgewise.runtime.grpc_api.servicers import (
 )
 from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
 from edgewise.runtime.grpc_api.wire import parsing_inside
+from edgewise.runtime.inference_core import InferenceCore
 from edgewise.runtime.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.metrics import ServerMetrics
 from edgewise.runtime.monitor_config import MonitorConfig
@@ -130,6 +131,7 @@ class InferenceServer:
         self._drift_task: asyncio.Task[None] | None = None
         self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
+        self.core: InferenceCore | None = None  # the request pipeline, made by start()
         self.front: NativeFront | None = None  # --front-end native
         self._front_dir: Path | None = None
 
@@ -243,7 +245,7 @@ class InferenceServer:
             maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
         )
         self._created = server
-        inference = InferenceServicer(
+        core = self.core = InferenceCore(
             self.dataplane,
             self.metrics,
             self.executor,
@@ -253,6 +255,7 @@ class InferenceServer:
             loop_load=self.loop_load,
             calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
         )
+        inference = InferenceServicer(core)
         control = (self.repository, self.executor)
         service, handlers = _inference_handlers(inference)
         if self.shedder is None:
@@ -305,7 +308,7 @@ class InferenceServer:
         self._grpc = server
         if front_module is not None:
             auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
-            self.front = NativeFront(inference, auth, self.shedder, settings.retry_after_ms)
+            self.front = NativeFront(core, auth, self.shedder, settings.retry_after_ms)
             # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
             # and its worker threads for those over inline_max_bytes or while calls are slow.
             self.port = self.front.start(
@@ -318,7 +321,7 @@ class InferenceServer:
                 small_max_bytes=settings.inline_max_bytes,
             )
             # The front end counts the inference calls (the shedder sees only relayed ones).
-            inference.calls_in_flight = self.front.in_flight
+            core.calls_in_flight = self.front.in_flight
             if self.shedder is not None:
                 self.shedder.admitted.set_function(self.front.in_flight)
         if settings.metrics_port >= 0:

@@ -1,17 +1,13 @@
-"""gRPC servicers (grpc.aio): the V2 inference service and edgewise's repository service.
+"""gRPC servicers (grpc.aio): the V2 inference service and edgewise's repository, monitoring and
+quality services.
 
-Every handler calls the data plane (or the repository) and maps an
-:class:`~edgewise.runtime.errors.EdgewiseError` to a gRPC status through the one table in
-:mod:`edgewise.runtime.grpc_api.status`. An unexpected exception becomes INTERNAL with its type
-name; the server itself never goes down because of a request.
-
-Small requests run inline on the event loop (onnxruntime at batch 1 costs tens of microseconds, less
-than a thread hand-off); requests with a large payload, and every request while recent model runs
-took longer than :data:`SIDE_BY_SIDE_SECONDS` (the native front end's rule), run on a worker thread
-so they do not hold up the loop: a loop busy running models takes no new calls in, and calls it
-has not taken in wait inside gRPC where nothing can shed them. The grpcio server hands ModelInfer
-its request as bytes (:meth:`InferenceServicer.infer_bytes`): a large body is parsed on the worker
-thread too, and an undecodable one is INVALID_ARGUMENT (see wire.py).
+A servicer translates: each handler calls the serving core (ModelInfer, see
+:mod:`edgewise.runtime.inference_core`), the data plane (health, metadata), or the repository,
+monitor or online quality, and maps an :class:`~edgewise.runtime.errors.EdgewiseError` to a gRPC
+status through the one table in :mod:`edgewise.runtime.grpc_api.status`. An unexpected exception
+becomes INTERNAL with its type name; the server itself never goes down because of a request. The
+grpcio server hands ModelInfer its request as bytes (:meth:`InferenceServicer.infer_bytes`), so
+the core decides where a large body is parsed, and an undecodable one is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -20,32 +16,20 @@ import asyncio
 import logging
 import math
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from edgewise.runtime.admission import MemoryAdmission
-from edgewise.runtime.batching import BatchingConfig, DynamicBatcher
-from edgewise.runtime.dataplane import DataPlane, PreparedRequest
-from edgewise.runtime.errors import (
-    EdgewiseError,
-    ErrorCode,
-    InvalidInput,
-    ModelNotReady,
-    ResourceExhausted,
-)
+from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput, ModelNotReady
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.grpc_api.overload import LoopLoad, retry_trailers
+from edgewise.runtime.grpc_api.overload import retry_trailers
 from edgewise.runtime.grpc_api.status import grpc_status
-from edgewise.runtime.grpc_api.wire import decode
-from edgewise.runtime.metrics import ServerMetrics
-from edgewise.runtime.model import LoadedModel
+from edgewise.runtime.inference_core import InferenceCore
 from edgewise.runtime.paths import parse_version
 from edgewise.runtime.quality import submit_feedback
 from edgewise.runtime.repository import ModelRepository, VersionStatus
@@ -62,30 +46,6 @@ T = TypeVar("T")
 
 # Marks a control call one process forwards to its siblings in multi-process mode.
 FORWARDED_HEADER = "edgewise-forwarded"
-
-#: While model runs have recently taken longer than this a call (a moving average), every request
-#: runs on a worker thread: onnxruntime releases the GIL, so such runs overlap and the event loop
-#: stays free to take calls in (and shed them). The native front end uses the same figure.
-SIDE_BY_SIDE_SECONDS = 0.0005
-
-
-def _payload_bytes(request: pb.ModelInferRequest) -> int:
-    if request.raw_input_contents:
-        return sum(len(raw) for raw in request.raw_input_contents)
-    total = 0
-    for tensor in request.inputs:
-        contents = tensor.contents
-        total += 8 * (
-            len(contents.fp32_contents)
-            + len(contents.fp64_contents)
-            + len(contents.int_contents)
-            + len(contents.int64_contents)
-            + len(contents.uint_contents)
-            + len(contents.uint64_contents)
-            + len(contents.bool_contents)
-            + len(contents.bytes_contents)
-        )
-    return total
 
 
 def status_of(
@@ -112,73 +72,13 @@ async def _abort(
     await context.abort(code, message, trailing_metadata=trailers)
 
 
-def _code_of(exc: Exception) -> str:
-    return exc.code.name if isinstance(exc, EdgewiseError) else "INTERNAL"
-
-
-class _CallAccounting:
-    """Counts one inference call while its model runs (or it waits for a batch): the in-flight
-    gauge, the memory reservation given back at the end, and the outcome with its latency. Used
-    as ``with`` on whichever thread or task runs the call, so a call whose caller has gone away
-    is still counted with the outcome it really had. ``name`` and ``version`` may be set to the
-    model version that answered."""
-
-    __slots__ = ("name", "reservation", "servicer", "started", "version")
-
-    def __init__(
-        self, servicer: InferenceServicer, name: str, version: str, started: float, reservation: int
-    ) -> None:
-        self.servicer = servicer
-        self.name = name
-        self.version = version
-        self.started = started
-        self.reservation = reservation
-
-    def __enter__(self) -> _CallAccounting:
-        self.servicer.metrics.inflight.inc()
-        return self
-
-    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
-        servicer = self.servicer
-        metrics = servicer.metrics
-        metrics.inflight.dec()
-        servicer._release(self.reservation)
-        if exc is None:
-            seconds = time.perf_counter() - self.started
-            metrics.observe_request(self.name, self.version, "OK", seconds)
-        elif isinstance(exc, Exception):  # not a cancellation: the call had an outcome
-            metrics.observe_request(self.name, self.version, _code_of(exc), 0.0)
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        metrics: ServerMetrics,
-        executor: ThreadPoolExecutor,
-        inline_max_bytes: int = 64 * 1024,
-        admission: MemoryAdmission | None = None,
-        retry_after_ms: int = 50,
-        loop_load: LoopLoad | None = None,
-        calls_in_flight: Callable[[], int] | None = None,
-    ) -> None:
-        self.dataplane = dataplane
-        self.metrics = metrics
-        self.executor = executor
-        self.inline_max_bytes = inline_max_bytes
-        self.admission = admission
-        self.retry_after_ms = retry_after_ms  # the hint of memory admission and full batch queues
-        # A saturated event loop runs nothing inline (see LoopLoad): calls stay visible to shedding.
-        self.loop_load = loop_load
-        self.calls_in_flight = calls_in_flight  # the shedder's count: a batcher's idle test
-        # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
-        # thread ran the model: a race only blurs it.
-        self.run_seconds = 0.0
-        # One batch queue per served model version that has batching configured; a version
-        # that is unloaded drops out with its last reference.
-        self._batchers: weakref.WeakKeyDictionary[LoadedModel, DynamicBatcher] = (
-            weakref.WeakKeyDictionary()
-        )
+    """The V2 inference service on grpc.aio: translates calls to the serving core's (and the data
+    plane's) and their errors to statuses; decides nothing."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+        self.dataplane = core.dataplane
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -211,180 +111,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
-    def _admit(self, request: pb.ModelInferRequest) -> int:
-        """Memory admission, before anything is decoded: the reservation to release, or
-        ResourceExhausted (counted here, as no thread will run the request)."""
-        if self.admission is None:
-            return 0
-        try:
-            return self.admission.admit(request)
-        except ResourceExhausted as exc:
-            code = exc.code.name
-            self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
-            raise
-
-    def _batches(self, request: pb.ModelInferRequest) -> bool:
-        """Whether the model version ``request`` asks for has dynamic batching configured."""
-        try:
-            model = self.dataplane.repository.get(request.model_name, request.model_version)
-        except EdgewiseError:
-            return False  # the request fails the same way wherever it is decoded
-        return model.batching is not None
-
-    def _release(self, reservation: int) -> None:
-        if reservation and self.admission is not None:
-            self.admission.release(reservation)
-
-    def _timed(self, began: float) -> None:
-        """One more model run, begun at ``began`` (perf_counter), in the moving average. Taken
-        on the grpcio path only, the one that reads it (:meth:`_runs_inline`): the native front
-        end keeps its own average in C++."""
-        self.run_seconds += (time.perf_counter() - began - self.run_seconds) / 16
-
-    def _infer_counted(
-        self,
-        request: pb.ModelInferRequest,
-        deadline: float | None,
-        started: float,
-        reservation: int = 0,
-    ) -> pb.ModelInferResponse:
-        """Run one request and count it, on whichever thread runs it: a request whose caller has
-        gone away is still counted with the outcome it really had."""
-        name, version = request.model_name, request.model_version
-        began = time.perf_counter()
-        with _CallAccounting(self, name, version, started, reservation) as call:
-            response, model = self.dataplane.infer(request, deadline)
-            call.name, call.version = model.name, model.version_str
-        self._timed(began)
-        return response
-
-    def _decode_and_infer(
-        self, body: bytes, deadline: float | None, started: float
-    ) -> pb.ModelInferResponse:
-        """On a worker thread: parse a large request, admit it, run it and count it."""
-        request = decode(pb.ModelInferRequest, body)
-        return self._infer_counted(request, deadline, started, self._admit(request))
-
-    def _prepare_counted(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
-        try:
-            return self.dataplane.prepare(request)
-        except Exception as exc:
-            code = _code_of(exc)
-            self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
-            self._release(reservation)
-            raise
-
-    def _execute_counted(
-        self,
-        prepared: PreparedRequest,
-        deadline: float | None,
-        started: float,
-        reservation: int,
-        defer: Callable[..., object] | None = None,
-    ) -> pb.ModelInferResponse:
-        """Run and count a prepared request; the monitor's statistics are taken after the
-        response: on the loop's next turn, or through ``defer`` (see DataPlane.execute)."""
-        model = prepared.model
-        with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline, on_loop=defer is None, defer=defer)
-
-    async def _batched(
-        self,
-        prepared: PreparedRequest,
-        config: BatchingConfig,
-        deadline: float | None,
-        started: float,
-        reservation: int,
-    ) -> pb.ModelInferResponse:
-        model = prepared.model
-        batcher = self._batchers.get(model)
-        if batcher is None:
-            histogram = self.metrics.batch_rows.labels(model.name, model.version_str)
-            batcher = DynamicBatcher(
-                model, config, self.executor, histogram.observe, self.calls_in_flight
-            )
-            self._batchers[model] = batcher
-        with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return await batcher.submit(prepared, deadline)
-
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         """ModelInfer on a request parsed already (the grpcio server calls :meth:`infer_bytes`)."""
         started = time.perf_counter()
-        deadline = _deadline(context)
         try:
-            return await self._infer(request, deadline, started)
+            return await self.core.infer(request, _deadline(context), started)
         except Exception as exc:
-            await _abort(context, exc, self.retry_after_ms)
+            await _abort(context, exc, self.core.retry_after_ms)
             raise
 
     async def infer_bytes(
         self, body: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
-        """ModelInfer on the request's bytes: a body over ``inline_max_bytes`` is parsed, admitted
-        and run on a worker thread (the event loop never spends long on one call); a smaller one
-        is parsed here. An undecodable body is INVALID_ARGUMENT."""
+        """ModelInfer on the request's bytes (see InferenceCore.infer_body)."""
         started = time.perf_counter()
-        deadline = _deadline(context)
         try:
-            if len(body) > self.inline_max_bytes:
-                return await self._on_worker(self._decode_and_infer, body, deadline, started)
-            request = decode(pb.ModelInferRequest, body)
-            return await self._infer(request, deadline, started, small=True)
+            return await self.core.infer_body(body, _deadline(context), started)
         except Exception as exc:
-            await _abort(context, exc, self.retry_after_ms)
+            await _abort(context, exc, self.core.retry_after_ms)
             raise
-
-    def _runs_inline(self, request: pb.ModelInferRequest, small: bool) -> bool:
-        """Whether ``request`` runs on the event loop: a small one while model runs are cheap
-        and the loop is not saturated by them (see LoopLoad); a request for a model with
-        batching joins its batch queue from the loop whatever (its batch runs on a worker
-        thread anyway). ``small``: its body is known to be at most ``inline_max_bytes`` (which
-        bounds its parsing and decoding), else its payload is measured."""
-        if not small and _payload_bytes(request) > self.inline_max_bytes:
-            return False
-        busy = self.loop_load is not None and self.loop_load.busy
-        costly = self.run_seconds > SIDE_BY_SIDE_SECONDS
-        return not (busy or costly) or self._batches(request)
-
-    async def _infer(
-        self,
-        request: pb.ModelInferRequest,
-        deadline: float | None,
-        started: float,
-        small: bool = False,
-    ) -> pb.ModelInferResponse:
-        reservation = self._admit(request)
-        if not self._runs_inline(request, small):
-            run = self._infer_counted
-            return await self._on_worker(
-                run, request, deadline, started, reservation, reservation=reservation
-            )
-        prepared = self._prepare_counted(request, reservation)
-        batching = prepared.model.batching
-        if batching is not None:
-            return await self._batched(prepared, batching, deadline, started, reservation)
-        try:
-            began = time.perf_counter()
-            response = self._execute_counted(prepared, deadline, started, reservation)
-            self._timed(began)
-            return response
-        finally:
-            if self.loop_load is not None:  # the loop's time spent on models
-                self.loop_load.inline_seconds += time.perf_counter() - started
-
-    async def _on_worker(
-        self, function: Callable[..., T], *args: object, reservation: int = 0
-    ) -> T:
-        """``function(*args)`` on a worker thread; a call cancelled before it ran gives back
-        ``reservation``."""
-        future = self.executor.submit(function, *args)
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            if future.cancelled():  # never ran: its reservation is still held
-                self._release(reservation)
 
 
 def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:

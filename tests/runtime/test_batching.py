@@ -272,6 +272,7 @@ def test_an_unloaded_batching_model_is_freed(model_repo: Path, tmp_path: Path) -
     from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
     from edgewise.runtime.grpc_api.server import InferenceServer
     from edgewise.runtime.grpc_api.servicers import InferenceServicer
+    from edgewise.runtime.inference_core import InferenceCore
     from edgewise.runtime.settings import ServerSettings
 
     repo = tmp_path / "repo"
@@ -282,9 +283,10 @@ def test_an_unloaded_batching_model_is_freed(model_repo: Path, tmp_path: Path) -
     server = InferenceServer(ServerSettings.from_sources({"repo": repo, "monitoring": "off"}))
     server.repository.load_all()
     in_flight = [1]
-    servicer = InferenceServicer(
+    core = InferenceCore(
         server.dataplane, server.metrics, server.executor, calls_in_flight=lambda: in_flight[0]
     )
+    servicer = InferenceServicer(core)
     context = SimpleNamespace(time_remaining=lambda: None)
 
     def request(seed: int) -> pb.ModelInferRequest:
@@ -302,12 +304,12 @@ def test_an_unloaded_batching_model_is_freed(model_repo: Path, tmp_path: Path) -
 
     try:
         asyncio.run(scenario())
-        assert len(servicer._batchers) == 1
+        assert len(core.batch_queues()) == 1
         model = weakref.ref(server.repository.get("logreg"))
         server.repository.unload("logreg")
         gc.collect()
         assert model() is None, gc.get_referrers(model())
-        assert len(servicer._batchers) == 0
+        assert len(core.batch_queues()) == 0
     finally:
         server.executor.shutdown()
 
@@ -367,6 +369,7 @@ def test_a_busy_loop_still_batches_requests_for_a_batching_model(
     from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
     from edgewise.runtime.grpc_api.server import InferenceServer
     from edgewise.runtime.grpc_api.servicers import InferenceServicer
+    from edgewise.runtime.inference_core import InferenceCore
     from edgewise.runtime.settings import ServerSettings
 
     repo = tmp_path / "repo"
@@ -378,13 +381,14 @@ def test_a_busy_loop_still_batches_requests_for_a_batching_model(
     server = InferenceServer(ServerSettings.from_sources({"repo": repo, "monitoring": "off"}))
     server.repository.load_all()
     busy = SimpleNamespace(busy=True, inline_seconds=0.0)  # what the servicer reads of LoopLoad
-    servicer = InferenceServicer(
+    core = InferenceCore(
         server.dataplane,
         server.metrics,
         server.executor,
         loop_load=busy,  # type: ignore[arg-type]
         calls_in_flight=lambda: 8,
     )
+    servicer = InferenceServicer(core)
     context = SimpleNamespace(time_remaining=lambda: None)
 
     def request(model: str, seed: int) -> pb.ModelInferRequest:
@@ -407,6 +411,6 @@ def test_a_busy_loop_still_batches_requests_for_a_batching_model(
     finally:
         server.executor.shutdown()
     assert [r.model_name for r in responses] == ["logreg", "regressor"] * 8
-    batchers = {model.name: batcher for model, batcher in servicer._batchers.items()}
+    batchers = {name: queue for (name, _), queue in core.batch_queues().items()}
     assert list(batchers) == ["logreg"]  # the regressor has no batching: worker threads ran it
     assert batchers["logreg"].rows_run == 8 and batchers["logreg"].batches_run == 1

@@ -29,6 +29,7 @@ from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
 from edgewise.runtime.grpc_api.server import InferenceServer
 from edgewise.runtime.grpc_api.servicers import InferenceServicer
+from edgewise.runtime.inference_core import InferenceCore
 from edgewise.runtime.model import SessionSettings, load_model
 from edgewise.runtime.settings import ClientSecurity, ServerSettings
 from tests.runtime.grpc_api.test_server import metric_value, metrics_text
@@ -51,12 +52,12 @@ def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servicer(repo: Path) -> Iterator[InferenceServicer]:
-    """The grpcio server's inference servicer, in process, without gRPC."""
+def core(repo: Path) -> Iterator[InferenceCore]:
+    """The serving core, in process, without gRPC."""
     server = InferenceServer(ServerSettings.from_sources({"repo": repo, "metrics_port": -1}))
     server.repository.load_all()
     server.dataplane.set_ready(True)
-    yield InferenceServicer(
+    yield InferenceCore(
         server.dataplane,
         server.metrics,
         server.executor,
@@ -79,12 +80,10 @@ def features(repo: Path, n: int, seed: int = 0, model: str = "logreg") -> np.nda
     return np.random.default_rng(seed).normal(size=(n, width)).astype(np.float32)
 
 
-def test_a_request_is_answered_as_the_model_answers(
-    servicer: InferenceServicer, repo: Path
-) -> None:
-    front = NativeFront(servicer, None, None, 50)
+def test_a_request_is_answered_as_the_model_answers(core: InferenceCore, repo: Path) -> None:
+    front = NativeFront(core, None, None, 50)
     rows = features(repo, 5)
-    monitor = servicer.dataplane.repository.get("logreg", "").monitor
+    monitor = core.dataplane.repository.get("logreg", "").monitor
     assert monitor is not None
     before = monitor.current.rows
     code, message, body, trailers, deferred = front.handle(
@@ -106,26 +105,25 @@ def test_a_request_is_answered_as_the_model_answers(
     np.testing.assert_array_equal(labels, expected["label"])
 
 
-def test_only_the_grpcio_path_keeps_the_model_run_average(
-    servicer: InferenceServicer, repo: Path
-) -> None:
-    """The servicer's moving average of a model run is what the grpcio path reads to choose
-    where a call runs; the native front end keeps its own in C++, so its calls leave it be."""
+def test_only_the_grpcio_path_keeps_the_model_run_average(core: InferenceCore, repo: Path) -> None:
+    """The core's moving average of a model run is what the event-loop path (grpcio, HTTP) reads
+    to choose where a call runs; the native front end keeps its own in C++, so its calls leave
+    it be."""
     body = request_bytes("logreg", features(repo, 3))
-    before = servicer.run_seconds
-    code, message, _, _, _ = NativeFront(servicer, None, None, 50).handle(body, None, 10.0, 1)
+    before = core.run_seconds
+    code, message, _, _, _ = NativeFront(core, None, None, 50).handle(body, None, 10.0, 1)
     assert (code, message) == (0, "")
-    assert servicer.run_seconds == before
+    assert core.run_seconds == before
     context: Any = SimpleNamespace(time_remaining=lambda: None)
-    response = asyncio.run(servicer.infer_bytes(body, context))
+    response = asyncio.run(InferenceServicer(core).infer_bytes(body, context))
     assert response.model_name == "logreg"
-    assert servicer.run_seconds != before
+    assert core.run_seconds != before
 
 
 def test_errors_carry_their_status_and_a_message_naming_the_field(
-    servicer: InferenceServicer, repo: Path
+    core: InferenceCore, repo: Path
 ) -> None:
-    front = NativeFront(servicer, None, None, 50)
+    front = NativeFront(core, None, None, 50)
     rows = features(repo, 2)
     code, message, body, _, _ = front.handle(b"\xff\xff not protobuf", None, None, 1)
     assert (code, body) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], None)
@@ -139,13 +137,13 @@ def test_errors_carry_their_status_and_a_message_naming_the_field(
 
 
 def test_a_model_with_batching_joins_its_batch_queue_and_is_completed_later(
-    servicer: InferenceServicer, repo: Path
+    core: InferenceCore, repo: Path
 ) -> None:
     rows = features(repo, 3, model="forest")
 
     async def scenario() -> list[tuple[int, Any]]:
-        front = NativeFront(servicer, None, None, 50)
-        front._loop = asyncio.get_running_loop()
+        front = NativeFront(core, None, None, 50)
+        core.attach(asyncio.get_running_loop())
         completed: list[tuple[int, Any]] = []
         front._front = SimpleNamespace(
             complete=lambda token, answer: completed.append((token, answer))
@@ -167,12 +165,10 @@ def test_a_model_with_batching_joins_its_batch_queue_and_is_completed_later(
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and body is None and message
 
 
-def test_tokens_are_checked_before_the_in_flight_limit(
-    servicer: InferenceServicer, repo: Path
-) -> None:
+def test_tokens_are_checked_before_the_in_flight_limit(core: InferenceCore, repo: Path) -> None:
     auth = AuthInterceptor(TokenSet(inline=TOKEN))
     shedder = LoadShedder(2, 75, frozenset())
-    front = NativeFront(servicer, auth, shedder, 75)
+    front = NativeFront(core, auth, shedder, 75)
     body = request_bytes("logreg", features(repo, 1))
     # Over the limit without a token: refused for the token, and no shed is counted.
     code, message, _, _, _ = front.handle(body, None, None, 3)
@@ -191,12 +187,8 @@ def test_tokens_are_checked_before_the_in_flight_limit(
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=512))
-def test_any_bytes_get_an_answer_never_an_exception(
-    servicer: InferenceServicer, data: bytes
-) -> None:
-    code, message, body, trailers, _ = NativeFront(servicer, None, None, 50).handle(
-        data, None, None, 1
-    )
+def test_any_bytes_get_an_answer_never_an_exception(core: InferenceCore, data: bytes) -> None:
+    code, message, body, trailers, _ = NativeFront(core, None, None, 50).handle(data, None, None, 1)
     assert code in CODES and isinstance(message, str) and isinstance(trailers, tuple)
     assert (body is not None) == (code == 0)
 
