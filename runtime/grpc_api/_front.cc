@@ -10,6 +10,10 @@
 // server on a private Unix socket, so that those services are served by the same Python code
 // as without this front end.
 //
+// The public port serves plaintext, TLS or mutual TLS (PortCredentials): gRPC's TLS credentials
+// with its file watcher, so that certificates rotate without a restart, as on grpcio. The
+// private socket stays plaintext.
+//
 // Built by `python -m edgewise.runtime.grpc_api.front_build` against the system's gRPC C++
 // library (Debian: libgrpc++-dev). Python 3.11 C API only; no pybind11.
 
@@ -20,6 +24,9 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 
 #include <structmember.h>
 
@@ -28,6 +35,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <fstream>
+#include <iterator>
 #include <thread>
 #include <memory>
 #include <mutex>
@@ -594,6 +603,71 @@ void Call::FinishLocked(const grpc::Status& status) {
 }
 
 
+// ---- TLS on the public port ------------------------------------------------------------------
+
+// What the public port serves with: plaintext (no certificate), TLS, or mutual TLS (a client CA).
+struct TlsFiles {
+  std::string cert, key, client_ca;  // PEM files; cert empty: plaintext
+  int refresh_seconds = 2;           // how often the files are read again
+};
+
+// A file the port needs, checked now (gRPC would only log its error and fail every handshake):
+// false with a Python exception naming the file when it cannot be read or holds no PEM block.
+bool CheckPem(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    PyErr_Format(PyExc_OSError, "%s %s: cannot read", what, path.c_str());
+    return false;
+  }
+  std::string data(std::istreambuf_iterator<char>(in), {});
+  if (data.find("-----BEGIN") == std::string::npos) {
+    PyErr_Format(PyExc_ValueError, "%s %s: not a PEM file", what, path.c_str());
+    return false;
+  }
+  return true;
+}
+
+// The port's credentials. With TLS, gRPC's file watcher reads the key, the certificate chain and
+// the client CA bundle again every refresh_seconds, and new connections get what it last read:
+// certificates rotate without a restart, as on grpcio (replace the files atomically: a key and
+// certificate read mid-write do not match). With a client CA, a client must present a
+// certificate it signed, or the handshake fails (mutual TLS).
+std::shared_ptr<grpc::ServerCredentials> PortCredentials(const TlsFiles& files) {
+  if (files.cert.empty()) return grpc::InsecureServerCredentials();
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      files.key, files.cert, files.client_ca, static_cast<unsigned int>(files.refresh_seconds));
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (files.client_ca.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
+// Checks the TLS settings; false with a Python exception set.
+bool CheckTls(const TlsFiles& files) {
+  if (files.cert.empty() != files.key.empty()) {
+    PyErr_SetString(PyExc_ValueError, "tls_cert_file and tls_key_file: give both or neither");
+    return false;
+  }
+  if (files.cert.empty()) {
+    if (!files.client_ca.empty()) {
+      PyErr_SetString(PyExc_ValueError, "tls_client_ca_file needs tls_cert_file and tls_key_file");
+      return false;
+    }
+    return true;
+  }
+  if (files.refresh_seconds < 1) {
+    PyErr_SetString(PyExc_ValueError, "tls_refresh_seconds must be at least 1");
+    return false;
+  }
+  return CheckPem(files.cert, "TLS certificate") && CheckPem(files.key, "TLS key") &&
+         (files.client_ca.empty() || CheckPem(files.client_ca, "TLS client CA"));
+}
+
 // ---- the Python object -----------------------------------------------------------------------
 
 struct FrontObject {
@@ -620,11 +694,14 @@ void FrontDealloc(PyObject* self) {
 }
 
 // Front(address, upstream, handler, after, fast_method, max_message_bytes, reuse_port, handlers,
-//       small_max_bytes=65536)
+//       small_max_bytes=65536, tls_cert_file="", tls_key_file="", tls_client_ca_file="",
+//       tls_refresh_seconds=2): TLS on the port with a certificate and key (empty: plaintext),
+//       mutual TLS with a client CA too.
 int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"address", "upstream", "handler", "after", "fast_method",
                                     "max_message_bytes", "reuse_port", "handlers",
-                                    "small_max_bytes", nullptr};
+                                    "small_max_bytes", "tls_cert_file", "tls_key_file",
+                                    "tls_client_ca_file", "tls_refresh_seconds", nullptr};
   const char* address;
   const char* upstream;
   const char* fast_method;
@@ -634,11 +711,20 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   int reuse_port;
   int handlers;
   Py_ssize_t small_max_bytes = 64 * 1024;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsipi|n", const_cast<char**>(keywords), &address,
-                                   &upstream, &handler, &after, &fast_method, &max_message_bytes,
-                                   &reuse_port, &handlers, &small_max_bytes)) {
+  const char* tls_cert = "";
+  const char* tls_key = "";
+  const char* tls_client_ca = "";
+  TlsFiles tls;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOsipi|nsssi", const_cast<char**>(keywords),
+                                   &address, &upstream, &handler, &after, &fast_method,
+                                   &max_message_bytes, &reuse_port, &handlers, &small_max_bytes,
+                                   &tls_cert, &tls_key, &tls_client_ca, &tls.refresh_seconds)) {
     return -1;
   }
+  tls.cert = tls_cert;
+  tls.key = tls_key;
+  tls.client_ca = tls_client_ca;
+  if (!CheckTls(tls)) return -1;
   if (handlers < 2 || handlers > 256) {
     PyErr_SetString(PyExc_ValueError, "handlers must be between 2 and 256");
     return -1;
@@ -677,7 +763,7 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   front->service = std::make_unique<Service>(front.get());
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, PortCredentials(tls), &port);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
