@@ -84,19 +84,28 @@ class _CallAccounting:
     """Counts one inference call while its model runs (or it waits for a batch): the in-flight
     gauge, the memory reservation given back at the end, and the outcome with its latency. Used
     as ``with`` on whichever thread or task runs the call, so a call whose caller has gone away
-    is still counted with the outcome it really had. ``name`` and ``version`` may be set to the
-    model version that answered."""
+    is still counted with the outcome it really had: a task cancelled under it (grpc.aio cancels
+    a call whose deadline passed, or whose client went away) is DEADLINE_EXCEEDED once
+    ``deadline`` has passed, else CANCELLED. ``name`` and ``version`` may be set to the model
+    version that answered."""
 
-    __slots__ = ("core", "name", "reservation", "started", "version")
+    __slots__ = ("core", "deadline", "name", "reservation", "started", "version")
 
     def __init__(
-        self, core: InferenceCore, name: str, version: str, started: float, reservation: int
+        self,
+        core: InferenceCore,
+        name: str,
+        version: str,
+        started: float,
+        reservation: int,
+        deadline: float | None = None,
     ) -> None:
         self.core = core
         self.name = name
         self.version = version
         self.started = started
         self.reservation = reservation
+        self.deadline = deadline
 
     def __enter__(self) -> _CallAccounting:
         self.core.metrics.inflight.inc()
@@ -112,6 +121,10 @@ class _CallAccounting:
             metrics.observe_request(self.name, self.version, "OK", seconds)
         elif isinstance(exc, Exception):  # not a cancellation: the call had an outcome
             metrics.observe_request(self.name, self.version, outcome_code(exc), 0.0)
+        elif isinstance(exc, asyncio.CancelledError):
+            late = self.deadline is not None and time.monotonic() >= self.deadline
+            code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+            metrics.observe_request(self.name, self.version, code, 0.0)
 
 
 class InferenceCore:
@@ -330,7 +343,7 @@ class InferenceCore:
                 model, config, self.executor, histogram.observe, self.calls_in_flight
             )
             self._batchers[model] = batcher
-        with _CallAccounting(self, model.name, model.version_str, started, reservation):
+        with _CallAccounting(self, model.name, model.version_str, started, reservation, deadline):
             return await batcher.submit(prepared, deadline)
 
     async def _on_worker(
