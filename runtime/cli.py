@@ -16,6 +16,7 @@ from typing import Any
 from edgewise.runtime.batch.cli_commands import _add_batch
 from edgewise.runtime.cgroup_run import _add_run
 from edgewise.runtime.container_render import _add_containers
+from edgewise.runtime.drift_history_cli import _add_drift_history
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.limits import _add_limits
 from edgewise.runtime.quality_cli import _add_evaluate, _add_gate
@@ -462,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repository(sub)
     _add_demo(sub)
     _add_drift(sub)
+    _add_drift_history(sub)
     _add_quality(sub)
     _add_limits(sub)
     _add_run(sub)

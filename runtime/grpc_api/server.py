@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from edgewise.runtime.admission import MemoryAdmission
 from edgewise.runtime.alerts import AlertHook
 from edgewise.runtime.dataplane import DataPlane
+from edgewise.runtime.drift_history import RecordingPublisher, history_from_environment
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.grpc_api.drain import hold_connections
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
@@ -46,6 +47,7 @@ from edgewise.runtime.grpc_api.overload import (
     pending_limits,
     service_handlers,
 )
+from edgewise.runtime.grpc_api.peer_windows import window_share_handler
 from edgewise.runtime.grpc_api.ports import (
     check_port_free,
     start_metrics_http,
@@ -105,6 +107,11 @@ class InferenceServer:
         publish_budget(self.metrics.registry, limits, split)
         log.info("%s", describe_split(limits, split))
         self.alerts = AlertHook(settings.alert_command, settings.alert_webhook)
+        # Each closed window's judgement also goes to the drift history (docs/monitoring.md).
+        history = history_from_environment(settings.repo)
+        drift_publisher = (
+            self.metrics if history is None else RecordingPublisher(self.metrics, history)
+        )
         self.repository = ModelRepository(
             settings.repo,
             settings.session_settings(),
@@ -113,7 +120,7 @@ class InferenceServer:
             monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
             quality_enabled=settings.quality == "on",
             on_alert=self.alerts.fire,
-            drift_publisher=self.metrics,
+            drift_publisher=drift_publisher,
             quality_publisher=self.metrics,
             performance_publisher=self.metrics,
         )
@@ -263,15 +270,14 @@ class InferenceServer:
         else:  # the shedder serves the inference service and refuses past its limit
             self.shedder.add_service(service, handlers)
             server.add_generic_rpc_handlers((self.shedder,))
-        repository = RepositoryServicer(
-            self.repository,
-            self.executor,
-            self.update_health,
-            peers=self._peers if settings.peers_dir is not None else None,
-        )
+        peers = self._peers if settings.peers_dir is not None else None
+        repository = RepositoryServicer(self.repository, self.executor, self.update_health, peers)
+        monitoring = MonitoringServicer(*control, peers=peers)
+        if peers is not None:  # siblings ask for this process's share of a drift window
+            server.add_generic_rpc_handlers((window_share_handler(*control),))
         for add_to_server, servicer in (
             (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository),
-            (epb_grpc.add_MonitoringServiceServicer_to_server, MonitoringServicer(*control)),
+            (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),
             (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control)),
             (health_pb2_grpc.add_HealthServicer_to_server, self.health),
         ):

@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
+from edgewise.runtime.drift_merge import MERGED_WINDOWS
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput, ModelNotReady
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.grpc_api.overload import retry_trailers
+from edgewise.runtime.grpc_api.peer_windows import forwarded, merged_drift_report, reset_siblings
 from edgewise.runtime.grpc_api.status import grpc_status
 from edgewise.runtime.inference_core import InferenceCore
 from edgewise.runtime.paths import parse_version
@@ -307,9 +309,17 @@ def _report_to_proto(report: DriftReport) -> epb.DriftReport:
 class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
     """Drift reports, feature statistics and window resets of served model versions."""
 
-    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        executor: ThreadPoolExecutor,
+        peers: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.repository = repository
         self.executor = executor
+        # Multi-process mode: the siblings' private addresses; a report then merges their
+        # windows with this process's, and a reset reaches them all (grpc_api/peer_windows.py).
+        self.peers = peers
 
     async def _report(
         self,
@@ -328,9 +338,20 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
                     available=False,
                     reason=model.monitor_reason,
                 )
+            window = request.window or "current"
+            if (
+                self.peers is not None
+                and window in MERGED_WINDOWS
+                and not request.exact
+                and not forwarded(context)
+            ):
+                report = await merged_drift_report(
+                    monitor, window, scores, self.peers(), context, self.executor
+                )
+                return _report_to_proto(report)
             loop = asyncio.get_running_loop()
             report = await loop.run_in_executor(
-                self.executor, monitor.report, request.window or "current", request.exact, scores
+                self.executor, monitor.report, window, request.exact, scores
             )
             return _report_to_proto(report)
         except Exception as exc:
@@ -361,6 +382,8 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
             await asyncio.get_running_loop().run_in_executor(self.executor, model.monitor.reset)
             if model.performance is not None:
                 model.performance.reset()  # the CBPE window starts over with the drift window
+            if self.peers is not None:
+                await reset_siblings(self.peers, request, context)
             return epb.ResetWindowResponse()
         except Exception as exc:
             await _abort(context, exc)
