@@ -122,8 +122,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--front-end",
         choices=["auto", "native", "grpcio"],
         help="what serves the gRPC port: native is gRPC's C++ server, answering ModelInfer "
-        "with no Python gRPC work per call (built by `make native`; no TLS yet); grpcio is "
-        "Python's grpc.aio server; auto (default): native where it is built and TLS is off",
+        "with no Python gRPC work per call (built by `make native`); grpcio is "
+        "Python's grpc.aio server; auto (default): native where it is built",
     )
     p.add_argument(
         "--processes",

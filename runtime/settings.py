@@ -76,7 +76,7 @@ class ServerSettings:
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
     monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
     # EDGEWISE_FRONT_END: auto | native | grpcio: what serves the gRPC port (native: gRPC's C++
-    # server, see grpc_api/native_front.py; auto: native where it is built and TLS is off)
+    # server, see grpc_api/native_front.py; auto: native wherever it is built, TLS or not)
     front_end: str = "auto"
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
@@ -176,10 +176,6 @@ class ServerSettings:
         if self.front_end not in ("auto", "native", "grpcio"):
             raise InvalidInput(
                 f"front-end must be 'auto', 'native' or 'grpcio', not {self.front_end!r}"
-            )
-        if self.front_end == "native" and self.tls_cert is not None:
-            raise InvalidInput(
-                "the native front end does not serve TLS yet: use --front-end grpcio with TLS"
             )
         if self.monitoring not in ("on", "off"):
             raise InvalidInput(f"monitoring must be 'on' or 'off', not {self.monitoring!r}")

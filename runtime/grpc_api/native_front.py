@@ -20,7 +20,10 @@ private Unix socket, with its metadata (the token included, checked there), dead
 status and trailers: the health, reflection, metadata, repository, monitoring and quality
 services are the grpcio server's own code, unchanged.
 
-Not served natively (the server refuses to start, saying so): TLS on the port.
+The port serves TLS, or mutual TLS, when ``start`` is given a :class:`TlsStage`: gRPC's C++
+TLS credentials read its checked copies of the files again every second, so certificates rotate
+without a restart and a change that cannot be used keeps the previous one (see tls_stage.py).
+The private socket stays plaintext.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.overload import LoadShedder
 from edgewise.runtime.grpc_api.security import AuthInterceptor
 from edgewise.runtime.grpc_api.servicers import status_of
+from edgewise.runtime.grpc_api.tls_stage import CHECK_SECONDS as TLS_CHECK_SECONDS
+from edgewise.runtime.grpc_api.tls_stage import TlsStage
 from edgewise.runtime.grpc_api.wire import decode
 from edgewise.runtime.inference_core import InferenceCore
 
@@ -105,6 +110,7 @@ class NativeFront:
         self.shedder = shedder
         self.retry_after_ms = retry_after_ms
         self._front: Any = None
+        self._tls: TlsStage | None = None
         # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
         # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
         self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
@@ -118,14 +124,19 @@ class NativeFront:
         reuse_port: bool,
         handlers: int,
         small_max_bytes: int = 64 * 1024,
+        tls: TlsStage | None = None,
     ) -> int:
         """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
         not answered here go to ``upstream`` (the grpc.aio server's address). ``handlers``
         threads (at least 2) run :meth:`handle`: one answers cheap calls back to back, the others
         requests over ``small_max_bytes`` and every request while the handler has been taking
         over half a millisecond a call. Call it on the event loop that serves batch queues.
+        With ``tls`` the port serves TLS, and with its client CA only to clients with a
+        certificate that CA signed (mutual TLS); its files are watched from then on.
         Returns the bound port."""
-        self.core.attach(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.core.attach(loop)
+        self._tls = tls
         self._front = module.Front(
             address=address,
             upstream=upstream,
@@ -136,12 +147,20 @@ class NativeFront:
             reuse_port=reuse_port,
             handlers=handlers,
             small_max_bytes=small_max_bytes,
+            tls_cert_file=str(tls.cert) if tls is not None else "",
+            tls_key_file=str(tls.key) if tls is not None else "",
+            tls_client_ca_file=str(tls.client_ca or "") if tls is not None else "",
+            tls_refresh_seconds=TLS_CHECK_SECONDS,
         )
+        if tls is not None:
+            tls.watch(loop)
         return int(self._front.port)
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting calls; wait up to ``grace`` seconds for those in flight (blocking:
         run it off the event loop, which must go on serving the relayed calls meanwhile)."""
+        if self._tls is not None:
+            self._tls.stop()
         if self._front is not None:
             self._front.shutdown(grace)
 

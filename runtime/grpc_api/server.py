@@ -68,6 +68,7 @@ from edgewise.runtime.grpc_api.servicers import (
     RepositoryServicer,
 )
 from edgewise.runtime.grpc_api.supervisor import PEER_SUFFIX, peer_addresses
+from edgewise.runtime.grpc_api.tls_stage import TlsStage
 from edgewise.runtime.grpc_api.wire import parsing_inside
 from edgewise.runtime.inference_core import InferenceCore
 from edgewise.runtime.limits import describe_split, detect_limits, publish_budget
@@ -325,6 +326,7 @@ class InferenceServer:
                 settings.reuse_port,
                 handlers=settings.worker_threads + 1,
                 small_max_bytes=settings.inline_max_bytes,
+                tls=self._tls_stage(),
             )
             # The front end counts the inference calls (the shedder sees only relayed ones).
             core.calls_in_flight = self.front.in_flight
@@ -378,12 +380,20 @@ class InferenceServer:
             temporary.write_text(f"127.0.0.1:{self.private_port}\n")
             os.replace(temporary, peer_file)
 
+    def _tls_stage(self) -> TlsStage | None:
+        """The native front end's copies of the TLS files, in its private folder (or None)."""
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None or self._front_dir is None:
+            return None
+        return TlsStage(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca, self._front_dir / "tls"
+        )
+
     def _front_module(self) -> ModuleType | None:
         """The native front end's module to serve with, or None for grpcio: ``auto`` is native
-        where its module is built and TLS is off (the native front end does not serve TLS yet).
-        """
+        wherever its module is built and fresh, TLS or not."""
         choice = self.settings.front_end
-        if choice == "grpcio" or (choice == "auto" and self.settings.tls_cert is not None):
+        if choice == "grpcio":
             return None
         module, status = load_front()
         if module is None:

@@ -1,7 +1,7 @@
-"""TLS and mutual TLS on a real server, with certificates made for the test: plaintext and
-untrusted clients are refused, the right ones served (edgewise's client, the CLI and tritonclient
-in its own process), certificates rotate without a restart, and the metrics port can stay on
-loopback."""
+"""TLS and mutual TLS on a real server, on each front end, with certificates made for the test:
+plaintext and untrusted clients are refused, the right ones served (edgewise's client, the CLI
+and tritonclient in its own process), certificates rotate without a restart (a change that
+cannot be used keeps the previous), and the metrics port can stay on loopback."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.settings import ClientSecurity
 from tests.certs import Certificates, make_certificates
 from tests.runtime.store.helpers import logreg_inputs
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 TOKEN = "tls-test-token-0123456789abcdef"
 TRITON_CALLS = Path(__file__).parents[1] / "interop" / "triton_secure_calls.py"
@@ -42,9 +42,12 @@ def small_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return repo
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=FRONT_ENDS)
 def mtls_server(
-    small_repo: Path, certs: Certificates, tmp_path_factory: pytest.TempPathFactory
+    small_repo: Path,
+    certs: Certificates,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[RunningServer]:
     """Mutual TLS and a token, the strictest set-up."""
     good = ClientSecurity(
@@ -54,7 +57,8 @@ def mtls_server(
         small_repo,
         tmp_path_factory.mktemp("mtls"),
         ["--monitoring", "off", "--tls-cert", str(certs.server_cert),
-         "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca)],
+         "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca),
+         *front_end_args(request.param)],
         env={"EDGEWISE_TOKENS": TOKEN},
         security=good,
     )  # fmt: skip
@@ -168,7 +172,10 @@ def test_the_cli_over_mutual_tls(
     assert health.returncode == 0, health.stderr
 
 
-def test_server_tls_certificate_rotates_without_a_restart(small_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_server_tls_certificate_rotates_without_a_restart(
+    small_repo: Path, tmp_path: Path, front_end: str
+) -> None:
     first = make_certificates(tmp_path / "first")
     second = make_certificates(tmp_path / "second")
     live = tmp_path / "live"
@@ -179,7 +186,7 @@ def test_server_tls_certificate_rotates_without_a_restart(small_repo: Path, tmp_
         small_repo,
         tmp_path / "server",
         ["--monitoring", "off", "--tls-cert", str(live / "server.pem"),
-         "--tls-key", str(live / "server.key")],
+         "--tls-key", str(live / "server.key"), *front_end_args(front_end)],
         security=ClientSecurity(tls_ca=first.ca),
     )  # fmt: skip
     try:
@@ -204,13 +211,28 @@ def test_server_tls_certificate_rotates_without_a_restart(small_repo: Path, tmp_
                 assert time.monotonic() < deadline, server.log()
                 time.sleep(0.2)
         assert "TLS certificate reloaded" in server.log()
+        # A change that cannot be used is logged (grpcio looks at a new connection, native
+        # every second), and every new connection still gets the certificate in use.
+        (live / "server.pem.new").write_text("not a certificate")
+        os.replace(live / "server.pem.new", live / "server.pem")
+        deadline = time.monotonic() + 20
+        while True:
+            with EdgewiseClient(
+                server.target, timeout=3, security=ClientSecurity(tls_ca=second.ca)
+            ) as client:
+                assert client.server_live()
+            if "cannot be used" in server.log():
+                break
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
         assert server.process.poll() is None
     finally:
         assert server.stop() == 0, server.log()
 
 
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_bad_tls_files_stop_the_server_with_one_line(
-    small_repo: Path, certs: Certificates, tmp_path: Path
+    small_repo: Path, certs: Certificates, tmp_path: Path, front_end: str
 ) -> None:
     not_pem = tmp_path / "cert.pem"
     not_pem.write_text("not a certificate")
@@ -223,7 +245,8 @@ def test_bad_tls_files_stop_the_server_with_one_line(
     ):  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-m", "edgewise.runtime.cli", "serve", "--repo", str(small_repo),
-             "--port", "0", "--metrics-port", "-1", "--monitoring", "off", *args],
+             "--port", "0", "--metrics-port", "-1", "--monitoring", "off",
+             *front_end_args(front_end), *args],
             check=False, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 1, done.stderr
