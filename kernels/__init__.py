@@ -49,6 +49,7 @@ from .histograms import (
     quantile_edges,
 )
 from .moments import MomentState
+from .multivariate import ReconstructionState, reconstruction_errors
 from .profile import FeatureProfile
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "HistogramState",
     "KSResult",
     "MomentState",
+    "ReconstructionState",
     "categorical_counts",
     "chi2_homogeneity",
     "drift_scores",
@@ -78,6 +80,7 @@ __all__ = [
     "open_ended",
     "psi",
     "quantile_edges",
+    "reconstruction_errors",
     "warmup",
     "warmup_request_path",
     "wasserstein_binned",
@@ -103,8 +106,10 @@ def warmup_request_path() -> float:
     for batch in (reference.astype(np.float32), reference):
         frozen = batch.copy()
         frozen.setflags(write=False)
+        reconstruction = ReconstructionState(2, [0, 1], [0.0, 0.0], [1.0, 1.0], [[1.0, 0.0]])
         for rows in (batch, batch[:1], frozen, frozen[:1]):
             FeatureProfile(edges).update(rows)
+            reconstruction.update(rows)
     codes64 = np.zeros((4, 2), dtype=np.int64)
     for codes in (codes64.astype(np.int32), codes64):
         frozen_codes = codes.copy()
@@ -132,6 +137,8 @@ def warmup() -> float:
         frozen.setflags(write=False)
         for readonly in (frozen, frozen[:1]):
             MomentState(2).update(readonly)
+            ReconstructionState(2, [0, 1], [0.0, 0.0], [1.0, 1.0], [[1.0, 0.0]]).update(readonly)
+            reconstruction_errors(readonly, [0.0, 0.0], [1.0, 1.0], [[1.0, 0.0]])
             HistogramState(edges).update(readonly)
             FeatureProfile(edges).update(readonly)
         moments = MomentState(2)
@@ -144,6 +151,7 @@ def warmup() -> float:
         hist.update(batch)
         profile = FeatureProfile(edges)
         profile.update(batch[:1])
+        ReconstructionState(2, [0, 1], [0.0, 0.0], [1.0, 1.0], [[1.0, 0.0]]).update(batch)
         sample = batch[:, 0]
         ks_2samp(sample, sample[:32])  # exact, unequal sizes
         ks_2samp(sample[:32], sample[32:])  # exact, equal sizes

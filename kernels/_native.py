@@ -87,6 +87,8 @@ EXPORTS: Final[dict[str, tuple[str, str]]] = {
     "moments_merge": ("moments", "_moments_merge"),
     "moments_subtract": ("moments", "_moments_subtract"),
     "drift_all": ("drift", "_drift_all"),
+    "reconstruction_update_f32": ("multivariate", "_reconstruction_update"),
+    "reconstruction_update_f64": ("multivariate", "_reconstruction_update"),
 }
 
 

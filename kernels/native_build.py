@@ -28,6 +28,7 @@ __all__ = ["build"]
 def _signatures() -> dict[str, Any]:
     from numba import types
 
+    f64_1d = types.Array(types.float64, 1, "C")
     f64_2d = types.Array(types.float64, 2, "C")
     i64_1d = types.Array(types.int64, 1, "C")
     i64_2d = types.Array(types.int64, 2, "C")
@@ -41,6 +42,9 @@ def _signatures() -> dict[str, Any]:
             i64_2d, batch, f64_2d, i64_1d, types.int64
         )
         signatures[f"moments_update_{suffix}"] = types.void(f64_2d, batch)
+        signatures[f"reconstruction_update_{suffix}"] = types.void(
+            f64_1d, batch, i64_1d, f64_1d, f64_1d, f64_2d, f64_1d
+        )
     for suffix, code_type in (("i32", types.int32), ("i64", types.int64)):
         codes = types.Array(code_type, 2, "C")
         signatures[f"categorical_update_{suffix}"] = types.void(i64_2d, codes, i64_1d)

@@ -23,6 +23,7 @@ a failure leaves nothing in the repository.
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -60,6 +61,7 @@ from edgewise.runtime.package import (
     write_manifest,
 )
 from edgewise.runtime.performance_estimation import fit_for_package, write_calibration
+from edgewise.runtime.profile import ReferenceOutputs
 from edgewise.runtime.profile import profile_builder as default_profile_builder
 from edgewise.runtime.tabular import load_table, require_module, require_pandas, table_format
 
@@ -655,6 +657,24 @@ def _session(model_bytes: bytes) -> Any:
         ) from None
 
 
+def _class_names(model: Any) -> tuple[str, ...]:
+    """A classifier's classes as text, in the order of its output columns (none otherwise)."""
+    classes = getattr(model, "classes_", None)
+    return () if classes is None else tuple(str(c) for c in np.asarray(classes).reshape(-1))
+
+
+def _takes_outputs(builder: ProfileBuilder) -> bool:
+    """Whether a profile builder accepts ``outputs=`` (the model's outputs on the reference
+    rows, for prediction drift); a builder written before it is called without them."""
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+    return "outputs" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
 def _run(session: Any, features: tuple[Feature, ...], frame: pd.DataFrame, role: str) -> Any:
     try:
         inputs = frame_to_inputs(features, frame)
@@ -998,11 +1018,18 @@ def convert(
         "rtol": float(rtol),
         "sample": sample_parity,
     }
+    # The model's outputs on rows it was not fit on (the held-out rows, when given) are the
+    # reference of prediction drift: on its training rows a model is more confident than on
+    # any new row.
+    reference_outputs = ReferenceOutputs(
+        results, task, _class_names(model), "sample"
+    )  # fmt: skip
     if held_frame is not None:
-        parity["held_out"] = _parity(
+        parity["held_out"], held_results = _parity(
             model, task, session, features, held_frame, positional,
             role="held_out", atol=atol, rtol=rtol,
-        )[0]  # fmt: skip
+        )  # fmt: skip
+        reference_outputs = ReferenceOutputs(held_results, task, _class_names(model), "held_out")
     parity["max_abs_diff"] = _max_abs_diffs(parity)
     outputs = _output_specs(session, results)
     calibration = None
@@ -1047,7 +1074,12 @@ def convert(
             if profile_builder is None and reference_profile:
                 profile_builder = default_profile_builder()
             if profile_builder is not None:
-                entry = profile_builder(folder, frame, features)
+                builder: Any = profile_builder  # outputs= is optional beyond the Protocol
+                entry = (
+                    builder(folder, frame, features, outputs=reference_outputs)
+                    if _takes_outputs(profile_builder)
+                    else builder(folder, frame, features)
+                )
                 profile = None if entry is None else dict(entry)
             if calibration is not None:
                 if profile is None:

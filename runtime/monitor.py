@@ -2,10 +2,18 @@
 reference profile. The only caller of :mod:`edgewise.kernels` in the server.
 
 Request path (:meth:`ModelMonitor.observe`): one fused kernel call (moments + reference-binned
-histogram) for the packed numeric tensor, one for the categorical codes, and a slice copy into the
-current window's reservoir (a ring buffer of its most recent rows, for the exact tests). Numeric
-schema skew needs no extra work: values outside the reference ``[min, max]`` are exactly the
-histogram's underflow and overflow columns, and NaN/inf are counted by the moments.
+histogram) for the packed numeric tensor, one for the categorical codes, one for the PCA
+reconstruction error of the numeric tensor (multivariate drift: count, sum and sum of squares of
+the rows' errors), one fused call for the model's output columns (prediction drift: the same
+binned statistics as a numeric feature), and a slice copy into the current window's reservoir (a
+ring buffer of its most recent rows, for the exact tests). Numeric schema skew needs no extra
+work: values outside the reference ``[min, max]`` are exactly the histogram's underflow and
+overflow columns, and NaN/inf are counted by the moments.
+
+A report's ``features`` are one family of tests judged together (:func:`judge`): the input
+features, then the model's output columns (kind ``prediction``), then the multivariate
+reconstruction error (kind ``multivariate``); the Holm correction runs over all of them, so the
+family-wise false-alarm rate of the model's verdict stays ``alpha`` with the new detectors.
 
 Windows: a *current* window, tumbling by row count and/or time; the *previous* complete window; an
 exponentially *decayed* view updated on each timer tick; and *lifetime* totals. The current and the
@@ -40,6 +48,7 @@ import numpy.typing as npt
 from edgewise.kernels import (
     CategoricalState,
     FeatureProfile,
+    ReconstructionState,
     drift_scores,
     holm,
     ks_2samp,
@@ -55,11 +64,12 @@ from edgewise.runtime.monitor_config import (
     look_alpha_share,
     look_level,
 )
-from edgewise.runtime.profile import ReferenceProfile
+from edgewise.runtime.profile import MultivariateProfile, ReferenceProfile
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "EXACT_WINDOWS",
+    "MULTIVARIATE_NAME",
     "WINDOWS",
     "DriftPublisher",
     "DriftReport",
@@ -69,6 +79,7 @@ __all__ = [
     "MonitorConfig",
     "WindowStats",
     "judge",
+    "reconstruction_test",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,8 +92,16 @@ EXACT_WINDOWS: Final = ("current", "previous")
 AlertHook = Callable[[str, Mapping[str, Any]], object]
 
 
+#: The name of the multivariate detector's entry in a report's features.
+MULTIVARIATE_NAME: Final = "pca_reconstruction"
+
+
 @dataclass
 class FeatureReport:
+    """One test of a report: an input feature (kind ``numeric`` / ``categorical``), a column of
+    the model's outputs (``prediction``) or the multivariate reconstruction error
+    (``multivariate``)."""
+
     name: str
     kind: str
     scores: dict[str, float]
@@ -107,6 +126,8 @@ class DriftReport:
     wrong_type: dict[str, int] = field(default_factory=dict)
     computed_at: float = 0.0
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: detector ("prediction", "multivariate") -> why the report has no entry of it.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 class DriftPublisher(Protocol):
@@ -189,11 +210,29 @@ class WindowStats:
     arrays and the kernels' states), so statistics can be collected on another machine.
     """
 
-    __slots__ = ("categorical", "missing", "numeric", "rows", "started")
+    __slots__ = (
+        "categorical",
+        "missing",
+        "numeric",
+        "outputs",
+        "reconstruction",
+        "rows",
+        "started",
+    )
 
     def __init__(self, reference: ReferenceProfile) -> None:
         ref = reference
         self.numeric = FeatureProfile(ref.numeric.edges) if ref.numeric is not None else None
+        #: The model's output columns (prediction drift); rows seen: ``outputs.moments``.
+        self.outputs = FeatureProfile(ref.outputs.values.edges) if ref.outputs is not None else None
+        mv = ref.multivariate
+        self.reconstruction = (
+            ReconstructionState(
+                len(ref.numeric.names), mv.columns, mv.mean, mv.scale, mv.components
+            )
+            if mv is not None and ref.numeric is not None
+            else None
+        )
         self.categorical = (
             CategoricalState([len(c.categories) for c in ref.categorical])
             if ref.categorical
@@ -208,6 +247,10 @@ class WindowStats:
             self.numeric.merge(other.numeric)
         if self.categorical is not None and other.categorical is not None:
             self.categorical.merge(other.categorical)
+        if self.outputs is not None and other.outputs is not None:
+            self.outputs.merge(other.outputs)
+        if self.reconstruction is not None and other.reconstruction is not None:
+            self.reconstruction.merge(other.reconstruction)
         self.missing += other.missing
         self.rows += other.rows
 
@@ -256,6 +299,14 @@ class ModelMonitor:
             else None
         )
         self._categorical_inputs = [c.input for c in reference.categorical]
+        outputs = reference.outputs
+        #: The model output the monitor reads (prediction drift), None without one: a front end
+        #: passes it to :meth:`observe` (and asks the model for it when a request does not).
+        self.prediction_output = outputs.output if outputs is not None else None
+        self._output_columns = outputs.columns if outputs is not None else ()
+        self._reference_output_counts = (
+            open_ended(outputs.values.counts, outputs.values.edges) if outputs is not None else None
+        )
         self._codes = [c.codes() for c in reference.categorical]
         self._unseen = [len(c.categories) for c in reference.categorical]
         self.current = WindowStats(self.reference)
@@ -283,23 +334,40 @@ class ModelMonitor:
 
     # ---- the request path ----------------------------------------------------------------------
 
-    def observe(self, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
-        """Add one request's inputs (already validated against the model's schema)."""
+    def observe(
+        self,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]] | None = None,
+    ) -> None:
+        """Add one request's inputs (already validated against the model's schema) and, for
+        prediction drift, the model's ``outputs`` for them (read: :attr:`prediction_output`;
+        without it the window's prediction statistics do not grow)."""
         with self._lock:
-            self._observe(self.current, feeds)
+            self._observe(self.current, feeds, outputs)
             if self._numeric_input is not None:
                 self._current_rows.add(feeds[self._numeric_input])
             self._maybe_roll()
 
-    def _observe(self, window: WindowStats, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
+    def _observe(
+        self,
+        window: WindowStats,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]] | None,
+    ) -> None:
         # Everything that can refuse the input runs before the window changes.
         numeric = feeds[self._numeric_input] if self._numeric_input is not None else None
         categorical = self._categorical_codes(feeds) if self._categorical_inputs else None
+        rows_in = numeric.shape[0] if numeric is not None else None
+        predicted = self._output_block(outputs, rows_in) if outputs is not None else None
         rows = 0
         if numeric is not None:
             assert window.numeric is not None
             window.numeric.update(numeric)
+            if window.reconstruction is not None:
+                window.reconstruction.update(numeric)
             rows = numeric.shape[0]
+        if predicted is not None and window.outputs is not None:
+            window.outputs.update(predicted)
         if categorical is not None:
             codes, missing = categorical
             assert window.categorical is not None
@@ -307,6 +375,37 @@ class ModelMonitor:
             window.missing += missing
             rows = codes.shape[0]
         window.rows += rows
+
+    def _output_block(
+        self, outputs: Mapping[str, npt.NDArray[Any]], rows: int | None
+    ) -> npt.NDArray[Any] | None:
+        """The profiled columns of the model's prediction output, ``[rows, columns]``, or None
+        when ``outputs`` lacks it (a request whose answer did not compute it)."""
+        name = self.prediction_output
+        if name is None or name not in outputs:
+            return None
+        values = np.asarray(outputs[name])
+        if values.ndim != 2:
+            values = values.reshape(values.shape[0] if values.ndim else 1, -1)
+        columns = self._output_columns
+        if values.shape[1] <= columns[-1] or values.dtype.kind not in "iuf":
+            raise InvalidInput(
+                f"model output {name!r}: {values.shape[1]} column(s) of {values.dtype}; the "
+                f"reference profile reads numeric column(s) {list(columns)}"
+            )
+        if rows is not None and values.shape[0] != rows:
+            raise InvalidInput(
+                f"model output {name!r}: {values.shape[0]} row(s) for {rows} input row(s)"
+            )
+        if values.shape[1] == len(columns):  # every column, in order
+            block = values
+        else:
+            block = (
+                values[:, columns[0] : columns[0] + 1]
+                if len(columns) == 1
+                else values[:, list(columns)]
+            )
+        return block if block.dtype.kind == "f" else block.astype(np.float64)
 
     def _maybe_roll(self) -> None:
         """Close the current window once it is full (lock held)."""
@@ -323,11 +422,17 @@ class ModelMonitor:
         """Empty statistics shaped for this monitor's reference profile, owned by the caller."""
         return WindowStats(self.reference)
 
-    def observe_window(self, window: WindowStats, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
-        """Add inputs to a caller-owned ``window`` (from :meth:`new_window`), as :meth:`observe`
-        adds them to the current one; the monitor's own state (windows, reservoir) is untouched,
-        so different windows can be observed on different threads at once."""
-        self._observe(window, feeds)
+    def observe_window(
+        self,
+        window: WindowStats,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]] | None = None,
+    ) -> None:
+        """Add inputs (and the model's ``outputs``) to a caller-owned ``window`` (from
+        :meth:`new_window`), as :meth:`observe` adds them to the current one; the monitor's own
+        state (windows, reservoir) is untouched, so different windows can be observed on
+        different threads at once."""
+        self._observe(window, feeds, outputs)
 
     def fold(self, window: WindowStats) -> None:
         """Merge statistics collected elsewhere into the current window (its rows count towards
@@ -601,6 +706,8 @@ class ModelMonitor:
             report.reason = "no window has completed yet"
         self._numeric_features(report, view, scores)
         self._categorical_features(report, view, scores)
+        self._prediction_features(report, view, scores)
+        self._multivariate_feature(report, view, scores)
         if not report.insufficient_data:
             judge(report.features, config)
             report.drifting = any(f.drifting for f in report.features)
@@ -667,6 +774,91 @@ class ModelMonitor:
                     "unseen": float(counts[-1] - view.stats.missing[index]),
                 }
             report.features.append(feature)
+
+    def _prediction_features(self, report: DriftReport, view: _WindowView, scores: bool) -> None:
+        """The model's output columns, scored and reported as numeric features are (kind
+        ``prediction``); none when the profile has no outputs or the view keeps no statistics."""
+        outputs = self.reference.outputs
+        if outputs is None:
+            report.unavailable["prediction"] = "prediction drift unavailable: " + (
+                self.reference.unavailable.get("prediction", "the profile has no model outputs")
+            )
+            return
+        stats = view.stats
+        if stats is None or stats.outputs is None:
+            if report.window == "decayed":
+                report.unavailable["prediction"] = (
+                    "prediction drift unavailable: the decayed view keeps input counts only"
+                )
+            return
+        values = outputs.values
+        seen = int(stats.outputs.moments.count.max()) + int(stats.outputs.moments.nan_count.max())
+        if seen == 0:
+            if view.rows > 0:
+                report.unavailable["prediction"] = (
+                    f"prediction drift unavailable: no model outputs ({outputs.output!r}) were "
+                    "observed in this window"
+                )
+            return
+        table = None
+        # Judged like the inputs: only once the outputs seen reach min_rows (they can lag the
+        # inputs, e.g. rows folded in without outputs).
+        if scores and seen >= max(self.config.min_rows, 1):
+            assert self._reference_output_counts is not None
+            table = drift_scores(
+                self._reference_output_counts,
+                open_ended(stats.outputs.histogram.counts, values.edges),
+                values.edges,
+                smoothing=PSI_SMOOTHING,
+                min_expected=MIN_EXPECTED,
+            )
+        for index, name in enumerate(values.names):
+            feature = FeatureReport(name, "prediction", {}, False, False, [], {})
+            if table is not None:
+                feature.scores = {
+                    "psi": float(table.psi[index]),
+                    "jensenshannon": float(table.jensenshannon[index]),
+                    "wasserstein": float(table.wasserstein[index]),
+                    "ks": float(table.ks[index]),
+                    "chi2": float(table.chi2[index]),
+                    "chi2_pvalue": float(table.chi2_pvalue[index]),
+                }
+            feature.statistics = _numeric_statistics(
+                stats.outputs, index, values.edges.overflow_column
+            )
+            feature.statistics["reference_mean"] = float(values.moments[1][index])
+            report.features.append(feature)
+
+    def _multivariate_feature(self, report: DriftReport, view: _WindowView, scores: bool) -> None:
+        """The PCA reconstruction error of the window against the reference's (kind
+        ``multivariate``): its mean, and the one-sided test of :func:`reconstruction_test`."""
+        model = self.reference.multivariate
+        if model is None:
+            report.unavailable["multivariate"] = "multivariate drift unavailable: " + (
+                self.reference.unavailable.get("multivariate", "the profile has no PCA")
+            )
+            return
+        stats = view.stats
+        if stats is None or stats.reconstruction is None:
+            if report.window == "decayed":
+                report.unavailable["multivariate"] = (
+                    "multivariate drift unavailable: the decayed view keeps input counts only"
+                )
+            return
+        state = stats.reconstruction
+        feature = FeatureReport(MULTIVARIATE_NAME, "multivariate", {}, False, False, [], {})
+        feature.statistics = {
+            "count": float(state.count),
+            "mean": state.mean,
+            "std": math.sqrt(state.variance) if state.count > 1 else math.nan,
+            "reference_mean": model.error_mean,
+            "reference_std": math.sqrt(model.error_variance),
+            "components": float(model.components.shape[0]),
+            "explained_variance": model.explained_variance,
+        }
+        if scores and state.count >= max(self.config.min_rows, 2):
+            feature.scores = reconstruction_test(state.mean, state.variance, state.count, model)
+        report.features.append(feature)
 
     def _exact_tests(self, report: DriftReport, recent: npt.NDArray[np.float64]) -> None:
         numeric = self.reference.numeric
@@ -746,6 +938,35 @@ def _numeric_statistics(profile: FeatureProfile, index: int, overflow: int) -> d
     }
 
 
+def reconstruction_test(
+    mean: float, variance: float, count: int, model: MultivariateProfile
+) -> dict[str, float]:
+    """The multivariate scores of a window whose ``count`` rows have reconstruction errors of
+    ``mean`` and sample ``variance``, against the reference's cross-fitted errors.
+
+    The reference's chunk-to-chunk distribution of the mean error at ``count`` rows is that of
+    a mean of ``count`` rows: centred on the reference's mean error with variance
+    ``error_variance / count``. The test is Welch's, one-sided (a shift away from the
+    reference's correlation structure raises the error), with the normal approximation (the
+    window has at least ``min_rows`` rows): ``z = (mean - reference) / sqrt(variance / count +
+    error_variance / error_rows)``, so it follows the window's and the reference's sizes as the
+    chi-square tests do, and its false-alarm rate is the p-value's level. The p-value joins the
+    features' Holm family. ``reconstruction_error_change`` (the relative rise of the mean error)
+    is its minimum effect."""
+    spread = math.sqrt(variance / count + model.error_variance / model.error_rows)
+    difference = mean - model.error_mean
+    z = difference / spread if spread > 0 else (math.inf if difference > 0 else 0.0)
+    return {
+        "reconstruction_error": mean,
+        "reconstruction_error_reference": model.error_mean,
+        "reconstruction_error_change": difference / model.error_mean
+        if model.error_mean > 0
+        else math.nan,
+        "reconstruction_error_z": z,
+        "reconstruction_error_pvalue": 0.5 * math.erfc(z / math.sqrt(2.0)),
+    }
+
+
 def verdict_thresholds(config: MonitorConfig) -> dict[str, float]:
     """What a report shows as its thresholds: the minimum effects (statistic -> value a
     significant feature must reach) and the family-wise rates ``alpha`` and ``warning_alpha``
@@ -753,14 +974,22 @@ def verdict_thresholds(config: MonitorConfig) -> dict[str, float]:
     return {**config.thresholds, "alpha": config.alpha, "warning_alpha": config.warning_alpha}
 
 
+def _test_of(feature: FeatureReport) -> str:
+    """The score holding a report entry's p-value: the chi-square test's, or the reconstruction
+    error's for the multivariate entry."""
+    return "reconstruction_error_pvalue" if feature.kind == "multivariate" else "chi2_pvalue"
+
+
 def judge(features: Sequence[FeatureReport], config: MonitorConfig) -> None:
-    """The drift verdict of one window (the server's and batch's): per feature the chi-square
-    homogeneity test's p-value, Holm-adjusted over the features that have one, against
-    ``config.alpha`` (drifting) and ``config.warning_alpha`` (warning), each gated by the
-    minimum effects of ``config.thresholds`` (rule and expected false-alarm rate:
-    :mod:`edgewise.runtime.monitor_config`). Adds ``chi2_pvalue_adjusted`` to each judged
-    feature's scores and sets its ``drifting``, ``warning`` and ``reasons``."""
-    raw = [f.scores.get("chi2_pvalue", math.nan) for f in features]
+    """The drift verdict of one window (the server's and batch's): per entry (input feature,
+    model output column, multivariate error) its test's p-value, Holm-adjusted over all the
+    entries that have one (one family: the model's false-alarm rate is ``alpha`` whatever the
+    number of detectors), against ``config.alpha`` (drifting) and ``config.warning_alpha``
+    (warning), each gated by the minimum effects of ``config.thresholds`` (rule and expected
+    false-alarm rate: :mod:`edgewise.runtime.monitor_config`). Adds ``<test>_adjusted`` (e.g.
+    ``chi2_pvalue_adjusted``) to each judged entry's scores and sets its ``drifting``,
+    ``warning`` and ``reasons``."""
+    raw = [f.scores.get(_test_of(f), math.nan) for f in features]
     for feature, adjusted in zip(features, holm(raw), strict=True):
         _judge_feature(feature, float(adjusted), config)
 
@@ -770,12 +999,14 @@ def _judge_feature(feature: FeatureReport, adjusted: float, config: MonitorConfi
     feature.reasons = []
     if math.isnan(adjusted):
         return
-    feature.scores["chi2_pvalue_adjusted"] = adjusted
+    key = _test_of(feature)
+    feature.scores[f"{key}_adjusted"] = adjusted
     effects = _effects(feature.scores, config.thresholds)
     if config.thresholds and not effects:
         return
+    label = "reconstruction error" if feature.kind == "multivariate" else "chi2"
     test = (
-        f"chi2 p {feature.scores['chi2_pvalue']:.3g} (Holm {adjusted:.3g})"
+        f"{label} p {feature.scores[key]:.3g} (Holm {adjusted:.3g})"
         f" <= {config.alpha if adjusted <= config.alpha else config.warning_alpha:g}"
     )
     if adjusted <= config.alpha:

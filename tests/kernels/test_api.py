@@ -32,6 +32,7 @@ PUBLIC_API = [
     "HistogramState",
     "KSResult",
     "MomentState",
+    "ReconstructionState",
     "categorical_counts",
     "chi2_homogeneity",
     "drift_scores",
@@ -45,6 +46,7 @@ PUBLIC_API = [
     "open_ended",
     "psi",
     "quantile_edges",
+    "reconstruction_errors",
     "wasserstein_binned",
     "wasserstein_samples",
     "warmup",
@@ -99,6 +101,7 @@ WRAPPERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("histograms", "_CATEGORICAL_UPDATE"): ("categorical_update_i32", "categorical_update_i64"),
     ("profile", "_UPDATE"): ("profile_update_f32", "profile_update_f64"),
     ("drift", "_DRIFT_ALL"): ("drift_all",),
+    ("multivariate", "_UPDATE"): ("reconstruction_update_f32", "reconstruction_update_f64"),
 }
 
 
@@ -263,10 +266,10 @@ def test_config_flags() -> None:
 
 
 def _signature_counts() -> dict[str, int]:
-    from edgewise.kernels import _special, drift, histograms, moments, profile
+    from edgewise.kernels import _special, drift, histograms, moments, multivariate, profile
 
     out: dict[str, int] = {}
-    for module in (moments, histograms, profile, drift, _special):
+    for module in (moments, histograms, profile, drift, _special, multivariate):
         for name in dir(module):
             obj = getattr(module, name)
             if hasattr(obj, "signatures") and hasattr(obj, "py_func"):
@@ -294,6 +297,9 @@ def test_no_compile_after_warmup_for_server_inputs(kernel_path: KernelPath) -> N
             kernels.MomentState(4).update(batch)
             kernels.HistogramState(edges).update(batch)
             kernels.FeatureProfile(edges).update(batch)
+            kernels.ReconstructionState(4, [0, 2, 3], np.zeros(3), np.ones(3), [[1, 0, 0]]).update(
+                batch
+            )
     for code_dtype in (np.int32, np.int64):
         codes: Any = np.frombuffer(np.arange(8, dtype=code_dtype).tobytes(), dtype=code_dtype)
         kernels.CategoricalState([3, 3, 3, 3]).update(codes.reshape(2, 4))
