@@ -258,25 +258,33 @@ class RecordingPublisher:
     """A :class:`~edgewise.runtime.monitor.DriftPublisher` that hands every judgement to
     ``inner`` (the gauges) and also records each closed window's judgement (a report of the
     ``previous`` window: the monitor's last look at a window that closed) in ``history``.
-    A failed write (a full disk) is logged and never stops the gauges or the monitor."""
+    A failed write (a full disk, a read-only repository) never stops the gauges or the monitor;
+    it is logged as a warning once per model version until a write succeeds again."""
 
     def __init__(self, inner: DriftPublisher | None, history: DriftHistory) -> None:
         self.inner = inner
         self.history = history
+        self._failing: set[tuple[str, str]] = set()  # versions whose last write failed
 
     def publish_drift(self, report: DriftReport) -> None:
         if self.inner is not None:
             self.inner.publish_drift(report)
         if report.window == "previous" and report.available and report.rows > 0:
+            key = (report.model, report.version)
             try:
                 self.history.record(report)
             except (OSError, InvalidInput) as exc:
-                log.warning(
-                    "drift history: cannot record a closed window of model %s version %s: %s",
-                    report.model,
-                    report.version,
-                    exc,
-                )
+                if key not in self._failing:
+                    self._failing.add(key)
+                    log.warning(
+                        "drift history: cannot record the closed windows of model %s version "
+                        "%s (%s); the gauges are unaffected (EDGEWISE_DRIFT_HISTORY=DIR|off)",
+                        report.model,
+                        report.version,
+                        exc,
+                    )
+            else:
+                self._failing.discard(key)
 
     def forget_drift(self, model: str, version: str) -> None:
         if self.inner is not None:

@@ -17,8 +17,8 @@ forwards the call to its siblings' private addresses, so every process serves th
 and a hot swap stays zero-failure. Worker threads and the memory budget are split evenly between
 the processes; each admits up to the whole in-flight limit, within its share of the memory (a
 client's calls stay on the process its connection reached, so the load need not be even; see
-:func:`~edgewise.runtime.limits.process_inflight_limit`). Drift reports are per process (each
-sees a share of the traffic); the Prometheus gauges report the most recent.
+:func:`~edgewise.runtime.limits.process_inflight_limit`). A drift report merges every process's
+window (grpc_api/peer_windows.py); the drift gauges are per process (the most recent shows).
 """
 
 from __future__ import annotations

@@ -148,6 +148,24 @@ def test_the_publisher_records_each_closed_window_and_shows_everything(tmp_path:
     assert shown.forgotten == [("synthetic", "1")]
 
 
+def test_a_history_that_cannot_be_written_never_stops_the_gauges(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    shown = Shown()
+    rng = np.random.default_rng(5)
+    monitor = synthetic_monitor(
+        rng, CONFIG, RecordingPublisher(shown, DriftHistory(blocked / "history", writer="w"))
+    )
+    for _ in range(3):
+        feed(monitor, synthetic_rows(rng, 200))
+        monitor.evaluate()
+    assert len([r for r in shown.published if r.window == "previous"]) == 3
+    warnings = [r for r in caplog.records if "drift history" in r.getMessage()]
+    assert len(warnings) == 1  # once per model version, not once per window
+
+
 def test_the_history_is_bounded_oldest_removed(tmp_path: Path) -> None:
     history = DriftHistory(tmp_path, max_windows=3, writer="w1")
     reports = closed_window_reports(5)
