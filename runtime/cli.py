@@ -104,6 +104,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
     p.add_argument("--metrics-host", help="metrics address to bind (default 0.0.0.0)")
     p.add_argument("--metrics-port", type=int, help="metrics port (default 8002; -1 disables)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="serve the Open Inference Protocol's HTTP/REST API too, on this port of --host "
+        "(0 picks a free one; default: off)",
+    )
     p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
     p.add_argument("--worker-threads", type=int, help="threads for large requests and control")
     p.add_argument("--inline-max-bytes", type=int, help="payloads up to this run on the loop")
@@ -198,7 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "repo", "host", "port", "metrics_host", "metrics_port", "max_message_bytes",
         "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
         "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
-        "processes", "quality", "alert_command", "alert_webhook", "front_end",
+        "processes", "quality", "alert_command", "alert_webhook", "front_end", "http_port",
     ]  # fmt: skip
     keys.extend(SERVE_SECURITY_KEYS)
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})

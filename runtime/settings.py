@@ -60,6 +60,9 @@ class ServerSettings:
     port: int = 8001  # EDGEWISE_PORT (0 picks a free port)
     metrics_host: str = "0.0.0.0"  # EDGEWISE_METRICS_HOST
     metrics_port: int = 8002  # EDGEWISE_METRICS_PORT (0 picks a free port, -1 disables)
+    # EDGEWISE_HTTP_PORT: the HTTP/REST front end's port on ``host`` (0 picks a free port; -1,
+    # the default: off; see http_front.py)
+    http_port: int = -1
     max_message_bytes: int = 64 << 20  # EDGEWISE_MAX_MESSAGE_BYTES
     worker_threads: int = 4  # EDGEWISE_WORKER_THREADS: large requests and control work
     inline_max_bytes: int = 64 * 1024  # EDGEWISE_INLINE_MAX_BYTES: run on the event loop below
@@ -67,7 +70,8 @@ class ServerSettings:
     inter_op_threads: int = 1  # EDGEWISE_INTER_OP_THREADS
     version_policy: str = "latest:1"  # EDGEWISE_VERSION_POLICY: latest:N | all | specific:1,2
     grace_seconds: float = 10.0  # EDGEWISE_GRACE_SECONDS: finish in-flight work on SIGTERM
-    port_file: Path | None = None  # EDGEWISE_PORT_FILE: write "grpc_port metrics_port" when ready
+    # EDGEWISE_PORT_FILE: write "grpc_port metrics_port[ http_port]" when ready
+    port_file: Path | None = None
     # EDGEWISE_PROCESSES: server processes sharing the port (SO_REUSEPORT); "auto": one per core
     # of the CPU budget, as many as the memory budget holds (see limits.auto_processes)
     processes: int = 1
@@ -160,6 +164,10 @@ class ServerSettings:
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port} is not a TCP port")
         _checked_metrics_port(self.metrics_port)
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidInput(f"http-port {self.http_port} is not a TCP port (or -1: off)")
+        if self.http_port == 0 and self.processes > 1:
+            raise InvalidInput("http-port 0 cannot be shared by several processes: give a port")
         for name in ("worker_threads", "intra_op_threads", "inter_op_threads"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name.replace('_', '-')} must be at least 1")

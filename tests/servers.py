@@ -25,6 +25,7 @@ class RunningServer:
     metrics_port: int
     log_path: Path
     security: ClientSecurity | None = None  # how to connect (TLS, token); None: plaintext
+    http_port: int | None = None  # the HTTP/REST port (serve --http-port), None: off
 
     @property
     def target(self) -> str:
@@ -85,8 +86,8 @@ def start_server(
             raise RuntimeError(f"server did not write its port file:\n{log_path.read_text()}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.2)
-    port, metrics_port = (int(x) for x in port_file.read_text().split())
-    server = RunningServer(process, port, metrics_port, log_path, security)
+    port, metrics_port, *http = (int(x) for x in port_file.read_text().split())
+    server = RunningServer(process, port, metrics_port, log_path, security, *http)
     if not wait_serving:
         return server
     with server.client() as client:

@@ -148,6 +148,23 @@ class LoadShedder(grpc.GenericRpcHandler):
     def _done(self, _task: object) -> None:
         self.inflight -= 1
 
+    def enter(self, elsewhere: Callable[[], int] | None = None) -> bool:
+        """For a front end that counts its own inference calls (HTTP), on the event loop: take
+        one more call unless the limit is reached, counting it with the gRPC ones (so both
+        share the limit); False when it is (the call is counted as shed; answer it with
+        :attr:`refusal`'s message and hint). ``elsewhere``: calls counted outside this shedder
+        that share the limit too (the native front end's). Every True is paired with
+        :meth:`leave`."""
+        if self.inflight + (elsewhere() if elsewhere is not None else 0) >= self.limit:
+            self.record_shed()
+            return False
+        self.inflight += 1
+        return True
+
+    def leave(self) -> None:
+        """The end of a call :meth:`enter` took."""
+        self.inflight -= 1
+
     def calls_in_flight(self) -> int:
         """Inference calls dispatched and not yet ended (refused ones excluded)."""
         return self.inflight

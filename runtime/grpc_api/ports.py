@@ -90,7 +90,9 @@ def stop_http(server: WSGIServer) -> None:
     server.server_close()
 
 
-def write_port_file(path: Path, port: int, metrics_port: int) -> None:
-    """``PORT METRICS_PORT`` (-1: no metrics endpoint) for whoever started the server with port
-    0, written atomically: a reader sees the whole line or no file."""
-    write_text_atomic(path, f"{port} {metrics_port}\n")
+def write_port_file(path: Path, port: int, metrics_port: int, http_port: int | None = None) -> None:
+    """``PORT METRICS_PORT`` (-1: no metrics endpoint), then ``HTTP_PORT`` when the HTTP front
+    end is on, for whoever started the server with port 0, written atomically: a reader sees
+    the whole line or no file."""
+    http = "" if http_port is None else f" {http_port}"
+    write_text_atomic(path, f"{port} {metrics_port}{http}\n")

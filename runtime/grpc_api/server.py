@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -77,6 +77,9 @@ from edgewise.runtime.monitor_config import MonitorConfig
 from edgewise.runtime.repository import ModelRepository
 from edgewise.runtime.settings import BUDGET_FIELDS, ServerSettings
 from edgewise.runtime.signing import TrustedKeys
+
+if TYPE_CHECKING:
+    from edgewise.runtime.http_front import HttpFront
 
 __all__ = ["InferenceServer", "run_server"]
 
@@ -142,6 +145,8 @@ class InferenceServer:
         self.core: InferenceCore | None = None  # the request pipeline, made by start()
         self.front: NativeFront | None = None  # --front-end native
         self._front_dir: Path | None = None
+        self.http: HttpFront | None = None  # --http-port
+        self.http_port = -1
 
     def _on_model_event(self, name: str, version: int, event: str) -> None:
         self.metrics.model_event(name, version, event)
@@ -212,6 +217,8 @@ class InferenceServer:
             raise
 
     async def _close_failed_start(self) -> None:
+        if self.http is not None:
+            await self.http.stop(0.0)
         if self.front is not None:
             await asyncio.to_thread(self.front.shutdown, 0.0)
         if self._created is not None:
@@ -332,6 +339,8 @@ class InferenceServer:
             core.calls_in_flight = self.front.in_flight
             if self.shedder is not None:
                 self.shedder.admitted.set_function(self.front.in_flight)
+        if settings.http_port >= 0:
+            await self._start_http(core, interceptors)
         if settings.metrics_port >= 0:
             self._metrics_http = start_metrics_http(
                 settings.metrics_port, settings.metrics_host, self.metrics.registry
@@ -373,12 +382,45 @@ class InferenceServer:
         if settings.monitoring == "on" and settings.drift_interval_seconds > 0:
             self._drift_task = asyncio.create_task(self._drift_timer())
         if settings.port_file is not None:
-            write_port_file(settings.port_file, self.port, self.metrics_port)
+            http_port = self.http_port if self.http is not None else None
+            write_port_file(settings.port_file, self.port, self.metrics_port, http_port)
         if settings.peers_dir is not None:
             peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
             temporary = peer_file.with_name(peer_file.name + ".tmp")
             temporary.write_text(f"127.0.0.1:{self.private_port}\n")
             os.replace(temporary, peer_file)
+
+    async def _start_http(
+        self, core: InferenceCore, interceptors: list[grpc.aio.ServerInterceptor]
+    ) -> None:
+        """The HTTP/REST front end on ``host:http_port``, with the gRPC port's tokens, TLS files,
+        in-flight limit (shared) and message size (see http_front.py). Imported only here: its
+        HTTP stack is the ``http`` extra."""
+        try:
+            from edgewise.runtime.http_front import HttpFront, server_ssl_context
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("aiohttp"):
+                raise
+            raise InvalidInput(
+                "--http-port needs the HTTP front end's aiohttp: pip install 'edgewise[http]'"
+            ) from None
+        settings = self.settings
+        self.http = HttpFront(
+            core,
+            self.dataplane,
+            auth=next((i for i in interceptors if isinstance(i, AuthInterceptor)), None),
+            health_open=settings.health_open,
+            shedder=self.shedder,
+            shared_in_flight=self.front.in_flight if self.front is not None else None,
+            max_message_bytes=settings.max_message_bytes,
+            retry_after_ms=settings.retry_after_ms,
+        )
+        tls = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        host, port = settings.host, settings.http_port
+        self.http_port = await self.http.start(host, port, tls, settings.reuse_port)
+        log.info("HTTP/REST listening on %s:%d%s", host, self.http_port, " (TLS)" if tls else "")
 
     def _tls_stage(self) -> TlsStage | None:
         """The native front end's copies of the TLS files, in its private folder (or None)."""
@@ -433,8 +475,10 @@ class InferenceServer:
         if self._drift_task is not None:
             self._drift_task.cancel()
         await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        # The HTTP front end drains beside the gRPC port, within the same grace period.
+        http_stopped = asyncio.create_task(self.http.stop(grace)) if self.http else None
         if self._grpc is not None:
-            grace = self.settings.grace_seconds if grace is None else grace
             started = time.monotonic()
             held = hold_connections(self.port)  # before gRPC can close any of them
             if self.front is not None:
@@ -450,6 +494,8 @@ class InferenceServer:
             undelivered = await held.release_when_delivered(linger)
             if undelivered:
                 log.warning("%d bytes of responses were not delivered before closing", undelivered)
+        if http_stopped is not None:
+            await http_stopped
         self._release_resources()
 
     async def wait(self) -> None:
