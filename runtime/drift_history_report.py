@@ -7,11 +7,11 @@ colours and axes are absolute, never relative to the other windows on the page.
   feature was drifting, amber where it warned, white where it was judged fine, grey where the
   window was not judged (too few rows). The colour is the verdict the monitor gave, nothing
   derived.
-* **Per feature, two charts over the windows**: the PSI on a fixed 0..0.5 axis (a value beyond is
-  drawn at the top with a cut mark and its number), with the minimum effect (``thresholds.psi``)
-  as a dashed line; and the Holm-adjusted chi-square p-value as ``-log10 p`` on a fixed 0..8 axis
-  (p = 1 at the bottom, 1e-8 at the top), with the window's ``alpha`` as a dashed line. Points are
-  coloured by the verdict.
+* **Per entry (feature, output column, multivariate error), charts over the windows**: the PSI
+  on a fixed 0..0.5 axis (a value beyond is drawn at the top with a cut mark and its number),
+  with the minimum effect (``thresholds.psi``) as a dashed line, for entries that have one; and
+  the Holm-adjusted p-value of the entry's test on a log axis fixed from 1 (bottom) to 1e-8
+  (top), with the window's ``alpha`` as a dashed line. Points are coloured by the verdict.
 * **The windows**: when each was recorded, by which process, its rows, verdict and the features
   that drifted.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from edgewise.runtime.drift_history import HistoryEntry
@@ -128,10 +128,10 @@ def _series_chart(
     line: float | None,
     line_label: str,
     ticks: Sequence[float],
-    tick_label: str,
+    label: Callable[[float], str],
 ) -> str:
     """One series over the windows on the fixed axis 0..``top``; values beyond are drawn at the
-    top with a cut mark and their number."""
+    top with a cut mark and their number. ``label`` writes a value as the reader reads it."""
     width, height, left, right, above, below = 560, 150, 44, 10, 10, 22
     plot_w, plot_h = width - left - right, height - above - below
     count = max(len(values), 1)
@@ -148,7 +148,7 @@ def _series_chart(
         parts.append(
             f'<line class="grid" x1="{left}" y1="{ty:.1f}" x2="{width - right}" y2="{ty:.1f}"/>'
             f'<text x="{left - 4}" y="{ty + 4:.1f}" text-anchor="end">'
-            f"{esc(tick_label.format(tick))}</text>"
+            f"{esc(label(tick))}</text>"
         )
     parts.append(
         f'<line class="axis" x1="{left}" y1="{above + plot_h}" x2="{width - right}" '
@@ -175,11 +175,27 @@ def _series_chart(
             parts.append(
                 f'<line x1="{px - 4:.1f}" y1="{py + 3:.1f}" x2="{px + 4:.1f}" y2="{py + 1:.1f}" '
                 'stroke="white" stroke-width="2"/>'
-                f'<text x="{px + 5:.1f}" y="{py + 4:.1f}">'
-                f"{'inf' if math.isinf(value) else f'{value:.3g}'}</text>"
+                f'<text x="{px + 5:.1f}" y="{py + 4:.1f}">{esc(label(value))}</text>'
             )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _adjusted_pvalue(scores: dict[str, float]) -> float:
+    """The Holm-adjusted p-value of an entry's test (``chi2_pvalue_adjusted`` for a feature or
+    an output column, ``reconstruction_error_pvalue_adjusted`` for the multivariate entry)."""
+    return next((v for k, v in scores.items() if k.endswith("_pvalue_adjusted")), math.nan)
+
+
+def _psi_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _p_label(minus_log10: float) -> str:
+    """A point of the p-value axis (-log10 p) as the p-value."""
+    if math.isinf(minus_log10):
+        return "0"
+    return "1" if minus_log10 == 0 else f"{10.0**-minus_log10:.2g}"
 
 
 def _point_colours(entries: Sequence[HistoryEntry], name: str) -> list[str]:
@@ -198,36 +214,43 @@ def _feature_charts(entries: Sequence[HistoryEntry], name: str) -> str:
         feature = next((f for f in entry.report.features if f.name == name), None)
         scores = feature.scores if feature is not None else {}
         psi.append(scores.get("psi", math.nan))
-        pvalues.append(_minus_log10(scores.get("chi2_pvalue_adjusted", math.nan)))
+        pvalues.append(_minus_log10(_adjusted_pvalue(scores)))
         psi_limit = entry.report.thresholds.get("psi", psi_limit)
         alpha = entry.report.thresholds.get("alpha", alpha)
     colours = _point_colours(entries, name)
     drifted = any(_feature_state(e, name)[1] == "drifting" for e in entries)
     alpha_line = _minus_log10(alpha) if alpha else None
-    psi_chart = _series_chart(
-        f"{name}: PSI",
-        psi,
-        colours,
-        PSI_AXIS_TOP,
-        psi_limit,
-        f"minimum effect {psi_limit:g}" if psi_limit is not None else "",
-        (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
-        "{:.1f}",
-    )
-    p_chart = _series_chart(
-        f"{name}: Holm-adjusted chi-square p-value",
-        pvalues,
-        colours,
-        P_AXIS_TOP,
-        alpha_line,
-        f"alpha {alpha:g} (latest window)" if alpha else "",
-        (0.0, 2.0, 4.0, 6.0, 8.0),
-        "1e-{:.0f}",
+    charts, shown = [], []
+    if any(not math.isnan(v) for v in psi):  # not every entry has a PSI (a multivariate one)
+        shown.append("PSI (0..0.5)")
+        charts.append(
+            _series_chart(
+                f"{name}: PSI",
+                psi,
+                colours,
+                PSI_AXIS_TOP,
+                psi_limit,
+                f"minimum effect {psi_limit:g}" if psi_limit is not None else "",
+                (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+                _psi_label,
+            )
+        )
+    shown.append("Holm-adjusted p-value (1 .. 1e-8, log scale)")
+    charts.append(
+        _series_chart(
+            f"{name}: Holm-adjusted p-value",
+            pvalues,
+            colours,
+            P_AXIS_TOP,
+            alpha_line,
+            f"alpha {alpha:g} (latest window)" if alpha else "",
+            (0.0, 2.0, 4.0, 6.0, 8.0),
+            _p_label,
+        )
     )
     return (
         f'<figure class="chart{" drift" if drifted else ""}"><figcaption>{esc(name)}'
-        " <span>PSI (0..0.5) and Holm-adjusted chi-square p-value (1 .. 1e-8, log scale)"
-        f"</span></figcaption>{psi_chart}<br>{p_chart}</figure>"
+        f" <span>{esc(' and '.join(shown))}</span></figcaption>{'<br>'.join(charts)}</figure>"
     )
 
 
