@@ -152,11 +152,15 @@ class _ActorScorer:
             scored = raw.index not in done
             if self.collector is not None or scored:
                 feeds = chunk_inputs(self.model.manifest, self.columns, raw.table)
-            if self.collector is not None and feeds is not None:
-                window = pickle.dumps(self.collector.observe(feeds))
+            results = None
             if scored and feeds is not None:
-                table = score_chunk(self.model, self.columns, self.schema, raw.table, feeds)
+                results = self.model.run(feeds)
+                table = score_chunk(
+                    self.model, self.columns, self.schema, raw.table, feeds, results
+                )
                 size = write_part(self.out, unit.file, raw.index, table)
+            if self.collector is not None and feeds is not None:  # inputs and outputs
+                window = pickle.dumps(self.collector.observe(feeds, results, self.model))
             for key, value in (
                 ("file", unit.file),
                 ("chunk", raw.index),

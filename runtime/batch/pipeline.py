@@ -169,10 +169,15 @@ class _Run:
             feeds = None
             if self.collector is not None or not chunk.done:
                 feeds = chunk_inputs(self.model.manifest, plan.columns, chunk.table)
-                if self.collector is not None:
-                    window = self.collector.observe(feeds)
+                results = None
                 if not chunk.done:
-                    output = score_chunk(self.model, plan.columns, plan.schema, chunk.table, feeds)
+                    results = self.model.run(feeds)
+                    output = score_chunk(
+                        self.model, plan.columns, plan.schema, chunk.table, feeds, results
+                    )
+                if self.collector is not None:  # inputs and outputs (prediction drift)
+                    window = self.collector.observe(feeds, results, self.model)
+                del results
             scored = _Scored(
                 chunk.file,
                 chunk.index,

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgewise.runtime.batch.stats import FeatureDistribution
 from edgewise.runtime.html_style import BATCH, DRIFT, REFERENCE, page, share_axis, swatch
-from edgewise.runtime.monitor import DriftReport
+from edgewise.runtime.monitor import MULTIVARIATE_NAME, DriftReport
 from edgewise.runtime.profile import ReferenceProfile
 
 __all__ = ["REPORT_FORMAT", "build_report", "render_html", "unavailable_report"]
@@ -53,8 +53,10 @@ def _numbers(data: Mapping[str, Any]) -> dict[str, float | None]:
 
 def _reference_statistics(reference: ReferenceProfile) -> dict[str, dict[str, float | None]]:
     stats: dict[str, dict[str, float | None]] = {}
-    numeric = reference.numeric
-    if numeric is not None:
+    binned = [reference.numeric, reference.outputs.values if reference.outputs else None]
+    for numeric in binned:
+        if numeric is None:
+            continue
         count, mean, m2, low, high, nan = (numeric.moments[i] for i in range(6))
         for index, name in enumerate(numeric.names):
             n = float(count[index])
@@ -68,6 +70,13 @@ def _reference_statistics(reference: ReferenceProfile) -> dict[str, dict[str, fl
             }
     for cat in reference.categorical:
         stats[cat.name] = {"count": float(cat.counts.sum()), "missing": float(cat.missing)}
+    multivariate = reference.multivariate
+    if multivariate is not None:
+        stats[MULTIVARIATE_NAME] = {
+            "count": float(multivariate.error_rows),
+            "mean": _number(multivariate.error_mean),
+            "std": _number(math.sqrt(multivariate.error_variance)),
+        }
     return stats
 
 
@@ -114,11 +123,23 @@ def build_report(
         "reference_rows": report.reference_rows,
         "insufficient_data": report.insufficient_data,
         "drifting": report.drifting,
-        "drifting_features": [f.name for f in report.features if f.drifting],
+        # The input features flagged; the model-level detectors have keys of their own.
+        "drifting_features": [f.name for f in report.features if f.drifting and _is_input(f)],
+        "drifting_predictions": [
+            f.name for f in report.features if f.drifting and f.kind == "prediction"
+        ],
+        "multivariate_drifting": any(
+            f.drifting for f in report.features if f.kind == "multivariate"
+        ),
         "thresholds": _numbers(report.thresholds),
         "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(report.computed_at)),
         "features": features,
+        "unavailable": dict(report.unavailable),
     }
+
+
+def _is_input(feature: Any) -> bool:
+    return feature.kind in ("numeric", "categorical")
 
 
 def unavailable_report(model: str, version: str, sha256: str, reason: str) -> dict[str, Any]:
@@ -135,9 +156,12 @@ def unavailable_report(model: str, version: str, sha256: str, reason: str) -> di
         "insufficient_data": True,
         "drifting": False,
         "drifting_features": [],
+        "drifting_predictions": [],
+        "multivariate_drifting": False,
         "thresholds": {},
         "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "features": [],
+        "unavailable": {},
     }
 
 
@@ -195,6 +219,44 @@ def _order(features: Sequence[Mapping[str, Any]]) -> list[int]:
         return (0 if feature["drifting"] else 1, -(psi if psi is not None else -1.0))
 
     return sorted(range(len(features)), key=key)
+
+
+def _detectors(
+    features: Sequence[Mapping[str, Any]], unavailable: Mapping[str, str], judged: bool
+) -> str:
+    """The model-level detectors in words: prediction drift (the model's outputs, rows of kind
+    ``prediction`` in the table) and the multivariate PCA reconstruction error; or why not."""
+    esc = html.escape
+    lines = []
+    predictions = [f for f in features if f["kind"] == "prediction"]
+    if predictions:
+        flagged = [str(f["name"]) for f in predictions if f["drifting"]]
+        lines.append(
+            f"Prediction drift: {len(flagged)} of {len(predictions)} model output column(s) "
+            f"drifting{' (' + ', '.join(flagged) + ')' if flagged else ''}; rows of kind "
+            "“prediction” below."
+        )
+    elif "prediction" in unavailable:
+        lines.append(str(unavailable["prediction"]).capitalize())
+    multivariate = next((f for f in features if f["kind"] == "multivariate"), None)
+    if multivariate is not None and multivariate["scores"]:
+        scores = multivariate["scores"]
+        status = _status(multivariate, judged)[1]
+        lines.append(
+            f"Multivariate drift (PCA reconstruction error, "
+            f"{_fmt(multivariate['statistics'].get('components'), 2)} components): mean error "
+            f"{_fmt(scores.get('reconstruction_error'))} against the reference's "
+            f"{_fmt(scores.get('reconstruction_error_reference'))} "
+            f"({_fmt(_percent(scores.get('reconstruction_error_change')), 3)} %), "
+            f"one-sided p {_fmt(scores.get('reconstruction_error_pvalue'))}: {status}"
+        )
+    elif "multivariate" in unavailable:
+        lines.append(str(unavailable["multivariate"]).capitalize())
+    return "".join(f'<div class="meta">{esc(line)}</div>' for line in lines)
+
+
+def _percent(value: Any) -> float | None:
+    return None if value is None else 100.0 * float(value)
 
 
 def _chart(feature: Mapping[str, Any], index: int, drifting: bool) -> str:
@@ -281,13 +343,14 @@ def render_html(report: Mapping[str, Any]) -> str:
     elif not judged:
         verdict = ("na", f"Not judged: {report['rows']} rows is too few")
     elif report["drifting"]:
-        names = ", ".join(report["drifting_features"])
+        flagged = [f for f in features if f["drifting"]]
+        names = ", ".join(str(f["name"]) for f in flagged)
         verdict = (
             "drift",
-            f"DRIFTING: {len(report['drifting_features'])} of {len(features)} features ({names})",
+            f"DRIFTING: {len(flagged)} of {len(features)} tests ({names})",
         )
     else:
-        verdict = ("ok", f"No drift: no feature of {len(features)} differs significantly")
+        verdict = ("ok", f"No drift: none of {len(features)} tests differs significantly")
     thresholds = _verdict_rule(report["thresholds"])
     order = _order(features)
     rows = []
@@ -307,6 +370,7 @@ def render_html(report: Mapping[str, Any]) -> str:
             f"<td>{_fmt(stats.get('missing'))}</td><td>{_fmt(skew)}</td></tr>"
         )
     headings = "".join(f"<th>{esc(h)}</th>" for _, h in _SCORE_COLUMNS)
+    detectors = _detectors(features, report.get("unavailable", {}), judged)
     charts = "".join(
         _chart(features[i], i, bool(features[i]["drifting"]) and judged)
         for i in order
@@ -324,6 +388,7 @@ def render_html(report: Mapping[str, Any]) -> str:
 {report["reference_rows"]:,} rows · model sha256 <code>{esc(str(report["sha256"]))}</code>
 · computed {esc(report["computed_at"])} · thresholds: {esc(thresholds) or "–"}</div>
 <div class="verdict {verdict[0]}">{esc(verdict[1])}</div>
+{detectors}
 <h2>Drift scores</h2>
 <table class="wide"><thead><tr><th class="name">feature</th><th class="kind">kind</th>
 <th class="status">status</th>{headings}<th>batch mean</th><th>reference mean</th><th>missing</th>

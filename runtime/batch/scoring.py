@@ -139,8 +139,11 @@ def score_chunk(
     schema: Any,
     table: Any,
     feeds: Mapping[str, npt.NDArray[Any]],
+    results: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> Any:
-    """Run the model on a chunk's inputs and build its part file table."""
-    results = model.run(feeds)
+    """Run the model on a chunk's inputs (unless its ``results`` are given: the drift
+    collector reads them too) and build its part file table."""
+    if results is None:
+        results = model.run(feeds)
     ordered = {spec.name: results[spec.name] for spec in model.manifest.outputs}
     return output_table(schema, model.manifest, table.select(list(columns.id_columns)), ordered)

@@ -18,14 +18,17 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from edgewise.runtime.monitor import DriftReport, ModelMonitor, MonitorConfig, WindowStats
-from edgewise.runtime.profile import ReferenceProfile, read_profile
+from edgewise.runtime.profile import NumericProfile, ReferenceProfile, read_profile
 from edgewise.runtime.repository import VersionPolicy, read_model_config
+
+if TYPE_CHECKING:
+    from edgewise.runtime.model import LoadedModel
 
 __all__ = ["ChunkWindow", "DriftCollector", "FeatureDistribution", "batch_monitor_config"]
 
@@ -83,10 +86,20 @@ class DriftCollector:
             return None
         return cls(manifest.name, version_dir.name, profile, batch_monitor_config(model_dir))
 
-    def observe(self, feeds: Mapping[str, npt.NDArray[Any]]) -> ChunkWindow:
-        """The window of one chunk's model inputs (thread-safe: a window of its own)."""
+    def observe(
+        self,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        outputs: Mapping[str, npt.NDArray[Any]] | None = None,
+        model: LoadedModel | None = None,
+    ) -> ChunkWindow:
+        """The window of one chunk's model inputs and outputs (thread-safe: a window of its
+        own). Prediction drift reads the model's ``outputs``; a chunk scored before (a resumed
+        job) has none, and ``model`` computes the one output the monitor reads."""
+        name = self.monitor.prediction_output
+        if name is not None and (outputs is None or name not in outputs) and model is not None:
+            outputs = model.run(feeds, [name])
         window = self.monitor.new_window()
-        self.monitor.observe_window(window, feeds)
+        self.monitor.observe_window(window, feeds, outputs)
         return window
 
     def add(self, file: int, chunk: int, window: ChunkWindow) -> None:
@@ -132,23 +145,7 @@ class DriftCollector:
         result: list[FeatureDistribution] = []
         numeric = self.reference.numeric
         if numeric is not None and window.numeric is not None:
-            counts: npt.NDArray[np.int64] = window.numeric.histogram.counts
-            layout = numeric.edges
-            for index, name in enumerate(numeric.names):
-                edges = layout.edges_of(index)
-                bins = [f"{a:.4g} .. {b:.4g}" for a, b in itertools.pairwise(edges)]
-                # Counts layout: underflow, this feature's bins, (unused bins), overflow, nan.
-                columns = [0, *range(1, len(bins) + 1), layout.overflow_column, layout.nan_column]
-                result.append(
-                    FeatureDistribution(
-                        name=name,
-                        kind="numeric",
-                        labels=("below range", *bins, "above range", "missing"),
-                        edges=tuple(float(e) for e in edges),
-                        reference=tuple(int(numeric.counts[index, c]) for c in columns),
-                        batch=tuple(int(counts[index, c]) for c in columns),
-                    )
-                )
+            result.extend(_binned(numeric, window.numeric.histogram.counts, "numeric"))
         if self.reference.categorical and window.categorical is not None:
             cat_counts: npt.NDArray[np.int64] = window.categorical.counts
             for index, cat in enumerate(self.reference.categorical):
@@ -164,4 +161,32 @@ class DriftCollector:
                         batch=(*(int(c) for c in row[:n]), int(row[-1])),
                     )
                 )
+        outputs = self.reference.outputs
+        seen = window.outputs
+        if outputs is not None and seen is not None and seen.moments.count.any():
+            result.extend(_binned(outputs.values, seen.histogram.counts, "prediction"))
         return result
+
+
+def _binned(
+    profile: NumericProfile, counts: npt.NDArray[np.int64], kind: str
+) -> list[FeatureDistribution]:
+    """Reference vs batch counts of binned columns (input features or model outputs)."""
+    layout = profile.edges
+    result = []
+    for index, name in enumerate(profile.names):
+        edges = layout.edges_of(index)
+        bins = [f"{a:.4g} .. {b:.4g}" for a, b in itertools.pairwise(edges)]
+        # Counts layout: underflow, this column's bins, (unused bins), overflow, nan.
+        columns = [0, *range(1, len(bins) + 1), layout.overflow_column, layout.nan_column]
+        result.append(
+            FeatureDistribution(
+                name=name,
+                kind=kind,
+                labels=("below range", *bins, "above range", "missing"),
+                edges=tuple(float(e) for e in edges),
+                reference=tuple(int(profile.counts[index, c]) for c in columns),
+                batch=tuple(int(counts[index, c]) for c in columns),
+            )
+        )
+    return result

@@ -16,6 +16,7 @@ import pytest
 from edgewise.runtime.batch.progress import Progress, format_count, format_duration
 from edgewise.runtime.batch.stats import batch_monitor_config
 from edgewise.runtime.features import frame_to_inputs
+from edgewise.runtime.model import SessionSettings, load_model
 from edgewise.runtime.monitor import ModelMonitor
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
@@ -111,7 +112,22 @@ def test_report_flags_the_moved_features_only(drifted: Path, model_repo: Path) -
     assert sorted(report["drifting_features"]) == sorted(SHIFTED)
     assert report["sha256"] == read_manifest(model_repo / "logreg" / "1").model_sha256
     by_name = {f["name"]: f for f in report["features"]}
-    assert len(by_name) == 30
+    assert [f["kind"] for f in report["features"]] == 30 * ["numeric"] + [
+        "prediction",
+        "multivariate",
+    ]
+    # The model's outputs moved with its inputs, and the rows left the reference's structure.
+    assert report["drifting_predictions"] == ["probabilities[1]"]
+    assert report["multivariate_drifting"] is True and report["unavailable"] == {}
+    output = by_name["probabilities[1]"]
+    assert sum(output["distribution"]["batch"]) == 569 * 20
+    assert sum(output["distribution"]["reference"]) == output["reference_statistics"]["count"]
+    multivariate = by_name["pca_reconstruction"]
+    assert multivariate["distribution"] is None
+    assert (
+        multivariate["scores"]["reconstruction_error"]
+        > multivariate["reference_statistics"]["mean"]
+    )
     moved = by_name["worst area"]
     assert moved["scores"]["psi"] > 0.25 and moved["reasons"]
     assert moved["statistics"]["mean"] == pytest.approx(
@@ -136,7 +152,9 @@ def test_report_scores_are_the_monitors(drifted: Path, model_repo: Path, inputs:
     frame = inputs.cancer.copy()
     frame["mean radius"] = frame["mean radius"] * 1.6
     frame["worst area"] = frame["worst area"] + 900.0
-    monitor.observe(frame_to_inputs(manifest, frame))
+    feeds = frame_to_inputs(manifest, frame)
+    model = load_model("logreg", 1, folder, SessionSettings())
+    monitor.observe(feeds, model.run(feeds))
     direct = {f.name: f for f in monitor.report("current").features}
     report = json.loads((drifted / "_drift_report.json").read_text())
     for feature in report["features"]:
@@ -152,7 +170,8 @@ def test_html_page_has_one_chart_per_feature_and_the_score_table(drifted: Path) 
     page = _parse(drifted / "_drift_report.html")
     report = json.loads((drifted / "_drift_report.json").read_text())
     names = [f["name"] for f in report["features"]]
-    assert sorted(f["feature"] for f in page.figures) == sorted(names)
+    charted = [f["name"] for f in report["features"] if f["kind"] != "multivariate"]
+    assert sorted(f["feature"] for f in page.figures) == sorted(charted)
     for figure, feature in ((f, next(x for x in report["features"] if x["name"] == f["feature"]))
                             for f in page.figures):  # fmt: skip
         bins = len(feature["distribution"]["labels"])
@@ -160,11 +179,12 @@ def test_html_page_has_one_chart_per_feature_and_the_score_table(drifted: Path) 
         assert figure["rects"] == {"reference": bins, "batch": bins}
         assert ("drift" in figure["class"]) == feature["drifting"]
     assert len(page.rows) == len(names)
-    first = page.rows[: len(SHIFTED)]  # drifting features are listed first
-    assert sorted(r["name"] for r in first) == sorted(SHIFTED)
+    flagged = (*SHIFTED, "probabilities[1]", "pca_reconstruction")
+    first = page.rows[: len(flagged)]  # drifting entries are listed first
+    assert sorted(r["name"] for r in first) == sorted(flagged)
     assert all(r["class"] == "drift" and r["status"].startswith("DRIFT") for r in first)
-    assert all(r["class"] in ("ok", "warn") for r in page.rows[len(SHIFTED) :])
-    assert "DRIFTING: 2 of 30 features" in page.verdict
+    assert all(r["class"] in ("ok", "warn") for r in page.rows[len(flagged) :])
+    assert "DRIFTING: 4 of 32 tests" in page.verdict
     assert page.scripts == 0 and page.remote == [], "the page must not need the network"
 
 
@@ -172,7 +192,9 @@ def test_html_page_of_a_job_without_drift(model_repo: Path, inputs: Inputs, tmp_
     out = tmp_path / "out"
     batch(model_repo, "mixed", inputs.mixed_parquet, out, chunk_rows=2000)
     page = _parse(out / "_drift_report.html")
-    assert len(page.figures) == 15  # 13 numeric + 2 categorical
+    report = json.loads((out / "_drift_report.json").read_text())
+    outputs = [f["name"] for f in report["features"] if f["kind"] == "prediction"]
+    assert outputs and len(page.figures) == 15 + len(outputs)  # 13 numeric + 2 categorical
     categorical = next(f for f in page.figures if f["feature"] == "color_band")
     assert categorical["rects"]["batch"] == 4  # low, mid, high, unseen
     assert "No drift" in page.verdict
@@ -188,7 +210,7 @@ def test_too_few_rows_are_reported_but_not_judged(
     summary = batch(model_repo, "logreg", source, tmp_path / "out")
     assert summary.drift["insufficient_data"] is True and summary.drift["drifting"] is False
     page = _parse(tmp_path / "out" / "_drift_report.html")
-    assert "too few" in page.verdict and len(page.figures) == 30
+    assert "too few" in page.verdict and len(page.figures) == 31  # 30 inputs + the output
 
 
 # ---- progress --------------------------------------------------------------------------------
