@@ -21,9 +21,12 @@ from edgewise.runtime.drift_history import DEFAULT_DIR, read_history
 from edgewise.runtime.features import frame_to_inputs
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.grpc_api.peer_windows import SERVICE
+from edgewise.runtime.grpc_api.servicers import FORWARDED_HEADER
 from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
+from edgewise.runtime.settings import ClientSecurity
 from tests import models
 from tests.servers import start_server
 
@@ -121,4 +124,38 @@ def test_two_processes_answer_one_report_over_all_their_traffic(
     finally:
         for channel in channels:
             channel.close()
+        assert server.stop() == 0, server.log()
+
+
+def test_siblings_hand_over_windows_with_the_callers_token_and_to_siblings_only(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    token = "history-test-token-0123456789"
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    server = start_server(
+        repo,
+        tmp_path,
+        ["--processes", "2", "--front-end", "grpcio"],
+        env={"EDGEWISE_TOKENS": token, "EDGEWISE_DRIFT_HISTORY": "off"},
+        security=ClientSecurity(token=token),
+    )
+    try:
+        with server.client() as client:
+            for _ in range(4):  # the token goes along to the sibling: its share is handed over
+                assert client.drift_report("logreg").available
+            client.reset_window("logreg")
+        # The sibling call itself answers only calls forwarded by a sibling.
+        with grpc.insecure_channel(server.target) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/WindowShare")
+            request = json.dumps({"model": "logreg", "version": "1", "window": "current"})
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request.encode(), timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "sibling" in str(refused.value.details())
+            with pytest.raises(grpc.RpcError) as anonymous:
+                call(request.encode(), timeout=10, metadata=((FORWARDED_HEADER, "1"),))
+            assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not (repo / DEFAULT_DIR).exists()  # EDGEWISE_DRIFT_HISTORY=off
+    finally:
         assert server.stop() == 0, server.log()
