@@ -28,7 +28,7 @@ from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
 from edgewise.runtime.settings import ClientSecurity
 from tests import models
-from tests.servers import start_server
+from tests.servers import FRONT_ENDS, front_end_args, start_server
 
 CONNECTIONS = 16
 REQUESTS = 3  # per connection
@@ -42,8 +42,9 @@ def wait_for(condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyp
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_two_processes_answer_one_report_over_all_their_traffic(
-    model_repo: Path, tmp_path: Path
+    model_repo: Path, tmp_path: Path, front_end: str
 ) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(model_repo / "logreg", repo / "logreg")
@@ -58,7 +59,7 @@ def test_two_processes_answer_one_report_over_all_their_traffic(
     server = start_server(
         repo,
         tmp_path,
-        ["--processes", "2", "--front-end", "grpcio", "--drift-interval-seconds", "0.2"],
+        ["--processes", "2", *front_end_args(front_end), "--drift-interval-seconds", "0.2"],
     )
     # A local subchannel pool per channel: 16 real TCP connections, spread over the processes.
     channels = [
