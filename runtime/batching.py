@@ -217,8 +217,8 @@ class DynamicBatcher:
             for name in model.input_specs
         }
         results = model.run(feeds)
-        if model.monitor is not None:
-            model.monitor.observe(feeds)
+        if model.monitor is not None:  # inputs, and outputs for prediction drift
+            model.monitor.observe(feeds, results)
         if model.performance is not None:  # the classifier's estimate before labels (CBPE)
             model.performance.update(results[PROBABILITIES])
         rows = sum(item.prepared.rows for item in batch)

@@ -359,13 +359,29 @@ def _format_drift(report: Any) -> str:
     for f in report.features:
         stats = f.statistics
         status = "DRIFT " + "; ".join(f.reasons) if f.drifting else ("warn" if f.warning else "ok")
-        skew = stats.out_of_range if f.kind == "numeric" else stats.unseen
-        mean = f"{stats.mean:>10.4g}" if f.kind == "numeric" else f"{'':>10}"
+        if f.kind == "multivariate":  # its own line below: it has none of the columns
+            scores = f.scores
+            if "reconstruction_error" in scores:
+                change = 100 * scores["reconstruction_error_change"]
+                test = (
+                    f"{scores['reconstruction_error']:.4g} against the reference's "
+                    f"{scores['reconstruction_error_reference']:.4g} ({change:+.1f} %), "
+                    f"one-sided p {scores['reconstruction_error_pvalue']:.3g}; {status}"
+                )
+            else:
+                test = "not scored (too few rows)"
+            lines.append(f"multivariate: mean PCA reconstruction error {test}")
+            continue
+        binned = f.kind in ("numeric", "prediction")
+        skew = stats.out_of_range if binned else stats.unseen
+        mean = f"{stats.mean:>10.4g}" if binned else f"{'':>10}"
         lines.append(
             f"{f.name[:28]:<28} {f.kind:<11} {score(f, 'psi', 7)} {score(f, 'jensenshannon', 6)} "
             f"{score(f, 'ks', 6)} {score(f, 'wasserstein', 8, 4)} {mean} {stats.missing:>7} "
             f"{skew:>10}  {status}"
         )
+    for detector in sorted(report.unavailable):
+        lines.append(report.unavailable[detector])
     if report.wrong_type:
         wrong = ", ".join(f"{k}: {v}" for k, v in sorted(report.wrong_type.items()))
         lines.append(f"requests refused for a wrong datatype or shape: {wrong}")

@@ -159,16 +159,19 @@ class DataPlane:
         performance = model.performance
         if performance is not None and outputs is not None and PROBABILITIES not in outputs:
             outputs = [*outputs, PROBABILITIES]  # read by the estimate, not answered
-        results = model.run(prepared.feeds, outputs)
         monitor = model.monitor
+        watched = monitor.prediction_output if monitor is not None else None
+        if watched is not None and outputs is not None and watched not in outputs:
+            outputs = [*outputs, watched]  # read by prediction drift, not answered
+        results = model.run(prepared.feeds, outputs)
         if monitor is not None or performance is not None:
             if on_loop:
                 defer = asyncio.get_running_loop().call_soon
             if monitor is not None:
                 if defer is not None:
-                    defer(_observe_quietly, monitor, prepared.feeds)
+                    defer(_observe_quietly, monitor, prepared.feeds, results)
                 else:
-                    monitor.observe(prepared.feeds)
+                    monitor.observe(prepared.feeds, results)
             if performance is not None:
                 if defer is not None:
                     defer(_estimate_quietly, performance, results[PROBABILITIES])
@@ -231,8 +234,12 @@ def _estimate_quietly(performance: PerformanceEstimator, probabilities: npt.NDAr
         log.exception("the performance estimate of an answered request failed")
 
 
-def _observe_quietly(monitor: ModelMonitor, feeds: Mapping[str, npt.NDArray[Any]]) -> None:
+def _observe_quietly(
+    monitor: ModelMonitor,
+    feeds: Mapping[str, npt.NDArray[Any]],
+    outputs: Mapping[str, npt.NDArray[Any]],
+) -> None:
     try:
-        monitor.observe(feeds)
+        monitor.observe(feeds, outputs)
     except Exception:
         log.exception("monitoring statistics of an answered request failed")

@@ -400,8 +400,9 @@ class ModelMonitor:
         if values.shape[1] == len(columns):  # every column, in order
             block = values
         else:
+            # One C-ordered copy (the kernel's layout): a binary classifier's positive column.
             block = (
-                values[:, columns[0] : columns[0] + 1]
+                np.ascontiguousarray(values[:, columns[0] : columns[0] + 1])
                 if len(columns) == 1
                 else values[:, list(columns)]
             )

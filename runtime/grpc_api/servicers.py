@@ -281,6 +281,7 @@ def _report_to_proto(report: DriftReport) -> epb.DriftReport:
         wrong_type=report.wrong_type,
         computed_at_unix=report.computed_at,
         thresholds=report.thresholds,
+        unavailable=report.unavailable,
     )
     for feature in report.features:
         stats = feature.statistics

@@ -67,7 +67,7 @@ def test_a_failing_statistics_update_is_logged_and_the_answer_stands(
 ) -> None:
     assert monitored.monitor is not None
 
-    def broken(feeds: object) -> None:
+    def broken(feeds: object, outputs: object = None) -> None:
         raise RuntimeError("statistics broke")
 
     monitored.monitor.observe = broken  # type: ignore[method-assign]

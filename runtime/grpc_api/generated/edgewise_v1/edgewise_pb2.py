@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gewise/v1/edgewise.proto\x12\x0b\x65\x64gewise.v1\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"u\n\x11ModelVersionState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"I\n\x17RepositoryIndexResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"b\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12\x19\n\x11transient_default\x18\x04 \x01(\x08\"C\n\x11LoadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\x13UnloadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"S\n\x12\x44riftReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\r\n\x05\x65xact\x18\x04 \x01(\x08\"\xa0\x01\n\x11\x46\x65\x61tureStatistics\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0b\n\x03std\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0f\n\x07missing\x18\x06 \x01(\x04\x12\x10\n\x08infinite\x18\x07 \x01(\x04\x12\x14\n\x0cout_of_range\x18\x08 \x01(\x04\x12\x0e\n\x06unseen\x18\t \x01(\x04\"\xf8\x01\n\x0c\x46\x65\x61tureDrift\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x35\n\x06scores\x18\x03 \x03(\x0b\x32%.edgewise.v1.FeatureDrift.ScoresEntry\x12\x10\n\x08\x64rifting\x18\x04 \x01(\x08\x12\x0f\n\x07warning\x18\x05 \x01(\x08\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x32\n\nstatistics\x18\x07 \x01(\x0b\x32\x1e.edgewise.v1.FeatureStatistics\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xda\x03\n\x0b\x44riftReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x16\n\x0ereference_rows\x18\x07 \x01(\x04\x12\x19\n\x11insufficient_data\x18\x08 \x01(\x08\x12\x10\n\x08\x64rifting\x18\t \x01(\x08\x12+\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x19.edgewise.v1.FeatureDrift\x12;\n\nwrong_type\x18\x0b \x03(\x0b\x32\'.edgewise.v1.DriftReport.WrongTypeEntry\x12\x18\n\x10\x63omputed_at_unix\x18\x0c \x01(\x01\x12<\n\nthresholds\x18\r \x03(\x0b\x32(.edgewise.v1.DriftReport.ThresholdsEntry\x1a\x30\n\x0eWrongTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x12ResetWindowRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x15\n\x13ResetWindowResponse\"o\n\x05Label\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\x15\n\x0b\x63lass_index\x18\x03 \x01(\x03H\x00\x12\x14\n\nclass_name\x18\x04 \x01(\tH\x00\x12\x0f\n\x05value\x18\x05 \x01(\x01H\x00\x42\x07\n\x05truth\"U\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x06labels\x18\x03 \x03(\x0b\x32\x12.edgewise.v1.Label\"F\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06joined\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\r\"0\n\x0eQualityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\x0cSliceQuality\x12\r\n\x05slice\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\x01\"\xa1\x02\n\rQualityReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x10\n\x08labelled\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\x01\x12\x14\n\x0crecent_error\x18\x08 \x01(\x01\x12\x0e\n\x06window\x18\t \x01(\x04\x12\x0f\n\x07warning\x18\n \x01(\x08\x12\x10\n\x08\x64rifting\x18\x0b \x01(\x08\x12\x0e\n\x06\x64rifts\x18\x0c \x01(\x04\x12)\n\x06slices\x18\r \x03(\x0b\x32\x19.edgewise.v1.SliceQuality\x12\x18\n\x10kept_predictions\x18\x0e \x01(\x04\"5\n\x13ResetQualityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x16\n\x14ResetQualityResponse2\x9a\x02\n\x16ModelRepositoryService\x12^\n\x0fRepositoryIndex\x12#.edgewise.v1.RepositoryIndexRequest\x1a$.edgewise.v1.RepositoryIndexResponse\"\x00\x12L\n\tLoadModel\x12\x1d.edgewise.v1.LoadModelRequest\x1a\x1e.edgewise.v1.LoadModelResponse\"\x00\x12R\n\x0bUnloadModel\x12\x1f.edgewise.v1.UnloadModelRequest\x1a .edgewise.v1.UnloadModelResponse\"\x00\x32\x8b\x02\n\x11MonitoringService\x12M\n\x0eGetDriftReport\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12S\n\x14GetFeatureStatistics\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12R\n\x0bResetWindow\x12\x1f.edgewise.v1.ResetWindowRequest\x1a .edgewise.v1.ResetWindowResponse\"\x00\x32\x81\x02\n\x0eQualityService\x12O\n\x0eSubmitFeedback\x12\x1c.edgewise.v1.FeedbackRequest\x1a\x1d.edgewise.v1.FeedbackResponse\"\x00\x12G\n\nGetQuality\x12\x1b.edgewise.v1.QualityRequest\x1a\x1a.edgewise.v1.QualityReport\"\x00\x12U\n\x0cResetQuality\x12 .edgewise.v1.ResetQualityRequest\x1a!.edgewise.v1.ResetQualityResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64gewise/v1/edgewise.proto\x12\x0b\x65\x64gewise.v1\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"u\n\x11ModelVersionState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"I\n\x17RepositoryIndexResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"b\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12\x19\n\x11transient_default\x18\x04 \x01(\x08\"C\n\x11LoadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\x13UnloadModelResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.edgewise.v1.ModelVersionState\"S\n\x12\x44riftReportRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\r\n\x05\x65xact\x18\x04 \x01(\x08\"\xa0\x01\n\x11\x46\x65\x61tureStatistics\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0b\n\x03std\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0f\n\x07missing\x18\x06 \x01(\x04\x12\x10\n\x08infinite\x18\x07 \x01(\x04\x12\x14\n\x0cout_of_range\x18\x08 \x01(\x04\x12\x0e\n\x06unseen\x18\t \x01(\x04\"\xf8\x01\n\x0c\x46\x65\x61tureDrift\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x35\n\x06scores\x18\x03 \x03(\x0b\x32%.edgewise.v1.FeatureDrift.ScoresEntry\x12\x10\n\x08\x64rifting\x18\x04 \x01(\x08\x12\x0f\n\x07warning\x18\x05 \x01(\x08\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x32\n\nstatistics\x18\x07 \x01(\x0b\x32\x1e.edgewise.v1.FeatureStatistics\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xce\x04\n\x0b\x44riftReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06window\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x04\x12\x16\n\x0ereference_rows\x18\x07 \x01(\x04\x12\x19\n\x11insufficient_data\x18\x08 \x01(\x08\x12\x10\n\x08\x64rifting\x18\t \x01(\x08\x12+\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x19.edgewise.v1.FeatureDrift\x12;\n\nwrong_type\x18\x0b \x03(\x0b\x32\'.edgewise.v1.DriftReport.WrongTypeEntry\x12\x18\n\x10\x63omputed_at_unix\x18\x0c \x01(\x01\x12<\n\nthresholds\x18\r \x03(\x0b\x32(.edgewise.v1.DriftReport.ThresholdsEntry\x12>\n\x0bunavailable\x18\x0e \x03(\x0b\x32).edgewise.v1.DriftReport.UnavailableEntry\x1a\x30\n\x0eWrongTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10UnavailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x12ResetWindowRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x15\n\x13ResetWindowResponse\"o\n\x05Label\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\x15\n\x0b\x63lass_index\x18\x03 \x01(\x03H\x00\x12\x14\n\nclass_name\x18\x04 \x01(\tH\x00\x12\x0f\n\x05value\x18\x05 \x01(\x01H\x00\x42\x07\n\x05truth\"U\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x06labels\x18\x03 \x03(\x0b\x32\x12.edgewise.v1.Label\"F\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06joined\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\r\"0\n\x0eQualityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\x0cSliceQuality\x12\r\n\x05slice\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\x01\"\xa1\x02\n\rQualityReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tavailable\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x10\n\x08labelled\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\x01\x12\x14\n\x0crecent_error\x18\x08 \x01(\x01\x12\x0e\n\x06window\x18\t \x01(\x04\x12\x0f\n\x07warning\x18\n \x01(\x08\x12\x10\n\x08\x64rifting\x18\x0b \x01(\x08\x12\x0e\n\x06\x64rifts\x18\x0c \x01(\x04\x12)\n\x06slices\x18\r \x03(\x0b\x32\x19.edgewise.v1.SliceQuality\x12\x18\n\x10kept_predictions\x18\x0e \x01(\x04\"5\n\x13ResetQualityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x16\n\x14ResetQualityResponse2\x9a\x02\n\x16ModelRepositoryService\x12^\n\x0fRepositoryIndex\x12#.edgewise.v1.RepositoryIndexRequest\x1a$.edgewise.v1.RepositoryIndexResponse\"\x00\x12L\n\tLoadModel\x12\x1d.edgewise.v1.LoadModelRequest\x1a\x1e.edgewise.v1.LoadModelResponse\"\x00\x12R\n\x0bUnloadModel\x12\x1f.edgewise.v1.UnloadModelRequest\x1a .edgewise.v1.UnloadModelResponse\"\x00\x32\x8b\x02\n\x11MonitoringService\x12M\n\x0eGetDriftReport\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12S\n\x14GetFeatureStatistics\x12\x1f.edgewise.v1.DriftReportRequest\x1a\x18.edgewise.v1.DriftReport\"\x00\x12R\n\x0bResetWindow\x12\x1f.edgewise.v1.ResetWindowRequest\x1a .edgewise.v1.ResetWindowResponse\"\x00\x32\x81\x02\n\x0eQualityService\x12O\n\x0eSubmitFeedback\x12\x1c.edgewise.v1.FeedbackRequest\x1a\x1d.edgewise.v1.FeedbackResponse\"\x00\x12G\n\nGetQuality\x12\x1b.edgewise.v1.QualityRequest\x1a\x1a.edgewise.v1.QualityReport\"\x00\x12U\n\x0cResetQuality\x12 .edgewise.v1.ResetQualityRequest\x1a!.edgewise.v1.ResetQualityResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_options = b'8\001'
   _globals['_DRIFTREPORT_THRESHOLDSENTRY']._loaded_options = None
   _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_options = b'8\001'
+  _globals['_DRIFTREPORT_UNAVAILABLEENTRY']._loaded_options = None
+  _globals['_DRIFTREPORT_UNAVAILABLEENTRY']._serialized_options = b'8\001'
   _globals['_REPOSITORYINDEXREQUEST']._serialized_start=43
   _globals['_REPOSITORYINDEXREQUEST']._serialized_end=87
   _globals['_MODELVERSIONSTATE']._serialized_start=89
@@ -60,35 +62,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREDRIFT_SCORESENTRY']._serialized_start=1028
   _globals['_FEATUREDRIFT_SCORESENTRY']._serialized_end=1073
   _globals['_DRIFTREPORT']._serialized_start=1076
-  _globals['_DRIFTREPORT']._serialized_end=1550
-  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_start=1451
-  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_end=1499
-  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_start=1501
-  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_end=1550
-  _globals['_RESETWINDOWREQUEST']._serialized_start=1552
-  _globals['_RESETWINDOWREQUEST']._serialized_end=1604
-  _globals['_RESETWINDOWRESPONSE']._serialized_start=1606
-  _globals['_RESETWINDOWRESPONSE']._serialized_end=1627
-  _globals['_LABEL']._serialized_start=1629
-  _globals['_LABEL']._serialized_end=1740
-  _globals['_FEEDBACKREQUEST']._serialized_start=1742
-  _globals['_FEEDBACKREQUEST']._serialized_end=1827
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1829
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1899
-  _globals['_QUALITYREQUEST']._serialized_start=1901
-  _globals['_QUALITYREQUEST']._serialized_end=1949
-  _globals['_SLICEQUALITY']._serialized_start=1951
-  _globals['_SLICEQUALITY']._serialized_end=2010
-  _globals['_QUALITYREPORT']._serialized_start=2013
-  _globals['_QUALITYREPORT']._serialized_end=2302
-  _globals['_RESETQUALITYREQUEST']._serialized_start=2304
-  _globals['_RESETQUALITYREQUEST']._serialized_end=2357
-  _globals['_RESETQUALITYRESPONSE']._serialized_start=2359
-  _globals['_RESETQUALITYRESPONSE']._serialized_end=2381
-  _globals['_MODELREPOSITORYSERVICE']._serialized_start=2384
-  _globals['_MODELREPOSITORYSERVICE']._serialized_end=2666
-  _globals['_MONITORINGSERVICE']._serialized_start=2669
-  _globals['_MONITORINGSERVICE']._serialized_end=2936
-  _globals['_QUALITYSERVICE']._serialized_start=2939
-  _globals['_QUALITYSERVICE']._serialized_end=3196
+  _globals['_DRIFTREPORT']._serialized_end=1666
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_start=1515
+  _globals['_DRIFTREPORT_WRONGTYPEENTRY']._serialized_end=1563
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_start=1565
+  _globals['_DRIFTREPORT_THRESHOLDSENTRY']._serialized_end=1614
+  _globals['_DRIFTREPORT_UNAVAILABLEENTRY']._serialized_start=1616
+  _globals['_DRIFTREPORT_UNAVAILABLEENTRY']._serialized_end=1666
+  _globals['_RESETWINDOWREQUEST']._serialized_start=1668
+  _globals['_RESETWINDOWREQUEST']._serialized_end=1720
+  _globals['_RESETWINDOWRESPONSE']._serialized_start=1722
+  _globals['_RESETWINDOWRESPONSE']._serialized_end=1743
+  _globals['_LABEL']._serialized_start=1745
+  _globals['_LABEL']._serialized_end=1856
+  _globals['_FEEDBACKREQUEST']._serialized_start=1858
+  _globals['_FEEDBACKREQUEST']._serialized_end=1943
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1945
+  _globals['_FEEDBACKRESPONSE']._serialized_end=2015
+  _globals['_QUALITYREQUEST']._serialized_start=2017
+  _globals['_QUALITYREQUEST']._serialized_end=2065
+  _globals['_SLICEQUALITY']._serialized_start=2067
+  _globals['_SLICEQUALITY']._serialized_end=2126
+  _globals['_QUALITYREPORT']._serialized_start=2129
+  _globals['_QUALITYREPORT']._serialized_end=2418
+  _globals['_RESETQUALITYREQUEST']._serialized_start=2420
+  _globals['_RESETQUALITYREQUEST']._serialized_end=2473
+  _globals['_RESETQUALITYRESPONSE']._serialized_start=2475
+  _globals['_RESETQUALITYRESPONSE']._serialized_end=2497
+  _globals['_MODELREPOSITORYSERVICE']._serialized_start=2500
+  _globals['_MODELREPOSITORYSERVICE']._serialized_end=2782
+  _globals['_MONITORINGSERVICE']._serialized_start=2785
+  _globals['_MONITORINGSERVICE']._serialized_end=3052
+  _globals['_QUALITYSERVICE']._serialized_start=3055
+  _globals['_QUALITYSERVICE']._serialized_end=3312
 # @@protoc_insertion_point(module_scope)

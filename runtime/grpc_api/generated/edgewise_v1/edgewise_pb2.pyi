@@ -286,6 +286,13 @@ Global___FeatureStatistics: _TypeAlias = FeatureStatistics  # noqa: Y015
 
 @_typing.final
 class FeatureDrift(_message.Message):
+    """One test of the report: an input feature (kind numeric | categorical), a column of the
+    model's outputs (kind prediction: prediction drift, e.g. "probabilities[1]" or
+    "predictions", binned and tested as a numeric feature), or the multivariate PCA
+    reconstruction error (kind multivariate, name "pca_reconstruction"). All of them are one
+    family: the Holm correction runs over every entry that has a p-value.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -317,14 +324,17 @@ class FeatureDrift(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
-    """numeric | categorical"""
+    """numeric | categorical | prediction | multivariate"""
     drifting: _builtins.bool
     warning: _builtins.bool
     @_builtins.property
     def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Statistic name -> value: psi, jensenshannon, wasserstein, ks, chi2, chi2_pvalue, linf,
-        chi2_pvalue_adjusted (Holm over the model's features: the p-value the verdict uses), and
-        with exact=true ks_exact, ks_exact_pvalue, wasserstein_exact.
+        chi2_pvalue_adjusted (Holm over the report's entries: the p-value the verdict uses), and
+        with exact=true ks_exact, ks_exact_pvalue, wasserstein_exact. The multivariate entry:
+        reconstruction_error (the window's mean), reconstruction_error_reference,
+        reconstruction_error_change (relative), reconstruction_error_z,
+        reconstruction_error_pvalue (one-sided) and reconstruction_error_pvalue_adjusted.
         """
 
     @_builtins.property
@@ -398,6 +408,26 @@ class DriftReport(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class UnavailableEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
@@ -411,6 +441,7 @@ class DriftReport(_message.Message):
     WRONG_TYPE_FIELD_NUMBER: _builtins.int
     COMPUTED_AT_UNIX_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     window: _builtins.str
@@ -436,6 +467,12 @@ class DriftReport(_message.Message):
         a significant feature must also reach (e.g. psi 0.1).
         """
 
+    @_builtins.property
+    def unavailable(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Detector ("prediction", "multivariate") -> why the report has no entry of it, e.g.
+        "prediction drift unavailable: package converted before edgewise profiled model outputs".
+        """
+
     def __init__(
         self,
         *,
@@ -452,10 +489,11 @@ class DriftReport(_message.Message):
         wrong_type: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         computed_at_unix: _builtins.float = ...,
         thresholds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        unavailable: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "computed_at_unix", b"computed_at_unix", "drifting", b"drifting", "features", b"features", "insufficient_data", b"insufficient_data", "model", b"model", "reason", b"reason", "reference_rows", b"reference_rows", "rows", b"rows", "thresholds", b"thresholds", "version", b"version", "window", b"window", "wrong_type", b"wrong_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "computed_at_unix", b"computed_at_unix", "drifting", b"drifting", "features", b"features", "insufficient_data", b"insufficient_data", "model", b"model", "reason", b"reason", "reference_rows", b"reference_rows", "rows", b"rows", "thresholds", b"thresholds", "unavailable", b"unavailable", "version", b"version", "window", b"window", "wrong_type", b"wrong_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
