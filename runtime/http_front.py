@@ -52,6 +52,7 @@ from aiohttp import web
 from edgewise.runtime.dataplane import DataPlane
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput
 from edgewise.runtime.grpc_api.overload import LoadShedder
+from edgewise.runtime.grpc_api.ports import bind_error
 from edgewise.runtime.grpc_api.security import AuthInterceptor
 from edgewise.runtime.grpc_api.status import http_status
 from edgewise.runtime.inference_core import InferenceCore
@@ -180,8 +181,7 @@ class HttpFront:
         except OSError as exc:
             await runner.cleanup()
             self._runner = None
-            reason = exc.strerror or str(exc)
-            raise OSError(f"cannot bind the HTTP port {host}:{port}: {reason}") from None
+            raise bind_error(host, port, exc, "the HTTP port") from None
         self._site = site
         return int(runner.addresses[0][1])
 
@@ -276,6 +276,8 @@ class HttpFront:
         except EdgewiseError as exc:  # the request never reached the core: counted here
             self.core.metrics.observe_request(name, version, exc.code.name, 0.0)
             return self._failure(exc)
+        except ConnectionError:
+            raise  # the client went away while sending: nobody to answer
         except Exception as exc:
             return self._failure(exc)
         try:

@@ -174,7 +174,8 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
             metrics_port if metrics_port >= 0 else "off",
         )
         if settings.port_file is not None:
-            write_port_file(settings.port_file, port, metrics_port)
+            http_port = settings.http_port if settings.http_port >= 0 else None  # fixed: >0
+            write_port_file(settings.port_file, port, metrics_port, http_port)
         while not stopping.wait(0.2):
             for child in children:
                 code = child.process.poll()

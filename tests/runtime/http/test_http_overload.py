@@ -1,9 +1,11 @@
 """HTTP inference calls share the gRPC port's in-flight limit: with a costly call running on
 one front end, a call on the other is shed at once, 503 with ``Retry-After`` on HTTP (see
-grpc_api/status.py for why not 429), RESOURCE_EXHAUSTED on gRPC, each counted as shed."""
+grpc_api/status.py for why not 429), RESOURCE_EXHAUSTED on gRPC, each counted as shed. And its
+drain: SIGTERM lets an HTTP call under way finish."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from edgewise.runtime.codecs import encode_inputs
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.rest_codec import HEADER_LENGTH
 from tests.runtime.http.conftest import call, metric
-from tests.servers import FRONT_ENDS, RunningServer, front_end_args, running_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, running_server, start_server
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 ROWS = 400_000  # about a second of onnxruntime for the forest here
@@ -108,3 +110,33 @@ def test_grpc_is_shed_while_an_http_call_holds_the_limit(model_repo: Path, tmp_p
 
         while_running(server, costly, grpc_call)
     assert refused[0].code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_sigterm_lets_an_http_call_under_way_finish(
+    model_repo: Path, tmp_path: Path, front_end: str
+) -> None:
+    args = ["--monitoring", "off", "--http-port", "0", "--grace-seconds", "60",
+            *front_end_args(front_end)]  # fmt: skip
+    server = start_server(model_repo, tmp_path, args)
+    try:
+        body, length = http_body(ROWS)
+        url = f"http://127.0.0.1:{server.http_port}/v2/models/forest/infer"
+        answers = []
+        running = threading.Thread(
+            target=lambda: answers.append(call(url, body, {HEADER_LENGTH: str(length)}))
+        )
+        running.start()
+        while metric(server, "edgewise_inflight_requests") < 1:
+            assert running.is_alive(), "the call ended before its model was seen running"
+            running.join(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        running.join(120)
+        assert server.process.wait(timeout=60) == 0, server.log()
+    finally:
+        server.stop()
+    (answer,) = answers
+    assert answer.status == 200, answer.body
+    assert len(triton.InferResult.from_response_body(
+        answer.body, header_length=int(answer.headers[HEADER_LENGTH])
+    ).as_numpy("label")) == ROWS  # fmt: skip

@@ -1,0 +1,224 @@
+"""HTTP/REST against gRPC on one edgewise server, in one run.
+
+    .venv/bin/python benchmarks/http_serving.py [--quick] [--seconds S] [--rounds R (default 3)]
+                                                [--front-end auto|native|grpcio]
+
+One server (``serve --http-port 0``) serves benchmarks/serving.py's two models (a logistic
+regression and a 100-tree forest on 32 digit pixels). Three clients drive it, each the real
+third-party client in separate processes, one row per request: ``grpc`` (tritonclient.grpc.aio,
+on the gRPC front end chosen), ``http_json`` (tritonclient.http.aio, JSON tensors both ways) and
+``http_binary`` (the binary tensor data extension both ways). For each model, concurrency 1 and
+8: p50/p99 latency, throughput and the server's CPU time per request over the window. Rounds
+alternate the clients, so drift on a shared machine hits all three; medians over rounds are
+reported, and each HTTP line carries the median of its per-round ratios to gRPC (the baseline,
+measured in the same rounds against the same server process).
+
+A separate script rather than a case of serving.py: it compares protocols on one server, where
+serving.py compares one protocol against floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from serving import N_FEATURES, build_models, cpu_seconds  # noqa: E402
+
+CLIENTS = ("grpc", "http_json", "http_binary")
+BASELINE = "grpc"
+
+
+def client_main(kind: str, url: str, model: str, concurrency: int, seconds: float) -> None:
+    import numpy as np
+
+    warmup = 1.0
+    rng = np.random.default_rng(os.getpid())
+    data = rng.random((64, N_FEATURES), dtype=np.float32) * 16
+    if kind == "grpc":
+        import tritonclient.grpc.aio as triton
+
+        outputs = None
+    else:
+        import tritonclient.http.aio as triton  # type: ignore[no-redef]
+
+        binary = kind == "http_binary"
+        outputs = [
+            triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")
+        ]
+
+    async def run() -> dict[str, Any]:
+        client = triton.InferenceServerClient(url=url)
+
+        def make_inputs(i: int) -> list[Any]:
+            tensor = triton.InferInput("features", [1, N_FEATURES], "FP32")
+            if kind == "grpc":
+                tensor.set_data_from_numpy(data[i % 64 : i % 64 + 1])
+            else:
+                tensor.set_data_from_numpy(data[i % 64 : i % 64 + 1], binary_data=binary)
+            return [tensor]
+
+        latencies: list[float] = []
+        errors = 0
+        measure_from = time.perf_counter() + warmup
+        stop_at = measure_from + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while True:
+                now = time.perf_counter()
+                if now >= stop_at:
+                    return
+                try:
+                    await client.infer(model, make_inputs(i), outputs=outputs)
+                except Exception:
+                    errors += 1
+                    continue
+                if now >= measure_from:
+                    latencies.append(time.perf_counter() - now)
+                i += 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        await client.close()
+        return {"latencies": latencies, "errors": errors}
+
+    print(json.dumps(asyncio.run(run())))
+
+
+def drive(
+    kind: str, url: str, model: str, concurrency: int, seconds: float, pid: int
+) -> dict[str, Any]:
+    """benchmarks/serving.py's measurement: clients in 1 or 2 processes, the server's CPU read
+    over the clients' measurement window."""
+    processes = 1 if concurrency == 1 else 2
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    clients = [
+        subprocess.Popen(
+            [sys.executable, str(HERE), "--client", kind, url, model, str(c), str(seconds)],
+            stdout=subprocess.PIPE,
+        )
+        for c in shares
+    ]
+    time.sleep(1.0)  # the clients' warm-up
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    after = cpu_seconds(pid)
+    latencies: list[float] = []
+    errors = 0
+    for client in clients:
+        out, _ = client.communicate(timeout=seconds + 60)
+        result = json.loads(out)
+        latencies.extend(result["latencies"])
+        errors += result["errors"]
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "requests": count,
+        "errors": errors,
+        "p50_us": latencies[count // 2] * 1e6 if count else None,
+        "p99_us": latencies[min(count - 1, int(count * 0.99))] * 1e6 if count else None,
+        "rps": count / seconds,
+        "server_cpu_us_per_req": (after - before) / count * 1e6 if count else None,
+    }
+
+
+def start_server(
+    repo: Path, work: Path, front_end: str
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    port_file = work / "ports"
+    command = [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "ERROR", "serve",
+               "--repo", str(repo), "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+               "--metrics-port", "-1", "--front-end", front_end,
+               "--port-file", str(port_file)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start ({process.poll()})")
+        time.sleep(0.05)
+    grpc_port, _metrics, http_port = (int(x) for x in port_file.read_text().split())
+    return process, grpc_port, http_port
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short windows, one round")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per case")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians taken)")
+    parser.add_argument("--front-end", choices=["auto", "native", "grpcio"], default="auto")
+    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        kind, url, model, concurrency, seconds = args.client
+        client_main(kind, url, model, int(concurrency), float(seconds))
+        return 0
+    seconds = 1.5 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
+    work = Path(tempfile.mkdtemp(prefix="edgewise-http-bench-"))
+    repo = work / "repo"
+    models = list(build_models(repo))
+    from edgewise.runtime.grpc_api.native_front import front_status
+
+    front_end = args.front_end
+    if front_end == "auto":
+        front_end = "native" if front_status() == "loaded" else "grpcio"
+    process, grpc_port, http_port = start_server(repo, work, front_end)
+    urls = {"grpc": f"127.0.0.1:{grpc_port}", "http_json": f"127.0.0.1:{http_port}"}
+    urls["http_binary"] = urls["http_json"]
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "front_end": front_end}
+    results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    try:
+        for _ in range(rounds):
+            for model in models:
+                for concurrency in (1, 8):
+                    for kind in CLIENTS:
+                        measured = drive(kind, urls[kind], model, concurrency, seconds, process.pid)
+                        results.setdefault((kind, model, concurrency), []).append(measured)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    for model in models:
+        for concurrency in (1, 8):
+            base = results[(BASELINE, model, concurrency)]
+            for kind in CLIENTS:
+                runs = results[(kind, model, concurrency)]
+                line: dict[str, Any] = {"case": kind, "model": model, "concurrency": concurrency}
+                for key in ("p50_us", "p99_us", "rps", "server_cpu_us_per_req"):
+                    value = median([r[key] for r in runs])
+                    line[key] = round(value, 1) if value is not None else None
+                line["errors"] = sum(r["errors"] for r in runs)
+                if kind != BASELINE:
+                    line["baseline"] = f"{BASELINE} ({front_end} front end), same rounds"
+                    for key in ("p50_us", "server_cpu_us_per_req"):
+                        ratios = [
+                            r[key] / b[key]
+                            for r, b in zip(runs, base, strict=True)
+                            if r[key] and b[key]
+                        ]
+                        value = median(list(ratios))
+                        line[f"ratio_{key}_vs_grpc"] = round(value, 2) if value else None
+                print(
+                    json.dumps({**line, "rounds": rounds, "seconds": seconds, **machine}),
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
