@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--rounds R (default 5)]
                                            [--front-end auto|native|grpcio]
-                                           [--monitoring-cost]
+                                           [--monitoring-cost] [--tls-cost]
+                                           [--concurrency 1,8,32]
 
 For each model (a logistic regression and a 100-tree random forest on 32 features of
 scikit-learn's bundled digits data, converted with edgewise convert):
@@ -22,6 +23,13 @@ per-round ratios (each against the faster bare server of that round), the steadi
 ``--monitoring off``, driven in the same alternating rounds, and prints one
 ``monitoring_cost`` line per model and concurrency: the medians over rounds of the per-round
 differences (monitoring on minus off) of p50 and of server CPU per request.
+
+``--tls-cost`` also serves the same models from a second edgewise server (same front end) with
+TLS on its port (a certificate made for the run), driven over TLS by the same client in the same
+alternating rounds, and prints one ``tls_cost`` line per model and concurrency: p50 and server
+CPU per request with and without TLS, and the medians over rounds of the per-round ratios (TLS
+over plaintext). The clients keep their connections, so this is the cost of TLS per request
+(record encryption), not of handshakes.
 """
 
 from __future__ import annotations
@@ -46,12 +54,17 @@ N_FEATURES = 32
 # ---- client side (separate processes; imports tritonclient, never edgewise) ---------------------
 
 
-def client_main(url: str, model: str, concurrency: int, seconds: float, warmup: float) -> None:
+def client_main(
+    url: str, model: str, concurrency: int, seconds: float, warmup: float, tls_ca: str = ""
+) -> None:
     import numpy as np
     import tritonclient.grpc.aio as triton_aio
 
     async def run() -> dict[str, Any]:
-        client = triton_aio.InferenceServerClient(url=url)
+        if tls_ca:
+            client = triton_aio.InferenceServerClient(url=url, ssl=True, root_certificates=tls_ca)
+        else:
+            client = triton_aio.InferenceServerClient(url=url)
         rng = np.random.default_rng(os.getpid())
         data = rng.random((64, N_FEATURES), dtype=np.float32) * 16
 
@@ -211,7 +224,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def drive(
-    url: str, model: str, concurrency: int, seconds: float, server_pid: int
+    url: str, model: str, concurrency: int, seconds: float, server_pid: int, tls_ca: str = ""
 ) -> dict[str, Any]:
     processes = 1 if concurrency == 1 else 2
     per_process = [
@@ -221,7 +234,17 @@ def drive(
     warmup = 1.0
     clients = [
         subprocess.Popen(
-            [sys.executable, str(HERE), "--client", url, model, str(c), str(seconds), str(warmup)],
+            [
+                sys.executable,
+                str(HERE),
+                "--client",
+                url,
+                model,
+                str(c),
+                str(seconds),
+                str(warmup),
+                tls_ca,
+            ],
             stdout=subprocess.PIPE,
         )
         for c in per_process
@@ -277,7 +300,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short windows, one round")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per case")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per case (median taken)")
-    parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[1, 8, 32],
+        help="the concurrencies measured, comma-separated (default 1,8,32)",
+    )
+    parser.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--front-end", choices=["auto", "native", "grpcio"], default="auto", help="edgewise's"
@@ -287,10 +316,15 @@ def main() -> int:
         action="store_true",
         help="also measure a second server with --monitoring off (same rounds) and print the cost",
     )
+    parser.add_argument(
+        "--tls-cost",
+        action="store_true",
+        help="also measure a second server with TLS on its port (same rounds) and print the cost",
+    )
     args = parser.parse_args()
     if args.client:
-        url, model, concurrency, seconds, warmup = args.client
-        client_main(url, model, int(concurrency), float(seconds), float(warmup))
+        url, model, concurrency, seconds, warmup, tls_ca = args.client
+        client_main(url, model, int(concurrency), float(seconds), float(warmup), tls_ca)
         return 0
     if args.bare:
         bare_server_main(args.bare[0], Path(args.bare[1]))
@@ -324,17 +358,20 @@ def main() -> int:
             flush=True,
         )
 
-    def edgewise_server(label: str, monitoring: str) -> Server:
+    def edgewise_server(label: str, monitoring: str, extra: tuple[str, ...] = ()) -> Server:
         port_file = work / f"{label}.port"
         command = [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING",
                    "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
                    "--metrics-port", "-1", "--port-file", str(port_file),
-                   "--front-end", front_end, "--monitoring", monitoring]  # fmt: skip
+                   "--front-end", front_end, "--monitoring", monitoring, *extra]  # fmt: skip
         return Server(command, port_file)
 
-    edgewise_kinds = (
-        ["edgewise", "edgewise_monitoring_off"] if args.monitoring_cost else ["edgewise"]
-    )
+    edgewise_kinds = ["edgewise"]
+    if args.monitoring_cost:
+        edgewise_kinds.append("edgewise_monitoring_off")
+    if args.tls_cost:
+        edgewise_kinds.append("edgewise_tls")
+    tls_ca = {kind: "" for kind in edgewise_kinds}
     servers = {
         "edgewise": edgewise_server("edgewise", "on"),
         "bare_aio": Server(
@@ -347,9 +384,15 @@ def main() -> int:
     }
     if args.monitoring_cost:
         servers["edgewise_monitoring_off"] = edgewise_server("edgewise_monitoring_off", "off")
+    if args.tls_cost:
+        certificates = test_certificates(work / "certs")
+        tls_ca["edgewise_tls"] = str(certificates.ca)
+        cert, key = str(certificates.server_cert), str(certificates.server_key)
+        tls = ("--tls-cert", cert, "--tls-key", key)
+        servers["edgewise_tls"] = edgewise_server("edgewise_tls", "on", tls)
     try:
         results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-        for concurrency in (1, 8, 32):
+        for concurrency in args.concurrency:
             for _ in range(rounds):
                 for kind in ("bare_aio", "bare_sync"):
                     key = (kind, "bare", concurrency)
@@ -371,6 +414,7 @@ def main() -> int:
                                 concurrency,
                                 seconds,
                                 servers[kind].process.pid,
+                                tls_ca[kind],
                             )
                         )
         summary: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -379,7 +423,7 @@ def main() -> int:
                 key: median_of(rows, key)
                 for key in ("p50_us", "p99_us", "rps", "server_cpu_us_per_req")
             } | {"errors": sum(r["errors"] for r in rows), "rounds": len(rows)}
-        for concurrency in (1, 8, 32):
+        for concurrency in args.concurrency:
             bare = {k: summary[(k, "bare", concurrency)] for k in ("bare_aio", "bare_sync")}
             floor_kind = min(bare, key=lambda k: bare[k]["p50_us"] or float("inf"))
             for kind, stats in bare.items():
@@ -431,6 +475,31 @@ def main() -> int:
                         **machine,
                     }
                     print(json.dumps(_rounded(cost)), flush=True)
+                if args.tls_cost:
+                    plain = results[("edgewise", name, concurrency)]
+                    secure = results[("edgewise_tls", name, concurrency)]
+                    plain_stats = summary[("edgewise", name, concurrency)]
+                    secure_stats = summary[("edgewise_tls", name, concurrency)]
+                    cost = {
+                        "case": "tls_cost",
+                        "model": name,
+                        "concurrency": concurrency,
+                        "rounds": len(plain),
+                        "p50_us_plain": plain_stats["p50_us"],
+                        "p50_us_tls": secure_stats["p50_us"],
+                        "ratio_p50_tls_vs_plain": _paired_ratio_between(secure, plain, "p50_us"),
+                        "server_cpu_us_plain": plain_stats["server_cpu_us_per_req"],
+                        "server_cpu_us_tls": secure_stats["server_cpu_us_per_req"],
+                        "ratio_server_cpu_tls_vs_plain": _paired_ratio_between(
+                            secure, plain, "server_cpu_us_per_req"
+                        ),
+                        "rps_plain": plain_stats["rps"],
+                        "rps_tls": secure_stats["rps"],
+                        "errors_tls": secure_stats["errors"],
+                        **machine,
+                    }
+                    ratios = {k: v for k, v in cost.items() if k.startswith("ratio_")}
+                    print(json.dumps(_rounded(cost) | ratios), flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -463,6 +532,26 @@ def _paired_difference(
         if row.get(key) is not None and base.get(key) is not None
     ]
     return round(statistics.median(differences), 1) if differences else None
+
+
+def _paired_ratio_between(
+    rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str
+) -> float | None:
+    """The median over rounds of ``rows[i][key] / baseline[i][key]`` (see _paired_difference)."""
+    ratios = [
+        row[key] / base[key]
+        for row, base in zip(rows, baseline, strict=True)
+        if row.get(key) and base.get(key)
+    ]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
+def test_certificates(folder: Path) -> Any:
+    """A CA and a server certificate for 127.0.0.1, made for this run (tests/certs.py)."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from tests.certs import make_certificates
+
+    return make_certificates(folder)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
