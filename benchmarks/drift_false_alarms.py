@@ -20,7 +20,19 @@ Cases (``shift``):
 * ``scale_1.5``: that feature spread x1.5 around the reference mean;
 * ``other_class``: the reference from rows of the other classes, the window from one class;
 * ``older_age`` (diabetes): the reference from rows with age <= median, the window from older
-  rows.
+  rows;
+* ``decorrelated``: every feature of the window shuffled on its own across the window's rows,
+  so each feature keeps its values (the univariate tests see nothing to flag) while the rows
+  leave the reference's correlation structure (what the multivariate detector is for).
+
+Each split also has a model, so that the model's other detectors are measured in the same
+verdict: a scikit-learn model (logistic regression on standardised inputs; ridge regression for
+diabetes) fitted on half of the reference rows, its outputs on the other half stored in the
+profile as convert stores a held-out part's (prediction drift), and its outputs on the window
+observed with the window's rows; the profile also has the PCA of the reference (multivariate
+drift). ``value`` is the verdict of the whole family (inputs, outputs and the multivariate error
+under one Holm correction); ``inputs_value``, ``prediction_value`` and ``multivariate_value`` are
+the shares of splits in which an entry of that kind was flagged drifting.
 
 For the shifted cases the figure is the power (share of splits flagged). Each line also has, on
 the same windows, the ``baseline``: the old rule (fixed thresholds PSI >= 0.25, JS >= 0.2,
@@ -51,19 +63,23 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn import datasets
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from edgewise.kernels import drift_scores
 from edgewise.runtime.features import frame_to_inputs, infer_features
 from edgewise.runtime.monitor import ModelMonitor
 from edgewise.runtime.monitor_config import DEFAULT_ALPHA, MonitorConfig, planned_looks
-from edgewise.runtime.profile import ReferenceProfile, build_profile
+from edgewise.runtime.profile import ReferenceOutputs, ReferenceProfile, build_profile
 
 WINDOWS = (50, 100, 200, 500)
 DEFAULT_WINDOW = 100
@@ -143,6 +159,9 @@ def splits(data: Dataset, shift: str, rows: int, seed: int) -> Split | None:
             if split is None
             else Split(split.reference, split.window, _moved(data.feature, shift))
         )
+    if shift == "decorrelated":
+        split = _identity_split(n, rows, rng)
+        return None if split is None else Split(split.reference, split.window, _decorrelated(seed))
     if shift == "other_class":
         return _group_split(data.target == 0, rows, rng)
     if shift == "older_age":
@@ -151,38 +170,95 @@ def splits(data: Dataset, shift: str, rows: int, seed: int) -> Split | None:
     raise ValueError(shift)
 
 
+def _decorrelated(seed: int) -> Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]:
+    def shuffle(reference: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame:
+        rng = np.random.default_rng([seed, 7])
+        return pd.DataFrame(
+            {name: rng.permutation(window[name].to_numpy()) for name in window.columns},
+            index=window.index,
+        )
+
+    return shuffle
+
+
 def shifts(data: Dataset) -> tuple[str, ...]:
     extra = ("other_class",) if data.classifier else ("older_age",)
-    return ("none", "plus_1sd", "scale_1.5", *extra)
+    return ("none", "plus_1sd", "scale_1.5", *extra, "decorrelated")
 
 
 # ---- the three verdicts -----------------------------------------------------------------------
 
 
-def profile_of(frame: pd.DataFrame) -> tuple[ReferenceProfile, Any]:
+def profile_of(
+    frame: pd.DataFrame, outputs: ReferenceOutputs | None = None
+) -> tuple[ReferenceProfile, Any]:
     """The reference profile as ``edgewise convert`` builds it, and the model's features."""
     features = infer_features(frame)
-    return build_profile(frame_to_inputs(features, frame), features), features
+    return build_profile(frame_to_inputs(features, frame), features, outputs=outputs), features
 
 
-def verdicts(
-    reference: pd.DataFrame, window: pd.DataFrame, alpha: float
-) -> tuple[bool, bool, bool]:
-    """(new verdict, old fixed-threshold rule, KS + Bonferroni oracle) of one window."""
-    profile, features = profile_of(reference)
+class Model:
+    """The split's model: fitted on half of the reference rows; its outputs on the other half
+    are the profile's reference outputs (as convert's held-out rows)."""
+
+    def __init__(self, reference: pd.DataFrame, target: np.ndarray, classifier: bool) -> None:
+        order = np.random.default_rng(len(reference)).permutation(len(reference))
+        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+        estimator: Any = LogisticRegression(max_iter=300) if classifier else Ridge(alpha=1.0)
+        self.classifier = classifier
+        self.model = make_pipeline(StandardScaler(), estimator).fit(
+            reference.iloc[fit].to_numpy(), target[fit]
+        )
+        classes = tuple(str(c) for c in getattr(self.model, "classes_", ()))
+        self.reference = ReferenceOutputs(
+            self.outputs(reference.iloc[held]),
+            "classification" if classifier else "regression",
+            classes,
+            "held_out",
+        )
+
+    def outputs(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The model's outputs as the served ONNX model gives them (float32)."""
+        rows = frame.to_numpy()
+        if self.classifier:
+            return {"probabilities": self.model.predict_proba(rows).astype(np.float32)}
+        return {"predictions": self.model.predict(rows).astype(np.float32).reshape(-1, 1)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    new: bool  # the whole family (inputs, outputs, multivariate)
+    old: bool  # the old fixed-threshold rule (inputs)
+    oracle: bool  # KS + Bonferroni (inputs)
+    inputs: bool  # an input feature flagged drifting
+    prediction: bool  # a model output column flagged drifting
+    multivariate: bool  # the reconstruction error flagged drifting
+
+
+def verdicts(reference: pd.DataFrame, window: pd.DataFrame, alpha: float, model: Model) -> Verdict:
+    """The verdicts of one window."""
+    profile, features = profile_of(reference, model.reference)
     monitor = ModelMonitor(
         "bench", "1", profile, MonitorConfig(window_rows=0, reservoir_rows=0, min_rows=0)
     )
     inputs = frame_to_inputs(features, window)
-    monitor.observe(inputs)
-    new = monitor.report("current").drifting
+    monitor.observe(inputs, model.outputs(window))
+    report = monitor.report("current")
+    kinds = {f.kind for f in report.features if f.drifting}
     snapshot = monitor.snapshot("current")
     assert snapshot is not None and snapshot.numeric is not None and profile.numeric is not None
     old = old_rule(profile, snapshot.numeric.histogram.counts)
     # The oracle sees the model's input tensors (float32), as the monitor does.
     ref_values = frame_to_inputs(features, reference)["features"].astype(np.float64)
     win_values = inputs["features"].astype(np.float64)
-    return new, old, ks_bonferroni(ref_values, win_values, alpha)
+    return Verdict(
+        report.drifting,
+        old,
+        ks_bonferroni(ref_values, win_values, alpha),
+        bool(kinds & {"numeric", "categorical"}),
+        "prediction" in kinds,
+        "multivariate" in kinds,
+    )
 
 
 def old_rule(profile: ReferenceProfile, counts: np.ndarray) -> bool:
@@ -215,7 +291,7 @@ def ks_bonferroni(reference: np.ndarray, window: np.ndarray, alpha: float) -> bo
 
 
 def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, Any] | None:
-    counts = np.zeros(3, dtype=np.int64)
+    counts = np.zeros(6, dtype=np.int64)
     reference_rows = []
     started = time.perf_counter()
     for seed in range(n_splits):
@@ -226,9 +302,13 @@ def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, A
         window = data.frame.iloc[split.window]
         if split.transform is not None:
             window = split.transform(reference, window)
-        counts += np.array(verdicts(reference, window, DEFAULT_ALPHA), dtype=np.int64)
+        model = Model(reference, data.target[split.reference], data.classifier)
+        verdict = verdicts(reference, window, DEFAULT_ALPHA, model)
+        counts += np.array(astuple(verdict), dtype=np.int64)
         reference_rows.append(len(split.reference))
-    new, old, oracle = (float(c) / n_splits for c in counts)
+    new, old, oracle, by_inputs, by_prediction, by_multivariate = (
+        float(c) / n_splits for c in counts
+    )
     null = shift == "none"
     row: dict[str, Any] = {
         "case": f"drift_{'false_alarms' if null else 'power'}",
@@ -241,6 +321,9 @@ def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, A
         "splits": n_splits,
         "unit": "share of splits flagged drifting" + (" (false alarms)" if null else " (power)"),
         "value": round(new, 4),
+        "inputs_value": round(by_inputs, 4),
+        "prediction_value": round(by_prediction, 4),
+        "multivariate_value": round(by_multivariate, 4),
         "baseline": "old rule: psi>=0.25 | js>=0.2 | ks>=0.2 | linf>=0.2 (eps 1e-4)",
         "baseline_value": round(old, 4),
         "ratio": round(new / old, 3) if old else None,
@@ -375,11 +458,13 @@ def sequential_cases(windows: int, window_rows: int, batch_rows: int) -> Iterato
         yield sequential_case(stream, windows)
 
 
-def cases(names: list[str], n_splits: int) -> Iterator[dict[str, Any]]:
+def cases(
+    names: list[str], n_splits: int, windows: tuple[int, ...] = WINDOWS
+) -> Iterator[dict[str, Any]]:
     for name in names:
         data = load(name)
         for shift in shifts(data):
-            for rows in WINDOWS:
+            for rows in windows:
                 row = run_case(data, shift, rows, n_splits)
                 if row is not None:
                     yield row
@@ -409,10 +494,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the timer's looks at growing windows instead of the splits",
     )
+    parser.add_argument(
+        "--window",
+        action="append",
+        type=int,
+        help=f"only these window sizes (repeatable; default {', '.join(map(str, WINDOWS))})",
+    )
     parser.add_argument("--windows", type=int, default=300, help="windows per sequential case")
     parser.add_argument("--window-rows", type=int, default=1_600, help="sequential window size")
     parser.add_argument("--batch-rows", type=int, default=25, help="rows between two ticks")
     args = parser.parse_args(argv)
+    # One BLAS thread: each split's fits (a PCA, a small model) are tiny, and threads only
+    # contend (seven times slower on a loaded two-core machine).
+    threadpool_limits(1)
     n_splits = 20 if args.quick else args.splits
     env = environment()
     if args.sequential:
@@ -423,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         return 0
     names = args.dataset or ["breast_cancer", "wine", "digits", "diabetes"]
-    for row in cases(names, n_splits):
+    for row in cases(names, n_splits, tuple(args.window or WINDOWS)):
         row["quick"] = args.quick
         row["env"] = env
         print(json.dumps(row), flush=True)

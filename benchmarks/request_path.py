@@ -12,7 +12,11 @@ of the mean time per call:
 - ``decode``: find the model, decode and check the inputs (zero-copy view of the raw bytes);
 - ``onnxruntime``: ``InferenceSession.run`` on the decoded input, the baseline;
 - ``model_run``: our wrapper around it (output selection, error translation);
-- ``monitor``: the per-request statistics update (fused Numba kernel + reservoir);
+- ``monitor``: the per-request statistics update as the server runs it (fused Numba kernel +
+  reservoir, the PCA reconstruction error of the row, and the model's outputs for prediction
+  drift);
+- ``monitor_inputs_only``: the same on a monitor whose profile has neither the model's outputs
+  nor the PCA (what ``monitor`` was before prediction and multivariate drift), its baseline;
 - ``encode``: building the response message (raw contents);
 - ``metrics``: request counter, latency histogram, in-flight gauge;
 - ``serialize``: protobuf serialisation of the response (gRPC does this after our handler);
@@ -60,6 +64,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
+    from dataclasses import replace
+
     import numpy as np
 
     from edgewise import kernels
@@ -68,6 +74,7 @@ def main() -> int:
     from edgewise.runtime.grpc_api.server import InferenceServer
     from edgewise.runtime.grpc_api.servicers import InferenceServicer
     from edgewise.runtime.inference_core import InferenceCore
+    from edgewise.runtime.monitor import ModelMonitor
     from edgewise.runtime.settings import ServerSettings
 
     repo = Path(tempfile.mkdtemp(prefix="edgewise-path-")) / "repo"
@@ -105,6 +112,13 @@ def main() -> int:
         response = prepared.respond(results)
         monitor = model.monitor
         assert monitor is not None, "the benchmark models carry a reference profile"
+        assert monitor.reference.outputs is not None and monitor.reference.multivariate is not None
+        inputs_only = ModelMonitor(
+            name,
+            "1",
+            replace(monitor.reference, outputs=None, multivariate=None),
+            monitor.config,
+        )
         metrics = server.metrics
 
         def metrics_step() -> None:
@@ -121,7 +135,8 @@ def main() -> int:
             "decode": lambda: dataplane.prepare(request),  # noqa: B023
             "onnxruntime": lambda: session.run(None, feeds),  # noqa: B023
             "model_run": lambda: model.run(feeds),  # noqa: B023
-            "monitor": lambda: monitor.observe(feeds),  # noqa: B023
+            "monitor": lambda: monitor.observe(feeds, results),  # noqa: B023
+            "monitor_inputs_only": lambda: inputs_only.observe(feeds),  # noqa: B023
             "encode": lambda: prepared.respond(results),  # noqa: B023
             "metrics": metrics_step,
             "serialize": response.SerializeToString,

@@ -119,8 +119,24 @@ class ReconstructionState:
         self._state = np.zeros(3, dtype=np.float64)
 
     def update(self, batch: FloatBatch) -> None:
-        """Add a ``[rows, n_inputs]`` float32/float64 batch (one kernel call)."""
-        self._run(batch, _NO_ERRORS)
+        """Add a ``[rows, n_inputs]`` float32/float64 batch (one kernel call; the checks of the
+        request path's usual batch inline, as :meth:`FeatureProfile.update` does)."""
+        try:
+            ok = (
+                batch.ndim == 2
+                and batch.shape[1] == self._n_inputs
+                and (batch.dtype is F64 or batch.dtype is F32)
+                and (flags := batch.flags).c_contiguous
+                and flags.aligned
+            )
+        except AttributeError:
+            ok = False
+        if not ok:
+            batch = _checks.float_batch("batch", batch, self._n_inputs)
+        _UPDATE[batch.dtype.itemsize == 8](
+            self._state, batch, self._columns, self._mean, self._inv_scale, self._components,
+            _NO_ERRORS,
+        )  # fmt: skip
 
     def errors(self, batch: FloatBatch) -> npt.NDArray[np.float64]:
         """Each row's reconstruction error, without adding the batch to the state."""
@@ -144,13 +160,6 @@ class ReconstructionState:
         except AttributeError:
             ok = False
         return batch if ok else _checks.float_batch("batch", batch, self._n_inputs)
-
-    def _run(self, batch: FloatBatch, errors: npt.NDArray[np.float64]) -> None:
-        batch = self._checked(batch)
-        _UPDATE[batch.dtype.itemsize == 8](
-            self._state, batch, self._columns, self._mean, self._inv_scale, self._components,
-            errors,
-        )  # fmt: skip
 
     def merge(self, other: ReconstructionState) -> None:
         if not isinstance(other, ReconstructionState) or other._components.shape != (
