@@ -21,7 +21,7 @@ The same rules as the gRPC port:
   The two health endpoints are open while the gRPC health service is (``health_open``): they
   are what HTTP probes call.
 * **TLS**: the same certificate, key and client CA (mutual TLS: a client without a certificate
-  the CA signed fails the handshake).
+  the CA signed fails the handshake), re-read when they change (see http_tls.py).
 * **Deadlines**: the ``Request-Timeout-Ms`` header (milliseconds, as gRPC's deadline is a
   duration from the call's start), and Triton's ``timeout`` request parameter (microseconds;
   what ``tritonclient.http``'s ``infer(timeout=...)`` sends); the earlier one wins. Past it the
@@ -44,7 +44,6 @@ import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -69,7 +68,7 @@ from edgewise.runtime.rest_codec import (
     server_metadata_body,
 )
 
-__all__ = ["TIMEOUT_HEADER", "HttpFront", "server_ssl_context"]
+__all__ = ["TIMEOUT_HEADER", "HttpFront"]
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +80,6 @@ _BINARY: Final = "application/octet-stream"
 _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer realm="edgewise"'}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
-    """The HTTP port's TLS from the gRPC port's files; with ``client_ca``, clients must present
-    a certificate it signed (mutual TLS). A file that cannot be used is one readable error."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidInput(f"TLS certificate {cert} / key {key}: cannot be used: {exc}") from None
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(f"TLS client CA {client_ca}: cannot be used: {exc}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -397,7 +397,8 @@ class InferenceServer:
         in-flight limit (shared) and message size (see http_front.py). Imported only here: its
         HTTP stack is the ``http`` extra."""
         try:
-            from edgewise.runtime.http_front import HttpFront, server_ssl_context
+            from edgewise.runtime.http_front import HttpFront
+            from edgewise.runtime.http_tls import server_ssl_context
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("aiohttp"):
                 raise

@@ -1,12 +1,15 @@
 """The HTTP port has the gRPC port's security: mutual TLS from the same files, the same bearer
-tokens (and failure counter), health open to probes; and its message size limit."""
+tokens (and failure counter), health open to probes, certificates that rotate; and its message
+size limit."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
+import time
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +137,54 @@ def test_a_body_over_the_message_limit_is_413(server: RunningServer, certs: Cert
     )
     assert answer.status == 413
     assert f"{LIMIT}-byte limit" in answer.json()["error"]
+
+
+def test_a_rotated_certificate_serves_new_connections(model_repo: Path, tmp_path: Path) -> None:
+    """As on the gRPC port: new files are taken at the next handshakes; a change that cannot be
+    used is logged and the certificate in use stays."""
+    first, second = make_certificates(tmp_path / "first"), make_certificates(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+
+    def install(certificate: bytes, private_key: bytes) -> None:
+        for path, data in ((key, private_key), (cert, certificate)):
+            staged = path.with_suffix(".new")
+            staged.write_bytes(data)
+            os.replace(staged, path)
+
+    install(first.server_cert.read_bytes(), first.server_key.read_bytes())
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    server = start_server(
+        repo,
+        tmp_path / "server",
+        ["--monitoring", "off", "--http-port", "0", "--front-end", "grpcio",
+         "--tls-cert", str(cert), "--tls-key", str(key)],
+        security=ClientSecurity(tls_ca=first.ca),
+    )  # fmt: skip
+    live_url = url(server, "/v2/health/live")
+
+    def answers(ca: Path) -> bool:
+        try:
+            return call(live_url, context=ssl.create_default_context(cafile=ca)).status == 200
+        except (ssl.SSLError, urllib.error.URLError, ConnectionError):
+            return False
+
+    def eventually(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+
+    try:
+        assert answers(first.ca) and not answers(second.ca)
+        install(second.server_cert.read_bytes(), second.server_key.read_bytes())
+        eventually(lambda: answers(second.ca))
+        assert not answers(first.ca)
+        install(b"not a certificate", second.server_key.read_bytes())
+        # the files are looked at during handshakes: each try is one
+        eventually(lambda: answers(second.ca) and "keeping the previous" in server.log())
+        assert answers(second.ca)
+    finally:
+        assert server.stop() == 0, server.log()
