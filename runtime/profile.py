@@ -92,6 +92,9 @@ _MOMENT_ROWS: Final = ("count", "mean", "m2", "min", "max", "nan", "inf")
 MULTIVARIATE_VARIANCE: Final = 0.65
 #: Folds of the cross-fitted reference errors (each row's error from a PCA fit without it).
 MULTIVARIATE_FOLDS: Final = 5
+#: Rows the PCA is fitted on at most (a random subset of a larger sample): the fit and its
+#: folds stay a few seconds however large the sample, and the components are as good.
+MULTIVARIATE_MAX_ROWS: Final = 20_000
 #: Why a profile written before prediction drift has none.
 BEFORE_OUTPUTS: Final = (
     "package converted before edgewise profiled model outputs (its profile.json has no "
@@ -571,9 +574,13 @@ def fit_reconstruction(
     """The PCA of NannyML's data-reconstruction drift on a ``[rows, features]`` reference: the
     columns with more than one finite value, standardised (mean-imputed), and the fewest
     principal axes that keep ``variance`` of their variance; plus the cross-fitted distribution
-    of one row's reconstruction error (``folds`` folds), or (None, why not)."""
+    of one row's reconstruction error (``folds`` folds), or (None, why not). A sample above
+    :data:`MULTIVARIATE_MAX_ROWS` rows is fitted on a random subset of that many."""
     from edgewise.kernels import reconstruction_errors
 
+    if batch.shape[0] > MULTIVARIATE_MAX_ROWS:
+        subset = np.random.default_rng(seed).choice(batch.shape[0], MULTIVARIATE_MAX_ROWS, False)
+        batch = batch[np.sort(subset)]
     finite = np.isfinite(batch)
     spread = [
         j

@@ -375,3 +375,12 @@ def test_the_server_path_feeds_the_outputs_even_when_a_request_asks_for_the_labe
     assert [o.name for o in response.outputs] == ["label"]  # answered as asked
     outputs = model.monitor.current.outputs
     assert outputs is not None and int(outputs.moments.count[0]) == 7
+
+
+def test_a_large_sample_fits_the_pca_on_a_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgewise.runtime import profile
+
+    monkeypatch.setattr(profile, "MULTIVARIATE_MAX_ROWS", 200)
+    frame, _ = cancer()
+    model, _ = fit_reconstruction("features", frame.to_numpy())
+    assert model is not None and model.error_rows == 200
