@@ -5,8 +5,11 @@ same statuses (one table), deadlines and request metrics."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from edgewise.runtime.rest_codec import HEADER_LENGTH
 from tests import models
 from tests.prerequisites import unmet
 from tests.runtime.http.conftest import call, metric
-from tests.servers import RunningServer
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args
 
 MODELS = ("logreg", "forest", "mixed")
 
@@ -240,3 +243,30 @@ def test_curl_health_and_json_infer(server: RunningServer, model_repo: Path) -> 
     assert answer["outputs"] == [
         {"name": "label", "datatype": "INT64", "shape": [2], "data": expected.tolist()}
     ]
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_a_busy_http_port_is_one_line_and_leaves_nothing(
+    model_repo: Path, tmp_path: Path, front_end: str
+) -> None:
+    """As a busy gRPC or metrics port (tests/runtime/grpc_api/test_failed_start.py): exit 1,
+    one line naming the address, nothing edgewise made left in TMPDIR."""
+    args = front_end_args(front_end)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+             "--repo", str(model_repo), "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "0", "--http-port", str(port), *args],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    expected = f"cannot bind the HTTP port 127.0.0.1:{port}: the address is already in use"
+    assert lines == [f"edgewise serve: error: {expected}"], done.stderr
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("edgewise-")] == []
