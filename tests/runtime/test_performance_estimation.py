@@ -59,15 +59,26 @@ def _fitted(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[object, Calibratio
     return model, calibration, (x_new, y_new)
 
 
-def test_the_map_is_scikit_learns_isotonic_regression_evaluated_with_numpy() -> None:
+def test_the_map_is_scikit_learns_isotonic_fit_interpolated_between_block_centres() -> None:
+    """scikit-learn's isotonic regression is the oracle: at the mean score of each of its blocks
+    the map gives the block's fitted value; between two centres it is the straight line; beyond
+    the first and last centre it is flat."""
     rng = np.random.default_rng(1)
     scores = rng.random(300)
     labels = (rng.random(300) < scores**2).astype(int)
     calibration = fit_calibration(np.column_stack([1 - scores, scores]), labels, [0, 1])
     oracle = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
+    fitted = oracle.predict(scores)
+    values = sorted(set(fitted.tolist()))
+    centres = np.array([scores[fitted == v].mean() for v in values])
+    assert calibration.method == ("isotonic",) and len(values) > 5
+    ours = calibration.maps[0]
+    np.testing.assert_allclose(ours(centres), values, atol=1e-12)
+    middles = (centres[:-1] + centres[1:]) / 2
+    np.testing.assert_allclose(ours(middles), (np.array(values[:-1]) + values[1:]) / 2, atol=1e-12)
+    assert ours(-0.5) == values[0] and ours(1.5) == values[-1]
     probe = np.r_[np.linspace(-0.5, 1.5, 401), scores]  # outside the knots too
-    assert calibration.method == ("isotonic",)
-    np.testing.assert_allclose(calibration.maps[0](probe), oracle.predict(probe), atol=1e-12)
+    assert np.all(np.diff(ours(np.sort(probe))) >= 0)
     calibrated = calibration.calibrate(np.column_stack([1 - probe, probe]))
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0)
 
@@ -82,6 +93,37 @@ def test_with_labels_as_the_probabilities_the_expected_auc_is_the_realized_one(s
 
 def test_no_expected_positives_leaves_the_auc_undefined() -> None:
     assert math.isnan(expected_roc_auc(np.array([0.1, 0.2]), np.array([0.0, 0.0])))
+    # one row alone has no positive-negative pair, whatever its probability
+    assert math.isnan(expected_roc_auc(np.array([0.7]), np.array([0.7])))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_estimate_is_expected_concordant_pairs_over_expected_pairs(seed: int) -> None:
+    """Every labelling of 10 rows, each row positive with probability q: scikit-learn's ROC-AUC
+    of a labelling times its positive-negative pair count is its concordant pairs (ties half),
+    so the expectations of both over all 1024 labellings give the exact ratio the estimate is.
+    The area under the expected ROC curve (``distinct_pairs=False``, NannyML's) differs: it
+    counts each row paired with itself."""
+    rng = np.random.default_rng(seed)
+    q = rng.random(10)
+    order_by = np.round(rng.random(10), 1)  # ties in the ordering too
+    q = q[np.argsort(order_by)]
+    order_by = np.sort(order_by)
+    concordant = pairs = 0.0
+    for code in range(1 << 10):
+        labels = (code >> np.arange(10)) & 1
+        chance = float(np.prod(np.where(labels == 1, q, 1 - q)))
+        positives = int(labels.sum())
+        if 0 < positives < 10:
+            count = positives * (10 - positives)
+            concordant += chance * roc_auc_score(labels, order_by) * count
+            pairs += chance * count
+    ours = expected_roc_auc(order_by, q)
+    assert ours == pytest.approx(concordant / pairs, rel=1e-12)
+    curve = expected_roc_auc(order_by, q, distinct_pairs=False)
+    spread = float(np.sum(q * (1 - q)))
+    assert curve == pytest.approx((concordant + spread / 2) / (q.sum() * (1 - q).sum()), rel=1e-12)
+    assert abs(curve - ours) > 1e-3
 
 
 def test_breast_cancer_chunks_estimates_track_the_realized_metrics() -> None:
@@ -311,6 +353,7 @@ def test_one_row_updates_add_the_same_sums_as_one_batch() -> None:
     assert single.correct == pytest.approx(batch.correct, abs=1e-9)
     np.testing.assert_array_equal(single.counts, batch.counts)
     np.testing.assert_allclose(single.positives, batch.positives, atol=1e-12)
+    np.testing.assert_allclose(single.spread, batch.spread, rtol=1e-12)
     with pytest.raises(InvalidInput, match="NaN"):
         single.update(np.array([[np.nan, 0.5]]))
     assert single.rows == 400
