@@ -28,7 +28,9 @@ Cases (``shift``):
 Each split also has a model, so that the model's other detectors are measured in the same
 verdict: a scikit-learn model (logistic regression on standardised inputs; ridge regression for
 diabetes) fitted on half of the reference rows, its outputs on the other half stored in the
-profile as convert stores a held-out part's (prediction drift), and its outputs on the window
+profile as convert stores a held-out part's (prediction drift; in the group cases, whose
+reference holds one group only, the model is fitted on the rows in neither part and its
+reference outputs are those of the whole reference), and its outputs on the window
 observed with the window's rows; the profile also has the PCA of the reference (multivariate
 drift). ``value`` is the verdict of the whole family (inputs, outputs and the multivariate error
 under one Holm correction); ``inputs_value``, ``prediction_value`` and ``multivariate_value`` are
@@ -198,20 +200,19 @@ def profile_of(
 
 
 class Model:
-    """The split's model: fitted on half of the reference rows; its outputs on the other half
-    are the profile's reference outputs (as convert's held-out rows)."""
+    """The split's model, fitted on ``fit`` rows; its outputs on the ``held`` rows (rows it was
+    not fitted on) are the profile's reference outputs, as convert's held-out rows."""
 
-    def __init__(self, reference: pd.DataFrame, target: np.ndarray, classifier: bool) -> None:
-        order = np.random.default_rng(len(reference)).permutation(len(reference))
-        fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+    def __init__(self, data: Dataset, fit: np.ndarray, held: np.ndarray) -> None:
+        classifier = data.classifier
         estimator: Any = LogisticRegression(max_iter=300) if classifier else Ridge(alpha=1.0)
         self.classifier = classifier
         self.model = make_pipeline(StandardScaler(), estimator).fit(
-            reference.iloc[fit].to_numpy(), target[fit]
+            data.frame.iloc[fit].to_numpy(), data.target[fit]
         )
         classes = tuple(str(c) for c in getattr(self.model, "classes_", ()))
         self.reference = ReferenceOutputs(
-            self.outputs(reference.iloc[held]),
+            self.outputs(data.frame.iloc[held]),
             "classification" if classifier else "regression",
             classes,
             "held_out",
@@ -290,6 +291,18 @@ def ks_bonferroni(reference: np.ndarray, window: np.ndarray, alpha: float) -> bo
 # ---- cases ------------------------------------------------------------------------------------
 
 
+def model_rows(split: Split, shift: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows the model is fitted on, rows of its reference outputs): halves of the reference
+    for the identity splits; for the group cases (the reference is one group, e.g. one class
+    only) the rows in neither part, its outputs on the whole reference."""
+    if shift in ("other_class", "older_age"):
+        neither = np.setdiff1d(np.arange(n), np.concatenate([split.reference, split.window]))
+        return neither, split.reference
+    order = np.random.default_rng(len(split.reference)).permutation(split.reference)
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
 def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, Any] | None:
     counts = np.zeros(6, dtype=np.int64)
     reference_rows = []
@@ -302,7 +315,7 @@ def run_case(data: Dataset, shift: str, rows: int, n_splits: int) -> dict[str, A
         window = data.frame.iloc[split.window]
         if split.transform is not None:
             window = split.transform(reference, window)
-        model = Model(reference, data.target[split.reference], data.classifier)
+        model = Model(data, *model_rows(split, shift, len(data.frame)))
         verdict = verdicts(reference, window, DEFAULT_ALPHA, model)
         counts += np.array(astuple(verdict), dtype=np.int64)
         reference_rows.append(len(split.reference))
