@@ -40,9 +40,10 @@ BASELINE = "grpc"
 
 
 def client_main(kind: str, url: str, model: str, concurrency: int, seconds: float) -> None:
+    """Warm up, print ``ready``, wait for ``go`` on stdin, then measure ``seconds``: the driver
+    reads the server's CPU over the same window, however long imports and connecting took."""
     import numpy as np
 
-    warmup = 1.0
     rng = np.random.default_rng(os.getpid())
     data = rng.random((64, N_FEATURES), dtype=np.float32) * 16
     if kind == "grpc":
@@ -70,26 +71,29 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
 
         latencies: list[float] = []
         errors = 0
-        measure_from = time.perf_counter() + warmup
-        stop_at = measure_from + seconds
 
-        async def worker(k: int) -> None:
+        async def worker(k: int, until: float, measure: bool) -> None:
             nonlocal errors
             i = k
             while True:
                 now = time.perf_counter()
-                if now >= stop_at:
+                if now >= until:
                     return
                 try:
                     await client.infer(model, make_inputs(i), outputs=outputs)
                 except Exception:
                     errors += 1
                     continue
-                if now >= measure_from:
+                if measure:
                     latencies.append(time.perf_counter() - now)
                 i += 1
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        warm_until = time.perf_counter() + 0.5
+        await asyncio.gather(*(worker(k, warm_until, False) for k in range(concurrency)))
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(worker(k, stop_at, True) for k in range(concurrency)))
         await client.close()
         return {"latencies": latencies, "errors": errors}
 
@@ -99,18 +103,25 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
 def drive(
     kind: str, url: str, model: str, concurrency: int, seconds: float, pid: int
 ) -> dict[str, Any]:
-    """benchmarks/serving.py's measurement: clients in 1 or 2 processes, the server's CPU read
-    over the clients' measurement window."""
+    """Clients in 1 or 2 processes (as benchmarks/serving.py), all started together once each
+    is warm; the server's CPU read over their measurement window."""
     processes = 1 if concurrency == 1 else 2
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     clients = [
         subprocess.Popen(
             [sys.executable, str(HERE), "--client", kind, url, model, str(c), str(seconds)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            text=True,
         )
         for c in shares
     ]
-    time.sleep(1.0)  # the clients' warm-up
+    for client in clients:
+        assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+    for client in clients:
+        assert client.stdin is not None
+        client.stdin.write("go\n")
+        client.stdin.flush()
     before = cpu_seconds(pid)
     time.sleep(seconds)
     after = cpu_seconds(pid)
