@@ -4,6 +4,7 @@ size limit."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import ssl
@@ -137,6 +138,12 @@ def test_a_body_over_the_message_limit_is_413(server: RunningServer, certs: Cert
     )
     assert answer.status == 413
     assert f"{LIMIT}-byte limit" in answer.json()["error"]
+    # a compressed body is held to the limit once decompressed: a small bomb is refused too
+    bomb = gzip.compress(b'{"inputs": [' + b" " * (64 * LIMIT) + b"]}")
+    assert len(bomb) < LIMIT
+    headers = {"Content-Encoding": "gzip", **bearer(TOKEN)}
+    answer = call(url(server, "/v2/models/logreg/infer"), bomb, headers, context=context(certs))
+    assert answer.status == 413
 
 
 def test_a_rotated_certificate_serves_new_connections(model_repo: Path, tmp_path: Path) -> None:
