@@ -131,8 +131,7 @@ def parse_infer(
 ) -> InferCall:
     """Translate an inference request's body (``json_length``: from :func:`header_length`)."""
     view = memoryview(body)
-    json_part = view if json_length is None else view[:json_length]
-    document = _load_json(json_part)
+    document = _load_json(body if json_length is None else body[:json_length])
     if not isinstance(document, dict):
         raise InvalidInput(f"request body: expected a JSON object, got {_kind(document)}")
     request = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
@@ -164,9 +163,9 @@ def parse_infer(
     return InferCall(request, OutputForms(binary_default, forms), timeout_us)
 
 
-def _load_json(data: memoryview) -> Any:
+def _load_json(data: bytes) -> Any:
     try:
-        return json.loads(data.tobytes())
+        return json.loads(data)
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"request body: the JSON is not UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
