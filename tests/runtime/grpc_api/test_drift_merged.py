@@ -23,6 +23,7 @@ from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as
 from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.grpc_api.peer_windows import SERVICE
 from edgewise.runtime.grpc_api.servicers import FORWARDED_HEADER
+from edgewise.runtime.model import SessionSettings, load_model
 from edgewise.runtime.monitor import ModelMonitor, MonitorConfig
 from edgewise.runtime.package import read_manifest
 from edgewise.runtime.profile import read_profile
@@ -69,6 +70,7 @@ def test_two_processes_answer_one_report_over_all_their_traffic(
     profile = read_profile(folder, manifest)
     assert profile is not None
     oracle = ModelMonitor("logreg", "1", profile, MonitorConfig.from_json(monitoring))
+    model = load_model("logreg", 1, folder, SessionSettings())  # the outputs the server observes
     try:
         row = 0
         for _ in range(REQUESTS):
@@ -78,7 +80,7 @@ def test_two_processes_answer_one_report_over_all_their_traffic(
                 request = pb.ModelInferRequest(model_name="logreg")
                 encode_inputs(request, chunk)
                 pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
-                oracle.observe(chunk)
+                oracle.observe(chunk, model.run(chunk))
         total = CONNECTIONS * REQUESTS * ROWS
         serving = {
             child.pid
