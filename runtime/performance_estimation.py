@@ -3,30 +3,35 @@
 While labels are delayed, a classifier's own probabilities say how well it does, provided they
 are calibrated: a row predicted class ``k`` with a calibrated probability ``c`` of being ``k`` is
 right with probability ``c``. So per window, with ``c_j`` the calibrated probability of row
-``j``'s predicted class, the expected accuracy is ``mean(c_j)``; and with ``q_j`` the calibrated
-probability that row ``j`` is positive, the expected confusion counts at each score threshold are
-``TP = sum(q_j)`` and ``FP = sum(1 - q_j)`` over the rows at or above it, which trace an expected
-ROC curve whose area is the estimated ROC-AUC. Multiclass models: the accuracy as above, the
-ROC-AUC as the mean of the one-vs-rest areas (the macro average, as scikit-learn's
+``j``'s predicted class, the expected accuracy is ``mean(c_j)``. With ``q_j`` the calibrated
+probability that row ``j`` is positive, the estimated ROC-AUC is the expected number of
+concordant positive-negative pairs (the positive ranked above; ties half) over the expected
+number of positive-negative pairs, both over distinct rows: ``sum_{i above j} q_i (1 - q_j)``
+over ``P N - sum_j q_j (1 - q_j)`` (``P = sum q_j``, ``N = sum (1 - q_j)``). The area under the
+expected ROC curve (expected true and false positives at each threshold, NannyML's estimate)
+also pairs each row with itself, a pair the realized metric never has, and so leans towards 0.5
+(see :func:`expected_roc_auc`). Multiclass models: the accuracy as above, the ROC-AUC as the mean
+of the one-vs-rest estimates (the macro average, as scikit-learn's
 ``roc_auc_score(multi_class="ovr")``).
 
 Calibration (fitted at convert time, where scikit-learn is installed) maps each class's score to
 ``P(y = class | score)`` with isotonic regression on the reference rows with labels (the held-out
-rows when convert has them, else the sample). ``method="auto"`` keeps the model's scores as they
-are (an identity map) where cross-validation on the reference finds that isotonic regression does
-not lower the Brier score; on the breast-cancer benchmark plain isotonic estimated both metrics
-better, so it is the default. The map is stored as knots (``calibration.json``, format
-``edgewise.calibration/1``) and evaluated with :func:`numpy.interp` alone, so a serving node needs
-no scikit-learn.
+rows when convert has them, else the sample), interpolated linearly between the centres of its
+blocks rather than scikit-learn's steps (see :func:`_isotonic`). ``method="auto"`` keeps the
+model's scores as they are (an identity map) where cross-validation on the reference finds that
+isotonic regression does not lower the Brier score; on the breast-cancer benchmark plain
+isotonic estimated both metrics better, so it is the default. The map is stored as knots
+(``calibration.json``, format ``edgewise.calibration/1``; maps of either shape read alike) and
+evaluated with :func:`numpy.interp` alone, so a serving node needs no scikit-learn.
 
 Because the calibrated map is monotone in the score, ordering rows by the calibrated probability
 orders them as the score does (rows tied in the calibrated probability add a straight segment to
 the expected ROC curve in any order). A window therefore keeps, per class, a histogram over the
 calibrated probability (``bins`` equal bins on [0, 1]: the count and the sum of the calibrated
-probabilities in each), plus the sum of ``c_j``: fixed-size, mergeable sums (across workers and
-windows), from which :meth:`PerformanceWindow.estimate` computes the estimates. Within a bin the
-rows are taken as tied; with 1000 bins that moves the ROC-AUC by well under 1e-3 (measured in
-``benchmarks/cbpe.py``).
+probabilities in each) and the sum of ``q_j (1 - q_j)``, plus the sum of ``c_j``: fixed-size,
+mergeable sums (across workers and windows), from which :meth:`PerformanceWindow.estimate`
+computes the estimates. Within a bin the rows are taken as tied; with 1000 bins that moves the
+ROC-AUC by well under 1e-3 (the ``window`` case of ``benchmarks/cbpe.py``).
 """
 
 from __future__ import annotations
@@ -247,25 +252,31 @@ def _isotonic(scores: Floats, target: Floats) -> ClassMap:
     """Isotonic regression, interpolated between its blocks' centres.
 
     scikit-learn's isotonic fit is a step function: each block of pooled rows gets the block's
-    share of positives over its whole score range, and jumps at the block ends. The map kept here
-    puts one knot per block at the block's mean score, with the block's share of positives as its
-    value, and interpolates linearly between (held flat beyond the first and last block): the
-    same fit at the centre of each block, but a score near a block's edge is not handed the whole
-    block's value. The rows fitted are few (a held-out set: a few hundred, with a handful of
-    errors), so the step's jumps are mostly noise; in ``benchmarks/cbpe.py`` the interpolated map
-    lowers the error of both estimates against the step map (and against NannyML's, which is the
-    step map) on the same rows.
+    share of positives over its whole score range, and jumps at the block ends. The rows fitted
+    are few (a held-out set: a few hundred, with a handful of errors), so where the jumps fall is
+    mostly noise. The map kept here puts a knot at the mean score of each inner block, with the
+    block's share of positives as its value, and interpolates linearly between: a score near a
+    block's edge is not handed the whole block's value. The two outer blocks keep their value
+    over their whole range (their knot is at their inner end): they are where the reference saw
+    (nearly) one class only, the long tails where a good model puts most rows, and a line from
+    deep inside them would hand rows the reference saw as certain a share of the other class
+    (for a multiclass model, on every class, which then lowers the renormalised probability of
+    the predicted one). ``benchmarks/cbpe.py`` measures it against the step map and NannyML.
     """
     from sklearn.isotonic import IsotonicRegression
 
     model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, target)
     fitted = np.asarray(model.predict(scores), dtype=np.float64)
     # Monotone, so rows with one fitted value are one block (pooled neighbours) and the values
-    # come out sorted; a block's centre is the mean score of its rows.
+    # come out sorted; the blocks' score ranges follow one another.
     values, block = np.unique(fitted, return_inverse=True)
+    if values.size == 1:
+        return ClassMap(np.array([float(np.mean(scores))]), values)
     rows = np.bincount(block, minlength=values.size).astype(np.float64)
-    centres = np.bincount(block, weights=scores, minlength=values.size) / rows
-    return ClassMap(np.maximum.accumulate(centres), values)
+    knots = np.bincount(block, weights=scores, minlength=values.size) / rows
+    knots[0] = scores[block == 0].max()
+    knots[-1] = scores[block == values.size - 1].min()
+    return ClassMap(np.maximum.accumulate(knots), values)
 
 
 def _isotonic_helps(scores: Floats, target: Floats, seed: int) -> bool:
@@ -361,12 +372,24 @@ def estimate(probabilities: npt.ArrayLike, calibration: Calibration) -> dict[str
     if calibration.n_classes == 2:
         roc_auc = expected_roc_auc(calibrated[:, 1], calibrated[:, 1])
     else:
-        areas = [
-            expected_roc_auc(calibrated[:, k], calibrated[:, k])
-            for k in range(calibration.n_classes)
-        ]
-        roc_auc = float(np.mean(areas))
+        roc_auc = _macro_mean(
+            [
+                expected_roc_auc(calibrated[:, k], calibrated[:, k])
+                for k in range(calibration.n_classes)
+            ]
+        )
     return {"accuracy": accuracy if len(predicted) else math.nan, "roc_auc": roc_auc}
+
+
+def _macro_mean(areas: Sequence[float]) -> float:
+    """The one-vs-rest mean over the classes whose estimate is defined (NaN when none is).
+
+    A class the calibration gives no chance at all in a window (every row's calibrated
+    probability 0) has no expected positives, so no estimate; it is left out of the mean rather
+    than making the whole window's estimate NaN (the binary case has one curve: NaN stays NaN).
+    """
+    defined = [a for a in areas if not math.isnan(a)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 class PerformanceWindow:
@@ -440,7 +463,7 @@ class PerformanceWindow:
             areas.append(
                 expected_roc_auc(centres[used], positives[used], counts[used], float(spread))
             )
-        return {"accuracy": self.correct / self.rows, "roc_auc": float(np.mean(areas))}
+        return {"accuracy": self.correct / self.rows, "roc_auc": _macro_mean(areas)}
 
     def reset(self) -> None:
         self.rows = 0

@@ -60,27 +60,47 @@ def _fitted(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[object, Calibratio
 
 
 def test_the_map_is_scikit_learns_isotonic_fit_interpolated_between_block_centres() -> None:
-    """scikit-learn's isotonic regression is the oracle: at the mean score of each of its blocks
-    the map gives the block's fitted value; between two centres it is the straight line; beyond
-    the first and last centre it is flat."""
+    """scikit-learn's isotonic regression is the oracle: at the mean score of each inner block
+    the map gives the block's fitted value, and the straight line between two such knots; the
+    lowest block keeps its value up to its highest score, the highest from its lowest score on
+    (and both beyond the fitted range)."""
     rng = np.random.default_rng(1)
     scores = rng.random(300)
     labels = (rng.random(300) < scores**2).astype(int)
     calibration = fit_calibration(np.column_stack([1 - scores, scores]), labels, [0, 1])
     oracle = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(scores, labels)
     fitted = oracle.predict(scores)
-    values = sorted(set(fitted.tolist()))
-    centres = np.array([scores[fitted == v].mean() for v in values])
+    values = np.array(sorted(set(fitted.tolist())))
+    blocks = [scores[fitted == v] for v in values]
+    knots = np.array([blocks[0].max(), *[b.mean() for b in blocks[1:-1]], blocks[-1].min()])
     assert calibration.method == ("isotonic",) and len(values) > 5
     ours = calibration.maps[0]
-    np.testing.assert_allclose(ours(centres), values, atol=1e-12)
-    middles = (centres[:-1] + centres[1:]) / 2
-    np.testing.assert_allclose(ours(middles), (np.array(values[:-1]) + values[1:]) / 2, atol=1e-12)
-    assert ours(-0.5) == values[0] and ours(1.5) == values[-1]
-    probe = np.r_[np.linspace(-0.5, 1.5, 401), scores]  # outside the knots too
+    np.testing.assert_allclose(ours(knots), values, atol=1e-12)
+    middles = (knots[:-1] + knots[1:]) / 2
+    np.testing.assert_allclose(ours(middles), (values[:-1] + values[1:]) / 2, atol=1e-12)
+    np.testing.assert_array_equal(ours(np.r_[-0.5, blocks[0]]), values[0])
+    np.testing.assert_array_equal(ours(np.r_[blocks[-1], 1.5]), values[-1])
+    probe = np.r_[np.linspace(-0.5, 1.5, 401), scores]
     assert np.all(np.diff(ours(np.sort(probe))) >= 0)
     calibrated = calibration.calibrate(np.column_stack([1 - probe, probe]))
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0)
+
+
+def test_a_class_without_expected_positives_is_left_out_of_the_multiclass_mean() -> None:
+    """Class 2's map gives 0 to every score seen here: no expected positives, no estimate for
+    it; the estimate is the mean of the other two classes' (and the window agrees)."""
+    zero = ClassMap(np.array([0.0, 1.0]), np.array([0.0, 0.0]))
+    calibration = Calibration(
+        (0, 1, 2), (ClassMap.identity(), ClassMap.identity(), zero), 0, "sample", ("x",) * 3
+    )
+    rows = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    calibrated = calibration.calibrate(rows)
+    assert np.all(calibrated[:, 2] == 0)
+    each = [expected_roc_auc(calibrated[:, k], calibrated[:, k]) for k in range(2)]
+    assert estimate(rows, calibration)["roc_auc"] == pytest.approx(np.mean(each))
+    window = PerformanceWindow(calibration)
+    window.update(rows)
+    assert window.estimate()["roc_auc"] == pytest.approx(np.mean(each), abs=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(5))
