@@ -384,3 +384,31 @@ def test_a_large_sample_fits_the_pca_on_a_subset(monkeypatch: pytest.MonkeyPatch
     frame, _ = cancer()
     model, _ = fit_reconstruction("features", frame.to_numpy())
     assert model is not None and model.error_rows == 200
+
+
+def test_edgewise_drift_prints_the_detectors_and_why_one_is_missing() -> None:
+    from edgewise.runtime.cli import _format_drift
+    from edgewise.runtime.grpc_api.generated.edgewise_v1 import edgewise_pb2 as epb
+
+    report = epb.DriftReport(
+        model="m", version="1", window="current", available=True, rows=200, drifting=True
+    )
+    report.unavailable["prediction"] = "prediction drift unavailable: " + BEFORE_OUTPUTS
+    report.features.add(name="probabilities[1]", kind="prediction", scores={"psi": 0.05})
+    report.features.add(
+        name=MULTIVARIATE_NAME,
+        kind="multivariate",
+        drifting=True,
+        reasons=["reconstruction error p 0.0001 (Holm 0.0003) <= 0.01"],
+        scores={
+            "reconstruction_error": 2.5,
+            "reconstruction_error_reference": 2.2,
+            "reconstruction_error_change": 0.136,
+            "reconstruction_error_pvalue": 1e-4,
+        },
+    )
+    lines = _format_drift(report).splitlines()
+    assert lines[2].startswith("probabilities[1]") and "prediction" in lines[2]
+    assert lines[3].startswith("multivariate: mean PCA reconstruction error 2.5 against")
+    assert "(+13.6 %)" in lines[3] and "DRIFT reconstruction error p" in lines[3]
+    assert lines[4] == "prediction drift unavailable: " + BEFORE_OUTPUTS
