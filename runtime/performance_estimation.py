@@ -59,6 +59,7 @@ __all__ = [
     "PROBABILITIES_OUTPUT",
     "Calibration",
     "ClassMap",
+    "LabelCheck",
     "PerformanceEstimator",
     "PerformancePublisher",
     "PerformanceWindow",
@@ -144,6 +145,16 @@ class Calibration:
         uniform = np.full_like(calibrated, 1.0 / self.n_classes)
         safe = np.where(totals > 0, totals, 1.0)
         return np.asarray(np.where(totals > 0, calibrated / safe, uniform), dtype=np.float64)
+
+    def confidence(self, probabilities: npt.ArrayLike) -> Floats:
+        """Per row, the calibrated probability that the model's prediction (the column with the
+        highest score; the first on a tie) is right: each row's share of the estimated accuracy,
+        kept with a prediction so that its label can be checked against it (:class:`LabelCheck`).
+        """
+        scores = _probability_matrix(probabilities, self.n_classes)
+        calibrated = self.calibrate(scores)
+        rows = np.arange(scores.shape[0])
+        return np.asarray(calibrated[rows, np.argmax(scores, axis=1)], dtype=np.float64)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -471,6 +482,65 @@ class PerformanceWindow:
         self.counts[:] = 0.0
         self.positives[:] = 0.0
         self.spread[:] = 0.0
+
+
+class LabelCheck:
+    """The estimate against the labels that arrive: on the rows whose labels came back, the
+    estimated accuracy (the mean of their :meth:`Calibration.confidence`) beside the realized one.
+
+    Comparing on the same rows matters: labels come back for some rows only (and not at random:
+    disputes, audits), so the estimate of a whole window is not the one to hold them against.
+    ``chance`` is the standard deviation the realized accuracy would have from chance alone if
+    the calibration were exact (``sqrt(sum c (1 - c)) / rows``): a floor, not a test, since the
+    calibration is fitted on a few hundred rows and is itself off by about the benchmark's
+    error (``benchmarks/cbpe.py``; it gives rows with no error in the reference a confidence of
+    exactly 1). A difference far beyond both says the estimate no longer holds (concept drift,
+    or a calibration fitted on rows unlike these), which only labels can tell. Sums only:
+    mergeable across workers and windows. ``add`` checks the batch whole before counting any of
+    it; ``report`` reads.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.expected = 0.0  # sum of c
+        self.correct = 0  # rows whose prediction was right
+        self.variance = 0.0  # sum of c (1 - c)
+
+    def add(self, confidence: npt.ArrayLike, correct: npt.ArrayLike) -> None:
+        """Count labelled rows: each one's confidence (kept from when it was served) and
+        whether its prediction was right."""
+        c = np.asarray(confidence, dtype=np.float64).reshape(-1)
+        right = np.asarray(correct).reshape(-1)
+        if right.shape != c.shape:
+            raise InvalidInput(f"correct: {right.size} values for {c.size} confidences")
+        if right.dtype != np.bool_:
+            raise InvalidInput("correct: expected booleans (whether each prediction was right)")
+        if not (np.all(np.isfinite(c)) and np.all((c >= 0) & (c <= 1))):
+            raise InvalidInput("confidence: expected probabilities in [0, 1]")
+        self.rows += int(c.size)
+        self.expected += float(c.sum())
+        self.correct += int(np.count_nonzero(right))
+        self.variance += float(np.dot(c, 1.0 - c))
+
+    def merge(self, other: LabelCheck) -> None:
+        self.rows += other.rows
+        self.expected += other.expected
+        self.correct += other.correct
+        self.variance += other.variance
+
+    def report(self) -> dict[str, float]:
+        """``labelled``, ``estimated_accuracy``, ``realized_accuracy``, ``difference`` (realized
+        - estimated) and ``chance`` (see above); NaN with no labelled rows."""
+        if self.rows == 0:
+            keys = ("estimated_accuracy", "realized_accuracy", "difference", "chance")
+            return {"labelled": 0, **dict.fromkeys(keys, math.nan)}
+        return {
+            "labelled": self.rows,
+            "estimated_accuracy": self.expected / self.rows,
+            "realized_accuracy": self.correct / self.rows,
+            "difference": (self.correct - self.expected) / self.rows,
+            "chance": math.sqrt(self.variance) / self.rows,
+        }
 
 
 class PerformancePublisher(Protocol):
