@@ -17,10 +17,13 @@ of the one-vs-rest estimates (the macro average, as scikit-learn's
 Calibration (fitted at convert time, where scikit-learn is installed) maps each class's score to
 ``P(y = class | score)`` with isotonic regression on the reference rows with labels (the held-out
 rows when convert has them, else the sample), interpolated linearly between the centres of its
-blocks rather than scikit-learn's steps (see :func:`_isotonic`). ``method="auto"`` keeps the
-model's scores as they are (an identity map) where cross-validation on the reference finds that
-isotonic regression does not lower the Brier score; on the breast-cancer benchmark plain
-isotonic estimated both metrics better, so it is the default. The map is stored as knots
+inner blocks rather than scikit-learn's steps, the outer blocks flat (see :func:`_isotonic`).
+``method="auto"`` keeps the model's scores as they are (an identity map) where cross-validation
+on the reference finds that isotonic regression does not lower the Brier score; on the
+breast-cancer protocol of ``benchmarks/cbpe.py`` (40 splits) isotonic alone estimated ROC-AUC
+better with both models (MAE 0.0067 against 0.0078 logistic, 0.0128 against 0.0130 forest) and
+accuracy with the logistic one (0.021 against 0.023; forest 0.025 against 0.024), so it is the
+default. The map is stored as knots
 (``calibration.json``, format ``edgewise.calibration/1``; maps of either shape read alike) and
 evaluated with :func:`numpy.interp` alone, so a serving node needs no scikit-learn.
 
