@@ -10,7 +10,7 @@ MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 # The ahead-of-time compiled kernels (kernels/_native.py), rebuilt when a kernel source changes.
 NATIVE_STAMP := $(VENV)/.native-kernels
 
-.PHONY: demo test native mlflow-venv check lint format typecheck proto proto-check bench image podman clean
+.PHONY: demo test native mlflow-venv check lint imports format typecheck proto proto-check bench image podman clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,14 @@ native_failed = { echo "*** $(1) FAILED (see above): $(2)" >&2; \
 ## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving) and
 ## the native gRPC front end (serve --front-end native), installing libgrpc++-dev where it can
 native: $(NATIVE_STAMP)
-$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/grpc_api/_front.cc
+$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/frontends/native/_front.cc
 	$(BIN)/python -m edgewise.kernels.native_build \
 		|| $(call native_failed,the native kernels build,numba's JIT serves every kernel instead)
 	@pkg-config --exists grpc++ 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 		|| apt-get install -y -q libgrpc++-dev >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libgrpc++-dev >/dev/null 2>&1; } \
 		|| echo "libgrpc++-dev could not be installed"
-	$(BIN)/python -m edgewise.runtime.grpc_api.front_build \
+	$(BIN)/python -m edgewise.runtime.frontends.native.build \
 		|| $(call native_failed,the native front end build,the server serves with grpcio alone)
 	touch $(NATIVE_STAMP)
 
@@ -53,12 +53,16 @@ test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
-## check: lint, format, strict typing, generated-code freshness
-check: lint typecheck proto-check
+## check: lint, format, strict typing, the layer contract, generated-code freshness
+check: lint typecheck imports proto-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The layers of runtime/ and the kernels' own imports ([tool.importlinter] in pyproject.toml).
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -72,10 +76,10 @@ typecheck: $(STAMP)
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p edgewise.runtime -p edgewise.kernels
 
 proto: $(STAMP)
-	$(BIN)/python -m edgewise.runtime.grpc_api.codegen
+	$(BIN)/python -m edgewise.runtime.proto.codegen
 
 proto-check: $(STAMP)
-	$(BIN)/python -m edgewise.runtime.grpc_api.codegen --check
+	$(BIN)/python -m edgewise.runtime.proto.codegen --check
 
 bench: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python benchmarks/serving.py
@@ -91,4 +95,4 @@ podman:
 
 clean:
 	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache
-	rm -f kernels/_native_kernels* runtime/grpc_api/_front*.so
+	rm -f kernels/_native_kernels* runtime/frontends/native/_front*.so

@@ -60,7 +60,7 @@ def build_models(repo: Path) -> None:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgewise.runtime.convert import convert
+    from edgewise.runtime.convert.converter import convert
 
     data = load_breast_cancer(as_frame=True)
     X, y = data.data, data.target.to_numpy()
@@ -94,7 +94,7 @@ def write_input(path: Path, rows: int) -> None:
 
 def job_settings() -> tuple[Any, int]:
     """The session settings and scorer threads ``edgewise batch`` uses on this machine."""
-    from edgewise.runtime.settings import ServerSettings
+    from edgewise.runtime.config.settings import ServerSettings
 
     settings = ServerSettings.from_sources({})
     return settings.session_settings(), settings.worker_threads
@@ -104,7 +104,7 @@ def load_floor_data(path: Path, repo: Path, chunk_rows: int) -> list[np.ndarray]
     """The input's model inputs, packed FP32 chunks in memory (as the job makes them)."""
     from edgewise.runtime.batch.reader import ColumnSpec, discover_inputs, open_reader
     from edgewise.runtime.batch.scoring import chunk_inputs
-    from edgewise.runtime.package import read_manifest
+    from edgewise.runtime.package.manifest import read_manifest
 
     manifest = read_manifest(repo / "logreg" / "1")
     columns = ColumnSpec(manifest.features, ())
@@ -178,8 +178,8 @@ def read_pack_write(
     from edgewise.runtime.batch.scoring import chunk_inputs, output_schema, output_table
     from edgewise.runtime.batch.stats import DriftCollector
     from edgewise.runtime.batch.writer import write_part
-    from edgewise.runtime.model import load_model
-    from edgewise.runtime.package import read_manifest
+    from edgewise.runtime.package.manifest import read_manifest
+    from edgewise.runtime.serving.model import load_model
 
     version_dir = repo / model / "1"
     manifest = read_manifest(version_dir)

@@ -62,7 +62,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from edgewise.runtime.performance_estimation import (
+from edgewise.runtime.package.performance_estimation import (
     Calibration,
     ClassMap,
     PerformanceWindow,

@@ -44,7 +44,7 @@ def build_models(repo: Path) -> dict[str, Path]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgewise.runtime.convert import convert
+    from edgewise.runtime.convert.converter import convert
 
     digits = load_digits()
     frame = pd.DataFrame(
@@ -68,7 +68,7 @@ def build_models(repo: Path) -> dict[str, Path]:
 def session_seconds(source: bytes | str, optimize: bool, save_to: str | None = None) -> float:
     import onnxruntime as ort
 
-    from edgewise.runtime.model import SessionSettings
+    from edgewise.runtime.serving.model import SessionSettings
 
     options = SessionSettings(graph_optimization="all" if optimize else "disabled")
     session_options = options.session_options()
@@ -170,9 +170,7 @@ def main() -> int:
     imports = []
     for _ in range(args.starts):
         started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", "import edgewise.runtime.grpc_api.server"], check=True
-        )
+        subprocess.run([sys.executable, "-c", "import edgewise.runtime.app.server"], check=True)
         imports.append(time.perf_counter() - started)
     print(
         json.dumps({"case": "import", "median_s": round(statistics.median(imports), 3), **machine}),

@@ -78,10 +78,14 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from edgewise.kernels import drift_scores
-from edgewise.runtime.features import frame_to_inputs, infer_features
-from edgewise.runtime.monitor import ModelMonitor
-from edgewise.runtime.monitor_config import DEFAULT_ALPHA, MonitorConfig, planned_looks
-from edgewise.runtime.profile import ReferenceOutputs, ReferenceProfile, build_profile
+from edgewise.runtime.package.reference_profile import (
+    ReferenceOutputs,
+    ReferenceProfile,
+    build_profile,
+)
+from edgewise.runtime.package.schema import frame_to_inputs, infer_features
+from edgewise.runtime.serving.monitor import ModelMonitor
+from edgewise.runtime.serving.monitor_config import DEFAULT_ALPHA, MonitorConfig, planned_looks
 
 WINDOWS = (50, 100, 200, 500)
 DEFAULT_WINDOW = 100

@@ -184,7 +184,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgewise-http-bench-"))
     repo = work / "repo"
     models = list(build_models(repo))
-    from edgewise.runtime.grpc_api.native_front import front_status
+    from edgewise.runtime.frontends.native.binding import front_status
 
     front_end = args.front_end
     if front_end == "auto":

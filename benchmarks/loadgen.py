@@ -9,7 +9,7 @@ offered, what was sent, the answers by status code, the latency percentiles of t
     python benchmarks/loadgen.py --target 127.0.0.1:8001 --request req.bin --rate 800 \
         --duration 20 [--deadline 2] [--max-outstanding 2000] [--token-file F] [--tls-ca CA]
 
-Used by tests/runtime/test_overload.py (several of these processes at once) and
+Used by tests/runtime/serving/test_overload.py (several of these processes at once) and
 benchmarks/soak.py. It never retries: a refused request is a data point, not a to-do.
 """
 

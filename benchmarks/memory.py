@@ -97,7 +97,7 @@ def build_models(repo: Path) -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgewise.runtime.convert import convert
+    from edgewise.runtime.convert.converter import convert
 
     digits = load_digits()
     frame = pd.DataFrame(
@@ -116,7 +116,7 @@ def write_requests(path: Path, seed: int = 0) -> list[int]:
     """64 serialised ModelInferRequests, length-prefixed; returns their batch sizes."""
     import numpy as np
 
-    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 
     rng = np.random.default_rng(seed)
     sizes = [round(2 ** float(rng.uniform(0, 10))) for _ in range(64)]

@@ -69,13 +69,13 @@ def main() -> int:
     import numpy as np
 
     from edgewise import kernels
-    from edgewise.runtime.dataplane import DataPlane
-    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-    from edgewise.runtime.grpc_api.server import InferenceServer
-    from edgewise.runtime.grpc_api.servicers import InferenceServicer
-    from edgewise.runtime.inference_core import InferenceCore
-    from edgewise.runtime.monitor import ModelMonitor
-    from edgewise.runtime.settings import ServerSettings
+    from edgewise.runtime.app.server import InferenceServer
+    from edgewise.runtime.config.settings import ServerSettings
+    from edgewise.runtime.frontends.grpcio import InferenceServicer
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.dataplane import DataPlane
+    from edgewise.runtime.serving.monitor import ModelMonitor
+    from edgewise.runtime.serving.pipeline import InferenceCore
 
     repo = Path(tempfile.mkdtemp(prefix="edgewise-path-")) / "repo"
     serving.build_models(repo)

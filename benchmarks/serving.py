@@ -109,8 +109,8 @@ def bare_server_main(kind: str, port_file: Path) -> None:
     import grpc
 
     sys.path.insert(0, str(HERE.parent.parent))
-    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     response = pb.ModelInferResponse(model_name="bare", model_version="1")
 
@@ -156,7 +156,7 @@ def build_models(repo: Path) -> dict[str, Path]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgewise.runtime.convert import convert
+    from edgewise.runtime.convert.converter import convert
 
     digits = load_digits()
     # The top half of each 8x8 digit: 32 real pixel features.
@@ -335,7 +335,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgewise-bench-"))
     repo = work / "repo"
     paths = build_models(repo)
-    from edgewise.runtime.grpc_api.native_front import front_status
+    from edgewise.runtime.frontends.native.binding import front_status
 
     native = front_status() == "loaded"
     front_end = args.front_end if args.front_end != "auto" else "native" if native else "grpcio"

@@ -16,8 +16,8 @@ how fast refusals came back (``shed_p50_ms``, ``shed_p99_ms``), the share of cal
 their deadline instead of an answer, and the server's memory and threads in the first and last
 thirds. ``--front-end`` picks what serves the port (default: ``EDGEWISE_FRONT_END``, else auto).
 ``--no-shedding`` runs the same load against a server without a useful in-flight limit
-(100000), for comparison. Used by tests/runtime/test_overload.py and
-tests/runtime/grpc_api/test_grpcio_overload.py with short durations; 10 minutes is the soak of
+(100000), for comparison. Used by tests/runtime/serving/test_overload.py and
+tests/runtime/frontends/test_grpcio_overload.py with short durations; 10 minutes is the soak of
 docs/security.md.
 """
 
@@ -49,9 +49,9 @@ def build_model(repo: Path, trees: int = 200, rows: int = 256) -> Path:
     import pandas as pd
     from sklearn.ensemble import RandomForestClassifier
 
-    from edgewise.runtime.codecs import encode_inputs
-    from edgewise.runtime.convert import convert
-    from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.convert.converter import convert
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.codecs import encode_inputs
 
     rng = np.random.default_rng(0)
     columns = [f"f{i}" for i in range(16)]

@@ -7,7 +7,7 @@ Models (all from scikit-learn, 32 real pixel features of the bundled digits data
 regression, a 100-tree random forest and a small MLP pipeline. Servers, each started fresh:
 
 - edgewise, one process, batching off (the default), with its default front end: the native one
-  (gRPC's C++ server, runtime/grpc_api/native_front.py) where it is built, else grpcio;
+  (gRPC's C++ server, runtime/frontends/native/binding.py) where it is built, else grpcio;
 - edgewise_grpcio: the same with ``--front-end grpcio`` (Python's grpc.aio server on the port);
 - edgewise, one process, dynamic batching on (max 32 rows, 500 us);
 - edgewise, two processes on one port (SO_REUSEPORT), batching off;
@@ -64,7 +64,7 @@ def build_models(repo: Path, joblib_dir: Path) -> dict[str, Path]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edgewise.runtime.convert import convert
+    from edgewise.runtime.convert.converter import convert
 
     digits = load_digits()
     columns = [f"px{i}" for i in range(serving.N_FEATURES)]
@@ -231,7 +231,7 @@ def main() -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    from edgewise.runtime.grpc_api.native_front import front_status
+    from edgewise.runtime.frontends.native.binding import front_status
 
     native = front_status()
     print(f"native front end: {native}", file=sys.stderr)

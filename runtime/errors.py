@@ -2,7 +2,7 @@
 
 Every error that crosses a module boundary is an :class:`EdgewiseError`. Its ``code`` says what
 kind of failure it is without naming a transport; the gRPC layer maps codes to status codes in one
-table (``edgewise.runtime.grpc_api.status``) and the CLI turns any of them into one readable line
+table (``edgewise.runtime.frontends.status``) and the CLI turns any of them into one readable line
 and a non-zero exit.
 """
 

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from edgewise.runtime.convert import ConvertResult, convert
+from edgewise.runtime.convert.converter import ConvertResult, convert
 
 MODEL_NAMES = ("logreg", "forest", "mixed", "regressor")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from edgewise.runtime.client import EdgewiseClient
-from edgewise.runtime.settings import ClientSecurity
+from edgewise.runtime.client.client import EdgewiseClient
+from edgewise.runtime.config.settings import ClientSecurity
 
 
 @dataclass
@@ -121,7 +121,7 @@ def front_end_args(front_end: str) -> list[str]:
 def native_front_or_unmet() -> ModuleType:
     """The built native front-end module; without it the test is skipped with the reason, or
     failed under CI (:func:`tests.prerequisites.unmet`)."""
-    from edgewise.runtime.grpc_api.native_front import load_front
+    from edgewise.runtime.frontends.native.binding import load_front
     from tests.prerequisites import unmet
 
     module, status = load_front()

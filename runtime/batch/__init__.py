@@ -21,14 +21,14 @@ from edgewise.runtime.batch.options import (
     BatchSummary,
     parse_model_ref,
 )
-from edgewise.runtime.tabular import require_module
+from edgewise.runtime.package.tabular import require_module
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "BatchOptions", "BatchSummary", "parse_model_ref", "run_batch"]
 
 
 def run_batch(options: BatchOptions) -> BatchSummary:
     """Run or resume the batch job ``options`` describes (see :mod:`.job`); raises
-    :class:`~edgewise.runtime.tabular.MissingDependency` without the ``data`` extra."""
+    :class:`~edgewise.runtime.package.tabular.MissingDependency` without the ``data`` extra."""
     require_module("pyarrow", "batch scoring")
     require_module("pandas", "batch scoring")
     from edgewise.runtime.batch.job import run_batch as run

@@ -39,10 +39,10 @@ from edgewise.runtime.batch.reader import ChunkReader, ColumnSpec, InputFile, _p
 from edgewise.runtime.batch.scoring import chunk_inputs, score_chunk
 from edgewise.runtime.batch.stats import DriftCollector
 from edgewise.runtime.batch.writer import ChunkRecord, write_part
-from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.monitor import MonitorConfig
-from edgewise.runtime.profile import ReferenceProfile
-from edgewise.runtime.tabular import MissingDependency
+from edgewise.runtime.package.reference_profile import ReferenceProfile
+from edgewise.runtime.package.tabular import MissingDependency
+from edgewise.runtime.serving.model import SessionSettings, load_model
+from edgewise.runtime.serving.monitor import MonitorConfig
 
 __all__ = ["RAY_EXTRA_HINT", "run_ray"]
 

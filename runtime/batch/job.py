@@ -45,9 +45,9 @@ from edgewise.runtime.batch.writer import (
     JobFolder,
 )
 from edgewise.runtime.errors import InvalidInput, ModelNotFound
-from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.package import read_manifest
-from edgewise.runtime.repository import default_version
+from edgewise.runtime.package.manifest import read_manifest
+from edgewise.runtime.package.model_config import default_version
+from edgewise.runtime.serving.model import SessionSettings, load_model
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "JOB_FORMAT", "run_batch"]
 
@@ -59,7 +59,7 @@ JOB_FORMAT: Final = "edgewise.batch/1"
 def _session_settings(options: BatchOptions) -> tuple[SessionSettings, int, int]:
     """The server's onnxruntime session settings for this process's CPU budget (cgroup aware),
     the scorer threads and the budget's cores."""
-    from edgewise.runtime.settings import ServerSettings
+    from edgewise.runtime.config.settings import ServerSettings
 
     overrides: dict[str, Any] = {
         "intra_op_threads": options.intra_op_threads,
@@ -238,7 +238,7 @@ class _Prepared:
     settings: _Settings
     version: int
     version_dir: Path
-    manifest: Any  # edgewise.runtime.package.Manifest
+    manifest: Any  # edgewise.runtime.package.manifest.Manifest
     columns: ColumnSpec
     schema: Any  # pyarrow.Schema of every part file
 
@@ -247,7 +247,7 @@ class _Prepared:
 class _Loaded:
     """The model and drift collector of a job, loaded (files verified, warm-up run)."""
 
-    model: Any  # edgewise.runtime.model.LoadedModel
+    model: Any  # edgewise.runtime.serving.model.LoadedModel
     collector: DriftCollector | None
     no_report: str
     session: SessionSettings

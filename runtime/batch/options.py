@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package import validate_model_name
+from edgewise.runtime.package.manifest import validate_model_name
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",

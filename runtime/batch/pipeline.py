@@ -30,7 +30,7 @@ from edgewise.runtime.batch.reader import ChunkReader
 from edgewise.runtime.batch.scoring import chunk_inputs, score_chunk
 from edgewise.runtime.batch.stats import ChunkWindow, DriftCollector
 from edgewise.runtime.batch.writer import ChunkRecord, write_part
-from edgewise.runtime.model import LoadedModel
+from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = ["run_local"]
 

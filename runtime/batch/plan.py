@@ -8,7 +8,7 @@ from typing import Any
 
 from edgewise.runtime.batch.reader import ColumnSpec, InputFile
 from edgewise.runtime.batch.writer import ChunkRecord, JobFolder
-from edgewise.runtime.model import SessionSettings
+from edgewise.runtime.serving.model import SessionSettings
 
 __all__ = ["EngineResult", "JobPlan"]
 

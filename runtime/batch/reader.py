@@ -36,8 +36,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package import Feature
-from edgewise.runtime.tabular import TableFormat
+from edgewise.runtime.package.manifest import Feature
+from edgewise.runtime.package.tabular import TableFormat
 
 __all__ = [
     "ChunkReader",

@@ -7,8 +7,8 @@ per feature with the reference and the batch distribution side by side, bin by b
 reference bins plus below range, above range and missing; categorical: each category plus
 unseen), so a person sees at a glance what moved.
 
-Everything in it comes from the monitor's :class:`~edgewise.runtime.monitor.DriftReport` and the
-counts it merged (:class:`~edgewise.runtime.batch.stats.FeatureDistribution`); nothing is
+Everything in it comes from the monitor's :class:`~edgewise.runtime.serving.monitor.DriftReport` and
+the counts it merged (:class:`~edgewise.runtime.batch.stats.FeatureDistribution`); nothing is
 recomputed here.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from edgewise.runtime.batch.stats import FeatureDistribution
 from edgewise.runtime.html_style import BATCH, DRIFT, REFERENCE, page, share_axis, swatch
-from edgewise.runtime.monitor import MULTIVARIATE_NAME, DriftReport
-from edgewise.runtime.profile import ReferenceProfile
+from edgewise.runtime.package.reference_profile import ReferenceProfile
+from edgewise.runtime.serving.monitor import MULTIVARIATE_NAME, DriftReport
 
 __all__ = ["REPORT_FORMAT", "build_report", "render_html", "unavailable_report"]
 

@@ -1,8 +1,8 @@
 """One chunk, from the rows read to the rows written: model inputs, the model run, the output table.
 
-The inputs come from :func:`edgewise.runtime.features.arrow_to_inputs`, the Arrow fast path of
+The inputs come from :func:`edgewise.runtime.package.schema.arrow_to_inputs`, the Arrow fast path of
 ``frame_to_inputs`` (the one place that turns a table into model inputs), and the model runs
-through :class:`~edgewise.runtime.model.LoadedModel` with the server's session settings: the
+through :class:`~edgewise.runtime.serving.model.LoadedModel` with the server's session settings: the
 server and the batch scorer answer alike for the same rows.
 
 The output table holds the id columns, as read, then one column per model output, named after
@@ -23,9 +23,9 @@ import pyarrow as pa
 
 from edgewise.runtime.batch.reader import ColumnSpec
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.features import arrow_to_inputs
-from edgewise.runtime.model import LoadedModel
-from edgewise.runtime.package import Manifest, TensorSpec
+from edgewise.runtime.package.manifest import Manifest, TensorSpec
+from edgewise.runtime.package.schema import arrow_to_inputs
+from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = [
     "OUTPUT_METADATA_KEY",

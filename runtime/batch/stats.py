@@ -1,12 +1,12 @@
 """Input statistics of a batch job, through the server's monitor.
 
 Each chunk's statistics go into a window of their own
-(:meth:`~edgewise.runtime.monitor.ModelMonitor.new_window`), filled by the monitor
-(:meth:`~edgewise.runtime.monitor.ModelMonitor.observe_window`), so chunks can be observed on any
-thread, or on another machine (the Ray engine ships a chunk's window back to the driver). The
+(:meth:`~edgewise.runtime.serving.monitor.ModelMonitor.new_window`), filled by the monitor
+(:meth:`~edgewise.runtime.serving.monitor.ModelMonitor.observe_window`), so chunks can be observed
+on any thread, or on another machine (the Ray engine ships a chunk's window back to the driver). The
 job's :class:`DriftCollector` folds the chunk windows into its monitor
-(:meth:`~edgewise.runtime.monitor.ModelMonitor.fold`) in chunk order, whatever order they finish
-in, and asks the monitor for the report at the end: the statistics and drift scores are the
+(:meth:`~edgewise.runtime.serving.monitor.ModelMonitor.fold`) in chunk order, whatever order they
+finish in, and asks the monitor for the report at the end: the statistics and drift scores are the
 monitor's, never recomputed here, and an interrupted and resumed job, or the Ray engine, reports
 exactly what one uninterrupted local run does.
 """
@@ -23,12 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.monitor import DriftReport, ModelMonitor, MonitorConfig, WindowStats
-from edgewise.runtime.profile import NumericProfile, ReferenceProfile, read_profile
-from edgewise.runtime.repository import VersionPolicy, read_model_config
+from edgewise.runtime.package.model_config import VersionPolicy, read_model_config
+from edgewise.runtime.package.reference_profile import (
+    NumericProfile,
+    ReferenceProfile,
+    read_profile,
+)
+from edgewise.runtime.serving.monitor import DriftReport, ModelMonitor, MonitorConfig, WindowStats
 
 if TYPE_CHECKING:
-    from edgewise.runtime.model import LoadedModel
+    from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = ["ChunkWindow", "DriftCollector", "FeatureDistribution", "batch_monitor_config"]
 

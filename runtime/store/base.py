@@ -28,8 +28,8 @@ from edgewise.runtime.errors import (
     PackageError,
     Unavailable,
 )
-from edgewise.runtime.package import FileEntry
-from edgewise.runtime.paths import validate_relative_path
+from edgewise.runtime.package.manifest import FileEntry
+from edgewise.runtime.package.paths import validate_relative_path
 
 __all__ = [
     "ALIAS_RE",

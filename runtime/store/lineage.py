@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package import Manifest, sha256_file
+from edgewise.runtime.package.manifest import Manifest, sha256_file
 from edgewise.runtime.store.base import Lineage
 
 __all__ = [

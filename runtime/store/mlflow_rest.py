@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from edgewise.runtime.errors import EdgewiseError, InvalidInput, ModelNotFound, PackageError
-from edgewise.runtime.package import MODEL_FILE, FileEntry, validate_model_name
+from edgewise.runtime.package.manifest import MODEL_FILE, FileEntry, validate_model_name
 from edgewise.runtime.store.base import (
     FileStream,
     Lineage,

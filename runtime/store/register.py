@@ -2,8 +2,8 @@
 
 The package folder ``REPO/NAME/VERSION`` is verified (manifest, sha256 of every file), copied to
 a private temporary folder (the original is never modified), given golden requests if it has none
-(recorded from synthetic rows, see :mod:`edgewise.runtime.golden`), and published: every file
-with its sha256 and size, ``manifest.json`` included. The store assigns the version number.
+(recorded from synthetic rows, see :mod:`edgewise.runtime.package.golden`), and published: every
+file with its sha256 and size, ``manifest.json`` included. The store assigns the version number.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
-from edgewise.runtime.golden import GOLDEN_FILE, add_golden
-from edgewise.runtime.package import (
+from edgewise.runtime.package.golden import GOLDEN_FILE, add_golden
+from edgewise.runtime.package.manifest import (
     MANIFEST_FILE,
     FileEntry,
     Manifest,
@@ -31,14 +31,14 @@ from edgewise.runtime.package import (
     verify_files,
     write_manifest,
 )
-from edgewise.runtime.signing import SIGNATURE_FILE, load_private_key, sign_package
+from edgewise.runtime.package.signing import SIGNATURE_FILE, load_private_key, sign_package
 from edgewise.runtime.store.base import Store, VersionRecord, safe_join, validate_alias
 from edgewise.runtime.store.lineage import collect_lineage
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from edgewise.runtime.gate import GateVerdict
+    from edgewise.runtime.evaluation.gate import GateVerdict
 
 __all__ = [
     "ALLOW_SCHEMA_CHANGE",
@@ -77,7 +77,7 @@ def _gate_summary(verdict: GateVerdict) -> str:
 
 def run_gate(store: Store, spec: Path, package: Path, name: str, alias: str | None) -> GateVerdict:
     """The gate on ``package``, against the version ``alias`` names in the store (if any)."""
-    from edgewise.runtime.gate import evaluate_gate
+    from edgewise.runtime.evaluation.gate import evaluate_gate
     from edgewise.runtime.store.transfer import fetch_file
 
     current = None
@@ -170,7 +170,7 @@ def register(
     published but the alias is not moved to it.
 
     With ``sign_key`` (an ed25519 private key), the manifest as published is signed
-    (``manifest.sig``, see :mod:`edgewise.runtime.signing`). Without it, a signature the
+    (``manifest.sig``, see :mod:`edgewise.runtime.package.signing`). Without it, a signature the
     package already has is kept if the manifest is published unchanged."""
     _, name, _ = parse_package_path(package)
     if alias is not None:

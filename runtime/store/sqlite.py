@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from edgewise.runtime._fs import TEMP_PREFIX, fsync_dir, replacing
 from edgewise.runtime.errors import EdgewiseError, ModelNotFound, PackageError
-from edgewise.runtime.package import FileEntry, validate_model_name
+from edgewise.runtime.package.manifest import FileEntry, validate_model_name
 from edgewise.runtime.store.base import (
     FileStream,
     Lineage,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from edgewise.runtime.errors import PackageError, ResourceExhausted
-from edgewise.runtime.package import FileEntry, sha256_file
+from edgewise.runtime.package.manifest import FileEntry, sha256_file
 from edgewise.runtime.store.base import (
     ArtifactCorrupt,
     Store,

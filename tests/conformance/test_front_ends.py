@@ -23,10 +23,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgewise.runtime.settings import ClientSecurity
+from edgewise.runtime.config.settings import ClientSecurity
 from tests.certs import Certificates, make_certificates
 from tests.conformance.transports import Caller, GrpcCaller, HttpCaller, Outcome, Tensor
-from tests.runtime.grpc_api.test_server import metric_value, metrics_text
+from tests.runtime.frontends.test_server import metric_value, metrics_text
 from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 TOKEN = "conformance-token-0123456789abcdef"

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 #: V2 datatype -> numpy dtype of the tensors the suite sends and reads.
 DTYPES: Mapping[str, type[np.generic]] = {

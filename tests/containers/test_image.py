@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgewise.runtime.client import EdgewiseClient
-from edgewise.runtime.container_render import RenderOptions, docker_args, healthcheck
+from edgewise.runtime.client.client import EdgewiseClient
 from edgewise.runtime.errors import EdgewiseError
-from edgewise.runtime.profiles import load_profile
+from edgewise.runtime.resources.container_profiles import load_profile
+from edgewise.runtime.resources.render import RenderOptions, docker_args, healthcheck
 from tests import models
 from tests.containers.podman import (
     ROOT,

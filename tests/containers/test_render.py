@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgewise.runtime.cli import main
-from edgewise.runtime.container_render import (
+from edgewise.runtime.cli.main import main
+from edgewise.runtime.resources.container_profiles import load_profile
+from edgewise.runtime.resources.render import (
     CONTAINER_UID,
     INFERENCE_SERVICE,
     RenderOptions,
@@ -18,7 +19,6 @@ from edgewise.runtime.container_render import (
     render,
     to_yaml,
 )
-from edgewise.runtime.profiles import load_profile
 from tests.servers import running_server
 
 CONTAINERS = Path(__file__).resolve().parents[2] / "containers"

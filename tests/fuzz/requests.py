@@ -16,8 +16,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from edgewise.runtime.datatypes import BYTES, DATATYPE_TO_NUMPY
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from tests.fuzz.choices import ByteReader
 
 __all__ = ["DIMENSIONS", "InputSpec", "RequestBuilder"]

@@ -6,11 +6,11 @@ tests/fuzz/requests.py), then the full decode-and-check of the data plane agains
 Preparing a request must stay under a memory ceiling set by its size on the wire, and under what
 admission estimated when it is accepted (:class:`MemoryCeilingExceeded` otherwise).
 
-Each target takes bytes, so the same targets serve hypothesis (tests/runtime/test_fuzz_loaders.py,
-a bounded number of inputs) and atheris (tests/fuzz/run.py, as long as you like). A target
-passes when the input is accepted or refused with one of the documented errors
-(:class:`~edgewise.runtime.errors.EdgewiseError` subclasses, which the gRPC layer maps to a
-status); anything else escaping is a finding.
+Each target takes bytes, so the same targets serve hypothesis
+(tests/runtime/package/test_fuzz_loaders.py, a bounded number of inputs) and atheris
+(tests/fuzz/run.py, as long as you like). A target passes when the input is accepted or refused with
+one of the documented errors (:class:`~edgewise.runtime.errors.EdgewiseError` subclasses, which the
+gRPC layer maps to a status); anything else escaping is a finding.
 
 Structured targets mutate a real seed document: the input bytes choose which node of the JSON
 tree to replace and with what (wrong types, huge and non-finite numbers, deep nesting, long
@@ -30,18 +30,18 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from edgewise.runtime.admission import estimate_request_bytes
-from edgewise.runtime.batching import BatchingConfig
-from edgewise.runtime.dataplane import DataPlane
 from edgewise.runtime.errors import EdgewiseError, PackageError
-from edgewise.runtime.golden import GoldenSet
-from edgewise.runtime.grpc_api.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.grpc_api.security import AuthInterceptor, TokenSet
-from edgewise.runtime.monitor import MonitorConfig
-from edgewise.runtime.package import parse_manifest
-from edgewise.runtime.profile import ReferenceProfile
-from edgewise.runtime.repository import ModelRepository, VersionPolicy, read_model_config
-from edgewise.runtime.signing import Signature
+from edgewise.runtime.frontends.security import AuthInterceptor, TokenSet
+from edgewise.runtime.package.golden import GoldenSet
+from edgewise.runtime.package.manifest import parse_manifest
+from edgewise.runtime.package.reference_profile import ReferenceProfile
+from edgewise.runtime.package.signing import Signature
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.serving.admission import estimate_request_bytes
+from edgewise.runtime.serving.batching import BatchingConfig
+from edgewise.runtime.serving.dataplane import DataPlane
+from edgewise.runtime.serving.monitor import MonitorConfig
+from edgewise.runtime.serving.repository import ModelRepository, VersionPolicy, read_model_config
 from tests.fuzz.choices import ByteReader
 from tests.fuzz.requests import InputSpec, RequestBuilder
 
@@ -279,9 +279,9 @@ class Targets:
 def make_targets(repo: Path, scratch: Path) -> Targets:
     """Targets seeded from a model repository holding ``logreg`` and ``mixed`` (tests.models:
     one FP32 input; FP32, INT64 and BYTES inputs), both served by a real data plane."""
-    from edgewise.runtime.codecs import encode_inputs
-    from edgewise.runtime.golden import read_golden
-    from edgewise.runtime.package import read_manifest
+    from edgewise.runtime.package.golden import read_golden
+    from edgewise.runtime.package.manifest import read_manifest
+    from edgewise.runtime.serving.codecs import encode_inputs
 
     logreg = repo / "logreg" / "1"
     mixed = repo / "mixed" / "1"

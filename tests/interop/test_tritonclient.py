@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.package import read_manifest
+from edgewise.runtime.package.manifest import read_manifest
+from edgewise.runtime.package.schema import frame_to_inputs
 from tests import models
 from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 

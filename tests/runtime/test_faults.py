@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
-from edgewise.runtime.client import ServerError
-from edgewise.runtime.repository import ModelConfig, VersionPolicy, write_model_config
+from edgewise.runtime.client.client import ServerError
+from edgewise.runtime.package.model_config import ModelConfig, VersionPolicy, write_model_config
 from edgewise.runtime.store.register import register
 from edgewise.runtime.store.sqlite import SqliteStore
 from tests.prerequisites import requires

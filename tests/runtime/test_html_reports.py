@@ -22,11 +22,11 @@ from sklearn.ensemble import RandomForestClassifier
 
 import edgewise.runtime as runtime_package
 from edgewise.runtime import html_style
-from edgewise.runtime.convert import convert
-from edgewise.runtime.evaluate import Evaluation, evaluate_models, load_package
-from edgewise.runtime.evaluate_report import render_html
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.gate import evaluate_gate
+from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.evaluation.evaluate import Evaluation, evaluate_models, load_package
+from edgewise.runtime.evaluation.gate import evaluate_gate
+from edgewise.runtime.evaluation.report import render_html
+from edgewise.runtime.package.schema import frame_to_inputs
 from tests.models import train_logreg
 from tests.runtime.batch.helpers import batch
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from edgewise.runtime.batch import BatchOptions, BatchSummary, run_batch
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.package import read_manifest
+from edgewise.runtime.package.manifest import read_manifest
+from edgewise.runtime.package.schema import frame_to_inputs
+from edgewise.runtime.serving.model import SessionSettings, load_model
 from tests import models
 
 ID = "row_id"

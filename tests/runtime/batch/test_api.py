@@ -27,7 +27,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_importing_the_package_loads_neither_pyarrow_nor_ray() -> None:
     done = _python(
-        "import sys, edgewise.runtime.batch, edgewise.runtime.cli\n"
+        "import sys, edgewise.runtime.batch, edgewise.runtime.cli.main\n"
         "assert 'pyarrow' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)\n"
     )
     assert done.returncode == 0, done.stderr
@@ -37,7 +37,7 @@ def test_without_pyarrow_the_error_names_the_extra(model_repo: Path, tmp_path: P
     done = _python(
         "import sys\n"
         "sys.modules['pyarrow'] = None\n"
-        "from edgewise.runtime.cli import main\n"
+        "from edgewise.runtime.cli.main import main\n"
         f"sys.exit(main(['batch', '--repo', {str(model_repo)!r}, '--model', 'logreg', "
         f"'--input', 'x.parquet', '--output', {str(tmp_path / 'out')!r}]))\n"
     )
@@ -54,7 +54,7 @@ def test_without_ray_the_error_names_the_extra(
     done = _python(
         "import sys\n"
         "sys.modules['ray'] = None\n"
-        "from edgewise.runtime.cli import main\n"
+        "from edgewise.runtime.cli.main import main\n"
         f"sys.exit(main(['batch', '--repo', {str(model_repo)!r}, '--model', 'logreg', "
         f"'--input', {str(inputs.cancer_parquet)!r}, '--output', {str(tmp_path / 'out')!r}, "
         "'--engine', 'ray']))\n"

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.features import arrow_to_inputs, frame_to_inputs
-from edgewise.runtime.package import Feature, read_manifest
+from edgewise.runtime.package.manifest import Feature, read_manifest
+from edgewise.runtime.package.schema import arrow_to_inputs, frame_to_inputs
 
 
 def _assert_same(features: list[Feature] | object, table: pa.Table) -> None:

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.package import read_manifest
+from edgewise.runtime.package.manifest import read_manifest
+from edgewise.runtime.package.schema import frame_to_inputs
 from tests import models
 from tests.runtime.batch.helpers import (
     ID,

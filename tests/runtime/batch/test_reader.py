@@ -15,7 +15,7 @@ import pytest
 from edgewise.runtime.batch import reader as batch_reader
 from edgewise.runtime.batch.reader import ColumnSpec, discover_inputs, open_reader
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package import read_manifest
+from edgewise.runtime.package.manifest import read_manifest
 from tests.runtime.batch.helpers import ID, Inputs
 
 

@@ -15,11 +15,11 @@ import pytest
 
 from edgewise.runtime.batch.progress import Progress, format_count, format_duration
 from edgewise.runtime.batch.stats import batch_monitor_config
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.model import SessionSettings, load_model
-from edgewise.runtime.monitor import ModelMonitor
-from edgewise.runtime.package import read_manifest
-from edgewise.runtime.profile import read_profile
+from edgewise.runtime.package.manifest import read_manifest
+from edgewise.runtime.package.reference_profile import read_profile
+from edgewise.runtime.package.schema import frame_to_inputs
+from edgewise.runtime.serving.model import SessionSettings, load_model
+from edgewise.runtime.serving.monitor import ModelMonitor
 from tests.runtime.batch.helpers import ID, Inputs, batch
 
 

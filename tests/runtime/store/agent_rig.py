@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from edgewise.runtime.agent import Agent, AgentMetrics, AgentSettings
-from edgewise.runtime.agent_state import AgentState, StateFile
-from edgewise.runtime.client import EdgewiseClient
+from edgewise.runtime.agent.state import AgentState, StateFile
+from edgewise.runtime.agent.sync import Agent, AgentMetrics, AgentSettings
+from edgewise.runtime.client.client import EdgewiseClient
 from edgewise.runtime.store import Store, open_store
 from edgewise.runtime.store.register import register
 from edgewise.runtime.store.sqlite import SqliteStore

@@ -29,17 +29,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from edgewise.runtime.client import EdgewiseClient
-from edgewise.runtime.convert import convert
-from edgewise.runtime.features import frame_to_inputs
-from edgewise.runtime.golden import GOLDEN_FILE, add_golden
-from edgewise.runtime.package import (
+from edgewise.runtime.client.client import EdgewiseClient
+from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.package.golden import GOLDEN_FILE, add_golden
+from edgewise.runtime.package.manifest import (
     MODEL_FILE,
     file_entry,
     list_versions,
     read_manifest,
     write_manifest,
 )
+from edgewise.runtime.package.schema import frame_to_inputs
 from tests import models
 from tests.servers import RunningServer
 

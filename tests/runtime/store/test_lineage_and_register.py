@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgewise.runtime.errors import InvalidInput, PackageError
-from edgewise.runtime.golden import GOLDEN_FILE, read_golden
-from edgewise.runtime.package import read_manifest, verify_files, write_manifest
+from edgewise.runtime.package.golden import GOLDEN_FILE, read_golden
+from edgewise.runtime.package.manifest import read_manifest, verify_files, write_manifest
 from edgewise.runtime.store import parse_store_uri
 from edgewise.runtime.store.lineage import (
     collect_lineage,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgewise.runtime.errors import PackageError
-from edgewise.runtime.package import read_manifest, sha256_file
+from edgewise.runtime.package.manifest import read_manifest, sha256_file
 from edgewise.runtime.store import Lineage
 from edgewise.runtime.store.register import package_files
 from edgewise.runtime.store.sqlite import SqliteStore
@@ -25,7 +25,7 @@ from tests.runtime.store.helpers import diabetes_big, logreg_v1, wait_for
 PUBLISHER = """
 import os, shutil, sys, tempfile
 from pathlib import Path
-from edgewise.runtime.package import file_entry, read_manifest
+from edgewise.runtime.package.manifest import file_entry, read_manifest
 from edgewise.runtime.store import Lineage
 from edgewise.runtime.store.register import package_files
 from edgewise.runtime.store.sqlite import SqliteStore

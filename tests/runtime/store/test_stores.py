@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from edgewise.runtime.errors import InvalidInput, ModelNotFound, PackageError
-from edgewise.runtime.package import FileEntry, read_manifest
+from edgewise.runtime.package.manifest import FileEntry, read_manifest
 from edgewise.runtime.store import (
     Lineage,
     NodeReport,

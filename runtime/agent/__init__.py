@@ -1,0 +1,1 @@
+"""The sync agent: follows a store, validates, deploys into a model repository."""

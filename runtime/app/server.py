@@ -1,0 +1,601 @@
+"""Server lifecycle: bind, load, serve, drain.
+
+Start-up binds the gRPC port first with health NOT_SERVING (so liveness probes answer while models
+load), loads the repository, then turns health to SERVING. SIGTERM or SIGINT turns health to
+NOT_SERVING, stops accepting new calls, lets in-flight calls finish within the grace period, keeps
+the connections open (within it, at most 5 s) until the clients have acknowledged the end of the
+last responses (see drain.py), and returns exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from edgewise.runtime.app.supervisor import PEER_SUFFIX, peer_addresses
+from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
+from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.frontends.drain import hold_connections
+from edgewise.runtime.frontends.grpcio import (
+    InferenceServicer,
+    MonitoringServicer,
+    QualityServicer,
+    RepositoryServicer,
+)
+from edgewise.runtime.frontends.native.binding import NativeFront, load_front
+from edgewise.runtime.frontends.peer_windows import window_share_handler
+from edgewise.runtime.frontends.ports import (
+    check_port_free,
+    start_metrics_http,
+    stop_http,
+    write_port_file,
+)
+from edgewise.runtime.frontends.security import (
+    HEALTH_PREFIX,
+    REFLECTION_PREFIXES,
+    AuthInterceptor,
+    TokenSet,
+    server_credentials,
+)
+from edgewise.runtime.frontends.tls_stage import TlsStage
+from edgewise.runtime.frontends.wire import parsing_inside
+from edgewise.runtime.package.signing import TrustedKeys
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.serving.admission import MemoryAdmission
+from edgewise.runtime.serving.alerts import AlertHook
+from edgewise.runtime.serving.dataplane import DataPlane
+from edgewise.runtime.serving.drift_history import RecordingPublisher, history_from_environment
+from edgewise.runtime.serving.metrics import ServerMetrics
+from edgewise.runtime.serving.monitor_config import MonitorConfig
+from edgewise.runtime.serving.pipeline import InferenceCore
+from edgewise.runtime.serving.repository import ModelRepository
+from edgewise.runtime.serving.shedding import (
+    LoadShedder,
+    LoopLoad,
+    backstop_limit,
+    pending_limits,
+    service_handlers,
+)
+
+if TYPE_CHECKING:
+    from edgewise.runtime.frontends.http import HttpFront
+
+__all__ = ["InferenceServer", "run_server"]
+
+log = logging.getLogger(__name__)
+
+# At most this long after the last call (and never past the grace period) the server waits for
+# its clients to acknowledge the end of the last responses before closing their connections.
+_CONNECTION_DRAIN_SECONDS = 5.0
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
+MONITORING_SERVICE = epb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
+QUALITY_SERVICE = epb.DESCRIPTOR.services_by_name["QualityService"].full_name
+
+
+class InferenceServer:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.admission = MemoryAdmission(
+            settings.memory_budget_bytes,
+            enabled=settings.admission == "on",
+            registry=self.metrics.registry,
+        )
+        # The split in use (derived, or as set explicitly), published as a metric and logged.
+        split: dict[str, int | bool] = settings.budget.split() if settings.budget else {}
+        split.update({name: getattr(settings, name) for name in BUDGET_FIELDS})
+        limits = detect_limits()
+        publish_budget(self.metrics.registry, limits, split)
+        log.info("%s", describe_split(limits, split))
+        self.alerts = AlertHook(settings.alert_command, settings.alert_webhook)
+        # Each closed window's judgement also goes to the drift history (docs/monitoring.md).
+        history = history_from_environment(settings.repo)
+        drift_publisher = (
+            self.metrics if history is None else RecordingPublisher(self.metrics, history)
+        )
+        self.repository = ModelRepository(
+            settings.repo,
+            settings.session_settings(),
+            settings.policy(),
+            on_event=self._on_model_event,
+            monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
+            quality_enabled=settings.quality == "on",
+            on_alert=self.alerts.fire,
+            drift_publisher=drift_publisher,
+            quality_publisher=self.metrics,
+            performance_publisher=self.metrics,
+        )
+        self.dataplane = DataPlane(self.repository)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.worker_threads, thread_name_prefix="edgewise-worker"
+        )
+        self.health = HealthServicer()
+        self.port = 0
+        self.private_port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._created: grpc.aio.Server | None = None  # made by start(), started or not
+        self._metrics_http: WSGIServer | None = None
+        self._drift_task: asyncio.Task[None] | None = None
+        self.shedder: LoadShedder | None = None
+        self.loop_load: LoopLoad | None = None
+        self.core: InferenceCore | None = None  # the request pipeline, made by start()
+        self.front: NativeFront | None = None  # --front-end native
+        self._front_dir: Path | None = None
+        self.http: HttpFront | None = None  # --http-port
+        self.http_port = -1
+
+    def _on_model_event(self, name: str, version: int, event: str) -> None:
+        self.metrics.model_event(name, version, event)
+        self.metrics.models_ready.set(len(self.repository.served_models()))
+
+    async def update_health(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.dataplane.ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", INFERENCE_SERVICE, REPOSITORY_SERVICE):
+            await self.health.set(service, status)
+        self.metrics.models_ready.set(len(self.repository.served_models()))
+
+    def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
+        """Trusted keys for packages, the interceptors (tokens), the load shedder and the TLS
+        credentials of the port, from the settings; every problem is one readable error."""
+        settings = self.settings
+        if settings.trusted_keys is not None:
+            trusted = TrustedKeys.load(settings.trusted_keys)
+            self.repository.trusted_keys = trusted
+            log.info(
+                "model packages must be signed by one of %d trusted key(s) from %s: %s",
+                len(trusted),
+                settings.trusted_keys,
+                ", ".join(trusted),
+            )
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if settings.auth_enabled:
+            tokens = TokenSet(settings.tokens_file, settings.tokens)
+            open_prefixes = [HEALTH_PREFIX] if settings.health_open else []
+            if settings.reflection_open:
+                open_prefixes.extend(REFLECTION_PREFIXES)
+            interceptors.append(AuthInterceptor(tokens, open_prefixes, self.metrics.registry))
+            log.info(
+                "bearer-token authentication on (%d token(s)); open without a token: %s",
+                len(tokens),
+                ", ".join(p.strip("/").split("/")[0] for p in open_prefixes) or "nothing",
+            )
+            if settings.tls_cert is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("tokens travel in clear text without TLS (--tls-cert/--tls-key)")
+        if settings.max_inflight > 0:
+            self.shedder = LoadShedder(
+                settings.max_inflight,
+                settings.retry_after_ms,
+                frozenset({f"/{INFERENCE_SERVICE}/ModelInfer"}),
+                self.metrics.registry,
+            )
+        credentials = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = server_credentials(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+            log.info(
+                "TLS on the gRPC port%s",
+                " with client certificates required (mutual TLS)" if settings.tls_client_ca else "",
+            )
+        return interceptors, credentials
+
+    async def start(self) -> None:
+        """Bind, register and start serving; a start that fails (a busy port) closes what it
+        opened, so the caller reports one error and nothing is left to clean up at exit."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_failed_start()
+            raise
+
+    async def _close_failed_start(self) -> None:
+        if self.http is not None:
+            await self.http.stop(0.0)
+        if self.front is not None:
+            await asyncio.to_thread(self.front.shutdown, 0.0)
+        if self._created is not None:
+            await self._created.stop(None)  # else grpc's __del__ stops it on a closed loop
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        """What outlives the gRPC server: the metrics endpoint, the worker threads and the
+        native front end's folder (the last step of a stop, and of a start that failed)."""
+        if self._metrics_http is not None:
+            stop_http(self._metrics_http)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._front_dir is not None:
+            shutil.rmtree(self._front_dir, ignore_errors=True)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        limit = settings.max_message_bytes
+        interceptors, credentials = self._security()
+        if self.shedder is not None:
+            shedder = self.shedder
+            loop = asyncio.get_running_loop()
+            self.loop_load = LoopLoad(
+                loop,
+                last_shed=lambda: shedder.last_shed,
+                in_flight=shedder.calls_in_flight,
+                limit=shedder.limit,
+            )
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+                *pending_limits(settings.max_inflight),
+            ],
+            # Our shedder answers past max_inflight (with a retry hint, counted); gRPC's own cap
+            # is only a backstop for every kind of call.
+            maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
+        )
+        self._created = server
+        core = self.core = InferenceCore(
+            self.dataplane,
+            self.metrics,
+            self.executor,
+            settings.inline_max_bytes,
+            self.admission,
+            retry_after_ms=settings.retry_after_ms,
+            loop_load=self.loop_load,
+            calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
+        )
+        inference = InferenceServicer(core)
+        control = (self.repository, self.executor)
+        service, handlers = _inference_handlers(inference)
+        if self.shedder is None:
+            _register(server, service, handlers)
+        else:  # the shedder serves the inference service and refuses past its limit
+            self.shedder.add_service(service, handlers)
+            server.add_generic_rpc_handlers((self.shedder,))
+        peers = self._peers if settings.peers_dir is not None else None
+        repository = RepositoryServicer(self.repository, self.executor, self.update_health, peers)
+        monitoring = MonitoringServicer(*control, peers=peers)
+        if peers is not None:  # siblings ask for this process's share of a drift window
+            server.add_generic_rpc_handlers((window_share_handler(*control),))
+        for add_to_server, servicer in (
+            (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository),
+            (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),
+            (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control)),
+            (health_pb2_grpc.add_HealthServicer_to_server, self.health),
+        ):
+            service, handlers = service_handlers(add_to_server, servicer)
+            _register(server, service, parsing_inside(handlers))
+        reflection.enable_server_reflection(
+            (
+                INFERENCE_SERVICE,
+                REPOSITORY_SERVICE,
+                MONITORING_SERVICE,
+                QUALITY_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{settings.host}:{settings.port}"
+        check_port_free(settings.host, settings.port, settings.reuse_port)
+        upstream = ""
+        front_module = self._front_module()
+        if front_module is not None:
+            # The C++ front end takes the port; this server answers what it relays, on a
+            # Unix socket in a folder only this user can enter.
+            self._front_dir = Path(tempfile.mkdtemp(prefix="edgewise-front-"))
+            upstream = f"unix:{self._front_dir / 'grpc.sock'}"
+            _add_port(server, upstream)
+        else:
+            self.port = _add_port(server, address, credentials)
+        if settings.peers_dir is not None:
+            # Multi-process mode: a private address for control calls forwarded by siblings.
+            self.private_port = _add_port(server, "127.0.0.1:0")
+        await self.update_health()
+        await server.start()
+        self._grpc = server
+        if front_module is not None:
+            auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
+            self.front = NativeFront(core, auth, self.shedder, settings.retry_after_ms)
+            # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
+            # and its worker threads for those over inline_max_bytes or while calls are slow.
+            self.port = self.front.start(
+                front_module,
+                address,
+                upstream,
+                limit,
+                settings.reuse_port,
+                handlers=settings.worker_threads + 1,
+                small_max_bytes=settings.inline_max_bytes,
+                tls=self._tls_stage(),
+            )
+            # The front end counts the inference calls (the shedder sees only relayed ones).
+            core.calls_in_flight = self.front.in_flight
+            if self.shedder is not None:
+                self.shedder.admitted.set_function(self.front.in_flight)
+        if settings.http_port >= 0:
+            await self._start_http(core, interceptors)
+        if settings.metrics_port >= 0:
+            self._metrics_http = start_metrics_http(
+                settings.metrics_port, settings.metrics_host, self.metrics.registry
+            )
+            self.metrics_port = int(self._metrics_http.server_port)
+        log.info(
+            "gRPC listening on %s:%d (front end: %s), loading models from %s",
+            settings.host,
+            self.port,
+            "native" if self.front is not None else "grpcio",
+            settings.repo,
+        )
+        loop = asyncio.get_running_loop()
+        if settings.monitoring == "on":
+            # Load the request path's kernels now (compiled ahead of time, or numba's from its
+            # cache or compiled): no request pays a JIT. Imported only here: with monitoring off
+            # the server never loads them.
+            seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
+            from edgewise.kernels import native_status
+
+            log.info(
+                "monitoring kernels ready in %.2f s (ahead-of-time compiled kernels: %s)",
+                seconds,
+                native_status(),
+            )
+        statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
+        ready = [s for s in statuses if s.state.value == "READY"]
+        if settings.gc_tuning:
+            _tune_garbage_collector()
+        self.dataplane.set_ready(True)
+        await self.update_health()
+        log.info(
+            "serving %d model version(s) on %s:%d (metrics on %s)",
+            len(ready),
+            settings.host,
+            self.port,
+            self.metrics_port if self._metrics_http else "off",
+        )
+        if settings.monitoring == "on" and settings.drift_interval_seconds > 0:
+            self._drift_task = asyncio.create_task(self._drift_timer())
+        if settings.port_file is not None:
+            http_port = self.http_port if self.http is not None else None
+            write_port_file(settings.port_file, self.port, self.metrics_port, http_port)
+        if settings.peers_dir is not None:
+            peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
+            temporary = peer_file.with_name(peer_file.name + ".tmp")
+            temporary.write_text(f"127.0.0.1:{self.private_port}\n")
+            os.replace(temporary, peer_file)
+
+    async def _start_http(
+        self, core: InferenceCore, interceptors: list[grpc.aio.ServerInterceptor]
+    ) -> None:
+        """The HTTP/REST front end on ``host:http_port``, with the gRPC port's tokens, TLS files,
+        in-flight limit (shared) and message size (see http_front.py). Imported only here: its
+        HTTP stack is the ``http`` extra."""
+        try:
+            from edgewise.runtime.frontends.http import HttpFront
+            from edgewise.runtime.frontends.http_tls import server_ssl_context
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("aiohttp"):
+                raise
+            raise InvalidInput(
+                "--http-port needs the HTTP front end's aiohttp: pip install 'edgewise[http]'"
+            ) from None
+        settings = self.settings
+        self.http = HttpFront(
+            core,
+            self.dataplane,
+            auth=next((i for i in interceptors if isinstance(i, AuthInterceptor)), None),
+            health_open=settings.health_open,
+            shedder=self.shedder,
+            shared_in_flight=self.front.in_flight if self.front is not None else None,
+            max_message_bytes=settings.max_message_bytes,
+            retry_after_ms=settings.retry_after_ms,
+        )
+        tls = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        host, port = settings.host, settings.http_port
+        self.http_port = await self.http.start(host, port, tls, settings.reuse_port)
+        log.info("HTTP/REST listening on %s:%d%s", host, self.http_port, " (TLS)" if tls else "")
+
+    def _tls_stage(self) -> TlsStage | None:
+        """The native front end's copies of the TLS files, in its private folder (or None)."""
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None or self._front_dir is None:
+            return None
+        return TlsStage(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca, self._front_dir / "tls"
+        )
+
+    def _front_module(self) -> ModuleType | None:
+        """The native front end's module to serve with, or None for grpcio: ``auto`` is native
+        wherever its module is built and fresh, TLS or not."""
+        choice = self.settings.front_end
+        if choice == "grpcio":
+            return None
+        module, status = load_front()
+        if module is None:
+            if choice == "native":
+                raise InvalidInput(f"--front-end native: the native front end is {status}")
+            # Built but stale (an upgrade without `make native`) is worth a warning: the
+            # server is several times slower than it was.
+            report = log.warning if status.startswith("stale") else log.info
+            report("native front end %s: serving with grpcio", status)
+        return module
+
+    def _peers(self) -> list[str]:
+        assert self.settings.peers_dir is not None
+        return peer_addresses(self.settings.peers_dir, os.getpid())
+
+    async def _drift_timer(self) -> None:
+        """Every drift interval: tick each monitor, judge its window, publish, log transitions."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.drift_interval_seconds)
+            try:
+                await loop.run_in_executor(self.executor, self.judge_drift)
+            except Exception:
+                log.exception("drift evaluation failed")
+
+    def judge_drift(self) -> None:
+        """Each monitor judges, logs, publishes and alerts in one place; an unloaded version's
+        series were dropped by the unload itself (its monitor's and its quality's close)."""
+        for model in self.repository.served_models():
+            if model.monitor is not None:
+                model.monitor.evaluate()
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.dataplane.set_ready(False)
+        if self.loop_load is not None:
+            self.loop_load.close()
+        if self._drift_task is not None:
+            self._drift_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        # The HTTP front end drains beside the gRPC port, within the same grace period.
+        http_stopped = asyncio.create_task(self.http.stop(grace)) if self.http else None
+        if self._grpc is not None:
+            started = time.monotonic()
+            held = hold_connections(self.port)  # before gRPC can close any of them
+            if self.front is not None:
+                # The C++ server drains first, off the loop: the calls it relays still need
+                # this server until they end.
+                await asyncio.to_thread(self.front.shutdown, grace)
+                await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
+            else:
+                await self._grpc.stop(grace)
+            # The last responses may still be on their way (see drain.py): keep the sockets
+            # open until the clients have them, within what is left of the grace period.
+            linger = min(_CONNECTION_DRAIN_SECONDS, grace - (time.monotonic() - started))
+            undelivered = await held.release_when_delivered(linger)
+            if undelivered:
+                log.warning("%d bytes of responses were not delivered before closing", undelivered)
+        if http_stopped is not None:
+            await http_stopped
+        self._release_resources()
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+
+def _add_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind ``address`` (TLS with ``credentials``); the port bound. gRPC says it cannot by
+    returning 0 or raising RuntimeError (grpcio's aio server): :class:`OSError` naming the
+    address either way (the command line's one error line)."""
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
+
+
+def _inference_handlers(
+    inference: InferenceServicer,
+) -> tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]:
+    """The inference service's name and handlers, every one parsing its own request (see
+    wire.py); ModelInfer takes its request as bytes (see InferenceServicer.infer_bytes)."""
+    add_to_server = pb_grpc.add_GRPCInferenceServiceServicer_to_server
+    service, handlers = service_handlers(add_to_server, inference)
+    handlers = parsing_inside(handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        inference.infer_bytes, response_serializer=pb.ModelInferResponse.SerializeToString
+    )
+    return service, handlers
+
+
+def _register(
+    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+) -> None:
+    """Serve ``handlers`` of ``service``, as generated ``add_..._to_server`` functions do."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def warm_request_kernels() -> float:
+    """Load the request path's kernels (the ahead-of-time compiled ones when built, otherwise
+    numba's, from its cache or compiled); return the seconds.
+
+    numba probes for SciPy's BLAS when its CPU target first initialises, which imports
+    scipy.linalg: ~16 MB resident and ~70 ms here. edgewise's kernels never call BLAS (see
+    kernels/_special.py), and this server process runs no other numba code, so the probe is
+    made to find nothing; scipy.linalg stays importable for anything that asks for it later."""
+    from edgewise import kernels
+
+    probe = "scipy.linalg.cython_blas"
+    hidden = probe not in sys.modules
+    if hidden:
+        sys.modules[probe] = None  # type: ignore[assignment]  # importing it raises ImportError
+    try:
+        return kernels.warmup_request_path()
+    finally:
+        if hidden and sys.modules.get(probe, object()) is None:
+            del sys.modules[probe]
+
+
+def _tune_garbage_collector() -> None:
+    """After start-up: collect once, then move everything allocated so far (modules, models,
+    sessions, monitors) out of the collector's reach, and run the youngest generation's
+    collections less often, so that requests do not pay for rescanning start-up objects."""
+    gc.collect()
+    gc.freeze()
+    threshold, *older = gc.get_threshold()
+    gc.set_threshold(max(threshold, 50_000), *older)
+
+
+async def _serve(settings: ServerSettings) -> None:
+    server = InferenceServer(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await server.start()
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stopping.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down: draining in-flight requests (grace %.1f s)", settings.grace_seconds)
+    await server.stop()
+    waiter.cancel()
+    log.info("stopped")
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code."""
+    if settings.processes > 1:
+        from edgewise.runtime.app.supervisor import run_supervisor
+
+        return run_supervisor(settings)
+    asyncio.run(_serve(settings))
+    return 0

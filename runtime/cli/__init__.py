@@ -1,0 +1,1 @@
+"""The command line: argv -> config -> app, one module per verb group."""

@@ -1,0 +1,125 @@
+"""``edgewise batch``: the subcommand (registered by
+:func:`edgewise.runtime.cli.main.build_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+__all__ = ["_add_batch"]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _add_batch(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="score Parquet/CSV/NumPy files with a model, resumably",
+        description="Score every row of the input files with a model package of REPO and write "
+        "Parquet part files to OUTPUT: the id columns, then one column per model output. Inputs "
+        "are read in chunks (memory does not grow with their size), scored with the server's "
+        "onnxruntime settings, and written exactly once: after a crash, run the same command "
+        "with --resume. Writes a drift report of the inputs against the model's reference "
+        "profile (_drift_report.json and .html) and a summary (_summary.json).",
+    )
+    p.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    p.add_argument(
+        "--model", required=True, metavar="NAME[:VERSION]", help="model (default version: the "
+        "one the server serves by default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--input", required=True, metavar="PATH_OR_GLOB",
+        help="a .parquet/.csv/.npy file, a folder of them, or a glob (quote it)",
+    )  # fmt: skip
+    p.add_argument("--output", type=Path, required=True, help="output folder (empty or new)")
+    p.add_argument(
+        "--id-columns", nargs="+", default=[], metavar="COLUMN",
+        help="input columns copied to the output beside the scores",
+    )  # fmt: skip
+    p.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local threads (default) or Ray Data actors (needs edgewise[ray])",
+    )  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue the job in OUTPUT")
+    p.add_argument(
+        "--chunk-rows", type=_positive, help="rows per chunk and part file (default 65536)"
+    )
+    p.add_argument(
+        "--threads", type=_positive,
+        help="scorer threads (default: the worker threads of the CPU budget)",
+    )  # fmt: skip
+    p.add_argument("--intra-op-threads", type=_positive, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--no-drift-report", action="store_true", help="skip the input statistics and drift"
+    )
+    p.add_argument(
+        "--progress", choices=["auto", "bar", "log", "off"], default="auto",
+        help="a bar on a terminal, log lines otherwise (default auto)",
+    )  # fmt: skip
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.add_argument("--ray-actors", type=_positive, help="scoring actors (default: cluster CPUs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from edgewise.runtime.config.limits import prepare_process
+
+    prepare_process()  # size numba's and BLAS's pools to the limits before they are loaded
+    from edgewise.runtime.batch import BatchOptions, run_batch
+    from edgewise.runtime.batch.progress import format_count
+
+    summary = run_batch(
+        BatchOptions(
+            repo=args.repo,
+            model=args.model,
+            input=args.input,
+            output=args.output,
+            id_columns=tuple(args.id_columns),
+            engine=args.engine,
+            resume=args.resume,
+            chunk_rows=args.chunk_rows,
+            threads=args.threads,
+            intra_op_threads=args.intra_op_threads,
+            drift_report=not args.no_drift_report,
+            progress=args.progress,
+            ray_address=args.ray_address,
+            ray_actors=args.ray_actors,
+        )
+    )
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+        return 0
+    if summary.already_complete:
+        print(f"job in {summary.output} is already complete: {summary.rows:,} rows")
+        return 0
+    drift = summary.drift
+    if not drift.get("available"):
+        verdict = "drift report unavailable"
+    elif drift.get("insufficient_data"):
+        verdict = "too few rows to judge drift"
+    elif drift.get("drifting"):
+        verdict = f"DRIFTING: {', '.join(drift['drifting_features'])}"
+    else:
+        verdict = "no drift"
+    resumed = f", resumed with {summary.rows:,} rows in all" if summary.resumed else ""
+    print(
+        f"scored {summary.rows_this_run:,} rows in {summary.seconds:.2f} s "
+        f"({format_count(summary.rows_per_second)} rows/s{resumed}) with {summary.model} "
+        f"version {summary.version} (sha256 {summary.sha256[:12]}) into {summary.parts} part "
+        f"file(s) in {summary.output}; {verdict} (report: {drift.get('report', '-')})"
+    )
+    return 0

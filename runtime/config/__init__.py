@@ -1,0 +1,2 @@
+"""One typed settings schema (flags, EDGEWISE_* environment, files) and the
+resource budget its defaults are derived from; below every capability."""

@@ -1,0 +1,1 @@
+"""scikit-learn -> ONNX, parity checks, profile building (the convert extra)."""

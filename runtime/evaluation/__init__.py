@@ -1,0 +1,1 @@
+"""Offline evaluation, the promotion gate and their HTML reports."""

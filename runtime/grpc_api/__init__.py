@@ -1,1 +1,0 @@
-"""gRPC transport: servicers, server lifecycle, generated code."""

@@ -1,0 +1,1 @@
+"""Container profiles, the cgroup runner and the rendering of container files."""

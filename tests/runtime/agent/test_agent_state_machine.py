@@ -1,0 +1,192 @@
+"""The agent's state as a hypothesis state machine: polls, the store going away and coming back
+(or missing from the start), new versions registered, the agent killed and restarted (a new agent
+over the same state folder), and `edgewise rollback` by hand, against a small reference model of
+the deployed and last good versions, what the server serves, and the gauges the agent publishes.
+
+Real parts throughout: the embedded SQLite store, a real server, real model packages (built once
+per module; each example is a model of its own on the one server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from edgewise.runtime.agent.sync import rollback
+from edgewise.runtime.errors import EdgewiseError
+from tests.runtime.store.agent_rig import Rig, gauge, served_default
+from tests.servers import RunningServer
+
+NEVER, PRESENT, AWAY = "never", "present", "away"
+
+
+@dataclass
+class Expected:
+    """What the agent's state should be (the reference model)."""
+
+    store: str = NEVER
+    alias: int | None = None
+    deployed: int | None = None
+    last_good: int | None = None
+    good: list[int] = field(default_factory=list)
+    refused: set[int] = field(default_factory=set)
+    seen: bool = False  # the agent has read the state since it last changed behind its back
+    healthy: bool = False  # as of the agent's last poll
+    store_up: bool = False  # as of the agent's last poll
+
+    def poll(self) -> None:
+        """One poll of the agent (watch_seconds=0: a deployed version is the last good one)."""
+        self.seen = True
+        self.store_up = self.store == PRESENT
+        if self.store != PRESENT or self.alias is None:
+            self.healthy = False
+            return
+        if self.alias != self.deployed and self.alias not in self.refused:
+            self.deployed = self.last_good = self.alias
+            self.good = [v for v in self.good if v != self.alias] + [self.alias]
+        self.healthy = self.alias not in self.refused
+
+    def previous(self) -> int | None:
+        """The good version before the deployed one that was not refused (None: none)."""
+        assert self.deployed is not None
+        earlier = (
+            self.good[: self.good.index(self.deployed)] if self.deployed in self.good else self.good
+        )
+        return next((v for v in reversed(earlier) if v not in self.refused), None)
+
+
+class AgentMachine(RuleBasedStateMachine):
+    rig_factory: ClassVar[Callable[[], Rig]]  # set by the test (the module's server, packages)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rig: Rig = self.rig_factory()
+        self.expected = Expected()
+        self.rig.start_agent().run_once()  # started while its store does not exist yet
+        self.expected.poll()
+
+    def teardown(self) -> None:
+        self.rig.close()
+
+    # ---- rules -------------------------------------------------------------------------------
+
+    @rule()
+    def poll(self) -> None:
+        assert self.rig.agent is not None
+        self.rig.agent.cycle()
+        self.expected.poll()
+
+    @rule()
+    def kill_and_restart(self) -> None:
+        self.rig.start_agent().run_once()
+        self.expected.poll()
+
+    @precondition(lambda self: self.expected.store != AWAY)
+    @rule(which=st.integers(0, 1))
+    def register(self, which: int) -> None:
+        version = self.rig.register(which)
+        assert version == (self.expected.alias or 0) + 1
+        self.expected.alias = version
+        self.expected.store = PRESENT
+
+    @precondition(lambda self: self.expected.store == PRESENT)
+    @rule()
+    def store_gone(self) -> None:
+        self.rig.store_folder.rename(self.rig.root / "store-away")
+        self.expected.store = AWAY
+
+    @precondition(lambda self: self.expected.store == AWAY)
+    @rule()
+    def store_back(self) -> None:
+        (self.rig.root / "store-away").rename(self.rig.store_folder)
+        self.expected.store = PRESENT
+
+    @rule()
+    def rollback_by_hand(self) -> None:
+        expected = self.expected
+        before = self._state_bytes()
+        target = expected.previous() if expected.deployed is not None else None
+        if target is None:
+            with pytest.raises(EdgewiseError):
+                rollback(self.rig.repo, self.rig.name, self.rig.client)
+            assert self._state_bytes() == before  # a refused rollback changes nothing
+            return
+        assert rollback(self.rig.repo, self.rig.name, self.rig.client) == (
+            expected.deployed,
+            target,
+        )
+        assert expected.deployed is not None
+        expected.refused.add(expected.deployed)
+        if expected.last_good in (None, expected.deployed):
+            expected.last_good = target
+        expected.deployed = target
+        expected.seen = False
+
+    # ---- invariants --------------------------------------------------------------------------
+
+    def _state_bytes(self) -> bytes | None:
+        path = self.rig.state_file.path
+        return path.read_bytes() if path.exists() else None
+
+    @invariant()
+    def state_file_matches(self) -> None:
+        state = self.rig.state()
+        assert (state.deployed.version if state.deployed else None) == self.expected.deployed
+        assert (state.last_good.version if state.last_good else None) == self.expected.last_good
+        assert {r.version for r in state.rejected} == self.expected.refused
+
+    @invariant()
+    def server_serves_the_deployed_version(self) -> None:
+        if self.expected.deployed is not None:
+            assert served_default(self.rig.client, self.rig.name) == self.expected.deployed
+
+    @invariant()
+    def the_agent_never_creates_its_store(self) -> None:
+        if self.expected.store != PRESENT:
+            assert not self.rig.store_folder.exists()
+
+    @invariant()
+    def gauges_say_what_the_agent_saw(self) -> None:
+        agent, expected = self.rig.agent, self.expected
+        assert agent is not None
+        if not expected.seen:
+            return  # a rollback by hand since: published at the agent's next poll
+        metrics = agent.metrics
+        assert gauge(metrics, "edgewise_agent_deployed_version") == (expected.deployed or 0)
+        assert gauge(metrics, "edgewise_agent_last_good_version") == (expected.last_good or 0)
+        assert gauge(metrics, "edgewise_agent_healthy") == (1 if expected.healthy else 0)
+        store_up = gauge(metrics, "edgewise_agent_store_up")
+        assert store_up == (1 if expected.store_up else 0)
+
+
+def test_agent_state_machine(
+    edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
+) -> None:
+    repo, server = edge
+    count = iter(range(10**6))
+
+    def make() -> Rig:
+        return Rig(server, repo, tmp_path / f"example-{next(count)}", sources)
+
+    AgentMachine.rig_factory = staticmethod(make)
+    run_state_machine_as_test(
+        AgentMachine,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=20,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
