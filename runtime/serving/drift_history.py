@@ -4,7 +4,11 @@ A monitor judges a window that closed once more, at the timer's next tick (its l
 :mod:`edgewise.runtime.serving.monitor`), and publishes that judgement through its
 :class:`~edgewise.runtime.serving.monitor.DriftPublisher`. :class:`RecordingPublisher` wraps the
 server's publisher (the Prometheus gauges) and also appends every such closed-window report here,
-so the monitor itself knows nothing of the disk. Layout::
+so the monitor itself knows nothing of the disk. Every closed window: the monitor queues each
+window that closes (at most ``monitoring.closed_windows``) and the next tick judges them all,
+oldest first, so a process that closes several windows between two ticks records each; one
+dropped from a full queue is counted in the reports' ``windows_dropped`` (and the
+``edgewise_drift_windows_dropped`` gauge), so a gap in the history is never silent. Layout::
 
     HISTORY/MODEL/VERSION/<unix ns, 20 digits>-<writer>.json
 
@@ -110,6 +114,7 @@ def report_to_json(report: DriftReport) -> dict[str, Any]:
         "wrong_type": dict(report.wrong_type),
         "computed_at": report.computed_at,
         "thresholds": _floats(report.thresholds),
+        "windows_dropped": report.windows_dropped,
         "features": [
             {
                 "name": f.name,
@@ -187,6 +192,8 @@ def report_from_json(data: Any, where: str = "report") -> DriftReport:
         wrong_type={str(k): count(f"{where}.wrong_type.{k}", v) for k, v in wrong_type.items()},
         computed_at=float(_field(where, data, "computed_at", (int, float))),
         thresholds=_number_map(f"{where}.thresholds", data.get("thresholds")),
+        # Absent in files written before the closed windows were queued: none dropped then known.
+        windows_dropped=count(f"{where}.windows_dropped", data.get("windows_dropped", 0)),
     )
 
 

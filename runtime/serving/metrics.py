@@ -97,6 +97,15 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.drift_windows_dropped = Gauge(
+            "edgewise_drift_windows_dropped",
+            "Closed monitoring windows dropped unjudged (and unrecorded in the drift history) "
+            "since the version was loaded: more closed between two drift ticks than "
+            "monitoring.closed_windows.",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.quality_error = Gauge(
             "edgewise_quality_error",
             "Online error from delayed labels (error rate or mean absolute error); "
@@ -170,6 +179,7 @@ class ServerMetrics:
         wanted: dict[Gauge, dict[tuple[str, ...], float]] = {
             self.monitored_rows: {(model, version): float(report.rows)},
             self.model_drifting: {(model, version): 1.0 if report.drifting else 0.0},
+            self.drift_windows_dropped: {(model, version): float(report.windows_dropped)},
             self.drift_score: {},
             self.feature_drifting: {},
             self.schema_skew: {},
@@ -197,6 +207,7 @@ class ServerMetrics:
             self.model_drifting,
             self.schema_skew,
             self.monitored_rows,
+            self.drift_windows_dropped,
         )
 
     def publish_quality(self, snapshot: Mapping[str, Any]) -> None:

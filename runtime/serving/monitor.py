@@ -38,6 +38,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple, Protocol
@@ -128,6 +129,9 @@ class DriftReport:
     thresholds: dict[str, float] = field(default_factory=dict)
     #: detector ("prediction", "multivariate") -> why the report has no entry of it.
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: Closed windows of the version dropped unjudged so far (more closed between two ticks
+    #: than ``MonitorConfig.closed_windows``): the history misses exactly these.
+    windows_dropped: int = 0
 
 
 class DriftPublisher(Protocol):
@@ -146,6 +150,14 @@ class Judgement(NamedTuple):
 
     report: DriftReport
     started_drifting: bool
+
+
+class _Closed(NamedTuple):
+    """A closed window waiting for its last look: its number (windows opened before it) and
+    its statistics (never changed after the roll, so the timer reads them without the lock)."""
+
+    number: int
+    stats: WindowStats
 
 
 class Reservoir:
@@ -331,6 +343,10 @@ class ModelMonitor:
         self._looked_window = 0
         self._looked_level = -1
         self._last: Judgement | None = None
+        # Windows closed since the timer's last drain (under _lock: the request path rolls), the
+        # oldest dropped beyond config.closed_windows, and how many were dropped so far.
+        self._closed_windows: deque[_Closed] = deque(maxlen=max(config.closed_windows, 1))
+        self._windows_dropped = 0
 
     # ---- the request path ----------------------------------------------------------------------
 
@@ -476,9 +492,15 @@ class ModelMonitor:
     # ---- transitions -----------------------------------------------------------------------------
 
     def _roll(self) -> None:
-        """Close the current window, its reservoir with it (lock held)."""
-        self.lifetime.merge(self.current)
-        self.previous = self.current
+        """Close the current window, its reservoir with it, and queue it for the timer's last
+        look (lock held: no I/O, one append; a full queue drops its oldest, counted)."""
+        closed = self.current
+        self.lifetime.merge(closed)
+        self.previous = closed
+        queue = self._closed_windows
+        if len(queue) == queue.maxlen:
+            self._windows_dropped += 1
+        queue.append(_Closed(self._window_number, closed))
         self.current = WindowStats(self.reference)
         self._previous_rows, self._current_rows = self._current_rows, self._previous_rows
         self._current_rows.clear()
@@ -495,6 +517,7 @@ class ModelMonitor:
                 self.lifetime.merge(self.current)
                 self.current = WindowStats(self.reference)
                 self.previous = None
+                self._closed_windows.clear()  # never judged: nothing before a reset is
                 self._current_rows.clear()
                 self._previous_rows.clear()
                 self._window_number += 1
@@ -503,17 +526,21 @@ class ModelMonitor:
 
     def evaluate(self) -> Judgement | None:
         """The timer's transition: roll a time-limited window, fold new traffic into the decayed
-        view, then take the looks that are due (:meth:`due_looks`: a closed window's last look,
-        then the current window's look at a new doubling of ``min_rows``), each judged at its
-        share of the rates, logged and published in that order. With no look due the published
-        judgement stays and is returned (``started_drifting`` False), unless nothing judged is
-        shown yet: then the current window is published unjudged (too few rows). None once the
-        monitor is closed."""
+        view, then take the looks that are due (:meth:`due_looks`: the last look of each window
+        that closed since the last tick, oldest first, then the current window's look at a new
+        doubling of ``min_rows``), each judged at its share of the rates, logged and published in
+        that order. With no look due the published judgement stays and is returned
+        (``started_drifting`` False), unless nothing judged is shown yet: then the current
+        window is published unjudged (too few rows). None once the monitor is closed."""
         with self._judging:
             if self._closed:
                 return None
             self._tick()
-            judgements = [self._look(window, level) for window, level in self.due_looks()]
+            with self._lock:
+                closed = list(self._closed_windows)
+                self._closed_windows.clear()
+            judgements = [self._last_look(window) for window in closed]
+            judgements += [self._look(window, level) for window, level in self._current_look()]
             if judgements:
                 return Judgement(judgements[-1].report, any(j.started_drifting for j in judgements))
             last = self._last
@@ -524,38 +551,66 @@ class ModelMonitor:
             return Judgement(last.report, False)
 
     def due_looks(self) -> list[tuple[str, int]]:
-        """The looks the timer takes now, in order, as (window, level): the previous window's
-        last look if a window closed since the last look (at the level after its last one), and
-        the current window's if its rows reached a level above its last look's. Pure."""
+        """The looks the timer takes now, in order, as (window, level): the last look of each
+        window that closed since the last tick (``previous``, oldest first, each at the level
+        after its last one), and the current window's if its rows reached a level above its
+        last look's. Pure."""
+        with self._lock:
+            closed = [window.number for window in self._closed_windows]
+        looks = []
+        for number in closed:
+            # Its looks so far are known if it is the window the looks belong to, else it had
+            # none (it closed before the timer saw it).
+            last = self._looked_level if self._looked_window == number else -1
+            looks.append(("previous", last + 1))
+        return looks + self._current_look()
+
+    def _current_look(self) -> list[tuple[str, int]]:
+        """The current window's look if one is due, as ``due_looks`` lists it."""
         with self._lock:
             number, rows = self._window_number, self.current.rows
-            closed = self.previous is not None
-        looks = []
-        if number != self._looked_window and closed:
-            # Only the newest closed window is kept: its looks so far are known if it is the one
-            # the looks belong to, else it had none.
-            last = self._looked_level if self._looked_window == number - 1 else -1
-            looks.append(("previous", last + 1))
         level = look_level(rows, self.config.min_rows)
         last = self._looked_level if self._looked_window == number else -1
         if rows >= self.config.min_rows and level > last:
-            looks.append(("current", level))
-        return looks
+            return [("current", level)]
+        return []
 
-    def _look(self, window: str, level: int) -> Judgement:
-        """Judge one look at its share of the rates and remember it (``_judging`` held)."""
+    def _look_config(self, level: int) -> MonitorConfig:
+        """The config of one look: the rates at the look's share."""
         share = look_alpha_share(self.config, level)
-        config = replace(
+        return replace(
             self.config,
             alpha=self.config.alpha * share,
             warning_alpha=self.config.warning_alpha * share,
         )
+
+    def _last_look(self, closed: _Closed) -> Judgement:
+        """A closed window's last look, reported as the ``previous`` window (``_judging``
+        held); the looks then belong to the window opened after it."""
+        last = self._looked_level if self._looked_window == closed.number else -1
+        config = self._look_config(last + 1)
+        with self._lock:
+            wrong_type = dict(self.wrong_type)
+        stats = closed.stats
+        view = _WindowView(
+            stats,
+            stats.numeric.histogram.counts if stats.numeric is not None else None,
+            stats.categorical.counts if stats.categorical is not None else None,
+            float(stats.rows),
+            None,
+            wrong_type,
+        )
+        judgement = self._publish(self._report_of("previous", view, True, config))
+        self._looked_window, self._looked_level = closed.number + 1, -1
+        return judgement
+
+    def _look(self, window: str, level: int) -> Judgement:
+        """Judge one look of the current window at its share of the rates and remember it
+        (``_judging`` held)."""
         with self._lock:
             number = self._window_number
-        judgement = self._judge(window, config)
-        if window == "previous":
-            self._looked_window, self._looked_level = number, -1
-        elif not judgement.report.insufficient_data:  # a window too small to judge: no look
+        judgement = self._judge(window, self._look_config(level))
+        if not judgement.report.insufficient_data:  # a window too small to judge: no look
             self._looked_window, self._looked_level = number, level
         return judgement
 
@@ -563,6 +618,8 @@ class ModelMonitor:
         """The version is unloaded: publish no more, and have the publisher forget it."""
         with self._judging:
             self._closed = True
+            with self._lock:
+                self._closed_windows.clear()
             if self._publisher is not None:
                 self._publisher.forget_drift(self.model, self.version)
 
@@ -585,7 +642,11 @@ class ModelMonitor:
 
     def _judge(self, window: str, config: MonitorConfig) -> Judgement:
         """Judge ``window`` with ``config``'s rates, log and publish (``_judging`` held)."""
-        report = self._report(window, False, True, config)
+        return self._publish(self._report(window, False, True, config))
+
+    def _publish(self, report: DriftReport) -> Judgement:
+        """Log, publish and alert a judged ``report``; it becomes the last judgement
+        (``_judging`` held)."""
         started = report.drifting and not self.drifting
         self._log_transition(report)
         if self._publisher is not None:
@@ -688,7 +749,12 @@ class ModelMonitor:
         return self._report(window, exact, scores, self.config)
 
     def _report(self, window: str, exact: bool, scores: bool, config: MonitorConfig) -> DriftReport:
-        view = self._view(window, exact and scores)
+        return self._report_of(window, self._view(window, exact and scores), scores, config)
+
+    def _report_of(
+        self, window: str, view: _WindowView, scores: bool, config: MonitorConfig
+    ) -> DriftReport:
+        """The report of ``view`` (the statistics of ``window``), judged with ``config``."""
         rows = view.rows
         thresholds = verdict_thresholds(config)
         report = DriftReport(
@@ -702,6 +768,7 @@ class ModelMonitor:
             wrong_type=view.wrong_type,
             computed_at=time.time(),
             thresholds=thresholds,
+            windows_dropped=self._windows_dropped,
         )
         if window == "previous" and view.stats is None:
             report.reason = "no window has completed yet"

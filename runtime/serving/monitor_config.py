@@ -49,7 +49,10 @@ the looks):
   window's *level* ``floor(log2(rows / min_rows))`` is above the level of its last look (looks at
   about ``min_rows * 2**k`` rows; a tick that skips levels takes one look, not several);
 * a window that closes (rolls: full, or its time is up) gets one last look, the closed window's
-  judgement, at the next tick;
+  judgement, at the next tick; every window that closed since the last tick gets its own, oldest
+  first (the monitor queues the closed windows, at most ``closed_windows`` of them: beyond that
+  the oldest is dropped unjudged and counted, e.g. above ``closed_windows * window_rows`` rows
+  per tick);
 * with a row limit, a window has at most :func:`planned_looks` ``K = ceil(log2(window_rows /
   min_rows)) + 1`` looks (its levels below ``window_rows``, and the closed window's), and each
   look uses ``alpha / K`` and ``warning_alpha / K``;
@@ -136,6 +139,10 @@ class MonitorConfig:
     thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     alpha: float = DEFAULT_ALPHA
     warning_alpha: float = DEFAULT_WARNING_ALPHA
+    #: Closed windows waiting for the timer's last look (at least 1). A process that closes more
+    #: windows between two ticks than this drops the oldest unjudged (counted in the reports'
+    #: ``windows_dropped`` and the ``edgewise_drift_windows_dropped`` gauge).
+    closed_windows: int = 64
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], base: MonitorConfig | None = None) -> MonitorConfig:
@@ -227,6 +234,10 @@ def _positive(where: str, value: Any) -> float:
     return number
 
 
+def _at_least_one(where: str, value: Any) -> int:
+    return _count(where, value, 1)
+
+
 _READERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "enabled": _flag,
     "window_rows": _count,
@@ -236,6 +247,7 @@ _READERS: Final[Mapping[str, Callable[[str, Any], Any]]] = {
     "min_rows": _count,
     "alpha": _probability,
     "warning_alpha": _probability,
+    "closed_windows": _at_least_one,
 }
 
 

@@ -39,6 +39,7 @@ from edgewise.runtime.serving.drift_merge import (
     local_window,
     merged_report,
 )
+from edgewise.runtime.serving.metrics import ServerMetrics
 from edgewise.runtime.serving.monitor import (
     DriftPublisher,
     DriftReport,
@@ -151,6 +152,81 @@ def test_the_publisher_records_each_closed_window_and_shows_everything(tmp_path:
     assert found.entries[0].report.features[0].scores == closed[0].features[0].scores
     monitor.close()
     assert shown.forgotten == [("synthetic", "1")]
+
+
+def test_every_window_closed_between_two_ticks_is_recorded(tmp_path: Path) -> None:
+    """A fast process closes many windows between two timer ticks: each gets its last look and
+    its file (oracle: windows closed = rows // window_rows), oldest first."""
+    rng = np.random.default_rng(11)
+    config = replace(CONFIG, window_rows=100)
+    history = DriftHistory(tmp_path / "history", writer="w1")
+    metrics = ServerMetrics()
+    monitor = synthetic_monitor(rng, config, RecordingPublisher(metrics, history))
+    rows = synthetic_rows(rng, 2_350)
+    feed(monitor, rows)
+    # One last look per closed window (the current one's 50 rows are below min_rows).
+    assert monitor.due_looks() == [("previous", 0)] * (rows.shape[0] // config.window_rows)
+    monitor.evaluate()
+    found = read_history(tmp_path / "history", "synthetic")
+    assert len(found.entries) == rows.shape[0] // config.window_rows
+    assert all(e.report.rows == config.window_rows for e in found.entries)
+    # Oldest first: the first recorded window holds the first 100 rows.
+    first = found.entries[0].report.features[0].statistics["mean"]
+    assert first == pytest.approx(float(rows[:100, 0].astype(np.float64).mean()), rel=1e-9)
+    last = found.entries[-1].report.features[0].statistics["mean"]
+    assert last == pytest.approx(float(rows[2_200:2_300, 0].astype(np.float64).mean()), rel=1e-9)
+    assert all(e.report.windows_dropped == 0 for e in found.entries)
+    dropped = {"model": "synthetic", "version": "1"}
+    assert metrics.registry.get_sample_value("edgewise_drift_windows_dropped", dropped) == 0
+    monitor.evaluate()  # drained: nothing more is recorded
+    assert len(read_history(tmp_path / "history", "synthetic").entries) == 23
+
+
+def test_the_closed_window_queue_is_bounded_and_its_drops_counted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    config = replace(CONFIG, window_rows=100, closed_windows=4)
+    history = DriftHistory(tmp_path / "history", writer="w1")
+    metrics = ServerMetrics()
+    monitor = synthetic_monitor(rng, config, RecordingPublisher(metrics, history))
+    rows = synthetic_rows(rng, 1_000)  # 10 windows close before the tick: 6 dropped
+    feed(monitor, rows)
+    assert monitor.due_looks() == [("previous", 0)] * 4
+    judged = monitor.evaluate()
+    assert judged is not None and judged.report.windows_dropped == 6
+    found = read_history(tmp_path / "history", "synthetic")
+    assert len(found.entries) == 4
+    assert [e.report.windows_dropped for e in found.entries] == [6] * 4  # kept in the files
+    # The newest four were kept: windows 7 to 10.
+    means = [e.report.features[0].statistics["mean"] for e in found.entries]
+    want = [
+        float(rows[start : start + 100, 0].astype(np.float64).mean())
+        for start in range(600, 1_000, 100)
+    ]
+    assert means == pytest.approx(want, rel=1e-9)
+    labels = {"model": "synthetic", "version": "1"}
+    assert metrics.registry.get_sample_value("edgewise_drift_windows_dropped", labels) == 6
+    monitor.close()  # an unloaded version leaves no series behind
+    assert metrics.registry.get_sample_value("edgewise_drift_windows_dropped", labels) is None
+
+
+def test_the_closed_window_bound_is_checked() -> None:
+    assert MonitorConfig.from_json({"closed_windows": 8}).closed_windows == 8
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(InvalidInput, match=r"monitoring\.closed_windows"):
+            MonitorConfig.from_json({"closed_windows": bad})
+
+
+def test_a_reset_drops_the_closed_windows_unjudged_and_uncounted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    config = replace(CONFIG, window_rows=100)
+    history = DriftHistory(tmp_path / "history", writer="w1")
+    monitor = synthetic_monitor(rng, config, RecordingPublisher(Shown(), history))
+    feed(monitor, synthetic_rows(rng, 300))
+    judged = monitor.reset()  # start over: nothing from before is judged or recorded
+    assert judged.report.windows_dropped == 0
+    assert monitor.due_looks() == []
+    monitor.evaluate()
+    assert read_history(tmp_path / "history", "synthetic").entries == []
 
 
 def test_a_history_that_cannot_be_written_never_stops_the_gauges(

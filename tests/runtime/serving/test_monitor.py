@@ -138,8 +138,8 @@ def test_tumbling_windows_by_count_and_time(model_repo: Path) -> None:
     assert monitor.previous is not None and monitor.previous.rows == 100
     assert monitor.current.rows == 50
     assert monitor.report("lifetime").rows == 250
-    # The closed window's last look is due; the current one (< min_rows) has none yet.
-    assert monitor.due_looks() == [("previous", 0)]
+    # Both closed windows' last looks are due; the current one (< min_rows) has none yet.
+    assert monitor.due_looks() == [("previous", 0), ("previous", 0)]
     judged = monitor.evaluate()
     assert judged is not None and judged.report.window == "previous"
     assert judged.report.rows == 100

@@ -3,8 +3,9 @@ metrics scrape) against a reference model written here: the rows of the current 
 windows as plain lists, and the timer's looks (a window is judged when its rows reach a new
 doubling of MIN_ROWS and once when it closes, each look at alpha / K). Checks that reports and
 scrapes change nothing, that a reset empties the window, its reservoir and its series, that
-between looks the published judgement stays, and that the exact tests agree with SciPy on
-exactly the rows of the window a report names."""
+between looks the published judgement stays, that every window closed between two ticks gets its
+own last look (oldest first, each published: what the drift history records), and that the exact
+tests agree with SciPy on exactly the rows of the window a report names."""
 
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ class Fixture:
     rows: np.ndarray  # the training rows, float32 as the server receives them
 
 
+class Shown:
+    """The gauges, and the list of every report published to them (the history's view)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.reports: list[DriftReport] = []
+
+    def publish_drift(self, report: DriftReport) -> None:
+        self.metrics.publish_drift(report)
+        self.reports.append(report)
+
+    def forget_drift(self, model: str, version: str) -> None:
+        self.metrics.forget_drift(model, version)
+
+
 def without_time(report: DriftReport) -> dict[str, Any]:
     data = dataclasses.asdict(report)
     data.pop("computed_at")
@@ -75,10 +91,13 @@ class MonitorWindows(RuleBasedStateMachine):
         config = MonitorConfig(
             window_rows=WINDOW_ROWS, min_rows=MIN_ROWS, reservoir_rows=RESERVOIR_ROWS
         )
-        self.monitor = ModelMonitor("logreg", "1", self.fixture.profile, config, self.metrics)
+        self.shown = Shown(self.metrics)
+        self.monitor = ModelMonitor("logreg", "1", self.fixture.profile, config, self.shown)
         # The reference model: the rows of each window, in order; None: no window completed.
         self.current: list[np.ndarray] = []
         self.previous: list[np.ndarray] | None = None
+        # The windows closed since the last tick, oldest first: (number, rows).
+        self.closed: list[tuple[int, list[np.ndarray]]] = []
         self.lifetime = 0
         # The looks: windows opened so far, the window the looks belong to, its last look's
         # level (-1: none).
@@ -101,6 +120,7 @@ class MonitorWindows(RuleBasedStateMachine):
         self.current.extend(batch)
         self.lifetime += len(batch)
         if len(self.current) >= WINDOW_ROWS:
+            self.closed.append((self.opened, self.current))
             self.previous, self.current = self.current, []
             self.opened += 1
 
@@ -109,6 +129,7 @@ class MonitorWindows(RuleBasedStateMachine):
         judged = self.monitor.reset()
         self.current = []
         self.previous = None
+        self.closed = []  # never judged
         self.opened += 1
         self.looked_window, self.looked_level = self.opened, -1
         self.published = self.expect_judgement(judged.report, "current", None)
@@ -116,12 +137,20 @@ class MonitorWindows(RuleBasedStateMachine):
     @rule()
     def evaluate(self) -> None:
         before = self.state()
+        published = len(self.shown.reports)
         judged = self.monitor.evaluate()
         assert judged is not None
         looks = self.due_looks()
+        closed, self.closed = self.closed, []
+        # Each closed window's last look was published, oldest first, with its own rows.
+        last_looks = [r for r in self.shown.reports[published:] if r.window == "previous"]
+        assert [r.rows for r in last_looks] == [len(rows) for _, rows in closed]
         for window, level in looks:
-            self.looked_window = self.opened
-            self.looked_level = level if window == "current" else -1
+            if window == "current":
+                self.looked_window, self.looked_level = self.opened, level
+            else:
+                number, _ = closed.pop(0)
+                self.looked_window, self.looked_level = number + 1, -1
         if looks:  # the tick's last look is what it returns and shows
             window, level = looks[-1]
             self.published = self.expect_judgement(judged.report, window, level)
@@ -137,10 +166,10 @@ class MonitorWindows(RuleBasedStateMachine):
             assert self.state() == before
 
     def due_looks(self) -> list[tuple[str, int]]:
-        """The model's looks for this tick: the closed window's last, then the current one's."""
+        """The model's looks for this tick: each closed window's last, then the current one's."""
         looks = []
-        if self.opened != self.looked_window and self.previous is not None:
-            last = self.looked_level if self.looked_window == self.opened - 1 else -1
+        for number, _ in self.closed:
+            last = self.looked_level if self.looked_window == number else -1
             looks.append(("previous", last + 1))
         rows = len(self.current)
         last = self.looked_level if self.looked_window == self.opened else -1
