@@ -24,6 +24,7 @@ __all__ = [
     "client_channel",
     "client_token",
     "parse_tokens",
+    "read_pem",
     "retry_after_ms",
 ]
 
@@ -88,7 +89,7 @@ def client_channel(
 
 
 def _read_optional(path: Path | None, what: str) -> bytes | None:
-    return None if path is None else _read(path, what)
+    return None if path is None else read_pem(path, what)
 
 
 def client_token(token: str | None = None, file: Path | None = None) -> str | None:
@@ -106,7 +107,8 @@ def client_token(token: str | None = None, file: Path | None = None) -> str | No
     return tokens[0]
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_pem(path: Path, what: str) -> bytes:
+    """A PEM file's bytes (client and server TLS files alike); InvalidInput names the file."""
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -3,8 +3,9 @@
 **TLS.** :func:`server_credentials` builds the port's credentials from a PEM certificate chain
 and key, and, for mutual TLS, a client CA bundle: a client without a certificate signed by it
 fails the TLS handshake (it sees UNAVAILABLE; no RPC reaches the server). The files are read
-again when they change (checked at each new connection), so certificates rotate without a
-restart.
+and checked by :class:`~edgewise.runtime.frontends.tls_files.TlsFiles`, as on every port: looked
+at again at new connections (at most once a second), a change that can be used is taken, so
+certificates rotate without a restart; one that cannot is refused and the previous stays.
 
 **Tokens.** :class:`AuthInterceptor` checks ``authorization: Bearer <token>`` on every call
 against a :class:`TokenSet` (a file with one token per line, re-read when it changes, and/or the
@@ -26,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.config.channels import parse_tokens
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
 
 #: What an aio interceptor is handed: resolves a call's details to its method handler.
 Continuation = Callable[
@@ -251,66 +252,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 # ---- TLS -----------------------------------------------------------------------------------------
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"{what} {path}: cannot read: {exc.strerror}") from None
-    if b"-----BEGIN" not in data:
-        raise InvalidInput(f"{what} {path}: not a PEM file")
-    return data
-
-
-@dataclass(frozen=True)
-class _TlsFiles:
-    cert: Path
-    key: Path
-    client_ca: Path | None
-
-    def stamp(self) -> tuple[tuple[int, int], ...]:
-        paths = [self.cert, self.key] + ([self.client_ca] if self.client_ca else [])
-        stamps = []
-        for path in paths:
-            try:
-                info = os.stat(path)
-                stamps.append((info.st_mtime_ns, info.st_size))
-            except OSError:
-                stamps.append((-1, -1))
-        return tuple(stamps)
-
-    def configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))],
-            root_certificates=(
-                _read(self.client_ca, "TLS client CA") if self.client_ca is not None else None
-            ),
-        )
+def _configuration(version: TlsVersion) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(version.key, version.cert)], root_certificates=version.client_ca
+    )
 
 
 def server_credentials(
     cert: Path, key: Path, client_ca: Path | None = None
 ) -> grpc.ServerCredentials:
     """TLS credentials for the gRPC port; with ``client_ca``, clients must present a
-    certificate it signed (mutual TLS). Changed files are picked up at the next connection."""
-    files = _TlsFiles(cert, key, client_ca)
-    initial = files.configuration()  # errors in the files surface now, as one line
-    state = {"stamp": files.stamp()}
+    certificate it signed (mutual TLS). Files that cannot be used are one InvalidInput naming
+    them; a change is taken at a new connection once it can be used (see tls_files.py)."""
+    files = TlsFiles(cert, key, client_ca, "gRPC port")
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        stamp = files.stamp()
-        if stamp == state["stamp"]:
-            return None
-        state["stamp"] = stamp  # a bad change is reported once, not at every connection
-        try:
-            configuration = files.configuration()
-        except InvalidInput as exc:
-            log.error("TLS files changed but cannot be used (keeping the previous): %s", exc)
-            return None
-        log.info("TLS certificate reloaded from %s", cert)
-        return configuration
+        version = files.refresh()
+        return None if version is None else _configuration(version)
 
     # The stubs type the fetcher as never returning None; gRPC reads None as "unchanged".
     fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
     return grpc.dynamic_ssl_server_credentials(
-        initial, fetcher, require_client_authentication=client_ca is not None
+        _configuration(files.current), fetcher, require_client_authentication=client_ca is not None
     )

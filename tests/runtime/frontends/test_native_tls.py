@@ -2,16 +2,15 @@
 both front ends pass (tests/runtime/frontends/test_tls.py: mutual TLS, tritonclient, the CLI,
 rotation, bad files): refused handshakes never reach the server; tokens still apply on top, on
 ModelInfer (checked by the native front end) and on relayed calls (checked by the grpc.aio server
-behind it) alike; ``auto`` serves TLS natively; the C++ module names a TLS file it cannot use; the
-checked copies of the files it watches (tls_stage.py) never take a change that cannot be used.
+behind it) alike; ``auto`` serves TLS natively; the C++ module names a TLS file it cannot use.
+The checked copies of the files it watches (tls_stage.py) are tested with the files every port
+reads, in test_tls_files.py.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import stat
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -24,8 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
 from edgewise.runtime.config.settings import ClientSecurity
-from edgewise.runtime.errors import EdgewiseError, InvalidInput
-from edgewise.runtime.frontends.tls_stage import TlsStage
+from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.certs import Certificates, make_certificates
@@ -252,44 +250,3 @@ def test_the_module_checks_its_tls_files(certs: Certificates, tmp_path: Path) ->
     ):  # fmt: skip
         with pytest.raises(error, match=message):
             module.Front(**base, **tls)
-
-
-def test_the_staged_copies_take_only_a_change_that_can_be_used(
-    certs: Certificates, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    second = make_certificates(tmp_path / "second")
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key, ca = live / "server.pem", live / "server.key", live / "ca.pem"
-    for source, target in ((certs.server_cert, cert), (certs.server_key, key), (certs.ca, ca)):
-        shutil.copy(source, target)
-    stage = TlsStage(cert, key, ca, tmp_path / "private" / "tls")
-    assert stage.client_ca is not None
-    assert stage.cert.read_bytes() == certs.server_cert.read_bytes()
-    assert stage.key.read_bytes() == certs.server_key.read_bytes()
-    assert stage.client_ca.read_bytes() == certs.ca.read_bytes()
-    assert stat.S_IMODE(stage.folder.stat().st_mode) == 0o700
-    assert stat.S_IMODE(stage.key.stat().st_mode) == 0o600
-    assert not stage.refresh()  # nothing changed
-    # A key that is not the certificate's: refused, logged, the copies stay as they were.
-    shutil.copy(second.server_key, key)
-    with caplog.at_level(logging.ERROR):
-        assert not stage.refresh()
-    assert "cannot be used together" in caplog.text
-    assert stage.key.read_bytes() == certs.server_key.read_bytes()
-    # The matching certificate follows: both taken at once.
-    shutil.copy(second.server_cert, cert)
-    assert stage.refresh()
-    assert stage.cert.read_bytes() == second.server_cert.read_bytes()
-    assert stage.key.read_bytes() == second.server_key.read_bytes()
-    # A CA bundle that is not one: refused, the previous bundle stays.
-    ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    assert not stage.refresh()
-    assert stage.client_ca.read_bytes() == certs.ca.read_bytes()
-    # Files that cannot be used at the start stop it, naming them.
-    for args, message in (
-        ((cert, live / "missing.key", None), "missing.key: cannot read"),
-        ((cert, certs.server_key, None), "cannot be used together"),
-    ):
-        with pytest.raises(InvalidInput, match=message):
-            TlsStage(*args, tmp_path / "other")
