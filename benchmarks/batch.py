@@ -95,9 +95,10 @@ def write_input(path: Path, rows: int) -> None:
 def job_settings() -> tuple[Any, int]:
     """The session settings and scorer threads ``edgewise batch`` uses on this machine."""
     from edgewise.runtime.config.settings import ServerSettings
+    from edgewise.runtime.serving.model import SessionSettings
 
     settings = ServerSettings.from_sources({})
-    return settings.session_settings(), settings.worker_threads
+    return SessionSettings.of(settings), settings.worker_threads
 
 
 def load_floor_data(path: Path, repo: Path, chunk_rows: int) -> list[np.ndarray]:

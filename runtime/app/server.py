@@ -21,64 +21,45 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
+from edgewise.runtime.app.composition import (
+    INFERENCE_SERVICE,
+    REPOSITORY_SERVICE,
+    check_settings,
+    grpc_server,
+    load_shedder,
+    memory_admission,
+    model_repository,
+    publish_split,
+    security,
+)
 from edgewise.runtime.app.supervisor import PEER_SUFFIX, peer_addresses
-from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
-from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
+from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.frontends.drain import hold_connections
-from edgewise.runtime.frontends.grpcio import (
-    InferenceServicer,
-    MonitoringServicer,
-    QualityServicer,
-    RepositoryServicer,
-)
 from edgewise.runtime.frontends.native.binding import NativeFront, load_front
-from edgewise.runtime.frontends.peer_windows import window_share_handler
 from edgewise.runtime.frontends.ports import (
     check_port_free,
     start_metrics_http,
     stop_http,
     write_port_file,
 )
-from edgewise.runtime.frontends.security import (
-    HEALTH_PREFIX,
-    REFLECTION_PREFIXES,
-    AuthInterceptor,
-    TokenSet,
-    server_credentials,
-)
 from edgewise.runtime.frontends.tls_stage import TlsStage
-from edgewise.runtime.frontends.wire import parsing_inside
-from edgewise.runtime.package.signing import TrustedKeys
-from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
-from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
-from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.serving.admission import MemoryAdmission
 from edgewise.runtime.serving.alerts import AlertHook
 from edgewise.runtime.serving.dataplane import DataPlane
-from edgewise.runtime.serving.drift_history import RecordingPublisher, history_from_environment
 from edgewise.runtime.serving.metrics import ServerMetrics
-from edgewise.runtime.serving.monitor_config import MonitorConfig
 from edgewise.runtime.serving.pipeline import InferenceCore
-from edgewise.runtime.serving.repository import ModelRepository
-from edgewise.runtime.serving.shedding import (
-    LoadShedder,
-    LoopLoad,
-    backstop_limit,
-    pending_limits,
-    service_handlers,
-)
+from edgewise.runtime.serving.shedding import LoopLoad
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from edgewise.runtime.frontends.http import HttpFront
 
 __all__ = ["InferenceServer", "run_server"]
@@ -89,44 +70,21 @@ log = logging.getLogger(__name__)
 # its clients to acknowledge the end of the last responses before closing their connections.
 _CONNECTION_DRAIN_SECONDS = 5.0
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
-MONITORING_SERVICE = epb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
-QUALITY_SERVICE = epb.DESCRIPTOR.services_by_name["QualityService"].full_name
-
 
 class InferenceServer:
+    """One server process: its parts made from ``settings`` in dependency order by the
+    composition root (composition.py), then bound, started and drained here."""
+
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.admission = MemoryAdmission(
-            settings.memory_budget_bytes,
-            enabled=settings.admission == "on",
-            registry=self.metrics.registry,
-        )
-        # The split in use (derived, or as set explicitly), published as a metric and logged.
-        split: dict[str, int | bool] = settings.budget.split() if settings.budget else {}
-        split.update({name: getattr(settings, name) for name in BUDGET_FIELDS})
-        limits = detect_limits()
-        publish_budget(self.metrics.registry, limits, split)
-        log.info("%s", describe_split(limits, split))
+        publish_split(settings, self.metrics)
+        self.security = security(settings, self.metrics)
+        self.shedder = load_shedder(settings, self.metrics, elsewhere=self._native_in_flight)
+        self.admission = memory_admission(settings, self.metrics)
         self.alerts = AlertHook(settings.alert_command, settings.alert_webhook)
-        # Each closed window's judgement also goes to the drift history (docs/monitoring.md).
-        history = history_from_environment(settings.repo)
-        drift_publisher = (
-            self.metrics if history is None else RecordingPublisher(self.metrics, history)
-        )
-        self.repository = ModelRepository(
-            settings.repo,
-            settings.session_settings(),
-            settings.policy(),
-            on_event=self._on_model_event,
-            monitor_defaults=MonitorConfig(enabled=settings.monitoring == "on"),
-            quality_enabled=settings.quality == "on",
-            on_alert=self.alerts.fire,
-            drift_publisher=drift_publisher,
-            quality_publisher=self.metrics,
-            performance_publisher=self.metrics,
+        self.repository = model_repository(
+            settings, self.metrics, self.security.trusted_keys, self.alerts
         )
         self.dataplane = DataPlane(self.repository)
         self.executor = ThreadPoolExecutor(
@@ -140,7 +98,6 @@ class InferenceServer:
         self._created: grpc.aio.Server | None = None  # made by start(), started or not
         self._metrics_http: WSGIServer | None = None
         self._drift_task: asyncio.Task[None] | None = None
-        self.shedder: LoadShedder | None = None
         self.loop_load: LoopLoad | None = None
         self.core: InferenceCore | None = None  # the request pipeline, made by start()
         self.front: NativeFront | None = None  # --front-end native
@@ -148,9 +105,9 @@ class InferenceServer:
         self.http: HttpFront | None = None  # --http-port
         self.http_port = -1
 
-    def _on_model_event(self, name: str, version: int, event: str) -> None:
-        self.metrics.model_event(name, version, event)
-        self.metrics.models_ready.set(len(self.repository.served_models()))
+    def _native_in_flight(self) -> int:
+        """The native front end's inference calls in flight (counted in C++; 0 without it)."""
+        return 0 if self.front is None else self.front.in_flight()
 
     async def update_health(self) -> None:
         status = (
@@ -161,51 +118,6 @@ class InferenceServer:
         for service in ("", INFERENCE_SERVICE, REPOSITORY_SERVICE):
             await self.health.set(service, status)
         self.metrics.models_ready.set(len(self.repository.served_models()))
-
-    def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
-        """Trusted keys for packages, the interceptors (tokens), the load shedder and the TLS
-        credentials of the port, from the settings; every problem is one readable error."""
-        settings = self.settings
-        if settings.trusted_keys is not None:
-            trusted = TrustedKeys.load(settings.trusted_keys)
-            self.repository.trusted_keys = trusted
-            log.info(
-                "model packages must be signed by one of %d trusted key(s) from %s: %s",
-                len(trusted),
-                settings.trusted_keys,
-                ", ".join(trusted),
-            )
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if settings.auth_enabled:
-            tokens = TokenSet(settings.tokens_file, settings.tokens)
-            open_prefixes = [HEALTH_PREFIX] if settings.health_open else []
-            if settings.reflection_open:
-                open_prefixes.extend(REFLECTION_PREFIXES)
-            interceptors.append(AuthInterceptor(tokens, open_prefixes, self.metrics.registry))
-            log.info(
-                "bearer-token authentication on (%d token(s)); open without a token: %s",
-                len(tokens),
-                ", ".join(p.strip("/").split("/")[0] for p in open_prefixes) or "nothing",
-            )
-            if settings.tls_cert is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
-                log.warning("tokens travel in clear text without TLS (--tls-cert/--tls-key)")
-        if settings.max_inflight > 0:
-            self.shedder = LoadShedder(
-                settings.max_inflight,
-                settings.retry_after_ms,
-                frozenset({f"/{INFERENCE_SERVICE}/ModelInfer"}),
-                self.metrics.registry,
-            )
-        credentials = None
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            credentials = server_credentials(
-                settings.tls_cert, settings.tls_key, settings.tls_client_ca
-            )
-            log.info(
-                "TLS on the gRPC port%s",
-                " with client certificates required (mutual TLS)" if settings.tls_client_ca else "",
-            )
-        return interceptors, credentials
 
     async def start(self) -> None:
         """Bind, register and start serving; a start that fails (a busy port) closes what it
@@ -237,29 +149,21 @@ class InferenceServer:
     async def _start(self) -> None:
         settings = self.settings
         limit = settings.max_message_bytes
-        interceptors, credentials = self._security()
-        if self.shedder is not None:
-            shedder = self.shedder
-            loop = asyncio.get_running_loop()
+        front_module = self._front_module()
+        shedder = self.shedder
+        if shedder is not None:
             self.loop_load = LoopLoad(
-                loop,
+                asyncio.get_running_loop(),
                 last_shed=lambda: shedder.last_shed,
                 in_flight=shedder.calls_in_flight,
                 limit=shedder.limit,
             )
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
-                *pending_limits(settings.max_inflight),
-            ],
-            # Our shedder answers past max_inflight (with a retry hint, counted); gRPC's own cap
-            # is only a backstop for every kind of call.
-            maximum_concurrent_rpcs=backstop_limit(settings.max_inflight),
-        )
-        self._created = server
+        # Every front end's inference calls, as a batch queue's idle test counts them.
+        calls_in_flight: Callable[[], int] | None = None
+        if shedder is not None:
+            calls_in_flight = shedder.admitted_calls
+        elif front_module is not None:
+            calls_in_flight = self._native_in_flight
         core = self.core = InferenceCore(
             self.dataplane,
             self.metrics,
@@ -268,44 +172,23 @@ class InferenceServer:
             self.admission,
             retry_after_ms=settings.retry_after_ms,
             loop_load=self.loop_load,
-            calls_in_flight=self.shedder.calls_in_flight if self.shedder is not None else None,
+            calls_in_flight=calls_in_flight,
         )
-        inference = InferenceServicer(core)
-        control = (self.repository, self.executor)
-        service, handlers = _inference_handlers(inference)
-        if self.shedder is None:
-            _register(server, service, handlers)
-        else:  # the shedder serves the inference service and refuses past its limit
-            self.shedder.add_service(service, handlers)
-            server.add_generic_rpc_handlers((self.shedder,))
-        peers = self._peers if settings.peers_dir is not None else None
-        repository = RepositoryServicer(self.repository, self.executor, self.update_health, peers)
-        monitoring = MonitoringServicer(*control, peers=peers)
-        if peers is not None:  # siblings ask for this process's share of a drift window
-            server.add_generic_rpc_handlers((window_share_handler(*control),))
-        for add_to_server, servicer in (
-            (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository),
-            (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),
-            (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control)),
-            (health_pb2_grpc.add_HealthServicer_to_server, self.health),
-        ):
-            service, handlers = service_handlers(add_to_server, servicer)
-            _register(server, service, parsing_inside(handlers))
-        reflection.enable_server_reflection(
-            (
-                INFERENCE_SERVICE,
-                REPOSITORY_SERVICE,
-                MONITORING_SERVICE,
-                QUALITY_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        auth = self.security.auth
+        server = self._created = grpc_server(
+            settings,
+            auth,
+            shedder,
+            core,
+            self.repository,
+            self.executor,
+            self.health,
+            self.update_health,
+            self._peers if settings.peers_dir is not None else None,
         )
         address = f"{settings.host}:{settings.port}"
         check_port_free(settings.host, settings.port, settings.reuse_port)
         upstream = ""
-        front_module = self._front_module()
         if front_module is not None:
             # The C++ front end takes the port; this server answers what it relays, on a
             # Unix socket in a folder only this user can enter.
@@ -313,7 +196,7 @@ class InferenceServer:
             upstream = f"unix:{self._front_dir / 'grpc.sock'}"
             _add_port(server, upstream)
         else:
-            self.port = _add_port(server, address, credentials)
+            self.port = _add_port(server, address, self.security.credentials)
         if settings.peers_dir is not None:
             # Multi-process mode: a private address for control calls forwarded by siblings.
             self.private_port = _add_port(server, "127.0.0.1:0")
@@ -321,8 +204,7 @@ class InferenceServer:
         await server.start()
         self._grpc = server
         if front_module is not None:
-            auth = next((i for i in interceptors if isinstance(i, AuthInterceptor)), None)
-            self.front = NativeFront(core, auth, self.shedder, settings.retry_after_ms)
+            self.front = NativeFront(core, auth, shedder, settings.retry_after_ms)
             # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
             # and its worker threads for those over inline_max_bytes or while calls are slow.
             self.port = self.front.start(
@@ -335,12 +217,8 @@ class InferenceServer:
                 small_max_bytes=settings.inline_max_bytes,
                 tls=self._tls_stage(),
             )
-            # The front end counts the inference calls (the shedder sees only relayed ones).
-            core.calls_in_flight = self.front.in_flight
-            if self.shedder is not None:
-                self.shedder.admitted.set_function(self.front.in_flight)
         if settings.http_port >= 0:
-            await self._start_http(core, interceptors)
+            await self._start_http(core)
         if settings.metrics_port >= 0:
             self._metrics_http = start_metrics_http(
                 settings.metrics_port, settings.metrics_host, self.metrics.registry
@@ -354,7 +232,7 @@ class InferenceServer:
             settings.repo,
         )
         loop = asyncio.get_running_loop()
-        if settings.monitoring == "on":
+        if settings.monitoring:
             # Load the request path's kernels now (compiled ahead of time, or numba's from its
             # cache or compiled): no request pays a JIT. Imported only here: with monitoring off
             # the server never loads them.
@@ -379,7 +257,7 @@ class InferenceServer:
             self.port,
             self.metrics_port if self._metrics_http else "off",
         )
-        if settings.monitoring == "on" and settings.drift_interval_seconds > 0:
+        if settings.monitoring and settings.drift_interval_seconds > 0:
             self._drift_task = asyncio.create_task(self._drift_timer())
         if settings.port_file is not None:
             http_port = self.http_port if self.http is not None else None
@@ -390,9 +268,7 @@ class InferenceServer:
             temporary.write_text(f"127.0.0.1:{self.private_port}\n")
             os.replace(temporary, peer_file)
 
-    async def _start_http(
-        self, core: InferenceCore, interceptors: list[grpc.aio.ServerInterceptor]
-    ) -> None:
+    async def _start_http(self, core: InferenceCore) -> None:
         """The HTTP/REST front end on ``host:http_port``, with the gRPC port's tokens, TLS files,
         in-flight limit (shared) and message size (see http_front.py). Imported only here: its
         HTTP stack is the ``http`` extra."""
@@ -409,10 +285,9 @@ class InferenceServer:
         self.http = HttpFront(
             core,
             self.dataplane,
-            auth=next((i for i in interceptors if isinstance(i, AuthInterceptor)), None),
+            auth=self.security.auth,
             health_open=settings.health_open,
-            shedder=self.shedder,
-            shared_in_flight=self.front.in_flight if self.front is not None else None,
+            shedder=self.shedder,  # which counts the native front end's calls with HTTP's
             max_message_bytes=settings.max_message_bytes,
             retry_after_ms=settings.retry_after_ms,
         )
@@ -522,28 +397,6 @@ def _add_port(
     return port
 
 
-def _inference_handlers(
-    inference: InferenceServicer,
-) -> tuple[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]:
-    """The inference service's name and handlers, every one parsing its own request (see
-    wire.py); ModelInfer takes its request as bytes (see InferenceServicer.infer_bytes)."""
-    add_to_server = pb_grpc.add_GRPCInferenceServiceServicer_to_server
-    service, handlers = service_handlers(add_to_server, inference)
-    handlers = parsing_inside(handlers)
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        inference.infer_bytes, response_serializer=pb.ModelInferResponse.SerializeToString
-    )
-    return service, handlers
-
-
-def _register(
-    server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-) -> None:
-    """Serve ``handlers`` of ``service``, as generated ``add_..._to_server`` functions do."""
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
-
-
 def warm_request_kernels() -> float:
     """Load the request path's kernels (the ahead-of-time compiled ones when built, otherwise
     numba's, from its cache or compiled); return the seconds.
@@ -593,6 +446,7 @@ async def _serve(settings: ServerSettings) -> None:
 
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code."""
+    check_settings(settings)  # once, before any process starts
     if settings.processes > 1:
         from edgewise.runtime.app.supervisor import run_supervisor
 

@@ -67,7 +67,7 @@ def _session_settings(options: BatchOptions) -> tuple[SessionSettings, int, int]
     }
     settings = ServerSettings.from_sources(overrides)
     cores = settings.budget.cores if settings.budget is not None else os.cpu_count() or 1
-    return settings.session_settings(), settings.worker_threads, cores
+    return SessionSettings.of(settings), settings.worker_threads, cores
 
 
 def _check_same_inputs(recorded: list[InputFile], found: list[InputFile]) -> None:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgewise.runtime.config.limits import (
     ResourceLimits,
@@ -26,17 +26,15 @@ from edgewise.runtime.config.limits import (
 )
 from edgewise.runtime.errors import InvalidInput
 
-if TYPE_CHECKING:  # imported where used: clients read this module without onnxruntime or numba
-    from edgewise.runtime.package.model_config import VersionPolicy
-    from edgewise.runtime.serving.model import SessionSettings
-
 __all__ = [
     "BUDGET_FIELDS",
     "ClientSecurity",
     "ServerSettings",
     "add_client_security_arguments",
     "client_security_from_args",
+    "parse_switch",
     "server_metrics_port",
+    "switch",
 ]
 
 ENV_PREFIX = "EDGEWISE_"
@@ -78,18 +76,18 @@ class ServerSettings:
     # Set by the multi-process supervisor for its server processes (not for users):
     reuse_port: bool = False  # EDGEWISE_REUSE_PORT: bind the port with SO_REUSEPORT
     peers_dir: Path | None = None  # EDGEWISE_PEERS_DIR: where sibling processes publish themselves
-    monitoring: str = "on"  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
+    monitoring: bool = True  # EDGEWISE_MONITORING: on | off (per-request statistics and drift)
     # EDGEWISE_FRONT_END: auto | native | grpcio: what serves the gRPC port (native: gRPC's C++
     # server, see frontends/native/binding.py; auto: native wherever it is built, TLS or not)
     front_end: str = "auto"
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
-    quality: str = "on"  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
+    quality: bool = True  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
     alert_webhook: str | None = None  # EDGEWISE_ALERT_WEBHOOK: POST the alert JSON here
     drift_interval_seconds: float = 10.0  # EDGEWISE_DRIFT_INTERVAL_SECONDS: timer (0: on demand)
     max_inflight: int = 0  # EDGEWISE_MAX_INFLIGHT: calls at once (0: no cap)
     memory_budget_bytes: int = 0  # EDGEWISE_MEMORY_BUDGET_BYTES: admission's budget (0: none)
-    admission: str = "on"  # EDGEWISE_ADMISSION: on | off (memory admission)
+    admission: bool = True  # EDGEWISE_ADMISSION: on | off (memory admission)
     memory_arena: bool = True  # EDGEWISE_MEMORY_ARENA: onnxruntime CPU arena and memory patterns
     # Security (see runtime/frontends/security.py and runtime/package/signing.py):
     tls_cert: Path | None = None  # EDGEWISE_TLS_CERT: PEM certificate chain of the gRPC port
@@ -108,20 +106,6 @@ class ServerSettings:
     @property
     def auth_enabled(self) -> bool:
         return self.tokens_file is not None or bool(self.tokens.strip())
-
-    def session_settings(self) -> SessionSettings:
-        from edgewise.runtime.serving.model import SessionSettings
-
-        return SessionSettings(
-            intra_op_threads=self.intra_op_threads,
-            inter_op_threads=self.inter_op_threads,
-            memory_arena=self.memory_arena,
-        )
-
-    def policy(self) -> VersionPolicy:
-        from edgewise.runtime.package.model_config import VersionPolicy
-
-        return VersionPolicy.parse(self.version_policy)
 
     @classmethod
     def from_sources(
@@ -146,7 +130,7 @@ class ServerSettings:
                 values[item.name] = _convert(item.name, item.type, raw)
         for key, value in overrides.items():
             if value is not None:
-                values[key] = value
+                values[key] = parse_switch(key, value) if key in SWITCHES else value
         explicit = {name: values[name] for name in BUDGET_FIELDS if name in values}
         budget = derive_budget(
             limits if limits is not None else detect_limits(), {**numba_override(env), **explicit}
@@ -175,18 +159,15 @@ class ServerSettings:
             raise InvalidInput("max-message-bytes must be at least 1024")
         if self.max_inflight < 0 or self.memory_budget_bytes < 0:
             raise InvalidInput("max-inflight and memory-budget-bytes must not be negative")
-        if self.admission not in ("on", "off"):
-            raise InvalidInput(f"admission must be 'on' or 'off', not {self.admission!r}")
+        for name in SWITCHES:  # typed at the edge (parse_switch): a string here is a mistake
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(f"{name} must be on or off, not {getattr(self, name)!r}")
         if self.processes < 1:
             raise InvalidInput("processes must be at least 1")
-        if self.quality not in ("on", "off"):
-            raise InvalidInput(f"quality must be 'on' or 'off', not {self.quality!r}")
         if self.front_end not in ("auto", "native", "grpcio"):
             raise InvalidInput(
                 f"front-end must be 'auto', 'native' or 'grpcio', not {self.front_end!r}"
             )
-        if self.monitoring not in ("on", "off"):
-            raise InvalidInput(f"monitoring must be 'on' or 'off', not {self.monitoring!r}")
         if self.drift_interval_seconds < 0:
             raise InvalidInput("drift-interval-seconds must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -195,11 +176,38 @@ class ServerSettings:
             raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
-        self.policy()
 
 
 #: The value of ``processes`` that sizes it from the budget.
 AUTO = "auto"
+
+#: The on/off settings: booleans inside the program, ``on``/``off`` (or true/false, 1/0, yes/no)
+#: on the command line and in ``EDGEWISE_*`` variables, read by :func:`parse_switch`.
+SWITCHES = ("monitoring", "quality", "admission")
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+def parse_switch(name: str, value: object) -> bool:
+    """``value`` (a bool, or text as a flag or an environment variable gives it) as a bool:
+    the one place an on/off word becomes a boolean."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidInput(f"{name.replace('_', '-')} must be on or off, not {value!r}")
+
+
+def switch(text: str) -> bool:
+    """An argparse ``type`` for an on/off flag (see :func:`parse_switch`)."""
+    try:
+        return parse_switch("value", text)
+    except InvalidInput:
+        raise argparse.ArgumentTypeError(f"{text!r}: use on or off") from None
 
 
 def server_metrics_port(environ: Mapping[str, str] | None = None) -> int:
@@ -232,10 +240,9 @@ def _convert(name: str, type_name: object, raw: str) -> Any:
         if text == "float":
             return float(raw)
         if text == "bool":
-            lowered = raw.strip().lower()
-            if lowered not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                raise ValueError(raw)
-            return lowered in ("1", "true", "on", "yes")
+            return parse_switch(name.lower(), raw)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={raw!r}: {exc.message}") from None
     except ValueError:
         raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
     return raw

@@ -354,7 +354,7 @@ def server_session_settings() -> SessionSettings:
     """The onnxruntime session settings ``edgewise serve`` would use on this machine."""
     from edgewise.runtime.config.settings import ServerSettings
 
-    return ServerSettings.from_sources({}).session_settings()
+    return SessionSettings.of(ServerSettings.from_sources({}))
 
 
 def measure_latency(

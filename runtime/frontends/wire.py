@@ -1,10 +1,11 @@
 """Request bodies are parsed by edgewise, not by gRPC.
 
-Every method of the server takes its request as bytes and parses it itself (:func:`decode`), so a
-body that is not the method's request message is answered INVALID_ARGUMENT from the one error
-table (status.py), on every front end and every service, with a message that says what was
-wrong. Left to grpcio, a parse failure is UNKNOWN with the parser's exception class in the
-message (and the native front end, which parses ModelInfer itself, answered differently).
+Every method of the server takes its request as bytes and parses it itself (the serving core's
+:func:`~edgewise.runtime.serving.codecs.decode`, or here with its message), so a body that
+is not the method's request message is answered INVALID_ARGUMENT from the one error table
+(status.py), on every front end and every service, with a message that says what was wrong.
+Left to grpcio, a parse failure is UNKNOWN with the parser's exception class in the message
+(and the native front end, which parses ModelInfer itself, answered differently).
 ModelInfer parses in its own handler (see InferenceServicer.infer_bytes: a large body is parsed
 on a worker thread, off the event loop); every other method through :func:`parsing_inside`.
 """
@@ -13,37 +14,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from edgewise.runtime.errors import ErrorCode, InvalidInput
+from edgewise.runtime.errors import ErrorCode
 from edgewise.runtime.frontends.status import grpc_status
+from edgewise.runtime.serving.codecs import not_valid
 
-__all__ = ["decode", "parsing_inside"]
-
-
-class _Message(Protocol):
-    @classmethod
-    def FromString(cls, body: bytes) -> Any: ...
-
-
-M = TypeVar("M", bound=_Message)
-
-
-def decode(message_type: type[M], body: bytes) -> M:
-    """``body`` parsed as a ``message_type``, or InvalidInput."""
-    try:
-        message: M = message_type.FromString(body)
-    except DecodeError:
-        raise InvalidInput(_not_valid(message_type)) from None
-    return message
-
-
-def _not_valid(message_type: object) -> str:
-    name = getattr(getattr(message_type, "DESCRIPTOR", None), "name", "request message")
-    return f"the request is not a valid {name}"
+__all__ = ["parsing_inside"]
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # subscriptable in the stubs only
@@ -60,7 +40,7 @@ def _parsing(handler: Handler) -> Handler:
     parse: Callable[[bytes], Any] | None = handler.request_deserializer
     if parse is None or handler.request_streaming:
         return handler
-    message = _not_valid(getattr(parse, "__self__", None))
+    message = not_valid(getattr(parse, "__self__", None))
     status = grpc_status(ErrorCode.INVALID_ARGUMENT)
 
     async def parsed(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY, datatype_of
@@ -26,6 +27,7 @@ __all__ = [
     "MAX_RANK",
     "DecodedInput",
     "TensorPlan",
+    "decode",
     "decode_bytes_raw",
     "decode_inputs",
     "decode_outputs",
@@ -33,6 +35,7 @@ __all__ = [
     "encode_bytes_raw",
     "encode_inputs",
     "encode_outputs",
+    "not_valid",
     "plan_inputs",
 ]
 
@@ -382,3 +385,27 @@ def encode_inputs(
     if not raw and any(a.dtype == np.float16 for a in inputs.values()):
         raise InvalidInput("FP16 inputs can only be sent as raw contents")
     _encode_tensors(request.inputs, request.raw_input_contents, inputs, raw)
+
+
+class _Message(Protocol):
+    @classmethod
+    def FromString(cls, body: bytes) -> Any: ...
+
+
+M = TypeVar("M", bound=_Message)
+
+
+def decode(message_type: type[M], body: bytes) -> M:
+    """``body`` parsed as a ``message_type``, or InvalidInput (the status every front end gives
+    a body that is not the method's request message; see frontends/wire.py)."""
+    try:
+        message: M = message_type.FromString(body)
+    except DecodeError:
+        raise InvalidInput(not_valid(message_type)) from None
+    return message
+
+
+def not_valid(message_type: object) -> str:
+    """The message of a body that does not parse as ``message_type``."""
+    name = getattr(getattr(message_type, "DESCRIPTOR", None), "name", "request message")
+    return f"the request is not a valid {name}"

@@ -33,6 +33,7 @@ from edgewise.runtime.package.paths import check_external_data, resolve_inside
 from edgewise.runtime.package.schema import onnxruntime_inputs
 
 if TYPE_CHECKING:
+    from edgewise.runtime.config.settings import ServerSettings
     from edgewise.runtime.package.performance_estimation import PerformanceEstimator
     from edgewise.runtime.package.signing import TrustedKeys
     from edgewise.runtime.serving.batching import BatchingConfig
@@ -53,6 +54,16 @@ class SessionSettings:
     graph_optimization: str = "all"  # disabled | basic | extended | all
     # The CPU arena grows in doublings and never gives memory back: off under small memory limits.
     memory_arena: bool = True
+
+    @classmethod
+    def of(cls, settings: ServerSettings) -> SessionSettings:
+        """The sessions a server with ``settings`` builds (also what batch and gate use, so a
+        model is measured as it is served)."""
+        return cls(
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            memory_arena=settings.memory_arena,
+        )
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from edgewise.runtime.errors import EdgewiseError, ResourceExhausted
-from edgewise.runtime.frontends.wire import decode
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.batching import DynamicBatcher
+from edgewise.runtime.serving.codecs import decode
 from edgewise.runtime.serving.dataplane import DataPlane, PreparedRequest
 from edgewise.runtime.serving.metrics import ServerMetrics
 from edgewise.runtime.serving.model import LoadedModel

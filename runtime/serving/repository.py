@@ -109,9 +109,6 @@ LoadListener = Callable[[str, int, str], None]
 class ModelRepository:
     """The served model set, backed by a repository folder."""
 
-    #: Public keys a package's signature must verify against (None: signatures not required).
-    trusted_keys: TrustedKeys | None = None
-
     def __init__(
         self,
         root: Path,
@@ -124,8 +121,11 @@ class ModelRepository:
         drift_publisher: DriftPublisher | None = None,
         quality_publisher: QualityPublisher | None = None,
         performance_publisher: PerformancePublisher | None = None,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
         self.root = root
+        # Public keys a package's signature must verify against (None: signatures not required).
+        self.trusted_keys = trusted_keys
         self.drift_publisher = drift_publisher  # where monitors publish their judged windows
         self.quality_publisher = quality_publisher  # where online quality publishes its totals
         self.performance_publisher = performance_publisher  # where CBPE estimates are shown

@@ -91,12 +91,16 @@ class LoadShedder(grpc.GenericRpcHandler):
         retry_ms: int,
         methods: frozenset[str],
         registry: CollectorRegistry | None = None,
+        elsewhere: Callable[[], int] | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("the in-flight limit must be at least 1")
         self.limit = limit
         self.methods = methods
         self.inflight = 0
+        # Inference calls counted outside this shedder that share its limit (the native front
+        # end's, counted in C++; it checks the limit itself with them and :attr:`inflight`).
+        self._elsewhere = elsewhere
         self.shed = 0
         self.last_shed = -1e9  # time.monotonic() of the last refusal
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -113,10 +117,11 @@ class LoadShedder(grpc.GenericRpcHandler):
         ).set(limit)
         self.admitted = Gauge(
             "edgewise_admitted_calls",
-            "Inference calls in flight as the shedder counts them (dispatched, not yet ended).",
+            "Inference calls in flight on every front end as the limit counts them (dispatched, "
+            "not yet ended).",
             registry=registry,
         )
-        self.admitted.set_function(lambda: self.inflight)
+        self.admitted.set_function(self.admitted_calls)
         trailers = retry_trailers(retry_ms)
         message = f"server overloaded: {limit} inference calls in flight; retry after {retry_ms} ms"
         self.refusal: tuple[str, tuple[tuple[str, str], ...]] = (message, trailers)
@@ -153,9 +158,10 @@ class LoadShedder(grpc.GenericRpcHandler):
         one more call unless the limit is reached, counting it with the gRPC ones (so both
         share the limit); False when it is (the call is counted as shed; answer it with
         :attr:`refusal`'s message and hint). ``elsewhere``: calls counted outside this shedder
-        that share the limit too (the native front end's). Every True is paired with
-        :meth:`leave`."""
-        if self.inflight + (elsewhere() if elsewhere is not None else 0) >= self.limit:
+        that share the limit too (default: the ones it was made with, the native front end's).
+        Every True is paired with :meth:`leave`."""
+        outside = elsewhere if elsewhere is not None else self._elsewhere
+        if self.inflight + (outside() if outside is not None else 0) >= self.limit:
             self.record_shed()
             return False
         self.inflight += 1
@@ -168,6 +174,11 @@ class LoadShedder(grpc.GenericRpcHandler):
     def calls_in_flight(self) -> int:
         """Inference calls dispatched and not yet ended (refused ones excluded)."""
         return self.inflight
+
+    def admitted_calls(self) -> int:
+        """Inference calls in flight on every front end: this shedder's (grpcio's and HTTP's)
+        and those counted elsewhere (the native front end's)."""
+        return self.inflight + (self._elsewhere() if self._elsewhere is not None else 0)
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails

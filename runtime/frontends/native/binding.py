@@ -46,8 +46,8 @@ from edgewise.runtime.frontends.grpcio import status_of
 from edgewise.runtime.frontends.security import AuthInterceptor
 from edgewise.runtime.frontends.tls_stage import CHECK_SECONDS as TLS_CHECK_SECONDS
 from edgewise.runtime.frontends.tls_stage import TlsStage
-from edgewise.runtime.frontends.wire import decode
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.serving.codecs import decode
 from edgewise.runtime.serving.pipeline import InferenceCore
 from edgewise.runtime.serving.shedding import LoadShedder
 
@@ -207,7 +207,9 @@ class NativeFront:
             if refused is not None:
                 return _UNAUTHENTICATED, refused, None, (), False
         shedder = self.shedder
-        if shedder is not None and in_flight > shedder.limit:
+        # ``in_flight`` (this call included) is C++'s count; the HTTP front end's calls are the
+        # shedder's, and share the one limit.
+        if shedder is not None and in_flight + shedder.calls_in_flight() > shedder.limit:
             shedder.record_shed()
             message, trailers = shedder.refusal
             return _RESOURCE_EXHAUSTED, message, None, trailers, False

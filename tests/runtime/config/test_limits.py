@@ -28,6 +28,7 @@ from edgewise.runtime.config.limits import (
 )
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.serving.model import SessionSettings
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -471,7 +472,7 @@ def test_settings_defaults_come_from_the_budget() -> None:
     assert (s.worker_threads, s.intra_op_threads, s.inter_op_threads) == (1, 1, 1)
     assert (s.max_inflight, s.max_message_bytes) == (13, 4 * MiB)
     assert s.memory_budget_bytes == int(0.8 * 256 * MiB) and s.memory_arena is False
-    assert s.session_settings().memory_arena is False
+    assert SessionSettings.of(s).memory_arena is False
     assert s.budget is not None and s.budget.compute_threads == 2
     # Explicit values win, and the rest follows them.
     big = ResourceLimits.simulated(8, 8 * GiB)

@@ -185,6 +185,26 @@ def test_tokens_are_checked_before_the_in_flight_limit(core: InferenceCore, repo
     assert front.handle(body, f"Bearer {TOKEN}", None, 2)[0] == 0
 
 
+def test_the_in_flight_limit_counts_the_http_calls_too(core: InferenceCore, repo: Path) -> None:
+    """One limit for every front end: C++ counts the native calls, the shedder the HTTP ones
+    (through enter/leave); a native call is admitted only while their sum is within it, and
+    edgewise_admitted_calls shows the sum."""
+    native_in_flight = [0]
+    shedder = LoadShedder(2, 50, frozenset(), elsewhere=lambda: native_in_flight[0])
+    front = NativeFront(core, None, shedder, 50)
+    body = request_bytes("logreg", features(repo, 1))
+    assert shedder.enter()  # an HTTP call is running
+    assert front.handle(body, None, None, 1)[0] == 0  # 1 native (this one) + 1 HTTP: the limit
+    code, message, _, _, _ = front.handle(body, None, None, 2)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "overloaded" in message
+    assert shedder.shed == 1
+    native_in_flight[0] = 1  # a native call holds a slot: HTTP gets the other, then no more
+    assert shedder.admitted_calls() == 2 and not shedder.enter()
+    shedder.leave()
+    assert shedder.admitted_calls() == 1 and shedder.enter()
+    assert shedder.admitted.collect()[0].samples[0].value == 2
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=512))
 def test_any_bytes_get_an_answer_never_an_exception(core: InferenceCore, data: bytes) -> None:

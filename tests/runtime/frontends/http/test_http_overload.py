@@ -1,7 +1,8 @@
-"""HTTP inference calls share the gRPC port's in-flight limit: with a costly call running on
-one front end, a call on the other is shed at once, 503 with ``Retry-After`` on HTTP (see
-frontends/status.py for why not 429), RESOURCE_EXHAUSTED on gRPC, each counted as shed. And its
-drain: SIGTERM lets an HTTP call under way finish."""
+"""HTTP inference calls share the gRPC port's in-flight limit, both ways and on both gRPC front
+ends: with a costly call running on one front end, a call on the other is shed at once, 503 with
+``Retry-After`` on HTTP (see frontends/status.py for why not 429), RESOURCE_EXHAUSTED on gRPC,
+each counted as shed, and ``edgewise_admitted_calls`` counts the running call whichever front end
+holds it. And its drain: SIGTERM lets an HTTP call under way finish."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def while_running(
         while metric(server, "edgewise_inflight_requests") < 1:
             assert first.is_alive(), "the costly call ended before its model was seen running"
             first.join(0.01)
+        # The limit's count holds the running call, whichever front end took it.
+        assert metric(server, "edgewise_admitted_calls") == 1
         other()
         assert metric(server, "edgewise_inflight_requests") == 1  # refused while it ran
     finally:
@@ -89,10 +92,14 @@ def test_http_is_shed_while_a_grpc_call_holds_the_limit(
     assert "overloaded" in answer.json()["error"]
 
 
-def test_grpc_is_shed_while_an_http_call_holds_the_limit(model_repo: Path, tmp_path: Path) -> None:
-    """grpcio only: the native front end counts its calls in C++ and does not see HTTP's yet."""
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_grpc_is_shed_while_an_http_call_holds_the_limit(
+    model_repo: Path, tmp_path: Path, front_end: str
+) -> None:
+    """The native front end counts its calls in C++ and adds the HTTP calls the shedder
+    counts before it admits one."""
     with (
-        running_server(model_repo, tmp_path, [*ARGS, *front_end_args("grpcio")]) as server,
+        running_server(model_repo, tmp_path, [*ARGS, *front_end_args(front_end)]) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         body, length = http_body(ROWS)
@@ -108,7 +115,9 @@ def test_grpc_is_shed_while_an_http_call_holds_the_limit(model_repo: Path, tmp_p
                 channel.unary_unary(MODEL_INFER)(grpc_body(1), timeout=60)
             refused.append(error.value)
 
+        shed = metric(server, "edgewise_shed_requests_total")
         while_running(server, costly, grpc_call)
+        assert metric(server, "edgewise_shed_requests_total") == shed + 1
     assert refused[0].code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
 
 
