@@ -456,6 +456,17 @@ def _cmd_quality(args: argparse.Namespace) -> int:
     )
     for item in report.slices:
         print(f"  {item.slice:<40} {item.count:>8}  {report.metric} {item.error:.4g}")
+    if not report.checked:
+        print(f"CBPE against the labels: not checked ({report.check_reason})")
+    elif report.checked_rows:
+        print(
+            f"CBPE against the labels, on the {report.checked_rows} labelled rows: estimated "
+            f"accuracy {report.estimated_accuracy:.4f}, realized {report.realized_accuracy:.4f} "
+            f"(difference {report.realized_accuracy - report.estimated_accuracy:+.4f}; chance "
+            f"alone gives +-{report.accuracy_chance:.4f})"
+        )
+    else:
+        print("CBPE against the labels: no labelled row with a confidence yet")
     if args.reset:
         print("detections acknowledged: drifting starts over")
     return 0

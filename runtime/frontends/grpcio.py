@@ -468,6 +468,7 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
                     reason="quality tracking is off for this model version",
                 )
             report = model.quality.report()
+            check = report["label_check"]
             return epb.QualityReport(
                 model=model.name,
                 version=model.version_str,
@@ -485,6 +486,12 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
                     epb.SliceQuality(slice=key, count=value["count"], error=value["error"])
                     for key, value in report["slices"].items()
                 ],
+                checked=check is not None,
+                check_reason=report["check_reason"],
+                checked_rows=check["labelled"] if check is not None else 0,
+                estimated_accuracy=check["estimated_accuracy"] if check is not None else math.nan,
+                realized_accuracy=check["realized_accuracy"] if check is not None else math.nan,
+                accuracy_chance=check["chance"] if check is not None else math.nan,
             )
         except Exception as exc:
             await _abort(context, exc)

@@ -128,6 +128,14 @@ class ServerMetrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.labelled_accuracy = Gauge(
+            "edgewise_labelled_accuracy",
+            "A calibrated classifier's accuracy on the rows whose labels joined: CBPE's estimate "
+            "(source=estimated, the mean calibrated confidence) and the labels' (realized).",
+            ["model", "version", "source"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.estimated_performance = Gauge(
             "edgewise_estimated_performance",
             "Confidence-based (CBPE) estimate of a classifier's accuracy or ROC-AUC over the last "
@@ -220,12 +228,24 @@ class ServerMetrics:
             },
             self.quality_labelled: {(model, version): snapshot["labelled"]},
             self.quality_drifts: {(model, version): snapshot["drifts"]},
+            self.labelled_accuracy: {},
         }
+        check = snapshot.get("label_check")
+        if check is not None and check["labelled"]:
+            wanted[self.labelled_accuracy] = {
+                (model, version, "estimated"): check["estimated_accuracy"],
+                (model, version, "realized"): check["realized_accuracy"],
+            }
         self._replace_series(model, version, wanted)
 
     def forget_quality(self, model: str, version: str) -> None:
         """Drop the online quality series of a model version (it is unloaded)."""
-        gauges = (self.quality_error, self.quality_labelled, self.quality_drifts)
+        gauges = (
+            self.quality_error,
+            self.quality_labelled,
+            self.quality_drifts,
+            self.labelled_accuracy,
+        )
         self._replace_series(model, version, {gauge: {} for gauge in gauges})
 
     def publish_performance(self, model: str, version: str, estimates: Mapping[str, float]) -> None:

@@ -12,6 +12,16 @@ happens when labels arrive. Configured per model in ``<repo>/<model>/config.json
 
 ``slice_by`` names categorical inputs (BYTES tensors) whose values split the error.
 
+CBPE against the labels: for a classifier whose package has a calibration (converted with
+``--labels``), each kept row also keeps its confidence, the calibrated probability that its
+prediction is right (``Calibration.confidence``, from the ``probabilities`` the model already
+returned: one small vectorised map per request, no extra model call). Each label that joins
+adds its row to a per-version ``LabelCheck``: the estimated accuracy
+(the mean confidence) beside the realized one on exactly the labelled rows, with the spread
+chance alone gives. Rows whose answer did not compute the probabilities (a request that asked
+for the label only while the version has no CBPE estimator) keep no confidence and are left
+out of the check, never counted as a guess.
+
 The state changes in two places only, each validated first: a batch of labels is checked whole
 (type, NaN or infinity, a class the model has) before any row is marked labelled, so a refused
 batch changes nothing; :meth:`OnlineQuality.reset` (the ResetQuality RPC) acknowledges the
@@ -35,6 +45,11 @@ import numpy.typing as npt
 
 from edgewise.runtime.config import values as config_values
 from edgewise.runtime.errors import InvalidInput, PackageError
+from edgewise.runtime.package.performance_estimation import (
+    PROBABILITIES_OUTPUT,
+    Calibration,
+    LabelCheck,
+)
 
 if TYPE_CHECKING:
     from edgewise.kernels import ADWIN, DDM
@@ -108,6 +123,8 @@ class _Kept:
     predictions: npt.NDArray[Any]  # one per row: class labels or regression values
     slices: tuple[npt.NDArray[Any], ...]  # per slice_by input, one value per row
     labelled: npt.NDArray[np.bool_]
+    #: Per row, the calibrated probability that its prediction is right (None: not calibrated).
+    confidence: npt.NDArray[np.float64] | None = None
 
 
 @dataclass
@@ -151,9 +168,12 @@ class OnlineQuality:
         on_alert: Callable[[str, Mapping[str, Any]], object] | None = None,
         classes: ClassSource = None,
         publisher: QualityPublisher | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         """``publisher`` shows a snapshot as the version's gauges after every batch that joined
-        labels (the one place the totals change), and forgets them at :meth:`close`."""
+        labels (the one place the totals change), and forgets them at :meth:`close`.
+        ``calibration`` (a classifier's, from its package): keep each row's confidence and check
+        the CBPE estimate against the labels that join (:class:`LabelCheck`)."""
         self.model = model
         self.version = version
         self.classifier = classifier
@@ -175,6 +195,8 @@ class OnlineQuality:
         self._on_alert = on_alert
         self._publisher = publisher
         self._closed = False
+        self._calibration = calibration if classifier else None
+        self._label_check = LabelCheck() if self._calibration is not None else None
         self._class_source = classes if classifier else None
         self._classes: tuple[LabelValue, ...] | None = None
         self._classes_read = False
@@ -206,12 +228,27 @@ class OnlineQuality:
             for name in self.config.slice_by
             if name in feeds
         )
-        kept = _Kept(rows, slices, np.zeros(rows.shape[0], dtype=np.bool_))
+        kept = _Kept(
+            rows, slices, np.zeros(rows.shape[0], dtype=np.bool_), self._confidence(results, rows)
+        )
         with self._lock:
             self._kept[request_id] = kept
             self._kept.move_to_end(request_id)
             while len(self._kept) > self.config.join_size:
                 self._kept.popitem(last=False)
+
+    def _confidence(
+        self, results: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]
+    ) -> npt.NDArray[np.float64] | None:
+        """Each row's calibrated confidence, from the probabilities the model returned (None
+        without a calibration, or when the answer has no probabilities of the right shape)."""
+        calibration = self._calibration
+        if calibration is None:
+            return None
+        probabilities = results.get(PROBABILITIES_OUTPUT)
+        if probabilities is None or probabilities.shape != (rows.shape[0], calibration.n_classes):
+            return None
+        return calibration.confidence(probabilities)
 
     def keeps(self, request_id: str) -> bool:
         """Whether a prediction of ``request_id`` is kept here (for routing labels)."""
@@ -299,6 +336,7 @@ class OnlineQuality:
         """Join labels that :meth:`validate` returned; returns (joined, unknown, duplicate)."""
         with self._lock:
             joins, unknown, duplicate = self._match(labels)
+            self._check_estimate(joins)  # may refuse the batch: before anything is marked
             for join in joins:
                 join.kept.labelled[join.row] = True
             fired = self._learn(joins) if joins else False
@@ -327,6 +365,22 @@ class OnlineQuality:
                 error = self._error(kept.predictions[row], truth)
                 joins.append(_Join(kept, row, error, self._slice_keys(kept, row)))
         return joins, unknown, duplicate
+
+    def _check_estimate(self, joins: Sequence[_Join]) -> None:
+        """Add the joined rows that kept a confidence to the label check (under the lock;
+        ``LabelCheck.add`` checks the whole batch before counting any of it)."""
+        check = self._label_check
+        if check is None:
+            return
+        confidences: list[float] = []
+        correct: list[bool] = []
+        for join in joins:
+            confidence = join.kept.confidence
+            if confidence is not None:
+                confidences.append(float(confidence[join.row]))
+                correct.append(join.error == 0.0)
+        if confidences:
+            check.add(np.asarray(confidences), np.asarray(correct, dtype=np.bool_))
 
     def _slice_keys(self, kept: _Kept, row: int) -> tuple[str, ...]:
         keys = []
@@ -415,7 +469,18 @@ class OnlineQuality:
                 key: {"count": s.count, "error": s.error / s.count}
                 for key, s in sorted(self._slices.items())
             },
+            # CBPE against the labels (None: the version has no calibration).
+            "label_check": self._label_check.report() if self._label_check is not None else None,
+            "check_reason": self._check_reason(),
         }
+
+    def _check_reason(self) -> str:
+        """Why the estimate is not checked against the labels ("" when it is)."""
+        if self._label_check is not None:
+            return ""
+        if not self.classifier:
+            return "CBPE estimates classifiers only"
+        return "the package has no calibration (convert the model with --labels)"
 
     def report(self) -> dict[str, Any]:
         """A consistent snapshot (taken under the lock). Reading changes nothing."""

@@ -53,7 +53,10 @@ from edgewise.runtime.serving.monitor_config import MonitorConfig
 from edgewise.runtime.serving.quality import OnlineQuality, QualityConfig, QualityPublisher
 
 if TYPE_CHECKING:
-    from edgewise.runtime.package.performance_estimation import PerformancePublisher
+    from edgewise.runtime.package.performance_estimation import (
+        Calibration,
+        PerformancePublisher,
+    )
     from edgewise.runtime.serving.monitor import DriftPublisher
 
 __all__ = [
@@ -441,6 +444,7 @@ class ModelRepository:
                     self.on_alert,
                     classes=lambda: graph_class_labels(model_file),  # read with the first labels
                     publisher=self.quality_publisher,
+                    calibration=_calibration(model) if classifier else None,
                 )
         settings = MonitorConfig.from_json(model_config.monitoring or {}, self.monitor_defaults)
         if not settings.enabled:
@@ -527,3 +531,17 @@ def _close_versions(before: Mapping[int, LoadedModel], after: Mapping[int, Loade
             model.quality.close()
         if model.performance is not None:
             model.performance.close()
+
+
+def _calibration(model: LoadedModel) -> Calibration | None:
+    """A classifier's calibration (its package's, converted with ``--labels``), when the model
+    answers the probabilities it maps; None otherwise. The online quality checks the CBPE
+    estimate against the labels with it."""
+    from edgewise.runtime.package.performance_estimation import (
+        PROBABILITIES_OUTPUT,
+        read_calibration,
+    )
+
+    if PROBABILITIES_OUTPUT not in model.output_names:
+        return None
+    return read_calibration(model.folder, (model.manifest.profile or {}).get("calibration"))

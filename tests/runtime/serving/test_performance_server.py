@@ -6,6 +6,8 @@ calibration shows none."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +132,51 @@ def test_the_estimate_tracks_the_realized_metrics_and_goes_with_the_version(
     with server.client() as client:
         client.unload_model("bc")
     assert estimates(metrics_text(server), "bc") == {}
+
+
+def test_the_quality_report_checks_the_estimate_against_the_labels(
+    server: RunningServer, traffic: tuple[Path, object, np.ndarray]
+) -> None:
+    """GetQuality and ``edgewise quality``: estimated vs realized accuracy on exactly the rows
+    whose labels came back (oracle: scikit-learn's accuracy on them), the gauge pair beside."""
+    repo, x_new, y_new = traffic
+    manifest = read_manifest(repo / "bc" / "1")
+    rows = 60
+    inputs = frame_to_inputs(manifest, x_new.iloc[:rows])  # type: ignore[attr-defined]
+    with server.client() as client:
+        client.load_model("bc")  # the test before unloads it
+        predicted = []
+        for i in range(rows):
+            one = {name: value[i : i + 1] for name, value in inputs.items()}
+            answer = client.infer("bc", one, request_id=f"q{i}")
+            predicted.append(int(answer.outputs["label"].reshape(-1)[0]))
+        labelled = [i for i in range(rows) if i % 4 != 0]  # some labels never come back
+        joined = client.submit_feedback("bc", [(f"q{i}", 0, int(y_new[i])) for i in labelled])
+        assert joined.joined == len(labelled)
+        report = client.quality_report("bc")
+        plain = client.quality_report("plain")
+    assert report.checked and report.checked_rows == len(labelled)
+    want = accuracy_score(y_new[labelled], np.asarray(predicted)[labelled])
+    assert report.realized_accuracy == pytest.approx(want)
+    assert abs(report.realized_accuracy - report.estimated_accuracy) <= (
+        3 * report.accuracy_chance + 0.05
+    )
+    assert not plain.checked and "--labels" in plain.check_reason
+    text = metrics_text(server)
+    shown = {
+        line.split('source="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edgewise_labelled_accuracy{") and 'model="bc"' in line
+    }
+    assert shown == pytest.approx(
+        {"estimated": report.estimated_accuracy, "realized": report.realized_accuracy}
+    )
+    printed = subprocess.run(
+        [sys.executable, "-m", "edgewise.runtime.cli", "quality", "bc", "--server", server.target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"on the {len(labelled)} labelled rows" in printed
+    assert f"realized {report.realized_accuracy:.4f}" in printed

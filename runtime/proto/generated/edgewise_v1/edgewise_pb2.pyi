@@ -698,6 +698,12 @@ class QualityReport(_message.Message):
     DRIFTS_FIELD_NUMBER: _builtins.int
     SLICES_FIELD_NUMBER: _builtins.int
     KEPT_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    CHECK_REASON_FIELD_NUMBER: _builtins.int
+    CHECKED_ROWS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_ACCURACY_FIELD_NUMBER: _builtins.int
+    REALIZED_ACCURACY_FIELD_NUMBER: _builtins.int
+    ACCURACY_CHANCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     available: _builtins.bool
@@ -718,6 +724,19 @@ class QualityReport(_message.Message):
     drifts: _builtins.int
     """detections since the version was loaded"""
     kept_predictions: _builtins.int
+    checked: _builtins.bool
+    """CBPE against the labels (a classifier whose package has a calibration, converted with
+    --labels): on exactly the labelled rows that kept a confidence when they were served, the
+    estimated accuracy (their mean calibrated confidence) beside the realized one, and the
+    standard deviation chance alone gives the realized accuracy if the calibration were exact.
+    checked false: no calibration (check_reason says why); checked_rows 0: no such row yet
+    (the accuracies are then NaN).
+    """
+    check_reason: _builtins.str
+    checked_rows: _builtins.int
+    estimated_accuracy: _builtins.float
+    realized_accuracy: _builtins.float
+    accuracy_chance: _builtins.float
     @_builtins.property
     def slices(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliceQuality]: ...
     def __init__(
@@ -737,10 +756,16 @@ class QualityReport(_message.Message):
         drifts: _builtins.int = ...,
         slices: _abc.Iterable[Global___SliceQuality] | None = ...,
         kept_predictions: _builtins.int = ...,
+        checked: _builtins.bool = ...,
+        check_reason: _builtins.str = ...,
+        checked_rows: _builtins.int = ...,
+        estimated_accuracy: _builtins.float = ...,
+        realized_accuracy: _builtins.float = ...,
+        accuracy_chance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "drifting", b"drifting", "drifts", b"drifts", "error", b"error", "kept_predictions", b"kept_predictions", "labelled", b"labelled", "metric", b"metric", "model", b"model", "reason", b"reason", "recent_error", b"recent_error", "slices", b"slices", "version", b"version", "warning", b"warning", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy_chance", b"accuracy_chance", "available", b"available", "check_reason", b"check_reason", "checked", b"checked", "checked_rows", b"checked_rows", "drifting", b"drifting", "drifts", b"drifts", "error", b"error", "estimated_accuracy", b"estimated_accuracy", "kept_predictions", b"kept_predictions", "labelled", b"labelled", "metric", b"metric", "model", b"model", "realized_accuracy", b"realized_accuracy", "reason", b"reason", "recent_error", b"recent_error", "slices", b"slices", "version", b"version", "warning", b"warning", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
