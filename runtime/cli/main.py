@@ -350,6 +350,7 @@ def _format_drift(report: Any) -> str:
         state = "not judged: too few rows"
     lines = [
         f"{head}: {report.rows} rows (reference {report.reference_rows}); {state}",
+        *([report.reason] if report.reason else []),  # e.g. which look the verdict is
         f"{'feature':<28} {'kind':<11} {'psi':>7} {'js':>6} {'ks':>6} {'wass':>8} "
         f"{'mean':>10} {'missing':>7} {'out/unseen':>10}  status",
     ]

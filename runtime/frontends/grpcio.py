@@ -351,8 +351,9 @@ class MonitoringServicer(epb_grpc.MonitoringServiceServicer):
                 )
                 return _report_to_proto(report)
             loop = asyncio.get_running_loop()
+            # The monitor decides what a report of the growing window shows (served_report).
             report = await loop.run_in_executor(
-                self.executor, monitor.report, window, request.exact, scores
+                self.executor, monitor.served_report, window, request.exact, scores
             )
             return _report_to_proto(report)
         except Exception as exc:

@@ -347,6 +347,10 @@ class ModelMonitor:
         # oldest dropped beyond config.closed_windows, and how many were dropped so far.
         self._closed_windows: deque[_Closed] = deque(maxlen=max(config.closed_windows, 1))
         self._windows_dropped = 0
+        # The timer's last look at a current window: (that window's number, its report), and
+        # whether a timer judges this monitor at all (evaluate was called).
+        self._look_of_current: tuple[int, DriftReport] | None = None
+        self._timer = False
 
     # ---- the request path ----------------------------------------------------------------------
 
@@ -535,6 +539,7 @@ class ModelMonitor:
         with self._judging:
             if self._closed:
                 return None
+            self._timer = True
             self._tick()
             with self._lock:
                 closed = list(self._closed_windows)
@@ -612,6 +617,7 @@ class ModelMonitor:
         judgement = self._judge(window, self._look_config(level))
         if not judgement.report.insufficient_data:  # a window too small to judge: no look
             self._looked_window, self._looked_level = number, level
+            self._look_of_current = (number, judgement.report)
         return judgement
 
     def close(self) -> None:
@@ -748,13 +754,65 @@ class ModelMonitor:
         share: :meth:`last_judgement`). Pure."""
         return self._report(window, exact, scores, self.config)
 
+    def served_report(
+        self, window: str = "current", exact: bool = False, scores: bool = True
+    ) -> DriftReport:
+        """What the server answers a drift report (GetDriftReport): :meth:`report`, except for
+        the current window without the exact tests once a timer judges this monitor. Judging
+        the growing window afresh at the full rates on every call would be a look of its own
+        each time (ask often enough and a window without drift is flagged), and would disagree
+        with the gauges and the alerts. So the verdict and the scores are the timer's last look
+        at the current window (its ``rows``, ``computed_at`` and ``thresholds``: when, on how
+        many rows, at which share of ``alpha``), and each feature's ``statistics`` are live,
+        the ``reason`` saying both; before the timer's first look at the window, the live scores
+        unjudged (``reason``: not judged yet). ``exact`` still judges on demand, at the full
+        rates. Pure."""
+        if window != "current" or exact or not scores or not self._timer:
+            return self.report(window, exact, scores)
+        live = self.report(window, False, False)
+        with self._lock:
+            number = self._window_number
+        look = self._look_of_current
+        if look is None or look[0] != number:
+            if live.insufficient_data:
+                return self.report(window, False, True)  # too few rows: nothing to judge
+            report = self._report_of(window, self._view(window, False), True, self.config, False)
+            report.reason = (
+                f"not judged yet: the drift timer's first look at this window ({report.rows} "
+                "rows) is due at its next tick; the scores are live, without a verdict "
+                "(--exact judges now, at the full rates)"
+            )
+            return report
+        judged = look[1]
+        statistics = {(f.name, f.kind): f.statistics for f in live.features}
+        when = time.strftime("%H:%M:%S", time.gmtime(judged.computed_at))
+        return replace(
+            judged,
+            features=[
+                replace(f, statistics=statistics.get((f.name, f.kind), f.statistics))
+                for f in judged.features
+            ],
+            wrong_type=live.wrong_type,
+            reason=(
+                f"verdict and scores: the drift timer's last look, at {judged.rows} rows "
+                f"({when} UTC, alpha {judged.thresholds.get('alpha', math.nan):.3g}); "
+                f"statistics: live, {live.rows} rows now"
+            ),
+        )
+
     def _report(self, window: str, exact: bool, scores: bool, config: MonitorConfig) -> DriftReport:
         return self._report_of(window, self._view(window, exact and scores), scores, config)
 
     def _report_of(
-        self, window: str, view: _WindowView, scores: bool, config: MonitorConfig
+        self,
+        window: str,
+        view: _WindowView,
+        scores: bool,
+        config: MonitorConfig,
+        verdict: bool = True,
     ) -> DriftReport:
-        """The report of ``view`` (the statistics of ``window``), judged with ``config``."""
+        """The report of ``view`` (the statistics of ``window``), judged with ``config`` (with
+        ``verdict``)."""
         rows = view.rows
         thresholds = verdict_thresholds(config)
         report = DriftReport(
@@ -776,7 +834,7 @@ class ModelMonitor:
         self._categorical_features(report, view, scores)
         self._prediction_features(report, view, scores)
         self._multivariate_feature(report, view, scores)
-        if not report.insufficient_data:
+        if verdict and not report.insufficient_data:
             judge(report.features, config)
             report.drifting = any(f.drifting for f in report.features)
         return report

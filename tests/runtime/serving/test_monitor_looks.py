@@ -128,3 +128,48 @@ def test_a_window_without_drift_is_flagged_at_any_look_at_most_alpha_of_the_time
     warning_bound = stats.binom.ppf(0.999, NULL_WINDOWS, config.warning_alpha)
     assert flags[:, 0].sum() <= drifting_bound, flags.sum(axis=0)
     assert flags[:, 1].sum() <= warning_bound, flags.sum(axis=0)
+
+
+def test_the_served_report_of_the_growing_window_is_the_timers_last_look() -> None:
+    """GetDriftReport's answer (``served_report``) for the current window: the verdict and the
+    scores of the timer's last look (its rows, time and share of alpha), the statistics live;
+    before the first look the live scores without a verdict; on demand while no timer runs, and
+    with ``exact``. Asking again and again never judges anew."""
+    rng = np.random.default_rng(8)
+    frame = pd.DataFrame(rng.normal(size=(REFERENCE_ROWS, 2)), columns=["a", "b"])
+    features = infer_features(frame)
+    profile = build_profile(frame_to_inputs(features, frame), features)
+    config = MonitorConfig(window_rows=1_000, min_rows=100)
+    monitor = ModelMonitor("m", "1", profile, config)
+
+    def feed(rows: int, shift: float = 0.0) -> None:
+        values = rng.normal(size=(rows, 2)) + np.array([shift, 0.0])
+        monitor.observe(frame_to_inputs(features, pd.DataFrame(values, columns=["a", "b"])))
+
+    feed(150, shift=2.0)
+    untimed = monitor.served_report()  # no timer: one judgement on demand, at the full rates
+    assert untimed.drifting and untimed.thresholds["alpha"] == config.alpha
+    assert untimed.rows == 150 and not untimed.reason
+    looked = monitor.evaluate()  # the timer's look at level 0
+    assert looked is not None and looked.report.drifting
+    feed(60, shift=2.0)
+    served = monitor.served_report()
+    assert served.drifting and served.rows == 150  # the look's rows...
+    assert served.computed_at == looked.report.computed_at
+    assert served.thresholds["alpha"] == pytest.approx(config.alpha / planned_looks(config))
+    by_name = {f.name: f for f in served.features}
+    assert by_name["a"].scores == {f.name: f for f in looked.report.features}["a"].scores
+    assert by_name["a"].statistics["count"] == 210  # ...the statistics live
+    assert "last look, at 150 rows" in served.reason and "210 rows now" in served.reason
+    assert monitor.served_report().features[0].scores == served.features[0].scores  # pure
+    exact = monitor.served_report(exact=True)  # judged now, at the full rates
+    assert exact.rows == 210 and exact.thresholds["alpha"] == config.alpha
+    assert monitor.served_report(window="lifetime").rows == 210  # other windows: on demand
+    monitor.reset()
+    feed(120)
+    fresh = monitor.served_report()  # the new window has no look yet: scores, no verdict
+    assert fresh.rows == 120 and not fresh.drifting and not fresh.insufficient_data
+    assert fresh.features[0].scores and not fresh.features[0].reasons
+    assert "not judged yet" in fresh.reason
+    monitor.evaluate()
+    assert monitor.served_report().reason.startswith("verdict and scores")
