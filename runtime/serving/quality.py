@@ -13,14 +13,15 @@ happens when labels arrive. Configured per model in ``<repo>/<model>/config.json
 ``slice_by`` names categorical inputs (BYTES tensors) whose values split the error.
 
 CBPE against the labels: for a classifier whose package has a calibration (converted with
-``--labels``), each kept row also keeps its confidence, the calibrated probability that its
-prediction is right (``Calibration.confidence``, from the ``probabilities`` the model already
-returned: one small vectorised map per request, no extra model call). Each label that joins
-adds its row to a per-version ``LabelCheck``: the estimated accuracy
-(the mean confidence) beside the realized one on exactly the labelled rows, with the spread
-chance alone gives. Rows whose answer did not compute the probabilities (a request that asked
-for the label only while the version has no CBPE estimator) keep no confidence and are left
-out of the check, never counted as a guess.
+``--labels``), each kept row also keeps the ``probabilities`` the model already returned for it
+(a copy of one small array on the request path: mapping them to a confidence there, one call
+per request, costs several times the copy). When labels join, their rows' confidences (the
+calibrated probability that the prediction is right, ``Calibration.confidence``) are computed
+in one vectorised call for the whole batch, and added to a per-version ``LabelCheck``: the
+estimated accuracy (the mean confidence) beside the realized one on exactly the labelled rows,
+with the spread chance alone gives. Rows whose answer did not compute the probabilities (a
+request that asked for the label only while the version has no CBPE estimator) keep none and
+are left out of the check, never counted as a guess.
 
 The state changes in two places only, each validated first: a batch of labels is checked whole
 (type, NaN or infinity, a class the model has) before any row is marked labelled, so a refused
@@ -123,8 +124,9 @@ class _Kept:
     predictions: npt.NDArray[Any]  # one per row: class labels or regression values
     slices: tuple[npt.NDArray[Any], ...]  # per slice_by input, one value per row
     labelled: npt.NDArray[np.bool_]
-    #: Per row, the calibrated probability that its prediction is right (None: not calibrated).
-    confidence: npt.NDArray[np.float64] | None = None
+    #: The model's probabilities, ``[rows, classes]``, for the confidence of a row that gets
+    #: its label (None: the version is not calibrated, or the answer had none).
+    probabilities: npt.NDArray[Any] | None = None
 
 
 @dataclass
@@ -229,7 +231,10 @@ class OnlineQuality:
             if name in feeds
         )
         kept = _Kept(
-            rows, slices, np.zeros(rows.shape[0], dtype=np.bool_), self._confidence(results, rows)
+            rows,
+            slices,
+            np.zeros(rows.shape[0], dtype=np.bool_),
+            self._probabilities(results, rows),
         )
         with self._lock:
             self._kept[request_id] = kept
@@ -237,18 +242,19 @@ class OnlineQuality:
             while len(self._kept) > self.config.join_size:
                 self._kept.popitem(last=False)
 
-    def _confidence(
+    def _probabilities(
         self, results: Mapping[str, npt.NDArray[Any]], rows: npt.NDArray[Any]
-    ) -> npt.NDArray[np.float64] | None:
-        """Each row's calibrated confidence, from the probabilities the model returned (None
-        without a calibration, or when the answer has no probabilities of the right shape)."""
+    ) -> npt.NDArray[Any] | None:
+        """A copy of the probabilities the model returned, kept for the confidence of rows whose
+        labels join (None without a calibration, or when the answer has none of the right
+        shape)."""
         calibration = self._calibration
         if calibration is None:
             return None
         probabilities = results.get(PROBABILITIES_OUTPUT)
         if probabilities is None or probabilities.shape != (rows.shape[0], calibration.n_classes):
             return None
-        return calibration.confidence(probabilities)
+        return probabilities.copy()
 
     def keeps(self, request_id: str) -> bool:
         """Whether a prediction of ``request_id`` is kept here (for routing labels)."""
@@ -367,20 +373,21 @@ class OnlineQuality:
         return joins, unknown, duplicate
 
     def _check_estimate(self, joins: Sequence[_Join]) -> None:
-        """Add the joined rows that kept a confidence to the label check (under the lock;
-        ``LabelCheck.add`` checks the whole batch before counting any of it)."""
-        check = self._label_check
-        if check is None:
+        """Add the joined rows that kept their probabilities to the label check, their
+        confidences mapped in one call (under the lock; ``LabelCheck.add`` checks the whole
+        batch before counting any of it)."""
+        check, calibration = self._label_check, self._calibration
+        if check is None or calibration is None:
             return
-        confidences: list[float] = []
+        rows: list[npt.NDArray[Any]] = []
         correct: list[bool] = []
         for join in joins:
-            confidence = join.kept.confidence
-            if confidence is not None:
-                confidences.append(float(confidence[join.row]))
+            probabilities = join.kept.probabilities
+            if probabilities is not None:
+                rows.append(probabilities[join.row])
                 correct.append(join.error == 0.0)
-        if confidences:
-            check.add(np.asarray(confidences), np.asarray(correct, dtype=np.bool_))
+        if rows:
+            check.add(calibration.confidence(np.stack(rows)), np.asarray(correct, dtype=np.bool_))
 
     def _slice_keys(self, kept: _Kept, row: int) -> tuple[str, ...]:
         keys = []
