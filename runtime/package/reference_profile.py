@@ -326,7 +326,14 @@ class ReferenceProfile:
             )
         except PackageError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        except (
+            AttributeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            OverflowError,
+        ) as exc:  # a JSON value of the wrong kind (null or a list where an object belongs)
             raise PackageError(
                 f"malformed reference profile: {type(exc).__name__}: {exc}"
             ) from None
