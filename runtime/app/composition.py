@@ -5,6 +5,8 @@ depend on each other, each given what it needs when it is made.
 
 Nothing is set on a part after it exists (a repository used to get its trusted keys as an
 attribute, set after construction and before the first load: an ordering nobody could see).
+One count crosses the order: the native front end's calls in flight, which C++ counts once the
+front end runs; the shedder and the core are given a function that reads it (0 before then).
 :class:`~edgewise.runtime.app.server.InferenceServer` calls these in that order and runs what
 they make: binds, starts, drains. Its own module, not ``app/__init__``: the supervisor of
 ``serve --processes N`` lives in app/ too and must not load the server's graph to start.
