@@ -55,9 +55,14 @@ def check_common(result: dict[str, Any], front_end: str = "native") -> None:
         # The native front end takes every call in and sheds it with the hint: alone on the
         # machine OK and RESOURCE_EXHAUSTED only; a few CANCELLED when other work starves it.
         assert ok + shed >= 0.9 * sent, codes
-    # It was overloaded, it shed, and every call it refused carried the retry hint.
+    # It was overloaded, it shed, and every refusal a client received carried the retry hint.
     assert result["server_shed_total"] >= 0.2 * sent, result
-    assert result["shed_with_retry_hint"] == result["server_shed_total"] >= 0.9 * shed, result
+    assert result["shed_with_retry_hint"] == shed, result
+    # The server counted every refusal it sent; those it counted that no client received as
+    # one are calls whose client gave up first (its deadline passed, or the call was cancelled,
+    # as happens when other work starves the machine).
+    gave_up = codes.get("DEADLINE_EXCEEDED", 0) + refused_by_core
+    assert shed <= result["server_shed_total"] <= shed + gave_up, result
     assert result["retry_hints_ms"] == ["50"]
     # It kept doing useful work all along instead of queueing: calls were accepted in every third
     # of the run, and were answered before their 2 s deadline (a queue turns them into the
