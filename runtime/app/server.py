@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from edgewise.runtime._fs import write_text_atomic
 from edgewise.runtime.app.composition import (
     INFERENCE_SERVICE,
     REPOSITORY_SERVICE,
@@ -264,9 +265,7 @@ class InferenceServer:
             write_port_file(settings.port_file, self.port, self.metrics_port, http_port)
         if settings.peers_dir is not None:
             peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
-            temporary = peer_file.with_name(peer_file.name + ".tmp")
-            temporary.write_text(f"127.0.0.1:{self.private_port}\n")
-            os.replace(temporary, peer_file)
+            write_text_atomic(peer_file, f"127.0.0.1:{self.private_port}\n")
 
     async def _start_http(self, core: InferenceCore) -> None:
         """The HTTP/REST front end on ``host:http_port``, with the gRPC port's tokens, TLS files,

@@ -62,7 +62,10 @@ def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
     """Private control addresses of the sibling processes (from their files in ``peers_dir``)."""
     addresses = []
     for path in sorted(peers_dir.glob(f"*{PEER_SUFFIX}")):
-        pid = int(path.name.removesuffix(PEER_SUFFIX))
+        stem = path.name.removesuffix(PEER_SUFFIX)
+        if not stem.isdigit():
+            continue  # a sibling's file being written (the atomic write's temporary name)
+        pid = int(stem)
         if pid == exclude_pid:
             continue
         try:
