@@ -40,7 +40,7 @@ import numpy as np
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.serving.codecs import decode_bytes_raw, element_count
+from edgewise.runtime.serving.codecs import TYPED_FIELD, decode_bytes_raw, element_count
 
 __all__ = [
     "BINARY_EXTENSION",
@@ -71,20 +71,6 @@ _INT_RANGE: Final[dict[str, tuple[int, int]]] = {
     **{f"UINT{bits}": (0, (1 << bits) - 1) for bits in (8, 16, 32, 64)},
 }
 _FLOATS: Final = frozenset({"FP16", "FP32", "FP64"})
-_TYPED_FIELD: Final[dict[str, str]] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    BYTES: "bytes_contents",
-}
 _LENGTH: Final = struct.Struct("<I")
 
 
@@ -273,7 +259,7 @@ class _Input:
         if self.datatype == BYTES:
             values = [item.encode("utf-8", "surrogatepass") for item in values]
         try:
-            getattr(tensor.contents, _TYPED_FIELD[self.datatype]).extend(values)
+            getattr(tensor.contents, TYPED_FIELD[self.datatype]).extend(values)
         except OverflowError:  # an integer no double holds, given for a float datatype
             raise InvalidInput(
                 f"{self.where}.data: a value is outside the {self.datatype} range"
@@ -471,7 +457,7 @@ def render_infer(response: pb.ModelInferResponse, forms: OutputForms) -> tuple[b
 
 
 def _typed_bytes(tensor: pb.ModelInferResponse.InferOutputTensor) -> bytes:
-    values = getattr(tensor.contents, _TYPED_FIELD[tensor.datatype])
+    values = getattr(tensor.contents, TYPED_FIELD[tensor.datatype])
     if tensor.datatype == BYTES:
         return _pack_bytes(values)
     return np.asarray(values, dtype=DATATYPE_TO_NUMPY[tensor.datatype]).tobytes()
@@ -485,7 +471,7 @@ def _pack_bytes(items: Iterable[bytes]) -> bytes:
 def _json_values(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | None) -> list[Any]:
     datatype = tensor.datatype
     if raw is None:
-        values: list[Any] = list(getattr(tensor.contents, _TYPED_FIELD[datatype]))
+        values: list[Any] = list(getattr(tensor.contents, TYPED_FIELD[datatype]))
     elif datatype == BYTES:
         count = math.prod(tensor.shape)
         values = list(decode_bytes_raw(tensor.name, raw, count, "output"))

@@ -25,6 +25,7 @@ from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 __all__ = [
     "MAX_ELEMENTS",
     "MAX_RANK",
+    "TYPED_FIELD",
     "DecodedInput",
     "TensorPlan",
     "decode",
@@ -45,8 +46,8 @@ MAX_ELEMENTS: Final = 1 << 31
 # Numpy 1 shapes at most 32 dimensions (numpy 2: 64); no model takes more.
 MAX_RANK: Final = 32
 
-# Which InferTensorContents field carries which datatype, and the value range for the narrow ones.
-_TYPED_FIELD: Final[dict[str, str]] = {
+#: Which InferTensorContents field carries which datatype (every front end's typed contents).
+TYPED_FIELD: Final[dict[str, str]] = {
     "BOOL": "bool_contents",
     "INT8": "int_contents",
     "INT16": "int_contents",
@@ -60,7 +61,8 @@ _TYPED_FIELD: Final[dict[str, str]] = {
     "FP64": "fp64_contents",
     BYTES: "bytes_contents",
 }
-_ALL_TYPED_FIELDS: Final = tuple(sorted(set(_TYPED_FIELD.values())))
+_ALL_TYPED_FIELDS: Final = tuple(sorted(set(TYPED_FIELD.values())))
+# The value range of the narrow integer types (carried in wider typed fields).
 _NARROW: Final[dict[str, tuple[int, int]]] = {
     "INT8": (-(1 << 7), (1 << 7) - 1),
     "INT16": (-(1 << 15), (1 << 15) - 1),
@@ -201,7 +203,7 @@ class TensorPlan:
 
     def _decode_typed(self, contents: pb.InferTensorContents) -> npt.NDArray[Any]:
         datatype, count = self.datatype, self.count
-        field = _TYPED_FIELD[datatype]
+        field = TYPED_FIELD[datatype]
         values = getattr(contents, field)
         if datatype == BYTES:
             array = np.empty(count, dtype=object)
@@ -244,7 +246,7 @@ def _check_typed_count(
 ) -> None:
     if datatype == "FP16":
         raise InvalidInput(f"{kind} {name!r}: FP16 is only accepted as raw_{kind}_contents")
-    field = _TYPED_FIELD[datatype]
+    field = TYPED_FIELD[datatype]
     for other in _ALL_TYPED_FIELDS:
         if other != field and len(getattr(contents, other)):
             raise InvalidInput(
@@ -337,7 +339,7 @@ def _fill_typed(contents: pb.InferTensorContents, datatype: str, array: npt.NDAr
         # Typed contents have no FP16 field; widen to FP32 as the spec allows for responses.
         contents.fp32_contents.extend(flat.astype(np.float32).tolist())
         return
-    getattr(contents, _TYPED_FIELD[datatype]).extend(flat.tolist())
+    getattr(contents, TYPED_FIELD[datatype]).extend(flat.tolist())
 
 
 def _encode_tensors(
