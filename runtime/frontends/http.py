@@ -102,7 +102,6 @@ class HttpFront:
         auth: AuthInterceptor | None = None,
         health_open: bool = True,
         shedder: LoadShedder | None = None,
-        shared_in_flight: Callable[[], int] | None = None,
         max_message_bytes: int = 64 << 20,
         retry_after_ms: int = 50,
     ) -> None:
@@ -111,9 +110,6 @@ class HttpFront:
         self.auth = auth
         self.health_open = health_open
         self.shedder = shedder
-        # Inference calls the shedder does not count itself that share its limit (the native
-        # front end's); None: the shedder's own count is the whole count.
-        self.shared_in_flight = shared_in_flight
         self.max_message_bytes = max_message_bytes
         self.in_flight = 0  # inference calls being answered
         self._idle = asyncio.Event()
@@ -235,7 +231,7 @@ class HttpFront:
         started = time.perf_counter()
         arrived = time.monotonic()
         shedder = self.shedder
-        if shedder is not None and not shedder.enter(self.shared_in_flight):
+        if shedder is not None and not shedder.enter():
             return _error(503, shedder.refusal[0], self._retry_headers)
         self.in_flight += 1
         self._idle.clear()

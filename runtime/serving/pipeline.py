@@ -149,7 +149,9 @@ class InferenceCore:
         self.retry_after_ms = retry_after_ms  # the hint of memory admission and full batch queues
         # A saturated event loop runs nothing inline (see LoopLoad): calls stay visible to shedding.
         self.loop_load = loop_load
-        self.calls_in_flight = calls_in_flight  # the shedder's count: a batcher's idle test
+        self.calls_in_flight = (
+            calls_in_flight  # every front end's calls in flight: a batcher's idle test
+        )
         # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
         # thread ran the model: a race only blurs it.
         self.run_seconds = 0.0
