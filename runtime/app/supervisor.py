@@ -58,14 +58,21 @@ log = logging.getLogger(__name__)
 PEER_SUFFIX = ".peer"
 
 
+def published_peers(peers_dir: Path) -> dict[int, Path]:
+    """The processes that have published their control address: pid -> its file. A file being
+    written (the atomic write's temporary name, which also ends in the suffix) is not one yet."""
+    found = {}
+    for path in sorted(peers_dir.glob(f"*{PEER_SUFFIX}")):
+        stem = path.name.removesuffix(PEER_SUFFIX)
+        if stem.isdigit():
+            found[int(stem)] = path
+    return found
+
+
 def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
     """Private control addresses of the sibling processes (from their files in ``peers_dir``)."""
     addresses = []
-    for path in sorted(peers_dir.glob(f"*{PEER_SUFFIX}")):
-        stem = path.name.removesuffix(PEER_SUFFIX)
-        if not stem.isdigit():
-            continue  # a sibling's file being written (the atomic write's temporary name)
-        pid = int(stem)
+    for pid, path in published_peers(peers_dir).items():
         if pid == exclude_pid:
             continue
         try:
@@ -218,9 +225,7 @@ def _wait_serving(children: list[_Child], peers_dir: Path, stopping: threading.E
     """Until every process has published its control address (it does so once SERVING)."""
     deadline = time.monotonic() + 300
     while True:
-        published = {
-            int(p.name.removesuffix(PEER_SUFFIX)) for p in peers_dir.glob(f"*{PEER_SUFFIX}")
-        }
+        published = published_peers(peers_dir)
         if all(child.process.pid in published for child in children):
             return
         for child in children:
