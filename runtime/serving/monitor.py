@@ -846,24 +846,11 @@ class ModelMonitor:
         table = None
         if scores and view.numeric is not None and view.rows > 0:
             assert self._reference_numeric_counts is not None
-            table = drift_scores(
-                self._reference_numeric_counts,
-                open_ended(view.numeric, numeric.edges),
-                numeric.edges,
-                smoothing=PSI_SMOOTHING,
-                min_expected=MIN_EXPECTED,
-            )
+            table = _score_table(self._reference_numeric_counts, view.numeric, numeric.edges)
         for index, name in enumerate(numeric.names):
             feature = FeatureReport(name, "numeric", {}, False, False, [], {})
             if table is not None:
-                feature.scores = {
-                    "psi": float(table.psi[index]),
-                    "jensenshannon": float(table.jensenshannon[index]),
-                    "wasserstein": float(table.wasserstein[index]),
-                    "ks": float(table.ks[index]),
-                    "chi2": float(table.chi2[index]),
-                    "chi2_pvalue": float(table.chi2_pvalue[index]),
-                }
+                feature.scores = _binned_scores(table, index)
             if view.stats is not None and view.stats.numeric is not None:
                 feature.statistics = _numeric_statistics(
                     view.stats.numeric, index, numeric.edges.overflow_column
@@ -931,24 +918,13 @@ class ModelMonitor:
         # inputs, e.g. rows folded in without outputs).
         if scores and seen >= max(self.config.min_rows, 1):
             assert self._reference_output_counts is not None
-            table = drift_scores(
-                self._reference_output_counts,
-                open_ended(stats.outputs.histogram.counts, values.edges),
-                values.edges,
-                smoothing=PSI_SMOOTHING,
-                min_expected=MIN_EXPECTED,
+            table = _score_table(
+                self._reference_output_counts, stats.outputs.histogram.counts, values.edges
             )
         for index, name in enumerate(values.names):
             feature = FeatureReport(name, "prediction", {}, False, False, [], {})
             if table is not None:
-                feature.scores = {
-                    "psi": float(table.psi[index]),
-                    "jensenshannon": float(table.jensenshannon[index]),
-                    "wasserstein": float(table.wasserstein[index]),
-                    "ks": float(table.ks[index]),
-                    "chi2": float(table.chi2[index]),
-                    "chi2_pvalue": float(table.chi2_pvalue[index]),
-                }
+                feature.scores = _binned_scores(table, index)
             feature.statistics = _numeric_statistics(
                 stats.outputs, index, values.edges.overflow_column
             )
@@ -1044,6 +1020,30 @@ def _alert_details(report: DriftReport) -> dict[str, Any]:
             for feature in report.features
             if feature.drifting
         },
+    }
+
+
+def _score_table(reference: Any, window: Any, edges: Any) -> Any:
+    """The binned scores of a window's counts against the reference's (open outer bins, PSI
+    smoothing, sparse bins merged for the chi-square test): the same for inputs and outputs."""
+    return drift_scores(
+        reference,
+        open_ended(window, edges),
+        edges,
+        smoothing=PSI_SMOOTHING,
+        min_expected=MIN_EXPECTED,
+    )
+
+
+def _binned_scores(table: Any, index: int) -> dict[str, float]:
+    """Row ``index`` of a score table as a report's scores."""
+    return {
+        "psi": float(table.psi[index]),
+        "jensenshannon": float(table.jensenshannon[index]),
+        "wasserstein": float(table.wasserstein[index]),
+        "ks": float(table.ks[index]),
+        "chi2": float(table.chi2[index]),
+        "chi2_pvalue": float(table.chi2_pvalue[index]),
     }
 
 
