@@ -10,13 +10,25 @@ MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 # The ahead-of-time compiled kernels (kernels/_native.py), rebuilt when a kernel source changes.
 NATIVE_STAMP := $(VENV)/.native-kernels
 
-.PHONY: demo test native mlflow-venv check lint imports format typecheck proto proto-check bench image podman clean
+.PHONY: demo test native mlflow-venv check lint imports format typecheck proto proto-check lock lock-check bench image podman clean
 
-$(STAMP): pyproject.toml
+# The dev venv installs exactly the hash-pinned lock (requirements/dev.txt: the dev extra), then
+# edgewise itself without resolving anything again.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+## lock: recompile requirements/serve.txt and dev.txt from pyproject.toml (uv, hash-pinned, for
+## linux x86_64 and aarch64; pins that still fit stay). LOCK_ARGS="--upgrade-package NAME" moves one.
+lock: $(STAMP)
+	$(BIN)/python requirements/lock.py compile $(LOCK_ARGS)
+
+## lock-check: the lockfiles were compiled from pyproject's dependencies as they are now (offline)
+lock-check:
+	$(PYTHON) requirements/lock.py check
 
 # A native build that fails says so, with its reason (the line above it). Outside CI the server
 # then serves without it and the tests that need it are skipped with that reason; under CI (CI
@@ -53,8 +65,8 @@ test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
-## check: lint, format, strict typing, the layer contract, generated-code freshness
-check: lint typecheck imports proto-check
+## check: lint, format, strict typing, the layer contract, generated-code and lockfile freshness
+check: lint typecheck imports proto-check lock-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
