@@ -12,10 +12,10 @@ import socket
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
 from prometheus_client.registry import Collector
 
 from edgewise.runtime._fs import write_text_atomic
+from edgewise.runtime.frontends import metrics_http
 
 __all__ = [
     "bind_error",
@@ -75,10 +75,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def start_metrics_http(port: int, host: str, registry: Collector) -> WSGIServer:
-    """Serve ``registry`` for Prometheus on ``host:port`` (a thread of its own); stop it with
-    :func:`stop_http`. :func:`bind_error` ("the metrics port") when it cannot bind."""
+    """Serve ``registry`` for Prometheus at ``http://host:port/metrics`` (a thread of its own;
+    404 off /metrics and /healthz, process metrics added, no ``_created`` series: see
+    :mod:`~edgewise.runtime.frontends.metrics_http`); stop it with :func:`stop_http`.
+    :func:`bind_error` ("the metrics port") when it cannot bind."""
     try:
-        server, _thread = start_http_server(port, host, registry=registry)
+        server = metrics_http.start(port, host, registry)
     except OSError as exc:
         raise bind_error(host, port, exc, "the metrics port") from None
     return server

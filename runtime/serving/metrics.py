@@ -17,12 +17,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 if TYPE_CHECKING:
     from edgewise.runtime.serving.monitor import DriftReport
 
-__all__ = ["LATENCY_BUCKETS", "SKEW_KINDS", "ServerMetrics"]
+__all__ = ["LATENCY_BUCKETS", "OTHER_LABEL", "SKEW_KINDS", "ServerMetrics"]
 
 # Seconds: fine resolution below a millisecond, where a healthy request lives.
 LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+
+#: The ``model`` / ``version`` label of a request for a model or version this server never
+#: loaded: the names come from the request, so showing them would let callers grow the series
+#: without bound. No model name or version can start with "_".
+OTHER_LABEL: Final = "_other"
 
 #: The schema-skew counts of a feature's statistics shown as ``edgewise_schema_skew{kind}``.
 SKEW_KINDS: Final = ("missing", "infinite", "out_of_range", "unseen")
@@ -152,6 +157,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._request_children: dict[tuple[str, str, str], Counter] = {}
+        # The model versions this server has loaded (ever): the request labels it shows as they
+        # are; any other name or version shows as OTHER_LABEL. Grown by model_event only.
+        self._loaded_models: set[str] = set()
+        self._loaded_versions: set[tuple[str, str]] = set()
         self._latency_children: dict[tuple[str, str], Histogram] = {}
         # The drift and quality series this object shows, per model version and gauge: what
         # a publish replaces and a forget clears (prometheus_client's children are private).
@@ -165,8 +174,7 @@ class ServerMetrics:
         key = (model, version, code)
         counter = self._request_children.get(key)
         if counter is None:
-            counter = self.requests.labels(model, version, code)
-            self._request_children[key] = counter
+            counter = self._request_child(key)
         counter.inc()
         if code == "OK":
             hkey = (model, version)
@@ -176,7 +184,28 @@ class ServerMetrics:
                 self._latency_children[hkey] = histogram
             histogram.observe(seconds)
 
+    def _request_child(self, key: tuple[str, str, str]) -> Counter:
+        """The requests counter's child for ``key`` with its labels bounded (see
+        :data:`OTHER_LABEL`); cached only under a key that names a loaded version or the
+        default one, so the cache stays as bounded as the series."""
+        model, version, code = key
+        if model not in self._loaded_models:
+            model, version = OTHER_LABEL, OTHER_LABEL
+        elif version and (model, version) not in self._loaded_versions:
+            version = OTHER_LABEL
+        bounded = (model, version, code)
+        counter = self._request_children.get(bounded)
+        if counter is None:
+            counter = self.requests.labels(*bounded)
+            self._request_children[bounded] = counter
+        return counter
+
     def model_event(self, model: str, version: int, event: str) -> None:
+        """Count a lifecycle event of a version found in the repository (``load`` also makes
+        its name and version labels that requests for it show)."""
+        if event == "load":
+            self._loaded_versions.add((model, str(version)))
+            self._loaded_models.add(model)
         self.model_events.labels(model, str(version), event).inc()
 
     def publish_drift(self, report: DriftReport) -> None:

@@ -262,7 +262,8 @@ def test_metrics_count_requests_latency_and_load_events(server: RunningServer) -
     assert (
         metric_value(text, "edgewise_requests_total", model="logreg", version="1", code="OK") >= 1
     )
-    assert metric_value(text, "edgewise_requests_total", model="nope", code="NOT_FOUND") >= 1
+    assert metric_value(text, "edgewise_requests_total", model="_other", code="NOT_FOUND") >= 1
+    assert 'model="nope"' not in text  # a requested name is no label value (bounded)
     assert metric_value(text, "edgewise_request_duration_seconds_count", model="logreg") >= 1
     assert "edgewise_inflight_requests" in text
     assert metric_value(text, "edgewise_model_events_total", model="logreg", event="load") >= 1
