@@ -1,7 +1,7 @@
 """HTTP/REST against gRPC on one edgewise server, in one run.
 
     .venv/bin/python benchmarks/http_serving.py [--quick] [--seconds S] [--rounds R (default 3)]
-                                                [--front-end auto|native|grpcio]
+                                                [--front-end auto|native|grpcio] [--mlserver]
 
 One server (``serve --http-port 0``) serves benchmarks/serving.py's two models (a logistic
 regression and a 100-tree forest on 32 digit pixels). Three clients drive it, each the real
@@ -13,6 +13,13 @@ alternate the clients, so drift on a shared machine hits all three; medians over
 reported, and each HTTP line carries the median of its per-round ratios to gRPC (the baseline,
 measured in the same rounds against the same server process).
 
+With ``--mlserver`` the same rounds also drive MLServer 1.7.1 (mlserver-sklearn serving the
+same scikit-learn models, installed once into .build/mlserver-venv by benchmarks/suite.py) with the
+same two clients: ``mlserver_grpc`` and ``mlserver_http_json`` (MLServer's default outputs; it has
+no binary tensor extension). Their lines carry the median of the per-round ratios of edgewise's
+figure to MLServer's (``ratio_..._edgewise_vs_mlserver``: below 1, edgewise spends less), each
+edgewise protocol against MLServer's same protocol, measured in the same rounds.
+
 A separate script rather than a case of serving.py: it compares protocols on one server, where
 serving.py compares one protocol against floors.
 """
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +45,8 @@ from serving import N_FEATURES, build_models, cpu_seconds  # noqa: E402
 
 CLIENTS = ("grpc", "http_json", "http_binary")
 BASELINE = "grpc"
+# MLServer's cases: each against edgewise's case of the same protocol.
+MLSERVER_CLIENTS = {"mlserver_grpc": "grpc", "mlserver_http_json": "http_json"}
 
 
 def client_main(kind: str, url: str, model: str, concurrency: int, seconds: float) -> None:
@@ -46,24 +56,33 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
 
     rng = np.random.default_rng(os.getpid())
     data = rng.random((64, N_FEATURES), dtype=np.float32) * 16
-    if kind == "grpc":
+    protocol = MLSERVER_CLIENTS.get(kind, kind)
+    binary = protocol == "http_binary"
+    if protocol == "grpc":
         import tritonclient.grpc.aio as triton
 
         outputs = None
     else:
         import tritonclient.http.aio as triton  # type: ignore[no-redef]
 
-        binary = kind == "http_binary"
         outputs = [
             triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")
         ]
+    headers = None
+    if kind in MLSERVER_CLIENTS and protocol != "grpc":
+        # MLServer's sklearn runtime answers its own output, "predict"; its FastAPI app refuses a
+        # body without the JSON content type, which tritonclient.http.aio does not send.
+        outputs = [triton.InferRequestedOutput("predict", binary_data=False)]
+        headers = {"Content-Type": "application/json"}
+    elif kind in MLSERVER_CLIENTS:
+        outputs = None
 
     async def run() -> dict[str, Any]:
         client = triton.InferenceServerClient(url=url)
 
         def make_inputs(i: int) -> list[Any]:
             tensor = triton.InferInput("features", [1, N_FEATURES], "FP32")
-            if kind == "grpc":
+            if protocol == "grpc":
                 tensor.set_data_from_numpy(data[i % 64 : i % 64 + 1])
             else:
                 tensor.set_data_from_numpy(data[i % 64 : i % 64 + 1], binary_data=binary)
@@ -71,6 +90,7 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
 
         latencies: list[float] = []
         errors = 0
+        first_error: list[str] = []
 
         async def worker(k: int, until: float, measure: bool) -> None:
             nonlocal errors
@@ -80,9 +100,13 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
                 if now >= until:
                     return
                 try:
-                    await client.infer(model, make_inputs(i), outputs=outputs)
-                except Exception:
+                    if headers is None:
+                        await client.infer(model, make_inputs(i), outputs=outputs)
+                    else:
+                        await client.infer(model, make_inputs(i), outputs=outputs, headers=headers)
+                except Exception as exc:
                     errors += 1
+                    first_error[:] = first_error or [str(exc)[:300]]
                     continue
                 if measure:
                     latencies.append(time.perf_counter() - now)
@@ -95,7 +119,7 @@ def client_main(kind: str, url: str, model: str, concurrency: int, seconds: floa
         stop_at = time.perf_counter() + seconds
         await asyncio.gather(*(worker(k, stop_at, True) for k in range(concurrency)))
         await client.close()
-        return {"latencies": latencies, "errors": errors}
+        return {"latencies": latencies, "errors": errors, "first_error": first_error}
 
     print(json.dumps(asyncio.run(run())))
 
@@ -132,6 +156,8 @@ def drive(
         result = json.loads(out)
         latencies.extend(result["latencies"])
         errors += result["errors"]
+        if result["errors"] and not result["latencies"]:
+            raise RuntimeError(f"{kind} on {model}: every request failed: {result['first_error']}")
     latencies.sort()
     count = len(latencies)
     return {
@@ -167,12 +193,24 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def round_ratio(
+    runs: list[dict[str, Any]], baselines: list[dict[str, Any]], key: str
+) -> float | None:
+    """The median over rounds of ``runs``' figure over the baseline's in the same round."""
+    ratios = [r[key] / b[key] for r, b in zip(runs, baselines, strict=True) if r[key] and b[key]]
+    value = median(list(ratios))
+    return round(value, 2) if value else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short windows, one round")
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per case")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians taken)")
     parser.add_argument("--front-end", choices=["auto", "native", "grpcio"], default="auto")
+    parser.add_argument(
+        "--mlserver", action="store_true", help="also drive MLServer (gRPC and REST) in each round"
+    )
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -183,7 +221,16 @@ def main() -> int:
     rounds = 1 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="edgewise-http-bench-"))
     repo = work / "repo"
-    models = list(build_models(repo))
+    if args.mlserver:
+        import suite
+
+        joblib_dir = work / "mlserver-models"
+        models = [m for m in suite.build_models(repo, joblib_dir) if m in ("logreg32", "forest100")]
+        for extra in set((joblib_dir).iterdir()) - {joblib_dir / m for m in models}:
+            shutil.rmtree(extra)  # MLServer serves only the models measured
+            shutil.rmtree(repo / extra.name)
+    else:
+        models = list(build_models(repo))
     from edgewise.runtime.frontends.native.binding import front_status
 
     front_end = args.front_end
@@ -192,38 +239,48 @@ def main() -> int:
     process, grpc_port, http_port = start_server(repo, work, front_end)
     urls = {"grpc": f"127.0.0.1:{grpc_port}", "http_json": f"127.0.0.1:{http_port}"}
     urls["http_binary"] = urls["http_json"]
+    pids = dict.fromkeys(CLIENTS, process.pid)
+    kinds: tuple[str, ...] = CLIENTS
+    mlserver = None
+    if args.mlserver:
+        mlserver = suite.MLServer(joblib_dir)
+        urls["mlserver_grpc"] = mlserver.url
+        urls["mlserver_http_json"] = f"127.0.0.1:{mlserver.http_port}"
+        pids.update(dict.fromkeys(MLSERVER_CLIENTS, mlserver.process.pid))
+        kinds = (*CLIENTS, *MLSERVER_CLIENTS)
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "front_end": front_end}
     results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     try:
         for _ in range(rounds):
             for model in models:
                 for concurrency in (1, 8):
-                    for kind in CLIENTS:
-                        measured = drive(kind, urls[kind], model, concurrency, seconds, process.pid)
+                    for kind in kinds:
+                        measured = drive(kind, urls[kind], model, concurrency, seconds, pids[kind])
                         results.setdefault((kind, model, concurrency), []).append(measured)
     finally:
         process.terminate()
         process.wait(timeout=60)
+        if mlserver is not None:
+            mlserver.stop()
     for model in models:
         for concurrency in (1, 8):
             base = results[(BASELINE, model, concurrency)]
-            for kind in CLIENTS:
+            for kind in kinds:
                 runs = results[(kind, model, concurrency)]
                 line: dict[str, Any] = {"case": kind, "model": model, "concurrency": concurrency}
                 for key in ("p50_us", "p99_us", "rps", "server_cpu_us_per_req"):
                     value = median([r[key] for r in runs])
                     line[key] = round(value, 1) if value is not None else None
                 line["errors"] = sum(r["errors"] for r in runs)
-                if kind != BASELINE:
+                if kind in MLSERVER_CLIENTS:
+                    ours = results[(MLSERVER_CLIENTS[kind], model, concurrency)]
+                    line["baseline"] = "this MLServer case; ratios are edgewise's same protocol"
+                    for key in ("p50_us", "server_cpu_us_per_req"):
+                        line[f"ratio_{key}_edgewise_vs_mlserver"] = round_ratio(ours, runs, key)
+                elif kind != BASELINE:
                     line["baseline"] = f"{BASELINE} ({front_end} front end), same rounds"
                     for key in ("p50_us", "server_cpu_us_per_req"):
-                        ratios = [
-                            r[key] / b[key]
-                            for r, b in zip(runs, base, strict=True)
-                            if r[key] and b[key]
-                        ]
-                        value = median(list(ratios))
-                        line[f"ratio_{key}_vs_grpc"] = round(value, 2) if value else None
+                        line[f"ratio_{key}_vs_grpc"] = round_ratio(runs, base, key)
                 print(
                     json.dumps({**line, "rounds": rounds, "seconds": seconds, **machine}),
                     flush=True,

@@ -112,11 +112,11 @@ def free_port() -> int:
 
 class MLServer:
     def __init__(self, models_dir: Path) -> None:
-        self.grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, metrics_port = free_port(), free_port(), free_port()
         (models_dir / "settings.json").write_text(
             json.dumps(
                 {
-                    "http_port": http_port,
+                    "http_port": self.http_port,
                     "grpc_port": self.grpc_port,
                     "metrics_port": metrics_port,
                     "host": "127.0.0.1",
@@ -131,7 +131,7 @@ class MLServer:
             cwd=models_dir,
         )
         deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{http_port}/v2/health/ready"
+        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"MLServer exited with {self.process.returncode}")
