@@ -5,9 +5,12 @@ Every format carries the same things: the profile's CPU quota and memory limit (
 overrides as environment variables, the image's non-root user, a read-only root filesystem with a
 small tmpfs at /tmp (numba's cache is copied there at start), the model repository mounted
 read-only at /models, and the gRPC and metrics ports. Kubernetes gets requests equal to limits
-(Guaranteed QoS, so the CPU quota is what the runtime sizes itself to) and native gRPC probes on
-the standard health service: startup and liveness on the server's overall status (""), readiness
-on the inference service.
+(Guaranteed QoS, so the CPU quota is what the runtime sizes itself to), native gRPC probes on
+the standard health service (startup and liveness on the server's overall status (""),
+readiness on the inference service), a restricted security context (non-root, no capabilities,
+no privilege escalation, RuntimeDefault seccomp, read-only root with an emptyDir at /tmp) and a
+PodDisruptionBudget; compose gets the same health check as the image and memory reserved equal
+to its limit.
 
 The health check (``edgewise containers healthcheck``) imports only grpcio and the health stubs,
 so it stays cheap under a small CPU quota.
@@ -67,6 +70,7 @@ class RenderOptions:
     metrics_port: int = 8002
     network: str | None = None  # docker: --network (ports are published unless it is "host")
     grace_seconds: int = 15
+    replicas: int = 1  # k8s: the Deployment's replicas (the PodDisruptionBudget follows)
 
 
 def _environment(profile: Profile, options: RenderOptions) -> dict[str, str]:
@@ -156,6 +160,7 @@ def _render_docker(profile: Profile, options: RenderOptions) -> str:
 
 
 def _compose(profile: Profile, options: RenderOptions) -> dict[str, Any]:
+    health_target = f"127.0.0.1:{options.port}"
     service: dict[str, Any] = {
         "image": options.image,
         "command": ["serve"],
@@ -167,6 +172,14 @@ def _compose(profile: Profile, options: RenderOptions) -> dict[str, Any]:
         "user": f"{CONTAINER_UID}:{CONTAINER_GID}",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
+        "mem_reservation": _memory_flag(profile),
+        "healthcheck": {
+            "test": ["CMD", "edgewise", "containers", "healthcheck", "--server", health_target],
+            "interval": "10s",
+            "timeout": "5s",
+            "retries": 3,
+            "start_period": "60s",
+        },
         "ports": [
             f"{options.port}:{options.port}",
             f"{options.metrics_port}:{options.metrics_port}",
@@ -213,7 +226,10 @@ def _k8s(profile: Profile, options: RenderOptions) -> list[dict[str, Any]]:
         "securityContext": {
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
             {"name": "models", "mountPath": MODELS_PATH, "readOnly": True},
@@ -225,7 +241,7 @@ def _k8s(profile: Profile, options: RenderOptions) -> list[dict[str, Any]]:
         "kind": "Deployment",
         "metadata": {"name": options.name, "labels": labels},
         "spec": {
-            "replicas": 1,
+            "replicas": options.replicas,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {
@@ -237,6 +253,7 @@ def _k8s(profile: Profile, options: RenderOptions) -> list[dict[str, Any]]:
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": options.grace_seconds,
+                    "automountServiceAccountToken": False,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": CONTAINER_UID,
@@ -264,7 +281,20 @@ def _k8s(profile: Profile, options: RenderOptions) -> list[dict[str, Any]]:
             ],
         },
     }
-    return [deployment, service]
+    # At most one pod evicted at a time by a drain or an upgrade; with one replica that one may
+    # go (a budget of zero would block every node drain). A pod that is not ready may always be
+    # evicted: it serves nobody.
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": options.name, "labels": labels},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": labels},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+    return [deployment, service, budget]
 
 
 # ---- a small YAML emitter (block style; strings quoted unless plainly safe) ---------------------
@@ -387,6 +417,13 @@ def _add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     render_p.add_argument("--port", type=int, default=RenderOptions.port)
     render_p.add_argument("--metrics-port", type=int, default=RenderOptions.metrics_port)
+    render_p.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=RenderOptions.replicas,
+        help="k8s: pods of the Deployment (default 1); the PodDisruptionBudget lets one go at "
+        "a time",
+    )
     render_p.set_defaults(handler=_cmd_render)
     list_p = actions.add_parser("profiles", help="list the profiles and their split")
     list_p.add_argument("--profiles-dir", type=Path, help="folder of profiles")
@@ -402,6 +439,16 @@ def _add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     health.set_defaults(handler=_cmd_healthcheck)
 
 
+def _replicas(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--replicas: a whole number of at least 1, not {text!r}")
+    return value
+
+
 def _dirs(args: argparse.Namespace) -> Sequence[Path] | None:
     return [args.profiles_dir] if args.profiles_dir else None
 
@@ -414,6 +461,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         models=args.models,
         port=args.port,
         metrics_port=args.metrics_port,
+        replicas=args.replicas,
     )
     print(render(profile, args.fmt, options), end="")
     return 0

@@ -19,6 +19,7 @@ from edgewise.runtime.resources.render import (
     render,
     to_yaml,
 )
+from tests.containers.k8s_shape import k8s_problems, restricted_violations
 from tests.servers import running_server
 
 CONTAINERS = Path(__file__).resolve().parents[2] / "containers"
@@ -66,6 +67,11 @@ def test_compose_service() -> None:
     assert service["environment"]["EDGEWISE_REPO"] == "/models"
     assert service["environment"]["EDGEWISE_PORT"] == "8001"  # a string, not a number
     assert service["command"] == ["serve"]
+    assert service["mem_reservation"] == service["mem_limit"]  # reserved = limit
+    assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"]
+    health = service["healthcheck"]
+    assert health["test"][:4] == ["CMD", "edgewise", "containers", "healthcheck"]
+    assert health["test"][-1] == "127.0.0.1:8001"
 
 
 @pytest.mark.parametrize(
@@ -74,7 +80,8 @@ def test_compose_service() -> None:
 )
 def test_kubernetes_deployment(name: str, cpu: str, memory: str) -> None:
     documents = list(yaml.safe_load_all(render(load_profile(name), "k8s")))
-    deployment, service = documents
+    assert k8s_problems(documents) == []
+    deployment, service, budget = documents
     assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -86,6 +93,11 @@ def test_kubernetes_deployment(name: str, cpu: str, memory: str) -> None:
     assert container["startupProbe"]["grpc"] == {"port": 8001}
     assert container["readinessProbe"]["grpc"] == {"port": 8001, "service": INFERENCE_SERVICE}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not restricted_violations(pod)
+    assert budget["kind"] == "PodDisruptionBudget"
+    assert (
+        budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    )
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True and "/tmp" in mounts
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -98,6 +110,44 @@ def test_kubernetes_deployment(name: str, cpu: str, memory: str) -> None:
         == selector
         == service["spec"]["selector"]
     )
+
+
+def test_replicas_and_the_disruption_budget() -> None:
+    text = render(load_profile("edge-small"), "k8s", RenderOptions(replicas=3))
+    deployment, _service, budget = yaml.safe_load_all(text)
+    assert deployment["spec"]["replicas"] == 3
+    assert budget["spec"]["maxUnavailable"] == 1  # one at a time; never blocks a drain
+    assert "minAvailable" not in budget["spec"]
+
+
+def test_the_shape_checker_finds_problems() -> None:
+    """k8s_problems and restricted_violations are what the Kubernetes tests rely on: each finds
+    what it is for in a rendering broken on purpose."""
+    deployment, service, budget = yaml.safe_load_all(render(load_profile("edge-tiny"), "k8s"))
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    del container["image"]
+    container["volumeMounts"].append({"name": "nowhere", "mountPath": "/x"})
+    container["resources"]["limits"]["memory"] = "512 MB"
+    container["readinessProbe"]["grpc"]["port"] = "grpc"
+    deployment["spec"]["selector"]["matchLabels"]["extra"] = "x"
+    service["spec"]["ports"][0]["targetPort"] = "nope"
+    budget["spec"]["minAvailable"] = 1
+    found = " | ".join(k8s_problems([deployment, service, budget]))
+    for expected in (
+        "image",
+        "nowhere",
+        "512 MB",
+        "readinessProbe",
+        "matchLabels",
+        "targetPort",
+        "minAvailable",
+    ):
+        assert expected in found, (expected, found)
+    container["securityContext"]["allowPrivilegeEscalation"] = True
+    container["securityContext"]["capabilities"]["drop"] = []
+    del pod["securityContext"]["seccompProfile"], container["securityContext"]["seccompProfile"]
+    assert len(restricted_violations(pod)) == 3
 
 
 @pytest.mark.parametrize(
@@ -145,6 +195,16 @@ def test_cli_render_and_profiles(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["containers", "render", "--profile", "edge-tiny", "--format", "swarm"])
     assert info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["containers", "render", "--profile", "edge-tiny", "--format", "k8s", "--replicas", "0"]
+        )
+    assert info.value.code == 2
+    assert "--replicas: a whole number of at least 1, not '0'" in capsys.readouterr().err
+    args = ["containers", "render", "--profile", "edge-tiny", "--format", "k8s", "--replicas", "2"]
+    assert main(args) == 0
+    assert "replicas: 2" in capsys.readouterr().out
 
 
 def test_healthcheck_command(
