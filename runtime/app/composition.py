@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
+from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.frontends.grpcio import (
     InferenceServicer,
     MonitoringServicer,
@@ -47,7 +48,7 @@ from edgewise.runtime.frontends.security import (
     server_credentials,
 )
 from edgewise.runtime.frontends.wire import parsing_inside
-from edgewise.runtime.package.model_config import VersionPolicy
+from edgewise.runtime.package.model_config import VersionPolicy, read_model_config
 from edgewise.runtime.package.signing import TrustedKeys
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
@@ -55,6 +56,7 @@ from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.admission import MemoryAdmission
 from edgewise.runtime.serving.alerts import AlertHook
+from edgewise.runtime.serving.capture import Capture, CaptureSettings, rate_from_config
 from edgewise.runtime.serving.drift_history import RecordingPublisher, history_from_environment
 from edgewise.runtime.serving.metrics import ServerMetrics
 from edgewise.runtime.serving.model import SessionSettings
@@ -73,6 +75,7 @@ __all__ = [
     "REPOSITORY_SERVICE",
     "Security",
     "check_settings",
+    "data_capture",
     "grpc_server",
     "load_shedder",
     "memory_admission",
@@ -101,6 +104,69 @@ def check_settings(settings: ServerSettings) -> None:
     """The checks of ``settings`` that need the layers above config/ (the version policy's
     grammar is the package's): before anything is made or any process started."""
     version_policy(settings)
+    if settings.capture_dir is not None:
+        _check_capture(settings)
+
+
+def _check_capture(settings: ServerSettings) -> None:
+    """Data capture can run: pyarrow is installed, the folder can be written, and every
+    model's ``config.json`` capture section is valid (one line naming what is wrong)."""
+    from edgewise.runtime._fs import write_bytes_atomic
+    from edgewise.runtime.serving.capture import require_pyarrow
+
+    require_pyarrow()
+    folder = settings.capture_dir
+    assert folder is not None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".edgewise-write-check"
+        write_bytes_atomic(probe, b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInput(
+            f"capture-dir {folder}: cannot write there ({exc.strerror or exc})"
+        ) from None
+    if settings.repo.is_dir():
+        policy = version_policy(settings)
+        for model_dir in sorted(p for p in settings.repo.iterdir() if p.is_dir()):
+            if model_dir.name.startswith("."):
+                continue
+            config = read_model_config(model_dir, policy)
+            rate_from_config(config.capture, settings.capture_rate, str(model_dir / "config.json"))
+
+
+def data_capture(
+    settings: ServerSettings, metrics: ServerMetrics, repository: ModelRepository
+) -> Capture | None:
+    """The data capture of ``serve --capture-dir`` (None: off): each model's rate is its
+    ``config.json``'s ``capture.rate``, else ``--capture-rate``, read when a version first
+    answers."""
+    if settings.capture_dir is None:
+        return None
+    default = settings.capture_rate
+
+    def rate_of(name: str) -> float:
+        config = repository.config_for(name)
+        return rate_from_config(config.capture, default, f"{name}/config.json")
+
+    capture = Capture(
+        CaptureSettings(
+            settings.capture_dir,
+            rate=default,
+            max_bytes=settings.capture_max_bytes,
+            queue_records=settings.capture_queue,
+            flush_seconds=settings.capture_flush_seconds,
+        ),
+        metrics.registry,
+        rate_of,
+    )
+    log.info(
+        "data capture on: %s, rate %g (config.json capture.rate overrides), cap %d bytes",
+        settings.capture_dir,
+        default,
+        settings.capture_max_bytes,
+    )
+    return capture
 
 
 def publish_split(settings: ServerSettings, metrics: ServerMetrics) -> None:
@@ -238,6 +304,7 @@ def grpc_server(
     health: HealthServicer,
     on_repository_change: Callable[[], Awaitable[None]],
     peers: Callable[[], list[str]] | None,
+    capture: Capture | None = None,
 ) -> grpc.aio.Server:
     """The grpc.aio server with every service (not bound, not started): inference (behind the
     shedder, which refuses past the limit), repository, monitoring, quality, health and
@@ -270,7 +337,7 @@ def grpc_server(
     for add_to_server, servicer in (
         (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository_servicer),
         (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),
-        (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control)),
+        (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control, capture)),
         (health_pb2_grpc.add_HealthServicer_to_server, health),
     ):
         service, handlers = service_handlers(add_to_server, servicer)

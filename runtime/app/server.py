@@ -33,6 +33,7 @@ from edgewise.runtime.app.composition import (
     INFERENCE_SERVICE,
     REPOSITORY_SERVICE,
     check_settings,
+    data_capture,
     grpc_server,
     load_shedder,
     memory_admission,
@@ -88,6 +89,7 @@ class InferenceServer:
             settings, self.metrics, self.security.trusted_keys, self.alerts
         )
         self.dataplane = DataPlane(self.repository)
+        self.capture = data_capture(settings, self.metrics, self.repository)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="edgewise-worker"
         )
@@ -144,6 +146,8 @@ class InferenceServer:
         if self._metrics_http is not None:
             stop_http(self._metrics_http)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.capture is not None:  # after the last answer: what is queued is written
+            self.capture.close()
         if self._front_dir is not None:
             shutil.rmtree(self._front_dir, ignore_errors=True)
 
@@ -174,6 +178,7 @@ class InferenceServer:
             retry_after_ms=settings.retry_after_ms,
             loop_load=self.loop_load,
             calls_in_flight=calls_in_flight,
+            capture=self.capture,
         )
         auth = self.security.auth
         server = self._created = grpc_server(
@@ -186,6 +191,7 @@ class InferenceServer:
             self.health,
             self.update_health,
             self._peers if settings.peers_dir is not None else None,
+            self.capture,
         )
         address = f"{settings.host}:{settings.port}"
         check_port_free(settings.host, settings.port, settings.reuse_port)

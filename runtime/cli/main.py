@@ -15,6 +15,7 @@ from typing import Any
 
 from edgewise.runtime.cli import store as store_cli
 from edgewise.runtime.cli.batch import _add_batch
+from edgewise.runtime.cli.capture import _add_capture
 from edgewise.runtime.cli.drift_history import _add_drift_history
 from edgewise.runtime.cli.evaluation import _add_evaluate, _add_gate
 from edgewise.runtime.cli.limits import _add_limits
@@ -150,7 +151,46 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--drift-interval-seconds", type=float, help="drift timer (default 10; 0: on demand only)"
     )
     _add_serve_security(p)
+    _add_serve_capture(p)
     p.set_defaults(handler=_cmd_serve)
+
+
+#: Settings of ``serve``'s data capture flags (see _add_serve_capture).
+SERVE_CAPTURE_KEYS = (
+    "capture_dir", "capture_rate", "capture_max_bytes", "capture_queue", "capture_flush_seconds",
+)  # fmt: skip
+
+
+def _add_serve_capture(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "data capture",
+        "a sample of requests and answers written to rotating Parquet files, off the request "
+        "path (needs pip install edgewise[data]); see `edgewise capture`",
+    )
+    g.add_argument("--capture-dir", type=Path, help="capture into this folder (default: off)")
+    g.add_argument(
+        "--capture-rate",
+        type=float,
+        help="fraction of requests captured, 0 to 1 (default 1); a model's config.json "
+        '{"capture": {"rate": R}} overrides it; by a hash of the request id where there is one',
+    )
+    g.add_argument(
+        "--capture-max-bytes",
+        type=int,
+        help="size cap of the folder: oldest files removed beyond it (default 1 GiB)",
+    )
+    g.add_argument(
+        "--capture-queue",
+        type=int,
+        help="captured records waiting for the writer; beyond, records are dropped and counted "
+        "(default 10000)",
+    )
+    g.add_argument(
+        "--capture-flush-seconds",
+        type=float,
+        help="write a file at least this often (default 5): at most this much is lost on "
+        "SIGKILL",
+    )
 
 
 #: Settings of ``serve``'s security and overload flags (see _add_serve_security).
@@ -209,6 +249,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "processes", "quality", "alert_command", "alert_webhook", "front_end", "http_port",
     ]  # fmt: skip
     keys.extend(SERVE_SECURITY_KEYS)
+    keys.extend(SERVE_CAPTURE_KEYS)
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
     if not settings.repo.is_dir():
         raise EdgewiseError(f"model repository {settings.repo} is not a folder")
@@ -512,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_gate(sub)
     _add_batch(sub)
+    _add_capture(sub)
     return parser
 
 

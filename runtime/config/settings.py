@@ -100,6 +100,12 @@ class ServerSettings:
     reflection_open: bool = False  # EDGEWISE_REFLECTION_OPEN: server reflection needs no token
     trusted_keys: Path | None = None  # EDGEWISE_TRUSTED_KEYS: refuse packages not signed by these
     retry_after_ms: int = 50  # EDGEWISE_RETRY_AFTER_MS: retry hint of a shed/refused request
+    # Data capture (runtime/serving/capture.py; needs pyarrow, the edgewise[data] extra):
+    capture_dir: Path | None = None  # EDGEWISE_CAPTURE_DIR: capture requests here (None: off)
+    capture_rate: float = 1.0  # EDGEWISE_CAPTURE_RATE: fraction captured (config.json overrides)
+    capture_max_bytes: int = 1 << 30  # EDGEWISE_CAPTURE_MAX_BYTES: the folder's size cap
+    capture_queue: int = 10_000  # EDGEWISE_CAPTURE_QUEUE: records waiting; beyond: dropped
+    capture_flush_seconds: float = 5.0  # EDGEWISE_CAPTURE_FLUSH_SECONDS: write at least this often
     # The budget the derived defaults came from (set by from_sources; not an environment variable).
     budget: RuntimeBudget | None = field(default=None, compare=False, metadata={"env": False})
 
@@ -176,6 +182,18 @@ class ServerSettings:
             raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
+        if not 0.0 <= self.capture_rate <= 1.0:
+            raise InvalidInput(
+                f"capture-rate must be a fraction from 0 to 1, not {self.capture_rate!r}"
+            )
+        if self.capture_max_bytes < 1:
+            raise InvalidInput(f"capture-max-bytes must be positive, not {self.capture_max_bytes}")
+        if self.capture_queue < 1:
+            raise InvalidInput(f"capture-queue must be at least 1, not {self.capture_queue}")
+        if not self.capture_flush_seconds > 0:
+            raise InvalidInput(
+                f"capture-flush-seconds must be positive, not {self.capture_flush_seconds}"
+            )
 
 
 #: The value of ``processes`` that sizes it from the budget.

@@ -37,6 +37,7 @@ from edgewise.runtime.serving.repository import ModelRepository, VersionStatus
 from edgewise.runtime.serving.shedding import retry_trailers
 
 if TYPE_CHECKING:
+    from edgewise.runtime.serving.capture import Capture
     from edgewise.runtime.serving.monitor import DriftReport
     from edgewise.runtime.serving.quality import OnlineQuality
 
@@ -404,9 +405,15 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
     """Ground-truth feedback joined with kept predictions, the online quality report (a pure
     read) and its explicit reset."""
 
-    def __init__(self, repository: ModelRepository, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        executor: ThreadPoolExecutor,
+        capture: Capture | None = None,
+    ) -> None:
         self.repository = repository
         self.executor = executor
+        self.capture = capture  # data capture: labels taken are written beside the requests
 
     def _quality(self, model_name: str, version: str) -> OnlineQuality:
         model = self.repository.get(model_name, version)
@@ -441,6 +448,8 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
             joined, unknown, duplicate = await loop.run_in_executor(
                 self.executor, submit_feedback, qualities, labels
             )
+            if self.capture is not None:  # taken (every label checked): kept for the export
+                self.capture.record_labels(request.model, labels)
             return epb.FeedbackResponse(joined=joined, unknown=unknown, duplicate=duplicate)
         except Exception as exc:
             await _abort(context, exc)

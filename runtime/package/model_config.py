@@ -84,6 +84,7 @@ class ModelConfig:
     monitoring: Mapping[str, Any] | None = None
     batching: Mapping[str, Any] | None = None
     quality: Mapping[str, Any] | None = None
+    capture: Mapping[str, Any] | None = None  # {"rate": R}: this model's capture sampling rate
 
     def to_json(self) -> dict[str, Any]:
         policy = self.version_policy
@@ -102,6 +103,8 @@ class ModelConfig:
             data["batching"] = dict(self.batching)
         if self.quality is not None:
             data["quality"] = dict(self.quality)
+        if self.capture is not None:
+            data["capture"] = dict(self.capture)
         return data
 
 
@@ -118,7 +121,7 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
         )
         default = data.get("default_version")
         sections = {}
-        for key in ("monitoring", "batching", "quality"):
+        for key in ("monitoring", "batching", "quality", "capture"):
             value = data.get(key)
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{key} must be an object")

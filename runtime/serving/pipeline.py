@@ -40,6 +40,7 @@ from edgewise.runtime.serving.model import LoadedModel
 
 if TYPE_CHECKING:
     from edgewise.runtime.serving.admission import MemoryAdmission
+    from edgewise.runtime.serving.capture import Capture
     from edgewise.runtime.serving.shedding import LoopLoad
 
 __all__ = ["SIDE_BY_SIDE_SECONDS", "Deferrer", "InferenceCore", "outcome_code"]
@@ -140,6 +141,7 @@ class InferenceCore:
         retry_after_ms: int = 50,
         loop_load: LoopLoad | None = None,
         calls_in_flight: Callable[[], int] | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
@@ -152,6 +154,8 @@ class InferenceCore:
         self.calls_in_flight = (
             calls_in_flight  # every front end's calls in flight: a batcher's idle test
         )
+        # Data capture (serve --capture-dir): offered every answered request; None: off.
+        self.capture = capture
         # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
         # thread ran the model: a race only blurs it.
         self.run_seconds = 0.0
@@ -296,6 +300,8 @@ class InferenceCore:
             response, model = self.dataplane.infer(request, deadline)
             call.name, call.version = model.name, model.version_str
         self._timed(began)
+        if self.capture is not None:  # the inputs are decoded again by the capture's writer
+            self.capture.offer(model, request.id, request, response)
         return response
 
     def _decode_and_run(
@@ -326,7 +332,12 @@ class InferenceCore:
         response: on the loop's next turn, or through ``defer`` (see DataPlane.execute)."""
         model = prepared.model
         with _CallAccounting(self, model.name, model.version_str, started, reservation):
-            return self.dataplane.execute(prepared, deadline, on_loop=defer is None, defer=defer)
+            response = self.dataplane.execute(
+                prepared, deadline, on_loop=defer is None, defer=defer
+            )
+        if self.capture is not None:
+            self.capture.offer(model, prepared.request_id, prepared.feeds, response)
+        return response
 
     async def _batched(
         self,
@@ -346,7 +357,10 @@ class InferenceCore:
             )
             self._batchers[model] = batcher
         with _CallAccounting(self, model.name, model.version_str, started, reservation, deadline):
-            return await batcher.submit(prepared, deadline)
+            response = await batcher.submit(prepared, deadline)
+        if self.capture is not None:
+            self.capture.offer(model, prepared.request_id, prepared.feeds, response)
+        return response
 
     async def _on_worker(
         self, function: Callable[..., T], *args: object, reservation: int = 0
