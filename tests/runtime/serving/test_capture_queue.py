@@ -1,0 +1,178 @@
+"""The capture's queue and writer, in process, behind the real serving core: a full queue drops
+and counts without failing a request, a writer error is counted and logged once, a rate of 0
+captures nothing, sampling by request id is deterministic and near its rate."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edgewise.runtime.app.server import InferenceServer
+from edgewise.runtime.config.settings import ServerSettings
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.serving.capture import Capture, CaptureSettings, sampled
+from edgewise.runtime.serving.capture_files import CaptureFolder, StoredFile, captured_files
+from edgewise.runtime.serving.pipeline import InferenceCore
+
+NEVER = 3600.0  # a flush interval no test waits for: the writer runs when flushed
+
+
+class BlockingFolder(CaptureFolder):
+    """A capture folder whose writes wait until the test opens the gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, 1 << 30)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def write(self, folder: str, table: Any) -> StoredFile:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().write(folder, table)
+
+
+class FailingFolder(CaptureFolder):
+    def write(self, folder: str, table: Any) -> StoredFile:
+        raise OSError(28, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceServer]:
+    repo = tmp_path_factory.mktemp("capture-queue") / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    server = InferenceServer(ServerSettings.from_sources({"repo": repo, "metrics_port": -1}))
+    server.repository.load_all()
+    server.dataplane.set_ready(True)
+    yield server
+    server.executor.shutdown()
+
+
+def core_with(server: InferenceServer, capture: Capture) -> InferenceCore:
+    return InferenceCore(server.dataplane, server.metrics, server.executor, capture=capture)
+
+
+def request(index: int) -> pb.ModelInferRequest:
+    rows = np.random.default_rng(index).normal(size=(2, 30)).astype(np.float32)
+    message = pb.ModelInferRequest(model_name="logreg", id=f"q{index}")
+    message.inputs.add(name="features", datatype="FP32", shape=[2, 30])
+    message.raw_input_contents.append(rows.tobytes())
+    return message
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def answer(core: InferenceCore, index: int) -> pb.ModelInferResponse:
+    response = core.infer_on_thread(
+        request(index), None, time.perf_counter(), defer=lambda f, *args: f(*args)
+    )
+    assert isinstance(response, pb.ModelInferResponse)
+    assert response.id == f"q{index}" and len(response.outputs) == 2
+    return response
+
+
+def test_a_full_queue_drops_and_counts_and_every_request_is_answered(
+    server: InferenceServer, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    folder = BlockingFolder(tmp_path)
+    capture = Capture(
+        CaptureSettings(tmp_path, queue_records=3, flush_seconds=NEVER, batch_records=1000),
+        registry,
+        folder=folder,
+    )
+    core = core_with(server, capture)
+    for index in range(3):
+        answer(core, index)
+    flusher = threading.Thread(target=capture.flush)
+    flusher.start()
+    assert folder.entered.wait(30)  # the writer holds the 3 records, blocked in its write
+    for index in range(3, 10):  # 3 fit in the queue again, 4 are dropped
+        answer(core, index)
+    dropped = value(registry, "edgewise_capture_dropped_total", model="logreg", reason="queue_full")
+    assert dropped == 4
+    assert value(registry, "edgewise_capture_records_total", model="logreg") == 6
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 0
+    folder.gate.set()
+    flusher.join(30)
+    assert capture.flush(30)
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 6
+    ids = set()
+    for path in captured_files(tmp_path):
+        ids |= set(pq.read_table(path).column("request_id").to_pylist())
+    assert ids == {f"q{i}" for i in (0, 1, 2, 3, 4, 5)}
+    written_bytes = sum(p.stat().st_size for p in captured_files(tmp_path))
+    assert value(registry, "edgewise_capture_written_bytes_total") == written_bytes
+    assert value(registry, "edgewise_capture_folder_bytes") == written_bytes
+    capture.close()
+
+
+def test_a_writer_error_is_counted_and_logged_once(
+    server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    capture = Capture(
+        CaptureSettings(tmp_path, flush_seconds=NEVER),
+        registry,
+        folder=FailingFolder(tmp_path, 1 << 30),
+    )
+    core = core_with(server, capture)
+    with caplog.at_level(logging.ERROR, logger="edgewise.runtime.serving.capture"):
+        for round_ in range(3):
+            for index in range(4):
+                answer(core, 10 * round_ + index)
+            assert capture.flush(30)
+    dropped = value(
+        registry, "edgewise_capture_dropped_total", model="logreg", reason="write_error"
+    )
+    assert dropped == 12
+    errors = [r for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(errors) == 1
+    capture.close()
+
+
+def test_rate_zero_captures_nothing(server: InferenceServer, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(tmp_path, rate=0.0, flush_seconds=NEVER), registry)
+    core = core_with(server, capture)
+    for index in range(20):
+        answer(core, index)
+    assert capture.flush(30)
+    assert value(registry, "edgewise_capture_records_total", model="logreg") == 0
+    assert not list(captured_files(tmp_path))
+    capture.close()
+
+
+def test_sampling_by_request_id_is_deterministic_and_near_its_rate() -> None:
+    ids = [f"id-{i}" for i in range(20_000)]
+    for rate in (0.01, 0.25, 0.5):
+        picked = [i for i in ids if sampled(i, rate)]
+        assert picked == [i for i in ids if sampled(i, rate)]  # the same every time
+        # binomial: within 5 standard deviations of rate * n
+        spread = 5 * (len(ids) * rate * (1 - rate)) ** 0.5
+        assert abs(len(picked) - rate * len(ids)) < spread
+    assert all(sampled(i, 1.0) for i in ids[:100]) and not any(sampled(i, 0.0) for i in ids[:100])
+    # a lower rate takes a subset of what a higher one takes (one hash, one threshold)
+    assert {i for i in ids if sampled(i, 0.1)} <= {i for i in ids if sampled(i, 0.3)}
+
+
+def test_close_writes_what_is_queued(server: InferenceServer, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), registry)
+    core = core_with(server, capture)
+    for index in range(5):
+        answer(core, index)
+    capture.close()
+    rows = sum(pq.read_table(p).num_rows for p in captured_files(tmp_path))
+    assert rows == 10  # 5 requests of 2 rows
