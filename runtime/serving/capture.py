@@ -9,11 +9,12 @@ and an append to a bounded queue. Nothing there waits, decodes or touches a file
 drops the record and counts it (``edgewise_capture_dropped_total{model,reason="queue_full"}``).
 
 A writer thread drains the queue every ``flush_seconds`` (or as soon as ``batch_records`` wait),
-decodes the answers, builds one table per model version and writes it as one complete Parquet
-file (:class:`~edgewise.runtime.serving.capture_files.CaptureFolder`: atomic, oldest removed past
-the size cap). A writer error is counted (``reason="write_error"``) and logged once; it never
-reaches a request. After SIGKILL at most the records of the batch not yet written are lost
-(the queue's, up to ``flush_seconds`` or ``batch_records`` of them); SIGTERM writes them.
+builds one table per model version (the answers' raw bytes joined per output, not decoded one by
+one) and writes it as one complete Parquet file
+(:class:`~edgewise.runtime.serving.capture_files.CaptureFolder`: atomic, oldest removed past the
+size cap). A writer error is counted (``reason="write_error"``) and logged once; it never
+reaches a request. After SIGKILL at most the records not yet written are lost (those queued
+since the last write: up to ``flush_seconds`` or ``batch_records`` of them); SIGTERM writes them.
 
 Each row of a file is one row of a request (a request with a batch of 5 gives 5 rows):
 ``request_id``, ``row``, ``timestamp``, ``model``, ``version``, then ``input.<name>`` for each
@@ -40,11 +41,13 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.capture_files import LABELS_FOLDER, CaptureFolder
-from edgewise.runtime.serving.codecs import decode_inputs, decode_outputs
+from edgewise.runtime.serving.codecs import decode_outputs
 
 if TYPE_CHECKING:
+    from edgewise.runtime.serving.dataplane import PreparedRequest
     from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = [
@@ -64,9 +67,6 @@ PYARROW_MISSING: Final = (
     "data capture writes Parquet and needs pyarrow: pip install edgewise[data] "
     "(or serve without --capture-dir)"
 )
-
-#: Where a record's inputs are: the decoded tensors, or the request to decode them from.
-Inputs = Mapping[str, npt.NDArray[Any]] | pb.ModelInferRequest
 
 
 def require_pyarrow() -> None:
@@ -135,22 +135,13 @@ class CaptureSettings:
 
 
 class _Record:
-    __slots__ = ("inputs", "model", "name", "request_id", "response", "time_ns", "version")
+    __slots__ = ("prepared", "response", "time_ns")
 
     def __init__(
-        self,
-        time_ns: int,
-        name: str,
-        version: str,
-        request_id: str,
-        inputs: Inputs,
-        response: pb.ModelInferResponse,
+        self, time_ns: int, prepared: PreparedRequest, response: pb.ModelInferResponse
     ) -> None:
         self.time_ns = time_ns
-        self.name = name
-        self.version = version
-        self.request_id = request_id
-        self.inputs = inputs
+        self.prepared = prepared
         self.response = response
 
 
@@ -251,32 +242,29 @@ class Capture:
 
     # ---- the request path ----------------------------------------------------------------------
 
-    def offer(
-        self,
-        model: LoadedModel,
-        request_id: str,
-        inputs: Inputs,
-        response: pb.ModelInferResponse,
-    ) -> None:
+    def offer(self, prepared: PreparedRequest, response: pb.ModelInferResponse) -> None:
         """After an answer: sample it and queue it for the writer, or drop it if the queue is
-        full (counted). Never raises for a request; never waits."""
+        full (counted). Never raises for a request; never waits; copies nothing (the decoded
+        inputs and the answer are only referenced)."""
+        model = prepared.model
         rate = self._rates.get(model)
         if rate is None:
             rate = self._rate_for(model)
-        if rate <= 0.0 or not sampled(request_id, rate):
+        if rate <= 0.0 or not sampled(prepared.request_id, rate):
             return
-        name = model.name
         queue = self._queue
         if len(queue) >= self._limit:
-            counter = self._full.get(name)
+            counter = self._full.get(model.name)
             if counter is None:
-                counter = self._full[name] = self.metrics.dropped.labels(name, "queue_full")
+                counter = self._full[model.name] = self.metrics.dropped.labels(
+                    model.name, "queue_full"
+                )
             counter.inc()
             return
-        queue.append(_Record(time.time_ns(), name, model.version_str, request_id, inputs, response))
-        counter = self._captured.get(name)
+        queue.append(_Record(time.time_ns(), prepared, response))
+        counter = self._captured.get(model.name)
         if counter is None:
-            counter = self._captured[name] = self.metrics.captured.labels(name)
+            counter = self._captured[model.name] = self.metrics.captured.labels(model.name)
         counter.inc()
         if len(queue) >= self._batch:
             self._wake.set()
@@ -346,14 +334,18 @@ class Capture:
                 return
 
     def _write(self, taken: list[_Record | _Labels]) -> None:
-        groups: dict[tuple[str, str], list[_Record]] = {}
+        # One file per model version and choice of outputs (the same columns throughout).
+        groups: dict[tuple[str, str, tuple[str, ...] | None], list[_Record]] = {}
         labels: dict[str, list[_Labels]] = {}
         for item in taken:
             if isinstance(item, _Record):
-                groups.setdefault((item.name, item.version), []).append(item)
+                prepared = item.prepared
+                model = prepared.model
+                chosen = None if prepared.outputs is None else tuple(prepared.outputs)
+                groups.setdefault((model.name, model.version_str, chosen), []).append(item)
             else:
                 labels.setdefault(item.name, []).append(item)
-        for (name, version), records in groups.items():
+        for (name, version, _), records in groups.items():
             try:
                 stored = self.folder.write(f"{name}/{version}", records_table(records))
             except Exception as exc:
@@ -393,11 +385,11 @@ class Capture:
 # ---- tables ------------------------------------------------------------------------------------
 
 
-def _rows(arrays: Mapping[str, npt.NDArray[Any]]) -> int:
-    """A record's rows: its tensors' first dimension (1 for a request without one)."""
-    for array in arrays.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 1
+def _rows(prepared: PreparedRequest) -> int:
+    """A request's rows: its batch size (1 for a request whose tensors have no dimension)."""
+    if prepared.rows:
+        return prepared.rows
+    return 0 if any(a.ndim and a.shape[0] == 0 for a in prepared.feeds.values()) else 1
 
 
 def _column(parts: list[npt.NDArray[Any]], rows: list[int]) -> Any:
@@ -405,12 +397,19 @@ def _column(parts: list[npt.NDArray[Any]], rows: list[int]) -> Any:
     one value per row, a fixed-size list for several (a list where the width varies)."""
     import pyarrow as pa
 
-    shaped = [
-        p.reshape(r, -1) if p.size or r == 0 else p.reshape(r, 0)
-        for p, r in zip(parts, rows, strict=True)
-    ]
-    widths = {p.shape[1] for p in shaped}
-    flat = np.concatenate([p.reshape(-1) for p in shaped]) if shaped else np.empty(0)
+    total = sum(rows)
+    joined = _joined(parts, total)
+    if joined is not None:  # every tensor [rows, ...] with the same trailing shape
+        shaped = None
+        widths = {joined.size // total if total else 1}
+        flat = joined.reshape(-1)
+    else:
+        shaped = [
+            p.reshape(r, -1) if p.size or r == 0 else p.reshape(r, 0)
+            for p, r in zip(parts, rows, strict=True)
+        ]
+        widths = {p.shape[1] for p in shaped}
+        flat = np.concatenate([p.reshape(-1) for p in shaped]) if shaped else np.empty(0)
     if flat.dtype.kind == "O" or flat.dtype.kind in "SU":
         values = pa.array([_text(v) for v in flat.tolist()])
     else:
@@ -419,8 +418,21 @@ def _column(parts: list[npt.NDArray[Any]], rows: list[int]) -> Any:
         return values
     if len(widths) == 1:
         return pa.FixedSizeListArray.from_arrays(values, widths.pop())
+    assert shaped is not None  # joined tensors share one width
     offsets = np.concatenate([[0], np.cumsum([p.size for p in shaped])]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _joined(parts: list[npt.NDArray[Any]], total: int) -> npt.NDArray[Any] | None:
+    """The tensors concatenated along their first axis, where they all have one and the same
+    trailing shape (and ``total`` rows together); else None."""
+    if not parts or parts[0].ndim == 0:
+        return None
+    try:
+        joined = np.concatenate(parts)
+    except ValueError:  # different trailing shapes or dimensions
+        return None
+    return joined if joined.shape[0] == total else None
 
 
 def _text(value: object) -> object:
@@ -434,41 +446,84 @@ def _text(value: object) -> object:
 
 
 def records_table(records: list[_Record]) -> Any:
-    """The Arrow table of one model version's records (see the module's docstring)."""
+    """The Arrow table of records of one model version with one choice of outputs (see the
+    module's docstring)."""
     import pyarrow as pa
 
-    inputs: list[Mapping[str, npt.NDArray[Any]]] = []
-    outputs: list[Mapping[str, npt.NDArray[Any]]] = []
-    for record in records:
-        given = record.inputs
-        if isinstance(given, pb.ModelInferRequest):
-            given = {d.name: d.array for d in decode_inputs(given)}
-        inputs.append(given)
-        outputs.append(decode_outputs(record.response))
-    rows = [_rows(given) for given in inputs]
+    records = [r for r in records if _rows(r.prepared)]  # a request of no rows has none
+    rows = [_rows(r.prepared) for r in records]
     total = sum(rows)
+    single = total == len(records)  # one row per request: nothing to repeat
+    ids = [r.prepared.request_id for r in records]
+    stamps = np.array([r.time_ns for r in records], dtype="datetime64[ns]")
+    model = records[0].prepared.model if records else None
     columns: dict[str, Any] = {
-        "request_id": pa.array(
-            np.repeat([r.request_id for r in records], rows).tolist(), pa.string()
-        ),
+        "request_id": pa.array(ids if single else np.repeat(ids, rows).tolist(), pa.string()),
         "row": pa.array(
-            np.concatenate([np.arange(n, dtype=np.int32) for n in rows])
-            if total
-            else np.empty(0, np.int32)
+            np.zeros(total, np.int32)
+            if single
+            else np.concatenate([np.arange(n, dtype=np.int32) for n in rows])
         ),
         "timestamp": pa.array(
-            np.repeat(np.array([r.time_ns for r in records], dtype="datetime64[ns]"), rows),
-            pa.timestamp("ns", tz="UTC"),
+            stamps if single else np.repeat(stamps, rows), pa.timestamp("ns", tz="UTC")
         ),
-        "model": pa.array([records[0].name] * total, pa.string()),
-        "version": pa.array([records[0].version] * total, pa.string()),
+        "model": pa.array([model.name if model else ""] * total, pa.string()),
+        "version": pa.array([model.version_str if model else ""] * total, pa.string()),
     }
-    for prefix, tensors in (("input.", inputs), ("output.", outputs)):
-        names = list(tensors[0])
-        for name in names:
-            if all(name in t for t in tensors):
-                columns[prefix + name] = _column([t[name] for t in tensors], rows)
+    if not records:
+        return pa.table(columns)
+    inputs = [r.prepared.feeds for r in records]
+    for name in inputs[0]:
+        columns["input." + name] = _column([given[name] for given in inputs], rows)
+    joined = _raw_outputs(records, rows)
+    if joined is not None:
+        for name, (values, width) in joined.items():
+            columns["output." + name] = _fixed(values, width)
+    else:  # typed contents, strings: each answer decoded
+        outputs = [decode_outputs(record.response) for record in records]
+        for name in list(outputs[0]):
+            if all(name in answer for answer in outputs):
+                columns["output." + name] = _column([answer[name] for answer in outputs], rows)
     return pa.table(columns)
+
+
+def _fixed(values: npt.NDArray[Any], width: int) -> Any:
+    import pyarrow as pa
+
+    array = pa.array(values)
+    return array if width == 1 else pa.FixedSizeListArray.from_arrays(array, width)
+
+
+def _raw_outputs(
+    records: list[_Record], rows: list[int]
+) -> dict[str, tuple[npt.NDArray[Any], int]] | None:
+    """Every answer's outputs at once where all are raw and numeric: one join of their bytes
+    per output instead of decoding each answer. The records share a model version and a choice
+    of outputs, so their outputs have the same names and datatypes in the same order (checked
+    on the first); each answer's size is checked against its rows. None where one does not fit."""
+    first = records[0].response
+    layout = [(o.name, o.datatype) for o in first.outputs]
+    if any(datatype not in DATATYPE_TO_NUMPY or datatype == BYTES for _, datatype in layout):
+        return None
+    count = len(layout)
+    contents = [r.response.raw_output_contents for r in records]
+    if any(len(raw) != count for raw in contents):
+        return None  # typed contents
+    expected_rows = np.array(rows, dtype=np.int64)
+    out: dict[str, tuple[npt.NDArray[Any], int]] = {}
+    for k, (name, datatype) in enumerate(layout):
+        dtype = np.dtype(DATATYPE_TO_NUMPY[datatype])
+        chunks = [raw[k] for raw in contents]
+        sizes = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+        row_bytes = int(sizes[0]) // rows[0]
+        if (
+            row_bytes == 0
+            or row_bytes % dtype.itemsize
+            or (sizes != expected_rows * row_bytes).any()
+        ):
+            return None
+        out[name] = (np.frombuffer(b"".join(chunks), dtype=dtype), row_bytes // dtype.itemsize)
+    return out
 
 
 def labels_table(batches: list[_Labels]) -> Any:

@@ -297,11 +297,12 @@ class InferenceCore:
         name, version = request.model_name, request.model_version
         began = time.perf_counter()
         with _CallAccounting(self, name, version, started, reservation) as call:
-            response, model = self.dataplane.infer(request, deadline)
-            call.name, call.version = model.name, model.version_str
+            prepared = self.dataplane.prepare(request)
+            call.name, call.version = prepared.model.name, prepared.model.version_str
+            response = self.dataplane.execute(prepared, deadline)
         self._timed(began)
-        if self.capture is not None:  # the inputs are decoded again by the capture's writer
-            self.capture.offer(model, request.id, request, response)
+        if self.capture is not None:
+            self.capture.offer(prepared, response)
         return response
 
     def _decode_and_run(
@@ -336,7 +337,7 @@ class InferenceCore:
                 prepared, deadline, on_loop=defer is None, defer=defer
             )
         if self.capture is not None:
-            self.capture.offer(model, prepared.request_id, prepared.feeds, response)
+            self.capture.offer(prepared, response)
         return response
 
     async def _batched(
@@ -359,7 +360,7 @@ class InferenceCore:
         with _CallAccounting(self, model.name, model.version_str, started, reservation, deadline):
             response = await batcher.submit(prepared, deadline)
         if self.capture is not None:
-            self.capture.offer(model, prepared.request_id, prepared.feeds, response)
+            self.capture.offer(prepared, response)
         return response
 
     async def _on_worker(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.capture import Capture, CaptureSettings, sampled
 from edgewise.runtime.serving.capture_files import CaptureFolder, StoredFile, captured_files
+from edgewise.runtime.serving.codecs import decode_outputs
 from edgewise.runtime.serving.pipeline import InferenceCore
 
 NEVER = 3600.0  # a flush interval no test waits for: the writer runs when flushed
@@ -167,12 +169,31 @@ def test_sampling_by_request_id_is_deterministic_and_near_its_rate() -> None:
     assert {i for i in ids if sampled(i, 0.1)} <= {i for i in ids if sampled(i, 0.3)}
 
 
-def test_close_writes_what_is_queued(server: InferenceServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("raw", [True, False])
+def test_close_writes_what_is_queued_as_answered(
+    server: InferenceServer, tmp_path: Path, raw: bool
+) -> None:
+    """Raw answers (joined at once) and typed ones (decoded one by one) give the same columns:
+    the answered outputs, row by row."""
     registry = CollectorRegistry()
     capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), registry)
     core = core_with(server, capture)
+    answered = {}
     for index in range(5):
-        answer(core, index)
+        message = request(index)
+        if not raw:  # the same values as typed contents
+            values = np.frombuffer(message.raw_input_contents[0], dtype=np.float32)
+            del message.raw_input_contents[:]
+            message.inputs[0].contents.fp32_contents.extend(values.tolist())
+        response = core.infer_on_thread(
+            message, None, time.perf_counter(), defer=lambda f, *args: f(*args)
+        )
+        assert isinstance(response, pb.ModelInferResponse)
+        assert bool(response.raw_output_contents) == raw
+        answered[message.id] = decode_outputs(response)
     capture.close()
-    rows = sum(pq.read_table(p).num_rows for p in captured_files(tmp_path))
-    assert rows == 10  # 5 requests of 2 rows
+    table = pa.concat_tables([pq.read_table(p) for p in captured_files(tmp_path)]).to_pydict()
+    assert len(table["request_id"]) == 10  # 5 requests of 2 rows
+    for place, (request_id, row) in enumerate(zip(table["request_id"], table["row"], strict=True)):
+        for name, values in answered[request_id].items():
+            np.testing.assert_array_equal(np.asarray(table[f"output.{name}"][place]), values[row])

@@ -1,0 +1,201 @@
+"""Data capture's cost on the request path, and the capture writer's throughput, in one run.
+
+    .venv/bin/python benchmarks/capture.py [--rounds R (default 5)] [--seconds S (default 3)]
+                                           [--models logreg32,forest100] [--records N]
+
+Request path: three edgewise servers serve the same models (serving.py's build_models) with the
+native front end: capture off, ``--capture-rate 0.01`` and ``--capture-rate 1``, each into its
+own folder, writing every 0.5 s (``--capture-flush-seconds 0.5``: the writer's work falls inside
+the measurement windows). tritonclient[grpc] (serving.py's client processes) drives each at
+concurrency 1 and 8; rounds alternate between the servers and the order rotates each round, so
+drift on the shared machine hits all three. The server's CPU per request is the CPU time of the
+whole process (front end, core and the capture's writer thread) over the window, divided by the
+requests answered. One JSON line per (model, concurrency, rate): medians over rounds of p50 and
+server CPU per request, and the medians of the per-round ratios against capture off (the
+figures to quote; target at rate 1: server CPU ratio <= 1.05). The capture servers' metrics are
+read at the end: records captured, written and dropped.
+
+Writer throughput: in this process, the real serving core answers ``--records`` requests of one
+row (logreg32) and offers each to a Capture whose queue holds them all and whose writer waits;
+then the writer is woken and timed until every record is in Parquet files: records/s written,
+the rate beyond which a server's queue fills and drops (one JSON line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("serving", HERE / "serving.py")
+assert _spec is not None and _spec.loader is not None
+bench: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+RATES = {"off": None, "1%": "0.01", "100%": "1"}
+
+
+def metric_total(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start(work: Path, label: str, rate: str | None) -> tuple[Any, int]:
+    port_file = work / f"{label.strip('%')}.port"
+    command = [
+        sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+        "--repo", str(work / "repo"), "--host", "127.0.0.1", "--port", "0",
+        "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--port-file", str(port_file),
+        "--front-end", "native",
+    ]  # fmt: skip
+    if rate is not None:
+        command += [
+            "--capture-dir", str(work / f"capture-{label.strip('%')}"), "--capture-rate", rate,
+            "--capture-flush-seconds", "0.5", "--capture-max-bytes", str(4 << 30),
+        ]  # fmt: skip
+    server = bench.Server(command, port_file)
+    metrics_port = int(port_file.read_text().split()[1])
+    return server, metrics_port
+
+
+def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> None:
+    servers = {label: start(work, label, rate) for label, rate in RATES.items()}
+    labels = list(RATES)
+    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    try:
+        for concurrency in (1, 8):
+            for index in range(rounds):
+                order = labels[index % 3 :] + labels[: index % 3]
+                for model in models:
+                    for label in order:
+                        server, _ = servers[label]
+                        results.setdefault((model, concurrency, label), []).append(
+                            bench.drive(server.url, model, concurrency, seconds, server.process.pid)
+                        )
+        counts = {}
+        for label, (_, metrics_port) in servers.items():
+            if RATES[label] is None:
+                continue
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            counts[label] = {
+                "captured": metric_total(text, "edgewise_capture_records_total"),
+                "written": metric_total(text, "edgewise_capture_written_records_total"),
+                "dropped": metric_total(text, "edgewise_capture_dropped_total"),
+            }
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+    for model in models:
+        for concurrency in (1, 8):
+            off = results[(model, concurrency, "off")]
+            for label in labels:
+                rows = results[(model, concurrency, label)]
+                line: dict[str, Any] = {
+                    "case": "capture_request_path", "model": model, "concurrency": concurrency,
+                    "capture": label, "rounds": rounds, "seconds": seconds,
+                    "front_end": "native",
+                }  # fmt: skip
+                for key in ("p50_us", "server_cpu_us_per_req", "rps"):
+                    line[key] = round(statistics.median(r[key] for r in rows), 2)
+                    ratios = [r[key] / o[key] for r, o in zip(rows, off, strict=True)]
+                    line[f"ratio_{key}_vs_off_paired"] = round(statistics.median(ratios), 3)
+                line["errors"] = sum(r["errors"] for r in rows)
+                print(json.dumps(line), flush=True)
+    for label, figures in counts.items():
+        print(json.dumps({"case": "capture_counts", "capture": label, **figures}), flush=True)
+
+
+def writer_throughput(records: int, work: Path) -> None:
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from edgewise.runtime.app.server import InferenceServer
+    from edgewise.runtime.config.settings import ServerSettings
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.capture import Capture, CaptureSettings
+    from edgewise.runtime.serving.capture_files import captured_files
+    from edgewise.runtime.serving.pipeline import InferenceCore
+
+    server = InferenceServer(
+        ServerSettings.from_sources({"repo": work / "repo", "metrics_port": -1})
+    )
+    server.repository.load_all()
+    server.dataplane.set_ready(True)
+    folder = work / "capture-throughput"
+    registry = CollectorRegistry()
+    capture = Capture(
+        CaptureSettings(
+            folder, queue_records=records, flush_seconds=3600.0, batch_records=records + 1,
+            max_bytes=4 << 30,
+        ),
+        registry,
+    )  # fmt: skip
+    core = InferenceCore(server.dataplane, server.metrics, server.executor, capture=capture)
+    data = np.random.default_rng(0).random((64, bench.N_FEATURES), dtype=np.float32) * 16
+    offered = time.perf_counter()
+    for index in range(records):
+        request = pb.ModelInferRequest(model_name="logreg32", id=f"r{index}")
+        request.inputs.add(name="features", datatype="FP32", shape=[1, bench.N_FEATURES])
+        request.raw_input_contents.append(data[index % 64 : index % 64 + 1].tobytes())
+        core.infer_on_thread(request, None, time.perf_counter(), defer=lambda f, *a: f(*a))
+    offered = time.perf_counter() - offered
+    started = time.perf_counter()
+    assert capture.flush(600)
+    elapsed = time.perf_counter() - started
+    written = registry.get_sample_value(
+        "edgewise_capture_written_records_total", {"model": "logreg32"}
+    )
+    files = list(captured_files(folder))
+    size = sum(p.stat().st_size for p in files)
+    capture.close()
+    server.executor.shutdown()
+    print(
+        json.dumps(
+            {
+                "case": "capture_writer_throughput", "model": "logreg32", "records": records,
+                "written": written, "files": len(files), "bytes": size,
+                "seconds": round(elapsed, 3),
+                "records_per_s": round(records / elapsed),
+                "bytes_per_record": round(size / records, 1),
+                "core_answer_and_offer_us": round(offered / records * 1e6, 2),
+            }
+        ),
+        flush=True,
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--models", default="logreg32,forest100")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--skip-request-path", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgewise-capture-bench-"))
+    try:
+        bench.build_models(work / "repo")
+        writer_throughput(args.records, work)
+        if not args.skip_request_path:
+            request_path(args.models.split(","), args.rounds, args.seconds, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
