@@ -19,6 +19,7 @@ from edgewise.runtime.cli.capture import _add_capture
 from edgewise.runtime.cli.drift_history import _add_drift_history
 from edgewise.runtime.cli.evaluation import _add_evaluate, _add_gate
 from edgewise.runtime.cli.limits import _add_limits
+from edgewise.runtime.cli.pipeline import _add_pipeline
 from edgewise.runtime.config.settings import AUTO, switch
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.resources.cgroup_run import _add_run
@@ -554,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gate(sub)
     _add_batch(sub)
     _add_capture(sub)
+    _add_pipeline(sub)
     return parser
 
 
