@@ -188,26 +188,34 @@ def _print_record(record: RunRecord) -> None:
 # ---- verbs -------------------------------------------------------------------------------------
 
 
+def _credentials(uri: StoreURI) -> StoreURI:
+    """MLflow credentials from ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` when the URI has none."""
+    return uri.with_credentials(
+        os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    )
+
+
 def _reader_store(args: argparse.Namespace) -> StoreURI:
     from edgewise.runtime.pipeline.runner import pipeline_store
     from edgewise.runtime.pipeline.spec import load_spec
     from edgewise.runtime.store.uri import parse_store_uri
 
     if getattr(args, "pipeline", None) is not None and not args.store:
-        return pipeline_store(load_spec(args.pipeline), None)
-    return parse_store_uri(args.store)
+        return _credentials(pipeline_store(load_spec(args.pipeline), None))
+    return _credentials(parse_store_uri(args.store))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgewise.runtime.pipeline.runner import run_pipeline
+    from edgewise.runtime.pipeline.runner import pipeline_store, run_pipeline
     from edgewise.runtime.pipeline.spec import load_spec
 
     spec = load_spec(args.pipeline)
     trigger: dict[str, Any] = {"by": "cli"}
     if args.trigger_folder is not None:
         trigger = {"by": "trigger", "alert": json.loads(args.trigger_alert or "null")}
+    uri = _credentials(pipeline_store(spec, args.store))
     try:
-        record = run_pipeline(spec, store=args.store, trigger=trigger, use_cache=not args.no_cache)
+        record = run_pipeline(spec, store=uri, trigger=trigger, use_cache=not args.no_cache)
     finally:
         if args.trigger_folder is not None:
             from edgewise.runtime.pipeline.trigger import Trigger, TriggerConfig
@@ -298,7 +306,7 @@ def _read_alert() -> dict[str, Any] | None:
 
 
 def _cmd_trigger(args: argparse.Namespace) -> int:
-    from edgewise.runtime.pipeline.runner import run_pipeline
+    from edgewise.runtime.pipeline.runner import pipeline_store, run_pipeline
     from edgewise.runtime.pipeline.spec import load_spec
     from edgewise.runtime.pipeline.trigger import Decision, Trigger, TriggerConfig
 
@@ -320,7 +328,8 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     if args.foreground:
         print("trigger: start: running in the foreground")
         try:
-            record = run_pipeline(spec, store=args.store, trigger={"by": "schedule"})
+            uri = _credentials(pipeline_store(spec, args.store))
+            record = run_pipeline(spec, store=uri, trigger={"by": "schedule"})
         finally:
             trigger.release(me)
         _print_record(record)

@@ -91,6 +91,15 @@ def _check_code(recorded: CodeVersion, now: CodeVersion) -> None:
     )
 
 
+def _fingerprint_as(source: Path, name: str, holdout: Path | None) -> str:
+    """The data fingerprint of ``source`` as if it still had the recorded file name (the
+    fingerprint covers names; a copy elsewhere under another name is the same data)."""
+    with tempfile.TemporaryDirectory(prefix="edgewise-fingerprint-") as scratch:
+        alias = Path(scratch) / name
+        alias.symlink_to(source.resolve())
+        return data_fingerprint([alias] + ([holdout] if holdout is not None else []))
+
+
 def reproduce(run_id: str, uri: StoreURI, *, data: Path | None = None) -> RunRecord:
     """Reproduce ``run_id`` recorded in the store ``uri``; returns the reproduction's record
     (``comparison`` says what differs). :class:`InvalidInput` when the code or the data no
@@ -116,8 +125,8 @@ def reproduce(run_id: str, uri: StoreURI, *, data: Path | None = None) -> RunRec
     source = data if data is not None else Path(str(original.data.get("path", spec.data.path)))
     if not source.is_file():
         raise InvalidInput(f"data {source}: no such file (give its new place with --data PATH)")
-    paths = [source] + ([spec.data.holdout] if spec.data.holdout is not None else [])
-    fingerprint = data_fingerprint(paths)
+    recorded_name = Path(str(original.data.get("path", spec.data.path))).name
+    fingerprint = _fingerprint_as(source, recorded_name, spec.data.holdout)
     if fingerprint != recorded_fp:
         raise InvalidInput(
             f"data {source}: fingerprint {fingerprint[:19]} differs from the run's "

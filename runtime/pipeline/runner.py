@@ -70,9 +70,11 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
-def pipeline_store(spec: PipelineSpec, override: str | None) -> StoreURI:
+def pipeline_store(spec: PipelineSpec, override: StoreURI | str | None) -> StoreURI:
     """The store a run uses: ``override`` (the CLI's ``--store``, relative to the working
     directory), else the file's ``store`` (relative to the file), else the embedded default."""
+    if isinstance(override, StoreURI):
+        return override
     if override:
         return parse_store_uri(override)
     uri = parse_store_uri(spec.store)
@@ -461,7 +463,7 @@ def code_excludes(spec: PipelineSpec, uri: StoreURI) -> list[Path]:
 def run_pipeline(
     spec: PipelineSpec,
     *,
-    store: str | None = None,
+    store: StoreURI | str | None = None,
     trigger: Mapping[str, Any] | None = None,
     use_cache: bool = True,
 ) -> RunRecord:
