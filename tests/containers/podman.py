@@ -115,19 +115,26 @@ def private_podman() -> Iterator[Podman]:
                     os.rmdir(folder)  # only empty groups can go; others belong to someone else
 
 
-def build_image(podman: Podman, tag: str, build_dir: Path) -> None:
-    """The base (mmdebstrap, cached in .build), then the project image from host-built wheels."""
-    base_tar = build_dir / "base-bookworm.tar"
-    podman.script(ROOT / "containers" / "base-image.sh", str(base_tar))
-    podman.run(
-        "import", "--quiet", "--change", 'CMD ["python3"]', str(base_tar), "localhost/base:bookworm"
-    )
-    podman.script(
+BASES = {"build": "localhost/edgewise-base:build", "runtime": "localhost/edgewise-base:runtime"}
+
+
+def build_image(podman: Podman, tag: str, build_dir: Path) -> str:
+    """The bases (mmdebstrap, cached in .build), then the project image from the lock's wheels
+    and the native parts built on this host; returns build.sh's output (its steps, the layers'
+    and site-packages entries' sizes)."""
+    for flavor, name in BASES.items():
+        base_tar = build_dir / f"base-{flavor}.tar"
+        podman.script(
+            ROOT / "containers" / "base-image.sh", str(base_tar), extra_env={"FLAVOR": flavor}
+        )
+        podman.run("import", "--quiet", "--change", 'CMD ["python3"]', str(base_tar), name)
+    return podman.script(
         ROOT / "containers" / "build.sh",
         tag,
         extra_env={
             "ENGINE": "podman",
-            "BASE_IMAGE": "localhost/base:bookworm",
+            "BASE_IMAGE": BASES["runtime"],
+            "BUILD_IMAGE": BASES["build"],
             "BUILD_FLAGS": "--network=host",
             "PIP": str(Path(sys.executable).with_name("pip")),
         },

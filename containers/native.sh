@@ -1,0 +1,52 @@
+#!/bin/sh
+# The image's native parts, built where the target's compilers and libraries are: on the build
+# host for its own architecture, or in a builder container of the target platform (build.sh).
+#
+#   native.sh OUT PYTHON [LEVELS]
+#
+# PYTHON: a python 3.11 with numba and the lock's numpy, which imports this checkout's edgewise
+# (the kernels' digest covers their sources and numpy's version). LEVELS: the CPU levels of the
+# ahead-of-time kernels (default: x86-64-v3 x86-64-v2 on x86_64, host elsewhere: an image may run
+# on other CPUs than this one; see kernels/_native.py). PATCHELF: the patchelf to run.
+#
+# Writes OUT/kernels/_native_kernels_*.so, OUT/front/_front*.so (the native gRPC front end,
+# against this system's gRPC C++ library, pkg-config grpc++) and OUT/lib/: the front end's shared
+# libraries that a Debian bookworm Python base (python:3.11-slim, or base-image.sh's runtime
+# flavour) does not have, each with RUNPATH $ORIGIN, the front end's pointing at
+# /opt/edgewise/lib from its place in the image's site-packages (as auditwheel does for wheels).
+set -eu
+out=$1
+python=$2
+patchelf=${PATCHELF:-patchelf}
+case "$(uname -m)" in
+x86_64) levels=${3:-x86-64-v3 x86-64-v2} ;;
+*) levels=${3:-host} ;;
+esac
+rm -rf "$out/kernels" "$out/front" "$out/lib"
+mkdir -p "$out/kernels" "$out/front" "$out/lib"
+for level in $levels; do
+    "$python" -m edgewise.kernels.native_build --cpu "$level" --output-dir "$out/kernels"
+done
+"$python" -m edgewise.runtime.frontends.native.build --output-dir "$out/front"
+front=$(ls "$out"/front/_front*.so)
+# The closure, less what every Debian-based Python 3.11 image has (glibc, libstdc++, libgcc,
+# zlib, OpenSSL 3: Python's own ssl module links it).
+ldd "$front" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
+    case "$soname" in
+    libc.so.* | libm.so.* | libdl.so.* | libpthread.so.* | librt.so.* | ld-linux* | \
+        libstdc++.so.* | libgcc_s.so.* | libz.so.* | libssl.so.* | libcrypto.so.*) ;;
+    *) cp -L "$path" "$out/lib/$soname" ;;
+    esac
+done
+if ldd "$front" | grep -q "not found"; then
+    echo "native.sh: the front end's libraries are not all here:" >&2
+    ldd "$front" | grep "not found" >&2
+    exit 1
+fi
+for library in "$out"/lib/*; do
+    chmod 0644 "$library"
+    "$patchelf" --set-rpath '$ORIGIN' "$library"
+done
+# site-packages/edgewise/runtime/frontends/native -> /opt/edgewise/lib (venv/lib/python3.11/...)
+"$patchelf" --set-rpath '$ORIGIN/../../../../../../../../lib' "$front"
+echo "native.sh: $(ls "$out/kernels" | wc -l) kernel modules ($levels), front end $(basename "$front"), $(ls "$out/lib" | wc -l) libraries ($(du -sk "$out/lib" | cut -f1) kB)"
