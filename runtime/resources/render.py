@@ -127,6 +127,10 @@ def docker_args(profile: Profile, options: RenderOptions = RenderOptions()) -> l
         "--stop-timeout",
         str(options.grace_seconds),
     ]
+    if options.port != RenderOptions.port:
+        # The image's HEALTHCHECK asks 127.0.0.1:8001. Exec form (a JSON array, as podman takes
+        # it): the runtime base has no shell for docker's string form.
+        args += ["--health-cmd", json.dumps(_health_command(options.port))]
     if options.network:
         args += ["--network", options.network]
     if options.network != "host":
@@ -137,6 +141,10 @@ def docker_args(profile: Profile, options: RenderOptions = RenderOptions()) -> l
         args += ["--env", f"{key}={value}"]
     args += [options.image, "serve"]
     return args
+
+
+def _health_command(port: int) -> list[str]:
+    return ["edgewise", "containers", "healthcheck", "--server", f"127.0.0.1:{port}"]
 
 
 def _render_docker(profile: Profile, options: RenderOptions) -> str:
@@ -160,7 +168,6 @@ def _render_docker(profile: Profile, options: RenderOptions) -> str:
 
 
 def _compose(profile: Profile, options: RenderOptions) -> dict[str, Any]:
-    health_target = f"127.0.0.1:{options.port}"
     service: dict[str, Any] = {
         "image": options.image,
         "command": ["serve"],
@@ -174,7 +181,7 @@ def _compose(profile: Profile, options: RenderOptions) -> dict[str, Any]:
         "security_opt": ["no-new-privileges:true"],
         "mem_reservation": _memory_flag(profile),
         "healthcheck": {
-            "test": ["CMD", "edgewise", "containers", "healthcheck", "--server", health_target],
+            "test": ["CMD", *_health_command(options.port)],
             "interval": "10s",
             "timeout": "5s",
             "retries": 3,
