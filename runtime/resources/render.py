@@ -3,7 +3,7 @@ Kubernetes Deployment, list the profiles, and the image's health check.
 
 Every format carries the same things: the profile's CPU quota and memory limit (swap off), its
 overrides as environment variables, the image's non-root user, a read-only root filesystem with a
-small tmpfs at /tmp (numba's cache is copied there at start), the model repository mounted
+small tmpfs at /tmp (the only writable path; HOME points there), the model repository mounted
 read-only at /models, and the gRPC and metrics ports. Kubernetes gets requests equal to limits
 (Guaranteed QoS, so the CPU quota is what the runtime sizes itself to), native gRPC probes on
 the standard health service (startup and liveness on the server's overall status (""),
@@ -51,7 +51,7 @@ __all__ = [
 CONTAINER_UID: Final = 10001
 CONTAINER_GID: Final = 10001
 MODELS_PATH: Final = "/models"
-#: Size of the /tmp tmpfs (numba's cache, about 5 MiB, is copied there at start).
+#: Size of the /tmp tmpfs (HOME; a JIT fallback of the kernels would keep its numba cache there).
 TMPFS_MIB: Final = 64
 INFERENCE_SERVICE: Final = "inference.GRPCInferenceService"
 DEFAULT_MODELS_FOLDER: Final = "./model-repo"
