@@ -181,12 +181,9 @@ class Trigger:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
-            # being written, or garbage: a lock nobody can own; its age decides
-            try:
-                started = self.lock_path.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            return LockInfo(-1, started)
+            # garbage (every writer holds the guard, so no reader sees a lock half-written):
+            # no process owns it, it is stale
+            return LockInfo(-1, 0.0)
 
     def read_state(self) -> TriggerState:
         try:
