@@ -4,6 +4,7 @@ request can grow (prometheus_client's own parser reads the page)."""
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from edgewise.runtime.frontends.ports import start_metrics_http, stop_http
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.metrics import OTHER_LABEL
-from tests.servers import RunningServer, running_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, running_server
 
 Series = frozenset[tuple[str, frozenset[tuple[str, str]]]]
 
@@ -49,9 +50,15 @@ def series(text: str) -> Series:
     )
 
 
-@pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with running_server(model_repo, tmp_path_factory.mktemp("metrics-conventions")) as running:
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def server(
+    request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A server on each gRPC front end, with the HTTP/REST front end on too."""
+    pytest.importorskip("aiohttp", reason="the HTTP/REST front end needs aiohttp (edgewise[http])")
+    args = [*front_end_args(request.param), "--http-port", "0"]
+    workdir = tmp_path_factory.mktemp("metrics-conventions")
+    with running_server(model_repo, workdir, args) as running:
         yield running
 
 
@@ -71,6 +78,25 @@ def infer(server: RunningServer, model: str, version: str, request_id: str) -> g
     return grpc.StatusCode.OK
 
 
+def infer_http(server: RunningServer, model: str, version: str, request_id: str) -> int:
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    body = {
+        "id": request_id,
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": [0.0] * 30}],
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def one_round(server: RunningServer, tag: str) -> None:
     """Requests whose ids, model names and versions are new each round: served ones, unknown
     models, unknown versions of a served model, and a malformed one."""
@@ -82,6 +108,10 @@ def one_round(server: RunningServer, tag: str) -> None:
         unknown_version = infer(server, "logreg", f"{900 + i}{tag}", f"{tag}-nv-{i}")
         assert unknown_version in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
         assert infer(server, f"nope-{tag}-{i}", f"{i}", f"{tag}-nfv-{i}") != grpc.StatusCode.OK
+        # The same over HTTP/REST, whose model and version come from the URL.
+        assert infer_http(server, "logreg", "", f"{tag}-h-{i}") == 200
+        assert infer_http(server, f"nope-{tag}-{i}", "", f"{tag}-hnf-{i}") == 404
+        assert infer_http(server, "logreg", f"{800 + i}{tag}", f"{tag}-hnv-{i}") in (400, 404)
 
 
 def test_only_metrics_and_healthz_answer(server: RunningServer) -> None:
