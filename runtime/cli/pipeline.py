@@ -63,7 +63,9 @@ def _add_pipeline(sub: Subparsers) -> None:
     )
     run.add_argument("pipeline", type=Path, help="the pipeline file (TOML)")
     _store_args(run)
-    run.add_argument("--no-cache", action="store_true", help="run every step")
+    run.add_argument(
+        "--no-cache", action="store_true", help="run every step (their outputs refresh the cache)"
+    )
     run.add_argument("--json", action="store_true", help="print the run's record as JSON")
     run.add_argument("--trigger-folder", type=Path, help=argparse.SUPPRESS)
     run.add_argument("--trigger-alert", help=argparse.SUPPRESS)

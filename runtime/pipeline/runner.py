@@ -202,9 +202,11 @@ def execute(
     cache: Path | None,
     data_path: Path | None = None,
     previous_schema: list[dict[str, str]] | None = None,
+    reuse: bool = True,
 ) -> None:
     """Run the steps into ``record``. ``store`` None: data to evaluate only, no baseline (a
-    reproduction); ``cache`` None: every step runs. Raises on the first failure."""
+    reproduction); ``cache`` None: every step runs and nothing is cached; ``reuse`` False:
+    every step runs, its outputs replace the cached ones. Raises on the first failure."""
     import pandas as pd
 
     from edgewise.runtime.convert.converter import convert, load_model
@@ -249,7 +251,7 @@ def execute(
     train_key = step_key("train", inputs)
     with steps.step("train", train_key) as entry:
         model_path: Path | None = None
-        if cache is not None:
+        if cache is not None and reuse:
             folder = cache / f"train-{train_key}"
             done = st.read_done(folder)
             candidate = folder / st.TRAIN_MODEL
@@ -297,7 +299,7 @@ def execute(
     with steps.step("convert", convert_key) as entry:
         package: Path | None = None
         relative = Path("repo") / spec.model / "1"
-        if cache is not None:
+        if cache is not None and reuse:
             folder = cache / f"convert-{convert_key}"
             if st.read_done(folder) and (folder / relative).is_dir():
                 package, entry["status"] = folder / relative, "skipped"
@@ -341,7 +343,7 @@ def execute(
     )
     with steps.step("evaluate", evaluate_key) as entry:
         judged: dict[str, Any] | None = None
-        if cache is not None:
+        if cache is not None and reuse:
             judged = st.read_done(cache / f"evaluate-{evaluate_key}")
             if judged is not None and "evaluation" in judged:
                 entry["status"] = "skipped"
@@ -467,7 +469,8 @@ def run_pipeline(
     trigger: Mapping[str, Any] | None = None,
     use_cache: bool = True,
 ) -> RunRecord:
-    """Run ``spec`` and record it; returns the record of a run that succeeded, raises
+    """Run ``spec`` and record it (``use_cache`` False: every step runs, refreshing the
+    cache); returns the record of a run that succeeded, raises
     :class:`PipelineFailed` (recorded) for a failed step, or the store's error when the store
     cannot be reached (nothing recorded, nothing registered)."""
     uri = pipeline_store(spec, store)
@@ -484,8 +487,7 @@ def run_pipeline(
         try:
             execute(
                 spec, record, steps, store=the_store, code=code, run_dir=run_dir,
-                cache=spec.workdir / "cache" if use_cache else None,
-                previous_schema=previous,
+                cache=spec.workdir / "cache", reuse=use_cache, previous_schema=previous,
             )  # fmt: skip
         except EdgewiseError as exc:
             step = exc.step if isinstance(exc, st.StepFailed) else steps.current
