@@ -14,12 +14,14 @@ process (:func:`native_status`).
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
 
 from . import _native
 from ._checks import CodeBatch, FloatBatch
+from ._config import JIT_DISABLED
 from .detectors import ADWIN, DDM
 from .drift import (
     KS_AUTO_EXACT_MAX_N,
@@ -81,6 +83,7 @@ __all__ = [
     "psi",
     "quantile_edges",
     "reconstruction_errors",
+    "unavailable",
     "warmup",
     "warmup_request_path",
     "wasserstein_binned",
@@ -91,6 +94,27 @@ __all__ = [
 def native_status() -> str:
     """Whether the ahead-of-time compiled kernels serve (``"loaded"``) or numba's, and why."""
     return _native.STATUS
+
+
+def unavailable() -> str | None:
+    """Why the kernels cannot run in this process, or None when they can: they run from the
+    ahead-of-time compiled module (:func:`native_status`), through numba's JIT (the ``jit``
+    extra: ``pip install 'edgewise[jit]'``), or as Python under ``NUMBA_DISABLE_JIT=1``. Without
+    any of these, a first call would raise ModuleNotFoundError; callers switch monitoring off
+    with this reason instead."""
+    if _native.NATIVE is not None or JIT_DISABLED:
+        return None
+    try:
+        found = importlib.util.find_spec("numba") is not None
+    except ImportError:  # an import hook that refuses it (as a test's blocker does)
+        found = False
+    if found:
+        return None
+    return (
+        f"the drift kernels need their ahead-of-time build ({_native.STATUS}; "
+        "`python -m edgewise.kernels.native_build` builds it, with numba) or numba's JIT "
+        "(pip install 'edgewise[jit]')"
+    )
 
 
 def warmup_request_path() -> float:

@@ -89,6 +89,19 @@ EXPORTS: Final[dict[str, tuple[str, str]]] = {
     "drift_all": ("drift", "_drift_all"),
     "reconstruction_update_f32": ("multivariate", "_reconstruction_update"),
     "reconstruction_update_f64": ("multivariate", "_reconstruction_update"),
+    # A drift report's exact tests (GetDriftReport exact=True) and the online quality detectors:
+    # with these a server runs nothing through numba.
+    "ks_statistic_f32": ("drift", "_ks_statistic"),
+    "ks_statistic_f64": ("drift", "_ks_statistic"),
+    "wasserstein_sorted_f32": ("drift", "_wasserstein_sorted"),
+    "wasserstein_sorted_f64": ("drift", "_wasserstein_sorted"),
+    "kstwo_sf": ("_special", "_kstwo_sf"),
+    "ks2_prob_outside_square": ("_special", "_ks2_prob_outside_square"),
+    "ks2_prob_outside_band": ("_special", "_ks2_prob_outside_band"),
+    "ddm_restart": ("detectors", "_ddm_restart"),
+    "ddm_update": ("detectors", "_ddm_update"),
+    "adwin_restart": ("detectors", "_adwin_restart"),
+    "adwin_update": ("detectors", "_adwin_update"),
 }
 
 

@@ -47,6 +47,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from . import _native
 from ._config import jit
 
 __all__ = ["ADWIN", "DDM", "DRIFT", "STABLE", "WARNING"]
@@ -365,6 +366,13 @@ def _adwin_update(
     return n_drifts
 
 
+#: Compiled (``_native``), else numba's.
+(_DDM_RESTART,) = _native.kernels(_ddm_restart, "ddm_restart")
+(_DDM_UPDATE,) = _native.kernels(_ddm_update, "ddm_update")
+(_ADWIN_RESTART,) = _native.kernels(_adwin_restart, "adwin_restart")
+(_ADWIN_UPDATE,) = _native.kernels(_adwin_update, "adwin_update")
+
+
 # --------------------------------------------------------------------------------------------
 # Wrappers
 
@@ -434,7 +442,7 @@ class DDM:
 
     def reset(self) -> None:
         """Forget everything, as a newly constructed detector."""
-        _ddm_restart(self._state)
+        _DDM_RESTART(self._state)
         self.n_seen = 0
         self.n_detections = 0
 
@@ -442,7 +450,7 @@ class DDM:
         x = _values("values", values)
         status = np.empty(x.shape[0], dtype=np.int8)
         drifts = np.empty(x.shape[0], dtype=np.int64)
-        found = _ddm_update(
+        found = _DDM_UPDATE(
             self._state,
             x,
             float(self.warm_start),
@@ -563,7 +571,7 @@ class ADWIN:
 
     def reset(self) -> None:
         """Forget everything, as a newly constructed detector."""
-        _adwin_restart(self._fstate, self._istate, self._counts, self._totals, self._variances)
+        _ADWIN_RESTART(self._fstate, self._istate, self._counts, self._totals, self._variances)
         self.n_seen = 0
         self.n_detections = 0
 
@@ -574,7 +582,7 @@ class ADWIN:
         """
         x = _values("values", values)
         drifts = np.empty(x.shape[0], dtype=np.int64)
-        found = _adwin_update(
+        found = _ADWIN_UPDATE(
             self._fstate,
             self._istate,
             self._counts,

@@ -665,6 +665,15 @@ class DriftScores:
 _NO_SUPPORT: Final = np.zeros((1, 1))
 #: The compiled ``_drift_all`` (``_native``), else numba's.
 (_DRIFT_ALL,) = _native.kernels(_drift_all, "drift_all")
+#: [float32, float64] variants of the raw-sample statistics, and the KS p-values: compiled
+#: (``_native``), else numba's.
+_KS_STATISTIC = _native.kernels(_ks_statistic, "ks_statistic_f32", "ks_statistic_f64")
+_WASSERSTEIN_SORTED = _native.kernels(
+    _wasserstein_sorted, "wasserstein_sorted_f32", "wasserstein_sorted_f64"
+)
+(_KSTWO_SF,) = _native.kernels(_kstwo_sf, "kstwo_sf")
+(_KS2_SQUARE,) = _native.kernels(_ks2_prob_outside_square, "ks2_prob_outside_square")
+(_KS2_BAND,) = _native.kernels(_ks2_prob_outside_band, "ks2_prob_outside_band")
 
 
 def drift_scores(
@@ -821,7 +830,7 @@ def ks_2samp(
     if n1 == 0 or n2 == 0:
         return _KS_NAN
     a, b = _same_dtype(a, b)
-    d, location, sign = _ks_statistic(a, b)
+    d, location, sign = _KS_STATISTIC[a.dtype.itemsize == 8](a, b)
     d = float(d)
     g = math.gcd(n1, n2)
     mode = method
@@ -843,9 +852,9 @@ def ks_2samp(
         if h == 0:
             prob = 1.0
         elif n1 == n2:
-            prob = float(_ks2_prob_outside_square(n1, h))
+            prob = float(_KS2_SQUARE(n1, h))
         else:
-            prob = float(_ks2_prob_outside_band(n1, n2, g, h))
+            prob = float(_KS2_BAND(n1, n2, g, h))
         if not 0.0 <= prob <= 1.0:
             mode = "asymp"
             warnings.warn(
@@ -855,7 +864,7 @@ def ks_2samp(
             )
     if mode == "asymp":
         en = float(n1) * float(n2) / (float(n1) + float(n2))
-        prob = float(_kstwo_sf(round(en), d))
+        prob = float(_KSTWO_SF(round(en), d))
     prob = min(max(prob, 0.0), 1.0)
     return KSResult(d, prob, float(location), int(sign))
 
@@ -867,4 +876,4 @@ def wasserstein_samples(u_values: npt.ArrayLike, v_values: npt.ArrayLike) -> flo
     if u.size == 0 or v.size == 0 or _has_nan(u) or _has_nan(v):
         return math.nan
     u, v = _same_dtype(u, v)
-    return float(_wasserstein_sorted(u, v))
+    return float(_WASSERSTEIN_SORTED[u.dtype.itemsize == 8](u, v))

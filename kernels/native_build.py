@@ -32,6 +32,7 @@ def _signatures() -> dict[str, Any]:
     f64_2d = types.Array(types.float64, 2, "C")
     i64_1d = types.Array(types.int64, 1, "C")
     i64_2d = types.Array(types.int64, 2, "C")
+    tuple_of: Any = types.Tuple  # a return of several values (untyped)
     signatures: dict[str, Any] = {}
     for suffix, dtype in (("f32", types.float32), ("f64", types.float64)):
         batch = types.Array(dtype, 2, "C")  # also accepts read-only arrays
@@ -48,6 +49,27 @@ def _signatures() -> dict[str, Any]:
     for suffix, code_type in (("i32", types.int32), ("i64", types.int64)):
         codes = types.Array(code_type, 2, "C")
         signatures[f"categorical_update_{suffix}"] = types.void(i64_2d, codes, i64_1d)
+    for suffix, dtype in (("f32", types.float32), ("f64", types.float64)):
+        sample = types.Array(dtype, 1, "C")  # sorted, NaN-free
+        signatures[f"ks_statistic_{suffix}"] = tuple_of(
+            (types.float64, types.float64, types.int64)
+        )(sample, sample)
+        signatures[f"wasserstein_sorted_{suffix}"] = types.float64(sample, sample)
+    signatures["kstwo_sf"] = types.float64(types.int64, types.float64)
+    signatures["ks2_prob_outside_square"] = types.float64(types.int64, types.int64)
+    signatures["ks2_prob_outside_band"] = types.float64(
+        types.int64, types.int64, types.int64, types.int64
+    )
+    i8_1d = types.Array(types.int8, 1, "C")
+    signatures["ddm_restart"] = types.void(f64_1d)
+    signatures["ddm_update"] = types.int64(
+        f64_1d, f64_1d, types.float64, types.float64, types.float64, i8_1d, i64_1d
+    )
+    signatures["adwin_restart"] = types.void(f64_1d, i64_1d, i64_1d, f64_2d, f64_2d)
+    signatures["adwin_update"] = types.int64(
+        f64_1d, i64_1d, i64_1d, f64_2d, f64_2d, f64_1d,
+        types.float64, types.int64, types.int64, types.float64, types.float64, i64_1d,
+    )  # fmt: skip
     signatures["moments_merge"] = types.void(f64_2d, f64_2d)
     signatures["moments_subtract"] = types.int64(f64_2d, f64_2d)
     signatures["drift_all"] = f64_2d(

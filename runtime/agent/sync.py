@@ -305,9 +305,12 @@ def validate_package(
 ) -> Validation:
     """Check a downloaded package before it goes near the server; :class:`PackageError` or
     :class:`ModelLoadError` naming the first problem. With ``trusted`` keys the manifest's
-    signature is checked first (:class:`~edgewise.runtime.package.signing.SignatureError`)."""
-    import onnx
+    signature is checked first (:class:`~edgewise.runtime.package.signing.SignatureError`).
 
+    The graph is checked by onnx's checker where onnx is installed (the ``convert`` extra), and
+    by the onnxruntime load of ``local_load`` in any case; a node without onnx, validating with
+    ``local_load=False``, leaves the graph to the server's own load, which refuses it before
+    anything switches."""
     raw_manifest = read_manifest_bytes(folder)
     if trusted is not None:
         verify_package(folder, trusted, raw_manifest)
@@ -322,11 +325,7 @@ def validate_package(
     verify_files(folder, manifest)
     # Before the checker, which would open external data files wherever they point.
     check_external_data(folder / MODEL_FILE, folder, [f.path for f in manifest.files])
-    try:
-        onnx.checker.check_model(str(folder / MODEL_FILE))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"ONNX checker: {first[:300]}") from None
+    _check_graph(folder / MODEL_FILE)
     if deployed is not None and not manifest.config.get(ALLOW_SCHEMA_CHANGE):
         problems = schema_changes(deployed, manifest)
         if problems:
@@ -359,6 +358,21 @@ def validate_package(
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def _check_graph(model_path: Path) -> None:
+    """onnx's checker on the model, where onnx is installed: :class:`ModelLoadError` with its
+    first line. Serving nodes go without onnx (it is the ``convert`` extra); there the
+    onnxruntime load that follows is the check."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        onnx.checker.check_model(str(model_path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"ONNX checker: {first[:300]}") from None
 
 
 def _remove_tree(path: Path) -> None:

@@ -239,18 +239,23 @@ class InferenceServer:
             settings.repo,
         )
         loop = asyncio.get_running_loop()
-        if settings.monitoring:
+        if settings.monitoring or settings.quality:
             # Load the request path's kernels now (compiled ahead of time, or numba's from its
             # cache or compiled): no request pays a JIT. Imported only here: with monitoring off
-            # the server never loads them.
-            seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
-            from edgewise.kernels import native_status
+            # the server never loads them. Where neither can run, the repository serves every
+            # model unmonitored and without online quality, each drift report giving the reason.
+            from edgewise.kernels import native_status, unavailable
 
-            log.info(
-                "monitoring kernels ready in %.2f s (ahead-of-time compiled kernels: %s)",
-                seconds,
-                native_status(),
-            )
+            missing = unavailable()
+            if missing is not None:
+                log.warning("monitoring and online quality are off: %s", missing)
+            elif settings.monitoring:
+                seconds = await loop.run_in_executor(self.executor, warm_request_kernels)
+                log.info(
+                    "monitoring kernels ready in %.2f s (ahead-of-time compiled kernels: %s)",
+                    seconds,
+                    native_status(),
+                )
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
         ready = [s for s in statuses if s.state.value == "READY"]
         if settings.gc_tuning:

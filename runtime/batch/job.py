@@ -340,10 +340,17 @@ def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path
     collector: DriftCollector | None = None
     no_report = "the drift report was turned off (--no-drift-report)"
     if prepared.settings.drift_report:
-        collector = DriftCollector.for_model(model_dir, prepared.version_dir, prepared.manifest)
-        if collector is None:
-            no_report = "the model package has no reference profile"
+        from edgewise.kernels import unavailable
+
+        missing = unavailable()
+        if missing is not None:
+            no_report = missing
             log.warning("batch: no drift report: %s", no_report)
+        else:
+            collector = DriftCollector.for_model(model_dir, prepared.version_dir, prepared.manifest)
+            if collector is None:
+                no_report = "the model package has no reference profile"
+                log.warning("batch: no drift report: %s", no_report)
     return _Loaded(model, collector, no_report, session, threads)
 
 

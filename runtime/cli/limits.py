@@ -25,7 +25,11 @@ def _add_limits(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "behind each value. With --profile, show what a profile's limits would give.",
     )
     p.add_argument("--profile", help="split a profile's limits instead of the detected ones")
-    p.add_argument("--profiles-dir", type=Path, help="folder of profiles (default: the checkout's)")
+    p.add_argument(
+        "--profiles-dir",
+        type=Path,
+        help="folder of profiles (default: ./containers/profiles, then the installed ones)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_cmd_limits)
 

@@ -375,7 +375,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--repo model-repo",
     )
     p.add_argument("--profile", required=True, help="profile name, or the path of a .toml file")
-    p.add_argument("--profiles-dir", type=Path, help="folder of profiles (default: the checkout's)")
+    p.add_argument(
+        "--profiles-dir",
+        type=Path,
+        help="folder of profiles (default: ./containers/profiles, then the installed ones)",
+    )
     p.add_argument("--cgroup-name", help="name of the group (default edgewise-PROFILE-PID)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the edgewise command to run")
     p.set_defaults(handler=_cmd_run)

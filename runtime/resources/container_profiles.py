@@ -1,4 +1,6 @@
-"""Container profiles: named CPU and memory limits, in TOML files under ``containers/profiles/``.
+"""Container profiles: named CPU and memory limits, in TOML files shipped with the package
+(``edgewise/runtime/resources/profiles/``, package data; ``containers/profiles`` in a checkout
+links to it) or in a folder of one's own.
 
 A profile file ``NAME.toml``::
 
@@ -21,6 +23,7 @@ are errors, so a typo cannot silently do nothing. ``[overrides]`` takes the keys
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -152,16 +155,23 @@ def _read_profile(path: Path) -> Profile:
     return parse_profile(path.stem, data, path)
 
 
+def packaged_profiles_dir() -> Path | None:
+    """The profiles installed with edgewise (package data of ``edgewise.runtime.resources``),
+    or None where the package is not a folder on disk (a zip import)."""
+    folder = importlib.resources.files("edgewise.runtime.resources") / "profiles"
+    return folder if isinstance(folder, Path) and folder.is_dir() else None
+
+
 def default_profile_dirs() -> list[Path]:
-    """Where profile names are looked up: ``./containers/profiles``, then the one in the source
-    tree edgewise runs from (an editable install or a checkout)."""
-    candidates = [
-        Path.cwd() / "containers" / "profiles",
-        Path(__file__).resolve().parents[2] / "containers" / "profiles",
-    ]
+    """Where profile names are looked up: ``./containers/profiles`` (one's own, first), then the
+    profiles installed with edgewise (:func:`packaged_profiles_dir`): a wheel install finds them
+    from any folder."""
+    candidates = [Path.cwd() / "containers" / "profiles", packaged_profiles_dir()]
     seen: list[Path] = []
     for candidate in candidates:
-        if candidate.is_dir() and all(candidate.resolve() != s.resolve() for s in seen):
+        if candidate is None or not candidate.is_dir():
+            continue
+        if all(candidate.resolve() != s.resolve() for s in seen):
             seen.append(candidate)
     return seen
 
@@ -189,7 +199,7 @@ def load_profile(spec: str, dirs: Sequence[Path] | None = None) -> Profile:
         if path.is_file():
             return _read_profile(path)
     known = sorted({p.stem for folder in folders for p in folder.glob("*.toml")})
-    where = ", ".join(str(f) for f in folders) or "no profile folder (run from a checkout)"
+    where = ", ".join(str(f) for f in folders) or "no profile folder (pass --profiles-dir)"
     raise InvalidInput(
         f"no profile named {spec!r} in {where}" + (f" (known: {', '.join(known)})" if known else "")
     )

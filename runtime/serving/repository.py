@@ -429,6 +429,15 @@ class ModelRepository:
                     model.name,
                 )
                 model.batching = None
+        # The statistics kernels: compiled ahead of time, or numba's. Where neither can run here
+        # (a node without the AOT build nor the jit extra) the model is served unmonitored and
+        # without online quality, and its drift report says why (the server logs it at start).
+        from edgewise.kernels import unavailable
+
+        missing = unavailable()
+        if missing is not None:
+            model.monitor_reason = f"monitoring is unavailable: {missing}"
+            return
         quality = QualityConfig.from_json(model_config.quality or {})
         if self.quality_enabled and quality.enabled and model.manifest.task != "other":
             classifier = model.manifest.task == "classification"

@@ -47,6 +47,7 @@ PUBLIC_API = [
     "psi",
     "quantile_edges",
     "reconstruction_errors",
+    "unavailable",
     "wasserstein_binned",
     "wasserstein_samples",
     "warmup",
@@ -102,6 +103,15 @@ WRAPPERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("profile", "_UPDATE"): ("profile_update_f32", "profile_update_f64"),
     ("drift", "_DRIFT_ALL"): ("drift_all",),
     ("multivariate", "_UPDATE"): ("reconstruction_update_f32", "reconstruction_update_f64"),
+    ("drift", "_KS_STATISTIC"): ("ks_statistic_f32", "ks_statistic_f64"),
+    ("drift", "_WASSERSTEIN_SORTED"): ("wasserstein_sorted_f32", "wasserstein_sorted_f64"),
+    ("drift", "_KSTWO_SF"): ("kstwo_sf",),
+    ("drift", "_KS2_SQUARE"): ("ks2_prob_outside_square",),
+    ("drift", "_KS2_BAND"): ("ks2_prob_outside_band",),
+    ("detectors", "_DDM_RESTART"): ("ddm_restart",),
+    ("detectors", "_DDM_UPDATE"): ("ddm_update",),
+    ("detectors", "_ADWIN_RESTART"): ("adwin_restart",),
+    ("detectors", "_ADWIN_UPDATE"): ("adwin_update",),
 }
 
 
@@ -207,20 +217,11 @@ def _exported_kernel_signatures() -> dict[str, int]:
 
 
 def test_warmup_compiles_everything(kernel_path: KernelPath) -> None:
-    from edgewise.kernels import _special, drift, histograms, moments, profile
+    from edgewise.kernels import drift, histograms, moments, profile
 
     before = _exported_kernel_signatures()
     seconds = kernels.warmup()
     assert seconds >= 0.0
-    # The kernels outside the compiled module run through numba on both paths.
-    for dispatcher in (
-        drift._ks_statistic,
-        drift._wasserstein_sorted,
-        _special._kstwo_sf,
-        _special._ks2_prob_outside_band,
-        _special._ks2_prob_outside_square,
-    ):
-        assert dispatcher.signatures
     if kernel_path.name == "aot":
         # Every compiled function ran, each with arguments of its signature; numba compiled
         # none of the kernels they were built from.
@@ -266,10 +267,18 @@ def test_config_flags() -> None:
 
 
 def _signature_counts() -> dict[str, int]:
-    from edgewise.kernels import _special, drift, histograms, moments, multivariate, profile
+    from edgewise.kernels import (
+        _special,
+        detectors,
+        drift,
+        histograms,
+        moments,
+        multivariate,
+        profile,
+    )
 
     out: dict[str, int] = {}
-    for module in (moments, histograms, profile, drift, _special, multivariate):
+    for module in (moments, histograms, profile, drift, _special, multivariate, detectors):
         for name in dir(module):
             obj = getattr(module, name)
             if hasattr(obj, "signatures") and hasattr(obj, "py_func"):
@@ -313,7 +322,13 @@ def test_no_compile_after_warmup_for_server_inputs(kernel_path: KernelPath) -> N
     kernels.ks_2samp(sample, sample.astype(np.float32))
     kernels.ks_2samp(sample.astype(np.float32), sample[:7].astype(np.float32), method="exact")
     kernels.ks_2samp(sample, sample[:20])
+    kernels.ks_2samp(sample, sample[:20], method="asymp")
     kernels.wasserstein_samples(sample, [1, 2, 3])
+    kernels.wasserstein_samples(sample.astype(np.float32), sample[:9].astype(np.float32))
+    # Online quality: labels fed to the detectors (a read-only array as decoded from a request).
+    errors: Any = np.frombuffer(np.array([0.0, 1.0, 0.0, 0.0]).tobytes(), np.float64)
+    kernels.DDM(warm_start=2).update(errors)
+    kernels.ADWIN(clock=2).update(errors)
     assert _signature_counts() == before
     if kernel_path.name == "aot":  # every update ran compiled, fed the dtype it was built for
         merges = {"moments_merge", "moments_subtract"}  # a request merges no states

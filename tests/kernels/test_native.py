@@ -168,6 +168,56 @@ def test_merge_subtract_and_drift_equal_numba(native: Any) -> None:
             np.testing.assert_array_equal(native.drift_all(*args), kernel(*args))
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sample_tests_and_detectors_equal_numba(native: Any, dtype: type) -> None:
+    """The exact tests of a drift report and the online quality detectors."""
+    from edgewise.kernels import _special, detectors
+
+    rng = np.random.default_rng(4)
+    suffix = "f32" if dtype is np.float32 else "f64"
+    a = np.sort(rng.normal(size=70)).astype(dtype)
+    b = np.sort(np.round(rng.normal(0.2, 1.0, size=45), 1)).astype(dtype)  # ties
+    for export, name in (
+        ("ks_statistic", "_ks_statistic"),
+        ("wasserstein_sorted", "_wasserstein_sorted"),
+    ):
+        assert getattr(native, f"{export}_{suffix}")(a, b) == dispatcher(drift, name)(a, b), export
+    for export, args in (
+        ("kstwo_sf", (40, 0.2)),
+        ("ks2_prob_outside_square", (30, 7)),
+        ("ks2_prob_outside_band", (70, 45, 5, 11)),
+    ):
+        assert getattr(native, export)(*args) == dispatcher(_special, f"_{export}")(*args), export
+    errors = (rng.random(400) < np.linspace(0.05, 0.6, 400)).astype(np.float64)
+    results = []
+    for ddm_restart, ddm_update, adwin_restart, adwin_update in (
+        (native.ddm_restart, native.ddm_update, native.adwin_restart, native.adwin_update),
+        tuple(
+            dispatcher(detectors, n)
+            for n in ("_ddm_restart", "_ddm_update", "_adwin_restart", "_adwin_update")
+        ),
+    ):
+        ddm = detectors.DDM(warm_start=20)
+        ddm_restart(ddm._state)
+        status = np.empty(errors.size, np.int8)
+        drifts = np.empty(errors.size, np.int64)
+        found = ddm_update(ddm._state, errors, 20.0, 2.0, 3.0, status, drifts)
+        adwin = detectors.ADWIN(clock=8)
+        adwin_restart(adwin._fstate, adwin._istate, adwin._counts, adwin._totals, adwin._variances)
+        adwin_drifts = np.empty(errors.size, np.int64)
+        adwin_found = adwin_update(
+            adwin._fstate, adwin._istate, adwin._counts, adwin._totals, adwin._variances,
+            errors, 0.002, 8, 5, 5.0, 10.0, adwin_drifts,
+        )  # fmt: skip
+        results.append((found, status, drifts[:found], ddm._state, adwin_found,
+                        adwin_drifts[:adwin_found], adwin._fstate, adwin._totals))  # fmt: skip
+    compiled, jitted = results
+    assert compiled[0] > 0 and compiled[4] > 0  # both detectors saw the error rate climb
+    for index, (x, y) in enumerate(zip(compiled, jitted, strict=True)):
+        np.testing.assert_array_equal(x, y, err_msg=str(index))
+
+
 def test_a_module_built_from_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_native, "source_digest", lambda target="host": 12345)
     module, status = _native._load()
@@ -229,7 +279,8 @@ def test_an_unknown_cpu_target_is_refused() -> None:
 @needs_native
 def test_serving_kernels_never_import_numba(host_native: Any) -> None:
     """A fresh process runs what a server with monitoring runs (request updates, window merges,
-    drift scores): with the compiled kernels, neither numba nor LLVM is ever imported."""
+    drift scores, exact tests, quality detectors): with the compiled kernels, neither numba nor
+    LLVM is ever imported."""
     script = textwrap.dedent(
         """
         import sys
@@ -249,6 +300,13 @@ def test_serving_kernels_never_import_numba(host_native: Any) -> None:
         reference = kernels.histogram_counts(rng.normal(size=(50, 3)), edges)
         kernels.drift_scores(reference, total.histogram.counts, edges)
         kernels.drift_scores(codes.counts, codes.counts)
+        sample = rng.normal(size=60)
+        kernels.ks_2samp(sample, sample[:30] + 0.1)  # a drift report's exact tests
+        kernels.ks_2samp(sample.astype(np.float32), sample[:30].astype(np.float32), method="asymp")
+        kernels.wasserstein_samples(sample, sample[:30])
+        errors = (rng.random(100) < 0.3).astype(np.float64)  # online quality's detectors
+        kernels.DDM().update(errors)
+        kernels.ADWIN().update(errors)
         print(sorted(m for m in ("numba", "llvmlite") if m in sys.modules))
         """
     )
