@@ -450,13 +450,17 @@ def records_table(records: list[_Record]) -> Any:
     module's docstring)."""
     import pyarrow as pa
 
-    records = [r for r in records if _rows(r.prepared)]  # a request of no rows has none
-    rows = [_rows(r.prepared) for r in records]
+    prepared = [r.prepared for r in records]
+    rows = [p.rows for p in prepared]
+    if 0 in rows:  # tensors without a batch dimension (one row), or requests of no rows
+        records = [r for r, p in zip(records, prepared, strict=True) if _rows(p)]
+        prepared = [r.prepared for r in records]
+        rows = [_rows(p) for p in prepared]
     total = sum(rows)
     single = total == len(records)  # one row per request: nothing to repeat
-    ids = [r.prepared.request_id for r in records]
+    ids = [p.request_id for p in prepared]
     stamps = np.array([r.time_ns for r in records], dtype="datetime64[ns]")
-    model = records[0].prepared.model if records else None
+    model = prepared[0].model if prepared else None
     columns: dict[str, Any] = {
         "request_id": pa.array(ids if single else np.repeat(ids, rows).tolist(), pa.string()),
         "row": pa.array(
@@ -472,7 +476,7 @@ def records_table(records: list[_Record]) -> Any:
     }
     if not records:
         return pa.table(columns)
-    inputs = [r.prepared.feeds for r in records]
+    inputs = [p.feeds for p in prepared]
     for name in inputs[0]:
         columns["input." + name] = _column([given[name] for given in inputs], rows)
     joined = _raw_outputs(records, rows)

@@ -112,7 +112,9 @@ class CaptureFolder:
         path = self.next_path(folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as temporary:
-            pq.write_table(table, temporary, compression="zstd")
+            pq.write_table(
+                table, temporary, compression="zstd", use_dictionary=["model", "version"]
+            )
         stored = StoredFile(path, path.stat().st_size)
         self._files.append(stored)
         self.bytes += stored.size

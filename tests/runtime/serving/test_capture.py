@@ -337,3 +337,16 @@ def test_config_json_rate_overrides_the_flag(
     assert server.stop() == 0
     assert read_all(folder / "logreg").num_rows == 1
     assert not list(captured_files(folder / "mixed"))
+
+
+def test_export_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing folder, a model never captured: one line, exit 1, no output file."""
+    out = tmp_path / "out.parquet"
+    base = ["capture", "export", "logreg", "--output", str(out)]
+    assert main([*base, "--capture-dir", str(tmp_path / "nowhere")]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--capture-dir", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "nothing captured for model 'logreg'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
