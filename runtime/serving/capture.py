@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = [
+    "CHUNK_RECORDS",
     "Capture",
     "CaptureSettings",
     "check_rate",
@@ -347,12 +348,18 @@ class Capture:
                 labels.setdefault(item.name, []).append(item)
         for (name, version, _), records in groups.items():
             try:
-                stored = self.folder.write(f"{name}/{version}", records_table(records))
-            except Exception as exc:
+                tables = _tables(records)
+            except Exception as exc:  # a record the writer cannot turn into columns
                 self._write_failed(name, len(records), exc)
                 continue
-            self.metrics.written.labels(name).inc(len(records))
-            self.metrics.written_bytes.inc(stored.size)
+            for table, count in tables:
+                try:
+                    stored = self.folder.write(f"{name}/{version}", table)
+                except Exception as exc:
+                    self._write_failed(name, count, exc)
+                    continue
+                self.metrics.written.labels(name).inc(count)
+                self.metrics.written_bytes.inc(stored.size)
         for name, batches in labels.items():
             count = sum(len(batch.labels) for batch in batches)
             try:
@@ -443,6 +450,31 @@ def _text(value: object) -> object:
         except UnicodeDecodeError:
             return value
     return value
+
+
+#: Records turned into Arrow at a time by the writer, which then lets the request threads have
+#: the GIL (time.sleep(0)): a flush of thousands of records never holds it for long.
+CHUNK_RECORDS: Final = 256
+
+
+def _tables(records: list[_Record]) -> list[tuple[Any, int]]:
+    """The tables to write for ``records`` (one model version, one choice of outputs) and how
+    many records each holds: one table, built a chunk at a time; a chunk whose columns differ
+    from the others' (a tensor whose width varies) makes the chunks separate files. A chunk
+    that cannot be built is an error for the writer to count."""
+    import pyarrow as pa
+
+    chunks = []
+    for start in range(0, len(records), CHUNK_RECORDS):
+        part = records[start : start + CHUNK_RECORDS]
+        chunks.append((records_table(part), len(part)))
+        time.sleep(0)  # the request threads take the GIL between chunks
+    if len(chunks) == 1:
+        return chunks
+    try:
+        return [(pa.concat_tables([t for t, _ in chunks]), len(records))]
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return chunks
 
 
 def records_table(records: list[_Record]) -> Any:

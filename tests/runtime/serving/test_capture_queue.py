@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from edgewise.runtime.app.server import InferenceServer
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.serving.capture import Capture, CaptureSettings, sampled
+from edgewise.runtime.serving.capture import CHUNK_RECORDS, Capture, CaptureSettings, sampled
 from edgewise.runtime.serving.capture_files import CaptureFolder, StoredFile, captured_files
 from edgewise.runtime.serving.codecs import decode_outputs
 from edgewise.runtime.serving.pipeline import InferenceCore
@@ -197,3 +197,24 @@ def test_close_writes_what_is_queued_as_answered(
     for place, (request_id, row) in enumerate(zip(table["request_id"], table["row"], strict=True)):
         for name, values in answered[request_id].items():
             np.testing.assert_array_equal(np.asarray(table[f"output.{name}"][place]), values[row])
+
+
+def test_a_large_flush_is_built_in_chunks_and_written_as_one_file(
+    server: InferenceServer, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    capture = Capture(
+        CaptureSettings(tmp_path, flush_seconds=NEVER, batch_records=10_000), registry
+    )
+    core = core_with(server, capture)
+    count = 2 * CHUNK_RECORDS + 7
+    for index in range(count):
+        answer(core, index)
+    assert capture.flush(60)
+    files = list(captured_files(tmp_path))
+    assert len(files) == 1
+    table = pq.read_table(files[0])
+    assert table.num_rows == 2 * count
+    assert table.column("request_id").to_pylist()[::2] == [f"q{i}" for i in range(count)]
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == count
+    capture.close()
