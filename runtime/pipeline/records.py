@@ -239,14 +239,14 @@ class SqliteRunLog:
     def list_runs(self, model: str | None = None, limit: int = 50) -> list[RunRecord]:
         if model is None:
             rows = self._rows(
-                "SELECT run_id, record FROM pipeline_runs ORDER BY started_at DESC, run_id DESC "
+                "SELECT run_id, record FROM pipeline_runs ORDER BY started_at DESC, rowid DESC "
                 "LIMIT ?",
                 (limit,),
             )
         else:
             rows = self._rows(
                 "SELECT run_id, record FROM pipeline_runs WHERE model = ? "
-                "ORDER BY started_at DESC, run_id DESC LIMIT ?",
+                "ORDER BY started_at DESC, rowid DESC LIMIT ?",
                 (model, limit),
             )
         return [_loads(text, f"run {run_id}") for run_id, text in rows]
