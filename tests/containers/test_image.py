@@ -1,7 +1,10 @@
 """A real image, built from containers/Dockerfile with podman and run under the edge-tiny
-profile's flags (as ``edgewise containers render --format docker`` gives them): it starts, passes
-its health check, serves a converted model to a client on this host, and reports the limits it was
-started with.
+profile's flags (as ``edgewise containers render --format docker`` gives them): it starts with the
+native front end, passes its health check, serves a converted model to a client on this host
+(also over TLS), and reports the limits it was started with. The build itself: only the serve
+lock's packages inside (no numba, llvmlite, onnx, ml_dtypes, SciPy, scikit-learn, pip), the OCI
+labels, the SBOM beside it, at most 250 MB, no untagged image left behind, every layer's and
+site-packages entry's size in the output.
 
 Needs root and podman (installed by containers/install-podman.sh when missing). Skipped with the
 reason otherwise, except in CI (``CI`` set), where a missing prerequisite fails the test
@@ -11,21 +14,27 @@ reason otherwise, except in CI (``CI`` set), where a missing prerequisite fails 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
+import subprocess
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgewise.runtime.client.client import EdgewiseClient
+from edgewise.runtime.config.settings import ClientSecurity
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.resources.container_profiles import load_profile
 from edgewise.runtime.resources.render import RenderOptions, docker_args, healthcheck
 from tests import models
+from tests.certs import make_certificates
 from tests.containers.podman import (
     ROOT,
     Podman,
@@ -51,13 +60,36 @@ def podman() -> Iterator[Podman]:
         yield engine
 
 
+@dataclass(frozen=True)
+class Built:
+    tag: str
+    output: str  # build.sh's standard output
+
+
 @pytest.fixture(scope="module")
-def image(podman: Podman) -> str:
+def built(podman: Podman) -> Built:
     started = time.monotonic()
-    build_image(podman, TAG, ROOT / ".build" / "containers")
+    output = build_image(podman, TAG, ROOT / ".build" / "containers")
     size = image_size(podman, TAG)
     print(f"\nimage {TAG}: {size / 1e6:.0f} MB, built in {time.monotonic() - started:.0f} s")
-    return TAG
+    return Built(TAG, output)
+
+
+@pytest.fixture(scope="module")
+def image(built: Built) -> str:
+    return built.tag
+
+
+@pytest.fixture(scope="module")
+def models_dir(podman: Podman, model_repo: Path) -> Path:
+    """A world-readable copy of the model repository: the container's user (10001) reads it."""
+    target = podman.workdir / "models"
+    if not target.exists():
+        shutil.copytree(model_repo, target)
+        for path in [podman.workdir, *target.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        target.chmod(0o755)
+    return target
 
 
 def free_port() -> int:
@@ -73,13 +105,26 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"no sample {name}")
 
 
-def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Path) -> None:
-    # The container's user (10001) must read the models: a world-readable copy.
-    models_dir = podman.workdir / "models"
-    shutil.copytree(model_repo, models_dir)
-    for path in [podman.workdir, *models_dir.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    models_dir.chmod(0o755)
+def wait_serving(target: str, security: ClientSecurity | None = None) -> str:
+    started = time.monotonic()
+    status = "no answer"
+    while time.monotonic() - started < 120:
+        try:
+            status = healthcheck(target, timeout=1.0, security=security)
+        except EdgewiseError as exc:
+            status = exc.message
+        if status == "SERVING":
+            break
+        time.sleep(0.05)
+    return status
+
+
+def in_container(podman: Podman, name: str, code: str) -> str:
+    """Python run inside the container (the image has no shell and no coreutils)."""
+    return podman.run("exec", name, "python", "-c", code).stdout.strip()
+
+
+def test_image_serves_under_a_profile(podman: Podman, image: str, models_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     profile = load_profile("edge-tiny")
     options = RenderOptions(
@@ -89,19 +134,14 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Pa
     started = time.monotonic()
     podman.run("run", *docker_args(profile, options))
     target = f"127.0.0.1:{port}"
-    status = "no answer"
-    while time.monotonic() - started < 120:
-        try:
-            status = healthcheck(target, timeout=1.0)
-        except EdgewiseError as exc:
-            status = exc.message
-        if status == "SERVING":
-            break
-        time.sleep(0.05)
+    status = wait_serving(target)
     serving_after = time.monotonic() - started
     logs = podman.run("logs", "edgewise-test", check=False)
-    assert status == "SERVING", logs.stdout + logs.stderr
+    log = logs.stdout + logs.stderr
+    assert status == "SERVING", log
     print(f"\ncontainer start to SERVING: {serving_after:.2f} s (podman run included)")
+    # `serve` (front end auto) picked the native front end: its libraries are in the image.
+    assert "(front end: native)" in log, log
 
     # The image's own HEALTHCHECK (the gRPC health service) passes.
     podman.run("healthcheck", "run", "edgewise-test")
@@ -124,49 +164,127 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, model_repo: Pa
     assert inside["limits"]["cpu_quota"] == 0.5
     assert inside["limits"]["memory_limit_bytes"] == 256 * MiB
 
-    # Non-root, read-only root filesystem, numba's cache compiled at build time (no JIT).
-    assert podman.run("exec", "edgewise-test", "id", "-u").stdout.strip() == "10001"
-    assert podman.run("exec", "edgewise-test", "touch", "/opt/x", check=False).returncode != 0
-    # No capability at all (--cap-drop ALL) and no way to gain one (no-new-privileges).
-    status = podman.run("exec", "edgewise-test", "cat", "/proc/1/status").stdout
+    # Non-root, read-only root filesystem, no capability at all (--cap-drop ALL) and no way to
+    # gain one (no-new-privileges).
+    assert in_container(podman, "edgewise-test", "import os; print(os.getuid())") == "10001"
+    touch = podman.run(
+        "exec", "edgewise-test", "python", "-c", "open('/opt/x', 'w')", check=False
+    )  # fmt: skip
+    assert touch.returncode != 0 and "Read-only file system" in touch.stderr, touch.stderr
+    status = in_container(podman, "edgewise-test", "print(open('/proc/1/status').read())")
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0, status
     assert fields["NoNewPrivs"].strip() == "1", status
-    probe = (
-        "import gc, edgewise.kernels as k; k.warmup(); "
-        "from numba.core.registry import CPUDispatcher as D; "
-        "d = [o for o in gc.get_objects() if isinstance(o, D)]; "
-        "print(sum(sum(o.stats.cache_hits.values()) for o in d), "
-        "sum(sum(o.stats.cache_misses.values()) for o in d))"
-    )
-    hits, misses = map(
-        int, podman.run("exec", "edgewise-test", "python", "-c", probe).stdout.split()
-    )
-    assert hits > 0 and misses == 0
 
-    # The serving kernels come compiled ahead of time for a portable x86-64 level
-    # (containers/build.sh): the server answered and monitored without loading numba's LLVM.
-    status = podman.run(
-        "exec", "edgewise-test", "python", "-c",
-        "import edgewise.kernels as k; print(k.native_status())",
-    ).stdout.strip()  # fmt: skip
-    assert status.startswith("loaded (x86-64-v"), status
-    # A serving image: no scikit-learn, skl2onnx or SciPy (the convert extra) inside.
-    absent = podman.run(
-        "exec", "edgewise-test", "python", "-c",
-        "import importlib.util as u; print([m for m in ('sklearn', 'skl2onnx', 'scipy') "
-        "if u.find_spec(m)])",
-    ).stdout.strip()  # fmt: skip
-    assert absent == "[]", absent
-    maps = podman.run("exec", "edgewise-test", "cat", "/proc/1/maps").stdout
-    assert "llvmlite" not in maps and "_native_kernels_x86_64_v" in maps
-    fields = dict(
-        line.split(":", 1)
-        for line in podman.run("exec", "edgewise-test", "cat", "/proc/1/status").stdout.splitlines()
+    # The serving kernels come compiled ahead of time for a portable x86-64 level and the
+    # native front end's libraries from /opt/edgewise/lib: the server answered and monitored
+    # without numba or LLVM (neither is installed) and mapped the bundled gRPC C++ library.
+    kernels = in_container(
+        podman, "edgewise-test", "import edgewise.kernels as k; print(k.native_status())"
     )
-    print(f"server in the container: {status}, VmRSS {fields['VmRSS'].strip()}")
+    assert kernels.startswith("loaded (x86-64-v"), kernels
+    maps = in_container(podman, "edgewise-test", "print(open('/proc/1/maps').read())")
+    assert "_native_kernels_x86_64_v" in maps and "/opt/edgewise/lib/libgrpc++" in maps
+    assert "llvmlite" not in maps
+    print(f"server in the container: {kernels}, VmRSS {fields['VmRSS'].strip()}")
 
     # SIGTERM drains and exits 0.
     podman.run("stop", "--time", "20", "edgewise-test")
     code = podman.run("inspect", "--format", "{{.State.ExitCode}}", "edgewise-test").stdout
     assert code.strip() == "0"
+
+
+SERVE_ONLY_ABSENT = ("numba", "llvmlite", "onnx", "ml_dtypes", "scipy", "sklearn", "skl2onnx")
+
+
+def test_image_is_the_serve_lock_with_labels_and_sbom(podman: Podman, built: Built) -> None:
+    # Serve-time packages only: exactly the lock (the build refuses another set), no pip.
+    listing = "import sysconfig, os; print(*os.listdir(sysconfig.get_paths()['purelib']))"
+    site = in_image(podman, built.tag, listing).split()
+    for name in (*SERVE_ONLY_ABSENT, "pip", "setuptools"):
+        assert name not in site and not any(e.startswith(f"{name}-") for e in site), (name, site)
+    assert "onnxruntime" in site and "grpc" in site and "edgewise" in site
+    assert "dependency set: exactly the" in built.output
+    lock = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "containers" / "lockfile.py"),
+         "pins", str(ROOT / "requirements" / "serve.txt")],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for pin in lock:
+        name, version = pin.split("==")
+        assert any(e.lower().replace("_", "-") == f"{name}-{version}.dist-info" for e in site), (
+            pin,
+            site,
+        )
+
+    # OCI labels: the version of pyproject, the revision of this checkout, created and source.
+    labels = json.loads(
+        podman.run("image", "inspect", "--format", "{{json .Labels}}", built.tag).stdout
+    )
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    revision = labels["org.opencontainers.image.revision"].removesuffix("-dirty")
+    # The commit the build was made from: HEAD or, where others committed since, an ancestor.
+    ancestor = subprocess.run(
+        ["git", "merge-base", "--is-ancestor", revision, "HEAD"], cwd=ROOT, check=False
+    )
+    assert labels["org.opencontainers.image.version"] == version
+    assert re.fullmatch(r"[0-9a-f]{40}", revision) and ancestor.returncode == 0, revision
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", labels["org.opencontainers.image.created"]
+    )
+    assert labels["org.opencontainers.image.source"]
+
+    # The CycloneDX SBOM of the image's environment, beside it: the lock's components, no more.
+    sbom = json.loads((ROOT / ".build" / "containers" / "sbom-amd64.cdx.json").read_text())
+    assert sbom["bomFormat"] == "CycloneDX"
+    components = {c["name"].lower().replace("_", "-"): c["version"] for c in sbom["components"]}
+    assert {f"{n}=={v}" for n, v in components.items() if n != "edgewise"} == set(lock)
+
+    # Size, the build output's listings, no untagged image left behind.
+    size = image_size(podman, built.tag)
+    assert size <= 250e6, f"image {size / 1e6:.0f} MB > 250 MB"
+    assert "site-packages entries (kB, largest last)" in built.output
+    assert "layers of " in built.output and "onnxruntime" in built.output
+    dangling = podman.run("images", "--quiet", "--filter", "dangling=true").stdout.split()
+    assert dangling == [], podman.run("images", "--all").stdout
+
+
+def in_image(podman: Podman, image: str, code: str) -> str:
+    return podman.run(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", code
+    ).stdout.strip()
+
+
+def test_image_serves_tls_on_the_native_front_end(
+    podman: Podman, image: str, models_dir: Path
+) -> None:
+    certs = make_certificates(podman.workdir / "certs")
+    for path in (podman.workdir / "certs").iterdir():
+        path.chmod(0o644)  # the container's user reads the mounted copy
+    port, metrics_port = free_port(), free_port()
+    options = RenderOptions(
+        image=image, name="edgewise-tls", models=str(models_dir), port=port,
+        metrics_port=metrics_port, network="host",
+    )  # fmt: skip
+    args = docker_args(load_profile("edge-small"), options)
+    at = args.index(image)
+    tls = [
+        "--volume", f"{podman.workdir / 'certs'}:/run/edgewise:ro",
+        "--env", f"EDGEWISE_TLS_CERT=/run/edgewise/{certs.server_cert.name}",
+        "--env", f"EDGEWISE_TLS_KEY=/run/edgewise/{certs.server_key.name}",
+    ]  # fmt: skip
+    podman.run("run", *args[:at], *tls, *args[at:])
+    target = f"127.0.0.1:{port}"
+    status = wait_serving(target, ClientSecurity(tls_ca=certs.ca))
+    logs = podman.run("logs", "edgewise-tls", check=False)
+    log = logs.stdout + logs.stderr
+    assert status == "SERVING", log
+    assert "(front end: native)" in log, log
+    # Plain text is refused on the TLS port; the converted model answers over TLS.
+    with pytest.raises(EdgewiseError):
+        healthcheck(target, timeout=2.0, security=ClientSecurity())
+    model, X, _ = models.train_logreg()
+    with EdgewiseClient(target, security=ClientSecurity(tls_ca=certs.ca)) as client:
+        result = client.infer("logreg", {"features": X.to_numpy(np.float32)[:5]})
+    np.testing.assert_array_equal(result.outputs["label"], model.predict(X.iloc[:5]))
+    podman.run("rm", "--force", "--time", "5", "edgewise-tls")
