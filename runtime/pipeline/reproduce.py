@@ -122,10 +122,10 @@ def reproduce(run_id: str, uri: StoreURI, *, data: Path | None = None) -> RunRec
     now = code_version(spec.train.code, code_excludes(spec, uri))
     _check_code(recorded_code, now)
     recorded_fp = str(original.data.get("fingerprint", ""))
-    source = data if data is not None else Path(str(original.data.get("path", spec.data.path)))
+    source = data if data is not None else Path(str(original.data.get("path", "")))
     if not source.is_file():
         raise InvalidInput(f"data {source}: no such file (give its new place with --data PATH)")
-    recorded_name = Path(str(original.data.get("path", spec.data.path))).name
+    recorded_name = Path(str(original.data.get("path", ""))).name
     fingerprint = _fingerprint_as(source, recorded_name, spec.data.holdout)
     if fingerprint != recorded_fp:
         raise InvalidInput(

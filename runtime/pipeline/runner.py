@@ -126,7 +126,16 @@ def _arguments(spec: PipelineSpec) -> dict[str, Any]:
         "train.command": list(spec.train.command),
         "train.env": dict(spec.train.env),
         "train.code": str(spec.train.code),
-        "data.path": str(spec.data.path),
+        "data.path": "" if spec.data.path is None else str(spec.data.path),
+        "data.capture": (
+            {}
+            if spec.data.capture is None
+            else {
+                "dir": str(spec.data.capture.folder),
+                "model": spec.data.capture.model,
+                "version": spec.data.capture.version,
+            }
+        ),
         "data.label": spec.data.label,
         "data.features": list(spec.data.features),
         "data.holdout": "" if spec.data.holdout is None else str(spec.data.holdout),
@@ -213,9 +222,10 @@ def execute(
 
     # -- data
     with steps.step("data") as entry:
-        data = st.load_data(spec.data, data_path)
+        data, origin = st.load_data(spec.data, data_path, run_dir)
         record.data = {
-            "path": str(data_path or spec.data.path),
+            **origin,
+            "path": str(data.path),
             "fingerprint": data.fingerprint,
             "rows": data.rows,
             "train_rows": len(data.train),
@@ -394,7 +404,7 @@ def execute(
             entry["status"] = "skipped"
             entry["detail"] = f"version {version} has this model already (same convert key)"
         else:
-            paths = [data_path or spec.data.path]
+            paths = [data.path]
             if spec.data.holdout is not None:
                 paths.append(spec.data.holdout)
             params = {
@@ -454,9 +464,12 @@ def begin_record(
 def code_excludes(spec: PipelineSpec, uri: StoreURI) -> list[Path]:
     """What under the code folder is not code: the work folder, the pipeline file (recorded
     as arguments), the data files (fingerprinted) and the store's files."""
-    excludes = [spec.workdir, Path(spec.source), spec.data.path]
-    if spec.data.holdout is not None:
-        excludes.append(spec.data.holdout)
+    excludes = [spec.workdir, Path(spec.source)]
+    for path in (spec.data.path, spec.data.holdout):
+        if path is not None:
+            excludes.append(path)
+    if spec.data.capture is not None:
+        excludes.append(spec.data.capture.folder)
     if uri.kind == "sqlite" and uri.path is not None:
         excludes.append(uri.path)
     return excludes

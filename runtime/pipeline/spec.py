@@ -9,8 +9,9 @@ value of the wrong kind is one :class:`InvalidInput` naming it). Reference: docs
     workdir = ".edgewise-pipeline"  # optional: run folders and the step cache
 
     [data]
-    path = "data.parquet"           # .parquet or .csv, relative to this file
-    label = "target"
+    path = "data.parquet"           # .parquet or .csv, relative to this file; or instead
+    # capture = { dir = "capture", model = "churn", version = "3", repo = "model-repo" }
+    label = "target"                # (default "label" with capture)
     features = ["a", "b"]           # optional: default every column but the label
     holdout = "holdout.parquet"     # optional: else holdout_fraction of the rows, by seed
     holdout_fraction = 0.25
@@ -57,6 +58,7 @@ from edgewise.runtime.store.base import validate_alias
 __all__ = [
     "PIPELINE_FORMAT",
     "STEPS",
+    "CaptureSource",
     "ConvertStep",
     "DataStep",
     "EvaluateStep",
@@ -76,14 +78,26 @@ _DEFAULT_TIMEOUT_S: Final = 3600.0
 
 
 @dataclass(frozen=True)
+class CaptureSource:
+    """What ``serve --capture-dir`` wrote, joined with its feedback labels (the labelled rows
+    only), as ``edgewise capture export --labelled`` writes it."""
+
+    folder: Path
+    model: str
+    version: str = ""  # "": the newest captured version
+    repo: Path | None = None  # the model repository: feature columns named by the package
+
+
+@dataclass(frozen=True)
 class DataStep:
-    path: Path
+    path: Path | None
     label: str
     features: tuple[str, ...] = ()  # empty: every column but the label
     holdout: Path | None = None
     holdout_fraction: float = 0.25
     seed: int = 0
     allow_schema_change: bool = False
+    capture: CaptureSource | None = None
 
 
 @dataclass(frozen=True)
@@ -186,19 +200,54 @@ def _relative(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _capture(value: Any, base: Path, where: str) -> CaptureSource:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: [data] capture must be a table such as "
+                           '{ dir = "capture", model = "churn" }')  # fmt: skip
+    _known(value, {"dir", "model", "version", "repo"}, f"{where}: [data.capture]")
+    for key in ("dir", "model"):
+        if key not in value:
+            raise InvalidInput(f"{where}: [data.capture] {key} is missing")
+    version = value.get("version", "")
+    if not isinstance(version, str | int) or isinstance(version, bool):
+        raise InvalidInput(f"{where}: [data.capture] version must be a version number")
+    return CaptureSource(
+        folder=_relative(base, _text(value["dir"], f"{where}: [data.capture] dir")),
+        model=validate_model_name(_text(value["model"], f"{where}: [data.capture] model")),
+        version=str(version),
+        repo=(
+            _relative(base, _text(value["repo"], f"{where}: [data.capture] repo"))
+            if "repo" in value
+            else None
+        ),
+    )
+
+
 def _data(table: Mapping[str, Any], base: Path, where: str) -> DataStep:
     _known(
         table,
-        {"path", "label", "features", "holdout", "holdout_fraction", "seed", "allow_schema_change"},
+        {
+            "path", "capture", "label", "features", "holdout", "holdout_fraction", "seed",
+            "allow_schema_change",
+        },
         f"{where}: [data]",
-    )
-    for key in ("path", "label"):
-        if key not in table:
-            raise InvalidInput(f"{where}: [data] {key} is missing")
-    path = _relative(base, _text(table["path"], f"{where}: [data] path"))
-    if path.suffix.lower() not in (".parquet", ".csv"):
-        raise InvalidInput(f"{where}: [data] path {path}: expected a .parquet or .csv file")
-    label = _text(table["label"], f"{where}: [data] label")
+    )  # fmt: skip
+    if ("path" in table) == ("capture" in table):
+        raise InvalidInput(
+            f"{where}: [data] needs path (a .parquet or .csv file) or capture (what serve "
+            "--capture-dir wrote), one of them"
+        )
+    path: Path | None = None
+    capture = None
+    if "capture" in table:
+        capture = _capture(table["capture"], base, where)
+    else:
+        path = _relative(base, _text(table["path"], f"{where}: [data] path"))
+        if path.suffix.lower() not in (".parquet", ".csv"):
+            raise InvalidInput(f"{where}: [data] path {path}: expected a .parquet or .csv file")
+    if "label" not in table and capture is None:
+        raise InvalidInput(f"{where}: [data] label is missing")
+    label = _text(table.get("label", "label"), f"{where}: [data] label")
     features = names(f"{where}: [data] features", table.get("features", []))
     if label in features:
         raise InvalidInput(f"{where}: [data] features: the label {label!r} cannot be a feature")
@@ -214,6 +263,7 @@ def _data(table: Mapping[str, Any], base: Path, where: str) -> DataStep:
         raise InvalidInput(f"{where}: [data] holdout_fraction must be between 0 and 1")
     return DataStep(
         path=path,
+        capture=capture,
         label=label,
         features=features,
         holdout=holdout,

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgewise.runtime._fs import write_text_atomic
+from edgewise.runtime._fs import replacing, write_text_atomic
 from edgewise.runtime.errors import EdgewiseError, ModelNotFound
 from edgewise.runtime.package.manifest import MODEL_FILE, sha256_file
-from edgewise.runtime.pipeline.spec import DataStep, TrainStep
+from edgewise.runtime.pipeline.spec import CaptureSource, DataStep, TrainStep
 from edgewise.runtime.store.base import Store, VersionRecord
 from edgewise.runtime.store.lineage import data_fingerprint
 
@@ -43,6 +43,7 @@ __all__ = [
     "StepFailed",
     "cached_folder",
     "compare_schema",
+    "export_capture",
     "fetch_baseline",
     "load_data",
     "run_train",
@@ -74,6 +75,7 @@ class DataSet:
     fingerprint: str  # sha256 over the data file (and the holdout file)
     schema: list[dict[str, str]]  # [{name, dtype}] of the features and the label
     rows: int
+    path: Path  # the file read (a capture's export)
 
     def split_info(self, spec: DataStep) -> dict[str, Any]:
         if spec.holdout is not None:
@@ -90,11 +92,77 @@ def _load(path: Path, what: str) -> Any:
         raise StepFailed("data", f"{what}: {exc.message}") from None
 
 
-def load_data(spec: DataStep, path: Path | None = None) -> DataSet:
-    """Read, check and split the data (``path`` replaces the spec's file)."""
+CAPTURE_COLUMNS = ("model", "version", "request_id", "row", "timestamp")
+"""Columns of a capture export that are not features (nor are its ``output.*`` columns)."""
+CAPTURE_EXPORT = "captured.parquet"
+
+
+def export_capture(source: CaptureSource, destination: Path) -> dict[str, Any]:
+    """Write the labelled rows of a capture folder to ``destination`` (Parquet), as ``edgewise
+    capture export --labelled`` does; what was exported (model, version, rows)."""
+    import pyarrow.parquet as pq
+
+    from edgewise.runtime.package.manifest import MANIFEST_FILE, read_manifest
+    from edgewise.runtime.serving.capture_read import (
+        captured_versions,
+        label_rows,
+        labelled_dataset,
+        read_captured,
+    )
+
+    if not source.folder.is_dir():
+        raise StepFailed("data", f"capture dir {source.folder}: no such folder")
+    try:
+        version = source.version or next(
+            iter(reversed(captured_versions(source.folder, source.model))), ""
+        )
+        if not version:
+            raise StepFailed(
+                "data", f"{source.folder}: nothing captured for model {source.model!r}"
+            )
+        table = read_captured(source.folder, source.model, version)
+        labels = label_rows(source.folder, source.model)
+        features = None
+        if source.repo is not None:
+            package = source.repo / source.model / version
+            if (package / MANIFEST_FILE).is_file():
+                features = list(read_manifest(package).features) or None
+        dataset = labelled_dataset(table, labels, features, labelled_only=True)
+    except StepFailed:
+        raise
+    except EdgewiseError as exc:
+        raise StepFailed("data", f"capture {source.folder}: {exc.message}") from None
+    if dataset.num_rows == 0:
+        raise StepFailed(
+            "data",
+            f"no captured row of model {source.model!r} version {version} has a label "
+            f"({len(labels)} label(s) known)",
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(destination) as temporary:
+        pq.write_table(dataset, temporary)
+    return {"model": source.model, "version": version, "rows": dataset.num_rows}
+
+
+def load_data(
+    spec: DataStep, path: Path | None = None, run_dir: Path | None = None
+) -> tuple[DataSet, dict[str, Any]]:
+    """Read, check and split the data (``path`` replaces the spec's file or capture; a capture
+    is exported into ``run_dir`` first); the data set, and where it came from."""
     import numpy as np
 
-    source = path if path is not None else spec.path
+    origin: dict[str, Any] = {"source": "file"}
+    if path is not None:
+        source = path
+    elif spec.capture is not None:
+        if run_dir is None:
+            raise StepFailed("data", "a capture source needs the run's folder")
+        source = run_dir / CAPTURE_EXPORT
+        exported = export_capture(spec.capture, source)
+        origin = {"source": "capture", "capture_dir": str(spec.capture.folder), **exported}
+    else:
+        assert spec.path is not None
+        source = spec.path
     if not source.is_file():
         raise StepFailed("data", f"{source}: no such file")
     frame = _load(source, str(source))
@@ -103,7 +171,12 @@ def load_data(spec: DataStep, path: Path | None = None) -> DataSet:
     if spec.label not in columns:
         shown = ", ".join(columns[:12]) + (" ..." if len(columns) > 12 else "")
         raise StepFailed("data", f"{source}: no label column {spec.label!r} (columns: {shown})")
-    features = spec.features or tuple(c for c in columns if c != spec.label)
+    features = spec.features or tuple(
+        c
+        for c in columns
+        if c != spec.label
+        and not (spec.capture is not None and (c in CAPTURE_COLUMNS or c.startswith("output.")))
+    )
     missing = [c for c in features if c not in columns]
     if missing:
         raise StepFailed("data", f"{source}: missing feature column(s) {', '.join(missing[:8])}")
@@ -131,7 +204,7 @@ def load_data(spec: DataStep, path: Path | None = None) -> DataSet:
     if train[spec.label].isna().all():
         raise StepFailed("data", f"{source}: label column {spec.label!r} has no value")
     schema = [{"name": c, "dtype": str(frame[c].dtype)} for c in (*features, spec.label)]
-    return DataSet(
+    data = DataSet(
         train=train,
         holdout=holdout,
         features=tuple(features),
@@ -139,7 +212,9 @@ def load_data(spec: DataStep, path: Path | None = None) -> DataSet:
         fingerprint=data_fingerprint(paths),
         schema=schema,
         rows=len(frame),
+        path=source,
     )
+    return data, origin
 
 
 def compare_schema(
