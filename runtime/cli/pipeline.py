@@ -211,12 +211,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edgewise.runtime.pipeline.runner import pipeline_store, run_pipeline
     from edgewise.runtime.pipeline.spec import load_spec
 
-    spec = load_spec(args.pipeline)
     trigger: dict[str, Any] = {"by": "cli"}
     if args.trigger_folder is not None:
         trigger = {"by": "trigger", "alert": json.loads(args.trigger_alert or "null")}
-    uri = _credentials(pipeline_store(spec, args.store))
     try:
+        spec = load_spec(args.pipeline)
+        uri = _credentials(pipeline_store(spec, args.store))
         record = run_pipeline(spec, store=uri, trigger=trigger, use_cache=not args.no_cache)
     finally:
         if args.trigger_folder is not None:

@@ -505,6 +505,7 @@ def run_pipeline(
         except EdgewiseError as exc:
             step = exc.step if isinstance(exc, st.StepFailed) else steps.current
             reason = exc.reason if isinstance(exc, st.StepFailed) else exc.message
+            reason = " ".join(reason.split())  # one line, whatever the step said
             record.outcome, record.failed_step, record.reason = "failed", step, reason
             steps.not_run()
             record.finished_at = utc_now()

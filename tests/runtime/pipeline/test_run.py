@@ -242,3 +242,17 @@ def test_runs_and_show_read_without_creating_the_store(workspace: Workspace, cli
     code, _, err = cli("pipeline", "show", "20200101T000000Z-00000000", "--store",
                        str(workspace.store))  # fmt: skip
     assert code == 1 and "no pipeline run" in err
+
+
+def test_a_candidate_worse_than_production_fails_the_gate(
+    workspace: Workspace, cli: RunCli
+) -> None:
+    assert cli("pipeline", "run", workspace.pipeline())[0] == 0
+    code, _, err = cli("pipeline", "run", workspace.pipeline(args=("--C", "0.00001")))
+    assert code == 1 and err.count("\n") == 1
+    assert "failed at gate: gate FAILED: cancer version 1 against cancer version 1" in err
+    assert "nothing registered or moved" in err
+    assert _versions(workspace) == [1]
+    failed = _runs(workspace)[0]
+    assert failed.gate["passed"] is False and failed.gate["failures"]
+    assert failed.metrics["accuracy"] < 0.8  # evaluated, judged, refused
