@@ -2,23 +2,30 @@
 
     .venv/bin/python benchmarks/capture.py [--rounds R (default 5)] [--seconds S (default 3)]
                                            [--models logreg32,forest100] [--records N]
+                                           [--core-requests N] [--skip-request-path]
 
-Request path: three edgewise servers serve the same models (serving.py's build_models) with the
-native front end: capture off, ``--capture-rate 0.01`` and ``--capture-rate 1``, each into its
-own folder, writing every 0.5 s (``--capture-flush-seconds 0.5``: the writer's work falls inside
-the measurement windows). tritonclient[grpc] (serving.py's client processes) drives each at
-concurrency 1 and 8; rounds alternate between the servers and the order rotates each round, so
-drift on the shared machine hits all three. The server's CPU per request is the CPU time of the
-whole process (front end, core and the capture's writer thread) over the window, divided by the
-requests answered. One JSON line per (model, concurrency, rate): medians over rounds of p50 and
-server CPU per request, and the medians of the per-round ratios against capture off (the
-figures to quote; target at rate 1: server CPU ratio <= 1.05). The capture servers' metrics are
-read at the end: records captured, written and dropped.
+Writer throughput (``capture_writer_throughput``): in this process, the real serving core
+answers ``--records`` requests of one row (logreg32) and offers each to a Capture whose queue
+holds them all and whose writer waits; then the writer is woken and timed until every record is
+in Parquet files: records/s written, the rate beyond which a server's queue fills and drops.
 
-Writer throughput: in this process, the real serving core answers ``--records`` requests of one
-row (logreg32) and offers each to a Capture whose queue holds them all and whose writer waits;
-then the writer is woken and timed until every record is in Parquet files: records/s written,
-the rate beyond which a server's queue fills and drops (one JSON line).
+Core CPU (``capture_core_cpu``): the serving core alone in this process, no transport: CPU time
+of the process (every thread, the capture writer's included) per request of one row, capture
+off, off again (the control: what a ratio of 1 looks like in this run), 1 % and 100 %, in
+alternating rounds (2 x --rounds); medians and the medians of per-round ratios against off.
+
+Request path (``capture_request_path``): four edgewise servers serve the same models
+(serving.py's build_models) with the native front end: capture off, off again (the control),
+``--capture-rate 0.01`` and ``--capture-rate 1``, each capturing into its own folder and writing
+every 0.5 s (``--capture-flush-seconds 0.5``: the writer's work falls inside the measurement
+windows). tritonclient[grpc] (serving.py's client processes) drives each at concurrency 1 and 8;
+rounds alternate between the servers and the order rotates each round, so drift on the shared
+machine hits all of them. The server's CPU per request is the CPU time of the whole process
+(front end, core and the capture's writer thread) over the window, divided by the requests
+answered. One JSON line per (model, concurrency, server): medians over rounds of p50, server CPU
+per request and throughput, and the medians of the per-round ratios against capture off (target
+at rate 1: server CPU ratio <= 1.05; the control's ratio is the run's noise). The capture
+servers' metrics are read at the end: records captured, written and dropped.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ assert _spec is not None and _spec.loader is not None
 bench: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-RATES = {"off": None, "1%": "0.01", "100%": "1"}
+#: The servers: capture off twice (the second, "off-control", measures the run's noise: its
+#: ratio against "off" is what a ratio of 1 looks like on this machine now), 1 % and 100 %.
+RATES = {"off": None, "off-control": None, "1%": "0.01", "100%": "1"}
 
 
 def metric_total(text: str, name: str) -> float:
@@ -53,7 +62,8 @@ def metric_total(text: str, name: str) -> float:
 
 
 def start(work: Path, label: str, rate: str | None) -> tuple[Any, int]:
-    port_file = work / f"{label.strip('%')}.port"
+    slug = label.strip("%")
+    port_file = work / f"{slug}.port"
     command = [
         sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
         "--repo", str(work / "repo"), "--host", "127.0.0.1", "--port", "0",
@@ -62,7 +72,7 @@ def start(work: Path, label: str, rate: str | None) -> tuple[Any, int]:
     ]  # fmt: skip
     if rate is not None:
         command += [
-            "--capture-dir", str(work / f"capture-{label.strip('%')}"), "--capture-rate", rate,
+            "--capture-dir", str(work / f"capture-{slug}"), "--capture-rate", rate,
             "--capture-flush-seconds", "0.5", "--capture-max-bytes", str(4 << 30),
         ]  # fmt: skip
     server = bench.Server(command, port_file)
@@ -77,7 +87,7 @@ def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> 
     try:
         for concurrency in (1, 8):
             for index in range(rounds):
-                order = labels[index % 3 :] + labels[: index % 3]
+                order = labels[index % len(labels) :] + labels[: index % len(labels)]
                 for model in models:
                     for label in order:
                         server, _ = servers[label]
@@ -146,13 +156,11 @@ def writer_throughput(records: int, work: Path) -> None:
     )  # fmt: skip
     core = InferenceCore(server.dataplane, server.metrics, server.executor, capture=capture)
     data = np.random.default_rng(0).random((64, bench.N_FEATURES), dtype=np.float32) * 16
-    offered = time.perf_counter()
     for index in range(records):
         request = pb.ModelInferRequest(model_name="logreg32", id=f"r{index}")
         request.inputs.add(name="features", datatype="FP32", shape=[1, bench.N_FEATURES])
         request.raw_input_contents.append(data[index % 64 : index % 64 + 1].tobytes())
         core.infer_on_thread(request, None, time.perf_counter(), defer=lambda f, *a: f(*a))
-    offered = time.perf_counter() - offered
     started = time.perf_counter()
     assert capture.flush(600)
     elapsed = time.perf_counter() - started
@@ -171,11 +179,89 @@ def writer_throughput(records: int, work: Path) -> None:
                 "seconds": round(elapsed, 3),
                 "records_per_s": round(records / elapsed),
                 "bytes_per_record": round(size / records, 1),
-                "core_answer_and_offer_us": round(offered / records * 1e6, 2),
             }
         ),
         flush=True,
     )  # fmt: skip
+
+
+def core_cpu(rounds: int, requests: int, work: Path) -> None:
+    """The serving core alone, in this process (no transport, no client on the same CPUs'
+    clock): CPU time (process_time: every thread, the capture writer's included) per request of
+    one row with capture off, 1 % and 100 %, in alternating rounds; each capture round ends
+    when its writer has written everything."""
+    import gc
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from edgewise.runtime.app.server import InferenceServer, _tune_garbage_collector
+    from edgewise.runtime.config.settings import ServerSettings
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.capture import Capture, CaptureSettings
+    from edgewise.runtime.serving.pipeline import InferenceCore
+
+    server = InferenceServer(
+        ServerSettings.from_sources({"repo": work / "repo", "metrics_port": -1})
+    )
+    server.repository.load_all()
+    server.dataplane.set_ready(True)
+    data = np.random.default_rng(0).random((64, bench.N_FEATURES), dtype=np.float32) * 16
+    bodies = []
+    for index in range(64):
+        request = pb.ModelInferRequest(model_name="logreg32")
+        request.inputs.add(name="features", datatype="FP32", shape=[1, bench.N_FEATURES])
+        request.raw_input_contents.append(data[index : index + 1].tobytes())
+        bodies.append(request.SerializeToString())
+    cores: dict[str, InferenceCore] = {}
+    for label, rate in RATES.items():
+        capture = None
+        if rate is not None:
+            settings = CaptureSettings(
+                work / f"core-{label.strip('%')}", rate=float(rate), flush_seconds=0.5
+            )
+            capture = Capture(settings, CollectorRegistry())
+        cores[label] = InferenceCore(
+            server.dataplane, server.metrics, server.executor, capture=capture
+        )
+    _tune_garbage_collector()  # as a server does after start-up
+
+    def defer(function: Any, *args: Any) -> None:
+        function(*args)
+
+    results: dict[str, list[float]] = {label: [] for label in cores}
+    labels = list(cores)
+    for index in range(rounds + 1):  # the first round warms up and is not counted
+        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
+            core = cores[label]
+            gc.collect()
+            started = time.process_time()
+            for number in range(requests):
+                request = pb.ModelInferRequest.FromString(bodies[number % 64])
+                request.id = f"r{index}-{number}"
+                core.infer_on_thread(request, None, time.perf_counter(), defer=defer)
+            if core.capture is not None:
+                assert core.capture.flush(120)
+            if index:
+                results[label].append((time.process_time() - started) / requests * 1e6)
+    for core in cores.values():
+        if core.capture is not None:
+            core.capture.close()
+    server.executor.shutdown()
+    off = results["off"]
+    for label, values in results.items():
+        ratios = [v / o for v, o in zip(values, off, strict=True)]
+        print(
+            json.dumps(
+                {
+                    "case": "capture_core_cpu", "model": "logreg32", "capture": label,
+                    "rounds": rounds, "requests": requests,
+                    "cpu_us_per_req": round(statistics.median(values), 2),
+                    "ratio_vs_off_paired": round(statistics.median(ratios), 3),
+                }
+            ),
+            flush=True,
+        )  # fmt: skip
 
 
 def main() -> int:
@@ -184,12 +270,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--models", default="logreg32,forest100")
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--core-requests", type=int, default=20_000)
     parser.add_argument("--skip-request-path", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgewise-capture-bench-"))
     try:
         bench.build_models(work / "repo")
         writer_throughput(args.records, work)
+        core_cpu(args.rounds * 2, args.core_requests, work)
         if not args.skip_request_path:
             request_path(args.models.split(","), args.rounds, args.seconds, work)
     finally:

@@ -92,8 +92,11 @@ class CaptureFolder:
         return list(self._files)
 
     def _forget_temporary(self) -> None:
-        """Remove what a write cut short by a crash left (hidden ``.tmp-`` files)."""
+        """Remove what a write cut short by a crash left (hidden ``.tmp-`` files), unless the
+        process that writes it still runs (a sibling of ``serve --processes N``)."""
         for path in self.root.rglob(f"{TEMP_PREFIX}*"):
+            if _writer_alive(path):
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
                 log.info("capture: removed %s, left by a write that did not finish", path)
@@ -132,3 +135,22 @@ class CaptureFolder:
         self.removed += removed
         if self.on_change is not None:
             self.on_change(len(self._files), self.bytes, removed)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process named in a temporary file's name (``...-<pid>-<seq>.parquet``, see
+    :meth:`CaptureFolder.next_path`) is another one that still runs."""
+    parts = path.name.removesuffix(SUFFIX).split("-")
+    try:
+        pid = int(parts[-2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True

@@ -4,6 +4,8 @@ files, bytes and removals always what the folder holds (a hypothesis state machi
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,12 +44,29 @@ def test_cap_removes_the_oldest_files_first(tmp_path: Path) -> None:
 
 
 def test_opening_a_folder_counts_its_files_and_removes_cut_short_writes(tmp_path: Path) -> None:
+    """A temporary file left by a dead writer goes; one a running sibling process is writing
+    (serve --processes N) stays."""
     folder = CaptureFolder(tmp_path, 1 << 30)
     folder.write("m/1", table(10))
-    leftover = tmp_path / "m" / "1" / ".tmp-0123-x.parquet"
-    leftover.write_bytes(b"PAR1 half a file")
-    again = CaptureFolder(tmp_path, 1 << 30)
-    assert not leftover.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        leftover = (
+            tmp_path / "m" / "1" / f".tmp-0123abcd-1765000000000000000-{dead.pid}-000001.parquet"
+        )
+        leftover.write_bytes(b"PAR1 half a file")
+        sibling = (
+            tmp_path / "m" / "1" / f".tmp-4567abcd-1765000000000000000-{alive.pid}-000001.parquet"
+        )
+        sibling.write_bytes(b"PAR1 being written")
+        again = CaptureFolder(tmp_path, 1 << 30)
+        assert not leftover.exists()
+        assert sibling.exists()
+    finally:
+        alive.communicate(b"")
     assert [f.path for f in again.files] == list(captured_files(tmp_path))
     assert again.bytes == sum(on_disk(tmp_path).values())
 
