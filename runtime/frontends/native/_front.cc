@@ -1,14 +1,16 @@
-// The native front end: gRPC's C++ server on the public port (see native_front.py).
+// The native front end: gRPC's C++ server on the public port (see binding.py).
 //
-// ModelInfer is registered with gRPC as a unary method taking and giving raw bytes: its request
-// comes in with the call, and the call is queued for the front end's own threads, which hand the
-// bytes to one Python callable (the GIL taken only for that call); its answer goes back without
-// any Python gRPC machinery, at once or later (Front.complete, for a call waiting in a batch
-// queue). Every
-// other call (health, reflection, metadata, the repository and monitoring services) is relayed
-// byte for byte, metadata, deadline, status and trailers included, to the process's grpc.aio
-// server on a private Unix socket, so that those services are served by the same Python code
-// as without this front end.
+// Every call on the port comes through gRPC's generic asynchronous service (public grpcpp/
+// headers only) and its events through one completion queue, polled by the front end's own
+// threads, which never take the GIL. A ModelInfer call's request is read there, the call
+// counted in flight and queued for the front end's worker threads, which hand the bytes to one
+// Python callable (the GIL taken only for that call); its answer goes back without any Python
+// gRPC machinery, at once or later (Front.complete, for a call waiting in a batch queue).
+// Every other call (health, reflection, metadata, the repository and monitoring services) is
+// relayed byte for byte, metadata, deadline, status and trailers included, to the process's
+// grpc.aio server on a private Unix socket, so that those services are served by the same
+// Python code as without this front end; a client that cancels (or whose deadline passes)
+// cancels the relayed call.
 //
 // The public port serves plaintext, TLS or mutual TLS (PortCredentials): gRPC's TLS credentials
 // with its file watcher, so that certificates rotate without a restart, as on grpcio. The
@@ -23,7 +25,6 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/impl/codegen/server_callback_handlers.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
@@ -155,17 +156,73 @@ bool Forwardable(const std::string& key) {
 
 struct Front;
 
-// One ModelInfer call: its request came in with the call; one of the front end's own threads
-// answers it through the Python handler (Answer), or Front.complete does later (Complete).
-class InferCall final : public grpc::ServerUnaryReactor {
+// One event of the completion queue: each tag handed to gRPC is the address of one of these.
+class Event {
  public:
-  InferCall(Front* front, grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
-            grpc::ByteBuffer* response);
-  void OnCancel() override {}
-  void OnDone() override;
-  // OnDone only uncounts the call and deletes it, and OnCancel does nothing: gRPC may run them
-  // on the thread that ends the call instead of waking its executor for them.
-  bool InternalInlineable() override { return true; }
+  virtual void Proceed(bool ok) = 0;
+
+ protected:
+  ~Event() = default;
+};
+
+// An event that calls owner->*method(ok).
+template <class Owner>
+class Step final : public Event {
+ public:
+  Step(Owner* owner, void (Owner::*method)(bool)) : owner_(owner), method_(method) {}
+  void Proceed(bool ok) override { (owner_->*method_)(ok); }
+
+ private:
+  Owner* owner_;
+  void (Owner::*method_)(bool);
+};
+
+// A call as gRPC's generic async service gives it: its context and its stream, which stay at one
+// address for the call's life (the stream points at the context). The context's done event
+// (finished or cancelled) comes to whichever object serves the call, once it has one.
+class Stream {
+ public:
+  Stream() { context.AsyncNotifyWhenDone(&done_); }
+  // target->Proceed(true) once the call is over: now, if it already is.
+  void WhenDone(Event* target) { done_.Target(target); }
+
+  grpc::GenericServerContext context;
+  grpc::GenericServerAsyncReaderWriter stream{&context};
+
+ private:
+  class Done final : public Event {
+   public:
+    void Proceed(bool) override {
+      Event* target;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        fired_ = true;
+        target = target_;
+      }
+      if (target) target->Proceed(true);
+    }
+    void Target(Event* target) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        target_ = target;
+        if (!fired_) return;
+      }
+      target->Proceed(true);
+    }
+
+   private:
+    std::mutex mu_;
+    bool fired_ = false;
+    Event* target_ = nullptr;
+  };
+  Done done_;  // fires only for a call the server gave (never for one asked for at shutdown)
+};
+
+// One ModelInfer call: its request is read, then one of the front end's own threads answers it
+// through the Python handler (Answer), or Front.complete does later (Complete).
+class InferCall {
+ public:
+  InferCall(Front* front, std::unique_ptr<Stream> call);
 
   // The fast path: on one of the front end's own threads.
   void Answer();
@@ -174,16 +231,23 @@ class InferCall final : public grpc::ServerUnaryReactor {
   bool Complete(PyObject* answer);
 
  private:
-  // Writes the answer or the status; unlocks `lock` first (Finish may end the call, running
-  // OnDone and deleting this object before it returns).
+  void ReadDone(bool ok);
+  void FinishDone(bool ok);
+  void CallDone(bool ok);
+  void Unref();  // one of the finish and the call's end has come: the second deletes the call
+  // Writes the answer or the status; unlocks `lock` first (the finish may complete, and this
+  // object be deleted on a poller thread, before it returns).
   void Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock);
   void Uncount();  // the call no longer counts as in flight
 
   Front* front_;
-  grpc::CallbackServerContext* context_;
-  const grpc::ByteBuffer* request_;
-  grpc::ByteBuffer* response_;
-  std::atomic<bool> counted_{true};
+  std::unique_ptr<Stream> call_;
+  grpc::ByteBuffer request_;
+  Step<InferCall> read_{this, &InferCall::ReadDone};
+  Step<InferCall> finish_{this, &InferCall::FinishDone};
+  Step<InferCall> done_{this, &InferCall::CallDone};
+  std::atomic<int> refs_{2};  // the finish and the call's end
+  std::atomic<bool> counted_{false};
   std::mutex mu_;
   bool pending_ = false;
   bool answered_ = false;
@@ -192,14 +256,12 @@ class InferCall final : public grpc::ServerUnaryReactor {
   std::optional<Parsed> early_;
 };
 
-// Any other call on the public port: relayed to the Python server.
-class Call final : public grpc::ServerGenericBidiReactor {
+// Any other call on the public port: relayed to the Python server. The public side's operations
+// complete on the front end's completion queue, the relayed call's on gRPC's callback threads;
+// one lock orders them, and the object goes when nothing of either side is outstanding.
+class Call {
  public:
-  Call(Front* front, grpc::GenericCallbackServerContext* context);
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnCancel() override;
-  void OnDone() override;
+  Call(Front* front, std::unique_ptr<Stream> call);
 
   // The relayed call to the Python server.
   class Upstream final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
@@ -215,47 +277,156 @@ class Call final : public grpc::ServerGenericBidiReactor {
   };
 
  private:
+  // Every entry point holds the lock through one of these: the last one out deletes the call
+  // once nothing is outstanding (callbacks may run inline, inside another entry point).
+  class Entry {
+   public:
+    explicit Entry(Call* call) : call_(call), lock_(call->mu_) { ++call_->depth_; }
+    ~Entry() {
+      bool last = --call_->depth_ == 0 && call_->Over();
+      lock_.unlock();
+      if (last) call_->Release();
+    }
+    Entry(const Entry&) = delete;
+    Entry& operator=(const Entry&) = delete;
+
+   private:
+    Call* call_;
+    std::unique_lock<std::recursive_mutex> lock_;
+  };
+
   void StartRelay();                    // relay the call to the Python server
-  void UpstreamReadDone(bool ok);
+  void ClientReadDone(bool ok);         // the public side's events
+  void ClientWriteDone(bool ok);
+  void FinishDone(bool ok);
+  void CallDone(bool ok);
+  void UpstreamReadDone(bool ok);       // the relayed call's
   void UpstreamWriteDone(bool ok);
   void UpstreamDone(const grpc::Status& status);
+  void ReadFromClient();     // mu_ held
   void ReleaseWriteHold();   // mu_ held
   void ReleaseReadHold();    // mu_ held
   void FinishLocked(const grpc::Status& status);  // mu_ held
+  bool Over() const {        // mu_ held: nothing outstanding on either side
+    return upstream_done_ && finish_done_ && call_done_ && !reading_ && !writing_to_client_;
+  }
+  void Release();
 
   Front* front_;
-  grpc::GenericCallbackServerContext* context_;
+  std::unique_ptr<Stream> call_;
+  Step<Call> read_{this, &Call::ClientReadDone};
+  Step<Call> write_{this, &Call::ClientWriteDone};
+  Step<Call> finish_{this, &Call::FinishDone};
+  Step<Call> done_{this, &Call::CallDone};
   std::recursive_mutex mu_;
+  int depth_ = 0;
+  bool released_ = false;
   grpc::ByteBuffer from_client_, from_upstream_;
   std::unique_ptr<grpc::ClientContext> upstream_context_;
   Upstream upstream_{this};
   bool write_hold_ = false, read_hold_ = false;
-  bool writing_to_client_ = false;
-  bool finished_ = false;
+  bool reading_ = false;            // a read from the client is outstanding
+  bool client_closed_ = false;      // the client has half-closed (or is gone)
+  bool writing_to_client_ = false;  // a write to the client is outstanding
+  bool finished_ = false;           // Finish was started
+  bool finish_done_ = false;        // ... and has completed
+  bool call_done_ = false;          // the call is over (finished, or cancelled by the client)
   bool finish_pending_ = false;
   grpc::Status pending_status_;
-  bool server_done_ = false, upstream_done_ = true;
+  bool upstream_done_ = true;
+};
+
+// A call the server is asked for: when one comes, it becomes an InferCall or a relayed Call,
+// and another is asked for.
+class Accept final : public Event {
+ public:
+  explicit Accept(Front* front);
+  void Proceed(bool ok) override;
+
+ private:
+  Front* front_;
+  std::unique_ptr<Stream> call_;
 };
 
 struct Front {
   PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token)
   PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
-  std::string fast_method;      // outlives the server: gRPC keeps a pointer to it
+  std::string fast_method;
   std::unique_ptr<grpc::GenericStub> upstream;
-  std::unique_ptr<grpc::Service> infer_service;           // outlive the server
-  std::unique_ptr<grpc::CallbackGenericService> service;
+  // Every call on the public port comes through gRPC's generic async service: the front end's
+  // own pollers take its events from the completion queue (no callback executor in between).
+  grpc::AsyncGenericService service;  // outlives the server
+  std::unique_ptr<grpc::ServerCompletionQueue> queue;
   std::unique_ptr<grpc::Server> server;
+  std::vector<std::thread> pollers;
   std::atomic<long> in_flight{0};
   std::atomic<long> calls{0};
   std::atomic<long> relayed{0};
 
-  // The threads that run the Python handler. gRPC's callback threads only queue a call for them
-  // and never wait for the GIL themselves: they also accept connections and move every other
-  // call, health checks included. Cheap calls go to one thread that answers them back to back:
-  // more threads would only pass the GIL between them, each pass a thread wake-up. The others
-  // take the calls whose onnxruntime runs (which release the GIL) are worth overlapping:
-  // requests over small_max_bytes, and every request while the handler has recently taken
-  // longer than kSideBySideMicros a call (a moving average over all calls).
+  // Calls asked for or alive (Accept, InferCall, Call objects): the completion queue is shut
+  // down only when none is left, so that no operation is ever started on a queue shut down.
+  std::mutex live_mu;
+  std::condition_variable live_cv;
+  long live = 0;
+  bool accepting = false;  // under live_mu: new calls are asked for
+  static constexpr int kAccepts = 8;  // calls asked for at a time
+  static constexpr int kPollers = 2;
+
+  void Born() {
+    std::lock_guard<std::mutex> lock(live_mu);
+    ++live;
+  }
+  void Died() {
+    std::lock_guard<std::mutex> lock(live_mu);
+    if (--live == 0) live_cv.notify_all();
+  }
+  void Poll() {
+    void* tag;
+    bool ok;
+    while (queue->Next(&tag, &ok)) static_cast<Event*>(tag)->Proceed(ok);
+  }
+  // Asks the server for one more call, unless shutting down (a call asked for after the server's
+  // Shutdown comes back at once, not ok).
+  void AskForCall() {
+    {
+      std::lock_guard<std::mutex> lock(live_mu);
+      if (!accepting) return;
+      ++live;
+    }
+    new Accept(this);
+  }
+  void StartPollers(int count) {
+    {
+      std::lock_guard<std::mutex> lock(live_mu);
+      accepting = true;
+    }
+    for (int i = 0; i < kAccepts; ++i) AskForCall();
+    for (int i = 0; i < count; ++i) pollers.emplace_back([this] { Poll(); });
+  }
+  // After the server's Shutdown and StopWorkers: waits for the last call, then stops the pollers.
+  // False when a call is still alive after kLastCallSeconds (one left pending on a batch queue
+  // that nobody completes): the pollers then go on, and the front end must not be deleted.
+  static constexpr int kLastCallSeconds = 10;
+  bool StopPollers() {
+    {
+      std::unique_lock<std::mutex> lock(live_mu);
+      if (!live_cv.wait_for(lock, std::chrono::seconds(kLastCallSeconds), [&] { return live == 0; })) {
+        return false;
+      }
+    }
+    queue->Shutdown();
+    for (auto& poller : pollers) poller.join();
+    pollers.clear();
+    return true;
+  }
+
+  // The threads that run the Python handler. The pollers only queue a call for them and never
+  // wait for the GIL themselves: they also accept connections and move every other call, health
+  // checks included. Cheap calls go to one thread that answers them back to back: more threads
+  // would only pass the GIL between them, each pass a thread wake-up. The others take the calls
+  // whose onnxruntime runs (which release the GIL) are worth overlapping: requests over
+  // small_max_bytes, and every request while the handler has recently taken longer than
+  // kSideBySideMicros a call (a moving average over all calls).
   static constexpr long kSideBySideMicros = 500;
   struct Queue {
     std::mutex mu;
@@ -310,47 +481,74 @@ struct Front {
     for (auto& worker : workers) worker.join();
     workers.clear();
   }
-};
-
-// ModelInfer, registered as a unary method on raw bytes (gRPC does not parse them).
-class InferService final : public grpc::Service {
- public:
-  explicit InferService(Front* front) {
-    AddMethod(new grpc::internal::RpcServiceMethod(front->fast_method.c_str(),
-                                                   grpc::internal::RpcMethod::NORMAL_RPC, nullptr));
-    MarkMethodRawCallback(
-        0, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-               [front](grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
-                       grpc::ByteBuffer* response) -> grpc::ServerUnaryReactor* {
-                 return new InferCall(front, context, request, response);
-               }));
+  // Shutdown, in order: no new calls asked for; the server stops (waiting up to the deadline
+  // for the calls in flight, then cancelling them); the workers answer what they hold; the last
+  // call goes; the pollers stop. The GIL not held.
+  bool Stop(std::chrono::system_clock::time_point deadline) {
+    {
+      std::lock_guard<std::mutex> lock(live_mu);
+      accepting = false;
+    }
+    server->Shutdown(deadline);
+    StopWorkers();
+    if (!StopPollers()) return false;
+    server->Wait();
+    return true;
   }
 };
 
-// Every method not registered: relayed.
-class Service final : public grpc::CallbackGenericService {
- public:
-  explicit Service(Front* front) : front_(front) {}
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
-    return new Call(front_, context);
-  }
-
- private:
-  Front* front_;
-};
-
-InferCall::InferCall(Front* front, grpc::CallbackServerContext* context,
-                     const grpc::ByteBuffer* request, grpc::ByteBuffer* response)
-    : front_(front), context_(context), request_(request), response_(response) {
-  front_->calls.fetch_add(1, std::memory_order_relaxed);
-  front_->in_flight.fetch_add(1, std::memory_order_relaxed);
-  // Stays alive until answered: gRPC ends a call (OnDone) only after Finish.
-  front_->Enqueue(this, request->Length());
+Accept::Accept(Front* front) : front_(front), call_(std::make_unique<Stream>()) {
+  front_->service.RequestCall(&call_->context, &call_->stream, front_->queue.get(),
+                              front_->queue.get(), this);
 }
 
-void InferCall::OnDone() {
-  Uncount();
+void Accept::Proceed(bool ok) {
+  Front* front = front_;
+  if (ok) {  // a call: another is asked for, and this one is served
+    front->AskForCall();
+    if (call_->context.method() == front->fast_method) {
+      new InferCall(front, std::move(call_));
+    } else {
+      new Call(front, std::move(call_));
+    }
+  }  // else the server is shutting down
   delete this;
+  front->Died();
+}
+
+InferCall::InferCall(Front* front, std::unique_ptr<Stream> call)
+    : front_(front), call_(std::move(call)) {
+  front_->Born();
+  front_->calls.fetch_add(1, std::memory_order_relaxed);
+  call_->WhenDone(&done_);
+  call_->stream.Read(&request_, &read_);
+}
+
+void InferCall::ReadDone(bool ok) {
+  if (!ok) {  // no request: the client half-closed without one, or is gone
+    answered_ = true;
+    call_->stream.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request message"),
+                         &finish_);
+    return;
+  }
+  counted_.store(true, std::memory_order_relaxed);
+  front_->in_flight.fetch_add(1, std::memory_order_relaxed);
+  // Stays alive until answered: the call ends (FinishDone) only after its finish.
+  front_->Enqueue(this, request_.Length());
+}
+
+void InferCall::FinishDone(bool) {
+  Uncount();
+  Unref();
+}
+
+void InferCall::CallDone(bool) { Unref(); }
+
+void InferCall::Unref() {
+  if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  Front* front = front_;
+  delete this;
+  front->Died();
 }
 
 void InferCall::Uncount() {
@@ -361,10 +559,10 @@ void InferCall::Uncount() {
 
 void InferCall::Answer() {
   std::vector<grpc::Slice> slices;
-  bool readable = request_->Dump(&slices).ok();
+  bool readable = request_.Dump(&slices).ok();
   std::string authorization;
   bool has_authorization = false;
-  for (const auto& [key, value] : context_->client_metadata()) {
+  for (const auto& [key, value] : call_->context.client_metadata()) {
     if (key == "authorization") {
       authorization.assign(value.data(), value.size());
       has_authorization = true;
@@ -372,7 +570,7 @@ void InferCall::Answer() {
     }
   }
   double remaining = -1.0;  // no deadline
-  auto deadline = context_->deadline();
+  auto deadline = call_->context.deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) {
     remaining = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
     if (remaining < 0) remaining = 0;
@@ -407,8 +605,8 @@ void InferCall::Answer() {
     answer = ParseAnswer(result);
     Py_XDECREF(result);
 
-    // Answered with the GIL still held (Finish never waits), then the deferred work in the same
-    // hold: taking the GIL again for it would cost another hand-over when other threads wait.
+    // Answered with the GIL still held (the finish never waits), then the deferred work in the
+    // same hold: taking the GIL again for it would cost another hand-over when others wait.
     PyObject* after = front_->after;  // the call may be gone once answered: keep what is needed
     bool run_after = answer.run_after;
     {
@@ -425,7 +623,7 @@ void InferCall::Answer() {
       }
       Deliver(answer, lock);
     }
-    // From here on `this` may have been deleted (OnDone on another thread).
+    // From here on `this` may have been deleted (FinishDone on a poller).
     if (run_after && after != nullptr) {
       PyObject* done = PyObject_CallNoArgs(after);
       if (!done) PyErr_Print();
@@ -454,39 +652,76 @@ void InferCall::Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock) {
   // one still counted, and calls below the limit would be refused).
   Uncount();
   answered_ = true;
-  for (const auto& [key, value] : answer.trailers) context_->AddTrailingMetadata(key, value);
-  grpc::Status status;
+  for (const auto& [key, value] : answer.trailers) call_->context.AddTrailingMetadata(key, value);
+  lock.unlock();
   if (answer.code == 0 && answer.has_reply) {
-    *response_ = grpc::ByteBuffer(&answer.reply, 1);
+    grpc::ByteBuffer response(&answer.reply, 1);
+    call_->stream.WriteAndFinish(response, grpc::WriteOptions(), grpc::Status::OK, &finish_);
   } else {
     int code = answer.code;
     if (code <= 0 || code > 16) code = static_cast<int>(grpc::StatusCode::INTERNAL);
-    status = grpc::Status(static_cast<grpc::StatusCode>(code), answer.message);
+    call_->stream.Finish(grpc::Status(static_cast<grpc::StatusCode>(code), answer.message),
+                         &finish_);
   }
-  lock.unlock();
-  Finish(status);
 }
 
-Call::Call(Front* front, grpc::GenericCallbackServerContext* context)
-    : front_(front), context_(context) {
+Call::Call(Front* front, std::unique_ptr<Stream> call) : front_(front), call_(std::move(call)) {
+  front_->Born();
   front_->calls.fetch_add(1, std::memory_order_relaxed);
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  Entry entry(this);
   StartRelay();
+  call_->WhenDone(&done_);
 }
 
-void Call::OnReadDone(bool ok) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+void Call::Release() {
+  if (released_) return;
+  released_ = true;
+  Front* front = front_;
+  delete this;
+  front->Died();
+}
+
+void Call::StartRelay() {
+  front_->relayed.fetch_add(1, std::memory_order_relaxed);
+  grpc::GenericServerContext& context = call_->context;
+  upstream_context_ = std::make_unique<grpc::ClientContext>();
+  auto deadline = context.deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) upstream_context_->set_deadline(deadline);
+  for (const auto& [key, value] : context.client_metadata()) {
+    std::string name(key.data(), key.size());
+    if (Forwardable(name)) upstream_context_->AddMetadata(name, std::string(value.data(), value.size()));
+  }
+  upstream_done_ = false;
+  write_hold_ = read_hold_ = true;
+  front_->upstream->PrepareBidiStreamingCall(upstream_context_.get(), context.method(),
+                                             grpc::StubOptions(), &upstream_);
+  upstream_.AddMultipleHolds(2);  // one for each direction we still drive from the server side
+  upstream_.StartRead(&from_upstream_);
+  ReadFromClient();
+  upstream_.StartCall();
+}
+
+void Call::ReadFromClient() {
+  if (reading_ || client_closed_ || finished_) return;
+  reading_ = true;
+  call_->stream.Read(&from_client_, &read_);
+}
+
+void Call::ClientReadDone(bool ok) {
+  Entry entry(this);
+  reading_ = false;
+  if (!ok) client_closed_ = true;
   if (upstream_done_ || !write_hold_) return;  // nothing more goes upstream
   if (ok) {
     upstream_.StartWrite(&from_client_);
-  } else {  // the client has half-closed
+  } else {  // the client has half-closed (or is gone: then the relayed call's end tells)
     upstream_.StartWritesDone();
     ReleaseWriteHold();
   }
 }
 
-void Call::OnWriteDone(bool ok) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+void Call::ClientWriteDone(bool ok) {
+  Entry entry(this);
   writing_to_client_ = false;
   if (!ok) {  // the client is gone: no more reads from upstream; its status ends the call
     if (upstream_context_) upstream_context_->TryCancel();
@@ -501,51 +736,30 @@ void Call::OnWriteDone(bool ok) {
   }
 }
 
-void Call::OnCancel() {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  if (upstream_context_) upstream_context_->TryCancel();
+void Call::FinishDone(bool) {
+  Entry entry(this);
+  finish_done_ = true;
 }
 
-void Call::OnDone() {
-  bool last;
-  {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    server_done_ = true;
-    last = upstream_done_;
-  }
-  if (last) delete this;  // both halves are done: nothing can call into this object again
-}
-
-void Call::StartRelay() {
-  front_->relayed.fetch_add(1, std::memory_order_relaxed);
-  upstream_context_ = std::make_unique<grpc::ClientContext>();
-  auto deadline = context_->deadline();
-  if (deadline != std::chrono::system_clock::time_point::max()) upstream_context_->set_deadline(deadline);
-  for (const auto& [key, value] : context_->client_metadata()) {
-    std::string name(key.data(), key.size());
-    if (Forwardable(name)) upstream_context_->AddMetadata(name, std::string(value.data(), value.size()));
-  }
-  upstream_done_ = false;
-  write_hold_ = read_hold_ = true;
-  front_->upstream->PrepareBidiStreamingCall(upstream_context_.get(), context_->method(),
-                                             grpc::StubOptions(), &upstream_);
-  upstream_.AddMultipleHolds(2);  // one for each direction we still drive from the server side
-  upstream_.StartRead(&from_upstream_);
-  StartRead(&from_client_);
-  upstream_.StartCall();
+void Call::CallDone(bool) {
+  Entry entry(this);
+  call_done_ = true;
+  // Over before its status was sent: the client cancelled it (or its deadline passed, or the
+  // server is stopping); the relayed call goes too.
+  if (!finished_ && upstream_context_) upstream_context_->TryCancel();
 }
 
 void Call::UpstreamWriteDone(bool ok) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  Entry entry(this);
   if (!ok) {  // the relayed call has ended; its status will tell
     ReleaseWriteHold();
     return;
   }
-  if (!finished_) StartRead(&from_client_);
+  ReadFromClient();
 }
 
 void Call::UpstreamReadDone(bool ok) {
-  std::lock_guard<std::recursive_mutex> lock(mu_);
+  Entry entry(this);
   if (!ok) {  // the upstream call is over (a gRPC server's status ends the whole call):
     ReleaseReadHold();   // its status follows in UpstreamDone, which must not wait for the
     ReleaseWriteHold();  // client to half-close a stream nobody reads any more
@@ -556,29 +770,24 @@ void Call::UpstreamReadDone(bool ok) {
     return;
   }
   writing_to_client_ = true;
-  StartWrite(&from_upstream_);
+  call_->stream.Write(from_upstream_, &write_);
 }
 
 void Call::UpstreamDone(const grpc::Status& status) {
-  bool last;
-  {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
-    upstream_done_ = true;
-    last = server_done_;
-    if (!finished_) {
-      for (const auto& [key, value] : upstream_context_->GetServerTrailingMetadata()) {
-        context_->AddTrailingMetadata(std::string(key.data(), key.size()),
-                                      std::string(value.data(), value.size()));
-      }
-      if (writing_to_client_) {
-        finish_pending_ = true;
-        pending_status_ = status;
-      } else {
-        FinishLocked(status);
-      }
+  Entry entry(this);
+  upstream_done_ = true;
+  if (!finished_) {
+    for (const auto& [key, value] : upstream_context_->GetServerTrailingMetadata()) {
+      call_->context.AddTrailingMetadata(std::string(key.data(), key.size()),
+                                         std::string(value.data(), value.size()));
+    }
+    if (writing_to_client_) {
+      finish_pending_ = true;
+      pending_status_ = status;
+    } else {
+      FinishLocked(status);
     }
   }
-  if (last) delete this;
 }
 
 void Call::ReleaseWriteHold() {
@@ -599,7 +808,7 @@ void Call::FinishLocked(const grpc::Status& status) {
   if (finished_) return;
   finished_ = true;
   finish_pending_ = false;
-  Finish(status);
+  call_->stream.Finish(status, &finish_);
 }
 
 
@@ -679,16 +888,15 @@ struct FrontObject {
 void FrontDealloc(PyObject* self) {
   auto* object = reinterpret_cast<FrontObject*>(self);
   if (object->front) {
+    bool stopped = true;
     Py_BEGIN_ALLOW_THREADS
-    if (object->front->server) {
-      object->front->server->Shutdown(std::chrono::system_clock::now());
-      object->front->server->Wait();
-    }
-    object->front->StopWorkers();
+    if (object->front->server) stopped = object->front->Stop(std::chrono::system_clock::now());
     Py_END_ALLOW_THREADS
-    Py_XDECREF(object->front->handler);
-    Py_XDECREF(object->front->after);
-    delete object->front;
+    if (stopped) {  // else a call still waits for Front.complete: the front end stays, leaked
+      Py_XDECREF(object->front->handler);
+      Py_XDECREF(object->front->after);
+      delete object->front;
+    }
   }
   Py_TYPE(self)->tp_free(self);
 }
@@ -759,16 +967,14 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   front->upstream = std::make_unique<grpc::GenericStub>(
       grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), channel_args));
 
-  front->infer_service = std::make_unique<InferService>(front.get());
-  front->service = std::make_unique<Service>(front.get());
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(address, PortCredentials(tls), &port);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, reuse_port ? 1 : 0);
-  builder.RegisterService(front->infer_service.get());
-  builder.RegisterCallbackGenericService(front->service.get());
+  builder.RegisterAsyncGenericService(&front->service);
+  front->queue = builder.AddCompletionQueue();
   Py_BEGIN_ALLOW_THREADS
   front->server = builder.BuildAndStart();
   Py_END_ALLOW_THREADS
@@ -777,6 +983,7 @@ int FrontInit(PyObject* self, PyObject* args, PyObject* kwargs) {
     return -1;
   }
   front->StartWorkers(handlers);
+  front->StartPollers(Front::kPollers);
   object->front = front.release();
   object->port = port;
   return 0;
@@ -790,11 +997,14 @@ PyObject* FrontShutdown(PyObject* self, PyObject* args) {
   auto deadline = std::chrono::system_clock::now() +
                   std::chrono::duration_cast<std::chrono::system_clock::duration>(
                       std::chrono::duration<double>(grace > 0 ? grace : 0));
+  bool stopped;
   Py_BEGIN_ALLOW_THREADS
-  object->front->server->Shutdown(deadline);  // stops accepting; waits for calls, then cancels
-  object->front->server->Wait();
-  object->front->StopWorkers();  // every call has ended: the queue is empty
+  stopped = object->front->Stop(deadline);  // stops accepting; waits for calls, then cancels
   Py_END_ALLOW_THREADS
+  if (!stopped) {
+    PyErr_SetString(PyExc_RuntimeError, "a call still waits for Front.complete after shutdown");
+    return nullptr;
+  }
   object->front->server.reset();
   Py_RETURN_NONE;
 }

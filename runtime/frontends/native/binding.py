@@ -1,10 +1,12 @@
 """The native front end: gRPC's C++ server on the public port, Python for the work.
 
 With ``--front-end native`` the public port belongs to gRPC's C++ server (``_front.cc``, built
-by ``front_build``). ModelInfer is a unary method on raw bytes there: C++ hands each call to
-:meth:`NativeFront.handle` as bytes, on one of the front end's own threads (as many as the CPU
-budget computes with: one answers cheap calls back to back, the others requests over
-``small_max_bytes`` and every request while the handler is slow; gRPC's threads only queue the
+by :mod:`~edgewise.runtime.frontends.native.build`; public ``grpcpp/`` headers only: gRPC's
+generic asynchronous service, its completion queue polled by threads of the front end's own).
+C++ reads each ModelInfer call's request, counts the call in flight and hands it to
+:meth:`NativeFront.handle` as bytes, on one of the front end's worker threads (as many as the
+CPU budget computes with: one answers cheap calls back to back, the others requests over
+``small_max_bytes`` and every request while the handler is slow; the pollers only queue the
 call, so they never wait for the GIL and stay free for connections and every other call): the
 token check, the in-flight limit, parsing, the same decode-run-encode path and accounting as
 the grpcio server, then the serialised answer.

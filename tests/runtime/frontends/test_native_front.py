@@ -441,3 +441,16 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
         front.shutdown(5.0)
     with pytest.raises(ValueError, match="handlers"):
         start(handlers=1)
+
+
+def test_the_front_end_uses_public_grpc_headers_only() -> None:
+    """gRPC's internals (grpcpp/impl/codegen, grpc::internal) change between releases without
+    notice; the front end is built against whatever libgrpc++-dev a system has."""
+    from edgewise.runtime.frontends.native.binding import SOURCE
+
+    source = SOURCE.read_text()
+    includes = [line for line in source.splitlines() if line.startswith("#include <grpc")]
+    assert includes, "no gRPC header included: the check would prove nothing"
+    assert all(line.startswith("#include <grpcpp/") for line in includes), includes
+    assert "grpcpp/impl/" not in source
+    assert "grpc::internal" not in source and "grpc_impl" not in source
