@@ -17,8 +17,10 @@ prints one JSON line:
   CONCURRENCY at a time (closed loop, grpc.aio with pre-serialised requests, in a separate
   process on this host), the server's CPU time over them divided by the calls answered.
 
-Then one ``ratio`` line per profile: native / grpcio for req/s and CPU per request. One run per
-case (the issue's measure); the machine is shared, so CPU per request is the stable figure.
+With ``--start-rounds N``, first benchmarks/container_start.py's lines (edge-small, both front
+ends, medians of N starts) from the same image. Then one ``ratio`` line per profile: native /
+grpcio for req/s and CPU per request. One run per case (the issue's measure); the machine is
+shared, so CPU per request is the stable figure.
 Needs root and podman; says why and exits 1 otherwise.
 """
 
@@ -42,6 +44,7 @@ from benchmarks.container_start import (  # noqa: E402
     bench_podman,
     proc_stat,
     rss_bytes,
+    start_rounds,
 )
 from tests.containers.podman import image_size  # noqa: E402
 
@@ -138,10 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="+", default=["edge-tiny", "edge-small", "edge-medium"])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--start-rounds",
+        type=int,
+        default=0,
+        help="also benchmarks/container_start.py's cases (edge-small, both front ends) with "
+        "this many rounds, in the same podman (one image build)",
+    )
     args = parser.parse_args(argv)
     with bench_podman(build=True) as (podman, models):
         payload = podman.workdir / "request.bin"
         payload.write_bytes(request_bytes(models))
+        for front_end in ("native", "grpcio") if args.start_rounds else ():
+            row = start_rounds(podman, TAG, models, "edge-small", front_end, args.start_rounds)
+            print(json.dumps(row), flush=True)
         for profile in args.profiles:
             rows = {}
             for front_end in ("native", "grpcio"):
