@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -89,6 +91,29 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             out[str(key)] = float(value)
     return out
+
+
+WARM_MODULES: Final = ("sklearn.base", "skl2onnx", "onnx", "onnxruntime", "joblib")
+"""What convert and evaluate import (seconds of a run's fixed cost), imported in the background
+while the user's command trains."""
+
+
+def _import_quietly(names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # a missing one is reported by the step that needs it
+            return
+
+
+def warm_imports() -> threading.Thread:
+    """Start importing :data:`WARM_MODULES` on a daemon thread (Python's import locks keep a
+    module from being imported twice; a step that needs one waits for it)."""
+    thread = threading.Thread(
+        target=_import_quietly, args=(WARM_MODULES,), name="edgewise-warm-imports", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 class StepTimer:
@@ -216,6 +241,7 @@ def execute(
     """Run the steps into ``record``. ``store`` None: data to evaluate only, no baseline (a
     reproduction); ``cache`` None: every step runs and nothing is cached; ``reuse`` False:
     every step runs, its outputs replace the cached ones. Raises on the first failure."""
+    warm_imports()
     import pandas as pd
 
     from edgewise.runtime.convert.converter import convert, load_model
