@@ -111,9 +111,8 @@ def unavailable() -> str | None:
     if found:
         return None
     return (
-        f"the drift kernels need their ahead-of-time build ({_native.STATUS}; "
-        "`python -m edgewise.kernels.native_build` builds it, with numba) or numba's JIT "
-        "(pip install 'edgewise[jit]')"
+        f"the drift kernels need their ahead-of-time build (here: {_native.STATUS}) or numba's "
+        "JIT (pip install 'edgewise[jit]')"
     )
 
 

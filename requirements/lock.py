@@ -65,7 +65,7 @@ def compile_locks(uv: str, extra_args: list[str]) -> None:
         out = ROOT / "requirements" / name
         command = [
             uv, "pip", "compile", str(PYPROJECT.relative_to(ROOT)),
-            "--universal", "--generate-hashes", "--python-version", PYTHON_VERSION,
+            "--quiet", "--universal", "--generate-hashes", "--python-version", PYTHON_VERSION,
             "--custom-compile-command", "make lock",
             "--output-file", str(out.relative_to(ROOT)),
             *(["--extra", extra] if extra else []),
