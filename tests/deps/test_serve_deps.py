@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from edgewise.runtime.convert.converter import convert
 from edgewise.runtime.package.manifest import MODEL_FILE, read_manifest
 from edgewise.runtime.package.schema import frame_to_inputs
 from tests import models
@@ -77,6 +78,13 @@ def server(
     repo = tmp_path_factory.mktemp("serve-deps") / "repo"
     for name in ("logreg", "mixed"):
         shutil.copytree(model_repo / name, repo / name)
+    # A classifier calibrated at convert time (scikit-learn, here): the server's CBPE estimate
+    # reads the calibration with numpy alone.
+    model, frame, labels = models.train_logreg()
+    convert(model, frame, name="calibrated", repo=repo, labels=labels)
+    (repo / "calibrated" / "config.json").write_text(
+        json.dumps({"monitoring": {"window_rows": 50}})
+    )
     running = start_server(
         repo,
         tmp_path_factory.mktemp("serve-deps-server"),
@@ -132,7 +140,30 @@ def test_a_server_serves_and_monitors_without_them(
             break
         assert time.monotonic() < deadline, "the drift timer never published the drift"
         time.sleep(0.05)
+    # CBPE: the calibrated classifier's estimated accuracy over closed 50-row windows.
+    _, frame, _ = models.train_logreg()
+    calibrated = frame_to_inputs(read_manifest(server_repo(server) / "calibrated" / "1"), frame)
+    with server.client() as client:
+        for start in range(0, 200, 10):
+            client.infer("calibrated", {k: v[start : start + 10] for k, v in calibrated.items()})
+    deadline = time.monotonic() + 20
+    while True:
+        text = metrics_text(server)
+        estimate = metric_value(
+            text, "edgewise_estimated_performance", model="calibrated", metric="accuracy"
+        )
+        if estimate > 0:
+            break
+        assert time.monotonic() < deadline, "no CBPE estimate was published"
+        time.sleep(0.05)
+    assert 0.5 < estimate <= 1.0
     assert_nothing_refused(log)
+
+
+def server_repo(server: RunningServer) -> Path:
+    """The repository a test server serves (its --repo argument)."""
+    args = list(server.process.args)  # type: ignore[arg-type]
+    return Path(args[args.index("--repo") + 1])
 
 
 def test_the_agent_validates_without_them(
