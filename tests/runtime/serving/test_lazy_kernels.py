@@ -1,6 +1,7 @@
 """With monitoring off, a server never loads numba (about 120 MB of resident memory); with it on,
 the kernels load at start, from the ahead-of-time compiled module when it is built (still
-without numba, also for online quality's detectors) or through numba. Checked in a fresh interpreter, where ``sys.modules`` tells."""
+without numba, also for online quality's detectors) or through numba. Checked in a fresh
+interpreter, where ``sys.modules`` tells."""
 
 from __future__ import annotations
 
