@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["_add_pipeline"]
 
 EXIT_DIFFERS = 1
+ALERT_FIELDS = ("kind", "model", "version", "window", "time", "rows")
 
 
 def _seconds(text: str) -> float:
@@ -336,9 +337,12 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
             trigger.release(me)
         _print_record(record)
         return 0
+    # what the run records of the alert: which one, not its details (a drift alert lists every
+    # drifting feature's scores)
+    summary = None if alert is None else {k: alert[k] for k in ALERT_FIELDS if k in alert}
     command = [
         sys.executable, "-m", "edgewise.runtime.cli", "pipeline", "run", str(args.pipeline),
-        "--trigger-folder", str(folder), "--trigger-alert", json.dumps(alert),
+        "--trigger-folder", str(folder), "--trigger-alert", json.dumps(summary, default=str),
     ]  # fmt: skip
     if args.store:
         command += ["--store", args.store]
