@@ -33,8 +33,11 @@ python3 -m venv "$venv"
 "$python" -m pip uninstall --quiet --yes pip setuptools
 
 site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cp "$context"/native/kernels/_native_kernels_*.so "$site/edgewise/kernels/" 2>/dev/null ||
+expect_kernels=1
+cp "$context"/native/kernels/_native_kernels_*.so "$site/edgewise/kernels/" 2>/dev/null || {
+    expect_kernels=0
     echo "assemble: no ahead-of-time kernels in the context: monitoring needs the jit extra"
+}
 expect_front=0
 if [ -n "$(ls "$context"/native/front/_front*.so 2>/dev/null)" ]; then
     expect_front=1
@@ -59,7 +62,7 @@ fi
 "$python" -m compileall -q -j0 --invalidation-mode unchecked-hash "$site" >/dev/null
 
 # A server's imports, then the native front end and the kernels as the server loads them.
-EXPECT_FRONT=$expect_front "$python" - <<'EOF'
+EXPECT_FRONT=$expect_front EXPECT_KERNELS=$expect_kernels "$python" - <<'EOF'
 import os
 import edgewise.runtime.cli.main, edgewise.runtime.app.server, onnxruntime, grpc  # noqa: F401
 from edgewise.kernels import native_status
@@ -67,6 +70,8 @@ from edgewise.runtime.frontends.native.binding import front_status
 print(f"assemble: native front end {front_status()}; ahead-of-time kernels {native_status()}")
 if os.environ["EXPECT_FRONT"] == "1" and front_status() != "loaded":
     raise SystemExit(f"assemble: the native front end does not load: {front_status()}")
+if os.environ["EXPECT_KERNELS"] == "1" and not native_status().startswith("loaded"):
+    raise SystemExit(f"assemble: the ahead-of-time kernels do not load: {native_status()}")
 for name in ("numba", "llvmlite", "onnx", "ml_dtypes", "scipy", "sklearn"):
     import importlib.util
     if importlib.util.find_spec(name) is not None:

