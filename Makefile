@@ -60,8 +60,13 @@ $(MLFLOW_STAMP): pyproject.toml | $(STAMP)
 demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/edgewise demo $(DEMO_ARGS)
 
-## test: the whole test suite (what CI runs)
+## test: the whole test suite (what CI runs). promtool (Debian's prometheus package) checks the
+## alert rules and the dashboard's queries (tests/containers/test_observability.py).
 test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP)
+	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
+		|| echo "promtool could not be installed"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
