@@ -78,6 +78,10 @@ for name in ("numba", "llvmlite", "onnx", "ml_dtypes", "scipy", "sklearn"):
         raise SystemExit(f"assemble: {name} is installed; serving images go without it")
 EOF
 chmod -R a+rX,go-w "$prefix"
-echo "assemble: site-packages entries (kB, largest last):"
-du -sk "$site"/* | sort -n | sed "s|$site/||" | awk '{printf "  %8d  %s\n", $1, $2}'
-echo "assemble: /opt/edgewise $(du -sk "$prefix" | cut -f1) kB"
+# Kept in the image (build.sh prints it also when this layer came from the cache).
+du -sk "$site"/* "$prefix/lib" | sort -n | sed "s|$site/||" |
+    awk '{printf "  %8d  %s\n", $1, $2}' > "$prefix/site-packages.txt"
+echo "  $(du -sk "$prefix" | cut -f1) kB in /opt/edgewise" >> "$prefix/site-packages.txt"
+chmod 0644 "$prefix/site-packages.txt"
+echo "assemble: site-packages entries and /opt/edgewise/lib (kB, largest last):"
+cat "$prefix/site-packages.txt"

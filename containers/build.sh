@@ -122,13 +122,15 @@ BUILDER_IMAGE (ARCH=$arch FLAVOR=builder containers/base-image.sh, then import i
             --python-version 3.11 --implementation cp --abi cp311 --abi none \
             --platform manylinux_2_28_$machine --platform manylinux2014_$machine
         rm -rf "$native" && mkdir -p "$native"
-        numpy_pin=$("$python" containers/lockfile.py pins "$lock" | grep '^numpy==')
         # shellcheck disable=SC2086
         "$engine" run --rm --platform "$platform" --network=none -v "$PWD/$native:/out" \
             -v "$PWD/$wheels:/wheels:ro" -v "$PWD/$state/own:/own:ro" \
-            -v "$PWD/containers/native.sh:/native.sh:ro" "$BUILDER_IMAGE" sh -euc "
+            -v "$PWD/$lock:/serve.txt:ro" -v "$PWD/containers/native.sh:/native.sh:ro" \
+            "$BUILDER_IMAGE" sh -euc "
                 python3 -m venv /tmp/venv
-                /tmp/venv/bin/pip install --quiet --no-index --find-links /wheels $jit $numpy_pin
+                /tmp/venv/bin/pip install --quiet --no-index --find-links /wheels \
+                    --require-hashes -r /serve.txt
+                /tmp/venv/bin/pip install --quiet --no-index --find-links /wheels $jit
                 /tmp/venv/bin/pip install --quiet --no-index --no-deps /own/edgewise-*.whl
                 sh /native.sh /out /tmp/venv/bin/python ${KERNEL_LEVELS:+\"$KERNEL_LEVELS\"}"
     fi
@@ -175,6 +177,11 @@ dangling=$("$engine" images --quiet --filter dangling=true | wc -l)
 step "built $tag; untagged images left in $engine's store: $dangling"
 echo "layers of $tag (newest first):"
 "$engine" history --format '{{.Size}}\t{{.CreatedBy}}' "$tag" | cut -c1-150 | sed 's/^/  /'
+if [ "$arch" = "$host" ]; then
+    echo "site-packages entries and /opt/edgewise/lib of $tag (kB, largest last):"
+    "$engine" run --rm --network=none --entrypoint python "$tag" -c \
+        "import sys; sys.stdout.write(open('/opt/edgewise/site-packages.txt').read())"
+fi
 size=$("$engine" image inspect --format '{{.Size}}' "$tag")
 echo "image $tag: $((size / 1000000)) MB ($size bytes), revision $revision"
 
