@@ -20,6 +20,7 @@ from edgewise.runtime.cli.drift_history import _add_drift_history
 from edgewise.runtime.cli.evaluation import _add_evaluate, _add_gate
 from edgewise.runtime.cli.limits import _add_limits
 from edgewise.runtime.cli.pipeline import _add_pipeline
+from edgewise.runtime.cli.rollout import ROLLOUT_ACTIONS, add_rollout_actions, run_rollout
 from edgewise.runtime.config.settings import AUTO, switch
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.resources.cgroup_run import _add_run
@@ -189,8 +190,8 @@ def _add_serve_capture(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capture-flush-seconds",
         type=float,
-        help="write a file at least this often (default 5): at most this much is lost on "
-        "SIGKILL",
+        help="write a file at least this often (default 5; sooner once 5000 records wait): "
+        "SIGKILL loses at most what was queued since the last write",
     )
 
 
@@ -260,7 +261,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_repository(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "repository",
-        help="list, load and unload models on a running server",
+        help="list, load and unload models, split, shadow and label versions on a running server",
         description="Control a running server's model repository.",
     )
     p.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
@@ -279,6 +280,7 @@ def _add_repository(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     unload = actions.add_parser("unload", help="unload a model, or one version")
     unload.add_argument("name")
     unload.add_argument("--version", default="")
+    add_rollout_actions(actions)
     _client_security(p)
     p.set_defaults(handler=_cmd_repository)
 
@@ -294,6 +296,8 @@ def _cmd_repository(args: argparse.Namespace) -> int:
     from edgewise.runtime.config.settings import client_security_from_args as security_from_args
 
     with EdgewiseClient(args.server, security=security_from_args(args)) as client:
+        if args.action in ROLLOUT_ACTIONS:
+            return run_rollout(args, client)
         if args.action == "index":
             states = client.repository_index(ready_only=args.ready)
         elif args.action == "load":
