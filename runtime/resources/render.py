@@ -477,7 +477,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_profiles(args: argparse.Namespace) -> int:
     profiles = list_profiles(_dirs(args))
     if not profiles:
-        raise EdgewiseError("no profiles found in the folders given (--profiles-dir) nor in the package")
+        raise EdgewiseError(
+            "no profiles found in the folders given (--profiles-dir) nor in the package"
+        )
     print(f"{'PROFILE':<14} {'CPU':>5} {'MEMORY':>10}  WORKERS  INTRA  INFLIGHT  DESCRIPTION")
     for profile in profiles:
         budget = profile.budget()
