@@ -40,6 +40,7 @@ from edgewise.runtime.frontends.grpcio import (
     RepositoryServicer,
 )
 from edgewise.runtime.frontends.peer_windows import window_share_handler
+from edgewise.runtime.frontends.rollout_grpc import RolloutServicer
 from edgewise.runtime.frontends.security import (
     HEALTH_PREFIX,
     REFLECTION_PREFIXES,
@@ -57,12 +58,15 @@ from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc 
 from edgewise.runtime.serving.admission import MemoryAdmission
 from edgewise.runtime.serving.alerts import AlertHook
 from edgewise.runtime.serving.capture import Capture, CaptureSettings, rate_from_config
+from edgewise.runtime.serving.dataplane import DataPlane
 from edgewise.runtime.serving.drift_history import RecordingPublisher, history_from_environment
 from edgewise.runtime.serving.metrics import ServerMetrics
 from edgewise.runtime.serving.model import SessionSettings
 from edgewise.runtime.serving.monitor_config import MonitorConfig
 from edgewise.runtime.serving.pipeline import InferenceCore
 from edgewise.runtime.serving.repository import ModelRepository
+from edgewise.runtime.serving.rollout import Rollouts
+from edgewise.runtime.serving.shadow import Shadow
 from edgewise.runtime.serving.shedding import (
     LoadShedder,
     backstop_limit,
@@ -81,6 +85,7 @@ __all__ = [
     "memory_admission",
     "model_repository",
     "publish_split",
+    "rollouts",
     "security",
     "version_policy",
 ]
@@ -91,6 +96,7 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 REPOSITORY_SERVICE = epb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
 MONITORING_SERVICE = epb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
 QUALITY_SERVICE = epb.DESCRIPTOR.services_by_name["QualityService"].full_name
+ROLLOUT_SERVICE = epb.DESCRIPTOR.services_by_name["RolloutService"].full_name
 
 _LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -167,6 +173,15 @@ def data_capture(
         settings.capture_max_bytes,
     )
     return capture
+
+
+def rollouts(repository: ModelRepository, dataplane: DataPlane, metrics: ServerMetrics) -> Rollouts:
+    """Splits, shadows and labels (docs/rollout.md), wired into the repository (labels resolve
+    wherever a version is given) and the data plane (splits pick a version)."""
+    result = Rollouts(repository, metrics.registry, lambda: Shadow(repository, metrics.registry))
+    repository.labels = result.label
+    dataplane.rollouts = result
+    return result
 
 
 def publish_split(settings: ServerSettings, metrics: ServerMetrics) -> None:
@@ -305,6 +320,7 @@ def grpc_server(
     on_repository_change: Callable[[], Awaitable[None]],
     peers: Callable[[], list[str]] | None,
     capture: Capture | None = None,
+    rollouts: Rollouts | None = None,
 ) -> grpc.aio.Server:
     """The grpc.aio server with every service (not bound, not started): inference (behind the
     shedder, which refuses past the limit), repository, monitoring, quality, health and
@@ -339,6 +355,11 @@ def grpc_server(
         (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),
         (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control, capture)),
         (health_pb2_grpc.add_HealthServicer_to_server, health),
+        *(
+            ((epb_grpc.add_RolloutServiceServicer_to_server, RolloutServicer(rollouts, executor)),)
+            if rollouts is not None
+            else ()
+        ),
     ):
         service, handlers = service_handlers(add_to_server, servicer)
         _register(server, service, parsing_inside(handlers))
@@ -348,6 +369,7 @@ def grpc_server(
             REPOSITORY_SERVICE,
             MONITORING_SERVICE,
             QUALITY_SERVICE,
+            ROLLOUT_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

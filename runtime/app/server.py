@@ -39,6 +39,7 @@ from edgewise.runtime.app.composition import (
     memory_admission,
     model_repository,
     publish_split,
+    rollouts,
     security,
 )
 from edgewise.runtime.app.supervisor import PEER_SUFFIX, peer_addresses
@@ -90,6 +91,7 @@ class InferenceServer:
         )
         self.dataplane = DataPlane(self.repository)
         self.capture = data_capture(settings, self.metrics, self.repository)
+        self.rollouts = rollouts(self.repository, self.dataplane, self.metrics)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="edgewise-worker"
         )
@@ -148,6 +150,8 @@ class InferenceServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.capture is not None:  # after the last answer: what is queued is written
             self.capture.close()
+        if self.rollouts.shadow is not None:
+            self.rollouts.shadow.close()
         if self._front_dir is not None:
             shutil.rmtree(self._front_dir, ignore_errors=True)
 
@@ -179,6 +183,7 @@ class InferenceServer:
             loop_load=self.loop_load,
             calls_in_flight=calls_in_flight,
             capture=self.capture,
+            rollouts=self.rollouts,
         )
         auth = self.security.auth
         server = self._created = grpc_server(
@@ -192,6 +197,7 @@ class InferenceServer:
             self.update_health,
             self._peers if settings.peers_dir is not None else None,
             self.capture,
+            self.rollouts,
         )
         address = f"{settings.host}:{settings.port}"
         check_port_free(settings.host, settings.port, settings.reuse_port)
@@ -257,6 +263,7 @@ class InferenceServer:
                     native_status(),
                 )
         statuses = await loop.run_in_executor(self.executor, self.repository.load_all)
+        await loop.run_in_executor(self.executor, self.rollouts.restore)
         ready = [s for s in statuses if s.state.value == "READY"]
         if settings.gc_tuning:
             _tune_garbage_collector()

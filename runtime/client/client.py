@@ -76,6 +76,7 @@ class EdgewiseClient:
         self.repository = epb_grpc.ModelRepositoryServiceStub(self.channel)
         self.monitoring = epb_grpc.MonitoringServiceStub(self.channel)
         self.quality = epb_grpc.QualityServiceStub(self.channel)
+        self.rollout = epb_grpc.RolloutServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -255,3 +256,34 @@ class EdgewiseClient:
     def unload_model(self, name: str, version: str = "") -> list[epb.ModelVersionState]:
         request = epb.UnloadModelRequest(name=name, version=version)
         return list(self._call(self.repository.UnloadModel, request).models)
+
+    # ---- rollout (docs/rollout.md) -------------------------------------------------------------
+
+    def get_rollout(self, model: str) -> epb.Rollout:
+        result: epb.Rollout = self._call(
+            self.rollout.GetRollout, epb.GetRolloutRequest(model=model)
+        )
+        return result
+
+    def set_traffic_split(
+        self, model: str, weights: Sequence[tuple[str, int]], sticky_key: str = ""
+    ) -> epb.Rollout:
+        """Share ``model``'s requests that name no version by ``weights`` ((version or label,
+        percent) pairs summing to 100); none: no split."""
+        request = epb.SetTrafficSplitRequest(model=model, sticky_key=sticky_key)
+        for version, weight in weights:
+            request.weights.add(version=version, weight=weight)
+        result: epb.Rollout = self._call(self.rollout.SetTrafficSplit, request)
+        return result
+
+    def set_shadow(self, model: str, version: str, rate: float = 1.0) -> epb.Rollout:
+        """Copy a share ``rate`` of ``model``'s answered requests to ``version``; "" stops."""
+        request = epb.SetShadowRequest(model=model, version=version, rate=rate)
+        result: epb.Rollout = self._call(self.rollout.SetShadow, request)
+        return result
+
+    def set_version_label(self, model: str, label: str, version: str) -> epb.Rollout:
+        """Point ``label`` at ``version`` (a number or label); "" removes it."""
+        request = epb.SetVersionLabelRequest(model=model, label=label, version=version)
+        result: epb.Rollout = self._call(self.rollout.SetVersionLabel, request)
+        return result

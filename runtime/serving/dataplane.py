@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edgewise.runtime.package.performance_estimation import PerformanceEstimator
     from edgewise.runtime.serving.monitor import ModelMonitor
     from edgewise.runtime.serving.repository import ModelRepository
+    from edgewise.runtime.serving.rollout import Rollouts
 
 __all__ = ["SERVER_NAME", "DataPlane", "PreparedRequest"]
 
@@ -71,6 +72,8 @@ class DataPlane:
         self.repository = repository
         self.version = _package_version()
         self._ready = False
+        # Traffic splits: where a request naming no version goes (None: its default version).
+        self.rollouts: Rollouts | None = None
 
     # ---- health --------------------------------------------------------------------------------
 
@@ -118,7 +121,10 @@ class DataPlane:
         """Find the model, check the whole request, then decode it; nothing runs yet. Every
         check (each input's declaration against its payload and the model, the requested
         outputs) comes before any tensor is decoded: a refused request allocates nothing."""
-        model = self.repository.get(request.model_name, request.model_version)
+        version = request.model_version
+        if not version and self.rollouts is not None:
+            version = self.rollouts.pick(request)
+        model = self.repository.get(request.model_name, version)
         plans = plan_inputs(request)
         rows = _check_against_model(model, plans)
         outputs = self._requested_outputs(model, request)

@@ -41,6 +41,7 @@ from edgewise.runtime.serving.model import LoadedModel
 if TYPE_CHECKING:
     from edgewise.runtime.serving.admission import MemoryAdmission
     from edgewise.runtime.serving.capture import Capture
+    from edgewise.runtime.serving.rollout import Rollouts
     from edgewise.runtime.serving.shedding import LoopLoad
 
 __all__ = ["SIDE_BY_SIDE_SECONDS", "Deferrer", "InferenceCore", "outcome_code"]
@@ -142,6 +143,7 @@ class InferenceCore:
         loop_load: LoopLoad | None = None,
         calls_in_flight: Callable[[], int] | None = None,
         capture: Capture | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.metrics = metrics
@@ -156,6 +158,8 @@ class InferenceCore:
         )
         # Data capture (serve --capture-dir): offered every answered request; None: off.
         self.capture = capture
+        # Splits, shadows and labels (rollout.py): offered every answered request; None: off.
+        self.rollouts = rollouts
         # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
         # thread ran the model: a race only blurs it.
         self.run_seconds = 0.0
@@ -170,6 +174,14 @@ class InferenceCore:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop that runs batch queues for :meth:`infer_on_thread`."""
         self.loop = loop
+
+    def routes_plainly(self, model_name: str) -> bool:
+        """Whether a request for ``model_name`` that names a version by number goes to that
+        version with nothing else to do (no traffic split, no shadow copy): a front end with a
+        path of its own may take such a request there; any other request (no version under a
+        split, a label, a shadowed model) must come through :meth:`infer_on_thread`. Cheap: one
+        dict lookup."""
+        return self.rollouts is None or self.rollouts.routes_plainly(model_name)
 
     def batch_queues(self) -> dict[tuple[str, str], DynamicBatcher]:
         """The batch queues by (model, version): one per served version with batching that has
@@ -303,6 +315,8 @@ class InferenceCore:
         self._timed(began)
         if self.capture is not None:
             self.capture.offer(prepared, response)
+        if self.rollouts is not None:
+            self.rollouts.offer(prepared, response)
         return response
 
     def _decode_and_run(
@@ -338,6 +352,8 @@ class InferenceCore:
             )
         if self.capture is not None:
             self.capture.offer(prepared, response)
+        if self.rollouts is not None:
+            self.rollouts.offer(prepared, response)
         return response
 
     async def _batched(
@@ -361,6 +377,8 @@ class InferenceCore:
             response = await batcher.submit(prepared, deadline)
         if self.capture is not None:
             self.capture.offer(prepared, response)
+        if self.rollouts is not None:
+            self.rollouts.offer(prepared, response)
         return response
 
     async def _on_worker(

@@ -142,6 +142,8 @@ class ModelRepository:
         self._failures = _Failures()
         self._control = threading.Lock()
         self._on_event = on_event or (lambda name, version, event: None)
+        # A version label's number (the rollout's labels, see rollout.py); None: no labels.
+        self.labels: Callable[[str, str], int | None] | None = None
 
     # ---- reading (the request path: no locks) -------------------------------------------------
 
@@ -157,7 +159,10 @@ class ModelRepository:
         try:
             number = int(version)
         except ValueError:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}") from None
+            label = self.labels(name, version) if self.labels is not None else None
+            if label is None:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}") from None
+            number = label
         model = served.versions.get(number)
         if model is not None:
             return model

@@ -808,3 +808,244 @@ class ResetQualityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetQualityResponse: _TypeAlias = ResetQualityResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class VersionWeight(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """A version number, or a label (resolved when the split is set)."""
+    weight: _builtins.int
+    """Percent of the requests naming no version; the weights of a split sum to 100."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionWeight: _TypeAlias = VersionWeight  # noqa: Y015
+
+@_typing.final
+class SetTrafficSplitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    STICKY_KEY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    sticky_key: _builtins.str
+    """Empty: each request is placed at random. "request_id": by a hash of the request's id. Any
+    other name: by a hash of that request parameter's value (the request id when it has none).
+    A key always lands on the same version while the weights stay.
+    """
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionWeight]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        weights: _abc.Iterable[Global___VersionWeight] | None = ...,
+        sticky_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "sticky_key", b"sticky_key", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrafficSplitRequest: _TypeAlias = SetTrafficSplitRequest  # noqa: Y015
+
+@_typing.final
+class SetShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    """A version number or label; empty: stop the shadow."""
+    rate: _builtins.float
+    """Share of the answered requests copied, in (0, 1]; 0 means 1."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "rate", b"rate", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetShadowRequest: _TypeAlias = SetShadowRequest  # noqa: Y015
+
+@_typing.final
+class SetVersionLabelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    label: _builtins.str
+    """Starts with a letter: letters, digits, '_', '.', '-' (at most 64)."""
+    version: _builtins.str
+    """A version number or another label; empty: remove the label."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        label: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVersionLabelRequest: _TypeAlias = SetVersionLabelRequest  # noqa: Y015
+
+@_typing.final
+class ShadowFigures(_message.Message):
+    """A candidate's figures since its shadow started (NaN where nothing was compared yet)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    LABELLED_ROWS_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    MEAN_ABS_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    MEAN_LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    P99_LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    """copies run"""
+    errors: _builtins.int
+    """copies the candidate failed"""
+    dropped: _builtins.int
+    """copies dropped: the queue was full"""
+    labelled_rows: _builtins.int
+    """rows with a label in both answers"""
+    agreement: _builtins.float
+    """share of those whose labels are equal"""
+    mean_abs_difference: _builtins.float
+    """of the scores (probabilities, or a regressor's output)"""
+    mean_latency_seconds: _builtins.float
+    p99_latency_seconds: _builtins.float
+    """over the most recent 4096 copies"""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        labelled_rows: _builtins.int = ...,
+        agreement: _builtins.float = ...,
+        mean_abs_difference: _builtins.float = ...,
+        mean_latency_seconds: _builtins.float = ...,
+        p99_latency_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "dropped", b"dropped", "errors", b"errors", "labelled_rows", b"labelled_rows", "mean_abs_difference", b"mean_abs_difference", "mean_latency_seconds", b"mean_latency_seconds", "p99_latency_seconds", b"p99_latency_seconds", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowFigures: _TypeAlias = ShadowFigures  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    STICKY_KEY_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    SHADOW_RATE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    sticky_key: _builtins.str
+    shadow_version: _builtins.str
+    """empty: no shadow"""
+    shadow_rate: _builtins.float
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionWeight]:
+        """versions as numbers; empty: no split"""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """label -> version"""
+
+    @_builtins.property
+    def shadow(self) -> Global___ShadowFigures: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        weights: _abc.Iterable[Global___VersionWeight] | None = ...,
+        sticky_key: _builtins.str = ...,
+        shadow_version: _builtins.str = ...,
+        shadow_rate: _builtins.float = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        shadow: Global___ShadowFigures | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "model", b"model", "shadow", b"shadow", "shadow_rate", b"shadow_rate", "shadow_version", b"shadow_version", "sticky_key", b"sticky_key", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015

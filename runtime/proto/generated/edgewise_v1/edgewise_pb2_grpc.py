@@ -542,3 +542,229 @@ class QualityService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RolloutServiceStub(object):
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetRollout = channel.unary_unary(
+                '/edgewise.v1.RolloutService/GetRollout',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SetTrafficSplit = channel.unary_unary(
+                '/edgewise.v1.RolloutService/SetTrafficSplit',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.SetTrafficSplitRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/edgewise.v1.RolloutService/SetShadow',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.SetShadowRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.SetVersionLabel = channel.unary_unary(
+                '/edgewise.v1.RolloutService/SetVersionLabel',
+                request_serializer=edgewise_dot_v1_dot_edgewise__pb2.SetVersionLabelRequest.SerializeToString,
+                response_deserializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+                _registered_method=True)
+
+
+class RolloutServiceServicer(object):
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    def GetRollout(self, request, context):
+        """The model's split, shadow and labels, with the shadow's figures so far. A read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTrafficSplit(self, request, context):
+        """Share the requests that name no version by weight; no weights: no split (default version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadow(self, request, context):
+        """Copy a sample of the answered requests to a candidate version; empty version: stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVersionLabel(self, request, context):
+        """Point a label at a served version; empty version: remove the label.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RolloutServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.SerializeToString,
+            ),
+            'SetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficSplit,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.SetTrafficSplitRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.SetShadowRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.SerializeToString,
+            ),
+            'SetVersionLabel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVersionLabel,
+                    request_deserializer=edgewise_dot_v1_dot_edgewise__pb2.SetVersionLabelRequest.FromString,
+                    response_serializer=edgewise_dot_v1_dot_edgewise__pb2.Rollout.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgewise.v1.RolloutService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgewise.v1.RolloutService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RolloutService(object):
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.RolloutService/GetRollout',
+            edgewise_dot_v1_dot_edgewise__pb2.GetRolloutRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.RolloutService/SetTrafficSplit',
+            edgewise_dot_v1_dot_edgewise__pb2.SetTrafficSplitRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.RolloutService/SetShadow',
+            edgewise_dot_v1_dot_edgewise__pb2.SetShadowRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVersionLabel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgewise.v1.RolloutService/SetVersionLabel',
+            edgewise_dot_v1_dot_edgewise__pb2.SetVersionLabelRequest.SerializeToString,
+            edgewise_dot_v1_dot_edgewise__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

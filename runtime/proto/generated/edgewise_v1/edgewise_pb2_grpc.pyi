@@ -255,3 +255,91 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_QualityServiceServicer_to_server(servicer: QualityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class RolloutServiceStub:
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> RolloutServiceAsyncStub: ...
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.GetRolloutRequest, _edgewise_pb2.Rollout]
+    """The model's split, shadow and labels, with the shadow's figures so far. A read."""
+    SetTrafficSplit: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.SetTrafficSplitRequest, _edgewise_pb2.Rollout]
+    """Share the requests that name no version by weight; no weights: no split (default version)."""
+    SetShadow: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.SetShadowRequest, _edgewise_pb2.Rollout]
+    """Copy a sample of the answered requests to a candidate version; empty version: stop."""
+    SetVersionLabel: _grpc.UnaryUnaryMultiCallable[_edgewise_pb2.SetVersionLabelRequest, _edgewise_pb2.Rollout]
+    """Point a label at a served version; empty version: remove the label."""
+
+@_typing.type_check_only
+class RolloutServiceAsyncStub(RolloutServiceStub):
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetRollout: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.GetRolloutRequest, _edgewise_pb2.Rollout]  # type: ignore[assignment]
+    """The model's split, shadow and labels, with the shadow's figures so far. A read."""
+    SetTrafficSplit: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.SetTrafficSplitRequest, _edgewise_pb2.Rollout]  # type: ignore[assignment]
+    """Share the requests that name no version by weight; no weights: no split (default version)."""
+    SetShadow: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.SetShadowRequest, _edgewise_pb2.Rollout]  # type: ignore[assignment]
+    """Copy a sample of the answered requests to a candidate version; empty version: stop."""
+    SetVersionLabel: _aio.UnaryUnaryMultiCallable[_edgewise_pb2.SetVersionLabelRequest, _edgewise_pb2.Rollout]  # type: ignore[assignment]
+    """Point a label at a served version; empty version: remove the label."""
+
+class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Progressive delivery on one server (docs/rollout.md): a traffic split between served versions
+    of a model, a shadow copy of its answered requests to a candidate version, and version labels
+    (resolvable wherever a version is given: inference, metadata, readiness, monitoring, quality).
+    Every change is validated first: a refused one (weights that do not sum to 100, a version or
+    label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
+    nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
+    With several server processes (`serve --processes N`) a call reaches one process.
+    """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _edgewise_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.Rollout, _abc.Awaitable[_edgewise_pb2.Rollout]]:
+        """The model's split, shadow and labels, with the shadow's figures so far. A read."""
+
+    @_abc_1.abstractmethod
+    def SetTrafficSplit(
+        self,
+        request: _edgewise_pb2.SetTrafficSplitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.Rollout, _abc.Awaitable[_edgewise_pb2.Rollout]]:
+        """Share the requests that name no version by weight; no weights: no split (default version)."""
+
+    @_abc_1.abstractmethod
+    def SetShadow(
+        self,
+        request: _edgewise_pb2.SetShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.Rollout, _abc.Awaitable[_edgewise_pb2.Rollout]]:
+        """Copy a sample of the answered requests to a candidate version; empty version: stop."""
+
+    @_abc_1.abstractmethod
+    def SetVersionLabel(
+        self,
+        request: _edgewise_pb2.SetVersionLabelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_edgewise_pb2.Rollout, _abc.Awaitable[_edgewise_pb2.Rollout]]:
+        """Point a label at a served version; empty version: remove the label."""
+
+def add_RolloutServiceServicer_to_server(servicer: RolloutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

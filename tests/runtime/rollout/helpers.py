@@ -1,0 +1,76 @@
+"""Model versions for rollout tests: logreg version 1, and candidates of the same schema that
+are good (same training, other coefficients), bad by labels (trained on inverted labels),
+slow (the same answers after a long chain of no-op work) or drifting (a reference profile
+from shifted data: the live traffic drifts against it)."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.package.manifest import MODEL_FILE
+from tests import models
+from tests.runtime.store.helpers import logreg_inputs
+
+NAME = "logreg"
+
+
+@functools.cache
+def _inverted() -> Any:
+    data = load_breast_cancer(as_frame=True)
+    X, y = data.data, data.target.to_numpy()
+    return Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000))]).fit(
+        X, 1 - y
+    )
+
+
+@functools.cache
+def _good() -> Any:
+    data = load_breast_cancer(as_frame=True)
+    X, y = data.data, data.target.to_numpy()
+    return Pipeline(
+        [("scale", StandardScaler()), ("clf", LogisticRegression(C=0.05, max_iter=1000))]
+    ).fit(X, y)
+
+
+def add_version(repo: Path, kind: str, version: int) -> Path:
+    """Convert a candidate of ``kind`` (good, inverted, drifting) as ``logreg/<version>``."""
+    X = load_breast_cancer(as_frame=True).data
+    if kind == "good":
+        return convert(_good(), X, name=NAME, repo=repo, version=version).path
+    if kind == "inverted":
+        return convert(_inverted(), X, name=NAME, repo=repo, version=version).path
+    if kind == "drifting":  # the same model, profiled on shifted data
+        model = models.train_logreg()[0]
+        shifted = X * 1.8 + X.std() * 2
+        return convert(model, shifted, name=NAME, repo=repo, version=version).path
+    raise ValueError(kind)
+
+
+def two_version_repo(source: Path, target: Path, kind: str) -> Path:
+    """A repository with ``logreg`` version 1 (from ``source``) and a version 2 of ``kind``."""
+    target.mkdir(parents=True)
+    shutil.copytree(source / NAME, target / NAME)
+    add_version(target, kind, 2)
+    return target
+
+
+def direct(folder: Path, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A package's answer computed by onnxruntime directly (the oracle)."""
+    session = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+def rows(folder: Path, count: int, start: int = 0) -> dict[str, Any]:
+    return logreg_inputs(folder, rows=count, start=start)

@@ -1,0 +1,144 @@
+"""The rollout's state in one process, on a real repository: a full shadow queue drops and counts
+(the answer stands), and a hypothesis state machine of splits, shadows and labels (validate,
+then commit; the file always says what runs; a fresh reader restores the same)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from prometheus_client import CollectorRegistry
+
+from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.serving.codecs import encode_inputs
+from edgewise.runtime.serving.dataplane import DataPlane
+from edgewise.runtime.serving.repository import ModelRepository
+from edgewise.runtime.serving.rollout import ROLLOUT_FILE, ModelRoutes, Rollouts, read_routes
+from edgewise.runtime.serving.shadow import Shadow
+from tests.runtime.rollout.helpers import NAME, rows, two_version_repo
+
+
+@pytest.fixture(scope="module")
+def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return two_version_repo(model_repo, tmp_path_factory.mktemp("rollout") / "repo", "good")
+
+
+def _served(repo: Path) -> ModelRepository:
+    repository = ModelRepository(repo)
+    repository.load(NAME, 1)
+    repository.load(NAME, 2)
+    return repository
+
+
+def test_a_full_shadow_queue_drops_and_counts(repo: Path) -> None:
+    repository = _served(repo)
+    registry = CollectorRegistry()
+    shadow = Shadow(repository, registry, queue_size=3)
+    dataplane = DataPlane(repository)
+    request = pb.ModelInferRequest(model_name=NAME, model_version="1", id="x")
+    encode_inputs(request, rows(repo / NAME / "1", 2), raw=True)
+    prepared = dataplane.prepare(request)
+    response = dataplane.execute(prepared)
+    # Hold the worker before it takes a copy (it takes this condition to pop one): the queue
+    # fills, and every copy past its size is dropped and counted, the offer never waiting.
+    with shadow._idle:
+        for _ in range(10):
+            shadow.offer(2, prepared, response)
+        assert shadow.stats(NAME, 2).dropped == 7
+    assert shadow.drain(10)
+    stats = shadow.stats(NAME, 2)
+    assert (stats.requests, stats.errors, stats.dropped) == (3, 0, 7)
+    assert stats.labelled_rows == 6
+    assert registry.get_sample_value("edgewise_shadow_dropped_total", {"model": NAME}) == 7
+    shadow.close()
+
+
+_VERSIONS = st.sampled_from(["1", "2", "3", "stable", "canary", "nosuch", ""])
+_LABELS = st.sampled_from(["stable", "canary", "blue", "7up", "a b"])
+
+
+class RolloutMachine(RuleBasedStateMachine):
+    """Random control calls against a model with versions 1 and 2 served (3 is not): each one
+    is committed whole or refused with InvalidInput and nothing changed."""
+
+    repo: Path
+    repository: ModelRepository
+
+    def __init__(self) -> None:
+        super().__init__()
+        (self.repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
+        registry = CollectorRegistry()
+        self.rollouts = Rollouts(
+            self.repository, registry, lambda: Shadow(self.repository, registry)
+        )
+
+    def teardown(self) -> None:
+        if self.rollouts.shadow is not None:
+            self.rollouts.shadow.close()
+
+    def _call(self, work: object) -> None:
+        before = self.rollouts.routes(NAME)
+        path = self.repo / NAME / ROLLOUT_FILE
+        saved = path.read_bytes() if path.exists() else None
+        try:
+            assert callable(work)
+            work()
+        except InvalidInput as exc:
+            assert exc.message
+            assert self.rollouts.routes(NAME) == before
+            assert (path.read_bytes() if path.exists() else None) == saved
+
+    @rule(
+        weights=st.lists(st.tuples(_VERSIONS, st.integers(-5, 105)), max_size=3),
+        sticky=st.sampled_from(["", "request_id", "user", "bad key"]),
+    )
+    def split(self, weights: list[tuple[str, int]], sticky: str) -> None:
+        self._call(lambda: self.rollouts.set_split(NAME, weights, sticky))
+
+    @rule(label=_LABELS, version=_VERSIONS)
+    def label(self, label: str, version: str) -> None:
+        self._call(lambda: self.rollouts.set_label(NAME, label, version))
+
+    @rule(version=_VERSIONS, rate=st.sampled_from([0.0, 0.1, 1.0, 2.0, float("nan")]))
+    def shadow(self, version: str, rate: float) -> None:
+        self._call(lambda: self.rollouts.set_shadow(NAME, version, rate))
+
+    @invariant()
+    def state_is_valid_and_saved(self) -> None:
+        routes = self.rollouts.routes(NAME)
+        served = {1, 2}
+        if routes.split is not None:
+            assert sum(w for _, w in routes.split.weights) == 100
+            assert {v for v, _ in routes.split.weights} <= served
+        assert set(routes.labels.values()) <= served
+        if routes.shadow is not None:
+            assert routes.shadow.version in served and 0 < routes.shadow.rate <= 1
+        saved = read_routes(self.repo / NAME)
+        assert (saved or ModelRoutes()) == routes
+        restored = Rollouts(self.repository, CollectorRegistry())
+        restored.restore()
+        assert restored.routes(NAME) == routes
+        if routes.labels:
+            for label, version in routes.labels.items():
+                assert self.repository.get(NAME, str(version)).version == version
+                assert (
+                    json.loads((self.repo / NAME / ROLLOUT_FILE).read_text())["labels"][label]
+                    == version
+                )
+
+
+def test_rollout_state_machine(repo: Path) -> None:
+    RolloutMachine.repo = repo
+    RolloutMachine.repository = _served(repo)
+    RolloutMachine.TestCase.settings = settings(
+        max_examples=40,
+        stateful_step_count=12,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    RolloutMachine.TestCase().runTest()
