@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from edgewise.runtime.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from edgewise.runtime.package.manifest import Feature
 
 __all__ = ["_add_capture"]
 
@@ -104,48 +98,26 @@ def _export(args: argparse.Namespace) -> int:
 
     from edgewise.runtime._fs import replacing
     from edgewise.runtime.cli.labels import read_labels
-    from edgewise.runtime.serving.capture_read import (
-        captured_versions,
-        label_rows,
-        labelled_dataset,
-        read_captured,
-    )
+    from edgewise.runtime.serving.capture_read import export
 
-    root: Path = args.capture_dir
-    if not root.is_dir():
-        raise InvalidInput(f"capture-dir {root}: no such folder")
-    version = args.version or next(iter(reversed(captured_versions(root, args.model))), "")
-    if not version:
-        raise InvalidInput(f"{root}: nothing captured for model {args.model!r}")
-    table = read_captured(root, args.model, version)
-    labels = label_rows(root, args.model)
+    given = None
     if args.labels is not None:
-        labels.update({(i, r): label for i, r, label in read_labels(args.labels)})
-    dataset = labelled_dataset(
-        table, labels, _features(args.repo, args.model, version), labelled_only=args.labelled
+        given = {(i, r): label for i, r, label in read_labels(args.labels)}
+    result = export(
+        args.capture_dir,
+        args.model,
+        args.version,
+        repo=args.repo,
+        labels=given,
+        labelled_only=args.labelled,
     )
-    if args.labelled and dataset.num_rows == 0:
-        raise InvalidInput(
-            f"no captured row of model {args.model!r} version {version} has a label "
-            f"({len(labels)} label(s) known)"
-        )
+    dataset = result.table
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with replacing(args.output) as temporary:
         pq.write_table(dataset, temporary)
-    labelled = dataset.column("label").null_count
+    unlabelled = dataset.column("label").null_count
     print(
-        f"wrote {args.output}: {dataset.num_rows} rows of model {args.model} version {version}, "
-        f"{dataset.num_rows - labelled} labelled"
+        f"wrote {args.output}: {dataset.num_rows} rows of model {args.model} version "
+        f"{result.version}, {dataset.num_rows - unlabelled} labelled"
     )
     return 0
-
-
-def _features(repo: Path, model: str, version: str) -> list[Feature] | None:
-    """The package's features when ``repo`` has the version (else None: tensor names)."""
-    from edgewise.runtime.package.manifest import MANIFEST_FILE, read_manifest
-
-    folder = repo / model / version
-    if not (folder / MANIFEST_FILE).is_file():
-        return None
-    features = read_manifest(folder).features
-    return list(features) if features else None

@@ -21,7 +21,9 @@ from edgewise.runtime.serving.capture_files import LABELS_FOLDER, captured_files
 
 __all__ = [
     "CapturedFile",
+    "Export",
     "captured_versions",
+    "export",
     "label_rows",
     "labelled_dataset",
     "list_capture",
@@ -188,3 +190,45 @@ def labelled_dataset(
         if name.startswith("output."):
             columns[name] = table.column(name)
     return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class Export:
+    table: Any  # the pyarrow Table of :func:`labelled_dataset`
+    version: str  # the model version exported
+    labels: int  # labels known (recorded by the server and given), joined or not
+
+
+def export(
+    root: Path,
+    model: str,
+    version: str = "",
+    *,
+    repo: Path | None = None,
+    labels: Mapping[tuple[str, int], object] | None = None,
+    labelled_only: bool = True,
+) -> Export:
+    """What ``edgewise capture export`` writes (and a pipeline's capture data step reads): one
+    model version's captured rows (``version`` "": the highest captured) joined with the labels
+    the server recorded and ``labels`` (which win), feature columns named by the package in
+    ``repo`` when it holds that version. One-line InvalidInput for a missing folder, a model
+    never captured, or (``labelled_only``) no labelled row."""
+    from edgewise.runtime.package.manifest import MANIFEST_FILE, read_manifest
+
+    _folder(root)
+    version = version or next(iter(reversed(captured_versions(root, model))), "")
+    if not version:
+        raise InvalidInput(f"{root}: nothing captured for model {model!r}")
+    table = read_captured(root, model, version)
+    known = label_rows(root, model)
+    known.update(labels or {})
+    features = None
+    if repo is not None and (repo / model / version / MANIFEST_FILE).is_file():
+        features = list(read_manifest(repo / model / version).features) or None
+    dataset = labelled_dataset(table, known, features, labelled_only=labelled_only)
+    if labelled_only and dataset.num_rows == 0:
+        raise InvalidInput(
+            f"no captured row of model {model!r} version {version} has a label "
+            f"({len(known)} label(s) known)"
+        )
+    return Export(dataset, version, len(known))
