@@ -86,9 +86,14 @@ class Loop:
         self.log.write(f"$ {' '.join(command)}\n")
         self.log.flush()
         done = subprocess.run(
-            command, cwd=self.ws, capture_output=True, text=True,
-            env={**os.environ, **(env or {})}, timeout=self.timeout,
-        )  # fmt: skip
+            command,
+            check=False,
+            cwd=self.ws,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=self.timeout,
+        )
         self.log.write(done.stdout + done.stderr)
         self.log.flush()
         if done.returncode != 0:
@@ -166,7 +171,8 @@ class Loop:
                 self.sent += 1
                 return dict(json.loads(answer.read()))
         except urllib.error.HTTPError as exc:
-            raise LoopFailed(f"request {request_id}: HTTP {exc.code} {exc.read()[:200]!r}") from None
+            detail = exc.read()[:200].decode(errors="replace")
+            raise LoopFailed(f"request {request_id}: HTTP {exc.code} {detail}") from None
 
     def metric(self, url: str, name: str, labels: str = "") -> float | None:
         return _metric(self.get(url) or "", name, labels)
@@ -182,7 +188,6 @@ class Loop:
     # ---- the loop --------------------------------------------------------------------------
 
     def main(self, first_rows: int) -> None:
-        import pandas as pd
         from sklearn.datasets import load_breast_cancer
 
         # 1. the data: a few rows for version 1, the rest arrive later as traffic
@@ -193,61 +198,139 @@ class Loop:
         first, later = frame.iloc[:first_rows], frame.iloc[first_rows:]
         first.to_parquet(self.ws / "first.parquet", index=False)
         first[features].to_parquet(self.ws / "first-features.parquet", index=False)
-        self.say("data", f"{len(first)} rows to train version 1, {len(later)} held back to "
-                 f"arrive as traffic (scikit-learn's breast-cancer data) in {self.ws}")  # fmt: skip
+        self.say(
+            "data",
+            f"{len(first)} rows to train version 1, {len(later)} held back to "
+            f"arrive as traffic (scikit-learn's breast-cancer data) in {self.ws}",
+        )
 
         # 2. version 1: train, convert, register with the alias production
         self.run(
-            sys.executable, str(HERE / "train.py"),
-            env={"EDGEWISE_TRAIN_DATA": str(self.ws / "first.parquet"),
-                 "EDGEWISE_LABEL": "target", "EDGEWISE_FEATURES": json.dumps(features),
-                 "EDGEWISE_MODEL_OUT": str(self.ws / "v1.joblib")},
-        )  # fmt: skip
+            sys.executable,
+            str(HERE / "train.py"),
+            env={
+                "EDGEWISE_TRAIN_DATA": str(self.ws / "first.parquet"),
+                "EDGEWISE_LABEL": "target",
+                "EDGEWISE_FEATURES": json.dumps(features),
+                "EDGEWISE_MODEL_OUT": str(self.ws / "v1.joblib"),
+            },
+        )
         self.run(
-            "convert", "v1.joblib", "--sample", "first-features.parquet", "--name", MODEL,
-            "--out", "build", "--version", "1",
-        )  # fmt: skip
-        registered = json.loads(self.run(
-            "register", f"build/{MODEL}/1", "--store", self.store, "--alias", "production",
-            "--data", "first.parquet", "--code-dir", str(HERE), "--json",
-            "--description", f"trained by hand on {len(first)} rows",
-        ))  # fmt: skip
-        self.say("v1", f"trained on {len(first)} rows (train.py), converted (edgewise convert), "
-                 f"registered as {MODEL} version {registered['version']} with alias production "
-                 f"(edgewise register, {self.store})")  # fmt: skip
+            "convert",
+            "v1.joblib",
+            "--sample",
+            "first-features.parquet",
+            "--name",
+            MODEL,
+            "--out",
+            "build",
+            "--version",
+            "1",
+        )
+        registered = json.loads(
+            self.run(
+                "register",
+                f"build/{MODEL}/1",
+                "--store",
+                self.store,
+                "--alias",
+                "production",
+                "--data",
+                "first.parquet",
+                "--code-dir",
+                str(HERE),
+                "--json",
+                "--description",
+                f"trained by hand on {len(first)} rows",
+            )
+        )
+        self.say(
+            "v1",
+            f"trained on {len(first)} rows (train.py), converted (edgewise convert), "
+            f"registered as {MODEL} version {registered['version']} with alias production "
+            f"(edgewise register, {self.store})",
+        )
 
         # 3. the server (capture on, every request) on an empty repository, and the agent
         self.repo.mkdir()
         ports = self.ws / "server.ports"
         self.start(
-            "server", "serve", "--repo", str(self.repo), "--host", "127.0.0.1", "--port", "0",
-            "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-port", "0",
-            "--port-file", str(ports), "--capture-dir", str(self.capture), "--capture-rate", "1.0",
-            "--capture-flush-seconds", "1",
-        )  # fmt: skip
-        grpc, metrics, http = self.wait_for(
-            "the server's ports", lambda: _words(ports, 3)
-        )  # fmt: skip
+            "server",
+            "serve",
+            "--repo",
+            str(self.repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--port-file",
+            str(ports),
+            "--capture-dir",
+            str(self.capture),
+            "--capture-rate",
+            "1.0",
+            "--capture-flush-seconds",
+            "1",
+        )
+        grpc, metrics, http = self.wait_for("the server's ports", lambda: _words(ports, 3))
         self.grpc, self.metrics = f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
         self.http = f"127.0.0.1:{http}"
-        self.wait_for("the server to be live", lambda: self.get(f"http://{self.http}/v2/health/live"))
-        self.say("serve", f"edgewise serve on gRPC {self.grpc}, HTTP {self.http}, capturing every "
-                 f"request into {self.capture.name}/; its repository is empty")  # fmt: skip
+        self.wait_for(
+            "the server to be live", lambda: self.get(f"http://{self.http}/v2/health/live")
+        )
+        self.say(
+            "serve",
+            f"edgewise serve on gRPC {self.grpc}, HTTP {self.http}, capturing every "
+            f"request into {self.capture.name}/; its repository is empty",
+        )
 
         agent_port = self.ws / "agent.port"
         started = time.monotonic()
         self.start(
-            "agent", "agent", "--store", self.store, "--model", MODEL, "--alias", "production",
-            "--repo", str(self.repo), "--server", self.grpc, "--server-metrics", self.metrics,
-            "--interval", "1", "--watch-seconds", "3", "--metrics-host", "127.0.0.1",
-            "--metrics-port", "0", "--port-file", str(agent_port), "--node-id", "loop",
-        )  # fmt: skip
+            "agent",
+            "agent",
+            "--store",
+            self.store,
+            "--model",
+            MODEL,
+            "--alias",
+            "production",
+            "--repo",
+            str(self.repo),
+            "--server",
+            self.grpc,
+            "--server-metrics",
+            self.metrics,
+            "--interval",
+            "1",
+            "--watch-seconds",
+            "3",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(agent_port),
+            "--node-id",
+            "loop",
+        )
         (port,) = self.wait_for("the agent's metrics port", lambda: _words(agent_port, 1))
         self.agent_metrics = f"http://127.0.0.1:{port}/metrics"
-        self.wait_for("the agent to deliver version 1",
-                      lambda: self.answered_by("1", features, later.to_dict("records")))  # fmt: skip
-        self.say("agent", f"edgewise agent follows production: delivered version 1 to the server "
-                 f"in {time.monotonic() - started:.1f} s")  # fmt: skip
+        self.wait_for(
+            "the agent to deliver version 1",
+            lambda: self.answered_by("1", features, later.to_dict("records")),
+        )
+        self.say(
+            "agent",
+            f"edgewise agent follows production: delivered version 1 to the server "
+            f"in {time.monotonic() - started:.1f} s",
+        )
 
         # 4. traffic: each held-back row is a request with an id; then its true label
         correct = 0
@@ -260,8 +343,11 @@ class Loop:
             label = next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
             correct += int(label == int(row["target"]))
             labels.append((request_id, int(row["target"])))
-        self.say("traffic", f"{len(later)} requests with ids over HTTP, answered by version 1 "
-                 f"(accuracy {correct / len(later):.3f} against the labels to come)")  # fmt: skip
+        self.say(
+            "traffic",
+            f"{len(later)} requests with ids over HTTP, answered by version 1 "
+            f"(accuracy {correct / len(later):.3f} against the labels to come)",
+        )
         with (self.ws / "labels.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["request_id", "label"])
@@ -282,62 +368,95 @@ class Loop:
             return True if done and got == len(labels) else None
 
         self.wait_for(
-            lambda: f"the capture files ({self.sent} requests and {len(labels)} labels sent; "
-            f"the server's capture counters: {seen})", written
+            lambda: (
+                f"the capture files ({self.sent} requests and {len(labels)} labels sent; "
+                f"the server's capture counters: {seen})"
+            ),
+            written,
         )
         stats = _stats(self.run("capture", "stats", MODEL, "--capture-dir", str(self.capture)))
-        self.say("capture", f"edgewise capture stats: {stats.get('1', ('?', '?'))[1]} rows "
-                 f"answered by version 1 in {stats.get('1', ('?', '?'))[0]} Parquet files "
-                 f"(the traffic, the loop's probes, the agent's golden requests), "
-                 f"{stats.get('labels', ('?', '?'))[1]} labels beside them")  # fmt: skip
+        self.say(
+            "capture",
+            f"edgewise capture stats: {stats.get('1', ('?', '?'))[1]} rows "
+            f"answered by version 1 in {stats.get('1', ('?', '?'))[0]} Parquet files "
+            f"(the traffic, the loop's probes, the agent's golden requests), "
+            f"{stats.get('labels', ('?', '?'))[1]} labels beside them",
+        )
 
         # 5. the pipeline: captured + labelled rows -> v2 -> gate against production -> register
         pipeline = self.ws / "pipeline.toml"
-        pipeline.write_text(PIPELINE.format(
-            model=MODEL, store=self.store, capture=self.capture, repo=self.repo,
-            python=sys.executable, train=HERE / "train.py", code=HERE,
-        ))  # fmt: skip
+        pipeline.write_text(
+            PIPELINE.format(
+                model=MODEL,
+                store=self.store,
+                capture=self.capture,
+                repo=self.repo,
+                python=sys.executable,
+                train=HERE / "train.py",
+                code=HERE,
+            )
+        )
         record = json.loads(self.run("pipeline", "run", str(pipeline), "--json"))
         returned = time.monotonic()
         registered, data, gate = record["registered"], record["data"], record["gate"]
-        self.say("pipeline", f"edgewise pipeline run {record['run_id']}: the {data['rows']} "
-                 f"labelled captured rows, version 2 trained on {data['train_rows']}, evaluated "
-                 f"on the other {data['holdout_rows']}: accuracy "
-                 f"{record['metrics']['accuracy']:.3f}")  # fmt: skip
+        self.say(
+            "pipeline",
+            f"edgewise pipeline run {record['run_id']}: the {data['rows']} "
+            f"labelled captured rows, version 2 trained on {data['train_rows']}, evaluated "
+            f"on the other {data['holdout_rows']}: accuracy "
+            f"{record['metrics']['accuracy']:.3f}",
+        )
         counts = gate["counts"]
-        self.say("gate", f"{'passed' if gate['passed'] else 'FAILED'} against production "
-                 f"(version {gate['baseline'][1]}) on the same rows: {counts['pass']} rules "
-                 f"passed, {counts['fail']} failed")  # fmt: skip
+        self.say(
+            "gate",
+            f"{'passed' if gate['passed'] else 'FAILED'} against production "
+            f"(version {gate['baseline'][1]}) on the same rows: {counts['pass']} rules "
+            f"passed, {counts['fail']} failed",
+        )
         if registered.get("version") != 2:
             raise LoopFailed(f"the pipeline registered {registered}, expected version 2")
-        self.say("register", f"{MODEL} version {registered['version']} registered with the run's "
-                 f"lineage; production {registered['previous_version']} -> "
-                 f"{registered['version']}")  # fmt: skip
+        self.say(
+            "register",
+            f"{MODEL} version {registered['version']} registered with the run's "
+            f"lineage; production {registered['previous_version']} -> "
+            f"{registered['version']}",
+        )
 
         # 6. the agent sees the alias move, delivers version 2; a request shows it
-        answer = self.wait_for("the agent to deliver version 2",
-                               lambda: self.answered_by("2", features, later.to_dict("records")))
-        self.say("deliver", f"the agent delivered version 2 to the running server "
-                 f"({time.monotonic() - returned:.1f} s after the pipeline returned): a request "
-                 f"answered by version {answer['model_version']}")  # fmt: skip
+        answer = self.wait_for(
+            "the agent to deliver version 2",
+            lambda: self.answered_by("2", features, later.to_dict("records")),
+        )
+        self.say(
+            "deliver",
+            f"the agent delivered version 2 to the running server "
+            f"({time.monotonic() - returned:.1f} s after the pipeline returned): a request "
+            f"answered by version {answer['model_version']}",
+        )
 
         def promoted() -> bool | None:
-            good = self.metric(self.agent_metrics, "edgewise_agent_last_good_version",
-                               f'model="{MODEL}"')  # fmt: skip
+            good = self.metric(
+                self.agent_metrics, "edgewise_agent_last_good_version", f'model="{MODEL}"'
+            )
             if good is None:
                 good = self.metric(self.agent_metrics, "edgewise_agent_last_good_version")
             return True if good == 2 else None
 
         self.wait_for("the agent to promote version 2 after its watch", promoted)
-        shown = json.loads(self.run(
-            "models", "show", MODEL, "--alias", "production", "--store", self.store, "--json"
-        ))  # fmt: skip
+        shown = json.loads(
+            self.run(
+                "models", "show", MODEL, "--alias", "production", "--store", self.store, "--json"
+            )
+        )
         lineage = shown["lineage"]
         if shown["version"] != 2 or lineage["params"].get("pipeline.run_id") != record["run_id"]:
             raise LoopFailed(f"production's lineage does not name the pipeline run: {lineage}")
-        self.say("lineage", f"edgewise models show: production is version 2, from pipeline run "
-                 f"{record['run_id']}, code {lineage['code_version'][:12]}, data "
-                 f"{lineage['data_fingerprint'][:19]}; the agent promoted it after its watch")
+        self.say(
+            "lineage",
+            f"edgewise models show: production is version 2, from pipeline run "
+            f"{record['run_id']}, code {lineage['code_version'][:12]}, data "
+            f"{lineage['data_fingerprint'][:19]}; the agent promoted it after its watch",
+        )
 
 
 PIPELINE = """\
