@@ -58,6 +58,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgewise.runtime._fs import fsync_dir
+from edgewise.runtime.agent.policy import RolloutPolicy, read_policy
+from edgewise.runtime.agent.progressive import Progressive
 from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
 from edgewise.runtime.config.settings import server_metrics_port
@@ -464,6 +466,17 @@ class Agent:
         self._said: str = ""
         self._watching = False
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
+        # The alias's rollout policy, when it has one (docs/rollout.md).
+        self.progressive = Progressive(
+            client,
+            store,
+            settings.model,
+            settings.alias,
+            settings.node_id,
+            lambda: settings.metrics_url,
+            self.metrics.registry,
+            self._stop.wait,
+        )
         self.trusted: TrustedKeys | None = None
         if settings.trusted_keys is not None:
             self.trusted = TrustedKeys.load(settings.trusted_keys)
@@ -877,10 +890,19 @@ class Agent:
                 self._load(version, make_default=False)
                 self._wait_ready(version)
                 checked = self._golden_on_server(final, version)
+                previous = state.deployed.version if state.deployed else None
+                policy = self._rollout_policy(previous, version)
+                if policy is not None and previous is not None:
+                    self.phase = "rollout"
+                    failed = self.progressive.run(policy, previous, version)
+                    if failed:
+                        self.metrics.rollbacks.labels("rollout").inc()
+                        raise _Refused(failed, kind="rollout")
                 baseline, blind = self._baseline()
                 self.phase = "switching"
                 self._load(version, make_default=True)
-                previous = state.deployed.version if state.deployed else None
+                if policy is not None and previous is not None:
+                    self.progressive.finish(policy, previous, version)
                 now_iso = utc_now()
                 item = Deployed(version, record.model_sha256, now_iso)
                 state = replace(state, deployed=item)
@@ -922,12 +944,22 @@ class Agent:
         finally:
             self.phase = "idle"
 
+    def _rollout_policy(self, previous: int | None, version: int) -> RolloutPolicy | None:
+        """The alias's rollout policy when ``version`` replaces a served one (None: the switch
+        is at once); a stored policy that is invalid refuses the version."""
+        if previous is None or previous == version:
+            return None
+        try:
+            return read_policy(self.store, self.settings.model, self.settings.alias)
+        except InvalidInput as exc:
+            raise _Refused(exc.message, kind="invalid") from None
+
     def _refuse(self, record: VersionRecord, refused: _Refused) -> None:
         name, version = record.name, record.version
         with self.state_file.locked():
             state = self._read_state()
             serving = state.deployed is not None and state.deployed.version == version
-            if refused.kind in ("load", "golden") and not serving:
+            if refused.kind in ("load", "golden", "rollout") and not serving:
                 with contextlib.suppress(EdgewiseError):
                     self.client.unload_model(name, str(version))
             final = self.model_dir / str(version)

@@ -193,6 +193,18 @@ def _add_models(sub: Subparsers) -> None:
     alias.add_argument("version", type=int, nargs="?")
     alias.add_argument("--delete", action="store_true", help="delete the alias")
     _store_argument(alias)
+    policy = actions.add_parser(
+        "policy",
+        help="show, set or clear the rollout policy of an alias (docs/rollout.md)",
+        description="The steps a new version of an alias goes through on each node (shadow, "
+        "canary shares) and the analysis that judges them. Without --file or --clear: show it.",
+    )
+    policy.add_argument("name")
+    policy.add_argument("alias")
+    policy_source = policy.add_mutually_exclusive_group()
+    policy_source.add_argument("--file", type=Path, help="a JSON policy to store")
+    policy_source.add_argument("--clear", action="store_true", help="no policy: switch at once")
+    _store_argument(policy)
     p.set_defaults(handler=_cmd_models)
 
 
@@ -234,6 +246,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 print(f"{summary.name:<24} {latest:>6}  {aliases}")
         elif args.action == "show":
             _show(store, args)
+        elif args.action == "policy":
+            _policy(store, args)
         elif args.delete:
             if args.version is not None:
                 raise InvalidInput("models alias --delete takes no VERSION")
@@ -247,6 +261,37 @@ def _cmd_models(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _policy(store: Store, args: argparse.Namespace) -> None:
+    from edgewise.runtime.agent.policy import policy_text, read_policy, write_policy
+
+    if args.file is not None:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidInput(f"--file {args.file}: {exc.strerror or exc}") from None
+        policy = policy_text(text)  # refused here, before the store changes
+        store.resolve_alias(args.name, args.alias)
+        write_policy(store, args.name, args.alias, policy)
+        print(f"rollout policy of {args.name} alias {args.alias}: {len(policy.steps)} step(s)")
+    elif args.clear:
+        write_policy(store, args.name, args.alias, None)
+        print(f"rollout policy of {args.name} alias {args.alias}: none")
+    else:
+        current = read_policy(store, args.name, args.alias)
+        print(json.dumps(None if current is None else current.to_json(), indent=2))
+
+
+def _rollout_lines(store: Store, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from edgewise.runtime.agent.policy import POLICY_PREFIX
+    from edgewise.runtime.agent.progressive import read_decisions
+
+    policies = {
+        key[len(POLICY_PREFIX) :]: json.loads(text)
+        for key, text in store.model_tags(name, POLICY_PREFIX).items()
+    }
+    return policies, read_decisions(store, name)
 
 
 def _show(store: Store, args: argparse.Namespace) -> None:
@@ -263,11 +308,14 @@ def _show(store: Store, args: argparse.Namespace) -> None:
         return
     versions = store.list_versions(args.name)
     nodes = store.node_reports(args.name)
+    policies, decisions = _rollout_lines(store, args.name)
     if args.json:
         data = {
             "name": args.name,
             "versions": [v.to_json() for v in versions],
             "nodes": [n.to_json() for n in nodes],
+            "rollout_policies": policies,
+            "rollout_decisions": decisions,
         }
         print(json.dumps(data, indent=2))
         return
@@ -286,6 +334,21 @@ def _show(store: Store, args: argparse.Namespace) -> None:
             print(
                 f"{node.node:<24} {version:>7}  {node.health:<10} {node.state:<12} "
                 f"{node.updated_at:<20} {node.detail[:80]}"
+            )
+    for alias, policy in sorted(policies.items()):
+        steps = ", ".join(
+            f"shadow {s['seconds']:g} s" if s["mode"] == "shadow" else f"{s['weight']} %"
+            for s in policy.get("steps", [])
+        )
+        print(f"\nrollout policy of alias {alias}: {steps} -> 100 %")
+    if decisions:
+        print(f"\n{'AT':<20} {'NODE':<16} {'VERSION':>7}  {'STEP':<24} {'VERDICT':<8} EVIDENCE")
+        for d in decisions[-20:]:
+            why = "; ".join(d.get("reasons", [])) or json.dumps(d.get("evidence", {}))
+            print(
+                f"{d.get('at', ''):<20} {str(d.get('node', ''))[:16]:<16} "
+                f"{d.get('candidate', ''):>7}  {str(d.get('description', ''))[:24]:<24} "
+                f"{d.get('verdict', ''):<8} {why[:120]}"
             )
 
 

@@ -291,6 +291,15 @@ class Store(Protocol):
 
     def node_reports(self, name: str) -> list[NodeReport]: ...
 
+    def set_model_tag(self, name: str, key: str, value: str | None) -> None:
+        """Set a tag of a registered model (None: delete it; a missing one is no error): the
+        rollout policy of an alias and the agents' rollout decisions (docs/rollout.md)."""
+        ...
+
+    def model_tags(self, name: str, prefix: str = "") -> dict[str, str]:
+        """A model's tags whose keys start with ``prefix``."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -451,6 +451,24 @@ class MlflowStore:
             },
         )
 
+    def set_model_tag(self, name: str, key: str, value: str | None) -> None:
+        validate_model_name(name)
+        if value is None:
+            if key in self.model_tags(name, key):
+                self.http.call(
+                    "DELETE", "registered-models/delete-tag", body={"name": name, "key": key}
+                )
+            return
+        self.http.call(
+            "POST", "registered-models/set-tag", body={"name": name, "key": key, "value": value}
+        )
+
+    def model_tags(self, name: str, prefix: str = "") -> dict[str, str]:
+        validate_model_name(name)
+        data = self.http.call("GET", "registered-models/get", params={"name": name})
+        tags = _tags(data.get("registered_model", {}).get("tags"))
+        return {k: v for k, v in sorted(tags.items()) if k.startswith(prefix)}
+
     def node_reports(self, name: str) -> list[NodeReport]:
         validate_model_name(name)
         data = self.http.call("GET", "registered-models/get", params={"name": name})

@@ -52,7 +52,20 @@ __all__ = ["SqliteStore"]
 SCHEMA_VERSION: Final = 1
 _SHA_CHARS: Final = frozenset("0123456789abcdef")
 
-_SCHEMA: Final = """
+# Model tags (rollout policies and decisions): created by the first writer that sets one, so a
+# store made before them needs no migration (a reader finds no table: no tags).
+_TAGS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS model_tags (
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (name, key)
+);
+"""
+
+_SCHEMA: Final = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
@@ -85,6 +98,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     PRIMARY KEY (name, node)
 );
 """
+    + _TAGS_TABLE
+)
 
 
 def _check_sha(sha: str) -> str:
@@ -511,6 +526,40 @@ class SqliteStore:
                     "updated_at = excluded.updated_at",
                     (report.model, report.node, json.dumps(report.to_json()), report.updated_at),
                 )
+
+    def set_model_tag(self, name: str, key: str, value: str | None) -> None:
+        validate_model_name(name)
+        with self._lock, self._errors("set model tag"):
+            db = self._connection()
+            with self._write(db):
+                self._require_model(db, name)
+                db.execute(_TAGS_TABLE)
+                if value is None:
+                    db.execute("DELETE FROM model_tags WHERE name = ? AND key = ?", (name, key))
+                else:
+                    db.execute(
+                        "INSERT INTO model_tags (name, key, value, updated_at) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (name, key) DO UPDATE SET "
+                        "value = excluded.value, updated_at = excluded.updated_at",
+                        (name, key, value, utc_now()),
+                    )
+
+    def model_tags(self, name: str, prefix: str = "") -> dict[str, str]:
+        validate_model_name(name)
+        with self._lock, self._errors("model tags"):
+            db = self._connection()
+            self._require_model(db, name)
+            try:
+                rows = db.execute(
+                    "SELECT key, value FROM model_tags WHERE name = ? AND substr(key, 1, ?) = ? "
+                    "ORDER BY key",
+                    (name, len(prefix), prefix),
+                ).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return {}
+                raise
+        return {str(k): str(v) for k, v in rows}
 
     def node_reports(self, name: str) -> list[NodeReport]:
         validate_model_name(name)

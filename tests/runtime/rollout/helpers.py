@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,26 @@ def _good() -> Any:
     ).fit(X, y)
 
 
-def add_version(repo: Path, kind: str, version: int) -> Path:
-    """Convert a candidate of ``kind`` (good, inverted, drifting) as ``logreg/<version>``."""
+def add_version(repo: Path, kind: str, version: int, name: str = NAME) -> Path:
+    """Convert a candidate of ``kind`` (good, inverted, slow, drifting) as ``<name>/<version>``."""
     X = load_breast_cancer(as_frame=True).data
     if kind == "good":
-        return convert(_good(), X, name=NAME, repo=repo, version=version).path
+        return convert(_good(), X, name=name, repo=repo, version=version).path
     if kind == "inverted":
-        return convert(_inverted(), X, name=NAME, repo=repo, version=version).path
+        return convert(_inverted(), X, name=name, repo=repo, version=version).path
+    if kind == "slow":  # a wide MLP: the same schema, many times the work per row
+        from sklearn.neural_network import MLPClassifier
+
+        y = load_breast_cancer().target
+        wide = MLPClassifier(hidden_layer_sizes=(1024, 1024, 1024), max_iter=1, random_state=0)
+        with warnings.catch_warnings():  # one iteration on purpose: it does not converge
+            warnings.simplefilter("ignore")
+            model = Pipeline([("scale", StandardScaler()), ("clf", wide)]).fit(X[:60], y[:60])
+        return convert(model, X, name=name, repo=repo, version=version).path
     if kind == "drifting":  # the same model, profiled on shifted data
         model = models.train_logreg()[0]
         shifted = X * 1.8 + X.std() * 2
-        return convert(model, shifted, name=NAME, repo=repo, version=version).path
+        return convert(model, shifted, name=name, repo=repo, version=version).path
     raise ValueError(kind)
 
 
