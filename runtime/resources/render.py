@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -439,7 +440,12 @@ def _add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "healthcheck",
         help="exit 0 when the server's gRPC health service reports SERVING",
     )
-    health.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT")
+    health.add_argument(
+        "--server",
+        default=f"127.0.0.1:{os.environ.get('EDGEWISE_PORT') or 8001}",
+        help="HOST:PORT (default 127.0.0.1 and EDGEWISE_PORT, else 8001: the server's own port "
+        "in a container that sets it)",
+    )
     health.add_argument("--service", default="", help="health service name (default: overall)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     add_client_security_arguments(health)
