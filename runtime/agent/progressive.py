@@ -182,6 +182,9 @@ class Progressive:
         """Take ``candidate`` through the steps; "" when every step passed (the caller switches
         the default, then calls :meth:`finish`), else why it failed (it is out of traffic)."""
         client, model = self.client, self.model
+        # What an earlier attempt left (an agent stopped mid-rollout): start from nothing.
+        client.set_traffic_split(model, [])
+        client.set_shadow(model, "")
         client.set_version_label(model, "stable", str(stable))
         client.set_version_label(model, "canary", str(candidate))
         try:
