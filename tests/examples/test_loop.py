@@ -103,7 +103,9 @@ def test_an_interrupted_loop_stops_what_it_started(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the loop did not start the agent"
             time.sleep(0.1)
         grpc_port = int((ws / "server.ports").read_text().split()[0])
-        loop.send_signal(signal.SIGINT)
+        # SIGTERM takes Ctrl-C's path (KeyboardInterrupt); SIGINT itself is ignored by a
+        # process started from a shell's background job, as this test may be
+        loop.send_signal(signal.SIGTERM)
         out, _ = loop.communicate(timeout=120)
     finally:
         if loop.poll() is None:

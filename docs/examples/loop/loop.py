@@ -508,6 +508,10 @@ def _stats(text: str) -> dict[str, tuple[str, str]]:
     return {row[1]: (row[2], row[3]) for row in rows if len(row) == 5 and row[0] == MODEL}
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="workspace (default: a new temporary one)")
@@ -524,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         workspace = Path(tempfile.mkdtemp(prefix="edgewise-loop-"))
     loop = Loop(workspace, args.timeout)
+    signal.signal(signal.SIGTERM, _interrupted)  # stop what it started on SIGTERM as on Ctrl-C
     ok = False
     try:
         loop.main(args.first_rows)
