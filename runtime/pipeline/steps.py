@@ -98,50 +98,20 @@ CAPTURE_EXPORT = "captured.parquet"
 
 
 def export_capture(source: CaptureSource, destination: Path) -> dict[str, Any]:
-    """Write the labelled rows of a capture folder to ``destination`` (Parquet), as ``edgewise
-    capture export --labelled`` does; what was exported (model, version, rows)."""
+    """Write the labelled rows of a capture folder to ``destination`` (Parquet): the one labelled
+    export of ``edgewise capture export --labelled``; what was exported (model, version, rows)."""
     import pyarrow.parquet as pq
 
-    from edgewise.runtime.package.manifest import MANIFEST_FILE, read_manifest
-    from edgewise.runtime.serving.capture_read import (
-        captured_versions,
-        label_rows,
-        labelled_dataset,
-        read_captured,
-    )
+    from edgewise.runtime.serving.capture_read import export
 
-    if not source.folder.is_dir():
-        raise StepFailed("data", f"capture dir {source.folder}: no such folder")
     try:
-        version = source.version or next(
-            iter(reversed(captured_versions(source.folder, source.model))), ""
-        )
-        if not version:
-            raise StepFailed(
-                "data", f"{source.folder}: nothing captured for model {source.model!r}"
-            )
-        table = read_captured(source.folder, source.model, version)
-        labels = label_rows(source.folder, source.model)
-        features = None
-        if source.repo is not None:
-            package = source.repo / source.model / version
-            if (package / MANIFEST_FILE).is_file():
-                features = list(read_manifest(package).features) or None
-        dataset = labelled_dataset(table, labels, features, labelled_only=True)
-    except StepFailed:
-        raise
+        exported = export(source.folder, source.model, source.version, repo=source.repo)
     except EdgewiseError as exc:
         raise StepFailed("data", f"capture {source.folder}: {exc.message}") from None
-    if dataset.num_rows == 0:
-        raise StepFailed(
-            "data",
-            f"no captured row of model {source.model!r} version {version} has a label "
-            f"({len(labels)} label(s) known)",
-        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     with replacing(destination) as temporary:
-        pq.write_table(dataset, temporary)
-    return {"model": source.model, "version": version, "rows": dataset.num_rows}
+        pq.write_table(exported.table, temporary)
+    return {"model": source.model, "version": exported.version, "rows": exported.table.num_rows}
 
 
 def load_data(
