@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from edgewise.runtime.agent.waves import Wave
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.serving.rollout import check_sticky_key
 from edgewise.runtime.store.base import Store, validate_alias
@@ -41,7 +42,8 @@ __all__ = [
 POLICY_PREFIX: Final = "edgewise.rollout.policy."
 DECISION_PREFIX: Final = "edgewise.rollout.decision."
 
-_TOP: Final = frozenset({"steps", "analysis", "sticky_key"})
+_TOP: Final = frozenset({"steps", "analysis", "sticky_key", "waves"})
+_WAVE: Final = frozenset({"nodes", "share"})
 _STEP: Final = frozenset({"mode", "seconds", "weight", "rate"})
 _MODES: Final = ("shadow", "canary")
 
@@ -80,6 +82,7 @@ class RolloutPolicy:
     steps: tuple[Step, ...]
     analysis: Analysis = field(default_factory=Analysis)
     sticky_key: str = ""
+    waves: tuple[Wave, ...] = ()  # fleet waves (waves.py); none: every node at once
 
     def to_json(self) -> dict[str, Any]:
         steps = []
@@ -90,7 +93,16 @@ class RolloutPolicy:
             else:
                 item["rate"] = step.rate
             steps.append(item)
-        return {"steps": steps, "analysis": asdict(self.analysis), "sticky_key": self.sticky_key}
+        document: dict[str, Any] = {
+            "steps": steps,
+            "analysis": asdict(self.analysis),
+            "sticky_key": self.sticky_key,
+        }
+        if self.waves:
+            document["waves"] = [
+                {"nodes": w.nodes} if w.nodes else {"share": w.share} for w in self.waves
+            ]
+        return document
 
 
 def _unknown(section: Mapping[str, Any], known: frozenset[str], where: str) -> None:
@@ -180,9 +192,10 @@ def parse_policy(document: object) -> RolloutPolicy:
     if not isinstance(document, dict):
         raise InvalidInput("rollout policy: a JSON object with steps (and analysis, sticky_key)")
     _unknown(document, _TOP, "top level")
-    raw = document.get("steps")
-    if not isinstance(raw, list) or not raw:
-        raise InvalidInput("rollout policy: steps must be a non-empty list")
+    waves = _waves(document.get("waves", []))
+    raw = document.get("steps", [] if waves else None)
+    if not isinstance(raw, list) or not (raw or waves):
+        raise InvalidInput("rollout policy: steps must be a non-empty list (or give waves)")
     steps = tuple(_step(item, i) for i, item in enumerate(raw))
     weights = [s.weight for s in steps if s.mode == "canary"]
     if any(b <= a for a, b in itertools.pairwise(weights)):
@@ -191,7 +204,31 @@ def parse_policy(document: object) -> RolloutPolicy:
     if not isinstance(sticky, str):
         raise InvalidInput("rollout policy: sticky_key must be a string")
     analysis = _analysis(document.get("analysis", {}))
-    return RolloutPolicy(steps, analysis, check_sticky_key(sticky))
+    return RolloutPolicy(steps, analysis, check_sticky_key(sticky), waves)
+
+
+def _waves(raw: object) -> tuple[Wave, ...]:
+    if not isinstance(raw, list):
+        raise InvalidInput("rollout policy: waves must be a list")
+    waves = []
+    for index, item in enumerate(raw):
+        where = f"waves[{index}]"
+        if not isinstance(item, dict) or len(item) != 1:
+            raise InvalidInput(f'rollout policy: {where} must be {{"nodes": N}} or {{"share": S}}')
+        _unknown(item, _WAVE, where)
+        if "nodes" in item:
+            nodes = item["nodes"]
+            if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+                raise InvalidInput(f"rollout policy: {where}.nodes must be a whole number >= 1")
+            waves.append(Wave(nodes=nodes))
+        else:
+            share = _number(item["share"], f"{where}.share")
+            if not 0 < share <= 1:
+                raise InvalidInput(f"rollout policy: {where}.share must be in (0, 1]")
+            waves.append(Wave(share=share))
+    if waves and waves[-1] != Wave(share=1.0):
+        raise InvalidInput('rollout policy: the last wave must be every node ({"share": 1.0})')
+    return tuple(waves)
 
 
 def policy_text(text: str) -> RolloutPolicy:

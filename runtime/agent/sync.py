@@ -61,6 +61,7 @@ from edgewise.runtime._fs import fsync_dir
 from edgewise.runtime.agent.policy import RolloutPolicy, read_policy
 from edgewise.runtime.agent.progressive import Progressive
 from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
+from edgewise.runtime.agent.waves import wave_wait
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
 from edgewise.runtime.config.settings import server_metrics_port
 from edgewise.runtime.errors import (
@@ -700,7 +701,23 @@ class Agent:
             return
         if state.watch is not None:
             return  # finish watching the current switch first
+        if deployed is not None:
+            waiting = self._wave_wait(record)
+            if waiting:
+                self.phase = "waiting"
+                self._set_health("ok", f"serving version {deployed.version}; {waiting}")
+                return
         self._deploy(record, state)
+
+    def _wave_wait(self, record: VersionRecord) -> str:
+        """Why this node waits for the nodes of earlier fleet waves ("" when it may go)."""
+        policy = read_policy(self.store, self.settings.model, self.settings.alias)
+        if policy is None or not policy.waves:
+            return ""
+        reports = self.store.node_reports(self.settings.model)
+        return wave_wait(
+            self.settings.node_id, reports, record.version, record.model_sha256, policy.waves
+        )
 
     def _set_health(self, health: str, detail: str) -> None:
         if (health, detail) != (self.health, self.detail):
@@ -892,7 +909,7 @@ class Agent:
                 checked = self._golden_on_server(final, version)
                 previous = state.deployed.version if state.deployed else None
                 policy = self._rollout_policy(previous, version)
-                if policy is not None and previous is not None:
+                if policy is not None and previous is not None and policy.steps:
                     self.phase = "rollout"
                     failed = self.progressive.run(policy, previous, version)
                     if failed:
@@ -901,7 +918,7 @@ class Agent:
                 baseline, blind = self._baseline()
                 self.phase = "switching"
                 self._load(version, make_default=True)
-                if policy is not None and previous is not None:
+                if policy is not None and previous is not None and policy.steps:
                     self.progressive.finish(policy, previous, version)
                 now_iso = utc_now()
                 item = Deployed(version, record.model_sha256, now_iso)
