@@ -78,6 +78,15 @@ def test_the_loop_runs_end_to_end(tmp_path: Path) -> None:
     assert lineage["data_fingerprint"] == record["data"]["fingerprint"]
     assert sha == record["artifacts"]["onnx_sha256"]
 
+    # the record is enough to rerun it: the same code (training/, a git repository), data
+    # (the capture's export kept in the run's folder) and arguments give the same model
+    again = subprocess.run(
+        [sys.executable, "-m", "edgewise.runtime.cli", "pipeline", "reproduce", run_id,
+         "--store", f"sqlite:///{ws / 'store.db'}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0 and ": identical (" in again.stdout, again.stdout + again.stderr
+
     # the agent delivered those bytes into the server's repository and pinned them
     delivered = ws / "model-repo" / MODEL / "2" / "model.onnx"
     assert hashlib.sha256(delivered.read_bytes()).hexdigest() == sha

@@ -204,80 +204,46 @@ class Loop:
             f"arrive as traffic (scikit-learn's breast-cancer data) in {self.ws}",
         )
 
-        # 2. version 1: train, convert, register with the alias production
+        # 2. version 1: train (the training code in its own git repository), convert, register
+        training = self.ws / "training"
+        training.mkdir()
+        shutil.copy(HERE / "train.py", training / "train.py")
+        git = shutil.which("git")
+        if git is not None:  # the pipeline records the commit (without git: a hash of the files)
+            who = ["-c", "user.name=loop", "-c", "user.email=loop@localhost"]
+            for args in (["init", "-q"], ["add", "train.py"], [*who, "commit", "-qm", "train.py"]):
+                self.run(git, "-C", str(training), *args)
         self.run(
-            sys.executable,
-            str(HERE / "train.py"),
-            env={
-                "EDGEWISE_TRAIN_DATA": str(self.ws / "first.parquet"),
-                "EDGEWISE_LABEL": "target",
-                "EDGEWISE_FEATURES": json.dumps(features),
-                "EDGEWISE_MODEL_OUT": str(self.ws / "v1.joblib"),
-            },
-        )
+            sys.executable, str(training / "train.py"),
+            env={"EDGEWISE_TRAIN_DATA": str(self.ws / "first.parquet"),
+                 "EDGEWISE_LABEL": "target", "EDGEWISE_FEATURES": json.dumps(features),
+                 "EDGEWISE_MODEL_OUT": str(self.ws / "v1.joblib")},
+        )  # fmt: skip
         self.run(
-            "convert",
-            "v1.joblib",
-            "--sample",
-            "first-features.parquet",
-            "--name",
-            MODEL,
-            "--out",
-            "build",
-            "--version",
-            "1",
-        )
-        registered = json.loads(
-            self.run(
-                "register",
-                f"build/{MODEL}/1",
-                "--store",
-                self.store,
-                "--alias",
-                "production",
-                "--data",
-                "first.parquet",
-                "--code-dir",
-                str(HERE),
-                "--json",
-                "--description",
-                f"trained by hand on {len(first)} rows",
-            )
-        )
+            "convert", "v1.joblib", "--sample", "first-features.parquet", "--name", MODEL,
+            "--out", "build", "--version", "1",
+        )  # fmt: skip
+        registered = json.loads(self.run(
+            "register", f"build/{MODEL}/1", "--store", self.store, "--alias", "production",
+            "--data", "first.parquet", "--code-dir", str(training), "--json",
+            "--description", f"trained by hand on {len(first)} rows",
+        ))  # fmt: skip
         self.say(
             "v1",
-            f"trained on {len(first)} rows (train.py), converted (edgewise convert), "
-            f"registered as {MODEL} version {registered['version']} with alias production "
-            f"(edgewise register, {self.store})",
+            f"trained on {len(first)} rows (training/train.py, a git repository), converted "
+            f"(edgewise convert), registered as {MODEL} version {registered['version']} with "
+            f"alias production (edgewise register, {self.store})",
         )
 
         # 3. the server (capture on, every request) on an empty repository, and the agent
         self.repo.mkdir()
         ports = self.ws / "server.ports"
         self.start(
-            "server",
-            "serve",
-            "--repo",
-            str(self.repo),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-            "--port-file",
-            str(ports),
-            "--capture-dir",
-            str(self.capture),
-            "--capture-rate",
-            "1.0",
-            "--capture-flush-seconds",
-            "1",
-        )
+            "server", "serve", "--repo", str(self.repo), "--host", "127.0.0.1", "--port", "0",
+            "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-port", "0",
+            "--port-file", str(ports), "--capture-dir", str(self.capture), "--capture-rate", "1.0",
+            "--capture-flush-seconds", "1",
+        )  # fmt: skip
         grpc, metrics, http = self.wait_for("the server's ports", lambda: _words(ports, 3))
         self.grpc, self.metrics = f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
         self.http = f"127.0.0.1:{http}"
@@ -293,33 +259,11 @@ class Loop:
         agent_port = self.ws / "agent.port"
         started = time.monotonic()
         self.start(
-            "agent",
-            "agent",
-            "--store",
-            self.store,
-            "--model",
-            MODEL,
-            "--alias",
-            "production",
-            "--repo",
-            str(self.repo),
-            "--server",
-            self.grpc,
-            "--server-metrics",
-            self.metrics,
-            "--interval",
-            "1",
-            "--watch-seconds",
-            "3",
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-            "--port-file",
-            str(agent_port),
-            "--node-id",
-            "loop",
-        )
+            "agent", "agent", "--store", self.store, "--model", MODEL, "--alias", "production",
+            "--repo", str(self.repo), "--server", self.grpc, "--server-metrics", self.metrics,
+            "--interval", "1", "--watch-seconds", "3", "--metrics-host", "127.0.0.1",
+            "--metrics-port", "0", "--port-file", str(agent_port), "--node-id", "loop",
+        )  # fmt: skip
         (port,) = self.wait_for("the agent's metrics port", lambda: _words(agent_port, 1))
         self.agent_metrics = f"http://127.0.0.1:{port}/metrics"
         self.wait_for(
@@ -385,17 +329,10 @@ class Loop:
 
         # 5. the pipeline: captured + labelled rows -> v2 -> gate against production -> register
         pipeline = self.ws / "pipeline.toml"
-        pipeline.write_text(
-            PIPELINE.format(
-                model=MODEL,
-                store=self.store,
-                capture=self.capture,
-                repo=self.repo,
-                python=sys.executable,
-                train=HERE / "train.py",
-                code=HERE,
-            )
-        )
+        pipeline.write_text(PIPELINE.format(
+            model=MODEL, store=self.store, capture=self.capture, repo=self.repo,
+            python=sys.executable, train=training / "train.py", code=training,
+        ))  # fmt: skip
         record = json.loads(self.run("pipeline", "run", str(pipeline), "--json"))
         returned = time.monotonic()
         registered, data, gate = record["registered"], record["data"], record["gate"]
