@@ -230,3 +230,37 @@ def _wait_for_copies(client: Any, n: int) -> Any:
             return figures
         time.sleep(0.05)
     raise AssertionError(f"the shadow ran {figures.requests} of {n} copies")
+
+
+def test_the_cli_verbs(
+    inverted_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgewise.runtime.cli.main import main
+
+    running = start_server(inverted_repo, tmp_path / "cli")
+    try:
+        with running.client() as client:
+            client.load_model(NAME, "1", make_default=True)
+            client.load_model(NAME, "2")
+        base = ["repository", "--server", running.target]
+        assert main([*base, "split", NAME, "1=70", "2=30", "--sticky-key", "user"]) == 0
+        assert "1: 70%, 2: 30% (sticky by user)" in capsys.readouterr().out
+        assert main([*base, "label", NAME, "canary", "2"]) == 0
+        assert main([*base, "shadow", NAME, "--version", "canary", "--rate", "0.5"]) == 0
+        capsys.readouterr()
+        assert main([*base, "rollout", NAME]) == 0
+        shown = capsys.readouterr().out
+        assert "shadow   version 2 at rate 0.5" in shown and "canary -> 2" in shown
+        for bad, field in (
+            (["split", NAME, "1=70", "2=20"], "sum to 100"),
+            (["split", NAME, "1:70"], "VERSION=WEIGHT"),
+            (["label", NAME, "canary", "9"], "version '9'"),
+            (["shadow", NAME], "--version VERSION, or --stop"),
+        ):
+            assert main([*base, *bad]) != 0
+            err = capsys.readouterr().err
+            assert field in err and len(err.strip().splitlines()) == 1, err
+        assert main([*base, "split", NAME]) == 0  # no pairs: no split
+        assert "split    none" in capsys.readouterr().out
+    finally:
+        running.stop()
