@@ -218,6 +218,10 @@ def test_shadow_never_changes_answers_and_measures_agreement(server: RunningServ
     )
     # The candidate's monitor saw the shadow traffic (its own request counter did not).
     assert 'edgewise_requests_total{code="OK",model="logreg",version="2"}' not in metrics
+    with server.client() as client:
+        assert client.drift_report(NAME, "2").rows == n
+        client.set_version_label(NAME, "canary", "2")
+        assert client.drift_report(NAME, "canary").rows == n  # a label names it there too
 
 
 def _wait_for_copies(client: Any, n: int) -> Any:
