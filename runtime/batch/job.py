@@ -23,7 +23,6 @@ from edgewise.runtime.batch.options import (
     DEFAULT_CHUNK_ROWS,
     BatchOptions,
     BatchSummary,
-    parse_model_ref,
 )
 from edgewise.runtime.batch.plan import EngineResult, JobPlan
 from edgewise.runtime.batch.progress import Progress
@@ -36,6 +35,7 @@ from edgewise.runtime.batch.reader import (
 )
 from edgewise.runtime.batch.report import build_report, render_html, unavailable_report
 from edgewise.runtime.batch.scoring import output_schema
+from edgewise.runtime.batch.source import ModelSource, resolve
 from edgewise.runtime.batch.stats import DriftCollector
 from edgewise.runtime.batch.writer import (
     REPORT_HTML,
@@ -178,10 +178,11 @@ class _Settings:
 
 
 def _settings(
-    options: BatchOptions, folder: JobFolder, name: str, pinned: int | None, files: list[InputFile]
+    options: BatchOptions, folder: JobFolder, source: ModelSource, files: list[InputFile]
 ) -> _Settings:
     """A new job's settings, or a resumed job's after checking that the command and the inputs
     agree with what the job recorded."""
+    name, pinned = source.name, source.pinned
     if not folder.has_job():
         foreign = folder.foreign_entries()
         if foreign:
@@ -216,7 +217,18 @@ def _settings(
     if recorded_name != name:
         raise InvalidInput(f"cannot resume: the job scores model {recorded_name!r}, not {name!r}")
     if pinned is not None and pinned != recorded.pinned:
+        if source.uri is not None:
+            raise InvalidInput(
+                f"cannot resume: the job scores {name!r} version {recorded.pinned}, but "
+                f"{source.uri} now names version {pinned}; finish it with --model "
+                f"models:/{name}/{recorded.pinned}"
+            )
         raise InvalidInput(f"cannot resume: the job scores version {recorded.pinned}, not {pinned}")
+    if source.store_sha256 is not None and source.store_sha256 != recorded.sha256:
+        raise InvalidInput(
+            f"cannot resume: the job scored {name!r} version {recorded.pinned} with sha256 "
+            f"{(recorded.sha256 or '')[:12]}…, but {source.where} has {source.store_sha256[:12]}…"
+        )
     if options.chunk_rows is not None and options.chunk_rows != recorded.chunk_rows:
         raise InvalidInput(
             f"cannot resume: the job's chunks have {recorded.chunk_rows} rows, not "
@@ -261,10 +273,6 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     the model is loaded, before the output folder is created or locked, so a refused job writes
     nothing."""
     started = time.perf_counter()
-    name, pinned = parse_model_ref(options.model)
-    model_dir = options.repo / name
-    if not model_dir.is_dir():
-        raise ModelNotFound(f"no model {name!r} in the repository {options.repo}")
     _check_id_columns(options.id_columns)
     if options.chunk_rows is not None and options.chunk_rows < 1:
         raise InvalidInput("--chunk-rows must be at least 1")
@@ -274,14 +282,18 @@ def run_batch(options: BatchOptions) -> BatchSummary:
 
     folder = JobFolder(options.output)
     folder.check_path()
-    prepared = _prepare(options, folder, name, pinned, model_dir, files)
+    source = resolve(
+        options.model, options.repo, options.store, options.store_timeout, options.model_cache
+    )
+    name, model_dir = source.name, source.model_dir
+    prepared = _prepare(options, folder, source, files)
     loaded = None
     if not _already_complete(folder, prepared):
         loaded = _load(options, prepared, name, model_dir)
     folder.create()
     folder.lock()
     try:
-        if _settings(options, folder, name, pinned, files) != prepared.settings:
+        if _settings(options, folder, source, files) != prepared.settings:
             raise InvalidInput(
                 f"output {options.output} changed while the job was starting (another edgewise "
                 "batch process?); run the command again"
@@ -291,25 +303,21 @@ def run_batch(options: BatchOptions) -> BatchSummary:
             return BatchSummary.from_json({**data, "already_complete": True})
         if loaded is None:  # pragma: no cover - completed before the lock, not after it
             loaded = _load(options, prepared, name, model_dir)
-        return _run_locked(options, folder, name, files, prepared, loaded, started)
+        return _run_locked(options, folder, source, files, prepared, loaded, started)
     finally:
         folder.close()
 
 
 def _prepare(
-    options: BatchOptions,
-    folder: JobFolder,
-    name: str,
-    pinned: int | None,
-    model_dir: Path,
-    files: list[InputFile],
+    options: BatchOptions, folder: JobFolder, source: ModelSource, files: list[InputFile]
 ) -> _Prepared:
     """Every check of a job that reads only: settings, version, package, every input's columns."""
-    settings = _settings(options, folder, name, pinned, files)
+    name, model_dir = source.name, source.model_dir
+    settings = _settings(options, folder, source, files)
     version = settings.pinned if settings.pinned is not None else default_version(model_dir)
     version_dir = model_dir / str(version)
     if not version_dir.is_dir():
-        raise ModelNotFound(f"model {name!r} has no version {version} in {options.repo}")
+        raise ModelNotFound(f"model {name!r} has no version {version} in {source.where}")
     manifest = read_manifest(version_dir)
     if settings.sha256 is not None and settings.sha256 != manifest.model_sha256:
         raise InvalidInput(
@@ -336,7 +344,12 @@ def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path
     a package that cannot be served leaves no job behind."""
     session, threads, cores = _session_settings(options)
     pa.set_cpu_count(max(1, cores))
-    model = load_model(name, prepared.version, prepared.version_dir, session)
+    trusted = None
+    if options.trusted_keys is not None:
+        from edgewise.runtime.package.signing import TrustedKeys
+
+        trusted = TrustedKeys.load(options.trusted_keys)
+    model = load_model(name, prepared.version, prepared.version_dir, session, trusted=trusted)
     collector: DriftCollector | None = None
     no_report = "the drift report was turned off (--no-drift-report)"
     if prepared.settings.drift_report:
@@ -357,13 +370,14 @@ def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path
 def _run_locked(
     options: BatchOptions,
     folder: JobFolder,
-    name: str,
+    source: ModelSource,
     files: list[InputFile],
     prepared: _Prepared,
     loaded: _Loaded,
     started: float,
 ) -> BatchSummary:
     settings, version, manifest = prepared.settings, prepared.version, prepared.manifest
+    name = source.name
     if settings.resumed:
         done = folder.recover()
     else:
@@ -371,7 +385,12 @@ def _run_locked(
         folder.write_job(
             {
                 "format": JOB_FORMAT,
-                "model": {"name": name, "version": version, "sha256": manifest.model_sha256},
+                "model": {
+                    "name": name,
+                    "version": version,
+                    "sha256": manifest.model_sha256,
+                    "source": source.uri,
+                },
                 "input": options.input,
                 "inputs": [f.to_json() for f in files],
                 "chunk_rows": settings.chunk_rows,
@@ -434,6 +453,7 @@ def _run_locked(
         loaded.no_report,
         started,
         settings.resumed,
+        source.uri,
     )
 
 
@@ -447,6 +467,7 @@ def _finish(
     no_report: str,
     started: float,
     resumed: bool,
+    source_uri: str | None,
 ) -> BatchSummary:
     """Check every chunk is done, write the drift report and the summary, mark the job done."""
     records = folder.recover()
@@ -482,6 +503,7 @@ def _finish(
         scoring_seconds=round(result.seconds, 4),
         rows_per_second=round(result.rows_scored / seconds, 1) if seconds > 0 else 0.0,
         resumed=resumed,
+        source=source_uri,
         drift={
             "available": report["available"],
             "drifting": report["drifting"],

@@ -29,8 +29,8 @@ Engine = Literal["local", "ray"]
 class BatchOptions:
     """What ``edgewise batch`` was asked to do."""
 
-    repo: Path
-    model: str  # NAME or NAME:VERSION
+    repo: Path | None
+    model: str  # NAME or NAME:VERSION (with repo), models:/NAME@ALIAS or models:/NAME/VERSION
     input: str  # a file, a folder or a glob
     output: Path
     id_columns: tuple[str, ...] = ()
@@ -43,6 +43,10 @@ class BatchOptions:
     progress: ProgressMode = "auto"
     ray_address: str | None = None
     ray_actors: int | None = None
+    store: str | None = None  # a models:/ URI's store (None: $EDGEWISE_STORE, else the default)
+    store_timeout: float = 30.0
+    model_cache: Path | None = None  # where store versions are downloaded (None: the default)
+    trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class BatchSummary:
     scoring_seconds: float  # this run, the engine's part
     rows_per_second: float  # rows_this_run / seconds
     resumed: bool
+    source: str | None = None  # the models:/ URI the model came from (None: a repository)
     already_complete: bool = False
     drift: dict[str, Any] = field(default_factory=dict)
 

@@ -35,10 +35,28 @@ def _add_batch(sub: Subparsers) -> None:
         "with --resume. Writes a drift report of the inputs against the model's reference "
         "profile (_drift_report.json and .html) and a summary (_summary.json).",
     )
-    p.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    p.add_argument("--repo", type=Path, help="model repository folder (for --model NAME[:VERSION])")
     p.add_argument(
-        "--model", required=True, metavar="NAME[:VERSION]", help="model (default version: the "
-        "one the server serves by default)",
+        "--model", required=True, metavar="NAME[:VERSION]|models:/NAME@ALIAS|models:/NAME/VERSION",
+        help="a model of --repo (default version: the one the server serves by default), or a "
+        "version of the store (--store) by alias or number, downloaded to --model-cache and "
+        "verified (sha256, signature with --trusted-keys)",
+    )  # fmt: skip
+    p.add_argument(
+        "--store",
+        help="store URI for models:/ models: sqlite:///PATH (default ~/.edgewise/store.db), "
+        "mlflow://HOST:PORT or http(s)://HOST:PORT [EDGEWISE_STORE]",
+    )
+    p.add_argument(
+        "--store-timeout", type=float, default=30.0, help="seconds per store request (default 30)"
+    )
+    p.add_argument(
+        "--model-cache", type=Path,
+        help="download folder for store versions (default ~/.cache/edgewise/models)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trusted-keys", type=Path,
+        help="ed25519 public key file or folder: refuse packages not signed by one of them",
     )  # fmt: skip
     p.add_argument(
         "--input", required=True, metavar="PATH_OR_GLOB",
@@ -98,6 +116,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             progress=args.progress,
             ray_address=args.ray_address,
             ray_actors=args.ray_actors,
+            store=args.store,
+            store_timeout=args.store_timeout,
+            model_cache=args.model_cache,
+            trusted_keys=args.trusted_keys,
         )
     )
     if args.json:
@@ -115,11 +137,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         verdict = f"DRIFTING: {', '.join(drift['drifting_features'])}"
     else:
         verdict = "no drift"
+    origin = f" ({summary.source})" if summary.source else ""
     resumed = f", resumed with {summary.rows:,} rows in all" if summary.resumed else ""
     print(
         f"scored {summary.rows_this_run:,} rows in {summary.seconds:.2f} s "
         f"({format_count(summary.rows_per_second)} rows/s{resumed}) with {summary.model} "
-        f"version {summary.version} (sha256 {summary.sha256[:12]}) into {summary.parts} part "
-        f"file(s) in {summary.output}; {verdict} (report: {drift.get('report', '-')})"
+        f"version {summary.version}{origin} (sha256 {summary.sha256[:12]}) into {summary.parts} "
+        f"part file(s) in {summary.output}; {verdict} (report: {drift.get('report', '-')})"
     )
     return 0

@@ -61,7 +61,7 @@ class Inputs:
 
 
 def batch(
-    repo: Path,
+    repo: Path | None,
     model: str,
     source: Path | str,
     output: Path,
