@@ -45,12 +45,12 @@ DECISION_PREFIX: Final = "edgewise.rollout.decision."
 _TOP: Final = frozenset({"steps", "analysis", "sticky_key", "waves"})
 _WAVE: Final = frozenset({"nodes", "share"})
 _STEP: Final = frozenset({"mode", "seconds", "weight", "rate"})
-_MODES: Final = ("shadow", "canary")
+_MODES: Final = ("shadow", "canary", "label")
 
 
 @dataclass(frozen=True)
 class Step:
-    mode: str  # shadow | canary
+    mode: str  # shadow | canary | label
     seconds: float  # at least this long, and until min_requests were judged
     weight: int = 0  # canary: percent of the requests naming no version
     rate: float = 1.0  # shadow: share of answered requests copied
@@ -58,6 +58,8 @@ class Step:
     def describe(self) -> str:
         if self.mode == "shadow":
             return f"shadow {self.rate:g} for {self.seconds:g} s"
+        if self.mode == "label":
+            return f"label canary for {self.seconds:g} s"
         return f"canary {self.weight} % for {self.seconds:g} s"
 
 
@@ -67,7 +69,8 @@ class Analysis:
 
     min_requests: int = 100  # requests (canary) or copies (shadow) before a step is judged
     max_error_rate: float = 0.01
-    max_latency_ratio: float | None = 2.0  # candidate p99 / stable p99 (canary)
+    max_latency_ratio: float | None = 2.0  # candidate / stable latency quantile (canary)
+    latency_quantile: float = 0.99  # the quantile compared (canary and label steps)
     max_p99_seconds: float | None = None  # candidate p99 (shadow and canary)
     min_agreement: float | None = 0.95  # shadow: share of equal labels
     max_score_difference: float | None = None  # shadow: mean |score difference|
@@ -90,7 +93,7 @@ class RolloutPolicy:
             item: dict[str, Any] = {"mode": step.mode, "seconds": step.seconds}
             if step.mode == "canary":
                 item["weight"] = step.weight
-            else:
+            elif step.mode == "shadow":
                 item["rate"] = step.rate
             steps.append(item)
         document: dict[str, Any] = {
@@ -127,7 +130,9 @@ def _step(item: object, index: int) -> Step:
     _unknown(item, _STEP, where)
     mode = item.get("mode")
     if mode not in _MODES:
-        raise InvalidInput(f"rollout policy: {where}.mode must be shadow or canary, not {mode!r}")
+        raise InvalidInput(
+            f"rollout policy: {where}.mode must be shadow, canary or label, not {mode!r}"
+        )
     seconds = _number(item.get("seconds"), f"{where}.seconds")
     if not 0 < seconds < math.inf:
         raise InvalidInput(f"rollout policy: {where}.seconds must be > 0, not {seconds:g}")
@@ -143,6 +148,10 @@ def _step(item: object, index: int) -> Step:
         return Step("canary", seconds, weight=weight)
     if "weight" in item:
         raise InvalidInput(f"rollout policy: {where}.weight is for canary steps")
+    if mode == "label":  # only clients that ask for the "canary" label reach the candidate
+        if "rate" in item:
+            raise InvalidInput(f"rollout policy: {where}.rate is for shadow steps")
+        return Step("label", seconds)
     rate = _number(item.get("rate", 1.0), f"{where}.rate")
     if not 0 < rate <= 1:
         raise InvalidInput(f"rollout policy: {where}.rate must be in (0, 1], not {rate:g}")
@@ -165,7 +174,11 @@ def _analysis(section: object) -> Analysis:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"rollout policy: {where} must be a whole number >= 1")
             values[key] = value
-        elif value is None and key not in ("max_error_rate", "max_wait_seconds"):
+        elif value is None and key not in (
+            "max_error_rate",
+            "max_wait_seconds",
+            "latency_quantile",
+        ):
             values[key] = None
         else:
             values[key] = _number(value, where)
@@ -174,6 +187,11 @@ def _analysis(section: object) -> Analysis:
         bound = getattr(analysis, key)
         if bound is not None and not 0 <= bound <= 1:
             raise InvalidInput(f"rollout policy: analysis.{key} must be in [0, 1], not {bound:g}")
+    if not 0 < analysis.latency_quantile < 1:
+        raise InvalidInput(
+            "rollout policy: analysis.latency_quantile must be in (0, 1), "
+            f"not {analysis.latency_quantile:g}"
+        )
     ratio = analysis.max_latency_ratio
     if ratio is not None and not ratio >= 1:
         raise InvalidInput(

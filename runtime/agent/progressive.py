@@ -74,18 +74,24 @@ def scrape(url: str, model: str, timeout: float = 5.0) -> Snapshot:
 
 
 def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
-    """The ``q`` quantile of the observations between two scrapes of a histogram: the upper
-    bound of the bucket it falls in (NaN without observations; the largest finite bound doubled
-    past it)."""
+    """The ``q`` quantile of the observations between two scrapes of a histogram, interpolated
+    linearly within its bucket as Prometheus's histogram_quantile does (NaN without
+    observations; the largest finite bound when it falls past it)."""
     bounds = sorted(after)
     deltas = [(le, after[le] - before.get(le, 0.0)) for le in bounds]
     total = deltas[-1][1] if deltas else 0.0
     if total <= 0:
         return math.nan
-    finite = [le for le in bounds if math.isfinite(le)]
+    rank = q * total
+    lower, below = 0.0, 0.0
     for le, cumulative in deltas:
-        if cumulative >= q * total:
-            return le if math.isfinite(le) else (finite[-1] * 2 if finite else math.nan)
+        if cumulative >= rank:
+            if not math.isfinite(le):
+                return lower
+            inside = cumulative - below
+            share = (rank - below) / inside if inside > 0 else 1.0
+            return lower + (le - lower) * share
+        lower, below = le, cumulative
     return math.nan
 
 
@@ -196,10 +202,10 @@ class Progressive:
                     policy, index, step.describe(), stable, candidate, verdict, reasons, evidence
                 )
                 if reasons:
-                    self._withdraw(candidate)
+                    self._withdraw(stable, candidate)
                     return f"rollout step {index + 1} ({step.describe()}): {'; '.join(reasons)}"
         except BaseException:
-            self._withdraw(candidate)
+            self._withdraw(stable, candidate)
             raise
         return ""
 
@@ -208,18 +214,19 @@ class Progressive:
         self.client.set_traffic_split(self.model, [])
         self.client.set_shadow(self.model, "")
         self.client.set_version_label(self.model, "stable", str(candidate))
-        self.client.set_version_label(self.model, "canary", "")
+        self.client.set_version_label(self.model, "canary", str(candidate))
         self._record(policy, len(policy.steps), "100 %", stable, candidate, "promote", (), {})
         self.step_gauge.set(0)
 
-    def _withdraw(self, candidate: int) -> None:
-        """Out of traffic at once: no split, no shadow (the default version answers)."""
+    def _withdraw(self, stable: int, candidate: int) -> None:
+        """Out of traffic at once: no split, no shadow (the default version answers), and the
+        clients that ask for "canary" get ``stable`` (none of their requests fails)."""
         self.step_gauge.set(0)
         client, model = self.client, self.model
         undo: list[tuple[Callable[..., object], tuple[object, ...]]] = [
             (client.set_traffic_split, (model, [])),
             (client.set_shadow, (model, "")),
-            (client.set_version_label, (model, "canary", "")),
+            (client.set_version_label, (model, "canary", str(stable))),
         ]
         for call, args in undo:
             try:
@@ -234,10 +241,13 @@ class Progressive:
         url = self.metrics_url()
         if step.mode == "shadow":
             self.client.set_shadow(self.model, str(candidate), step.rate)
+        elif step.mode == "label":  # only the clients that ask for "canary"
+            self.client.set_traffic_split(self.model, [])
+            self.client.set_shadow(self.model, "")
         else:
             weights = [(str(stable), 100 - step.weight), (str(candidate), step.weight)]
             self.client.set_traffic_split(self.model, weights, policy.sticky_key)
-        before = scrape(url, self.model) if url and step.mode == "canary" else None
+        before = scrape(url, self.model) if url and step.mode != "shadow" else None
         started = time.monotonic()
         if self.wait(step.seconds):
             return ["the agent stopped"], {}
@@ -267,7 +277,7 @@ class Progressive:
         if step.mode == "shadow":
             return float(self.client.get_rollout(self.model).shadow.requests)
         if before is None or url is None:
-            raise Unavailable("a canary step needs the server's metrics (--server-metrics)")
+            raise Unavailable(f"a {step.mode} step needs the server's metrics (--server-metrics)")
         now = scrape(url, self.model)
         key = str(candidate)
         return now.requests.get(key, 0.0) - before.requests.get(key, 0.0)
@@ -305,27 +315,33 @@ class Progressive:
         total = after.requests.get(key, 0.0) - before.requests.get(key, 0.0)
         errors = after.errors.get(key, 0.0) - before.errors.get(key, 0.0)
         rate = errors / total if total else 0.0
-        p99 = histogram_quantile(before.buckets.get(key, {}), after.buckets.get(key, {}), 0.99)
-        p99_stable = histogram_quantile(
-            before.buckets.get(base, {}), after.buckets.get(base, {}), 0.99
+        mine, theirs = before.buckets.get(key, {}), after.buckets.get(key, {})
+        p99 = histogram_quantile(mine, theirs, 0.99)
+        q = analysis.latency_quantile
+        latency = histogram_quantile(mine, theirs, q)
+        latency_stable = histogram_quantile(
+            before.buckets.get(base, {}), after.buckets.get(base, {}), q
         )
         evidence: dict[str, Any] = {
             "requests": total,
             "errors": errors,
             "error_rate": round(rate, 6),
             "p99_seconds": _finite(p99),
-            "stable_p99_seconds": _finite(p99_stable),
+            "latency_quantile": q,
+            "latency_seconds": _finite(latency),
+            "stable_latency_seconds": _finite(latency_stable),
         }
         reasons = []
         if rate > analysis.max_error_rate:
             reasons.append(f"error rate {rate:.3g} > {analysis.max_error_rate:g}")
-        ratio = p99 / p99_stable if p99_stable and not math.isnan(p99_stable) else math.nan
+        usable = latency_stable > 0 and not math.isnan(latency_stable)
+        ratio = latency / latency_stable if usable else math.nan
         evidence["latency_ratio"] = _finite(ratio)
         most = analysis.max_latency_ratio
         if most is not None and not math.isnan(ratio) and ratio > most:
             reasons.append(
-                f"p99 latency {p99 * 1000:.3g} ms is {ratio:.3g} x stable's "
-                f"{p99_stable * 1000:.3g} ms (> {analysis.max_latency_ratio:g} x)"
+                f"latency (quantile {q:g}) {latency * 1000:.3g} ms is {ratio:.3g} x stable's "
+                f"{latency_stable * 1000:.3g} ms (> {most:g} x)"
             )
         reasons.extend(_p99_over(analysis, p99))
         return reasons, evidence

@@ -55,7 +55,7 @@ def add_version(repo: Path, kind: str, version: int, name: str = NAME) -> Path:
         from sklearn.neural_network import MLPClassifier
 
         y = load_breast_cancer().target
-        wide = MLPClassifier(hidden_layer_sizes=(1024, 1024, 1024), max_iter=1, random_state=0)
+        wide = MLPClassifier(hidden_layer_sizes=(2048, 2048, 2048), max_iter=1, random_state=0)
         with warnings.catch_warnings():  # one iteration on purpose: it does not converge
             warnings.simplefilter("ignore")
             model = Pipeline([("scale", StandardScaler()), ("clf", wide)]).fit(X[:60], y[:60])

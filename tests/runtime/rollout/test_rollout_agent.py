@@ -31,7 +31,8 @@ from tests.servers import RunningServer
 ANALYSIS = {
     "min_requests": 120,
     "max_error_rate": 0.0,
-    "max_latency_ratio": 4.0,
+    "max_latency_ratio": 3.0,
+    "latency_quantile": 0.5,  # the median: one hiccup of a shared test machine is no p99
     "min_agreement": 0.9,
     "fail_on_drift": True,
     "max_wait_seconds": 60,
@@ -45,6 +46,7 @@ def _policy(*steps: dict[str, Any]) -> dict[str, Any]:
 SHADOW = {"mode": "shadow", "seconds": 0.3}
 CANARY_25 = {"mode": "canary", "weight": 25, "seconds": 0.3}
 CANARY_50 = {"mode": "canary", "weight": 50, "seconds": 0.3}
+LABEL = {"mode": "label", "seconds": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,9 @@ class Clients(threading.Thread):
     """Requests naming no version, rows of the real data in turn, each with an id, back to back;
     every failure kept."""
 
-    def __init__(self, target: str, model: str, folder: Path) -> None:
+    def __init__(self, target: str, model: str, folder: Path, pin_every: int = 0) -> None:
         super().__init__(daemon=True)
+        self.pin_every = pin_every  # every n-th request asks for the "canary" label
         self.target, self.model = target, model
         X = load_breast_cancer(as_frame=True).data
         manifest = read_manifest(folder)
@@ -76,7 +79,9 @@ class Clients(threading.Thread):
             while not self._stop_event.is_set():
                 inputs = {k: np.asarray(v) for k, v in self.rows[i % len(self.rows)].items()}
                 try:
-                    answer = client.infer(self.model, inputs, request_id=f"c{i}")
+                    pinned = self.pin_every and i % self.pin_every == 0 and i > 0
+                    version = "canary" if pinned else ""
+                    answer = client.infer(self.model, inputs, version=version, request_id=f"c{i}")
                     self.versions.append(answer.model_version)
                 except Exception as exc:
                     self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -97,7 +102,9 @@ def rig(
     made.close()
 
 
-def _roll(rig: Rig, candidates: dict[str, Path], kind: str, policy: dict[str, Any]) -> Clients:
+def _roll(
+    rig: Rig, candidates: dict[str, Path], kind: str, policy: dict[str, Any], pin_every: int = 0
+) -> Clients:
     """Version 1 deployed, then ``kind`` registered under a policy, and one agent cycle (the
     whole rollout) under client traffic; the traffic's record."""
     from edgewise.runtime.store.register import register
@@ -107,11 +114,12 @@ def _roll(rig: Rig, candidates: dict[str, Path], kind: str, policy: dict[str, An
     rig.register(0)
     agent.run_once()
     assert served_default(rig.client, rig.name) == 1
+    rig.client.set_version_label(rig.name, "canary", "1")  # where canary clients go meanwhile
     assert rig.publisher is not None
     write_policy(rig.publisher, rig.name, "production", parse_policy(policy))
     package = copy_package(candidates[kind], rig.root / "candidate", rig.name)
     assert register(rig.publisher, package, alias="production").record.version == 2
-    traffic = Clients(rig.server.target, rig.name, rig.packages[0])
+    traffic = Clients(rig.server.target, rig.name, rig.packages[0], pin_every)
     traffic.start()
     try:
         agent.cycle()
@@ -131,13 +139,14 @@ def _decisions(rig: Rig) -> list[dict[str, Any]]:
     [
         ("inverted", (SHADOW, CANARY_25), "agreement with stable"),
         ("drifting", (SHADOW, CANARY_25), "drift"),
-        ("slow", (CANARY_25, CANARY_50), "p99 latency"),
+        ("slow", (CANARY_25, CANARY_50), "latency (quantile 0.5)"),
+        ("slow", (LABEL,), "latency (quantile 0.5)"),
     ],
 )
 def test_a_bad_candidate_is_taken_out_with_no_failed_request(
     rig: Rig, candidates: dict[str, Path], kind: str, steps: tuple[dict[str, Any], ...], reason: str
 ) -> None:
-    traffic = _roll(rig, candidates, kind, _policy(*steps))
+    traffic = _roll(rig, candidates, kind, _policy(*steps), pin_every=3)
     assert served_default(rig.client, rig.name) == 1
     decisions = _decisions(rig)
     # Judged step by step: the first step that fails ends the rollout (a latency histogram's
@@ -150,7 +159,7 @@ def test_a_bad_candidate_is_taken_out_with_no_failed_request(
     assert failed["evidence"]  # the figures it judged on
     rollout = rig.client.get_rollout(rig.name)
     assert not rollout.weights and not rollout.shadow_version  # out of traffic
-    assert "canary" not in rollout.labels
+    assert dict(rollout.labels) == {"stable": "1", "canary": "1"}  # canary clients get 1
     assert {
         s.version
         for s in rig.client.repository_index()
@@ -160,7 +169,7 @@ def test_a_bad_candidate_is_taken_out_with_no_failed_request(
     assert state.deployed is not None and state.deployed.version == 1
     assert state.rejected and state.rejected[-1].version == 2
     assert reason in state.rejected[-1].reason
-    if steps[0]["mode"] == "canary":
+    if steps[0]["mode"] in ("canary", "label"):
         assert "2" in traffic.versions  # the canary answered some clients before it was judged
     assert rig.agent is not None
     assert gauge(rig.agent.metrics, "edgewise_agent_rollout_decisions_total", verdict="fail") == 1
@@ -169,19 +178,19 @@ def test_a_bad_candidate_is_taken_out_with_no_failed_request(
 def test_a_good_candidate_is_promoted_through_every_step(
     rig: Rig, candidates: dict[str, Path]
 ) -> None:
-    traffic = _roll(rig, candidates, "good", _policy(SHADOW, CANARY_25, CANARY_50))
+    traffic = _roll(rig, candidates, "good", _policy(SHADOW, LABEL, CANARY_25, CANARY_50), 3)
     assert served_default(rig.client, rig.name) == 2
     decisions = _decisions(rig)
-    assert [d["verdict"] for d in decisions] == ["pass", "pass", "pass", "promote"]
+    assert [d["verdict"] for d in decisions] == ["pass", "pass", "pass", "pass", "promote"]
     shadow = decisions[0]["evidence"]
     assert shadow["copies"] >= ANALYSIS["min_requests"] and shadow["agreement"] >= 0.9
     assert decisions[1]["evidence"]["requests"] >= ANALYSIS["min_requests"]
     assert {"1", "2"} <= set(traffic.versions)
     rollout = rig.client.get_rollout(rig.name)
     assert not rollout.weights and not rollout.shadow_version
-    assert dict(rollout.labels) == {"stable": "2"}
+    assert dict(rollout.labels) == {"stable": "2", "canary": "2"}
     assert rig.agent is not None
-    assert gauge(rig.agent.metrics, "edgewise_agent_rollout_decisions_total", verdict="pass") == 3
+    assert gauge(rig.agent.metrics, "edgewise_agent_rollout_decisions_total", verdict="pass") == 4
     # `edgewise models show` lists the policy and the decisions.
     assert rig.publisher is not None
     store_uri = f"sqlite:///{rig.store_folder / 'store.db'}"
@@ -208,6 +217,8 @@ def test_models_show_and_policy_cli(
             ({"steps": [{"mode": "canary", "weight": 100, "seconds": 1}]}, "steps[0].weight"),
             ({"steps": [SHADOW], "analysis": {"min_agreement": 1.5}}, "analysis.min_agreement"),
             ({"steps": [SHADOW], "analysis": {"max_latency_ratio": 0.5}}, "max_latency_ratio"),
+            ({"steps": [SHADOW], "analysis": {"latency_quantile": 1}}, "latency_quantile"),
+            ({"steps": [{"mode": "label", "seconds": 1, "rate": 0.5}]}, "steps[0].rate"),
             ({"steps": [CANARY_50, CANARY_25]}, "weights must increase"),
             ({"steps": [{"mode": "shadow", "seconds": 0}]}, "steps[0].seconds"),
         ]
@@ -252,3 +263,23 @@ def test_the_mlflow_store_keeps_policies_and_decisions(
         write_policy(store, "rolled", "production", None)  # deleting a missing one: no error
     finally:
         store.close()
+
+
+def test_histogram_quantile_interpolates_within_the_bucket() -> None:
+    from edgewise.runtime.agent.progressive import histogram_quantile
+
+    rng = np.random.default_rng(0)
+    samples = rng.uniform(0.002, 0.004, 10_000)  # all inside the (0.0025, 0.005] bucket or below
+    bounds = [0.001, 0.0025, 0.005, 0.01, float("inf")]
+    before = {b: 0.0 for b in bounds}
+    after = {b: float(np.sum(samples <= b)) for b in bounds}
+    # Uniform within each bucket, as the interpolation assumes: the estimate is exact up to the
+    # sample's own spread where the bucket is filled uniformly (here the (0.0025, 0.005] bucket
+    # holds uniform values up to 0.004 only: the estimate may be above the sample quantile by at
+    # most the bucket's width).
+    estimate = histogram_quantile(before, after, 0.99)
+    assert 0.0025 <= estimate <= 0.005
+    assert abs(estimate - np.quantile(samples, 0.99)) <= 0.005 - 0.0025
+    assert np.isnan(histogram_quantile(before, before, 0.99))
+    past = {**before, float("inf"): 5.0}
+    assert histogram_quantile(before, past, 0.5) == 0.01  # past the last finite bound
