@@ -306,6 +306,7 @@ def model_repository(
         performance_publisher=metrics,
         trusted_keys=trusted_keys,
     )
+    repository.metrics_registry = metrics.registry  # feature lookups count there
     return repository
 
 

@@ -85,6 +85,7 @@ class ModelConfig:
     batching: Mapping[str, Any] | None = None
     quality: Mapping[str, Any] | None = None
     capture: Mapping[str, Any] | None = None  # {"rate": R}: this model's capture sampling rate
+    features: Mapping[str, Any] | None = None  # feature lookups (docs/features.md)
 
     def to_json(self) -> dict[str, Any]:
         policy = self.version_policy
@@ -105,6 +106,8 @@ class ModelConfig:
             data["quality"] = dict(self.quality)
         if self.capture is not None:
             data["capture"] = dict(self.capture)
+        if self.features is not None:
+            data["features"] = dict(self.features)
         return data
 
 
@@ -121,7 +124,7 @@ def read_model_config(model_dir: Path, default_policy: VersionPolicy) -> ModelCo
         )
         default = data.get("default_version")
         sections = {}
-        for key in ("monitoring", "batching", "quality", "capture"):
+        for key in ("monitoring", "batching", "quality", "capture", "features"):
             value = data.get(key)
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{key} must be an object")

@@ -126,11 +126,16 @@ class DataPlane:
             version = self.rollouts.pick(request)
         model = self.repository.get(request.model_name, version)
         plans = plan_inputs(request)
-        rows = _check_against_model(model, plans)
-        outputs = self._requested_outputs(model, request)
+        if model.features is not None:  # entity keys in, the model's inputs out (features.py)
+            outputs = self._requested_outputs(model, request)
+            feeds, rows = model.features.feeds(model, plans)
+        else:
+            rows = _check_against_model(model, plans)
+            outputs = self._requested_outputs(model, request)
+            feeds = {plan.name: plan.decode() for plan in plans}
         return PreparedRequest(
             model=model,
-            feeds={plan.name: plan.decode() for plan in plans},
+            feeds=feeds,
             outputs=outputs,
             raw=len(request.raw_input_contents) > 0,
             request_id=request.id,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from edgewise.runtime.package.performance_estimation import PerformanceEstimator
     from edgewise.runtime.package.signing import TrustedKeys
     from edgewise.runtime.serving.batching import BatchingConfig
+    from edgewise.runtime.serving.features import FeatureLookup
     from edgewise.runtime.serving.monitor import ModelMonitor
     from edgewise.runtime.serving.quality import OnlineQuality
 
@@ -141,6 +142,8 @@ class LoadedModel:
         self.quality: OnlineQuality | None = None
         # Set by the repository for a monitored classifier with a calibration: CBPE (None: off).
         self.performance: PerformanceEstimator | None = None
+        # Set by the repository from config.json's features section: feature lookups (None: off).
+        self.features: FeatureLookup | None = None
 
     @property
     def sha256(self) -> str:

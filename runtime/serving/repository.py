@@ -53,6 +53,8 @@ from edgewise.runtime.serving.monitor_config import MonitorConfig
 from edgewise.runtime.serving.quality import OnlineQuality, QualityConfig, QualityPublisher
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from edgewise.runtime.package.performance_estimation import (
         Calibration,
         PerformancePublisher,
@@ -144,6 +146,8 @@ class ModelRepository:
         self._on_event = on_event or (lambda name, version, event: None)
         # A version label's number (the rollout's labels, see rollout.py); None: no labels.
         self.labels: Callable[[str, str], int | None] | None = None
+        # Where feature lookups count (set by the server; None: a registry of their own).
+        self.metrics_registry: CollectorRegistry | None = None
 
     # ---- reading (the request path: no locks) -------------------------------------------------
 
@@ -425,6 +429,10 @@ class ModelRepository:
     def _attach_extras(self, model: LoadedModel) -> None:
         """Batching and monitoring, as the model's config.json and the server defaults say."""
         model_config = self.config_for(model.name)
+        if model_config.features is not None:  # imported only for a model that looks features up
+            from edgewise.runtime.serving.features import attach_features
+
+            attach_features(model, model_config.features, self.metrics_registry)
         if model_config.batching is not None:
             model.batching = BatchingConfig.from_json(model_config.batching)
             if not batchable(model):
@@ -545,6 +553,8 @@ def _close_versions(before: Mapping[int, LoadedModel], after: Mapping[int, Loade
             model.quality.close()
         if model.performance is not None:
             model.performance.close()
+        if model.features is not None:
+            model.features.close()
 
 
 def _calibration(model: LoadedModel) -> Calibration | None:

@@ -1,0 +1,663 @@
+"""Feature lookups: a model whose ``config.json`` has a ``features`` section is sent entity keys
+(and the request-time inputs), and the serving core fills the rest of its input from the Feast
+online store before the model runs. See docs/features.md.
+
+One :class:`FeatureLookup` per served model version, built when the version loads (a feature
+service or feature the registry does not have, or a column nothing can fill, fails the load with
+the reason); per request, :meth:`FeatureLookup.feeds` checks the request's tensors, serializes
+the entity keys, reads each feature view's values through a bounded cache with a TTL and from
+the store under the model's latency budget, applies the missing / stale / store-error policies
+and packs the model's input tensors in the manifest's column order. Feast itself is never
+imported here (online_store.py reads its layout).
+
+Policies (each counted in ``edgewise_feature_skew_total`` or
+``edgewise_feature_lookup_errors_total``):
+
+* ``on_missing`` (an entity the store does not have): ``default`` (the column's mean in the
+  package's reference profile) or ``not_found`` (NOT_FOUND naming the entity).
+* ``on_stale`` (a value older than its feature view's TTL): ``serve`` (as Feast's own reads do,
+  which mark it OUTSIDE_MAX_AGE), ``default`` or ``not_found``.
+* ``on_store_error`` (store down, locked or slower than ``budget_ms``): ``unavailable``
+  (UNAVAILABLE, the client may retry) or ``default``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput, PackageError
+from edgewise.runtime.serving.online_store import (
+    INT32,
+    INT64,
+    STRING,
+    VALUE_TYPE_NAMES,
+    FeatureSpec,
+    OnlineStore,
+    RedisOnlineStore,
+    Registry,
+    SqliteOnlineStore,
+    StoredRow,
+    StoreError,
+    entity_key,
+    read_registry,
+)
+
+if TYPE_CHECKING:
+    from edgewise.runtime.serving.codecs import TensorPlan
+    from edgewise.runtime.serving.model import LoadedModel
+
+__all__ = [
+    "FeatureLookup",
+    "FeatureMetrics",
+    "FeatureNotFound",
+    "FeatureSettings",
+    "FeatureUnavailable",
+    "attach_features",
+    "open_store",
+    "resolve_features",
+]
+
+LOOKUP_BUCKETS: Final = (
+    0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
+MISSING_POLICIES: Final = ("default", "not_found")
+STALE_POLICIES: Final = ("serve", "default", "not_found")
+STORE_ERROR_POLICIES: Final = ("unavailable", "default")
+
+
+class FeatureNotFound(EdgewiseError):
+    """An entity the online store does not have (or only stale values of), under ``not_found``."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class FeatureUnavailable(EdgewiseError):
+    """The online store could not be read within the budget, under ``unavailable``."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The ``features`` section of a model's ``config.json`` (paths relative to the model's
+    folder, ``REPO/NAME``)."""
+
+    registry: Path
+    project: str
+    store: Mapping[
+        str, Any
+    ]  # {"type": "sqlite", "path": P} | {"type": "redis", "connection_string": S}
+    feature_service: str | None = None
+    features: tuple[str, ...] = ()  # "view:feature" references (instead of a service)
+    request_inputs: tuple[str, ...] = ()  # model columns the request sends itself
+    budget_ms: float = 10.0
+    cache_entries: int = 10_000
+    cache_ttl_seconds: float = 5.0
+    on_missing: str = "default"
+    on_stale: str = "serve"
+    on_store_error: str = "unavailable"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], base: Path) -> FeatureSettings:
+        """ValueError naming the field that is wrong."""
+        known = {
+            "registry", "project", "online_store", "feature_service", "features",
+            "request_inputs", "budget_ms", "cache", "on_missing", "on_stale", "on_store_error",
+        }  # fmt: skip
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"features: unknown field(s) {', '.join(unknown)}")
+        for name in ("registry", "project", "online_store"):
+            if name not in data:
+                raise ValueError(f"features.{name} is required")
+        store = data["online_store"]
+        if not isinstance(store, Mapping) or store.get("type") not in ("sqlite", "redis"):
+            raise ValueError('features.online_store: {"type": "sqlite", "path": ...} or '
+                             '{"type": "redis", "connection_string": "host:port"}')  # fmt: skip
+        store = dict(store)
+        if store["type"] == "sqlite":
+            if not isinstance(store.get("path"), str):
+                raise ValueError("features.online_store.path (the SQLite file) is required")
+            store["path"] = str(base / store["path"])
+        elif not isinstance(store.get("connection_string"), str):
+            raise ValueError("features.online_store.connection_string is required for redis")
+        service = data.get("feature_service")
+        features = data.get("features", [])
+        if (service is None) == (not features):
+            raise ValueError("features: give feature_service or features (view:feature), one")
+        if service is not None and not isinstance(service, str):
+            raise ValueError("features.feature_service must be a string")
+        if not isinstance(features, list) or any(
+            not isinstance(f, str) or f.count(":") != 1 for f in features
+        ):
+            raise ValueError('features.features must be a list of "view:feature" strings')
+        request_inputs = data.get("request_inputs", [])
+        if not isinstance(request_inputs, list) or not all(
+            isinstance(n, str) for n in request_inputs
+        ):
+            raise ValueError("features.request_inputs must be a list of column names")
+        cache = data.get("cache", {})
+        if not isinstance(cache, Mapping):
+            raise ValueError("features.cache must be an object")
+        settings = cls(
+            registry=base / str(data["registry"]),
+            project=str(data["project"]),
+            store=store,
+            feature_service=service,
+            features=tuple(features),
+            request_inputs=tuple(request_inputs),
+            budget_ms=float(data.get("budget_ms", 10.0)),
+            cache_entries=int(cache.get("entries", 10_000)),
+            cache_ttl_seconds=float(cache.get("ttl_seconds", 5.0)),
+            on_missing=str(data.get("on_missing", "default")),
+            on_stale=str(data.get("on_stale", "serve")),
+            on_store_error=str(data.get("on_store_error", "unavailable")),
+        )
+        if not settings.budget_ms > 0:
+            raise ValueError("features.budget_ms must be > 0")
+        if settings.cache_entries < 0 or settings.cache_ttl_seconds < 0:
+            raise ValueError("features.cache: entries and ttl_seconds must be >= 0")
+        for name, value, allowed in (
+            ("on_missing", settings.on_missing, MISSING_POLICIES),
+            ("on_stale", settings.on_stale, STALE_POLICIES),
+            ("on_store_error", settings.on_store_error, STORE_ERROR_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"features.{name}: {value!r} is not one of {', '.join(allowed)}")
+        return settings
+
+
+def open_store(settings: FeatureSettings) -> OnlineStore:
+    """The reader of the settings' online store (nothing is connected yet)."""
+    if settings.store["type"] == "sqlite":
+        return SqliteOnlineStore(Path(settings.store["path"]), settings.project)
+    return RedisOnlineStore.from_connection_string(
+        settings.store["connection_string"], settings.project
+    )
+
+
+def resolve_features(registry: Registry, settings: FeatureSettings) -> dict[str, tuple[str, ...]]:
+    """The features to read, by feature view, from the settings' feature service or
+    references; ValueError naming what the registry does not have."""
+    if settings.feature_service is not None:
+        projections = registry.services.get(settings.feature_service)
+        if projections is None:
+            have = ", ".join(sorted(registry.services)) or "none"
+            raise ValueError(
+                f"feature service {settings.feature_service!r} is not in the registry "
+                f"{settings.registry} (project {settings.project!r}; services: {have})"
+            )
+        wanted = list(projections)
+    else:
+        grouped: dict[str, list[str]] = {}
+        for ref in settings.features:
+            view_ref, _, feature = ref.partition(":")
+            grouped.setdefault(view_ref, []).append(feature)
+        wanted = [(view_ref, tuple(names)) for view_ref, names in grouped.items()]
+    result: dict[str, tuple[str, ...]] = {}
+    for view_name, names in wanted:
+        view = registry.views.get(view_name)
+        if view is None:
+            have = ", ".join(sorted(registry.views)) or "none"
+            raise ValueError(
+                f"feature view {view_name!r} is not in the registry {settings.registry} "
+                f"(project {settings.project!r}; views: {have})"
+            )
+        known = {f.name for f in view.features}
+        for name in names:
+            if name not in known:
+                raise ValueError(f"feature view {view_name!r} has no feature {name!r}")
+        result[view_name] = tuple(dict.fromkeys((*result.get(view_name, ()), *names)))
+    return result
+
+
+def _join_keys(registry: Registry, view_name: str) -> tuple[FeatureSpec, ...]:
+    view = registry.views[view_name]
+    if view.entity_columns:
+        return view.entity_columns
+    return tuple(registry.entities[name] for name in view.entities if name in registry.entities)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+class FeatureMetrics:
+    """The lookups' counters and latency, on the server's registry (one per registry)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookups = Counter(
+            "edgewise_feature_lookups",
+            "Entity rows looked up in the online store (one per entity and feature view).",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "edgewise_feature_cache_hits",
+            "Entity lookups answered by the feature cache.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "edgewise_feature_cache_misses",
+            "Entity lookups that read the online store.",
+            ["model"],
+            registry=registry,
+        )
+        self.skew = Counter(
+            "edgewise_feature_skew",
+            "Feature values a request could not get as trained: missing (entity not in the "
+            "store) or stale (older than the feature view's TTL), by model and reason.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "edgewise_feature_lookup_errors",
+            "Requests whose feature lookup failed, by model and reason: store_error, slow "
+            "(over the budget), not_found (policy not_found), bad_entity.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "edgewise_feature_lookup_seconds",
+            "Feature lookup time of a request (cache and store).",
+            ["model"],
+            buckets=LOOKUP_BUCKETS,
+            registry=registry,
+        )
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, FeatureMetrics] = weakref.WeakKeyDictionary()
+_METRICS_LOCK = threading.Lock()
+
+
+def metrics_for(registry: CollectorRegistry) -> FeatureMetrics:
+    with _METRICS_LOCK:
+        metrics = _METRICS.get(registry)
+        if metrics is None:
+            metrics = _METRICS[registry] = FeatureMetrics(registry)
+        return metrics
+
+
+# ---- the lookup -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Column:
+    view: str
+    feature: str
+    input: str
+    column: int
+    default: float
+
+
+@dataclass(frozen=True)
+class _ViewPlan:
+    name: str
+    features: tuple[str, ...]
+    keys: tuple[str, ...]  # join keys
+    types: tuple[int, ...]
+    ttl: float
+    columns: tuple[tuple[int, str, int, float], ...]  # (feature index, input, column, default)
+
+
+class _ModelMetrics:
+    __slots__ = ("cache_hits", "cache_misses", "errors", "latency", "lookups", "missing", "stale")
+
+    def __init__(self, metrics: FeatureMetrics, model: str) -> None:
+        self.lookups = metrics.lookups.labels(model)
+        self.cache_hits = metrics.cache_hits.labels(model)
+        self.cache_misses = metrics.cache_misses.labels(model)
+        self.missing = metrics.skew.labels(model, "missing")
+        self.stale = metrics.skew.labels(model, "stale")
+        self.latency = metrics.latency.labels(model)
+        self.errors = metrics.errors
+
+
+class FeatureLookup:
+    """The feature lookup of one served model version (see the module's docstring)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        settings: FeatureSettings,
+        store: OnlineStore,
+        views: Sequence[_ViewPlan],
+        entities: Mapping[str, int],
+        request_inputs: Mapping[str, tuple[str, int]],
+        filled: Mapping[str, int],
+        passthrough: Sequence[str],
+        metrics: FeatureMetrics,
+        service_version: str = "",
+    ) -> None:
+        self.model_name = model_name
+        self.settings = settings
+        self.store = store
+        self.views = tuple(views)
+        self.entities = dict(entities)  # join key -> value type
+        self.request_inputs = dict(request_inputs)  # column name -> (input, column)
+        self.filled = dict(filled)  # model input -> its width (columns), filled here
+        self.passthrough = tuple(passthrough)  # model inputs the request sends as they are
+        self.metrics = metrics
+        self._m = _ModelMetrics(metrics, model_name)
+        self.budget = settings.budget_ms / 1000
+        self.service_version = service_version
+        self._cache: dict[tuple[str, bytes], tuple[float, StoredRow]] = {}
+        self._cache_lock = threading.Lock()
+        self.accepted = frozenset((*self.entities, *self.request_inputs, *self.passthrough))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- per request ---------------------------------------------------------------------------
+
+    def feeds(
+        self, model: LoadedModel, plans: Sequence[TensorPlan]
+    ) -> tuple[dict[str, npt.NDArray[Any]], int]:
+        """The model's feeds for a request's ``plans``, and its batch size."""
+        given: dict[str, TensorPlan] = {}
+        for plan in plans:
+            if plan.name not in self.accepted:
+                raise InvalidInput(
+                    f"input {plan.name!r} is not an input of model {model.name!r}, which looks "
+                    f"its features up (send: {', '.join(sorted(self.accepted))})"
+                )
+            given[plan.name] = plan
+        missing = [name for name in sorted(self.accepted) if name not in given]
+        if missing:
+            raise InvalidInput(
+                f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
+            )
+        rows = -1
+        columns: dict[str, list[Any]] = {}
+        for name, kind in self.entities.items():
+            values = self._column(given[name], kind)
+            rows = self._rows(name, len(values), rows)
+            columns[name] = values
+        feeds: dict[str, npt.NDArray[Any]] = {}
+        for name in self.passthrough:
+            plan = given[name]
+            model.check_input(name, plan.datatype, plan.shape)
+            array = plan.decode()
+            if array.ndim:
+                rows = self._rows(name, array.shape[0], rows)
+            feeds[name] = array
+        rows = max(rows, 0)
+        for name, width in self.filled.items():
+            feeds[name] = np.zeros((rows, width), dtype=np.float32)
+        for name, (target, column) in self.request_inputs.items():
+            plan = given[name]
+            if plan.datatype not in ("FP32", "FP64", "INT64", "INT32") or len(plan.shape) not in (
+                1, 2,
+            ) or (len(plan.shape) == 2 and plan.shape[1] != 1):  # fmt: skip
+                raise InvalidInput(
+                    f"input {name!r}: a request-time feature is a numeric [batch] or [batch, 1] "
+                    f"tensor (got {plan.datatype} {list(plan.shape)})"
+                )
+            self._rows(name, plan.shape[0], rows)
+            feeds[target][:, column] = plan.decode().reshape(-1)
+        began = time.perf_counter()
+        try:
+            self._fill(feeds, columns, rows, began)
+        finally:
+            self._m.latency.observe(time.perf_counter() - began)
+        return feeds, rows
+
+    def _rows(self, name: str, count: int, rows: int) -> int:
+        if rows >= 0 and count != rows:
+            raise InvalidInput(f"input {name!r}: batch size {count} differs from {rows}")
+        return count
+
+    def _column(self, plan: TensorPlan, kind: int) -> list[Any]:
+        shape = plan.shape
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidInput(
+                f"entity key {plan.name!r}: shape {list(shape)}, expected [batch] or [batch, 1]"
+            )
+        wanted = ("BYTES",) if kind == STRING else ("INT64", "INT32")
+        if plan.datatype not in wanted:
+            raise InvalidInput(
+                f"entity key {plan.name!r}: datatype {plan.datatype}, expected "
+                f"{' or '.join(wanted)} (the entity's type is {VALUE_TYPE_NAMES.get(kind, kind)})"
+            )
+        values = plan.decode().reshape(-1).tolist()
+        if kind == STRING:
+            try:
+                return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+            except UnicodeDecodeError:
+                raise InvalidInput(f"entity key {plan.name!r}: not UTF-8") from None
+        return values
+
+    def _fill(
+        self,
+        feeds: dict[str, npt.NDArray[Any]],
+        entities: Mapping[str, list[Any]],
+        rows: int,
+        began: float,
+    ) -> None:
+        m = self._m
+        settings = self.settings
+        now = time.time()
+        for view in self.views:
+            key_values = [entities[k] for k in view.keys]
+            keys = [
+                entity_key(view.keys, view.types, [values[r] for values in key_values])
+                for r in range(rows)
+            ]
+            stored = self._read(view.name, keys, view.features, began)
+            m.lookups.inc(rows)
+            for r, row in enumerate(stored):
+                if row is None:
+                    m.missing.inc(len(view.columns))
+                    if settings.on_missing == "not_found":
+                        self._refuse(view, key_values, r, "is not in the online store")
+                    for _, target, column, default in view.columns:
+                        feeds[target][r, column] = default
+                    continue
+                stamp, values = row
+                stale = view.ttl > 0 and now - stamp > view.ttl
+                if stale:
+                    m.stale.inc(len(view.columns))
+                    if settings.on_stale == "not_found":
+                        self._refuse(view, key_values, r, "has only stale values")
+                use_default = stale and settings.on_stale == "default"
+                for index, target, column, default in view.columns:
+                    value = values.get(view.features[index])
+                    if value is None or use_default or isinstance(value, str | bytes):
+                        if value is None:
+                            m.missing.inc()
+                        feeds[target][r, column] = default
+                    else:
+                        feeds[target][r, column] = value
+
+    def _refuse(self, view: _ViewPlan, key_values: list[list[Any]], row: int, why: str) -> None:
+        self._m.errors.labels(self.model_name, "not_found").inc()
+        entity = ", ".join(f"{k}={v[row]!r}" for k, v in zip(view.keys, key_values, strict=True))
+        raise FeatureNotFound(f"entity {entity} {why} (feature view {view.name!r})")
+
+    def _read(
+        self, view: str, keys: list[bytes], features: tuple[str, ...], began: float
+    ) -> list[StoredRow]:
+        m = self._m
+        ttl = self.settings.cache_ttl_seconds
+        if not ttl or not self.settings.cache_entries:
+            m.cache_misses.inc(len(keys))
+            return self._from_store(view, keys, features, began)
+        now = time.monotonic()
+        cache = self._cache
+        result: list[StoredRow] = [None] * len(keys)
+        wanted: list[int] = []
+        for i, key in enumerate(keys):
+            entry = cache.get((view, key))
+            if entry is not None and entry[0] > now:
+                result[i] = entry[1]
+            else:
+                wanted.append(i)
+        hits = len(keys) - len(wanted)
+        if hits:
+            m.cache_hits.inc(hits)
+        if not wanted:
+            return result
+        m.cache_misses.inc(len(wanted))
+        fetched = self._from_store(view, [keys[i] for i in wanted], features, began)
+        expires = time.monotonic() + ttl
+        with self._cache_lock:
+            for i, row in zip(wanted, fetched, strict=True):
+                result[i] = row
+                cache.pop((view, keys[i]), None)
+                cache[(view, keys[i])] = (expires, row)
+            while len(cache) > self.settings.cache_entries:  # the oldest entries go first
+                del cache[next(iter(cache))]
+        return result
+
+    def _from_store(
+        self, view: str, keys: list[bytes], features: tuple[str, ...], began: float
+    ) -> list[StoredRow]:
+        left = self.budget - (time.perf_counter() - began)
+        try:
+            if left <= 0:
+                raise StoreError(f"no time left of the {self.settings.budget_ms:g} ms budget")
+            return self.store.read(view, keys, features, left)
+        except StoreError as exc:
+            slow = "budget" in str(exc)
+            self._m.errors.labels(self.model_name, "slow" if slow else "store_error").inc()
+            if self.settings.on_store_error == "default":
+                return [None] * len(keys)
+            raise FeatureUnavailable(
+                f"model {self.model_name!r}: feature lookup failed: {exc}"
+            ) from None
+
+
+# ---- building one at load -------------------------------------------------------------------
+
+
+def _profile_means(model: LoadedModel) -> dict[str, float]:
+    from edgewise.runtime.package.reference_profile import read_profile
+
+    try:
+        profile = read_profile(model.folder, model.manifest)
+    except EdgewiseError:
+        return {}
+    if profile is None or profile.numeric is None:
+        return {}
+    means = profile.numeric.moments[1]
+    return {
+        name: float(value)
+        for name, value in zip(profile.numeric.names, means, strict=True)
+        if np.isfinite(value)
+    }
+
+
+def build_lookup(
+    model: LoadedModel, settings: FeatureSettings, metrics: FeatureMetrics
+) -> FeatureLookup:
+    """The lookup of ``model`` (ValueError naming what does not fit)."""
+    registry = read_registry(settings.registry, settings.project)
+    wanted = resolve_features(registry, settings)
+    by_name: dict[str, tuple[str, str]] = {}
+    for view, names in wanted.items():
+        for name in names:
+            by_name.setdefault(name, (view, name))
+            by_name[f"{view}__{name}"] = (view, name)
+    defaults = _profile_means(model)
+    needs_default = "default" in (settings.on_missing, settings.on_stale, settings.on_store_error)
+    placed: dict[str, list[tuple[int, str, int, float]]] = {view: [] for view in wanted}
+    request_inputs: dict[str, tuple[str, int]] = {}
+    filled: dict[str, int] = {}
+    for feature in model.manifest.features:
+        source = by_name.get(feature.name)
+        if source is None:
+            continue
+        if feature.kind != "numeric":
+            raise ValueError(f"column {feature.name!r}: only numeric features are looked up")
+        spec = model.input_specs[feature.input]
+        if spec.datatype != "FP32":
+            raise ValueError(f"input {feature.input!r}: looked-up features fill FP32 tensors")
+        filled[feature.input] = sum(1 for f in model.manifest.features if f.input == feature.input)
+        default = defaults.get(feature.name)
+        if default is None:
+            if needs_default:
+                raise ValueError(
+                    f"column {feature.name!r}: the 'default' policy needs its mean in the "
+                    "package's reference profile, which has none (use not_found/unavailable)"
+                )
+            default = float("nan")
+        view, name = source
+        placed[view].append((wanted[view].index(name), feature.input, feature.column, default))
+    if not filled:
+        raise ValueError("no column of the model's inputs is a looked-up feature")
+    for feature in model.manifest.features:
+        if feature.input in filled and by_name.get(feature.name) is None:
+            if feature.name not in settings.request_inputs:
+                raise ValueError(
+                    f"column {feature.name!r} of input {feature.input!r} is neither a "
+                    "looked-up feature nor in features.request_inputs"
+                )
+            request_inputs[feature.name] = (feature.input, feature.column)
+    unknown = sorted(set(settings.request_inputs) - set(request_inputs))
+    if unknown:
+        raise ValueError(f"request_inputs {', '.join(unknown)}: not a column of a filled input")
+    entities: dict[str, int] = {}
+    views: list[_ViewPlan] = []
+    for view_name, names in wanted.items():
+        keys = _join_keys(registry, view_name)
+        if not keys:
+            raise ValueError(f"feature view {view_name!r} has no entity (join key) to look up")
+        for key in keys:
+            if key.value_type not in (INT64, INT32, STRING):
+                raise ValueError(f"join key {key.name!r}: entity type not served")
+            if key.name in model.input_specs:
+                raise ValueError(f"join key {key.name!r} is also an input of the model")
+            entities[key.name] = key.value_type
+        views.append(
+            _ViewPlan(
+                view_name,
+                names,
+                tuple(k.name for k in keys),
+                tuple(k.value_type for k in keys),
+                registry.views[view_name].ttl_seconds,
+                tuple(placed[view_name]),
+            )
+        )
+    passthrough = [name for name in model.input_specs if name not in filled]
+    version = ""
+    if settings.feature_service is not None:
+        updated = registry.service_updated.get(settings.feature_service)
+        version = "" if updated is None else f"{updated:.6f}"
+    return FeatureLookup(
+        model.name,
+        settings,
+        open_store(settings),
+        views,
+        entities,
+        request_inputs,
+        filled,
+        passthrough,
+        metrics,
+        version,
+    )
+
+
+def attach_features(
+    model: LoadedModel, section: Mapping[str, Any], registry: CollectorRegistry | None
+) -> None:
+    """Build ``model.features`` from its ``config.json`` ``features`` section; PackageError
+    (the version fails to load, with the reason) when it does not fit."""
+    try:
+        settings = FeatureSettings.from_json(section, model.folder.parent)
+        metrics = metrics_for(registry if registry is not None else CollectorRegistry())
+        model.features = build_lookup(model, settings, metrics)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PackageError(f"model {model.name!r}: features: {exc}") from None

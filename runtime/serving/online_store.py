@@ -1,0 +1,608 @@
+"""Feast's online store and registry, read without Feast.
+
+``import feast`` costs seconds and hundreds of megabytes, far outside a serving node's budget, so
+Feast defines, registers and materializes features and this module reads what it wrote, from its
+documented layout (checked against Feast's own ``get_online_features`` in
+``tests/runtime/serving/test_features.py``):
+
+* The registry (``registry.db`` of a file registry) is a serialized ``feast.core.Registry``
+  protobuf message. :func:`read_registry` decodes the few fields serving needs (entities and
+  their join keys and value types, feature views with their features and TTL, feature services
+  with their projections) with a plain protobuf wire reader.
+* An entity key is serialized the way Feast's ``serialize_entity_key`` (version 3) does it:
+  the number of join keys, then per join key (sorted by name) ``<I type STRING> <I length>
+  name``, then per value ``<I value type> <I length> bytes`` (INT64 ``<q``, INT32 ``<i``,
+  STRING utf-8); all little endian.
+* The SQLite online store (the local provider) has one table per feature view,
+  ``"{project}_{view}"``, one row per (entity key, feature): ``entity_key`` BLOB, ``feature_name``
+  TEXT, ``value`` BLOB (a serialized ``feast.types.Value``), ``event_ts`` (Unix seconds).
+* The Redis online store has one hash per entity, keyed by the serialized entity key followed by
+  the project name; field ``mmh3("{view}:{feature}")`` (murmur3 32-bit, little endian) holds the
+  serialized Value, field ``_ts:{view}`` a serialized ``google.protobuf.Timestamp``.
+
+The readers raise :class:`StoreError` when the store cannot be read (down, locked, too slow for
+the budget) and answer None for an entity the store does not have.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+__all__ = [
+    "FeatureSpec",
+    "FeatureViewSpec",
+    "RedisOnlineStore",
+    "Registry",
+    "SqliteOnlineStore",
+    "StoreError",
+    "StoredRow",
+    "Value",
+    "decode_value",
+    "entity_key",
+    "murmur3_32",
+    "read_registry",
+]
+
+# feast.types.ValueType.Enum
+BYTES: Final = 1
+STRING: Final = 2
+INT32: Final = 3
+INT64: Final = 4
+DOUBLE: Final = 5
+FLOAT: Final = 6
+BOOL: Final = 7
+UNIX_TIMESTAMP: Final = 8
+VALUE_TYPE_NAMES: Final = {
+    BYTES: "BYTES",
+    STRING: "STRING",
+    INT32: "INT32",
+    INT64: "INT64",
+    DOUBLE: "DOUBLE",
+    FLOAT: "FLOAT",
+    BOOL: "BOOL",
+    UNIX_TIMESTAMP: "UNIX_TIMESTAMP",
+}
+
+Value = float | int | str | bytes | bool | None
+
+
+class StoreError(Exception):
+    """The online store could not be read (down, locked, or slower than the budget)."""
+
+
+# ---- protobuf wire format -------------------------------------------------------------------
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of every field of a serialized message: an int for a
+    varint, bytes for a length-delimited field or a fixed32/fixed64 (little endian)."""
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("truncated field")
+            yield number, wire, buf[pos : pos + length]
+            pos += length
+        elif wire == 5:
+            yield number, wire, buf[pos : pos + 4]
+            pos += 4
+        elif wire == 1:
+            yield number, wire, buf[pos : pos + 8]
+            pos += 8
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def decode_value(blob: bytes) -> Value:
+    """A serialized ``feast.types.Value`` (scalars; a list or null value is None)."""
+    result: Value = None
+    for number, _, raw in _fields(blob):
+        if number == 6 and isinstance(raw, bytes):  # float_val
+            result = struct.unpack("<f", raw)[0]
+        elif number == 5 and isinstance(raw, bytes):  # double_val
+            result = struct.unpack("<d", raw)[0]
+        elif number in (3, 4, 8) and isinstance(raw, int):  # int32, int64, unix_timestamp
+            result = _signed64(raw)
+            if number == 3:
+                result = ((result + (1 << 31)) % (1 << 32)) - (1 << 31)
+        elif number == 7 and isinstance(raw, int):  # bool_val
+            result = bool(raw)
+        elif number == 2 and isinstance(raw, bytes):  # string_val
+            result = raw.decode("utf-8")
+        elif number == 1 and isinstance(raw, bytes):  # bytes_val
+            result = raw
+        else:  # lists, null_val, anything newer: not a scalar this reader serves
+            result = None
+    return result
+
+
+def _timestamp_seconds(blob: bytes) -> float:
+    """A serialized ``google.protobuf.Timestamp`` as Unix seconds."""
+    seconds = nanos = 0
+    for number, _, raw in _fields(blob):
+        if number == 1 and isinstance(raw, int):
+            seconds = _signed64(raw)
+        elif number == 2 and isinstance(raw, int):
+            nanos = raw
+    return seconds + nanos / 1e9
+
+
+# ---- entity keys and hashes -----------------------------------------------------------------
+
+
+def entity_key(
+    join_keys: Sequence[str], types: Sequence[int], values: Sequence[int | str]
+) -> bytes:
+    """Feast's ``serialize_entity_key`` (version 3) of one entity: ``join_keys[i]`` of value
+    type ``types[i]`` (INT64, INT32 or STRING) equal to ``values[i]``."""
+    order = sorted(range(len(join_keys)), key=lambda i: join_keys[i])
+    parts = [struct.pack("<I", len(join_keys))]
+    for i in order:
+        name = join_keys[i].encode("utf-8")
+        parts.append(struct.pack("<II", STRING, len(name)))
+        parts.append(name)
+    for i in order:
+        kind, value = types[i], values[i]
+        if kind == INT64:
+            payload = struct.pack("<q", int(value))
+        elif kind == INT32:
+            payload = struct.pack("<i", int(value))
+        elif kind == STRING:
+            payload = str(value).encode("utf-8")
+        else:
+            raise ValueError(f"entity value type {VALUE_TYPE_NAMES.get(kind, kind)} is not served")
+        parts.append(struct.pack("<II", kind, len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def murmur3_32(data: bytes, seed: int = 0) -> int:
+    """MurmurHash3 x86 32-bit, unsigned (what ``mmh3.hash(key, signed=False)`` answers)."""
+    c1, c2, mask = 0xCC9E2D51, 0x1B873593, 0xFFFFFFFF
+    h = seed & mask
+    tail = len(data) & ~3
+    for (block,) in struct.iter_unpack("<I", data[:tail]):
+        k = (block * c1) & mask
+        k = ((k << 15) | (k >> 17)) & mask
+        k = (k * c2) & mask
+        h ^= k
+        h = ((h << 13) | (h >> 19)) & mask
+        h = (h * 5 + 0xE6546B64) & mask
+    rest = data[tail:]
+    k = 0
+    for i, byte in enumerate(rest):
+        k |= byte << (8 * i)
+    if rest:
+        k = (k * c1) & mask
+        k = ((k << 15) | (k >> 17)) & mask
+        k = (k * c2) & mask
+        h ^= k
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    h ^= h >> 16
+    return h
+
+
+def redis_field(view: str, feature: str) -> bytes:
+    """The hash field of ``view:feature`` in Feast's Redis layout."""
+    return struct.pack("<I", murmur3_32(f"{view}:{feature}".encode()))
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    value_type: int
+
+
+@dataclass(frozen=True)
+class FeatureViewSpec:
+    name: str
+    entities: tuple[str, ...]  # entity names
+    features: tuple[FeatureSpec, ...]
+    ttl_seconds: float  # 0: values never go stale
+    entity_columns: tuple[FeatureSpec, ...]  # join keys with their value types
+
+
+@dataclass(frozen=True)
+class Registry:
+    """What serving needs of a Feast file registry, for one project."""
+
+    project: str
+    entities: dict[str, FeatureSpec] = field(default_factory=dict)  # name -> (join key, type)
+    views: dict[str, FeatureViewSpec] = field(default_factory=dict)
+    # service -> ((view, (feature, ...)), ...)
+    services: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = field(default_factory=dict)
+    service_updated: dict[str, float] = field(default_factory=dict)  # Unix seconds
+
+
+def _str(raw: int | bytes) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else ""
+
+
+def _feature(blob: bytes) -> FeatureSpec:
+    name, kind = "", 0
+    for number, _, raw in _fields(blob):
+        if number == 1:
+            name = _str(raw)
+        elif number == 2 and isinstance(raw, int):
+            kind = raw
+    return FeatureSpec(name, kind)
+
+
+def _spec_and_meta(blob: bytes) -> tuple[bytes, bytes]:
+    spec = meta = b""
+    for number, _, raw in _fields(blob):
+        if number == 1 and isinstance(raw, bytes):
+            spec = raw
+        elif number == 2 and isinstance(raw, bytes):
+            meta = raw
+    return spec, meta
+
+
+def _project_of(spec: bytes, number: int) -> str:
+    for n, _, raw in _fields(spec):
+        if n == number:
+            return _str(raw)
+    return ""
+
+
+def read_registry(path: Path, project: str) -> Registry:
+    """The entities, feature views and feature services of ``project`` in the Feast file
+    registry at ``path``. ValueError when it cannot be read or decoded."""
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"feature registry {path}: {exc.strerror or exc}") from None
+    registry = Registry(project)
+    try:
+        for number, _, raw in _fields(blob):
+            if not isinstance(raw, bytes):
+                continue
+            if (
+                number == 1
+            ):  # Entity {spec: EntitySpecV2 {name 1, value_type 2, join_key 4, project 9}}
+                spec, _ = _spec_and_meta(raw)
+                if _project_of(spec, 9) != project:
+                    continue
+                name = join_key = ""
+                kind = 0
+                for n, _, value in _fields(spec):
+                    if n == 1:
+                        name = _str(value)
+                    elif n == 4:
+                        join_key = _str(value)
+                    elif n == 2 and isinstance(value, int):
+                        kind = value
+                registry.entities[name] = FeatureSpec(join_key or name, kind)
+            elif number == 6:  # FeatureView {spec: FeatureViewSpec}
+                spec, _ = _spec_and_meta(raw)
+                if _project_of(spec, 2) != project:
+                    continue
+                view = _read_view(spec)
+                registry.views[view.name] = view
+            elif number == 7:  # FeatureService {spec: FeatureServiceSpec, meta}
+                spec, meta = _spec_and_meta(raw)
+                if _project_of(spec, 2) != project:
+                    continue
+                name, projections = _read_service(spec)
+                registry.services[name] = projections
+                for n, _, value in _fields(meta):
+                    if n == 2 and isinstance(value, bytes):  # last_updated_timestamp
+                        registry.service_updated[name] = _timestamp_seconds(value)
+    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise ValueError(f"feature registry {path}: not a Feast registry ({exc})") from None
+    return registry
+
+
+def _read_view(spec: bytes) -> FeatureViewSpec:
+    name = ""
+    entities: list[str] = []
+    features: list[FeatureSpec] = []
+    columns: list[FeatureSpec] = []
+    ttl = 0.0
+    for n, _, value in _fields(spec):
+        if n == 1:
+            name = _str(value)
+        elif n == 3:
+            entities.append(_str(value))
+        elif n == 4 and isinstance(value, bytes):
+            features.append(_feature(value))
+        elif n == 12 and isinstance(value, bytes):
+            columns.append(_feature(value))
+        elif n == 6 and isinstance(value, bytes):  # google.protobuf.Duration
+            ttl = _timestamp_seconds(value)
+    return FeatureViewSpec(name, tuple(entities), tuple(features), ttl, tuple(columns))
+
+
+def _read_service(spec: bytes) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    name = ""
+    projections: list[tuple[str, tuple[str, ...]]] = []
+    for n, _, value in _fields(spec):
+        if n == 1:
+            name = _str(value)
+        elif n == 3 and isinstance(value, bytes):  # FeatureViewProjection
+            view = ""
+            columns: list[str] = []
+            for m, _, item in _fields(value):
+                if m == 1:
+                    view = _str(item)
+                elif m == 2 and isinstance(item, bytes):
+                    columns.append(_feature(item).name)
+            projections.append((view, tuple(columns)))
+    return name, tuple(projections)
+
+
+# ---- the online stores ----------------------------------------------------------------------
+
+#: (event time in Unix seconds, feature name -> value) of one entity, or None: not in the store.
+StoredRow = tuple[float, dict[str, Value]] | None
+
+
+class OnlineStore(Protocol):
+    def read(
+        self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
+    ) -> list[StoredRow]: ...
+
+    def close(self) -> None: ...
+
+
+def _ts_seconds(text: object) -> float:
+    """``event_ts`` as Unix seconds: Feast 0.67 writes whole Unix seconds (its sqlite3 adapter
+    ``int(naive_utc.timestamp())``, exact where the writer's time zone is UTC); older ones wrote
+    ISO text."""
+    if isinstance(text, int | float):
+        return float(text)
+    if isinstance(text, bytes):
+        text = text.decode()
+    moment = datetime.fromisoformat(str(text))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+class SqliteOnlineStore:
+    """Feast's SQLite online store (the local provider), read-only. One connection per thread;
+    a read that takes longer than its budget (a query, or the wait for a writer's lock) is
+    interrupted and raised as :class:`StoreError`."""
+
+    def __init__(self, path: Path, project: str) -> None:
+        self.path = path
+        self.project = project
+        self._local = threading.local()
+        self._sql: dict[str, str] = {}
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if not self.path.is_file():
+                raise StoreError(f"online store {self.path}: no such file")
+            try:
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"online store {self.path}: {exc}") from None
+            self._local.conn = conn
+        return conn
+
+    def read(
+        self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
+    ) -> list[StoredRow]:
+        conn = self._connection()
+        table = f"{self.project}_{view}".replace('"', '""')
+        marks = ",".join("?" * len(keys))
+        sql = (
+            f'SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
+            f"WHERE entity_key IN ({marks})"
+        )
+        give_up = time.monotonic() + budget
+        # The wait for a writer's lock, then the query itself, are bounded by the budget.
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(budget * 1000))}")
+        conn.set_progress_handler(lambda: int(time.monotonic() > give_up), 1000)
+        try:
+            rows = conn.execute(sql, list(keys)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if time.monotonic() > give_up:
+                raise StoreError(
+                    f"online store {self.path}: read took over the {budget * 1000:.1f} ms budget"
+                ) from None
+            raise StoreError(f"online store {self.path}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"online store {self.path}: {exc}") from None
+        finally:
+            conn.set_progress_handler(None, 0)
+        wanted = set(features)
+        found: dict[bytes, tuple[float, dict[str, Value]]] = {}
+        for key, name, blob, stamp in rows:
+            if name not in wanted:
+                continue
+            entry = found.get(key)
+            if entry is None:
+                entry = found[key] = (_ts_seconds(stamp), {})
+            entry[1][name] = decode_value(blob)
+        return [found.get(key) for key in keys]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class RedisOnlineStore:
+    """Feast's Redis online store, read with a minimal RESP client (HMGET, pipelined): one
+    connection per thread, opened on first use and dropped after an error; every read is bounded
+    by its budget (socket timeout)."""
+
+    def __init__(self, host: str, port: int, project: str, db: int = 0, password: str = "") -> None:
+        self.host = host
+        self.port = port
+        self.project = project.encode()
+        self.db = db
+        self.password = password
+        self._local = threading.local()
+        self._fields: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
+
+    @classmethod
+    def from_connection_string(cls, text: str, project: str) -> RedisOnlineStore:
+        """Feast's ``connection_string``: ``host:port[,db=N][,password=P][,...]``."""
+        address, *options = [part.strip() for part in text.split(",")]
+        host, _, port = address.rpartition(":")
+        settings = dict(option.partition("=")[::2] for option in options if option)
+        return cls(
+            host or "127.0.0.1",
+            int(port or 6379),
+            project,
+            db=int(settings.get("db", 0)),
+            password=settings.get("password", ""),
+        )
+
+    def _socket(self, budget: float) -> tuple[socket.socket, _Reader]:
+        held: tuple[socket.socket, _Reader] | None = getattr(self._local, "conn", None)
+        if held is None:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=budget)
+            except OSError as exc:
+                raise StoreError(
+                    f"online store redis {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            held = (sock, _Reader(sock))
+            self._local.conn = held
+            setup: list[list[bytes]] = []
+            if self.password:
+                setup.append([b"AUTH", self.password.encode()])
+            if self.db:
+                setup.append([b"SELECT", str(self.db).encode()])
+            if setup:
+                sock.settimeout(budget)
+                sock.sendall(b"".join(_command(c) for c in setup))
+                for _ in setup:
+                    held[1].reply()
+        return held
+
+    def read(
+        self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
+    ) -> list[StoredRow]:
+        names = tuple(features)
+        hashes = self._fields.get((view, names))
+        if hashes is None:
+            hashes = [redis_field(view, name) for name in names] + [f"_ts:{view}".encode()]
+            self._fields[(view, names)] = hashes
+        try:
+            sock, reader = self._socket(budget)
+            sock.settimeout(budget)
+            sock.sendall(
+                b"".join(_command([b"HMGET", key + self.project, *hashes]) for key in keys)
+            )
+            replies = [reader.reply() for _ in keys]
+        except (OSError, StoreError, ValueError) as exc:
+            self.close()
+            if isinstance(exc, TimeoutError | socket.timeout):
+                raise StoreError(
+                    f"online store redis {self.host}:{self.port}: read took over the "
+                    f"{budget * 1000:.1f} ms budget"
+                ) from None
+            raise StoreError(f"online store redis {self.host}:{self.port}: {exc}") from None
+        result: list[StoredRow] = []
+        for reply in replies:
+            if not isinstance(reply, list) or reply[-1] is None:
+                result.append(None)
+                continue
+            stamp = reply[-1]
+            assert isinstance(stamp, bytes)
+            values = {
+                name: decode_value(blob)
+                for name, blob in zip(names, reply[:-1], strict=True)
+                if isinstance(blob, bytes)
+            }
+            result.append((_timestamp_seconds(stamp), values))
+        return result
+
+    def close(self) -> None:
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            self._local.conn = None
+            held[0].close()
+
+
+def _command(parts: Sequence[bytes]) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+RespValue = bytes | int | None | list["RespValue"]
+
+
+class _Reader:
+    """RESP2 replies from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def reply(self) -> RespValue:
+        line = self.file.readline()
+        if not line.endswith(b"\r\n"):
+            raise StoreError("connection closed")
+        kind, body = line[:1], line[1:-2]
+        if kind == b"+":
+            return body
+        if kind == b"-":
+            raise StoreError(body.decode(errors="replace"))
+        if kind == b":":
+            return int(body)
+        if kind == b"$":
+            length = int(body)
+            if length < 0:
+                return None
+            data = self.file.read(length + 2)
+            return data[:-2]
+        if kind == b"*":
+            count = int(body)
+            if count < 0:
+                return None
+            return [self.reply() for _ in range(count)]
+        raise StoreError(f"unexpected reply {line[:20]!r}")

@@ -1,0 +1,286 @@
+"""Feature lookups against a real Feast repository (tests/feast_repo.py): Feast applies and
+materializes it (in its own environment, once for the module), a model is trained on its
+point-in-time training set, and a real edgewise server answers requests that carry entity keys
+only. The oracles are Feast's own reads (``get_online_features``) and onnxruntime on the values
+Feast answers; the server never imports Feast."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from sklearn.linear_model import LinearRegression
+
+from edgewise.runtime.client.client import ServerError
+from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.serving.online_store import (
+    SqliteOnlineStore,
+    entity_key,
+    read_registry,
+)
+from tests import feast_repo as fr
+from tests.prerequisites import unmet
+from tests.servers import RunningServer, start_server
+
+UNKNOWN = 100_000  # a patient the store does not have
+
+
+@dataclass
+class Setup:
+    repo: Path  # the feature repository
+    models: Path  # the edgewise model repository
+    online: dict[str, list[Any]]  # Feast's get_online_features, old snapshot
+    ids: list[int]
+    bmi: dict[int, float]
+    server: RunningServer
+
+
+def _features_section(repo: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "registry": str(repo / "data" / "registry.db"),
+        "project": fr.PROJECT,
+        "online_store": {"type": "sqlite", "path": str(repo / "data" / "online_store.db")},
+        "feature_service": fr.SERVICE,
+        "request_inputs": [fr.REQUEST_INPUT],
+        **extra,
+    }
+
+
+def _configure(models: Path, name: str, section: dict[str, Any] | None) -> None:
+    if section is not None:
+        (models / name / "config.json").write_text(json.dumps({"features": section}))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    reason = fr.feast_missing()
+    if reason is not None:
+        unmet(reason)
+    root = tmp_path_factory.mktemp("feast")
+    repo = fr.write_repo(root / "feature_repo")
+    entities = fr.training_entities()
+    entities.drop(columns=["target"]).to_parquet(root / "entities.parquet")
+    ids = [0, 1, 7, 441, UNKNOWN]
+    answer = fr.run_feast(
+        repo,
+        apply=True,
+        materialize_end=fr.BETWEEN.isoformat(),
+        online_ids=ids,
+        historical={"entities": str(root / "entities.parquet"), "out": str(root / "train.parquet")},
+    )
+    # The deployment step of docs/features.md: the online store in WAL mode (persistent), so that
+    # materialization's write transactions never block the server's reads.
+    with sqlite3.connect(repo / "data" / "online_store.db") as conn:
+        assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+    # The model is trained on Feast's point-in-time training set (the old snapshot at BETWEEN).
+    train = pd.read_parquet(root / "train.parquet").sort_values(fr.ENTITY)
+    target = entities.set_index(fr.ENTITY).loc[train[fr.ENTITY], "target"].to_numpy()
+    X = train[list(fr.COLUMNS)].astype(np.float64)
+    assert np.allclose(X["age"].to_numpy(), fr.snapshots().iloc[: len(X)]["age"].to_numpy())
+    model = LinearRegression().fit(X, target)
+    models = root / "models"
+    for name in ("risk", "risk_default", "risk_nocache", "plain", "risk_badservice", "risk_down"):
+        convert(model, X, name=name, repo=models)
+    _configure(models, "risk", _features_section(repo, on_missing="not_found"))
+    _configure(models, "risk_default", _features_section(repo))
+    _configure(models, "risk_nocache", _features_section(repo, cache={"ttl_seconds": 0}))
+    _configure(models, "risk_badservice", _features_section(repo, feature_service="nope"))
+    down = _features_section(repo)
+    down["online_store"] = {"type": "sqlite", "path": str(root / "missing.db")}
+    _configure(models, "risk_down", down)
+    bmi = dict(zip(entities[fr.ENTITY], entities[fr.REQUEST_INPUT], strict=True))
+    server = start_server(models, root / "server")
+    try:
+        yield Setup(repo, models, answer["online"], ids, bmi, server)
+    finally:
+        server.stop()
+
+
+def _request(ids: list[int], bmi: list[float]) -> dict[str, np.ndarray[Any, Any]]:
+    return {
+        fr.ENTITY: np.array(ids, dtype=np.int64).reshape(-1, 1),
+        fr.REQUEST_INPUT: np.array(bmi, dtype=np.float32).reshape(-1, 1),
+    }
+
+
+def _expected(setup: Setup, rows: dict[str, list[Any]], ids: list[int]) -> np.ndarray[Any, Any]:
+    """onnxruntime on the values Feast answered (and the request-time input)."""
+    index = {int(i): n for n, i in enumerate(rows[fr.ENTITY])}
+    X = np.array(
+        [
+            [setup.bmi[i] if c == fr.REQUEST_INPUT else rows[c][index[i]] for c in fr.COLUMNS]
+            for i in ids
+        ],
+        dtype=np.float32,
+    )
+    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+    return np.asarray(session.run(None, {"features": X})[0])
+
+
+def _metric(setup: Setup, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(setup.server.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_registry_and_sqlite_reads_equal_feasts(setup: Setup) -> None:
+    registry = read_registry(setup.repo / "data" / "registry.db", fr.PROJECT)
+    assert registry.services[fr.SERVICE] == ((fr.VIEW, fr.FEATURES),)
+    view = registry.views[fr.VIEW]
+    assert [c.name for c in view.entity_columns] == [fr.ENTITY]
+    assert view.ttl_seconds == 2 * 86400
+    store = SqliteOnlineStore(setup.repo / "data" / "online_store.db", fr.PROJECT)
+    keys = [entity_key([fr.ENTITY], [4], [i]) for i in setup.ids]
+    rows = store.read(fr.VIEW, keys, fr.FEATURES, budget=5.0)
+    online = setup.online
+    for n, row in enumerate(rows):
+        if setup.ids[n] == UNKNOWN:
+            assert row is None
+            assert all(online[f][n] is None for f in fr.FEATURES)
+            continue
+        assert row is not None
+        stamp, values = row
+        assert stamp == pytest.approx(fr.T0.timestamp())
+        assert values == {f: online[f][n] for f in fr.FEATURES}
+
+
+def test_served_with_entity_keys_only(setup: Setup) -> None:
+    ids = [0, 1, 7, 441]
+    with setup.server.client() as client:
+        got = client.infer("risk", _request(ids, [setup.bmi[i] for i in ids]))
+        want = _expected(setup, setup.online, ids)
+        np.testing.assert_allclose(
+            got.outputs["predictions"].reshape(-1), want.reshape(-1), rtol=1e-5
+        )
+        # Twice more: answered from the cache the second time, the same values.
+        again = client.infer("risk", _request(ids, [setup.bmi[i] for i in ids]))
+        np.testing.assert_array_equal(again.outputs["predictions"], got.outputs["predictions"])
+    assert _metric(setup, "edgewise_feature_cache_hits_total", model="risk") >= len(ids)
+    assert _metric(setup, "edgewise_feature_lookups_total", model="risk") >= 2 * len(ids)
+    assert _metric(setup, "edgewise_feature_lookup_seconds_count", model="risk") >= 2
+
+
+def test_model_without_lookups_unaffected(setup: Setup) -> None:
+    rows = setup.online
+    X = np.array(
+        [[setup.bmi[0] if c == fr.REQUEST_INPUT else rows[c][0] for c in fr.COLUMNS]],
+        dtype=np.float32,
+    )
+    with setup.server.client() as client:
+        got = client.infer("plain", {"features": X})
+        looked_up = client.infer("risk", _request([0], [setup.bmi[0]]))
+    np.testing.assert_allclose(
+        got.outputs["predictions"], looked_up.outputs["predictions"], rtol=1e-6
+    )
+
+
+def test_unknown_entity_per_policy(setup: Setup) -> None:
+    with setup.server.client() as client:
+        with pytest.raises(ServerError) as caught:
+            client.infer("risk", _request([0, UNKNOWN], [0.0, 0.0]))
+        assert caught.value.status == grpc.StatusCode.NOT_FOUND
+        assert f"patient_id={UNKNOWN}" in caught.value.details
+        answered = client.infer("risk_default", _request([UNKNOWN], [0.01]))
+    assert np.isfinite(answered.outputs["predictions"]).all()
+    assert (
+        _metric(setup, "edgewise_feature_lookup_errors_total", model="risk", reason="not_found")
+        >= 1
+    )
+    assert (
+        _metric(setup, "edgewise_feature_skew_total", model="risk_default", reason="missing") >= 9
+    )
+
+
+def test_bad_requests_name_the_input(setup: Setup) -> None:
+    with setup.server.client() as client:
+        with pytest.raises(ServerError) as caught:
+            client.infer("risk", {fr.ENTITY: np.array([[0]], dtype=np.int64)})
+        assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'bmi'" in caught.value.details
+        with pytest.raises(ServerError) as caught:
+            client.infer(
+                "risk",
+                {
+                    fr.ENTITY: np.array([[0.5]], dtype=np.float32),
+                    "bmi": np.zeros((1, 1), np.float32),
+                },
+            )
+        assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert "entity key 'patient_id'" in caught.value.details
+
+
+def test_unknown_feature_service_fails_the_load(setup: Setup) -> None:
+    with setup.server.client() as client:
+        with pytest.raises(ServerError) as caught:
+            client.infer("risk_badservice", _request([0], [0.0]))
+        assert caught.value.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+        states = {s.name: s for s in client.repository_index()}
+    state = states["risk_badservice"]
+    assert "feature service 'nope' is not in the registry" in state.reason
+    assert "diabetes_v1" in state.reason
+
+
+def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
+    with setup.server.client() as client:
+        with pytest.raises(ServerError) as caught:
+            client.infer("risk_down", _request([0], [0.0]))
+        assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+        assert "feature lookup failed" in caught.value.details
+        assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
+    assert (
+        _metric(
+            setup, "edgewise_feature_lookup_errors_total", model="risk_down", reason="store_error"
+        )
+        >= 1
+    )
+
+
+def test_materialization_while_serving(setup: Setup) -> None:
+    """``feast materialize-incremental`` loads the new snapshot while the server answers:
+    every request is answered, first with old values, then with new ones."""
+    ids = [0, 1, 7]
+    old = _expected(setup, setup.online, ids).reshape(-1)
+    new_rows = {k: list(v) for k, v in setup.online.items()}
+    for f in fr.FEATURES:
+        new_rows[f] = [None if v is None else v + 1.0 for v in new_rows[f]]
+    new = _expected(setup, new_rows, ids).reshape(-1)
+    assert not np.allclose(old, new)
+    seen: list[str] = []
+    with setup.server.client() as client:
+        process = fr.feast_command(setup.repo, "materialize-incremental", fr.NOW.isoformat())
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            got = client.infer("risk_nocache", _request(ids, [setup.bmi[i] for i in ids]))
+            values = got.outputs["predictions"].reshape(-1)
+            if np.allclose(values, old, rtol=1e-5):
+                seen.append("old")
+            elif np.allclose(values, new, rtol=1e-5):
+                seen.append("new")
+            else:
+                seen.append("mixed")
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output
+        final = client.infer("risk_nocache", _request(ids, [setup.bmi[i] for i in ids]))
+    np.testing.assert_allclose(final.outputs["predictions"].reshape(-1), new, rtol=1e-5)
+    assert seen and seen[0] == "old"
+    # Old never comes back once new has been answered (one transaction per view and batch).
+    if "new" in seen:
+        assert "old" not in seen[seen.index("new") :]
+    # Rows switch per write transaction of Feast's (one per batch of entities): a request may
+    # see some rows new and others old while it runs, never a value that is neither.
