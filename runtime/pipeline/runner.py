@@ -204,7 +204,11 @@ def _evaluate(
     assert verdict.evaluation is not None
     summary = {
         "passed": verdict.passed,
-        "summary": verdict.summary(),
+        # the candidate is not registered yet: its package's version number is the converter's
+        # (1 in the run's own repository), not a version of the store, where it is the baseline's
+        "summary": verdict.summary().replace(
+            f"{verdict.model} version {verdict.version}", f"{verdict.model} candidate", 1
+        ),
         "failures": [c.message for c in verdict.failures][:20],
         "counts": verdict.counts(),
         "baseline": None if verdict.baseline is None else list(verdict.baseline),

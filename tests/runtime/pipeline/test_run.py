@@ -112,6 +112,9 @@ def test_unchanged_inputs_skip_their_steps(workspace: Workspace, cli: RunCli) ->
     third = _runs(workspace)[0]
     assert {s["name"]: s["status"] for s in third.steps}["train"] == "ran"
     assert third.registered["version"] == 2
+    # the gate names the candidate as such, not by its package's number (1, the baseline's)
+    summary = third.gate["summary"]
+    assert summary.startswith("gate PASSED: cancer candidate against cancer version 1:")
     # an uncommitted change of the training code too
     (workspace.root / "train.py").write_text(
         (workspace.root / "train.py").read_text() + "# tuned\n"
@@ -250,7 +253,7 @@ def test_a_candidate_worse_than_production_fails_the_gate(
     assert cli("pipeline", "run", workspace.pipeline())[0] == 0
     code, _, err = cli("pipeline", "run", workspace.pipeline(args=("--C", "0.00001")))
     assert code == 1 and err.count("\n") == 1
-    assert "failed at gate: gate FAILED: cancer version 1 against cancer version 1" in err
+    assert "failed at gate: gate FAILED: cancer candidate against cancer version 1" in err
     assert "nothing registered or moved" in err
     assert _versions(workspace) == [1]
     failed = _runs(workspace)[0]
