@@ -85,20 +85,18 @@ class Loop:
         command = list(args) if args[0].startswith("/") else [*edgewise(), *args]
         self.log.write(f"$ {' '.join(command)}\n")
         self.log.flush()
-        done = subprocess.run(
-            command,
-            check=False,
-            cwd=self.ws,
-            capture_output=True,
-            text=True,
-            env={**os.environ, **(env or {})},
-            timeout=self.timeout,
-        )
+        shown = " ".join(args[:2]) if not args[0].startswith("/") else Path(args[-1]).name
+        try:
+            done = subprocess.run(
+                command, check=False, cwd=self.ws, capture_output=True, text=True,
+                env={**os.environ, **(env or {})}, timeout=self.timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise LoopFailed(f"`{shown}` ran past {self.timeout:.0f} s (--timeout)") from None
         self.log.write(done.stdout + done.stderr)
         self.log.flush()
         if done.returncode != 0:
             lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
-            shown = " ".join(args[:2]) if not args[0].startswith("/") else Path(args[-1]).name
             raise LoopFailed(f"`{shown}` exited {done.returncode}: {lines[-1]}")
         return done.stdout
 
@@ -173,16 +171,18 @@ class Loop:
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:200].decode(errors="replace")
             raise LoopFailed(f"request {request_id}: HTTP {exc.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise LoopFailed(f"request {request_id}: {exc}") from None
 
     def metric(self, url: str, name: str, labels: str = "") -> float | None:
         return _metric(self.get(url) or "", name, labels)
 
-    def answered_by(self, version: str, features: list[str], rows: list[dict[str, Any]]) -> Any:
-        """An answer from ``version`` to a request of the first row (None while the model is
-        not served yet, or another version answers)."""
+    def answered_by(self, version: str, row: Sequence[float]) -> dict[str, Any] | None:
+        """An answer from ``version`` to a request of ``row`` (None while the model is not
+        served yet, or another version answers)."""
         if self.get(f"http://{self.http}/v2/models/{MODEL}/ready") is None:
             return None  # 404 (not served yet) or 503 (loading)
-        answer = self.infer(f"probe-{time.monotonic_ns()}", [rows[0][f] for f in features])
+        answer = self.infer(f"probe-{time.monotonic_ns()}", row)
         return answer if answer.get("model_version") == version else None
 
     # ---- the loop --------------------------------------------------------------------------
@@ -196,6 +196,7 @@ class Loop:
         frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
         features = [c for c in frame.columns if c != "target"]
         first, later = frame.iloc[:first_rows], frame.iloc[first_rows:]
+        probe = [float(v) for v in later[features].iloc[0]]  # the row that asks who answers
         first.to_parquet(self.ws / "first.parquet", index=False)
         first[features].to_parquet(self.ws / "first-features.parquet", index=False)
         self.say(
@@ -268,7 +269,7 @@ class Loop:
         self.agent_metrics = f"http://127.0.0.1:{port}/metrics"
         self.wait_for(
             "the agent to deliver version 1",
-            lambda: self.answered_by("1", features, later.to_dict("records")),
+            lambda: self.answered_by("1", probe),
         )
         self.say(
             "agent",
@@ -362,7 +363,7 @@ class Loop:
         # 6. the agent sees the alias move, delivers version 2; a request shows it
         answer = self.wait_for(
             "the agent to deliver version 2",
-            lambda: self.answered_by("2", features, later.to_dict("records")),
+            lambda: self.answered_by("2", probe),
         )
         self.say(
             "deliver",
@@ -474,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loop: failed: {exc} (workspace {workspace})")
     except KeyboardInterrupt:
         print(f"loop: interrupted (workspace {workspace})")
+    except Exception as exc:  # one line, not a traceback: loop.log has what each command said
+        print(f"loop: failed: {type(exc).__name__}: {exc} (workspace {workspace})")
     finally:
         loop.stop_all()
     if ok:
