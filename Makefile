@@ -10,7 +10,7 @@ MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 # The ahead-of-time compiled kernels (kernels/_native.py), rebuilt when a kernel source changes.
 NATIVE_STAMP := $(VENV)/.native-kernels
 
-.PHONY: demo test native mlflow-venv check lint imports format typecheck proto proto-check lock lock-check bench image podman clean
+.PHONY: demo loop test native mlflow-venv check lint imports format typecheck proto proto-check lock lock-check bench image podman clean
 
 # The dev venv installs exactly the hash-pinned lock (requirements/dev.txt: the dev extra), then
 # edgewise itself without resolving anything again.
@@ -59,6 +59,10 @@ $(MLFLOW_STAMP): pyproject.toml | $(STAMP)
 ## demo: train, convert, serve a model from a local repository and answer a few requests
 demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/edgewise demo $(DEMO_ARGS)
+
+## loop: the MLOps loop end to end on a temporary workspace (docs/loop.md)
+loop: $(STAMP) $(NATIVE_STAMP)
+	$(BIN)/python docs/examples/loop/loop.py $(LOOP_ARGS)
 
 ## test: the whole test suite (what CI runs). promtool (Debian's prometheus package) checks the
 ## alert rules and the dashboard's queries (tests/containers/test_observability.py).
