@@ -26,6 +26,7 @@ the budget) and answer None for an entity the store does not have.
 
 from __future__ import annotations
 
+import errno
 import socket
 import sqlite3
 import struct
@@ -505,7 +506,7 @@ class RedisOnlineStore:
                 sock = socket.create_connection((self.host, self.port), timeout=budget)
             except OSError as exc:
                 raise StoreError(
-                    f"online store redis {self.host}:{self.port}: {exc.strerror or exc}"
+                    f"online store redis {self.host}:{self.port}: down ({_reason(exc)})"
                 ) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             held = (sock, _Reader(sock))
@@ -544,7 +545,8 @@ class RedisOnlineStore:
                     f"online store redis {self.host}:{self.port}: read took over the "
                     f"{budget * 1000:.1f} ms budget"
                 ) from None
-            raise StoreError(f"online store redis {self.host}:{self.port}: {exc}") from None
+            why = _reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise StoreError(f"online store redis {self.host}:{self.port}: {why}") from None
         result: list[StoredRow] = []
         for reply in replies:
             if not isinstance(reply, list) or reply[-1] is None:
@@ -567,6 +569,12 @@ class RedisOnlineStore:
             held[0].close()
 
 
+def _reason(exc: OSError) -> str:
+    """A socket error's errno name (ECONNREFUSED): clients of the server read "connect" in an
+    UNAVAILABLE message as the server itself being unreachable."""
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
 def _command(parts: Sequence[bytes]) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for part in parts:
@@ -586,7 +594,7 @@ class _Reader:
     def reply(self) -> RespValue:
         line = self.file.readline()
         if not line.endswith(b"\r\n"):
-            raise StoreError("connection closed")
+            raise StoreError("the store closed the socket")
         kind, body = line[:1], line[1:-2]
         if kind == b"+":
             return body

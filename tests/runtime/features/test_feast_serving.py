@@ -25,6 +25,7 @@ from sklearn.linear_model import LinearRegression
 from edgewise.runtime.client.client import ServerError
 from edgewise.runtime.convert.converter import convert
 from edgewise.runtime.serving.online_store import (
+    RedisOnlineStore,
     SqliteOnlineStore,
     entity_key,
     read_registry,
@@ -44,6 +45,8 @@ class Setup:
     ids: list[int]
     bmi: dict[int, float]
     server: RunningServer
+    model: LinearRegression
+    X: pd.DataFrame
 
 
 def _features_section(repo: Path, **extra: Any) -> dict[str, Any]:
@@ -94,7 +97,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         convert(model, X, name=name, repo=models)
     _configure(models, "risk", _features_section(repo, on_missing="not_found"))
     _configure(models, "risk_default", _features_section(repo))
-    _configure(models, "risk_nocache", _features_section(repo, cache={"ttl_seconds": 0}))
+    _configure(
+        models, "risk_nocache", _features_section(repo, cache={"ttl_seconds": 0}, budget_ms=2000)
+    )
     _configure(models, "risk_badservice", _features_section(repo, feature_service="nope"))
     down = _features_section(repo)
     down["online_store"] = {"type": "sqlite", "path": str(root / "missing.db")}
@@ -102,7 +107,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     bmi = dict(zip(entities[fr.ENTITY], entities[fr.REQUEST_INPUT], strict=True))
     server = start_server(models, root / "server")
     try:
-        yield Setup(repo, models, answer["online"], ids, bmi, server)
+        yield Setup(repo, models, answer["online"], ids, bmi, server, model, X)
     finally:
         server.stop()
 
@@ -246,6 +251,58 @@ def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
     assert (
         _metric(
             setup, "edgewise_feature_lookup_errors_total", model="risk_down", reason="store_error"
+        )
+        >= 1
+    )
+
+
+def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> None:
+    """The same repository with Redis as its online store: the reader's values equal Feast's
+    get_online_features, and a model served from it answers as from SQLite."""
+    reason = fr.redis_missing()
+    if reason is not None:
+        unmet(reason)
+    with fr.redis_server(tmp_path / "redis") as port:
+        repo = fr.write_repo(tmp_path / "redis_repo", redis_port=port)
+        answer = fr.run_feast(
+            repo, apply=True, materialize_end=fr.BETWEEN.isoformat(), online_ids=setup.ids
+        )
+        online = answer["online"]
+        store = RedisOnlineStore.from_connection_string(f"127.0.0.1:{port}", fr.PROJECT)
+        keys = [entity_key([fr.ENTITY], [4], [i]) for i in setup.ids]
+        rows = store.read(fr.VIEW, keys, fr.FEATURES, budget=5.0)
+        store.close()
+        for n, row in enumerate(rows):
+            if setup.ids[n] == UNKNOWN:
+                assert row is None
+                continue
+            assert row is not None
+            assert row[0] == pytest.approx(fr.T0.timestamp())
+            assert row[1] == {f: online[f][n] for f in fr.FEATURES}
+        convert(setup.model, setup.X, name="risk_redis", repo=setup.models)
+        section = _features_section(repo, on_missing="not_found")
+        section["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
+        _configure(setup.models, "risk_redis", section)
+        ids = [0, 1, 7, 441]
+        with setup.server.client() as client:
+            client.load_model("risk_redis")
+            got = client.infer("risk_redis", _request(ids, [setup.bmi[i] for i in ids]))
+            with pytest.raises(ServerError) as caught:
+                client.infer("risk_redis", _request([UNKNOWN], [0.0]))
+            assert caught.value.status == grpc.StatusCode.NOT_FOUND
+        np.testing.assert_allclose(
+            got.outputs["predictions"].reshape(-1),
+            _expected(setup, online, ids).reshape(-1),
+            rtol=1e-5,
+        )
+    # Redis gone: the lookup is UNAVAILABLE (store_error), counted; the server carries on.
+    with setup.server.client() as client:
+        with pytest.raises(ServerError) as caught:
+            client.infer("risk_redis", _request([2], [0.0]))
+        assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+    assert (
+        _metric(
+            setup, "edgewise_feature_lookup_errors_total", model="risk_redis", reason="store_error"
         )
         >= 1
     )
