@@ -38,6 +38,7 @@ from edgewise.runtime.batch.progress import Progress
 from edgewise.runtime.batch.reader import ChunkReader, ColumnSpec, InputFile, _parquet_file
 from edgewise.runtime.batch.scoring import chunk_inputs, score_chunk
 from edgewise.runtime.batch.stats import DriftCollector
+from edgewise.runtime.batch.storage import is_uri
 from edgewise.runtime.batch.writer import ChunkRecord, write_part
 from edgewise.runtime.package.reference_profile import ReferenceProfile
 from edgewise.runtime.package.tabular import MissingDependency
@@ -115,7 +116,7 @@ class _ActorScorer:
         monitoring: tuple[ReferenceProfile, MonitorConfig] | None,
     ) -> None:
         name, version, folder = model
-        self.out = Path(out)
+        self.out: Path | str = out if is_uri(out) else Path(out)
         self.files = files
         self.columns = columns
         self.chunk_rows = chunk_rows

@@ -9,7 +9,6 @@ chunking are those the job started with.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from typing import Any, Final
 
 import pyarrow as pa
 
+from edgewise.runtime.batch.objectfolder import ObjectJobFolder
 from edgewise.runtime.batch.options import (
     DEFAULT_CHUNK_ROWS,
     BatchOptions,
@@ -37,12 +37,14 @@ from edgewise.runtime.batch.report import build_report, render_html, unavailable
 from edgewise.runtime.batch.scoring import output_schema
 from edgewise.runtime.batch.source import ModelSource, resolve
 from edgewise.runtime.batch.stats import DriftCollector
+from edgewise.runtime.batch.storage import is_uri, local_path
 from edgewise.runtime.batch.writer import (
     REPORT_HTML,
     REPORT_JSON,
     SUMMARY_FILE,
     ChunkRecord,
     JobFolder,
+    open_job_folder,
 )
 from edgewise.runtime.errors import InvalidInput, ModelNotFound
 from edgewise.runtime.package.manifest import read_manifest
@@ -86,8 +88,15 @@ def _check_same_inputs(recorded: list[InputFile], found: list[InputFile]) -> Non
         raise InvalidInput("cannot resume: the inputs are in a different order")
 
 
-def _check_output_location(output: Path, spec: str, files: list[InputFile]) -> None:
-    out = output.resolve()
+def _check_output_location(output: Path | str, spec: str, files: list[InputFile]) -> None:
+    if is_uri(str(output)):
+        for file in files:
+            if file.path.startswith(str(output).rstrip("/") + "/"):
+                raise InvalidInput(f"input {file.path} lies inside the output prefix {output}")
+        return
+    if is_uri(spec):
+        return
+    out = Path(local_path(str(output))).resolve()
     for file in files:
         if Path(file.path).is_relative_to(out):
             raise InvalidInput(f"input {file.path} lies inside the output folder {output}")
@@ -178,7 +187,10 @@ class _Settings:
 
 
 def _settings(
-    options: BatchOptions, folder: JobFolder, source: ModelSource, files: list[InputFile]
+    options: BatchOptions,
+    folder: JobFolder | ObjectJobFolder,
+    source: ModelSource,
+    files: list[InputFile],
 ) -> _Settings:
     """A new job's settings, or a resumed job's after checking that the command and the inputs
     agree with what the job recorded."""
@@ -280,7 +292,7 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     files = discover_inputs(options.input)
     _check_output_location(options.output, options.input, files)
 
-    folder = JobFolder(options.output)
+    folder = open_job_folder(options.output)
     folder.check_path()
     source = resolve(
         options.model, options.repo, options.store, options.store_timeout, options.model_cache
@@ -299,7 +311,7 @@ def run_batch(options: BatchOptions) -> BatchSummary:
                 "batch process?); run the command again"
             )
         if _already_complete(folder, prepared):
-            data = json.loads((folder.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+            data = folder.read_json(SUMMARY_FILE)
             return BatchSummary.from_json({**data, "already_complete": True})
         if loaded is None:  # pragma: no cover - completed before the lock, not after it
             loaded = _load(options, prepared, name, model_dir)
@@ -309,7 +321,10 @@ def run_batch(options: BatchOptions) -> BatchSummary:
 
 
 def _prepare(
-    options: BatchOptions, folder: JobFolder, source: ModelSource, files: list[InputFile]
+    options: BatchOptions,
+    folder: JobFolder | ObjectJobFolder,
+    source: ModelSource,
+    files: list[InputFile],
 ) -> _Prepared:
     """Every check of a job that reads only: settings, version, package, every input's columns."""
     name, model_dir = source.name, source.model_dir
@@ -331,12 +346,8 @@ def _prepare(
     return _Prepared(settings, version, version_dir, manifest, columns, schema)
 
 
-def _already_complete(folder: JobFolder, prepared: _Prepared) -> bool:
-    return (
-        prepared.settings.resumed
-        and folder.is_complete()
-        and (folder.path / SUMMARY_FILE).is_file()
-    )
+def _already_complete(folder: JobFolder | ObjectJobFolder, prepared: _Prepared) -> bool:
+    return prepared.settings.resumed and folder.is_complete() and folder.exists(SUMMARY_FILE)
 
 
 def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path) -> _Loaded:
@@ -369,7 +380,7 @@ def _load(options: BatchOptions, prepared: _Prepared, name: str, model_dir: Path
 
 def _run_locked(
     options: BatchOptions,
-    folder: JobFolder,
+    folder: JobFolder | ObjectJobFolder,
     source: ModelSource,
     files: list[InputFile],
     prepared: _Prepared,
@@ -459,7 +470,7 @@ def _run_locked(
 
 def _finish(
     options: BatchOptions,
-    folder: JobFolder,
+    folder: JobFolder | ObjectJobFolder,
     plan: JobPlan,
     sha256: str,
     result: EngineResult,
@@ -509,7 +520,7 @@ def _finish(
             "drifting": report["drifting"],
             "drifting_features": report["drifting_features"],
             "insufficient_data": report["insufficient_data"],
-            "report": str(options.output / REPORT_HTML),
+            "report": folder.location(REPORT_HTML),
         },
     )
     folder.write_json(SUMMARY_FILE, summary.to_json())

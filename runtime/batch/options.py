@@ -32,7 +32,7 @@ class BatchOptions:
     repo: Path | None
     model: str  # NAME or NAME:VERSION (with repo), models:/NAME@ALIAS or models:/NAME/VERSION
     input: str  # a file, a folder or a glob
-    output: Path
+    output: Path | str  # a folder, or an object-storage URI (s3://bucket/prefix)
     id_columns: tuple[str, ...] = ()
     engine: Engine = "local"
     resume: bool = False

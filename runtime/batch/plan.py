@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgewise.runtime.batch.objectfolder import ObjectJobFolder
 from edgewise.runtime.batch.reader import ColumnSpec, InputFile
 from edgewise.runtime.batch.writer import ChunkRecord, JobFolder
 from edgewise.runtime.serving.model import SessionSettings
@@ -17,8 +18,8 @@ __all__ = ["EngineResult", "JobPlan"]
 class JobPlan:
     """A job ready to run: its inputs, columns, chunking, output schema and finished chunks."""
 
-    out: Path
-    folder: JobFolder
+    out: Path | str  # a local folder, or an object-storage URI
+    folder: JobFolder | ObjectJobFolder
     files: list[InputFile]
     columns: ColumnSpec
     chunk_rows: int

@@ -23,6 +23,7 @@ numeric feature columns are then read as float64 and its categorical ones as str
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from edgewise.runtime.batch.storage import is_uri, local_path, open_uri
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package.manifest import Feature
 from edgewise.runtime.package.tabular import TableFormat
@@ -87,7 +89,7 @@ def _csv_codec(path: str) -> str | None:
 class InputFile:
     """One input file as found when the job started."""
 
-    path: str  # absolute
+    path: str  # absolute, or an object-storage URI (s3://bucket/key)
     format: TableFormat
     size: int
     mtime_ns: int
@@ -144,7 +146,9 @@ def discover_inputs(spec: str) -> list[InputFile]:
 
     Raises :class:`InvalidInput` when nothing matches or a named file has an unknown format.
     """
-    path = Path(spec).expanduser()
+    if is_uri(spec):
+        return _discover_remote(spec)
+    path = Path(local_path(spec)).expanduser()
     if path.is_dir():
         paths = _walk(path)
         if not paths:
@@ -180,6 +184,73 @@ def discover_inputs(spec: str) -> list[InputFile]:
     return files
 
 
+def _skipped(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+
+
+def _discover_remote(spec: str) -> list[InputFile]:
+    """:func:`discover_inputs` on object storage: a key, a prefix (recursively) or a glob over
+    keys (``*`` matches across ``/``)."""
+    from pyarrow import fs
+
+    filesystem, path = open_uri(spec)
+    scheme = spec[: spec.index("://") + 3]
+    globbed = bool(_GLOB_CHARS & set(path))
+    base = path
+    if globbed:
+        first = min(path.index(c) for c in _GLOB_CHARS if c in path)
+        base = path[:first].rsplit("/", 1)[0]
+    try:
+        infos = []
+        top = filesystem.get_file_info(base)
+        if top.type == fs.FileType.File and not globbed:
+            infos = [top]
+        elif top.type == fs.FileType.Directory:
+            selector = fs.FileSelector(base, recursive=True, allow_not_found=True)
+            for info in filesystem.get_file_info(selector):
+                relative = info.path[len(base) :].lstrip("/")
+                if info.type != fs.FileType.File or _skipped(relative):
+                    continue
+                if globbed and not fnmatch.fnmatchcase(info.path, path):
+                    continue
+                if input_format(info.path) is not None:
+                    infos.append(info)
+    except OSError as exc:
+        raise InvalidInput(f"{spec}: cannot list: {_one_line(exc)}") from None
+    if not infos:
+        raise InvalidInput(f"{spec}: no .parquet or .csv object matches")
+    problems: list[str] = []
+    files: list[InputFile] = []
+    for info in sorted(infos, key=lambda i: str(i.path)):
+        uri = scheme + info.path
+        try:
+            files.append(_describe_remote(uri, info))
+        except InvalidInput as exc:
+            problems.append(exc.message)
+    raise_all(problems, "input files cannot be read")
+    return files
+
+
+def _describe_remote(uri: str, info: Any) -> InputFile:
+    fmt = input_format(uri)
+    if fmt is None or uri.lower().endswith(_UNSUPPORTED_CSV):
+        raise InvalidInput(f"{uri}: expected .parquet or .csv (optionally .gz, .bz2, .zst)")
+    if fmt == "npy":
+        raise InvalidInput(f"{uri}: .npy inputs are read from local files only (memory-mapped)")
+    rows = _parquet_file(uri).metadata.num_rows if fmt == "parquet" else None
+    mtime_ns = info.mtime_ns if info.mtime_ns is not None else 0
+    return InputFile(uri, fmt, int(info.size), int(mtime_ns), rows)
+
+
+def _open_input(path: str) -> Any:
+    """A pyarrow random-access input file of a local path or URI (it knows its position: the
+    progress of a CSV file)."""
+    if not is_uri(path):
+        return pa.OSFile(path)
+    filesystem, key = open_uri(path)
+    return filesystem.open_input_file(key)
+
+
 def _describe(path: Path) -> InputFile:
     name = path.name.lower()
     if name.endswith(_UNSUPPORTED_CSV):
@@ -207,12 +278,15 @@ def _describe(path: Path) -> InputFile:
 
 def _parquet_file(path: Path | str) -> Any:
     try:
-        return pq.ParquetFile(str(path), pre_buffer=False, buffer_size=1 << 20)
+        source = _open_input(str(path)) if is_uri(str(path)) else str(path)
+        return pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:  # pyarrow raises many types for corrupt or foreign files
         raise InvalidInput(f"{path}: cannot read as Parquet: {_one_line(exc)}") from None
 
 
 def _npy_array(path: Path | str) -> np.ndarray[Any, Any]:
+    if is_uri(str(path)):
+        raise InvalidInput(f"{path}: .npy inputs are read from local files only (memory-mapped)")
     try:
         with open(path, "rb") as handle:
             if handle.read(6) != b"\x93NUMPY":
@@ -399,7 +473,7 @@ def _arrow_type(dtype: np.dtype[Any], what: str) -> Any:
 
 def _csv_stream(path: str) -> Any:
     try:
-        raw = pa.OSFile(path)
+        raw = _open_input(path)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read: {_one_line(exc)}") from None
     codec = _csv_codec(path)
@@ -535,7 +609,10 @@ class ChunkReader:
                 types[name] = pa.float64()
             else:
                 types[name] = pa.string()
-        raw = pa.OSFile(self.file.path)
+        try:
+            raw = _open_input(self.file.path)
+        except OSError as exc:
+            raise InvalidInput(f"{self.file.path}: cannot read: {_one_line(exc)}") from None
         codec = _csv_codec(self.file.path)
         stream = raw if codec is None else pa.CompressedInputStream(raw, codec)
         skip = first_chunk * self.chunk_rows

@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +39,11 @@ import pyarrow.parquet as pq
 from edgewise.runtime._fs import TEMP_PREFIX as _TEMP_PREFIX  # removed by recover()
 from edgewise.runtime._fs import replacing
 from edgewise.runtime._fs import write_text_atomic as _atomic_write
+from edgewise.runtime.batch.storage import is_uri, local_path
 from edgewise.runtime.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from edgewise.runtime.batch.objectfolder import ObjectJobFolder
 
 __all__ = [
     "JOB_FILE",
@@ -51,6 +55,8 @@ __all__ = [
     "SUMMARY_FILE",
     "ChunkRecord",
     "JobFolder",
+    "encode_part",
+    "open_job_folder",
     "part_name",
     "write_part",
 ]
@@ -104,22 +110,37 @@ class ChunkRecord:
         )
 
 
-def write_part(folder: Path, file: int, chunk: int, table: Any) -> int:
-    """Write a chunk's table as its part file, atomically; returns the file's size in bytes.
-
-    Writing the same chunk twice (a retried task) replaces the file with an identical one.
-    """
-    final = folder / part_name(file, chunk)
+def _dictionary_columns(table: Any) -> list[str]:
     # Dictionary encoding only for strings: scores and numeric ids rarely repeat, and trying a
     # dictionary on them costs more than the rest of the write (and makes larger files).
-    strings = [
+    return [
         f.name
         for f in table.schema
         if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
     ]
+
+
+def encode_part(table: Any) -> bytes:
+    """A part file's bytes (what :func:`write_part` writes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, use_dictionary=_dictionary_columns(table))
+    return bytes(sink.getvalue())
+
+
+def write_part(folder: Path | str, file: int, chunk: int, table: Any) -> int:
+    """Write a chunk's table as its part file, atomically; returns the file's size in bytes.
+    ``folder`` may be an object-storage URI (:mod:`.objectfolder`).
+
+    Writing the same chunk twice (a retried task) replaces the file with an identical one.
+    """
+    if isinstance(folder, str) and is_uri(folder):
+        from edgewise.runtime.batch.objectfolder import write_object_part
+
+        return write_object_part(folder, file, chunk, table)
+    final = Path(folder) / part_name(file, chunk)
     try:
         with replacing(final) as temporary:
-            pq.write_table(table, temporary, use_dictionary=strings)
+            pq.write_table(table, temporary, use_dictionary=_dictionary_columns(table))
     except OSError as exc:
         raise InvalidInput(f"{final}: cannot write: {exc.strerror or exc}") from None
     return final.stat().st_size
@@ -192,6 +213,19 @@ class JobFolder:
             raise InvalidInput(f"{path}: the job manifest is not a JSON object")
         return data
 
+    def exists(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def location(self, name: str) -> str:
+        return str(self.path / name)
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{path}: cannot read: {exc}") from None
+
     def write_job(self, job: dict[str, Any]) -> None:
         _atomic_write(self.path / JOB_FILE, json.dumps(job, indent=2) + "\n")
 
@@ -262,3 +296,13 @@ class JobFolder:
     def parts(self) -> list[Path]:
         """Every part file, in chunk order."""
         return sorted(p for p in self.path.iterdir() if _PART_RE.match(p.name))
+
+
+def open_job_folder(output: Path | str) -> JobFolder | ObjectJobFolder:
+    """The job folder of ``--output``: a local :class:`JobFolder`, or an
+    :class:`~edgewise.runtime.batch.objectfolder.ObjectJobFolder` for an object-storage URI."""
+    if isinstance(output, str) and is_uri(output):
+        from edgewise.runtime.batch.objectfolder import ObjectJobFolder
+
+        return ObjectJobFolder(output)
+    return JobFolder(Path(local_path(str(output))))

@@ -60,9 +60,13 @@ def _add_batch(sub: Subparsers) -> None:
     )  # fmt: skip
     p.add_argument(
         "--input", required=True, metavar="PATH_OR_GLOB",
-        help="a .parquet/.csv/.npy file, a folder of them, or a glob (quote it)",
+        help="a .parquet/.csv/.npy file, a folder of them, or a glob (quote it); also on object "
+        "storage (s3://bucket/prefix/*.parquet; credentials from AWS_*, AWS_ENDPOINT_URL, ...)",
     )  # fmt: skip
-    p.add_argument("--output", type=Path, required=True, help="output folder (empty or new)")
+    p.add_argument(
+        "--output", required=True, metavar="FOLDER_OR_URI",
+        help="output folder or object-storage prefix (s3://, gs://, abfs://), empty or new",
+    )  # fmt: skip
     p.add_argument(
         "--id-columns", nargs="+", default=[], metavar="COLUMN",
         help="input columns copied to the output beside the scores",
