@@ -197,8 +197,10 @@ class Shadow:
                 stats = self._stats.get(key, ShadowStats())
                 self._stats[key] = replace(stats, dropped=stats.dropped + 1)
             return
-        self._queue.append(_Copy(version, prepared, response))
-        self._wake.set()
+        queue = self._queue
+        queue.append(_Copy(version, prepared, response))
+        if len(queue) == 1:  # the worker may be asleep (else it is draining, or wakes in 0.5 s)
+            self._wake.set()
 
     # ---- reading and control -------------------------------------------------------------------
 
