@@ -129,8 +129,18 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+_DOUBLE = struct.Struct("<d").unpack_from
+_FLOAT = struct.Struct("<f").unpack_from
+
+
 def decode_value(blob: bytes) -> Value:
     """A serialized ``feast.types.Value`` (scalars; a list or null value is None)."""
+    # The common cases first, without the general reader: one double_val (tag 0x29) or
+    # float_val (tag 0x35) field, the whole message.
+    if len(blob) == 9 and blob[0] == 0x29:
+        return float(_DOUBLE(blob, 1)[0])
+    if len(blob) == 5 and blob[0] == 0x35:
+        return float(_FLOAT(blob, 1)[0])
     result: Value = None
     for number, _, raw in _fields(blob):
         if number == 6 and isinstance(raw, bytes):  # float_val
@@ -171,6 +181,14 @@ def entity_key(
 ) -> bytes:
     """Feast's ``serialize_entity_key`` (version 3) of one entity: ``join_keys[i]`` of value
     type ``types[i]`` (INT64, INT32 or STRING) equal to ``values[i]``."""
+    if len(join_keys) == 1 and types[0] == INT64:  # the common case, its header cached
+        header = _HEADERS.get(join_keys[0])
+        if header is None:
+            name = join_keys[0].encode("utf-8")
+            header = _HEADERS[join_keys[0]] = (
+                struct.pack("<III", 1, STRING, len(name)) + name + struct.pack("<II", INT64, 8)
+            )
+        return header + struct.pack("<q", int(values[0]))
     order = sorted(range(len(join_keys)), key=lambda i: join_keys[i])
     parts = [struct.pack("<I", len(join_keys))]
     for i in order:
@@ -190,6 +208,9 @@ def entity_key(
         parts.append(struct.pack("<II", kind, len(payload)))
         parts.append(payload)
     return b"".join(parts)
+
+
+_HEADERS: dict[str, bytes] = {}
 
 
 def murmur3_32(data: bytes, seed: int = 0) -> int:
@@ -411,9 +432,9 @@ class SqliteOnlineStore:
         self.path = path
         self.project = project
         self._local = threading.local()
-        self._sql: dict[str, str] = {}
+        self._sql: dict[tuple[str, int], str] = {}
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, budget: float) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             if not self.path.is_file():
@@ -422,6 +443,9 @@ class SqliteOnlineStore:
                 conn = sqlite3.connect(
                     f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
                 )
+                # The wait for a writer's lock is bounded by the budget (set once: a statement
+                # per read would cost as much as the read).
+                conn.execute(f"PRAGMA busy_timeout = {max(1, int(budget * 1000))}")
             except sqlite3.Error as exc:
                 raise StoreError(f"online store {self.path}: {exc}") from None
             self._local.conn = conn
@@ -430,16 +454,17 @@ class SqliteOnlineStore:
     def read(
         self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
     ) -> list[StoredRow]:
-        conn = self._connection()
-        table = f"{self.project}_{view}".replace('"', '""')
-        marks = ",".join("?" * len(keys))
-        sql = (
-            f'SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
-            f"WHERE entity_key IN ({marks})"
-        )
+        conn = self._connection(budget)
+        sql = self._sql.get((view, len(keys)))
+        if sql is None:
+            table = f"{self.project}_{view}".replace('"', '""')
+            marks = ",".join("?" * len(keys))
+            sql = self._sql[(view, len(keys))] = (
+                f'SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
+                f"WHERE entity_key IN ({marks})"
+            )
         give_up = time.monotonic() + budget
-        # The wait for a writer's lock, then the query itself, are bounded by the budget.
-        conn.execute(f"PRAGMA busy_timeout = {max(1, int(budget * 1000))}")
+        # The query itself is interrupted once the budget is spent.
         conn.set_progress_handler(lambda: int(time.monotonic() > give_up), 1000)
         try:
             rows = conn.execute(sql, list(keys)).fetchall()

@@ -1,0 +1,250 @@
+"""What a feature lookup adds to a served request, lookups per second, and what a server whose
+models look nothing up pays for the feature: one run, one JSON line per case.
+
+    .venv/bin/python benchmarks/feature_lookup.py [--rounds R (5)] [--requests N (400)]
+
+Setup: tests/feast_repo.py's Feast repository (diabetes, nine features in one feature view,
+``bmi`` a request-time input) is applied and materialized by Feast 0.67 in its own environment
+(``.venv-feast``), to its SQLite online store and, where ``redis-server`` is installed, to a Redis
+the run starts. A linear model is converted four times into one repository: ``direct`` (the
+request sends all ten features), ``sqlite`` and ``redis`` (the request sends the entity key and
+``bmi``; the cache is off, so every request reads the store), ``sqlite_cached`` (the cache on:
+after the first request, hits). One edgewise server (default front end) serves them all.
+
+``lookup_added_latency``: client round trips at concurrency 1 (EdgewiseClient, one row,
+one entity), in alternating rounds over the cases (order rotated each round); per round the
+p50 of each case; reported: median over rounds of p50, and the median of the per-round
+differences against ``direct`` (targets: +50 us SQLite, +150 us Redis). The server's own
+lookup time (edgewise_feature_lookup_seconds) is reported as its mean.
+
+``store_reads_per_second``: the readers alone in this process (no server): reads of 1 and 32
+entities per second, SQLite and Redis.
+
+``plain_server``: a server whose repository holds only ``direct``: time from start to SERVING,
+RSS once serving, and whether it imported the lookup modules (``python -X importtime`` on the
+server's log), against a server whose repository also holds a model with lookups, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sklearn.linear_model import LinearRegression  # noqa: E402
+
+from edgewise.runtime.convert.converter import convert  # noqa: E402
+from edgewise.runtime.serving.online_store import (  # noqa: E402
+    RedisOnlineStore,
+    SqliteOnlineStore,
+    entity_key,
+)
+from tests import feast_repo as fr  # noqa: E402
+from tests.servers import start_server  # noqa: E402
+
+
+def section(repo: Path, store: dict[str, str], cache: bool) -> dict[str, Any]:
+    return {
+        "registry": str(repo / "data" / "registry.db"),
+        "project": fr.PROJECT,
+        "online_store": store,
+        "feature_service": fr.SERVICE,
+        "request_inputs": [fr.REQUEST_INPUT],
+        "on_missing": "not_found",
+        "cache": {"ttl_seconds": 60 if cache else 0},
+        "budget_ms": 1000,  # a shared machine stalls now and then: measured, not refused
+    }
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reads_per_second(store: Any, keys: list[bytes], seconds: float = 1.0) -> float:
+    done = 0
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        store.read(fr.VIEW, keys, fr.FEATURES, 1.0)
+        done += 1
+    return done * len(keys) / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=400)
+    args = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="feature-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        root = Path(tmp)
+        repo = fr.write_repo(root / "sqlite_repo")
+        fr.run_feast(repo, apply=True, materialize_end=fr.NOW.isoformat())
+        redis_repo = None
+        redis_port = None
+        if fr.redis_missing() is None:
+            redis_port = stack.enter_context(fr.redis_server(root / "redis"))
+            redis_repo = fr.write_repo(root / "redis_repo", redis_port=redis_port)
+            fr.run_feast(redis_repo, apply=True, materialize_end=fr.NOW.isoformat())
+        entities = fr.training_entities()
+        X = fr.snapshots().iloc[: len(entities)][list(fr.FEATURES)].copy()
+        X.insert(2, fr.REQUEST_INPUT, entities[fr.REQUEST_INPUT].to_numpy())
+        model = LinearRegression().fit(X, entities["target"])
+        models = root / "models"
+        sqlite_store = {"type": "sqlite", "path": str(repo / "data" / "online_store.db")}
+        configs: dict[str, dict[str, Any] | None] = {
+            "direct": None,
+            "sqlite": section(repo, sqlite_store, cache=False),
+            "sqlite_cached": section(repo, sqlite_store, cache=True),
+        }
+        if redis_repo is not None:
+            configs["redis"] = section(
+                redis_repo,
+                {"type": "redis", "connection_string": f"127.0.0.1:{redis_port}"},
+                cache=False,
+            )
+        for name, config in configs.items():
+            convert(model, X, name=name, repo=models)
+            if config is not None:
+                (models / name / "config.json").write_text(json.dumps({"features": config}))
+        plain = root / "plain"
+        convert(model, X, name="direct", repo=plain)
+
+        # ---- store reads per second, in this process ------------------------------------------
+        readers: dict[str, Any] = {
+            "sqlite": SqliteOnlineStore(repo / "data" / "online_store.db", fr.PROJECT)
+        }
+        if redis_port is not None:
+            readers["redis"] = RedisOnlineStore("127.0.0.1", redis_port, fr.PROJECT)
+        for store_name, reader in readers.items():
+            for count in (1, 32):
+                keys = [entity_key([fr.ENTITY], [4], [i]) for i in range(count)]
+                emit(
+                    {
+                        "case": "store_reads_per_second",
+                        "store": store_name,
+                        "entities_per_read": count,
+                        "entities_per_second": round(reads_per_second(reader, keys)),
+                    }
+                )
+
+        # ---- added latency on a served request ----------------------------------------------
+        server = start_server(models, root / "server")
+        try:
+            row = X.iloc[[5]].to_numpy(dtype=np.float32)
+            direct = {"features": row}
+            looked = {
+                fr.ENTITY: np.array([[5]], dtype=np.int64),
+                fr.REQUEST_INPUT: row[:, [2]].copy(),
+            }
+            cases = list(configs)
+            p50s: dict[str, list[float]] = {c: [] for c in cases}
+            with server.client() as client:
+                for case in cases:  # warm up
+                    for _ in range(50):
+                        client.infer(case, direct if case == "direct" else looked)
+                for r in range(args.rounds):
+                    order = cases[r % len(cases) :] + cases[: r % len(cases)]
+                    for case in order:
+                        inputs = direct if case == "direct" else looked
+                        times = []
+                        for _ in range(args.requests):
+                            began = time.perf_counter()
+                            client.infer(case, inputs)
+                            times.append(time.perf_counter() - began)
+                        p50s[case].append(statistics.median(times) * 1e6)
+            for case in cases:
+                added = [a - b for a, b in zip(p50s[case], p50s["direct"], strict=True)]
+                count = metric(
+                    server.metrics_url, "edgewise_feature_lookup_seconds_count", model=case
+                )
+                total = metric(
+                    server.metrics_url, "edgewise_feature_lookup_seconds_sum", model=case
+                )
+                emit(
+                    {
+                        "case": "lookup_added_latency",
+                        "model": case,
+                        "p50_us": round(statistics.median(p50s[case]), 1),
+                        "added_p50_us": round(statistics.median(added), 1),
+                        "server_lookup_mean_us": round(total / count * 1e6, 1) if count else None,
+                        "rounds": args.rounds,
+                        "requests_per_round": args.requests,
+                    }
+                )
+        finally:
+            server.stop()
+
+        # ---- a server without lookups -------------------------------------------------------
+        env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+        results: dict[str, dict[str, list[float]]] = {}
+        for r in range(args.rounds):
+            for label, folder in (("plain", plain), ("with_lookup_model", models))[
+                :: 1 if r % 2 else -1
+            ]:
+                began = time.perf_counter()
+                running = _start(folder, root / f"start-{label}-{r}", env)
+                with running as srv:
+                    seconds = time.perf_counter() - began
+                    log = srv.log()
+                    entry = results.setdefault(label, {"start_s": [], "rss_mib": [], "imports": []})
+                    entry["start_s"].append(seconds)
+                    entry["rss_mib"].append(rss_kib(srv.process.pid) / 1024)
+                    entry["imports"].append(float("edgewise.runtime.serving.features" in log))
+        for label, entry in results.items():
+            emit(
+                {
+                    "case": "plain_server",
+                    "server": label,
+                    "start_to_serving_s": round(statistics.median(entry["start_s"]), 3),
+                    "rss_mib": round(statistics.median(entry["rss_mib"]), 1),
+                    "imports_feature_modules": bool(max(entry["imports"])),
+                    "rounds": args.rounds,
+                }
+            )
+
+
+@contextlib.contextmanager
+def _start(folder: Path, workdir: Path, env: dict[str, str]) -> Iterator[Any]:
+    server = start_server(folder, workdir, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The Feast layout readers' pieces that need no Feast: murmur3 (vectors from the ``mmh3``
+package Feast uses, ``mmh3.hash(key, signed=False)``), Value decoding (messages as protobuf
+encodes them), entity keys, the settings' refusals and a store that is not there."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from edgewise.runtime.serving.features import FeatureSettings
+from edgewise.runtime.serving.online_store import (
+    RedisOnlineStore,
+    SqliteOnlineStore,
+    StoreError,
+    decode_value,
+    entity_key,
+    murmur3_32,
+    read_registry,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", 0),
+        ("a", 1009084850),
+        ("abc", 3017643002),
+        ("patient_stats:age", 2015032212),
+        ("hello world!!", 3804944959),
+    ],
+)
+def test_murmur3_matches_mmh3(text: str, expected: int) -> None:
+    assert murmur3_32(text.encode()) == expected
+
+
+def test_decode_value_scalars() -> None:
+    assert decode_value(b"\x29" + struct.pack("<d", 1.25)) == 1.25  # double_val = 5
+    assert decode_value(b"\x35" + struct.pack("<f", -0.5)) == -0.5  # float_val = 6
+    assert decode_value(b"\x20\x07") == 7  # int64_val = 4
+    assert decode_value(b"\x20" + b"\xff" * 9 + b"\x01") == -1  # negative int64
+    assert decode_value(b"\x18" + b"\xfe" + b"\xff" * 8 + b"\x01") == -2  # negative int32 = 3
+    assert decode_value(b"\x38\x01") is True  # bool_val = 7
+    assert decode_value(b"\x12\x02hi") == "hi"  # string_val = 2
+    assert decode_value(b"") is None  # unset: null
+
+
+def test_entity_key_layout() -> None:
+    key = entity_key(["patient_id"], [4], [5])
+    assert key == struct.pack("<III", 1, 2, 10) + b"patient_id" + struct.pack("<IIq", 4, 8, 5)
+    # Several join keys are sorted by name, names first, then values.
+    two = entity_key(["b", "a"], [2, 3], ["x", 9])
+    assert two == (
+        struct.pack("<I", 2)
+        + struct.pack("<II", 2, 1) + b"a" + struct.pack("<II", 2, 1) + b"b"
+        + struct.pack("<IIi", 3, 4, 9) + struct.pack("<II", 2, 1) + b"x"
+    )  # fmt: skip
+
+
+def test_settings_refusals_name_the_field(tmp_path: Path) -> None:
+    base = {
+        "registry": "r.db",
+        "project": "p",
+        "online_store": {"type": "sqlite", "path": "o.db"},
+        "feature_service": "s",
+    }
+    assert FeatureSettings.from_json(base, tmp_path).registry == tmp_path / "r.db"
+    cases = {
+        "features.online_store": {**base, "online_store": {"type": "bigtable"}},
+        "give feature_service or features": {**base, "features": ["v:f"]},
+        "features.on_missing": {**base, "on_missing": "guess"},
+        "features.budget_ms": {**base, "budget_ms": 0},
+        "unknown field(s) extra": {**base, "extra": 1},
+        "features.project is required": {k: v for k, v in base.items() if k != "project"},
+    }
+    for words, data in cases.items():
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            FeatureSettings.from_json(data, tmp_path)
+
+
+def test_stores_that_are_not_there(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no such file"):
+        SqliteOnlineStore(tmp_path / "none.db", "p").read("v", [b"k"], ["f"], 0.1)
+    with pytest.raises(ValueError, match="feature registry"):
+        read_registry(tmp_path / "none.db", "p")
+    (tmp_path / "junk.db").write_bytes(b"\x0f\xff")
+    with pytest.raises(ValueError, match="not a Feast registry"):
+        read_registry(tmp_path / "junk.db", "p")
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StoreError, match="down"):
+        RedisOnlineStore("127.0.0.1", port, "p").read("v", [b"k"], ["f"], 0.5)
