@@ -357,7 +357,12 @@ def grpc_server(
         (epb_grpc.add_QualityServiceServicer_to_server, QualityServicer(*control, capture)),
         (health_pb2_grpc.add_HealthServicer_to_server, health),
         *(
-            ((epb_grpc.add_RolloutServiceServicer_to_server, RolloutServicer(rollouts, executor)),)
+            (
+                (
+                    epb_grpc.add_RolloutServiceServicer_to_server,
+                    RolloutServicer(rollouts, executor, peers),
+                ),
+            )
             if rollouts is not None
             else ()
         ),

@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from edgewise.runtime.frontends.grpcio import status_of
+from edgewise.runtime.frontends.grpcio import FORWARDED_HEADER, status_of
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.serving.rollout import ModelRoutes, Rollouts
@@ -53,23 +54,65 @@ def rollout_message(name: str, routes: ModelRoutes, rollouts: Rollouts) -> epb.R
 
 
 class RolloutServicer(epb_grpc.RolloutServiceServicer):
-    def __init__(self, rollouts: Rollouts, executor: ThreadPoolExecutor) -> None:
+    """``peers``: in multi-process mode, the sibling processes' private addresses: a change
+    committed here is made there too (a client's call reaches one process of the port)."""
+
+    def __init__(
+        self,
+        rollouts: Rollouts,
+        executor: ThreadPoolExecutor,
+        peers: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.rollouts = rollouts
         self.executor = executor
+        self.peers = peers
 
     async def _answer(
         self,
         name: str,
         work: Callable[[], ModelRoutes],
         context: grpc.aio.ServicerContext[object, object],
+        forward: tuple[str, Message] | None = None,
     ) -> epb.Rollout:
         try:
             routes = await asyncio.get_running_loop().run_in_executor(self.executor, work)
-            return rollout_message(name, routes, self.rollouts)
         except Exception as exc:
             code, message, trailers = status_of(exc)
             await context.abort(code, message, trailing_metadata=trailers)
             raise
+        if forward is not None:
+            await self._fan_out(*forward, context)
+        return rollout_message(name, routes, self.rollouts)
+
+    async def _fan_out(
+        self, method: str, request: Message, context: grpc.aio.ServicerContext[object, object]
+    ) -> None:
+        """The same change in every sibling process (a forwarded call is not forwarded again)."""
+        if self.peers is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get(FORWARDED_HEADER):
+            return
+        forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
+        if metadata.get("authorization"):
+            forwarded += (("authorization", str(metadata["authorization"])),)
+
+        async def call(address: str) -> None:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = epb_grpc.RolloutServiceStub(channel)
+                await getattr(stub, method)(request, timeout=30, metadata=forwarded)
+
+        results = await asyncio.gather(
+            *(call(address) for address in self.peers()), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            details = failed[0].details() if isinstance(failed[0], grpc.aio.AioRpcError) else ""
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{method} succeeded here but failed in {len(failed)} of {len(results)} sibling "
+                f"process(es): {details or type(failed[0]).__name__}",
+            )
 
     async def GetRollout(
         self, request: epb.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
@@ -87,6 +130,7 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
             request.model,
             lambda: self.rollouts.set_split(request.model, weights, request.sticky_key),
             context,
+            ("SetTrafficSplit", request),
         )
 
     async def SetShadow(
@@ -97,6 +141,7 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
             request.model,
             lambda: self.rollouts.set_shadow(request.model, request.version, rate),
             context,
+            ("SetShadow", request),
         )
 
     async def SetVersionLabel(
@@ -108,4 +153,5 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
             request.model,
             lambda: self.rollouts.set_label(request.model, request.label, request.version),
             context,
+            ("SetVersionLabel", request),
         )

@@ -17,6 +17,8 @@ import pytest
 from scipy.stats import binom
 
 from edgewise.runtime.client.client import ServerError
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as eg
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.codecs import encode_inputs
@@ -268,3 +270,36 @@ def test_the_cli_verbs(
         assert "split    none" in capsys.readouterr().out
     finally:
         running.stop()
+
+
+def test_every_process_of_a_multi_process_server_takes_the_change(
+    inverted_repo: Path, tmp_path: Path
+) -> None:
+    running = start_server(inverted_repo, tmp_path / "multi", ["--processes", "2"])
+    try:
+        with running.client() as client:
+            client.load_model(NAME, "1", make_default=True)
+            client.load_model(NAME, "2")
+            client.set_traffic_split(NAME, [("1", 60), ("2", 40)])
+            client.set_version_label(NAME, "canary", "2")
+            with pytest.raises(ServerError):  # refused in the process it reached: nothing forwarded
+                client.set_version_label(NAME, "canary", "7")
+        # A local subchannel pool per channel: separate connections, spread over the processes.
+        seen = set()
+        for _ in range(16):
+            channel = grpc.insecure_channel(
+                running.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            with channel:
+                rollout = eg.RolloutServiceStub(channel).GetRollout(
+                    epb.GetRolloutRequest(model=NAME), timeout=10
+                )
+                seen.add(
+                    (
+                        tuple((w.version, w.weight) for w in rollout.weights),
+                        rollout.labels["canary"],
+                    )
+                )
+        assert seen == {((("1", 60), ("2", 40)), "2")}
+    finally:
+        assert running.stop() == 0, running.log()

@@ -551,7 +551,8 @@ class RolloutServiceStub(object):
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     def __init__(self, channel):
@@ -589,7 +590,8 @@ class RolloutServiceServicer(object):
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     def GetRollout(self, request, context):
@@ -658,7 +660,8 @@ class RolloutService(object):
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     @staticmethod

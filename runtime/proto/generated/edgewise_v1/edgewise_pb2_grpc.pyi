@@ -263,7 +263,8 @@ class RolloutServiceStub:
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     @_typing.overload
@@ -287,7 +288,8 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -307,7 +309,8 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
     Every change is validated first: a refused one (weights that do not sum to 100, a version or
     label that is not loaded, a bad sticky key or rate) is INVALID_ARGUMENT naming the field, and
     nothing changes. A committed change is kept in <repo>/<model>/rollout.json (read at start-up).
-    With several server processes (`serve --processes N`) a call reaches one process.
+    With several server processes (`serve --processes N`) the process a call reaches forwards a
+    committed change to its siblings.
     """
 
     @_abc_1.abstractmethod
