@@ -264,6 +264,12 @@ class FeatureViewSpec:
     features: tuple[FeatureSpec, ...]
     ttl_seconds: float  # 0: values never go stale
     entity_columns: tuple[FeatureSpec, ...]  # join keys with their value types
+    # The batch source (offline store), a file source: its path, event timestamp column, created
+    # timestamp column ("" none) and field mapping (source column -> feature or join key name).
+    source_path: str = ""
+    source_timestamp: str = ""
+    source_created: str = ""
+    source_mapping: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,7 @@ def _read_view(spec: bytes) -> FeatureViewSpec:
     features: list[FeatureSpec] = []
     columns: list[FeatureSpec] = []
     ttl = 0.0
+    source: tuple[str, str, str, tuple[tuple[str, str], ...]] = ("", "", "", ())
     for n, _, value in _fields(spec):
         if n == 1:
             name = _str(value)
@@ -374,7 +381,34 @@ def _read_view(spec: bytes) -> FeatureViewSpec:
             columns.append(_feature(value))
         elif n == 6 and isinstance(value, bytes):  # google.protobuf.Duration
             ttl = _timestamp_seconds(value)
-    return FeatureViewSpec(name, tuple(entities), tuple(features), ttl, tuple(columns))
+        elif n == 7 and isinstance(value, bytes):  # batch_source: DataSource
+            source = _read_source(value)
+    return FeatureViewSpec(name, tuple(entities), tuple(features), ttl, tuple(columns), *source)
+
+
+def _read_source(blob: bytes) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """DataSource {field_mapping 2, timestamp_field 3, created_timestamp_column 5,
+    file_options 11 {uri 2}}."""
+    path = timestamp = created = ""
+    mapping: list[tuple[str, str]] = []
+    for n, _, value in _fields(blob):
+        if n == 3:
+            timestamp = _str(value)
+        elif n == 5:
+            created = _str(value)
+        elif n == 11 and isinstance(value, bytes):
+            for m, _, item in _fields(value):
+                if m == 2:
+                    path = _str(item)
+        elif n == 2 and isinstance(value, bytes):  # map entry {key 1, value 2}
+            key = target = ""
+            for m, _, item in _fields(value):
+                if m == 1:
+                    key = _str(item)
+                elif m == 2:
+                    target = _str(item)
+            mapping.append((key, target))
+    return path, timestamp, created, tuple(mapping)
 
 
 def _read_service(spec: bytes) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from sklearn.linear_model import LinearRegression
 
 from edgewise.runtime.client.client import ServerError
 from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.serving.offline_features import historical_features
 from edgewise.runtime.serving.online_store import (
     RedisOnlineStore,
     SqliteOnlineStore,
@@ -306,6 +308,47 @@ def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> Non
         )
         >= 1
     )
+
+
+def test_offline_join_equals_feasts_historical_features(setup: Setup, tmp_path: Path) -> None:
+    """historical_features (no Feast) against Feast's get_historical_features on entity rows
+    before the first snapshot, between, after the second, and past the view's TTL."""
+    moments = [
+        fr.T0 - timedelta(hours=1),  # before any value: null
+        fr.T0,  # exactly at the old snapshot
+        fr.BETWEEN,
+        fr.T1 + timedelta(minutes=5),
+        fr.T1 + timedelta(days=3),  # older than the 2-day TTL: null
+    ]
+    rows = pd.DataFrame(
+        [(i, pd.Timestamp(m)) for i in (0, 3, 441, UNKNOWN) for m in moments],
+        columns=[fr.ENTITY, "event_timestamp"],
+    )
+    rows["extra"] = range(len(rows))
+    rows.to_parquet(tmp_path / "rows.parquet")
+    fr.run_feast(
+        setup.repo,
+        historical={"entities": str(tmp_path / "rows.parquet"), "out": str(tmp_path / "f.parquet")},
+    )
+    feast = pd.read_parquet(tmp_path / "f.parquet").sort_values("extra").reset_index(drop=True)
+    ours = historical_features(
+        rows, setup.repo / "data" / "registry.db", fr.PROJECT, feature_service=fr.SERVICE
+    )
+    assert list(ours["extra"]) == list(rows["extra"])  # the entity rows' order is kept
+    # Feast's file offline store leaves out the rows of a known entity with no value in the TTL
+    # window (an unknown entity's rows stay, null); historical_features keeps every row, null.
+    kept = ours.set_index("extra").loc[feast["extra"]]
+    dropped = ours[~ours["extra"].isin(feast["extra"])]
+    assert len(dropped) == 6 and dropped[list(fr.FEATURES)].isna().all().all()
+    for name in fr.FEATURES:
+        np.testing.assert_allclose(
+            kept[name].to_numpy(dtype=float), feast[name].to_numpy(dtype=float), equal_nan=True
+        )
+    assert ours[fr.FEATURES[0]].isna().sum() == 3 * 2 + 5  # before, past the TTL; unknown
+    with pytest.raises(ValueError, match="feature service 'nope'"):
+        historical_features(
+            rows, setup.repo / "data" / "registry.db", fr.PROJECT, feature_service="nope"
+        )
 
 
 def test_materialization_while_serving(setup: Setup) -> None:
