@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import pyarrow as pa
 
+from edgewise.runtime.batch.badrecords import count_bad_records
 from edgewise.runtime.batch.objectfolder import ObjectJobFolder
 from edgewise.runtime.batch.options import (
     DEFAULT_CHUNK_ROWS,
@@ -84,6 +85,11 @@ def _check_same_inputs(recorded: list[InputFile], found: list[InputFile]) -> Non
             raise InvalidInput(f"cannot resume: input {path} is new since the job started")
         if (before.size, before.mtime_ns) != (file.size, file.mtime_ns):
             raise InvalidInput(f"cannot resume: input {path} changed since the job started")
+        if before.fingerprint is not None and before.fingerprint != file.fingerprint:
+            raise InvalidInput(
+                f"cannot resume: input {path} was rewritten since the job started (same size "
+                "and modification time, other content)"
+            )
     if [f.path for f in recorded] != [f.path for f in found]:  # pragma: no cover - sorted both
         raise InvalidInput("cannot resume: the inputs are in a different order")
 
@@ -184,6 +190,7 @@ class _Settings:
     id_columns: tuple[str, ...]
     drift_report: bool
     sha256: str | None = None  # the recorded model's, when resuming
+    bad_records: str | None = None  # the --bad-records folder
 
 
 def _settings(
@@ -203,7 +210,10 @@ def _settings(
                 f"{', ...' if len(foreign) > 3 else ''}): a new job needs an empty folder"
             )
         chunk_rows = options.chunk_rows or DEFAULT_CHUNK_ROWS
-        return _Settings(False, pinned, chunk_rows, options.id_columns, options.drift_report)
+        bad = None if options.bad_records is None else str(options.bad_records.absolute())
+        return _Settings(
+            False, pinned, chunk_rows, options.id_columns, options.drift_report, None, bad
+        )
     if not options.resume:
         raise InvalidInput(
             f"output {options.output} holds a batch job already: pass --resume to continue it, "
@@ -221,6 +231,7 @@ def _settings(
             tuple(str(c) for c in job["id_columns"]),
             bool(job["drift_report"]),
             str(model["sha256"]),
+            None if job.get("bad_records") is None else str(job["bad_records"]),
         )
         recorded_name = str(model["name"])
         inputs = [InputFile.from_json(f) for f in job["inputs"]]
@@ -250,6 +261,13 @@ def _settings(
         raise InvalidInput(
             f"cannot resume: the job passes id columns {list(recorded.id_columns)}, not "
             f"{list(options.id_columns)}"
+        )
+    if options.bad_records is not None and (
+        str(options.bad_records.absolute()) != recorded.bad_records
+    ):
+        raise InvalidInput(
+            f"cannot resume: the job sets bad records aside in {recorded.bad_records or 'none'}"
+            f", not {options.bad_records}"
         )
     _check_same_inputs(inputs, files)
     return recorded
@@ -286,6 +304,8 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     nothing."""
     started = time.perf_counter()
     _check_id_columns(options.id_columns)
+    if options.bad_records is not None and options.engine == "ray":
+        raise InvalidInput("--bad-records works with the local engine only (not --engine ray)")
     if options.chunk_rows is not None and options.chunk_rows < 1:
         raise InvalidInput("--chunk-rows must be at least 1")
 
@@ -340,7 +360,9 @@ def _prepare(
             "(its sha256 differs)"
         )
     columns = ColumnSpec(manifest.features, settings.id_columns)
-    schemas = check_inputs(files, columns)  # every file's columns, before anything is scored
+    schemas = check_inputs(
+        files, columns, settings.bad_records is not None
+    )  # every file's columns, before anything is scored
     identity = {"model": name, "version": version, "sha256": manifest.model_sha256}
     schema = output_schema(manifest, _id_fields(schemas, columns, files), identity)
     return _Prepared(settings, version, version_dir, manifest, columns, schema)
@@ -407,6 +429,7 @@ def _run_locked(
                 "chunk_rows": settings.chunk_rows,
                 "id_columns": list(settings.id_columns),
                 "drift_report": settings.drift_report,
+                "bad_records": settings.bad_records,
                 "output_schema": prepared.schema.to_string(show_schema_metadata=False),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -423,6 +446,7 @@ def _run_locked(
         version=version,
         version_dir=prepared.version_dir,
         session=loaded.session,
+        bad_records=None if settings.bad_records is None else Path(settings.bad_records),
     )
     progress = Progress([f.rows for f in files], [f.size for f in files], options.progress)
     progress.already_done(sum(r.rows for r in done.values()))
@@ -515,6 +539,7 @@ def _finish(
         rows_per_second=round(result.rows_scored / seconds, 1) if seconds > 0 else 0.0,
         resumed=resumed,
         source=source_uri,
+        bad_records=0 if plan.bad_records is None else count_bad_records(plan.bad_records),
         drift={
             "available": report["available"],
             "drifting": report["drifting"],

@@ -47,6 +47,7 @@ class BatchOptions:
     store_timeout: float = 30.0
     model_cache: Path | None = None  # where store versions are downloaded (None: the default)
     trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
+    bad_records: Path | None = None  # CSV rows that fail to decode go there (None: strict)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class BatchSummary:
     rows_per_second: float  # rows_this_run / seconds
     resumed: bool
     source: str | None = None  # the models:/ URI the model came from (None: a repository)
+    bad_records: int = 0  # rows set aside in --bad-records (every run of the job)
     already_complete: bool = False
     drift: dict[str, Any] = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from edgewise.runtime.batch.badrecords import malformed_name, rows_name, write_bad_records
 from edgewise.runtime.batch.plan import EngineResult, JobPlan
 from edgewise.runtime.batch.progress import Progress
 from edgewise.runtime.batch.reader import ChunkReader
@@ -140,9 +141,13 @@ class _Run:
             first = 0
             if self.collector is None and known is not None:
                 first = min(set(range(known)) - done)
-            reader = ChunkReader(file, plan.columns, plan.chunk_rows)
+            reader = ChunkReader(
+                file, plan.columns, plan.chunk_rows, tolerant=plan.bad_records is not None
+            )
             count = first
             for raw in reader.chunks(first):
+                if raw.bad and plan.bad_records is not None:  # before the chunk's part file
+                    write_bad_records(plan.bad_records, rows_name(number, raw.index), raw.bad)
                 self._put(
                     self.chunks,
                     _Chunk(
@@ -150,6 +155,8 @@ class _Run:
                     ),
                 )
                 count = raw.index + 1
+            if reader.malformed and plan.bad_records is not None:
+                write_bad_records(plan.bad_records, malformed_name(number), reader.malformed)
             self.file_chunks[number] = count
             if self.collector is not None:
                 self.collector.file_chunks(number, count)

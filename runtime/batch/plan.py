@@ -29,6 +29,7 @@ class JobPlan:
     version: int
     version_dir: Path
     session: SessionSettings
+    bad_records: Path | None = None  # --bad-records: CSV rows that fail to decode go there
 
     def done_chunks(self, file: int) -> set[int]:
         return {chunk for (f, chunk) in self.done if f == file}

@@ -27,7 +27,7 @@ import fnmatch
 import glob
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -94,6 +94,7 @@ class InputFile:
     size: int
     mtime_ns: int
     rows: int | None  # known up front for Parquet and .npy; None for CSV
+    fingerprint: str | None = None  # :func:`fingerprint` (None: a job recorded before it existed)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +103,7 @@ class InputFile:
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "rows": self.rows,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -110,17 +112,46 @@ class InputFile:
         if fmt not in ("parquet", "csv", "npy"):
             raise ValueError(f"unknown input format {fmt!r}")
         rows = data.get("rows")
+        printed = data.get("fingerprint")
         return cls(
             path=str(data["path"]),
             format=fmt,  # type: ignore[arg-type]
             size=int(data["size"]),
             mtime_ns=int(data["mtime_ns"]),
             rows=None if rows is None else int(rows),
+            fingerprint=None if printed is None else str(printed),
         )
 
     def chunk_count(self, chunk_rows: int) -> int | None:
         """Chunks of the file, when its row count is known."""
         return None if self.rows is None else -(-self.rows // chunk_rows)
+
+
+#: Bytes hashed at each of a file's start, middle and end (:func:`fingerprint`).
+FINGERPRINT_BLOCK: Final = 64 << 10
+
+
+def fingerprint(path: str, size: int) -> str:
+    """A cheap content fingerprint: sha256 over the file's first, middle and last 64 KiB (a
+    Parquet file's last block holds its footer: every row group's offsets and statistics). It
+    tells a resumed job that an input was rewritten with the same size and modification time;
+    a change confined to other bytes of a CSV file goes unseen."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    block = FINGERPRINT_BLOCK
+    offsets = sorted({0, max(0, size // 2 - block // 2), max(0, size - block)})
+    try:
+        handle = _open_input(path)
+        try:
+            for offset in offsets:
+                handle.seek(offset)
+                digest.update(handle.read(min(block, size - offset)))
+        finally:
+            handle.close()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {_one_line(exc)}") from None
+    return "sha256:" + digest.hexdigest()
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -239,7 +270,8 @@ def _describe_remote(uri: str, info: Any) -> InputFile:
         raise InvalidInput(f"{uri}: .npy inputs are read from local files only (memory-mapped)")
     rows = _parquet_file(uri).metadata.num_rows if fmt == "parquet" else None
     mtime_ns = info.mtime_ns if info.mtime_ns is not None else 0
-    return InputFile(uri, fmt, int(info.size), int(mtime_ns), rows)
+    size = int(info.size)
+    return InputFile(uri, fmt, size, int(mtime_ns), rows, fingerprint(uri, size))
 
 
 def _open_input(path: str) -> Any:
@@ -273,7 +305,9 @@ def _describe(path: Path) -> InputFile:
         rows = _parquet_file(path).metadata.num_rows
     elif fmt == "npy":
         rows = int(_npy_array(path).shape[0])
-    return InputFile(str(path), fmt, stat.st_size, stat.st_mtime_ns, rows)
+    return InputFile(
+        str(path), fmt, stat.st_size, stat.st_mtime_ns, rows, fingerprint(str(path), stat.st_size)
+    )
 
 
 def _parquet_file(path: Path | str) -> Any:
@@ -365,8 +399,10 @@ def _type_name(dtype: Any) -> str:
     return str(dtype)
 
 
-def schema_problems(schema: Any, columns: ColumnSpec) -> list[str]:
-    """Every missing or mistyped column of ``schema`` (an Arrow schema), one phrase each."""
+def schema_problems(schema: Any, columns: ColumnSpec, text_numbers: bool = False) -> list[str]:
+    """Every missing or mistyped column of ``schema`` (an Arrow schema), one phrase each.
+    ``text_numbers``: a string column is accepted for a numeric feature (a tolerant CSV read
+    converts it row by row)."""
     present = {name: schema.field(name).type for name in schema.names}
     problems: list[str] = []
     missing = [name for name in columns.names if name not in present]
@@ -380,6 +416,8 @@ def schema_problems(schema: Any, columns: ColumnSpec) -> list[str]:
     for feature in columns.features:
         dtype = present.get(feature.name)
         if dtype is None:
+            continue
+        if text_numbers and feature.kind == "numeric" and _type_name(dtype) == "string":
             continue
         if feature.kind == "numeric" and not _numeric_type(dtype):
             problems.append(
@@ -395,10 +433,10 @@ def schema_problems(schema: Any, columns: ColumnSpec) -> list[str]:
     return problems
 
 
-def check_schema(schema: Any, columns: ColumnSpec, what: str) -> None:
+def check_schema(schema: Any, columns: ColumnSpec, what: str, text_numbers: bool = False) -> None:
     """Raise :class:`InvalidInput` naming every missing or mistyped column of ``schema`` (an
     Arrow schema), in one line."""
-    problems = schema_problems(schema, columns)
+    problems = schema_problems(schema, columns, text_numbers)
     if problems:
         raise InvalidInput(f"{what}: {'; '.join(problems)}")
 
@@ -452,8 +490,12 @@ def read_schema(file: InputFile, columns: ColumnSpec) -> Any:
         return pa.schema(list(zip(names, types, strict=True)))
     stream = _csv_stream(file.path)
     try:
+        # Rows with a wrong field count are left to the chunk reader (strict: the error names
+        # their line; tolerant: they are set aside), not to the type inference.
         reader = pa_csv.open_csv(
-            stream, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False)
+            stream,
+            read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=lambda _row: "skip"),
         )
         schema = reader.schema
         reader.close()
@@ -491,6 +533,7 @@ class RawChunk:
     table: Any  # pyarrow.Table with the ColumnSpec's columns
     last: bool  # the file's last chunk
     bytes_read: int  # how far into the file the reader is (for progress)
+    bad: list[dict[str, Any]] = field(default_factory=list)  # rows set aside (--bad-records)
 
 
 class _Rechunker:
@@ -525,14 +568,19 @@ class _Rechunker:
 class ChunkReader:
     """Reads the chunks of one input file, from ``first_chunk`` on."""
 
-    def __init__(self, file: InputFile, columns: ColumnSpec, chunk_rows: int) -> None:
+    def __init__(
+        self, file: InputFile, columns: ColumnSpec, chunk_rows: int, tolerant: bool = False
+    ) -> None:
         if chunk_rows < 1:
             raise InvalidInput("chunk rows must be at least 1")
         self.file = file
         self.columns = columns
         self.chunk_rows = chunk_rows
+        # --bad-records: CSV rows that fail to decode are set aside (:mod:`.badrecords`), not fatal.
+        self.tolerant = tolerant and file.format == "csv"
+        self.malformed: list[dict[str, Any]] = []  # rows with the wrong number of fields
         self.schema = read_schema(file, columns)
-        check_schema(self.schema, columns, file.path)
+        check_schema(self.schema, columns, file.path, self.tolerant)
 
     def chunks(self, first_chunk: int = 0, last_chunk: int | None = None) -> Iterator[RawChunk]:
         """Chunks ``first_chunk ..= last_chunk`` (default: to the end of the file), in order.
@@ -545,7 +593,57 @@ class ChunkReader:
             source = self._npy(first_chunk)
         else:
             source = self._csv(first_chunk)
-        yield from _assemble(source, self.chunk_rows, first_chunk, last_chunk)
+        for raw in _assemble(source, self.chunk_rows, first_chunk, last_chunk):
+            if self.tolerant:
+                self._convert_numbers(raw)
+            yield raw
+
+    def _convert_numbers(self, raw: RawChunk) -> None:
+        """Tolerant CSV: the numeric feature columns, read as strings, become float64; rows
+        with a value that is not a number are taken out into ``raw.bad``."""
+        table = raw.table
+        bad = np.zeros(table.num_rows, dtype=bool)
+        reasons: dict[int, tuple[str, str]] = {}
+        converted = {}
+        for feature in self.columns.features:
+            if feature.kind != "numeric":
+                continue
+            numbers, invalid = _to_numbers(table.column(feature.name))
+            converted[feature.name] = numbers
+            if invalid is not None:
+                values = table.column(feature.name)
+                for row in np.flatnonzero(invalid & ~bad):
+                    reasons[int(row)] = (feature.name, str(values[int(row)].as_py()))
+                bad |= invalid
+        for name, numbers in converted.items():
+            table = table.set_column(table.schema.get_field_index(name), name, numbers)
+        if reasons:
+            first_row = raw.index * self.chunk_rows + 1
+            records = raw.table.take(pa.array(sorted(reasons))).to_pylist()
+            for (at, (column, value)), record in zip(sorted(reasons.items()), records, strict=True):
+                raw.bad.append(
+                    {
+                        "input": self.file.path,
+                        "row": first_row + at,
+                        "column": column,
+                        "reason": f"column {column!r}: {value!r} is not a number",
+                        "record": record,
+                    }
+                )
+            table = table.filter(pa.array(~bad))
+        raw.table = table
+
+    def _on_invalid_row(self, row: Any) -> str:
+        self.malformed.append(
+            {
+                "input": self.file.path,
+                "line": row.number,
+                "column": None,
+                "reason": f"expected {row.expected_columns} fields, got {row.actual_columns}",
+                "record": row.text[:4096],
+            }
+        )
+        return "skip" if self.tolerant else "error"
 
     # Each source yields (record batch or None, bytes read so far), starting at the first row of
     # ``first_chunk``; None marks the end.
@@ -605,7 +703,7 @@ class ChunkReader:
             feature = features.get(name)
             if feature is None:
                 types[name] = self.schema.field(name).type
-            elif feature.kind == "numeric":
+            elif feature.kind == "numeric" and not self.tolerant:
                 types[name] = pa.float64()
             else:
                 types[name] = pa.string()
@@ -616,10 +714,12 @@ class ChunkReader:
         codec = _csv_codec(self.file.path)
         stream = raw if codec is None else pa.CompressedInputStream(raw, codec)
         skip = first_chunk * self.chunk_rows
+        self.malformed = []
         try:
             reader = pa_csv.open_csv(
                 stream,
-                read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+                parse_options=pa_csv.ParseOptions(invalid_row_handler=self._on_invalid_row),
                 convert_options=pa_csv.ConvertOptions(
                     column_types=types, include_columns=list(self.columns.names)
                 ),
@@ -629,9 +729,105 @@ class ChunkReader:
                 skip -= dropped
                 yield read.slice(dropped), raw.tell()
         except pa.ArrowInvalid as exc:
-            raise InvalidInput(f"{self.file.path}: {_csv_message(exc)}") from None
+            if self.malformed and not self.tolerant:
+                bad = self.malformed[-1]
+                raise InvalidInput(
+                    f"{self.file.path}: line {bad['line']}: {bad['reason']} "
+                    "(--bad-records PATH sets such rows aside)"
+                ) from None
+            raise InvalidInput(
+                f"{self.file.path}: {_csv_error(self.file.path, self.schema, exc)}"
+            ) from None
         finally:
             stream.close()
+
+
+_NULLS: Final = pa.array(pa_csv.ConvertOptions().null_values, pa.string())
+
+
+def _to_numbers(column: Any) -> tuple[Any, Any]:
+    """A CSV column read as strings, as float64 (pyarrow's null spellings are nulls), and the
+    mask of its values that are not numbers (None when there are none)."""
+    import pyarrow.compute as pc
+
+    strings = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    nulls = pc.fill_null(pc.is_in(strings, value_set=_NULLS), True)
+    cleaned = pc.if_else(nulls, pa.scalar(None, pa.string()), strings)
+    try:
+        return pc.cast(cleaned, pa.float64()), None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    import pandas as pd
+
+    text = cleaned.to_pandas()
+    numbers = pd.to_numeric(text, errors="coerce")
+    invalid = (numbers.isna() & text.notna()).to_numpy()
+    return pa.array(numbers.to_numpy(dtype=np.float64), mask=invalid | text.isna().to_numpy()), (
+        invalid
+    )
+
+
+def _csv_error(path: str, schema: Any, exc: BaseException) -> str:
+    """pyarrow's conversion error with the column's name and the first bad row, found by
+    reading that column again (the error path only)."""
+    import re
+
+    text = _csv_message(exc)
+    match = re.search(r"CSV column #(\d+)", text)
+    if match is None or int(match.group(1)) >= len(schema.names):
+        return text
+    name = schema.names[int(match.group(1))]
+    found = _first_non_number(path, name)
+    if found is not None:
+        return (
+            f"column {name!r}, row {found[0]}: {found[1]!r} is not a number "
+            "(--bad-records PATH sets such rows aside)"
+        )
+    return text.replace(f"CSV column #{match.group(1)}", f"CSV column {name!r}")
+
+
+def _first_non_number(path: str, name: str) -> tuple[int, Any] | None:
+    """The first data row (1-based) of a CSV column whose value is not a number, and the value;
+    None when there is none or the file cannot be read (error paths only: it reads the column)."""
+    try:
+        stream = _csv_stream(path)
+    except InvalidInput:
+        return None
+    try:
+        reader = pa_csv.open_csv(
+            stream,
+            read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=lambda _row: "skip"),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.string()}, include_columns=[name]
+            ),
+        )
+        offset = 0
+        for batch in reader:
+            _, invalid = _to_numbers(batch.column(0))
+            if invalid is not None:
+                row = int(np.flatnonzero(invalid)[0])
+                return offset + row + 1, batch.column(0)[row].as_py()
+            offset += batch.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return None
+    finally:
+        stream.close()
+    return None
+
+
+def _with_first_bad_row(path: str, schema: Any, columns: ColumnSpec, problem: str) -> str:
+    """A CSV numeric feature inferred as text: the problem with its first non-number row."""
+    for feature in columns.features:
+        if feature.kind != "numeric" or not problem.startswith(f"column {feature.name!r} holds"):
+            continue
+        found = _first_non_number(path, feature.name)
+        if found is not None:
+            return (
+                f"{problem} (row {found[0]}: {found[1]!r} is not a number; --bad-records PATH "
+                "sets such rows aside)"
+            )
+    return problem
 
 
 def _csv_message(exc: BaseException) -> str:
@@ -675,8 +871,12 @@ def open_reader(file: InputFile, columns: ColumnSpec, chunk_rows: int) -> ChunkR
     return ChunkReader(file, columns, chunk_rows)
 
 
-def check_inputs(files: Sequence[InputFile], columns: ColumnSpec) -> list[Any]:
+def check_inputs(
+    files: Sequence[InputFile], columns: ColumnSpec, tolerant: bool = False
+) -> list[Any]:
     """Check every file's columns before anything is scored; returns their schemas.
+    ``tolerant`` (``--bad-records``): a CSV file's numeric feature may hold text (the rows that
+    are not numbers are set aside); strict, such a column's first such row is named.
 
     Every file is checked: one :class:`InvalidInput` names every problem of every file."""
     schemas = []
@@ -687,7 +887,10 @@ def check_inputs(files: Sequence[InputFile], columns: ColumnSpec) -> list[Any]:
         except InvalidInput as exc:
             problems.append(exc.message)
             continue
-        found = schema_problems(schema, columns)
+        text_numbers = tolerant and file.format == "csv"
+        found = schema_problems(schema, columns, text_numbers)
+        if file.format == "csv" and not text_numbers:
+            found = [_with_first_bad_row(file.path, schema, columns, p) for p in found]
         if found:
             problems.append(f"{file.path}: {'; '.join(found)}")
         schemas.append(schema)

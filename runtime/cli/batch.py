@@ -93,6 +93,11 @@ def _add_batch(sub: Subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     p.add_argument("--ray-actors", type=_positive, help="scoring actors (default: cluster CPUs)")
+    p.add_argument(
+        "--bad-records", type=Path, metavar="FOLDER",
+        help="CSV rows that fail to decode (a value that is not a number, a wrong field count) "
+        "go to JSON-lines files here with a reason, instead of failing the job (default: strict)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=_cmd_batch)
 
@@ -124,6 +129,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             store_timeout=args.store_timeout,
             model_cache=args.model_cache,
             trusted_keys=args.trusted_keys,
+            bad_records=args.bad_records,
         )
     )
     if args.json:
@@ -142,10 +148,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     else:
         verdict = "no drift"
     origin = f" ({summary.source})" if summary.source else ""
+    bad = f", {summary.bad_records:,} bad record(s) set aside" if summary.bad_records else ""
     resumed = f", resumed with {summary.rows:,} rows in all" if summary.resumed else ""
     print(
         f"scored {summary.rows_this_run:,} rows in {summary.seconds:.2f} s "
-        f"({format_count(summary.rows_per_second)} rows/s{resumed}) with {summary.model} "
+        f"({format_count(summary.rows_per_second)} rows/s{resumed}{bad}) with {summary.model} "
         f"version {summary.version}{origin} (sha256 {summary.sha256[:12]}) into {summary.parts} "
         f"part file(s) in {summary.output}; {verdict} (report: {drift.get('report', '-')})"
     )

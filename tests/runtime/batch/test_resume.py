@@ -5,6 +5,7 @@ leave in the output folder is cleaned up the same way."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -213,9 +214,9 @@ def test_resume_without_drift_report_skips_finished_files(
     opened: list[str] = []
 
     class Recording(pipeline.ChunkReader):
-        def __init__(self, file: InputFile, *args: Any) -> None:
+        def __init__(self, file: InputFile, *args: Any, **kwargs: Any) -> None:
             opened.append(Path(file.path).name)
-            super().__init__(file, *args)
+            super().__init__(file, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "ChunkReader", Recording)
     summary = batch(model_repo, "logreg", folder, out, resume=True)
@@ -227,3 +228,27 @@ def test_resume_without_drift_report_skips_finished_files(
     pd.testing.assert_series_equal(
         read_output(out).column(ID).to_pandas(), inputs.cancer[ID], check_names=False
     )
+
+
+@pytest.mark.parametrize("suffix", ["npy", "csv"])
+def test_resume_refuses_an_input_rewritten_with_the_same_size_and_mtime(
+    model_repo: Path, inputs: Inputs, tmp_path: Path, suffix: str
+) -> None:
+    """The size and modification time match but the content fingerprint (first, middle and last
+    64 KiB) does not: the resumed job would mix two versions of the file."""
+    source = tmp_path / f"input.{suffix}"
+    source.write_bytes((inputs.cancer_npy if suffix == "npy" else inputs.cancer_csv).read_bytes())
+    out = tmp_path / "out"
+    batch(model_repo, "logreg", source, out)
+    stat = source.stat()
+    data = bytearray(source.read_bytes())
+    # One byte in the last block: a digit of the CSV's last row, a byte of the last .npy record.
+    at = len(data) - 3
+    if suffix == "csv":
+        assert data[at : at + 1].isdigit()
+    data[at] = ord("7") if data[at] != ord("7") else ord("8")
+    source.write_bytes(bytes(data))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (source.stat().st_size, source.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(InvalidInput, match="was rewritten since the job started"):
+        batch(model_repo, "logreg", source, out, resume=True)
