@@ -11,6 +11,8 @@ value of the wrong kind is one :class:`InvalidInput` naming it). Reference: docs
     [data]
     path = "data.parquet"           # .parquet or .csv, relative to this file; or instead
     # capture = { dir = "capture", model = "churn", version = "3", repo = "model-repo" }
+    # feature_service = { registry = "repo/data/registry.db", project = "clinic",
+    #                     service = "diabetes_v1", entities = "entities.parquet" }
     label = "target"                # (default "label" with capture)
     features = ["a", "b"]           # optional: default every column but the label
     holdout = "holdout.parquet"     # optional: else holdout_fraction of the rows, by seed
@@ -89,6 +91,18 @@ class CaptureSource:
 
 
 @dataclass(frozen=True)
+class FeatureServiceSource:
+    """A Feast feature service joined point in time to entity rows (a Parquet or CSV file of
+    join keys, ``timestamp`` and the label, request-time columns too): docs/features.md."""
+
+    registry: Path
+    project: str
+    service: str
+    entities: Path
+    timestamp: str = "event_timestamp"
+
+
+@dataclass(frozen=True)
 class DataStep:
     path: Path | None
     label: str
@@ -98,6 +112,7 @@ class DataStep:
     seed: int = 0
     allow_schema_change: bool = False
     capture: CaptureSource | None = None
+    feature_service: FeatureServiceSource | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,25 @@ def _relative(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _feature_service(value: Any, base: Path, where: str) -> FeatureServiceSource:
+    name = f"{where}: [data.feature_service]"
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: [data] feature_service must be a table such as "
+                           '{ registry = "data/registry.db", project = "p", service = "s", '
+                           'entities = "entities.parquet" }')  # fmt: skip
+    _known(value, {"registry", "project", "service", "entities", "timestamp"}, name)
+    for key in ("registry", "project", "service", "entities"):
+        if key not in value:
+            raise InvalidInput(f"{name} {key} is missing")
+    return FeatureServiceSource(
+        registry=_relative(base, _text(value["registry"], f"{name} registry")),
+        project=_text(value["project"], f"{name} project"),
+        service=_text(value["service"], f"{name} service"),
+        entities=_relative(base, _text(value["entities"], f"{name} entities")),
+        timestamp=_text(value.get("timestamp", "event_timestamp"), f"{name} timestamp"),
+    )
+
+
 def _capture(value: Any, base: Path, where: str) -> CaptureSource:
     if not isinstance(value, dict):
         raise InvalidInput(f"{where}: [data] capture must be a table such as "
@@ -228,24 +262,27 @@ def _data(table: Mapping[str, Any], base: Path, where: str) -> DataStep:
         table,
         {
             "path", "capture", "label", "features", "holdout", "holdout_fraction", "seed",
-            "allow_schema_change",
+            "allow_schema_change", "feature_service",
         },
         f"{where}: [data]",
     )  # fmt: skip
-    if ("path" in table) == ("capture" in table):
+    if sum(key in table for key in ("path", "capture", "feature_service")) != 1:
         raise InvalidInput(
-            f"{where}: [data] needs path (a .parquet or .csv file) or capture (what serve "
-            "--capture-dir wrote), one of them"
+            f"{where}: [data] needs path (a .parquet or .csv file), capture (what serve "
+            "--capture-dir wrote) or feature_service (a Feast feature service), one of them"
         )
     path: Path | None = None
     capture = None
+    service = None
     if "capture" in table:
         capture = _capture(table["capture"], base, where)
+    elif "feature_service" in table:
+        service = _feature_service(table["feature_service"], base, where)
     else:
         path = _relative(base, _text(table["path"], f"{where}: [data] path"))
         if path.suffix.lower() not in (".parquet", ".csv"):
             raise InvalidInput(f"{where}: [data] path {path}: expected a .parquet or .csv file")
-    if "label" not in table and capture is None:
+    if "label" not in table and capture is None:  # (a feature service's rows carry theirs)
         raise InvalidInput(f"{where}: [data] label is missing")
     label = _text(table.get("label", "label"), f"{where}: [data] label")
     features = names(f"{where}: [data] features", table.get("features", []))
@@ -264,6 +301,7 @@ def _data(table: Mapping[str, Any], base: Path, where: str) -> DataStep:
     return DataStep(
         path=path,
         capture=capture,
+        feature_service=service,
         label=label,
         features=features,
         holdout=holdout,

@@ -34,7 +34,7 @@ from typing import Any
 from edgewise.runtime._fs import replacing, write_text_atomic
 from edgewise.runtime.errors import EdgewiseError, ModelNotFound
 from edgewise.runtime.package.manifest import MODEL_FILE, sha256_file
-from edgewise.runtime.pipeline.spec import CaptureSource, DataStep, TrainStep
+from edgewise.runtime.pipeline.spec import CaptureSource, DataStep, FeatureServiceSource, TrainStep
 from edgewise.runtime.store.base import Store, VersionRecord
 from edgewise.runtime.store.lineage import data_fingerprint
 
@@ -92,6 +92,51 @@ def _load(path: Path, what: str) -> Any:
         raise StepFailed("data", f"{what}: {exc.message}") from None
 
 
+FEATURES_EXPORT = "features.parquet"
+
+
+def join_feature_service(source: FeatureServiceSource, destination: Path) -> dict[str, Any]:
+    """Write the entity rows of ``source`` joined point in time with its feature service's
+    values (``historical_features``, no Feast) to ``destination``; what was joined (the service
+    and its version, the last update of its registry entry), for the run's lineage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edgewise.runtime.serving.offline_features import historical_features
+    from edgewise.runtime.serving.online_store import read_registry
+
+    if not source.entities.is_file():
+        raise StepFailed("data", f"feature_service entities {source.entities}: no such file")
+    rows = _load(source.entities, f"feature_service entities {source.entities}")
+    try:
+        frame = historical_features(
+            rows,
+            source.registry,
+            source.project,
+            feature_service=source.service,
+            timestamp_column=source.timestamp,
+        )
+        registry = read_registry(source.registry, source.project)
+    except (ValueError, OSError) as exc:
+        raise StepFailed("data", f"feature service {source.service!r}: {exc}") from None
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(destination) as temporary:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), temporary)
+    updated = registry.service_updated.get(source.service)
+    keys = sorted(
+        {c.name for view, _ in registry.services[source.service] for c in
+         registry.views[view].entity_columns}
+    )  # fmt: skip
+    return {
+        "feature_service": source.service,
+        "feature_service_version": "" if updated is None else f"{updated:.6f}",
+        "feature_registry": str(source.registry),
+        "feature_project": source.project,
+        "entities": str(source.entities),
+        "entity_columns": [*keys, source.timestamp],
+    }
+
+
 CAPTURE_COLUMNS = ("model", "version", "request_id", "row", "timestamp")
 """Columns of a capture export that are not features (nor are its ``output.*`` columns)."""
 CAPTURE_EXPORT = "captured.parquet"
@@ -130,6 +175,11 @@ def load_data(
         source = run_dir / CAPTURE_EXPORT
         exported = export_capture(spec.capture, source)
         origin = {"source": "capture", "capture_dir": str(spec.capture.folder), **exported}
+    elif spec.feature_service is not None:
+        if run_dir is None:
+            raise StepFailed("data", "a feature service source needs the run's folder")
+        source = run_dir / FEATURES_EXPORT
+        origin = {"source": "feature_service", **join_feature_service(spec.feature_service, source)}
     else:
         assert spec.path is not None
         source = spec.path
@@ -146,6 +196,7 @@ def load_data(
         for c in columns
         if c != spec.label
         and not (spec.capture is not None and (c in CAPTURE_COLUMNS or c.startswith("output.")))
+        and c not in origin.get("entity_columns", ())  # join keys and the rows' timestamps
     )
     missing = [c for c in features if c not in columns]
     if missing:

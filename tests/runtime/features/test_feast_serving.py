@@ -25,6 +25,9 @@ from sklearn.linear_model import LinearRegression
 
 from edgewise.runtime.client.client import ServerError
 from edgewise.runtime.convert.converter import convert
+from edgewise.runtime.errors import EdgewiseError
+from edgewise.runtime.pipeline.spec import parse_spec
+from edgewise.runtime.pipeline.steps import load_data
 from edgewise.runtime.serving.offline_features import historical_features
 from edgewise.runtime.serving.online_store import (
     RedisOnlineStore,
@@ -349,6 +352,42 @@ def test_offline_join_equals_feasts_historical_features(setup: Setup, tmp_path: 
         historical_features(
             rows, setup.repo / "data" / "registry.db", fr.PROJECT, feature_service="nope"
         )
+
+
+def test_pipeline_data_step_from_a_feature_service(setup: Setup, tmp_path: Path) -> None:
+    """[data] feature_service: the training rows are the service's values joined point in time
+    (the same as Feast's training set the fixture trained on), and the run's lineage names the
+    service and its version; join keys and timestamps are not features."""
+    fr.training_entities().to_parquet(tmp_path / "entities.parquet")
+    document = {
+        "model": "risk",
+        "data": {
+            "feature_service": {
+                "registry": str(setup.repo / "data" / "registry.db"),
+                "project": fr.PROJECT,
+                "service": fr.SERVICE,
+                "entities": "entities.parquet",
+            },
+            "label": "target",
+        },
+        "train": {"command": ["true"]},
+        "convert": {},
+        "evaluate": {},
+        "register": {},
+    }
+    spec = parse_spec(document, source=str(tmp_path / "pipeline.toml"))
+    assert spec.data.feature_service is not None
+    data, origin = load_data(spec.data, run_dir=tmp_path / "run")
+    assert origin["source"] == "feature_service"
+    assert origin["feature_service"] == fr.SERVICE and origin["feature_service_version"]
+    assert set(data.features) == set(fr.COLUMNS)
+    frame = pd.concat([data.train, data.holdout]).sort_values(fr.ENTITY)
+    np.testing.assert_allclose(
+        frame[list(fr.COLUMNS)].to_numpy(dtype=float), setup.X.to_numpy(dtype=float)
+    )
+    both = {**document["data"], "path": "x.parquet"}
+    with pytest.raises(EdgewiseError, match="one of them"):
+        parse_spec({**document, "data": both}, source=str(tmp_path / "pipeline.toml"))
 
 
 def test_materialization_while_serving(setup: Setup) -> None:
