@@ -14,8 +14,8 @@ Each actor takes one CPU and builds its session with the driver's settings (the 
 the driver's CPU budget). Inputs and the output folder must be reachable under the same paths
 from every node (a shared filesystem), and edgewise must be installed on the nodes. Without
 ``address`` and without ``RAY_ADDRESS``, a local Ray instance is started with the process's CPU
-budget and shut down at the end; an instance already running (``ray.init`` by the caller) is
-used as it is.
+budget and shut down at the end (and, should the driver be killed, its processes are killed by
+:mod:`.reaper`); an instance already running (``ray.init`` by the caller) is used as it is.
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def run_ray(
     """Score every unfinished chunk of ``plan`` on Ray Data actors (see the module docstring)."""
     ray = _ray()
     started_here = False
+    reaper = None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
@@ -218,7 +219,16 @@ def run_ray(
 
             if not os.environ.get("RAY_ADDRESS"):
                 kwargs["num_cpus"] = max(1, threads)
-        ray.init(**kwargs)
+                # A local Ray started here: a killed driver must not leave its processes.
+                from edgewise.runtime.batch.reaper import Reaper
+
+                reaper = Reaper()
+        try:
+            ray.init(**kwargs)
+        except BaseException:
+            if reaper is not None:
+                reaper.release()
+            raise
         started_here = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
@@ -226,6 +236,8 @@ def run_ray(
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.release()
 
 
 def _run(
