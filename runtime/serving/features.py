@@ -87,6 +87,10 @@ class FeatureUnavailable(EdgewiseError):
     code = ErrorCode.UNAVAILABLE
 
 
+class _StoreDefaults(Exception):
+    """Inside a lookup: the store failed and on_store_error is "default"."""
+
+
 # ---- settings -------------------------------------------------------------------------------
 
 
@@ -456,7 +460,12 @@ class FeatureLookup:
                 entity_key(view.keys, view.types, [values[r] for values in key_values])
                 for r in range(rows)
             ]
-            stored = self._read(view.name, keys, view.features, began)
+            try:
+                stored = self._read(view.name, keys, view.features, began)
+            except _StoreDefaults:  # the store failed, on_store_error "default": the means
+                for _, target, column, default in view.columns:
+                    feeds[target][:, column] = default
+                continue
             m.lookups.inc(rows)
             for r, row in enumerate(stored):
                 if row is None:
@@ -534,7 +543,7 @@ class FeatureLookup:
             slow = "budget" in str(exc)
             self._m.errors.labels(self.model_name, "slow" if slow else "store_error").inc()
             if self.settings.on_store_error == "default":
-                return [None] * len(keys)
+                raise _StoreDefaults from None
             raise FeatureUnavailable(
                 f"model {self.model_name!r}: feature lookup failed: {exc}"
             ) from None

@@ -98,7 +98,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     assert np.allclose(X["age"].to_numpy(), fr.snapshots().iloc[: len(X)]["age"].to_numpy())
     model = LinearRegression().fit(X, target)
     models = root / "models"
-    for name in ("risk", "risk_default", "risk_nocache", "plain", "risk_badservice", "risk_down"):
+    for name in (
+        "risk", "risk_default", "risk_nocache", "plain", "risk_badservice", "risk_down",
+        "risk_down_default",
+    ):  # fmt: skip
         convert(model, X, name=name, repo=models)
     _configure(models, "risk", _features_section(repo, on_missing="not_found"))
     _configure(models, "risk_default", _features_section(repo))
@@ -109,6 +112,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     down = _features_section(repo)
     down["online_store"] = {"type": "sqlite", "path": str(root / "missing.db")}
     _configure(models, "risk_down", down)
+    # A store that is down under on_store_error "default" (and on_missing "not_found", which
+    # does not apply: the entity was not looked up): the reference profile's means.
+    _configure(
+        models,
+        "risk_down_default",
+        {**down, "on_store_error": "default", "on_missing": "not_found"},
+    )
     bmi = dict(zip(entities[fr.ENTITY], entities[fr.REQUEST_INPUT], strict=True))
     server = start_server(models, root / "server")
     try:
@@ -253,6 +263,15 @@ def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
         assert caught.value.status == grpc.StatusCode.UNAVAILABLE
         assert "feature lookup failed" in caught.value.details
         assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
+        fallback = client.infer("risk_down_default", _request([0], [0.0]))
+        means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
+        means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
+        session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+        np.testing.assert_allclose(
+            fallback.outputs["predictions"].reshape(-1),
+            np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
+            rtol=1e-4,
+        )
     assert (
         _metric(
             setup, "edgewise_feature_lookup_errors_total", model="risk_down", reason="store_error"
