@@ -7,10 +7,13 @@ TYPECHECK := .build/typecheck
 # The real MLflow server of the store tests lives in an environment of its own (tests/mlflow_server.py).
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+# The Feast of the feature-lookup tests lives in an environment of its own (tests/feast_repo.py).
+FEAST_VENV ?= .venv-feast
+FEAST_STAMP := $(FEAST_VENV)/.installed
 # The ahead-of-time compiled kernels (kernels/_native.py), rebuilt when a kernel source changes.
 NATIVE_STAMP := $(VENV)/.native-kernels
 
-.PHONY: demo loop test native mlflow-venv check lint imports format typecheck proto proto-check lock lock-check bench image podman clean
+.PHONY: demo loop test native mlflow-venv feast-venv check lint imports format typecheck proto proto-check lock lock-check bench image podman clean
 
 # The dev venv installs exactly the hash-pinned lock (requirements/dev.txt: the dev extra), then
 # edgewise itself without resolving anything again.
@@ -56,6 +59,12 @@ $(MLFLOW_STAMP): pyproject.toml | $(STAMP)
 	EDGEWISE_MLFLOW_VENV=$(MLFLOW_VENV) $(BIN)/python -m tests.mlflow_server install
 	touch $(MLFLOW_STAMP)
 
+## feast-venv: Feast 0.67 for the feature-lookup tests (tests/feast_repo.py)
+feast-venv: $(FEAST_STAMP)
+$(FEAST_STAMP): tests/feast_repo.py | $(STAMP)
+	EDGEWISE_FEAST_VENV=$(FEAST_VENV) $(BIN)/python -m tests.feast_repo install
+	touch $(FEAST_STAMP)
+
 ## demo: train, convert, serve a model from a local repository and answer a few requests
 demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/edgewise demo $(DEMO_ARGS)
@@ -65,12 +74,17 @@ loop: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python docs/examples/loop/loop.py $(LOOP_ARGS)
 
 ## test: the whole test suite (what CI runs). promtool (Debian's prometheus package) checks the
-## alert rules and the dashboard's queries (tests/containers/test_observability.py).
-test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP)
+## alert rules and the dashboard's queries (tests/containers/test_observability.py); redis-server
+## is the Redis online store of the feature-lookup tests.
+test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP) $(FEAST_STAMP)
 	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 		|| apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
 		|| echo "promtool could not be installed"
+	@command -v redis-server >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1; } \
+		|| echo "redis-server could not be installed"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
@@ -115,5 +129,5 @@ podman:
 	containers/install-podman.sh
 
 clean:
-	rm -rf $(VENV) $(MLFLOW_VENV) .build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLFLOW_VENV) $(FEAST_VENV) .build .pytest_cache .mypy_cache .ruff_cache
 	rm -f kernels/_native_kernels* runtime/frontends/native/_front*.so
