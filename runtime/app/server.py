@@ -150,6 +150,8 @@ class InferenceServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.capture is not None:  # after the last answer: what is queued is written
             self.capture.close()
+        if self.core is not None and self.core.tracing is not None:  # queued spans go out
+            self.core.tracing.shutdown()
         if self.rollouts.shadow is not None:
             self.rollouts.shadow.close()
         if self._front_dir is not None:
@@ -185,6 +187,16 @@ class InferenceServer:
             capture=self.capture,
             rollouts=self.rollouts,
         )
+        if settings.otel_endpoint is not None:  # else opentelemetry is never imported
+            from edgewise.runtime.serving.tracing import RequestTracing, otlp_provider
+
+            provider = otlp_provider(settings.otel_endpoint, settings.otel_sample_ratio)
+            core.tracing = RequestTracing(provider)
+            log.info(
+                "tracing to %s, sampling %g of new traces",
+                settings.otel_endpoint,
+                settings.otel_sample_ratio,
+            )
         auth = self.security.auth
         server = self._created = grpc_server(
             settings,

@@ -7,7 +7,6 @@ Every failure edgewise expects ends as one readable line on stderr and a non-zer
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from edgewise.runtime.cli.capture import _add_capture
 from edgewise.runtime.cli.drift_history import _add_drift_history
 from edgewise.runtime.cli.evaluation import _add_evaluate, _add_gate
 from edgewise.runtime.cli.limits import _add_limits
+from edgewise.runtime.cli.logformat import LOG_FORMATS, configure_logging
 from edgewise.runtime.cli.pipeline import _add_pipeline
 from edgewise.runtime.cli.rollout import ROLLOUT_ACTIONS, add_rollout_actions, run_rollout
 from edgewise.runtime.config.settings import AUTO, switch
@@ -154,7 +154,26 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     _add_serve_security(p)
     _add_serve_capture(p)
+    _add_serve_tracing(p)
     p.set_defaults(handler=_cmd_serve)
+
+
+def _add_serve_tracing(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "tracing",
+        "OpenTelemetry spans of each inference call, exported over OTLP/gRPC (needs pip install "
+        "edgewise[otel]); see docs/observability.md",
+    )
+    g.add_argument(
+        "--otel-endpoint", metavar="URL", help="OTLP/gRPC collector, e.g. http://localhost:4317"
+    )
+    g.add_argument(
+        "--otel-sample-ratio",
+        type=float,
+        metavar="R",
+        help="fraction of new traces sampled, 0 to 1 (default 1); a caller's traceparent decides "
+        "for its own",
+    )
 
 
 #: Settings of ``serve``'s data capture flags (see _add_serve_capture).
@@ -252,9 +271,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     keys.extend(SERVE_SECURITY_KEYS)
     keys.extend(SERVE_CAPTURE_KEYS)
+    keys.extend(("otel_endpoint", "otel_sample_ratio"))
     settings = ServerSettings.from_sources({k: getattr(args, k) for k in keys})
     if not settings.repo.is_dir():
         raise EdgewiseError(f"model repository {settings.repo} is not a folder")
+    if settings.otel_endpoint is not None:
+        from importlib.util import find_spec
+
+        for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.grpc"):
+            try:
+                found = find_spec(module) is not None
+            except ModuleNotFoundError:  # a parent package is missing
+                found = False
+            if not found:
+                raise EdgewiseError(
+                    f"--otel-endpoint needs the otel extra ({module} is not installed): "
+                    "pip install 'edgewise[otel]'"
+                )
     return run_server(settings)
 
 
@@ -539,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--log-format",
+        choices=list(LOG_FORMATS),
+        help="text (default; EDGEWISE_LOG_FORMAT) or json: one object per line with time, level, "
+        "event, logger and, where known, model, version, request_id, trace_id",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_serve(sub)
@@ -566,10 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except EdgewiseError as exc:
+        print(f"edgewise: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
     handler: Any = args.handler
     try:
         return int(handler(args))

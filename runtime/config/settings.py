@@ -106,6 +106,9 @@ class ServerSettings:
     capture_max_bytes: int = 1 << 30  # EDGEWISE_CAPTURE_MAX_BYTES: the folder's size cap
     capture_queue: int = 10_000  # EDGEWISE_CAPTURE_QUEUE: records waiting; beyond: dropped
     capture_flush_seconds: float = 5.0  # EDGEWISE_CAPTURE_FLUSH_SECONDS: write at least this often
+    # Tracing (runtime/serving/tracing.py; needs the edgewise[otel] extra):
+    otel_endpoint: str | None = None  # EDGEWISE_OTEL_ENDPOINT: OTLP/gRPC collector (None: off)
+    otel_sample_ratio: float = 1.0  # EDGEWISE_OTEL_SAMPLE_RATIO: fraction of new traces sampled
     # The budget the derived defaults came from (set by from_sources; not an environment variable).
     budget: RuntimeBudget | None = field(default=None, compare=False, metadata={"env": False})
 
@@ -182,6 +185,10 @@ class ServerSettings:
             raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
+        if not 0.0 <= self.otel_sample_ratio <= 1.0:
+            raise InvalidInput(
+                f"otel-sample-ratio must be a fraction from 0 to 1, not {self.otel_sample_ratio!r}"
+            )
         if not 0.0 <= self.capture_rate <= 1.0:
             raise InvalidInput(
                 f"capture-rate must be a fraction from 0 to 1, not {self.capture_rate!r}"

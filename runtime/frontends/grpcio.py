@@ -120,7 +120,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """ModelInfer on a request parsed already (the grpcio server calls :meth:`infer_bytes`)."""
         started = time.perf_counter()
         try:
-            return await self.core.infer(request, _deadline(context), started)
+            core = self.core
+            if core.tracing is None:
+                return await core.infer(request, _deadline(context), started)
+            traceparent = _traceparent(context)
+            return await core.infer(request, _deadline(context), started, traceparent=traceparent)
         except Exception as exc:
             await _abort(context, exc, self.core.retry_after_ms)
             raise
@@ -131,10 +135,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """ModelInfer on the request's bytes (see InferenceCore.infer_body)."""
         started = time.perf_counter()
         try:
-            return await self.core.infer_body(body, _deadline(context), started)
+            core = self.core
+            if core.tracing is None:
+                return await core.infer_body(body, _deadline(context), started)
+            return await core.infer_body(body, _deadline(context), started, _traceparent(context))
         except Exception as exc:
             await _abort(context, exc, self.core.retry_after_ms)
             raise
+
+
+def _traceparent(context: grpc.aio.ServicerContext[object, object]) -> str | None:
+    """The call's W3C trace context (``traceparent`` metadata), read only where tracing is on."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return value if isinstance(value, str) else None
+    return None
 
 
 def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:

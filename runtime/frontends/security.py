@@ -27,16 +27,14 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from edgewise.runtime.config.channels import SCOPES, TokenEntry, parse_token_entries
+from edgewise.runtime.config.channels import parse_tokens
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.frontends.scopes import scope_of
 from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
 
 #: What an aio interceptor is handed: resolves a call's details to its method handler.
@@ -48,8 +46,6 @@ __all__ = [
     "HEALTH_PREFIX",
     "REFLECTION_PREFIXES",
     "AuthInterceptor",
-    "Credential",
-    "Refusal",
     "TokenSet",
     "server_credentials",
 ]
@@ -84,8 +80,8 @@ class TokenSet:
         if file is None and not inline.strip():
             raise InvalidInput("authentication needs a tokens file or EDGEWISE_TOKENS")
         self.file = file
-        self._inline = _credentials(parse_token_entries(inline, "EDGEWISE_TOKENS"))
-        self._from_file: list[tuple[bytes, Credential]] = []
+        self._inline = [_digest(t) for t in parse_tokens(inline, "EDGEWISE_TOKENS")]
+        self._from_file: list[bytes] = []
         self._stamp: tuple[int, int, int] | None = None
         self.file_ok = True  # the file's last version was read (False: the previous tokens stay)
         self._next_check = 0.0
@@ -103,7 +99,7 @@ class TokenSet:
         stamp = None  # a file that cannot be stat'ed: looked at again once it can
         try:
             stamp = self._stat()
-            tokens = parse_token_entries(self.file.read_text(encoding="utf-8"), str(self.file))
+            tokens = parse_tokens(self.file.read_text(encoding="utf-8"), str(self.file))
         except (OSError, UnicodeDecodeError, InvalidInput) as exc:
             message = exc.message if isinstance(exc, InvalidInput) else f"{self.file}: {exc}"
             if initial:
@@ -114,7 +110,7 @@ class TokenSet:
             return
         if not tokens and not self._inline:
             log.warning("tokens file %s holds no token: every call is refused", self.file)
-        self._from_file = _credentials(tokens)
+        self._from_file = [_digest(t) for t in tokens]
         if not initial:
             log.info("tokens file %s reloaded: %d token(s)", self.file, len(tokens))
         self._stamp = stamp
@@ -143,35 +139,12 @@ class TokenSet:
 
     def accepts(self, token: str | bytes) -> bool:
         """Constant-time check against every accepted token."""
-        return self.identify(token) is not None
-
-    def identify(self, token: str | bytes) -> Credential | None:
-        """The credential of ``token`` (None: not accepted); compared with every accepted
-        token in constant time, whichever matches."""
         self.maybe_reload()
         candidate = _digest(token)
-        found = None
-        for digest, credential in (*self._inline, *self._from_file):
-            if hmac.compare_digest(candidate, digest):
-                found = credential
-        return found
-
-
-@dataclass(frozen=True)
-class Credential:
-    """Who a call is, as the server names it (never the secret), and the scopes it holds."""
-
-    id: str
-    scopes: frozenset[str]
-
-
-def _credentials(entries: Sequence[TokenEntry]) -> list[tuple[bytes, Credential]]:
-    made = []
-    for entry in entries:
-        digest = _digest(entry.token)
-        name = entry.id if entry.id is not None else f"token-{digest.hex()[:8]}"
-        made.append((digest, Credential(name, entry.scopes)))
-    return made
+        accepted = False
+        for digest in (*self._inline, *self._from_file):
+            accepted |= hmac.compare_digest(candidate, digest)
+        return accepted
 
 
 # ---- the interceptor -----------------------------------------------------------------------------
@@ -185,27 +158,19 @@ DENY_MESSAGES: Final = {
 }
 
 
-def _deny_handler(refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
-    code, message = refusal
+def _deny_handler(reason: str) -> grpc.RpcMethodHandler[Any, Any]:
+    message = DENY_MESSAGES[reason]
 
     async def deny(request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Aborts before reading anything, whatever the method's arity: the client gets the
         # status, never a half-open stream.
-        await context.abort(code, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return grpc.stream_stream_rpc_method_handler(deny)
 
 
-class Refusal(NamedTuple):
-    """Why a call is not let through: UNAUTHENTICATED (no accepted credential) or
-    PERMISSION_DENIED (an accepted one without the method's scope), and the message."""
-
-    code: grpc.StatusCode
-    message: str
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token authentication and scope checks for every method except the open ones."""
+    """Bearer-token authentication for every method except the open ones."""
 
     def __init__(
         self,
@@ -225,18 +190,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._counters = {
             reason: self.failures.labels(reason) for reason in ("missing", "malformed", "invalid")
         }
-        self.refusals = Counter(
-            "edgewise_auth_refusals",
-            "Calls refused, by the scope their method needs and the status (UNAUTHENTICATED: "
-            "no accepted credential; PERMISSION_DENIED: a credential without that scope).",
-            ["scope", "code"],
-            registry=registry,
-        )
-        self._refusal_counters = {
-            (scope, code): self.refusals.labels(scope, code)
-            for scope in SCOPES
-            for code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
-        }
         if tokens.file is not None:
             file_ok = Gauge(
                 "edgewise_tokens_file_ok",
@@ -245,62 +198,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 registry=registry,
             )
             file_ok.set_function(lambda: 1.0 if tokens.file_ok else 0.0)
-        self._deny: dict[Refusal, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._deny = {reason: _deny_handler(reason) for reason in self._counters}
 
-    def credential(
-        self, metadata: Iterable[tuple[str, Any]] | None
-    ) -> tuple[Credential | None, str | None]:
-        """The metadata's credential, or None and the refusal's reason."""
+    def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """None when the metadata carries an accepted token, else the refusal's reason."""
         value = None
         for key, item in metadata or ():
             if key == "authorization":
                 value = item
                 break
         if value is None:
-            return None, "missing"
+            return "missing"
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         scheme, _, token = str(value).strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token:
-            return None, "malformed"
-        found = self.tokens.identify(token)
-        return found, None if found is not None else "invalid"
+            return "malformed"
+        return None if self.tokens.accepts(token) else "invalid"
 
-    def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-        """None when the metadata carries an accepted token, else the refusal's reason."""
-        return self.credential(metadata)[1]
-
-    def authorize(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Refusal | None:
-        """None when the metadata's credential holds the scope ``method`` needs; else the
-        refusal, counted (for front ends that check tokens themselves, and the interceptor)."""
-        scope = scope_of(method)
+    def refusal(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """None when the metadata carries an accepted token; else the refusal is counted and
+        its UNAUTHENTICATED message returned (for front ends that check tokens themselves)."""
         try:
-            credential, reason = self.credential(metadata)
+            reason = self.check(metadata)
         except Exception:  # a bug here must refuse, never crash or let the call through
             log.exception("authentication check failed")
-            credential, reason = None, "invalid"
-        if credential is None:
-            reason = reason or "invalid"
-            self._counters[reason].inc()
-            self._refusal_counters[(scope, "UNAUTHENTICATED")].inc()
-            return Refusal(grpc.StatusCode.UNAUTHENTICATED, DENY_MESSAGES[reason])
-        if scope in credential.scopes:
+            reason = "invalid"
+        if reason is None:
             return None
-        self._refusal_counters[(scope, "PERMISSION_DENIED")].inc()
-        return Refusal(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"permission denied: {method.rsplit('/', 1)[-1]} needs the '{scope}' scope; "
-            f"credential '{credential.id}' holds {', '.join(sorted(credential.scopes))}",
-        )
-
-    def _deny_handler(self, refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = self._deny.get(refusal)
-        if handler is None:
-            handler = _deny_handler(refusal)
-            if len(self._deny) < 1024:  # messages vary only with method, scope and credential
-                self._deny[refusal] = handler
-        return handler
+        self._counters[reason].inc()
+        return DENY_MESSAGES[reason]
 
     async def intercept_service(
         self,
@@ -310,10 +238,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self.open_prefixes):
             return await continuation(handler_call_details)
-        refusal = self.authorize(handler_call_details.invocation_metadata, method)
-        if refusal is None:
+        try:
+            reason = self.check(handler_call_details.invocation_metadata)
+        except Exception:  # a bug here must refuse, never crash or let the call through
+            log.exception("authentication check failed")
+            reason = "invalid"
+        if reason is None:
             return await continuation(handler_call_details)
-        return self._deny_handler(refusal)
+        self._counters[reason].inc()
+        return self._deny[reason]
 
 
 # ---- TLS -----------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from edgewise.runtime.serving.capture import Capture
     from edgewise.runtime.serving.rollout import Rollouts
     from edgewise.runtime.serving.shedding import LoopLoad
+    from edgewise.runtime.serving.tracing import RequestTracing
 
 __all__ = ["SIDE_BY_SIDE_SECONDS", "Deferrer", "InferenceCore", "outcome_code"]
 
@@ -160,6 +161,9 @@ class InferenceCore:
         self.capture = capture
         # Splits, shadows and labels (rollout.py): offered every answered request; None: off.
         self.rollouts = rollouts
+        # OpenTelemetry spans (serve --otel-endpoint; tracing.py, imported only then); None: off,
+        # and a request costs this one check.
+        self.tracing: RequestTracing | None = None
         # Moving average of a model run's seconds (see SIDE_BY_SIDE_SECONDS); written by whichever
         # thread ran the model: a race only blurs it.
         self.run_seconds = 0.0
@@ -197,12 +201,16 @@ class InferenceCore:
         started: float | None = None,
         *,
         small: bool = False,
+        traceparent: str | None = None,
     ) -> pb.ModelInferResponse:
         """Answer ``request`` (on the event loop). ``deadline``: a ``time.monotonic()`` instant
         or None; ``started``: when the call arrived (``time.perf_counter()``), for its latency;
-        ``small``: its encoded size is known to be at most ``inline_max_bytes``."""
+        ``small``: its encoded size is known to be at most ``inline_max_bytes``;
+        ``traceparent``: the call's W3C trace context, where tracing is on."""
         if started is None:
             started = time.perf_counter()
+        if self.tracing is not None:
+            return await self.tracing.infer(self, request, deadline, started, traceparent)
         reservation = self.admit(request)
         if not self._runs_inline(request, small):
             return await self._on_worker(
@@ -221,13 +229,19 @@ class InferenceCore:
                 self.loop_load.inline_seconds += time.perf_counter() - started
 
     async def infer_body(
-        self, body: bytes, deadline: float | None, started: float | None = None
+        self,
+        body: bytes,
+        deadline: float | None,
+        started: float | None = None,
+        traceparent: str | None = None,
     ) -> pb.ModelInferResponse:
         """:meth:`infer` on the request's protobuf bytes: a body over ``inline_max_bytes`` is
         parsed, admitted and run on a worker thread (the event loop never spends long on one
         call); a smaller one is parsed here. An undecodable body is INVALID_ARGUMENT."""
         if started is None:
             started = time.perf_counter()
+        if self.tracing is not None:
+            return await self.tracing.infer_body(self, body, deadline, started, traceparent)
         if len(body) > self.inline_max_bytes:
             return await self._on_worker(self._decode_and_run, body, deadline, started)
         return await self.infer(decode(pb.ModelInferRequest, body), deadline, started, small=True)
@@ -254,6 +268,29 @@ class InferenceCore:
         return self._execute_counted(prepared, deadline, started, reservation, defer=defer)
 
     # ---- the steps -----------------------------------------------------------------------------
+
+    # The steps as the traced path (tracing.py) calls them, one span each.
+
+    def prepare(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
+        """Decode and check an admitted request (counted and released if refused)."""
+        return self._prepare_counted(request, reservation)
+
+    def execute(
+        self,
+        prepared: PreparedRequest,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+        defer: Deferrer | None = None,
+    ) -> pb.ModelInferResponse:
+        """Run, encode and count a prepared request (see :meth:`_execute_counted`)."""
+        return self._execute_counted(prepared, deadline, started, reservation, defer=defer)
+
+    async def batched(
+        self, prepared: PreparedRequest, deadline: float | None, started: float, reservation: int
+    ) -> pb.ModelInferResponse:
+        """Join the model's batch queue and count the call."""
+        return await self._batched(prepared, deadline, started, reservation)
 
     def admit(self, request: pb.ModelInferRequest) -> int:
         """Memory admission, before anything is decoded: the reservation to :meth:`release`, or

@@ -1,0 +1,298 @@
+"""OpenTelemetry spans of the request path (runtime/serving/tracing.py), checked with the SDK's
+in-memory exporter on a real in-process server: the grpcio front end and the HTTP front end, the
+caller's W3C traceparent kept, sampling, and no opentelemetry import with tracing off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from edgewise.runtime.app.server import InferenceServer
+from edgewise.runtime.config.settings import ServerSettings
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgewise.runtime.serving.tracing import RequestTracing
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+SAMPLED = f"00-{TRACE_ID}-{PARENT_ID}-01"
+STEPS = {"admit", "decode", "run", "monitor"}
+#: grpcio parses the request's bytes in the core (InferenceCore.infer_body).
+GRPC_STEPS = {"parse", *STEPS}
+
+
+class Traced:
+    def __init__(self, server: InferenceServer, exporter: InMemorySpanExporter) -> None:
+        self.server = server
+        self.exporter = exporter
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def use(self, sample_ratio: float) -> None:
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        core = self.server.core
+        assert core is not None
+        core.tracing = RequestTracing(provider)
+        self.exporter.clear()
+
+    def spans(self, names: set[str], timeout: float = 10.0) -> list[ReadableSpan]:
+        """The finished spans, once those named ``names`` are all there (the monitor's span
+        ends on the loop's turn after the answer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = list(self.exporter.get_finished_spans())
+            if names <= {span.name for span in spans} or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def traced(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    repo = tmp_path_factory.mktemp("traced") / "repo"
+    for name in ("logreg", "forest"):
+        shutil.copytree(model_repo / name, repo / name)
+    (repo / "forest" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4, "max_queue_delay_us": 1000}})
+    )
+    settings = ServerSettings.from_sources(
+        {
+            "repo": repo,
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": -1,
+            "front_end": "grpcio",
+            "http_port": 0,
+        }
+    )
+    server = InferenceServer(settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
+    traced = Traced(server, InMemorySpanExporter())
+    try:
+        yield traced
+    finally:
+        traced.channel.close()
+        asyncio.run_coroutine_threadsafe(server.stop(0.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def features(repo: Path, model: str, n: int) -> np.ndarray:
+    manifest = json.loads((repo / model / "1" / "manifest.json").read_text())
+    width = int(manifest["inputs"][0]["shape"][1])
+    return np.random.default_rng(0).normal(size=(n, width)).astype(np.float32)
+
+
+def grpc_request(repo: Path, model: str, request_id: str) -> pb.ModelInferRequest:
+    rows = features(repo, model, 3)
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.tobytes())
+    return request
+
+
+def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    named = {span.name: span for span in spans}
+    assert len(named) == len(spans), [span.name for span in spans]  # one of each
+    return named
+
+
+def check_tree(spans: list[ReadableSpan], steps: set[str], request_id: str, version: str) -> None:
+    named = by_name(spans)
+    assert set(named) == {"edgewise.infer", *steps}, sorted(named)
+    root = named["edgewise.infer"]
+    assert root.context is not None and root.parent is not None
+    assert f"{root.context.trace_id:032x}" == TRACE_ID  # the caller's trace
+    assert f"{root.parent.span_id:016x}" == PARENT_ID  # a child of the caller's span
+    assert root.attributes is not None
+    assert root.attributes["edgewise.version"] == version
+    assert root.attributes["edgewise.request_id"] == request_id
+    for name in steps:
+        span = named[name]
+        assert span.parent is not None and span.context is not None
+        assert span.parent.span_id == root.context.span_id, name
+        assert span.context.trace_id == root.context.trace_id
+
+
+def test_grpcio_spans_keep_the_callers_trace(traced: Traced) -> None:
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    response = traced.stub.ModelInfer(
+        grpc_request(repo, "logreg", "g-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    assert response.id == "g-1"
+    spans = traced.spans(GRPC_STEPS)
+    check_tree(spans, GRPC_STEPS, "g-1", "1")
+    root = by_name(spans)["edgewise.infer"]
+    assert root.attributes is not None and root.attributes["edgewise.model"] == "logreg"
+
+
+def test_a_batched_model_has_a_queue_span(traced: Traced) -> None:
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    traced.stub.ModelInfer(
+        grpc_request(repo, "forest", "b-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    steps = {"parse", "admit", "decode", "queue"}
+    spans = traced.spans(steps)
+    check_tree(spans, steps, "b-1", "1")
+
+
+def test_http_spans_keep_the_callers_trace(traced: Traced) -> None:
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    rows = features(repo, "logreg", 2)
+    body = json.dumps(
+        {
+            "id": "h-1",
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": list(rows.shape),
+                    "data": rows.ravel().tolist(),
+                }
+            ],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{traced.server.http_port}/v2/models/logreg/infer",
+        data=body,
+        headers={"Content-Type": "application/json", "traceparent": SAMPLED},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read())["id"] == "h-1"
+    check_tree(traced.spans(STEPS), STEPS, "h-1", "1")
+
+
+def test_sampling_ratio_zero_records_only_sampled_parents(traced: Traced) -> None:
+    traced.use(0.0)
+    repo = traced.server.settings.repo
+    for index in range(5):  # no parent: the ratio decides, and it is 0
+        traced.stub.ModelInfer(grpc_request(repo, "logreg", f"n-{index}"), timeout=10)
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    traced.stub.ModelInfer(
+        grpc_request(repo, "logreg", "u-1"), metadata=(("traceparent", unsampled),), timeout=10
+    )
+    traced.stub.ModelInfer(  # the caller sampled it: kept whatever the ratio
+        grpc_request(repo, "logreg", "s-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    spans = traced.spans(GRPC_STEPS)
+    check_tree(spans, GRPC_STEPS, "s-1", "1")
+
+
+def test_a_malformed_traceparent_starts_a_new_trace(traced: Traced) -> None:
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    traced.stub.ModelInfer(
+        grpc_request(repo, "logreg", "m-1"), metadata=(("traceparent", "garbage"),), timeout=10
+    )
+    named = by_name(traced.spans(GRPC_STEPS))
+    root = named["edgewise.infer"]
+    assert root.parent is None and root.context is not None
+    assert f"{root.context.trace_id:032x}" != TRACE_ID
+
+
+def test_a_refused_request_ends_its_span_with_an_error(traced: Traced) -> None:
+    traced.use(1.0)
+    request = pb.ModelInferRequest(model_name="no-such-model", id="e-1")
+    with pytest.raises(grpc.RpcError) as failure:
+        traced.stub.ModelInfer(request, metadata=(("traceparent", SAMPLED),), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    named = by_name(traced.spans({"edgewise.infer", "parse", "admit", "decode"}))
+    assert set(named) == {"edgewise.infer", "parse", "admit", "decode"}
+    assert not named["decode"].status.is_ok
+    assert not named["edgewise.infer"].status.is_ok
+
+
+OFF = """
+import asyncio, sys
+from pathlib import Path
+from edgewise.runtime.app.server import InferenceServer
+from edgewise.runtime.config.settings import ServerSettings
+from edgewise.runtime.frontends import grpcio, http
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+from edgewise.runtime.serving.pipeline import InferenceCore
+import numpy as np
+settings = ServerSettings.from_sources({"repo": Path(sys.argv[1]), "metrics_port": -1})
+server = InferenceServer(settings)
+server.repository.load_all()
+core = InferenceCore(server.dataplane, server.metrics, server.executor)
+rows = np.zeros((2, int(sys.argv[2])), np.float32)
+request = pb.ModelInferRequest(model_name="logreg")
+request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+request.raw_input_contents.append(rows.tobytes())
+answer = asyncio.run(core.infer(request, None))
+server.executor.shutdown()
+assert answer.model_name == "logreg"
+print(sorted(name for name in sys.modules if name.startswith("opentelemetry")))
+"""
+
+
+def test_tracing_off_never_imports_opentelemetry(model_repo: Path) -> None:
+    width = features(model_repo, "logreg", 1).shape[1]
+    done = subprocess.run(
+        [sys.executable, "-c", OFF, str(model_repo), str(width)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serve_refuses_otel_without_the_extra(model_repo: Path) -> None:
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from edgewise.runtime.cli.main import main\n"
+        "sys.exit(main(['serve', '--repo', sys.argv[1], '--otel-endpoint', 'http://x:4317']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model_repo)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "otel extra" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_sample_ratio_out_of_range(model_repo: Path) -> None:
+    command = [
+        sys.executable, "-m", "edgewise.runtime.cli", "serve", "--repo", str(model_repo),
+        "--otel-endpoint", "http://127.0.0.1:4317", "--otel-sample-ratio", "1.5",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "edgewise serve: error: otel-sample-ratio must be a fraction from 0 to 1, not 1.5"
+    ]
