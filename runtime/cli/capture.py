@@ -94,6 +94,9 @@ def _stats(root: Path, model: str) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from edgewise.runtime.serving.capture import require_pyarrow
+
+    require_pyarrow()  # one line naming the extra, before pyarrow is imported
     import pyarrow.parquet as pq
 
     from edgewise.runtime._fs import replacing

@@ -282,8 +282,8 @@ class Capture:
             log.error("capture of model %s version %s is off: %s", model.name, model.version, exc)
             rate = 0.0
         for key, (ref, _) in list(self._rates.items()):
-            if ref() is None:  # an unloaded version's
-                del self._rates[key]
+            if ref() is None:  # an unloaded version's (two request threads may both see it)
+                self._rates.pop(key, None)
         self._rates[id(model)] = (weakref.ref(model), rate)
         return rate
 

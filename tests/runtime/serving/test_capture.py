@@ -312,6 +312,23 @@ def test_capture_without_pyarrow_names_the_extra(
     assert "pip install edgewise[data]" in err and len(err.strip().splitlines()) == 1
 
 
+def test_export_without_pyarrow_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node without pyarrow: ``capture export`` says which extra in one line (it raised
+    ModuleNotFoundError out of the CLI, a traceback)."""
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    out = tmp_path / "out.parquet"
+    code = main(
+        ["capture", "export", "logreg", "--capture-dir", str(tmp_path), "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "pip install edgewise[data]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_config_json_rate_overrides_the_flag(
     repo: Path, tmp_path: Path, server_factory: list[RunningServer]
 ) -> None:
