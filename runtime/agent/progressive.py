@@ -31,12 +31,24 @@ from edgewise.runtime.errors import EdgewiseError, Unavailable
 from edgewise.runtime.store.base import Store
 from edgewise.runtime.store.lineage import utc_now
 
-__all__ = ["Decision", "Progressive", "Snapshot", "histogram_quantile", "read_decisions"]
+__all__ = [
+    "Decision",
+    "Progressive",
+    "RolloutStopped",
+    "Snapshot",
+    "histogram_quantile",
+    "read_decisions",
+]
 
 log = logging.getLogger(__name__)
 
 _OK = "OK"
 _POLL_SECONDS = 0.2
+
+
+class RolloutStopped(Exception):
+    """The agent was asked to stop in the middle of a step: the candidate is out of traffic, no
+    verdict is recorded and nothing is refused (the next start begins the rollout again)."""
 
 
 @dataclass
@@ -186,7 +198,8 @@ class Progressive:
 
     def run(self, policy: RolloutPolicy, stable: int, candidate: int) -> str:
         """Take ``candidate`` through the steps; "" when every step passed (the caller switches
-        the default, then calls :meth:`finish`), else why it failed (it is out of traffic)."""
+        the default, then calls :meth:`finish`), else why it failed (it is out of traffic).
+        Raises :class:`RolloutStopped` when the agent stops meanwhile (out of traffic too)."""
         client, model = self.client, self.model
         # What an earlier attempt left (an agent stopped mid-rollout): start from nothing.
         client.set_traffic_split(model, [])
@@ -250,7 +263,7 @@ class Progressive:
         before = scrape(url, self.model) if url and step.mode != "shadow" else None
         started = time.monotonic()
         if self.wait(step.seconds):
-            return ["the agent stopped"], {}
+            raise RolloutStopped()
         while True:
             seen = self._seen(step, before, url, candidate)
             if seen >= analysis.min_requests:
@@ -261,7 +274,7 @@ class Progressive:
                     f"{analysis.max_wait_seconds:g} s"
                 ], {"requests": seen}
             if self.wait(_POLL_SECONDS):
-                return ["the agent stopped"], {}
+                raise RolloutStopped()
         if step.mode == "shadow":
             reasons, evidence = self._judge_shadow(analysis)
         else:

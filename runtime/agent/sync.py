@@ -59,7 +59,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgewise.runtime._fs import fsync_dir
 from edgewise.runtime.agent.policy import RolloutPolicy, read_policy
-from edgewise.runtime.agent.progressive import Progressive
+from edgewise.runtime.agent.progressive import Progressive, RolloutStopped
 from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
 from edgewise.runtime.agent.waves import wave_wait
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
@@ -230,7 +230,7 @@ class AgentMetrics:
 
 
 class _Stopped(Exception):
-    """The agent was asked to stop in the middle of a download."""
+    """The agent was asked to stop in the middle of a download or a rollout step."""
 
 
 class _Refused(Exception):
@@ -476,7 +476,7 @@ class Agent:
             settings.node_id,
             lambda: settings.metrics_url,
             self.metrics.registry,
-            self._stop.wait,
+            lambda seconds: self._stop.wait(seconds),  # run(stop) replaces self._stop
         )
         self.trusted: TrustedKeys | None = None
         if settings.trusted_keys is not None:
@@ -911,7 +911,10 @@ class Agent:
                 policy = self._rollout_policy(previous, version)
                 if policy is not None and previous is not None and policy.steps:
                     self.phase = "rollout"
-                    failed = self.progressive.run(policy, previous, version)
+                    try:
+                        failed = self.progressive.run(policy, previous, version)
+                    except RolloutStopped:
+                        raise _Stopped() from None  # no verdict, nothing refused
                     if failed:
                         self.metrics.rollbacks.labels("rollout").inc()
                         raise _Refused(failed, kind="rollout")
