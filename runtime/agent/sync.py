@@ -476,7 +476,7 @@ class Agent:
             settings.node_id,
             lambda: settings.metrics_url,
             self.metrics.registry,
-            lambda seconds: self._stop.wait(seconds),  # run(stop) replaces self._stop
+            self._wait,
         )
         self.trusted: TrustedKeys | None = None
         if settings.trusted_keys is not None:
@@ -487,6 +487,11 @@ class Agent:
                 len(self.trusted),
                 ", ".join(self.trusted),
             )
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the agent is stopping (reads the event of the
+        moment: :meth:`run` replaces it with the caller's)."""
+        return self._stop.wait(seconds)
 
     # ---- the loop --------------------------------------------------------------------------------
 
