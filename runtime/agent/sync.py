@@ -1202,6 +1202,19 @@ def _pick_previous(state: AgentState, current: int) -> int | None:
     return None
 
 
+def _repoint_labels(client: EdgewiseClient, name: str, bad: int, target: int) -> None:
+    """The rollout labels ("stable", "canary") that name ``bad``, unloaded by a rollback, name
+    ``target`` afterwards (errors logged: the rollback stands; a label naming another version,
+    or none, is left as it is)."""
+    try:
+        labels = dict(client.get_rollout(name).labels)
+        for label in ("stable", "canary"):
+            if labels.get(label) == str(bad):
+                client.set_version_label(name, label, str(target))
+    except EdgewiseError as exc:
+        log.error("model %s: pointing the rollout labels at version %d: %s", name, target, exc)
+
+
 def rollback_locked(
     client: EdgewiseClient,
     state_file: StateFile,
@@ -1228,6 +1241,7 @@ def rollback_locked(
         ) from None
     with contextlib.suppress(EdgewiseError):
         client.unload_model(name, str(bad))
+    _repoint_labels(client, name, bad, target)
     sha = ""
     for item in (*state.good, state.deployed, state.last_good):
         if item is not None and item.version == target:

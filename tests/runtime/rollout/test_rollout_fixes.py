@@ -22,7 +22,7 @@ class Recorder:
         self.tags: dict[str, str] = {}
 
     def __getattr__(self, name: str) -> Any:
-        def call(*args: Any) -> None:
+        def call(*args: Any, **_: Any) -> None:
             self.calls.append((name, args))
 
         return call
@@ -76,3 +76,45 @@ def test_the_agent_hands_progressive_the_event_run_was_given(
     agent.run(stop)
     assert agent.progressive.wait(0.0) is True
     store.close()
+
+
+class Served(Recorder):
+    """A recording client whose rollout has the labels ``finish`` leaves (both on version 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = {"stable": "2", "canary": "2", "beta": "2"}
+
+    def get_rollout(self, model: str) -> Any:
+        return type("Rollout", (), {"labels": dict(self.labels)})()
+
+    def set_version_label(self, model: str, label: str, version: str) -> None:
+        self.labels[label] = version
+
+
+def test_a_rollback_points_stable_and_canary_at_the_version_it_went_back_to(
+    tmp_path: Path,
+) -> None:
+    from edgewise.runtime.agent.state import AgentState, Deployed, StateFile
+    from edgewise.runtime.agent.sync import rollback_locked
+
+    client = Served()
+    state_file = StateFile.for_repo(tmp_path / "repo", "m", tmp_path / "state")
+    state = AgentState(
+        model="m",
+        deployed=Deployed(2, "b", "t"),
+        good=(Deployed(1, "a", "t"), Deployed(2, "b", "t")),
+    )
+    with state_file.locked():
+        after = rollback_locked(
+            client,  # type: ignore[arg-type]
+            state_file,
+            tmp_path / "repo" / "m",
+            state,
+            2,
+            1,
+            "watched",
+        )
+    assert after.deployed is not None and after.deployed.version == 1
+    assert ("unload_model", ("m", "2")) in client.calls
+    assert client.labels == {"stable": "1", "canary": "1", "beta": "2"}
