@@ -41,6 +41,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from edgewise.runtime._process import pid_alive
 from edgewise.runtime.config.limits import process_inflight_limit
 from edgewise.runtime.config.settings import ENV_PREFIX, ServerSettings
 from edgewise.runtime.errors import EdgewiseError, Unavailable
@@ -73,12 +74,8 @@ def peer_addresses(peers_dir: Path, exclude_pid: int) -> list[str]:
     """Private control addresses of the sibling processes (from their files in ``peers_dir``)."""
     addresses = []
     for pid, path in published_peers(peers_dir).items():
-        if pid == exclude_pid:
+        if pid == exclude_pid or not pid_alive(pid):  # a dead sibling's file is stale
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue  # a dead sibling whose file is stale
         addresses.append(path.read_text().strip())
     return addresses
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from edgewise.runtime._fs import write_text_atomic
+from edgewise.runtime._process import pid_alive
 from edgewise.runtime.errors import InvalidInput
 
 __all__ = [
@@ -130,19 +131,6 @@ def decide(
     if state.last_started is not None and now - state.last_started < config.cooldown_s:
         return Decision.COOLDOWN
     return Decision.START
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (ours or another user's)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Trigger:

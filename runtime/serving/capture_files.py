@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from edgewise.runtime._fs import TEMP_PREFIX, replacing
+from edgewise.runtime._process import pid_alive
 
 __all__ = ["LABELS_FOLDER", "SUFFIX", "CaptureFolder", "StoredFile", "captured_files"]
 
@@ -145,12 +146,4 @@ def _writer_alive(path: Path) -> bool:
         pid = int(parts[-2])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it runs, as another user
-    return True
+    return pid != os.getpid() and pid_alive(pid)
