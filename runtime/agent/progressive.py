@@ -215,10 +215,10 @@ class Progressive:
                     policy, index, step.describe(), stable, candidate, verdict, reasons, evidence
                 )
                 if reasons:
-                    self._withdraw(stable, candidate)
+                    self.withdraw(stable, candidate)
                     return f"rollout step {index + 1} ({step.describe()}): {'; '.join(reasons)}"
         except BaseException:
-            self._withdraw(stable, candidate)
+            self.withdraw(stable, candidate)
             raise
         return ""
 
@@ -231,7 +231,7 @@ class Progressive:
         self._record(policy, len(policy.steps), "100 %", stable, candidate, "promote", (), {})
         self.step_gauge.set(0)
 
-    def _withdraw(self, stable: int, candidate: int) -> None:
+    def withdraw(self, stable: int, candidate: int) -> None:
         """Out of traffic at once: no split, no shadow (the default version answers), and the
         clients that ask for "canary" get ``stable`` (none of their requests fails)."""
         self.step_gauge.set(0)

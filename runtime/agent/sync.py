@@ -923,11 +923,17 @@ class Agent:
                     if failed:
                         self.metrics.rollbacks.labels("rollout").inc()
                         raise _Refused(failed, kind="rollout")
-                baseline, blind = self._baseline()
-                self.phase = "switching"
-                self._load(version, make_default=True)
-                if policy is not None and previous is not None and policy.steps:
-                    self.progressive.finish(policy, previous, version)
+                rolled = policy is not None and previous is not None and bool(policy.steps)
+                try:
+                    baseline, blind = self._baseline()
+                    self.phase = "switching"
+                    self._load(version, make_default=True)
+                    if policy is not None and previous is not None and rolled:
+                        self.progressive.finish(policy, previous, version)
+                except BaseException:
+                    if rolled and previous is not None:  # no canary route outlives the switch
+                        self.progressive.withdraw(previous, version)
+                    raise
                 now_iso = utc_now()
                 item = Deployed(version, record.model_sha256, now_iso)
                 state = replace(state, deployed=item)

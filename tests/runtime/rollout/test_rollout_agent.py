@@ -283,3 +283,26 @@ def test_histogram_quantile_interpolates_within_the_bucket() -> None:
     assert np.isnan(histogram_quantile(before, before, 0.99))
     past = {**before, float("inf"): 5.0}
     assert histogram_quantile(before, past, 0.5) == 0.01  # past the last finite bound
+
+
+def test_a_failure_between_the_steps_and_the_switch_leaves_no_canary_route(
+    rig: Rig, candidates: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgewise.runtime.agent.sync import Agent
+
+    baseline = Agent._baseline
+    calls: list[int] = []
+
+    def fails_at_the_candidate(agent: Agent) -> tuple[tuple[float, float] | None, str]:
+        calls.append(1)
+        if len(calls) > 1:  # the first deploy (version 1) switches; the candidate's fails
+            raise RuntimeError("the switch failed")
+        return baseline(agent)
+
+    monkeypatch.setattr(Agent, "_baseline", fails_at_the_candidate)
+    _roll(rig, candidates, "good", _policy(CANARY_25))
+    assert [d["verdict"] for d in _decisions(rig)] == ["pass"]
+    rollout = rig.client.get_rollout(rig.name)
+    assert not rollout.weights and not rollout.shadow_version
+    assert dict(rollout.labels)["canary"] == "1"
+    assert served_default(rig.client, rig.name) == 1
