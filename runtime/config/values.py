@@ -16,7 +16,17 @@ from typing import Any
 
 from edgewise.runtime.errors import InvalidInput
 
-__all__ = ["count", "flag", "names", "number", "numbers"]
+__all__ = ["count", "flag", "known_keys", "names", "number", "numbers"]
+
+
+def known_keys(where: str, table: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    """Refuse a table with a key outside ``allowed``, naming the unknown keys and the known."""
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise InvalidInput(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(allowed))})"
+        )
 
 
 def flag(where: str, value: Any) -> bool:

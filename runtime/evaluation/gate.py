@@ -68,7 +68,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from edgewise.runtime.config.values import names
+from edgewise.runtime.config.values import known_keys, names
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.evaluation.evaluate import (
     CLASSIFICATION_METRICS,
@@ -269,12 +269,7 @@ class GateSpec:
 
 
 def _known(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise InvalidInput(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
-            f"(expected {', '.join(sorted(allowed))})"
-        )
+    known_keys(where, table, allowed)
 
 
 def _table(data: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:

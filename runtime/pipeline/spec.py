@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from edgewise.runtime.config.values import names
+from edgewise.runtime.config.values import known_keys, names
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.package.manifest import validate_model_name
 from edgewise.runtime.store.base import validate_alias
@@ -166,12 +166,7 @@ def _where(path: str, key: str) -> str:
 
 
 def _known(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise InvalidInput(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(sorted(allowed))})"
-        )
+    known_keys(where, table, allowed)
 
 
 def _table(data: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:

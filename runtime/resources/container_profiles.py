@@ -39,6 +39,7 @@ from edgewise.runtime.config.limits import (
     format_bytes,
     parse_bytes,
 )
+from edgewise.runtime.config.values import known_keys
 from edgewise.runtime.errors import InvalidInput
 
 __all__ = [
@@ -93,11 +94,7 @@ def parse_profile(name: str, data: Mapping[str, Any], path: Path | None = None) 
     where = str(path) if path is not None else f"profile {name!r}"
     if not _NAME_RE.match(name):
         raise InvalidInput(f"{where}: profile name {name!r} must be lower case letters, digits, -")
-    unknown = sorted(set(data) - _KEYS)
-    if unknown:
-        raise InvalidInput(
-            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
-        )
+    known_keys(where, data, _KEYS)
     for key in ("description", "cpus", "memory"):
         if key not in data:
             raise InvalidInput(f"{where}: missing required key {key!r}")
