@@ -381,8 +381,12 @@ class Rollouts:
                 return self._commit(name, replace(current, shadow=None))
             number = self.resolve(name, version)
             route = ShadowRoute(number, check_rate(rate))
-            self._shadow().reset(name, number)
-            return self._commit(name, replace(current, shadow=route))
+            if self.shadow is None and self.make_shadow is None:
+                raise InvalidInput("version: this server runs no shadows")
+            # Written first: a refused write leaves the figures and the worker as they were.
+            return self._commit(
+                name, replace(current, shadow=route), lambda: self._shadow().reset(name, number)
+            )
 
     def set_label(self, name: str, label: str, version: str) -> ModelRoutes:
         """Point ``label`` at ``version`` (a number or another label); "" removes it."""
@@ -425,12 +429,17 @@ class Rollouts:
             self.shadow = self.make_shadow()
         return self.shadow
 
-    def _commit(self, name: str, routes: ModelRoutes) -> ModelRoutes:
+    def _commit(
+        self, name: str, routes: ModelRoutes, then: Callable[[], None] | None = None
+    ) -> ModelRoutes:
+        """Write ``routes`` to ``rollout.json``, then (once written) run ``then`` and apply."""
         path = self.repository.root / name / ROLLOUT_FILE
         try:
             write_text_atomic(path, json.dumps(routes.to_json(), indent=2) + "\n")
         except OSError as exc:
             raise InvalidInput(f"{path}: cannot write: {exc.strerror or exc}") from None
+        if then is not None:
+            then()
         self._apply(name, routes)
         return routes
 

@@ -142,3 +142,31 @@ def test_rollout_state_machine(repo: Path) -> None:
         suppress_health_check=[HealthCheck.too_slow],
     )
     RolloutMachine.TestCase().runTest()
+
+
+def test_a_shadow_whose_file_cannot_be_written_changes_nothing(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgewise.runtime.serving.rollout as rollout_module
+    from edgewise.runtime.errors import EdgewiseError
+
+    (repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
+    repository = _served(repo)
+    registry = CollectorRegistry()
+    made: list[Shadow] = []
+
+    def make() -> Shadow:
+        made.append(Shadow(repository, registry))
+        return made[-1]
+
+    rollouts = Rollouts(repository, registry, make)
+
+    def full_disk(path: Path, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rollout_module, "write_text_atomic", full_disk)
+    with pytest.raises(EdgewiseError, match="cannot write"):
+        rollouts.set_shadow(NAME, "2", 0.5)
+    assert made == [] and rollouts.shadow is None  # no worker started, no figures reset
+    assert rollouts.routes(NAME) == ModelRoutes()
+    assert not (repo / NAME / ROLLOUT_FILE).exists()
