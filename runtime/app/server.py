@@ -190,8 +190,8 @@ class InferenceServer:
         if settings.otel_endpoint is not None:  # else opentelemetry is never imported
             from edgewise.runtime.serving.tracing import RequestTracing, otlp_provider
 
-            provider = otlp_provider(settings.otel_endpoint, settings.otel_sample_ratio)
-            core.tracing = RequestTracing(provider)
+            provider = otlp_provider(settings.otel_endpoint)
+            core.tracing = RequestTracing(provider, settings.otel_sample_ratio)
             log.info(
                 "tracing to %s, sampling %g of new traces",
                 settings.otel_endpoint,
@@ -229,6 +229,11 @@ class InferenceServer:
         await server.start()
         self._grpc = server
         if front_module is not None:
+            if core.tracing is not None:  # its C++ hands Python no traceparent (binding.py)
+                log.warning(
+                    "tracing: the native front end's gRPC calls are not traced "
+                    "(--front-end grpcio traces them); HTTP calls are"
+                )
             self.front = NativeFront(core, auth, shedder, settings.retry_after_ms)
             # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
             # and its worker threads for those over inline_max_bytes or while calls are slow.

@@ -283,8 +283,16 @@ class InferenceCore:
         reservation: int,
         defer: Deferrer | None = None,
     ) -> pb.ModelInferResponse:
-        """Run, encode and count a prepared request (see :meth:`_execute_counted`)."""
-        return self._execute_counted(prepared, deadline, started, reservation, defer=defer)
+        """Run, encode and count a prepared request (see :meth:`_execute_counted`), in the
+        moving average of a model run."""
+        began = time.perf_counter()
+        response = self._execute_counted(prepared, deadline, started, reservation, defer=defer)
+        self._timed(began)
+        return response
+
+    def runs_inline(self, request: pb.ModelInferRequest, small: bool) -> bool:
+        """Whether ``request`` runs on the event loop (see :meth:`_runs_inline`)."""
+        return self._runs_inline(request, small)
 
     async def batched(
         self, prepared: PreparedRequest, deadline: float | None, started: float, reservation: int

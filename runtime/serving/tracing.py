@@ -13,7 +13,9 @@ span each, under one SERVER span per call:
   after its parent).
 
 The parent is the W3C ``traceparent`` a front end read from the call's metadata or headers
-(absent or malformed: a new trace); sampling follows the parent's sampled flag, else the ratio.
+(absent or malformed: a new trace); sampling follows the parent's sampled flag; a call with no
+parent is sampled at the ratio by a random draw before any span is made (an unsampled call then
+costs the draw, not the SDK's non-recording spans).
 Spans go to an OTLP/gRPC collector in batches, off the request path.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import random
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
@@ -30,14 +34,14 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.codecs import decode
-from edgewise.runtime.serving.pipeline import payload_bytes
 
 if TYPE_CHECKING:
+    from edgewise.runtime.serving.dataplane import PreparedRequest
     from edgewise.runtime.serving.pipeline import InferenceCore
 
 __all__ = ["TRACEPARENT", "RequestTracing", "otlp_provider"]
@@ -48,13 +52,14 @@ TRACEPARENT = "traceparent"
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def otlp_provider(endpoint: str, sample_ratio: float) -> TracerProvider:
-    """A tracer provider that samples ``sample_ratio`` of new traces (a parent's decision
-    otherwise) and exports over OTLP/gRPC to ``endpoint`` (e.g. ``http://collector:4317``)."""
+def otlp_provider(endpoint: str) -> TracerProvider:
+    """A tracer provider that exports over OTLP/gRPC to ``endpoint`` (e.g.
+    ``http://collector:4317``) and follows a caller's sampled flag; a call without one is
+    sampled already (RequestTracing draws its ratio before any span is made)."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        sampler=ParentBased(ALWAYS_ON),
         resource=Resource.create({"service.name": "edgewise"}),
     )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
@@ -64,9 +69,13 @@ def otlp_provider(endpoint: str, sample_ratio: float) -> TracerProvider:
 class RequestTracing:
     """The traced request path of an :class:`InferenceCore` (see the module's docstring)."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, sample_ratio: float = 1.0) -> None:
+        """``sample_ratio``: the fraction of calls without a caller's traceparent that are
+        traced; the others skip the SDK (its unsampled span costs ~20 us a call; this, a random
+        draw). The provider's sampler decides for calls with a traceparent."""
         self.provider = provider
         self.tracer = provider.get_tracer("edgewise.serving")
+        self.sample_ratio = sample_ratio
 
     def shutdown(self) -> None:
         """Export what is pending and stop."""
@@ -80,10 +89,15 @@ class RequestTracing:
         started: float,
         traceparent: str | None,
     ) -> pb.ModelInferResponse:
+        if not traceparent and random.random() >= self.sample_ratio:
+            request = decode(pb.ModelInferRequest, body)
+            return await self._unrecorded(
+                core, request, deadline, started, core.runs_inline(request, True)
+            )
         with self._root(traceparent) as root:
             with self.tracer.start_as_current_span("parse"):
                 request = decode(pb.ModelInferRequest, body)
-            return await self._steps(core, root, request, deadline, started)
+            return await self._steps(core, root, request, deadline, started, small=True)
 
     async def infer(
         self,
@@ -92,9 +106,14 @@ class RequestTracing:
         deadline: float | None,
         started: float,
         traceparent: str | None,
+        small: bool = False,
     ) -> pb.ModelInferResponse:
+        if not traceparent and random.random() >= self.sample_ratio:  # not sampled: no span
+            return await self._unrecorded(
+                core, request, deadline, started, core.runs_inline(request, small)
+            )
         with self._root(traceparent) as root:
-            return await self._steps(core, root, request, deadline, started)
+            return await self._steps(core, root, request, deadline, started, small)
 
     def _root(self, traceparent: str | None) -> AbstractContextManager[trace.Span]:
         parent: Context | None = None
@@ -111,29 +130,36 @@ class RequestTracing:
         request: pb.ModelInferRequest,
         deadline: float | None,
         started: float,
+        small: bool = False,
     ) -> pb.ModelInferResponse:
+        inline = core.runs_inline(request, small)  # as the untraced path chooses
+        if not root.is_recording():  # not sampled: the steps without spans
+            return await self._unrecorded(core, request, deadline, started, inline)
         tracer = self.tracer
-        recording = root.is_recording()
-        if recording:
-            root.set_attribute("edgewise.model", request.model_name)
-            root.set_attribute("edgewise.version", request.model_version)
-            root.set_attribute("edgewise.request_id", request.id)
+        root.set_attribute("edgewise.model", request.model_name)
+        root.set_attribute("edgewise.version", request.model_version)
+        root.set_attribute("edgewise.request_id", request.id)
         with tracer.start_as_current_span("admit"):
             reservation = core.admit(request)
         with tracer.start_as_current_span("decode"):
             prepared = core.prepare(request, reservation)
         model = prepared.model
-        if recording:
-            root.set_attribute("edgewise.model", model.name)
-            root.set_attribute("edgewise.version", model.version_str)
+        root.set_attribute("edgewise.model", model.name)
+        root.set_attribute("edgewise.version", model.version_str)
         if model.batching is not None:
             with tracer.start_as_current_span("queue"):
                 return await core.batched(prepared, deadline, started, reservation)
         loop = asyncio.get_running_loop()
-        defer = self._deferrer(loop, contextvars.copy_context())
+        parent = contextvars.copy_context()  # the call's span: the monitor's parent
+        schedule = loop.call_soon if inline else loop.call_soon_threadsafe
+
+        def defer(function: Callable[..., object], *args: object) -> object:
+            """The monitor's work, on the loop's next turn, in a span of its own."""
+            return schedule(parent.run, self._monitor, function, *args)
+
         with tracer.start_as_current_span("run"):
-            if payload_bytes(request) <= core.inline_max_bytes:
-                return core.execute(prepared, deadline, started, reservation, defer=defer)
+            if inline:
+                return _on_loop(core, prepared, deadline, started, reservation, defer)
             context = contextvars.copy_context()  # this span, as the worker's parent
             return await loop.run_in_executor(
                 core.executor,
@@ -146,17 +172,46 @@ class RequestTracing:
                 defer,
             )
 
-    def _deferrer(
-        self, loop: asyncio.AbstractEventLoop, context: contextvars.Context
-    ) -> Callable[..., object]:
-        """A Deferrer that runs the monitor's work on the loop's next turn in a ``monitor``
-        span, a child of the call's span (``context``)."""
+    def _monitor(self, function: Callable[..., object], *args: object) -> None:
+        with self.tracer.start_as_current_span("monitor"):
+            function(*args)
 
-        def monitor(function: Callable[..., object], *args: object) -> None:
-            with self.tracer.start_as_current_span("monitor"):
-                function(*args)
+    @staticmethod
+    async def _unrecorded(
+        core: InferenceCore,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: float,
+        inline: bool,
+    ) -> pb.ModelInferResponse:
+        """The steps of a call that is not sampled, as the untraced path runs them."""
+        reservation = core.admit(request)
+        prepared = core.prepare(request, reservation)
+        if prepared.model.batching is not None:
+            return await core.batched(prepared, deadline, started, reservation)
+        if inline:  # the monitor: on the loop's next turn
+            return _on_loop(core, prepared, deadline, started, reservation, None)
+        return await asyncio.get_running_loop().run_in_executor(
+            core.executor, core.execute, prepared, deadline, started, reservation, _now
+        )
 
-        def defer(function: Callable[..., object], *args: object) -> object:
-            return loop.call_soon_threadsafe(context.run, monitor, function, *args)
 
-        return defer
+def _on_loop(
+    core: InferenceCore,
+    prepared: PreparedRequest,
+    deadline: float | None,
+    started: float,
+    reservation: int,
+    defer: Callable[..., object] | None,
+) -> pb.ModelInferResponse:
+    """Run a call on the event loop, its time counted as the loop's time on models (LoopLoad)."""
+    try:
+        return core.execute(prepared, deadline, started, reservation, defer=defer)
+    finally:
+        if core.loop_load is not None:
+            core.loop_load.inline_seconds += time.perf_counter() - started
+
+
+def _now(function: Callable[..., object], *args: object) -> object:
+    """A Deferrer for a worker thread: the monitor's work right there, as the untraced path."""
+    return function(*args)

@@ -21,7 +21,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from edgewise.runtime.app.server import InferenceServer
 from edgewise.runtime.config.settings import ServerSettings
@@ -45,11 +45,11 @@ class Traced:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def use(self, sample_ratio: float) -> None:
-        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+        provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))  # as otlp_provider
         provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         core = self.server.core
         assert core is not None
-        core.tracing = RequestTracing(provider)
+        core.tracing = RequestTracing(provider, sample_ratio)
         self.exporter.clear()
 
     def spans(self, names: set[str], timeout: float = 10.0) -> list[ReadableSpan]:
