@@ -135,6 +135,23 @@ def _id_fields(schemas: list[Any], columns: ColumnSpec, files: list[InputFile]) 
     return fields
 
 
+def _carried(first: InputFile, manifest: Any, ids: tuple[str, ...]) -> tuple[str, ...]:
+    """``--carry-columns``: the id columns, then every other column of the first input (in its
+    order), but those named like a model output (the outputs keep their names; a warning)."""
+    from edgewise.runtime.batch.reader import read_schema
+
+    names = read_schema(first, ColumnSpec(manifest.features, ())).names
+    outputs = {spec.name for spec in manifest.outputs}
+    clash = [n for n in names if n in outputs and n not in ids]
+    if clash:
+        log.warning(
+            "batch: --carry-columns leaves out input column(s) %s: the model has outputs of "
+            "the same name",
+            ", ".join(repr(n) for n in clash),
+        )
+    return (*ids, *(n for n in names if n not in ids and n not in outputs))
+
+
 def _check_id_columns(ids: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for name in ids:
@@ -191,6 +208,7 @@ class _Settings:
     drift_report: bool
     sha256: str | None = None  # the recorded model's, when resuming
     bad_records: str | None = None  # the --bad-records folder
+    carry_columns: bool = False
 
 
 def _settings(
@@ -212,7 +230,14 @@ def _settings(
         chunk_rows = options.chunk_rows or DEFAULT_CHUNK_ROWS
         bad = None if options.bad_records is None else str(options.bad_records.absolute())
         return _Settings(
-            False, pinned, chunk_rows, options.id_columns, options.drift_report, None, bad
+            False,
+            pinned,
+            chunk_rows,
+            options.id_columns,
+            options.drift_report,
+            None,
+            bad,
+            options.carry_columns,
         )
     if not options.resume:
         raise InvalidInput(
@@ -232,6 +257,7 @@ def _settings(
             bool(job["drift_report"]),
             str(model["sha256"]),
             None if job.get("bad_records") is None else str(job["bad_records"]),
+            bool(job.get("carry_columns", False)),
         )
         recorded_name = str(model["name"])
         inputs = [InputFile.from_json(f) for f in job["inputs"]]
@@ -269,6 +295,8 @@ def _settings(
             f"cannot resume: the job sets bad records aside in {recorded.bad_records or 'none'}"
             f", not {options.bad_records}"
         )
+    if options.carry_columns and not recorded.carry_columns:
+        raise InvalidInput("cannot resume: the job does not carry the input columns")
     _check_same_inputs(inputs, files)
     return recorded
 
@@ -359,7 +387,10 @@ def _prepare(
             f"cannot resume: model {name!r} version {version} changed since the job started "
             "(its sha256 differs)"
         )
-    columns = ColumnSpec(manifest.features, settings.id_columns)
+    ids = settings.id_columns
+    if settings.carry_columns:
+        ids = _carried(files[0], manifest, ids)
+    columns = ColumnSpec(manifest.features, ids)
     schemas = check_inputs(
         files, columns, settings.bad_records is not None
     )  # every file's columns, before anything is scored
@@ -430,6 +461,7 @@ def _run_locked(
                 "id_columns": list(settings.id_columns),
                 "drift_report": settings.drift_report,
                 "bad_records": settings.bad_records,
+                "carry_columns": settings.carry_columns,
                 "output_schema": prepared.schema.to_string(show_schema_metadata=False),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

@@ -48,6 +48,7 @@ class BatchOptions:
     model_cache: Path | None = None  # where store versions are downloaded (None: the default)
     trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
     bad_records: Path | None = None  # CSV rows that fail to decode go there (None: strict)
+    carry_columns: bool = False  # copy every input column to the output (after the id columns)
 
 
 @dataclass(frozen=True)

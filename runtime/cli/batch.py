@@ -94,6 +94,11 @@ def _add_batch(sub: Subparsers) -> None:
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     p.add_argument("--ray-actors", type=_positive, help="scoring actors (default: cluster CPUs)")
     p.add_argument(
+        "--carry-columns", action="store_true",
+        help="copy every input column to the output, after the id columns (SageMaker's join "
+        "source); input columns named like a model output are left out, with a warning",
+    )  # fmt: skip
+    p.add_argument(
         "--bad-records", type=Path, metavar="FOLDER",
         help="CSV rows that fail to decode (a value that is not a number, a wrong field count) "
         "go to JSON-lines files here with a reason, instead of failing the job (default: strict)",
@@ -130,6 +135,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             model_cache=args.model_cache,
             trusted_keys=args.trusted_keys,
             bad_records=args.bad_records,
+            carry_columns=args.carry_columns,
         )
     )
     if args.json:
