@@ -118,7 +118,9 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
         self, request: epb.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> epb.Rollout:
         rollouts = self.rollouts
-        return await self._answer(request.model, lambda: rollouts.routes(request.model), context)
+        return await self._answer(
+            request.model, lambda: rollouts.served_routes(request.model), context
+        )
 
     async def SetTrafficSplit(
         self,

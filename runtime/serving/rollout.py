@@ -12,9 +12,11 @@ Per model (docs/rollout.md):
 
 Control validates, then commits: a refused change (weights that do not sum to 100, a version or
 label that is not loaded, a bad sticky key or rate) raises :class:`InvalidInput` naming the field
-and leaves everything as it was. A committed change is written to ``<repo>/<model>/rollout.json``
-(atomically, before the running state changes; a reader never creates it), read back when the
-server starts, and published as metrics where it happens.
+(:class:`ModelNotFound` for a model that is not served; a plain :class:`EdgewiseError`, INTERNAL,
+when ``rollout.json`` cannot be written) and leaves everything as it was. A committed change is
+written to ``<repo>/<model>/rollout.json`` (atomically, before the running state changes; a
+reader never creates it), read back when the server starts, and published as metrics where it
+happens.
 
 The request path reads one immutable snapshot per model without a lock.
 """
@@ -344,11 +346,13 @@ class Rollouts:
             )
         return number
 
+    def served_routes(self, name: str) -> ModelRoutes:
+        """``name``'s routes (GetRollout); ModelNotFound when the model is not served."""
+        self._served(name)
+        return self.routes(name)
+
     def _served(self, name: str) -> list[int]:
-        try:
-            return self.repository.served_versions(name)
-        except EdgewiseError:
-            raise InvalidInput(f"model {name!r} is not served") from None
+        return self.repository.served_versions(name)  # ModelNotFound: not served
 
     # ---- control (validate, then commit) ------------------------------------------------------
 
@@ -436,8 +440,8 @@ class Rollouts:
         path = self.repository.root / name / ROLLOUT_FILE
         try:
             write_text_atomic(path, json.dumps(routes.to_json(), indent=2) + "\n")
-        except OSError as exc:
-            raise InvalidInput(f"{path}: cannot write: {exc.strerror or exc}") from None
+        except OSError as exc:  # the server's disk, not the caller's input: INTERNAL
+            raise EdgewiseError(f"{path}: cannot write: {exc.strerror or exc}") from None
         if then is not None:
             then()
         self._apply(name, routes)

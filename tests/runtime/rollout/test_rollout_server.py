@@ -175,11 +175,14 @@ def test_bad_input_is_refused_and_changes_nothing(server: RunningServer) -> None
             (lambda: client.set_version_label(NAME, "canary", "nosuch"), "not a version"),
             (lambda: client.set_shadow(NAME, "2", rate=1.5), "rate"),
             (lambda: client.set_shadow("nosuch", "2"), "not served"),
+            (lambda: client.get_rollout("nosuch"), "not served"),
         ]
         for call, field in cases:
             with pytest.raises(ServerError) as caught:
                 call()
-            assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
+            unknown = "not served" in field  # an unknown model is NOT_FOUND, not a bad argument
+            expected = grpc.StatusCode.NOT_FOUND if unknown else grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.status == expected, caught.value
             assert field in caught.value.details, caught.value.details
             assert client.get_rollout(NAME) == before
             assert repo_file.read_bytes() == saved

@@ -148,7 +148,7 @@ def test_a_shadow_whose_file_cannot_be_written_changes_nothing(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import edgewise.runtime.serving.rollout as rollout_module
-    from edgewise.runtime.errors import EdgewiseError
+    from edgewise.runtime.errors import EdgewiseError, ErrorCode
 
     (repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
     repository = _served(repo)
@@ -165,8 +165,9 @@ def test_a_shadow_whose_file_cannot_be_written_changes_nothing(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rollout_module, "write_text_atomic", full_disk)
-    with pytest.raises(EdgewiseError, match="cannot write"):
+    with pytest.raises(EdgewiseError, match="cannot write") as caught:
         rollouts.set_shadow(NAME, "2", 0.5)
+    assert caught.value.code == ErrorCode.INTERNAL  # the server's disk, not the caller's input
     assert made == [] and rollouts.shadow is None  # no worker started, no figures reset
     assert rollouts.routes(NAME) == ModelRoutes()
     assert not (repo / NAME / ROLLOUT_FILE).exists()
