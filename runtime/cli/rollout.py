@@ -50,7 +50,7 @@ def parse_weights(pairs: list[str]) -> list[tuple[str, int]]:
     weights = []
     for pair in pairs:
         version, sep, weight = pair.partition("=")
-        if not sep or not version or not weight.strip().isdigit():
+        if not sep or not version or not weight.strip().isascii() or not weight.strip().isdigit():
             raise InvalidInput(f"weights: {pair!r} is not VERSION=WEIGHT (e.g. 2=10)")
         weights.append((version, int(weight)))
     return weights

@@ -63,6 +63,7 @@ ROLLOUT_FILE: Final = "rollout.json"
 STICKY_REQUEST_ID: Final = "request_id"
 _LABEL: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_NUMBER: Final = re.compile(r"[0-9]+")  # ASCII digits ("²".isdigit() is True; int() refuses it)
 _FILE_KEYS: Final = frozenset({"split", "shadow", "labels"})
 _SPLIT_KEYS: Final = frozenset({"weights", "sticky_key"})
 _SHADOW_KEYS: Final = frozenset({"version", "rate"})
@@ -230,7 +231,7 @@ def _version_number(value: object, field_name: str) -> int:
         raise InvalidInput(f"{field_name}: a version number, not {value!r}")
     if isinstance(value, int) and value > 0:
         return value
-    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+    if isinstance(value, str) and _NUMBER.fullmatch(value) and int(value) > 0:
         return int(value)
     raise InvalidInput(f"{field_name}: a version number, not {value!r}")
 
@@ -337,7 +338,7 @@ class Rollouts:
 
     def resolve(self, name: str, version: str, field_name: str = "version") -> int:
         """A version number from a number or a label of ``name``, which must be served."""
-        number = int(version) if version.isdigit() else self.label(name, version)
+        number = int(version) if _NUMBER.fullmatch(version) else self.label(name, version)
         if number is None:
             raise InvalidInput(f"{field_name} {version!r}: not a version or label of {name!r}")
         if number not in self._served(name):

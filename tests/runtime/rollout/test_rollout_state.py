@@ -171,3 +171,19 @@ def test_a_shadow_whose_file_cannot_be_written_changes_nothing(
     assert made == [] and rollouts.shadow is None  # no worker started, no figures reset
     assert rollouts.routes(NAME) == ModelRoutes()
     assert not (repo / NAME / ROLLOUT_FILE).exists()
+
+
+def test_unicode_digits_are_refused_naming_the_field(repo: Path) -> None:
+    """``"²".isdigit()`` is True but ``int("²")`` raises: each is InvalidInput, never a crash."""
+    from edgewise.runtime.cli.rollout import parse_weights
+    from edgewise.runtime.serving.rollout import routes_from_json
+
+    with pytest.raises(InvalidInput, match=r"labels\.stable"):
+        routes_from_json({"labels": {"stable": "²"}}, "rollout.json")
+    with pytest.raises(InvalidInput, match=r"split\.weights"):
+        routes_from_json({"split": {"weights": {"²": 100}}}, "rollout.json")
+    rollouts = Rollouts(_served(repo), CollectorRegistry())
+    with pytest.raises(InvalidInput, match="version '²'"):
+        rollouts.resolve(NAME, "²")
+    with pytest.raises(InvalidInput, match="weights"):
+        parse_weights(["2=²"])
