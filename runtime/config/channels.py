@@ -9,6 +9,7 @@ use it without importing the server; the server's token check reads tokens with 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,8 +22,11 @@ __all__ = [
     "MIN_TOKEN_CHARS",
     "PUSHBACK_KEY",
     "RETRY_AFTER_KEY",
+    "SCOPES",
+    "TokenEntry",
     "client_channel",
     "client_token",
+    "parse_token_entries",
     "parse_tokens",
     "read_pem",
     "retry_after_ms",
@@ -38,21 +42,71 @@ _TOKEN_CHARS: Final = frozenset(
 )
 
 
-def parse_tokens(text: str, where: str) -> list[str]:
-    """Tokens from text: one per line (or separated by commas or spaces), ``#`` comments and
-    blank lines ignored. Each must be at least 16 characters of the RFC 6750 token alphabet."""
-    tokens = []
-    for line in text.splitlines():
-        content = line.split("#", 1)[0]
-        for token in content.replace(",", " ").split():
-            if len(token) < MIN_TOKEN_CHARS or not set(token) <= _TOKEN_CHARS:
+#: The scopes a credential can hold: ``infer`` (ModelInfer), ``read`` (metadata, readiness,
+#: reports, indexes), ``admin`` (load, unload, resets, rollout changes).
+SCOPES: Final = ("infer", "read", "admin")
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One accepted token: the secret, the scopes it holds and the id that names it in logs,
+    metrics and the audit log (None: named after a digest prefix of the token)."""
+
+    token: str
+    scopes: frozenset[str]
+    id: str | None = None
+
+
+def _check_token(token: str, where: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS or not set(token) <= _TOKEN_CHARS:
+        raise InvalidInput(
+            f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters of letters, "
+            "digits and -._~+/= (found one of "
+            f"{len(token)} characters{' with other characters' if len(token) else ''})"
+        )
+
+
+def _scopes(field: str) -> frozenset[str] | None:
+    """The scopes of a ``scope1,scope2`` field, or None when it is not a scope list."""
+    names = field.split(",")
+    if names and all(name in SCOPES for name in names):
+        return frozenset(names)
+    return None
+
+
+def parse_token_entries(text: str, where: str) -> list[TokenEntry]:
+    """Tokens from text, ``#`` comments and blank lines ignored. A line is either
+    ``TOKEN SCOPES [ID]`` (SCOPES: comma-separated names from :data:`SCOPES`; ID: any word) or,
+    as before scopes existed, tokens separated by commas or spaces, each holding every scope.
+    Each token must be at least 16 characters of the RFC 6750 token alphabet."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        scopes = _scopes(fields[1]) if len(fields) >= 2 else None
+        if scopes is not None:
+            if len(fields) > 3:
                 raise InvalidInput(
-                    f"{where}: a token must be at least {MIN_TOKEN_CHARS} characters of letters, "
-                    "digits and -._~+/= (found one of "
-                    f"{len(token)} characters{' with other characters' if len(token) else ''})"
+                    f"{where}: line {number}: expected 'TOKEN SCOPES [ID]', found {len(fields)} "
+                    "fields"
                 )
-            tokens.append(token)
-    return tokens
+            _check_token(fields[0], where)
+            entries.append(TokenEntry(fields[0], scopes, fields[2] if len(fields) == 3 else None))
+            continue
+        if len(fields) >= 2 and len(fields[1]) < MIN_TOKEN_CHARS and fields[1].islower():
+            unknown = sorted(set(fields[1].split(",")) - set(SCOPES))
+            raise InvalidInput(
+                f"{where}: line {number}: unknown scope {', '.join(unknown)!r} "
+                f"(known: {', '.join(SCOPES)})"
+            )
+        for token in " ".join(fields).replace(",", " ").split():
+            _check_token(token, where)
+            entries.append(TokenEntry(token, frozenset(SCOPES)))
+    return entries
+
+
+def parse_tokens(text: str, where: str) -> list[str]:
+    """The tokens of text, as :func:`parse_token_entries` reads it (scopes and ids left out)."""
+    return [entry.token for entry in parse_token_entries(text, where)]
 
 
 def retry_after_ms(trailing_metadata: Any) -> int | None:

@@ -62,6 +62,7 @@ from edgewise.runtime.frontends.rest_codec import (
     render_infer,
     server_metadata_body,
 )
+from edgewise.runtime.frontends.scopes import HTTP_ROUTES
 from edgewise.runtime.frontends.security import AuthInterceptor
 from edgewise.runtime.frontends.status import http_status
 from edgewise.runtime.serving.dataplane import DataPlane
@@ -126,16 +127,20 @@ class HttpFront:
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_message_bytes)
-        guarded = self._guarded
-        health = self._open_health if self.health_open else guarded
         routes = app.router
-        routes.add_get("/v2/health/live", health(self._live))
-        routes.add_get("/v2/health/ready", health(self._ready))
-        routes.add_get("/v2", guarded(self._server_metadata))
+
+        def add(verb: str, path: str, handler: Handler, open_: bool = False) -> None:
+            # Every route is in the scopes table (the RPC it answers says its scope).
+            method = HTTP_ROUTES[(verb, path)]
+            routes.add_route(verb, path, handler if open_ else self._guarded(handler, method))
+
+        add("GET", "/v2/health/live", self._live, self.health_open)
+        add("GET", "/v2/health/ready", self._ready, self.health_open)
+        add("GET", "/v2", self._server_metadata)
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes.add_get(model, guarded(self._model_metadata))
-            routes.add_get(f"{model}/ready", guarded(self._model_ready))
-            routes.add_post(f"{model}/infer", guarded(self._infer))
+            add("GET", model, self._model_metadata)
+            add("GET", f"{model}/ready", self._model_ready)
+            add("POST", f"{model}/infer", self._infer)
         return app
 
     async def start(
@@ -180,24 +185,25 @@ class HttpFront:
 
     # ---- tokens --------------------------------------------------------------------------------
 
-    def _guarded(self, handler: Handler) -> Handler:
-        """``handler`` behind the token check (when tokens are on)."""
+    def _guarded(self, handler: Handler, method: str) -> Handler:
+        """``handler`` behind the token check (when tokens are on): the credential must hold
+        the scope of ``method`` (the RPC the route answers)."""
         auth = self.auth
         if auth is None:
             return handler
 
         async def checked(request: web.Request) -> web.StreamResponse:
             value = request.headers.get("Authorization")
-            refusal = auth.refusal((("authorization", value),) if value is not None else ())
+            refusal = auth.authorize(
+                (("authorization", value),) if value is not None else (), method
+            )
             if refusal is not None:
-                return _error(401, refusal, _UNAUTHENTICATED)
+                if refusal.code.name == "PERMISSION_DENIED":
+                    return _error(403, refusal.message)
+                return _error(401, refusal.message, _UNAUTHENTICATED)
             return await handler(request)
 
         return checked
-
-    @staticmethod
-    def _open_health(handler: Handler) -> Handler:
-        return handler
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -264,7 +270,9 @@ class HttpFront:
                 response = await core.infer(call.request, deadline, started)
             else:  # the W3C trace context, read only where tracing is on
                 traceparent = request.headers.get("traceparent")
-                response = await core.infer(call.request, deadline, started, traceparent=traceparent)
+                response = await core.infer(
+                    call.request, deadline, started, traceparent=traceparent
+                )
             if large:
                 loop = asyncio.get_running_loop()
                 body, json_length = await loop.run_in_executor(

@@ -27,14 +27,16 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from edgewise.runtime.config.channels import parse_tokens
+from edgewise.runtime.config.channels import SCOPES, TokenEntry, parse_token_entries
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.frontends.scopes import scope_of
 from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
 
 #: What an aio interceptor is handed: resolves a call's details to its method handler.
@@ -46,6 +48,8 @@ __all__ = [
     "HEALTH_PREFIX",
     "REFLECTION_PREFIXES",
     "AuthInterceptor",
+    "Credential",
+    "Refusal",
     "TokenSet",
     "server_credentials",
 ]
@@ -80,8 +84,8 @@ class TokenSet:
         if file is None and not inline.strip():
             raise InvalidInput("authentication needs a tokens file or EDGEWISE_TOKENS")
         self.file = file
-        self._inline = [_digest(t) for t in parse_tokens(inline, "EDGEWISE_TOKENS")]
-        self._from_file: list[bytes] = []
+        self._inline = _credentials(parse_token_entries(inline, "EDGEWISE_TOKENS"))
+        self._from_file: list[tuple[bytes, Credential]] = []
         self._stamp: tuple[int, int, int] | None = None
         self.file_ok = True  # the file's last version was read (False: the previous tokens stay)
         self._next_check = 0.0
@@ -99,7 +103,7 @@ class TokenSet:
         stamp = None  # a file that cannot be stat'ed: looked at again once it can
         try:
             stamp = self._stat()
-            tokens = parse_tokens(self.file.read_text(encoding="utf-8"), str(self.file))
+            tokens = parse_token_entries(self.file.read_text(encoding="utf-8"), str(self.file))
         except (OSError, UnicodeDecodeError, InvalidInput) as exc:
             message = exc.message if isinstance(exc, InvalidInput) else f"{self.file}: {exc}"
             if initial:
@@ -110,7 +114,7 @@ class TokenSet:
             return
         if not tokens and not self._inline:
             log.warning("tokens file %s holds no token: every call is refused", self.file)
-        self._from_file = [_digest(t) for t in tokens]
+        self._from_file = _credentials(tokens)
         if not initial:
             log.info("tokens file %s reloaded: %d token(s)", self.file, len(tokens))
         self._stamp = stamp
@@ -139,12 +143,35 @@ class TokenSet:
 
     def accepts(self, token: str | bytes) -> bool:
         """Constant-time check against every accepted token."""
+        return self.identify(token) is not None
+
+    def identify(self, token: str | bytes) -> Credential | None:
+        """The credential of ``token`` (None: not accepted); compared with every accepted
+        token in constant time, whichever matches."""
         self.maybe_reload()
         candidate = _digest(token)
-        accepted = False
-        for digest in (*self._inline, *self._from_file):
-            accepted |= hmac.compare_digest(candidate, digest)
-        return accepted
+        found = None
+        for digest, credential in (*self._inline, *self._from_file):
+            if hmac.compare_digest(candidate, digest):
+                found = credential
+        return found
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Who a call is, as the server names it (never the secret), and the scopes it holds."""
+
+    id: str
+    scopes: frozenset[str]
+
+
+def _credentials(entries: Sequence[TokenEntry]) -> list[tuple[bytes, Credential]]:
+    made = []
+    for entry in entries:
+        digest = _digest(entry.token)
+        name = entry.id if entry.id is not None else f"token-{digest.hex()[:8]}"
+        made.append((digest, Credential(name, entry.scopes)))
+    return made
 
 
 # ---- the interceptor -----------------------------------------------------------------------------
@@ -158,19 +185,27 @@ DENY_MESSAGES: Final = {
 }
 
 
-def _deny_handler(reason: str) -> grpc.RpcMethodHandler[Any, Any]:
-    message = DENY_MESSAGES[reason]
+def _deny_handler(refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
+    code, message = refusal
 
     async def deny(request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Aborts before reading anything, whatever the method's arity: the client gets the
         # status, never a half-open stream.
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     return grpc.stream_stream_rpc_method_handler(deny)
 
 
+class Refusal(NamedTuple):
+    """Why a call is not let through: UNAUTHENTICATED (no accepted credential) or
+    PERMISSION_DENIED (an accepted one without the method's scope), and the message."""
+
+    code: grpc.StatusCode
+    message: str
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token authentication for every method except the open ones."""
+    """Bearer-token authentication and scope checks for every method except the open ones."""
 
     def __init__(
         self,
@@ -190,6 +225,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._counters = {
             reason: self.failures.labels(reason) for reason in ("missing", "malformed", "invalid")
         }
+        self.refusals = Counter(
+            "edgewise_auth_refusals",
+            "Calls refused, by the scope their method needs and the status (UNAUTHENTICATED: "
+            "no accepted credential; PERMISSION_DENIED: a credential without that scope).",
+            ["scope", "code"],
+            registry=registry,
+        )
+        self._refusal_counters = {
+            (scope, code): self.refusals.labels(scope, code)
+            for scope in SCOPES
+            for code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        }
         if tokens.file is not None:
             file_ok = Gauge(
                 "edgewise_tokens_file_ok",
@@ -198,37 +245,62 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 registry=registry,
             )
             file_ok.set_function(lambda: 1.0 if tokens.file_ok else 0.0)
-        self._deny = {reason: _deny_handler(reason) for reason in self._counters}
+        self._deny: dict[Refusal, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-        """None when the metadata carries an accepted token, else the refusal's reason."""
+    def credential(
+        self, metadata: Iterable[tuple[str, Any]] | None
+    ) -> tuple[Credential | None, str | None]:
+        """The metadata's credential, or None and the refusal's reason."""
         value = None
         for key, item in metadata or ():
             if key == "authorization":
                 value = item
                 break
         if value is None:
-            return "missing"
+            return None, "missing"
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         scheme, _, token = str(value).strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token:
-            return "malformed"
-        return None if self.tokens.accepts(token) else "invalid"
+            return None, "malformed"
+        found = self.tokens.identify(token)
+        return found, None if found is not None else "invalid"
 
-    def refusal(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-        """None when the metadata carries an accepted token; else the refusal is counted and
-        its UNAUTHENTICATED message returned (for front ends that check tokens themselves)."""
+    def check(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """None when the metadata carries an accepted token, else the refusal's reason."""
+        return self.credential(metadata)[1]
+
+    def authorize(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Refusal | None:
+        """None when the metadata's credential holds the scope ``method`` needs; else the
+        refusal, counted (for front ends that check tokens themselves, and the interceptor)."""
+        scope = scope_of(method)
         try:
-            reason = self.check(metadata)
+            credential, reason = self.credential(metadata)
         except Exception:  # a bug here must refuse, never crash or let the call through
             log.exception("authentication check failed")
-            reason = "invalid"
-        if reason is None:
+            credential, reason = None, "invalid"
+        if credential is None:
+            reason = reason or "invalid"
+            self._counters[reason].inc()
+            self._refusal_counters[(scope, "UNAUTHENTICATED")].inc()
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, DENY_MESSAGES[reason])
+        if scope in credential.scopes:
             return None
-        self._counters[reason].inc()
-        return DENY_MESSAGES[reason]
+        self._refusal_counters[(scope, "PERMISSION_DENIED")].inc()
+        return Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"permission denied: {method.rsplit('/', 1)[-1]} needs the '{scope}' scope; "
+            f"credential '{credential.id}' holds {', '.join(sorted(credential.scopes))}",
+        )
+
+    def _deny_handler(self, refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = self._deny.get(refusal)
+        if handler is None:
+            handler = _deny_handler(refusal)
+            if len(self._deny) < 1024:  # messages vary only with method, scope and credential
+                self._deny[refusal] = handler
+        return handler
 
     async def intercept_service(
         self,
@@ -238,15 +310,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self.open_prefixes):
             return await continuation(handler_call_details)
-        try:
-            reason = self.check(handler_call_details.invocation_metadata)
-        except Exception:  # a bug here must refuse, never crash or let the call through
-            log.exception("authentication check failed")
-            reason = "invalid"
-        if reason is None:
+        refusal = self.authorize(handler_call_details.invocation_metadata, method)
+        if refusal is None:
             return await continuation(handler_call_details)
-        self._counters[reason].inc()
-        return self._deny[reason]
+        return self._deny_handler(refusal)
 
 
 # ---- TLS -----------------------------------------------------------------------------------------

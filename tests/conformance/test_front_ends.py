@@ -30,6 +30,9 @@ from tests.runtime.frontends.test_server import metric_value, metrics_text
 from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 TOKEN = "conformance-token-0123456789abcdef"
+#: Scoped credentials, from a tokens file (TOKEN, from EDGEWISE_TOKENS, holds every scope).
+INFER_TOKEN = "conformance-infer-0123456789abcdef"
+READ_TOKEN = "conformance-read-0123456789abcdef"
 LIMIT = 2  # --max-inflight: small, so the shedding case can reach it
 
 
@@ -75,6 +78,8 @@ def server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningServer]:
     wire = ["--http-port", "0"] if front_end == "http" else front_end_args(front_end)
+    tokens = tmp_path_factory.mktemp(f"tokens-{front_end}") / "tokens"
+    tokens.write_text(f"{INFER_TOKEN} infer infer-client\n{READ_TOKEN} read reader\n")
     running = start_server(
         repo,
         tmp_path_factory.mktemp(f"server-{front_end}"),
@@ -83,7 +88,7 @@ def server(
             "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
             "--max-inflight", str(LIMIT), "--monitoring", "off",
         ],
-        env={"EDGEWISE_TOKENS": TOKEN},
+        env={"EDGEWISE_TOKENS": TOKEN, "EDGEWISE_TOKENS_FILE": str(tokens)},
         security=ClientSecurity(tls_ca=certs.ca, token=TOKEN),
     )  # fmt: skip
     if front_end != "http":
@@ -263,6 +268,30 @@ def test_a_call_without_a_valid_token_is_unauthenticated(
     assert says in outcome.message
     assert caller.model_metadata("logreg", token=token).code == "UNAUTHENTICATED"
     assert caller.model_metadata("logreg", token=TOKEN).code == "OK"
+
+
+def test_a_credential_without_the_method_s_scope_is_permission_denied(
+    caller: Caller, server: RunningServer, repo: Path
+) -> None:
+    rows = features(repo, "logreg", 2)
+    before = metrics_text(server)
+    refused = caller.infer("logreg", [Tensor("features", "FP32", rows)], token=READ_TOKEN)
+    assert (refused.code, refused.outputs) == ("PERMISSION_DENIED", {})
+    assert "'infer' scope" in refused.message and "'reader'" in refused.message
+    assert READ_TOKEN not in refused.message
+    metadata = caller.model_metadata("logreg", token=INFER_TOKEN)
+    assert metadata.code == "PERMISSION_DENIED" and "'read' scope" in metadata.message
+    # Each credential is let through where its scope is the method's.
+    assert caller.model_metadata("logreg", token=READ_TOKEN).code == "OK"
+    answered = caller.infer("logreg", [Tensor("features", "FP32", rows)], token=INFER_TOKEN)
+    assert answered.code == "OK"
+    for name, expected in oracle(repo, "logreg", rows).items():
+        np.testing.assert_allclose(answered.outputs[name], expected, rtol=1e-6, atol=1e-7)
+    after = metrics_text(server)
+    for scope in ("infer", "read"):
+        labels = {"scope": scope, "code": "PERMISSION_DENIED"}
+        counted = metric_value(after, "edgewise_auth_refusals_total", **labels)
+        assert counted - metric_value(before, "edgewise_auth_refusals_total", **labels) == 1
 
 
 def test_a_plaintext_client_gets_no_answer(

@@ -68,7 +68,6 @@ PENDING: Final = -2
 Answer = tuple[int, str, bytes | None, tuple[tuple[str, str], ...], bool]
 
 _OK: Final = 0
-_UNAUTHENTICATED: Final = int(grpc.StatusCode.UNAUTHENTICATED.value[0])
 _RESOURCE_EXHAUSTED: Final = int(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 _PENDING_ANSWER: Final[Answer] = (PENDING, "", None, (), False)
 
@@ -203,11 +202,12 @@ class NativeFront:
         threads; never raises."""
         started = time.perf_counter()
         if self.auth is not None:
-            refused = self.auth.refusal(
-                (("authorization", authorization),) if authorization is not None else ()
+            refused = self.auth.authorize(
+                (("authorization", authorization),) if authorization is not None else (),
+                MODEL_INFER,
             )
             if refused is not None:
-                return _UNAUTHENTICATED, refused, None, (), False
+                return int(refused.code.value[0]), refused.message, None, (), False
         shedder = self.shedder
         # ``in_flight`` (this call included) is C++'s count; the HTTP front end's calls are the
         # shedder's, and share the one limit.
