@@ -33,6 +33,8 @@ from grpc_reflection.v1alpha import reflection
 from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.frontends.audit import AuditInterceptor
+from edgewise.runtime.frontends.audit_log import AuditLog
 from edgewise.runtime.frontends.grpcio import (
     InferenceServicer,
     MonitoringServicer,
@@ -328,8 +330,14 @@ def grpc_server(
     reflection, each parsing its own requests (see wire.py). ``peers``: the sibling processes'
     control addresses (multi-process mode), which ask this one for its share of a window."""
     limit = settings.max_message_bytes
+    interceptors: list[grpc.aio.ServerInterceptor] = [] if auth is None else [auth]
+    if settings.audit_log is not None:  # outside the token check: refusals are recorded too
+        audit_log = AuditLog(
+            settings.audit_log, settings.audit_log_max_bytes, registry=core.metrics.registry
+        )
+        interceptors.insert(0, AuditInterceptor(audit_log, auth))
     server = grpc.aio.server(
-        interceptors=[auth] if auth is not None else [],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

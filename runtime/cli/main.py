@@ -217,7 +217,7 @@ def _add_serve_capture(p: argparse.ArgumentParser) -> None:
 #: Settings of ``serve``'s security and overload flags (see _add_serve_security).
 SERVE_SECURITY_KEYS = (
     "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "health_open", "reflection_open",
-    "trusted_keys", "max_inflight", "retry_after_ms",
+    "trusted_keys", "max_inflight", "retry_after_ms", "audit_log", "audit_log_max_bytes",
 )  # fmt: skip
 
 
@@ -232,6 +232,17 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
         "--tokens-file",
         type=Path,
         help="bearer tokens, one per line (re-read when changed); also EDGEWISE_TOKENS",
+    )
+    g.add_argument(
+        "--audit-log",
+        type=Path,
+        help="append a JSON line per control-plane call (load, unload, resets, feedback, "
+        "rollout changes; refused ones too) to this file (default: off)",
+    )
+    g.add_argument(
+        "--audit-log-max-bytes",
+        type=int,
+        help="rotate the audit log past this size: PATH.1 .. PATH.5 (default 10 MiB)",
     )
     g.add_argument(
         "--health-open",

@@ -100,6 +100,8 @@ class ServerSettings:
     reflection_open: bool = False  # EDGEWISE_REFLECTION_OPEN: server reflection needs no token
     trusted_keys: Path | None = None  # EDGEWISE_TRUSTED_KEYS: refuse packages not signed by these
     retry_after_ms: int = 50  # EDGEWISE_RETRY_AFTER_MS: retry hint of a shed/refused request
+    audit_log: Path | None = None  # EDGEWISE_AUDIT_LOG: JSON lines of control calls (None: off)
+    audit_log_max_bytes: int = 10 << 20  # EDGEWISE_AUDIT_LOG_MAX_BYTES: rotate past this size
     # Data capture (runtime/serving/capture.py; needs pyarrow, the edgewise[data] extra):
     capture_dir: Path | None = None  # EDGEWISE_CAPTURE_DIR: capture requests here (None: off)
     capture_rate: float = 1.0  # EDGEWISE_CAPTURE_RATE: fraction captured (config.json overrides)
