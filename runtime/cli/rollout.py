@@ -62,6 +62,8 @@ def run_rollout(args: argparse.Namespace, client: Any) -> int:
     elif args.action == "shadow":
         if args.stop == bool(args.version):
             raise InvalidInput("shadow: give --version VERSION, or --stop")
+        if not args.stop and not 0.0 < args.rate <= 1.0:  # (NaN fails both)
+            raise InvalidInput(f"--rate must be in (0, 1], not {args.rate:g}")
         rollout = client.set_shadow(args.name, "" if args.stop else args.version, args.rate)
     elif args.action == "label":
         if args.remove == bool(args.version):

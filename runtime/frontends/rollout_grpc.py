@@ -138,7 +138,7 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
     async def SetShadow(
         self, request: epb.SetShadowRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> epb.Rollout:
-        rate = request.rate if request.rate != 0 else 1.0  # NaN is refused by the rollout
+        rate = request.rate  # refused outside (0, 1] (0, NaN) when a version is given
         return await self._answer(
             request.model,
             lambda: self.rollouts.set_shadow(request.model, request.version, rate),

@@ -174,6 +174,7 @@ def test_bad_input_is_refused_and_changes_nothing(server: RunningServer) -> None
             (lambda: client.set_version_label(NAME, "7up", "1"), "label '7up'"),
             (lambda: client.set_version_label(NAME, "canary", "nosuch"), "not a version"),
             (lambda: client.set_shadow(NAME, "2", rate=1.5), "rate"),
+            (lambda: client.set_shadow(NAME, "2", rate=0.0), "rate"),  # not "every request"
             (lambda: client.set_shadow("nosuch", "2"), "not served"),
             (lambda: client.get_rollout("nosuch"), "not served"),
         ]
@@ -265,6 +266,7 @@ def test_the_cli_verbs(
             (["split", NAME, "1:70"], "VERSION=WEIGHT"),
             (["label", NAME, "canary", "9"], "version '9'"),
             (["shadow", NAME], "--version VERSION, or --stop"),
+            (["shadow", NAME, "--version", "2", "--rate", "0"], "--rate"),
         ):
             assert main([*base, *bad]) != 0
             err = capsys.readouterr().err

@@ -893,7 +893,9 @@ class SetShadowRequest(_message.Message):
     version: _builtins.str
     """A version number or label; empty: stop the shadow."""
     rate: _builtins.float
-    """Share of the answered requests copied, in (0, 1]; 0 means 1."""
+    """Share of the answered requests copied, in (0, 1] (0, the default, is refused: send 1 for
+    every request); ignored when the shadow stops.
+    """
     def __init__(
         self,
         *,
