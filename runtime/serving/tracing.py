@@ -89,15 +89,17 @@ class RequestTracing:
         started: float,
         traceparent: str | None,
     ) -> pb.ModelInferResponse:
+        """A body over ``inline_max_bytes`` is parsed on a worker thread, as untraced."""
+        small = len(body) <= core.inline_max_bytes
         if not traceparent and random.random() >= self.sample_ratio:
-            request = decode(pb.ModelInferRequest, body)
+            request = await _parsed(core, body, small)
             return await self._unrecorded(
-                core, request, deadline, started, core.runs_inline(request, True)
+                core, request, deadline, started, core.runs_inline(request, small)
             )
         with self._root(traceparent) as root:
             with self.tracer.start_as_current_span("parse"):
-                request = decode(pb.ModelInferRequest, body)
-            return await self._steps(core, root, request, deadline, started, small=True)
+                request = await _parsed(core, body, small)
+            return await self._steps(core, root, request, deadline, started, small)
 
     async def infer(
         self,
@@ -194,6 +196,14 @@ class RequestTracing:
         return await asyncio.get_running_loop().run_in_executor(
             core.executor, core.execute, prepared, deadline, started, reservation, _now
         )
+
+
+async def _parsed(core: InferenceCore, body: bytes, small: bool) -> pb.ModelInferRequest:
+    """The request in ``body``: parsed here when ``small``, else on a worker thread."""
+    if small:
+        return decode(pb.ModelInferRequest, body)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(core.executor, decode, pb.ModelInferRequest, body)
 
 
 def _on_loop(

@@ -102,8 +102,8 @@ def features(repo: Path, model: str, n: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(n, width)).astype(np.float32)
 
 
-def grpc_request(repo: Path, model: str, request_id: str) -> pb.ModelInferRequest:
-    rows = features(repo, model, 3)
+def grpc_request(repo: Path, model: str, request_id: str, n: int = 3) -> pb.ModelInferRequest:
+    rows = features(repo, model, n)
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
     request.raw_input_contents.append(rows.tobytes())
@@ -144,6 +144,17 @@ def test_grpcio_spans_keep_the_callers_trace(traced: Traced) -> None:
     check_tree(spans, GRPC_STEPS, "g-1", "1")
     root = by_name(spans)["edgewise.infer"]
     assert root.attributes is not None and root.attributes["edgewise.model"] == "logreg"
+
+
+def test_a_large_request_runs_on_a_worker_in_the_same_trace(traced: Traced) -> None:
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    request = grpc_request(repo, "logreg", "l-1", n=4000)
+    core = traced.server.core
+    assert core is not None and request.ByteSize() > core.inline_max_bytes
+    response = traced.stub.ModelInfer(request, metadata=(("traceparent", SAMPLED),), timeout=30)
+    assert response.id == "l-1"
+    check_tree(traced.spans(GRPC_STEPS), GRPC_STEPS, "l-1", "1")
 
 
 def test_a_batched_model_has_a_queue_span(traced: Traced) -> None:
