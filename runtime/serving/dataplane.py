@@ -122,7 +122,7 @@ class DataPlane:
         check (each input's declaration against its payload and the model, the requested
         outputs) comes before any tensor is decoded: a refused request allocates nothing."""
         version = request.model_version
-        if not version and self.rollouts is not None:
+        if not version and self.rollouts is not None and self.rollouts.active:
             version = self.rollouts.pick(request)
         model = self.repository.get(request.model_name, version)
         plans = plan_inputs(request)

@@ -179,13 +179,13 @@ class InferenceCore:
         """The event loop that runs batch queues for :meth:`infer_on_thread`."""
         self.loop = loop
 
-    def routes_plainly(self, model_name: str) -> bool:
-        """Whether a request for ``model_name`` that names a version by number goes to that
-        version with nothing else to do (no traffic split, no shadow copy): a front end with a
-        path of its own may take such a request there; any other request (no version under a
-        split, a label, a shadowed model) must come through :meth:`infer_on_thread`. Cheap: one
-        dict lookup."""
-        return self.rollouts is None or self.rollouts.routes_plainly(model_name)
+    def _after_answer(self, prepared: PreparedRequest, response: pb.ModelInferResponse) -> None:
+        """After an answer: its copies for the capture and the rollout's shadow (where any)."""
+        if self.capture is not None:
+            self.capture.offer(prepared, response)
+        rollouts = self.rollouts
+        if rollouts is not None and rollouts.active:
+            rollouts.offer(prepared, response)
 
     def batch_queues(self) -> dict[tuple[str, str], DynamicBatcher]:
         """The batch queues by (model, version): one per served version with batching that has
@@ -358,10 +358,7 @@ class InferenceCore:
             call.name, call.version = prepared.model.name, prepared.model.version_str
             response = self.dataplane.execute(prepared, deadline)
         self._timed(began)
-        if self.capture is not None:
-            self.capture.offer(prepared, response)
-        if self.rollouts is not None:
-            self.rollouts.offer(prepared, response)
+        self._after_answer(prepared, response)
         return response
 
     def _decode_and_run(
@@ -395,10 +392,7 @@ class InferenceCore:
             response = self.dataplane.execute(
                 prepared, deadline, on_loop=defer is None, defer=defer
             )
-        if self.capture is not None:
-            self.capture.offer(prepared, response)
-        if self.rollouts is not None:
-            self.rollouts.offer(prepared, response)
+        self._after_answer(prepared, response)
         return response
 
     async def _batched(
@@ -420,10 +414,7 @@ class InferenceCore:
             self._batchers[model] = batcher
         with _CallAccounting(self, model.name, model.version_str, started, reservation, deadline):
             response = await batcher.submit(prepared, deadline)
-        if self.capture is not None:
-            self.capture.offer(prepared, response)
-        if self.rollouts is not None:
-            self.rollouts.offer(prepared, response)
+        self._after_answer(prepared, response)
         return response
 
     async def _on_worker(

@@ -297,6 +297,9 @@ class Rollouts:
         self.make_shadow = make_shadow
         self.shadow: Shadow | None = None
         self._routes: dict[str, ModelRoutes] = {}
+        # Whether any model has a split, a shadow or a label: the serving core checks this one
+        # attribute before calling pick or offer (a server with no rollout pays nothing more).
+        self.active = False
         self._control = threading.Lock()
 
     # ---- the request path (no locks) -----------------------------------------------------------
@@ -312,13 +315,11 @@ class Rollouts:
         if routes is None or routes.split is None:
             return ""
         version = routes.split.pick(request)
-        return str(version) if self.repository.is_ready(request.model_name, str(version)) else ""
-
-    def routes_plainly(self, name: str) -> bool:
-        """Whether every request for ``name`` goes where its version says, with no copy: no
-        split and no shadow (a request naming a label still resolves it)."""
-        routes = self._routes.get(name)
-        return routes is None or (routes.split is None and routes.shadow is None)
+        try:  # membership, not is_ready: its failure path lists the model's folder
+            served = self.repository.served_versions(request.model_name)
+        except EdgewiseError:
+            return ""
+        return str(version) if version in served else ""
 
     def offer(self, prepared: PreparedRequest, response: pb.ModelInferResponse) -> None:
         """After an answer: a copy for the model's shadow version, when it has one."""
@@ -457,6 +458,7 @@ class Rollouts:
         else:
             table[name] = routes
         self._routes = table
+        self.active = bool(table)
         metrics = self.metrics
         for version, _ in before.split.weights if before.split else ():
             metrics.weight.remove(name, str(version))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -187,3 +188,35 @@ def test_unicode_digits_are_refused_naming_the_field(repo: Path) -> None:
         rollouts.resolve(NAME, "²")
     with pytest.raises(InvalidInput, match="weights"):
         parse_weights(["2=²"])
+
+
+def test_the_request_path_skips_the_rollout_while_there_is_none(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``active`` is true only while a split, shadow or label exists; a split's pick checks the
+    served versions (no repository.get, whose failure path lists the model's folder)."""
+    (repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
+    repository = _served(repo)
+    rollouts = Rollouts(repository, CollectorRegistry())
+    assert rollouts.active is False
+    rollouts.set_label(NAME, "stable", "1")
+    assert rollouts.active is True
+    rollouts.set_label(NAME, "stable", "")
+    assert rollouts.active is False
+    rollouts.set_split(NAME, [("1", 0), ("2", 100)])
+    assert rollouts.active is True
+    repository.unload(NAME, 2)
+    lookups: list[str] = []
+    get = repository.get
+
+    def counted(name: str, version: str = "") -> Any:
+        lookups.append(version)
+        return get(name, version)
+
+    monkeypatch.setattr(repository, "get", counted)
+    request = pb.ModelInferRequest(model_name=NAME, id="r")
+    assert rollouts.pick(request) == ""  # version 2 is not served: the default answers
+    assert lookups == []
+    rollouts.set_split(NAME, [])
+    assert rollouts.active is False
+    (repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
