@@ -231,7 +231,8 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tokens-file",
         type=Path,
-        help="bearer tokens, one per line (re-read when changed); also EDGEWISE_TOKENS",
+        help="bearer tokens, one per line: TOKEN [SCOPES [ID]], scopes infer,read,admin "
+        "(none: all); re-read when changed; also EDGEWISE_TOKENS (all scopes)",
     )
     g.add_argument(
         "--audit-log",
