@@ -466,6 +466,7 @@ class Agent:
         self._stop = threading.Event()
         self._said: str = ""
         self._watching = False
+        self._wave_seen: tuple[int, float] | None = None  # (version, when first seen)
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
         # The alias's rollout policy, when it has one (docs/rollout.md).
         self.progressive = Progressive(
@@ -719,9 +720,19 @@ class Agent:
         policy = read_policy(self.store, self.settings.model, self.settings.alias)
         if policy is None or not policy.waves:
             return ""
+        now = time.time()
+        if self._wave_seen is None or self._wave_seen[0] != record.version:
+            self._wave_seen = (record.version, now)
         reports = self.store.node_reports(self.settings.model)
         return wave_wait(
-            self.settings.node_id, reports, record.version, record.model_sha256, policy.waves
+            self.settings.node_id,
+            reports,
+            record.version,
+            record.model_sha256,
+            policy.waves,
+            now,
+            self._wave_seen[1],
+            _wave_fresh_seconds(self.settings),
         )
 
     def _set_health(self, health: str, detail: str) -> None:
@@ -1194,6 +1205,13 @@ class Agent:
             return
         self._last_report = now
         self._report_due = False
+
+
+def _wave_fresh_seconds(settings: AgentSettings) -> float:
+    """How old a node's report may be and the node still count for a wave: five of the longer of
+    the poll and report intervals (the fleet shares them), at least a minute."""
+    every = max(settings.interval * (1.0 + settings.jitter), settings.report_interval)
+    return max(60.0, 5.0 * every)
 
 
 def _pick_previous(state: AgentState, current: int) -> int | None:

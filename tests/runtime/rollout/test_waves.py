@@ -5,6 +5,7 @@ against hand-made reports."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +132,28 @@ def test_a_wave_waits_for_the_nodes_before_it(
             agent.store.close()
             client.close()
         publisher.close()
+
+
+def test_a_node_that_left_or_follows_another_alias_holds_no_wave() -> None:
+    from edgewise.runtime.store.lineage import utc_now
+
+    waves = (Wave(nodes=1), Wave(share=1.0))
+    first, second = fleet_order(["a", "b"], 7)
+    now = time.time()
+    since = now - 30.0  # when `second` first saw version 7
+
+    def report(target: int, age: float) -> NodeReport:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - age))
+        return NodeReport(
+            node=first, model="m", version=6, sha256=SHA, health="ok", state="idle",
+            target_version=target, updated_at=at,
+        )  # fmt: skip
+
+    def wait(first_report: NodeReport) -> str:
+        return wave_wait(second, [first_report], 7, SHA, waves, now, since, 60.0)
+
+    assert utc_now().endswith("Z")  # the format the agents write, parsed above
+    assert "waiting for 1 of the 1" in wait(report(7, 5.0))  # follows, not there yet
+    assert "waiting for 1 of the 1" in wait(report(6, 45.0))  # has not polled since the flip
+    assert wait(report(6, 5.0)) == ""  # polled since, still on 6: follows another alias
+    assert wait(report(7, 3600.0)) == ""  # its last report is an hour old: it left
