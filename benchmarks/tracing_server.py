@@ -1,0 +1,138 @@
+"""What tracing costs a real server: CPU per request and client p50 with tracing off, on at 1 %
+and at 100 % sampling, in one run.
+
+    .venv/bin/python benchmarks/tracing_server.py [--seconds 5] [--rounds 3] [--concurrency 1]
+
+Three ``edgewise serve --front-end grpcio`` processes on the logistic regression of
+benchmarks/serving.py (32 features, batch 1, monitoring on): one without ``--otel-endpoint``
+(the baseline), two with ``--otel-endpoint`` to an OTLP/gRPC collector in this process (the
+OTLP trace service of opentelemetry-proto, counting the spans it receives) and
+``--otel-sample-ratio`` 0.01 and 1. Load: benchmarks/serving.py's client processes (ModelInfer
+without a traceparent, so the ratio decides), ``--seconds`` per window, the servers taking turns
+round by round. Per mode: the medians over rounds of the server's CPU per request (user + system,
+psutil) and of the client's p50, with ratios to off, and the spans the collector received.
+Prints JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import serving  # noqa: E402  (build_models, Server, drive)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=1)
+    args = parser.parse_args()
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+
+    received = {"spans": 0}
+    lock = threading.Lock()
+
+    class Collector(otlp_grpc.TraceServiceServicer):
+        def Export(
+            self, request: otlp.ExportTraceServiceRequest, context: object
+        ) -> otlp.ExportTraceServiceResponse:
+            count = sum(
+                len(scope.spans)
+                for resource in request.resource_spans
+                for scope in resource.scope_spans
+            )
+            with lock:
+                received["spans"] += count
+            return otlp.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    otlp_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    collector_port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+
+    work = Path(tempfile.mkdtemp(prefix="edgewise-tracing-server-"))
+    repo = work / "repo"
+    serving.build_models(repo)
+    endpoint = f"http://127.0.0.1:{collector_port}"
+    modes: dict[str, tuple[str, ...]] = {
+        "off": (),
+        "ratio_0.01": ("--otel-endpoint", endpoint, "--otel-sample-ratio", "0.01"),
+        "ratio_1": ("--otel-endpoint", endpoint, "--otel-sample-ratio", "1"),
+    }
+    servers: dict[str, serving.Server] = {}
+    try:
+        for mode, extra in modes.items():
+            port_file = work / f"{mode}.port"
+            command = [
+                sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+                "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "-1", "--port-file", str(port_file), "--front-end", "grpcio",
+                *extra,
+            ]  # fmt: skip
+            servers[mode] = serving.Server(command, port_file)
+        rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        order = list(modes)
+        for index in range(args.rounds):
+            turn = order[index % len(order) :] + order[: index % len(order)]
+            for mode in turn:
+                server = servers[mode]
+                rounds[mode].append(
+                    serving.drive(
+                        server.url, "logreg32", args.concurrency, args.seconds, server.process.pid
+                    )
+                )
+    finally:
+        for server in servers.values():
+            server.stop()  # a stop flushes the spans still queued
+        collector.stop(None)
+
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    cpu_off = serving.median_of(rounds["off"], "server_cpu_us_per_req")
+    p50_off = serving.median_of(rounds["off"], "p50_us")
+    for mode in modes:
+        cpu = serving.median_of(rounds[mode], "server_cpu_us_per_req")
+        p50 = serving.median_of(rounds[mode], "p50_us")
+        print(
+            json.dumps(
+                {
+                    "case": "tracing_server",
+                    "mode": mode,
+                    "server_cpu_us_per_req": None if cpu is None else round(cpu, 1),
+                    "p50_us": None if p50 is None else round(p50, 1),
+                    "cpu_ratio_to_off": None if not (cpu and cpu_off) else round(cpu / cpu_off, 3),
+                    "p50_ratio_to_off": None if not (p50 and p50_off) else round(p50 / p50_off, 3),
+                    "requests": sum(r["requests"] for r in rounds[mode]),
+                    "errors": sum(r["errors"] for r in rounds[mode]),
+                    "rps_median": round(statistics.median(r["rps"] for r in rounds[mode]), 1),
+                    "concurrency": args.concurrency,
+                    "seconds": args.seconds,
+                    "rounds": args.rounds,
+                    **machine,
+                }
+            ),
+            flush=True,
+        )
+    print(
+        json.dumps({"case": "tracing_server", "mode": "collector", "spans": received["spans"]}),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
