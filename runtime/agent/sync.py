@@ -686,6 +686,7 @@ class Agent:
     # ---- sync ------------------------------------------------------------------------------------
 
     def _sync(self, record: VersionRecord, state: AgentState) -> None:
+        self.phase = "idle"  # "waiting" holds only while this poll finds the node waiting
         deployed = state.deployed
         if deployed and (deployed.version, deployed.sha256) == (
             record.version,
@@ -708,7 +709,11 @@ class Agent:
         if state.watch is not None:
             return  # finish watching the current switch first
         if deployed is not None:
-            waiting = self._wave_wait(record)
+            try:
+                waiting = self._wave_wait(record)
+            except _Refused as refused:  # an invalid stored policy refuses the version
+                self._refuse(record, refused)
+                return
             if waiting:
                 self.phase = "waiting"
                 self._set_health("ok", f"serving version {deployed.version}; {waiting}")
@@ -717,7 +722,10 @@ class Agent:
 
     def _wave_wait(self, record: VersionRecord) -> str:
         """Why this node waits for the nodes of earlier fleet waves ("" when it may go)."""
-        policy = read_policy(self.store, self.settings.model, self.settings.alias)
+        try:
+            policy = read_policy(self.store, self.settings.model, self.settings.alias)
+        except InvalidInput as exc:
+            raise _Refused(exc.message, kind="invalid") from None
         if policy is None or not policy.waves:
             return ""
         now = time.time()

@@ -157,3 +157,55 @@ def test_a_node_that_left_or_follows_another_alias_holds_no_wave() -> None:
     assert "waiting for 1 of the 1" in wait(report(6, 45.0))  # has not polled since the flip
     assert wait(report(6, 5.0)) == ""  # polled since, still on 6: follows another alias
     assert wait(report(7, 3600.0)) == ""  # its last report is an hour old: it left
+
+
+def test_waiting_ends_when_the_alias_goes_back_and_a_bad_policy_refuses(
+    fleet: list[tuple[Path, RunningServer]], tmp_path: Path
+) -> None:
+    from edgewise.runtime.agent.policy import POLICY_PREFIX
+    from edgewise.runtime.store.lineage import utc_now
+
+    name = "waitmodel"
+    repo, server = fleet[0]
+    packages = [
+        copy_package(make(tmp_path / f"src{i}"), tmp_path / f"pkg{i}", name)
+        for i, make in enumerate((logreg_v1, logreg_v2))
+    ]
+    publisher = SqliteStore(tmp_path / "store" / "store.db")
+    settings = AgentSettings(
+        model=name, repo=repo, server=server.target, server_metrics=server.metrics_url,
+        node_id="me", interval=0.1, watch_seconds=0.0, local_load=False, report_interval=0.0,
+    )  # fmt: skip
+    client = EdgewiseClient(server.target)
+    agent = Agent(settings, open_store(f"sqlite:///{tmp_path / 'store' / 'store.db'}"), client)
+    try:
+        register(publisher, packages[0], alias="production")
+        assert agent.run_once()
+        write_policy(publisher, name, "production", parse_policy({"waves": WAVES}))
+        version = register(publisher, packages[1], alias="production").record.version
+        # A node ahead of this one in the order, following the alias, not there yet.
+        ahead = next(n for n in (f"n{i}" for i in range(50)) if fleet_order([n, "me"], 2)[0] == n)
+        publisher.report_node(
+            NodeReport(node=ahead, model=name, version=1, sha256=SHA, health="ok",
+                       state="idle", target_version=version, updated_at=utc_now())
+        )  # fmt: skip
+        agent.cycle()
+        assert agent.phase == "waiting" and served_default(client, name) == 1
+        publisher.set_alias(name, "production", 1)  # the alias goes back
+        agent.cycle()
+        assert agent.phase == "idle" and agent.health == "ok"
+        # An invalid stored policy refuses the version (no retry loop of failed polls).
+        publisher.set_model_tag(name, POLICY_PREFIX + "production", "{not json")
+        publisher.set_alias(name, "production", version)
+        agent.cycle()
+        state = agent.state_file.read()
+        assert any(r.version == version for r in state.rejected), state.rejected
+        assert agent.failures == 0 and agent.health == "degraded"
+        assert served_default(client, name) == 1
+    finally:
+        agent.store.close()
+        client.close()
+        publisher.close()
+
+
+WAVES = [{"nodes": 1}, {"share": 1.0}]
