@@ -465,6 +465,14 @@ def execute(
             entry["status"] = "skipped"
             entry["detail"] = f"{alias} names version {version} already"
             return
+        judged = None if current is None else (current.version, current.model_sha256)
+        if (None if now is None else (now.version, now.model_sha256)) != judged:
+            raise st.StepFailed(  # the gate judged against another version: nothing moved
+                "alias",
+                f"{alias} moved since the gate (version "
+                f"{None if current is None else current.version} -> "
+                f"{None if now is None else now.version}); rerun",
+            )
         store.set_alias(spec.model, alias, version)
         entry["detail"] = f"{alias}: {None if now is None else now.version} -> {version}"
 

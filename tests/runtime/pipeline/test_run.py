@@ -259,3 +259,30 @@ def test_a_candidate_worse_than_production_fails_the_gate(
     failed = _runs(workspace)[0]
     assert failed.gate["passed"] is False and failed.gate["failures"]
     assert failed.metrics["accuracy"] < 0.8  # evaluated, judged, refused
+
+
+def test_an_alias_moved_since_the_gate_is_not_moved_again(
+    workspace: Workspace, cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgewise.runtime.pipeline import steps
+
+    assert cli("pipeline", "run", workspace.pipeline())[0] == 0  # version 1
+    assert cli("pipeline", "run", workspace.pipeline(args=("--C", "0.5")))[0] == 0  # version 2
+    read = steps.current_version
+    calls: list[int] = []
+
+    def moved_after_the_gate(store: SqliteStore, model: str, alias: str | None) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # the alias step's read: someone rolled production back meanwhile
+            store.set_alias(model, "production", 1)
+        return read(store, model, alias)
+
+    monkeypatch.setattr(steps, "current_version", moved_after_the_gate)
+    code, _, err = cli("pipeline", "run", workspace.pipeline(args=("--C", "2.0")))
+    assert code == 1 and "production moved since the gate (version 2 -> 1); rerun" in err, err
+    assert len(calls) == 2
+    store = SqliteStore(workspace.store, create=False)
+    try:
+        assert store.resolve_alias("cancer", "production").version == 1  # not moved again
+    finally:
+        store.close()
