@@ -711,8 +711,8 @@ class Agent:
         if deployed is not None:
             try:
                 waiting = self._wave_wait(record)
-            except _Refused as refused:  # an invalid stored policy refuses the version
-                self._refuse(record, refused)
+            except _Refused as invalid:  # an invalid stored policy refuses the version
+                self._refuse(record, invalid)
                 return
             if waiting:
                 self.phase = "waiting"

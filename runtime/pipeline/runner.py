@@ -465,8 +465,8 @@ def execute(
             entry["status"] = "skipped"
             entry["detail"] = f"{alias} names version {version} already"
             return
-        judged = None if current is None else (current.version, current.model_sha256)
-        if (None if now is None else (now.version, now.model_sha256)) != judged:
+        gated = None if current is None else (current.version, current.model_sha256)
+        if (None if now is None else (now.version, now.model_sha256)) != gated:
             raise st.StepFailed(  # the gate judged against another version: nothing moved
                 "alias",
                 f"{alias} moved since the gate (version "
