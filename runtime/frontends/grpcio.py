@@ -51,6 +51,44 @@ T = TypeVar("T")
 FORWARDED_HEADER = "edgewise-forwarded"
 
 
+async def fan_out(
+    peers: Callable[[], list[str]] | None,
+    stub: Callable[[grpc.aio.Channel], object],
+    method: str,
+    request: object,
+    context: grpc.aio.ServicerContext[object, object],
+    *,
+    timeout: float,
+) -> None:
+    """Make the same control call in every sibling process of ``serve --processes N`` (a client's
+    call reaches only one process of the shared port); a forwarded call is not forwarded again.
+    The siblings' private addresses are plaintext on 127.0.0.1; with authentication on, the
+    caller's token goes along (the same interceptor checks it there). A sibling that fails
+    aborts the call with INTERNAL, naming how many failed."""
+    if peers is None:
+        return
+    metadata = dict(context.invocation_metadata() or ())
+    if metadata.get(FORWARDED_HEADER):
+        return
+    forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
+    if metadata.get("authorization"):
+        forwarded += (("authorization", str(metadata["authorization"])),)
+
+    async def call(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await getattr(stub(channel), method)(request, timeout=timeout, metadata=forwarded)
+
+    results = await asyncio.gather(*(call(address) for address in peers()), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        details = failed[0].details() if isinstance(failed[0], grpc.aio.AioRpcError) else ""
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"{method} succeeded here but failed in {len(failed)} of {len(results)} sibling "
+            f"process(es): {details or type(failed[0]).__name__}",
+        )
+
+
 def status_of(
     exc: Exception, retry_after_ms: int | None = None
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -196,34 +234,9 @@ class RepositoryServicer(epb_grpc.ModelRepositoryServiceServicer):
         request: epb.LoadModelRequest | epb.UnloadModelRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> None:
-        if self.peers is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get(FORWARDED_HEADER):
-            return  # already a forwarded call: do not forward again
-
-        # The siblings' private addresses are plaintext on 127.0.0.1; with authentication on,
-        # the caller's token goes along (the same interceptor checks it there).
-        forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
-        if metadata.get("authorization"):
-            forwarded += (("authorization", str(metadata["authorization"])),)
-
-        async def call(address: str) -> None:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = epb_grpc.ModelRepositoryServiceStub(channel)
-                await getattr(stub, method)(request, timeout=120, metadata=forwarded)
-
-        results = await asyncio.gather(
-            *(call(address) for address in self.peers()), return_exceptions=True
+        await fan_out(
+            self.peers, epb_grpc.ModelRepositoryServiceStub, method, request, context, timeout=120
         )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            details = failed[0].details() if isinstance(failed[0], grpc.aio.AioRpcError) else ""
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"{method} succeeded here but failed in {len(failed)} of {len(results)} sibling "
-                f"process(es): {details or type(failed[0]).__name__}",
-            )
 
     async def _control(self, work: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()

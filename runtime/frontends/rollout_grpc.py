@@ -14,7 +14,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from edgewise.runtime.frontends.grpcio import FORWARDED_HEADER, status_of
+from edgewise.runtime.frontends.grpcio import fan_out, status_of
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.serving.rollout import ModelRoutes, Rollouts
@@ -88,31 +88,7 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
         self, method: str, request: Message, context: grpc.aio.ServicerContext[object, object]
     ) -> None:
         """The same change in every sibling process (a forwarded call is not forwarded again)."""
-        if self.peers is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get(FORWARDED_HEADER):
-            return
-        forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
-        if metadata.get("authorization"):
-            forwarded += (("authorization", str(metadata["authorization"])),)
-
-        async def call(address: str) -> None:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = epb_grpc.RolloutServiceStub(channel)
-                await getattr(stub, method)(request, timeout=30, metadata=forwarded)
-
-        results = await asyncio.gather(
-            *(call(address) for address in self.peers()), return_exceptions=True
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            details = failed[0].details() if isinstance(failed[0], grpc.aio.AioRpcError) else ""
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"{method} succeeded here but failed in {len(failed)} of {len(results)} sibling "
-                f"process(es): {details or type(failed[0]).__name__}",
-            )
+        await fan_out(self.peers, epb_grpc.RolloutServiceStub, method, request, context, timeout=30)
 
     async def GetRollout(
         self, request: epb.GetRolloutRequest, context: grpc.aio.ServicerContext[object, object]
