@@ -60,14 +60,16 @@ def start_server(
     env: dict[str, str] | None = None,
     security: ClientSecurity | None = None,
     prefix: Sequence[str] = (),
+    global_args: Sequence[str] = (),
 ) -> RunningServer:
     """``env`` adds environment variables to the server's; ``security`` is how the tests (and
-    the wait for SERVING) connect to it; ``prefix`` goes before the command (e.g. nsenter)."""
+    the wait for SERVING) connect to it; ``prefix`` goes before the command (e.g. nsenter);
+    ``global_args`` go before ``serve`` (e.g. ``--log-level``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"ports-{time.monotonic_ns()}"
     log_path = workdir / f"server-{time.monotonic_ns()}.log"
     command = [
-        *prefix, sys.executable, "-m", "edgewise.runtime.cli", "serve",
+        *prefix, sys.executable, "-m", "edgewise.runtime.cli", *global_args, "serve",
         "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
         "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--port-file", str(port_file), *extra_args,

@@ -162,7 +162,9 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
         }
     )
     env.pop(ENV_PREFIX + "PORT_FILE", None)
-    command = [sys.executable, "-m", "edgewise.runtime.cli", "serve"]
+    # The children log as this process does (the format travels in EDGEWISE_LOG_FORMAT).
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    command = [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", level, "serve"]
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

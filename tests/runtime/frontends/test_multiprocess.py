@@ -147,3 +147,21 @@ def test_processes_get_shares_of_threads_and_memory_and_the_whole_in_flight_limi
     assert env[ENV_PREFIX + "WORKER_THREADS"] == "2"
     assert env[ENV_PREFIX + "MEMORY_BUDGET_BYTES"] == str(4 << 30)
     assert env[ENV_PREFIX + "MAX_INFLIGHT"] == "40"
+
+
+@pytest.mark.parametrize("level", ["WARNING", "DEBUG"])
+def test_log_level_reaches_every_process(model_repo: Path, tmp_path: Path, level: str) -> None:
+    """``edgewise --log-level L serve --processes 2``: the serving processes log at L too."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    server = start_server(repo, tmp_path, ["--processes", "2"], global_args=["--log-level", level])
+    pids = [child.pid for child in workers(server)]
+    assert server.stop() == 0, server.log()
+    lines = server.log().splitlines()
+    child_info = [line for line in lines if " INFO " in line and "loaded" in line]
+    child_debug = [line for line in lines if " DEBUG " in line]
+    assert len(pids) == 2
+    if level == "WARNING":
+        assert child_info == [], server.log()
+    else:
+        assert child_info and child_debug, server.log()
