@@ -51,6 +51,24 @@ class InferResult:
     outputs: dict[str, npt.NDArray[Any]]
 
 
+#: What gRPC's core says when no connection to the server could be made or kept; an UNAVAILABLE
+#: the server itself answered (a model loading, a feature store down) says none of these.
+_TRANSPORT_FAILURES = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "dns resolution failed",
+    "socket closed",
+    "connection reset",
+    "ssl handshake failed",
+)
+
+
+def _unreachable(details: str) -> bool:
+    """Whether an UNAVAILABLE with ``details`` means the server could not be reached at all."""
+    lowered = details.lower()
+    return any(phrase in lowered for phrase in _TRANSPORT_FAILURES)
+
+
 class EdgewiseClient:
     def __init__(
         self,
@@ -98,7 +116,7 @@ class EdgewiseClient:
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+            if code == grpc.StatusCode.UNAVAILABLE and _unreachable(details):
                 raise Unavailable(f"cannot reach the server at {self.target}: {details}") from None
             hint = None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
