@@ -24,11 +24,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
@@ -41,7 +43,9 @@ from edgewise.runtime.frontends.grpcio import (
     QualityServicer,
     RepositoryServicer,
 )
+from edgewise.runtime.frontends.http_tls import server_ssl_context
 from edgewise.runtime.frontends.peer_windows import window_share_handler
+from edgewise.runtime.frontends.ports import start_metrics_http
 from edgewise.runtime.frontends.rollout_grpc import RolloutServicer
 from edgewise.runtime.frontends.security import (
     HEALTH_PREFIX,
@@ -89,6 +93,8 @@ __all__ = [
     "publish_split",
     "rollouts",
     "security",
+    "start_metrics_port",
+    "token_check",
     "version_policy",
 ]
 
@@ -230,13 +236,19 @@ def _trusted_keys(settings: ServerSettings) -> TrustedKeys | None:
 
 
 def _auth(settings: ServerSettings, metrics: ServerMetrics) -> AuthInterceptor | None:
+    return token_check(settings, metrics.registry)
+
+
+def token_check(settings: ServerSettings, registry: CollectorRegistry) -> AuthInterceptor | None:
+    """The bearer-token (and scope) check the settings ask for, counting in ``registry``;
+    None without tokens."""
     if not settings.auth_enabled:
         return None
     tokens = TokenSet(settings.tokens_file, settings.tokens)
     open_prefixes = [HEALTH_PREFIX] if settings.health_open else []
     if settings.reflection_open:
         open_prefixes.extend(REFLECTION_PREFIXES)
-    auth = AuthInterceptor(tokens, open_prefixes, metrics.registry)
+    auth = AuthInterceptor(tokens, open_prefixes, registry)
     log.info(
         "bearer-token authentication on (%d token(s)); open without a token: %s",
         len(tokens),
@@ -256,6 +268,35 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
         " with client certificates required (mutual TLS)" if settings.tls_client_ca else "",
     )
     return credentials
+
+
+def start_metrics_port(
+    settings: ServerSettings, registry: CollectorRegistry, auth: AuthInterceptor | None
+) -> WSGIServer:
+    """The metrics port serving ``registry``: behind the token check with ``--metrics-auth``
+    (``auth``, the gRPC port's, when there is one; else one of its own counting in
+    ``registry``), over the port's TLS files with ``--metrics-tls``."""
+    guard = None
+    if settings.metrics_auth:
+        guard = auth if auth is not None else token_check(settings, registry)
+    context = None
+    if settings.metrics_tls and settings.tls_cert is not None and settings.tls_key is not None:
+        context = server_ssl_context(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca, port="metrics port"
+        )
+    server = start_metrics_http(
+        settings.metrics_port, settings.metrics_host, registry, auth=guard, ssl_context=context
+    )
+    if guard is not None or context is not None:
+        log.info(
+            "metrics port: %s",
+            ", ".join(
+                part
+                for part, on in (("TLS", context is not None), ("token with scope read", guard))
+                if on
+            ),
+        )
+    return server
 
 
 def load_shedder(

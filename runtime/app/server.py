@@ -41,6 +41,7 @@ from edgewise.runtime.app.composition import (
     publish_split,
     rollouts,
     security,
+    start_metrics_port,
 )
 from edgewise.runtime.app.supervisor import PEER_SUFFIX, peer_addresses
 from edgewise.runtime.config.settings import ServerSettings
@@ -49,7 +50,6 @@ from edgewise.runtime.frontends.drain import hold_connections
 from edgewise.runtime.frontends.native.binding import NativeFront, load_front
 from edgewise.runtime.frontends.ports import (
     check_port_free,
-    start_metrics_http,
     stop_http,
     write_port_file,
 )
@@ -250,9 +250,7 @@ class InferenceServer:
         if settings.http_port >= 0:
             await self._start_http(core)
         if settings.metrics_port >= 0:
-            self._metrics_http = start_metrics_http(
-                settings.metrics_port, settings.metrics_host, self.metrics.registry
-            )
+            self._metrics_http = start_metrics_port(settings, self.metrics.registry, auth)
             self.metrics_port = int(self._metrics_http.server_port)
         log.info(
             "gRPC listening on %s:%d (front end: %s), loading models from %s",

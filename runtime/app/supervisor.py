@@ -42,12 +42,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from edgewise.runtime._process import pid_alive
+from edgewise.runtime.app.composition import start_metrics_port
 from edgewise.runtime.config.limits import process_inflight_limit
 from edgewise.runtime.config.settings import ENV_PREFIX, ServerSettings
 from edgewise.runtime.errors import EdgewiseError, Unavailable
 from edgewise.runtime.frontends.ports import (
     reserve_port,
-    start_metrics_http,
     stop_http,
     write_port_file,
 )
@@ -217,7 +217,7 @@ def _start_metrics(settings: ServerSettings, prom_dir: Path) -> WSGIServer | Non
         return None
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(prom_dir))  # type: ignore[no-untyped-call]
-    return start_metrics_http(settings.metrics_port, settings.metrics_host, registry)
+    return start_metrics_port(settings, registry, None)
 
 
 def _wait_serving(children: list[_Child], peers_dir: Path, stopping: threading.Event) -> None:

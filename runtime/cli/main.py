@@ -105,7 +105,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--repo", type=Path, help="model repository folder [EDGEWISE_REPO]")
     p.add_argument("--host", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
-    p.add_argument("--metrics-host", help="metrics address to bind (default 0.0.0.0)")
+    p.add_argument(
+        "--metrics-host",
+        help="metrics address to bind (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--metrics-port", type=int, help="metrics port (default 8002; -1 disables)")
     p.add_argument(
         "--http-port",
@@ -218,6 +221,7 @@ def _add_serve_capture(p: argparse.ArgumentParser) -> None:
 SERVE_SECURITY_KEYS = (
     "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "health_open", "reflection_open",
     "trusted_keys", "max_inflight", "retry_after_ms", "audit_log", "audit_log_max_bytes",
+    "metrics_auth", "metrics_tls",
 )  # fmt: skip
 
 
@@ -244,6 +248,20 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
         "--audit-log-max-bytes",
         type=int,
         help="rotate the audit log past this size: PATH.1 .. PATH.5 (default 10 MiB)",
+    )
+    g.add_argument(
+        "--metrics-auth",
+        type=switch,
+        metavar="on|off",
+        help="/metrics needs a bearer token with the read scope, as the gRPC port checks it "
+        "(/healthz stays open; default off)",
+    )
+    g.add_argument(
+        "--metrics-tls",
+        type=switch,
+        metavar="on|off",
+        help="serve the metrics port over TLS with --tls-cert/--tls-key (and --tls-client-ca: "
+        "mutual TLS), re-read when they change (default off)",
     )
     g.add_argument(
         "--health-open",

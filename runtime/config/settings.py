@@ -56,7 +56,7 @@ class ServerSettings:
     repo: Path = Path("model-repo")  # EDGEWISE_REPO
     host: str = "0.0.0.0"  # EDGEWISE_HOST
     port: int = 8001  # EDGEWISE_PORT (0 picks a free port)
-    metrics_host: str = "0.0.0.0"  # EDGEWISE_METRICS_HOST
+    metrics_host: str = "127.0.0.1"  # EDGEWISE_METRICS_HOST (loopback: widen on purpose)
     metrics_port: int = 8002  # EDGEWISE_METRICS_PORT (0 picks a free port, -1 disables)
     # EDGEWISE_HTTP_PORT: the HTTP/REST front end's port on ``host`` (0 picks a free port; -1,
     # the default: off; see http_front.py)
@@ -102,6 +102,8 @@ class ServerSettings:
     retry_after_ms: int = 50  # EDGEWISE_RETRY_AFTER_MS: retry hint of a shed/refused request
     audit_log: Path | None = None  # EDGEWISE_AUDIT_LOG: JSON lines of control calls (None: off)
     audit_log_max_bytes: int = 10 << 20  # EDGEWISE_AUDIT_LOG_MAX_BYTES: rotate past this size
+    metrics_auth: bool = False  # EDGEWISE_METRICS_AUTH: /metrics needs a token with scope read
+    metrics_tls: bool = False  # EDGEWISE_METRICS_TLS: the metrics port serves the port's TLS
     # Data capture (runtime/serving/capture.py; needs pyarrow, the edgewise[data] extra):
     capture_dir: Path | None = None  # EDGEWISE_CAPTURE_DIR: capture requests here (None: off)
     capture_rate: float = 1.0  # EDGEWISE_CAPTURE_RATE: fraction captured (config.json overrides)
@@ -187,6 +189,10 @@ class ServerSettings:
             raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
+        if self.metrics_auth and not self.auth_enabled:
+            raise InvalidInput("metrics-auth needs tokens (tokens-file or EDGEWISE_TOKENS)")
+        if self.metrics_tls and self.tls_cert is None:
+            raise InvalidInput("metrics-tls needs tls-cert and tls-key")
         if not 0.0 <= self.otel_sample_ratio <= 1.0:
             raise InvalidInput(
                 f"otel-sample-ratio must be a fraction from 0 to 1, not {self.otel_sample_ratio!r}"
@@ -210,7 +216,7 @@ AUTO = "auto"
 
 #: The on/off settings: booleans inside the program, ``on``/``off`` (or true/false, 1/0, yes/no)
 #: on the command line and in ``EDGEWISE_*`` variables, read by :func:`parse_switch`.
-SWITCHES = ("monitoring", "quality", "admission")
+SWITCHES = ("monitoring", "quality", "admission", "metrics_auth", "metrics_tls")
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")

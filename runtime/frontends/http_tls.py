@@ -20,10 +20,13 @@ from edgewise.runtime.frontends.tls_files import TlsFiles
 __all__ = ["server_ssl_context"]
 
 
-def server_ssl_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
-    """The HTTP port's TLS; with ``client_ca``, clients must present a certificate it signed
+def server_ssl_context(
+    cert: Path, key: Path, client_ca: Path | None = None, port: str = "HTTP port"
+) -> ssl.SSLContext:
+    """The TLS of an HTTP port (the REST port; the metrics port with ``--metrics-tls``, named
+    by ``port`` in the logs); with ``client_ca``, clients must present a certificate it signed
     (mutual TLS). A file that cannot be used now is one readable error (InvalidInput)."""
-    files = TlsFiles(cert, key, client_ca, "HTTP port")
+    files = TlsFiles(cert, key, client_ca, port)
     listening = files.current.context  # the context every handshake starts in
 
     def on_hello(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -16,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from edgewise.runtime._fs import write_text_atomic
 from edgewise.runtime.frontends import metrics_http
+from edgewise.runtime.frontends.security import AuthInterceptor
 
 __all__ = [
     "bind_error",
@@ -74,13 +76,21 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_metrics_http(port: int, host: str, registry: Collector) -> WSGIServer:
+def start_metrics_http(
+    port: int,
+    host: str,
+    registry: Collector,
+    *,
+    auth: AuthInterceptor | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WSGIServer:
     """Serve ``registry`` for Prometheus at ``http://host:port/metrics`` (a thread of its own;
-    404 off /metrics and /healthz, process metrics added, no ``_created`` series: see
+    404 off /metrics and /healthz, process metrics added, no ``_created`` series; behind
+    ``auth``'s token check and over ``ssl_context``'s TLS when given: see
     :mod:`~edgewise.runtime.frontends.metrics_http`); stop it with :func:`stop_http`.
     :func:`bind_error` ("the metrics port") when it cannot bind."""
     try:
-        server = metrics_http.start(port, host, registry)
+        server = metrics_http.start(port, host, registry, auth=auth, ssl_context=ssl_context)
     except OSError as exc:
         raise bind_error(host, port, exc, "the metrics port") from None
     return server

@@ -13,13 +13,17 @@ from typing import Final
 
 from edgewise.runtime.config.channels import SCOPES
 
-__all__ = ["HTTP_ROUTES", "METHOD_SCOPES", "UNLISTED_SCOPE", "scope_of"]
+__all__ = ["HTTP_ROUTES", "METHOD_SCOPES", "METRICS_SCRAPE", "UNLISTED_SCOPE", "scope_of"]
 
 _V2: Final = "/inference.GRPCInferenceService/"
 _REPOSITORY: Final = "/edgewise.v1.ModelRepositoryService/"
 _MONITORING: Final = "/edgewise.v1.MonitoringService/"
 _QUALITY: Final = "/edgewise.v1.QualityService/"
 _ROLLOUT: Final = "/edgewise.v1.RolloutService/"
+
+#: Not an RPC: ``GET /metrics`` on the metrics port with ``--metrics-auth`` (metrics_http.py),
+#: named like one so that this table holds its scope too.
+METRICS_SCRAPE: Final = "/edgewise.metrics/Scrape"
 
 #: Full gRPC method name -> the scope a call of it needs.
 METHOD_SCOPES: Final[dict[str, str]] = {
@@ -47,6 +51,7 @@ METHOD_SCOPES: Final[dict[str, str]] = {
     "/grpc.health.v1.Health/Watch": "read",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "read",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "read",
+    METRICS_SCRAPE: "read",
 }
 
 #: The scope of a method the table does not list.
