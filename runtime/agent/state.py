@@ -134,6 +134,24 @@ class AgentState:
     rejected: tuple[Rejection, ...] = ()
     watch: Watch | None = None
     updated_at: str = ""
+    # The highest version the agent ever made the server's default (rollback protection: a
+    # lower one is refused unless the rollback is explicit). None: as the other fields say.
+    highest_served: int | None = None
+
+    @property
+    def served_floor(self) -> int | None:
+        """The highest version served so far: ``highest_served``, or for a state file written
+        before it existed the highest of the deployed, last good and good versions."""
+        versions = [d.version for d in (self.deployed, self.last_good, *self.good) if d]
+        if self.highest_served is not None:
+            versions.append(self.highest_served)
+        return max(versions) if versions else None
+
+    def serving(self, item: Deployed) -> AgentState:
+        """``item`` is the server's default now (the floor rises, never falls)."""
+        floor = self.served_floor
+        highest = item.version if floor is None else max(floor, item.version)
+        return replace(self, deployed=item, highest_served=highest)
 
     def rejection(self, version: int, sha256: str, now: float | None = None) -> Rejection | None:
         for item in self.rejected:
@@ -159,6 +177,7 @@ class AgentState:
             "rejected": [r.to_json() for r in self.rejected],
             "watch": None if self.watch is None else self.watch.to_json(),
             "updated_at": self.updated_at,
+            "highest_served": self.highest_served,
         }
 
     @classmethod
@@ -179,9 +198,18 @@ class AgentState:
                 rejected=tuple(Rejection.from_json(r) for r in data.get("rejected", ())),
                 watch=None if watch is None else Watch.from_json(watch),
                 updated_at=str(data.get("updated_at", "")),
+                highest_served=_optional_version(data.get("highest_served")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PackageError(f"agent state: malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _optional_version(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"highest_served must be a version >= 1, got {value!r}")
+    return value
 
 
 @dataclass

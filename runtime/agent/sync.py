@@ -40,6 +40,7 @@ the store is reported unavailable and the agent retries.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -57,7 +58,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgewise.runtime._fs import fsync_dir
+from edgewise.runtime._fs import fsync_dir, write_text_atomic
 from edgewise.runtime.agent.policy import RolloutPolicy, read_policy
 from edgewise.runtime.agent.progressive import Progressive, RolloutStopped
 from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
@@ -86,9 +87,9 @@ from edgewise.runtime.package.manifest import (
     validate_model_name,
     verify_files,
 )
-from edgewise.runtime.package.model_config import ModelConfig, VersionPolicy, write_model_config
+from edgewise.runtime.package.model_config import MODEL_CONFIG_FILE, ModelConfig, VersionPolicy
 from edgewise.runtime.package.paths import check_external_data
-from edgewise.runtime.package.signing import TrustedKeys, verify_package
+from edgewise.runtime.package.signing import SignatureError, TrustedKeys, verify_package
 from edgewise.runtime.store.base import (
     ArtifactCorrupt,
     NodeReport,
@@ -147,6 +148,9 @@ class AgentSettings:
     report_interval: float = 60.0
     state_dir: Path | None = None
     trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
+    # Rollback protection: a version lower than the highest this node has served is refused
+    # unless this is set (--allow-rollback) or the rollback is the agent's own or by hand.
+    allow_rollback: bool = False
 
     def __post_init__(self) -> None:
         validate_model_name(self.model)
@@ -203,6 +207,13 @@ class AgentMetrics:
         )
         self.rollbacks = Counter(
             "edgewise_agent_rollbacks", "Rollbacks by reason.", ["reason"], registry=r
+        )
+        self.refusals = Counter(
+            "edgewise_agent_refusals",
+            "Versions refused before anything changed, by reason (rollback: lower than one "
+            "served; signature_<why>: expired_key, revoked_key, version_mismatch, ...).",
+            ["reason"],
+            registry=r,
         )
         self.download_bytes = Counter(
             "edgewise_agent_download_bytes", "Bytes downloaded from the store.", registry=r
@@ -316,7 +327,7 @@ def validate_package(
     anything switches."""
     raw_manifest = read_manifest_bytes(folder)
     if trusted is not None:
-        verify_package(folder, trusted, raw_manifest)
+        verify_package(folder, trusted, raw_manifest, name=record.name, version=record.version)
     manifest = parse_manifest(raw_manifest, str(folder / MANIFEST_FILE))
     if manifest.name != record.name:
         raise PackageError(f"manifest names model {manifest.name!r}, not {record.name!r}")
@@ -467,6 +478,7 @@ class Agent:
         self._said: str = ""
         self._watching = False
         self._wave_seen: tuple[int, float] | None = None  # (version, when first seen)
+        self._rollback_refused: tuple[int, str] | None = None  # counted once per target
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
         # The alias's rollout policy, when it has one (docs/rollout.md).
         self.progressive = Progressive(
@@ -666,11 +678,9 @@ class Agent:
             versions.add(extra)
         if not versions:
             return
-        config = ModelConfig(
-            VersionPolicy(latest=None, specific=tuple(sorted(versions))),
-            default_version=pinned.version if pinned else extra,
-        )
-        write_model_config(self.model_dir, config)
+        default = pinned.version if pinned else extra
+        assert default is not None
+        pin_versions(self.model_dir, tuple(sorted(versions)), default)
 
     def _deployed_manifest(self, state: AgentState) -> Manifest | None:
         candidates = [d.version for d in (state.deployed, state.last_good) if d is not None]
@@ -706,6 +716,20 @@ class Agent:
             )
             self._say_once(self.detail)
             return
+        floor = state.served_floor
+        if floor is not None and record.version < floor:
+            if not self.settings.allow_rollback:
+                self._refuse_rollback(record, floor, state)
+                return
+            log.warning(
+                "model %s: alias %s names version %d, lower than version %d served before; "
+                "deploying it (--allow-rollback)",
+                self.settings.model,
+                self.settings.alias,
+                record.version,
+                floor,
+            )
+        self._rollback_refused = None
         if state.watch is not None:
             return  # finish watching the current switch first
         if deployed is not None:
@@ -719,6 +743,26 @@ class Agent:
                 self._set_health("ok", f"serving version {deployed.version}; {waiting}")
                 return
         self._deploy(record, state)
+
+    def _refuse_rollback(self, record: VersionRecord, floor: int, state: AgentState) -> None:
+        """Rollback protection: the alias names a version lower than one this node served.
+        Nothing is downloaded or written; counted and reported once per target, and the server
+        keeps (or is put back on) the deployed version."""
+        reason = (
+            f"alias {self.settings.alias} names version {record.version}, lower than version "
+            f"{floor} this node has served: rollback protection refuses it (an explicit "
+            "rollback: the agent's --allow-rollback, or edgewise rollback on the node)"
+        )
+        self._reconcile(state)
+        self._set_health("degraded", reason)
+        target = (record.version, record.model_sha256)
+        if self._rollback_refused == target:
+            return
+        self._rollback_refused = target
+        self.metrics.refusals.labels("rollback").inc()
+        self._said = self.detail
+        log.error("model %s: %s", self.settings.model, reason)
+        self._maybe_report(force=True)
 
     def _wave_wait(self, record: VersionRecord) -> str:
         """Why this node waits for the nodes of earlier fleet waves ("" when it may go)."""
@@ -955,7 +999,7 @@ class Agent:
                     raise
                 now_iso = utc_now()
                 item = Deployed(version, record.model_sha256, now_iso)
-                state = replace(state, deployed=item)
+                state = state.serving(item)
                 if self.settings.watch_seconds > 0 and previous is not None:
                     state = replace(
                         state,
@@ -990,6 +1034,8 @@ class Agent:
                 record, _Refused(exc.message, self.settings.corrupt_retry_seconds, "corrupt")
             )
         except (PackageError, ModelLoadError, ResourceExhausted, InvalidInput) as exc:
+            if isinstance(exc, SignatureError):
+                self.metrics.refusals.labels(f"signature_{exc.reason}").inc()
             self._refuse(record, _Refused(exc.message, kind="invalid"))
         finally:
             self.phase = "idle"
@@ -1125,7 +1171,7 @@ class Agent:
 
     def _promote_locked(self, state: AgentState, item: Deployed) -> AgentState:
         """Make ``item`` the last good version (the state lock is held)."""
-        state = replace(state.with_good(item), deployed=item, watch=None)
+        state = replace(state.with_good(item).serving(item), watch=None)
         state = self._save(state)
         self._write_config(state)
         name = self.settings.model
@@ -1289,10 +1335,30 @@ def rollback_locked(
     state = state.reject(Rejection(bad, bad_sha, reason, utc_now(), None))
     state = replace(state, updated_at=utc_now())
     state_file.write(state)
-    config = ModelConfig(VersionPolicy(latest=None, specific=(target,)), default_version=target)
     if model_dir.is_dir():
-        write_model_config(model_dir, config)
+        pin_versions(model_dir, (target,), target)
     return state
+
+
+def pin_versions(model_dir: Path, versions: tuple[int, ...], default: int) -> None:
+    """Pin ``config.json``'s ``version_policy`` (these versions) and ``default_version``,
+    keeping every other section as it is (monitoring, capture, ...: what a package signature
+    covers, so they must not change under a signed version). A config.json that cannot be read
+    is replaced by the pins alone (logged)."""
+    path = model_dir / MODEL_CONFIG_FILE
+    sections: dict[str, object] = {}
+    if path.exists() or path.is_symlink():
+        try:
+            data = json.loads(path.read_bytes())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            sections = data
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            log.warning("%s: unreadable (%s); writing the version pins alone", path, exc)
+    pins = ModelConfig(
+        VersionPolicy(latest=None, specific=versions), default_version=default
+    ).to_json()
+    write_text_atomic(path, json.dumps({**sections, **pins}, indent=2) + "\n")
 
 
 def rollback(

@@ -402,7 +402,15 @@ def _add_agent(sub: Subparsers) -> None:
     p.add_argument(
         "--trusted-keys",
         type=Path,
-        help="ed25519 public key file or folder: refuse packages not signed by one of them",
+        help="ed25519 public key file or folder: refuse packages not signed by one of them "
+        "(keys.json beside them sets a key's not_after, revoked.json revokes keys or packages)",
+    )
+    p.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="deploy a version lower than the highest this node has served when the alias "
+        "names one (default: refused, rollback protection; the agent's own rollback of a "
+        "failed version and edgewise rollback by hand are always allowed)",
     )
     add_client_security_arguments(p)
     p.set_defaults(handler=_cmd_agent)
@@ -436,6 +444,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         require_golden=args.require_golden,
         state_dir=args.state_dir,
         trusted_keys=args.trusted_keys,
+        allow_rollback=args.allow_rollback,
     )
     store = _open_store(args)
     metrics = AgentMetrics()
@@ -500,21 +509,43 @@ def _add_keys(sub: Subparsers) -> None:
     p = sub.add_parser(
         "keys",
         help="make ed25519 keys and sign or verify model packages",
-        description="Signed model packages: a signature over manifest.json (which lists the "
-        "sha256 of every file) in a detached manifest.sig. Servers (serve --trusted-keys) and "
-        "agents (agent --trusted-keys) refuse packages whose signature does not verify.",
+        description="Signed model packages: a detached manifest.sig signs the model name, the "
+        "version number, the sha256 of manifest.json and of every file it lists, and the "
+        "behaviour sections of the model's config.json (all but version_policy and "
+        "default_version). Servers (serve --trusted-keys), agents and batch (--trusted-keys) "
+        "refuse a package whose signature does not verify, whose key expired (keys.json beside "
+        "the trusted keys) or is revoked (revoked.json beside them), or that is placed under "
+        "another version number or config.json than it was signed with.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     generate = actions.add_parser("generate", help="write NAME.key (private) and NAME.pub")
     generate.add_argument("--out", type=Path, required=True, help="folder for the two files")
     generate.add_argument("--name", default="edgewise", help="file name stem (default edgewise)")
-    sign = actions.add_parser("sign", help="sign a package folder in place")
+    sign = actions.add_parser(
+        "sign",
+        help="sign a package folder in place, as the version its folder names, with its "
+        "model's config.json",
+    )
     sign.add_argument("package", type=Path, help="the package folder REPO/NAME/VERSION")
     sign.add_argument("--key", type=Path, required=True, help="ed25519 private key")
-    verify = actions.add_parser("verify", help="check a package's signature and files")
-    verify.add_argument("package", type=Path, help="the package folder")
-    verify.add_argument("--trusted-keys", type=Path, required=True, help="public key file/folder")
+    verify = actions.add_parser(
+        "verify", help="check a package's signature (as the version its folder names) and files"
+    )
+    verify.add_argument("package", type=Path, help="the package folder REPO/NAME/VERSION")
+    verify.add_argument(
+        "--trusted-keys",
+        type=Path,
+        required=True,
+        help="public key file or folder (with its keys.json and revoked.json, if any)",
+    )
     p.set_defaults(handler=_cmd_keys)
+
+
+def _package_version(folder: Path) -> int:
+    name = folder.resolve().name
+    if not name.isascii() or not name.isdigit() or name.startswith("0"):
+        raise InvalidInput(f"{folder}: not a package folder REPO/NAME/VERSION (VERSION >= 1)")
+    return int(name)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -530,6 +561,25 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         private, public, kid = generate_keypair(args.out, args.name)
         print(f"key {kid}: private {private} (keep it secret), public {public} (trust it)")
         return 0
+    package = args.package.resolve()
+    version = _package_version(package)
+    if args.action == "sign":
+        manifest = read_manifest(package)
+        verify_files(package, manifest)  # never sign files that do not match
+        path = sign_package(package, args.key, version=version)
+        print(f"signed {args.package} ({manifest.name} version {version}): {path}")
+        return 0
+    trusted = TrustedKeys.load(args.trusted_keys)
+    manifest = read_manifest(package)
+    signature = verify_package(package, trusted, name=manifest.name, version=version)
+    verify_files(package, manifest)
+    statement = signature.statement
+    print(
+        f"{args.package}: signature by key {statement.key_id} (signed {statement.signed_at}) "
+        f"verifies for {manifest.name} version {version}; {len(manifest.files)} file(s) and "
+        f"config.json match; manifest sha256 {statement.manifest_sha256}"
+    )
+    return 0
     if args.action == "sign":
         manifest = read_manifest(args.package)
         verify_files(args.package, manifest)  # never sign files that do not match

@@ -235,7 +235,7 @@ def load_model(
     if trusted is not None:
         from edgewise.runtime.package.signing import verify_package
 
-        verify_package(folder, trusted, raw_manifest)
+        verify_package(folder, trusted, raw_manifest, name=name, version=version)
     manifest = parse_manifest(raw_manifest, str(folder / MANIFEST_FILE))
     if manifest.name != name:
         raise PackageError(f"{folder}: manifest names model {manifest.name!r}, not {name!r}")

@@ -46,7 +46,7 @@ from edgewise.runtime.package.model_config import (
     write_model_config,
 )
 from edgewise.runtime.package.paths import ensure_inside, graph_class_labels
-from edgewise.runtime.package.signing import TrustedKeys
+from edgewise.runtime.package.signing import SignatureError, TrustedKeys
 from edgewise.runtime.serving.batching import BatchingConfig, batchable
 from edgewise.runtime.serving.model import LoadedModel, SessionSettings, load_model
 from edgewise.runtime.serving.monitor_config import MonitorConfig
@@ -517,6 +517,8 @@ class ModelRepository:
         except EdgewiseError as exc:
             self._failures.reasons[key] = exc.message
             self._on_event(name, version, "load_failed")
+            if isinstance(exc, SignatureError):  # counted by why: signature_expired_key, ...
+                self._on_event(name, version, f"signature_{exc.reason}")
             log.error("model %s version %d failed to load: %s", name, version, exc.message)
             return None
         finally:

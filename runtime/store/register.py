@@ -31,7 +31,13 @@ from edgewise.runtime.package.manifest import (
     verify_files,
     write_manifest,
 )
-from edgewise.runtime.package.signing import SIGNATURE_FILE, load_private_key, sign_package
+from edgewise.runtime.package.signing import (
+    SIGNATURE_FILE,
+    SignatureError,
+    load_private_key,
+    read_signature,
+    sign_package,
+)
 from edgewise.runtime.store.base import Store, VersionRecord, safe_join, validate_alias
 from edgewise.runtime.store.lineage import collect_lineage
 
@@ -128,22 +134,51 @@ def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
         shutil.copyfile(origin, destination)
 
 
-def _carry_signature(source: Path, copy: Path, key: Ed25519PrivateKey | None) -> None:
-    """Sign the copy's manifest with ``key``; without a key, keep the source's signature when
-    the manifest is unchanged (a changed manifest would not verify: it is left unsigned)."""
+def _next_version(store: Store, name: str) -> int:
+    """The number the store gives the next version of ``name`` (checked after publishing: a
+    concurrent register, or a store that skips numbers, makes the published one differ)."""
+    try:
+        versions = store.list_versions(name)
+    except ModelNotFound:
+        return 1
+    return max((record.version for record in versions), default=0) + 1
+
+
+def _carry_signature(
+    source: Path, copy: Path, key: Ed25519PrivateKey | None, version: int
+) -> int | None:
+    """Sign the copy as ``version`` with ``key`` (with the behaviour sections of the source's
+    ``config.json``); without a key, keep the source's signature when the manifest is unchanged
+    and it signs that version (otherwise the copy is left unsigned: the signature would not
+    verify). Returns the version the copy is signed as (None: unsigned)."""
     if key is not None:
-        sign_package(copy, key)
-        return
+        sign_package(copy, key, version=version, config_dir=source.parent)
+        return version
     signature = safe_join(source, SIGNATURE_FILE)
     if not signature.is_file() or signature.is_symlink():
-        return
-    if read_manifest_bytes(copy) == read_manifest_bytes(source):
-        shutil.copyfile(signature, copy / SIGNATURE_FILE)
-    else:
+        return None
+    if read_manifest_bytes(copy) != read_manifest_bytes(source):
         log.warning(
             "%s: its manifest.sig is dropped (register changed the manifest); sign with --sign-key",
             source,
         )
+        return None
+    try:
+        signed = read_signature(source).statement.version
+    except SignatureError as exc:
+        log.warning("%s: its manifest.sig is dropped (%s); sign with --sign-key", source, exc)
+        return None
+    if signed != version:
+        log.warning(
+            "%s: its manifest.sig is dropped (it signs version %d, the store will number this "
+            "one %d); sign with --sign-key",
+            source,
+            signed,
+            version,
+        )
+        return None
+    shutil.copyfile(signature, copy / SIGNATURE_FILE)
+    return version
 
 
 def register(
@@ -169,9 +204,10 @@ def register(
     alias names now; its verdict goes into the lineage, and a failing candidate is still
     published but the alias is not moved to it.
 
-    With ``sign_key`` (an ed25519 private key), the manifest as published is signed
-    (``manifest.sig``, see :mod:`edgewise.runtime.package.signing`). Without it, a signature the
-    package already has is kept if the manifest is published unchanged."""
+    With ``sign_key`` (an ed25519 private key), the package as published is signed as the
+    version number the store gives it (``manifest.sig``, see
+    :mod:`edgewise.runtime.package.signing`). Without it, a signature the package already has is
+    kept if the manifest is published unchanged and it signs that number."""
     _, name, _ = parse_package_path(package)
     if alias is not None:
         validate_alias(alias)
@@ -197,7 +233,7 @@ def register(
             manifest = dataclasses.replace(manifest, config=config)
             write_manifest(copy, manifest)
         verify_files(copy, manifest)
-        _carry_signature(package, copy, key)
+        signed_as = _carry_signature(package, copy, key, _next_version(store, name))
         lineage = collect_lineage(
             manifest,
             code_dir=code_dir,
@@ -212,6 +248,12 @@ def register(
             lineage = dataclasses.replace(lineage, extra=extra)
         record = store.publish(
             name, copy, package_files(copy, manifest), lineage, description=description
+        )
+    if signed_as is not None and record.version != signed_as:
+        raise PackageError(
+            f"{package}: published as version {record.version} of {name!r} but signed as "
+            f"version {signed_as} (another register got that number first): servers and "
+            "agents refuse it; register again"
         )
     if verdict is not None and not verdict.passed:
         return RegisterResult(record=record, alias=None, golden_added=golden_added, gate=verdict)

@@ -122,7 +122,7 @@ def test_every_tampering_is_refused(
     private, trusted_dir, other = keys
     trusted = TrustedKeys.load(trusted_dir)
     good = signed_copy(model_repo, tmp_path, private)
-    assert verify_package(good, trusted) in trusted.keys
+    assert verify_package(good, trusted, name="logreg", version=1).key_id in trusted.keys
     assert read_signature(good).manifest_sha256
     load(good, trusted)  # loads
 
@@ -161,7 +161,7 @@ def test_every_tampering_is_refused(
 
     expected = {
         "model": "differs from the manifest",
-        "manifest": "does not verify",
+        "manifest": "changed after signing",
         "profile": "differs from the manifest",
         "golden": "differs from the manifest",
         "unsigned": "not signed",
@@ -194,7 +194,7 @@ def test_the_cli_makes_keys_signs_and_verifies(model_repo: Path, tmp_path: Path)
     (package / "manifest.json").write_text((package / "manifest.json").read_text() + " ")
     bad = run("verify", str(package), "--trusted-keys", str(tmp_path / "k" / "ops.pub"))
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
-    assert "does not verify" in bad.stderr
+    assert "changed after signing" in bad.stderr
     again = run("generate", "--out", str(tmp_path / "k"), "--name", "ops")
     assert again.returncode == 1 and "already exists" in again.stderr
     (tmp_path / "k" / "ops.key").unlink()  # only the public key left: still not overwritten
@@ -362,7 +362,7 @@ def test_register_carries_a_signature_only_while_it_verifies(
 
         for entry in signed.files:
             fetch_file(store, signed, entry, folder)
-        assert verify_package(folder, trusted)
+        assert verify_package(folder, trusted, name="logreg", version=signed.version)
     finally:
         store.close()
     assert os.environ.get("EDGEWISE_TRUSTED_KEYS") is None
