@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client import CollectorRegistry, Gauge
 
 from edgewise.runtime._fs import write_text_atomic
+from edgewise.runtime.config.values import known_keys
 from edgewise.runtime.errors import EdgewiseError, InvalidInput
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 
@@ -180,20 +181,11 @@ def check_weights(weights: Mapping[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(weights.items()))
 
 
-def _reject_unknown(section: Mapping[str, Any], known: frozenset[str], where: str) -> None:
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise InvalidInput(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-
-
 def routes_from_json(document: object, where: str) -> ModelRoutes:
     """A model's routes from ``rollout.json``'s document; InvalidInput naming the field."""
     if not isinstance(document, dict):
         raise InvalidInput(f"{where}: a JSON object")
-    _reject_unknown(document, _FILE_KEYS, where)
+    known_keys(where, document, _FILE_KEYS)
     labels_doc = document.get("labels", {})
     if not isinstance(labels_doc, dict):
         raise InvalidInput(f"{where}: labels must be an object")
@@ -206,7 +198,7 @@ def routes_from_json(document: object, where: str) -> ModelRoutes:
         section = document["split"]
         if not isinstance(section, dict):
             raise InvalidInput(f"{where}: split must be an object")
-        _reject_unknown(section, _SPLIT_KEYS, f"{where}: split")
+        known_keys(f"{where}: split", section, _SPLIT_KEYS)
         raw = section.get("weights")
         if not isinstance(raw, dict):
             raise InvalidInput(f"{where}: split.weights must be an object")
@@ -220,7 +212,7 @@ def routes_from_json(document: object, where: str) -> ModelRoutes:
         section = document["shadow"]
         if not isinstance(section, dict):
             raise InvalidInput(f"{where}: shadow must be an object")
-        _reject_unknown(section, _SHADOW_KEYS, f"{where}: shadow")
+        known_keys(f"{where}: shadow", section, _SHADOW_KEYS)
         version = _version_number(section.get("version"), f"{where}: shadow.version")
         shadow = ShadowRoute(version, check_rate(section.get("rate", 1.0), "shadow.rate"))
     return ModelRoutes(split, shadow, labels)
