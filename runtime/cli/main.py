@@ -497,6 +497,11 @@ def _format_drift(report: Any) -> str:
     if report.wrong_type:
         wrong = ", ".join(f"{k}: {v}" for k, v in sorted(report.wrong_type.items()))
         lines.append(f"requests refused for a wrong datatype or shape: {wrong}")
+    if report.windows_dropped:
+        lines.append(
+            f"closed windows the drift history could not keep (queue full): "
+            f"{report.windows_dropped}"
+        )
     return "\n".join(lines)
 
 

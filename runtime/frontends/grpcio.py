@@ -311,6 +311,7 @@ def _report_to_proto(report: DriftReport) -> epb.DriftReport:
         computed_at_unix=report.computed_at,
         thresholds=report.thresholds,
         unavailable=report.unavailable,
+        windows_dropped=report.windows_dropped,
     )
     for feature in report.features:
         stats = feature.statistics

@@ -45,10 +45,12 @@ MERGED_WINDOWS: Final = ("current", "previous", "lifetime")
 @dataclass
 class WorkerWindow:
     """One process's share of a window: its statistics (None: a ``previous`` window that has
-    not completed there yet) and its count of requests refused for a wrong datatype."""
+    not completed there yet), its count of requests refused for a wrong datatype and of closed
+    windows its drift history dropped."""
 
     stats: WindowStats | None
     wrong_type: dict[str, int] = field(default_factory=dict)
+    windows_dropped: int = 0
 
 
 def local_window(monitor: ModelMonitor, window: str) -> WorkerWindow:
@@ -58,7 +60,7 @@ def local_window(monitor: ModelMonitor, window: str) -> WorkerWindow:
             f"window {window!r} is not merged across processes (one of {', '.join(MERGED_WINDOWS)})"
         )
     stats = monitor.snapshot(window)
-    return WorkerWindow(stats, dict(monitor.wrong_type))
+    return WorkerWindow(stats, dict(monitor.wrong_type), monitor.windows_dropped)
 
 
 def merged_report(
@@ -79,6 +81,7 @@ def merged_report(
         for name, refused in share.wrong_type.items():
             wrong_type[name] = wrong_type.get(name, 0) + refused
     report.wrong_type = wrong_type
+    report.windows_dropped = sum(share.windows_dropped for share in shares)
     if window == "previous" and not present:
         report.reason = "no window has completed yet"
     return report
@@ -115,13 +118,15 @@ class _WindowUnpickler(pickle.Unpickler):
 
 
 def encode_window(share: WorkerWindow) -> bytes:
-    return pickle.dumps((share.stats, share.wrong_type), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(
+        (share.stats, share.wrong_type, share.windows_dropped), protocol=pickle.HIGHEST_PROTOCOL
+    )
 
 
 def decode_window(data: bytes) -> WorkerWindow:
     """A sibling's :func:`encode_window`; :class:`InvalidInput` for anything else."""
     try:
-        stats, wrong_type = _WindowUnpickler(io.BytesIO(data)).load()
+        stats, wrong_type, windows_dropped = _WindowUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise InvalidInput(f"a sibling process's window cannot be read: {exc}") from None
     if stats is not None and not isinstance(stats, WindowStats):
@@ -130,4 +135,6 @@ def decode_window(data: bytes) -> WorkerWindow:
         isinstance(k, str) and isinstance(v, int) for k, v in wrong_type.items()
     ):
         raise InvalidInput("a sibling process's wrong-type counts are not counts")
-    return WorkerWindow(stats, wrong_type)
+    if type(windows_dropped) is not int or windows_dropped < 0:
+        raise InvalidInput("a sibling process's dropped-window count is not a count")
+    return WorkerWindow(stats, wrong_type, windows_dropped)

@@ -489,6 +489,11 @@ class ModelMonitor:
             columns.append(codes)
         return np.ascontiguousarray(np.stack(columns, axis=1)), missing
 
+    @property
+    def windows_dropped(self) -> int:
+        """Closed windows dropped from the full queue to the drift history, since load."""
+        return self._windows_dropped
+
     def count_wrong_type(self, input_name: str) -> None:
         with self._lock:
             self.wrong_type[input_name] = self.wrong_type.get(input_name, 0) + 1

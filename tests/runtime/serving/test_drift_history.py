@@ -392,11 +392,30 @@ class _Boom:
 
 def test_a_window_from_a_sibling_builds_nothing_but_a_window() -> None:
     with pytest.raises(InvalidInput, match="may not hold"):
-        decode_window(pickle.dumps((_Boom(), {})))
+        decode_window(pickle.dumps((_Boom(), {}, 0)))
     with pytest.raises(InvalidInput, match="not a window"):
-        decode_window(pickle.dumps(({"rows": 1}, {})))
+        decode_window(pickle.dumps(({"rows": 1}, {}, 0)))
+    for count in (-1, 1.5, True, "2"):
+        with pytest.raises(InvalidInput, match="dropped-window count is not a count"):
+            decode_window(pickle.dumps((None, {}, count)))
     with pytest.raises(InvalidInput):
         decode_window(b"not a pickle")
+    with pytest.raises(InvalidInput):
+        decode_window(pickle.dumps((None, {})))  # a window from another release
+
+
+def test_dropped_windows_are_summed_over_the_processes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    config = replace(CONFIG, window_rows=100, closed_windows=4)
+    history = DriftHistory(tmp_path / "history", writer="w1")
+    monitor = synthetic_monitor(rng, config, RecordingPublisher(ServerMetrics(), history))
+    feed(monitor, synthetic_rows(rng, 1_000))  # 10 windows close before any tick: 6 dropped
+    assert monitor.windows_dropped == 6
+    sibling = WorkerWindow(None, {}, 3)
+    shares = [decode_window(encode_window(s)) for s in (local_window(monitor, "current"), sibling)]
+    assert [share.windows_dropped for share in shares] == [6, 3]
+    assert merged_report(monitor, "current", shares).windows_dropped == 9
+    monitor.close()
 
 
 # ---- the command and the page ------------------------------------------------------------------

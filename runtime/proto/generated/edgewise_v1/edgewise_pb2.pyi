@@ -442,6 +442,7 @@ class DriftReport(_message.Message):
     COMPUTED_AT_UNIX_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    WINDOWS_DROPPED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     window: _builtins.str
@@ -454,6 +455,10 @@ class DriftReport(_message.Message):
     """True when the window has fewer rows than the minimum to judge drift."""
     drifting: _builtins.bool
     computed_at_unix: _builtins.float
+    windows_dropped: _builtins.int
+    """Closed windows the drift history could not keep (its queue was full, the oldest dropped)
+    since the version was loaded; with several processes, summed over them.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureDrift]: ...
     @_builtins.property
@@ -490,10 +495,11 @@ class DriftReport(_message.Message):
         computed_at_unix: _builtins.float = ...,
         thresholds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         unavailable: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        windows_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "computed_at_unix", b"computed_at_unix", "drifting", b"drifting", "features", b"features", "insufficient_data", b"insufficient_data", "model", b"model", "reason", b"reason", "reference_rows", b"reference_rows", "rows", b"rows", "thresholds", b"thresholds", "unavailable", b"unavailable", "version", b"version", "window", b"window", "wrong_type", b"wrong_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "computed_at_unix", b"computed_at_unix", "drifting", b"drifting", "features", b"features", "insufficient_data", b"insufficient_data", "model", b"model", "reason", b"reason", "reference_rows", b"reference_rows", "rows", b"rows", "thresholds", b"thresholds", "unavailable", b"unavailable", "version", b"version", "window", b"window", "windows_dropped", b"windows_dropped", "wrong_type", b"wrong_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
