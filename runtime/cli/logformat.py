@@ -3,9 +3,12 @@
 
 A JSON line always has ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``event`` (the
 message) and ``logger``; ``model``, ``version``, ``request_id`` and ``trace_id`` where the record
-knows them (passed as ``extra={"model": ...}``; ``trace_id`` also from the current OpenTelemetry
-span, where tracing is on), and ``exception`` (the traceback) where there is one. Keys are
-stable: a consumer may rely on them; none is added per message.
+knows them: passed as ``extra={"model": ...}``, else the labels of the inference call being
+served where the line was logged (runtime/serving/request_context.py: the serving core sets them
+for each call's work), else (``trace_id``) the current OpenTelemetry span's, where tracing is on;
+and ``exception`` (the traceback) where there is one. Keys are stable: a consumer may rely on
+them; none is added per message. A text line about a call ends with the same keys, compactly:
+`` [model=churn version=2 request_id=9f2c... trace_id=4bf9...]``.
 
 The format is also ``EDGEWISE_LOG_FORMAT``; the one chosen is written back there, so the server
 processes ``serve --processes N`` starts log the same way.
@@ -20,8 +23,9 @@ import sys
 from datetime import UTC, datetime
 
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.serving.request_context import current
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "TextFormatter", "configure_logging"]
 
 LOG_FORMATS = ("text", "json")
 ENV_LOG_FORMAT = "EDGEWISE_LOG_FORMAT"
@@ -40,6 +44,25 @@ def _current_trace_id() -> str | None:
     return f"{context.trace_id:032x}" if context.is_valid else None
 
 
+def context_of(record: logging.LogRecord) -> dict[str, str]:
+    """The context keys of ``record`` that have a value (see the module's docstring), in
+    :data:`CONTEXT_KEYS`' order. Read where the record is formatted: on the thread that logged
+    it (the handlers here are synchronous), so the current labels are the logging call's."""
+    labels = current()
+    found: dict[str, str] = {}
+    for key in CONTEXT_KEYS:
+        value = getattr(record, key, None)
+        if (value is None or value == "") and labels is not None:
+            value = getattr(labels, key)
+        if value is not None and value != "":
+            found[key] = str(value)
+    if "trace_id" not in found:
+        trace_id = _current_trace_id()
+        if trace_id is not None:
+            found["trace_id"] = trace_id
+    return found
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record (see the module's docstring)."""
 
@@ -51,17 +74,29 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
             "logger": record.name,
         }
-        for key in CONTEXT_KEYS:
-            value = getattr(record, key, None)
-            if value is not None and value != "":
-                entry[key] = str(value)
-        if "trace_id" not in entry:
-            trace_id = _current_trace_id()
-            if trace_id is not None:
-                entry["trace_id"] = trace_id
+        entry.update(context_of(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, a line about a call ending with its keys in brackets (a value that
+    is not printable is quoted, so a line stays one line)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        found = context_of(record)
+        if not found:
+            return line
+        pairs = " ".join(
+            f"{key}={value if value.isprintable() and ' ' not in value else repr(value)}"
+            for key, value in found.items()
+        )
+        return f"{line} [{pairs}]"
 
 
 def configure_logging(level: str, log_format: str | None) -> None:
@@ -72,5 +107,5 @@ def configure_logging(level: str, log_format: str | None) -> None:
         raise InvalidInput(f"{ENV_LOG_FORMAT}={chosen!r}: not one of {', '.join(LOG_FORMATS)}")
     os.environ[ENV_LOG_FORMAT] = chosen  # the processes serve --processes starts log alike
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if chosen == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])

@@ -34,6 +34,7 @@ from edgewise.runtime.serving.drift_merge import MERGED_WINDOWS
 from edgewise.runtime.serving.pipeline import InferenceCore
 from edgewise.runtime.serving.quality import submit_feedback
 from edgewise.runtime.serving.repository import ModelRepository, VersionStatus
+from edgewise.runtime.serving.request_context import REQUEST_ID_KEY, TRACEPARENT, RequestLabels
 from edgewise.runtime.serving.shedding import retry_trailers
 
 if TYPE_CHECKING:
@@ -90,26 +91,30 @@ async def fan_out(
 
 
 def status_of(
-    exc: Exception, retry_after_ms: int | None = None
+    exc: Exception, retry_after_ms: int | None = None, labels: RequestLabels | None = None
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status, message and trailing metadata that answer ``exc``: a RESOURCE_EXHAUSTED
-    carries the retry hint; an unexpected error is logged and answered INTERNAL."""
+    carries the retry hint; an unexpected error is logged and answered INTERNAL. The
+    ``labels`` of an inference call: its request id and trace id go in the trailers, and in
+    the log line."""
+    trailers: tuple[tuple[str, str], ...] = () if labels is None else labels.echo(failed=True)
     if isinstance(exc, EdgewiseError):
-        trailers: tuple[tuple[str, str], ...] = ()
         if retry_after_ms is not None and exc.code is ErrorCode.RESOURCE_EXHAUSTED:
-            trailers = retry_trailers(retry_after_ms)
+            trailers += retry_trailers(retry_after_ms)
         return grpc_status(exc.code), exc.message, trailers
-    log.exception("unexpected error in a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()
+    extra = None if labels is None else labels.extra()
+    log.exception("unexpected error in a request", exc_info=exc, extra=extra)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", trailers
 
 
 async def _abort(
     context: grpc.aio.ServicerContext[object, object],
     exc: Exception,
     retry_after_ms: int | None = None,
+    labels: RequestLabels | None = None,
 ) -> None:
     """Answer ``exc`` with its status (see :func:`status_of`)."""
-    code, message, trailers = status_of(exc, retry_after_ms)
+    code, message, trailers = status_of(exc, retry_after_ms, labels)
     await context.abort(code, message, trailing_metadata=trailers)
 
 
@@ -157,37 +162,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         """ModelInfer on a request parsed already (the grpcio server calls :meth:`infer_bytes`)."""
         started = time.perf_counter()
+        labels = _labels(context)
         try:
-            core = self.core
-            if core.tracing is None:
-                return await core.infer(request, _deadline(context), started)
-            traceparent = _traceparent(context)
-            return await core.infer(request, _deadline(context), started, traceparent=traceparent)
+            response = await self.core.infer(request, _deadline(context), started, labels=labels)
         except Exception as exc:
-            await _abort(context, exc, self.core.retry_after_ms)
+            await _abort(context, exc, self.core.retry_after_ms, labels)
             raise
+        _echo(context, labels)
+        return response
 
     async def infer_bytes(
         self, body: bytes, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         """ModelInfer on the request's bytes (see InferenceCore.infer_body)."""
         started = time.perf_counter()
+        labels = _labels(context)
         try:
-            core = self.core
-            if core.tracing is None:
-                return await core.infer_body(body, _deadline(context), started)
-            return await core.infer_body(body, _deadline(context), started, _traceparent(context))
+            response = await self.core.infer_body(body, _deadline(context), started, labels)
         except Exception as exc:
-            await _abort(context, exc, self.core.retry_after_ms)
+            await _abort(context, exc, self.core.retry_after_ms, labels)
             raise
+        _echo(context, labels)
+        return response
 
 
-def _traceparent(context: grpc.aio.ServicerContext[object, object]) -> str | None:
-    """The call's W3C trace context (``traceparent`` metadata), read only where tracing is on."""
+def _labels(context: grpc.aio.ServicerContext[object, object]) -> RequestLabels:
+    """The call's labels from its metadata: ``x-request-id`` and the W3C ``traceparent``."""
+    request_id = ""
+    traceparent = None
     for key, value in context.invocation_metadata() or ():
-        if key == "traceparent":
-            return value if isinstance(value, str) else None
-    return None
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            request_id = value
+        elif key == TRACEPARENT and isinstance(value, str):
+            traceparent = value
+    return RequestLabels(request_id, traceparent)
+
+
+def _echo(context: grpc.aio.ServicerContext[object, object], labels: RequestLabels) -> None:
+    """The trailing metadata of an answer: the caller's ``x-request-id`` and the trace id,
+    where there are (none on a plain call: nothing to send)."""
+    if labels.sent_id or labels.trace_id:
+        context.set_trailing_metadata(labels.echo())
 
 
 def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:

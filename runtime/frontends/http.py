@@ -18,6 +18,8 @@ The same rules as the gRPC port:
 * **Tokens**: ``Authorization: Bearer <token>`` checked by the same
   :class:`~edgewise.runtime.frontends.security.AuthInterceptor` (``refusal``: the same token set,
   messages and ``edgewise_auth_failures_total{reason}``); 401 with ``WWW-Authenticate: Bearer``.
+  Under mutual TLS a request without a token is identified by its client certificate (the
+  TLS transport's peer certificate), mapped by the tokens file's ``cert:`` lines.
   The two health endpoints are open while the gRPC health service is (``health_open``): they
   are what HTTP probes call.
 * **TLS**: the same certificate, key and client CA (mutual TLS: a client without a certificate
@@ -31,6 +33,10 @@ The same rules as the gRPC port:
   ``Retry-After`` (whole seconds, rounded up) and ``retry-after-ms``, and counted in
   ``edgewise_shed_requests_total``. Health and metadata are never shed.
 * **Message size**: a body over ``max_message_bytes`` is refused (413) as it arrives.
+* **Request and trace ids**: an inference answer (an error too) carries ``x-request-id`` (the
+  request's ``id``, else the ``x-request-id`` header sent, else one made by the server) and,
+  where the call has a trace (a ``traceparent`` header, or tracing sampled it), ``x-trace-id``
+  (see request_context.py).
 
 A body over ``inline_max_bytes`` is parsed on a worker thread (the loop never parses a large
 JSON document); the core decides where the model runs.
@@ -63,10 +69,11 @@ from edgewise.runtime.frontends.rest_codec import (
     server_metadata_body,
 )
 from edgewise.runtime.frontends.scopes import HTTP_ROUTES
-from edgewise.runtime.frontends.security import AuthInterceptor
+from edgewise.runtime.frontends.security import AuthInterceptor, certificate_identities
 from edgewise.runtime.frontends.status import http_status
 from edgewise.runtime.serving.dataplane import DataPlane
 from edgewise.runtime.serving.pipeline import InferenceCore
+from edgewise.runtime.serving.request_context import REQUEST_ID_KEY, TRACEPARENT, RequestLabels
 from edgewise.runtime.serving.shedding import LoadShedder
 
 __all__ = ["TIMEOUT_HEADER", "HttpFront"]
@@ -79,6 +86,8 @@ TIMEOUT_HEADER: Final = "Request-Timeout-Ms"
 _JSON: Final = "application/json"
 _BINARY: Final = "application/octet-stream"
 _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer realm="edgewise"'}
+#: Where the token check leaves a request's credential (security.Credential; None: no tokens).
+CREDENTIAL_KEY: Final = "edgewise.credential"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -194,9 +203,13 @@ class HttpFront:
 
         async def checked(request: web.Request) -> web.StreamResponse:
             value = request.headers.get("Authorization")
-            refusal = auth.authorize(
-                (("authorization", value),) if value is not None else (), method
+            peer: tuple[str, ...] = ()
+            if value is None and auth.tokens.maps_certificates and request.transport is not None:
+                peer = certificate_identities(request.transport.get_extra_info("peercert"))
+            credential, refusal = auth.admit(
+                (("authorization", value),) if value is not None else (), method, peer
             )
+            request[CREDENTIAL_KEY] = credential
             if refusal is not None:
                 if refusal.code.name == "PERMISSION_DENIED":
                     return _error(403, refusal.message)
@@ -252,27 +265,24 @@ class HttpFront:
 
     async def _answer(self, request: web.Request, started: float, arrived: float) -> web.Response:
         name, version = _model(request)
+        headers = request.headers
+        labels = RequestLabels(headers.get(REQUEST_ID_KEY, ""), headers.get(TRACEPARENT))
+        labels.model, labels.version = name, version
         try:
             call, large = await self._translate(request, name, version, arrived)
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"request body: larger than the {self.max_message_bytes}-byte limit")
+            message = f"request body: larger than the {self.max_message_bytes}-byte limit"
+            return _error(413, message, labels.headers())
         except EdgewiseError as exc:  # the request never reached the core: counted here
             self.core.metrics.observe_request(name, version, exc.code.name, 0.0)
-            return self._failure(exc)
+            return self._failure(exc, labels)
         except ConnectionError:
             raise  # the client went away while sending: nobody to answer
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(exc, labels)
         try:
             deadline = _deadline(request, arrived, call.timeout_us)
-            core = self.core
-            if core.tracing is None:
-                response = await core.infer(call.request, deadline, started)
-            else:  # the W3C trace context, read only where tracing is on
-                traceparent = request.headers.get("traceparent")
-                response = await core.infer(
-                    call.request, deadline, started, traceparent=traceparent
-                )
+            response = await self.core.infer(call.request, deadline, started, labels=labels)
             if large:
                 loop = asyncio.get_running_loop()
                 body, json_length = await loop.run_in_executor(
@@ -281,12 +291,12 @@ class HttpFront:
             else:
                 body, json_length = render_infer(response, call.outputs)
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(exc, labels)
         if json_length is None:
-            return _json(body)
-        return web.Response(
-            body=body, content_type=_BINARY, headers={HEADER_LENGTH: str(json_length)}
-        )
+            return _json(body, headers=labels.headers())
+        answer = labels.headers()
+        answer[HEADER_LENGTH] = str(json_length)
+        return web.Response(body=body, content_type=_BINARY, headers=answer)
 
     async def _translate(
         self, request: web.Request, name: str, version: str, arrived: float
@@ -304,12 +314,16 @@ class HttpFront:
         )
         return call, True
 
-    def _failure(self, exc: Exception) -> web.Response:
+    def _failure(self, exc: Exception, labels: RequestLabels | None = None) -> web.Response:
+        """The answer to ``exc``; an inference call's (``labels``) carries its ids."""
+        headers = None if labels is None else labels.headers()
         if isinstance(exc, EdgewiseError):
-            headers = self._retry_headers if exc.code is ErrorCode.RESOURCE_EXHAUSTED else None
+            if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+                headers = {**(headers or {}), **self._retry_headers}
             return _error(http_status(exc.code), exc.message, headers)
-        log.exception("unexpected error in an HTTP request", exc_info=exc)
-        return _error(500, f"internal error: {type(exc).__name__}")
+        extra = None if labels is None else labels.extra()
+        log.exception("unexpected error in an HTTP request", exc_info=exc, extra=extra)
+        return _error(500, f"internal error: {type(exc).__name__}", headers)
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -19,7 +19,8 @@ Off unless configured, and refused for a model whose inputs' first dimension is 
 batch dimension (-1). The queue is bounded: a full queue answers RESOURCE_EXHAUSTED. A request
 whose deadline has passed is refused before it joins a batch, and again before its batch runs. A
 failed batch fails every request in it with the same error. Batches run on the worker threads
-while the event loop gathers the next one.
+while the event loop gathers the next one, in a context labelled with the model version only (no
+request's id: a batch serves several; see request_context.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from edgewise.runtime.errors import DeadlineExceeded, InvalidInput, ResourceExha
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.dataplane import PROBABILITIES, DataPlane, PreparedRequest
 from edgewise.runtime.serving.model import LoadedModel
+from edgewise.runtime.serving.request_context import model_context
 
 __all__ = ["BatchingConfig", "DynamicBatcher"]
 
@@ -121,6 +123,8 @@ class DynamicBatcher:
         # whose entry (and the unloaded model with its session, monitor and kept predictions)
         # one would keep alive for ever. A batch takes its model from its requests.
         self.name = model.name
+        # The dispatch, its batches and their answers run here: the model's labels, no call's.
+        self._context = model_context(model.name, model.version_str)
         self.config = config
         self.executor = executor
         self._waiting: deque[_Waiting] = deque()
@@ -153,9 +157,11 @@ class DynamicBatcher:
         self._waiting.append(_Waiting(prepared, future, deadline))
         self._rows += prepared.rows
         if self._rows >= self.config.max_batch_size:
-            self._dispatch()
+            self._context.run(self._dispatch)
         elif self._timer is None:
-            self._timer = loop.call_later(self.config.max_queue_delay_us / 1e6, self._dispatch)
+            self._timer = loop.call_later(
+                self.config.max_queue_delay_us / 1e6, self._dispatch, context=self._context
+            )
         return await future
 
     def _alone(self) -> bool:
@@ -200,12 +206,17 @@ class DynamicBatcher:
             batch = self._take()
             if batch:
                 self._running += 1
-                work = loop.run_in_executor(self.executor, self._run, batch)
-                work.add_done_callback(functools.partial(self._settle, batch))
+                on_worker = self._context.copy()  # one per thread that runs a batch
+                work = loop.run_in_executor(self.executor, on_worker.run, self._run, batch)
+                work.add_done_callback(
+                    functools.partial(self._settle, batch), context=self._context
+                )
             if self._rows < self.config.max_batch_size:
                 break
         if self._waiting and self._timer is None:
-            self._timer = loop.call_later(self.config.max_queue_delay_us / 1e6, self._dispatch)
+            self._timer = loop.call_later(
+                self.config.max_queue_delay_us / 1e6, self._dispatch, context=self._context
+            )
 
     def _run(self, batch: list[_Waiting]) -> list[pb.ModelInferResponse]:
         """On a worker thread: one onnxruntime call for the whole batch."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from edgewise.runtime.serving.codecs import decode
 from edgewise.runtime.serving.dataplane import DataPlane, PreparedRequest
 from edgewise.runtime.serving.metrics import ServerMetrics
 from edgewise.runtime.serving.model import LoadedModel
+from edgewise.runtime.serving.request_context import CURRENT, RequestLabels
 
 if TYPE_CHECKING:
     from edgewise.runtime.serving.admission import MemoryAdmission
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
     from edgewise.runtime.serving.tracing import RequestTracing
 
 __all__ = ["SIDE_BY_SIDE_SECONDS", "Deferrer", "InferenceCore", "outcome_code"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -201,16 +206,38 @@ class InferenceCore:
         started: float | None = None,
         *,
         small: bool = False,
-        traceparent: str | None = None,
+        labels: RequestLabels | None = None,
     ) -> pb.ModelInferResponse:
         """Answer ``request`` (on the event loop). ``deadline``: a ``time.monotonic()`` instant
         or None; ``started``: when the call arrived (``time.perf_counter()``), for its latency;
-        ``small``: its encoded size is known to be at most ``inline_max_bytes``;
-        ``traceparent``: the call's W3C trace context, where tracing is on."""
+        ``small``: its encoded size is known to be at most ``inline_max_bytes``; ``labels``:
+        the call's (request_context.py: what its metadata carried; None: none), the current
+        labels while the call is served, filled in here."""
         if started is None:
             started = time.perf_counter()
+        if labels is None:
+            labels = RequestLabels()
+        labels.take(request)
+        token = CURRENT.set(labels)
+        try:
+            response = await self._infer(request, deadline, started, small, labels)
+        except Exception as exc:
+            _refused(exc)
+            raise
+        finally:
+            CURRENT.reset(token)
+        return labels.answered(response)
+
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: float,
+        small: bool,
+        labels: RequestLabels,
+    ) -> pb.ModelInferResponse:
         if self.tracing is not None:
-            return await self.tracing.infer(self, request, deadline, started, traceparent)
+            return await self.tracing.infer(self, request, deadline, started, labels, small)
         reservation = self.admit(request)
         if not self._runs_inline(request, small):
             return await self._on_worker(
@@ -233,18 +260,33 @@ class InferenceCore:
         body: bytes,
         deadline: float | None,
         started: float | None = None,
-        traceparent: str | None = None,
+        labels: RequestLabels | None = None,
     ) -> pb.ModelInferResponse:
         """:meth:`infer` on the request's protobuf bytes: a body over ``inline_max_bytes`` is
         parsed, admitted and run on a worker thread (the event loop never spends long on one
         call); a smaller one is parsed here. An undecodable body is INVALID_ARGUMENT."""
         if started is None:
             started = time.perf_counter()
-        if self.tracing is not None:
-            return await self.tracing.infer_body(self, body, deadline, started, traceparent)
-        if len(body) > self.inline_max_bytes:
-            return await self._on_worker(self._decode_and_run, body, deadline, started)
-        return await self.infer(decode(pb.ModelInferRequest, body), deadline, started, small=True)
+        if labels is None:
+            labels = RequestLabels()
+        token = CURRENT.set(labels)
+        try:
+            if self.tracing is not None:
+                response = await self.tracing.infer_body(self, body, deadline, started, labels)
+            elif len(body) > self.inline_max_bytes:
+                response = await self._on_worker(
+                    self._decode_and_run, body, deadline, started, labels
+                )
+            else:
+                request = decode(pb.ModelInferRequest, body)
+                labels.take(request)
+                response = await self._infer(request, deadline, started, True, labels)
+        except Exception as exc:
+            _refused(exc)
+            raise
+        finally:
+            CURRENT.reset(token)
+        return labels.answered(response)
 
     def infer_on_thread(
         self,
@@ -252,20 +294,49 @@ class InferenceCore:
         deadline: float | None,
         started: float,
         defer: Deferrer | None = None,
+        labels: RequestLabels | None = None,
     ) -> pb.ModelInferResponse | concurrent.futures.Future[pb.ModelInferResponse]:
         """Answer ``request`` on the calling thread (a front end's own thread, not the loop's):
         the response, or for a model with dynamic batching a future that the batch queue (on
         the loop given to :meth:`attach`) completes. ``defer(function, *args)`` takes the
         monitor's statistics off the response's path (the caller runs them once it has sent
-        the answer)."""
-        reservation = self.admit(request)
-        prepared = self._prepare_counted(request, reservation)
-        loop = self.loop
-        if prepared.model.batching is not None and loop is not None:
-            return asyncio.run_coroutine_threadsafe(
-                self._batched(prepared, deadline, started, reservation), loop
-            )
-        return self._execute_counted(prepared, deadline, started, reservation, defer=defer)
+        the answer). ``labels``: as for :meth:`infer`, current on this thread until this
+        returns (and on the batch queue's task)."""
+        if labels is None:
+            labels = RequestLabels()
+        labels.take(request)
+        token = CURRENT.set(labels)
+        try:
+            reservation = self.admit(request)
+            prepared = self._prepare_counted(request, reservation)
+            loop = self.loop
+            if prepared.model.batching is not None and loop is not None:
+                return asyncio.run_coroutine_threadsafe(  # the task copies this context
+                    self._batched_labelled(prepared, deadline, started, reservation, labels), loop
+                )
+            response = self._execute_counted(prepared, deadline, started, reservation, defer=defer)
+        except Exception as exc:
+            _refused(exc)
+            raise
+        finally:
+            CURRENT.reset(token)
+        return labels.answered(response)
+
+    async def _batched_labelled(
+        self,
+        prepared: PreparedRequest,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+        labels: RequestLabels,
+    ) -> pb.ModelInferResponse:
+        """:meth:`_batched`, the response with the id made for a request without one."""
+        try:
+            response = await self._batched(prepared, deadline, started, reservation)
+        except Exception as exc:
+            _refused(exc)
+            raise
+        return labels.answered(response)
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -356,21 +427,25 @@ class InferenceCore:
         with _CallAccounting(self, name, version, started, reservation) as call:
             prepared = self.dataplane.prepare(request)
             call.name, call.version = prepared.model.name, prepared.model.version_str
+            _label(prepared)
             response = self.dataplane.execute(prepared, deadline)
         self._timed(began)
         self._after_answer(prepared, response)
         return response
 
     def _decode_and_run(
-        self, body: bytes, deadline: float | None, started: float
+        self, body: bytes, deadline: float | None, started: float, labels: RequestLabels
     ) -> pb.ModelInferResponse:
         """On a worker thread: parse a large request, admit it, run it and count it."""
         request = decode(pb.ModelInferRequest, body)
+        labels.take(request)
         return self._run_counted(request, deadline, started, self.admit(request))
 
     def _prepare_counted(self, request: pb.ModelInferRequest, reservation: int) -> PreparedRequest:
         try:
-            return self.dataplane.prepare(request)
+            prepared = self.dataplane.prepare(request)
+            _label(prepared)
+            return prepared
         except Exception as exc:
             code = outcome_code(exc)
             self.metrics.observe_request(request.model_name, request.model_version, code, 0.0)
@@ -420,11 +495,25 @@ class InferenceCore:
     async def _on_worker(
         self, function: Callable[..., T], *args: object, reservation: int = 0
     ) -> T:
-        """``function(*args)`` on a worker thread; a call cancelled before it ran gives back
-        ``reservation``."""
-        future = self.executor.submit(function, *args)
+        """``function(*args)`` on a worker thread, in this call's context (its labels); a call
+        cancelled before it ran gives back ``reservation``."""
+        future = self.executor.submit(contextvars.copy_context().run, function, *args)
         try:
             return await asyncio.wrap_future(future)
         finally:
             if future.cancelled():  # never ran: its reservation is still held
                 self.release(reservation)
+
+
+def _label(prepared: PreparedRequest) -> None:
+    """The current call's labels name the model version that answers."""
+    labels = CURRENT.get()
+    if labels is not None:
+        labels.model, labels.version = prepared.model.name, prepared.model.version_str
+
+
+def _refused(exc: Exception) -> None:
+    """A refused call, in a DEBUG line (``--log-level DEBUG``) with the call's labels; an
+    unexpected error is the front end's to log (at ERROR)."""
+    if isinstance(exc, EdgewiseError) and log.isEnabledFor(logging.DEBUG):
+        log.debug("call refused: %s: %s", exc.code.name, exc.message)

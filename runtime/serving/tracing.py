@@ -43,10 +43,11 @@ from edgewise.runtime.serving.codecs import decode
 if TYPE_CHECKING:
     from edgewise.runtime.serving.dataplane import PreparedRequest
     from edgewise.runtime.serving.pipeline import InferenceCore
+    from edgewise.runtime.serving.request_context import RequestLabels
 
 __all__ = ["TRACEPARENT", "RequestTracing", "otlp_provider"]
 
-#: The W3C trace context header / gRPC metadata key a front end reads.
+#: The W3C trace context header / gRPC metadata key a front end reads (request_context's).
 TRACEPARENT = "traceparent"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -87,19 +88,22 @@ class RequestTracing:
         body: bytes,
         deadline: float | None,
         started: float,
-        traceparent: str | None,
+        labels: RequestLabels,
     ) -> pb.ModelInferResponse:
         """A body over ``inline_max_bytes`` is parsed on a worker thread, as untraced."""
         small = len(body) <= core.inline_max_bytes
+        traceparent = labels.traceparent
         if not traceparent and random.random() >= self.sample_ratio:
             request = await _parsed(core, body, small)
+            labels.take(request)
             return await self._unrecorded(
                 core, request, deadline, started, core.runs_inline(request, small)
             )
         with self._root(traceparent) as root:
             with self.tracer.start_as_current_span("parse"):
                 request = await _parsed(core, body, small)
-            return await self._steps(core, root, request, deadline, started, small)
+            labels.take(request)
+            return await self._steps(core, root, request, deadline, started, labels, small)
 
     async def infer(
         self,
@@ -107,15 +111,17 @@ class RequestTracing:
         request: pb.ModelInferRequest,
         deadline: float | None,
         started: float,
-        traceparent: str | None,
+        labels: RequestLabels,
         small: bool = False,
     ) -> pb.ModelInferResponse:
+        """``request`` (its ``labels`` taken already)."""
+        traceparent = labels.traceparent
         if not traceparent and random.random() >= self.sample_ratio:  # not sampled: no span
             return await self._unrecorded(
                 core, request, deadline, started, core.runs_inline(request, small)
             )
         with self._root(traceparent) as root:
-            return await self._steps(core, root, request, deadline, started, small)
+            return await self._steps(core, root, request, deadline, started, labels, small)
 
     def _root(self, traceparent: str | None) -> AbstractContextManager[trace.Span]:
         parent: Context | None = None
@@ -132,15 +138,17 @@ class RequestTracing:
         request: pb.ModelInferRequest,
         deadline: float | None,
         started: float,
+        labels: RequestLabels,
         small: bool = False,
     ) -> pb.ModelInferResponse:
         inline = core.runs_inline(request, small)  # as the untraced path chooses
         if not root.is_recording():  # not sampled: the steps without spans
             return await self._unrecorded(core, request, deadline, started, inline)
+        labels.trace_id = f"{root.get_span_context().trace_id:032x}"  # a new trace's, too
         tracer = self.tracer
         root.set_attribute("edgewise.model", request.model_name)
         root.set_attribute("edgewise.version", request.model_version)
-        root.set_attribute("edgewise.request_id", request.id)
+        root.set_attribute("edgewise.request_id", labels.request_id)
         with tracer.start_as_current_span("admit"):
             reservation = core.admit(request)
         with tracer.start_as_current_span("decode"):
@@ -193,8 +201,9 @@ class RequestTracing:
             return await core.batched(prepared, deadline, started, reservation)
         if inline:  # the monitor: on the loop's next turn
             return _on_loop(core, prepared, deadline, started, reservation, None)
+        context = contextvars.copy_context()  # the call's labels, on the worker
         return await asyncio.get_running_loop().run_in_executor(
-            core.executor, core.execute, prepared, deadline, started, reservation, _now
+            core.executor, context.run, core.execute, prepared, deadline, started, reservation, _now
         )
 
 

@@ -114,7 +114,7 @@ def test_only_the_grpcio_path_keeps_the_model_run_average(core: InferenceCore, r
     code, message, _, _, _ = NativeFront(core, None, None, 50).handle(body, None, 10.0, 1)
     assert (code, message) == (0, "")
     assert core.run_seconds == before
-    context: Any = SimpleNamespace(time_remaining=lambda: None)
+    context: Any = SimpleNamespace(time_remaining=lambda: None, invocation_metadata=lambda: ())
     response = asyncio.run(InferenceServicer(core).infer_bytes(body, context))
     assert response.model_name == "logreg"
     assert core.run_seconds != before

@@ -287,7 +287,7 @@ def test_an_unloaded_batching_model_is_freed(model_repo: Path, tmp_path: Path) -
         server.dataplane, server.metrics, server.executor, calls_in_flight=lambda: in_flight[0]
     )
     servicer = InferenceServicer(core)
-    context = SimpleNamespace(time_remaining=lambda: None)
+    context = SimpleNamespace(time_remaining=lambda: None, invocation_metadata=lambda: ())
 
     def request(seed: int) -> pb.ModelInferRequest:
         x = rows(1, seed)
@@ -389,7 +389,7 @@ def test_a_busy_loop_still_batches_requests_for_a_batching_model(
         calls_in_flight=lambda: 8,
     )
     servicer = InferenceServicer(core)
-    context = SimpleNamespace(time_remaining=lambda: None)
+    context = SimpleNamespace(time_remaining=lambda: None, invocation_metadata=lambda: ())
 
     def request(model: str, seed: int) -> pb.ModelInferRequest:
         x = rows(1, seed)[:, : 30 if model == "logreg" else 10]
