@@ -25,6 +25,9 @@ class Certificates:
     rogue_ca: Path
     rogue_client_cert: Path
     rogue_client_key: Path
+    # A second client of the CA, with a URI subject alternative name (mapping by SAN).
+    batch_client_cert: Path
+    batch_client_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -70,6 +73,7 @@ def _leaf(
     common: str,
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     server: bool,
+    alternative: list[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
@@ -99,6 +103,8 @@ def _leaf(
             ),
             critical=False,
         )
+    elif alternative:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternative), critical=False)
     return builder.sign(ca[1], hashes.SHA256()), key
 
 
@@ -128,6 +134,12 @@ def make_certificates(folder: Path) -> Certificates:
     client = _leaf("edgewise test client", ca, server=False)
     rogue = _ca("someone else's CA")
     rogue_client = _leaf("a client of someone else", rogue, server=False)
+    batch = _leaf(
+        "edgewise-batch-job",
+        ca,
+        server=False,
+        alternative=[x509.UniformResourceIdentifier("spiffe://edge/batch")],
+    )
     return Certificates(
         ca=_write(folder, "ca", ca[0]),
         server_cert=_write(folder, "server", server[0]),
@@ -137,4 +149,6 @@ def make_certificates(folder: Path) -> Certificates:
         rogue_ca=_write(folder, "rogue-ca", rogue[0]),
         rogue_client_cert=_write(folder, "rogue-client", rogue_client[0]),
         rogue_client_key=_write_key(folder, "rogue-client", rogue_client[1]),
+        batch_client_cert=_write(folder, "batch-client", batch[0]),
+        batch_client_key=_write_key(folder, "batch-client", batch[1]),
     )

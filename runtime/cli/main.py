@@ -236,7 +236,8 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
         "--tokens-file",
         type=Path,
         help="bearer tokens, one per line: TOKEN [SCOPES [ID]], scopes infer,read,admin "
-        "(none: all); re-read when changed; also EDGEWISE_TOKENS (all scopes)",
+        "(none: all); under mTLS also client certificates: cert:CN=NAME SCOPES [ID] or "
+        "cert:SAN=VALUE SCOPES [ID]; re-read when changed; also EDGEWISE_TOKENS (all scopes)",
     )
     g.add_argument(
         "--audit-log",

@@ -10,8 +10,10 @@ writes exactly one record (see audit_log.py) once it is answered::
              "peer": "ipv4:10.0.0.5:51234"},
      "request": {"name": "churn", "version": "4", "make_default": true}, "forwarded": false}
 
-``who.credential`` is the token's id (never the secret; null when no accepted token came),
-``who.certificate`` the client certificate's subject under mutual TLS. ``request`` is the
+``who.credential`` is the token's id (never the secret), or, for a call without a token, the
+id of the ``cert:`` line that maps its client certificate (null when neither was accepted);
+``who.certificate`` the client certificate's subject under mutual TLS (for a call the native
+front end relayed, the certificate's first identity, ``CN=...``). ``request`` is the
 request's fields as JSON (lists longer than 16 items as their count; null when the body was
 not read or could not be parsed). ``forwarded``: the call came from a sibling process in
 multi-process mode (the sibling wrote the client's record). The native front end relays these
@@ -30,7 +32,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 
 from edgewise.runtime.frontends.audit_log import AuditLog
-from edgewise.runtime.frontends.security import AuthInterceptor
+from edgewise.runtime.frontends.security import AuthInterceptor, context_identities
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 
 __all__ = ["AUDITED", "AuditInterceptor"]
@@ -152,6 +154,16 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         details = context.details()
         message = details.decode("utf-8", "replace") if isinstance(details, bytes) else details
         who = {**record["who"], "certificate": _certificate(context), "peer": context.peer()}
+        if who["credential"] is None and self.auth is not None:  # no token: the certificate's
+            try:
+                metadata = context.invocation_metadata()
+                identities = context_identities(context, metadata)
+                credential, _ = self.auth.credential(metadata, identities)
+            except Exception:  # the check refused it; the record says no credential
+                credential, identities = None, ()
+            who["credential"] = None if credential is None else credential.id
+            if who["certificate"] is None and identities:  # relayed by the native front end
+                who["certificate"] = identities[0]
         self.audit_log.write(
             {
                 **record,

@@ -16,17 +16,29 @@ that aborts (no exception escapes the interceptor) and counted in
 ``edgewise_auth_failures_total{reason}`` (``missing``, ``malformed``, ``invalid``); a tokens file
 that changed and cannot be used shows as ``edgewise_tokens_file_ok`` 0. The health
 service and server reflection can be left open (health is by default: probes send no tokens).
+
+**Certificates.** Under mutual TLS a call without a token is identified by its client
+certificate: the tokens file's ``cert:CN=name`` and ``cert:SAN=value`` lines map a certificate's
+subject common name, or one of its subject alternative names, to scopes (and limits), re-read
+with the tokens. A token, when one is sent, decides; a certificate that no line maps is
+UNAUTHENTICATED (reason ``unmapped``). The front ends read the identities where the handshake
+left them (:func:`auth_context_identities`: gRPC's auth context, grpcio's and the native front
+end's; :func:`certificate_identities`: Python's ``ssl``, the HTTP front end's). The native front
+end relays calls to grpcio over its private Unix socket with the identities in
+:data:`PEER_HEADER` (a client's own value of it is dropped there); grpcio believes that header
+only from a Unix-socket peer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple, cast
@@ -34,7 +46,13 @@ from typing import Any, Final, NamedTuple, cast
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from edgewise.runtime.config.channels import SCOPES, TokenEntry, parse_token_entries
+from edgewise.runtime.config.channels import (
+    NO_LIMITS,
+    SCOPES,
+    CallLimits,
+    TokenEntry,
+    parse_token_entries,
+)
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.frontends.scopes import scope_of
 from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
@@ -46,11 +64,15 @@ Continuation = Callable[
 
 __all__ = [
     "HEALTH_PREFIX",
+    "PEER_HEADER",
     "REFLECTION_PREFIXES",
     "AuthInterceptor",
     "Credential",
     "Refusal",
     "TokenSet",
+    "auth_context_identities",
+    "certificate_identities",
+    "context_identities",
     "server_credentials",
 ]
 
@@ -62,6 +84,9 @@ REFLECTION_PREFIXES: Final = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 _RELOAD_CHECK_SECONDS: Final = 2.0
+#: The metadata the native front end relays a client certificate's identities in (one value
+#: each, ``CN=...`` / ``SAN=...``) to grpcio on its private Unix socket.
+PEER_HEADER: Final = "edgewise-peer-identity"
 
 
 # ---- tokens --------------------------------------------------------------------------------------
@@ -84,8 +109,11 @@ class TokenSet:
         if file is None and not inline.strip():
             raise InvalidInput("authentication needs a tokens file or EDGEWISE_TOKENS")
         self.file = file
-        self._inline = _credentials(parse_token_entries(inline, "EDGEWISE_TOKENS"))
+        self._inline, self._inline_certificates = _credentials(
+            parse_token_entries(inline, "EDGEWISE_TOKENS")
+        )
         self._from_file: list[tuple[bytes, Credential]] = []
+        self._file_certificates: dict[str, Credential] = {}
         self._stamp: tuple[int, int, int] | None = None
         self.file_ok = True  # the file's last version was read (False: the previous tokens stay)
         self._next_check = 0.0
@@ -114,7 +142,7 @@ class TokenSet:
             return
         if not tokens and not self._inline:
             log.warning("tokens file %s holds no token: every call is refused", self.file)
-        self._from_file = _credentials(tokens)
+        self._from_file, self._file_certificates = _credentials(tokens)
         if not initial:
             log.info("tokens file %s reloaded: %d token(s)", self.file, len(tokens))
         self._stamp = stamp
@@ -139,7 +167,27 @@ class TokenSet:
                 self._read_file()
 
     def __len__(self) -> int:
-        return len(self._inline) + len(self._from_file)
+        return (
+            len(self._inline)
+            + len(self._from_file)
+            + len(self._inline_certificates)
+            + len(self._file_certificates)
+        )
+
+    @property
+    def maps_certificates(self) -> bool:
+        """Whether any line maps a client certificate (``cert:...``)."""
+        return bool(self._inline_certificates or self._file_certificates)
+
+    def identify_peer(self, identities: Sequence[str]) -> Credential | None:
+        """The credential a client certificate maps to: its identities (``CN=...`` first, then
+        each ``SAN=...``) looked up in that order; None when no line maps any of them."""
+        self.maybe_reload()
+        for identity in identities:
+            found = self._file_certificates.get(identity) or self._inline_certificates.get(identity)
+            if found is not None:
+                return found
+        return None
 
     def accepts(self, token: str | bytes) -> bool:
         """Constant-time check against every accepted token."""
@@ -163,15 +211,80 @@ class Credential:
 
     id: str
     scopes: frozenset[str]
+    limits: CallLimits = NO_LIMITS
 
 
-def _credentials(entries: Sequence[TokenEntry]) -> list[tuple[bytes, Credential]]:
-    made = []
+def _credentials(
+    entries: Sequence[TokenEntry],
+) -> tuple[list[tuple[bytes, Credential]], dict[str, Credential]]:
+    """The tokens (as digests) and the certificate identities of ``entries``."""
+    tokens = []
+    certificates: dict[str, Credential] = {}
     for entry in entries:
+        if entry.certificate is not None:
+            name = entry.id if entry.id is not None else entry.certificate
+            certificates.setdefault(entry.certificate, Credential(name, entry.scopes, entry.limits))
+            continue
         digest = _digest(entry.token)
         name = entry.id if entry.id is not None else f"token-{digest.hex()[:8]}"
-        made.append((digest, Credential(name, entry.scopes)))
-    return made
+        tokens.append((digest, Credential(name, entry.scopes, entry.limits)))
+    return tokens, certificates
+
+
+# ---- client certificates -------------------------------------------------------------------------
+
+
+def _printable(values: Iterable[str | bytes]) -> list[str]:
+    texts = []
+    for value in values:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if text and text.isprintable():
+            texts.append(text)
+    return texts
+
+
+def auth_context_identities(auth_context: Mapping[str, Iterable[bytes]]) -> tuple[str, ...]:
+    """A client certificate's identities from gRPC's auth context: ``CN=`` its subject common
+    name, then ``SAN=`` each subject alternative name; () without a client certificate."""
+    common = _printable(auth_context.get("x509_common_name", ()))
+    alternative = _printable(auth_context.get("x509_subject_alternative_name", ()))
+    return tuple([f"CN={name}" for name in common[:1]] + [f"SAN={name}" for name in alternative])
+
+
+def certificate_identities(certificate: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The same identities from a peer certificate as Python's ``ssl`` decodes it
+    (``SSLObject.getpeercert()``); () without one."""
+    if not certificate:
+        return ()
+    common = [
+        value
+        for relative in certificate.get("subject", ())
+        for key, value in relative
+        if key == "commonName"
+    ]
+    alternative = [value for _, value in certificate.get("subjectAltName", ())]
+    return tuple(
+        [f"CN={name}" for name in _printable(common)[:1]]
+        + [f"SAN={name}" for name in _printable(alternative)]
+    )
+
+
+def _relayed(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, ...]:
+    return tuple(_printable(value for key, value in metadata or () if key == PEER_HEADER))
+
+
+def context_identities(
+    context: grpc.aio.ServicerContext[Any, Any], metadata: Iterable[tuple[str, Any]] | None
+) -> tuple[str, ...]:
+    """The client certificate's identities of a grpc.aio call: from its auth context, or, for
+    a call the native front end relayed on the private Unix socket, from :data:`PEER_HEADER`
+    (believed from a Unix-socket peer only)."""
+    try:
+        if context.peer().startswith("unix:"):
+            return _relayed(metadata)
+        return auth_context_identities(context.auth_context())
+    except Exception:  # no transport security: no certificate
+        return ()
 
 
 # ---- the interceptor -----------------------------------------------------------------------------
@@ -182,6 +295,8 @@ DENY_MESSAGES: Final = {
     "missing": "missing credentials: send the metadata 'authorization: Bearer <token>'",
     "malformed": "malformed credentials: expected 'authorization: Bearer <token>'",
     "invalid": "invalid credentials: the bearer token is not accepted",
+    "unmapped": "unknown client certificate: no cert: line of the tokens file maps its subject "
+    "CN or a subject alternative name, and no bearer token came",
 }
 
 
@@ -218,13 +333,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         registry = registry if registry is not None else CollectorRegistry()
         self.failures = Counter(
             "edgewise_auth_failures",
-            "Calls refused UNAUTHENTICATED, by reason (missing, malformed, invalid).",
+            "Calls refused UNAUTHENTICATED, by reason (missing, malformed, invalid, unmapped: "
+            "a client certificate no cert: line maps).",
             ["reason"],
             registry=registry,
         )
-        self._counters = {
-            reason: self.failures.labels(reason) for reason in ("missing", "malformed", "invalid")
-        }
+        self._counters = {reason: self.failures.labels(reason) for reason in DENY_MESSAGES}
         self.refusals = Counter(
             "edgewise_auth_refusals",
             "Calls refused, by the scope their method needs and the status (UNAUTHENTICATED: "
@@ -248,16 +362,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._deny: dict[Refusal, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def credential(
-        self, metadata: Iterable[tuple[str, Any]] | None
+        self, metadata: Iterable[tuple[str, Any]] | None, peer: Sequence[str] = ()
     ) -> tuple[Credential | None, str | None]:
-        """The metadata's credential, or None and the refusal's reason."""
+        """The metadata's credential (its bearer token; without one, the client certificate
+        whose identities are ``peer``), or None and the refusal's reason."""
         value = None
         for key, item in metadata or ():
             if key == "authorization":
                 value = item
                 break
         if value is None:
-            return None, "missing"
+            if not peer or not self.tokens.maps_certificates:
+                return None, "missing"  # no certificate, or none is mapped: a token is missing
+            found = self.tokens.identify_peer(peer)
+            return found, None if found is not None else "unmapped"
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         scheme, _, token = str(value).strip().partition(" ")
@@ -271,12 +389,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """None when the metadata carries an accepted token, else the refusal's reason."""
         return self.credential(metadata)[1]
 
-    def authorize(self, metadata: Iterable[tuple[str, Any]] | None, method: str) -> Refusal | None:
-        """None when the metadata's credential holds the scope ``method`` needs; else the
-        refusal, counted (for front ends that check tokens themselves, and the interceptor)."""
+    def authorize(
+        self, metadata: Iterable[tuple[str, Any]] | None, method: str, peer: Sequence[str] = ()
+    ) -> Refusal | None:
+        """None when the call's credential (see :meth:`credential`) holds the scope ``method``
+        needs; else the refusal, counted (for front ends that check tokens themselves, and the
+        interceptor)."""
+        return self.admit(metadata, method, peer)[1]
+
+    def admit(
+        self, metadata: Iterable[tuple[str, Any]] | None, method: str, peer: Sequence[str] = ()
+    ) -> tuple[Credential | None, Refusal | None]:
+        """:meth:`authorize`, with the credential let through (None when refused)."""
         scope = scope_of(method)
         try:
-            credential, reason = self.credential(metadata)
+            credential, reason = self.credential(metadata, peer)
         except Exception:  # a bug here must refuse, never crash or let the call through
             log.exception("authentication check failed")
             credential, reason = None, "invalid"
@@ -284,11 +411,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             reason = reason or "invalid"
             self._counters[reason].inc()
             self._refusal_counters[(scope, "UNAUTHENTICATED")].inc()
-            return Refusal(grpc.StatusCode.UNAUTHENTICATED, DENY_MESSAGES[reason])
+            return None, Refusal(grpc.StatusCode.UNAUTHENTICATED, DENY_MESSAGES[reason])
         if scope in credential.scopes:
-            return None
+            return credential, None
         self._refusal_counters[(scope, "PERMISSION_DENIED")].inc()
-        return Refusal(
+        return None, Refusal(
             grpc.StatusCode.PERMISSION_DENIED,
             f"permission denied: {method.rsplit('/', 1)[-1]} needs the '{scope}' scope; "
             f"credential '{credential.id}' holds {', '.join(sorted(credential.scopes))}",
@@ -310,10 +437,61 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(self.open_prefixes):
             return await continuation(handler_call_details)
-        refusal = self.authorize(handler_call_details.invocation_metadata, method)
+        metadata = handler_call_details.invocation_metadata
+        if self._by_certificate(metadata):
+            # The certificate is on the call's context, which only the handler sees.
+            handler = await continuation(handler_call_details)
+            return None if handler is None else self._checked_in_handler(handler, method)
+        refusal = self.authorize(metadata, method)
         if refusal is None:
             return await continuation(handler_call_details)
         return self._deny_handler(refusal)
+
+    def _by_certificate(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        """Whether a call may be identified by a client certificate: it sends no token and the
+        tokens map certificates (or it carries relayed identities, to be judged by its peer)."""
+        relayed = False
+        for key, _ in metadata or ():
+            if key == "authorization":
+                return False
+            relayed = relayed or key == PEER_HEADER
+        return relayed or self.tokens.maps_certificates
+
+    def _checked_in_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` behind the check of the call's client certificate: refused calls abort
+        before the method runs."""
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        kind = next(name for name in kinds if getattr(handler, name) is not None)
+        behavior = getattr(handler, kind)
+        streaming_response = kind.endswith("_stream")
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = context.invocation_metadata()
+            refusal = self.authorize(metadata, method, context_identities(context, metadata))
+            if refusal is not None:
+                await context.abort(refusal.code, refusal.message)
+            result = behavior(request, context)
+            if not streaming_response:
+                return await result
+            if inspect.isasyncgen(result):  # a generator handler: written through the context
+                async for item in result:
+                    await context.write(item)
+                return None
+            return await result
+
+        make = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }[kind]
+        return make(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 # ---- TLS -----------------------------------------------------------------------------------------

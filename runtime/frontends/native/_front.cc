@@ -146,12 +146,41 @@ PyObject* ToBytes(const std::vector<grpc::Slice>& slices) {
   return out;
 }
 
+// The metadata that carries a client certificate's identities to grpcio on the private socket
+// (security.py PEER_HEADER): set here only, never copied from a client.
+constexpr const char* kPeerHeader = "edgewise-peer-identity";
+
 bool Forwardable(const std::string& key) {
   // What gRPC itself sets on each hop is not copied: pseudo-headers, the transport's own
   // headers and grpc-* (the deadline travels as the relayed call's deadline).
   if (key.empty() || key[0] == ':') return false;
   if (key.rfind("grpc-", 0) == 0) return false;
+  if (key == kPeerHeader) return false;
   return key != "content-type" && key != "te" && key != "user-agent";
+}
+
+// A client certificate's identities, as security.py's auth_context_identities reads them:
+// "CN=" its subject common name, then "SAN=" each subject alternative name (printable ASCII
+// only: what metadata can carry). Empty without a client certificate.
+std::vector<std::string> PeerIdentities(const grpc::ServerContextBase& context) {
+  std::vector<std::string> identities;
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (!auth) return identities;
+  auto printable = [](const grpc::string_ref& value) {
+    if (value.size() == 0) return false;
+    for (char c : value) {
+      if (c < 0x20 || c > 0x7e) return false;
+    }
+    return true;
+  };
+  for (const auto& value : auth->FindPropertyValues("x509_common_name")) {
+    if (printable(value)) identities.push_back("CN=" + std::string(value.data(), value.size()));
+    break;
+  }
+  for (const auto& value : auth->FindPropertyValues("x509_subject_alternative_name")) {
+    if (printable(value)) identities.push_back("SAN=" + std::string(value.data(), value.size()));
+  }
+  return identities;
 }
 
 struct Front;
@@ -349,7 +378,7 @@ class Accept final : public Event {
 };
 
 struct Front {
-  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token)
+  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token, peer)
   PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
   std::string fast_method;
   std::unique_ptr<grpc::GenericStub> upstream;
@@ -576,6 +605,9 @@ void InferCall::Answer() {
     if (remaining < 0) remaining = 0;
   }
   long in_flight = front_->in_flight.load(std::memory_order_relaxed);
+  // Without a token, the client certificate may identify the caller (read only then).
+  std::vector<std::string> peer;
+  if (!has_authorization) peer = PeerIdentities(call_->context);
 
   Parsed answer;
   {
@@ -587,11 +619,20 @@ void InferCall::Answer() {
     PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
     PyObject* arg_in_flight = PyLong_FromLong(in_flight);
     PyObject* arg_token = PyLong_FromVoidPtr(this);
+    PyObject* arg_peer = PyTuple_New(static_cast<Py_ssize_t>(peer.size()));
+    for (size_t i = 0; arg_peer && i < peer.size(); ++i) {
+      PyObject* item = PyUnicode_DecodeLatin1(peer[i].data(), static_cast<Py_ssize_t>(peer[i].size()), nullptr);
+      if (!item) {
+        Py_CLEAR(arg_peer);
+        break;
+      }
+      PyTuple_SET_ITEM(arg_peer, static_cast<Py_ssize_t>(i), item);
+    }
     PyObject* result = nullptr;
-    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token) {
-      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token};
+    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token && arg_peer) {
+      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token, arg_peer};
       auto started = std::chrono::steady_clock::now();
-      result = PyObject_Vectorcall(front_->handler, args, 5, nullptr);
+      result = PyObject_Vectorcall(front_->handler, args, 6, nullptr);
       front_->Timed(static_cast<long>(std::chrono::duration_cast<std::chrono::microseconds>(
                                           std::chrono::steady_clock::now() - started)
                                           .count()));
@@ -601,6 +642,7 @@ void InferCall::Answer() {
     Py_XDECREF(arg_remaining);
     Py_XDECREF(arg_in_flight);
     Py_XDECREF(arg_token);
+    Py_XDECREF(arg_peer);
     if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
     answer = ParseAnswer(result);
     Py_XDECREF(result);
@@ -691,6 +733,7 @@ void Call::StartRelay() {
     std::string name(key.data(), key.size());
     if (Forwardable(name)) upstream_context_->AddMetadata(name, std::string(value.data(), value.size()));
   }
+  for (const auto& identity : PeerIdentities(context)) upstream_context_->AddMetadata(kPeerHeader, identity);
   upstream_done_ = false;
   write_hold_ = read_hold_ = true;
   front_->upstream->PrepareBidiStreamingCall(upstream_context_.get(), context.method(),

@@ -196,15 +196,18 @@ class NativeFront:
         remaining: float | None,
         in_flight: int,
         token: int = 0,
+        peer: tuple[str, ...] = (),
     ) -> Answer:
         """Answer one ModelInfer call (see :data:`Answer`), or leave it :data:`PENDING` on a
-        batch queue (answered through ``complete(token, ...)``). Runs on one of the front end's
-        threads; never raises."""
+        batch queue (answered through ``complete(token, ...)``). ``peer``: the client
+        certificate's identities (``CN=...``, ``SAN=...``), read by C++ for a call without a
+        token. Runs on one of the front end's threads; never raises."""
         started = time.perf_counter()
         if self.auth is not None:
             refused = self.auth.authorize(
                 (("authorization", authorization),) if authorization is not None else (),
                 MODEL_INFER,
+                peer,
             )
             if refused is not None:
                 return int(refused.code.value[0]), refused.message, None, (), False

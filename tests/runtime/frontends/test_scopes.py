@@ -50,7 +50,10 @@ def test_a_tokens_file_line_holds_a_token_its_scopes_and_an_id() -> None:
     [
         (f"{ADMIN} admn ops", "line 1: unknown scope 'admn' (known: infer, read, admin)"),
         (f"{ADMIN} read,writes", "unknown scope 'writes'"),
-        (f"{ADMIN} read ops extra", "line 1: expected 'TOKEN SCOPES [ID]', found 4 fields"),
+        (
+            f"{ADMIN} read ops extra",
+            "line 1: expected 'TOKEN SCOPES [ID] [LIMITS]', found 2 words after the scopes",
+        ),
         ("short read ops", "a token must be at least 16 characters"),
     ],
 )
