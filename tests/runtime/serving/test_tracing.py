@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from edgewise.runtime.app.server import InferenceServer
+from edgewise.runtime.cli.logformat import JsonFormatter
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -235,10 +238,61 @@ def test_a_refused_request_ends_its_span_with_an_error(traced: Traced) -> None:
     assert not named["edgewise.infer"].status.is_ok
 
 
+class Lines(logging.Handler):
+    """The JSON lines (runtime/cli/logformat.py) of the records it handles."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+def test_a_new_trace_comes_back_and_labels_the_calls_log_lines(traced: Traced) -> None:
+    """A call without a traceparent that tracing samples: its answer carries the new trace's
+    id (gRPC trailers, HTTP header), and so does a line logged while it was served."""
+    traced.use(1.0)
+    repo = traced.server.settings.repo
+    response, call = traced.stub.ModelInfer.with_call(grpc_request(repo, "logreg", "t-1"))
+    trailers = dict(call.trailing_metadata() or ())
+    root = by_name(traced.spans(GRPC_STEPS))["edgewise.infer"]
+    assert root.context is not None and root.parent is None
+    assert trailers["x-trace-id"] == f"{root.context.trace_id:032x}" != TRACE_ID
+    assert response.id == "t-1" and "x-request-id" not in trailers  # in the response already
+    traced.exporter.clear()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{traced.server.http_port}/v2/models/logreg/infer",
+        data=json.dumps({"id": "t-2", "inputs": []}).encode(),  # refused: no inputs
+        headers={"Content-Type": "application/json"},
+    )
+    handler = Lines()
+    logger = logging.getLogger("edgewise.runtime.serving.pipeline")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert refused.value.code == 400
+    root = by_name(traced.spans({"edgewise.infer"}))["edgewise.infer"]
+    assert root.context is not None
+    trace_id = f"{root.context.trace_id:032x}"
+    assert refused.value.headers["x-trace-id"] == trace_id
+    assert refused.value.headers["x-request-id"] == "t-2"
+    (line,) = [entry for entry in handler.lines if entry.get("request_id") == "t-2"]
+    assert line["trace_id"] == trace_id and line["model"] == "logreg"
+
+
 OFF = """
 import asyncio, sys
 from pathlib import Path
 from edgewise.runtime.app.server import InferenceServer
+from edgewise.runtime.cli.logformat import JsonFormatter
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.frontends import grpcio, http
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
