@@ -7,7 +7,9 @@ checked against the store's record) and laid out as a repository, ``CACHE/<store
 VERSION``: content-addressed, so a cached version is never reused for other bytes. The manifest's
 model sha256 must be the store's; the job's load (:func:`~edgewise.runtime.serving.model.
 load_model`) then checks every file against the manifest and, with trusted keys, the signature
-first, as the agent's validation does.
+first, as the agent's validation does: it must sign this model as the store's version number,
+and, as the cache holds no ``config.json``, with no config sections (see
+:mod:`edgewise.runtime.package.signing`).
 """
 
 from __future__ import annotations
