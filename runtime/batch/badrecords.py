@@ -1,13 +1,18 @@
-"""Bad records (``--bad-records PATH``, like Spark's ``badRecordsPath``): CSV rows that fail to
-decode go to ``PATH`` with a reason instead of failing the job.
+"""Bad records (``--bad-records PATH``, like Spark's ``badRecordsPath``): CSV rows and Parquet row
+groups that fail to decode go to ``PATH`` with a reason instead of failing the job.
 
-Two kinds, each written atomically under a name fixed by where the rows are, so a resumed job
-rewrites the same files with the same lines (never twice):
+Two kinds of file, each written atomically under a name fixed by where the rows are, so a resumed
+job rewrites the same files with the same lines (never twice):
 
 - ``PATH/rows-FFFFF-CCCCCC.jsonl``: rows of chunk ``CCCCCC`` of input ``FFFFF`` with a value
   that is not a number in a numeric feature column (``row`` is the 1-based data row of the file,
   header excluded; ``column`` names the column), written before the chunk's part file, so a chunk
-  that is done has its bad rows recorded;
+  that is done has its bad rows recorded; also a Parquet row group that fails to decode (a
+  corrupt page): one line per row group and chunk, with ``row_group``, ``rows`` (first and last,
+  1-based) and ``count`` (rows set aside), ``record`` null;
+- ``PATH/features-FFFFF-CCCCCC.jsonl``: rows with no value for a looked-up feature when the
+  model's ``features.on_missing`` is ``not_found`` (:mod:`.features`), written before the
+  chunk's part file;
 - ``PATH/malformed-FFFFF.jsonl``: rows of input ``FFFFF`` with the wrong number of fields
   (``line`` is the file's 1-based line number), written when the file has been read to its end.
 
@@ -24,7 +29,14 @@ from typing import Any, Final
 
 from edgewise.runtime._fs import write_text_atomic
 
-__all__ = ["BAD_GLOB", "count_bad_records", "malformed_name", "rows_name", "write_bad_records"]
+__all__ = [
+    "BAD_GLOB",
+    "count_bad_records",
+    "features_name",
+    "malformed_name",
+    "rows_name",
+    "write_bad_records",
+]
 
 BAD_GLOB: Final = "*.jsonl"
 
@@ -42,16 +54,30 @@ def rows_name(file: int, chunk: int) -> str:
     return f"rows-{file:05d}-{chunk:06d}.jsonl"
 
 
+def features_name(file: int, chunk: int) -> str:
+    """Rows of a chunk with no value for a looked-up feature (``on_missing`` ``not_found``)."""
+    return f"features-{file:05d}-{chunk:06d}.jsonl"
+
+
 def malformed_name(file: int) -> str:
     return f"malformed-{file:05d}.jsonl"
 
 
 def count_bad_records(folder: Path) -> int:
-    """Bad records in ``folder`` (every run of the job)."""
+    """Rows set aside in ``folder`` (every run of the job): a line each, or its ``count`` (a
+    Parquet row group's)."""
     if not folder.is_dir():
         return 0
-    return sum(
-        path.read_bytes().count(b"\n")
-        for path in folder.glob(BAD_GLOB)
-        if path.name.startswith(("rows-", "malformed-"))
-    )
+    total = 0
+    for path in folder.glob(BAD_GLOB):
+        if not path.name.startswith(("rows-", "malformed-", "features-")):
+            continue
+        for line in path.read_bytes().splitlines():
+            if b'"count"' not in line:
+                total += 1
+                continue
+            try:
+                total += int(json.loads(line).get("count", 1))
+            except (ValueError, TypeError, AttributeError):
+                total += 1
+    return total

@@ -12,18 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
 
 from edgewise.runtime.batch.badrecords import count_bad_records
+from edgewise.runtime.batch.compact import check_partition_column
+from edgewise.runtime.batch.features import FeatureJoin, plan_join
 from edgewise.runtime.batch.objectfolder import ObjectJobFolder
 from edgewise.runtime.batch.options import (
     DEFAULT_CHUNK_ROWS,
     BatchOptions,
     BatchSummary,
+    PartLayout,
 )
 from edgewise.runtime.batch.plan import EngineResult, JobPlan
 from edgewise.runtime.batch.progress import Progress
@@ -209,6 +212,8 @@ class _Settings:
     sha256: str | None = None  # the recorded model's, when resuming
     bad_records: str | None = None  # the --bad-records folder
     carry_columns: bool = False
+    layout: PartLayout = field(default_factory=PartLayout)
+    event_timestamp: str | None = None  # feature joins: the inputs' timestamp column
 
 
 def _settings(
@@ -238,6 +243,8 @@ def _settings(
             None,
             bad,
             options.carry_columns,
+            options.layout,
+            options.event_timestamp,
         )
     if not options.resume:
         raise InvalidInput(
@@ -258,6 +265,8 @@ def _settings(
             str(model["sha256"]),
             None if job.get("bad_records") is None else str(job["bad_records"]),
             bool(job.get("carry_columns", False)),
+            _recorded_layout(job.get("layout")),
+            _recorded_timestamp(job.get("features")),
         )
         recorded_name = str(model["name"])
         inputs = [InputFile.from_json(f) for f in job["inputs"]]
@@ -297,8 +306,69 @@ def _settings(
         )
     if options.carry_columns and not recorded.carry_columns:
         raise InvalidInput("cannot resume: the job does not carry the input columns")
+    if options.layout.grouped and options.layout != recorded.layout:
+        raise InvalidInput(
+            f"cannot resume: the job lays its parts out as {_layout_text(recorded.layout)}, not "
+            f"{_layout_text(options.layout)}"
+        )
+    if options.event_timestamp is not None and options.event_timestamp != recorded.event_timestamp:
+        raise InvalidInput(
+            f"cannot resume: the job joins features as of column {recorded.event_timestamp!r}, "
+            f"not {options.event_timestamp!r}"
+        )
     _check_same_inputs(inputs, files)
     return recorded
+
+
+def _recorded_layout(data: Any) -> PartLayout:
+    if data is None:
+        return PartLayout()
+    if not isinstance(data, dict):
+        raise ValueError("layout is not an object")
+    rows, size, column = data.get("part_rows"), data.get("part_bytes"), data.get("partition_by")
+    return PartLayout(
+        None if rows is None else int(rows),
+        None if size is None else int(size),
+        None if column is None else str(column),
+    )
+
+
+def _recorded_timestamp(data: Any) -> str | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError("features is not an object")
+    return str(data["event_timestamp"])
+
+
+def _layout_text(layout: PartLayout) -> str:
+    shown = [
+        f"{flag} {value}"
+        for flag, value in (
+            ("--part-rows", layout.part_rows),
+            ("--part-bytes", layout.part_bytes),
+            ("--partition-by", layout.partition_by),
+        )
+        if value is not None
+    ]
+    return " ".join(shown) if shown else "one part per chunk"
+
+
+def _check_layout(options: BatchOptions) -> None:
+    layout = options.layout
+    if not layout.grouped:
+        return
+    if options.engine == "ray":
+        raise InvalidInput(
+            "--part-rows, --part-bytes and --partition-by work with the local engine only "
+            "(not --engine ray)"
+        )
+    if layout.part_rows is not None and layout.part_rows < 1:
+        raise InvalidInput("--part-rows must be at least 1")
+    if layout.part_bytes is not None and layout.part_bytes < 1:
+        raise InvalidInput("--part-bytes must be at least 1")
+    if layout.partition_by is not None and not layout.partition_by:
+        raise InvalidInput("--partition-by: the column name is empty")
 
 
 @dataclass(frozen=True)
@@ -311,6 +381,7 @@ class _Prepared:
     manifest: Any  # edgewise.runtime.package.manifest.Manifest
     columns: ColumnSpec
     schema: Any  # pyarrow.Schema of every part file
+    join: FeatureJoin | None = None  # the model's feature lookups, joined from the offline store
 
 
 @dataclass
@@ -336,6 +407,7 @@ def run_batch(options: BatchOptions) -> BatchSummary:
         raise InvalidInput("--bad-records works with the local engine only (not --engine ray)")
     if options.chunk_rows is not None and options.chunk_rows < 1:
         raise InvalidInput("--chunk-rows must be at least 1")
+    _check_layout(options)
 
     files = discover_inputs(options.input)
     _check_output_location(options.output, options.input, files)
@@ -377,6 +449,11 @@ def _prepare(
     """Every check of a job that reads only: settings, version, package, every input's columns."""
     name, model_dir = source.name, source.model_dir
     settings = _settings(options, folder, source, files)
+    if settings.layout.grouped and options.engine == "ray":
+        raise InvalidInput(
+            f"the job lays its parts out as {_layout_text(settings.layout)}, which the local "
+            "engine only does: resume it without --engine ray"
+        )
     version = settings.pinned if settings.pinned is not None else default_version(model_dir)
     version_dir = model_dir / str(version)
     if not version_dir.is_dir():
@@ -391,12 +468,21 @@ def _prepare(
     if settings.carry_columns:
         ids = _carried(files[0], manifest, ids)
     columns = ColumnSpec(manifest.features, ids)
+    join = plan_join(model_dir, version_dir, manifest, settings.event_timestamp)
+    if join is not None and options.engine == "ray":
+        raise InvalidInput(
+            f"model {name!r} looks its features up: feature joins work with the local engine "
+            "only (not --engine ray)"
+        )
+    read = columns if join is None else join.read_columns(columns)
     schemas = check_inputs(
-        files, columns, settings.bad_records is not None
+        files, read, settings.bad_records is not None
     )  # every file's columns, before anything is scored
     identity = {"model": name, "version": version, "sha256": manifest.model_sha256}
     schema = output_schema(manifest, _id_fields(schemas, columns, files), identity)
-    return _Prepared(settings, version, version_dir, manifest, columns, schema)
+    if settings.layout.partition_by is not None:
+        check_partition_column(schema, settings.layout.partition_by)
+    return _Prepared(settings, version, version_dir, manifest, columns, schema, join)
 
 
 def _already_complete(folder: JobFolder | ObjectJobFolder, prepared: _Prepared) -> bool:
@@ -462,6 +548,8 @@ def _run_locked(
                 "drift_report": settings.drift_report,
                 "bad_records": settings.bad_records,
                 "carry_columns": settings.carry_columns,
+                "layout": settings.layout.to_json(),
+                "features": None if prepared.join is None else prepared.join.to_json(),
                 "output_schema": prepared.schema.to_string(show_schema_metadata=False),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -479,6 +567,11 @@ def _run_locked(
         version_dir=prepared.version_dir,
         session=loaded.session,
         bad_records=None if settings.bad_records is None else Path(settings.bad_records),
+        layout=settings.layout,
+        read_columns=None
+        if prepared.join is None
+        else prepared.join.read_columns(prepared.columns),
+        join=prepared.join,
     )
     progress = Progress([f.rows for f in files], [f.size for f in files], options.progress)
     progress.already_done(sum(r.rows for r in done.values()))
@@ -543,7 +636,11 @@ def _finish(
         raise InvalidInput(f"the job did not finish: missing {'; '.join(missing[:3])}")
     rows = sum(r.rows for r in records.values())
     expected = [f.rows for f in plan.files]
-    if all(r is not None for r in expected) and rows != sum(r or 0 for r in expected):
+    if (
+        plan.bad_records is None  # rows set aside are not in the output
+        and all(r is not None for r in expected)
+        and rows != sum(r or 0 for r in expected)
+    ):
         raise InvalidInput(  # pragma: no cover - guards the exactly-once invariant
             f"the output holds {rows} rows but the inputs {sum(r or 0 for r in expected)}"
         )
@@ -565,7 +662,7 @@ def _finish(
         inputs=len(plan.files),
         rows=rows,
         rows_this_run=result.rows_scored,
-        parts=len(records),
+        parts=len(folder.parts()),
         seconds=round(seconds, 4),
         scoring_seconds=round(result.seconds, 4),
         rows_per_second=round(result.rows_scored / seconds, 1) if seconds > 0 else 0.0,

@@ -24,6 +24,7 @@ import json
 import re
 from typing import Any, Final
 
+from edgewise.runtime.batch.compact import GroupRecord, record_line
 from edgewise.runtime.batch.storage import join, open_uri
 from edgewise.runtime.batch.writer import (
     JOB_FILE,
@@ -40,6 +41,7 @@ __all__ = ["RECORDS", "ObjectJobFolder", "write_object_part"]
 RECORDS: Final = "_chunks"
 _PART_RE: Final = re.compile(r"^part-(\d{5,})-(\d{6,})\.parquet$")
 _RECORD_RE: Final = re.compile(r"^(\d{5,})-(\d{6,})\.json$")
+_GROUP_RE: Final = re.compile(r"^g-(\d{5,})-(\d{6,})\.json$")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -91,11 +93,11 @@ class ObjectJobFolder:
 
         return bool(self._info(name).type == fs.FileType.File)
 
-    def _list(self, prefix: str = "") -> list[Any]:
+    def _list(self, prefix: str = "", recursive: bool = False) -> list[Any]:
         from pyarrow import fs
 
         base = self._key(prefix) if prefix else self.key
-        selector = fs.FileSelector(base, recursive=False, allow_not_found=True)
+        selector = fs.FileSelector(base, recursive=recursive, allow_not_found=True)
         try:
             return [i for i in self.fs.get_file_info(selector) if i.type == fs.FileType.File]
         except OSError as exc:
@@ -171,28 +173,44 @@ class ObjectJobFolder:
     def recover(self) -> dict[tuple[int, int], ChunkRecord]:
         """The finished chunks; deletes parts without a record and records without their part
         (see the module docstring)."""
-        sizes: dict[tuple[int, int], int] = {}
-        for info in self._list():
-            match = _PART_RE.match(info.base_name)
-            if match:
-                sizes[(int(match.group(1)), int(match.group(2)))] = int(info.size)
+        sizes: dict[str, int] = {}  # every part object, by its name below the prefix
+        base = self.key.rstrip("/") + "/"
+        for info in self._list(recursive=True):
+            relative = info.path[len(base) :]
+            if relative.startswith(("_", ".")) or "/_" in relative or "/." in relative:
+                continue
+            if _PART_RE.match(info.base_name):
+                sizes[relative] = int(info.size)
         records: dict[tuple[int, int], ChunkRecord] = {}
+        referenced: set[str] = set()
         for info in self._list(RECORDS):
+            name = f"{RECORDS}/{info.base_name}"
+            if _GROUP_RE.match(info.base_name) is not None:
+                try:
+                    group = GroupRecord.from_json(self.read_json(name))
+                except (InvalidInput, KeyError, TypeError, ValueError, AttributeError):
+                    group = None
+                if group is None or any(sizes.get(p) != n for p, n in group.parts.items()):
+                    self._delete(name)
+                    continue
+                for file, chunk, rows, last in group.chunks:
+                    records[(file, chunk)] = ChunkRecord(file, chunk, rows, 0, last, group.name)
+                referenced.update(group.parts)
+                continue
             if _RECORD_RE.match(info.base_name) is None:
                 continue
-            name = f"{RECORDS}/{info.base_name}"
             try:
                 record = ChunkRecord.from_json(self.read_json(name))
             except (InvalidInput, KeyError, TypeError, ValueError):
                 record = None
-            key = None if record is None else (record.file, record.chunk)
-            if record is None or key is None or sizes.get(key) != record.size:
+            if record is None or sizes.get(record.part) != record.size:
                 self._delete(name)
                 continue
-            records[key] = record
-        for key in sizes:
-            if key not in records:
-                self._delete(ChunkRecord(key[0], key[1], 0, 0, False).part)
+            records[(record.file, record.chunk)] = record
+            referenced.add(record.part)
+        for relative in sizes:
+            if relative not in referenced:
+                self._delete(relative)
         for name in (SUMMARY_FILE, SUCCESS_FILE):
             if self.exists(name):
                 self._delete(name)
@@ -211,7 +229,16 @@ class ObjectJobFolder:
         name = f"{RECORDS}/{record.file:05d}-{record.chunk:06d}.json"
         self.write_text(name, json.dumps(record.to_json()) + "\n")
 
+    def commit_group(self, group: GroupRecord) -> None:
+        """Commit a closed group whose parts are uploaded: upload its record."""
+        self.write_text(f"{RECORDS}/g-{group.name}.json", record_line(group))
+
     def parts(self) -> list[str]:
-        return sorted(
-            self.location(i.base_name) for i in self._list() if _PART_RE.match(i.base_name)
-        )
+        """Every part object (partition prefixes included)."""
+        base = self.key.rstrip("/") + "/"
+        found = []
+        for info in self._list(recursive=True):
+            relative = info.path[len(base) :]
+            if _PART_RE.match(info.base_name) and not relative.startswith(("_", ".")):
+                found.append(self.location(relative))
+        return sorted(found)

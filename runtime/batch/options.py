@@ -14,8 +14,10 @@ __all__ = [
     "BatchOptions",
     "BatchSummary",
     "Engine",
+    "PartLayout",
     "ProgressMode",
     "parse_model_ref",
+    "parse_size",
 ]
 
 #: Rows per chunk (and part file) unless ``--chunk-rows`` says otherwise.
@@ -23,6 +25,46 @@ DEFAULT_CHUNK_ROWS: Final = 65536
 
 ProgressMode = Literal["auto", "bar", "log", "off"]
 Engine = Literal["local", "ray"]
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """How scored rows are laid out in part files (:mod:`.compact`): a target size and an
+    optional partition column. All None: one part file per chunk."""
+
+    part_rows: int | None = None
+    part_bytes: int | None = None
+    partition_by: str | None = None
+
+    @property
+    def grouped(self) -> bool:
+        return not (self.part_rows is None and self.part_bytes is None and not self.partition_by)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SIZE_UNITS: Final = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+    "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``128MB``, ``256MiB``, ``1g``, ``5000000`` -> bytes; InvalidInput naming the value."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = None if match is None else _SIZE_UNITS.get(match.group(2).lower())
+    if match is None or unit is None:
+        raise InvalidInput(
+            f"size {text!r}: expected a number of bytes with an optional unit (KB, MB, GB, KiB, "
+            "MiB, GiB)"
+        )
+    value = int(float(match.group(1)) * unit)
+    if value < 1:
+        raise InvalidInput(f"size {text!r} is not at least 1 byte")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,6 +91,8 @@ class BatchOptions:
     trusted_keys: Path | None = None  # refuse packages not signed by one of these keys
     bad_records: Path | None = None  # CSV rows that fail to decode go there (None: strict)
     carry_columns: bool = False  # copy every input column to the output (after the id columns)
+    layout: PartLayout = field(default_factory=PartLayout)  # --part-rows/-bytes, --partition-by
+    event_timestamp: str | None = None  # the input's timestamp column for feature joins
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from edgewise.runtime.batch.badrecords import malformed_name, rows_name, write_bad_records
+from edgewise.runtime.batch.badrecords import (
+    features_name,
+    malformed_name,
+    rows_name,
+    write_bad_records,
+)
+from edgewise.runtime.batch.compact import GroupWriter
 from edgewise.runtime.batch.plan import EngineResult, JobPlan
 from edgewise.runtime.batch.progress import Progress
 from edgewise.runtime.batch.reader import ChunkReader
 from edgewise.runtime.batch.scoring import chunk_inputs, score_chunk
 from edgewise.runtime.batch.stats import ChunkWindow, DriftCollector
 from edgewise.runtime.batch.writer import ChunkRecord, write_part
+from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = ["run_local"]
@@ -45,6 +52,7 @@ class _Stopped(Exception):
 
 @dataclass
 class _Chunk:
+    seq: int  # the chunk's place in input order (grouped output writes in that order)
     file: int
     index: int
     table: Any
@@ -55,6 +63,7 @@ class _Chunk:
 
 @dataclass
 class _Scored:
+    seq: int
     file: int
     index: int
     rows: int
@@ -89,6 +98,11 @@ class _Run:
         self.rows_scored = 0
         self.chunks_scored = 0
         self.file_chunks: dict[int, int] = {}
+        # Grouped output (:mod:`.compact`) writes chunks in input order: the writer holds those
+        # that arrive early, and this bounds how many chunks are between reader and writer.
+        self.grouped = plan.layout.grouped
+        self.in_flight = threading.Semaphore(3 * threads + 3)
+        self.seq = 0
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -142,18 +156,30 @@ class _Run:
             if self.collector is None and known is not None:
                 first = min(set(range(known)) - done)
             reader = ChunkReader(
-                file, plan.columns, plan.chunk_rows, tolerant=plan.bad_records is not None
+                file,
+                plan.read_columns or plan.columns,
+                plan.chunk_rows,
+                tolerant=plan.bad_records is not None,
             )
             count = first
             for raw in reader.chunks(first):
                 if raw.bad and plan.bad_records is not None:  # before the chunk's part file
                     write_bad_records(plan.bad_records, rows_name(number, raw.index), raw.bad)
+                if self.grouped:
+                    self._acquire()
                 self._put(
                     self.chunks,
                     _Chunk(
-                        number, raw.index, raw.table, raw.last, raw.bytes_read, raw.index in done
+                        self.seq,
+                        number,
+                        raw.index,
+                        raw.table,
+                        raw.last,
+                        raw.bytes_read,
+                        raw.index in done,
                     ),
                 )
+                self.seq += 1
                 count = raw.index + 1
             if reader.malformed and plan.bad_records is not None:
                 write_bad_records(plan.bad_records, malformed_name(number), reader.malformed)
@@ -174,6 +200,8 @@ class _Run:
             window = None
             output = None
             feeds = None
+            if plan.join is not None and (self.collector is not None or not chunk.done):
+                chunk.table = self._join(chunk)
             if self.collector is not None or not chunk.done:
                 feeds = chunk_inputs(self.model.manifest, plan.columns, chunk.table)
                 results = None
@@ -186,6 +214,7 @@ class _Run:
                     window = self.collector.observe(feeds, results, self.model)
                 del results
             scored = _Scored(
+                chunk.seq,
                 chunk.file,
                 chunk.index,
                 chunk.table.num_rows,
@@ -197,7 +226,30 @@ class _Run:
             del chunk, item, feeds  # the input rows are not needed past this point
             self._put(self.scored, scored)
 
+    def _acquire(self) -> None:
+        while not self.in_flight.acquire(timeout=_POLL):
+            if self.stop.is_set():
+                raise _Stopped
+
+    def _join(self, chunk: _Chunk) -> Any:
+        """The chunk with its looked-up features joined (:mod:`.features`); rows without a
+        value (``not_found``) go to --bad-records, or fail the job."""
+        plan = self.plan
+        path = plan.files[chunk.file].path
+        table, bad = plan.join.join(chunk.table, plan.columns, path, chunk.index * plan.chunk_rows)
+        if bad and not chunk.done:
+            if plan.bad_records is None:
+                raise InvalidInput(
+                    f"{path}: row {bad[0]['row']}: {bad[0]['reason']} (--bad-records PATH sets "
+                    "such rows aside)"
+                )
+            write_bad_records(plan.bad_records, features_name(chunk.file, chunk.index), bad)
+        return table
+
     def write(self) -> None:
+        if self.grouped:
+            self._write_grouped()
+            return
         plan = self.plan
         ended = 0
         while ended < self.threads:
@@ -210,15 +262,63 @@ class _Run:
             if result.output is not None:
                 size = write_part(plan.out, result.file, result.index, result.output)
                 plan.folder.record(ChunkRecord(result.file, result.index, rows, size, result.last))
-                self.rows_scored += rows
-                self.chunks_scored += 1
-                self.progress.advance(rows, result.file, result.bytes_read)
+                self._written(result)
             else:
                 self.progress.seen(result.file, result.bytes_read)
-            if result.last:
-                self.progress.file_done(result.file)
-            if self.collector is not None and result.window is not None:
-                self.collector.add(result.file, result.index, result.window)
+            self._observed(result)
+
+    def _written(self, result: _Scored) -> None:
+        self.rows_scored += result.rows
+        self.chunks_scored += 1
+        self.progress.advance(result.rows, result.file, result.bytes_read)
+
+    def _observed(self, result: _Scored) -> None:
+        if result.last:
+            self.progress.file_done(result.file)
+        if self.collector is not None and result.window is not None:
+            self.collector.add(result.file, result.index, result.window)
+
+    def _write_grouped(self) -> None:
+        """Chunks in input order into grouped parts (:mod:`.compact`); rows count as written
+        when their group is committed."""
+        plan = self.plan
+        writer = GroupWriter(
+            plan.out, plan.schema, plan.layout, plan.chunk_rows, plan.folder.commit_group
+        )
+        early: dict[int, _Scored] = {}
+        uncommitted: list[_Scored] = []
+        next_seq = 0
+        ended = 0
+        try:
+            while ended < self.threads or early:
+                if next_seq not in early:
+                    item = self._get(self.scored)
+                    if item is _END:
+                        ended += 1
+                    else:
+                        early[item.seq] = item
+                    continue
+                result = early.pop(next_seq)
+                next_seq += 1
+                if result.output is not None:
+                    groups = writer.groups
+                    writer.add(result.file, result.index, result.rows, result.last, result.output)
+                    result.output = None
+                    uncommitted.append(result)
+                    if writer.groups != groups:
+                        for done in uncommitted:
+                            self._written(done)
+                        uncommitted = []
+                else:
+                    self.progress.seen(result.file, result.bytes_read)
+                self._observed(result)
+                self.in_flight.release()
+            writer.close_group()
+            for done in uncommitted:
+                self._written(done)
+        except BaseException:
+            writer.abandon()
+            raise
 
     # ---- driving -----------------------------------------------------------------------------
 

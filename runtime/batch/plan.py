@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgewise.runtime.batch.objectfolder import ObjectJobFolder
+from edgewise.runtime.batch.options import PartLayout
 from edgewise.runtime.batch.reader import ColumnSpec, InputFile
 from edgewise.runtime.batch.writer import ChunkRecord, JobFolder
 from edgewise.runtime.serving.model import SessionSettings
@@ -30,6 +31,9 @@ class JobPlan:
     version_dir: Path
     session: SessionSettings
     bad_records: Path | None = None  # --bad-records: CSV rows that fail to decode go there
+    layout: PartLayout = field(default_factory=PartLayout)  # grouped parts (:mod:`.compact`)
+    read_columns: ColumnSpec | None = None  # what the inputs hold, when not ``columns``
+    join: Any = None  # a :class:`~edgewise.runtime.batch.features.FeatureJoin`, or None
 
     def done_chunks(self, file: int) -> set[int]:
         return {chunk for (f, chunk) in self.done if f == file}

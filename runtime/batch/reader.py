@@ -318,6 +318,25 @@ def _parquet_file(path: Path | str) -> Any:
         raise InvalidInput(f"{path}: cannot read as Parquet: {_one_line(exc)}") from None
 
 
+def _failing_group(parquet: Any, row: int, names: list[str]) -> tuple[int, int, int]:
+    """The first row group, from the one holding the file's row ``row`` (0-based) on, that fails
+    to decode: index, first row (0-based), rows. (The error path only: a batch spans row groups,
+    so the failure of a batch is narrowed down by decoding its groups one at a time.)"""
+    metadata = parquet.metadata
+    first = 0
+    fallback = None
+    for group in range(metadata.num_row_groups):
+        rows = metadata.row_group(group).num_rows
+        if first + rows > row:
+            fallback = fallback or (group, first, rows)
+            try:
+                parquet.read_row_group(group, columns=names)
+            except Exception:
+                return group, first, rows
+        first += rows
+    return fallback or (max(0, metadata.num_row_groups - 1), first, 0)
+
+
 def _npy_array(path: Path | str) -> np.ndarray[Any, Any]:
     if is_uri(str(path)):
         raise InvalidInput(f"{path}: .npy inputs are read from local files only (memory-mapped)")
@@ -578,6 +597,9 @@ class ChunkReader:
         self.chunk_rows = chunk_rows
         # --bad-records: CSV rows that fail to decode are set aside (:mod:`.badrecords`), not fatal.
         self.tolerant = tolerant and file.format == "csv"
+        # --bad-records on Parquet: row groups that fail to decode are set aside.
+        self.tolerant_parquet = tolerant and file.format == "parquet"
+        self.bad_groups: list[tuple[int, int, int, str]] = []  # file rows [first, end), group
         self.malformed: list[dict[str, Any]] = []  # rows with the wrong number of fields
         self.schema = read_schema(file, columns)
         check_schema(self.schema, columns, file.path, self.tolerant)
@@ -596,6 +618,8 @@ class ChunkReader:
         for raw in _assemble(source, self.chunk_rows, first_chunk, last_chunk):
             if self.tolerant:
                 self._convert_numbers(raw)
+            if self.bad_groups:
+                self._drop_bad_groups(raw)
             yield raw
 
     def _convert_numbers(self, raw: RawChunk) -> None:
@@ -664,19 +688,74 @@ class ChunkReader:
         skip = start - offset
         total = max(1, metadata.num_rows)
         names = list(self.columns.names)
-        if groups:
+        if not groups:
+            return
+        if self.tolerant_parquet:
+            yield from self._parquet_tolerant(parquet, groups, offset, skip, total)
+            return
+        try:
+            for read in parquet.iter_batches(
+                batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=names
+            ):
+                offset += read.num_rows
+                dropped = min(skip, read.num_rows)
+                skip -= dropped
+                yield read.slice(dropped), self.file.size * offset // total
+        except Exception as exc:
+            failed, first, rows = _failing_group(parquet, offset, names)
+            raise InvalidInput(
+                f"{self.file.path}: row group {failed} (rows {first + 1}-{first + rows}) cannot "
+                f"be decoded: {_one_line(exc)} (--bad-records PATH sets such row groups aside)"
+            ) from None
+
+    def _parquet_tolerant(
+        self, parquet: Any, groups: list[int], offset: int, skip: int, total: int
+    ) -> Iterator[tuple[Any, int]]:
+        """``--bad-records``: each row group is decoded whole; one that fails is yielded as null
+        rows (its rows keep their place, so chunk boundaries do not move) and noted in
+        :attr:`bad_groups`, and :meth:`chunks` takes those rows out of their chunks."""
+        names = list(self.columns.names)
+        metadata = parquet.metadata
+        for group in groups:
+            rows = metadata.row_group(group).num_rows
             try:
-                for read in parquet.iter_batches(
-                    batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=names
-                ):
-                    offset += read.num_rows
-                    dropped = min(skip, read.num_rows)
-                    skip -= dropped
-                    yield read.slice(dropped), self.file.size * offset // total
-            except Exception as exc:
-                raise InvalidInput(
-                    f"{self.file.path}: cannot read as Parquet: {_one_line(exc)}"
-                ) from None
+                table = parquet.read_row_group(group, columns=names)
+            except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... for bad pages
+                self.bad_groups.append((offset, offset + rows, group, _one_line(exc)))
+                schema = parquet.schema_arrow
+                table = pa.table([pa.nulls(rows, schema.field(n).type) for n in names], names=names)
+            for read in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
+                offset += read.num_rows
+                dropped = min(skip, read.num_rows)
+                skip -= dropped
+                yield read.slice(dropped), self.file.size * offset // total
+
+    def _drop_bad_groups(self, raw: RawChunk) -> None:
+        """Take the rows of row groups that failed to decode out of a chunk, with one bad record
+        per row group (the part of it in this chunk: ``rows`` and ``count``)."""
+        start = raw.index * self.chunk_rows
+        stop = start + raw.table.num_rows
+        keep = None
+        for first, end, group, reason in self.bad_groups:
+            low, high = max(first, start), min(end, stop)
+            if low >= high:
+                continue
+            if keep is None:
+                keep = np.ones(raw.table.num_rows, dtype=bool)
+            keep[low - start : high - start] = False
+            raw.bad.append(
+                {
+                    "input": self.file.path,
+                    "row_group": group,
+                    "rows": [low + 1, high],  # 1-based, inclusive, as a CSV row is named
+                    "count": high - low,
+                    "column": None,
+                    "reason": f"row group {group} cannot be decoded: {reason}",
+                    "record": None,
+                }
+            )
+        if keep is not None:
+            raw.table = raw.table.filter(pa.array(keep))
 
     def _npy(self, first_chunk: int) -> Iterator[tuple[Any, int]]:
         array = _npy_array(self.file.path)

@@ -106,7 +106,10 @@ def _column(spec: TensorSpec, values: npt.NDArray[Any], rows: int) -> Any:
     width = _row_width(spec)
     if width == 1:
         return pa.array(values.reshape(rows), type=arrow_type)
-    flat = np.ascontiguousarray(values).reshape(rows, -1)
+    # a chunk whose rows were all set aside (--bad-records) has none: -1 cannot be inferred
+    flat = np.ascontiguousarray(values).reshape(
+        rows, width if width is not None else -1 if rows else 0
+    )
     if width is None:
         offsets = np.arange(0, flat.size + 1, max(1, flat.shape[1]), dtype=np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from edgewise.runtime._fs import TEMP_PREFIX as _TEMP_PREFIX  # removed by recover()
 from edgewise.runtime._fs import replacing
 from edgewise.runtime._fs import write_text_atomic as _atomic_write
+from edgewise.runtime.batch.compact import GroupRecord, record_line
 from edgewise.runtime.batch.storage import is_uri, local_path
 from edgewise.runtime.errors import InvalidInput
 
@@ -83,14 +84,18 @@ class ChunkRecord:
     file: int
     chunk: int
     rows: int
-    size: int  # bytes of the part file
+    size: int  # bytes of the part file (0 for a chunk of a group)
     last: bool  # the input file's last chunk
+    group: str | None = None  # the group (:mod:`.compact`) the chunk was committed in
 
     @property
     def part(self) -> str:
+        """The part file of a chunk written alone (a group's chunks are in the group's parts)."""
         return part_name(self.file, self.chunk)
 
     def to_json(self) -> dict[str, Any]:
+        if self.group is not None:  # pragma: no cover - groups are journaled as GroupRecords
+            raise ValueError("a chunk of a group is recorded with its group")
         return {
             "file": self.file,
             "chunk": self.chunk,
@@ -254,48 +259,84 @@ class JobFolder:
         before anything is appended.
         """
         records: dict[tuple[int, int], ChunkRecord] = {}
+        kept: list[str] = []
+        referenced: set[str] = set()
         journal = self.path / JOURNAL_FILE
         if journal.exists():
             for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
-                    record = ChunkRecord.from_json(json.loads(line))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue  # a torn line written as the process died
-                part = self.path / record.part
-                try:
-                    if part.stat().st_size == record.size:
+                    data = json.loads(line)
+                    if "group" in data:
+                        group = GroupRecord.from_json(data)
+                        if not all(self._has_part(p, n) for p, n in group.parts.items()):
+                            continue
+                        for file, chunk, rows, last in group.chunks:
+                            records[(file, chunk)] = ChunkRecord(
+                                file, chunk, rows, 0, last, group.name
+                            )
+                        referenced.update(group.parts)
+                    else:
+                        record = ChunkRecord.from_json(data)
+                        if not self._has_part(record.part, record.size):
+                            continue
                         records[(record.file, record.chunk)] = record
-                except FileNotFoundError:
-                    pass
-        for entry in self.path.iterdir():
-            if entry.name.startswith(_TEMP_PREFIX):
-                entry.unlink()
-                continue
-            match = _PART_RE.match(entry.name)
-            if match and (int(match.group(1)), int(match.group(2))) not in records:
-                entry.unlink()
+                        referenced.add(record.part)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                    continue  # a torn line written as the process died
+                kept.append(line + "\n")
+        for root, dirs, files in os.walk(self.path, topdown=True):
+            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+            here = Path(root)
+            for name in files:
+                entry = here / name
+                relative = entry.relative_to(self.path).as_posix()
+                if name.startswith(_TEMP_PREFIX) or (
+                    _PART_RE.match(name) and relative not in referenced
+                ):
+                    entry.unlink()
+        for root, dirs, files in os.walk(self.path, topdown=False):
+            here = Path(root)
+            if here != self.path and not files and not dirs and not here.name.startswith("_"):
+                with contextlib.suppress(OSError):
+                    here.rmdir()
         for name in (SUMMARY_FILE, SUCCESS_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
-        lines = "".join(json.dumps(r.to_json()) + "\n" for r in records.values())
-        _atomic_write(journal, lines)
+        _atomic_write(journal, "".join(kept))
         return records
+
+    def _has_part(self, relative: str, size: int) -> bool:
+        try:
+            return (self.path / relative).stat().st_size == size
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def commit_group(self, group: GroupRecord) -> None:
+        """Record a closed group whose parts are renamed to their final names."""
+        self._append(record_line(group))
 
     def record(self, record: ChunkRecord) -> None:
         """Append a finished chunk to the journal (fsynced: it survives a crash once returned)."""
+        self._append(json.dumps(record.to_json()) + "\n")
+
+    def _append(self, text: str) -> None:
         if self._journal_fd is None:
             self._journal_fd = os.open(
                 self.path / JOURNAL_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
             )
-        line = (json.dumps(record.to_json()) + "\n").encode()
+        line = text.encode()
         written = os.write(self._journal_fd, line)
         if written != len(line):  # pragma: no cover - a regular file takes a short line whole
             raise InvalidInput(f"{self.path / JOURNAL_FILE}: short write")
         os.fsync(self._journal_fd)
 
     def parts(self) -> list[Path]:
-        """Every part file, in chunk order."""
-        return sorted(p for p in self.path.iterdir() if _PART_RE.match(p.name))
+        """Every part file (partition folders included), in chunk order within a folder."""
+        found: list[Path] = []
+        for root, dirs, files in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+            found.extend(Path(root) / n for n in sorted(files) if _PART_RE.match(n))
+        return found
 
 
 def open_job_folder(output: Path | str) -> JobFolder | ObjectJobFolder:

@@ -24,6 +24,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    from edgewise.runtime.batch.options import parse_size
+    from edgewise.runtime.errors import InvalidInput
+
+    try:
+        return parse_size(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _add_batch(sub: Subparsers) -> None:
     p = sub.add_parser(
         "batch",
@@ -99,9 +109,30 @@ def _add_batch(sub: Subparsers) -> None:
         "source); input columns named like a model output are left out, with a warning",
     )  # fmt: skip
     p.add_argument(
+        "--part-rows", type=_positive, metavar="N",
+        help="compact the output: a part file closes once it holds N rows or more (whole "
+        "chunks; default: one part file per chunk)",
+    )  # fmt: skip
+    p.add_argument(
+        "--part-bytes", type=_size, metavar="SIZE",
+        help="compact the output: a part file closes once SIZE bytes are written to it "
+        "(128MB, 256MiB, 1GB; whole chunks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--partition-by", metavar="COLUMN",
+        help="write COLUMN=VALUE/ folders (hive style) by the values of an output column: an id "
+        "or carried column, or a model output; the part files leave the column out",
+    )  # fmt: skip
+    p.add_argument(
         "--bad-records", type=Path, metavar="FOLDER",
         help="CSV rows that fail to decode (a value that is not a number, a wrong field count) "
         "go to JSON-lines files here with a reason, instead of failing the job (default: strict)",
+    )  # fmt: skip
+    p.add_argument(
+        "--event-timestamp", metavar="COLUMN",
+        help="for a model that looks its features up (config.json features): the input column "
+        "whose time the features are joined as of, point in time from the Feast offline store "
+        "(default event_timestamp)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=_cmd_batch)
@@ -112,6 +143,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     prepare_process()  # size numba's and BLAS's pools to the limits before they are loaded
     from edgewise.runtime.batch import BatchOptions, run_batch
+    from edgewise.runtime.batch.options import PartLayout
     from edgewise.runtime.batch.progress import format_count
 
     summary = run_batch(
@@ -136,6 +168,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             trusted_keys=args.trusted_keys,
             bad_records=args.bad_records,
             carry_columns=args.carry_columns,
+            layout=PartLayout(args.part_rows, args.part_bytes, args.partition_by),
+            event_timestamp=args.event_timestamp,
         )
     )
     if args.json:

@@ -124,3 +124,89 @@ def test_a_clean_file_under_bad_records_scores_like_the_strict_job(
     assert summary.bad_records == 0 and not (tmp_path / "bad").exists()
     expected = expected_scores(model_repo, "logreg", inputs.cancer, 1000)
     assert_scores_equal(output_arrays(read_output(tmp_path / "out")), expected)
+
+
+GROUP_ROWS = 1500  # row groups of the corrupt Parquet file
+BAD_GROUP = 3  # rows 4501-6000: the data page header of its first feature column is overwritten
+
+
+def _corrupt_parquet(frame: pd.DataFrame, folder: Path) -> Path:
+    """A Parquet file written by pyarrow with one row group made undecodable: the header of a
+    data page of its 'mean radius' column overwritten with 0xff bytes (the footer stays
+    intact, so the file opens and every other row group decodes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "corrupt.parquet"
+    pq.write_table(
+        pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=GROUP_ROWS
+    )
+    metadata = pq.ParquetFile(path).metadata
+    group = metadata.row_group(BAD_GROUP)
+    column = next(
+        group.column(i)
+        for i in range(group.num_columns)
+        if group.column(i).path_in_schema == "mean radius"
+    )
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 12] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+    # pyarrow itself fails on that row group, and only on it
+    corrupt = pq.ParquetFile(path)
+    with pytest.raises(OSError, match="page header"):
+        corrupt.read_row_group(BAD_GROUP)
+    for other in range(metadata.num_row_groups):
+        if other != BAD_GROUP:
+            corrupt.read_row_group(other)
+    return path
+
+
+def test_a_corrupt_parquet_row_group_is_strict_by_default_and_set_aside_with_bad_records(
+    model_repo: Path, inputs: Inputs, tmp_path: Path
+) -> None:
+    frame = inputs.cancer
+    source = _corrupt_parquet(frame, tmp_path)
+    first, last = BAD_GROUP * GROUP_ROWS + 1, (BAD_GROUP + 1) * GROUP_ROWS
+
+    with pytest.raises(InvalidInput) as caught:
+        batch(model_repo, "logreg", source, tmp_path / "strict", chunk_rows=1000)
+    message = str(caught.value)
+    assert message.startswith(f"{source}: row group {BAD_GROUP} (rows {first}-{last}) cannot be")
+    assert "--bad-records" in message and "\n" not in message
+    result = edgewise(
+        "batch", "--repo", str(model_repo), "--model", "logreg", "--input", str(source),
+        "--output", str(tmp_path / "cli"),
+    )  # fmt: skip
+    assert result.returncode != 0 and f"row group {BAD_GROUP}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    bad = tmp_path / "bad"
+    out = tmp_path / "out"
+    summary = batch(
+        model_repo, "logreg", source, out, chunk_rows=1000, bad_records=bad, drift_report=False
+    )
+    assert summary.bad_records == GROUP_ROWS
+    assert summary.rows == len(frame) - GROUP_ROWS
+    records = [json.loads(line) for p in sorted(bad.glob("rows-*.jsonl")) for line in
+               p.read_text().splitlines()]  # fmt: skip
+    # rows 4501-6000 lie in chunks 4 (4501-5000) and 5 (5001-6000)
+    assert [(r["row_group"], r["rows"], r["count"]) for r in records] == [
+        (BAD_GROUP, [first, 5000], 500),
+        (BAD_GROUP, [5001, last], 1000),
+    ]
+    assert all("row group 3 cannot be decoded" in r["reason"] for r in records)
+    table = read_output(out)
+    kept = frame[(frame.index < first - 1) | (frame.index >= last)]
+    assert table.column(ID).to_pylist() == kept[ID].tolist()
+    # the scores of the rows kept are onnxruntime's on the same rows, chunk by chunk
+    got = output_arrays(table)
+    for chunk in range(0, len(frame), 1000):
+        rows = kept[(kept.index >= chunk) & (kept.index < chunk + 1000)]
+        if rows.empty:
+            continue
+        want = expected_scores(model_repo, "logreg", rows, len(rows))
+        at = np.searchsorted(table.column(ID).to_numpy(), rows[ID].to_numpy())
+        assert_scores_equal({k: v[at] for k, v in got.items()}, want)
+
+    again = batch(model_repo, "logreg", source, out, resume=True, bad_records=bad)
+    assert again.already_complete and again.bad_records == GROUP_ROWS

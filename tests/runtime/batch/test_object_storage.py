@@ -234,3 +234,69 @@ def test_sigkill_mid_job_on_s3_then_resume_gives_every_row_once(
     report = _read_json(filesystem, f"{bucket}/out/_drift_report.json")
     report.pop("computed_at")
     assert report == report_without_time(reference)
+
+
+def test_partitioned_compacted_output_on_s3_resumes_exactly_once(
+    model_repo: Path,
+    inputs: Inputs,
+    tmp_path: Path,
+    s3: tuple[Any, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--part-rows and --partition-by on object storage: a group whose parts are uploaded but
+    whose record is not (the run fails there) is deleted on --resume and written again; the
+    prefix then reads (pyarrow.dataset, hive) as the local job's output."""
+    import pyarrow.dataset as ds
+
+    from edgewise.runtime.batch.objectfolder import ObjectJobFolder
+    from edgewise.runtime.batch.options import PartLayout
+
+    filesystem, bucket = s3
+    frame = cancer_frame(8)
+    frame["region"] = np.array(["north", "south", "east"])[np.arange(len(frame)) % 3]
+    local = tmp_path / "in.parquet"
+    frame.to_parquet(local, index=False)
+    _upload(filesystem, local, f"{bucket}/in/in.parquet")
+    options: dict[str, Any] = {
+        "chunk_rows": 500,
+        "id_columns": (ID, "region"),
+        "layout": PartLayout(part_rows=600, partition_by="region"),
+        "drift_report": False,
+    }
+    reference = tmp_path / "reference"
+    batch(model_repo, "logreg", local, reference, **options)
+
+    real_commit = ObjectJobFolder.commit_group
+    commits = []
+
+    def failing(self: ObjectJobFolder, group: Any) -> None:
+        commits.append(group.name)
+        if len(commits) == 3:
+            raise OSError("injected: the process dies before the group's record")
+        real_commit(self, group)
+
+    monkeypatch.setattr(ObjectJobFolder, "commit_group", failing)
+    out = f"s3://{bucket}/out"
+    with pytest.raises(OSError, match="injected"):
+        batch(model_repo, "logreg", f"s3://{bucket}/in/", out, **options)
+    uploaded = [
+        i.path
+        for i in filesystem.get_file_info(fs.FileSelector(f"{bucket}/out", recursive=True))
+        if i.base_name.startswith("part-")
+    ]
+    assert len(uploaded) == 3 * 3  # the third group's parts are there, without a record
+    monkeypatch.setattr(ObjectJobFolder, "commit_group", real_commit)
+    summary = batch(model_repo, "logreg", f"s3://{bucket}/in/", out, resume=True, **options)
+    assert summary.rows == len(frame) and summary.resumed
+
+    def layout(prefix: str, filesystem: Any = None) -> list[str]:
+        dataset = ds.dataset(prefix, format="parquet", partitioning="hive", filesystem=filesystem)
+        return sorted(f[len(prefix) :].lstrip("/") for f in dataset.files)
+
+    assert layout(f"{bucket}/out", filesystem) == layout(str(reference))
+    got = ds.dataset(f"{bucket}/out", format="parquet", partitioning="hive", filesystem=filesystem)
+    want = ds.dataset(reference, format="parquet", partitioning="hive")
+    g = got.to_table().to_pandas().sort_values(ID).reset_index(drop=True)
+    w = want.to_table().to_pandas().sort_values(ID).reset_index(drop=True)
+    assert g[ID].tolist() == w[ID].tolist() and g["region"].tolist() == w["region"].tolist()
+    np.testing.assert_array_equal(np.stack(g["probabilities"]), np.stack(w["probabilities"]))
