@@ -399,7 +399,7 @@ def grpc_server(
     repository_servicer = RepositoryServicer(repository, executor, on_repository_change, peers)
     monitoring = MonitoringServicer(*control, peers=peers)
     if peers is not None:  # siblings ask for this process's share of a drift window
-        server.add_generic_rpc_handlers((window_share_handler(*control),))
+        server.add_generic_rpc_handlers((window_share_handler(*control, rollouts),))
     for add_to_server, servicer in (
         (epb_grpc.add_ModelRepositoryServiceServicer_to_server, repository_servicer),
         (epb_grpc.add_MonitoringServiceServicer_to_server, monitoring),

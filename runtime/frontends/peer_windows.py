@@ -13,9 +13,12 @@ the traffic.
 
 The sibling call is ``/edgewise.internal.PeerMonitoring/WindowShare``: a JSON request
 (``{"model", "version", "window"}``), answered with the share in
-:func:`~edgewise.runtime.serving.drift_merge.encode_window`'s form. It is served only to calls
-marked as forwarded by a sibling (and, with authentication on, carrying the caller's token, as every
-call).
+:func:`~edgewise.runtime.serving.drift_merge.encode_window`'s form. A shadow's figures (GetRollout)
+are merged the same way: ``/edgewise.internal.PeerMonitoring/ShadowShare`` (``{"model",
+"version"}``) answers a sibling's figures of that candidate in
+:func:`~edgewise.runtime.serving.shadow.encode_stats`'s form, and a sibling that fails fails the
+answer. Both are served only to calls marked as forwarded by a sibling (and, with authentication
+on, carrying the caller's token, as every call).
 """
 
 from __future__ import annotations
@@ -41,17 +44,21 @@ from edgewise.runtime.serving.drift_merge import (
 )
 from edgewise.runtime.serving.monitor import DriftReport, ModelMonitor
 from edgewise.runtime.serving.repository import ModelRepository
+from edgewise.runtime.serving.rollout import Rollouts
+from edgewise.runtime.serving.shadow import ShadowStats, decode_stats, encode_stats, merged_stats
 
 __all__ = [
     "SERVICE",
     "forwarded",
     "merged_drift_report",
+    "merged_shadow_stats",
     "reset_siblings",
     "window_share_handler",
 ]
 
 SERVICE: Final = "edgewise.internal.PeerMonitoring"
 _METHOD: Final = f"/{SERVICE}/WindowShare"
+_SHADOW_METHOD: Final = f"/{SERVICE}/ShadowShare"
 _TIMEOUT_SECONDS: Final = 30.0
 _MAX_MESSAGE: Final = 256 << 20
 
@@ -98,11 +105,37 @@ def _query(data: bytes) -> tuple[str, str, str]:
     return model, version, window
 
 
+def _shadow_query(data: bytes) -> tuple[str, int]:
+    try:
+        query = json.loads(data)
+    except ValueError:
+        raise InvalidInput("a shadow share request must be JSON") from None
+    if not isinstance(query, dict):
+        raise InvalidInput("a shadow share request must be a JSON object")
+    model, version = query.get("model"), query.get("version")
+    if not isinstance(model, str) or type(version) is not int:
+        raise InvalidInput("a shadow share request needs 'model' (a string), 'version' (a number)")
+    return model, version
+
+
 def window_share_handler(
-    repository: ModelRepository, executor: ThreadPoolExecutor
+    repository: ModelRepository, executor: ThreadPoolExecutor, rollouts: Rollouts | None = None
 ) -> grpc.GenericRpcHandler:
-    """The handler siblings call for this process's share of a window (pure: a copy)."""
+    """The handler siblings call for this process's share of a window, and of a shadow's
+    figures (pure: copies)."""
     from edgewise.runtime.frontends.grpcio import status_of
+
+    async def shadow_share(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            if not forwarded(context):
+                raise InvalidInput("ShadowShare answers sibling server processes only")
+            name, version = _shadow_query(request)
+            shadow = None if rollouts is None else rollouts.shadow
+            return encode_stats(ShadowStats() if shadow is None else shadow.stats(name, version))
+        except Exception as exc:
+            code, message, _ = status_of(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
 
     async def window_share(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
@@ -121,7 +154,11 @@ def window_share_handler(
             raise  # unreachable: abort raises
 
     return grpc.method_handlers_generic_handler(
-        SERVICE, {"WindowShare": grpc.unary_unary_rpc_method_handler(window_share)}
+        SERVICE,
+        {
+            "WindowShare": grpc.unary_unary_rpc_method_handler(window_share),
+            "ShadowShare": grpc.unary_unary_rpc_method_handler(shadow_share),
+        },
     )
 
 
@@ -171,6 +208,43 @@ async def merged_drift_report(
         )
     shares = [own, *(a for a in answers if isinstance(a, WorkerWindow))]
     return await loop.run_in_executor(executor, merged_report, monitor, window, shares, scores)
+
+
+async def _shadow_share_of(
+    address: str, payload: bytes, metadata: tuple[tuple[str, str], ...]
+) -> ShadowStats:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(_SHADOW_METHOD)
+        data = await call(payload, timeout=_TIMEOUT_SECONDS, metadata=metadata)
+    if not isinstance(data, bytes):
+        raise InvalidInput("a sibling answered something other than bytes")
+    return decode_stats(data)
+
+
+async def merged_shadow_stats(
+    own: ShadowStats,
+    name: str,
+    version: int,
+    siblings: Sequence[str],
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> ShadowStats:
+    """A shadow's figures over this process's (``own``) and every sibling's (pure)."""
+    payload = json.dumps({"model": name, "version": version}).encode()
+    metadata = _forwarding(context)
+    answers = await asyncio.gather(
+        *(_shadow_share_of(address, payload, metadata) for address in siblings),
+        return_exceptions=True,
+    )
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    if failed:
+        first = failed[0]
+        detail = first.details() if isinstance(first, grpc.aio.AioRpcError) else str(first)
+        raise Unavailable(
+            f"the shadow's figures cover every server process, and {len(failed)} of "
+            f"{len(answers)} sibling process(es) did not hand over theirs: "
+            f"{detail or type(first).__name__}"
+        )
+    return merged_stats([own, *(a for a in answers if isinstance(a, ShadowStats))])
 
 
 async def reset_siblings(

@@ -1,7 +1,9 @@
 """The edgewise.v1 RolloutService on grpc.aio: splits, shadows and labels (docs/rollout.md).
 
 Translates calls to :class:`~edgewise.runtime.serving.rollout.Rollouts` and its errors to
-statuses; decides nothing. Control runs on a worker thread (it writes ``rollout.json``).
+statuses; decides nothing. Control runs on a worker thread (it writes ``rollout.json``). With
+several server processes, GetRollout's shadow figures are merged over all of them
+(:func:`~edgewise.runtime.frontends.peer_windows.merged_shadow_stats`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ import grpc
 from google.protobuf.message import Message
 
 from edgewise.runtime.frontends.grpcio import fan_out, status_of
+from edgewise.runtime.frontends.peer_windows import forwarded, merged_shadow_stats
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.serving.rollout import ModelRoutes, Rollouts
+from edgewise.runtime.serving.shadow import ShadowStats
 
 __all__ = ["RolloutServicer", "rollout_message"]
 
 T = TypeVar("T")
 
 
-def rollout_message(name: str, routes: ModelRoutes, rollouts: Rollouts) -> epb.Rollout:
-    """The wire form of a model's routes, with its shadow's figures."""
+def rollout_message(
+    name: str, routes: ModelRoutes, rollouts: Rollouts, shadow: ShadowStats | None = None
+) -> epb.Rollout:
+    """The wire form of a model's routes, with its shadow's figures (``shadow``, else this
+    process's)."""
     message = epb.Rollout(model=name)
     if routes.split is not None:
         message.sticky_key = routes.split.sticky_key
@@ -36,8 +43,10 @@ def rollout_message(name: str, routes: ModelRoutes, rollouts: Rollouts) -> epb.R
     if routes.shadow is not None:
         message.shadow_version = str(routes.shadow.version)
         message.shadow_rate = routes.shadow.rate
-        if rollouts.shadow is not None:
-            stats = rollouts.shadow.stats(name, routes.shadow.version)
+        if shadow is None and rollouts.shadow is not None:
+            shadow = rollouts.shadow.stats(name, routes.shadow.version)
+        if shadow is not None:
+            stats = shadow
             message.shadow.CopyFrom(
                 epb.ShadowFigures(
                     requests=stats.requests,
@@ -82,7 +91,25 @@ class RolloutServicer(epb_grpc.RolloutServiceServicer):
             raise
         if forward is not None:
             await self._fan_out(*forward, context)
-        return rollout_message(name, routes, self.rollouts)
+        return rollout_message(
+            name, routes, self.rollouts, await self._merged(name, routes, context)
+        )
+
+    async def _merged(
+        self, name: str, routes: ModelRoutes, context: grpc.aio.ServicerContext[object, object]
+    ) -> ShadowStats | None:
+        """The shadow's figures over every process, when there are siblings (None: this
+        process's alone are the whole)."""
+        shadow, siblings = self.rollouts.shadow, self.peers() if self.peers else []
+        if routes.shadow is None or shadow is None or not siblings or forwarded(context):
+            return None
+        own = shadow.stats(name, routes.shadow.version)
+        try:
+            return await merged_shadow_stats(own, name, routes.shadow.version, siblings, context)
+        except Exception as exc:
+            code, message, trailers = status_of(exc)
+            await context.abort(code, message, trailing_metadata=trailers)
+            raise
 
     async def _fan_out(
         self, method: str, request: Message, context: grpc.aio.ServicerContext[object, object]

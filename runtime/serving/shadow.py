@@ -12,11 +12,14 @@ share of rows whose ``label`` is equal (``edgewise_shadow_agreement``), the mean
 difference of the scores (``probabilities``, or a regressor's output;
 ``edgewise_shadow_score_difference``), the candidate's latency
 (``edgewise_shadow_duration_seconds``) and its outcome (``edgewise_shadow_requests_total``,
-ok or error). The same figures are read by ``GetRollout`` (:meth:`Shadow.stats`).
+ok or error). The same figures are read by ``GetRollout`` (:meth:`Shadow.stats`); with several
+server processes each keeps its own, and GetRollout answers them merged over every process
+(:func:`merged_stats`; the siblings hand theirs over in :func:`encode_stats`'s form).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -29,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.codecs import decode_outputs
 from edgewise.runtime.serving.dataplane import DataPlane, PreparedRequest
@@ -37,7 +41,15 @@ from edgewise.runtime.serving.metrics import LATENCY_BUCKETS
 if TYPE_CHECKING:
     from edgewise.runtime.serving.repository import ModelRepository
 
-__all__ = ["LABEL_OUTPUT", "Shadow", "ShadowStats", "compare"]
+__all__ = [
+    "LABEL_OUTPUT",
+    "Shadow",
+    "ShadowStats",
+    "compare",
+    "decode_stats",
+    "encode_stats",
+    "merged_stats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,63 @@ class ShadowStats:
         if not self.latencies:
             return math.nan
         return float(np.quantile(np.asarray(self.latencies), 0.99))
+
+
+_COUNTS: Final = ("requests", "errors", "dropped", "compared_rows", "equal_labels")
+_COUNTS_MORE: Final = ("labelled_rows", "score_values")
+_SUMS: Final = ("score_difference_sum", "latency_sum")
+
+
+def merged_stats(shares: list[ShadowStats]) -> ShadowStats:
+    """One candidate's figures over several processes' shares: counts and sums added, the
+    latencies of every share kept for the p99. Pure."""
+    merged: dict[str, Any] = {
+        name: sum(getattr(share, name) for share in shares)
+        for name in (*_COUNTS, *_COUNTS_MORE, *_SUMS)
+    }
+    merged["latencies"] = tuple(x for share in shares for x in share.latencies)
+    return ShadowStats(**merged)
+
+
+def encode_stats(stats: ShadowStats) -> bytes:
+    """A process's figures as a sibling hands them over (JSON)."""
+    document: dict[str, Any] = {
+        name: getattr(stats, name) for name in (*_COUNTS, *_COUNTS_MORE, *_SUMS)
+    }
+    document["latencies"] = list(stats.latencies)
+    return json.dumps(document).encode()
+
+
+def decode_stats(data: bytes) -> ShadowStats:
+    """A sibling's :func:`encode_stats`; :class:`InvalidInput` naming the field for anything
+    else."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise InvalidInput("a sibling's shadow figures are not JSON") from None
+    if not isinstance(document, dict) or set(document) != {
+        *_COUNTS,
+        *_COUNTS_MORE,
+        *_SUMS,
+        "latencies",
+    }:
+        raise InvalidInput("a sibling's shadow figures do not have the expected fields")
+    for name in (*_COUNTS, *_COUNTS_MORE):
+        value = document[name]
+        if type(value) is not int or value < 0:
+            raise InvalidInput(f"a sibling's shadow figure {name!r} is not a count")
+    for name in _SUMS:
+        value = document[name]
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise InvalidInput(f"a sibling's shadow figure {name!r} is not a finite sum")
+        document[name] = float(value)
+    latencies = document["latencies"]
+    if not isinstance(latencies, list) or not all(
+        type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in latencies
+    ):
+        raise InvalidInput("a sibling's shadow latencies are not durations")
+    document["latencies"] = tuple(float(x) for x in latencies)
+    return ShadowStats(**document)
 
 
 def compare(

@@ -308,3 +308,44 @@ def test_every_process_of_a_multi_process_server_takes_the_change(
         assert seen == {((("1", 60), ("2", 40)), "2")}
     finally:
         assert running.stop() == 0, running.log()
+
+
+def test_a_multi_process_server_reports_the_shadow_over_every_process(
+    inverted_repo: Path, tmp_path: Path
+) -> None:
+    """GetRollout's shadow figures count the copies every process ran, not one process's."""
+    folder = inverted_repo / NAME / "1"
+    running = start_server(inverted_repo, tmp_path / "multi", ["--processes", "2"])
+    n = 64
+    try:
+        with running.client() as client:
+            client.load_model(NAME, "1", make_default=True)
+            client.load_model(NAME, "2")
+            client.set_shadow(NAME, "2")
+        # A local subchannel pool per channel: separate connections, spread over the processes.
+        for i in range(n):
+            channel = grpc.insecure_channel(
+                running.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            with channel:
+                request = pb.ModelInferRequest(model_name=NAME, id=f"r{i}")
+                encode_inputs(request, rows(folder, 1, start=i))
+                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        with running.client() as client:
+            figures = _wait_for_copies(client, n)
+        stable = [direct(folder, rows(folder, 1, start=i)) for i in range(n)]
+        shadow = [direct(folder.parent / "2", rows(folder, 1, start=i)) for i in range(n)]
+        equal = sum(
+            int(a["label"][0] == b["label"][0]) for a, b in zip(stable, shadow, strict=True)
+        )
+        assert (figures.requests, figures.dropped, figures.errors) == (n, 0, 0)
+        assert figures.labelled_rows == n
+        assert figures.agreement == pytest.approx(equal / n)
+        answered = {
+            int(line.split()[-1].split(".")[0])
+            for line in _metrics(running).splitlines()
+            if line.startswith("edgewise_requests_total{") and 'version="1"' in line
+        }
+        assert answered == {n}
+    finally:
+        assert running.stop() == 0, running.log()

@@ -220,3 +220,43 @@ def test_the_request_path_skips_the_rollout_while_there_is_none(
     rollouts.set_split(NAME, [])
     assert rollouts.active is False
     (repo / NAME / ROLLOUT_FILE).unlink(missing_ok=True)
+
+
+# ---- a shadow's figures between processes ------------------------------------------------------
+
+
+def test_shadow_figures_merge_and_travel_between_processes() -> None:
+    from edgewise.runtime.serving.shadow import (
+        ShadowStats,
+        decode_stats,
+        encode_stats,
+        merged_stats,
+    )
+
+    first = ShadowStats(
+        requests=3, errors=1, dropped=2, compared_rows=5, equal_labels=4, labelled_rows=5,
+        score_difference_sum=0.5, score_values=10, latency_sum=0.2, latencies=(0.1, 0.1),
+    )  # fmt: skip
+    second = ShadowStats(
+        requests=2, compared_rows=2, equal_labels=0, labelled_rows=2,
+        score_difference_sum=1.0, score_values=4, latency_sum=0.6, latencies=(0.3, 0.3),
+    )  # fmt: skip
+    merged = merged_stats([decode_stats(encode_stats(s)) for s in (first, second)])
+    assert (merged.requests, merged.errors, merged.dropped) == (5, 1, 2)
+    assert merged.agreement == 4 / 7
+    assert merged.mean_abs_difference == 1.5 / 14
+    assert merged.mean_latency == 0.8 / 4  # over the copies that ran without an error
+    assert sorted(merged.latencies) == [0.1, 0.1, 0.3, 0.3]
+    assert merged_stats([]) == ShadowStats()
+    good = json.loads(encode_stats(first))
+    for field, bad in (
+        ("requests", -1), ("requests", 1.5), ("requests", True), ("latency_sum", float("nan")),
+        ("latency_sum", "1"), ("latencies", [0.1, -1]), ("latencies", "0.1"),
+    ):  # fmt: skip
+        document = {**good, field: bad}
+        with pytest.raises(InvalidInput, match=field):
+            decode_stats(json.dumps(document).encode())
+    with pytest.raises(InvalidInput, match="expected fields"):
+        decode_stats(json.dumps({**good, "extra": 1}).encode())
+    with pytest.raises(InvalidInput, match="not JSON"):
+        decode_stats(b"\x80")
