@@ -66,3 +66,42 @@ def test_a_call_arriving_behind_a_costly_one_is_shed_before_it_ends(
         first.join()
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
     assert running_after_refusal == 1  # refused while the costly model ran, not after
+
+
+def test_every_call_of_a_burst_past_the_limit_is_refused_with_the_retry_hint(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """A burst of calls while the one admitted call runs: each refused call is answered
+    RESOURCE_EXHAUSTED with the retry hint (both keys) and the limit in its message, and the
+    server counted exactly those; none is refused by gRPC's own machinery (CANCELLED, or
+    grpc.aio's "Concurrent RPC limit exceeded" without a hint): the burst stays within the
+    queue gRPC keeps for calls not yet taken in, so the shedder decides on every one."""
+    costly = forest_request(400_000)
+    burst = 40
+    args = ["--front-end", "grpcio", "--max-inflight", "1", "--worker-threads", "1",
+            "--retry-after-ms", "75", "--monitoring", "off"]  # fmt: skip
+    options = [("grpc.max_receive_message_length", -1)]
+    with (
+        running_server(model_repo, tmp_path, args) as server,
+        grpc.insecure_channel(server.target, options) as channel,
+    ):
+        call = channel.unary_unary(MODEL_INFER)
+        shed_before = gauge(server, "edgewise_shed_requests_total")
+        first = call.future(costly, timeout=300)
+        while gauge(server, "edgewise_inflight_requests") < 1:  # its model runs
+            assert not first.done(), "the costly call ended before its model was seen running"
+        small = forest_request(1)
+        answers = [call.future(small, timeout=300) for _ in range(burst)]
+        errors = [answer.exception() for answer in answers]
+        first.result()
+        shed = gauge(server, "edgewise_shed_requests_total") - shed_before
+    refused = [e for e in errors if e is not None]
+    assert refused, "no call of the burst was refused while the costly one ran"
+    for error in refused:
+        assert isinstance(error, grpc.Call)
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
+        assert "1 inference calls in flight" in (error.details() or "")
+        trailers = dict(error.trailing_metadata() or ())
+        assert trailers.get("retry-after-ms") == "75", trailers
+        assert trailers.get("grpc-retry-pushback-ms") == "75", trailers
+    assert shed == len(refused)  # every refusal the clients saw is one the server counted
