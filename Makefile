@@ -39,10 +39,12 @@ lock-check:
 native_failed = { echo "*** $(1) FAILED (see above): $(2)" >&2; \
 	case "$$CI" in ""|0|false|no) ;; *) echo "*** CI: the native builds must succeed" >&2; exit 1;; esac; }
 
-## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving) and
-## the native gRPC front end (serve --front-end native), installing libgrpc++-dev where it can
+## native: compile the kernels a server runs ahead of time (no numba nor LLVM when serving),
+## the native gRPC front end (serve --front-end native), installing libgrpc++-dev where it can,
+## and the onnxruntime C API module (headers fetched with npm, pinned, cached in .build/)
 native: $(NATIVE_STAMP)
-$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/frontends/native/_front.cc
+$(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/frontends/native/_front.cc \
+		runtime/frontends/native/_ort.cc runtime/frontends/native/ort_headers.py
 	$(BIN)/python -m edgewise.kernels.native_build \
 		|| $(call native_failed,the native kernels build,numba's JIT serves every kernel instead)
 	@pkg-config --exists grpc++ 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
@@ -51,6 +53,8 @@ $(NATIVE_STAMP): $(STAMP) $(wildcard kernels/*.py) runtime/frontends/native/_fro
 		|| echo "libgrpc++-dev could not be installed"
 	$(BIN)/python -m edgewise.runtime.frontends.native.build \
 		|| $(call native_failed,the native front end build,the server serves with grpcio alone)
+	$(BIN)/python -m edgewise.runtime.frontends.native.build --ort \
+		|| $(call native_failed,the onnxruntime C API module build (npm fetches its headers),its tests skip)
 	touch $(NATIVE_STAMP)
 
 ## mlflow-venv: the MLflow server the store tests start (pyproject's mlflow-server extra)

@@ -7,6 +7,13 @@ pkg-config (Debian and Ubuntu: ``apt-get install libgrpc++-dev``), into this pac
 as ``_front`` (an extension module that records the digest of the source it was built from).
 Prints one line: the file written, or why nothing was built (exit status 1); without it the
 server serves with grpcio alone.
+
+    python -m edgewise.runtime.frontends.native.build --ort [--output-dir DIR]
+
+Compiles ``_ort.cc`` instead (onnxruntime's C API, run without the GIL: ort_capi.py) into
+``_ort``, with the headers ort_headers.py fetches with npm (pinned, verified, cached in
+``.build/``); it links no onnxruntime: the module opens the wheel's own library at run time.
+Prints one line likewise; without it nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgewise.runtime.frontends.native.binding import SOURCE, source_digest
+import numpy
 
-__all__ = ["build"]
+from edgewise.runtime.frontends.native.binding import SOURCE, source_digest
+from edgewise.runtime.frontends.native.ort_capi import ORT_SOURCE, ort_source_digest
+from edgewise.runtime.frontends.native.ort_headers import HeadersError, fetch_headers
+
+__all__ = ["build", "build_ort"]
 
 
 class BuildError(Exception):
@@ -77,13 +88,65 @@ def build(output_dir: Path | None = None) -> Path:
     return target
 
 
+def build_ort(output_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """Fetch the C API headers (``cache_dir``: default ``.build/``) and compile ``_ort.cc``;
+    return the extension module's path."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise BuildError(f"no C++ compiler ({compiler})")
+    try:
+        include = fetch_headers(cache_dir)
+    except HeadersError as exc:
+        raise BuildError(str(exc)) from None
+    target_dir = output_dir if output_dir is not None else ORT_SOURCE.parent
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = target_dir / f"_ort{suffix}"
+    with tempfile.TemporaryDirectory(dir=target_dir) as work:
+        built = Path(work) / target.name
+        command = [
+            compiler,
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{numpy.get_include()}",
+            f"-I{include}",
+            f'-DEDGEWISE_ORT_DIGEST="{ort_source_digest()}"',
+            str(ORT_SOURCE),
+            "-o",
+            str(built),
+            "-ldl",
+        ]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BuildError(f"the compiler failed: {last}")
+        os.replace(built, target)  # atomic: a running process keeps the file it mapped
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="default: the package's own folder"
     )
+    parser.add_argument(
+        "--ort",
+        action="store_true",
+        help="build the onnxruntime C API module (_ort) instead of the front end",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.ort:
+        try:
+            path = build_ort(args.output_dir)
+        except BuildError as exc:
+            print(f"onnxruntime C API module not built ({exc}); the C API path is unavailable")
+            return 1
+        print(f"onnxruntime C API module: {path} ({time.perf_counter() - started:.1f} s)")
+        return 0
     try:
         path = build(args.output_dir)
     except BuildError as exc:
