@@ -32,6 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from edgewise.runtime.config.channels import parse_call_limits
 from edgewise.runtime.config.limits import describe_split, detect_limits, publish_budget
 from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
 from edgewise.runtime.errors import InvalidInput
@@ -61,7 +62,7 @@ from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgewise.runtime.serving.admission import MemoryAdmission
+from edgewise.runtime.serving.admission import CallQuotas, MemoryAdmission
 from edgewise.runtime.serving.alerts import AlertHook
 from edgewise.runtime.serving.capture import Capture, CaptureSettings, rate_from_config
 from edgewise.runtime.serving.dataplane import DataPlane
@@ -236,7 +237,19 @@ def _trusted_keys(settings: ServerSettings) -> TrustedKeys | None:
 
 
 def _auth(settings: ServerSettings, metrics: ServerMetrics) -> AuthInterceptor | None:
-    return token_check(settings, metrics.registry)
+    auth = token_check(settings, metrics.registry)
+    if auth is None:
+        return None
+    default = parse_call_limits(settings.credential_limits.split(), "credential-limits")
+    if default.share is not None and settings.max_inflight <= 0:
+        raise InvalidInput("credential-limits: share needs an in-flight limit (max-inflight)")
+    # Always there: a tokens-file line may give a credential limits at any reload.
+    auth.quotas = CallQuotas(
+        default, settings.max_inflight, settings.retry_after_ms, metrics.registry
+    )
+    if default.any:
+        log.info("every credential's limits of inference calls: %s", settings.credential_limits)
+    return auth
 
 
 def token_check(settings: ServerSettings, registry: CollectorRegistry) -> AuthInterceptor | None:

@@ -221,7 +221,7 @@ def _add_serve_capture(p: argparse.ArgumentParser) -> None:
 SERVE_SECURITY_KEYS = (
     "tls_cert", "tls_key", "tls_client_ca", "tokens_file", "health_open", "reflection_open",
     "trusted_keys", "max_inflight", "retry_after_ms", "audit_log", "audit_log_max_bytes",
-    "metrics_auth", "metrics_tls",
+    "metrics_auth", "metrics_tls", "credential_limits",
 )  # fmt: skip
 
 
@@ -284,6 +284,14 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--retry-after-ms", type=int, help="retry hint sent with RESOURCE_EXHAUSTED (default 50)"
+    )
+    g.add_argument(
+        "--credential-limits",
+        metavar="LIMITS",
+        help="every credential's limits of inference calls, e.g. 'rate=50/s burst=100 "
+        "share=0.5' (calls/s, calls at once beyond the rate, share of --max-inflight); a "
+        "tokens-file line's own rate=/burst=/share= override them; past them: "
+        "RESOURCE_EXHAUSTED / HTTP 429 with the retry hint (default: none)",
     )
 
 

@@ -142,6 +142,8 @@ def parse_call_limits(fields: Sequence[str], where: str) -> CallLimits:
             raise InvalidInput(f"{where}: {field!r}: {name} must be {expected}") from None
     if "burst" in values and "rate" not in values:
         raise InvalidInput(f"{where}: burst needs a rate")
+    if not values:
+        return NO_LIMITS
     return CallLimits(
         rate=float(values["rate"]) if "rate" in values else None,
         burst=int(values["burst"]) if "burst" in values else None,

@@ -102,6 +102,9 @@ class ServerSettings:
     retry_after_ms: int = 50  # EDGEWISE_RETRY_AFTER_MS: retry hint of a shed/refused request
     audit_log: Path | None = None  # EDGEWISE_AUDIT_LOG: JSON lines of control calls (None: off)
     audit_log_max_bytes: int = 10 << 20  # EDGEWISE_AUDIT_LOG_MAX_BYTES: rotate past this size
+    # EDGEWISE_CREDENTIAL_LIMITS: every credential's default limits of inference calls,
+    # "rate=50/s burst=100 share=0.5" (a tokens-file line's own override them; "": none)
+    credential_limits: str = ""
     metrics_auth: bool = False  # EDGEWISE_METRICS_AUTH: /metrics needs a token with scope read
     metrics_tls: bool = False  # EDGEWISE_METRICS_TLS: the metrics port serves the port's TLS
     # Data capture (runtime/serving/capture.py; needs pyarrow, the edgewise[data] extra):
@@ -189,6 +192,11 @@ class ServerSettings:
             raise InvalidInput("tls-client-ca (mutual TLS) needs tls-cert and tls-key")
         if self.retry_after_ms < 0:
             raise InvalidInput("retry-after-ms must not be negative")
+        if self.credential_limits.strip() and not self.auth_enabled:
+            raise InvalidInput(
+                "credential-limits needs tokens (tokens-file or EDGEWISE_TOKENS): limits are "
+                "per credential"
+            )
         if self.metrics_auth and not self.auth_enabled:
             raise InvalidInput("metrics-auth needs tokens (tokens-file or EDGEWISE_TOKENS)")
         if self.metrics_tls and self.tls_cert is None:

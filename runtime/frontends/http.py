@@ -28,6 +28,9 @@ The same rules as the gRPC port:
   duration from the call's start), and Triton's ``timeout`` request parameter (microseconds;
   what ``tritonclient.http``'s ``infer(timeout=...)`` sends); the earlier one wins. Past it the
   request is not run: 504.
+* **Per-credential limits**: past its own rate or in-flight share (serving.admission.CallQuotas,
+  checked through ``AuthInterceptor.take_quota`` as on every front end) a credential's
+  inference call is refused 429 with the same retry headers as shedding's.
 * **Shedding**: inference calls count against the same in-flight limit as the gRPC ones
   (:meth:`LoadShedder.enter`); past it a call is refused before its body is read, 503 with
   ``Retry-After`` (whole seconds, rounded up) and ``retry-after-ms``, and counted in
@@ -88,6 +91,14 @@ _BINARY: Final = "application/octet-stream"
 _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer realm="edgewise"'}
 #: Where the token check leaves a request's credential (security.Credential; None: no tokens).
 CREDENTIAL_KEY: Final = "edgewise.credential"
+_MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _retry_headers(retry_ms: int) -> dict[str, str]:
+    """The retry hint of a 503 or 429: ``Retry-After`` (whole seconds, rounded up) and
+    ``retry-after-ms``."""
+    return {"Retry-After": str(max(1, math.ceil(retry_ms / 1000))), "retry-after-ms": str(retry_ms)}
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -126,11 +137,7 @@ class HttpFront:
         self._idle.set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        retry_ms = retry_after_ms
-        self._retry_headers = {
-            "Retry-After": str(max(1, math.ceil(retry_ms / 1000))),
-            "retry-after-ms": str(retry_ms),
-        }
+        self._retry_headers = _retry_headers(retry_after_ms)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -252,6 +259,14 @@ class HttpFront:
         shedder = self.shedder
         if shedder is not None and not shedder.enter():
             return _error(503, shedder.refusal[0], self._retry_headers)
+        auth = self.auth
+        credential = request.get(CREDENTIAL_KEY)
+        if auth is not None and auth.quotas is not None:  # the credential's own limits: 429
+            over = auth.take_quota(credential, _MODEL_INFER)
+            if over is not None:
+                if shedder is not None:
+                    shedder.leave()
+                return _error(429, over.message, _retry_headers(over.retry_ms))
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -262,6 +277,8 @@ class HttpFront:
                 self._idle.set()
             if shedder is not None:
                 shedder.leave()
+            if auth is not None:
+                auth.give_back_quota(credential, _MODEL_INFER)
 
     async def _answer(self, request: web.Request, started: float, arrived: float) -> web.Response:
         name, version = _model(request)

@@ -31,6 +31,7 @@ only from a Unix-socket peer.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import inspect
@@ -56,6 +57,8 @@ from edgewise.runtime.config.channels import (
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.frontends.scopes import scope_of
 from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
+from edgewise.runtime.serving.admission import CallQuotas, QuotaRefusal
+from edgewise.runtime.serving.shedding import retry_trailers
 
 #: What an aio interceptor is handed: resolves a call's details to its method handler.
 Continuation = Callable[
@@ -64,6 +67,7 @@ Continuation = Callable[
 
 __all__ = [
     "HEALTH_PREFIX",
+    "LIMITED_METHODS",
     "PEER_HEADER",
     "REFLECTION_PREFIXES",
     "AuthInterceptor",
@@ -87,6 +91,8 @@ _RELOAD_CHECK_SECONDS: Final = 2.0
 #: The metadata the native front end relays a client certificate's identities in (one value
 #: each, ``CN=...`` / ``SAN=...``) to grpcio on its private Unix socket.
 PEER_HEADER: Final = "edgewise-peer-identity"
+#: The calls per-credential limits count (those the in-flight limit sheds).
+LIMITED_METHODS: Final = frozenset({"/inference.GRPCInferenceService/ModelInfer"})
 
 
 # ---- tokens --------------------------------------------------------------------------------------
@@ -311,6 +317,17 @@ def _deny_handler(refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.stream_stream_rpc_method_handler(deny)
 
 
+def _quota_handler(refused: QuotaRefusal) -> grpc.RpcMethodHandler[Any, Any]:
+    trailers = retry_trailers(refused.retry_ms)
+
+    async def refuse(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message, trailing_metadata=trailers
+        )
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class Refusal(NamedTuple):
     """Why a call is not let through: UNAUTHENTICATED (no accepted credential) or
     PERMISSION_DENIED (an accepted one without the method's scope), and the message."""
@@ -360,6 +377,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             )
             file_ok.set_function(lambda: 1.0 if tokens.file_ok else 0.0)
         self._deny: dict[Refusal, grpc.RpcMethodHandler[Any, Any]] = {}
+        #: Per-credential limits of inference calls (None: none); see :meth:`take_quota`.
+        self.quotas: CallQuotas | None = None
 
     def credential(
         self, metadata: Iterable[tuple[str, Any]] | None, peer: Sequence[str] = ()
@@ -421,6 +440,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             f"credential '{credential.id}' holds {', '.join(sorted(credential.scopes))}",
         )
 
+    def take_quota(self, credential: Credential | None, method: str) -> QuotaRefusal | None:
+        """The credential's own limits (serving.admission.CallQuotas) for one call of
+        ``method``: None lets it through (pair it with :meth:`give_back_quota` at its end), a
+        refusal is answered RESOURCE_EXHAUSTED (HTTP 429) with its retry hint. The one check
+        every front end makes, after the scope check."""
+        quotas = self.quotas
+        if quotas is None or credential is None or method not in LIMITED_METHODS:
+            return None
+        return quotas.take(credential.id, credential.limits)
+
+    def give_back_quota(self, credential: Credential | None, method: str) -> None:
+        quotas = self.quotas
+        if quotas is not None and credential is not None and method in LIMITED_METHODS:
+            quotas.give_back(credential.id, credential.limits)
+
+    def _hold_quota(
+        self, credential: Credential | None, method: str
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """On grpcio, in the call's task: take the credential's quota until the task ends, or
+        the handler that refuses the call."""
+        refused = self.take_quota(credential, method)
+        if refused is not None:
+            return _quota_handler(refused)
+        if self.quotas is None or credential is None or method not in LIMITED_METHODS:
+            return None
+        task = asyncio.current_task()
+        if task is None:  # not on a call's task: nothing would give it back
+            self.give_back_quota(credential, method)
+        else:
+            task.add_done_callback(lambda _: self.give_back_quota(credential, method))
+        return None
+
     def _deny_handler(self, refusal: Refusal) -> grpc.RpcMethodHandler[Any, Any]:
         handler = self._deny.get(refusal)
         if handler is None:
@@ -442,10 +493,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # The certificate is on the call's context, which only the handler sees.
             handler = await continuation(handler_call_details)
             return None if handler is None else self._checked_in_handler(handler, method)
-        refusal = self.authorize(metadata, method)
-        if refusal is None:
-            return await continuation(handler_call_details)
-        return self._deny_handler(refusal)
+        credential, refusal = self.admit(metadata, method)
+        if refusal is not None:
+            return self._deny_handler(refusal)
+        if self.quotas is not None:
+            refused = self._hold_quota(credential, method)
+            if refused is not None:
+                return refused
+        return await continuation(handler_call_details)
 
     def _by_certificate(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         """Whether a call may be identified by a client certificate: it sends no token and the
@@ -469,18 +524,44 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata()
-            refusal = self.authorize(metadata, method, context_identities(context, metadata))
+            peer = context_identities(context, metadata)
+            credential, refusal = self.admit(metadata, method, peer)
             if refusal is not None:
                 await context.abort(refusal.code, refusal.message)
-            result = behavior(request, context)
-            if not streaming_response:
-                return await result
-            if inspect.isasyncgen(result):  # a generator handler: written through the context
-                async for item in result:
-                    await context.write(item)
-                return None
-            return await result
+            refused = self.take_quota(credential, method)
+            if refused is not None:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    refused.message,
+                    trailing_metadata=retry_trailers(refused.retry_ms),
+                )
+            try:
+                return await self._run(behavior, request, context, streaming_response)
+            finally:
+                self.give_back_quota(credential, method)
 
+        return self._rebuilt(handler, kind, checked)
+
+    @staticmethod
+    async def _run(
+        behavior: Callable[..., Any],
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        streaming_response: bool,
+    ) -> Any:
+        result = behavior(request, context)
+        if not streaming_response:
+            return await result
+        if inspect.isasyncgen(result):  # a generator handler: written through the context
+            async for item in result:
+                await context.write(item)
+            return None
+        return await result
+
+    @staticmethod
+    def _rebuilt(
+        handler: grpc.RpcMethodHandler[Any, Any], kind: str, behavior: Callable[..., Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         make = {
             "unary_unary": grpc.unary_unary_rpc_method_handler,
             "unary_stream": grpc.unary_stream_rpc_method_handler,
@@ -488,7 +569,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             "stream_stream": grpc.stream_stream_rpc_method_handler,
         }[kind]
         return make(
-            checked,
+            behavior,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -27,17 +27,24 @@ the process's memory: at the in-flight limit they cannot add up to a risk.
 
 What gRPC holds before a handler runs is bounded elsewhere: by the message size limit and the
 in-flight limit of the runtime budget (:mod:`edgewise.runtime.config.limits`).
+
+Per-credential limits (:class:`CallQuotas`) share that in-flight limit out: each credential
+may hold a share of it and send at a rate, so one client cannot take the whole server.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from edgewise.runtime.config.channels import NO_LIMITS, CallLimits
 from edgewise.runtime.config.limits import format_bytes
 from edgewise.runtime.errors import InvalidInput, ResourceExhausted
 from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY
@@ -49,7 +56,9 @@ __all__ = [
     "REQUEST_MEMORY_FACTOR",
     "SMALL_REQUEST_BYTES",
     "TYPED_ELEMENT_BYTES",
+    "CallQuotas",
     "MemoryAdmission",
+    "QuotaRefusal",
     "anonymous_bytes",
     "estimate_request_bytes",
 ]
@@ -202,3 +211,137 @@ class MemoryAdmission:
         if reservation:
             with self._lock:
                 self._reserved -= reservation
+
+
+# ---- per-credential limits -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuotaRefusal:
+    """Why one credential's call is refused: ``reason`` (``rate``: its token bucket is empty;
+    ``share``: it holds its share of the in-flight limit), the message and the retry hint."""
+
+    reason: str
+    message: str
+    retry_ms: int
+
+
+class _Account:
+    """One credential's state: its token bucket and the calls it holds."""
+
+    __slots__ = ("inflight", "last", "tokens")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.last = now
+        self.inflight = 0
+
+
+class CallQuotas:
+    """Per-credential limits on inference calls, so that one client cannot take the server: a
+    token bucket (``rate`` calls a second, ``burst`` at once; default burst: one second's worth)
+    and a share of the in-flight limit (at most ``share * max_inflight`` calls at once, at least
+    one; no share without an in-flight limit). A credential's limits are its own (the tokens
+    file's ``rate=``/``burst=``/``share=``), each unset one the server's ``default``.
+
+    :meth:`take` checks both and then commits both (a refused call takes no slot and no token);
+    each call it lets through is paired with :meth:`give_back`. Safe from any thread (the native
+    front end's handlers); a credential without limits costs one attribute test and no lock.
+    Refusals are counted in ``edgewise_credential_refusals_total{credential, reason}``: the
+    credential's id (the tokens file's id, a token's digest prefix or a certificate's mapping;
+    never a secret), so the labels are bounded by the tokens file.
+    """
+
+    def __init__(
+        self,
+        default: CallLimits,
+        max_inflight: int,
+        retry_ms: int,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.default = default
+        self._default_any = default.any
+        self.max_inflight = max_inflight
+        self.retry_ms = retry_ms
+        self._clock = clock
+        self._accounts: dict[str, _Account] = {}
+        self._lock = threading.Lock()
+        registry = registry if registry is not None else CollectorRegistry()
+        self._refused = Counter(
+            "edgewise_credential_refusals",
+            "Inference calls refused RESOURCE_EXHAUSTED (HTTP 429) by their credential's own "
+            "limit: reason rate (token bucket empty) or share (its share of the in-flight limit "
+            "held).",
+            ["credential", "reason"],
+            registry=registry,
+        )
+        held = Gauge(
+            "edgewise_credential_calls_limited",
+            "Inference calls in flight that count against a credential's share.",
+            registry=registry,
+        )
+        held.set_function(lambda: sum(a.inflight for a in list(self._accounts.values())))
+
+    def limits_of(self, limits: CallLimits) -> CallLimits:
+        return limits.over(self.default)
+
+    def _share_calls(self, share: float | None) -> int | None:
+        if share is None or self.max_inflight <= 0:
+            return None
+        return max(1, int(share * self.max_inflight))
+
+    def take(self, credential: str, limits: CallLimits) -> QuotaRefusal | None:
+        """Let one call of ``credential`` through (None; then :meth:`give_back` at its end) or
+        refuse it, counted, without changing anything."""
+        if not self._default_any:
+            if limits is NO_LIMITS:  # the common case: no limits anywhere, no state
+                return None
+        else:
+            limits = limits.over(self.default)
+        if limits.rate is None and limits.share is None:
+            return None
+        rate = limits.rate
+        burst = float(limits.burst if limits.burst is not None else max(1, math.ceil(rate or 1)))
+        calls = self._share_calls(limits.share)
+        with self._lock:
+            now = self._clock()
+            account = self._accounts.get(credential)
+            if account is None:
+                account = self._accounts[credential] = _Account(burst, now)
+            tokens = account.tokens
+            if rate is not None:
+                tokens = min(burst, tokens + (now - account.last) * rate)
+                account.tokens, account.last = tokens, now
+            if calls is not None and account.inflight >= calls:
+                refusal = QuotaRefusal(
+                    "share",
+                    f"credential '{credential}' holds {account.inflight} inference calls, its "
+                    f"share ({limits.share:g}) of the server's {self.max_inflight}: retry after "
+                    f"{self.retry_ms} ms",
+                    self.retry_ms,
+                )
+            elif rate is not None and tokens < 1.0:
+                wait = math.ceil((1.0 - tokens) / rate * 1000)
+                refusal = QuotaRefusal(
+                    "rate",
+                    f"credential '{credential}' is over its rate of {rate:g} calls/s "
+                    f"(burst {burst:g}): retry after {wait} ms",
+                    wait,
+                )
+            else:
+                if rate is not None:
+                    account.tokens = tokens - 1.0
+                account.inflight += 1
+                return None
+        self._refused.labels(credential, refusal.reason).inc()
+        return refusal
+
+    def give_back(self, credential: str, limits: CallLimits) -> None:
+        """The end of a call :meth:`take` let through."""
+        if not self._default_any and (limits.rate is None and limits.share is None):
+            return
+        with self._lock:
+            account = self._accounts.get(credential)
+            if account is not None and account.inflight > 0:
+                account.inflight -= 1

@@ -45,13 +45,13 @@ from typing import Any, Final
 import grpc
 
 from edgewise.runtime.frontends.grpcio import status_of
-from edgewise.runtime.frontends.security import AuthInterceptor
+from edgewise.runtime.frontends.security import AuthInterceptor, Credential
 from edgewise.runtime.frontends.tls_stage import CHECK_SECONDS as TLS_CHECK_SECONDS
 from edgewise.runtime.frontends.tls_stage import TlsStage
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.codecs import decode
 from edgewise.runtime.serving.pipeline import InferenceCore
-from edgewise.runtime.serving.shedding import LoadShedder
+from edgewise.runtime.serving.shedding import LoadShedder, retry_trailers
 
 __all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
 
@@ -203,8 +203,10 @@ class NativeFront:
         certificate's identities (``CN=...``, ``SAN=...``), read by C++ for a call without a
         token. Runs on one of the front end's threads; never raises."""
         started = time.perf_counter()
-        if self.auth is not None:
-            refused = self.auth.authorize(
+        auth = self.auth
+        credential = None
+        if auth is not None:
+            credential, refused = auth.admit(
                 (("authorization", authorization),) if authorization is not None else (),
                 MODEL_INFER,
                 peer,
@@ -218,24 +220,40 @@ class NativeFront:
             shedder.record_shed()
             message, trailers = shedder.refusal
             return _RESOURCE_EXHAUSTED, message, None, trailers, False
+        if auth is not None and auth.quotas is not None:  # the credential's own limits
+            over = auth.take_quota(credential, MODEL_INFER)
+            if over is not None:
+                return _RESOURCE_EXHAUSTED, over.message, None, retry_trailers(over.retry_ms), False
+        pending = False
         try:
             request = decode(pb.ModelInferRequest, body)  # INVALID_ARGUMENT, as on grpcio
             deadline = None if remaining is None else time.monotonic() + remaining
             answer = self.core.infer_on_thread(request, deadline, started, defer=self._defer)
             if isinstance(answer, concurrent.futures.Future):  # on a batch queue
-                answer.add_done_callback(lambda done: self._complete(token, done))
+                pending = True
+                answer.add_done_callback(lambda done: self._complete(token, done, credential))
                 return _PENDING_ANSWER
             return _OK, "", answer.SerializeToString(), (), bool(self._deferred)
         except Exception as exc:
             return self._failure(exc)
+        finally:
+            if auth is not None and not pending:
+                auth.give_back_quota(credential, MODEL_INFER)
 
     def _failure(self, exc: Exception) -> Answer:
         code, message, trailers = status_of(exc, self.retry_after_ms)
         return int(code.value[0]), message, None, trailers, False
 
-    def _complete(self, token: int, done: concurrent.futures.Future[pb.ModelInferResponse]) -> None:
+    def _complete(
+        self,
+        token: int,
+        done: concurrent.futures.Future[pb.ModelInferResponse],
+        credential: Credential | None = None,
+    ) -> None:
         """Answer a call that waited on a batch queue: exactly once, whatever happened (the call
-        stays open until it is answered)."""
+        stays open until it is answered); the credential's quota is given back."""
+        if self.auth is not None:
+            self.auth.give_back_quota(credential, MODEL_INFER)
         try:
             answer: Answer = (_OK, "", done.result().SerializeToString(), (), False)
         except Exception as exc:
