@@ -21,6 +21,7 @@ outputs of the two are checked equal before timing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -89,18 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                 for key, expected in zip(names, want, strict=True):
                     np.testing.assert_allclose(got[key], expected, rtol=1e-6, atol=1e-6)
 
-                def run_python(feeds: dict[str, Any] = feeds) -> object:
-                    return python.run(names, feeds)
-
-                def run_capi(feeds: dict[str, Any] = feeds) -> object:
-                    return capi.run(feeds, names)
-
+                run_python = functools.partial(python.run, names, feeds)
+                run_capi = functools.partial(capi.run, feeds, names)
                 for _ in range(200):  # warm both
                     run_python()
                     run_capi()
                 timings: dict[str, list[tuple[float, float]]] = {"capi": [], "python": []}
                 for round_ in range(args.rounds):
-                    order = [("capi", run_capi), ("python", run_python)]
+                    order: list[tuple[str, Callable[[], object]]] = [
+                        ("capi", run_capi),
+                        ("python", run_python),
+                    ]
                     for label, call in order if round_ % 2 == 0 else order[::-1]:
                         timings[label].append(_measure(call, args.calls))
                 capi_t, python_t = timings["capi"], timings["python"]
