@@ -14,9 +14,13 @@ awaited ``--calls`` times per round, the modes alternating round by round:
 
 Per mode: CPU seconds of the whole process per request (``time.process_time``, so the batch
 processor's thread counts) and the median wall time of one call, medians over the rounds, with
-``cpu_ratio_to_off`` and ``p50_ratio_to_off``. A last line, ``off_check``, times the one thing
-tracing-off adds to a request: the ``core.tracing is None`` check, next to an empty call.
-Prints JSON lines.
+``cpu_ratio_to_off`` and ``p50_ratio_to_off``. A line ``off_check`` times the one thing
+tracing-off adds to a request: the ``core.tracing is None`` check, next to an empty call. Two
+lines ``labels`` time what a call's labels (runtime/serving/request_context.py) add to every
+request whatever tracing: made from no metadata (an id made here) and from a ``traceparent``
+(its trace id read), taken from the request, set as the current labels and back, the answer's id;
+with ``ratio_to_off_call``, beside the ``off`` call of the logistic regression (the labels are
+part of that call too: the ratio is (call) / (call without them)). Prints JSON lines.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ def main() -> int:
         await asyncio.sleep(0)  # the monitor's deferred statistics of the last call
         return walls
 
+    cpu_off_by_model: dict[str, list[float]] = {}
     for name in ("logreg32", "forest100"):
         x = (np.random.default_rng(0).random((1, serving.N_FEATURES)) * 16).astype(np.float32)
         request = pb.ModelInferRequest(model_name=name, id="bench")
@@ -120,6 +125,7 @@ def main() -> int:
                 cpu[mode].append((time.process_time() - began) / args.calls)
                 p50[mode].append(statistics.median(walls))
         core.tracing = None
+        cpu_off_by_model[name] = cpu["off"]
         cpu_off = statistics.median(cpu["off"])
         p50_off = statistics.median(p50["off"])
         for mode in tracings:
@@ -155,6 +161,8 @@ def main() -> int:
             pass
         empties.append((time.perf_counter() - began) / n)
     check, empty = statistics.median(checks), statistics.median(empties)
+    off_call = statistics.median(cpu_off_by_model["logreg32"])
+    labels_check(args.rounds, empty, off_call, machine)
     print(
         json.dumps(
             {
@@ -173,6 +181,44 @@ def main() -> int:
     loop.close()
     server.executor.shutdown()
     return 0
+
+
+def labels_check(rounds: int, empty: float, off_call: float, machine: dict[str, object]) -> None:
+    """The labels' work on every request (see the module's docstring), per request."""
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.request_context import CURRENT, RequestLabels
+
+    request = pb.ModelInferRequest(model_name="logreg32", id="bench")
+    response = pb.ModelInferResponse()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    n = 200_000
+    for case, metadata in (("no_metadata", ("", None)), ("traceparent", ("", traceparent))):
+        times = []
+        for _ in range(rounds):
+            began = time.perf_counter()
+            for _ in range(n):
+                labels = RequestLabels(*metadata)
+                labels.take(request)
+                token = CURRENT.set(labels)
+                CURRENT.get()  # the core's one read (the version that answers)
+                CURRENT.reset(token)
+                labels.answered(response)
+            times.append((time.perf_counter() - began) / n)
+        cost = statistics.median(times) - empty
+        print(
+            json.dumps(
+                {
+                    "case": "tracing_cost",
+                    "mode": "labels",
+                    "metadata": case,
+                    "labels_ns": round(cost * 1e9, 1),
+                    "off_call_us": round(off_call * 1e6, 2),
+                    "ratio_to_off_call": round(off_call / (off_call - cost), 4),
+                    **machine,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

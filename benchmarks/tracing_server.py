@@ -12,6 +12,16 @@ without a traceparent, so the ratio decides), ``--seconds`` per window, the serv
 round by round. Per mode: the medians over rounds of the server's CPU per request (user + system,
 psutil) and of the client's p50, with ratios to off, and the spans the collector received.
 Prints JSON lines.
+
+``--baseline-tree DIR`` adds a mode ``baseline``: an off server run from another copy of the
+package source (``DIR/runtime``; the kernels stay this checkout's), to measure what a change
+costs the untraced path in the same run, e.g. the request and trace ids of commit C::
+
+    mkdir /tmp/base && cp -r runtime /tmp/base/
+    git diff C^ C -- runtime | patch -R -p1 -d /tmp/base
+    .venv/bin/python benchmarks/tracing_server.py --modes baseline,off --baseline-tree /tmp/base
+
+``--modes`` picks the modes run (default: off, ratio_0.01, ratio_1, and baseline when given).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--baseline-tree", type=Path, default=None)
+    parser.add_argument("--modes", default="")
     args = parser.parse_args()
 
     import grpc
@@ -74,12 +86,27 @@ def main() -> int:
         "ratio_0.01": ("--otel-endpoint", endpoint, "--otel-sample-ratio", "0.01"),
         "ratio_1": ("--otel-endpoint", endpoint, "--otel-sample-ratio", "1"),
     }
+    prefix: dict[str, list[str]] = {}
+    if args.baseline_tree is not None:
+        modes["baseline"] = ()
+        shim = work / "baseline" / "edgewise"  # edgewise.runtime from the tree, found first
+        shim.mkdir(parents=True)
+        (shim / "runtime").symlink_to((args.baseline_tree / "runtime").resolve())
+        (shim / "kernels").symlink_to((HERE.parent / "kernels").resolve())
+        prefix["baseline"] = ["env", f"PYTHONPATH={shim.parent}"]
+    if args.modes:
+        chosen = args.modes.split(",")
+        unknown = sorted(set(chosen) - set(modes))
+        if unknown:
+            parser.error(f"--modes: unknown {unknown} (known: {', '.join(modes)})")
+        modes = {mode: modes[mode] for mode in chosen}
     servers: dict[str, serving.Server] = {}
     try:
         for mode, extra in modes.items():
             port_file = work / f"{mode}.port"
             command = [
-                sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
+                *prefix.get(mode, []), sys.executable, "-m", "edgewise.runtime.cli",
+                "--log-level", "WARNING", "serve",
                 "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
                 "--metrics-port", "-1", "--port-file", str(port_file), "--front-end", "grpcio",
                 *extra,
@@ -102,11 +129,20 @@ def main() -> int:
         collector.stop(None)
 
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    cpu_off = serving.median_of(rounds["off"], "server_cpu_us_per_req")
-    p50_off = serving.median_of(rounds["off"], "p50_us")
+
+    def ratio(value: float | None, to: str, key: str) -> float | None:
+        base = serving.median_of(rounds[to], key) if to in rounds else None
+        return None if not (value and base) else round(value / base, 3)
+
     for mode in modes:
         cpu = serving.median_of(rounds[mode], "server_cpu_us_per_req")
         p50 = serving.median_of(rounds[mode], "p50_us")
+        to_baseline = {}
+        if "baseline" in modes:
+            to_baseline = {
+                "cpu_ratio_to_baseline": ratio(cpu, "baseline", "server_cpu_us_per_req"),
+                "p50_ratio_to_baseline": ratio(p50, "baseline", "p50_us"),
+            }
         print(
             json.dumps(
                 {
@@ -114,8 +150,9 @@ def main() -> int:
                     "mode": mode,
                     "server_cpu_us_per_req": None if cpu is None else round(cpu, 1),
                     "p50_us": None if p50 is None else round(p50, 1),
-                    "cpu_ratio_to_off": None if not (cpu and cpu_off) else round(cpu / cpu_off, 3),
-                    "p50_ratio_to_off": None if not (p50 and p50_off) else round(p50 / p50_off, 3),
+                    "cpu_ratio_to_off": ratio(cpu, "off", "server_cpu_us_per_req"),
+                    "p50_ratio_to_off": ratio(p50, "off", "p50_us"),
+                    **to_baseline,
                     "requests": sum(r["requests"] for r in rounds[mode]),
                     "errors": sum(r["errors"] for r in rounds[mode]),
                     "rps_median": round(statistics.median(r["rps"] for r in rounds[mode]), 1),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import random
+import re
 from typing import Final
 
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
@@ -45,7 +46,12 @@ TRACEPARENT: Final = "traceparent"
 #: The longest id echoed in a header or metadata (a longer one is answered in the body only).
 ECHO_MAX_CHARS: Final = 256
 
-_HEX: Final = frozenset("0123456789abcdef")
+#: version-trace_id-parent_id-flags, lowercase hex; a later version may add "-" fields.
+_TRACEPARENT_FORM: Final = re.compile(
+    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?", re.DOTALL
+)
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_PARENT: Final = "0" * 16
 _getrandbits = random.getrandbits  # reseeded in a forked child (random registers at_fork)
 
 
@@ -65,11 +71,11 @@ class RequestLabels:
     def __init__(self, request_id: str = "", traceparent: str | None = None) -> None:
         """``request_id``: the caller's ``x-request-id`` ("" when none); ``traceparent``: its
         W3C trace context, where one came."""
-        self.model = ""
-        self.version = ""
-        self.sent_id = bool(request_id)  # the caller sent x-request-id: the answer echoes it
-        self.generated = not request_id
-        self.request_id = request_id or f"{_getrandbits(64):016x}"
+        self.model = self.version = ""
+        if request_id:  # the caller's x-request-id: the answer echoes it
+            self.request_id, self.sent_id, self.generated = request_id, True, False
+        else:
+            self.request_id, self.sent_id, self.generated = f"{_getrandbits(64):016x}", False, True
         self.traceparent = traceparent
         self.trace_id = trace_id_of(traceparent) if traceparent else ""
 
@@ -151,18 +157,12 @@ def echoable(value: str) -> bool:
 def trace_id_of(traceparent: str) -> str:
     """The trace id of a well-formed W3C ``traceparent`` (version 00, or a later version's
     first four fields), else "" (the all-zero ids are invalid)."""
-    if len(traceparent) < 55 or (len(traceparent) > 55 and traceparent[55] != "-"):
+    match = _TRACEPARENT_FORM.fullmatch(traceparent)
+    if match is None:
         return ""
-    fields = traceparent[:55].split("-")
-    if len(fields) != 4:
-        return ""
-    version, trace_id, parent_id, flags = fields
+    version, trace_id, parent_id = match.groups()
     if version == "ff" or (version == "00" and len(traceparent) != 55):
         return ""
-    if len(version) != 2 or len(trace_id) != 32 or len(parent_id) != 16 or len(flags) != 2:
-        return ""
-    if not _HEX.issuperset(version + trace_id + parent_id + flags):
-        return ""
-    if trace_id == "0" * 32 or parent_id == "0" * 16:
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_PARENT:
         return ""
     return trace_id
