@@ -40,8 +40,11 @@ __all__ = [
 PACKAGE: Final = "com.github.asus4.onnxruntime"
 VERSION: Final = "0.4.9"
 #: ``npm view com.github.asus4.onnxruntime@0.4.9 dist.integrity``
-INTEGRITY: Final = "sha512-BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
-#: ``ORT_API_VERSION`` of the headers in that package (onnxruntime 1.22's C API).
+INTEGRITY: Final = (
+    "sha512-BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7"
+    "IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
+)
+#: ``ORT_API_VERSION`` of the headers in that package (onnxruntime 1.29's C API).
 HEADER_API_VERSION: Final = 29
 #: The folder of the headers inside the package's tarball.
 HEADERS_IN_TARBALL: Final = (
@@ -118,9 +121,14 @@ def _extract(tarball: Path, include: Path) -> None:
     except (OSError, tarfile.TarError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise HeadersError(f"{tarball}: cannot be read: {exc}") from None
-    if not (partial / "onnxruntime_c_api.h").is_file():
+    header = partial / "onnxruntime_c_api.h"
+    declared = f"#define ORT_API_VERSION {HEADER_API_VERSION}\n"
+    if not header.is_file() or declared not in header.read_text(errors="replace"):
         shutil.rmtree(partial, ignore_errors=True)
-        raise HeadersError(f"{tarball}: no {HEADERS_IN_TARBALL}onnxruntime_c_api.h in it")
+        raise HeadersError(
+            f"{tarball}: no {HEADERS_IN_TARBALL}onnxruntime_c_api.h declaring C API version "
+            f"{HEADER_API_VERSION} in it"
+        )
     (partial / STAMP).write_text(INTEGRITY + "\n")
     shutil.rmtree(include, ignore_errors=True)
     partial.rename(include)
