@@ -31,8 +31,8 @@ from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as ep
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.drift_merge import MERGED_WINDOWS
+from edgewise.runtime.serving.feedback import Feedback
 from edgewise.runtime.serving.pipeline import InferenceCore
-from edgewise.runtime.serving.quality import submit_feedback
 from edgewise.runtime.serving.repository import ModelRepository, VersionStatus
 from edgewise.runtime.serving.request_context import REQUEST_ID_KEY, TRACEPARENT, RequestLabels
 from edgewise.runtime.serving.shedding import retry_trailers
@@ -40,7 +40,6 @@ from edgewise.runtime.serving.shedding import retry_trailers
 if TYPE_CHECKING:
     from edgewise.runtime.serving.capture import Capture
     from edgewise.runtime.serving.monitor import DriftReport
-    from edgewise.runtime.serving.quality import OnlineQuality
 
 __all__ = ["InferenceServicer", "MonitoringServicer", "QualityServicer", "RepositoryServicer"]
 
@@ -457,43 +456,17 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
     ) -> None:
         self.repository = repository
         self.executor = executor
-        self.capture = capture  # data capture: labels taken are written beside the requests
-
-    def _quality(self, model_name: str, version: str) -> OnlineQuality:
-        model = self.repository.get(model_name, version)
-        if model.quality is None:
-            raise ModelNotReady(
-                f"model {model.name!r} version {model.version} keeps no predictions for "
-                "feedback (quality tracking is off, or the model is not a classifier or regressor)"
-            )
-        return model.quality
-
-    def _qualities(self, model_name: str, version: str) -> list[OnlineQuality]:
-        """Where labels may go: the version named, else every served version that keeps
-        predictions, the default one first."""
-        if version:
-            return [self._quality(model_name, version)]
-        default = self.repository.get(model_name)
-        others = [
-            self.repository.get(model_name, str(number))
-            for number in self.repository.served_versions(model_name)
-            if number != default.version
-        ]
-        qualities = [m.quality for m in (default, *others) if m.quality is not None]
-        return qualities or [self._quality(model_name, "")]
+        self.feedback = Feedback(repository, capture)  # the core's: joins, checks, captures
 
     async def SubmitFeedback(
         self, request: epb.FeedbackRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> epb.FeedbackResponse:
         try:
-            qualities = self._qualities(request.model, request.version)
             labels = [(label.request_id, label.row, _truth(label)) for label in request.labels]
             loop = asyncio.get_running_loop()
             joined, unknown, duplicate = await loop.run_in_executor(
-                self.executor, submit_feedback, qualities, labels
+                self.executor, self.feedback.submit, request.model, request.version, labels
             )
-            if self.capture is not None:  # taken (every label checked): kept for the export
-                self.capture.record_labels(request.model, labels)
             return epb.FeedbackResponse(joined=joined, unknown=unknown, duplicate=duplicate)
         except Exception as exc:
             await _abort(context, exc)
@@ -503,7 +476,7 @@ class QualityServicer(epb_grpc.QualityServiceServicer):
         self, request: epb.ResetQualityRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> epb.ResetQualityResponse:
         try:
-            self._quality(request.model, request.version).reset()
+            self.feedback.quality(request.model, request.version).reset()
             return epb.ResetQualityResponse()
         except Exception as exc:
             await _abort(context, exc)
