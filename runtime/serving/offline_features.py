@@ -11,6 +11,7 @@ at or before it (ties: the latest created timestamp), and no older than the feat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,25 @@ if TYPE_CHECKING:
 __all__ = ["historical_features"]
 
 ROW: str = "__edgewise_row"
+
+
+def _read_source(path: Path) -> pd.DataFrame:
+    """A view's batch source, read once per content (size and modification time) while a few
+    are cached: a batch job joins chunk after chunk against the same file. (A folder of files
+    is read each time: its own time does not change when a file in it is rewritten.)"""
+    if not path.is_file():
+        import pandas as pd
+
+        return pd.read_parquet(path)
+    stat = path.stat()
+    return _cached_source(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_source(path: str, size: int, mtime_ns: int) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_parquet(path)  # callers copy before changing it (rename, select)
 
 
 def historical_features(
@@ -74,7 +94,7 @@ def historical_features(
         path = Path(view.source_path.removeprefix("file://"))
         if not path.is_absolute():
             path = base / path
-        source = pd.read_parquet(path).rename(columns=dict(view.source_mapping))
+        source = _read_source(path).rename(columns=dict(view.source_mapping))
         stamp, created = view.source_timestamp, view.source_created
         columns = [*keys, stamp, *([created] if created else []), *names]
         absent = [c for c in columns if c not in source.columns]
