@@ -37,6 +37,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput, PackageError
 from edgewise.runtime.serving.online_store import (
+    BOOL,
+    DOUBLE,
+    FLOAT,
     INT32,
     INT64,
     STRING,
@@ -73,6 +76,8 @@ LOOKUP_BUCKETS: Final = (
 MISSING_POLICIES: Final = ("default", "not_found")
 STALE_POLICIES: Final = ("serve", "default", "not_found")
 STORE_ERROR_POLICIES: Final = ("unavailable", "default")
+#: The feature value types a numeric column of the model is filled from.
+NUMERIC_TYPES: Final = (INT32, INT64, DOUBLE, FLOAT, BOOL)
 
 
 class FeatureNotFound(EdgewiseError):
@@ -317,6 +322,26 @@ class _ViewPlan:
     columns: tuple[tuple[int, str, int, float], ...]  # (feature index, input, column, default)
 
 
+#: The Python types of the values a numeric column takes as they are (bool: 0 or 1).
+_NUMBERS: Final = frozenset((float, int, bool))
+
+#: (model input, its columns to fill, the view's feature index of each: None, in order).
+_Target = tuple[str, tuple[int, ...], list[int] | None]
+
+
+def _targets(view: _ViewPlan) -> tuple[_Target, ...]:
+    """Where a view's values go, per model input, for the row-at-once fill."""
+    by_input: dict[str, list[tuple[int, int]]] = {}
+    for index, target, column, _ in view.columns:
+        by_input.setdefault(target, []).append((index, column))
+    targets: list[_Target] = []
+    for target, pairs in by_input.items():
+        take = [index for index, _ in pairs]
+        columns = tuple(column for _, column in pairs)
+        targets.append((target, columns, None if take == list(range(len(view.features))) else take))
+    return tuple(targets)
+
+
 class _ModelMetrics:
     __slots__ = ("cache_hits", "cache_misses", "errors", "latency", "lookups", "missing", "stale")
 
@@ -361,6 +386,7 @@ class FeatureLookup:
         self._cache: dict[tuple[str, bytes], tuple[float, StoredRow]] = {}
         self._cache_lock = threading.Lock()
         self.accepted = frozenset((*self.entities, *self.request_inputs, *self.passthrough))
+        self._plans = [(view, _targets(view)) for view in self.views]
 
     def close(self) -> None:
         self.store.close()
@@ -379,8 +405,8 @@ class FeatureLookup:
                     f"its features up (send: {', '.join(sorted(self.accepted))})"
                 )
             given[plan.name] = plan
-        missing = [name for name in sorted(self.accepted) if name not in given]
-        if missing:
+        if len(given) != len(self.accepted):
+            missing = [name for name in sorted(self.accepted) if name not in given]
             raise InvalidInput(
                 f"missing input(s) {', '.join(map(repr, missing))} for model {model.name!r}"
             )
@@ -399,8 +425,11 @@ class FeatureLookup:
                 rows = self._rows(name, array.shape[0], rows)
             feeds[name] = array
         rows = max(rows, 0)
-        for name, width in self.filled.items():
-            feeds[name] = np.zeros((rows, width), dtype=np.float32)
+        # The filled inputs are assembled as Python lists, row by row, and made arrays once:
+        # cheaper than numpy's item and fancy assignments for the few values of a request.
+        matrices = {
+            name: [[0.0] * width for _ in range(rows)] for name, width in self.filled.items()
+        }
         for name, (target, column) in self.request_inputs.items():
             plan = given[name]
             if plan.datatype not in ("FP32", "FP64", "INT64", "INT32") or len(plan.shape) not in (
@@ -411,12 +440,16 @@ class FeatureLookup:
                     f"tensor (got {plan.datatype} {list(plan.shape)})"
                 )
             self._rows(name, plan.shape[0], rows)
-            feeds[target][:, column] = plan.decode().reshape(-1)
+            matrix = matrices[target]
+            for r, value in enumerate(plan.decode().reshape(-1).tolist()):
+                matrix[r][column] = value
         began = time.perf_counter()
         try:
-            self._fill(feeds, columns, rows, began)
+            self._fill(matrices, columns, rows, began)
         finally:
             self._m.latency.observe(time.perf_counter() - began)
+        for name, width in self.filled.items():
+            feeds[name] = np.array(matrices[name], dtype=np.float32).reshape(rows, width)
         return feeds, rows
 
     def _rows(self, name: str, count: int, rows: int) -> int:
@@ -446,7 +479,7 @@ class FeatureLookup:
 
     def _fill(
         self,
-        feeds: dict[str, npt.NDArray[Any]],
+        matrices: dict[str, list[list[Any]]],
         entities: Mapping[str, list[Any]],
         rows: int,
         began: float,
@@ -454,17 +487,21 @@ class FeatureLookup:
         m = self._m
         settings = self.settings
         now = time.time()
-        for view in self.views:
+        for view, targets in self._plans:
             key_values = [entities[k] for k in view.keys]
-            keys = [
-                entity_key(view.keys, view.types, [values[r] for values in key_values])
-                for r in range(rows)
-            ]
+            if len(view.keys) == 1:
+                keys = [entity_key(view.keys, view.types, (value,)) for value in key_values[0]]
+            else:
+                keys = [
+                    entity_key(view.keys, view.types, [values[r] for values in key_values])
+                    for r in range(rows)
+                ]
             try:
                 stored = self._read(view.name, keys, view.features, began)
             except _StoreDefaults:  # the store failed, on_store_error "default": the means
                 for _, target, column, default in view.columns:
-                    feeds[target][:, column] = default
+                    for line in matrices[target]:
+                        line[column] = default
                 continue
             m.lookups.inc(rows)
             for r, row in enumerate(stored):
@@ -473,23 +510,33 @@ class FeatureLookup:
                     if settings.on_missing == "not_found":
                         self._refuse(view, key_values, r, "is not in the online store")
                     for _, target, column, default in view.columns:
-                        feeds[target][r, column] = default
+                        matrices[target][r][column] = default
                     continue
                 stamp, values = row
                 stale = view.ttl > 0 and now - stamp > view.ttl
+                if not stale and _NUMBERS.issuperset(map(type, values)):
+                    # Every value there and a number: the row's columns in one pass.
+                    for target, columns, take in targets:
+                        line = matrices[target][r]
+                        for column, value in zip(
+                            columns,
+                            values if take is None else [values[i] for i in take],
+                            strict=True,
+                        ):
+                            line[column] = value
+                    continue
                 if stale:
                     m.stale.inc(len(view.columns))
                     if settings.on_stale == "not_found":
                         self._refuse(view, key_values, r, "has only stale values")
                 use_default = stale and settings.on_stale == "default"
                 for index, target, column, default in view.columns:
-                    value = values.get(view.features[index])
-                    if value is None or use_default or isinstance(value, str | bytes):
+                    value = values[index]
+                    if value is None or use_default or type(value) not in _NUMBERS:
                         if value is None:
                             m.missing.inc()
-                        feeds[target][r, column] = default
-                    else:
-                        feeds[target][r, column] = value
+                        value = default
+                    matrices[target][r][column] = value
 
     def _refuse(self, view: _ViewPlan, key_values: list[list[Any]], row: int, why: str) -> None:
         self._m.errors.labels(self.model_name, "not_found").inc()
@@ -604,6 +651,13 @@ def build_lookup(
                 )
             default = float("nan")
         view, name = source
+        kind = next(f.value_type for f in registry.views[view].features if f.name == name)
+        if kind not in NUMERIC_TYPES:
+            raise ValueError(
+                f"column {feature.name!r}: feature {view}:{name} is "
+                f"{VALUE_TYPE_NAMES.get(kind, kind)}, not a number this numeric column takes "
+                f"({', '.join(VALUE_TYPE_NAMES[k] for k in NUMERIC_TYPES)})"
+            )
         placed[view].append((wanted[view].index(name), feature.input, feature.column, default))
     if not filled:
         raise ValueError("no column of the model's inputs is a looked-up feature")

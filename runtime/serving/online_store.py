@@ -3,7 +3,7 @@
 ``import feast`` costs seconds and hundreds of megabytes, far outside a serving node's budget, so
 Feast defines, registers and materializes features and this module reads what it wrote, from its
 documented layout (checked against Feast's own ``get_online_features`` in
-``tests/runtime/serving/test_features.py``):
+``tests/runtime/features/``):
 
 * The registry (``registry.db`` of a file registry) is a serialized ``feast.core.Registry``
   protobuf message. :func:`read_registry` decodes the few fields serving needs (entities and
@@ -431,8 +431,9 @@ def _read_service(spec: bytes) -> tuple[str, tuple[tuple[str, tuple[str, ...]], 
 
 # ---- the online stores ----------------------------------------------------------------------
 
-#: (event time in Unix seconds, feature name -> value) of one entity, or None: not in the store.
-StoredRow = tuple[float, dict[str, Value]] | None
+#: (event time in Unix seconds, the values in the order of the features asked for, None where
+#: the entity has no value of that feature), or None: the entity is not in the store.
+StoredRow = tuple[float, list[Value]] | None
 
 
 class OnlineStore(Protocol):
@@ -457,6 +458,94 @@ def _ts_seconds(text: object) -> float:
     return moment.timestamp()
 
 
+class _Layout:
+    """How one entity's aggregated row (its feature names in the store's order, the lengths of
+    their values) maps onto the features asked for: ``take[i]`` is the position in the row of
+    feature ``i`` (-1: the entity has none). ``unpack``: every value is one ``double_val``
+    (or every one a ``float_val``) of a row this long, decoded by one ``struct`` call."""
+
+    __slots__ = ("any", "count", "doubles", "fives", "floats", "identity", "nines", "take")
+
+    def __init__(self, names: Sequence[str], features: Sequence[str]) -> None:
+        where = {name: i for i, name in enumerate(names)}
+        self.count = len(names)
+        self.take = [where.get(name, -1) for name in features]
+        self.identity = self.take == list(range(len(names)))
+        self.any = any(i >= 0 for i in self.take)
+        self.doubles = (
+            ",".join(["9"] * len(names)),
+            b"\x29" * len(names),
+            struct.Struct("<" + "xd" * len(names)).unpack,
+        )
+        self.nines = [9] * len(names)
+        self.fives = [5] * len(names)
+        self.floats = (
+            ",".join(["5"] * len(names)),
+            b"\x35" * len(names),
+            struct.Struct("<" + "xf" * len(names)).unpack,
+        )
+
+    def values(self, lengths: str, joined: bytes) -> list[Value]:
+        decoded: Sequence[Value]
+        if lengths == self.doubles[0] and joined[::9] == self.doubles[1]:
+            decoded = self.doubles[2](joined)  # every value a double (Float64 features)
+        elif lengths == self.floats[0] and joined[::5] == self.floats[1]:
+            decoded = self.floats[2](joined)  # every value a float (Float32 features)
+        else:
+            decoded = []
+            pos = 0
+            for size in map(int, lengths.split(",")):
+                decoded.append(decode_value(joined[pos : pos + size]))
+                pos += size
+            if pos != len(joined):
+                raise ValueError("the values' lengths do not add up")
+        return self._taken(decoded)
+
+    def values_of(self, blobs: Sequence[bytes | None]) -> list[Value]:
+        """The same from the values one by one (None: no value)."""
+        decoded: Sequence[Value]
+        sizes = [-1 if blob is None else len(blob) for blob in blobs]
+        if sizes == self.nines and (joined := b"".join(blobs))[::9] == self.doubles[1]:  # type: ignore[arg-type]
+            decoded = self.doubles[2](joined)
+        elif sizes == self.fives and (joined := b"".join(blobs))[::5] == self.floats[1]:  # type: ignore[arg-type]
+            decoded = self.floats[2](joined)
+        else:
+            decoded = [None if blob is None else decode_value(blob) for blob in blobs]
+        return self._taken(decoded)
+
+    def _taken(self, decoded: Sequence[Value]) -> list[Value]:
+        if self.identity:
+            return list(decoded)
+        return [None if i < 0 else decoded[i] for i in self.take]
+
+
+class _SqliteConnection:
+    """One thread's read-only connection, its progress handler installed once: a statement
+    running past ``give_up`` (``time.monotonic()``) is interrupted."""
+
+    __slots__ = ("conn", "give_up")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.give_up = float("inf")
+        conn.set_progress_handler(self._over, 1000)
+
+    def _over(self) -> int:
+        return int(time.monotonic() > self.give_up)
+
+
+# Each entity's rows of a feature view in one result row, so that a point read is one step of
+# one statement (sqlite3 returns a Python tuple, and lets go of the GIL, per row): its feature
+# names and the lengths of their values in the store's order, the values concatenated (exactly:
+# group_concat appends each value's bytes, with no separator, in the same order; the file's text
+# encoding is checked to be UTF-8, Feast's), and the latest event time.
+_READ = (
+    "SELECT entity_key, group_concat(feature_name, char(31)), group_concat(length(value)), "
+    "CAST(group_concat(coalesce(value, x''), '') AS BLOB), max(event_ts) "
+    'FROM "{table}" WHERE entity_key IN ({marks}) GROUP BY entity_key'
+)
+
+
 class SqliteOnlineStore:
     """Feast's SQLite online store (the local provider), read-only. One connection per thread;
     a read that takes longer than its budget (a query, or the wait for a writer's lock) is
@@ -467,10 +556,11 @@ class SqliteOnlineStore:
         self.project = project
         self._local = threading.local()
         self._sql: dict[tuple[str, int], str] = {}
+        self._layouts: dict[tuple[str, tuple[str, ...]], _Layout] = {}
 
-    def _connection(self, budget: float) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+    def _connection(self, budget: float) -> _SqliteConnection:
+        held: _SqliteConnection | None = getattr(self._local, "conn", None)
+        if held is None:
             if not self.path.is_file():
                 raise StoreError(f"online store {self.path}: no such file")
             try:
@@ -480,60 +570,73 @@ class SqliteOnlineStore:
                 # The wait for a writer's lock is bounded by the budget (set once: a statement
                 # per read would cost as much as the read).
                 conn.execute(f"PRAGMA busy_timeout = {max(1, int(budget * 1000))}")
+                encoding = conn.execute("PRAGMA encoding").fetchone()[0]
             except sqlite3.Error as exc:
                 raise StoreError(f"online store {self.path}: {exc}") from None
-            self._local.conn = conn
-        return conn
+            if encoding != "UTF-8":
+                conn.close()
+                raise StoreError(
+                    f"online store {self.path}: text encoding {encoding}, not Feast's UTF-8"
+                )
+            held = self._local.conn = _SqliteConnection(conn)
+        return held
 
     def read(
         self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
     ) -> list[StoredRow]:
-        conn = self._connection(budget)
+        held = self._connection(budget)
         sql = self._sql.get((view, len(keys)))
         if sql is None:
             table = f"{self.project}_{view}".replace('"', '""')
-            marks = ",".join("?" * len(keys))
-            sql = self._sql[(view, len(keys))] = (
-                f'SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
-                f"WHERE entity_key IN ({marks})"
+            sql = self._sql[(view, len(keys))] = _READ.format(
+                table=table, marks=",".join("?" * len(keys))
             )
-        give_up = time.monotonic() + budget
-        # The query itself is interrupted once the budget is spent.
-        conn.set_progress_handler(lambda: int(time.monotonic() > give_up), 1000)
+        held.give_up = time.monotonic() + budget  # the query is interrupted past it
         try:
-            rows = conn.execute(sql, list(keys)).fetchall()
+            rows = held.conn.execute(sql, keys).fetchall()
         except sqlite3.OperationalError as exc:
-            if time.monotonic() > give_up:
+            if time.monotonic() > held.give_up:
                 raise StoreError(
                     f"online store {self.path}: read took over the {budget * 1000:.1f} ms budget"
                 ) from None
             raise StoreError(f"online store {self.path}: {exc}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"online store {self.path}: {exc}") from None
-        finally:
-            conn.set_progress_handler(None, 0)
-        wanted = set(features)
-        found: dict[bytes, tuple[float, dict[str, Value]]] = {}
-        for key, name, blob, stamp in rows:
-            if name not in wanted:
-                continue
-            entry = found.get(key)
-            if entry is None:
-                entry = found[key] = (_ts_seconds(stamp), {})
-            entry[1][name] = decode_value(blob)
+        found: dict[bytes, tuple[float, list[Value]]] = {}
+        try:
+            for key, names, lengths, joined, stamp in rows:
+                signature = (names, tuple(features))
+                layout = self._layouts.get(signature)
+                if layout is None:
+                    if len(self._layouts) > 64:  # a bound; a view's rows have one or two orders
+                        self._layouts.clear()
+                    layout = self._layouts[signature] = _Layout(names.split("\x1f"), features)
+                values = layout.values(lengths, joined)
+                if layout.any:
+                    found[key] = (_ts_seconds(stamp), values)
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            raise StoreError(f"online store {self.path}: a value cannot be read ({exc})") from None
+        if len(keys) == 1:
+            return [found.get(keys[0])]
         return [found.get(key) for key in keys]
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            held.conn.close()
             self._local.conn = None
 
 
 class RedisOnlineStore:
     """Feast's Redis online store, read with a minimal RESP client (HMGET, pipelined): one
     connection per thread, opened on first use and dropped after an error; every read is bounded
-    by its budget (socket timeout)."""
+    by its budget.
+
+    The socket stays blocking, with the kernel's send and receive timeouts (SO_SNDTIMEO,
+    SO_RCVTIMEO) as the bound: a read is then one ``send`` and, mostly, one ``recv`` (a Python
+    socket timeout polls before every call and switches the socket's mode each time it is set).
+    The timeouts are set again only when what is left of the budget is below them or over a
+    quarter above them, so a read may be refused when up to a fifth of what was left remains."""
 
     def __init__(self, host: str, port: int, project: str, db: int = 0, password: str = "") -> None:
         self.host = host
@@ -542,7 +645,9 @@ class RedisOnlineStore:
         self.db = db
         self.password = password
         self._local = threading.local()
-        self._fields: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
+        # (view, features) -> (the HMGET fields, the command's part after the key)
+        self._commands: dict[tuple[str, tuple[str, ...]], tuple[int, bytes]] = {}
+        self._layouts: dict[tuple[str, tuple[str, ...]], _Layout] = {}
 
     @classmethod
     def from_connection_string(cls, text: str, project: str) -> RedisOnlineStore:
@@ -558,8 +663,8 @@ class RedisOnlineStore:
             password=settings.get("password", ""),
         )
 
-    def _socket(self, budget: float) -> tuple[socket.socket, _Reader]:
-        held: tuple[socket.socket, _Reader] | None = getattr(self._local, "conn", None)
+    def _connection(self, budget: float) -> _RedisConnection:
+        held: _RedisConnection | None = getattr(self._local, "conn", None)
         if held is None:
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=budget)
@@ -568,64 +673,78 @@ class RedisOnlineStore:
                     f"online store redis {self.host}:{self.port}: down ({_reason(exc)})"
                 ) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            held = (sock, _Reader(sock))
-            self._local.conn = held
+            sock.settimeout(None)  # blocking; bounded by the kernel's timeouts
+            held = self._local.conn = _RedisConnection(sock)
             setup: list[list[bytes]] = []
             if self.password:
                 setup.append([b"AUTH", self.password.encode()])
             if self.db:
                 setup.append([b"SELECT", str(self.db).encode()])
             if setup:
-                sock.settimeout(budget)
+                held.bound(budget)
                 sock.sendall(b"".join(_command(c) for c in setup))
                 for _ in setup:
-                    held[1].reply()
+                    held.reply()
         return held
+
+    def _command_of(self, view: str, names: tuple[str, ...]) -> tuple[int, bytes]:
+        command = self._commands.get((view, names))
+        if command is None:
+            fields = [redis_field(view, name) for name in names] + [f"_ts:{view}".encode()]
+            tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+            command = self._commands[(view, names)] = (len(fields), tail)
+        return command
 
     def read(
         self, view: str, keys: Sequence[bytes], features: Sequence[str], budget: float
     ) -> list[StoredRow]:
         names = tuple(features)
-        hashes = self._fields.get((view, names))
-        if hashes is None:
-            hashes = [redis_field(view, name) for name in names] + [f"_ts:{view}".encode()]
-            self._fields[(view, names)] = hashes
+        count, tail = self._command_of(view, names)
+        head = b"*%d\r\n$5\r\nHMGET\r\n" % (count + 2)
+        size = len(self.project)
         try:
-            sock, reader = self._socket(budget)
-            sock.settimeout(budget)
-            sock.sendall(
-                b"".join(_command([b"HMGET", key + self.project, *hashes]) for key in keys)
+            held = self._connection(budget)
+            held.bound(budget)
+            held.sock.sendall(
+                b"".join(
+                    b"%s$%d\r\n%s%s%s" % (head, len(key) + size, key, self.project, tail)
+                    for key in keys
+                )
             )
-            replies = [reader.reply() for _ in keys]
+            replies = [held.reply() for _ in keys]
         except (OSError, StoreError, ValueError) as exc:
             self.close()
-            if isinstance(exc, TimeoutError | socket.timeout):
+            if isinstance(exc, TimeoutError | socket.timeout | BlockingIOError):
                 raise StoreError(
                     f"online store redis {self.host}:{self.port}: read took over the "
                     f"{budget * 1000:.1f} ms budget"
                 ) from None
             why = _reason(exc) if isinstance(exc, OSError) else str(exc)
             raise StoreError(f"online store redis {self.host}:{self.port}: {why}") from None
+        layout = self._layouts.get((view, names))
+        if layout is None:
+            layout = self._layouts[(view, names)] = _Layout(names, names)
         result: list[StoredRow] = []
-        for reply in replies:
-            if not isinstance(reply, list) or reply[-1] is None:
-                result.append(None)
-                continue
-            stamp = reply[-1]
-            assert isinstance(stamp, bytes)
-            values = {
-                name: decode_value(blob)
-                for name, blob in zip(names, reply[:-1], strict=True)
-                if isinstance(blob, bytes)
-            }
-            result.append((_timestamp_seconds(stamp), values))
+        try:
+            for reply in replies:
+                if not isinstance(reply, list) or len(reply) != count or reply[-1] is None:
+                    result.append(None)
+                    continue
+                stamp = reply[-1]
+                assert isinstance(stamp, bytes)
+                values = layout.values_of(reply[:-1])  # type: ignore[arg-type]
+                result.append((_timestamp_seconds(stamp), values))
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            raise StoreError(
+                f"online store redis {self.host}:{self.port}: a value cannot be read ({exc})"
+            ) from None
         return result
 
     def close(self) -> None:
         held = getattr(self._local, "conn", None)
         if held is not None:
             self._local.conn = None
-            held[0].close()
+            held.sock.close()
 
 
 def _reason(exc: OSError) -> str:
@@ -644,32 +763,71 @@ def _command(parts: Sequence[bytes]) -> bytes:
 RespValue = bytes | int | None | list["RespValue"]
 
 
-class _Reader:
-    """RESP2 replies from a socket."""
+class _RedisConnection:
+    """A blocking socket to Redis with the kernel's timeouts, and RESP2 replies read from it."""
+
+    __slots__ = ("buffer", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.file = sock.makefile("rb")
+        self.sock = sock
+        self.buffer = b""
+        self.timeout = 0.0  # the send and receive timeouts set (0: none)
+
+    def bound(self, budget: float) -> None:
+        """Send and receive within ``budget`` seconds (see RedisOnlineStore)."""
+        if self.timeout <= budget <= self.timeout * 1.25:
+            return
+        timeout = max(budget * 0.9, 1e-6)
+        seconds = int(timeout)
+        value = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        self.timeout = timeout
 
     def reply(self) -> RespValue:
-        line = self.file.readline()
-        if not line.endswith(b"\r\n"):
-            raise StoreError("the store closed the socket")
-        kind, body = line[:1], line[1:-2]
-        if kind == b"+":
-            return body
-        if kind == b"-":
-            raise StoreError(body.decode(errors="replace"))
-        if kind == b":":
-            return int(body)
-        if kind == b"$":
-            length = int(body)
-            if length < 0:
+        while True:
+            parsed = _parse(self.buffer, 0)
+            if parsed is not None:
+                value, end = parsed
+                self.buffer = self.buffer[end:]
+                return value
+            data = self.sock.recv(65536)
+            if not data:
+                raise StoreError("the store closed the socket")
+            self.buffer += data
+
+
+def _parse(buf: bytes, pos: int) -> tuple[RespValue, int] | None:
+    """(the RESP2 value at ``pos``, where it ends), or None: the buffer ends before it does."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind = buf[pos]
+    if kind == 0x24:  # $: a bulk string
+        length = int(buf[pos + 1 : end])
+        if length < 0:
+            return None, end + 2
+        stop = end + 2 + length
+        if len(buf) < stop + 2:
+            return None
+        return buf[end + 2 : stop], stop + 2
+    if kind == 0x2A:  # *: an array
+        count = int(buf[pos + 1 : end])
+        if count < 0:
+            return None, end + 2
+        items: list[RespValue] = []
+        pos = end + 2
+        for _ in range(count):
+            parsed = _parse(buf, pos)
+            if parsed is None:
                 return None
-            data = self.file.read(length + 2)
-            return data[:-2]
-        if kind == b"*":
-            count = int(body)
-            if count < 0:
-                return None
-            return [self.reply() for _ in range(count)]
-        raise StoreError(f"unexpected reply {line[:20]!r}")
+            item, pos = parsed
+            items.append(item)
+        return items, pos
+    if kind == 0x2B:  # +: a simple string
+        return buf[pos + 1 : end], end + 2
+    if kind == 0x3A:  # :: an integer
+        return int(buf[pos + 1 : end]), end + 2
+    if kind == 0x2D:  # -: an error
+        raise StoreError(buf[pos + 1 : end].decode(errors="replace"))
+    raise StoreError(f"unexpected reply {buf[pos : pos + 20]!r}")

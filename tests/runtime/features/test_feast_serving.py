@@ -177,7 +177,7 @@ def test_registry_and_sqlite_reads_equal_feasts(setup: Setup) -> None:
         assert row is not None
         stamp, values = row
         assert stamp == pytest.approx(fr.T0.timestamp())
-        assert values == {f: online[f][n] for f in fr.FEATURES}
+        assert values == [online[f][n] for f in fr.FEATURES]
 
 
 def test_served_with_entity_keys_only(setup: Setup) -> None:
@@ -302,7 +302,7 @@ def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> Non
                 continue
             assert row is not None
             assert row[0] == pytest.approx(fr.T0.timestamp())
-            assert row[1] == {f: online[f][n] for f in fr.FEATURES}
+            assert row[1] == [online[f][n] for f in fr.FEATURES]
         convert(setup.model, setup.X, name="risk_redis", repo=setup.models)
         section = _features_section(repo, on_missing="not_found")
         section["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
