@@ -130,3 +130,31 @@ def test_the_metrics_port_binds_loopback_by_default() -> None:
 def test_the_switches_need_what_they_use(overrides: dict[str, bool], says: str) -> None:
     with pytest.raises(InvalidInput, match=says):
         ServerSettings.from_sources(overrides, environ={})
+
+
+def test_the_supervisors_metrics_port_checks_tokens_too(model_repo: Path, tmp_path: Path) -> None:
+    shutil.copytree(model_repo / "logreg", tmp_path / "repo" / "logreg")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{READ} read prometheus\n{INFER} infer app\n")
+    running = start_server(
+        tmp_path / "repo",
+        tmp_path / "server",
+        ["--monitoring", "off", "--tokens-file", str(tokens), "--metrics-auth", "on",
+         "--processes", "2", "--front-end", "grpcio"],
+        security=ClientSecurity(token=READ),
+    )  # fmt: skip
+    try:
+
+        def scrape(token: str | None) -> int:
+            request = urllib.request.Request(running.metrics_url)
+            if token is not None:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return int(answer.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert (scrape(None), scrape(INFER), scrape(READ)) == (401, 403, 200)
+    finally:
+        assert running.stop() == 0, running.log()
