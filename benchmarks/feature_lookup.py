@@ -17,8 +17,17 @@ p50 of each case; reported: median over rounds of p50, and the median of the per
 differences against ``direct`` (targets: +50 us SQLite, +150 us Redis). The server's own
 lookup time (edgewise_feature_lookup_seconds) is reported as its mean.
 
+``core_added_latency``: the serving core alone, in this process (no network, no server):
+``DataPlane.prepare`` of the same one-entity requests (the lookup, the checks and the decoding
+of the request; the model does not run), alternating rounds as above; reported: median over
+rounds of p50, the median of the per-round differences against ``direct``, its ratio to the
+target, and lookups per second (prepared requests per second of one thread, one entity each).
+
 ``store_reads_per_second``: the readers alone in this process (no server): reads of 1 and 32
 entities per second, SQLite and Redis.
+
+The SQLite online store is put in WAL mode first, as docs/features.md has a deployment do once
+after ``feast apply`` (reads then take no file lock).
 
 ``plain_server``: a server whose repository holds only ``direct``: time from start to SERVING,
 RSS once serving, and whether it imported the lookup modules (``python -X importtime`` on the
@@ -31,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -48,6 +58,10 @@ sys.path.insert(0, str(ROOT))
 from sklearn.linear_model import LinearRegression  # noqa: E402
 
 from edgewise.runtime.convert.converter import convert  # noqa: E402
+from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb  # noqa: E402
+from edgewise.runtime.serving.codecs import encode_inputs  # noqa: E402
+from edgewise.runtime.serving.dataplane import DataPlane  # noqa: E402
+from edgewise.runtime.serving.monitor_config import MonitorConfig  # noqa: E402
 from edgewise.runtime.serving.online_store import (  # noqa: E402
     RedisOnlineStore,
     SqliteOnlineStore,
@@ -55,6 +69,9 @@ from edgewise.runtime.serving.online_store import (  # noqa: E402
 )
 from tests import feast_repo as fr  # noqa: E402
 from tests.servers import start_server  # noqa: E402
+
+#: Issue 24's targets: what a lookup may add to a request's p50, one entity (us).
+TARGETS_US = {"sqlite": 50.0, "sqlite_cached": 50.0, "redis": 150.0}
 
 
 def section(repo: Path, store: dict[str, str], cache: bool) -> dict[str, Any]:
@@ -113,6 +130,8 @@ def main() -> None:
         root = Path(tmp)
         repo = fr.write_repo(root / "sqlite_repo")
         fr.run_feast(repo, apply=True, materialize_end=fr.NOW.isoformat())
+        with sqlite3.connect(repo / "data" / "online_store.db") as conn:  # the deployment step
+            assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         redis_repo = None
         redis_port = None
         if fr.redis_missing() is None:
@@ -161,6 +180,9 @@ def main() -> None:
                     }
                 )
 
+        # ---- the serving core alone, in this process -----------------------------------------
+        core(models, X, list(configs), args.rounds, args.requests * 5)
+
         # ---- added latency on a served request ----------------------------------------------
         server = start_server(models, root / "server")
         try:
@@ -194,12 +216,17 @@ def main() -> None:
                 total = metric(
                     server.metrics_url, "edgewise_feature_lookup_seconds_sum", model=case
                 )
+                target = TARGETS_US.get(case)
                 emit(
                     {
                         "case": "lookup_added_latency",
                         "model": case,
                         "p50_us": round(statistics.median(p50s[case]), 1),
                         "added_p50_us": round(statistics.median(added), 1),
+                        "target_us": target,
+                        "ratio_to_target": (
+                            round(statistics.median(added) / target, 2) if target else None
+                        ),
                         "server_lookup_mean_us": round(total / count * 1e6, 1) if count else None,
                         "rounds": args.rounds,
                         "requests_per_round": args.requests,
@@ -235,6 +262,64 @@ def main() -> None:
                     "rounds": args.rounds,
                 }
             )
+
+
+def core(models: Path, X: Any, cases: list[str], rounds: int, requests: int) -> None:
+    """``core_added_latency`` (see the module's docstring)."""
+    from edgewise.runtime.serving.repository import ModelRepository
+
+    repository = ModelRepository(models, monitor_defaults=MonitorConfig(enabled=False))
+    repository.load_all()
+    dataplane = DataPlane(repository)
+    row = X.iloc[[5]].to_numpy(dtype=np.float32)
+    requests_of: dict[str, pb.ModelInferRequest] = {}
+    for case in cases:
+        request = pb.ModelInferRequest(model_name=case)
+        inputs = (
+            {"features": row}
+            if case == "direct"
+            else {fr.ENTITY: np.array([[5]], np.int64), fr.REQUEST_INPUT: row[:, [2]].copy()}
+        )
+        encode_inputs(request, inputs, raw=True)
+        requests_of[case] = request
+    p50s: dict[str, list[float]] = {c: [] for c in cases}
+    rates: dict[str, list[float]] = {c: [] for c in cases}
+    for case in cases:  # warm up: connections opened, caches filled
+        for _ in range(200):
+            dataplane.prepare(requests_of[case])
+    for r in range(rounds):
+        for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            request = requests_of[case]
+            times = []
+            began = time.perf_counter()
+            for _ in range(requests):
+                start = time.perf_counter_ns()
+                dataplane.prepare(request)
+                times.append(time.perf_counter_ns() - start)
+            rates[case].append(requests / (time.perf_counter() - began))
+            p50s[case].append(statistics.median(times) / 1000)
+    for case in cases:
+        added = statistics.median(a - b for a, b in zip(p50s[case], p50s["direct"], strict=True))
+        target = TARGETS_US.get(case)
+        emit(
+            {
+                "case": "core_added_latency",
+                "model": case,
+                "p50_us": round(statistics.median(p50s[case]), 1),
+                "added_p50_us": round(added, 1),
+                "target_us": target,
+                "ratio_to_target": round(added / target, 2) if target else None,
+                "lookups_per_second": (
+                    round(statistics.median(rates[case])) if case != "direct" else None
+                ),
+                "rounds": rounds,
+                "requests_per_round": requests,
+            }
+        )
+    for case in cases:
+        features = repository.get(case).features
+        if features is not None:
+            features.close()
 
 
 @contextlib.contextmanager

@@ -73,7 +73,8 @@ VALUE_TYPE_NAMES: Final = {
     UNIX_TIMESTAMP: "UNIX_TIMESTAMP",
 }
 
-Value = float | int | str | bytes | bool | None
+Scalar = float | int | str | bytes | bool
+Value = Scalar | list[Scalar] | None
 
 
 class StoreError(Exception):
@@ -134,7 +135,9 @@ _FLOAT = struct.Struct("<f").unpack_from
 
 
 def decode_value(blob: bytes) -> Value:
-    """A serialized ``feast.types.Value`` (scalars; a list or null value is None)."""
+    """A serialized ``feast.types.Value``: a scalar, a list (of a list type: ``*_list_val``,
+    packed or not), or None (null, or a kind this reader does not serve: sets, maps, JSON,
+    structs, decimals, UUIDs)."""
     # The common cases first, without the general reader: one double_val (tag 0x29) or
     # float_val (tag 0x35) field, the whole message.
     if len(blob) == 9 and blob[0] == 0x29:
@@ -157,9 +160,48 @@ def decode_value(blob: bytes) -> Value:
             result = raw.decode("utf-8")
         elif number == 1 and isinstance(raw, bytes):  # bytes_val
             result = raw
-        else:  # lists, null_val, anything newer: not a scalar this reader serves
+        elif number in _LISTS and isinstance(raw, bytes):
+            result = _decode_list(number, raw)
+        else:  # null_val, anything newer: not a value this reader serves
             result = None
     return result
+
+
+# Value's list fields: bytes 11, string 12, int32 13, int64 14, double 15, float 16, bool 17,
+# unix_timestamp 18; each a message {repeated T val = 1}.
+_LISTS: Final = frozenset(range(11, 19))
+
+
+def _decode_list(number: int, blob: bytes) -> list[Scalar]:
+    items: list[Scalar] = []
+    for n, _, raw in _fields(blob):
+        if n != 1:
+            continue
+        if number == 11 and isinstance(raw, bytes):
+            items.append(raw)
+        elif number == 12 and isinstance(raw, bytes):
+            items.append(raw.decode("utf-8"))
+        elif number == 15 and isinstance(raw, bytes):  # packed (wire 2) or one (wire 1)
+            items.extend(struct.unpack(f"<{len(raw) // 8}d", raw))
+        elif number == 16 and isinstance(raw, bytes):  # packed (wire 2) or one (wire 5)
+            items.extend(struct.unpack(f"<{len(raw) // 4}f", raw))
+        else:  # varints: int32 13, int64 14, bool 17, unix_timestamp 18; packed or one
+            numbers: list[int] = []
+            if isinstance(raw, int):
+                numbers.append(raw)
+            else:
+                pos = 0
+                while pos < len(raw):
+                    value, pos = _varint(raw, pos)
+                    numbers.append(value)
+            for value in numbers:
+                if number == 17:
+                    items.append(bool(value))
+                elif number == 13:
+                    items.append(((value + (1 << 31)) % (1 << 32)) - (1 << 31))
+                else:
+                    items.append(_signed64(value))
+    return items
 
 
 def _timestamp_seconds(blob: bytes) -> float:

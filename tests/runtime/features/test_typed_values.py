@@ -1,0 +1,190 @@
+"""Values of every scalar and list type Feast writes, read without Feast from its SQLite and
+Redis online stores, equal Feast's own ``get_online_features`` (Feast 0.67 in its own
+environment, tests/feast_repo.py): the readers' decoding of ``feast.types.Value`` (the fast
+paths for rows of doubles or floats, and the general one), the mapping of the features asked
+for (any subset, any order) onto what the store holds, and an entity the store does not have."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from edgewise.runtime.serving.online_store import (
+    RedisOnlineStore,
+    SqliteOnlineStore,
+    StoredRow,
+    entity_key,
+    read_registry,
+)
+from tests import feast_repo as fr
+from tests.prerequisites import unmet
+
+VIEW = "typed"
+IDS = [0, 1, 2, 3, 4]
+UNKNOWN = 99
+DEFINITIONS = """
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
+
+patient = Entity(name="patient", join_keys=["patient_id"], value_type=ValueType.INT64)
+source = FileSource(name="typed", path={path!r}, timestamp_field="event_timestamp")
+typed = FeatureView(
+    name="typed",
+    entities=[patient],
+    ttl=timedelta(days=2),
+    schema=[
+        Field(name="f64", dtype=Float64),
+        Field(name="f32", dtype=Float32),
+        Field(name="i64", dtype=Int64),
+        Field(name="i32", dtype=Int32),
+        Field(name="flag", dtype=Bool),
+        Field(name="word", dtype=String),
+        Field(name="color", dtype=String),
+        Field(name="f64s", dtype=Array(Float64)),
+        Field(name="f32s", dtype=Array(Float32)),
+        Field(name="i64s", dtype=Array(Int64)),
+        Field(name="i32s", dtype=Array(Int32)),
+        Field(name="words", dtype=Array(String)),
+        Field(name="flags", dtype=Array(Bool)),
+    ],
+    source=source,
+)
+service = FeatureService(name="diabetes_v1", features=[typed])
+OBJECTS = [patient, typed, service]
+"""
+FEATURES = ("f64", "f32", "i64", "i32", "flag", "word", "color", "f64s", "f32s", "i64s", "i32s",
+            "words", "flags")  # fmt: skip
+
+
+def _table() -> pa.Table:
+    n = len(IDS)
+    return pa.table(
+        {
+            "patient_id": pa.array(IDS, pa.int64()),
+            "event_timestamp": pa.array([pd.Timestamp(fr.T0)] * n, pa.timestamp("us", "UTC")),
+            "f64": pa.array([1.5, -2.25, 1e300, 0.0, 1 / 3], pa.float64()),
+            "f32": pa.array([0.1, -3.5, 2.0, 1e-3, 7.0], pa.float32()),
+            "i64": pa.array([0, -1, 2**40, -(2**62), 5], pa.int64()),
+            "i32": pa.array([0, -1, 2**31 - 1, -(2**31), 7], pa.int32()),
+            "flag": pa.array([True, False, True, False, True]),
+            "word": pa.array(["a", "", "héllo", None, "x,y\x1f"], pa.string()),
+            "color": pa.array(["red", "blue", "red", None, "green"], pa.string()),
+            "f64s": pa.array([[1.0, 2.5], [], [-0.5], [1e-300], [3.0, 4.0, 5.0]]),
+            "f32s": pa.array([[0.1], [], [2.0, -1.0], [3.5], [0.0]], pa.list_(pa.float32())),
+            "i64s": pa.array([[1, -2], [], [2**40], [0], [-5]], pa.list_(pa.int64())),
+            "i32s": pa.array([[1, -2], [], [2**31 - 1], [0], [-(2**31)]], pa.list_(pa.int32())),
+            "words": pa.array([["a", "b"], [], ["é"], ["x"], ["y", "z"]]),
+            "flags": pa.array([[True], [], [False, True], [False], [True, True]]),
+        }
+    )
+
+
+def _write_repo(folder: Path, redis_port: int | None = None) -> Path:
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(_table(), data / "typed.parquet")
+    (folder / "definitions.py").write_text(DEFINITIONS.format(path=str(data / "typed.parquet")))
+    if redis_port is None:
+        online = "  type: sqlite\n  path: data/online_store.db\n"
+    else:
+        online = f'  type: redis\n  connection_string: "127.0.0.1:{redis_port}"\n'
+    (folder / "feature_store.yaml").write_text(
+        f"project: {fr.PROJECT}\nregistry: data/registry.db\nprovider: local\n"
+        f"online_store:\n{online}offline_store:\n  type: file\n"
+        "entity_key_serialization_version: 3\n"
+    )
+    return folder
+
+
+def _feast_rows(folder: Path) -> dict[str, list[Any]]:
+    """Feast applies and materializes the repository; its get_online_features of IDS + UNKNOWN."""
+    answer = fr.run_feast(
+        folder, apply=True, materialize_end=fr.NOW.isoformat(), online_ids=[*IDS, UNKNOWN]
+    )
+    online: dict[str, list[Any]] = answer["online"]
+    return online
+
+
+def _check(rows: list[StoredRow], online: dict[str, list[Any]], features: tuple[str, ...]) -> None:
+    assert len(rows) == len(IDS) + 1
+    for n, row in enumerate(rows):
+        if n == len(IDS):  # UNKNOWN
+            assert row is None
+            assert all(online[f][n] is None for f in features)
+            continue
+        assert row is not None
+        stamp, values = row
+        assert stamp == pytest.approx(fr.T0.timestamp())
+        for name, value in zip(features, values, strict=True):
+            want = online[name][n]
+            assert value == want, (name, IDS[n], value, want)
+            assert type(value) is type(want), (name, IDS[n], value, want)
+
+
+@pytest.fixture(scope="module")
+def feast_ready() -> None:
+    reason = fr.feast_missing()
+    if reason is not None:
+        unmet(reason)
+
+
+@pytest.fixture(scope="module")
+def sqlite_repo(feast_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    folder = _write_repo(tmp_path_factory.mktemp("typed") / "repo")
+    yield folder, _feast_rows(folder)
+
+
+def _keys() -> list[bytes]:
+    return [entity_key([fr.ENTITY], [4], [i]) for i in [*IDS, UNKNOWN]]
+
+
+def test_registry_has_the_types(sqlite_repo: Any) -> None:
+    folder, _ = sqlite_repo
+    view = read_registry(folder / "data" / "registry.db", fr.PROJECT).views[VIEW]
+    kinds = {f.name: f.value_type for f in view.features}
+    # feast.types.ValueType: DOUBLE 5, FLOAT 6, INT64 4, INT32 3, BOOL 7, STRING 2, lists +10
+    assert kinds == {"f64": 5, "f32": 6, "i64": 4, "i32": 3, "flag": 7, "word": 2, "color": 2, "f64s": 15,
+                     "f32s": 16, "i64s": 14, "i32s": 13, "words": 12, "flags": 17}  # fmt: skip
+
+
+def test_sqlite_values_equal_feasts(sqlite_repo: Any) -> None:
+    folder, online = sqlite_repo
+    store = SqliteOnlineStore(folder / "data" / "online_store.db", fr.PROJECT)
+    try:
+        _check(store.read(VIEW, _keys(), FEATURES, 5.0), online, FEATURES)
+        # A subset in another order, one entity at a time and all at once; then the
+        # all-doubles fast path (one feature) and the all-floats one.
+        subset = ("word", "i64s", "f64", "flags")
+        _check(store.read(VIEW, _keys(), subset, 5.0), online, subset)
+        one = [store.read(VIEW, [key], subset, 5.0)[0] for key in _keys()]
+        _check(one, online, subset)
+        for single in (("f64",), ("f32",), ("f64s",)):
+            _check(store.read(VIEW, _keys(), single, 5.0), online, single)
+    finally:
+        store.close()
+
+
+def test_redis_values_equal_feasts(feast_ready: None, tmp_path: Path) -> None:
+    reason = fr.redis_missing()
+    if reason is not None:
+        unmet(reason)
+    with fr.redis_server(tmp_path / "redis") as port:
+        folder = _write_repo(tmp_path / "repo", redis_port=port)
+        online = _feast_rows(folder)
+        store = RedisOnlineStore("127.0.0.1", port, fr.PROJECT)
+        try:
+            _check(store.read(VIEW, _keys(), FEATURES, 5.0), online, FEATURES)
+            subset = ("word", "i64s", "f64", "flags")
+            _check(store.read(VIEW, _keys(), subset, 5.0), online, subset)
+            for single in (("f64",), ("f32",), ("f64s",)):
+                _check(store.read(VIEW, _keys(), single, 5.0), online, single)
+        finally:
+            store.close()
