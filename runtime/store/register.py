@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,21 +137,20 @@ def _copy_package(source: Path, manifest: Manifest, target: Path) -> None:
 def _next_version(store: Store, name: str) -> int:
     """The number the store gives the next version of ``name`` (checked after publishing: a
     concurrent register, or a store that skips numbers, makes the published one differ)."""
-    try:
-        versions = store.list_versions(name)
-    except ModelNotFound:
-        return 1
-    return max((record.version for record in versions), default=0) + 1
+    latest = next((m.latest_version for m in store.list_models() if m.name == name), None)
+    return (latest or 0) + 1
 
 
 def _carry_signature(
-    source: Path, copy: Path, key: Ed25519PrivateKey | None, version: int
+    source: Path, copy: Path, key: Ed25519PrivateKey | None, next_version: Callable[[], int]
 ) -> int | None:
-    """Sign the copy as ``version`` with ``key`` (with the behaviour sections of the source's
+    """Sign the copy as the store's next version with ``key`` (with the sections of the source's
     ``config.json``); without a key, keep the source's signature when the manifest is unchanged
     and it signs that version (otherwise the copy is left unsigned: the signature would not
-    verify). Returns the version the copy is signed as (None: unsigned)."""
+    verify). ``next_version`` asks the store (only for a signed package). Returns the version
+    the copy is signed as (None: unsigned)."""
     if key is not None:
+        version = next_version()
         sign_package(copy, key, version=version, config_dir=source.parent)
         return version
     signature = safe_join(source, SIGNATURE_FILE)
@@ -168,6 +167,7 @@ def _carry_signature(
     except SignatureError as exc:
         log.warning("%s: its manifest.sig is dropped (%s); sign with --sign-key", source, exc)
         return None
+    version = next_version()
     if signed != version:
         log.warning(
             "%s: its manifest.sig is dropped (it signs version %d, the store will number this "
@@ -233,7 +233,7 @@ def register(
             manifest = dataclasses.replace(manifest, config=config)
             write_manifest(copy, manifest)
         verify_files(copy, manifest)
-        signed_as = _carry_signature(package, copy, key, _next_version(store, name))
+        signed_as = _carry_signature(package, copy, key, lambda: _next_version(store, name))
         lineage = collect_lineage(
             manifest,
             code_dir=code_dir,

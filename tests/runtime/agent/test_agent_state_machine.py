@@ -1,7 +1,9 @@
 """The agent's state as a hypothesis state machine: polls, the store going away and coming back
 (or missing from the start), new versions registered, the agent killed and restarted (a new agent
-over the same state folder), and `edgewise rollback` by hand, against a small reference model of
-the deployed and last good versions, what the server serves, and the gauges the agent publishes.
+over the same state folder), `edgewise rollback` by hand, the alias moved back to an earlier
+version and the agent restarted with or without --allow-rollback (rollback protection), against a
+small reference model of the deployed and last good versions, the highest version served, what
+the server serves, and the gauges and refusal counts the agent publishes.
 
 Real parts throughout: the embedded SQLite store, a real server, real model packages (built once
 per module; each example is a model of its own on the one server)."""
@@ -45,6 +47,16 @@ class Expected:
     seen: bool = False  # the agent has read the state since it last changed behind its back
     healthy: bool = False  # as of the agent's last poll
     store_up: bool = False  # as of the agent's last poll
+    registered: int = 0  # versions published
+    highest: int | None = None  # the highest version ever made the default
+    allow_rollback: bool = False  # the running agent's --allow-rollback
+    rollback_refusals: int = 0  # the running agent's edgewise_agent_refusals{reason=rollback}
+    refused_target: int | None = None  # the target it last counted
+
+    def restarted(self, allow_rollback: bool) -> None:
+        self.allow_rollback = allow_rollback
+        self.rollback_refusals = 0
+        self.refused_target = None
 
     def poll(self) -> None:
         """One poll of the agent (watch_seconds=0: a deployed version is the last good one)."""
@@ -53,10 +65,23 @@ class Expected:
         if self.store != PRESENT or self.alias is None:
             self.healthy = False
             return
-        if self.alias != self.deployed and self.alias not in self.refused:
-            self.deployed = self.last_good = self.alias
-            self.good = [v for v in self.good if v != self.alias] + [self.alias]
-        self.healthy = self.alias not in self.refused
+        if self.alias == self.deployed:
+            self.healthy = True
+            return
+        if self.alias in self.refused:
+            self.healthy = False
+            return
+        if self.highest is not None and self.alias < self.highest and not self.allow_rollback:
+            self.healthy = False  # rollback protection: nothing changes
+            if self.refused_target != self.alias:
+                self.rollback_refusals += 1
+                self.refused_target = self.alias
+            return
+        self.refused_target = None
+        self.deployed = self.last_good = self.alias
+        self.good = [v for v in self.good if v != self.alias] + [self.alias]
+        self.highest = max(self.highest or 0, self.alias)
+        self.healthy = True
 
     def previous(self) -> int | None:
         """The good version before the deployed one that was not refused (None: none)."""
@@ -88,16 +113,27 @@ class AgentMachine(RuleBasedStateMachine):
         self.rig.agent.cycle()
         self.expected.poll()
 
-    @rule()
-    def kill_and_restart(self) -> None:
-        self.rig.start_agent().run_once()
+    @rule(allow_rollback=st.booleans())
+    def kill_and_restart(self, allow_rollback: bool) -> None:
+        self.rig.start_agent(allow_rollback=allow_rollback).run_once()
+        self.expected.restarted(allow_rollback)
         self.expected.poll()
+
+    @precondition(lambda self: self.expected.store == PRESENT and self.expected.registered > 1)
+    @rule(data=st.data())
+    def alias_moved_back(self, data: st.DataObject) -> None:
+        """A store writer points the alias at an earlier version."""
+        version = data.draw(st.integers(1, self.expected.registered - 1))
+        assert self.rig.publisher is not None
+        self.rig.publisher.set_alias(self.rig.name, "production", version)
+        self.expected.alias = version
 
     @precondition(lambda self: self.expected.store != AWAY)
     @rule(which=st.integers(0, 1))
     def register(self, which: int) -> None:
         version = self.rig.register(which)
-        assert version == (self.expected.alias or 0) + 1
+        assert version == self.expected.registered + 1
+        self.expected.registered = version
         self.expected.alias = version
         self.expected.store = PRESENT
 
@@ -146,6 +182,7 @@ class AgentMachine(RuleBasedStateMachine):
         assert (state.deployed.version if state.deployed else None) == self.expected.deployed
         assert (state.last_good.version if state.last_good else None) == self.expected.last_good
         assert {r.version for r in state.rejected} == self.expected.refused
+        assert state.served_floor == self.expected.highest
 
     @invariant()
     def server_serves_the_deployed_version(self) -> None:
@@ -169,6 +206,8 @@ class AgentMachine(RuleBasedStateMachine):
         assert gauge(metrics, "edgewise_agent_healthy") == (1 if expected.healthy else 0)
         store_up = gauge(metrics, "edgewise_agent_store_up")
         assert store_up == (1 if expected.store_up else 0)
+        refusals = gauge(metrics, "edgewise_agent_refusals_total", reason="rollback") or 0
+        assert refusals == expected.rollback_refusals
 
 
 def test_agent_state_machine(
