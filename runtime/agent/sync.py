@@ -59,8 +59,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgewise.runtime._fs import fsync_dir, write_text_atomic
-from edgewise.runtime.agent.policy import RolloutPolicy, read_policy
-from edgewise.runtime.agent.progressive import Progressive, RolloutStopped
+from edgewise.runtime.agent.policy import DECISION_PREFIX, RolloutPolicy, read_policy
+from edgewise.runtime.agent.progressive import Decision, Progressive, RolloutStopped
 from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
 from edgewise.runtime.agent.waves import wave_wait
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
@@ -762,7 +762,41 @@ class Agent:
         self.metrics.refusals.labels("rollback").inc()
         self._said = self.detail
         log.error("model %s: %s", self.settings.model, reason)
+        self._record_refusal(
+            record, state, "rollback protection", reason, {"highest_served": floor}
+        )
         self._maybe_report(force=True)
+
+    def _record_refusal(
+        self,
+        record: VersionRecord,
+        state: AgentState,
+        what: str,
+        reason: str,
+        evidence: dict[str, object],
+    ) -> None:
+        """A refusal in the store's decision record (``edgewise models show``), beside the
+        rollout verdicts; a store that cannot take it is logged (the refusal stands)."""
+        decision = Decision(
+            self.settings.node_id,
+            record.name,
+            self.settings.alias,
+            record.version,
+            state.deployed.version if state.deployed else 0,
+            0,
+            what,
+            "refused",
+            (reason,),
+            {**evidence, "sha256": record.model_sha256},
+            utc_now(),
+        )
+        key = f"{DECISION_PREFIX}{self.settings.node_id}.{record.version}.refused"
+        try:
+            self.store.set_model_tag(
+                record.name, key, json.dumps(decision.to_json(), sort_keys=True)
+            )
+        except EdgewiseError as exc:
+            log.error("model %s: recording a refusal: %s", record.name, exc)
 
     def _wave_wait(self, record: VersionRecord) -> str:
         """Why this node waits for the nodes of earlier fleet waves ("" when it may go)."""
@@ -1036,6 +1070,9 @@ class Agent:
         except (PackageError, ModelLoadError, ResourceExhausted, InvalidInput) as exc:
             if isinstance(exc, SignatureError):
                 self.metrics.refusals.labels(f"signature_{exc.reason}").inc()
+                self._record_refusal(
+                    record, state, "signature", exc.message, {"signature": exc.reason}
+                )
             self._refuse(record, _Refused(exc.message, kind="invalid"))
         finally:
             self.phase = "idle"

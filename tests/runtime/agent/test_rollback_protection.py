@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edgewise.runtime.agent.progressive import read_decisions
 from edgewise.runtime.agent.state import AgentState, Deployed
 from edgewise.runtime.agent.sync import rollback
 from edgewise.runtime.package.manifest import read_manifest
@@ -67,6 +68,9 @@ def test_an_alias_moved_back_is_refused_until_the_rollback_is_explicit(rig: Rig)
     health, detail = _report(rig)  # recorded in the store
     assert health == "degraded" and "rollback protection refuses it" in detail
     assert "lower than version 2" in detail
+    (decision,) = [d for d in read_decisions(rig.publisher, rig.name) if d["verdict"] == "refused"]
+    assert decision["description"] == "rollback protection" and decision["candidate"] == 1
+    assert decision["stable"] == 2 and decision["evidence"]["highest_served"] == 2
     agent.cycle()
     assert _refusals(rig, "rollback") == 1  # counted once per target, not per poll
 
@@ -158,6 +162,8 @@ def test_the_agent_refuses_a_package_signed_for_another_version(rig: Rig, tmp_pa
     )
     health, detail = _report(rig)
     assert health == "degraded" and "signed as version 1" in detail
+    (decision,) = [d for d in read_decisions(rig.publisher, rig.name) if d["verdict"] == "refused"]
+    assert decision["evidence"]["signature"] == "version_mismatch"
     # Signed for its number, it is deployed.
     sign_package(copy, private, version=3, config_dir=rig.repo / rig.name)
     signed = rig.publisher.publish(
