@@ -511,8 +511,9 @@ def _add_keys(sub: Subparsers) -> None:
         help="make ed25519 keys and sign or verify model packages",
         description="Signed model packages: a detached manifest.sig signs the model name, the "
         "version number, the sha256 of manifest.json and of every file it lists, and the "
-        "behaviour sections of the model's config.json (all but version_policy and "
-        "default_version). Servers (serve --trusted-keys), agents and batch (--trusted-keys) "
+        "sections of the model's config.json that decide how it serves (monitoring, batching, "
+        "quality, capture, features; not the version pins). Servers (serve --trusted-keys), "
+        "agents and batch (--trusted-keys) "
         "refuse a package whose signature does not verify, whose key expired (keys.json beside "
         "the trusted keys) or is revoked (revoked.json beside them), or that is placed under "
         "another version number or config.json than it was signed with.",

@@ -18,12 +18,12 @@ signed payload is exactly what the file shows. The statement binds:
   requests: each a ``files`` entry), checked against the files by
   :func:`edgewise.runtime.package.manifest.verify_files`;
 * the model's ``config.json`` (beside the version folders): the sha256 of the canonical JSON of
-  its behaviour sections (``monitoring``, ``batching``, ``quality``, ``capture``, ``features``
-  and any other key), that is everything but ``version_policy`` and ``default_version``, the
-  repository's own pins that ``LoadModel make_default`` and the sync agent write and that only
-  pick among signed versions (the agent's rollback protection guards that choice). No file, or
-  no section, is the digest of ``{}``. A section added, changed or removed after signing is
-  refused (``config_changed``);
+  its sections that decide how a version serves (:data:`CONFIG_SECTIONS`: ``monitoring``,
+  ``batching``, ``quality``, ``capture``, ``features``). Not ``version_policy`` and
+  ``default_version``: the repository's own pins, which ``LoadModel make_default`` and the sync
+  agent write and which only pick among signed versions (the agent's rollback protection guards
+  that choice); nor keys the server does not read. No file, or no section, is the digest of
+  ``{}``. A section added, changed or removed after signing is refused (``config_changed``);
 * when it was signed and by which key.
 
 :func:`verify_package` checks it against :class:`TrustedKeys` (one PEM file, or a folder of
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "CONFIG_PINS",
+    "CONFIG_SECTIONS",
     "KEYS_FILE",
     "LEGACY_FORMAT",
     "REVOCATION_FILE",
@@ -94,8 +94,9 @@ LEGACY_FORMAT: Final = "edgewise.signature/1"
 ALGORITHM: Final = "ed25519"
 KEYS_FILE: Final = "keys.json"  # beside the trusted keys: {"<key id>": {"not_after": ISO}}
 REVOCATION_FILE: Final = "revoked.json"  # beside the trusted keys: {"keys": [], "packages": []}
-#: config.json keys a signature does not cover: the repository's pins (who serves by default).
-CONFIG_PINS: Final = frozenset({"version_policy", "default_version"})
+#: The config.json sections a signature covers: every one the server reads but the pins
+#: ``version_policy`` and ``default_version`` (package.model_config.ModelConfig's fields).
+CONFIG_SECTIONS: Final = ("monitoring", "batching", "quality", "capture", "features")
 _MANIFEST_FILE: Final = "manifest.json"  # package.MANIFEST_FILE
 _CONFIG_FILE: Final = "config.json"  # package.model_config.MODEL_CONFIG_FILE (imports manifest)
 _MAX_SIGNATURE_BYTES: Final = 64 * 1024
@@ -389,8 +390,8 @@ def _read_expiry(path: Path, keys: Mapping[str, Ed25519PublicKey]) -> dict[str, 
 
 
 def config_digest(model_dir: Path) -> str:
-    """sha256 of the canonical JSON of ``model_dir/config.json`` less its pins
-    (:data:`CONFIG_PINS`); the digest of ``{}`` when there is no such file.
+    """sha256 of the canonical JSON of the :data:`CONFIG_SECTIONS` of ``model_dir/config.json``
+    (those present and not null); the digest of ``{}`` when there is no such file.
     :class:`PackageError` when it cannot be read or is not a JSON object."""
     path = model_dir / _CONFIG_FILE
     if not path.exists() and not path.is_symlink():
@@ -401,7 +402,7 @@ def config_digest(model_dir: Path) -> str:
         raise PackageError(str(exc)) from None
     if not isinstance(data, dict):
         raise PackageError(f"{path}: expected a JSON object")
-    sections = {k: v for k, v in data.items() if k not in CONFIG_PINS}
+    sections = {k: data[k] for k in CONFIG_SECTIONS if data.get(k) is not None}
     return hashlib.sha256(_canonical(sections)).hexdigest()
 
 
@@ -684,7 +685,7 @@ def verify_package(
     if config != statement.config_sha256:
         raise SignatureError(
             f"{config_dir / _CONFIG_FILE}: changed after version {version} was signed (its "
-            "sections other than version_policy and default_version are signed; sha256 "
+            f"sections {', '.join(CONFIG_SECTIONS)} are signed; sha256 "
             f"{config[:12]}…, signed {statement.config_sha256[:12]}…): restore it, or re-sign "
             "the versions it serves",
             "config_changed",

@@ -6,6 +6,7 @@ each loads. Real ed25519 keys, real packages."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -20,7 +21,14 @@ import pytest
 
 from edgewise.runtime.client.client import ServerError
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.package.model_config import (
+    ModelConfig,
+    VersionPolicy,
+    read_model_config,
+    write_model_config,
+)
 from edgewise.runtime.package.signing import (
+    CONFIG_SECTIONS,
     KEYS_FILE,
     LEGACY_FORMAT,
     REVOCATION_FILE,
@@ -155,11 +163,27 @@ def test_config_json_sections_are_signed_and_the_version_pins_are_not(
         error = refused(folder, trusted)
         assert error.reason == "config_changed"
         assert "config.json: changed after version 1 was signed" in error.message
+    # What the server itself writes (LoadModel make_default: ModelConfig.to_json, which drops
+    # keys it does not read and re-lays the file out) keeps the signed sections.
+    config.write_text(
+        json.dumps({"monitoring": {"window": 500}, "capture": {"rate": 0.1}, "note": "x"})
+    )
+    load(folder, trusted)
+    model_config = read_model_config(config.parent, VersionPolicy())
+    write_model_config(config.parent, dataclasses.replace(model_config, default_version=1))
+    assert "note" not in json.loads(config.read_text())
+    load(folder, trusted)
     config.unlink()  # no file at all is not the signed sections either
     assert refused(folder, trusted).reason == "config_changed"
     config.write_text("[1, 2]")
     with pytest.raises(Exception, match="expected a JSON object"):
         config_digest(config.parent)
+
+
+def test_every_section_the_server_reads_but_the_pins_is_signed() -> None:
+    """A section added to config.json's schema and not to CONFIG_SECTIONS would go unsigned."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(CONFIG_SECTIONS) == fields - {"version_policy", "default_version"}
 
 
 def test_every_file_and_the_manifest_are_covered(
