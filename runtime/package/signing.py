@@ -259,10 +259,10 @@ def _load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _read_json_file(path: Path, what: str) -> Any:
-    """A small JSON file; ``ValueError`` naming ``path`` when it cannot be read or parsed."""
+    """A small JSON file; ``ValueError`` naming ``path`` when it cannot be read or parsed.
+    Links are followed, as for the key files and ``config.json`` (a Kubernetes ConfigMap or
+    Secret is mounted as links); a dangling one cannot be read."""
     try:
-        if path.is_symlink():
-            raise ValueError(f"{what} {path}: is a symbolic link")
         with path.open("rb") as handle:
             raw = handle.read(_MAX_LIST_BYTES + 1)
     except OSError as exc:

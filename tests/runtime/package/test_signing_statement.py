@@ -260,6 +260,14 @@ def test_revoked_keys_and_packages_are_refused_without_reloading_the_keys(
         TrustedKeys.load(trusted_dir)
     listing.unlink()
     load(kept, trusted)
+    # Mounted as a link (a Kubernetes ConfigMap): followed; a dangling one refuses everything.
+    mounted = tmp_path / "configmap" / REVOCATION_FILE
+    mounted.parent.mkdir()
+    mounted.write_text(json.dumps({"keys": [kid]}))
+    listing.symlink_to(mounted)
+    assert refused(kept, trusted).reason == "revoked_key"
+    mounted.unlink()
+    assert refused(kept, trusted).reason == "revocation_list"
 
 
 def test_old_format_signatures_are_refused_with_how_to_re_sign(
