@@ -581,14 +581,3 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         f"config.json match; manifest sha256 {statement.manifest_sha256}"
     )
     return 0
-    if args.action == "sign":
-        manifest = read_manifest(args.package)
-        verify_files(args.package, manifest)  # never sign files that do not match
-        path = sign_package(args.package, args.key)
-        print(f"signed {args.package} ({manifest.name}): {path}")
-        return 0
-    kid = verify_package(args.package, TrustedKeys.load(args.trusted_keys))
-    manifest = read_manifest(args.package)
-    verify_files(args.package, manifest)
-    print(f"{args.package}: signature by key {kid} verifies; {len(manifest.files)} file(s) match")
-    return 0
