@@ -320,6 +320,8 @@ class _ViewPlan:
     types: tuple[int, ...]
     ttl: float
     columns: tuple[tuple[int, str, int, float], ...]  # (feature index, input, column, default)
+    # Categorical columns: (feature index, input (BYTES [batch, 1]), default: utf-8)
+    texts: tuple[tuple[int, str, bytes], ...] = ()
 
 
 #: The Python types of the values a numeric column takes as they are (bool: 0 or 1).
@@ -370,6 +372,7 @@ class FeatureLookup:
         passthrough: Sequence[str],
         metrics: FeatureMetrics,
         service_version: str = "",
+        categorical: Sequence[str] = (),
     ) -> None:
         self.model_name = model_name
         self.settings = settings
@@ -379,6 +382,7 @@ class FeatureLookup:
         self.request_inputs = dict(request_inputs)  # column name -> (input, column)
         self.filled = dict(filled)  # model input -> its width (columns), filled here
         self.passthrough = tuple(passthrough)  # model inputs the request sends as they are
+        self.categorical = tuple(categorical)  # BYTES [batch, 1] inputs filled here
         self.metrics = metrics
         self._m = _ModelMetrics(metrics, model_name)
         self.budget = settings.budget_ms / 1000
@@ -430,6 +434,7 @@ class FeatureLookup:
         matrices = {
             name: [[0.0] * width for _ in range(rows)] for name, width in self.filled.items()
         }
+        texts: dict[str, list[bytes]] = {name: [b""] * rows for name in self.categorical}
         for name, (target, column) in self.request_inputs.items():
             plan = given[name]
             if plan.datatype not in ("FP32", "FP64", "INT64", "INT32") or len(plan.shape) not in (
@@ -445,11 +450,13 @@ class FeatureLookup:
                 matrix[r][column] = value
         began = time.perf_counter()
         try:
-            self._fill(matrices, columns, rows, began)
+            self._fill(matrices, texts, columns, rows, began)
         finally:
             self._m.latency.observe(time.perf_counter() - began)
         for name, width in self.filled.items():
             feeds[name] = np.array(matrices[name], dtype=np.float32).reshape(rows, width)
+        for name, words in texts.items():
+            feeds[name] = np.array(words, dtype=object).reshape(rows, 1)
         return feeds, rows
 
     def _rows(self, name: str, count: int, rows: int) -> int:
@@ -480,6 +487,7 @@ class FeatureLookup:
     def _fill(
         self,
         matrices: dict[str, list[list[Any]]],
+        texts: dict[str, list[bytes]],
         entities: Mapping[str, list[Any]],
         rows: int,
         began: float,
@@ -502,6 +510,8 @@ class FeatureLookup:
                 for _, target, column, default in view.columns:
                     for line in matrices[target]:
                         line[column] = default
+                for _, target, word in view.texts:
+                    texts[target][:] = [word] * rows
                 continue
             m.lookups.inc(rows)
             for r, row in enumerate(stored):
@@ -511,10 +521,12 @@ class FeatureLookup:
                         self._refuse(view, key_values, r, "is not in the online store")
                     for _, target, column, default in view.columns:
                         matrices[target][r][column] = default
+                    for _, target, word in view.texts:
+                        texts[target][r] = word
                     continue
                 stamp, values = row
                 stale = view.ttl > 0 and now - stamp > view.ttl
-                if not stale and _NUMBERS.issuperset(map(type, values)):
+                if not stale and not view.texts and _NUMBERS.issuperset(map(type, values)):
                     # Every value there and a number: the row's columns in one pass.
                     for target, columns, take in targets:
                         line = matrices[target][r]
@@ -537,6 +549,14 @@ class FeatureLookup:
                             m.missing.inc()
                         value = default
                     matrices[target][r][column] = value
+                for index, target, word in view.texts:
+                    value = values[index]
+                    if value is None or use_default or not isinstance(value, str):
+                        if value is None:
+                            m.missing.inc()
+                        texts[target][r] = word
+                    else:
+                        texts[target][r] = value.encode("utf-8")
 
     def _refuse(self, view: _ViewPlan, key_values: list[list[Any]], row: int, why: str) -> None:
         self._m.errors.labels(self.model_name, "not_found").inc()
@@ -599,21 +619,30 @@ class FeatureLookup:
 # ---- building one at load -------------------------------------------------------------------
 
 
-def _profile_means(model: LoadedModel) -> dict[str, float]:
+def _profile_defaults(model: LoadedModel) -> tuple[dict[str, float], dict[str, str]]:
+    """The defaults of the package's reference profile: each numeric column's mean, each
+    categorical column's most frequent category (by column name)."""
     from edgewise.runtime.package.reference_profile import read_profile
 
     try:
         profile = read_profile(model.folder, model.manifest)
     except EdgewiseError:
-        return {}
-    if profile is None or profile.numeric is None:
-        return {}
-    means = profile.numeric.moments[1]
-    return {
-        name: float(value)
-        for name, value in zip(profile.numeric.names, means, strict=True)
-        if np.isfinite(value)
+        return {}, {}
+    if profile is None:
+        return {}, {}
+    means: dict[str, float] = {}
+    if profile.numeric is not None:
+        means = {
+            name: float(value)
+            for name, value in zip(profile.numeric.names, profile.numeric.moments[1], strict=True)
+            if np.isfinite(value)
+        }
+    modes = {
+        c.name: c.categories[int(np.argmax(c.counts[:-1]))]
+        for c in profile.categorical
+        if c.categories and c.counts[:-1].sum() > 0
     }
+    return means, modes
 
 
 def build_lookup(
@@ -627,20 +656,45 @@ def build_lookup(
         for name in names:
             by_name.setdefault(name, (view, name))
             by_name[f"{view}__{name}"] = (view, name)
-    defaults = _profile_means(model)
+    defaults, modes = _profile_defaults(model)
     needs_default = "default" in (settings.on_missing, settings.on_stale, settings.on_store_error)
     placed: dict[str, list[tuple[int, str, int, float]]] = {view: [] for view in wanted}
+    texts: dict[str, list[tuple[int, str, bytes]]] = {view: [] for view in wanted}
     request_inputs: dict[str, tuple[str, int]] = {}
     filled: dict[str, int] = {}
     for feature in model.manifest.features:
         source = by_name.get(feature.name)
         if source is None:
             continue
-        if feature.kind != "numeric":
-            raise ValueError(f"column {feature.name!r}: only numeric features are looked up")
+        view, name = source
+        kind = next(f.value_type for f in registry.views[view].features if f.name == name)
         spec = model.input_specs[feature.input]
+        if feature.kind == "categorical":
+            # A categorical column: its own BYTES [batch, 1] tensor, from a STRING feature.
+            if kind != STRING:
+                raise ValueError(
+                    f"column {feature.name!r} is categorical: feature {view}:{name} is "
+                    f"{VALUE_TYPE_NAMES.get(kind, kind)}, not STRING"
+                )
+            if spec.datatype != "BYTES":
+                raise ValueError(f"input {feature.input!r}: a categorical column is BYTES")
+            mode = modes.get(feature.name)
+            if mode is None and needs_default:
+                raise ValueError(
+                    f"column {feature.name!r}: the 'default' policy needs its most frequent "
+                    "category in the package's reference profile, which has none "
+                    "(use not_found/unavailable)"
+                )
+            texts[view].append((wanted[view].index(name), feature.input, (mode or "").encode()))
+            continue
         if spec.datatype != "FP32":
             raise ValueError(f"input {feature.input!r}: looked-up features fill FP32 tensors")
+        if kind not in NUMERIC_TYPES:
+            raise ValueError(
+                f"column {feature.name!r}: feature {view}:{name} is "
+                f"{VALUE_TYPE_NAMES.get(kind, kind)}, not a number this numeric column takes "
+                f"({', '.join(VALUE_TYPE_NAMES[k] for k in NUMERIC_TYPES)})"
+            )
         filled[feature.input] = sum(1 for f in model.manifest.features if f.input == feature.input)
         default = defaults.get(feature.name)
         if default is None:
@@ -650,16 +704,9 @@ def build_lookup(
                     "package's reference profile, which has none (use not_found/unavailable)"
                 )
             default = float("nan")
-        view, name = source
-        kind = next(f.value_type for f in registry.views[view].features if f.name == name)
-        if kind not in NUMERIC_TYPES:
-            raise ValueError(
-                f"column {feature.name!r}: feature {view}:{name} is "
-                f"{VALUE_TYPE_NAMES.get(kind, kind)}, not a number this numeric column takes "
-                f"({', '.join(VALUE_TYPE_NAMES[k] for k in NUMERIC_TYPES)})"
-            )
         placed[view].append((wanted[view].index(name), feature.input, feature.column, default))
-    if not filled:
+    categorical = [target for items in texts.values() for _, target, _ in items]
+    if not filled and not categorical:
         raise ValueError("no column of the model's inputs is a looked-up feature")
     for feature in model.manifest.features:
         if feature.input in filled and by_name.get(feature.name) is None:
@@ -692,9 +739,12 @@ def build_lookup(
                 tuple(k.value_type for k in keys),
                 registry.views[view_name].ttl_seconds,
                 tuple(placed[view_name]),
+                tuple(texts[view_name]),
             )
         )
-    passthrough = [name for name in model.input_specs if name not in filled]
+    passthrough = [
+        name for name in model.input_specs if name not in filled and name not in categorical
+    ]
     version = ""
     if settings.feature_service is not None:
         updated = registry.service_updated.get(settings.feature_service)
@@ -710,6 +760,7 @@ def build_lookup(
         passthrough,
         metrics,
         version,
+        categorical,
     )
 
 

@@ -6,10 +6,14 @@ for (any subset, any order) onto what the store holds, and an entity the store d
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,8 +155,9 @@ def test_registry_has_the_types(sqlite_repo: Any) -> None:
     view = read_registry(folder / "data" / "registry.db", fr.PROJECT).views[VIEW]
     kinds = {f.name: f.value_type for f in view.features}
     # feast.types.ValueType: DOUBLE 5, FLOAT 6, INT64 4, INT32 3, BOOL 7, STRING 2, lists +10
-    assert kinds == {"f64": 5, "f32": 6, "i64": 4, "i32": 3, "flag": 7, "word": 2, "color": 2, "f64s": 15,
-                     "f32s": 16, "i64s": 14, "i32s": 13, "words": 12, "flags": 17}  # fmt: skip
+    assert kinds == {"f64": 5, "f32": 6, "i64": 4, "i32": 3, "flag": 7, "word": 2, "color": 2,
+                     "f64s": 15, "f32s": 16, "i64s": 14, "i32s": 13, "words": 12,
+                     "flags": 17}  # fmt: skip
 
 
 def test_sqlite_values_equal_feasts(sqlite_repo: Any) -> None:
@@ -188,3 +193,76 @@ def test_redis_values_equal_feasts(feast_ready: None, tmp_path: Path) -> None:
                 _check(store.read(VIEW, _keys(), single, 5.0), online, single)
         finally:
             store.close()
+
+
+def test_categorical_feature_served_from_the_store(sqlite_repo: Any) -> None:
+    """A model with a categorical column (its own BYTES [batch, 1] input) beside numeric ones,
+    trained on the repository's values: served with entity keys only, it answers as onnxruntime
+    does on Feast's values; an entity without a value of the categorical feature gets the
+    column's most frequent training category (on_missing "default"), counted as skew."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    from edgewise.runtime.convert.converter import convert
+    from tests.servers import start_server
+
+    folder, online = sqlite_repo
+    trained = [0, 1, 2, 4]  # entity 3 has no color
+    X = pd.DataFrame(
+        {
+            "f32": [online["f32"][IDS.index(i)] for i in trained],
+            "i32": [float(online["i32"][IDS.index(i)]) for i in trained],
+            "color": [online["color"][IDS.index(i)] for i in trained],
+        }
+    )
+    model = make_pipeline(
+        ColumnTransformer(
+            [
+                ("num", "passthrough", ["f32", "i32"]),
+                ("cat", OneHotEncoder(handle_unknown="ignore"), ["color"]),
+            ]
+        ),
+        LinearRegression(),
+    ).fit(X, [1.0, 2.0, 3.0, 4.0])
+    models = folder.parent / "models"
+    convert(model, X, name="colors", repo=models)
+    section = {
+        "registry": str(folder / "data" / "registry.db"),
+        "project": fr.PROJECT,
+        "online_store": {"type": "sqlite", "path": str(folder / "data" / "online_store.db")},
+        "features": [f"{VIEW}:f32", f"{VIEW}:i32", f"{VIEW}:color"],
+        "cache": {"ttl_seconds": 0},
+    }
+    (models / "colors" / "config.json").write_text(json.dumps({"features": section}))
+    session = ort.InferenceSession(str(models / "colors" / "1" / "model.onnx"))
+    names = {i.name: i for i in session.get_inputs()}
+    assert names["color"].type == "tensor(string)"
+    numeric = next(n for n in names if n != "color")
+    colors = [online["color"][IDS.index(i)] or "red" for i in IDS]  # "red": the most frequent
+    want = session.run(
+        None,
+        {
+            numeric: np.array(
+                [[online["f32"][n], online["i32"][n]] for n in range(len(IDS))], np.float32
+            ),
+            "color": np.array(colors, dtype=object).reshape(-1, 1),
+        },
+    )[0]
+    server = start_server(models, folder.parent / "server")
+    try:
+        with server.client() as client:
+            got = client.infer("colors", {fr.ENTITY: np.array(IDS, np.int64).reshape(-1, 1)})
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    finally:
+        server.stop()
+    np.testing.assert_allclose(
+        got.outputs["predictions"].reshape(-1), np.asarray(want).reshape(-1), rtol=1e-6
+    )
+    skew = [
+        line
+        for line in text.splitlines()
+        if line.startswith("edgewise_feature_skew_total{") and 'model="colors"' in line
+    ]
+    assert any('reason="missing"' in line and line.endswith(" 1.0") for line in skew), skew
