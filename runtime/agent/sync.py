@@ -23,6 +23,15 @@ sha256, differs from what the agent deployed:
    promotes nothing: the previous version stays the last good one and the agent reports itself
    unhealthy until it can read them (the watch's time starts then).
 
+**Rollback protection**: the state file remembers the highest version the agent made the
+default; an alias naming a lower one is refused before anything is downloaded (counted in
+``edgewise_agent_refusals{reason="rollback"}``, recorded among the store's decisions, reported)
+unless ``allow_rollback`` (``--allow-rollback``) is set. The agent's own rollbacks (a failed
+watch or canary) and ``edgewise rollback`` by hand are explicit and always allowed. With trusted
+keys, a signature must name the model and the store's version number and match the files and
+``config.json``'s sections (:mod:`edgewise.runtime.package.signing`); the agent keeps those
+sections when it pins versions.
+
 A version that fails any step is refused (recorded in the state file with its reason, not retried
 until the alias names something else; a corrupted download is retried after
 ``corrupt_retry_seconds``), and the server keeps serving the last good version. ``edgewise
