@@ -543,7 +543,7 @@ def _add_keys(sub: Subparsers) -> None:
 
 
 def _package_version(folder: Path) -> int:
-    name = folder.resolve().name
+    name = folder.absolute().name
     if not name.isascii() or not name.isdigit() or name.startswith("0"):
         raise InvalidInput(f"{folder}: not a package folder REPO/NAME/VERSION (VERSION >= 1)")
     return int(name)
@@ -562,7 +562,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         private, public, kid = generate_keypair(args.out, args.name)
         print(f"key {kid}: private {private} (keep it secret), public {public} (trust it)")
         return 0
-    package = args.package.resolve()
+    package = args.package.absolute()
     version = _package_version(package)
     if args.action == "sign":
         manifest = read_manifest(package)
