@@ -22,8 +22,10 @@ For each model and size, alternating in every round:
 - ``edgewise batch`` as a real process (``--id-columns row_id``, drift report on, the default
   chunk size and CPU budget): its own summary gives the job's time (model loading, schema check,
   scoring, report) and the scoring phase's; the process's wall time adds interpreter start-up;
-  its peak RSS is the process's ``ru_maxrss`` from ``wait4``; and once more with
-  ``--no-drift-report``, to show what the input statistics cost.
+  its peak RSS is the process's ``ru_maxrss`` from ``wait4``; once more with
+  ``--no-drift-report``, to show what the input statistics cost; and once more with
+  ``--part-rows 1000000`` (report on), to show what compacted output (chunks written in input
+  order into large parts) costs against one part per chunk.
 
 - the hand-written script (``SCRIPT`` below: what a user would otherwise write): pyarrow reads
   the file in batches of the job's chunk size, onnxruntime (default session options) scores
@@ -56,6 +58,8 @@ import numpy as np
 
 TARGET_RATIO = 0.85
 TARGET_SCRIPT_RATIO = 1.2
+#: --part-rows of the compacted job (report on): one part file per this many rows, chunks in order.
+COMPACTED_PART_ROWS = 1_000_000
 
 SCRIPT = r"""
 import sys, time
@@ -370,6 +374,7 @@ def main() -> None:
             stats_work: list[tuple[float, float]] = []
             jobs: list[dict[str, Any]] = []
             bare: list[dict[str, Any]] = []
+            compacted: list[dict[str, Any]] = []
             scripts: list[tuple[float, float]] = []
             for round_ in range(args.rounds):
                 script_out = workdir / f"script-{model}-{rows}.parquet"
@@ -383,7 +388,11 @@ def main() -> None:
                     work.append(
                         read_pack_write(source, repo, model, DEFAULT_CHUNK_ROWS, out, stats)
                     )
-                for results, extra in ((jobs, ()), (bare, ("--no-drift-report",))):
+                for results, extra in (
+                    (jobs, ()),
+                    (bare, ("--no-drift-report",)),
+                    (compacted, ("--part-rows", str(COMPACTED_PART_ROWS))),
+                ):
                     shutil.rmtree(out, ignore_errors=True)
                     results.append(measure_job(repo, model, source, out, *extra))
                     assert results[-1]["rows"] == rows
@@ -395,6 +404,7 @@ def main() -> None:
             process_rate = statistics.median(rows / j["process_seconds"] for j in jobs)
             peak = statistics.median(j["peak_rss_bytes"] for j in jobs)
             no_report_rate = statistics.median(rows / j["seconds"] for j in bare)
+            compacted_rate = statistics.median(rows / j["seconds"] for j in compacted)
             read_rate = statistics.median(reads)
             bare_rate = statistics.median(w[0] for w in bare_work)
             stats_rate = statistics.median(w[0] for w in stats_work)
@@ -438,6 +448,9 @@ def main() -> None:
                         "ratio_job_no_drift_report_vs_script": round(
                             no_report_rate / script_rate, 3
                         ),
+                        "job_compacted_rows_per_s": round(compacted_rate),
+                        "ratio_job_compacted_vs_script": round(compacted_rate / script_rate, 3),
+                        "ratio_job_compacted_vs_job": round(compacted_rate / job_rate, 3),
                         "ratio_process_vs_script_process": round(
                             process_rate / script_process_rate, 3
                         ),

@@ -121,6 +121,11 @@ def check_partition_column(schema: Any, column: str) -> None:
             f"{', '.join(repr(n) for n in schema.names)}); pass it with --id-columns or "
             "--carry-columns, or partition by a model output"
         )
+    if column.startswith(("_", ".")):
+        raise InvalidInput(
+            f"--partition-by {column!r}: Parquet dataset readers skip folders whose name starts "
+            "with '_' or '.'; rename the column"
+        )
     dtype = schema.field(column).type
     if not _partitionable(dtype):
         raise InvalidInput(

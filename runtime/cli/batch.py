@@ -87,7 +87,9 @@ def _add_batch(sub: Subparsers) -> None:
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the job in OUTPUT")
     p.add_argument(
-        "--chunk-rows", type=_positive, help="rows per chunk and part file (default 65536)"
+        "--chunk-rows",
+        type=_positive,
+        help="rows per chunk, and per part file without --part-rows/--part-bytes (default 65536)",
     )
     p.add_argument(
         "--threads", type=_positive,
@@ -125,8 +127,10 @@ def _add_batch(sub: Subparsers) -> None:
     )  # fmt: skip
     p.add_argument(
         "--bad-records", type=Path, metavar="FOLDER",
-        help="CSV rows that fail to decode (a value that is not a number, a wrong field count) "
-        "go to JSON-lines files here with a reason, instead of failing the job (default: strict)",
+        help="CSV rows that fail to decode (a value that is not a number, a wrong field count), "
+        "Parquet row groups that fail to decode and rows without a looked-up feature "
+        "(on_missing not_found) go to JSON-lines files here with a reason, instead of failing "
+        "the job (default: strict)",
     )  # fmt: skip
     p.add_argument(
         "--event-timestamp", metavar="COLUMN",

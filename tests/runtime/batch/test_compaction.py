@@ -156,6 +156,13 @@ def test_a_partition_column_the_output_lacks_is_named(
             model_repo, "logreg", inputs.cancer_parquet, out,
             layout=PartLayout(partition_by="probabilities"),
         )  # fmt: skip
+    hidden = inputs.cancer.assign(_seg=1)
+    hidden.to_parquet(tmp_path / "hidden.parquet", index=False)
+    with pytest.raises(InvalidInput, match="'_seg': Parquet dataset readers skip folders"):
+        batch(
+            model_repo, "logreg", tmp_path / "hidden.parquet", out, id_columns=(ID, "_seg"),
+            layout=PartLayout(partition_by="_seg"),
+        )  # fmt: skip
     assert not out.exists()  # validate, then commit
     result = edgewise(
         "batch", "--repo", str(model_repo), "--model", "logreg", "--input",
