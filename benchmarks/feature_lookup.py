@@ -22,6 +22,8 @@ lookup time (edgewise_feature_lookup_seconds) is reported as its mean.
 of the request; the model does not run), alternating rounds as above; reported: median over
 rounds of p50, the median of the per-round differences against ``direct``, its ratio to the
 target, and lookups per second (prepared requests per second of one thread, one entity each).
+Twice: back to back (the CPU's caches hot), and with 500 us idle before each request (a served
+request at concurrency 1 finds them as cold: other processes ran meanwhile).
 
 ``store_reads_per_second``: the readers alone in this process (no server): reads of 1 and 32
 entities per second, SQLite and Redis.
@@ -181,7 +183,8 @@ def main() -> None:
                 )
 
         # ---- the serving core alone, in this process -----------------------------------------
-        core(models, X, list(configs), args.rounds, args.requests * 5)
+        core(models, X, list(configs), args.rounds, args.requests * 5, gap=0.0)
+        core(models, X, list(configs), args.rounds, args.requests, gap=0.0005)
 
         # ---- added latency on a served request ----------------------------------------------
         server = start_server(models, root / "server")
@@ -264,8 +267,9 @@ def main() -> None:
             )
 
 
-def core(models: Path, X: Any, cases: list[str], rounds: int, requests: int) -> None:
-    """``core_added_latency`` (see the module's docstring)."""
+def core(models: Path, X: Any, cases: list[str], rounds: int, requests: int, gap: float) -> None:
+    """``core_added_latency`` (see the module's docstring), ``gap`` seconds idle before each
+    request (0: back to back)."""
     from edgewise.runtime.serving.repository import ModelRepository
 
     repository = ModelRepository(models, monitor_defaults=MonitorConfig(enabled=False))
@@ -293,6 +297,8 @@ def core(models: Path, X: Any, cases: list[str], rounds: int, requests: int) -> 
             times = []
             began = time.perf_counter()
             for _ in range(requests):
+                if gap:
+                    time.sleep(gap)
                 start = time.perf_counter_ns()
                 dataplane.prepare(request)
                 times.append(time.perf_counter_ns() - start)
@@ -305,12 +311,13 @@ def core(models: Path, X: Any, cases: list[str], rounds: int, requests: int) -> 
             {
                 "case": "core_added_latency",
                 "model": case,
+                "idle_gap_us": round(gap * 1e6),
                 "p50_us": round(statistics.median(p50s[case]), 1),
                 "added_p50_us": round(added, 1),
                 "target_us": target,
                 "ratio_to_target": round(added / target, 2) if target else None,
                 "lookups_per_second": (
-                    round(statistics.median(rates[case])) if case != "direct" else None
+                    round(statistics.median(rates[case])) if case != "direct" and not gap else None
                 ),
                 "rounds": rounds,
                 "requests_per_round": requests,
