@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,14 +81,24 @@ def test_an_alias_moved_back_is_refused_until_the_rollback_is_explicit(rig: Rig)
     agent.cycle()
     assert _refusals(rig, "rollback") == 1 and served_default(rig.client, rig.name) == 2
 
-    # Explicit: --allow-rollback.
-    agent = rig.start_agent(allow_rollback=True)
-    agent.cycle()
+    # Explicit: `edgewise agent --allow-rollback` (the CLI, one poll).
+    rig.stop_agent()
+    done = subprocess.run(
+        [sys.executable, "-m", "edgewise.runtime.cli", "agent", "--store", rig.store_uri,
+         "--model", rig.name, "--repo", str(rig.repo), "--server", rig.server.target,
+         "--server-metrics", rig.server.metrics_url, "--node-id", "edge-1", "--once",
+         "--metrics-port", "-1", "--watch-seconds", "0", "--no-local-load", "--allow-rollback"],
+        check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "deploying it (--allow-rollback)" in done.stderr
     assert served_default(rig.client, rig.name) == 1
-    assert _refusals(rig, "rollback") == 0
     state = rig.state()
     assert state.deployed is not None and state.deployed.version == 1
     assert state.highest_served == 2  # the floor never falls
+    agent = rig.start_agent()  # without the flag again: the alias names what serves
+    agent.cycle()
+    assert _refusals(rig, "rollback") == 0
     assert gauge(agent.metrics, "edgewise_agent_healthy") == 1
 
 
