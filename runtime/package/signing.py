@@ -76,6 +76,7 @@ __all__ = [
     "SIGNATURE_FILE",
     "SIGNATURE_FORMAT",
     "Revocations",
+    "Signature",
     "SignatureError",
     "Statement",
     "TrustedKeys",

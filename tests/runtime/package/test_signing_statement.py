@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgewise.runtime.client.client import ServerError
 from edgewise.runtime.errors import InvalidInput
@@ -33,7 +35,9 @@ from edgewise.runtime.package.signing import (
     LEGACY_FORMAT,
     REVOCATION_FILE,
     SIGNATURE_FILE,
+    Signature,
     SignatureError,
+    Statement,
     TrustedKeys,
     config_digest,
     generate_keypair,
@@ -396,3 +400,51 @@ def test_a_real_server_refuses_a_planted_version_and_a_revoked_key(
             assert states == {"1": "READY", "2": "READY", "3": "FAILED"}  # loaded ones serve on
     finally:
         assert server.stop() == 0, server.log()
+
+
+# ---- properties ----------------------------------------------------------------------------------
+
+_hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
+_statements = st.builds(
+    Statement,
+    model=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True),
+    version=st.integers(1, 10**12),
+    manifest_sha256=_hex64,
+    files=st.dictionaries(st.from_regex(r"[a-z]{1,8}\.[a-z]{2,4}", fullmatch=True), _hex64),
+    config_sha256=_hex64,
+    signed_at=st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ).map(lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")),
+    key_id=st.text("0123456789abcdef", min_size=16, max_size=16),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(statement=_statements, field=st.sampled_from(sorted(Statement.__dataclass_fields__)))
+def test_any_change_to_a_signed_statement_breaks_its_signature(
+    statement: Statement, field: str
+) -> None:
+    """The file round-trips to the signed bytes, and a change to any one field (what an
+    attacker with the file but not the key can do) no longer verifies."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    signed = Signature(statement, key.sign(statement.canonical()))
+    again = Signature.from_json(json.loads(json.dumps(signed.to_json())))
+    assert again.statement.canonical() == statement.canonical()
+    key.public_key().verify(again.signature, again.statement.canonical())
+    value = getattr(statement, field)
+    if field == "version":
+        changed: object = value + 1
+    elif field == "files":
+        changed = {**value, "extra.bin": "0" * 64}
+    elif field == "signed_at":
+        changed = "1999-01-01T00:00:00Z"
+    elif field == "model":
+        changed = value + "x"
+    else:
+        changed = ("0" if value[0] != "0" else "1") + value[1:]
+    forged = dataclasses.replace(statement, **{field: changed})
+    with pytest.raises(InvalidSignature):
+        key.public_key().verify(signed.signature, forged.canonical())
