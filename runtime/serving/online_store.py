@@ -586,10 +586,19 @@ class SqliteOnlineStore:
         try:
             if len(keys) == 1:
                 return [self._entity(rows, positions, len(features))]
-            by_key: dict[bytes, list[tuple[str, bytes, object]]] = {}
+            found: dict[bytes, list[Value]] = {}
+            stamps: dict[bytes, object] = {}
             for key, name, blob, stamp in rows:
-                by_key.setdefault(key, []).append((name, blob, stamp))
-            return [self._entity(by_key.get(key, ()), positions, len(features)) for key in keys]
+                stamps[key] = stamp  # the entity's last row's, as Feast's reads take it
+                i = positions.get(name)
+                if i is not None:
+                    values = found.get(key)
+                    if values is None:
+                        values = found[key] = [None] * len(features)
+                    values[i] = decode_value(blob)
+            return [
+                (_ts_seconds(stamps[key]), found[key]) if key in found else None for key in keys
+            ]
         except (ValueError, UnicodeDecodeError, struct.error) as exc:
             raise StoreError(f"online store {self.path}: a value cannot be read ({exc})") from None
 
