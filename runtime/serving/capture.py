@@ -5,21 +5,22 @@ On the request path (:meth:`Capture.offer`, called by the serving core after an 
 model version's sampling rate (``--capture-rate``, or ``capture.rate`` in the model's
 ``config.json``), a decision (deterministic per request id: a hash of it against the rate, so
 every process and every replay takes the same requests; random for a request without an id),
-and an append to a bounded queue. Nothing there waits, decodes or touches a file: a full queue
-drops the record and counts it (``edgewise_capture_dropped_total{model,reason="queue_full"}``).
+and one tuple appended to a bounded queue: the decoded inputs by reference, and a raw numeric
+answer's bytes (one per output) rather than the response message, so that a queued record holds
+a few hundred bytes, not the request's and answer's objects. Nothing there waits, decodes,
+converts or touches a file: a full queue drops the record and counts it
+(``edgewise_capture_dropped_total{model,reason="queue_full"}``).
 
 A writer thread drains the queue every ``flush_seconds`` (or as soon as ``batch_records`` wait),
-builds one table per model version (the answers' raw bytes joined per output, not decoded one by
-one) and writes it as one complete Parquet file
+builds one table per model version (:mod:`~edgewise.runtime.serving.capture_tables`: a chunk of
+records per Arrow call; the answers' bytes joined per output, not decoded one by one) and writes
+it as one complete Parquet file
 (:class:`~edgewise.runtime.serving.capture_files.CaptureFolder`: atomic, oldest removed past the
 size cap). A writer error is counted (``reason="write_error"``) and logged once; it never
 reaches a request. After SIGKILL at most the records not yet written are lost (those queued
 since the last write: up to ``flush_seconds`` or ``batch_records`` of them); SIGTERM writes them.
 
-Each row of a file is one row of a request (a request with a batch of 5 gives 5 rows):
-``request_id``, ``row``, ``timestamp``, ``model``, ``version``, then ``input.<name>`` for each
-decoded input tensor (the feature values the model used) and ``output.<name>`` for each answered
-output; a tensor with more than one value per row is a fixed-size list column.
+The columns of a file: see :mod:`~edgewise.runtime.serving.capture_tables`.
 """
 
 from __future__ import annotations
@@ -33,25 +34,28 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.errors import InvalidInput
-from edgewise.runtime.package.datatypes import BYTES, DATATYPE_TO_NUMPY
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.capture_files import LABELS_FOLDER, CaptureFolder
-from edgewise.runtime.serving.codecs import decode_outputs
+from edgewise.runtime.serving.capture_tables import (
+    Group,
+    Record,
+    labels_table,
+    tables,
+)
 
 if TYPE_CHECKING:
     from edgewise.runtime.serving.dataplane import PreparedRequest
     from edgewise.runtime.serving.model import LoadedModel
 
 __all__ = [
-    "CHUNK_RECORDS",
     "Capture",
     "CaptureSettings",
     "check_rate",
@@ -139,24 +143,38 @@ class CaptureSettings:
             )
 
 
-class _Record:
-    __slots__ = ("prepared", "response", "time_ns")
-
-    def __init__(
-        self, time_ns: int, prepared: PreparedRequest, response: pb.ModelInferResponse
-    ) -> None:
-        self.time_ns = time_ns
-        self.prepared = prepared
-        self.response = response
+#: The first item of a queued tuple of feedback labels: (_LABELS, time_ns, model, labels).
+_LABELS: Final = object()
 
 
-class _Labels:
-    __slots__ = ("labels", "name", "time_ns")
+class _Model:
+    """What the request path keeps per served model version: a weak reference to it (an
+    unloaded version is pruned), its sampling rate, its groups (one per choice of outputs,
+    made from its first captured answer) and its counters."""
 
-    def __init__(self, time_ns: int, name: str, labels: Sequence[tuple[str, int, object]]) -> None:
-        self.time_ns = time_ns
-        self.name = name
-        self.labels = labels
+    __slots__ = ("captured", "chosen", "full", "group", "rate", "ref")
+
+    def __init__(self, model: LoadedModel, rate: float, metrics: CaptureMetrics) -> None:
+        self.ref = weakref.ref(model)
+        self.rate = rate
+        self.group: Group | None = None  # every output answered
+        self.chosen: dict[tuple[str, ...], Group] = {}  # the outputs a request named
+        if rate > 0.0:
+            self.captured = metrics.captured.labels(model.name)
+            self.full = metrics.dropped.labels(model.name, "queue_full")
+
+    def group_for(
+        self, model: LoadedModel, outputs: list[str] | None, response: pb.ModelInferResponse
+    ) -> Group:
+        if outputs is None:
+            if self.group is None:
+                self.group = Group(model, None, response)
+            return self.group
+        chosen = tuple(outputs)
+        group = self.chosen.get(chosen)
+        if group is None:
+            group = self.chosen[chosen] = Group(model, chosen, response)
+        return group
 
 
 class CaptureMetrics:
@@ -231,17 +249,16 @@ class Capture:
             folder.on_change = self._folder_changed
             self._folder_changed(len(folder.files), folder.bytes, 0)
         self.folder = folder
-        # id(model) -> (a weak reference to it, its rate): a dictionary look-up by an int on the
-        # request path (a WeakKeyDictionary's costs ten times more); unloaded versions pruned.
-        self._rates: dict[int, tuple[weakref.ref[LoadedModel], float]] = {}
-        self._queue: deque[_Record | _Labels] = deque()
+        # id(model) -> what the request path keeps for it: a dictionary look-up by an int (a
+        # WeakKeyDictionary's costs ten times more); unloaded versions pruned.
+        self._models: dict[int, _Model] = {}
+        # Captured requests (Record tuples) and feedback labels ((_LABELS, ...) tuples).
+        self._queue: deque[tuple[Any, ...]] = deque()
         self._limit = settings.queue_records
         self._batch = settings.batch_records
         self._wake = threading.Event()
         self._stopping = False
         self._failed = False  # a write failed and was logged (later ones are counted only)
-        self._captured: dict[str, Any] = {}  # model -> its captured counter
-        self._full: dict[str, Any] = {}  # model -> its queue_full counter
         self._idle = threading.Condition()
         self._busy = 0  # records taken from the queue and not yet written or dropped
         self._thread = threading.Thread(target=self._run, name="edgewise-capture", daemon=True)
@@ -251,41 +268,47 @@ class Capture:
 
     def offer(self, prepared: PreparedRequest, response: pb.ModelInferResponse) -> None:
         """After an answer: sample it and queue it for the writer, or drop it if the queue is
-        full (counted). Never raises for a request; never waits; copies nothing (the decoded
-        inputs and the answer are only referenced)."""
+        full (counted). Never raises for a request; never waits; converts nothing: the decoded
+        inputs are referenced, a raw numeric answer's bytes are taken from the response (which
+        is not kept), any other answer is referenced."""
         model = prepared.model
-        known = self._rates.get(id(model))
-        rate = known[1] if known is not None and known[0]() is model else self._rate_for(model)
-        if rate <= 0.0 or not sampled(prepared.request_id, rate):
+        entry = self._models.get(id(model))
+        if entry is None or entry.ref() is not model:
+            entry = self._entry_for(model)
+        rate = entry.rate
+        if rate < 1.0 and (rate <= 0.0 or not sampled(prepared.request_id, rate)):
             return
         queue = self._queue
         if len(queue) >= self._limit:
-            counter = self._full.get(model.name)
-            if counter is None:
-                counter = self._full[model.name] = self.metrics.dropped.labels(
-                    model.name, "queue_full"
-                )
-            counter.inc()
+            entry.full.inc()
             return
-        queue.append(_Record(time.time_ns(), prepared, response))
-        counter = self._captured.get(model.name)
-        if counter is None:
-            counter = self._captured[model.name] = self.metrics.captured.labels(model.name)
-        counter.inc()
+        outputs = prepared.outputs
+        group = entry.group if outputs is None else entry.chosen.get(tuple(outputs))
+        if group is None:
+            group = entry.group_for(model, outputs, response)
+        # A raw numeric answer's bytes, one per output (the response is not kept: its message
+        # and arena weigh more than its values); else the response.
+        answer: list[bytes] | pb.ModelInferResponse = (
+            list(response.raw_output_contents) if prepared.raw and group.numeric else response
+        )
+        queue.append(
+            (group, time.time_ns(), prepared.request_id, prepared.rows, prepared.feeds, answer)
+        )
+        entry.captured.inc()
         if len(queue) >= self._batch:
             self._wake.set()
 
-    def _rate_for(self, model: LoadedModel) -> float:
+    def _entry_for(self, model: LoadedModel) -> _Model:
         try:
             rate = self.rate_of(model.name)
         except Exception as exc:  # a config.json changed since start-up: off, said once
             log.error("capture of model %s version %s is off: %s", model.name, model.version, exc)
             rate = 0.0
-        for key, (ref, _) in list(self._rates.items()):
-            if ref() is None:  # an unloaded version's (two request threads may both see it)
-                self._rates.pop(key, None)
-        self._rates[id(model)] = (weakref.ref(model), rate)
-        return rate
+        for key, known in list(self._models.items()):
+            if known.ref() is None:  # an unloaded version's (two request threads may both see it)
+                self._models.pop(key, None)
+        entry = self._models[id(model)] = _Model(model, rate, self.metrics)
+        return entry
 
     def record_labels(self, model: str, labels: Sequence[tuple[str, int, object]]) -> None:
         """Feedback labels ``(request_id, row, label)`` a server took: written beside the
@@ -296,7 +319,7 @@ class Capture:
         if len(self._queue) >= self._limit:
             self.metrics.dropped.labels(model, "queue_full").inc(len(labels))
             return
-        self._queue.append(_Labels(time.time_ns(), model, list(labels)))
+        self._queue.append((_LABELS, time.time_ns(), model, list(labels)))
         self._wake.set()
 
     # ---- the writer ----------------------------------------------------------------------------
@@ -326,7 +349,7 @@ class Capture:
             self._wake.wait(self.settings.flush_seconds)
             self._wake.clear()
             stopping = self._stopping
-            taken: list[_Record | _Labels] = []
+            taken: list[tuple[Any, ...]] = []
             with self._idle:
                 queue = self._queue
                 while queue:
@@ -342,25 +365,25 @@ class Capture:
             if stopping and not self._queue:
                 return
 
-    def _write(self, taken: list[_Record | _Labels]) -> None:
-        # One file per model version and choice of outputs (the same columns throughout).
-        groups: dict[tuple[str, str, tuple[str, ...] | None], list[_Record]] = {}
-        labels: dict[str, list[_Labels]] = {}
-        for item in taken:
-            if isinstance(item, _Record):
-                prepared = item.prepared
-                model = prepared.model
-                chosen = None if prepared.outputs is None else tuple(prepared.outputs)
-                groups.setdefault((model.name, model.version_str, chosen), []).append(item)
+    def _write(self, taken: list[tuple[Any, ...]]) -> None:
+        # One file per group (model version and choice of outputs: the same columns throughout);
+        # the queue holds long runs of one group, taken a run at a time.
+        groups: dict[Group, list[Record]] = {}
+        labels: dict[str, list[tuple[int, Sequence[tuple[str, int, object]]]]] = {}
+        for key, run in groupby(taken, key=itemgetter(0)):
+            if key is _LABELS:
+                for _, time_ns, name, given in run:
+                    labels.setdefault(name, []).append((time_ns, given))
             else:
-                labels.setdefault(item.name, []).append(item)
-        for (name, version, _), records in groups.items():
+                groups.setdefault(key, []).extend(run)
+        for group, records in groups.items():
+            name, version = group.model.name, group.model.version_str
             try:
-                tables = _tables(records)
+                built = tables(group, records)
             except Exception as exc:  # a record the writer cannot turn into columns
                 self._write_failed(name, len(records), exc)
                 continue
-            for table, count in tables:
+            for table, count in built:
                 try:
                     stored = self.folder.write(f"{name}/{version}", table)
                 except Exception as exc:
@@ -369,7 +392,7 @@ class Capture:
                 self.metrics.written.labels(name).inc(count)
                 self.metrics.written_bytes.inc(stored.size)
         for name, batches in labels.items():
-            count = sum(len(batch.labels) for batch in batches)
+            count = sum(len(batch) for _, batch in batches)
             try:
                 stored = self.folder.write(f"{name}/{LABELS_FOLDER}", labels_table(batches))
             except Exception as exc:
@@ -395,218 +418,3 @@ class Capture:
         self.metrics.folder_bytes.set(size)
         if removed:
             self.metrics.removed.inc(removed)
-
-
-# ---- tables ------------------------------------------------------------------------------------
-
-
-def _rows(prepared: PreparedRequest) -> int:
-    """A request's rows: its batch size (1 for a request whose tensors have no dimension)."""
-    if prepared.rows:
-        return prepared.rows
-    return 0 if any(a.ndim and a.shape[0] == 0 for a in prepared.feeds.values()) else 1
-
-
-def _column(parts: list[npt.NDArray[Any]], rows: list[int]) -> Any:
-    """One Arrow column from each record's tensor (``rows[i]`` rows each): a plain column for
-    one value per row, a fixed-size list for several (a list where the width varies)."""
-    import pyarrow as pa
-
-    total = sum(rows)
-    joined = _joined(parts, total)
-    if joined is not None:  # every tensor [rows, ...] with the same trailing shape
-        shaped = None
-        widths = {joined.size // total if total else 1}
-        flat = joined.reshape(-1)
-    else:
-        shaped = [
-            p.reshape(r, -1) if p.size or r == 0 else p.reshape(r, 0)
-            for p, r in zip(parts, rows, strict=True)
-        ]
-        widths = {p.shape[1] for p in shaped}
-        flat = np.concatenate([p.reshape(-1) for p in shaped]) if shaped else np.empty(0)
-    if flat.dtype.kind == "O" or flat.dtype.kind in "SU":
-        values = pa.array([_text(v) for v in flat.tolist()])
-    else:
-        values = pa.array(flat)
-    if widths == {1}:
-        return values
-    if len(widths) == 1:
-        return pa.FixedSizeListArray.from_arrays(values, widths.pop())
-    assert shaped is not None  # joined tensors share one width
-    offsets = np.concatenate([[0], np.cumsum([p.size for p in shaped])]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
-
-
-def _joined(parts: list[npt.NDArray[Any]], total: int) -> npt.NDArray[Any] | None:
-    """The tensors concatenated along their first axis, where they all have one and the same
-    trailing shape (and ``total`` rows together); else None."""
-    if not parts or parts[0].ndim == 0:
-        return None
-    try:
-        joined = np.concatenate(parts)
-    except ValueError:  # different trailing shapes or dimensions
-        return None
-    return joined if joined.shape[0] == total else None
-
-
-def _text(value: object) -> object:
-    """A BYTES tensor's element as text where it is UTF-8 (as the client sent it), else bytes."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
-
-
-#: Records turned into Arrow at a time by the writer, which then lets the request threads have
-#: the GIL (time.sleep(0)): a flush of thousands of records never holds it for long.
-CHUNK_RECORDS: Final = 256
-
-
-def _tables(records: list[_Record]) -> list[tuple[Any, int]]:
-    """The tables to write for ``records`` (one model version, one choice of outputs) and how
-    many records each holds: one table, built a chunk at a time; a chunk whose columns differ
-    from the others' (a tensor whose width varies) makes the chunks separate files. A chunk
-    that cannot be built is an error for the writer to count."""
-    import pyarrow as pa
-
-    chunks = []
-    for start in range(0, len(records), CHUNK_RECORDS):
-        part = records[start : start + CHUNK_RECORDS]
-        chunks.append((records_table(part), len(part)))
-        time.sleep(0)  # the request threads take the GIL between chunks
-    if len(chunks) == 1:
-        return chunks
-    try:
-        return [(pa.concat_tables([t for t, _ in chunks]), len(records))]
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return chunks
-
-
-def records_table(records: list[_Record]) -> Any:
-    """The Arrow table of records of one model version with one choice of outputs (see the
-    module's docstring)."""
-    import pyarrow as pa
-
-    prepared = [r.prepared for r in records]
-    rows = [p.rows for p in prepared]
-    if 0 in rows:  # tensors without a batch dimension (one row), or requests of no rows
-        records = [r for r, p in zip(records, prepared, strict=True) if _rows(p)]
-        prepared = [r.prepared for r in records]
-        rows = [_rows(p) for p in prepared]
-    total = sum(rows)
-    single = total == len(records)  # one row per request: nothing to repeat
-    ids = [p.request_id for p in prepared]
-    stamps = np.array([r.time_ns for r in records], dtype="datetime64[ns]")
-    model = prepared[0].model if prepared else None
-    columns: dict[str, Any] = {
-        "request_id": pa.array(ids if single else np.repeat(ids, rows).tolist(), pa.string()),
-        "row": pa.array(
-            np.zeros(total, np.int32)
-            if single
-            else np.concatenate([np.arange(n, dtype=np.int32) for n in rows])
-        ),
-        "timestamp": pa.array(
-            stamps if single else np.repeat(stamps, rows), pa.timestamp("ns", tz="UTC")
-        ),
-        "model": pa.array([model.name if model else ""] * total, pa.string()),
-        "version": pa.array([model.version_str if model else ""] * total, pa.string()),
-    }
-    if not records:
-        return pa.table(columns)
-    inputs = [p.feeds for p in prepared]
-    for name in inputs[0]:
-        columns["input." + name] = _column([given[name] for given in inputs], rows)
-    joined = _raw_outputs(records, rows)
-    if joined is not None:
-        for name, (values, width) in joined.items():
-            columns["output." + name] = _fixed(values, width)
-    else:  # typed contents, strings: each answer decoded
-        outputs = [decode_outputs(record.response) for record in records]
-        for name in list(outputs[0]):
-            if all(name in answer for answer in outputs):
-                columns["output." + name] = _column([answer[name] for answer in outputs], rows)
-    return pa.table(columns)
-
-
-def _fixed(values: npt.NDArray[Any], width: int) -> Any:
-    import pyarrow as pa
-
-    array = pa.array(values)
-    return array if width == 1 else pa.FixedSizeListArray.from_arrays(array, width)
-
-
-def _raw_outputs(
-    records: list[_Record], rows: list[int]
-) -> dict[str, tuple[npt.NDArray[Any], int]] | None:
-    """Every answer's outputs at once where all are raw and numeric: one join of their bytes
-    per output instead of decoding each answer. The records share a model version and a choice
-    of outputs, so their outputs have the same names and datatypes in the same order (checked
-    on the first); each answer's size is checked against its rows. None where one does not fit."""
-    first = records[0].response
-    layout = [(o.name, o.datatype) for o in first.outputs]
-    if any(datatype not in DATATYPE_TO_NUMPY or datatype == BYTES for _, datatype in layout):
-        return None
-    count = len(layout)
-    contents = [r.response.raw_output_contents for r in records]
-    if any(len(raw) != count for raw in contents):
-        return None  # typed contents
-    expected_rows = np.array(rows, dtype=np.int64)
-    out: dict[str, tuple[npt.NDArray[Any], int]] = {}
-    for k, (name, datatype) in enumerate(layout):
-        dtype = np.dtype(DATATYPE_TO_NUMPY[datatype])
-        chunks = [raw[k] for raw in contents]
-        sizes = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
-        row_bytes = int(sizes[0]) // rows[0]
-        if (
-            row_bytes == 0
-            or row_bytes % dtype.itemsize
-            or (sizes != expected_rows * row_bytes).any()
-        ):
-            return None
-        out[name] = (np.frombuffer(b"".join(chunks), dtype=dtype), row_bytes // dtype.itemsize)
-    return out
-
-
-def labels_table(batches: list[_Labels]) -> Any:
-    """The Arrow table of feedback labels: request_id, row, label (as text) and label_type
-    (int, float or str: how ``edgewise capture export`` reads it back), timestamp."""
-    import pyarrow as pa
-
-    ids: list[str] = []
-    rows: list[int] = []
-    texts: list[str] = []
-    kinds: list[str] = []
-    times: list[int] = []
-    for batch in batches:
-        for request_id, row, given in batch.labels:
-            ids.append(request_id)
-            rows.append(row)
-            kind, text = _label_text(given)
-            texts.append(text)
-            kinds.append(kind)
-            times.append(batch.time_ns)
-    return pa.table(
-        {
-            "request_id": pa.array(ids, pa.string()),
-            "row": pa.array(rows, pa.int32()),
-            "label": pa.array(texts, pa.string()),
-            "label_type": pa.array(kinds, pa.string()),
-            "timestamp": pa.array(
-                np.array(times, dtype="datetime64[ns]"), pa.timestamp("ns", tz="UTC")
-            ),
-        }
-    )
-
-
-def _label_text(label: object) -> tuple[str, str]:
-    """A label's kind (int, float or str) and its text, read back exactly by the export."""
-    if isinstance(label, bool | np.bool_):
-        return "int", str(int(label))
-    if isinstance(label, int | np.integer):
-        return "int", str(int(label))
-    if isinstance(label, float | np.floating):
-        return "float", repr(float(label))
-    return "str", str(label)

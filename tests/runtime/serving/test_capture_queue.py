@@ -21,8 +21,9 @@ from prometheus_client import CollectorRegistry
 from edgewise.runtime.app.server import InferenceServer
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.serving.capture import CHUNK_RECORDS, Capture, CaptureSettings, sampled
+from edgewise.runtime.serving.capture import Capture, CaptureSettings, sampled
 from edgewise.runtime.serving.capture_files import CaptureFolder, StoredFile, captured_files
+from edgewise.runtime.serving.capture_tables import CHUNK_RECORDS
 from edgewise.runtime.serving.codecs import decode_outputs
 from edgewise.runtime.serving.pipeline import InferenceCore
 
@@ -218,3 +219,43 @@ def test_a_large_flush_is_built_in_chunks_and_written_as_one_file(
     assert table.column("request_id").to_pylist()[::2] == [f"q{i}" for i in range(count)]
     assert value(registry, "edgewise_capture_written_records_total", model="logreg") == count
     capture.close()
+
+
+def test_requests_of_other_outputs_and_batch_sizes_are_written_as_answered(
+    server: InferenceServer, tmp_path: Path
+) -> None:
+    """Answers of every output and answers of one named output (two files: their columns
+    differ), requests of 1 to 3 rows: each captured row holds its request's inputs and answer."""
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), CollectorRegistry())
+    core = core_with(server, capture)
+    sent, answered = {}, {}
+    for index in range(9):
+        rows = np.random.default_rng(index).normal(size=(1 + index % 3, 30)).astype(np.float32)
+        message = pb.ModelInferRequest(model_name="logreg", id=f"m{index}")
+        message.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+        message.raw_input_contents.append(rows.tobytes())
+        if index % 2:
+            message.outputs.add(name="label")
+        response = core.infer_on_thread(
+            message, None, time.perf_counter(), defer=lambda f, *args: f(*args)
+        )
+        assert isinstance(response, pb.ModelInferResponse)
+        sent[message.id], answered[message.id] = rows, decode_outputs(response)
+    capture.close()
+    tables = [pq.read_table(p).to_pydict() for p in captured_files(tmp_path)]
+    assert len(tables) == 2
+    seen = set()
+    for table in tables:
+        for place, (request_id, row) in enumerate(
+            zip(table["request_id"], table["row"], strict=True)
+        ):
+            seen.add((request_id, row))
+            np.testing.assert_array_equal(table["input.features"][place], sent[request_id][row])
+            assert {k for k in table if k.startswith("output.")} == {
+                f"output.{name}" for name in answered[request_id]
+            }
+            for name, values in answered[request_id].items():
+                np.testing.assert_array_equal(
+                    np.asarray(table[f"output.{name}"][place]), values[row]
+                )
+    assert seen == {(i, r) for i, rows in sent.items() for r in range(len(rows))}
