@@ -146,6 +146,12 @@ PyObject* ToBytes(const std::vector<grpc::Slice>& slices) {
   return out;
 }
 
+// A metadata value as a Python str (the GIL held), or None where the call did not send it.
+PyObject* OptionalText(bool present, const grpc::string_ref& value) {
+  if (!present) return Py_NewRef(Py_None);
+  return PyUnicode_DecodeLatin1(value.data(), static_cast<Py_ssize_t>(value.size()), nullptr);
+}
+
 // The metadata that carries a client certificate's identities to grpcio on the private socket
 // (security.py PEER_HEADER): set here only, never copied from a client.
 constexpr const char* kPeerHeader = "edgewise-peer-identity";
@@ -378,7 +384,8 @@ class Accept final : public Event {
 };
 
 struct Front {
-  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token, peer)
+  PyObject* handler = nullptr;  // handle(body, authorization, remaining, in_flight, token, peer,
+                                //        request_id, traceparent)
   PyObject* after = nullptr;    // after(): work deferred until the answer is on its way
   std::string fast_method;
   std::unique_ptr<grpc::GenericStub> upstream;
@@ -589,13 +596,20 @@ void InferCall::Uncount() {
 void InferCall::Answer() {
   std::vector<grpc::Slice> slices;
   bool readable = request_.Dump(&slices).ok();
-  std::string authorization;
-  bool has_authorization = false;
+  // The token (the first sent), and the request id and W3C trace context (the last sent, as
+  // grpcio's servicer reads them): string_refs into the call's metadata, alive until it ends.
+  grpc::string_ref authorization, request_id, traceparent;
+  bool has_authorization = false, has_request_id = false, has_traceparent = false;
   for (const auto& [key, value] : call_->context.client_metadata()) {
     if (key == "authorization") {
-      authorization.assign(value.data(), value.size());
+      if (!has_authorization) authorization = value;
       has_authorization = true;
-      break;
+    } else if (key == "x-request-id") {
+      request_id = value;
+      has_request_id = true;
+    } else if (key == "traceparent") {
+      traceparent = value;
+      has_traceparent = true;
     }
   }
   double remaining = -1.0;  // no deadline
@@ -613,9 +627,9 @@ void InferCall::Answer() {
   {
     Gil gil;
     PyObject* arg_body = readable ? ToBytes(slices) : PyBytes_FromStringAndSize("", 0);
-    PyObject* arg_auth = has_authorization
-        ? PyUnicode_DecodeLatin1(authorization.data(), static_cast<Py_ssize_t>(authorization.size()), nullptr)
-        : (Py_INCREF(Py_None), Py_None);
+    PyObject* arg_auth = OptionalText(has_authorization, authorization);
+    PyObject* arg_request_id = OptionalText(has_request_id, request_id);
+    PyObject* arg_traceparent = OptionalText(has_traceparent, traceparent);
     PyObject* arg_remaining = remaining < 0 ? (Py_INCREF(Py_None), Py_None) : PyFloat_FromDouble(remaining);
     PyObject* arg_in_flight = PyLong_FromLong(in_flight);
     PyObject* arg_token = PyLong_FromVoidPtr(this);
@@ -629,10 +643,12 @@ void InferCall::Answer() {
       PyTuple_SET_ITEM(arg_peer, static_cast<Py_ssize_t>(i), item);
     }
     PyObject* result = nullptr;
-    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token && arg_peer) {
-      PyObject* args[] = {arg_body, arg_auth, arg_remaining, arg_in_flight, arg_token, arg_peer};
+    if (arg_body && arg_auth && arg_remaining && arg_in_flight && arg_token && arg_peer &&
+        arg_request_id && arg_traceparent) {
+      PyObject* args[] = {arg_body,  arg_auth, arg_remaining,  arg_in_flight,
+                          arg_token, arg_peer, arg_request_id, arg_traceparent};
       auto started = std::chrono::steady_clock::now();
-      result = PyObject_Vectorcall(front_->handler, args, 6, nullptr);
+      result = PyObject_Vectorcall(front_->handler, args, 8, nullptr);
       front_->Timed(static_cast<long>(std::chrono::duration_cast<std::chrono::microseconds>(
                                           std::chrono::steady_clock::now() - started)
                                           .count()));
@@ -643,6 +659,8 @@ void InferCall::Answer() {
     Py_XDECREF(arg_in_flight);
     Py_XDECREF(arg_token);
     Py_XDECREF(arg_peer);
+    Py_XDECREF(arg_request_id);
+    Py_XDECREF(arg_traceparent);
     if (PyErr_Occurred()) PyErr_Print();  // a bug in the handler: logged, the call gets INTERNAL
     answer = ParseAnswer(result);
     Py_XDECREF(result);

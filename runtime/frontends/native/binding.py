@@ -9,7 +9,9 @@ CPU budget computes with: one answers cheap calls back to back, the others reque
 ``small_max_bytes`` and every request while the handler is slow; the pollers only queue the
 call, so they never wait for the GIL and stay free for connections and every other call): the
 token check, the in-flight limit, parsing, the same decode-run-encode path and accounting as
-the grpcio server, then the serialised answer.
+the grpcio server, then the serialised answer. C++ also reads the call's ``x-request-id`` and
+``traceparent``: they make the call's labels (request_context.py), in its log lines and echoed
+in its trailers as grpcio echoes them.
 No Python gRPC machinery runs per call; on this machine that machinery alone costs more CPU per
 call than the model (see benchmarks/RESULTS.md).
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import hashlib
 import importlib
 import logging
@@ -51,6 +54,7 @@ from edgewise.runtime.frontends.tls_stage import TlsStage
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.codecs import decode
 from edgewise.runtime.serving.pipeline import InferenceCore
+from edgewise.runtime.serving.request_context import RequestLabels
 from edgewise.runtime.serving.shedding import LoadShedder, retry_trailers
 
 __all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "source_digest"]
@@ -113,8 +117,11 @@ class NativeFront:
         self._front: Any = None
         self._tls: TlsStage | None = None
         # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
-        # once C++ has the answer on its way. Appends and pops are atomic under the GIL.
-        self._deferred: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        # once C++ has the answer on its way, in the context of the call that deferred it (its
+        # labels, for the lines it logs). Appends and pops are atomic under the GIL.
+        self._deferred: deque[
+            tuple[contextvars.Context, Callable[..., object], tuple[Any, ...]]
+        ] = deque()
 
     def start(
         self,
@@ -177,17 +184,17 @@ class NativeFront:
         return int(calls), int(relayed), int(in_flight)
 
     def _defer(self, function: Callable[..., object], *args: Any) -> None:
-        self._deferred.append((function, args))
+        self._deferred.append((contextvars.copy_context(), function, args))
 
     def after(self) -> None:
         """Run the work deferred by the calls answered so far (called by C++ after sending)."""
         deferred = self._deferred
         while deferred:
             try:
-                function, args = deferred.popleft()
+                context, function, args = deferred.popleft()
             except IndexError:  # another thread took the last one
                 return
-            function(*args)
+            context.run(function, *args)
 
     def handle(
         self,
@@ -197,11 +204,17 @@ class NativeFront:
         in_flight: int,
         token: int = 0,
         peer: tuple[str, ...] = (),
+        request_id: str | None = None,
+        traceparent: str | None = None,
     ) -> Answer:
         """Answer one ModelInfer call (see :data:`Answer`), or leave it :data:`PENDING` on a
         batch queue (answered through ``complete(token, ...)``). ``peer``: the client
         certificate's identities (``CN=...``, ``SAN=...``), read by C++ for a call without a
-        token. Runs on one of the front end's threads; never raises."""
+        token; ``request_id`` and ``traceparent``: the call's ``x-request-id`` and W3C trace
+        context metadata, where sent. An answered call's trailers carry its ids as on grpcio
+        (request_context.py ``RequestLabels.echo``); refusals by the token check, shedding
+        and the credential's quota carry none, as on grpcio (its interceptors refuse them).
+        Runs on one of the front end's threads; never raises."""
         started = time.perf_counter()
         auth = self.auth
         credential = None
@@ -224,24 +237,30 @@ class NativeFront:
             over = auth.take_quota(credential, MODEL_INFER)
             if over is not None:
                 return _RESOURCE_EXHAUSTED, over.message, None, retry_trailers(over.retry_ms), False
+        labels = RequestLabels(request_id or "", traceparent)
         pending = False
         try:
             request = decode(pb.ModelInferRequest, body)  # INVALID_ARGUMENT, as on grpcio
             deadline = None if remaining is None else time.monotonic() + remaining
-            answer = self.core.infer_on_thread(request, deadline, started, defer=self._defer)
+            answer = self.core.infer_on_thread(
+                request, deadline, started, defer=self._defer, labels=labels
+            )
             if isinstance(answer, concurrent.futures.Future):  # on a batch queue
                 pending = True
-                answer.add_done_callback(lambda done: self._complete(token, done, credential))
+                answer.add_done_callback(
+                    lambda done: self._complete(token, done, credential, labels)
+                )
                 return _PENDING_ANSWER
-            return _OK, "", answer.SerializeToString(), (), bool(self._deferred)
+            return _OK, "", answer.SerializeToString(), labels.echo(), bool(self._deferred)
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(exc, labels)
         finally:
             if auth is not None and not pending:
                 auth.give_back_quota(credential, MODEL_INFER)
 
-    def _failure(self, exc: Exception) -> Answer:
-        code, message, trailers = status_of(exc, self.retry_after_ms)
+    def _failure(self, exc: Exception, labels: RequestLabels | None = None) -> Answer:
+        """The answer to ``exc``; a call's ``labels``: its ids in the trailers and the log."""
+        code, message, trailers = status_of(exc, self.retry_after_ms, labels)
         return int(code.value[0]), message, None, trailers, False
 
     def _complete(
@@ -249,15 +268,18 @@ class NativeFront:
         token: int,
         done: concurrent.futures.Future[pb.ModelInferResponse],
         credential: Credential | None = None,
+        labels: RequestLabels | None = None,
     ) -> None:
         """Answer a call that waited on a batch queue: exactly once, whatever happened (the call
-        stays open until it is answered); the credential's quota is given back."""
+        stays open until it is answered), with its ``labels``' ids; the credential's quota is
+        given back."""
         if self.auth is not None:
             self.auth.give_back_quota(credential, MODEL_INFER)
         try:
-            answer: Answer = (_OK, "", done.result().SerializeToString(), (), False)
+            response = done.result().SerializeToString()
+            answer: Answer = (_OK, "", response, () if labels is None else labels.echo(), False)
         except Exception as exc:
-            answer = self._failure(exc)
+            answer = self._failure(exc, labels)
         except BaseException as exc:  # cancelled: the server is stopping
-            answer = self._failure(RuntimeError(f"cancelled: {type(exc).__name__}"))
+            answer = self._failure(RuntimeError(f"cancelled: {type(exc).__name__}"), labels)
         self._front.complete(token, answer)

@@ -7,6 +7,7 @@ tests/interop; this file covers what only the native front end does."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import shutil
 import threading
@@ -380,12 +381,22 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
     most: dict[str, int] = {}
     handler_threads: dict[str, set[int]] = {}
     side_by_side = threading.Barrier(2, timeout=20)  # broken (an error answer): one at a time
+    ids: dict[int, tuple[str | None, str | None]] = {}  # a cheap call's, by its 5th byte
 
-    def handler(
-        body: bytes, authorization: str | None, remaining: float | None, in_flight: int, token: int
+    def handler(  # NativeFront.handle's parameters, as C++ passes them (checked below)
+        body: bytes,
+        authorization: str | None,
+        remaining: float | None,
+        in_flight: int,
+        token: int,
+        peer: tuple[str, ...],
+        request_id: str | None,
+        traceparent: str | None,
     ) -> tuple[int, str, bytes, tuple[()], bool]:
         kind = "large" if len(body) > 1024 else body[:4].decode()
         with lock:
+            if kind == "fast":
+                ids[body[4]] = (request_id, traceparent)
             running[kind] = running.get(kind, 0) + 1
             most[kind] = max(most.get(kind, 0), running[kind])
             handler_threads.setdefault(kind, set()).add(threading.get_ident())
@@ -395,6 +406,9 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
         with lock:
             running[kind] -= 1
         return 0, "", body[:16], (), False
+
+    real = list(inspect.signature(NativeFront.handle).parameters)[1:]  # less self
+    assert list(inspect.signature(handler).parameters) == real
 
     def start(handlers: int) -> Any:
         return module.Front(
@@ -418,7 +432,10 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
                 answers: dict[int, bytes] = {}
 
                 def send(i: int) -> None:
-                    answers[i] = call(bodies[i], timeout=30)
+                    metadata = (
+                        (("x-request-id", f"r{i}"), ("traceparent", f"t{i}")) if i % 2 else ()
+                    )
+                    answers[i] = call(bodies[i], timeout=30, metadata=metadata)
 
                 threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
                 for thread in threads:
@@ -430,6 +447,8 @@ def test_cheap_calls_are_answered_one_at_a_time_and_costly_ones_side_by_side() -
             send_all([b"fast" + bytes([i]) * 100 for i in range(40)])
             assert most == {"fast": 1}  # cheap: one thread, one at a time
             assert len(handler_threads["fast"]) == 1
+            # The call's x-request-id and traceparent, where it sent them; None otherwise.
+            assert ids == {i: (f"r{i}", f"t{i}") if i % 2 else (None, None) for i in range(40)}
             send_all([bytes([i]) * 5000 for i in range(6)])
             assert most["large"] == 2  # over small_max_bytes: the other two threads
             assert len(handler_threads["large"]) == 2  # and none of them the cheap calls' one

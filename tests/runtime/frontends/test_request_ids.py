@@ -1,6 +1,7 @@
 """Request ids and trace ids on a real server (issue 28 item 5): echoed in answers on the grpcio
-and the HTTP front end (tritonclient, and plain clients for the metadata and headers), and in the
-``--log-format json`` lines logged while a call is served, never in another call's."""
+and the native gRPC front end and on HTTP (tritonclient, and plain clients for the metadata and
+headers), and in the ``--log-format json`` lines logged while a call is served, never in another
+call's. Each case runs on a server of each gRPC front end (tests/servers.py FRONT_ENDS)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import tritonclient.http as httpclient
 
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.servers import RunningServer, start_server
+from tests.servers import FRONT_ENDS, RunningServer, front_end_args, start_server
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -45,12 +46,14 @@ print(json.dumps(ids))
 """
 
 
-@pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def server(
+    request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     running = start_server(
         model_repo,
-        tmp_path_factory.mktemp("request-ids"),
-        ["--front-end", "grpcio", "--http-port", "0"],
+        tmp_path_factory.mktemp(f"request-ids-{request.param}"),
+        [*front_end_args(request.param), "--http-port", "0"],
         global_args=["--log-format", "json", "--log-level", "DEBUG"],
     )
     assert running.http_port, running.log()
