@@ -66,7 +66,8 @@ def _add_batch(sub: Subparsers) -> None:
     )  # fmt: skip
     p.add_argument(
         "--trusted-keys", type=Path,
-        help="ed25519 public key file or folder: refuse packages not signed by one of them",
+        help="ed25519 public key file or folder: refuse packages not signed by one of them "
+        "(keys.json beside them sets a key's not_after, revoked.json revokes keys or packages)",
     )  # fmt: skip
     p.add_argument(
         "--input", required=True, metavar="PATH_OR_GLOB",

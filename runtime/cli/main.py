@@ -277,7 +277,8 @@ def _add_serve_security(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--trusted-keys",
         type=Path,
-        help="ed25519 public key file or folder: refuse packages not signed by one of them",
+        help="ed25519 public key file or folder: refuse packages not signed by one of them "
+        "(keys.json beside them sets a key's not_after, revoked.json revokes keys or packages)",
     )
     g.add_argument(
         "--max-inflight", type=int, help="inference calls at once; beyond: RESOURCE_EXHAUSTED"
