@@ -229,7 +229,7 @@ class InferenceServer:
         await server.start()
         self._grpc = server
         if front_module is not None:
-            if core.tracing is not None:  # its C++ hands Python no traceparent (binding.py)
+            if core.tracing is not None:  # infer_on_thread, its calls' path, has no spans
                 log.warning(
                     "tracing: the native front end's gRPC calls are not traced "
                     "(--front-end grpcio traces them); HTTP calls are"

@@ -32,12 +32,14 @@ from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.model import SessionSettings, load_model
 from edgewise.runtime.serving.pipeline import InferenceCore
+from edgewise.runtime.serving.request_context import RequestLabels, current
 from edgewise.runtime.serving.shedding import LoadShedder
 from tests.runtime.frontends.test_server import metric_value, metrics_text
 from tests.servers import front_end_args, native_front_or_unmet, running_server, start_server
 
 TOKEN = "native-front-token-0123456789abcdef"
 CODES = {code.value[0] for code in grpc.StatusCode}
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,35 @@ def test_a_request_is_answered_as_the_model_answers(core: InferenceCore, repo: P
     index = [o.name for o in response.outputs].index("label")
     labels = np.frombuffer(response.raw_output_contents[index], dtype=expected["label"].dtype)
     np.testing.assert_array_equal(labels, expected["label"])
+
+
+def test_a_call_carries_its_ids_into_its_trailers_and_its_deferred_work(
+    core: InferenceCore, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``x-request-id`` and ``traceparent`` C++ hands over are the call's labels: echoed in
+    its trailers (grpcio's) and current for the monitor's work run after the answer is sent."""
+    monitor = core.dataplane.repository.get("logreg", "").monitor
+    assert monitor is not None
+    seen: list[RequestLabels | None] = []
+    monkeypatch.setattr(monitor, "observe", lambda feeds, outputs: seen.append(current()))
+    front = NativeFront(core, None, None, 50)
+    body = request_bytes("logreg", features(repo, 2))
+    code, _, answer, trailers, deferred = front.handle(
+        body, None, None, 1, 0, (), "meta-9", f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    )
+    assert code == 0 and answer is not None and deferred
+    assert pb.ModelInferResponse.FromString(answer).id == "meta-9"
+    assert trailers == (("x-request-id", "meta-9"), ("x-trace-id", TRACE_ID))
+    assert current() is None and not seen  # the call is over; its monitor work waits
+    front.after()
+    (labels,) = seen
+    assert labels is not None and (labels.request_id, labels.trace_id) == ("meta-9", TRACE_ID)
+    # A plain call echoes nothing (its made id is the response's); a failed one its made id.
+    assert front.handle(body, None, None, 1)[3] == ()
+    code, _, _, trailers, _ = front.handle(request_bytes("nope", features(repo, 1)), None, None, 1)
+    assert code == grpc.StatusCode.NOT_FOUND.value[0]
+    ((key, made),) = trailers
+    assert key == "x-request-id" and len(made) == 16
 
 
 def test_only_the_grpcio_path_keeps_the_model_run_average(core: InferenceCore, repo: Path) -> None:

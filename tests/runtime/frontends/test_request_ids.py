@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -50,9 +51,16 @@ print(json.dumps(ids))
 def server(
     request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp(f"request-ids-{request.param}")
+    repo = workdir / "repo"  # logreg, and forest with dynamic batching
+    for name in ("logreg", "forest"):
+        shutil.copytree(model_repo / name, repo / name)
+    (repo / "forest" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4, "max_queue_delay_us": 1000}})
+    )
     running = start_server(
-        model_repo,
-        tmp_path_factory.mktemp(f"request-ids-{request.param}"),
+        repo,
+        workdir,
         [*front_end_args(request.param), "--http-port", "0"],
         global_args=["--log-format", "json", "--log-level", "DEBUG"],
     )
@@ -61,16 +69,16 @@ def server(
     assert running.stop() == 0, running.log()
 
 
-def width(repo: Path) -> int:
-    manifest = json.loads((repo / "logreg" / "1" / "manifest.json").read_text())
+def width(repo: Path, model: str = "logreg") -> int:
+    manifest = json.loads((repo / model / "1" / "manifest.json").read_text())
     return int(manifest["inputs"][0]["shape"][1])
 
 
 def raw_request(
-    repo: Path, request_id: str = "", columns: int | None = None
+    repo: Path, request_id: str = "", columns: int | None = None, model: str = "logreg"
 ) -> pb.ModelInferRequest:
-    x = np.ones((1, columns or width(repo)), np.float32)
-    request = pb.ModelInferRequest(model_name="logreg", id=request_id)
+    x = np.ones((1, columns or width(repo, model)), np.float32)
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
     return request
@@ -152,6 +160,18 @@ def test_grpc_trailers_carry_the_trace_id_and_the_sent_request_id(
     # A malformed traceparent is no trace: nothing made up.
     response, _, trailers = grpc_call(server, raw_request(model_repo), (("traceparent", "00-xyz"),))
     assert response is not None and "x-trace-id" not in trailers
+
+
+def test_a_batched_call_gets_its_ids_back(server: RunningServer, model_repo: Path) -> None:
+    """A call that waits on a batch queue (the native front end answers it later, from the
+    loop) carries its ids as one answered at once."""
+    metadata = (("x-request-id", "batch-1"), ("traceparent", TRACEPARENT))
+    response, code, trailers = grpc_call(server, raw_request(model_repo, model="forest"), metadata)
+    assert code is grpc.StatusCode.OK and response is not None and response.id == "batch-1"
+    assert trailers["x-request-id"] == "batch-1" and trailers["x-trace-id"] == TRACE_ID
+    response, code, trailers = grpc_call(server, raw_request(model_repo, model="forest"), ())
+    assert response is not None and len(response.id) == 16 and set(response.id) <= HEX
+    assert "x-request-id" not in trailers and "x-trace-id" not in trailers
 
 
 def test_tritonclient_http_gets_its_id_back(server: RunningServer, model_repo: Path) -> None:
