@@ -50,6 +50,7 @@ __all__ = [
     "decode_value",
     "entity_key",
     "murmur3_32",
+    "parse_reply",
     "read_registry",
 ]
 
@@ -782,7 +783,7 @@ class _RedisConnection:
 
     def reply(self) -> RespValue:
         while True:
-            parsed = _parse(self.buffer, 0)
+            parsed = parse_reply(self.buffer, 0)
             if parsed is not None:
                 value, end = parsed
                 self.buffer = self.buffer[end:]
@@ -793,7 +794,7 @@ class _RedisConnection:
             self.buffer += data
 
 
-def _parse(buf: bytes, pos: int) -> tuple[RespValue, int] | None:
+def parse_reply(buf: bytes, pos: int) -> tuple[RespValue, int] | None:
     """(the RESP2 value at ``pos``, where it ends), or None: the buffer ends before it does."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
@@ -814,7 +815,7 @@ def _parse(buf: bytes, pos: int) -> tuple[RespValue, int] | None:
         items: list[RespValue] = []
         pos = end + 2
         for _ in range(count):
-            parsed = _parse(buf, pos)
+            parsed = parse_reply(buf, pos)
             if parsed is None:
                 return None
             item, pos = parsed

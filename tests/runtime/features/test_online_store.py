@@ -94,3 +94,56 @@ def test_stores_that_are_not_there(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     with pytest.raises(StoreError, match="down"):
         RedisOnlineStore("127.0.0.1", port, "p").read("v", [b"k"], ["f"], 0.5)
+
+
+def test_redis_read_bounded_by_its_budget() -> None:
+    """A Redis that accepts the connection and never answers: the read is refused once its
+    budget is spent (the socket's kernel timeouts), with the budget in the message, and the
+    connection is dropped (the next read connects again)."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    store = RedisOnlineStore("127.0.0.1", port, "p")
+    try:
+        for _ in range(2):
+            began = time.monotonic()
+            with pytest.raises(StoreError, match=r"over the 50\.0 ms budget"):
+                store.read("v", [b"k"], ["f"], 0.05)
+            assert 0.03 <= time.monotonic() - began < 2.0
+        assert len(accepted) == 2  # dropped after the refusal, connected again
+    finally:
+        store.close()
+        server.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_resp_replies() -> None:
+    """The RESP2 parser: a reply cut anywhere is incomplete (None), whole it is read with where
+    it ends; nil bulk strings and arrays, integers, simple strings, errors."""
+    from edgewise.runtime.serving.online_store import parse_reply
+
+    reply = b"*3\r\n$3\r\nabc\r\n$-1\r\n*2\r\n:42\r\n+OK\r\n"
+    for cut in range(len(reply)):
+        assert parse_reply(reply[:cut], 0) is None
+    assert parse_reply(reply + b"$1\r\nx\r\n", 0) == ([b"abc", None, [42, b"OK"]], len(reply))
+    assert parse_reply(b"*-1\r\n", 0) == (None, 5)
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        parse_reply(b"-WRONGTYPE bad\r\n", 0)
