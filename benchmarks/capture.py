@@ -12,7 +12,9 @@ in Parquet files: records/s written, the rate beyond which a server's queue fill
 Core CPU (``capture_core_cpu``): the serving core alone in this process, no transport: CPU time
 of the process (every thread, the capture writer's included) per request of one row, capture
 off, off again (the control: what a ratio of 1 looks like in this run), 1 % and 100 %, in
-alternating rounds (2 x --rounds); medians and the medians of per-round ratios against off.
+alternating rounds (2 x --rounds); medians and the medians of per-round ratios against off;
+and where it went: the CPU time of the request thread (the core, the capture's offer) and of
+the other threads (the capture's writer) per request.
 
 Request path (``capture_request_path``): four edgewise servers serve the same models
 (serving.py's build_models) with the native front end: capture off, off again (the control),
@@ -230,20 +232,24 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
         function(*args)
 
     results: dict[str, list[float]] = {label: [] for label in cores}
+    on_thread: dict[str, list[float]] = {label: [] for label in cores}
     labels = list(cores)
     for index in range(rounds + 1):  # the first round warms up and is not counted
         for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
             core = cores[label]
             gc.collect()
             started = time.process_time()
+            thread_started = time.thread_time()
             for number in range(requests):
                 request = pb.ModelInferRequest.FromString(bodies[number % 64])
                 request.id = f"r{index}-{number}"
                 core.infer_on_thread(request, None, time.perf_counter(), defer=defer)
+            thread_cpu = time.thread_time() - thread_started
             if core.capture is not None:
                 assert core.capture.flush(120)
             if index:
                 results[label].append((time.process_time() - started) / requests * 1e6)
+                on_thread[label].append(thread_cpu / requests * 1e6)
     for core in cores.values():
         if core.capture is not None:
             core.capture.close()
@@ -251,6 +257,7 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
     off = results["off"]
     for label, values in results.items():
         ratios = [v / o for v, o in zip(values, off, strict=True)]
+        others = [v - t for v, t in zip(values, on_thread[label], strict=True)]
         print(
             json.dumps(
                 {
@@ -258,6 +265,8 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
                     "rounds": rounds, "requests": requests,
                     "cpu_us_per_req": round(statistics.median(values), 2),
                     "ratio_vs_off_paired": round(statistics.median(ratios), 3),
+                    "request_thread_us_per_req": round(statistics.median(on_thread[label]), 2),
+                    "other_threads_us_per_req": round(statistics.median(others), 2),
                 }
             ),
             flush=True,
