@@ -22,6 +22,10 @@ costs the untraced path in the same run, e.g. the request and trace ids of commi
     .venv/bin/python benchmarks/tracing_server.py --modes baseline,off --baseline-tree /tmp/base
 
 ``--modes`` picks the modes run (default: off, ratio_0.01, ratio_1, and baseline when given).
+``--front-end native`` serves gRPC with the native front end instead (its calls are not traced:
+for ``--modes baseline,off``; the baseline tree needs its own build of ``_front.cc``, e.g.
+``PYTHONPATH=<a folder with edgewise/runtime linked to DIR/runtime> python -m
+edgewise.runtime.frontends.native.build``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--baseline-tree", type=Path, default=None)
     parser.add_argument("--modes", default="")
+    parser.add_argument("--front-end", choices=("grpcio", "native"), default="grpcio")
     args = parser.parse_args()
 
     import grpc
@@ -108,7 +113,8 @@ def main() -> int:
                 *prefix.get(mode, []), sys.executable, "-m", "edgewise.runtime.cli",
                 "--log-level", "WARNING", "serve",
                 "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "-1", "--port-file", str(port_file), "--front-end", "grpcio",
+                "--metrics-port", "-1", "--port-file", str(port_file),
+                "--front-end", args.front_end,
                 *extra,
             ]  # fmt: skip
             servers[mode] = serving.Server(command, port_file)
@@ -148,6 +154,7 @@ def main() -> int:
                 {
                     "case": "tracing_server",
                     "mode": mode,
+                    "front_end": args.front_end,
                     "server_cpu_us_per_req": None if cpu is None else round(cpu, 1),
                     "p50_us": None if p50 is None else round(p50, 1),
                     "cpu_ratio_to_off": ratio(cpu, "off", "server_cpu_us_per_req"),
