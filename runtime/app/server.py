@@ -229,11 +229,6 @@ class InferenceServer:
         await server.start()
         self._grpc = server
         if front_module is not None:
-            if core.tracing is not None:  # infer_on_thread, its calls' path, has no spans
-                log.warning(
-                    "tracing: the native front end's gRPC calls are not traced "
-                    "(--front-end grpcio traces them); HTTP calls are"
-                )
             self.front = NativeFront(core, auth, shedder, settings.retry_after_ms)
             # As many threads compute at once as with grpcio: one for cheap calls (its event loop)
             # and its worker threads for those over inline_max_bytes or while calls are slow.

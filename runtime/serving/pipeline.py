@@ -307,12 +307,14 @@ class InferenceCore:
         labels.take(request)
         token = CURRENT.set(labels)
         try:
+            if self.tracing is not None:  # the same steps, one span each (tracing.py)
+                return self.tracing.infer_on_thread(self, request, deadline, started, labels, defer)
             reservation = self.admit(request)
             prepared = self._prepare_counted(request, reservation)
             loop = self.loop
             if prepared.model.batching is not None and loop is not None:
                 return asyncio.run_coroutine_threadsafe(  # the task copies this context
-                    self._batched_labelled(prepared, deadline, started, reservation, labels), loop
+                    self.batched_labelled(prepared, deadline, started, reservation, labels), loop
                 )
             response = self._execute_counted(prepared, deadline, started, reservation, defer=defer)
         except Exception as exc:
@@ -322,7 +324,7 @@ class InferenceCore:
             CURRENT.reset(token)
         return labels.answered(response)
 
-    async def _batched_labelled(
+    async def batched_labelled(
         self,
         prepared: PreparedRequest,
         deadline: float | None,
@@ -330,7 +332,8 @@ class InferenceCore:
         reservation: int,
         labels: RequestLabels,
     ) -> pb.ModelInferResponse:
-        """:meth:`_batched`, the response with the id made for a request without one."""
+        """:meth:`_batched` for :meth:`infer_on_thread` (run on the loop), the response with the
+        id made for a request without one."""
         try:
             response = await self._batched(prepared, deadline, started, reservation)
         except Exception as exc:
@@ -360,6 +363,19 @@ class InferenceCore:
         response = self._execute_counted(prepared, deadline, started, reservation, defer=defer)
         self._timed(began)
         return response
+
+    def execute_on_thread(
+        self,
+        prepared: PreparedRequest,
+        deadline: float | None,
+        started: float,
+        reservation: int,
+        defer: Deferrer | None = None,
+    ) -> pb.ModelInferResponse:
+        """Run, encode and count a prepared request on a front end's own thread (see
+        :meth:`_execute_counted`), outside the moving average of :meth:`execute` (the native
+        front end keeps its own)."""
+        return self._execute_counted(prepared, deadline, started, reservation, defer=defer)
 
     def runs_inline(self, request: pb.ModelInferRequest, small: bool) -> bool:
         """Whether ``request`` runs on the event loop (see :meth:`_runs_inline`)."""

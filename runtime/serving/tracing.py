@@ -16,13 +16,20 @@ The parent is the W3C ``traceparent`` a front end read from the call's metadata 
 (absent or malformed: a new trace); sampling follows the parent's sampled flag; a call with no
 parent is sampled at the ratio by a random draw before any span is made (an unsampled call then
 costs the draw, not the SDK's non-recording spans).
+The native front end's calls (:meth:`RequestTracing.infer_on_thread`, on the front end's own
+threads) have the same spans but ``parse`` (C++ and the binding parse them, untraced): ``run``
+on the calling thread, or ``queue`` until the batch queue's future is done, and ``monitor``
+where the front end runs the deferred work once the answer is sent.
+
 Spans go to an OTLP/gRPC collector in batches, off the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -35,6 +42,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
@@ -42,7 +50,7 @@ from edgewise.runtime.serving.codecs import decode
 
 if TYPE_CHECKING:
     from edgewise.runtime.serving.dataplane import PreparedRequest
-    from edgewise.runtime.serving.pipeline import InferenceCore
+    from edgewise.runtime.serving.pipeline import Deferrer, InferenceCore
     from edgewise.runtime.serving.request_context import RequestLabels
 
 __all__ = ["TRACEPARENT", "RequestTracing", "otlp_provider"]
@@ -123,6 +131,80 @@ class RequestTracing:
         with self._root(traceparent) as root:
             return await self._steps(core, root, request, deadline, started, labels, small)
 
+    def infer_on_thread(
+        self,
+        core: InferenceCore,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        started: float,
+        labels: RequestLabels,
+        defer: Deferrer | None,
+    ) -> pb.ModelInferResponse | concurrent.futures.Future[pb.ModelInferResponse]:
+        """:meth:`InferenceCore.infer_on_thread`'s steps (``request``'s labels taken, current
+        here), with the spans of :meth:`infer`: ``run`` on this thread, or for a model with
+        batching ``queue`` until the batch queue's future is done (``queue`` and the call's
+        span end in its done callback). The monitor's span, a child of the call's, is made
+        where ``defer`` runs the monitor's work."""
+        traceparent = labels.traceparent
+        if not traceparent and random.random() >= self.sample_ratio:  # not sampled: no span
+            return _unrecorded_on_thread(core, request, deadline, started, labels, defer)
+        root = self._start_root(traceparent)
+        pending: concurrent.futures.Future[pb.ModelInferResponse] | None = None
+        try:
+            with trace.use_span(root):  # an exception: recorded, an error status
+                if not root.is_recording():  # the caller's flag: not sampled
+                    return _unrecorded_on_thread(core, request, deadline, started, labels, defer)
+                labels.trace_id = f"{root.get_span_context().trace_id:032x}"
+                tracer = self.tracer
+                root.set_attribute("edgewise.model", request.model_name)
+                root.set_attribute("edgewise.version", request.model_version)
+                root.set_attribute("edgewise.request_id", labels.request_id)
+                with tracer.start_as_current_span("admit"):
+                    reservation = core.admit(request)
+                with tracer.start_as_current_span("decode"):
+                    prepared = core.prepare(request, reservation)
+                model = prepared.model
+                root.set_attribute("edgewise.model", model.name)
+                root.set_attribute("edgewise.version", model.version_str)
+                loop = core.loop
+                if model.batching is not None and loop is not None:
+                    queue = tracer.start_span("queue")
+                    try:
+                        with trace.use_span(queue):  # the batch queue's task copies it
+                            pending = asyncio.run_coroutine_threadsafe(
+                                core.batched_labelled(
+                                    prepared, deadline, started, reservation, labels
+                                ),
+                                loop,
+                            )
+                    except BaseException:
+                        queue.end()
+                        raise
+                    pending.add_done_callback(functools.partial(_ended, (queue, root)))
+                    return pending
+                parent = trace.set_span_in_context(root)  # the monitor's parent
+
+                def traced(function: Callable[..., object], *args: object) -> object:
+                    """The monitor's work, where ``defer`` runs it, in a span of its own."""
+                    schedule = defer or asyncio.get_running_loop().call_soon  # as DataPlane's
+                    return schedule(self._monitor_under, parent, function, *args)
+
+                with tracer.start_as_current_span("run"):
+                    response = core.execute_on_thread(
+                        prepared, deadline, started, reservation, traced
+                    )
+                return labels.answered(response)
+        finally:
+            if pending is None:  # else: its done callback ends it
+                root.end()
+
+    def _start_root(self, traceparent: str | None) -> trace.Span:
+        """The call's span, not current yet (see :meth:`_root`)."""
+        parent: Context | None = None
+        if traceparent:
+            parent = _PROPAGATOR.extract({TRACEPARENT: traceparent})
+        return self.tracer.start_span("edgewise.infer", context=parent, kind=trace.SpanKind.SERVER)
+
     def _root(self, traceparent: str | None) -> AbstractContextManager[trace.Span]:
         parent: Context | None = None
         if traceparent:
@@ -186,6 +268,15 @@ class RequestTracing:
         with self.tracer.start_as_current_span("monitor"):
             function(*args)
 
+    def _monitor_under(
+        self, parent: Context, function: Callable[..., object], *args: object
+    ) -> None:
+        """``function(*args)`` in a ``monitor`` span, a child of ``parent``'s span (whatever
+        context the deferred work runs in: the native front end runs it in a copy of the
+        one it was deferred from, the ``run`` span's)."""
+        with self.tracer.start_as_current_span("monitor", context=parent):
+            function(*args)
+
     @staticmethod
     async def _unrecorded(
         core: InferenceCore,
@@ -229,6 +320,40 @@ def _on_loop(
     finally:
         if core.loop_load is not None:
             core.loop_load.inline_seconds += time.perf_counter() - started
+
+
+def _unrecorded_on_thread(
+    core: InferenceCore,
+    request: pb.ModelInferRequest,
+    deadline: float | None,
+    started: float,
+    labels: RequestLabels,
+    defer: Deferrer | None,
+) -> pb.ModelInferResponse | concurrent.futures.Future[pb.ModelInferResponse]:
+    """The steps of a thread's call that is not sampled, as InferenceCore.infer_on_thread runs
+    them untraced."""
+    reservation = core.admit(request)
+    prepared = core.prepare(request, reservation)
+    loop = core.loop
+    if prepared.model.batching is not None and loop is not None:
+        return asyncio.run_coroutine_threadsafe(
+            core.batched_labelled(prepared, deadline, started, reservation, labels), loop
+        )
+    return labels.answered(core.execute_on_thread(prepared, deadline, started, reservation, defer))
+
+
+def _ended(
+    spans: tuple[trace.Span, ...], done: concurrent.futures.Future[pb.ModelInferResponse]
+) -> None:
+    """End ``spans`` (innermost first) once a batched call's future is ``done``: with an
+    error status where it failed or was cancelled, as a span ended by its exception."""
+    cancelled = done.cancelled()
+    failure = concurrent.futures.CancelledError() if cancelled else done.exception()
+    for span in spans:
+        if failure is not None:
+            span.record_exception(failure)
+            span.set_status(Status(StatusCode.ERROR, f"{type(failure).__name__}: {failure}"))
+        span.end()
 
 
 def _now(function: Callable[..., object], *args: object) -> object:

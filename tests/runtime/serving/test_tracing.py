@@ -1,5 +1,5 @@
 """OpenTelemetry spans of the request path (runtime/serving/tracing.py), checked with the SDK's
-in-memory exporter on a real in-process server: the grpcio front end and the HTTP front end, the
+in-memory exporter on a real in-process server: the grpcio, native C++ and HTTP front ends, the
 caller's W3C traceparent kept, sampling, and no opentelemetry import with tracing off."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanKind
 
 from edgewise.runtime.app.server import InferenceServer
 from edgewise.runtime.cli.logformat import JsonFormatter
@@ -31,6 +32,7 @@ from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.tracing import RequestTracing
+from tests.servers import native_front_or_unmet
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -66,11 +68,11 @@ class Traced:
             time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def traced(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
-    repo = tmp_path_factory.mktemp("traced") / "repo"
+def serving(repo_from: Path, root: Path, front_end: str) -> Iterator[Traced]:
+    """A server of logreg and forest (forest with dynamic batching) with ``front_end``."""
+    repo = root / "repo"
     for name in ("logreg", "forest"):
-        shutil.copytree(model_repo / name, repo / name)
+        shutil.copytree(repo_from / name, repo / name)
     (repo / "forest" / "config.json").write_text(
         json.dumps({"batching": {"max_batch_size": 4, "max_queue_delay_us": 1000}})
     )
@@ -80,7 +82,7 @@ def traced(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "host": "127.0.0.1",
             "port": 0,
             "metrics_port": -1,
-            "front_end": "grpcio",
+            "front_end": front_end,
             "http_port": 0,
         }
     )
@@ -97,6 +99,22 @@ def traced(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         asyncio.run_coroutine_threadsafe(server.stop(0.0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def traced(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    yield from serving(model_repo, tmp_path_factory.mktemp("traced"), "grpcio")
+
+
+@pytest.fixture(scope="module")
+def native(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    """The same server with the native C++ front end (its gRPC calls: infer_on_thread)."""
+    native_front_or_unmet()
+    served = serving(model_repo, tmp_path_factory.mktemp("native"), "native")
+    traced = next(served)
+    assert traced.server.front is not None  # the native front end answers gRPC
+    yield traced
+    next(served, None)
 
 
 def features(repo: Path, model: str, n: int) -> np.ndarray:
@@ -234,6 +252,86 @@ def test_a_refused_request_ends_its_span_with_an_error(traced: Traced) -> None:
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     named = by_name(traced.spans({"edgewise.infer", "parse", "admit", "decode"}))
     assert set(named) == {"edgewise.infer", "parse", "admit", "decode"}
+    assert not named["decode"].status.is_ok
+    assert not named["edgewise.infer"].status.is_ok
+
+
+def test_native_spans_keep_the_callers_trace(native: Traced) -> None:
+    """The native front end's call (C++ parses it: no ``parse`` span) has grpcio's other
+    spans, joined to the caller's trace, whose id its trailers echo."""
+    native.use(1.0)
+    repo = native.server.settings.repo
+    response, call = native.stub.ModelInfer.with_call(
+        grpc_request(repo, "logreg", "nt-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    assert response.id == "nt-1"
+    assert dict(call.trailing_metadata() or ())["x-trace-id"] == TRACE_ID
+    spans = native.spans(STEPS)
+    check_tree(spans, STEPS, "nt-1", "1")
+    root = by_name(spans)["edgewise.infer"]
+    assert root.kind is SpanKind.SERVER
+    assert root.attributes is not None and root.attributes["edgewise.model"] == "logreg"
+    run = by_name(spans)["run"]  # on the front end's thread, within the call's span
+    assert root.start_time is not None and run.start_time is not None
+    assert root.end_time is not None and run.end_time is not None
+    assert root.start_time <= run.start_time <= run.end_time <= root.end_time
+
+
+def test_native_batched_call_has_a_queue_span(native: Traced) -> None:
+    """A call on a batch queue: its ``queue`` span and the call's end once the batch answered
+    it (the future's done callback), in the caller's trace."""
+    native.use(1.0)
+    repo = native.server.settings.repo
+    response, call = native.stub.ModelInfer.with_call(
+        grpc_request(repo, "forest", "nb-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    assert response.id == "nb-1"
+    assert dict(call.trailing_metadata() or ())["x-trace-id"] == TRACE_ID
+    steps = {"admit", "decode", "queue"}
+    spans = native.spans({"edgewise.infer", *steps})
+    check_tree(spans, steps, "nb-1", "1")
+    named = by_name(spans)
+    queue, root = named["queue"], named["edgewise.infer"]
+    assert queue.status.is_ok and root.status.is_ok
+    assert queue.end_time is not None and root.end_time is not None
+    assert queue.end_time <= root.end_time
+
+
+def test_native_new_trace_and_sampling(native: Traced) -> None:
+    """No traceparent at ratio 1: a new trace, its id in the trailers; at ratio 0 only a
+    caller's sampled call is traced (an unsampled parent and no parent make no span)."""
+    native.use(1.0)
+    repo = native.server.settings.repo
+    _, call = native.stub.ModelInfer.with_call(grpc_request(repo, "logreg", "nn-1"), timeout=10)
+    root = by_name(native.spans(STEPS))["edgewise.infer"]
+    assert root.context is not None and root.parent is None
+    trailers = dict(call.trailing_metadata() or ())
+    assert trailers["x-trace-id"] == f"{root.context.trace_id:032x}" != TRACE_ID
+    native.use(0.0)
+    for index, model in enumerate(("logreg", "forest", "logreg")):
+        native.stub.ModelInfer(grpc_request(repo, model, f"nz-{index}"), timeout=10)
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    for model in ("logreg", "forest"):
+        _, call = native.stub.ModelInfer.with_call(
+            grpc_request(repo, model, f"nu-{model}"),
+            metadata=(("traceparent", unsampled),),
+            timeout=10,
+        )
+        assert dict(call.trailing_metadata() or ())["x-trace-id"] == TRACE_ID  # echoed still
+    native.stub.ModelInfer(
+        grpc_request(repo, "logreg", "ns-1"), metadata=(("traceparent", SAMPLED),), timeout=10
+    )
+    check_tree(native.spans(STEPS), STEPS, "ns-1", "1")  # only the sampled call's spans
+
+
+def test_native_refused_call_ends_its_span_with_an_error(native: Traced) -> None:
+    native.use(1.0)
+    request = pb.ModelInferRequest(model_name="no-such-model", id="ne-1")
+    with pytest.raises(grpc.RpcError) as failure:
+        native.stub.ModelInfer(request, metadata=(("traceparent", SAMPLED),), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    named = by_name(native.spans({"edgewise.infer", "admit", "decode"}))
+    assert set(named) == {"edgewise.infer", "admit", "decode"}
     assert not named["decode"].status.is_ok
     assert not named["edgewise.infer"].status.is_ok
 
