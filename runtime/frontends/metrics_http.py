@@ -28,8 +28,10 @@ The port binds 127.0.0.1 unless ``--metrics-host`` widens it. Two switches close
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -47,6 +49,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from edgewise.runtime.frontends.scopes import METRICS_SCRAPE
 from edgewise.runtime.frontends.security import AuthInterceptor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HEALTH_PATH", "METRICS_PATH", "exposed_registry", "routed_app", "start"]
 
@@ -124,6 +128,13 @@ class _Server(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     ssl_context: ssl.SSLContext | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that fails the TLS handshake (plain HTTP, no certificate under mutual TLS)
+        or goes away: closed without a traceback on stderr; anything else is logged once."""
+        if isinstance(sys.exc_info()[1], OSError):  # ssl.SSLError is an OSError
+            return
+        log.exception("metrics port: a scrape from %s failed", client_address)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         connection, address = super().get_request()

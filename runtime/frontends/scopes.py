@@ -47,6 +47,10 @@ METHOD_SCOPES: Final[dict[str, str]] = {
     f"{_ROLLOUT}SetTrafficSplit": "admin",
     f"{_ROLLOUT}SetShadow": "admin",
     f"{_ROLLOUT}SetVersionLabel": "admin",
+    # A sibling process's share of a drift window or of a shadow's figures, asked for with the
+    # caller's credential on behalf of a GetDriftReport or GetRollout (frontends/peer_windows.py).
+    "/edgewise.internal.PeerMonitoring/WindowShare": "read",
+    "/edgewise.internal.PeerMonitoring/ShadowShare": "read",
     "/grpc.health.v1.Health/Check": "read",
     "/grpc.health.v1.Health/Watch": "read",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "read",

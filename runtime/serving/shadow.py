@@ -154,7 +154,8 @@ def compare(
     stable: dict[str, npt.NDArray[Any]], candidate: dict[str, npt.NDArray[Any]]
 ) -> tuple[int, int, float, int]:
     """(rows with a label, equal labels, sum of absolute score differences, score values) of
-    two answers to the same request."""
+    two answers to the same request; a score pair that is not finite (a NaN input gives NaN
+    scores) is left out of the sum and the count."""
     labelled = equal = values = 0
     difference = 0.0
     if LABEL_OUTPUT in stable and LABEL_OUTPUT in candidate:
@@ -166,9 +167,11 @@ def compare(
     if score is not None:
         a = np.asarray(stable[score], dtype=np.float64)
         b = np.asarray(candidate[score], dtype=np.float64)
-        if a.shape == b.shape:
-            difference = float(np.abs(a - b).sum())
-            values = int(a.size)
+        if a.shape == b.shape:  # only finite pairs: one NaN answer must not poison the mean
+            gaps = np.abs(a - b)
+            finite = np.isfinite(gaps)
+            difference = float(gaps[finite].sum())
+            values = int(finite.sum())
     return labelled, equal, difference, values
 
 

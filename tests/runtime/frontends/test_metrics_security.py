@@ -114,6 +114,8 @@ def test_plaintext_and_untrusting_clients_are_refused(
         urllib.request.urlopen(plain, timeout=10).read()
     # The port still serves after both (a failed handshake ends only its own connection).
     assert fetch(server, "/healthz", trusting(certs))[0] == 200
+    # ... and says nothing about them: no traceback per failed handshake in the server's log.
+    assert "Traceback" not in server.log() and "SSLError" not in server.log(), server.log()
 
 
 def test_the_metrics_port_binds_loopback_by_default() -> None:

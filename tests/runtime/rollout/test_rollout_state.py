@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -260,3 +261,24 @@ def test_shadow_figures_merge_and_travel_between_processes() -> None:
         decode_stats(json.dumps({**good, "extra": 1}).encode())
     with pytest.raises(InvalidInput, match="not JSON"):
         decode_stats(b"\x80")
+
+
+def test_a_nan_score_is_left_out_of_the_shadow_difference() -> None:
+    from edgewise.runtime.serving.shadow import ShadowStats, compare, decode_stats, encode_stats
+
+    stable = {"label": np.array([0, 1]), "probabilities": np.array([[0.2, 0.8], [np.nan, np.nan]])}
+    candidate = {"label": np.array([0, 0]), "probabilities": np.array([[0.4, 0.6], [0.5, 0.5]])}
+    labelled, equal, difference, values = compare(stable, candidate)
+    assert (labelled, equal, values) == (2, 1, 2)
+    assert difference == pytest.approx(0.4)
+    # The figures stay finite, so a sibling's hand-over of them is accepted.
+    stats = ShadowStats(requests=1, score_difference_sum=difference, score_values=values)
+    assert decode_stats(encode_stats(stats)) == stats
+
+
+def test_the_sibling_calls_need_the_read_scope() -> None:
+    from edgewise.runtime.frontends.peer_windows import SERVICE
+    from edgewise.runtime.frontends.scopes import scope_of
+
+    assert scope_of(f"/{SERVICE}/WindowShare") == "read"
+    assert scope_of(f"/{SERVICE}/ShadowShare") == "read"
