@@ -22,10 +22,10 @@ costs the untraced path in the same run, e.g. the request and trace ids of commi
     .venv/bin/python benchmarks/tracing_server.py --modes baseline,off --baseline-tree /tmp/base
 
 ``--modes`` picks the modes run (default: off, ratio_0.01, ratio_1, and baseline when given).
-``--front-end native`` serves gRPC with the native front end instead (its calls are not traced:
-for ``--modes baseline,off``; the baseline tree needs its own build of ``_front.cc``, e.g.
-``PYTHONPATH=<a folder with edgewise/runtime linked to DIR/runtime> python -m
-edgewise.runtime.frontends.native.build``).
+``--front-end native`` serves gRPC with the native front end instead (its calls traced on the
+core's thread path, InferenceCore.infer_on_thread); with ``--modes baseline,...`` the baseline
+tree needs its own build of ``_front.cc``, e.g. ``PYTHONPATH=<a folder with edgewise/runtime
+linked to DIR/runtime> python -m edgewise.runtime.frontends.native.build``.
 """
 
 from __future__ import annotations
