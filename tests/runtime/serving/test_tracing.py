@@ -111,10 +111,12 @@ def native(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """The same server with the native C++ front end (its gRPC calls: infer_on_thread)."""
     native_front_or_unmet()
     served = serving(model_repo, tmp_path_factory.mktemp("native"), "native")
-    traced = next(served)
-    assert traced.server.front is not None  # the native front end answers gRPC
-    yield traced
-    next(served, None)
+    try:
+        traced = next(served)
+        assert traced.server.front is not None  # the native front end answers gRPC
+        yield traced
+    finally:
+        served.close()  # the server stops
 
 
 def features(repo: Path, model: str, n: int) -> np.ndarray:
