@@ -385,6 +385,8 @@ def grpc_server(
     control addresses (multi-process mode), which ask this one for its share of a window."""
     limit = settings.max_message_bytes
     interceptors: list[grpc.aio.ServerInterceptor] = [] if auth is None else [auth]
+    if auth is not None:  # the credential, then the shedder, then the credential's quota
+        auth.shedder = shedder
     if settings.audit_log is not None:  # outside the token check: refusals are recorded too
         audit_log = AuditLog(
             settings.audit_log, settings.audit_log_max_bytes, registry=core.metrics.registry

@@ -58,7 +58,7 @@ from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.frontends.scopes import scope_of
 from edgewise.runtime.frontends.tls_files import TlsFiles, TlsVersion
 from edgewise.runtime.serving.admission import CallQuotas, QuotaRefusal
-from edgewise.runtime.serving.shedding import retry_trailers
+from edgewise.runtime.serving.shedding import LoadShedder, retry_trailers, shed_later
 
 #: What an aio interceptor is handed: resolves a call's details to its method handler.
 Continuation = Callable[
@@ -77,6 +77,7 @@ __all__ = [
     "auth_context_identities",
     "certificate_identities",
     "context_identities",
+    "forwarded_identity",
     "server_credentials",
 ]
 
@@ -293,6 +294,22 @@ def context_identities(
         return ()
 
 
+def forwarded_identity(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries a call's caller to a sibling process (``serve --processes N``,
+    on the sibling's private Unix socket, where grpcio believes :data:`PEER_HEADER`): its bearer
+    token when it sent one (a token decides), else its client certificate's identities, one
+    :data:`PEER_HEADER` value each (from the handshake, never from the client's own metadata:
+    see :func:`context_identities`); () for neither."""
+    metadata = tuple(context.invocation_metadata() or ())
+    for key, value in metadata:
+        if key == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+            return (("authorization", text),)
+    return tuple((PEER_HEADER, identity) for identity in context_identities(context, metadata))
+
+
 # ---- the interceptor -----------------------------------------------------------------------------
 
 
@@ -379,6 +396,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._deny: dict[Refusal, grpc.RpcMethodHandler[Any, Any]] = {}
         #: Per-credential limits of inference calls (None: none); see :meth:`take_quota`.
         self.quotas: CallQuotas | None = None
+        #: The grpcio server's in-flight limit (None: none), which decides after the
+        #: credential and before its quota (set by the server that has both).
+        self.shedder: LoadShedder | None = None
 
     def credential(
         self, metadata: Iterable[tuple[str, Any]] | None, peer: Sequence[str] = ()
@@ -458,10 +478,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _hold_quota(
         self, credential: Credential | None, method: str
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """On grpcio, in the call's task: take the credential's quota until the task ends, or
-        the handler that refuses the call."""
+        """On grpcio, in the call's task, after the shedder let it in: take the credential's
+        quota until the task ends, or the handler that refuses the call (its in-flight slot
+        given back at once)."""
         refused = self.take_quota(credential, method)
         if refused is not None:
+            if self.shedder is not None:
+                self.shedder.leave_task()
             return _quota_handler(refused)
         if self.quotas is None or credential is None or method not in LIMITED_METHODS:
             return None
@@ -490,17 +513,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         metadata = handler_call_details.invocation_metadata
         if self._by_certificate(metadata):
-            # The certificate is on the call's context, which only the handler sees.
-            handler = await continuation(handler_call_details)
+            # The certificate is on the call's context, which only the handler sees: the
+            # shedder decides there too, once the caller is known (shed_later).
+            if self.shedder is None:
+                handler = await continuation(handler_call_details)
+            else:
+                with shed_later():
+                    handler = await continuation(handler_call_details)
             return None if handler is None else self._checked_in_handler(handler, method)
+        # As on every front end: the credential, then the server-wide shedder (in the
+        # continuation), then the credential's quota; a refusal leaves the other steps as
+        # they were.
         credential, refusal = self.admit(metadata, method)
         if refusal is not None:
             return self._deny_handler(refusal)
-        if self.quotas is not None:
-            refused = self._hold_quota(credential, method)
-            if refused is not None:
-                return refused
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if self.quotas is None or handler is None:
+            return handler
+        if self.shedder is not None and self.shedder.refuses(handler):
+            return handler
+        refused = self._hold_quota(credential, method)
+        return handler if refused is None else refused
 
     def _by_certificate(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         """Whether a call may be identified by a client certificate: it sends no token and the
@@ -528,8 +561,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             credential, refusal = self.admit(metadata, method, peer)
             if refusal is not None:
                 await context.abort(refusal.code, refusal.message)
+            shedder = self.shedder
+            if shedder is not None and method in shedder.methods and not shedder.enter_task():
+                message, trailers = shedder.refusal
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing_metadata=trailers
+                )
             refused = self.take_quota(credential, method)
             if refused is not None:
+                if shedder is not None:
+                    shedder.leave_task()
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     refused.message,

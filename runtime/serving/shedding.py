@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -43,6 +45,7 @@ __all__ = [
     "pending_limits",
     "retry_trailers",
     "service_handlers",
+    "shed_later",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,8 +90,9 @@ class LoadShedder(grpc.GenericRpcHandler):
     calls of ``methods`` beyond ``limit`` in flight (see the module docstring).
 
     A generic handler rather than an interceptor: gRPC asks it for a call's handler
-    synchronously, on the call's own task, after any interceptor (token checks come first); an
-    aio interceptor would cost every call a coroutine and an await (about 12 us a call here)."""
+    synchronously, on the call's own task, after any interceptor (token checks come first; see
+    :func:`shed_later` for a caller known by its certificate); an aio interceptor would cost
+    every call a coroutine and an await (about 12 us a call here)."""
 
     def __init__(
         self,
@@ -192,6 +196,8 @@ class LoadShedder(grpc.GenericRpcHandler):
         handler = self._handlers.get(method)
         if handler is None or method not in self.methods:
             return handler
+        if _SHED_LATER.get():  # decided in the handler, by enter_task (see shed_later)
+            return handler
         if self.inflight >= self.limit:
             self.record_shed()
             return self._refuse
@@ -201,6 +207,49 @@ class LoadShedder(grpc.GenericRpcHandler):
             self.inflight += 1
             task.add_done_callback(self._done)
         return handler
+
+    def refuses(self, handler: grpc.RpcMethodHandler[Any, Any] | None) -> bool:
+        """Whether ``handler`` (what :meth:`service` answered) is the refusal of a shed call."""
+        return handler is self._refuse
+
+    def enter_task(self) -> bool:
+        """:meth:`service`'s decision, for a call whose handler :meth:`service` returned for a
+        :func:`shed_later`: in the call's task, take a slot until the task ends; False (counted
+        as shed; answer with :attr:`refusal`) at the limit."""
+        if self.inflight >= self.limit:
+            self.record_shed()
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            self.inflight += 1
+            task.add_done_callback(self._done)
+        return True
+
+    def leave_task(self) -> None:
+        """Give back now the slot the call on the current task holds, if it holds one: for a
+        call refused after the shedder let it in (a credential's quota), so that its refusal
+        takes no slot while it is answered."""
+        task = asyncio.current_task()
+        if task is not None and task.remove_done_callback(self._done):
+            self.inflight -= 1
+
+
+#: Set while a check before the shedder asks for a handler it will decide on later (shed_later).
+_SHED_LATER: ContextVar[bool] = ContextVar("edgewise_shed_later", default=False)
+
+
+@contextmanager
+def shed_later() -> Iterator[None]:
+    """Within it, in the call's task, :meth:`LoadShedder.service` returns the method's handler
+    without deciding: for a check before the shedder that can only know the caller in the
+    call's handler (a client certificate, which only the handler's context shows); it calls
+    :meth:`LoadShedder.enter_task` there once the caller is known, so that an unauthenticated
+    call takes no slot and is never counted as shed."""
+    token = _SHED_LATER.set(True)
+    try:
+        yield
+    finally:
+        _SHED_LATER.reset(token)
 
 
 def service_handlers(
