@@ -97,7 +97,7 @@ class InferenceServer:
         )
         self.health = HealthServicer()
         self.port = 0
-        self.private_port = 0
+        self.private_address = ""  # multi-process mode: where siblings forward control calls
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._created: grpc.aio.Server | None = None  # made by start(), started or not
@@ -223,8 +223,11 @@ class InferenceServer:
         else:
             self.port = _add_port(server, address, self.security.credentials)
         if settings.peers_dir is not None:
-            # Multi-process mode: a private address for control calls forwarded by siblings.
-            self.private_port = _add_port(server, "127.0.0.1:0")
+            # Multi-process mode: a private address for control calls forwarded by siblings, a
+            # Unix socket in the supervisor's private folder (only this user can reach it, so
+            # grpcio believes the caller's certificate identities relayed there).
+            self.private_address = f"unix:{settings.peers_dir / f'{os.getpid()}.sock'}"
+            _add_port(server, self.private_address)
         await self.update_health()
         await server.start()
         self._grpc = server
@@ -293,7 +296,7 @@ class InferenceServer:
             write_port_file(settings.port_file, self.port, self.metrics_port, http_port)
         if settings.peers_dir is not None:
             peer_file = settings.peers_dir / f"{os.getpid()}{PEER_SUFFIX}"
-            write_text_atomic(peer_file, f"127.0.0.1:{self.private_port}\n")
+            write_text_atomic(peer_file, f"{self.private_address}\n")
 
     async def _start_http(self, core: InferenceCore) -> None:
         """The HTTP/REST front end on ``host:http_port``, with the gRPC port's tokens, TLS files,

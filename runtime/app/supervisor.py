@@ -5,8 +5,8 @@ CPU budget is more processes. ``edgewise serve --processes N`` starts this super
 
 - reserves the port, then starts N ordinary ``edgewise serve`` processes on it with SO_REUSEPORT
   (the kernel spreads new connections over them), each with the same settings (handed down as
-  ``EDGEWISE_*`` variables), the same model repository, and a private control address on
-  127.0.0.1 published in a peers folder;
+  ``EDGEWISE_*`` variables), the same model repository, and a private control address (a Unix
+  socket in the peers folder, which only this user can enter) published there;
 - serves the aggregated Prometheus metrics of all of them on the metrics port (prometheus_client's
   multiprocess mode);
 - writes the port file once every process is SERVING, restarts a process that dies, and on
@@ -149,7 +149,7 @@ def _supervise(settings: ServerSettings, reserved: socket.socket, workdir: Path)
     prom_dir = workdir / "metrics"
     peers_dir = workdir / "peers"
     prom_dir.mkdir()
-    peers_dir.mkdir()
+    peers_dir.mkdir(mode=0o700)  # the siblings' control sockets: this user only
     base_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
     env = _child_environment(settings, processes, base_env)
     env.update(

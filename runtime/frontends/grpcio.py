@@ -24,6 +24,7 @@ import grpc
 
 from edgewise.runtime.errors import EdgewiseError, ErrorCode, InvalidInput, ModelNotReady
 from edgewise.runtime.frontends.peer_windows import forwarded, merged_drift_report, reset_siblings
+from edgewise.runtime.frontends.security import forwarded_identity
 from edgewise.runtime.frontends.status import grpc_status
 from edgewise.runtime.package.paths import parse_version
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
@@ -62,17 +63,17 @@ async def fan_out(
 ) -> None:
     """Make the same control call in every sibling process of ``serve --processes N`` (a client's
     call reaches only one process of the shared port); a forwarded call is not forwarded again.
-    The siblings' private addresses are plaintext on 127.0.0.1; with authentication on, the
-    caller's token goes along (the same interceptor checks it there). A sibling that fails
-    aborts the call with INTERNAL, naming how many failed."""
+    The siblings' private addresses are Unix sockets in the supervisor's private folder; with
+    authentication on, the caller goes along (its token, or its client certificate's
+    identities: :func:`~edgewise.runtime.frontends.security.forwarded_identity`) and the same
+    interceptor checks it there. A sibling that fails aborts the call with INTERNAL, naming how
+    many failed."""
     if peers is None:
         return
     metadata = dict(context.invocation_metadata() or ())
     if metadata.get(FORWARDED_HEADER):
         return
-    forwarded: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
-    if metadata.get("authorization"):
-        forwarded += (("authorization", str(metadata["authorization"])),)
+    forwarded = ((FORWARDED_HEADER, "1"), *forwarded_identity(context))
 
     async def call(address: str) -> None:
         async with grpc.aio.insecure_channel(address) as channel:

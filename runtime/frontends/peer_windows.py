@@ -18,7 +18,7 @@ are merged the same way: ``/edgewise.internal.PeerMonitoring/ShadowShare`` (``{"
 "version"}``) answers a sibling's figures of that candidate in
 :func:`~edgewise.runtime.serving.shadow.encode_stats`'s form, and a sibling that fails fails the
 answer. Both are served only to calls marked as forwarded by a sibling (and, with authentication
-on, carrying the caller's token, as every call).
+on, carrying the caller's token or client certificate's identities, as every call).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, Final
 import grpc
 
 from edgewise.runtime.errors import InvalidInput, Unavailable
+from edgewise.runtime.frontends.security import forwarded_identity
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
 from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.serving.drift_merge import (
@@ -75,15 +76,12 @@ def forwarded(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 
 
 def _forwarding(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
-    """The metadata of a call forwarded to a sibling: the mark, and the caller's token if any
-    (the siblings' private addresses are plaintext on 127.0.0.1 and check it as every port)."""
+    """The metadata of a call forwarded to a sibling: the mark, and the caller (its token, or
+    its client certificate's identities; see security.forwarded_identity), which the sibling
+    checks on its private Unix socket as every port does."""
     from edgewise.runtime.frontends.grpcio import FORWARDED_HEADER
 
-    metadata = _metadata(context)
-    result: tuple[tuple[str, str], ...] = ((FORWARDED_HEADER, "1"),)
-    if metadata.get("authorization"):
-        result += (("authorization", metadata["authorization"]),)
-    return result
+    return ((FORWARDED_HEADER, "1"), *forwarded_identity(context))
 
 
 def _query(data: bytes) -> tuple[str, str, str]:
