@@ -9,6 +9,7 @@ certificate check."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 import urllib.request
@@ -19,6 +20,7 @@ import grpc
 import pytest
 
 from edgewise.runtime.config.settings import ClientSecurity
+from edgewise.runtime.serving.shedding import LoadShedder, shed_later
 from tests.certs import Certificates, make_certificates
 from tests.runtime.frontends.test_grpcio_overload import MODEL_INFER, forest_request
 from tests.servers import RunningServer, start_server
@@ -139,3 +141,44 @@ def test_credential_then_shedder_then_quota(server: RunningServer, certs: Certif
     assert unmapped == 3
     assert shed_after_quota == 6
     assert admitted == 0
+
+
+def test_a_slot_given_back_early_is_given_back_once() -> None:
+    """A call the shedder let in and its quota then refused (LoadShedder.leave_task) frees its
+    slot at once, and its task's end frees nothing more; a call handed over under shed_later is
+    not counted until enter_task."""
+    shedder = LoadShedder(1, 50, frozenset({MODEL_INFER}))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    shedder.add_service("inference.GRPCInferenceService", {"ModelInfer": handler})
+    details = Details(MODEL_INFER)
+    seen: list[int] = []
+
+    async def refused_by_its_quota() -> None:
+        assert shedder.service(details) is handler
+        seen.append(shedder.inflight)
+        shedder.leave_task()
+        shedder.leave_task()
+        seen.append(shedder.inflight)
+
+    async def deferred() -> None:
+        with shed_later():
+            assert shedder.service(details) is handler
+        seen.append(shedder.inflight)
+        assert shedder.enter_task()
+        seen.append(shedder.inflight)
+
+    async def both() -> None:
+        for call in (refused_by_its_quota, deferred):
+            await asyncio.create_task(call())
+            await asyncio.sleep(0)  # the task's done callbacks have run
+            seen.append(shedder.inflight)
+
+    asyncio.run(both())
+    assert seen == [1, 0, 0, 0, 1, 0]
+    assert shedder.shed == 0
+
+
+class Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
