@@ -52,6 +52,17 @@ T = TypeVar("T")
 FORWARDED_HEADER = "edgewise-forwarded"
 
 
+def forwarded_by_sibling(context: grpc.aio.ServicerContext[object, object]) -> bool:
+    """Whether a sibling process forwarded this call: the mark, believed only on the private
+    Unix socket (a client on the public port cannot set it there: the native front end drops it
+    from what it relays), so a client cannot keep its call from reaching every process."""
+    if not str(context.peer() or "").startswith("unix:"):
+        return False
+    return any(
+        key == FORWARDED_HEADER and value for key, value in context.invocation_metadata() or ()
+    )
+
+
 async def fan_out(
     peers: Callable[[], list[str]] | None,
     stub: Callable[[grpc.aio.Channel], object],
@@ -68,10 +79,7 @@ async def fan_out(
     identities: :func:`~edgewise.runtime.frontends.security.forwarded_identity`) and the same
     interceptor checks it there. A sibling that fails aborts the call with INTERNAL, naming how
     many failed."""
-    if peers is None:
-        return
-    metadata = dict(context.invocation_metadata() or ())
-    if metadata.get(FORWARDED_HEADER):
+    if peers is None or forwarded_by_sibling(context):
         return
     forwarded = ((FORWARDED_HEADER, "1"), *forwarded_identity(context))
 

@@ -64,15 +64,11 @@ _TIMEOUT_SECONDS: Final = 30.0
 _MAX_MESSAGE: Final = 256 << 20
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (context.invocation_metadata() or ())}
-
-
 def forwarded(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Whether this call was forwarded by a sibling (and must not be forwarded again)."""
-    from edgewise.runtime.frontends.grpcio import FORWARDED_HEADER
+    from edgewise.runtime.frontends.grpcio import forwarded_by_sibling
 
-    return bool(_metadata(context).get(FORWARDED_HEADER))
+    return forwarded_by_sibling(context)
 
 
 def _forwarding(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:

@@ -155,13 +155,16 @@ PyObject* OptionalText(bool present, const grpc::string_ref& value) {
 // The metadata that carries a client certificate's identities to grpcio on the private socket
 // (security.py PEER_HEADER): set here only, never copied from a client.
 constexpr const char* kPeerHeader = "edgewise-peer-identity";
+// Marks a call one server process forwards to another; grpcio believes it only on its private
+// Unix socket, and a client's own is dropped here so that it cannot arrive there through us.
+constexpr const char* kForwardedHeader = "edgewise-forwarded";
 
 bool Forwardable(const std::string& key) {
   // What gRPC itself sets on each hop is not copied: pseudo-headers, the transport's own
   // headers and grpc-* (the deadline travels as the relayed call's deadline).
   if (key.empty() || key[0] == ':') return false;
   if (key.rfind("grpc-", 0) == 0) return false;
-  if (key == kPeerHeader) return false;
+  if (key == kPeerHeader || key == kForwardedHeader) return false;
   return key != "content-type" && key != "te" && key != "user-agent";
 }
 

@@ -17,6 +17,8 @@ import pytest
 
 from edgewise.runtime.client.client import EdgewiseClient
 from edgewise.runtime.package.manifest import staging_dir
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2 as epb
+from edgewise.runtime.proto.generated.edgewise_v1 import edgewise_pb2_grpc as epb_grpc
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.codecs import encode_inputs
@@ -165,3 +167,31 @@ def test_log_level_reaches_every_process(model_repo: Path, tmp_path: Path, level
         assert child_info == [], server.log()
     else:
         assert child_info and child_debug, server.log()
+
+
+def test_a_client_cannot_mark_its_call_as_forwarded(multi: tuple[RunningServer, Path]) -> None:
+    """``edgewise-forwarded`` is believed only from a sibling on the private Unix socket: a
+    client that sends it on the public port still changes every process."""
+    server, _ = multi
+    channel = grpc.insecure_channel(server.target)
+    with channel:
+        epb_grpc.ModelRepositoryServiceStub(channel).UnloadModel(
+            epb.UnloadModelRequest(name="logreg"),
+            metadata=(("edgewise-forwarded", "1"),),
+            timeout=30,
+        )
+    for _ in range(16):  # separate connections, spread over the processes
+        channel = grpc.insecure_channel(
+            server.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        with channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(_one_row(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _one_row() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="logreg")
+    encode_inputs(request, FEATURES)
+    return request
