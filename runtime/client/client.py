@@ -51,14 +51,13 @@ class InferResult:
     outputs: dict[str, npt.NDArray[Any]]
 
 
-#: What gRPC's core says when no connection to the server could be made or kept; an UNAVAILABLE
-#: the server itself answered (a model loading, a feature store down) says none of these.
+#: What gRPC's core says when no connection to the server could be made; an UNAVAILABLE the
+#: server itself answered (a model loading, a feature store down) says none of these, and a
+#: connection lost mid-call (the server died: "Socket closed") stays the call's UNAVAILABLE.
 _TRANSPORT_FAILURES = (
     "failed to connect to all addresses",
     "connections to all backends failing",
     "dns resolution failed",
-    "socket closed",
-    "connection reset",
     "ssl handshake failed",
 )
 
