@@ -55,76 +55,59 @@ def _pkg_config(*args: str) -> list[str]:
     return shlex.split(done.stdout)
 
 
-def build(output_dir: Path | None = None) -> Path:
-    """Compile the front end; return the extension module's path."""
+def _compiler() -> str:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler ({compiler})")
-    flags = _pkg_config("--cflags", "--libs")
-    target_dir = output_dir if output_dir is not None else SOURCE.parent
+    return compiler
+
+
+def _compile(
+    compiler: str, source: Path, name: str, target_dir: Path, flags: list[str], libs: list[str]
+) -> Path:
+    """Compile ``source`` into the extension module ``name`` in ``target_dir``, replacing the
+    old one atomically (a running process keeps the file it mapped)."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = target_dir / f"_front{suffix}"
+    target = target_dir / f"{name}{suffix}"
     with tempfile.TemporaryDirectory(dir=target_dir) as work:
         built = Path(work) / target.name
         command = [
-            compiler,
-            "-O2",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
-            f"-I{sysconfig.get_paths()['include']}",
-            f'-DEDGEWISE_FRONT_DIGEST="{source_digest()}"',
-            str(SOURCE),
-            "-o",
-            str(built),
-            *flags,
-        ]
+            compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+            f"-I{sysconfig.get_paths()['include']}", *flags,
+            str(source), "-o", str(built), *libs,
+        ]  # fmt: skip
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise BuildError(f"the compiler failed: {last}")
-        os.replace(built, target)  # atomic: a running server keeps the file it mapped
+        os.replace(built, target)
     return target
+
+
+def build(output_dir: Path | None = None) -> Path:
+    """Compile the front end; return the extension module's path."""
+    compiler = _compiler()
+    libs = _pkg_config("--cflags", "--libs")
+    target_dir = output_dir if output_dir is not None else SOURCE.parent
+    flags = [f'-DEDGEWISE_FRONT_DIGEST="{source_digest()}"']
+    return _compile(compiler, SOURCE, "_front", target_dir, flags, libs)
 
 
 def build_ort(output_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
     """Fetch the C API headers (``cache_dir``: default ``.build/``) and compile ``_ort.cc``;
     return the extension module's path."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise BuildError(f"no C++ compiler ({compiler})")
+    compiler = _compiler()
     try:
         include = fetch_headers(cache_dir)
     except HeadersError as exc:
         raise BuildError(str(exc)) from None
     target_dir = output_dir if output_dir is not None else ORT_SOURCE.parent
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = target_dir / f"_ort{suffix}"
-    with tempfile.TemporaryDirectory(dir=target_dir) as work:
-        built = Path(work) / target.name
-        command = [
-            compiler,
-            "-O2",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
-            f"-I{sysconfig.get_paths()['include']}",
-            f"-I{numpy.get_include()}",
-            f"-I{include}",
-            f'-DEDGEWISE_ORT_DIGEST="{ort_source_digest()}"',
-            str(ORT_SOURCE),
-            "-o",
-            str(built),
-            "-ldl",
-        ]
-        done = subprocess.run(command, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BuildError(f"the compiler failed: {last}")
-        os.replace(built, target)  # atomic: a running process keeps the file it mapped
-    return target
+    flags = [
+        f"-I{numpy.get_include()}",
+        f"-I{include}",
+        f'-DEDGEWISE_ORT_DIGEST="{ort_source_digest()}"',
+    ]
+    return _compile(compiler, ORT_SOURCE, "_ort", target_dir, flags, ["-ldl"])
 
 
 def main(argv: list[str] | None = None) -> int:
