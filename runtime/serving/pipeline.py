@@ -28,8 +28,9 @@ import contextvars
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 from edgewise.runtime.errors import EdgewiseError, ResourceExhausted
@@ -218,14 +219,8 @@ class InferenceCore:
         if labels is None:
             labels = RequestLabels()
         labels.take(request)
-        token = CURRENT.set(labels)
-        try:
+        with _serving(labels):
             response = await self._infer(request, deadline, started, small, labels)
-        except Exception as exc:
-            _refused(exc)
-            raise
-        finally:
-            CURRENT.reset(token)
         return labels.answered(response)
 
     async def _infer(
@@ -269,8 +264,7 @@ class InferenceCore:
             started = time.perf_counter()
         if labels is None:
             labels = RequestLabels()
-        token = CURRENT.set(labels)
-        try:
+        with _serving(labels):
             if self.tracing is not None:
                 response = await self.tracing.infer_body(self, body, deadline, started, labels)
             elif len(body) > self.inline_max_bytes:
@@ -281,11 +275,6 @@ class InferenceCore:
                 request = decode(pb.ModelInferRequest, body)
                 labels.take(request)
                 response = await self._infer(request, deadline, started, True, labels)
-        except Exception as exc:
-            _refused(exc)
-            raise
-        finally:
-            CURRENT.reset(token)
         return labels.answered(response)
 
     def infer_on_thread(
@@ -305,8 +294,7 @@ class InferenceCore:
         if labels is None:
             labels = RequestLabels()
         labels.take(request)
-        token = CURRENT.set(labels)
-        try:
+        with _serving(labels):
             if self.tracing is not None:  # the same steps, one span each (tracing.py)
                 return self.tracing.infer_on_thread(self, request, deadline, started, labels, defer)
             reservation = self.admit(request)
@@ -317,11 +305,6 @@ class InferenceCore:
                     self.batched_labelled(prepared, deadline, started, reservation, labels), loop
                 )
             response = self._execute_counted(prepared, deadline, started, reservation, defer=defer)
-        except Exception as exc:
-            _refused(exc)
-            raise
-        finally:
-            CURRENT.reset(token)
         return labels.answered(response)
 
     async def batched_labelled(
@@ -526,6 +509,20 @@ def _label(prepared: PreparedRequest) -> None:
     labels = CURRENT.get()
     if labels is not None:
         labels.model, labels.version = prepared.model.name, prepared.model.version_str
+
+
+@contextmanager
+def _serving(labels: RequestLabels) -> Iterator[None]:
+    """``labels`` current while a call is served (reset after, whatever happens); a refusal
+    logged on its way out (:func:`_refused`)."""
+    token = CURRENT.set(labels)
+    try:
+        yield
+    except Exception as exc:
+        _refused(exc)
+        raise
+    finally:
+        CURRENT.reset(token)
 
 
 def _refused(exc: Exception) -> None:
