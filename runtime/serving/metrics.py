@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -36,6 +36,10 @@ SKEW_KINDS: Final = ("missing", "infinite", "out_of_range", "unseen")
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Run first at every scrape (registered before the metrics below): the native front end's
+        # fast path adds there the calls it counted in native memory (see add_answered).
+        self.before_collect: list[Callable[[], None]] = []
+        self.registry.register(_BeforeCollect(self.before_collect))
         self.requests = Counter(
             "edgewise_requests",
             "Inference requests by model, version and status code.",
@@ -200,6 +204,28 @@ class ServerMetrics:
             self._request_children[bounded] = counter
         return counter
 
+    def add_answered(
+        self, model: str, version: str, buckets: Sequence[int], seconds: float
+    ) -> None:
+        """Count calls answered OK elsewhere (the native fast path, which keeps its counts in
+        native memory): ``buckets[i]`` calls in latency bucket i (LATENCY_BUCKETS, then +Inf;
+        not cumulative), ``seconds`` their total, as that many :meth:`observe_request` would."""
+        calls = sum(buckets)
+        if calls == 0:
+            return
+        self._request_child((model, version, "OK")).inc(calls)
+        hkey = (model, version)
+        histogram = self._latency_children.get(hkey)
+        if histogram is None:
+            histogram = self.latency.labels(model, version)
+            self._latency_children[hkey] = histogram
+        # prometheus_client has no bulk observe: its child's per-bucket values and sum (the
+        # ones observe() increments) take the counts at once.
+        for value, count in zip(histogram._buckets, buckets, strict=True):  # noqa: SLF001
+            if count:
+                value.inc(count)
+        histogram._sum.inc(seconds)  # noqa: SLF001
+
     def model_event(self, model: str, version: int, event: str) -> None:
         """Count a lifecycle event of a version found in the repository (``load`` also makes
         its name and version labels that requests for it show)."""
@@ -321,3 +347,18 @@ class ServerMetrics:
 def _multiprocess() -> bool:
     names = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
     return any(name in os.environ for name in names)
+
+
+class _BeforeCollect:
+    """A collector with no metrics of its own that runs ``hooks`` when the registry is read."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self._hooks = hooks
+
+    def describe(self) -> Iterable[Any]:
+        return ()
+
+    def collect(self) -> Iterable[Any]:
+        for hook in self._hooks:
+            hook()
+        return ()

@@ -148,6 +148,9 @@ class ModelRepository:
         self.labels: Callable[[str, str], int | None] | None = None
         # Where feature lookups count (set by the server; None: a registry of their own).
         self.metrics_registry: CollectorRegistry | None = None
+        # Called after each change of the served set (the native front end's fast path
+        # refreshes its table of model versions there); each must be quick and never raise.
+        self.on_swap: list[Callable[[], None]] = []
 
     # ---- reading (the request path: no locks) -------------------------------------------------
 
@@ -232,6 +235,10 @@ class ModelRepository:
         return VersionStatus(name, version, ModelState.UNAVAILABLE)
 
     # ---- control (serialised) -----------------------------------------------------------------
+
+    def _swapped(self) -> None:
+        for listener in self.on_swap:
+            listener()
 
     def _model_dirs(self) -> list[str]:
         if not self.root.is_dir():
@@ -341,6 +348,7 @@ class ModelRepository:
             served = dict(self._served)
             served[name] = snapshot
             self._served = served  # the swap: one assignment, seen atomically by readers
+            self._swapped()
             _close_versions(current_versions, new_versions)
             for number in current_versions:
                 if number not in new_versions:
@@ -399,6 +407,7 @@ class ModelRepository:
                 else:
                     del served[name]
             self._served = served
+            self._swapped()
             _close_versions(current.versions, served[name].versions if name in served else {})
             for number in removed:
                 self._on_event(name, number, "unload")
