@@ -31,9 +31,11 @@
 
 #include <structmember.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -42,8 +44,15 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+#ifdef EDGEWISE_FAST
+#include "onnxruntime_c_api.h"
+#include "ort_shared.h"
+#endif
 
 #ifndef EDGEWISE_FRONT_DIGEST
 #define EDGEWISE_FRONT_DIGEST "unknown"
@@ -192,6 +201,441 @@ std::vector<std::string> PeerIdentities(const grpc::ServerContextBase& context) 
   return identities;
 }
 
+// ---- the fast path (issue 26): decode, onnxruntime, encode without the GIL ---------------------
+//
+// Python (fast_path.py) decides which model versions may be served here and hands each one over
+// as a FastModel: its inputs and outputs as validated at load, the onnxruntime session made from
+// the same bytes (reference counted: ort_shared.h), whether its monitor takes the requests' rows.
+// A ModelInfer call is served here, on the poller that read it, when everything about it is the
+// common case: a model version in the table, the inputs exactly the model's (FP32, FP64, INT32 or
+// INT64; raw or typed), no parameters, outputs the model has, its deadline not passed, the calls
+// in flight within the limit Python set. Anything else (and any failure) goes to the Python path
+// unchanged, which gives the same answer or error as before; each such call is counted by reason.
+#ifdef EDGEWISE_FAST
+
+// Fallback reasons, in the order Python names them (fast_path.py REASONS).
+enum FallbackReason {
+  kNotInTable = 0,  // the model or version is not served here (ineligible, unknown, a label)
+  kRequestForm,     // the request is not the common case (or not well formed: Python says why)
+  kInputs,          // its inputs do not match the model exactly (Python gives the error)
+  kLimit,           // the calls in flight are at the limit: Python decides (sheds)
+  kDeadline,        // its deadline passed: Python answers DEADLINE_EXCEEDED
+  kRun,             // onnxruntime refused the run or an output is not a plain tensor
+  kKeyed,           // the call has a request id and the model keeps predictions for labels
+  kReasons
+};
+
+constexpr int kBuckets = 14;  // metrics.py LATENCY_BUCKETS and +Inf
+constexpr double kBucketBounds[kBuckets - 1] = {0.0001, 0.00025, 0.0005, 0.00075, 0.001,
+                                                0.0025, 0.005,   0.01,    0.025,   0.05,
+                                                0.1,    0.25,    1.0};
+
+struct FastInput {
+  std::string name, datatype;
+  ONNXTensorElementDataType element;
+  size_t item;                  // bytes per element
+  std::vector<int64_t> shape;   // the model's, -1 any size
+};
+
+// One request's rows for the monitor: each input's bytes (the model's dtype) and the watched
+// output's bytes, and the rows they hold.
+struct RingRecord {
+  std::vector<std::string> inputs;
+  std::string output;
+  std::vector<int64_t> output_shape;
+  int64_t rows = 0;
+};
+
+struct FastModel {
+  std::string name, version;
+  std::vector<FastInput> inputs;
+  std::vector<std::string> outputs;  // every output, in the model's order
+  std::string watched;               // the monitor's prediction output ("" none)
+  bool monitored = false;
+  bool keeps_keyed = false;  // online quality: a call with a request id is Python's
+  EdgewiseOrtShared* session = nullptr;
+  size_t ring_max_rows = 0;
+
+  std::atomic<uint64_t> ok{0};
+  std::atomic<uint64_t> buckets[kBuckets] = {};
+  std::atomic<uint64_t> nanos{0};
+  std::atomic<uint64_t> fallbacks[kReasons] = {};
+  std::atomic<uint64_t> dropped_rows{0};
+
+  std::mutex ring_mu;
+  std::deque<RingRecord> ring;
+  size_t ring_rows = 0;
+
+  ~FastModel() {
+    if (session != nullptr) session->release(session);
+  }
+  void Observe(double seconds) {
+    int b = 0;
+    while (b < kBuckets - 1 && seconds > kBucketBounds[b]) ++b;
+    buckets[b].fetch_add(1, std::memory_order_relaxed);
+    ok.fetch_add(1, std::memory_order_relaxed);
+    nanos.fetch_add(static_cast<uint64_t>(seconds * 1e9), std::memory_order_relaxed);
+  }
+  // Never blocks on the drainer for long (it swaps the queue out under the lock); a record that
+  // would take the ring past its bound is dropped and its rows counted.
+  void Offer(RingRecord&& record) {
+    std::lock_guard<std::mutex> lock(ring_mu);
+    if (ring_rows + static_cast<size_t>(record.rows) > ring_max_rows) {
+      dropped_rows.fetch_add(static_cast<uint64_t>(record.rows), std::memory_order_relaxed);
+      return;
+    }
+    ring_rows += static_cast<size_t>(record.rows);
+    ring.push_back(std::move(record));
+  }
+};
+
+using FastTable = std::unordered_map<std::string, std::shared_ptr<FastModel>>;
+
+std::string FastKey(const std::string& name, const std::string& version) {
+  return name + '\n' + version;
+}
+
+// ---- protobuf wire format (ModelInferRequest in, ModelInferResponse out) ----
+
+struct Reader {
+  const uint8_t* p;
+  const uint8_t* end;
+  bool Varint(uint64_t* out) {
+    uint64_t value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p >= end) return false;
+      uint8_t byte = *p++;
+      value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) {
+        *out = value;
+        return true;
+      }
+    }
+    return false;
+  }
+  bool Bytes(const uint8_t** data, size_t* size) {
+    uint64_t n;
+    if (!Varint(&n) || n > static_cast<uint64_t>(end - p)) return false;
+    *data = p;
+    *size = static_cast<size_t>(n);
+    p += n;
+    return true;
+  }
+  bool Skip(int wire) {
+    uint64_t v;
+    const uint8_t* d;
+    size_t n;
+    switch (wire) {
+      case 0: return Varint(&v);
+      case 1: if (end - p < 8) return false; p += 8; return true;
+      case 2: return Bytes(&d, &n);
+      case 5: if (end - p < 4) return false; p += 4; return true;
+      default: return false;
+    }
+  }
+};
+
+struct View {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  std::string str() const { return std::string(reinterpret_cast<const char*>(data), size); }
+  bool eq(const std::string& s) const { return size == s.size() && std::memcmp(data, s.data(), size) == 0; }
+};
+
+struct InputTensor {
+  View name, datatype;
+  std::vector<int64_t> shape;
+  int typed_field = 0;  // the one contents field that carries values (0: none)
+  View typed;           // its bytes (packed)
+  int typed_fields = 0; // how many contents fields were given
+};
+
+struct Request {
+  View model_name, model_version, id;
+  std::vector<InputTensor> inputs;
+  std::vector<View> outputs;
+  std::vector<View> raw;
+};
+
+// The tensor's shape (packed or not).
+bool ParseShape(Reader& r, int wire, std::vector<int64_t>* shape) {
+  uint64_t v;
+  if (wire == 0) {
+    if (!r.Varint(&v)) return false;
+    shape->push_back(static_cast<int64_t>(v));
+    return true;
+  }
+  if (wire != 2) return false;
+  View packed;
+  if (!r.Bytes(&packed.data, &packed.size)) return false;
+  Reader inner{packed.data, packed.data + packed.size};
+  while (inner.p < inner.end) {
+    if (!inner.Varint(&v)) return false;
+    shape->push_back(static_cast<int64_t>(v));
+  }
+  return true;
+}
+
+// false: not the common case (parameters, unpacked typed contents, anything odd).
+bool ParseInput(View bytes, InputTensor* t) {
+  Reader r{bytes.data, bytes.data + bytes.size};
+  while (r.p < r.end) {
+    uint64_t key;
+    if (!r.Varint(&key)) return false;
+    int field = static_cast<int>(key >> 3), wire = static_cast<int>(key & 7);
+    if (field == 1 && wire == 2) {
+      if (!r.Bytes(&t->name.data, &t->name.size)) return false;
+    } else if (field == 2 && wire == 2) {
+      if (!r.Bytes(&t->datatype.data, &t->datatype.size)) return false;
+    } else if (field == 3) {
+      if (!ParseShape(r, wire, &t->shape)) return false;
+    } else if (field == 5 && wire == 2) {
+      View contents;
+      if (!r.Bytes(&contents.data, &contents.size)) return false;
+      Reader c{contents.data, contents.data + contents.size};
+      while (c.p < c.end) {
+        uint64_t ckey;
+        if (!c.Varint(&ckey)) return false;
+        int cfield = static_cast<int>(ckey >> 3);
+        if ((ckey & 7) != 2) return false;  // unpacked repeated values: Python's
+        View packed;
+        if (!c.Bytes(&packed.data, &packed.size)) return false;
+        if (t->typed_field != 0 && t->typed_field != cfield) return false;
+        if (t->typed_field == cfield) return false;  // split across records: Python's
+        t->typed_field = cfield;
+        t->typed = packed;
+        ++t->typed_fields;
+      }
+    } else {
+      return false;  // parameters, or an unknown field
+    }
+  }
+  return true;
+}
+
+bool ParseRequest(const uint8_t* data, size_t size, Request* req) {
+  Reader r{data, data + size};
+  while (r.p < r.end) {
+    uint64_t key;
+    if (!r.Varint(&key)) return false;
+    int field = static_cast<int>(key >> 3), wire = static_cast<int>(key & 7);
+    if (wire != 2) return false;
+    View v;
+    if (!r.Bytes(&v.data, &v.size)) return false;
+    switch (field) {
+      case 1: req->model_name = v; break;
+      case 2: req->model_version = v; break;
+      case 3: req->id = v; break;
+      case 5: {
+        req->inputs.emplace_back();
+        if (!ParseInput(v, &req->inputs.back())) return false;
+        break;
+      }
+      case 6: {  // a requested output: its name only (parameters: Python's)
+        Reader o{v.data, v.data + v.size};
+        View name;
+        while (o.p < o.end) {
+          uint64_t okey;
+          if (!o.Varint(&okey)) return false;
+          if (okey != ((1 << 3) | 2)) return false;
+          if (!o.Bytes(&name.data, &name.size)) return false;
+        }
+        req->outputs.push_back(name);
+        break;
+      }
+      case 7: req->raw.push_back(v); break;
+      default: return false;  // parameters, or an unknown field
+    }
+  }
+  return true;
+}
+
+struct Writer {
+  std::string out;
+  void Varint(uint64_t v) {
+    while (v >= 0x80) {
+      out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+      v >>= 7;
+    }
+    out.push_back(static_cast<char>(v));
+  }
+  void Key(int field, int wire) { Varint((static_cast<uint64_t>(field) << 3) | wire); }
+  void Bytes(int field, const void* data, size_t size) {
+    Key(field, 2);
+    Varint(size);
+    out.append(static_cast<const char*>(data), size);
+  }
+  void Text(int field, const std::string& s) {
+    if (!s.empty()) Bytes(field, s.data(), s.size());
+  }
+};
+
+size_t VarintSize(uint64_t v) {
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    ++n;
+  }
+  return n;
+}
+
+// One output of a run: its V2 datatype, the typed contents field that carries it, and how each
+// element is written there.
+struct OutputKind {
+  const char* datatype;
+  int field;    // InferTensorContents field
+  int wire;     // 0 varint, 5 fixed32, 1 fixed64
+  size_t item;  // bytes per element in the tensor
+  bool is_signed, is_bool;
+};
+
+bool KindOf(ONNXTensorElementDataType t, OutputKind* k) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: *k = {"FP32", 6, 5, 4, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: *k = {"FP64", 7, 1, 8, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: *k = {"INT8", 2, 0, 1, true, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: *k = {"INT16", 2, 0, 2, true, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: *k = {"INT32", 2, 0, 4, true, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: *k = {"INT64", 3, 0, 8, true, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: *k = {"UINT8", 4, 0, 1, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: *k = {"UINT16", 4, 0, 2, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: *k = {"UINT32", 4, 0, 4, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: *k = {"UINT64", 5, 0, 8, false, false}; return true;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: *k = {"BOOL", 1, 0, 1, false, true}; return true;
+    default: return false;
+  }
+}
+
+uint64_t ElementVarint(const uint8_t* p, const OutputKind& k) {
+  if (k.is_bool) return *p ? 1 : 0;
+  switch (k.item) {
+    case 1: return k.is_signed ? static_cast<uint64_t>(static_cast<int64_t>(*reinterpret_cast<const int8_t*>(p))) : *p;
+    case 2: {
+      if (k.is_signed) { int16_t v; std::memcpy(&v, p, 2); return static_cast<uint64_t>(static_cast<int64_t>(v)); }
+      uint16_t v; std::memcpy(&v, p, 2); return v;
+    }
+    case 4: {
+      if (k.is_signed) { int32_t v; std::memcpy(&v, p, 4); return static_cast<uint64_t>(static_cast<int64_t>(v)); }
+      uint32_t v; std::memcpy(&v, p, 4); return v;
+    }
+    default: { uint64_t v; std::memcpy(&v, p, 8); return v; }
+  }
+}
+
+// An output tensor of the response (InferOutputTensor), raw bytes appended to `raw` instead of
+// typed contents when the request came raw (as codecs.py encode_outputs).
+void WriteOutput(Writer& w, const std::string& name, const OutputKind& k,
+                 const std::vector<int64_t>& shape, const uint8_t* data, size_t count, bool raw,
+                 std::vector<std::pair<const uint8_t*, size_t>>* raws) {
+  Writer t;
+  t.Text(1, name);
+  t.Text(2, k.datatype);
+  if (!shape.empty()) {
+    size_t n = 0;
+    for (int64_t d : shape) n += VarintSize(static_cast<uint64_t>(d));
+    t.Key(3, 2);
+    t.Varint(n);
+    for (int64_t d : shape) t.Varint(static_cast<uint64_t>(d));
+  }
+  if (raw) {
+    raws->emplace_back(data, count * k.item);
+  } else {
+    Writer c;
+    if (count > 0) {
+      if (k.wire == 0) {
+        size_t n = 0;
+        for (size_t i = 0; i < count; ++i) n += VarintSize(ElementVarint(data + i * k.item, k));
+        c.Key(k.field, 2);
+        c.Varint(n);
+        for (size_t i = 0; i < count; ++i) c.Varint(ElementVarint(data + i * k.item, k));
+      } else {
+        c.Bytes(k.field, data, count * k.item);
+      }
+    }
+    t.Bytes(5, c.out.data(), c.out.size());
+  }
+  w.Bytes(5, t.out.data(), t.out.size());
+}
+
+// request_context.py trace_id_of: the trace id of a well-formed W3C traceparent, else "".
+std::string TraceIdOf(const std::string& tp) {
+  auto hex = [&](size_t from, size_t n) {
+    if (from + n > tp.size()) return false;
+    for (size_t i = from; i < from + n; ++i) {
+      char c = tp[i];
+      if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+    }
+    return true;
+  };
+  if (tp.size() < 55 || !hex(0, 2) || tp[2] != '-' || !hex(3, 32) || tp[35] != '-' ||
+      !hex(36, 16) || tp[52] != '-' || !hex(53, 2))
+    return "";
+  if (tp.size() > 55 && tp[55] != '-') return "";
+  std::string version = tp.substr(0, 2);
+  if (version == "ff" || (version == "00" && tp.size() != 55)) return "";
+  std::string trace = tp.substr(3, 32), parent = tp.substr(36, 16);
+  if (trace == std::string(32, '0') || parent == std::string(16, '0')) return "";
+  return trace;
+}
+
+bool Echoable(const std::string& s) {
+  if (s.empty() || s.size() > 256) return false;
+  for (char c : s)
+    if (c < 0x20 || c > 0x7e) return false;
+  return true;
+}
+
+std::string NewRequestId() {
+  thread_local std::mt19937_64 random{std::random_device{}()};
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(random()));
+  return text;
+}
+
+// Decodes one input into the model's dtype (a copy, aligned); false: not the common case.
+bool DecodeInput(const FastInput& spec, const InputTensor& t, const View* raw, int64_t count,
+                 std::string* out) {
+  const size_t bytes = static_cast<size_t>(count) * spec.item;
+  if (raw != nullptr) {
+    if (raw->size != bytes) return false;
+    out->assign(reinterpret_cast<const char*>(raw->data), raw->size);
+    return true;
+  }
+  if (t.typed_fields != 1 && count > 0) return false;
+  if (count == 0) {
+    if (t.typed_fields != 0) return false;
+    out->clear();
+    return true;
+  }
+  const int want = spec.element == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT    ? 6
+                   : spec.element == ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE ? 7
+                   : spec.element == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32  ? 2
+                                                                           : 3;
+  if (t.typed_field != want) return false;
+  if (want == 6 || want == 7) {
+    if (t.typed.size != bytes) return false;
+    out->assign(reinterpret_cast<const char*>(t.typed.data), t.typed.size);
+    return true;
+  }
+  out->resize(bytes);
+  Reader r{t.typed.data, t.typed.data + t.typed.size};
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t v;
+    if (!r.Varint(&v)) return false;
+    if (want == 2) {
+      int64_t wide = static_cast<int64_t>(v);
+      if (wide < INT32_MIN || wide > INT32_MAX) return false;
+      int32_t narrow = static_cast<int32_t>(wide);
+      std::memcpy(&(*out)[static_cast<size_t>(i) * 4], &narrow, 4);
+    } else {
+      std::memcpy(&(*out)[static_cast<size_t>(i) * 8], &v, 8);
+    }
+  }
+  return r.p == r.end;
+}
+
+#endif  // EDGEWISE_FAST
+
 struct Front;
 
 // One event of the completion queue: each tag handed to gRPC is the address of one of these.
@@ -277,6 +721,9 @@ class InferCall {
   // object be deleted on a poller thread, before it returns).
   void Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock);
   void Uncount();  // the call no longer counts as in flight
+#ifdef EDGEWISE_FAST
+  bool TryFast();  // answered on the fast path (see FastModel)
+#endif
 
   Front* front_;
   std::unique_ptr<Stream> call_;
@@ -401,6 +848,20 @@ struct Front {
   std::atomic<long> in_flight{0};
   std::atomic<long> calls{0};
   std::atomic<long> relayed{0};
+#ifdef EDGEWISE_FAST
+  // The fast path's model versions by FastKey (replaced whole by set_fast: atomic_load/store),
+  // the in-flight limit it keeps to (0: none), its calls, and the calls it sent on to Python
+  // with no model version of the table to count them on.
+  std::shared_ptr<const FastTable> fast_table;
+  std::atomic<long> fast_limit{0};
+  std::atomic<size_t> fast_max_bytes{0};  // larger requests go to Python (memory admission); 0 none
+  std::atomic<long> fast_calls{0};
+  std::atomic<uint64_t> fallbacks[kReasons] = {};
+  bool Fallback(FastModel* model, int reason) {
+    (model != nullptr ? model->fallbacks : fallbacks)[reason].fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+#endif
 
   // Calls asked for or alive (Accept, InferCall, Call objects): the completion queue is shut
   // down only when none is left, so that no operation is ever started on a queue shut down.
@@ -572,6 +1033,9 @@ void InferCall::ReadDone(bool ok) {
   }
   counted_.store(true, std::memory_order_relaxed);
   front_->in_flight.fetch_add(1, std::memory_order_relaxed);
+#ifdef EDGEWISE_FAST
+  if (TryFast()) return;  // answered on this thread, the GIL never taken
+#endif
   // Stays alive until answered: the call ends (FinishDone) only after its finish.
   front_->Enqueue(this, request_.Length());
 }
@@ -727,6 +1191,237 @@ void InferCall::Deliver(Parsed& answer, std::unique_lock<std::mutex>& lock) {
                          &finish_);
   }
 }
+
+#ifdef EDGEWISE_FAST
+// The fast path (see FastModel): true when the call was answered here, without the GIL; false
+// sends it on to the Python handler (the reason counted), nothing done.
+bool InferCall::TryFast() {
+  std::shared_ptr<const FastTable> table = std::atomic_load(&front_->fast_table);
+  if (!table || table->empty()) return false;
+  auto began = std::chrono::steady_clock::now();
+  // The request's bytes in one piece (one slice: no copy).
+  grpc::Slice single;
+  std::string joined;
+  const uint8_t* data;
+  size_t size;
+  {
+    std::vector<grpc::Slice> slices;
+    if (!request_.Dump(&slices).ok()) return false;
+    size_t max_bytes = front_->fast_max_bytes.load(std::memory_order_relaxed);
+    if (max_bytes > 0 && request_.Length() > max_bytes) return front_->Fallback(nullptr, kLimit);
+    if (slices.size() == 1) {
+      single = slices[0];
+      data = single.begin();
+      size = single.size();
+    } else {
+      for (const auto& s : slices) joined.append(reinterpret_cast<const char*>(s.begin()), s.size());
+      data = reinterpret_cast<const uint8_t*>(joined.data());
+      size = joined.size();
+    }
+  }
+  Request req;
+  if (!ParseRequest(data, size, &req)) return front_->Fallback(nullptr, kRequestForm);
+  auto found = table->find(FastKey(req.model_name.str(), req.model_version.str()));
+  if (found == table->end()) return front_->Fallback(nullptr, kNotInTable);
+  FastModel& model = *found->second;
+  std::shared_ptr<FastModel> hold = found->second;  // alive whatever the table becomes
+  // The inputs: exactly the model's, one batch size, raw all or none.
+  const bool raw = !req.raw.empty();
+  if (req.inputs.size() != model.inputs.size() || (raw && req.raw.size() != req.inputs.size()))
+    return front_->Fallback(&model, kInputs);
+  std::vector<int> order(model.inputs.size(), -1);  // the model's input i is the request's order[i]
+  for (size_t j = 0; j < req.inputs.size(); ++j) {
+    size_t i = 0;
+    while (i < model.inputs.size() && !req.inputs[j].name.eq(model.inputs[i].name)) ++i;
+    if (i == model.inputs.size() || order[i] != -1) return front_->Fallback(&model, kInputs);
+    order[i] = static_cast<int>(j);
+  }
+  std::vector<std::string> buffers(model.inputs.size());
+  std::vector<OrtValue*> values(model.inputs.size(), nullptr);
+  std::vector<const char*> input_names(model.inputs.size());
+  const OrtApi* api = model.session->api;
+  auto release_values = [&] {
+    for (OrtValue* v : values)
+      if (v != nullptr) api->ReleaseValue(v);
+  };
+  int64_t rows = -1;
+  for (size_t i = 0; i < model.inputs.size(); ++i) {
+    const FastInput& spec = model.inputs[i];
+    const InputTensor& t = req.inputs[static_cast<size_t>(order[i])];
+    bool fits = t.datatype.eq(spec.datatype) && t.shape.size() == spec.shape.size() && !t.shape.empty();
+    int64_t count = 1;
+    for (size_t d = 0; fits && d < t.shape.size(); ++d) {
+      fits = t.shape[d] >= 0 && (spec.shape[d] == -1 || spec.shape[d] == t.shape[d]) &&
+             t.shape[d] < (int64_t{1} << 31);
+      count *= t.shape[d];
+      fits = fits && count < (int64_t{1} << 31);
+    }
+    if (fits) fits = rows == -1 || rows == t.shape[0];
+    if (fits) rows = t.shape[0];
+    if (fits && raw && t.typed_fields != 0) fits = false;
+    if (!fits || count == 0 ||
+        !DecodeInput(spec, t, raw ? &req.raw[static_cast<size_t>(order[i])] : nullptr, count, &buffers[i])) {
+      release_values();
+      return front_->Fallback(&model, kInputs);
+    }
+    OrtStatus* status = api->CreateTensorWithDataAsOrtValue(
+        model.session->cpu, buffers[i].data(), buffers[i].size(), t.shape.data(), t.shape.size(),
+        spec.element, &values[i]);
+    if (status != nullptr) {
+      api->ReleaseStatus(status);
+      release_values();
+      return front_->Fallback(&model, kInputs);
+    }
+    input_names[i] = spec.name.c_str();
+  }
+  // The outputs answered: those asked for (each once, each the model's), else all.
+  std::vector<std::string> answered;
+  if (req.outputs.empty()) {
+    answered = model.outputs;
+  } else {
+    for (const View& name : req.outputs) {
+      std::string text = name.str();
+      bool known = std::find(model.outputs.begin(), model.outputs.end(), text) != model.outputs.end();
+      bool twice = std::find(answered.begin(), answered.end(), text) != answered.end();
+      if (!known || twice) {
+        release_values();
+        return front_->Fallback(&model, kInputs);
+      }
+      answered.push_back(std::move(text));
+    }
+  }
+  std::vector<const char*> run_names;
+  for (const auto& name : answered) run_names.push_back(name.c_str());
+  int watched = -1;
+  if (model.monitored && !model.watched.empty()) {
+    for (size_t o = 0; o < answered.size(); ++o)
+      if (answered[o] == model.watched) watched = static_cast<int>(o);
+    if (watched < 0) {
+      watched = static_cast<int>(run_names.size());
+      run_names.push_back(model.watched.c_str());
+    }
+  }
+  // The labels (request_context.py): the request's id, else the caller's x-request-id, else one
+  // made here; trailers echo the id where the caller sent x-request-id, and the trace id.
+  std::string sent_id, traceparent;
+  bool has_sent_id = false, has_traceparent = false;
+  for (const auto& [key, value] : call_->context.client_metadata()) {
+    if (key == "x-request-id") {
+      sent_id.assign(value.data(), value.size());
+      has_sent_id = true;
+    } else if (key == "traceparent") {
+      traceparent.assign(value.data(), value.size());
+      has_traceparent = true;
+    }
+  }
+  bool sent = has_sent_id && !sent_id.empty();
+  if (model.keeps_keyed && (req.id.size > 0 || sent)) {
+    release_values();
+    return front_->Fallback(&model, kKeyed);
+  }
+  // Admission: the limit Python set on the calls in flight (this one included); at or over it
+  // Python decides (it sheds, with its metrics and trailers).
+  long limit = front_->fast_limit.load(std::memory_order_relaxed);
+  if (limit > 0 && front_->in_flight.load(std::memory_order_relaxed) > limit) {
+    release_values();
+    return front_->Fallback(&model, kLimit);
+  }
+  auto deadline = call_->context.deadline();
+  if (deadline != std::chrono::system_clock::time_point::max() &&
+      std::chrono::system_clock::now() >= deadline) {
+    release_values();
+    return front_->Fallback(&model, kDeadline);
+  }
+  std::vector<OrtValue*> results(run_names.size(), nullptr);
+  OrtStatus* status = api->Run(model.session->session, nullptr, input_names.data(), values.data(),
+                               values.size(), run_names.data(), run_names.size(), results.data());
+  release_values();
+  auto release_results = [&] {
+    for (OrtValue* v : results)
+      if (v != nullptr) api->ReleaseValue(v);
+  };
+  if (status != nullptr) {
+    api->ReleaseStatus(status);
+    release_results();
+    return front_->Fallback(&model, kRun);  // Python runs it again and says why
+  }
+  // Each result: a numeric tensor, its shape, kind and data.
+  struct Out {
+    OutputKind kind;
+    std::vector<int64_t> shape;
+    const uint8_t* data = nullptr;
+    size_t count = 0;
+  };
+  std::vector<Out> outs(results.size());
+  for (size_t o = 0; o < results.size(); ++o) {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    ONNXTensorElementDataType element = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    size_t rank = 0;
+    void* raw_data = nullptr;
+    int is_tensor = 0;
+    OrtStatus* s = api->IsTensor(results[o], &is_tensor);
+    if (s == nullptr && is_tensor) s = api->GetTensorTypeAndShape(results[o], &info);
+    if (s == nullptr && info != nullptr) s = api->GetTensorElementType(info, &element);
+    if (s == nullptr && info != nullptr) s = api->GetDimensionsCount(info, &rank);
+    if (s == nullptr && info != nullptr) {
+      outs[o].shape.resize(rank);
+      if (rank > 0) s = api->GetDimensions(info, outs[o].shape.data(), rank);
+    }
+    if (s == nullptr && info != nullptr) s = api->GetTensorShapeElementCount(info, &outs[o].count);
+    if (info != nullptr) api->ReleaseTensorTypeAndShapeInfo(info);
+    bool ok = s == nullptr && is_tensor && KindOf(element, &outs[o].kind);
+    if (s != nullptr) api->ReleaseStatus(s);
+    if (ok) {
+      s = api->GetTensorMutableData(results[o], &raw_data);
+      if (s != nullptr) {
+        api->ReleaseStatus(s);
+        ok = false;
+      }
+    }
+    if (!ok) {
+      release_results();
+      return front_->Fallback(&model, kRun);
+    }
+    outs[o].data = static_cast<const uint8_t*>(raw_data);
+  }
+  std::string request_id = req.id.size ? req.id.str() : (sent ? sent_id : NewRequestId());
+  Parsed answer;
+  answer.code = 0;
+  if (sent && Echoable(request_id)) answer.trailers.emplace_back("x-request-id", request_id);
+  if (has_traceparent) {
+    std::string trace = TraceIdOf(traceparent);
+    if (!trace.empty()) answer.trailers.emplace_back("x-trace-id", trace);
+  }
+  Writer w;
+  w.Text(1, model.name);
+  w.Text(2, model.version);
+  w.Text(3, request_id);
+  std::vector<std::pair<const uint8_t*, size_t>> raws;
+  for (size_t o = 0; o < answered.size(); ++o)
+    WriteOutput(w, answered[o], outs[o].kind, outs[o].shape, outs[o].data, outs[o].count, raw, &raws);
+  for (const auto& [p, n] : raws) w.Bytes(6, p, n);
+  // The monitor's copy of the rows (drained by Python: fast_path.py).
+  if (model.monitored) {
+    RingRecord record;
+    record.rows = rows;
+    record.inputs = std::move(buffers);
+    if (watched >= 0) {
+      const Out& out = outs[static_cast<size_t>(watched)];
+      record.output.assign(reinterpret_cast<const char*>(out.data), out.count * out.kind.item);
+      record.output_shape = out.shape;
+    }
+    model.Offer(std::move(record));
+  }
+  release_results();
+  answer.reply = grpc::Slice(w.out);
+  answer.has_reply = true;
+  model.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
+  front_->fast_calls.fetch_add(1, std::memory_order_relaxed);
+  std::unique_lock<std::mutex> lock(mu_);
+  Deliver(answer, lock);  // `this` may be gone once it returns
+  return true;
+}
+#endif  // EDGEWISE_FAST
 
 Call::Call(Front* front, std::unique_ptr<Stream> call) : front_(front), call_(std::move(call)) {
   front_->Born();
@@ -941,6 +1636,205 @@ bool CheckTls(const TlsFiles& files) {
          (files.client_ca.empty() || CheckPem(files.client_ca, "TLS client CA"));
 }
 
+#ifdef EDGEWISE_FAST
+// ---- FastModel, the Python handle of one model version served on the fast path ----
+
+struct FastModelObject {
+  PyObject_HEAD
+  std::shared_ptr<FastModel>* model;
+};
+
+void FastModelDealloc(PyObject* self) {
+  auto* object = reinterpret_cast<FastModelObject*>(self);
+  delete object->model;  // the session goes with the last request that holds it
+  object->model = nullptr;
+  Py_TYPE(self)->tp_free(self);
+}
+
+bool ElementOf(const std::string& datatype, ONNXTensorElementDataType* element, size_t* item) {
+  if (datatype == "FP32") { *element = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; *item = 4; return true; }
+  if (datatype == "FP64") { *element = ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE; *item = 8; return true; }
+  if (datatype == "INT32") { *element = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; *item = 4; return true; }
+  if (datatype == "INT64") { *element = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; *item = 8; return true; }
+  return false;
+}
+
+// FastModel(name, version, inputs, outputs, watched, monitored, session, ring_max_rows):
+// inputs ((name, datatype, shape), ...) with datatype FP32, FP64, INT32 or INT64; outputs the
+// model's output names in order; watched the monitor's prediction output ("" none); session the
+// C API session's capsule (_ort Session.shared).
+int FastModelInit(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"name", "version", "inputs", "outputs", "watched",
+                                    "monitored", "session", "ring_max_rows", "keeps_keyed",
+                                    nullptr};
+  const char* name;
+  const char* version;
+  const char* watched;
+  PyObject* inputs;
+  PyObject* outputs;
+  PyObject* capsule;
+  int monitored;
+  Py_ssize_t ring_max_rows;
+  int keeps_keyed = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOspOn|p", const_cast<char**>(keywords), &name,
+                                   &version, &inputs, &outputs, &watched, &monitored, &capsule,
+                                   &ring_max_rows, &keeps_keyed))
+    return -1;
+  auto* shared = static_cast<EdgewiseOrtShared*>(PyCapsule_GetPointer(capsule, EDGEWISE_ORT_SHARED_CAPSULE));
+  if (shared == nullptr) return -1;
+  auto model = std::make_shared<FastModel>();
+  model->name = name;
+  model->version = version;
+  model->watched = watched;
+  model->monitored = monitored != 0;
+  model->keeps_keyed = keeps_keyed != 0;
+  model->ring_max_rows = ring_max_rows > 0 ? static_cast<size_t>(ring_max_rows) : 0;
+  PyObject* seq = PySequence_Fast(inputs, "inputs must be a sequence");
+  if (seq == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    const char* input_name;
+    const char* datatype;
+    PyObject* shape;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ssO", &input_name, &datatype, &shape)) {
+      Py_DECREF(seq);
+      return -1;
+    }
+    FastInput spec;
+    spec.name = input_name;
+    spec.datatype = datatype;
+    if (!ElementOf(spec.datatype, &spec.element, &spec.item)) {
+      PyErr_Format(PyExc_ValueError, "input '%s': datatype %s is not served on the fast path",
+                   input_name, datatype);
+      Py_DECREF(seq);
+      return -1;
+    }
+    PyObject* dims = PySequence_Fast(shape, "shape must be a sequence");
+    if (dims == nullptr) {
+      Py_DECREF(seq);
+      return -1;
+    }
+    for (Py_ssize_t d = 0; d < PySequence_Fast_GET_SIZE(dims); ++d)
+      spec.shape.push_back(PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dims, d)));
+    Py_DECREF(dims);
+    model->inputs.push_back(std::move(spec));
+  }
+  Py_DECREF(seq);
+  seq = PySequence_Fast(outputs, "outputs must be a sequence");
+  if (seq == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    const char* output = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(seq, i));
+    if (output == nullptr) {
+      Py_DECREF(seq);
+      return -1;
+    }
+    model->outputs.emplace_back(output);
+  }
+  Py_DECREF(seq);
+  if (PyErr_Occurred()) return -1;
+  shared->Ref();
+  model->session = shared;
+  auto* object = reinterpret_cast<FastModelObject*>(self);
+  delete object->model;
+  object->model = new std::shared_ptr<FastModel>(std::move(model));
+  return 0;
+}
+
+FastModel* ModelOf(PyObject* self) {
+  auto* object = reinterpret_cast<FastModelObject*>(self);
+  if (object->model == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "the FastModel is not initialised");
+    return nullptr;
+  }
+  return object->model->get();
+}
+
+// counts() -> (ok, buckets, seconds, fallbacks, dropped_rows): the calls answered here, their
+// latency histogram (LATENCY_BUCKETS and +Inf, not cumulative) and its sum, the calls sent to
+// Python by reason, the monitor's rows dropped by a full ring.
+PyObject* FastModelCounts(PyObject* self, PyObject*) {
+  FastModel* model = ModelOf(self);
+  if (model == nullptr) return nullptr;
+  PyObject* buckets = PyTuple_New(kBuckets);
+  if (buckets == nullptr) return nullptr;
+  for (int b = 0; b < kBuckets; ++b)
+    PyTuple_SET_ITEM(buckets, b, PyLong_FromUnsignedLongLong(model->buckets[b].load()));
+  PyObject* fallbacks = PyTuple_New(kReasons);
+  if (fallbacks == nullptr) {
+    Py_DECREF(buckets);
+    return nullptr;
+  }
+  for (int r = 0; r < kReasons; ++r)
+    PyTuple_SET_ITEM(fallbacks, r, PyLong_FromUnsignedLongLong(model->fallbacks[r].load()));
+  return Py_BuildValue("(KNdNK)", static_cast<unsigned long long>(model->ok.load()), buckets,
+                       static_cast<double>(model->nanos.load()) / 1e9, fallbacks,
+                       static_cast<unsigned long long>(model->dropped_rows.load()));
+}
+
+// drain() -> None, or (rows, inputs, output, output_shape): what the ring held, taken out:
+// each record's rows, each input's bytes of every record one after the other, the watched
+// output's likewise (b"" none) and the trailing dimensions of its shape (a record whose output
+// has other trailing dimensions than the first's is dropped, its rows counted).
+PyObject* FastModelDrain(PyObject* self, PyObject*) {
+  FastModel* model = ModelOf(self);
+  if (model == nullptr) return nullptr;
+  std::deque<RingRecord> taken;
+  {
+    std::lock_guard<std::mutex> lock(model->ring_mu);
+    taken.swap(model->ring);
+    model->ring_rows = 0;
+  }
+  if (taken.empty()) Py_RETURN_NONE;
+  std::vector<int64_t> tail;
+  bool has_tail = false;
+  std::vector<std::string> inputs(model->inputs.size());
+  std::string output;
+  std::vector<int64_t> rows;
+  for (RingRecord& record : taken) {
+    std::vector<int64_t> this_tail;
+    if (!record.output_shape.empty())
+      this_tail.assign(record.output_shape.begin() + 1, record.output_shape.end());
+    if (!has_tail) {
+      tail = this_tail;
+      has_tail = true;
+    } else if (this_tail != tail) {
+      model->dropped_rows.fetch_add(static_cast<uint64_t>(record.rows));
+      continue;
+    }
+    for (size_t i = 0; i < inputs.size() && i < record.inputs.size(); ++i) inputs[i] += record.inputs[i];
+    output += record.output;
+    rows.push_back(record.rows);
+  }
+  PyObject* py_rows = PyTuple_New(static_cast<Py_ssize_t>(rows.size()));
+  PyObject* py_inputs = PyTuple_New(static_cast<Py_ssize_t>(inputs.size()));
+  PyObject* py_tail = PyTuple_New(static_cast<Py_ssize_t>(tail.size()));
+  if (py_rows == nullptr || py_inputs == nullptr || py_tail == nullptr) {
+    Py_XDECREF(py_rows);
+    Py_XDECREF(py_inputs);
+    Py_XDECREF(py_tail);
+    return nullptr;
+  }
+  for (size_t i = 0; i < rows.size(); ++i)
+    PyTuple_SET_ITEM(py_rows, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(rows[i]));
+  for (size_t i = 0; i < inputs.size(); ++i)
+    PyTuple_SET_ITEM(py_inputs, static_cast<Py_ssize_t>(i),
+                     PyBytes_FromStringAndSize(inputs[i].data(), static_cast<Py_ssize_t>(inputs[i].size())));
+  for (size_t i = 0; i < tail.size(); ++i)
+    PyTuple_SET_ITEM(py_tail, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(tail[i]));
+  return Py_BuildValue("(NNy#N)", py_rows, py_inputs, output.data(),
+                       static_cast<Py_ssize_t>(output.size()), py_tail);
+}
+
+PyMethodDef kFastModelMethods[] = {
+    {"counts", FastModelCounts, METH_NOARGS,
+     "counts() -> (ok, buckets, seconds, fallbacks, dropped_rows)"},
+    {"drain", FastModelDrain, METH_NOARGS,
+     "drain() -> None or (rows, inputs, output, output_tail): the monitor's ring, taken out"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyTypeObject kFastModelType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+#endif  // EDGEWISE_FAST
+
 // ---- the Python object -----------------------------------------------------------------------
 
 struct FrontObject {
@@ -1104,7 +1998,66 @@ PyObject* FrontCounts(PyObject* self, PyObject*) {
                        object->front->in_flight.load());
 }
 
+#ifdef EDGEWISE_FAST
+// set_fast(table, limit, max_bytes): the model versions served on the fast path from now on, a
+// dict {(model name, version asked for): FastModel} ("" the default version), the in-flight
+// limit it keeps to and the largest request it takes (0: none). Calls being served keep the
+// versions they found.
+PyObject* FrontSetFast(PyObject* self, PyObject* args) {
+  PyObject* table;
+  long limit;
+  Py_ssize_t max_bytes;
+  if (!PyArg_ParseTuple(args, "O!ln", &PyDict_Type, &table, &limit, &max_bytes)) return nullptr;
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (!object->front) {
+    PyErr_SetString(PyExc_RuntimeError, "the front end is not running");
+    return nullptr;
+  }
+  auto built = std::make_shared<FastTable>();
+  PyObject* key;
+  PyObject* value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(table, &pos, &key, &value)) {
+    const char* name;
+    const char* version;
+    if (!PyArg_ParseTuple(key, "ss", &name, &version)) return nullptr;
+    if (!PyObject_TypeCheck(value, &kFastModelType)) {
+      PyErr_SetString(PyExc_TypeError, "set_fast: every value must be a FastModel");
+      return nullptr;
+    }
+    auto* model = reinterpret_cast<FastModelObject*>(value)->model;
+    if (model == nullptr) {
+      PyErr_SetString(PyExc_RuntimeError, "set_fast: a FastModel is not initialised");
+      return nullptr;
+    }
+    (*built)[FastKey(name, version)] = *model;
+  }
+  object->front->fast_limit.store(limit, std::memory_order_relaxed);
+  object->front->fast_max_bytes.store(max_bytes > 0 ? static_cast<size_t>(max_bytes) : 0);
+  std::shared_ptr<const FastTable> done = built;
+  std::atomic_store(&object->front->fast_table, done);
+  Py_RETURN_NONE;
+}
+
+// fast_counts() -> (calls answered on the fast path, fallbacks without a model version by reason)
+PyObject* FrontFastCounts(PyObject* self, PyObject*) {
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  PyObject* fallbacks = PyTuple_New(kReasons);
+  if (fallbacks == nullptr) return nullptr;
+  for (int r = 0; r < kReasons; ++r)
+    PyTuple_SET_ITEM(fallbacks, r, PyLong_FromUnsignedLongLong(
+                                       object->front ? object->front->fallbacks[r].load() : 0));
+  return Py_BuildValue("(lN)", object->front ? object->front->fast_calls.load() : 0L, fallbacks);
+}
+#endif
+
 PyMethodDef kFrontMethods[] = {
+#ifdef EDGEWISE_FAST
+    {"set_fast", FrontSetFast, METH_VARARGS,
+     "set_fast(table, limit, max_bytes): the model versions served on the fast path, its limits"},
+    {"fast_counts", FrontFastCounts, METH_NOARGS,
+     "fast_counts() -> (fast calls, fallbacks without a model version by reason)"},
+#endif
     {"shutdown", FrontShutdown, METH_VARARGS,
      "shutdown(grace): stop accepting calls, wait up to grace seconds for those in flight"},
     {"counts", FrontCounts, METH_NOARGS, "counts() -> (calls, relayed, in_flight)"},
@@ -1138,6 +2091,31 @@ PyMODINIT_FUNC PyInit__front() {
   PyObject* module = PyModule_Create(&kModule);
   if (!module) return nullptr;
   if (PyModule_AddStringConstant(module, "SOURCE_DIGEST", EDGEWISE_FRONT_DIGEST) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#ifdef EDGEWISE_FAST
+  kFastModelType.tp_name = "edgewise.runtime.frontends.native._front.FastModel";
+  kFastModelType.tp_basicsize = sizeof(FastModelObject);
+  kFastModelType.tp_flags = Py_TPFLAGS_DEFAULT;
+  kFastModelType.tp_new = PyType_GenericNew;
+  kFastModelType.tp_init = FastModelInit;
+  kFastModelType.tp_dealloc = FastModelDealloc;
+  kFastModelType.tp_methods = kFastModelMethods;
+  if (PyType_Ready(&kFastModelType) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  Py_INCREF(&kFastModelType);
+  if (PyModule_AddObject(module, "FastModel", reinterpret_cast<PyObject*>(&kFastModelType)) < 0) {
+    Py_DECREF(&kFastModelType);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(module, "FAST_PATH", 1) < 0) {
+#else
+  if (PyModule_AddIntConstant(module, "FAST_PATH", 0) < 0) {
+#endif
     Py_DECREF(module);
     return nullptr;
   }

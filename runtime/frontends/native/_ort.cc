@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "onnxruntime_c_api.h"
+#include "ort_shared.h"
 
 #ifndef EDGEWISE_ORT_DIGEST
 #define EDGEWISE_ORT_DIGEST "unknown"
@@ -137,9 +138,17 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out + "]";
 }
 
+// Drops one reference to a shared session; the last one releases it (any thread, no GIL).
+void release_shared(EdgewiseOrtShared* shared) {
+  if (shared->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  shared->api->ReleaseSession(shared->session);
+  delete shared;
+}
+
 struct SessionObject {
   PyObject_HEAD
   OrtSession* session;
+  EdgewiseOrtShared* shared;  // this object's reference (the session is released through it)
   std::vector<Port>* inputs;
   std::vector<Port>* outputs;
   std::atomic<long>* running;
@@ -198,7 +207,11 @@ PyObject* ports_tuple(const std::vector<Port>& ports) {
 }
 
 void session_dealloc(SessionObject* self) {
-  if (self->session != nullptr) g_api->ReleaseSession(self->session);
+  if (self->shared != nullptr) {
+    release_shared(self->shared);
+  } else if (self->session != nullptr) {
+    g_api->ReleaseSession(self->session);
+  }
   delete self->inputs;
   delete self->outputs;
   delete self->running;
@@ -265,6 +278,7 @@ int session_init(SessionObject* self, PyObject* args, PyObject* kwargs) {
   if (options != nullptr) g_api->ReleaseSessionOptions(options);
   PyBuffer_Release(&model);
   if (failed(status, PyExc_RuntimeError, "onnxruntime cannot load the model")) return -1;
+  self->shared = new EdgewiseOrtShared{{1}, g_api, self->session, g_cpu, release_shared};
   self->inputs = new std::vector<Port>();
   self->outputs = new std::vector<Port>();
   self->running = new std::atomic<long>(0);
@@ -644,6 +658,16 @@ PyObject* session_running(SessionObject* self, void*) {
   return PyLong_FromLong(self->running != nullptr ? self->running->load() : 0);
 }
 
+// The session for the native front end: a capsule holding a borrowed EdgewiseOrtShared
+// pointer (ort_shared.h), valid while this object lives; the taker adds its own reference.
+PyObject* session_shared(SessionObject* self, void*) {
+  if (self->shared == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "the session is not initialised");
+    return nullptr;
+  }
+  return PyCapsule_New(self->shared, EDGEWISE_ORT_SHARED_CAPSULE, nullptr);
+}
+
 PyMethodDef session_methods[] = {
     {"run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(session_run)),
      METH_VARARGS | METH_KEYWORDS,
@@ -658,6 +682,8 @@ PyGetSetDef session_getset[] = {
      "((name, element type or kind, shape), ...)", nullptr},
     {"running", reinterpret_cast<getter>(session_running), nullptr,
      "runs of this session inside onnxruntime now", nullptr},
+    {"shared", reinterpret_cast<getter>(session_shared), nullptr,
+     "a capsule of the reference-counted session, for the native front end", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 

@@ -48,6 +48,8 @@ from typing import Any, Final
 import grpc
 
 from edgewise.runtime.frontends.grpcio import status_of
+from edgewise.runtime.frontends.native.fast_path import FastPath
+from edgewise.runtime.frontends.native.fast_path import enabled as fast_path_enabled
 from edgewise.runtime.frontends.security import AuthInterceptor, Credential
 from edgewise.runtime.frontends.tls_stage import CHECK_SECONDS as TLS_CHECK_SECONDS
 from edgewise.runtime.frontends.tls_stage import TlsStage
@@ -116,6 +118,8 @@ class NativeFront:
         self.retry_after_ms = retry_after_ms
         self._front: Any = None
         self._tls: TlsStage | None = None
+        #: The fast path's control (fast_path.py), when it is on.
+        self.fast: FastPath | None = None
         # Work taken off the response's path (the monitor's statistics), run by :meth:`after`
         # once C++ has the answer on its way, in the context of the call that deferred it (its
         # labels, for the lines it logs). Appends and pops are atomic under the GIL.
@@ -133,6 +137,7 @@ class NativeFront:
         handlers: int,
         small_max_bytes: int = 64 * 1024,
         tls: TlsStage | None = None,
+        fast_path: bool | None = None,
     ) -> int:
         """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
         not answered here go to ``upstream`` (the grpc.aio server's address). ``handlers``
@@ -141,6 +146,8 @@ class NativeFront:
         over half a millisecond a call. Call it on the event loop that serves batch queues.
         With ``tls`` the port serves TLS, and with its client CA only to clients with a
         certificate that CA signed (mutual TLS); its files are watched from then on.
+        ``fast_path``: serve the common call in C++ without the GIL (fast_path.py; None: as
+        the environment's ``EDGEWISE_NATIVE_FAST_PATH`` says, off by default).
         Returns the bound port."""
         loop = asyncio.get_running_loop()
         self.core.attach(loop)
@@ -162,6 +169,20 @@ class NativeFront:
         )
         if tls is not None:
             tls.watch(loop)
+        if fast_path is None:
+            fast_path = fast_path_enabled()
+        if fast_path and getattr(module, "FAST_PATH", 0):
+            self.fast = FastPath(
+                self._front,
+                module,
+                self.core,
+                self.auth,
+                self.shedder,
+                self.core.dataplane.repository.session_settings,
+            )
+            self.fast.start()
+        elif fast_path:
+            log.warning("native fast path: the front end was built without it (no C API headers)")
         return int(self._front.port)
 
     def shutdown(self, grace: float) -> None:
@@ -171,6 +192,8 @@ class NativeFront:
             self._tls.stop()
         if self._front is not None:
             self._front.shutdown(grace)
+        if self.fast is not None:  # after the last call: the rings to the monitors, counts out
+            self.fast.stop()
 
     def in_flight(self) -> int:
         """ModelInfer calls the front end holds: being answered, or waiting in a batch queue."""

@@ -4,7 +4,8 @@
 
 Compiles ``_front.cc`` with the C++ compiler against the system's gRPC C++ library, found with
 pkg-config (Debian and Ubuntu: ``apt-get install libgrpc++-dev``), into this package's folder
-as ``_front`` (an extension module that records the digest of the source it was built from).
+as ``_front`` (an extension module that records the digest of the source it was built from),
+with the fast path (fast_path.py) where onnxruntime's C API headers can be had (see ``--ort``).
 Prints one line: the file written, or why nothing was built (exit status 1); without it the
 server serves with grpcio alone.
 
@@ -84,12 +85,17 @@ def _compile(
     return target
 
 
-def build(output_dir: Path | None = None) -> Path:
-    """Compile the front end; return the extension module's path."""
+def build(output_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile the front end (with the fast path where onnxruntime's C API headers can be had:
+    ``cache_dir``, default ``.build/``); return the extension module's path."""
     compiler = _compiler()
     libs = _pkg_config("--cflags", "--libs")
     target_dir = output_dir if output_dir is not None else SOURCE.parent
     flags = [f'-DEDGEWISE_FRONT_DIGEST="{source_digest()}"']
+    try:  # the fast path (fast_path.py) needs onnxruntime's C API headers; without them, none
+        flags += [f"-I{fetch_headers(cache_dir)}", "-DEDGEWISE_FAST"]
+    except HeadersError:
+        pass
     return _compile(compiler, SOURCE, "_front", target_dir, flags, libs)
 
 

@@ -9,8 +9,9 @@ checks every feed against the session (name, dtype, rank, fixed dimensions) with
 then releases the GIL for the whole of onnxruntime's run: threads running the same session run
 in parallel, and Python threads keep running meanwhile.
 
-Nothing serves through it yet; the native front end's request path will (decode in C++, run,
-encode; see docs/benchmarks.md, issue 26).
+The native front end's fast path (fast_path.py) serves through these sessions: C++ takes the
+session's reference-counted handle (:attr:`CapiSession.shared`, ort_shared.h) and runs it
+itself, without the GIL.
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ class CapiSession:
         self.inputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ports[0]
         self.outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ports[1]
         self.output_names: tuple[str, ...] = tuple(o[0] for o in self.outputs)
+
+    @property
+    def shared(self) -> object:
+        """The reference-counted session as a capsule, for the native front end's fast path
+        (fast_path.py); valid while this object lives (the front end takes its own reference)."""
+        return self._session.shared
 
     @property
     def running(self) -> int:
