@@ -1,7 +1,7 @@
 """The native front end against a bare C++ gRPC server, in one run: how far from the floor.
 
     .venv/bin/python benchmarks/native_floor.py [--rounds 5] [--seconds 3] [--old PYTHONPATH]
-                                                [--monitoring on|off]
+                                                [--monitoring on|off] [--fast]
 
 Builds suite.py's three models (a logistic regression, a 100-tree random forest and an MLP on 32
 features of scikit-learn's digits), serves them with ``edgewise serve --front-end native``
@@ -17,6 +17,11 @@ Prints one JSON line per (model, concurrency): the medians of p50, server CPU pe
 from /proc over the measurement window) and throughput for each server, and the medians of the
 per-round ratios: edgewise over the echo server (``ratio_new_vs_echo_*``), and with ``--old``
 old over echo and new over old.
+
+With ``--fast``, a third edgewise server (``fast``) serves the same models with the native
+front end's fast path on (``EDGEWISE_NATIVE_FAST_PATH=1``: runtime/frontends/native/fast_path.py;
+``new`` has it off, today's path), in the same alternating rounds, with the ratios fast over echo
+and fast over new.
 
 The echo server plus onnxruntime's C API (the compute floor served natively) is not built yet:
 it needs ``onnxruntime_c_api.h`` of the wheel's version, which the onnxruntime wheel does not
@@ -87,9 +92,12 @@ def one_row_answer(url: str, model: str) -> bytes:
     return answer
 
 
-def edgewise_server(site: str, repo: Path, port_file: Path, monitoring: str) -> Any:
+def edgewise_server(
+    site: str, repo: Path, port_file: Path, monitoring: str, fast: bool = False
+) -> Any:
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = site
+    os.environ["EDGEWISE_NATIVE_FAST_PATH"] = "1" if fast else "0"
     try:
         return serving.Server(
             [sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
@@ -98,6 +106,7 @@ def edgewise_server(site: str, repo: Path, port_file: Path, monitoring: str) -> 
             port_file,
         )  # fmt: skip
     finally:
+        os.environ.pop("EDGEWISE_NATIVE_FAST_PATH", None)
         if env_before is None:
             os.environ.pop("PYTHONPATH", None)
         else:
@@ -110,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--old", default="", help="PYTHONPATH of an older checkout to compare")
     parser.add_argument("--monitoring", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--fast", action="store_true", help="also serve with the native fast path on (fast)"
+    )
     args = parser.parse_args()
     if shutil.which("pkg-config") is None:
         sys.exit("native_floor: pkg-config not found (Debian: apt-get install libgrpc++-dev)")
@@ -119,11 +131,15 @@ def main() -> None:
     sites = {"new": str(PROJECT)}
     if args.old:
         sites["old"] = args.old
+    if args.fast:
+        sites["fast"] = str(PROJECT)
     servers: dict[tuple[str, str], Any] = {}  # (label, model) -> server; edgewise serves all
     processes: list[Any] = []
     try:
         for label, site in sites.items():
-            server = edgewise_server(site, work / "repo", work / f"{label}.port", args.monitoring)
+            server = edgewise_server(
+                site, work / "repo", work / f"{label}.port", args.monitoring, label == "fast"
+            )
             processes.append(server)
             for model in models:
                 servers[(label, model)] = server
@@ -150,6 +166,7 @@ def main() -> None:
         for server in processes:
             server.stop()
     pairs = [("new", "echo")] + ([("old", "echo"), ("new", "old")] if args.old else [])
+    pairs += [("fast", "echo"), ("fast", "new")] if args.fast else []
     for model in models:
         for concurrency in (1, 8):
             line: dict[str, Any] = {

@@ -20,6 +20,7 @@ Prints one line likewise; without it nothing else changes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -92,10 +93,9 @@ def build(output_dir: Path | None = None, cache_dir: Path | None = None) -> Path
     libs = _pkg_config("--cflags", "--libs")
     target_dir = output_dir if output_dir is not None else SOURCE.parent
     flags = [f'-DEDGEWISE_FRONT_DIGEST="{source_digest()}"']
-    try:  # the fast path (fast_path.py) needs onnxruntime's C API headers; without them, none
+    # The fast path (fast_path.py) needs onnxruntime's C API headers; without them, none.
+    with contextlib.suppress(HeadersError):
         flags += [f"-I{fetch_headers(cache_dir)}", "-DEDGEWISE_FAST"]
-    except HeadersError:
-        pass
     return _compile(compiler, SOURCE, "_front", target_dir, flags, libs)
 
 

@@ -89,7 +89,9 @@ OUTPUT_DATATYPES: Final = frozenset(
 )
 #: The largest request body the fast path takes while memory admission is on: one whose
 #: admission estimate cannot reach SMALL_REQUEST_BYTES (which admission never refuses).
-ADMISSION_MAX_BYTES: Final = SMALL_REQUEST_BYTES // (8 * REQUEST_MEMORY_FACTOR + TYPED_ELEMENT_BYTES)
+ADMISSION_MAX_BYTES: Final = SMALL_REQUEST_BYTES // (
+    8 * REQUEST_MEMORY_FACTOR + TYPED_ELEMENT_BYTES
+)
 
 
 def enabled() -> bool:
@@ -185,6 +187,8 @@ class FastPath:
             ["model", "version"],
             registry=registry,
         )
+        for reason in REASONS:  # every series shown from the start (a counter never empty)
+            self.fallbacks.labels(OTHER_LABEL, reason)
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -273,6 +277,11 @@ class FastPath:
         served = self._served.get(id(model))
         if served is not None or id(model) in self._refused:
             return served
+        # The version's series, shown from its load on (0: none of its calls was fast).
+        self.fast_calls.labels(model.name, model.version_str)
+        self.dropped.labels(model.name, model.version_str)
+        for reason in REASONS:
+            self.fallbacks.labels(model.name, reason)
         reason = ineligible(model)
         session: CapiSession | None = None
         if reason is None:
@@ -383,9 +392,7 @@ class FastPath:
         model = served.model
         delta = [now - before for now, before in zip(buckets, last_buckets, strict=True)]
         if any(delta):
-            self.metrics.add_answered(
-                model.name, model.version_str, delta, seconds - last_seconds
-            )
+            self.metrics.add_answered(model.name, model.version_str, delta, seconds - last_seconds)
             self.fast_calls.labels(model.name, model.version_str).inc(sum(delta))
         for reason, now, before in zip(REASONS, fallbacks, last_fallbacks, strict=True):
             if now > before:
