@@ -12,6 +12,7 @@ arrived). Every verdict is written to the store (a model tag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from edgewise.runtime.store.lineage import utc_now
 __all__ = [
     "Decision",
     "Progressive",
+    "RolloutAborted",
     "RolloutStopped",
     "Snapshot",
     "histogram_quantile",
@@ -49,6 +52,15 @@ _POLL_SECONDS = 0.2
 class RolloutStopped(Exception):
     """The agent was asked to stop in the middle of a step: the candidate is out of traffic, no
     verdict is recorded and nothing is refused (the next start begins the rollout again)."""
+
+
+class RolloutAborted(Exception):
+    """The rollout was aborted from outside (``edgewise rollback`` while it runs): the candidate
+    is out of traffic; the agent records the abort (:meth:`Progressive.abort`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -172,6 +184,7 @@ class Progressive:
         metrics_url: Callable[[], str | None],
         registry: CollectorRegistry,
         wait: Callable[[float], bool],
+        guard: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.client = client
         self.store = store
@@ -180,6 +193,11 @@ class Progressive:
         self.node = node
         self.metrics_url = metrics_url
         self.wait = wait  # sleep up to n seconds; True when the agent is stopping
+        # Held around each change of the candidate's traffic: raises RolloutAborted when the
+        # rollout was aborted meanwhile (the agent's state lock, held for the change only).
+        self.guard = guard
+        # The step the last run reached: (index, description, epoch seconds it began).
+        self.reached: tuple[int, str, float] | None = None
         self.step_gauge = Gauge(
             "edgewise_agent_rollout_step",
             "The policy step the candidate is in (1-based; 0: no rollout running).",
@@ -187,11 +205,11 @@ class Progressive:
         )
         self.decisions = Counter(
             "edgewise_agent_rollout_decisions",
-            "Rollout verdicts by outcome (pass, fail, promote).",
+            "Rollout verdicts by outcome (pass, fail, promote; abort: edgewise rollback).",
             ["verdict"],
             registry=registry,
         )
-        for verdict in ("pass", "fail", "promote"):
+        for verdict in ("pass", "fail", "promote", "abort"):
             self.decisions.labels(verdict)
 
     # ---- the steps -----------------------------------------------------------------------------
@@ -201,13 +219,16 @@ class Progressive:
         the default, then calls :meth:`finish`), else why it failed (it is out of traffic).
         Raises :class:`RolloutStopped` when the agent stops meanwhile (out of traffic too)."""
         client, model = self.client, self.model
-        # What an earlier attempt left (an agent stopped mid-rollout): start from nothing.
-        client.set_traffic_split(model, [])
-        client.set_shadow(model, "")
-        client.set_version_label(model, "stable", str(stable))
-        client.set_version_label(model, "canary", str(candidate))
+        self.reached = None
         try:
+            with self.guard():
+                # What an earlier attempt left (an agent stopped mid-rollout): start from nothing.
+                client.set_traffic_split(model, [])
+                client.set_shadow(model, "")
+                client.set_version_label(model, "stable", str(stable))
+                client.set_version_label(model, "canary", str(candidate))
             for index, step in enumerate(policy.steps):
+                self.reached = (index, step.describe(), time.time())
                 self.step_gauge.set(index + 1)
                 reasons, evidence = self._step(policy, step, stable, candidate)
                 verdict = "fail" if reasons else "pass"
@@ -221,6 +242,18 @@ class Progressive:
             self.withdraw(stable, candidate)
             raise
         return ""
+
+    def abort(self, stable: int, candidate: int, reason: str, evidence: dict[str, Any]) -> bool:
+        """Record an abort from outside (out of traffic already): its decision in the store with
+        ``evidence``, counted in the decisions' ``abort`` verdict; False when the store could not
+        take it (nothing counted: the caller tries again)."""
+        self.step_gauge.set(0)
+        step = evidence.get("step")
+        index = step - 1 if isinstance(step, int) and step > 0 else 0
+        description = str(evidence.get("step_description", "before the steps"))
+        return self._record(
+            None, index, description, stable, candidate, "abort", (reason,), evidence, "abort"
+        )
 
     def finish(self, policy: RolloutPolicy, stable: int, candidate: int) -> None:
         """After the switch: no split or shadow, ``stable`` names the candidate."""
@@ -252,14 +285,15 @@ class Progressive:
     ) -> tuple[list[str], dict[str, Any]]:
         analysis = policy.analysis
         url = self.metrics_url()
-        if step.mode == "shadow":
-            self.client.set_shadow(self.model, str(candidate), step.rate)
-        elif step.mode == "label":  # only the clients that ask for "canary"
-            self.client.set_traffic_split(self.model, [])
-            self.client.set_shadow(self.model, "")
-        else:
-            weights = [(str(stable), 100 - step.weight), (str(candidate), step.weight)]
-            self.client.set_traffic_split(self.model, weights, policy.sticky_key)
+        with self.guard():
+            if step.mode == "shadow":
+                self.client.set_shadow(self.model, str(candidate), step.rate)
+            elif step.mode == "label":  # only the clients that ask for "canary"
+                self.client.set_traffic_split(self.model, [])
+                self.client.set_shadow(self.model, "")
+            else:
+                weights = [(str(stable), 100 - step.weight), (str(candidate), step.weight)]
+                self.client.set_traffic_split(self.model, weights, policy.sticky_key)
         before = scrape(url, self.model) if url and step.mode != "shadow" else None
         started = time.monotonic()
         if self.wait(step.seconds):
@@ -392,7 +426,7 @@ class Progressive:
 
     def _record(
         self,
-        policy: RolloutPolicy,
+        policy: RolloutPolicy | None,
         index: int,
         description: str,
         stable: int,
@@ -400,7 +434,10 @@ class Progressive:
         verdict: str,
         reasons: list[str] | tuple[str, ...],
         evidence: dict[str, Any],
-    ) -> None:
+        key_suffix: str = "",
+    ) -> bool:
+        """Record a verdict in the store and count it; False (nothing counted) when the store
+        refused an abort, which its caller retries (any other verdict stands and is counted)."""
         decision = Decision(
             self.node,
             self.model,
@@ -414,6 +451,15 @@ class Progressive:
             evidence,
             utc_now(),
         )
+        key = f"{DECISION_PREFIX}{self.node}.{candidate}.{key_suffix or f'{index:02d}'}"
+        try:
+            self.store.set_model_tag(
+                self.model, key, json.dumps(decision.to_json(), sort_keys=True)
+            )
+        except EdgewiseError as exc:  # the verdict stands (an abort is tried again)
+            log.error("model %s: recording a rollout decision: %s", self.model, exc)
+            if verdict == "abort":
+                return False
         self.decisions.labels(verdict).inc()
         log.info(
             "model %s version %d: rollout %s %s%s",
@@ -423,10 +469,4 @@ class Progressive:
             verdict,
             f": {'; '.join(reasons)}" if reasons else "",
         )
-        key = f"{DECISION_PREFIX}{self.node}.{candidate}.{index:02d}"
-        try:
-            self.store.set_model_tag(
-                self.model, key, json.dumps(decision.to_json(), sort_keys=True)
-            )
-        except EdgewiseError as exc:  # the verdict stands; the store hears of it next time
-            log.error("model %s: recording a rollout decision: %s", self.model, exc)
+        return True

@@ -29,6 +29,7 @@ __all__ = [
     "AgentState",
     "Deployed",
     "Rejection",
+    "Rollout",
     "StateFile",
     "Watch",
 ]
@@ -126,6 +127,44 @@ class Watch:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A version on its way to the default: installed, loaded, through its policy's steps, not
+    yet switched to. Recorded while the agent works without the state lock (loading, the steps'
+    waits), so that ``edgewise rollback`` can abort it: ``aborted`` is then why ("manual"), the
+    candidate is out of traffic and refused, and the agent, seeing it, ends the rollout (its
+    decision, its metrics) instead of switching."""
+
+    version: int
+    sha256: str
+    stable: int | None  # the version serving meanwhile (None: nothing served before)
+    since: float  # epoch seconds
+    aborted: str | None = None
+    aborted_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sha256": self.sha256,
+            "stable": self.stable,
+            "since": self.since,
+            "aborted": self.aborted,
+            "aborted_at": self.aborted_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rollout:
+        stable, aborted = data.get("stable"), data.get("aborted")
+        return cls(
+            int(data["version"]),
+            str(data["sha256"]),
+            None if stable is None else int(stable),
+            float(data["since"]),
+            None if aborted is None else str(aborted),
+            str(data.get("aborted_at", "")),
+        )
+
+
+@dataclass(frozen=True)
 class AgentState:
     model: str
     deployed: Deployed | None = None  # the server's default version, as the agent set it
@@ -137,6 +176,7 @@ class AgentState:
     # The highest version the agent ever made the server's default (rollback protection: a
     # lower one is refused unless the rollback is explicit). None: as the other fields say.
     highest_served: int | None = None
+    rollout: Rollout | None = None  # a version on its way (see Rollout)
 
     @property
     def served_floor(self) -> int | None:
@@ -178,6 +218,7 @@ class AgentState:
             "watch": None if self.watch is None else self.watch.to_json(),
             "updated_at": self.updated_at,
             "highest_served": self.highest_served,
+            "rollout": None if self.rollout is None else self.rollout.to_json(),
         }
 
     @classmethod
@@ -185,10 +226,11 @@ class AgentState:
         if data.get("format") != STATE_FORMAT:
             raise PackageError(f"agent state: unknown format {data.get('format')!r}")
         try:
-            deployed, last_good, watch = (
+            deployed, last_good, watch, rollout = (
                 data.get("deployed"),
                 data.get("last_good"),
                 data.get("watch"),
+                data.get("rollout"),
             )
             return cls(
                 model=validate_model_name(str(data["model"])),
@@ -199,6 +241,7 @@ class AgentState:
                 watch=None if watch is None else Watch.from_json(watch),
                 updated_at=str(data.get("updated_at", "")),
                 highest_served=_optional_version(data.get("highest_served")),
+                rollout=None if rollout is None else Rollout.from_json(rollout),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PackageError(f"agent state: malformed: {type(exc).__name__}: {exc}") from None

@@ -60,6 +60,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
@@ -69,8 +70,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgewise.runtime._fs import fsync_dir, write_text_atomic
 from edgewise.runtime.agent.policy import DECISION_PREFIX, RolloutPolicy, read_policy
-from edgewise.runtime.agent.progressive import Decision, Progressive, RolloutStopped
-from edgewise.runtime.agent.state import AgentState, Deployed, Rejection, StateFile, Watch
+from edgewise.runtime.agent.progressive import (
+    Decision,
+    Progressive,
+    RolloutAborted,
+    RolloutStopped,
+)
+from edgewise.runtime.agent.state import (
+    AgentState,
+    Deployed,
+    Rejection,
+    Rollout,
+    StateFile,
+    Watch,
+)
 from edgewise.runtime.agent.waves import wave_wait
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
 from edgewise.runtime.config.settings import server_metrics_port
@@ -209,6 +222,11 @@ class AgentMetrics:
         )
         self.target = Gauge(
             "edgewise_agent_target_version", "Version the alias names (last poll).", registry=r
+        )
+        self.rolling = Gauge(
+            "edgewise_agent_rollout_version",
+            "Version on its way to the default (loading, in its policy's steps; 0: none).",
+            registry=r,
         )
         self.polls = Counter("edgewise_agent_polls", "Polls by result.", ["result"], registry=r)
         self.deploys = Counter(
@@ -488,6 +506,8 @@ class Agent:
         self._watching = False
         self._wave_seen: tuple[int, float] | None = None  # (version, when first seen)
         self._rollback_refused: tuple[int, str] | None = None  # counted once per target
+        self._rolling: int | None = None  # the version this agent is rolling out (no lock held)
+        self._abort_evidence: dict[str, object] = {}  # where the rollout was when aborted
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
         # The alias's rollout policy, when it has one (docs/rollout.md).
         self.progressive = Progressive(
@@ -499,6 +519,7 @@ class Agent:
             lambda: settings.metrics_url,
             self.metrics.registry,
             self._wait,
+            self._guard,
         )
         self.trusted: TrustedKeys | None = None
         if settings.trusted_keys is not None:
@@ -512,8 +533,37 @@ class Agent:
 
     def _wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the agent is stopping (reads the event of the
-        moment: :meth:`run` replaces it with the caller's)."""
-        return self._stop.wait(seconds)
+        moment: :meth:`run` replaces it with the caller's). During a rollout, the state file is
+        read every 0.1 s meanwhile (no lock): :class:`RolloutAborted` when it was aborted."""
+        if self._rolling is None:
+            return self._stop.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while True:
+            self._check_abort(self.state_file.read())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._stop.wait(min(left, 0.1)):
+                return True
+
+    def _check_abort(self, state: AgentState) -> None:
+        """:class:`RolloutAborted` when the rollout this agent runs was aborted (its record says
+        so, or is gone)."""
+        if self._rolling is None:
+            return
+        rollout = state.rollout
+        if rollout is None or rollout.version != self._rolling:
+            raise RolloutAborted("the rollout's record is gone from the state file")
+        if rollout.aborted is not None:
+            raise RolloutAborted(rollout.aborted)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """The state lock around one change of the candidate's traffic, which happens only if
+        the rollout was not aborted (``edgewise rollback`` takes the same lock)."""
+        with self.state_file.locked():
+            self._check_abort(self._read_state())
+            yield
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -583,6 +633,8 @@ class Agent:
         self._watching = False
         try:
             state = self._read_state()  # publishes what another process (rollback) changed
+            if state.rollout is not None:  # aborted, or left by an agent that died meanwhile
+                state = self._settle_rollout(state.rollout.version)
             if state.watch is not None:
                 state = self._watch_step(state)
                 self._watching = state.watch is not None
@@ -661,6 +713,9 @@ class Agent:
     def _publish_state(self, state: AgentState) -> None:
         self.metrics.deployed.set(state.deployed.version if state.deployed else 0)
         self.metrics.last_good.set(state.last_good.version if state.last_good else 0)
+        rollout = state.rollout
+        running = rollout is not None and rollout.aborted is None
+        self.metrics.rolling.set(rollout.version if rollout is not None and running else 0)
 
     def _publish_health(self) -> None:
         healthy = self.failures == 0 and self.health in ("ok", "watching")
@@ -839,20 +894,34 @@ class Agent:
     def _reconcile(self, state: AgentState) -> None:
         """Make the server's default the deployed version again if it drifted (e.g. after a
         server restart mid-watch)."""
-        if state.deployed is None:
+        if state.deployed is None or self._default_is(state.deployed.version):
             return
-        name, version = self.settings.model, state.deployed.version
-        statuses = [s for s in self.client.repository_index() if s.name == name]
-        default = next((s for s in statuses if s.is_default and s.state == "READY"), None)
-        if default is not None and default.version == str(version):
-            return
-        log.warning(
-            "model %s: the server's default is %s, not version %d; switching it back",
-            name,
-            default.version if default else "nothing",
-            version,
+        # Checked again under the lock: the state read before it may predate an
+        # `edgewise rollback` that switched the default meanwhile (not to be switched back).
+        with self.state_file.locked():
+            state = self._read_state()
+            if state.deployed is None:
+                return
+            name, version = self.settings.model, state.deployed.version
+            statuses = [s for s in self.client.repository_index() if s.name == name]
+            default = next((s for s in statuses if s.is_default and s.state == "READY"), None)
+            if default is not None and default.version == str(version):
+                return
+            log.warning(
+                "model %s: the server's default is %s, not version %d; switching it back",
+                name,
+                default.version if default else "nothing",
+                version,
+            )
+            self._load(version, make_default=True)
+
+    def _default_is(self, version: int) -> bool:
+        """The server's default version of the model is ``version`` (and ready)."""
+        name = self.settings.model
+        return any(
+            s.name == name and s.is_default and s.state == "READY" and s.version == str(version)
+            for s in self.client.repository_index()
         )
-        self._load(version, make_default=True)
 
     def _load(self, version: int, make_default: bool) -> None:
         """Load ``version`` on the server; ``make_default``: its default until it restarts, not
@@ -883,7 +952,8 @@ class Agent:
                     f"not ready on the server {self.settings.load_timeout:g} s after loading",
                     kind="load",
                 )
-            time.sleep(delay)
+            if self._wait(delay):
+                raise _Stopped()
             delay = min(delay * 2, 0.5)
 
     def _golden_on_server(self, folder: Path, version: int) -> int:
@@ -1003,6 +1073,9 @@ class Agent:
                 validation.golden_requests,
                 "passed locally" if validation.local_load_seconds is not None else "to check",
             )
+            # The state lock is held for the state's changes only, never across the load,
+            # the golden requests or the steps' waits: the rollout is recorded in the state
+            # (edgewise rollback aborts it there) and checked at each change of traffic.
             with self.state_file.locked():
                 state = self._read_state()
                 self.phase = "installing"
@@ -1013,23 +1086,29 @@ class Agent:
                         _remove_tree(final)  # same number, different content: replaced
                     os.rename(staging, final)
                     fsync_dir(self.model_dir)
-                self.phase = "loading"
                 self._write_config(state, extra=version)
-                self._load(version, make_default=False)
-                self._wait_ready(version)
-                checked = self._golden_on_server(final, version)
                 previous = state.deployed.version if state.deployed else None
-                policy = self._rollout_policy(previous, version)
-                if policy is not None and previous is not None and policy.steps:
-                    self.phase = "rollout"
-                    try:
-                        failed = self.progressive.run(policy, previous, version)
-                    except RolloutStopped:
-                        raise _Stopped() from None  # no verdict, nothing refused
-                    if failed:
-                        self.metrics.rollbacks.labels("rollout").inc()
-                        raise _Refused(failed, kind="rollout")
-                rolled = policy is not None and previous is not None and bool(policy.steps)
+                rollout = Rollout(version, record.model_sha256, previous, time.time())
+                state = self._save(replace(state, rollout=rollout))
+            self._rolling = version
+            self.phase = "loading"
+            self._load(version, make_default=False)
+            self._wait_ready(version)
+            checked = self._golden_on_server(final, version)
+            policy = self._rollout_policy(previous, version)
+            rolled = policy is not None and previous is not None and bool(policy.steps)
+            if policy is not None and previous is not None and rolled:
+                self.phase = "rollout"
+                try:
+                    failed = self.progressive.run(policy, previous, version)
+                except RolloutStopped:
+                    raise _Stopped() from None  # no verdict, nothing refused
+                if failed:
+                    self.metrics.rollbacks.labels("rollout").inc()
+                    raise _Refused(failed, kind="rollout")
+            with self.state_file.locked():
+                state = self._read_state()
+                self._check_abort(state)  # a rollback meanwhile: no switch
                 try:
                     baseline, blind = self._baseline()
                     self.phase = "switching"
@@ -1040,9 +1119,10 @@ class Agent:
                     if rolled and previous is not None:  # no canary route outlives the switch
                         self.progressive.withdraw(previous, version)
                     raise
+                self._rolling = None
                 now_iso = utc_now()
                 item = Deployed(version, record.model_sha256, now_iso)
-                state = state.serving(item)
+                state = replace(state.serving(item), rollout=None)
                 if self.settings.watch_seconds > 0 and previous is not None:
                     state = replace(
                         state,
@@ -1070,6 +1150,16 @@ class Agent:
                 version,
                 checked,
             )
+        except RolloutAborted:
+            reached = self.progressive.reached if self.phase == "rollout" else None
+            self._abort_evidence = {"phase": self.phase}
+            if reached is not None:
+                index, description, began = reached
+                self._abort_evidence.update(
+                    step=index + 1,
+                    step_description=description,
+                    step_seconds=round(time.time() - began, 3),
+                )
         except _Refused as refused:
             self._refuse(record, refused)
         except ArtifactCorrupt as exc:
@@ -1084,7 +1174,10 @@ class Agent:
                 )
             self._refuse(record, _Refused(exc.message, kind="invalid"))
         finally:
+            self._rolling = None
             self.phase = "idle"
+            if self.state_file.read().rollout is not None:
+                self._settle_rollout(version, withdraw=False)  # (the steps withdrew it)
 
     def _rollout_policy(self, previous: int | None, version: int) -> RolloutPolicy | None:
         """The alias's rollout policy when ``version`` replaces a served one (None: the switch
@@ -1132,6 +1225,58 @@ class Agent:
             f"version {state.deployed.version}" if state.deployed else "the server",
         )
         self._maybe_report(force=True)
+
+    def _settle_rollout(self, version: int, withdraw: bool = True) -> AgentState:
+        """End the rollout of ``version`` recorded in the state while none runs. An aborted one
+        (``edgewise rollback``): its decision goes to the store with its evidence (a store that
+        cannot take it leaves the record, tried again at the next poll), counted
+        (``edgewise_agent_rollbacks{reason}``, ``edgewise_agent_deploys{rolled_back}``), the
+        candidate unloaded and refused. Any other (the agent stopped or failed mid-way, or died):
+        cleared, the candidate out of traffic (``withdraw``: the steps had not done it)."""
+        with self.state_file.locked():
+            state = self._read_state()
+            rollout = state.rollout
+            if rollout is None or rollout.version != version:
+                return state
+            stable = rollout.stable
+            if rollout.aborted is None:
+                if withdraw and stable is not None:
+                    self.progressive.withdraw(stable, version)
+                return self._save(replace(state, rollout=None))
+            reason = rollout.aborted
+            evidence: dict[str, object] = {
+                "by": "edgewise rollback",
+                "aborted_at": rollout.aborted_at,
+                "rollout_seconds": round(time.time() - rollout.since, 3),
+                "stable": stable,
+                "sha256": rollout.sha256,
+                **self._abort_evidence,
+            }
+            if not self.progressive.abort(stable or 0, version, reason, evidence):
+                return state  # the store did not take the decision: tried again next poll
+            self._abort_evidence = {}
+            serving = state.deployed is not None and state.deployed.version == version
+            if not serving:
+                with contextlib.suppress(EdgewiseError):
+                    self.client.unload_model(self.settings.model, str(version))
+                if not any(d.version == version for d in state.good):
+                    _remove_tree(self.model_dir / str(version))
+            if state.rejection(version, rollout.sha256) is None:
+                state = state.reject(Rejection(version, rollout.sha256, reason, utc_now()))
+            # Counted with the state's change (a reader of the state sees the counts).
+            self.metrics.rollbacks.labels(reason).inc()
+            self.metrics.deploys.labels("rolled_back").inc()
+            self._set_health(
+                "degraded",
+                f"version {version} rolled back ({reason}): its rollout was aborted; "
+                f"version {stable} serves",
+            )
+            state = self._save(replace(state, rollout=None))
+            self._write_config(state)
+        self._said = self.detail
+        log.error("model %s: %s", self.settings.model, self.detail)
+        self._maybe_report(force=True)
+        return state
 
     # ---- after the switch ------------------------------------------------------------------------
 
@@ -1386,6 +1531,43 @@ def rollback_locked(
     return state
 
 
+def abort_rollout_locked(
+    client: EdgewiseClient, state_file: StateFile, state: AgentState, reason: str
+) -> AgentState:
+    """Abort the rollout the state records (the state lock must be held): the candidate is
+    refused with ``reason`` and marked aborted in the state (the agent, at its next check of
+    the rollout, ends it: its decision, its metrics, the unload), then taken out of traffic at
+    once (no split, no shadow, ``canary`` names the stable version; the default never left
+    it). Aborting an aborted rollout takes it out of traffic again and changes nothing else.
+    :class:`EdgewiseError` when the server cannot be reached for that (the abort stands: the
+    agent takes the candidate out of traffic itself)."""
+    rollout = state.rollout
+    if rollout is None or rollout.stable is None:
+        raise InvalidInput(f"model {state.model!r}: no rollout to abort")
+    name = state.model
+    if rollout.aborted is None:
+        at = utc_now()
+        state = state.reject(Rejection(rollout.version, rollout.sha256, reason, at, None))
+        aborted = replace(rollout, aborted=reason, aborted_at=at)
+        state = replace(state, rollout=aborted, updated_at=at)
+        state_file.write(state)
+    undo: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+        (client.set_traffic_split, (name, [])),
+        (client.set_shadow, (name, "")),
+        (client.set_version_label, (name, "canary", str(rollout.stable))),
+    ]
+    for call, args in undo:
+        try:
+            call(*args)
+        except EdgewiseError as exc:
+            raise EdgewiseError(
+                f"model {name!r}: the rollout of version {rollout.version} is aborted, but the "
+                f"server could not take it out of traffic ({exc.message}); the agent does at "
+                "its next check"
+            ) from None
+    return state
+
+
 def pin_versions(model_dir: Path, versions: tuple[int, ...], default: int) -> None:
     """Pin ``config.json``'s ``version_policy`` (these versions) and ``default_version``,
     keeping every other section as it is (monitoring, capture, ...: what a package signature
@@ -1416,11 +1598,21 @@ def rollback(
     reason: str = "rolled back by hand",
 ) -> tuple[int, int]:
     """``edgewise rollback``: from the deployed version to ``to`` (default: the last good one
-    before it). Returns ``(from, to)``."""
+    before it). Returns ``(from, to)``. While a rollout runs (a candidate on its way, not yet
+    the default) the candidate is what goes back: the rollout is aborted (:func:`abort_rollout`)
+    and ``to``, if given, must be the stable version."""
     validate_model_name(name)
     state_file = StateFile.for_repo(repo, name, state_dir)
     # Refused before the lock, which would create the state folder and its lock file.
-    if state_file.read().deployed is None:
+    first = state_file.read()
+    running = first.rollout is not None and first.rollout.stable is not None
+    if running and to is not None and first.rollout and to != first.rollout.stable:
+        raise EdgewiseError(
+            f"model {name!r}: version {first.rollout.version} is being rolled out; a rollback "
+            f"aborts it and goes back to the stable version {first.rollout.stable} (--to "
+            f"{to} is another)"
+        )
+    if first.deployed is None:
         raise EdgewiseError(
             f"model {name!r}: the agent's state ({state_file.path}) records no deployed version"
         )
@@ -1428,6 +1620,10 @@ def rollback(
         raise EdgewiseError(f"model {name!r}: version {to} is not on disk in {repo / name}")
     with state_file.locked():
         state = state_file.read()
+        rollout = state.rollout
+        if rollout is not None and rollout.stable is not None and to in (None, rollout.stable):
+            abort_rollout_locked(client, state_file, state, "manual")
+            return rollout.version, rollout.stable
         if state.deployed is None:  # (only a state file that vanished since gets here)
             raise EdgewiseError(f"model {name!r}: the agent's state records no deployed version")
         bad = state.deployed.version

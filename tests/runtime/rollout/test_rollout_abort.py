@@ -1,0 +1,193 @@
+"""`edgewise rollback` while a rollout runs, on a real server with a real agent (in a thread, as
+its process runs it) and the real CLI: the candidate goes back, not the stable version. The
+running rollout stops, traffic returns to the stable version at once with no failed client
+request, the candidate is refused with the reason "manual", the abort is recorded in the store
+with its evidence and counted in the agent's metrics; the state lock is free during the steps'
+waits (a reader or a rollback never waits for a rollout)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgewise.runtime.agent.policy import parse_policy, write_policy
+from edgewise.runtime.agent.progressive import read_decisions
+from edgewise.runtime.cli.main import main
+from edgewise.runtime.store.register import register
+from tests.runtime.rollout.helpers import add_version
+from tests.runtime.rollout.test_rollout_agent import Clients
+from tests.runtime.store.agent_rig import Rig, gauge, served_default
+from tests.runtime.store.helpers import copy_package, logreg_v1, wait_for
+from tests.servers import RunningServer
+
+# A canary step that lasts until it is aborted (the test's rollback ends it).
+LONG_CANARY = {
+    "steps": [{"mode": "canary", "weight": 50, "seconds": 600}],
+    "analysis": {"min_requests": 1, "max_wait_seconds": 600, "fail_on_drift": False},
+}
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packages")
+    return {"v1": logreg_v1(root / "v1"), "good": add_version(root / "good", "good", 1)}
+
+
+@pytest.fixture
+def rig(
+    edge: tuple[Path, RunningServer], packages: dict[str, Path], tmp_path: Path
+) -> Iterator[Rig]:
+    repo, server = edge
+    made = Rig(server, repo, tmp_path / "rig", (packages["v1"],))
+    yield made
+    made.close()
+
+
+class AgentThread:
+    """The agent's loop in a thread (its process's main loop), stopped as SIGTERM does."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.agent = rig.start_agent()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,))
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+def _metric(rig: Rig, name: str, **labels: str) -> float:
+    assert rig.agent is not None
+    return gauge(rig.agent.metrics, name, **labels) or 0.0
+
+
+def test_a_rollback_during_a_canary_aborts_the_candidate(
+    rig: Rig, packages: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.register(0)
+    rig.start_agent().run_once()
+    assert served_default(rig.client, rig.name) == 1
+    rig.client.set_version_label(rig.name, "canary", "1")
+    assert rig.publisher is not None
+    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
+    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
+    assert register(rig.publisher, candidate, alias="production").record.version == 2
+
+    traffic = Clients(rig.server.target, rig.name, rig.packages[0])
+    traffic.start()
+    running = AgentThread(rig)
+    try:
+        # The canary answers part of the traffic: the rollout is in its step.
+        wait_for(lambda: "2" in traffic.versions, 60, "the canary answering clients")
+        assert _metric(rig, "edgewise_agent_rollout_step") == 1
+        assert _metric(rig, "edgewise_agent_rollout_version") == 2
+        state = rig.state()
+        assert state.rollout is not None and state.rollout.version == 2
+        assert state.deployed is not None and state.deployed.version == 1
+        # The step waits without the state lock: another process takes it (a reader, a
+        # rollback would) while the rollout runs; a lock held would fail this after 5 s.
+        with rig.state_file.locked(timeout=5.0):
+            pass
+
+        capsys.readouterr()
+        code = main(["rollback", rig.name, "--repo", str(rig.repo), "--server", rig.server.target])
+        assert code == 0
+        assert "from version 2 to version 1" in capsys.readouterr().out
+        mark = len(traffic.versions)
+        # Out of traffic at once: no split, no shadow, "canary" names the stable version.
+        rollout = rig.client.get_rollout(rig.name)
+        assert not rollout.weights and not rollout.shadow_version
+        assert dict(rollout.labels)["canary"] == "1"
+        assert served_default(rig.client, rig.name) == 1
+        wait_for(lambda: len(traffic.versions) > mark + 50, 60, "client traffic after it")
+        # (the one request that may have been in flight at the rollback aside)
+        assert set(traffic.versions[mark + 1 :]) == {"1"}
+
+        # The agent ends the rollout: its decision, its metrics, the candidate unloaded.
+        wait_for(lambda: rig.state().rollout is None, 60, "the agent ending the rollout")
+        assert rig.publisher is not None
+        decisions = read_decisions(rig.publisher, rig.name)
+        abort = decisions[-1]
+        assert abort["verdict"] == "abort" and abort["reasons"] == ["manual"]
+        assert abort["candidate"] == 2 and abort["stable"] == 1
+        evidence: dict[str, Any] = abort["evidence"]
+        assert evidence["by"] == "edgewise rollback" and evidence["step"] == 1
+        assert evidence["step_description"] == "canary 50 % for 600 s"
+        assert evidence["phase"] == "rollout" and evidence["aborted_at"]
+        assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+        assert _metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 1
+        assert _metric(rig, "edgewise_agent_rollout_decisions_total", verdict="abort") == 1
+        assert _metric(rig, "edgewise_agent_rollout_step") == 0
+        assert _metric(rig, "edgewise_agent_rollout_version") == 0
+        state = rig.state()
+        assert state.deployed is not None and state.deployed.version == 1
+        assert state.rejected[-1].version == 2 and state.rejected[-1].reason == "manual"
+        assert not (rig.repo / rig.name / "2").exists()
+        wait_for(
+            lambda: (
+                {
+                    s.version
+                    for s in rig.client.repository_index()
+                    if s.name == rig.name and s.state == "READY"
+                }
+                == {"1"}
+            ),
+            30,
+            "the candidate unloaded",
+        )
+        # The alias still names version 2: the agent keeps it refused, version 1 serves.
+        assert rig.agent is not None
+        polls = _metric(rig, "edgewise_agent_polls_total", result="ok")
+        wait_for(
+            lambda: _metric(rig, "edgewise_agent_polls_total", result="ok") > polls + 2,
+            30,
+            "more polls",
+        )
+        assert served_default(rig.client, rig.name) == 1
+        assert rig.agent.health == "degraded" and "refused: manual" in rig.agent.detail
+    finally:
+        running.stop()
+        traffic.stop()
+    assert traffic.failures == [], traffic.failures[:3]
+
+    # With no rollout running, a rollback is as before: the deployed version goes back (here
+    # there is no earlier good version: refused, nothing changed).
+    before = rig.state_file.path.read_bytes()
+    code = main(["rollback", rig.name, "--repo", str(rig.repo), "--server", rig.server.target])
+    err = capsys.readouterr().err
+    assert code != 0 and "no earlier good version" in err and len(err.strip().splitlines()) == 1
+    assert rig.state_file.path.read_bytes() == before
+
+
+def test_a_rollback_to_another_version_during_a_rollout_is_refused(
+    rig: Rig, packages: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rig.register(0)
+    rig.start_agent().run_once()
+    assert rig.publisher is not None
+    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
+    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
+    register(rig.publisher, candidate, alias="production")
+    running = AgentThread(rig)
+    try:
+        wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
+        before = rig.state_file.path.read_bytes()
+        argv = ["rollback", rig.name, "--repo", str(rig.repo), "--server", rig.server.target]
+        capsys.readouterr()
+        assert main([*argv, "--to", "2"]) != 0
+        err = capsys.readouterr().err
+        assert "being rolled out" in err and len(err.strip().splitlines()) == 1
+        assert rig.state_file.path.read_bytes() == before  # refused: nothing changed
+        split = {w.version: w.weight for w in rig.client.get_rollout(rig.name).weights}
+        assert split == {"1": 50, "2": 50}
+        assert main([*argv, "--to", "1"]) == 0  # the stable version: the abort
+        wait_for(lambda: rig.state().rollout is None, 60, "the agent ending the rollout")
+        assert not rig.client.get_rollout(rig.name).weights
+    finally:
+        running.stop()
