@@ -481,7 +481,11 @@ def _add_rollback(sub: Subparsers) -> None:
         help="switch a server back to the previous good version",
         description="Switch the server's default version of NAME back to the last good version "
         "before the deployed one (or --to VERSION), pin it, and record the deployed version as "
-        "refused so the agent does not deploy it again until the alias names another version.",
+        "refused so the agent does not deploy it again until the alias names another version. "
+        "While the agent rolls a new version out (docs/rollout.md), the candidate is what goes "
+        "back: the rollout is aborted, traffic returns to the stable version at once and the "
+        "candidate is refused with the reason 'manual' (--to, if given, must name the stable "
+        "version).",
     )
     p.add_argument("name")
     p.add_argument("--repo", type=Path, required=True, help="the server's model repository")
