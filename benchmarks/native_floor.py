@@ -23,9 +23,10 @@ front end's fast path on (``EDGEWISE_NATIVE_FAST_PATH=1``: runtime/frontends/nat
 ``new`` has it off, today's path), in the same alternating rounds, with the ratios fast over echo
 and fast over new.
 
-The echo server plus onnxruntime's C API (the compute floor served natively) is not built yet:
-it needs ``onnxruntime_c_api.h`` of the wheel's version, which the onnxruntime wheel does not
-ship (see docs/benchmarks.md).
+The echo server plus onnxruntime's C API (``echo_ort``: native_echo_ort.cc, the compute floor
+served natively: the model run once per call on one row, then the canned answer) is built too
+where the C API headers can be had (ort_headers.py fetches them, pinned), with the ratios of
+each edgewise server over it (``ratio_*_vs_echo_ort_*``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ def build_echo(work: Path) -> Path:
     subprocess.run(
         [compiler, "-O2", "-std=c++17", str(HERE / "echo_server.cc"), "-o", str(binary),
          *shlex.split(flags)],
+        check=True,
+    )  # fmt: skip
+    return binary
+
+
+def build_echo_ort(work: Path) -> Path | None:
+    """Compile native_echo_ort.cc (the echo server plus onnxruntime's C API); None when the C
+    API headers cannot be had here."""
+    from edgewise.runtime.frontends.native.ort_headers import HeadersError, fetch_headers
+
+    try:
+        include = fetch_headers()
+    except HeadersError as exc:
+        print(f"native_floor: no echo_ort ({exc})", file=sys.stderr)
+        return None
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "grpc++"], check=True, capture_output=True, text=True
+    ).stdout
+    binary = work / "echo_ort"
+    compiler = os.environ.get("CXX", "g++")
+    subprocess.run(
+        [compiler, "-O2", "-std=c++17", f"-I{include}", str(HERE / "native_echo_ort.cc"),
+         "-o", str(binary), *shlex.split(flags), "-ldl"],
         check=True,
     )  # fmt: skip
     return binary
@@ -128,6 +152,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgewise-floor-"))
     models = list(suite.build_models(work / "repo", work / "joblib"))
     echo = build_echo(work)
+    echo_ort = build_echo_ort(work)
     sites = {"new": str(PROJECT)}
     if args.old:
         sites["old"] = args.old
@@ -150,7 +175,19 @@ def main() -> None:
             server = serving.Server([str(echo), str(port_file), str(canned)], port_file)
             processes.append(server)
             servers[("echo", model)] = server
-        labels = ["echo", *sites]
+            if echo_ort is not None:
+                from edgewise.runtime.frontends.native.ort_capi import library_path
+
+                port_file = work / f"echo-ort-{model}.port"
+                server = serving.Server(
+                    [str(echo_ort), str(port_file), str(canned), str(library_path()),
+                     str(work / "repo" / model / "1" / "model.onnx"), "features",
+                     str(serving.N_FEATURES)],
+                    port_file,
+                )  # fmt: skip
+                processes.append(server)
+                servers[("echo_ort", model)] = server
+        labels = ["echo", *(["echo_ort"] if echo_ort is not None else []), *sites]
         results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         for concurrency in (1, 8):
             for index in range(args.rounds):
@@ -167,6 +204,8 @@ def main() -> None:
             server.stop()
     pairs = [("new", "echo")] + ([("old", "echo"), ("new", "old")] if args.old else [])
     pairs += [("fast", "echo"), ("fast", "new")] if args.fast else []
+    if echo_ort is not None:
+        pairs += [(label, "echo_ort") for label in sites]
     for model in models:
         for concurrency in (1, 8):
             line: dict[str, Any] = {

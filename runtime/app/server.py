@@ -244,6 +244,7 @@ class InferenceServer:
                 handlers=settings.worker_threads + 1,
                 small_max_bytes=settings.inline_max_bytes,
                 tls=self._tls_stage(),
+                fast_path=settings.native_fast_path,
             )
         if settings.http_port >= 0:
             await self._start_http(core)

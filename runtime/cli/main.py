@@ -139,6 +139,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Python's grpc.aio server; auto (default): native where it is built",
     )
     p.add_argument(
+        "--native-fast-path",
+        type=switch,
+        metavar="{on,off}",
+        help="with the native front end, answer the common ModelInfer call (a model without "
+        "batching or feature lookups, numeric inputs, no tokens, capture, tracing or split) in "
+        "C++ without the GIL (default off); anything else takes the Python path, counted in "
+        "edgewise_native_fallback_total (docs/native.md)",
+    )
+    p.add_argument(
         "--processes",
         type=_processes,
         help="server processes sharing the port (default 1); 'auto': one per core of the CPU "
@@ -308,6 +317,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "worker_threads", "inline_max_bytes", "intra_op_threads", "inter_op_threads",
         "version_policy", "grace_seconds", "port_file", "monitoring", "drift_interval_seconds",
         "processes", "quality", "alert_command", "alert_webhook", "front_end", "http_port",
+        "native_fast_path",
     ]  # fmt: skip
     keys.extend(SERVE_SECURITY_KEYS)
     keys.extend(SERVE_CAPTURE_KEYS)

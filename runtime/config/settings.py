@@ -80,6 +80,9 @@ class ServerSettings:
     # EDGEWISE_FRONT_END: auto | native | grpcio: what serves the gRPC port (native: gRPC's C++
     # server, see frontends/native/binding.py; auto: native wherever it is built, TLS or not)
     front_end: str = "auto"
+    # EDGEWISE_NATIVE_FAST_PATH: on | off: the native front end answers the common ModelInfer call
+    # in C++ without the GIL (frontends/native/fast_path.py); anything else takes the Python path
+    native_fast_path: bool = False
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: bool = True  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin
@@ -224,7 +227,9 @@ AUTO = "auto"
 
 #: The on/off settings: booleans inside the program, ``on``/``off`` (or true/false, 1/0, yes/no)
 #: on the command line and in ``EDGEWISE_*`` variables, read by :func:`parse_switch`.
-SWITCHES = ("monitoring", "quality", "admission", "metrics_auth", "metrics_tls")
+SWITCHES = (
+    "monitoring", "quality", "admission", "metrics_auth", "metrics_tls", "native_fast_path",
+)  # fmt: skip
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")

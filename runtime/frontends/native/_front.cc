@@ -222,6 +222,7 @@ enum FallbackReason {
   kDeadline,        // its deadline passed: Python answers DEADLINE_EXCEEDED
   kRun,             // onnxruntime refused the run or an output is not a plain tensor
   kKeyed,           // the call has a request id and the model keeps predictions for labels
+  kLarge,           // its body is over small_max_bytes: a worker thread runs it, as before
   kReasons
 };
 
@@ -1207,6 +1208,7 @@ bool InferCall::TryFast() {
   {
     std::vector<grpc::Slice> slices;
     if (!request_.Dump(&slices).ok()) return false;
+    if (request_.Length() > front_->small_max_bytes) return front_->Fallback(nullptr, kLarge);
     size_t max_bytes = front_->fast_max_bytes.load(std::memory_order_relaxed);
     if (max_bytes > 0 && request_.Length() > max_bytes) return front_->Fallback(nullptr, kLimit);
     if (slices.size() == 1) {

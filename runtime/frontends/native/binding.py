@@ -49,7 +49,6 @@ import grpc
 
 from edgewise.runtime.frontends.grpcio import status_of
 from edgewise.runtime.frontends.native.fast_path import FastPath
-from edgewise.runtime.frontends.native.fast_path import enabled as fast_path_enabled
 from edgewise.runtime.frontends.security import AuthInterceptor, Credential
 from edgewise.runtime.frontends.tls_stage import CHECK_SECONDS as TLS_CHECK_SECONDS
 from edgewise.runtime.frontends.tls_stage import TlsStage
@@ -137,7 +136,7 @@ class NativeFront:
         handlers: int,
         small_max_bytes: int = 64 * 1024,
         tls: TlsStage | None = None,
-        fast_path: bool | None = None,
+        fast_path: bool = False,
     ) -> int:
         """Bind ``address`` with ``module`` (from :func:`load_front`) and serve; calls that are
         not answered here go to ``upstream`` (the grpc.aio server's address). ``handlers``
@@ -146,8 +145,8 @@ class NativeFront:
         over half a millisecond a call. Call it on the event loop that serves batch queues.
         With ``tls`` the port serves TLS, and with its client CA only to clients with a
         certificate that CA signed (mutual TLS); its files are watched from then on.
-        ``fast_path``: serve the common call in C++ without the GIL (fast_path.py; None: as
-        the environment's ``EDGEWISE_NATIVE_FAST_PATH`` says, off by default).
+        ``fast_path``: serve the common call in C++ without the GIL (fast_path.py; serve
+        ``--native-fast-path``).
         Returns the bound port."""
         loop = asyncio.get_running_loop()
         self.core.attach(loop)
@@ -169,8 +168,6 @@ class NativeFront:
         )
         if tls is not None:
             tls.watch(loop)
-        if fast_path is None:
-            fast_path = fast_path_enabled()
         if fast_path and getattr(module, "FAST_PATH", 0):
             self.fast = FastPath(
                 self._front,

@@ -1,6 +1,7 @@
 """The native front end's fast path (issue 26): the common ModelInfer call without the GIL.
 
-With the fast path on (``EDGEWISE_NATIVE_FAST_PATH=1``; off by default, see docs/native.md),
+With the fast path on (``serve --native-fast-path on``, ``EDGEWISE_NATIVE_FAST_PATH=on``; off by
+default, see docs/native.md),
 C++ (``_front.cc``) answers a ModelInfer call on the thread that read it: it decodes the
 request, runs the model through onnxruntime's C API and encodes the answer, the GIL never taken.
 Python keeps control: :class:`FastPath` decides which model versions may be served so, makes
@@ -25,7 +26,9 @@ path, unchanged, and is counted in ``edgewise_native_fallback_total{model,reason
   (``deadline``), the calls in flight are within ``--max-inflight`` (``limit``: Python then
   sheds), onnxruntime runs it (``run``: Python runs it again and answers the error), it has
   no request id (in its body or ``x-request-id``) where the model keeps predictions for labels
-  to come (online quality: ``keyed``).
+  to come (online quality: ``keyed``), its body is at most ``--inline-max-bytes`` (``large``:
+  a larger one runs on the front end's worker threads, as before, so the thread that reads
+  the calls never runs a long one).
 
 Monitoring stays numba's: C++ copies each answered call's rows (inputs and the watched output)
 into a ring per model version, bounded at :data:`RING_MAX_ROWS` rows (a call that would overflow
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -66,15 +68,16 @@ if TYPE_CHECKING:
     from edgewise.runtime.serving.pipeline import InferenceCore
     from edgewise.runtime.serving.shedding import LoadShedder
 
-__all__ = ["ENVIRONMENT", "REASONS", "FastPath", "enabled", "ineligible"]
+__all__ = ["ENVIRONMENT", "REASONS", "FastPath", "ineligible"]
 
 log = logging.getLogger(__name__)
 
-#: The environment variable that turns the fast path on ("1") or off ("0", the default).
+#: The environment variable of the setting that turns the fast path on (serve
+#: ``--native-fast-path``; config/settings.py ``native_fast_path``).
 ENVIRONMENT: Final = "EDGEWISE_NATIVE_FAST_PATH"
 #: The fallback reasons, in C++'s order (``_front.cc`` FallbackReason).
 REASONS: Final = (
-    "not_in_table", "request_form", "inputs", "limit", "deadline", "run", "keyed",
+    "not_in_table", "request_form", "inputs", "limit", "deadline", "run", "keyed", "large",
 )  # fmt: skip
 #: How often the rings are drained into the monitors and the table checked (seconds).
 TICK_SECONDS: Final = 0.05
@@ -92,11 +95,6 @@ OUTPUT_DATATYPES: Final = frozenset(
 ADMISSION_MAX_BYTES: Final = SMALL_REQUEST_BYTES // (
     8 * REQUEST_MEMORY_FACTOR + TYPED_ELEMENT_BYTES
 )
-
-
-def enabled() -> bool:
-    """Whether the environment turns the fast path on."""
-    return os.environ.get(ENVIRONMENT, "0").strip().lower() in ("1", "on", "true", "yes")
 
 
 def ineligible(model: LoadedModel) -> str | None:
@@ -338,6 +336,7 @@ class FastPath:
             try:
                 self.refresh()
                 self.drain()
+                self.publish()  # also where no scrape runs here (a --processes child)
             except Exception:
                 log.exception("the native fast path's drain failed")
 

@@ -37,7 +37,7 @@ def fast_module() -> Any:
 
 def _serve(repo: Path, workdir: Path, on: bool = True) -> RunningServer:
     return start_server(
-        repo, workdir, ["--front-end", "native"], env={ENVIRONMENT: "1" if on else "0"}
+        repo, workdir, ["--front-end", "native"], env={ENVIRONMENT: "on" if on else "off"}
     )
 
 
@@ -107,7 +107,7 @@ def test_what_the_fast_path_does_not_handle_falls_back_counted(
         server.stop()
 
 
-def test_off_by_default_nothing_is_fast(fast_module: Any, model_repo: Path, tmp_path: Path) -> None:
+def test_switched_off_nothing_is_fast(fast_module: Any, model_repo: Path, tmp_path: Path) -> None:
     server = _serve(model_repo, tmp_path, on=False)
     try:
         with server.client() as client:
