@@ -196,14 +196,21 @@ def redis_missing() -> str | None:
     return None
 
 
+def redis_socket(workdir: Path) -> Path:
+    """The Unix socket of the :func:`redis_server` started in ``workdir``."""
+    return workdir / "redis.sock"
+
+
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[int]:
-    """A redis-server on 127.0.0.1 with a free port, no persistence, waited on with PING."""
+    """A redis-server on 127.0.0.1 with a free port, and on the Unix socket
+    :func:`redis_socket` ``(workdir)``, no persistence, waited on with PING."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+         "--appendonly", "no", "--dir", str(workdir),
+         "--unixsocket", str(redis_socket(workdir)), "--unixsocketperm", "700"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -27,6 +27,7 @@ Policies (each counted in ``edgewise_feature_skew_total`` or
 from __future__ import annotations
 
 import array
+import re
 import struct
 import threading
 import time
@@ -83,6 +84,13 @@ STALE_POLICIES: Final = ("serve", "default", "not_found")
 STORE_ERROR_POLICIES: Final = ("unavailable", "default")
 #: The feature value types a numeric column of the model is filled from.
 NUMERIC_TYPES: Final = (INT32, INT64, DOUBLE, FLOAT, BOOL)
+#: The list types whose items fill numeric columns ``NAME[0]`` .. ``NAME[k-1]`` (feast.types
+#: ValueType: INT32_LIST 13, INT64_LIST 14, DOUBLE_LIST 15, FLOAT_LIST 16, BOOL_LIST 17).
+NUMERIC_LIST_TYPES: Final = (13, 14, 15, 16, 17)
+#: Every list type (BYTES_LIST 11 .. UNIX_TIMESTAMP_LIST 18).
+LIST_TYPES: Final = range(11, 19)
+#: A model column that takes one item of a list feature: ``NAME[i]``.
+_ITEM: Final = re.compile(r"^(.+)\[(0|[1-9][0-9]{0,5})\]$")
 
 
 class FeatureNotFound(EdgewiseError):
@@ -273,7 +281,8 @@ class FeatureMetrics:
         self.skew = Counter(
             "edgewise_feature_skew",
             "Feature values a request could not get as trained: missing (entity not in the "
-            "store) or stale (older than the feature view's TTL), by model and reason.",
+            "store), stale (older than the feature view's TTL) or length (a list feature of "
+            "another length than the model's columns take), by model and reason.",
             ["model", "reason"],
             registry=registry,
         )
@@ -324,13 +333,20 @@ class _ViewPlan:
     keys: tuple[str, ...]  # join keys
     types: tuple[int, ...]
     ttl: float
-    columns: tuple[tuple[int, str, int, float], ...]  # (feature index, input, column, default)
+    # (feature index, input, column, default, the list's item: -1 for a scalar feature)
+    columns: tuple[tuple[int, str, int, float, int], ...]
     # Categorical columns: (feature index, input (BYTES [batch, 1]), default: utf-8)
     texts: tuple[tuple[int, str, bytes], ...] = ()
+    # The list features whose items fill columns: (feature index, the length the model takes)
+    lengths: tuple[tuple[int, int], ...] = ()
 
 
 #: struct's codes of the numeric datatypes the lookup reads from a request.
 _STRUCT_CODES: Final = {"INT64": "q", "INT32": "i", "FP32": "f", "FP64": "d"}
+
+
+#: One value of each of those, unpacked (a request's one row: no format string to build).
+_ONE: Final = {code: struct.Struct(f"<{code}").unpack for code in _STRUCT_CODES.values()}
 
 
 def _numbers(plan: TensorPlan) -> list[Any]:
@@ -339,8 +355,21 @@ def _numbers(plan: TensorPlan) -> list[Any]:
     the CPU's caches cold, and there numpy's calls cost several times struct's."""
     code = _STRUCT_CODES.get(plan.datatype)
     if plan.raw is not None and code is not None:
+        if plan.count == 1:
+            return list(_ONE[code](plan.raw))
         return list(struct.unpack(f"<{plan.count}{code}", plan.raw))
     return list(plan.decode().reshape(-1).tolist())
+
+
+def _key_header(keys: tuple[str, ...], types: tuple[int, ...]) -> tuple[bytes, Any] | None:
+    """For a view with one integer join key: the serialized entity key's constant head and the
+    packer of its value (``head + pack(value)`` is :func:`entity_key`); None otherwise."""
+    if len(keys) != 1 or types[0] not in (INT64, INT32):
+        return None
+    name = keys[0].encode("utf-8")
+    size, code = (8, "<q") if types[0] == INT64 else (4, "<i")
+    head = struct.pack("<III", 1, STRING, len(name)) + name + struct.pack("<II", types[0], size)
+    return head, struct.Struct(code).pack
 
 
 #: The Python types of the values a numeric column takes as they are (bool: 0 or 1).
@@ -353,7 +382,7 @@ _Target = tuple[str, tuple[int, ...], list[int] | None]
 def _targets(view: _ViewPlan) -> tuple[_Target, ...]:
     """Where a view's values go, per model input, for the row-at-once fill."""
     by_input: dict[str, list[tuple[int, int]]] = {}
-    for index, target, column, _ in view.columns:
+    for index, target, column, _, _ in view.columns:
         by_input.setdefault(target, []).append((index, column))
     targets: list[_Target] = []
     for target, pairs in by_input.items():
@@ -364,7 +393,9 @@ def _targets(view: _ViewPlan) -> tuple[_Target, ...]:
 
 
 class _ModelMetrics:
-    __slots__ = ("cache_hits", "cache_misses", "errors", "latency", "lookups", "missing", "stale")
+    __slots__ = (
+        "cache_hits", "cache_misses", "errors", "latency", "length", "lookups", "missing", "stale",
+    )  # fmt: skip
 
     def __init__(self, metrics: FeatureMetrics, model: str) -> None:
         self.lookups = metrics.lookups.labels(model)
@@ -372,6 +403,7 @@ class _ModelMetrics:
         self.cache_misses = metrics.cache_misses.labels(model)
         self.missing = metrics.skew.labels(model, "missing")
         self.stale = metrics.skew.labels(model, "stale")
+        self.length = metrics.skew.labels(model, "length")
         self.latency = metrics.latency.labels(model)
         self.errors = metrics.errors
 
@@ -409,7 +441,15 @@ class FeatureLookup:
         self._cache: dict[tuple[str, bytes], tuple[float, StoredRow]] = {}
         self._cache_lock = threading.Lock()
         self.accepted = frozenset((*self.entities, *self.request_inputs, *self.passthrough))
-        self._plans = [(view, _targets(view)) for view in self.views]
+        self._plans = [
+            (view, _targets(view), _key_header(view.keys, view.types), dict(view.lengths))
+            for view in self.views
+        ]
+        # The per-request loops' items, made once.
+        self._entity_items = tuple(self.entities.items())
+        self._request_items = tuple(self.request_inputs.items())
+        self._widths = tuple(self.filled.items())
+        self._cached = bool(settings.cache_ttl_seconds and settings.cache_entries)
 
     def close(self) -> None:
         self.store.close()
@@ -435,7 +475,7 @@ class FeatureLookup:
             )
         rows = -1
         columns: dict[str, list[Any]] = {}
-        for name, kind in self.entities.items():
+        for name, kind in self._entity_items:
             values = self._column(given[name], kind)
             rows = self._rows(name, len(values), rows)
             columns[name] = values
@@ -450,30 +490,39 @@ class FeatureLookup:
         rows = max(rows, 0)
         # The filled inputs are assembled as Python lists, row by row, and made arrays once:
         # cheaper than numpy's item and fancy assignments for the few values of a request.
-        matrices = {
-            name: [[0.0] * width for _ in range(rows)] for name, width in self.filled.items()
-        }
+        if rows == 1:
+            matrices = {name: [[0.0] * width] for name, width in self._widths}
+        else:
+            matrices = {name: [[0.0] * width for _ in range(rows)] for name, width in self._widths}
         texts: dict[str, list[bytes]] = {name: [b""] * rows for name in self.categorical}
-        for name, (target, column) in self.request_inputs.items():
+        for name, (target, column) in self._request_items:
             plan = given[name]
-            if plan.datatype not in ("FP32", "FP64", "INT64", "INT32") or len(plan.shape) not in (
-                1, 2,
-            ) or (len(plan.shape) == 2 and plan.shape[1] != 1):  # fmt: skip
+            shape = plan.shape
+            if (
+                plan.datatype not in _STRUCT_CODES
+                or len(shape) not in (1, 2)
+                or (len(shape) == 2 and shape[1] != 1)
+            ):
                 raise InvalidInput(
                     f"input {name!r}: a request-time feature is a numeric [batch] or [batch, 1] "
-                    f"tensor (got {plan.datatype} {list(plan.shape)})"
+                    f"tensor (got {plan.datatype} {list(shape)})"
                 )
-            self._rows(name, plan.shape[0], rows)
+            if shape[0] != rows:
+                self._rows(name, shape[0], rows)
             matrix = matrices[target]
-            for r, value in enumerate(_numbers(plan)):
-                matrix[r][column] = value
+            if rows == 1:
+                matrix[0][column] = _numbers(plan)[0]
+            else:
+                for r, value in enumerate(_numbers(plan)):
+                    matrix[r][column] = value
         began = time.perf_counter()
         try:
             self._fill(matrices, texts, columns, rows, began)
         finally:
             self._m.latency.observe(time.perf_counter() - began)
-        for name, width in self.filled.items():
-            flat = matrices[name][0] if rows == 1 else [v for line in matrices[name] for v in line]
+        for name, width in self._widths:
+            lines = matrices[name]
+            flat = lines[0] if rows == 1 else [v for line in lines for v in line]
             feeds[name] = np.frombuffer(array.array("f", flat), dtype=np.float32).reshape(
                 rows, width
             )
@@ -517,9 +566,12 @@ class FeatureLookup:
         m = self._m
         settings = self.settings
         now = time.time()
-        for view, targets in self._plans:
+        for view, targets, header, lengths in self._plans:
             key_values = [entities[k] for k in view.keys]
-            if len(view.keys) == 1:
+            if header is not None:  # one integer join key: its constant head and the value
+                head, pack = header
+                keys = [head + pack(value) for value in key_values[0]]
+            elif len(view.keys) == 1:
                 keys = [entity_key(view.keys, view.types, (value,)) for value in key_values[0]]
             else:
                 keys = [
@@ -529,7 +581,7 @@ class FeatureLookup:
             try:
                 stored = self._read(view.name, keys, view.features, began)
             except _StoreDefaults:  # the store failed, on_store_error "default": the means
-                for _, target, column, default in view.columns:
+                for _, target, column, default, _ in view.columns:
                     for line in matrices[target]:
                         line[column] = default
                 for _, target, word in view.texts:
@@ -541,7 +593,7 @@ class FeatureLookup:
                     m.missing.inc(len(view.columns))
                     if settings.on_missing == "not_found":
                         self._refuse(view, key_values, r, "is not in the online store")
-                    for _, target, column, default in view.columns:
+                    for _, target, column, default, _ in view.columns:
                         matrices[target][r][column] = default
                     for _, target, word in view.texts:
                         texts[target][r] = word
@@ -564,8 +616,14 @@ class FeatureLookup:
                     if settings.on_stale == "not_found":
                         self._refuse(view, key_values, r, "has only stale values")
                 use_default = stale and settings.on_stale == "default"
-                for index, target, column, default in view.columns:
+                for index, target, column, default, item in view.columns:
                     value = values[index]
+                    if item >= 0 and value is not None:  # an item of a list feature
+                        if type(value) is list and len(value) == lengths[index]:
+                            value = value[item]
+                        else:  # a list of another length than the model takes: the default
+                            m.length.inc()
+                            value = default
                     if value is None or use_default or type(value) not in _NUMBERS:
                         if value is None:
                             m.missing.inc()
@@ -589,10 +647,10 @@ class FeatureLookup:
         self, view: str, keys: list[bytes], features: tuple[str, ...], began: float
     ) -> list[StoredRow]:
         m = self._m
-        ttl = self.settings.cache_ttl_seconds
-        if not ttl or not self.settings.cache_entries:
+        if not self._cached:
             m.cache_misses.inc(len(keys))
             return self._from_store(view, keys, features, began)
+        ttl = self.settings.cache_ttl_seconds
         now = time.monotonic()
         cache = self._cache
         result: list[StoredRow] = [None] * len(keys)
@@ -667,6 +725,35 @@ def _profile_defaults(model: LoadedModel) -> tuple[dict[str, float], dict[str, s
     return means, modes
 
 
+def _check_list_column(
+    column: str, column_kind: str, view: str, name: str, kind: int, item: int, datatype: str
+) -> None:
+    """A model column ``column`` filled from item ``item`` (-1: the column is named like the
+    feature itself) of the feature ``view:name`` of value type ``kind``, a list or ``item``
+    >= 0: ValueError, one line naming the feature, unless it is a numeric (FP32) column
+    ``NAME[i]`` of a list of numbers."""
+    type_name = VALUE_TYPE_NAMES.get(kind, str(kind))
+    if kind not in LIST_TYPES:
+        raise ValueError(
+            f"column {column!r}: feature {view}:{name} is {type_name}, not a list whose items "
+            f"fill columns {name}[0] .. {name}[k-1]"
+        )
+    what = f"feature {view}:{name} is a list ({type_name})"
+    if kind not in NUMERIC_LIST_TYPES:
+        raise ValueError(
+            f"column {column!r}: {what}; only lists of numbers "
+            f"({', '.join(VALUE_TYPE_NAMES[k] for k in NUMERIC_LIST_TYPES)}) fill a model's "
+            "columns"
+        )
+    if item < 0:
+        raise ValueError(
+            f"column {column!r}: {what}, whose items fill numeric columns named {name}[0] .. "
+            f"{name}[k-1] (k its length), not a column named {name!r}"
+        )
+    if column_kind == "categorical" or datatype != "FP32":
+        raise ValueError(f"column {column!r}: {what}; its items fill numeric (FP32) columns")
+
+
 def build_lookup(
     model: LoadedModel, settings: FeatureSettings, metrics: FeatureMetrics
 ) -> FeatureLookup:
@@ -680,17 +767,28 @@ def build_lookup(
             by_name[f"{view}__{name}"] = (view, name)
     defaults, modes = _profile_defaults(model)
     needs_default = "default" in (settings.on_missing, settings.on_stale, settings.on_store_error)
-    placed: dict[str, list[tuple[int, str, int, float]]] = {view: [] for view in wanted}
+    placed: dict[str, list[tuple[int, str, int, float, int]]] = {view: [] for view in wanted}
     texts: dict[str, list[tuple[int, str, bytes]]] = {view: [] for view in wanted}
+    items: dict[tuple[str, str], list[int]] = {}  # list feature -> the items columns take
+    looked_up: set[str] = set()  # the model's columns filled from the store
     request_inputs: dict[str, tuple[str, int]] = {}
     filled: dict[str, int] = {}
     for feature in model.manifest.features:
         source = by_name.get(feature.name)
+        item = -1
         if source is None:
-            continue
+            match = _ITEM.match(feature.name)
+            if match is None or match.group(1) not in by_name:
+                continue
+            source, item = by_name[match.group(1)], int(match.group(2))
         view, name = source
         kind = next(f.value_type for f in registry.views[view].features if f.name == name)
         spec = model.input_specs[feature.input]
+        looked_up.add(feature.name)
+        if item >= 0 or kind in LIST_TYPES:
+            # A list feature: each item fills a numeric column NAME[i] (0 <= i < its length).
+            _check_list_column(feature.name, feature.kind, view, name, kind, item, spec.datatype)
+            items.setdefault((view, name), []).append(item)
         if feature.kind == "categorical":
             # A categorical column: its own BYTES [batch, 1] tensor, from a STRING feature.
             if kind != STRING:
@@ -711,7 +809,7 @@ def build_lookup(
             continue
         if spec.datatype != "FP32":
             raise ValueError(f"input {feature.input!r}: looked-up features fill FP32 tensors")
-        if kind not in NUMERIC_TYPES:
+        if item < 0 and kind not in NUMERIC_TYPES:
             raise ValueError(
                 f"column {feature.name!r}: feature {view}:{name} is "
                 f"{VALUE_TYPE_NAMES.get(kind, kind)}, not a number this numeric column takes "
@@ -726,12 +824,23 @@ def build_lookup(
                     "package's reference profile, which has none (use not_found/unavailable)"
                 )
             default = float("nan")
-        placed[view].append((wanted[view].index(name), feature.input, feature.column, default))
-    categorical = [target for items in texts.values() for _, target, _ in items]
+        placed[view].append(
+            (wanted[view].index(name), feature.input, feature.column, default, item)
+        )
+    lengths: dict[str, list[tuple[int, int]]] = {view: [] for view in wanted}
+    for (view, name), taken in items.items():
+        if sorted(taken) != list(range(len(taken))):
+            have = ", ".join(f"{name}[{i}]" for i in sorted(taken))
+            raise ValueError(
+                f"list feature {view}:{name}: the model's columns {have} do not number its "
+                f"items 0 to {len(taken) - 1}, each once"
+            )
+        lengths[view].append((wanted[view].index(name), len(taken)))
+    categorical = [target for entries in texts.values() for _, target, _ in entries]
     if not filled and not categorical:
         raise ValueError("no column of the model's inputs is a looked-up feature")
     for feature in model.manifest.features:
-        if feature.input in filled and by_name.get(feature.name) is None:
+        if feature.input in filled and feature.name not in looked_up:
             if feature.name not in settings.request_inputs:
                 raise ValueError(
                     f"column {feature.name!r} of input {feature.input!r} is neither a "
@@ -762,6 +871,7 @@ def build_lookup(
                 registry.views[view_name].ttl_seconds,
                 tuple(placed[view_name]),
                 tuple(texts[view_name]),
+                tuple(lengths[view_name]),
             )
         )
     passthrough = [

@@ -58,6 +58,7 @@ typed = FeatureView(
         Field(name="i32s", dtype=Array(Int32)),
         Field(name="words", dtype=Array(String)),
         Field(name="flags", dtype=Array(Bool)),
+        Field(name="emb", dtype=Array(Float32)),
     ],
     source=source,
 )
@@ -65,7 +66,10 @@ service = FeatureService(name="diabetes_v1", features=[typed])
 OBJECTS = [patient, typed, service]
 """
 FEATURES = ("f64", "f32", "i64", "i32", "flag", "word", "color", "f64s", "f32s", "i64s", "i32s",
-            "words", "flags")  # fmt: skip
+            "words", "flags", "emb")  # fmt: skip
+#: A list feature a model takes as three columns emb[0] .. emb[2]: entity 3's has two items
+#: (another length: the columns' defaults), entity 4 has none (null: the defaults).
+EMB = [[0.5, 1.0, -1.0], [2.0, 0.0, 1.5], [1.0, 1.0, 1.0], [0.25, -0.5], None]
 
 
 def _table() -> pa.Table:
@@ -87,6 +91,7 @@ def _table() -> pa.Table:
             "i32s": pa.array([[1, -2], [], [2**31 - 1], [0], [-(2**31)]], pa.list_(pa.int32())),
             "words": pa.array([["a", "b"], [], ["é"], ["x"], ["y", "z"]]),
             "flags": pa.array([[True], [], [False, True], [False], [True, True]]),
+            "emb": pa.array(EMB, pa.list_(pa.float32())),
         }
     )
 
@@ -157,7 +162,7 @@ def test_registry_has_the_types(sqlite_repo: Any) -> None:
     # feast.types.ValueType: DOUBLE 5, FLOAT 6, INT64 4, INT32 3, BOOL 7, STRING 2, lists +10
     assert kinds == {"f64": 5, "f32": 6, "i64": 4, "i32": 3, "flag": 7, "word": 2, "color": 2,
                      "f64s": 15, "f32s": 16, "i64s": 14, "i32s": 13, "words": 12,
-                     "flags": 17}  # fmt: skip
+                     "flags": 17, "emb": 16}  # fmt: skip
 
 
 def test_sqlite_values_equal_feasts(sqlite_repo: Any) -> None:
@@ -266,3 +271,73 @@ def test_categorical_feature_served_from_the_store(sqlite_repo: Any) -> None:
         if line.startswith("edgewise_feature_skew_total{") and 'model="colors"' in line
     ]
     assert any('reason="missing"' in line and line.endswith(" 1.0") for line in skew), skew
+
+
+def test_list_feature_fills_the_models_columns(sqlite_repo: Any) -> None:
+    """A list feature fills the model's numeric columns emb[0] .. emb[2] (item i of each
+    entity's list): served with entity keys only, the model answers as onnxruntime does on
+    Feast's values; a list of another length, or none, takes the columns' defaults (the
+    reference profile's means), counted as skew (length, missing). A list feature a numeric
+    column cannot take (a list of strings; a column named like the list itself) fails the
+    version's load with one line naming the feature."""
+    from sklearn.linear_model import LinearRegression
+
+    from edgewise.runtime.convert.converter import convert
+    from tests.servers import start_server
+
+    folder, online = sqlite_repo
+    assert online["emb"][: len(IDS)] == EMB  # exact in float32
+    rng = np.random.default_rng(7)
+    X = pd.DataFrame(rng.normal(size=(12, 4)), columns=["f32", "emb[0]", "emb[1]", "emb[2]"])
+    y = rng.normal(size=12)
+    models = folder.parent / "list_models"
+    base = {
+        "registry": str(folder / "data" / "registry.db"),
+        "project": fr.PROJECT,
+        "online_store": {"type": "sqlite", "path": str(folder / "data" / "online_store.db")},
+        "cache": {"ttl_seconds": 0},
+    }
+    sections = {
+        "embedded": {**base, "features": [f"{VIEW}:f32", f"{VIEW}:emb"]},
+        "strings": {**base, "features": [f"{VIEW}:f32", f"{VIEW}:words"]},
+        "whole": {**base, "features": [f"{VIEW}:f32", f"{VIEW}:f64s"]},
+    }
+    columns = {
+        "embedded": list(X.columns),
+        "strings": ["f32", "words[0]", "words[1]", "words[2]"],
+        "whole": ["f32", "f64s", "x", "y"],
+    }
+    for name, section in sections.items():
+        frame = X.set_axis(columns[name], axis=1)
+        convert(LinearRegression().fit(frame, y), frame, name=name, repo=models)
+        (models / name / "config.json").write_text(json.dumps({"features": section}))
+    means = X.mean().to_numpy()
+    rows = []
+    for n in range(len(IDS)):
+        emb = online["emb"][n]
+        items = emb if emb is not None and len(emb) == 3 else list(means[1:])
+        rows.append([online["f32"][n], *items])
+    session = ort.InferenceSession(str(models / "embedded" / "1" / "model.onnx"))
+    want = session.run(None, {"features": np.array(rows, np.float32)})[0]
+    server = start_server(models, folder.parent / "list_server")
+    try:
+        with server.client() as client:
+            got = client.infer("embedded", {fr.ENTITY: np.array(IDS, np.int64).reshape(-1, 1)})
+            states = {s.name: s for s in client.repository_index()}
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    finally:
+        server.stop()
+    np.testing.assert_allclose(
+        got.outputs["predictions"].reshape(-1), np.asarray(want).reshape(-1), rtol=1e-5
+    )
+    skew = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edgewise_feature_skew_total{") and 'model="embedded"' in line
+    }
+    assert skew.get("length") == 3.0 and skew.get("missing") == 3.0, skew
+    reason = states["strings"].reason
+    assert "feature typed:words is a list (STRING_LIST)" in reason and "\n" not in reason
+    assert "only lists of numbers" in reason
+    reason = states["whole"].reason
+    assert "feature typed:f64s is a list (DOUBLE_LIST)" in reason and "f64s[0]" in reason
