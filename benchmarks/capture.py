@@ -131,7 +131,7 @@ def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> 
         print(json.dumps({"case": "capture_counts", "capture": label, **figures}), flush=True)
 
 
-def writer_throughput(records: int, work: Path) -> None:
+def writer_throughput(records: int, work: Path, seconds: float) -> None:
     import numpy as np
     from prometheus_client import CollectorRegistry
 
@@ -163,16 +163,19 @@ def writer_throughput(records: int, work: Path) -> None:
         request.inputs.add(name="features", datatype="FP32", shape=[1, bench.N_FEATURES])
         request.raw_input_contents.append(data[index % 64 : index % 64 + 1].tobytes())
         core.infer_on_thread(request, None, time.perf_counter(), defer=lambda f, *a: f(*a))
+    cpu_started = time.process_time()
+    writer_started = writer_cpu_of(registry)
     started = time.perf_counter()
     assert capture.flush(600)
     elapsed = time.perf_counter() - started
+    shipper = time.process_time() - cpu_started  # the shipper thread's (the main one waits)
+    writer = writer_cpu_of(registry) - writer_started
     written = registry.get_sample_value(
         "edgewise_capture_written_records_total", {"model": "logreg32"}
     )
     files = list(captured_files(folder))
     size = sum(p.stat().st_size for p in files)
     capture.close()
-    server.executor.shutdown()
     print(
         json.dumps(
             {
@@ -180,7 +183,73 @@ def writer_throughput(records: int, work: Path) -> None:
                 "written": written, "files": len(files), "bytes": size,
                 "seconds": round(elapsed, 3),
                 "records_per_s": round(records / elapsed),
+                "server_cpu_us_per_record": round(shipper / records * 1e6, 2),
+                "writer_process_cpu_us_per_record": round(writer / records * 1e6, 2),
                 "bytes_per_record": round(size / records, 1),
+            }
+        ),
+        flush=True,
+    )  # fmt: skip
+    saturation(server, work, seconds)
+    server.executor.shutdown()
+
+
+def writer_cpu_of(registry: Any) -> float:
+    """CPU seconds of a capture's writer process so far, as it reports them after each file
+    (its process_time: finer than /proc's clock ticks)."""
+    return float(registry.get_sample_value("edgewise_capture_writer_cpu_seconds_total") or 0.0)
+
+
+def saturation(server: Any, work: Path, seconds: float) -> None:
+    """Capture's throughput before the queue drops: one answered request offered to a Capture
+    with the server's defaults (queue 10,000, a file as soon as 5,000 wait) faster than it can
+    write (bursts of 500 offers, then 1 ms for the shipper to take the GIL) for ``seconds``:
+    the records written per second while the queue overflows is the most it takes."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
+    from edgewise.runtime.serving.capture import Capture, CaptureSettings
+    from edgewise.runtime.serving.pipeline import InferenceCore
+
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(work / "capture-saturation", max_bytes=4 << 30), registry)
+    kept: list[Any] = []
+
+    class Keeper:  # the core's capture for one request: what it offers, kept
+        def offer(self, prepared: Any, response: Any) -> None:
+            kept.append((prepared, response))
+
+    keeper: Any = Keeper()
+    core = InferenceCore(server.dataplane, server.metrics, server.executor, capture=keeper)
+    request = pb.ModelInferRequest(model_name="logreg32", id="saturation")
+    request.inputs.add(name="features", datatype="FP32", shape=[1, bench.N_FEATURES])
+    request.raw_input_contents.append(np.ones((1, bench.N_FEATURES), np.float32).tobytes())
+    core.infer_on_thread(request, None, time.perf_counter(), defer=lambda f, *a: f(*a))
+    prepared, response = kept[0]
+    name = "edgewise_capture_written_records_total"
+    offered = 0
+    started = time.perf_counter()
+    written_before = registry.get_sample_value(name, {"model": "logreg32"}) or 0.0
+    while time.perf_counter() - started < seconds:
+        for _ in range(500):
+            capture.offer(prepared, response)
+        offered += 500
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - started
+    written = (registry.get_sample_value(name, {"model": "logreg32"}) or 0.0) - written_before
+    dropped = registry.get_sample_value(
+        "edgewise_capture_dropped_total", {"model": "logreg32", "reason": "queue_full"}
+    )
+    assert capture.flush(120)
+    capture.close()
+    print(
+        json.dumps(
+            {
+                "case": "capture_saturation", "model": "logreg32", "seconds": round(elapsed, 2),
+                "offered_per_s": round(offered / elapsed),
+                "written_per_s": round(written / elapsed),
+                "dropped": dropped,
             }
         ),
         flush=True,
@@ -216,13 +285,14 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
         request.raw_input_contents.append(data[index : index + 1].tobytes())
         bodies.append(request.SerializeToString())
     cores: dict[str, InferenceCore] = {}
+    registries = {label: CollectorRegistry() for label in RATES}
     for label, rate in RATES.items():
         capture = None
         if rate is not None:
             settings = CaptureSettings(
                 work / f"core-{label.strip('%')}", rate=float(rate), flush_seconds=0.5
             )
-            capture = Capture(settings, CollectorRegistry())
+            capture = Capture(settings, registries[label])
         cores[label] = InferenceCore(
             server.dataplane, server.metrics, server.executor, capture=capture
         )
@@ -231,13 +301,21 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
     def defer(function: Any, *args: Any) -> None:
         function(*args)
 
+    def writer_cpu(label: str) -> float:
+        """CPU seconds of the capture's writer process so far, as it reports them after each
+        file (its process_time: finer than /proc's clock ticks; 0 without capture)."""
+        name = "edgewise_capture_writer_cpu_seconds_total"
+        return registries[label].get_sample_value(name) or 0.0
+
     results: dict[str, list[float]] = {label: [] for label in cores}
     on_thread: dict[str, list[float]] = {label: [] for label in cores}
+    in_writer: dict[str, list[float]] = {label: [] for label in cores}
     labels = list(cores)
     for index in range(rounds + 1):  # the first round warms up and is not counted
         for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
             core = cores[label]
             gc.collect()
+            writer_started = writer_cpu(label)
             started = time.process_time()
             thread_started = time.thread_time()
             for number in range(requests):
@@ -247,9 +325,12 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
             thread_cpu = time.thread_time() - thread_started
             if core.capture is not None:
                 assert core.capture.flush(120)
+            process_cpu = time.process_time() - started
+            writer = writer_cpu(label) - writer_started
             if index:
-                results[label].append((time.process_time() - started) / requests * 1e6)
+                results[label].append((process_cpu + writer) / requests * 1e6)
                 on_thread[label].append(thread_cpu / requests * 1e6)
+                in_writer[label].append(writer / requests * 1e6)
     for core in cores.values():
         if core.capture is not None:
             core.capture.close()
@@ -257,7 +338,9 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
     off = results["off"]
     for label, values in results.items():
         ratios = [v / o for v, o in zip(values, off, strict=True)]
-        others = [v - t for v, t in zip(values, on_thread[label], strict=True)]
+        others = [
+            v - t - w for v, t, w in zip(values, on_thread[label], in_writer[label], strict=True)
+        ]
         print(
             json.dumps(
                 {
@@ -267,6 +350,7 @@ def core_cpu(rounds: int, requests: int, work: Path) -> None:
                     "ratio_vs_off_paired": round(statistics.median(ratios), 3),
                     "request_thread_us_per_req": round(statistics.median(on_thread[label]), 2),
                     "other_threads_us_per_req": round(statistics.median(others), 2),
+                    "writer_process_us_per_req": round(statistics.median(in_writer[label]), 2),
                 }
             ),
             flush=True,
@@ -285,7 +369,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgewise-capture-bench-"))
     try:
         bench.build_models(work / "repo")
-        writer_throughput(args.records, work)
+        writer_throughput(args.records, work, args.seconds)
         core_cpu(args.rounds * 2, args.core_requests, work)
         if not args.skip_request_path:
             request_path(args.models.split(","), args.rounds, args.seconds, work)

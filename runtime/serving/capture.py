@@ -43,13 +43,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
-from edgewise.runtime.serving.capture_files import LABELS_FOLDER, CaptureFolder
-from edgewise.runtime.serving.capture_tables import (
-    Group,
-    Record,
-    labels_table,
-    tables,
-)
+from edgewise.runtime.serving.capture_process import WriterProcess
+from edgewise.runtime.serving.capture_tables import Group, Record, encode
 
 if TYPE_CHECKING:
     from edgewise.runtime.serving.dataplane import PreparedRequest
@@ -216,6 +211,12 @@ class CaptureMetrics:
             "Capture files removed, oldest first, to keep the folder under its size cap.",
             registry=registry,
         )
+        self.writer_cpu = Counter(
+            "edgewise_capture_writer_cpu_seconds",
+            "CPU time of the capture's writer process (Arrow and Parquet; not in the server's "
+            "own process_cpu_seconds_total), as it reports after each file.",
+            registry=registry,
+        )
         self.files = Gauge(
             "edgewise_capture_files", "Complete files in the capture folder.", registry=registry
         )
@@ -227,28 +228,20 @@ class CaptureMetrics:
 
 
 class Capture:
-    """The sampler, the bounded queue and the writer thread of one server process (see the
-    module's docstring). ``rate_of(model)``: a model's sampling rate (its ``config.json``'s,
-    else the default), asked once per loaded version. ``folder``: where files go (default: a
-    :class:`CaptureFolder` on ``settings.folder``; a test may give its own)."""
+    """The sampler, the bounded queue, the shipper thread and the writer process of one server
+    process (see the module's docstring). ``rate_of(model)``: a model's sampling rate (its
+    ``config.json``'s, else the default), asked once per loaded version."""
 
     def __init__(
         self,
         settings: CaptureSettings,
         registry: CollectorRegistry,
         rate_of: Callable[[str], float] | None = None,
-        folder: CaptureFolder | None = None,
     ) -> None:
         require_pyarrow()
         self.settings = settings
         self.metrics = CaptureMetrics(registry)
         self.rate_of = rate_of if rate_of is not None else (lambda _name: settings.rate)
-        if folder is None:
-            folder = CaptureFolder(settings.folder, settings.max_bytes, self._folder_changed)
-        else:
-            folder.on_change = self._folder_changed
-            self._folder_changed(len(folder.files), folder.bytes, 0)
-        self.folder = folder
         # id(model) -> what the request path keeps for it: a dictionary look-up by an int (a
         # WeakKeyDictionary's costs ten times more); unloaded versions pruned.
         self._models: dict[int, _Model] = {}
@@ -260,9 +253,15 @@ class Capture:
         self._stopping = False
         self._failed = False  # a write failed and was logged (later ones are counted only)
         self._idle = threading.Condition()
-        self._busy = 0  # records taken from the queue and not yet written or dropped
+        self._busy = 0  # records taken from the queue and not yet sent or dropped
+        self._writer = self._start_writer()
         self._thread = threading.Thread(target=self._run, name="edgewise-capture", daemon=True)
         self._thread.start()
+
+    @property
+    def writer_pid(self) -> int:
+        """The writer process's id (its CPU is the capture's too)."""
+        return self._writer.pid
 
     # ---- the request path ----------------------------------------------------------------------
 
@@ -322,10 +321,10 @@ class Capture:
         self._queue.append((_LABELS, time.time_ns(), model, list(labels)))
         self._wake.set()
 
-    # ---- the writer ----------------------------------------------------------------------------
+    # ---- the shipper and the writer process ------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wake the writer and wait until everything queued so far is written (or dropped);
+        """Wake the shipper and wait until everything queued so far is written (or dropped);
         False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wake.set()
@@ -336,13 +335,20 @@ class Capture:
                 if left is not None and left <= 0:
                     return False
                 self._idle.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._writer.wait_done(left)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer (a server's stop)."""
+        """Write what is queued, then stop the shipper and the writer process (a server's
+        stop)."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+
+    def _start_writer(self) -> WriterProcess:
+        return WriterProcess(
+            self.settings.folder, self.settings.max_bytes, self._reported, self._lost
+        )
 
     def _run(self) -> None:
         while True:
@@ -357,19 +363,28 @@ class Capture:
                 self._busy = len(taken)
             try:
                 if taken:
-                    self._write(taken)
+                    self._ship(taken)
+            except Exception as exc:  # never let the shipper die: what it held is counted
+                log.exception("capture: shipping %d record(s) failed: %s", len(taken), exc)
             finally:
                 with self._idle:
                     self._busy = 0
                     self._idle.notify_all()
             if stopping and not self._queue:
-                return
+                break
+        self._writer.close()
 
-    def _write(self, taken: list[tuple[Any, ...]]) -> None:
-        # One file per group (model version and choice of outputs: the same columns throughout);
-        # the queue holds long runs of one group, taken a run at a time.
+    def _ship(self, taken: list[tuple[Any, ...]]) -> None:
+        """Turn what was taken into frames (one per group: model version and choice of outputs,
+        the same columns throughout; one per model's labels) and send them to the writer."""
+        writer = self._writer
+        if writer.dead:  # it exited (killed, out of memory): counted, said, started again
+            log.error("capture: the writer process exited (%s): starting another",
+                      writer.process.poll())  # fmt: skip
+            writer = self._writer = self._start_writer()
         groups: dict[Group, list[Record]] = {}
         labels: dict[str, list[tuple[int, Sequence[tuple[str, int, object]]]]] = {}
+        # The queue holds long runs of one group, taken a run at a time.
         for key, run in groupby(taken, key=itemgetter(0)):
             if key is _LABELS:
                 for _, time_ns, name, given in run:
@@ -377,44 +392,48 @@ class Capture:
             else:
                 groups.setdefault(key, []).extend(run)
         for group, records in groups.items():
-            name, version = group.model.name, group.model.version_str
+            name = group.model.name
             try:
-                built = tables(group, records)
-            except Exception as exc:  # a record the writer cannot turn into columns
-                self._write_failed(name, len(records), exc)
+                batch = encode(group, records)
+            except Exception as exc:  # a record the shipper cannot turn into columns
+                self._lost(name, len(records), "write_error", str(exc))
                 continue
-            for table, count in built:
-                try:
-                    stored = self.folder.write(f"{name}/{version}", table)
-                except Exception as exc:
-                    self._write_failed(name, count, exc)
-                    continue
-                self.metrics.written.labels(name).inc(count)
-                self.metrics.written_bytes.inc(stored.size)
+            del records[:]  # the requests' arrays are not needed any more
+            writer.send(("records", batch), name, batch["records"])
         for name, batches in labels.items():
             count = sum(len(batch) for _, batch in batches)
-            try:
-                stored = self.folder.write(f"{name}/{LABELS_FOLDER}", labels_table(batches))
-            except Exception as exc:
-                self._write_failed(name, count, exc)
-                continue
-            self.metrics.labels.labels(name).inc(count)
-            self.metrics.written_bytes.inc(stored.size)
+            writer.send(("labels", name, batches), name, count)
 
-    def _write_failed(self, name: str, count: int, exc: Exception) -> None:
-        self.metrics.dropped.labels(name, "write_error").inc(count)
+    def _reported(self, report: dict[str, Any]) -> None:
+        """A report of the writer process (on its reader thread): the metrics it moves."""
+        if "written" in report:
+            self.metrics.written.labels(report["written"]).inc(report["records"])
+            self.metrics.written_bytes.inc(report["bytes"])
+        elif "labels" in report:
+            self.metrics.labels.labels(report["labels"]).inc(report["records"])
+            self.metrics.written_bytes.inc(report["bytes"])
+        elif "failed" in report:
+            self._lost(report["failed"], report["records"], "write_error", report["error"])
+        elif "folder" in report:
+            files, size, removed = report["folder"]
+            self.metrics.files.set(files)
+            self.metrics.folder_bytes.set(size)
+            if removed:
+                self.metrics.removed.inc(removed)
+        elif "cpu" in report:
+            self.metrics.writer_cpu.inc(report["cpu"])
+        elif "fatal" in report:
+            log.error("capture: %s", report["fatal"])
+
+    def _lost(self, name: str, count: int, reason: str, error: str = "") -> None:
+        self.metrics.dropped.labels(name, reason).inc(count)
         if not self._failed:
             self._failed = True
             log.error(
-                "capture: writing %d record(s) of model %s failed: %s (later failures are "
-                'counted in edgewise_capture_dropped_total{reason="write_error"}, not logged)',
+                "capture: %d record(s) of model %s lost (%s)%s (later losses are counted in "
+                "edgewise_capture_dropped_total{reason=...}, not logged)",
                 count,
                 name,
-                exc,
+                reason,
+                f": {error}" if error else "",
             )
-
-    def _folder_changed(self, files: int, size: int, removed: int) -> None:
-        self.metrics.files.set(files)
-        self.metrics.folder_bytes.set(size)
-        if removed:
-            self.metrics.removed.inc(removed)

@@ -1,16 +1,17 @@
-"""The capture's queue and writer, in process, behind the real serving core: a full queue drops
-and counts without failing a request, a writer error is counted and logged once, a rate of 0
-captures nothing, sampling by request id is deterministic and near its rate."""
+"""The capture's queue, shipper and writer process, behind the real serving core: a full queue
+drops and counts without failing a request, a writer error is counted and logged once, a writer
+process that dies is counted and replaced, a rate of 0 captures nothing, sampling by request id
+is deterministic and near its rate."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-import threading
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,35 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import CollectorRegistry
 
+from edgewise.runtime._process import pid_alive
 from edgewise.runtime.app.server import InferenceServer
 from edgewise.runtime.config.settings import ServerSettings
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.serving.capture import Capture, CaptureSettings, sampled
-from edgewise.runtime.serving.capture_files import CaptureFolder, StoredFile, captured_files
+from edgewise.runtime.serving.capture_files import captured_files
 from edgewise.runtime.serving.capture_tables import CHUNK_RECORDS
 from edgewise.runtime.serving.codecs import decode_outputs
 from edgewise.runtime.serving.pipeline import InferenceCore
 
 NEVER = 3600.0  # a flush interval no test waits for: the writer runs when flushed
-
-
-class BlockingFolder(CaptureFolder):
-    """A capture folder whose writes wait until the test opens the gate."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root, 1 << 30)
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def write(self, folder: str, table: Any) -> StoredFile:
-        self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        return super().write(folder, table)
-
-
-class FailingFolder(CaptureFolder):
-    def write(self, folder: str, table: Any) -> StoredFile:
-        raise OSError(28, "No space left on device")
 
 
 @pytest.fixture(scope="module")
@@ -89,26 +72,26 @@ def test_a_full_queue_drops_and_counts_and_every_request_is_answered(
     server: InferenceServer, tmp_path: Path
 ) -> None:
     registry = CollectorRegistry()
-    folder = BlockingFolder(tmp_path)
     capture = Capture(
         CaptureSettings(tmp_path, queue_records=3, flush_seconds=NEVER, batch_records=1000),
         registry,
-        folder=folder,
     )
     core = core_with(server, capture)
     for index in range(3):
         answer(core, index)
-    flusher = threading.Thread(target=capture.flush)
-    flusher.start()
-    assert folder.entered.wait(30)  # the writer holds the 3 records, blocked in its write
-    for index in range(3, 10):  # 3 fit in the queue again, 4 are dropped
-        answer(core, index)
-    dropped = value(registry, "edgewise_capture_dropped_total", model="logreg", reason="queue_full")
-    assert dropped == 4
-    assert value(registry, "edgewise_capture_records_total", model="logreg") == 6
-    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 0
-    folder.gate.set()
-    flusher.join(30)
+    os.kill(capture.writer_pid, signal.SIGSTOP)  # the writer process falls behind
+    try:
+        assert not capture.flush(1)  # the 3 are sent to it, not written
+        for index in range(3, 10):  # 3 fit in the queue again, 4 are dropped
+            answer(core, index)
+        dropped = value(
+            registry, "edgewise_capture_dropped_total", model="logreg", reason="queue_full"
+        )
+        assert dropped == 4
+        assert value(registry, "edgewise_capture_records_total", model="logreg") == 6
+        assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 0
+    finally:
+        os.kill(capture.writer_pid, signal.SIGCONT)
     assert capture.flush(30)
     assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 6
     ids = set()
@@ -118,18 +101,16 @@ def test_a_full_queue_drops_and_counts_and_every_request_is_answered(
     written_bytes = sum(p.stat().st_size for p in captured_files(tmp_path))
     assert value(registry, "edgewise_capture_written_bytes_total") == written_bytes
     assert value(registry, "edgewise_capture_folder_bytes") == written_bytes
+    assert value(registry, "edgewise_capture_files") == 2
     capture.close()
 
 
 def test_a_writer_error_is_counted_and_logged_once(
     server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    (tmp_path / "logreg").write_text("a file where the model's folder goes")  # writes fail
     registry = CollectorRegistry()
-    capture = Capture(
-        CaptureSettings(tmp_path, flush_seconds=NEVER),
-        registry,
-        folder=FailingFolder(tmp_path, 1 << 30),
-    )
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), registry)
     core = core_with(server, capture)
     with caplog.at_level(logging.ERROR, logger="edgewise.runtime.serving.capture"):
         for round_ in range(3):
@@ -140,9 +121,48 @@ def test_a_writer_error_is_counted_and_logged_once(
         registry, "edgewise_capture_dropped_total", model="logreg", reason="write_error"
     )
     assert dropped == 12
-    errors = [r for r in caplog.records if "No space left" in r.getMessage()]
-    assert len(errors) == 1
+    errors = [r for r in caplog.records if "write_error" in r.getMessage()]
+    assert len(errors) == 1 and "logreg" in errors[0].getMessage()
+    assert not list(captured_files(tmp_path))
     capture.close()
+
+
+def test_a_writer_process_that_dies_is_counted_and_replaced(
+    server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records sent to a writer that is killed before it writes them are counted lost
+    (writer_exited); the next flush starts another writer, which writes what came after."""
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), registry)
+    core = core_with(server, capture)
+    first = capture.writer_pid
+    os.kill(first, signal.SIGSTOP)  # it holds what it is sent, unwritten
+    for index in range(5):
+        answer(core, index)
+    with caplog.at_level(logging.ERROR, logger="edgewise.runtime.serving.capture"):
+        assert not capture.flush(1)  # sent, not written: the writer is stopped
+        os.kill(first, signal.SIGKILL)
+        assert capture.flush(30)  # the dead writer's frame: counted, not waited on
+        lost = value(
+            registry, "edgewise_capture_dropped_total", model="logreg", reason="writer_exited"
+        )
+        assert lost == 5
+        for index in range(5, 8):
+            answer(core, index)
+        assert capture.flush(30)
+    assert capture.writer_pid != first
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 3
+    ids = set()
+    for path in captured_files(tmp_path):
+        ids |= set(pq.read_table(path).column("request_id").to_pylist())
+    assert ids == {"q5", "q6", "q7"}
+    assert any("writer process exited" in r.getMessage() for r in caplog.records)
+    second = capture.writer_pid
+    capture.close()
+    deadline = time.monotonic() + 10
+    while pid_alive(second) and time.monotonic() < deadline:  # a zombie until reaped: waited
+        time.sleep(0.01)
+    assert not pid_alive(second)  # close() stops the writer process
 
 
 def test_rate_zero_captures_nothing(server: InferenceServer, tmp_path: Path) -> None:
