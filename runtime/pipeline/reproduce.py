@@ -30,7 +30,9 @@ from edgewise.runtime.pipeline.runner import (
     begin_record,
     code_excludes,
     execute,
+    fail_unexpectedly,
     new_run_id,
+    terminated_as_exit,
 )
 from edgewise.runtime.pipeline.spec import parse_spec
 from edgewise.runtime.store.lineage import data_fingerprint, utc_now
@@ -136,9 +138,12 @@ def reproduce(run_id: str, uri: StoreURI, *, data: Path | None = None) -> RunRec
     try:
         record = begin_record(spec, new_run_id(), now, {"by": "reproduce", "run": run_id})
         record.kind, record.reproduces = "reproduce", run_id
-        log.begin(record)
         steps = StepTimer(record)
-        with tempfile.TemporaryDirectory(prefix="edgewise-reproduce-") as scratch:
+        with (
+            terminated_as_exit(),
+            tempfile.TemporaryDirectory(prefix="edgewise-reproduce-") as scratch,
+        ):
+            log.begin(record)
             try:
                 execute(
                     spec, record, steps, store=None, code=now, run_dir=Path(scratch),
@@ -154,6 +159,9 @@ def reproduce(run_id: str, uri: StoreURI, *, data: Path | None = None) -> RunRec
                 raise PipelineFailed(
                     f"reproduction {record.run_id} of {run_id} failed at {step}: {reason}", record
                 ) from None
+            except BaseException as exc:
+                fail_unexpectedly(record, steps, log, exc)
+                raise
         record.artifacts.pop("package", None)  # a scratch folder, gone now
         comparison = compare_runs(original, record)
         record.comparison = comparison.to_json()

@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -46,9 +47,11 @@ __all__ = [
     "ORDER",
     "PipelineFailed",
     "StepTimer",
+    "Terminated",
     "begin_record",
     "code_excludes",
     "execute",
+    "fail_unexpectedly",
     "new_run_id",
     "pipeline_store",
     "run_pipeline",
@@ -66,6 +69,53 @@ class PipelineFailed(EdgewiseError):
     def __init__(self, message: str, record: RunRecord) -> None:
         super().__init__(message)
         self.record = record
+
+
+class Terminated(SystemExit):
+    """SIGTERM during a run: the run is recorded ``failed`` (``terminated``), then the process
+    exits with 128 + SIGTERM, as the signal's default would, without a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def terminated_as_exit() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (so the
+    run can record its end); elsewhere, or off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def unexpected_reason(exc: BaseException) -> str:
+    """One line for a failure that is not edgewise's own error (an OSError, a bug, a signal)."""
+    if isinstance(exc, Terminated):
+        return "terminated"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fail_unexpectedly(record: RunRecord, steps: StepTimer, log: RunLog, exc: BaseException) -> None:
+    """Record ``record`` as failed by ``exc`` (not an :class:`EdgewiseError`), best effort: the
+    caller re-raises ``exc``; a run is never left ``running``."""
+    record.outcome, record.failed_step = "failed", steps.current or ORDER[0]
+    record.reason = unexpected_reason(exc)
+    steps.not_run()
+    record.finished_at = utc_now()
+    with contextlib.suppress(Exception):
+        log.finish(record)
 
 
 def new_run_id() -> str:
@@ -252,7 +302,7 @@ def execute(
 
     # -- data
     with steps.step("data") as entry:
-        data, origin = st.load_data(spec.data, data_path, run_dir)
+        data, origin = st.load_data(spec.data, data_path, run_dir, slice_by=spec.evaluate.slice_by)
         record.data = {
             **origin,
             "path": str(data.path),
@@ -532,9 +582,31 @@ def run_pipeline(
         code = code_version(spec.train.code, code_excludes(spec, uri))
         run_id = new_run_id()
         record = begin_record(spec, run_id, code, trigger or {"by": "cli"})
-        log.begin(record)
         steps = StepTimer(record)
         run_dir = spec.workdir / "runs" / run_id
+        with terminated_as_exit():
+            log.begin(record)
+            _run_recorded(spec, record, steps, log, the_store, code, run_dir, use_cache, previous)
+        return record
+    finally:
+        log.close()
+        the_store.close()
+
+
+def _run_recorded(
+    spec: PipelineSpec,
+    record: RunRecord,
+    steps: StepTimer,
+    log: RunLog,
+    the_store: Store,
+    code: CodeVersion,
+    run_dir: Path,
+    use_cache: bool,
+    previous: list[dict[str, str]] | None,
+) -> None:
+    """Execute a begun run and record how it ended (whatever ended it)."""
+    run_id = record.run_id
+    try:
         try:
             execute(
                 spec, record, steps, store=the_store, code=code, run_dir=run_dir,
@@ -562,11 +634,12 @@ def run_pipeline(
             with contextlib.suppress(OSError):
                 for name in ("train.parquet",):
                     (run_dir / name).unlink(missing_ok=True)
-        record.outcome = "succeeded"
-        steps.not_run()
-        record.finished_at = utc_now()
-        log.finish(record)
-        return record
-    finally:
-        log.close()
-        the_store.close()
+    except PipelineFailed:
+        raise
+    except BaseException as exc:
+        fail_unexpectedly(record, steps, log, exc)
+        raise
+    record.outcome = "succeeded"
+    steps.not_run()
+    record.finished_at = utc_now()
+    log.finish(record)

@@ -160,10 +160,15 @@ def export_capture(source: CaptureSource, destination: Path) -> dict[str, Any]:
 
 
 def load_data(
-    spec: DataStep, path: Path | None = None, run_dir: Path | None = None
+    spec: DataStep,
+    path: Path | None = None,
+    run_dir: Path | None = None,
+    *,
+    slice_by: Sequence[str] = (),
 ) -> tuple[DataSet, dict[str, Any]]:
     """Read, check and split the data (``path`` replaces the spec's file or capture; a capture
-    is exported into ``run_dir`` first); the data set, and where it came from."""
+    is exported into ``run_dir`` first); the data set, and where it came from. ``slice_by``:
+    the evaluation's slice columns, which the data (and the holdout file) must have."""
     import numpy as np
 
     origin: dict[str, Any] = {"source": "file"}
@@ -203,6 +208,11 @@ def load_data(
         raise StepFailed("data", f"{source}: missing feature column(s) {', '.join(missing[:8])}")
     if not features:
         raise StepFailed("data", f"{source}: no feature column besides the label")
+    no_slice = [c for c in slice_by if c not in columns]
+    if no_slice:
+        raise StepFailed(
+            "data", f"{source}: no column {no_slice[0]!r} ([evaluate] slice_by names it)"
+        )
     if spec.holdout is not None:
         if not spec.holdout.is_file():
             raise StepFailed("data", f"holdout {spec.holdout}: no such file")
@@ -210,6 +220,12 @@ def load_data(
         absent = [c for c in (*features, spec.label) if c not in holdout.columns]
         if absent:
             raise StepFailed("data", f"holdout {spec.holdout}: missing column(s) {absent[:8]}")
+        no_slice = [c for c in slice_by if c not in holdout.columns]
+        if no_slice:
+            raise StepFailed(
+                "data",
+                f"holdout {spec.holdout}: no column {no_slice[0]!r} ([evaluate] slice_by names it)",
+            )
         train = frame
         paths.append(spec.holdout)
     else:
