@@ -217,7 +217,16 @@ def test_unknown_entity_per_policy(setup: Setup) -> None:
         assert caught.value.status == grpc.StatusCode.NOT_FOUND
         assert f"patient_id={UNKNOWN}" in caught.value.details
         answered = client.infer("risk_default", _request([UNKNOWN], [0.01]))
-    assert np.isfinite(answered.outputs["predictions"]).all()
+        assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
+    # on_missing "default": every column the reference profile's mean (bmi as sent).
+    means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
+    means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.01
+    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+    np.testing.assert_allclose(
+        answered.outputs["predictions"].reshape(-1),
+        np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
+        rtol=1e-4,
+    )
     assert (
         _metric(setup, "edgewise_feature_lookup_errors_total", model="risk", reason="not_found")
         >= 1
@@ -251,9 +260,14 @@ def test_unknown_feature_service_fails_the_load(setup: Setup) -> None:
             client.infer("risk_badservice", _request([0], [0.0]))
         assert caught.value.status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
         states = {s.name: s for s in client.repository_index()}
+        assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
     state = states["risk_badservice"]
     assert "feature service 'nope' is not in the registry" in state.reason
     assert "diabetes_v1" in state.reason
+    assert (
+        _metric(setup, "edgewise_model_events_total", model="risk_badservice", event="load_failed")
+        >= 1
+    )
 
 
 def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
@@ -278,6 +292,66 @@ def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
         )
         >= 1
     )
+
+
+def test_slow_store_per_policy_and_counted(setup: Setup, tmp_path: Path) -> None:
+    """A store that accepts the connection and never answers (a socket that reads nothing):
+    the lookup gives up at its budget, UNAVAILABLE naming the budget under on_store_error
+    "unavailable", the reference profile's means under "default"; counted as slow; a model
+    without lookups is answered meanwhile."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    stuck = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
+    try:
+        for name, policy in (("risk_slow", "unavailable"), ("risk_slow_default", "default")):
+            convert(setup.model, setup.X, name=name, repo=setup.models)
+            section = _features_section(
+                setup.repo, cache={"ttl_seconds": 0}, budget_ms=100, on_store_error=policy
+            )
+            _configure(setup.models, name, {**section, "online_store": stuck})
+        with setup.server.client() as client:
+            client.load_model("risk_slow")
+            client.load_model("risk_slow_default")
+            began = time.monotonic()
+            with pytest.raises(ServerError) as caught:
+                client.infer("risk_slow", _request([0], [0.0]))
+            assert time.monotonic() - began >= 0.08
+            assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+            assert "over the" in caught.value.details and "ms budget" in caught.value.details
+            assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
+            fallback = client.infer("risk_slow_default", _request([0], [0.0]))
+        means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
+        means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
+        session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+        np.testing.assert_allclose(
+            fallback.outputs["predictions"].reshape(-1),
+            np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
+            rtol=1e-4,
+        )
+        for name in ("risk_slow", "risk_slow_default"):
+            assert (
+                _metric(setup, "edgewise_feature_lookup_errors_total", model=name, reason="slow")
+                >= 1
+            )
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
 
 
 def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> None:
