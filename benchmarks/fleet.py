@@ -1,7 +1,8 @@
 """A fleet of agents against one store: polling load, time to converge on a new version (at once
 and in waves), and what a store that is slow or down does to it.
 
-    .venv/bin/python benchmarks/fleet.py [--agents 100] [--interval 5] [--stores sqlite,mlflow]
+    .venv/bin/python benchmarks/fleet.py [--agents 100] [--real 3] [--interval 5]
+        [--stores sqlite,mlflow]
 
 Each simulated agent is a thread with a store connection of its own (as an agent process has)
 doing the store side of the real agent's poll, with the real wave rule
@@ -13,12 +14,20 @@ policy and, with waves, every node's report; once its wave has begun, "deploy" (
 measured here) and report its version and health to the store. Stores: the embedded SQLite one
 and a real MLflow server (tests/mlflow_server.py, basic auth on, one worker) on this machine.
 
+``--real N`` of the agents are real edge nodes instead: an ``edgewise serve`` process on
+loopback over a repository of its own, and the real agent (:class:`edgewise.runtime.agent.sync.
+Agent`, its loop in a thread with a store connection of its own) that downloads each version
+from the store, validates it, loads it on its server and switches; they take part in the waves
+like any node (their reports). Their store calls are counted with the simulated ones; a real
+node has converged when its agent made the version the server's default (checked on the
+server at the end of each case: ``real_serving``).
+
 Prints one JSON line per case:
 - ``steady``: every agent converged; store calls per second and their latency (p50, p99) while
   the fleet only polls.
 - ``converge``: the alias flips; seconds until every agent serves the new version (p50 and max
-  over agents), at once (the baseline) and in waves (1 node, 25 %, all); ``ratio`` = waves / at
-  once.
+  over agents; ``real_p50_seconds``, ``real_max_seconds``: over the real nodes alone), at once
+  (the baseline) and in waves (1 node, 25 %, all); ``ratio`` = waves / at once.
 - ``store_down``: the alias flips and the store is unreachable for ``--down-seconds`` right
   after (MLflow: connections refused by a proxy; SQLite: the database file moved away); failed
   calls and the time to converge, ``ratio`` against the baseline converge.
@@ -97,6 +106,94 @@ class Calls:
         }
 
 
+class CountedStore:
+    """A store whose every call is timed and counted in ``calls`` (a real agent's store)."""
+
+    def __init__(self, store: Store, calls: Calls) -> None:
+        self._store, self._calls = store, calls
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr) or name == "close":
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            return self._calls.timed(name, lambda: attr(*args, **kwargs))
+
+        return timed
+
+
+class RealNode:
+    """A real edge node: a server process on loopback, the real agent's loop in a thread."""
+
+    def __init__(
+        self,
+        index: int,
+        work: Path,
+        store: Store,
+        calls: Calls,
+        interval: float,
+        stop: threading.Event,
+    ) -> None:
+        from edgewise.runtime.agent.sync import Agent, AgentSettings
+        from edgewise.runtime.client.client import EdgewiseClient
+        from tests.runtime.store.helpers import start_empty_server
+
+        self.node = f"real-{index:03d}"
+        repo = work / self.node / "repo"
+        repo.mkdir(parents=True)
+        self.server = start_empty_server(repo, work / self.node / "server")
+        settings = AgentSettings(
+            model=MODEL,
+            repo=repo,
+            server=self.server.target,
+            server_metrics=self.server.metrics_url,
+            alias=ALIAS,
+            node_id=self.node,
+            interval=interval,
+            backoff_initial=BACKOFF_INITIAL,
+            backoff_max=BACKOFF_MAX,
+            watch_seconds=0.0,  # the simulated agents do not watch either
+            load_timeout=60.0,
+        )
+        self.client = EdgewiseClient(self.server.target)
+        self.store = CountedStore(store, calls)
+        self.agent = Agent(settings, self.store, self.client)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self._run, args=(stop,), daemon=True)
+        self.deployed: tuple[int, str] | None = None
+        self.deployed_at = 0.0
+        self.error: BaseException | None = None
+
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            self.agent.run(stop)
+        except BaseException as exc:  # reported by the case (the node never converges)
+            self.error = exc
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def observe(self) -> None:
+        """The version the agent made the default (its gauge, set when the state is saved)."""
+        value = self.agent.metrics.registry.get_sample_value("edgewise_agent_deployed_version")
+        version = int(value or 0)
+        if version and (self.deployed is None or self.deployed[0] != version):
+            self.deployed, self.deployed_at = (version, ""), time.monotonic()
+
+    def serving(self) -> int | None:
+        for status in self.client.repository_index():
+            if status.name == MODEL and status.is_default and status.state == "READY":
+                return int(status.version)
+        return None
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
 class SimAgent(threading.Thread):
     def __init__(
         self,
@@ -172,28 +269,51 @@ def packages(root: Path) -> list[Path]:
 
 
 def converge(
-    agents: list[SimAgent], admin: Store, version: int, timeout: float, during: Callable[[], None]
+    agents: list[SimAgent | RealNode],
+    admin: Store,
+    version: int,
+    timeout: float,
+    during: Callable[[], None],
 ) -> dict[str, Any]:
+    real = [a for a in agents if isinstance(a, RealNode)]
     flipped = time.monotonic()
     admin.set_alias(MODEL, ALIAS, version)
-    during()
+    # The outage (or nothing) in a thread of its own: the real nodes are observed meanwhile.
+    outage = threading.Thread(target=during, daemon=True)
+    outage.start()
     deadline = flipped + timeout
     while time.monotonic() < deadline:
+        for node in real:
+            node.observe()
         if all(a.deployed and a.deployed[0] == version for a in agents):
             break
         time.sleep(0.05)
-    done = [
-        a.deployed_at - flipped
-        for a in agents
-        if a.deployed and a.deployed[0] == version and a.deployed_at >= flipped
-    ]
+    outage.join()
+
+    def seconds(of: list[SimAgent | RealNode] | list[RealNode]) -> list[float]:
+        return [
+            a.deployed_at - flipped
+            for a in of
+            if a.deployed and a.deployed[0] == version and a.deployed_at >= flipped
+        ]
+
+    done, real_done = seconds(agents), seconds(real)
     converged = len(done) == len(agents)
-    return {
+    result: dict[str, Any] = {
         "converged": converged,
         "agents_done": len(done),
         "p50_seconds": round(statistics.median(done), 2) if done else None,
         "max_seconds": round(max(done), 2) if converged else None,
     }
+    if real:
+        result.update(
+            real_nodes=len(real),
+            real_p50_seconds=round(statistics.median(real_done), 2) if real_done else None,
+            real_max_seconds=round(max(real_done), 2) if len(real_done) == len(real) else None,
+            real_serving=sum(node.serving() == version for node in real),
+            real_errors=[repr(node.error) for node in real if node.error is not None],
+        )
+    return result
 
 
 def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Path]) -> None:
@@ -202,6 +322,8 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
 
     proxy = None
     mlflow = None
+    agents: list[SimAgent | RealNode] = []
+    stop = threading.Event()
     if kind == "mlflow":
         from tests.mlflow_server import start_mlflow
         from tests.runtime.store.faultproxy import FaultProxy
@@ -226,19 +348,29 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
             return open_store(f"sqlite:///{database}")
 
     try:
-        for folder in folders:
-            register(admin, folder, alias=ALIAS)
+        # A new version for each case (1: the start, 2: at once, 3: waves, 4: store down, 5:
+        # store slow), the two packages in turn: the real agents refuse a lower version than
+        # one they served (rollback protection), as a real fleet's would.
+        for index in range(5):
+            register(admin, folders[index % 2], alias=ALIAS)
         admin.set_alias(MODEL, ALIAS, 1)
         calls = Calls()
-        stop = threading.Event()
-        agents = [
+        real = min(args.real, args.agents)
+        for i in range(real):
+            agents.append(RealNode(i, work / "nodes", make(), calls, args.interval, stop))
+        agents += [
             SimAgent(f"node-{i:03d}", make(), calls, args.interval, args.deploy_seconds, stop)
-            for i in range(args.agents)
+            for i in range(real, args.agents)
         ]
         for agent in agents:
             agent.start()
         timeout = args.interval * 12 + 60
-        base = {"store": kind, "agents": args.agents, "interval_seconds": args.interval}
+        base = {
+            "store": kind,
+            "agents": args.agents,
+            "real_nodes": real,
+            "interval_seconds": args.interval,
+        }
         first = converge(agents, admin, 1, timeout, lambda: None)
         calls.reset()
         time.sleep(args.steady_seconds)
@@ -254,7 +386,7 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
 
         write_policy(admin, MODEL, ALIAS, parse_policy(WAVES))
         calls.reset()
-        waved = converge(agents, admin, 1, timeout, lambda: None)
+        waved = converge(agents, admin, 3, timeout, lambda: None)
         load = calls.summary(waved["max_seconds"] or timeout)
         ratio = (
             round(waved["max_seconds"] / at_once["max_seconds"], 2)
@@ -289,7 +421,7 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
                 moved.rename(database)
 
         calls.reset()
-        down = converge(agents, admin, 2, timeout + args.down_seconds, outage)
+        down = converge(agents, admin, 4, timeout + args.down_seconds, outage)
         load = calls.summary(down["max_seconds"] or timeout)
         print(
             json.dumps(
@@ -312,7 +444,7 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
             proxy.state.delay = args.slow_seconds
             proxy.set_mode("slow")
             calls.reset()
-            slow = converge(agents, admin, 1, timeout * 3, lambda: None)
+            slow = converge(agents, admin, 5, timeout * 3, lambda: None)
             load = calls.summary(slow["max_seconds"] or timeout)
             proxy.set_mode("pass")
             print(
@@ -336,6 +468,11 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
             agent.join(timeout=30)
             agent.store.close()
     finally:
+        stop.set()
+        for agent in agents:
+            if isinstance(agent, RealNode):
+                agent.join(timeout=30)
+                agent.close()
         admin.close()
         if proxy is not None:
             proxy.down()
@@ -346,6 +483,9 @@ def run_store(kind: str, args: argparse.Namespace, work: Path, folders: list[Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=100)
+    parser.add_argument(
+        "--real", type=int, default=3, help="of the agents, real edge nodes (server + agent)"
+    )
     parser.add_argument("--interval", type=float, default=5.0, help="poll interval, seconds")
     parser.add_argument("--deploy-seconds", type=float, default=0.5)
     parser.add_argument("--steady-seconds", type=float, default=20.0)
