@@ -293,6 +293,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if record.outcome == "identical" else EXIT_DIFFERS
 
 
+def _child_store(uri: StoreURI) -> str:
+    """The resolved store as the detached run's ``--store`` (an absolute database path; an
+    MLflow URL without its credentials)."""
+    if uri.kind == "sqlite" and uri.path is not None:
+        return f"sqlite:///{uri.path.absolute()}"
+    return uri.base_url
+
+
 def _read_alert() -> dict[str, Any] | None:
     if sys.stdin is None or sys.stdin.isatty():
         return None
@@ -314,6 +322,7 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     from edgewise.runtime.pipeline.trigger import Decision, Trigger, TriggerConfig
 
     spec = load_spec(args.pipeline)  # a bad file is refused before any state changes
+    uri = _credentials(pipeline_store(spec, args.store))  # and so is a bad --store
     alert = None if args.foreground else _read_alert()
     config = TriggerConfig(
         cooldown_s=args.cooldown, stale_after_s=args.stale_after, kinds=tuple(args.on),
@@ -331,7 +340,6 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     if args.foreground:
         print("trigger: start: running in the foreground")
         try:
-            uri = _credentials(pipeline_store(spec, args.store))
             record = run_pipeline(spec, store=uri, trigger={"by": "schedule"})
         finally:
             trigger.release(me)
@@ -343,13 +351,18 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "edgewise.runtime.cli", "pipeline", "run", str(args.pipeline),
         "--trigger-folder", str(folder), "--trigger-alert", json.dumps(summary, default=str),
+        "--store", _child_store(uri),
     ]  # fmt: skip
-    if args.store:
-        command += ["--store", args.store]
+    env = dict(os.environ)
+    if uri.username is not None:  # credentials travel in the environment, never in argv
+        env.update(
+            MLFLOW_TRACKING_USERNAME=uri.username, MLFLOW_TRACKING_PASSWORD=uri.password or ""
+        )
     try:
         with (folder / "last-run.log").open("wb") as log:
             child = subprocess.Popen(
                 command,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

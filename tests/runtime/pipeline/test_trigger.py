@@ -219,3 +219,57 @@ def test_an_alert_starts_one_detached_run(workspace: Workspace) -> None:
 def test_config_refuses_bad_numbers(value: float) -> None:
     with pytest.raises(Exception, match="cooldown_s"):
         TriggerConfig(cooldown_s=value)
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_a_bad_store_is_refused_before_the_trigger_fires(
+    workspace: Workspace, cli: RunCli, monkeypatch: pytest.MonkeyPatch, foreground: bool
+) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"kind": "data_drift"})))
+    pipeline = workspace.pipeline()
+    mode = ["--foreground"] if foreground else []
+    code, out, err = cli("pipeline", "trigger", pipeline, "--store", "bogus://x", *mode)
+    assert code == 1 and err.count("\n") == 1 and "unknown scheme 'bogus'" in err, err
+    assert "start" not in out
+    folder = workspace.root / ".edgewise-pipeline" / "trigger"
+    assert not (folder / "run.lock").exists() and not (folder / "state.json").exists()
+    assert not (folder / "last-run.log").exists()  # no child started
+
+
+def test_the_detached_run_gets_the_resolved_store(
+    workspace: Workspace, cli: RunCli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--store relative to where the trigger ran, and MLflow credentials kept out of argv."""
+    import io
+
+    from edgewise.runtime.cli import pipeline as cli_pipeline
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Child:
+        pid = os.getpid()
+
+    def popen(command: list[str], **kwargs: object) -> Child:
+        started.append((command, dict(kwargs["env"])))  # type: ignore[call-overload]
+        return Child()
+
+    monkeypatch.setattr(cli_pipeline.subprocess, "Popen", popen)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("{}"))
+    code, _, err = cli("pipeline", "trigger", workspace.pipeline(), "--store", "elsewhere.db")
+    assert code == 0, err
+    command, _ = started[-1]
+    assert command[command.index("--store") + 1] == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    (workspace.root / ".edgewise-pipeline" / "trigger" / "run.lock").unlink()
+    (workspace.root / ".edgewise-pipeline" / "trigger" / "state.json").unlink()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("{}"))
+    code, _, err = cli(
+        "pipeline", "trigger", workspace.pipeline(), "--store", "http://me:secret@127.0.0.1:5000"
+    )
+    assert code == 0, err
+    command, env = started[-1]
+    assert command[command.index("--store") + 1] == "http://127.0.0.1:5000"
+    assert "secret" not in " ".join(command)
+    assert env["MLFLOW_TRACKING_USERNAME"] == "me" and env["MLFLOW_TRACKING_PASSWORD"] == "secret"
