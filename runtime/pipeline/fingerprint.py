@@ -137,15 +137,39 @@ def _tree_hash(folder: Path, exclude: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def _glob_escaped(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+def _exclude_pathspecs(folder: Path, exclude: Sequence[Path]) -> list[str]:
+    """git pathspecs leaving out ``exclude`` (those under ``folder``) and a store's companions
+    (``store.db-wal``, ``store.db-artifacts/...``), as :func:`_excluded` does for untracked
+    files: a committed pipeline file or data file is not code either."""
+    root = folder.resolve()
+    specs = []
+    for given in exclude:
+        try:
+            relative = given.resolve().relative_to(root).as_posix()
+        except ValueError:
+            continue  # outside the code folder: git does not see it
+        if relative == ".":
+            continue
+        escaped = _glob_escaped(relative)
+        specs += [f":(exclude,glob){escaped}", f":(exclude,glob){escaped}/**"]
+        specs += [f":(exclude,glob){escaped}-*", f":(exclude,glob){escaped}-*/**"]
+    return specs
+
+
 def _changes(folder: Path, exclude: Sequence[Path]) -> tuple[bool, str]:
     """Whether the work tree under ``folder`` differs from its commit, and a sha256 over the
     difference: ``git diff HEAD`` (binary) and every untracked, not ignored file (name and
     content) outside ``exclude``. Two work trees with the same commit and hash run the same
     code."""
     digest = hashlib.sha256()
-    diff = _git_bytes(folder, "diff", "HEAD", "--binary", "--no-ext-diff", "--", ".") or b""
+    spec = [".", *_exclude_pathspecs(folder, exclude)]
+    diff = _git_bytes(folder, "diff", "HEAD", "--binary", "--no-ext-diff", "--", *spec) or b""
     digest.update(diff)
-    listing = _git_bytes(folder, "ls-files", "--others", "--exclude-standard", "-z", "--", ".")
+    listing = _git_bytes(folder, "ls-files", "--others", "--exclude-standard", "-z", "--", *spec)
     untracked = 0
     for name in sorted(n for n in (listing or b"").split(b"\0") if n):
         path = folder / name.decode("utf-8", "surrogateescape")
