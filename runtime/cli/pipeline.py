@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgewise.runtime.errors import InvalidInput
+from edgewise.runtime.pipeline.trigger import ALERT_KINDS
 
 if TYPE_CHECKING:
     from edgewise.runtime.pipeline.records import RunRecord
@@ -126,8 +127,9 @@ def _add_pipeline(sub: Subparsers) -> None:
         help="a run lock older than this many seconds is stale (default 21600)",
     )  # fmt: skip
     trig.add_argument(
-        "--on", action="append", default=[], metavar="KIND",
-        help="alert kinds that start a run (data_drift, quality_drift; default: any)",
+        "--on", action="append", default=[], metavar="KIND", choices=ALERT_KINDS,
+        help=f"alert kinds that start a run ({', '.join(ALERT_KINDS)}; repeatable; default: "
+        "any)",
     )  # fmt: skip
     trig.add_argument(
         "--state-dir", type=Path, help="lock and cooldown state (default: WORKDIR/trigger)"

@@ -40,6 +40,7 @@ from edgewise.runtime._process import pid_alive
 from edgewise.runtime.errors import InvalidInput
 
 __all__ = [
+    "ALERT_KINDS",
     "Decision",
     "LockInfo",
     "Trigger",
@@ -49,6 +50,8 @@ __all__ = [
     "pid_alive",
 ]
 
+ALERT_KINDS: Final = ("data_drift", "quality_drift")
+"""The alert kinds ``edgewise serve`` emits (runtime/serving/monitor.py, quality.py)."""
 LOCK_FILE: Final = "run.lock"
 STATE_FILE: Final = "state.json"
 GUARD_FILE: Final = ".guard"
@@ -75,6 +78,12 @@ class TriggerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, int | float) and value >= 0):
                 raise InvalidInput(f"trigger {name}: expected a number >= 0, got {value!r}")
+        unknown = [k for k in self.kinds if k not in ALERT_KINDS]
+        if unknown:
+            raise InvalidInput(
+                f"trigger kinds: unknown alert kind {unknown[0]!r} "
+                f"(serve emits {', '.join(ALERT_KINDS)})"
+            )
 
 
 @dataclass(frozen=True)

@@ -273,3 +273,26 @@ def test_the_detached_run_gets_the_resolved_store(
     assert command[command.index("--store") + 1] == "http://127.0.0.1:5000"
     assert "secret" not in " ".join(command)
     assert env["MLFLOW_TRACKING_USERNAME"] == "me" and env["MLFLOW_TRACKING_PASSWORD"] == "secret"
+
+
+def test_on_takes_only_the_kinds_serve_emits(workspace: Workspace, cli: RunCli) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli("pipeline", "trigger", workspace.pipeline(), "--on", "data_drif", "--foreground")
+    assert exit_.value.code == 2
+    assert not (workspace.root / ".edgewise-pipeline" / "trigger").exists()
+    with pytest.raises(Exception, match="unknown alert kind 'data_drif'"):
+        TriggerConfig(kinds=("data_drift", "data_drif"))
+
+
+def test_the_kinds_are_those_serve_emits() -> None:
+    """The trigger's list against the alerts serve's monitors fire (their source, read here)."""
+    import inspect
+    import re
+
+    from edgewise.runtime.pipeline.trigger import ALERT_KINDS
+    from edgewise.runtime.serving import monitor, quality
+
+    fired = set()
+    for module in (monitor, quality):
+        fired |= set(re.findall(r"_on_alert\(\s*\"(\w+)\"", inspect.getsource(module)))
+    assert fired == set(ALERT_KINDS)
