@@ -6,10 +6,12 @@ models look nothing up pays for the feature: one run, one JSON line per case.
 Setup: tests/feast_repo.py's Feast repository (diabetes, nine features in one feature view,
 ``bmi`` a request-time input) is applied and materialized by Feast 0.67 in its own environment
 (``.venv-feast``), to its SQLite online store and, where ``redis-server`` is installed, to a Redis
-the run starts. A linear model is converted four times into one repository: ``direct`` (the
-request sends all ten features), ``sqlite`` and ``redis`` (the request sends the entity key and
-``bmi``; the cache is off, so every request reads the store), ``sqlite_cached`` (the cache on:
-after the first request, hits). One edgewise server (default front end) serves them all.
+the run starts. A linear model is converted into one repository once per case: ``direct`` (the
+request sends all ten features), ``sqlite``, ``redis`` and ``redis_unix`` (the request sends the
+entity key and ``bmi``; the cache is off, so every request reads the store; ``redis_unix`` reads
+the same Redis through its Unix socket, ``unix_socket_path``), ``sqlite_cached`` (the cache on:
+after the first request, hits). One edgewise server (default front end) serves them all. The
+load average (1, 5, 15 min) is reported at the start and the end.
 
 ``lookup_added_latency``: client round trips at concurrency 1 (EdgewiseClient, one row,
 one entity), in alternating rounds over the cases (order rotated each round); per round the
@@ -25,8 +27,16 @@ target, and lookups per second (prepared requests per second of one thread, one 
 Twice: back to back (the CPU's caches hot), and with 500 us idle before each request (a served
 request at concurrency 1 finds them as cold: other processes ran meanwhile).
 
-``store_reads_per_second``: the readers alone in this process (no server): reads of 1 and 32
-entities per second, SQLite and Redis.
+``store_read_latency``: the readers alone in this process: p50 of one read of one entity,
+back to back and with 500 us idle before each. ``store_reads_per_second``: reads of 1 and 32
+entities per second, SQLite and Redis (TCP and, ``redis_unix``, its Unix socket).
+
+``cold_parts``: SQLite's own statement for one entity's rows, a bare ``SELECT 1`` and the
+three Prometheus updates of a lookup, timed apart the same two ways.
+
+``lookup_added_latency`` also reports the server's own mean time per request
+(``edgewise_request_duration_seconds``, decode to encode) and its difference against
+``direct``: what the server adds, apart from the client and the network.
 
 The SQLite online store is put in WAL mode first, as docs/features.md has a deployment do once
 after ``feast apply`` (reads then take no file lock).
@@ -120,6 +130,67 @@ def reads_per_second(store: Any, keys: list[bytes], seconds: float = 1.0) -> flo
     return done * len(keys) / (time.perf_counter() - began)
 
 
+def p50_us(call: Any, rounds: int, gap: float) -> float:
+    """The median over ``rounds`` of the p50 of ``call()``, ``gap`` seconds idle before each
+    (0: back to back)."""
+    p50s = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(300 if gap else 2000):
+            if gap:
+                time.sleep(gap)
+            began = time.perf_counter_ns()
+            call()
+            times.append(time.perf_counter_ns() - began)
+        p50s.append(statistics.median(times) / 1000)
+    return statistics.median(p50s)
+
+
+def emit_parts(database: Path, rounds: int) -> None:
+    """``cold_parts``: pieces of a lookup timed apart, back to back and 500 us idle before
+    each: SQLite's own statement for one entity's rows (a kept cursor, ``fetchall``, nothing
+    decoded), a bare ``SELECT 1``, and the three Prometheus updates a lookup makes (two
+    counters, one histogram observation)."""
+    from prometheus_client import CollectorRegistry
+
+    from edgewise.runtime.serving.features import FeatureMetrics
+
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    cursor = conn.cursor()
+    table = f"{fr.PROJECT}_{fr.VIEW}"
+    statement = f'SELECT feature_name, value, event_ts FROM "{table}" WHERE entity_key = ?'
+    key = [entity_key([fr.ENTITY], [4], [5])]
+    metrics = FeatureMetrics(CollectorRegistry())
+    lookups, misses = metrics.lookups.labels("m"), metrics.cache_misses.labels("m")
+    latency = metrics.latency.labels("m")
+
+    def updates() -> None:
+        misses.inc(1)
+        lookups.inc(1)
+        latency.observe(0.00005)
+
+    parts = {
+        "sqlite_statement": lambda: cursor.execute(statement, key).fetchall(),
+        "sqlite_select_1": lambda: cursor.execute("SELECT 1").fetchall(),
+        "prometheus_updates": updates,
+    }
+    for name, call in parts.items():
+        emit(
+            {
+                "case": "cold_parts",
+                "part": name,
+                "p50_us": round(p50_us(call, rounds, 0.0), 2),
+                "p50_us_500us_idle": round(p50_us(call, rounds, 0.0005), 2),
+            }
+        )
+    conn.close()
+
+
+def read_p50_us(store: Any, keys: list[bytes], rounds: int, gap: float) -> float:
+    """:func:`p50_us` of one store read of ``keys``."""
+    return p50_us(lambda: store.read(fr.VIEW, keys, fr.FEATURES, 1.0), rounds, gap)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -182,7 +253,18 @@ def main() -> None:
                 fr.PROJECT,
                 unix_socket=str(fr.redis_socket(root / "redis")),
             )
+        emit_parts(repo / "data" / "online_store.db", args.rounds)
         for store_name, reader in readers.items():
+            key = [entity_key([fr.ENTITY], [4], [5])]
+            for gap in (0.0, 0.0005):
+                emit(
+                    {
+                        "case": "store_read_latency",
+                        "store": store_name,
+                        "idle_gap_us": round(gap * 1e6),
+                        "p50_us": round(read_p50_us(reader, key, args.rounds, gap), 1),
+                    }
+                )
             for count in (1, 32):
                 keys = [entity_key([fr.ENTITY], [4], [i]) for i in range(count)]
                 emit(
@@ -223,6 +305,15 @@ def main() -> None:
                             client.infer(case, inputs)
                             times.append(time.perf_counter() - began)
                         p50s[case].append(statistics.median(times) * 1e6)
+            served: dict[str, float] = {}
+            for case in cases:  # the server's own time per request, decode to encode (mean)
+                total = metric(
+                    server.metrics_url, "edgewise_request_duration_seconds_sum", model=case
+                )
+                count = metric(
+                    server.metrics_url, "edgewise_request_duration_seconds_count", model=case
+                )
+                served[case] = total / count * 1e6
             for case in cases:
                 added = [a - b for a, b in zip(p50s[case], p50s["direct"], strict=True)]
                 count = metric(
@@ -243,6 +334,8 @@ def main() -> None:
                             round(statistics.median(added) / target, 2) if target else None
                         ),
                         "server_lookup_mean_us": round(total / count * 1e6, 1) if count else None,
+                        "server_request_mean_us": round(served[case], 1),
+                        "server_added_mean_us": round(served[case] - served["direct"], 1),
                         "rounds": args.rounds,
                         "requests_per_round": args.requests,
                     }

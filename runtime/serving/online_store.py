@@ -773,7 +773,12 @@ class RedisOnlineStore:
                     else decode_value(blob)
                     for blob in reply
                 ]
-                result.append((_timestamp_seconds(stamp), values))
+                seconds = _STAMPS.get(stamp)
+                if seconds is None:
+                    if len(_STAMPS) >= 4096:  # bounded: Feast writes few distinct times
+                        _STAMPS.clear()
+                    seconds = _STAMPS[stamp] = _timestamp_seconds(stamp)
+                result.append((seconds, values))
         except (ValueError, UnicodeDecodeError, struct.error) as exc:
             raise StoreError(f"online store {self.where}: a value cannot be read ({exc})") from None
         return result
@@ -783,6 +788,10 @@ class RedisOnlineStore:
         if held is not None:
             self._local.conn = None
             held.sock.close()
+
+
+#: Serialized Timestamps already read (many entities share a materialization's event time).
+_STAMPS: dict[bytes, float] = {}
 
 
 def _reason(exc: OSError) -> str:
