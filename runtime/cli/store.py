@@ -112,6 +112,26 @@ def _add_register(sub: Subparsers) -> None:
     p.set_defaults(handler=_cmd_register)
 
 
+def _check_register(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """Every input ``register`` would refuse, checked before the store is opened (created)."""
+    from edgewise.runtime.evaluation.gate import GateSpec
+    from edgewise.runtime.package.manifest import read_manifest
+    from edgewise.runtime.package.signing import load_private_key
+    from edgewise.runtime.store.base import validate_alias
+    from edgewise.runtime.store.lineage import check_lineage_inputs
+    from edgewise.runtime.store.register import parse_package_path
+
+    parse_package_path(args.package)
+    read_manifest(args.package)
+    if args.alias is not None:
+        validate_alias(args.alias)
+    check_lineage_inputs(code_dir=args.code_dir, metrics=metrics, data=args.data)
+    if args.gate is not None:
+        GateSpec.load(args.gate)
+    if args.sign_key is not None:
+        load_private_key(args.sign_key)
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from edgewise.runtime.store.lineage import parse_key_values, read_json_mapping
     from edgewise.runtime.store.register import register
@@ -124,6 +144,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.metrics_file:
         metrics.update(read_json_mapping(args.metrics_file, "metrics"))
     metrics.update(parse_key_values(args.metric, "metric"))
+    _check_register(args, metrics)  # a refused call creates no store
     store = _open_store(args, create=True)
     try:
         result = register(

@@ -575,11 +575,11 @@ def run_pipeline(
     :class:`PipelineFailed` (recorded) for a failed step, or the store's error when the store
     cannot be reached (nothing recorded, nothing registered)."""
     uri = pipeline_store(spec, store)
+    code = code_version(spec.train.code, code_excludes(spec, uri))  # before a store is created
     the_store = open_store(uri, create=True)
     log = open_run_log(uri, create=True)
     try:
         previous = _previous_schema(log, spec.model)  # the store answers, or the run stops here
-        code = code_version(spec.train.code, code_excludes(spec, uri))
         run_id = new_run_id()
         record = begin_record(spec, run_id, code, trigger or {"by": "cli"})
         steps = StepTimer(record)

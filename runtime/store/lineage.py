@@ -22,6 +22,7 @@ from edgewise.runtime.package.manifest import Manifest, sha256_file
 from edgewise.runtime.store.base import Lineage
 
 __all__ = [
+    "check_lineage_inputs",
     "collect_lineage",
     "data_fingerprint",
     "git_info",
@@ -134,6 +135,25 @@ def _metric(key: str, value: Any) -> float:
     return number
 
 
+def check_lineage_inputs(
+    *,
+    code_dir: Path | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    data: Sequence[Path] = (),
+) -> None:
+    """Refuse what :func:`collect_lineage` would refuse, before anything is written: a code
+    folder that is not a folder, a metric that is not a finite number, a data path that does
+    not exist. :class:`InvalidInput` naming the value."""
+    if code_dir is not None and not code_dir.is_dir():
+        what = "no such folder" if not code_dir.exists() else "not a folder"
+        raise InvalidInput(f"--code-dir {code_dir}: {what} (the training code's git work tree)")
+    for key, value in (metrics or {}).items():
+        _metric(str(key), value)
+    for path in data:
+        if not (path.is_file() or path.is_dir()):
+            raise InvalidInput(f"training data {path}: no such file or folder")
+
+
 def collect_lineage(
     manifest: Manifest,
     *,
@@ -152,6 +172,7 @@ def collect_lineage(
     conversion sample's sha256 recorded in the manifest is used when there is one. The author is
     ``author``, else git's ``user.name``, else the login name.
     """
+    check_lineage_inputs(code_dir=code_dir, metrics=metrics, data=data)
     folder = code_dir if code_dir is not None else Path.cwd()
     commit, dirty, origin = git_info(folder)
     if code_version:
