@@ -26,8 +26,10 @@ Prints one JSON line per case:
 - ``steady``: every agent converged; store calls per second and their latency (p50, p99) while
   the fleet only polls.
 - ``converge``: the alias flips; seconds until every agent serves the new version (p50 and max
-  over agents; ``real_p50_seconds``, ``real_max_seconds``: over the real nodes alone), at once
-  (the baseline) and in waves (1 node, 25 %, all); ``ratio`` = waves / at once.
+  over agents; ``real_p50_seconds``, ``real_max_seconds``: over the real nodes alone;
+  ``real_deploy_seconds``: each real node's time from the poll that saw the version to its
+  switch, the waves' wait included), at once (the baseline) and in waves (1 node, 25 %, all);
+  ``ratio`` = waves / at once.
 - ``store_down``: the alias flips and the store is unreachable for ``--down-seconds`` right
   after (MLflow: connections refused by a proxy; SQLite: the database file moved away); failed
   calls and the time to converge, ``ratio`` against the baseline converge.
@@ -162,6 +164,8 @@ class RealNode:
         self.thread = threading.Thread(target=self._run, args=(stop,), daemon=True)
         self.deployed: tuple[int, str] | None = None
         self.deployed_at = 0.0
+        self.seen: tuple[int, float] | None = None  # (version, when the agent first saw it)
+        self.deploy_seconds: float | None = None  # from seeing the version to serving it
         self.error: BaseException | None = None
 
     def _run(self, stop: threading.Event) -> None:
@@ -175,10 +179,16 @@ class RealNode:
 
     def observe(self) -> None:
         """The version the agent made the default (its gauge, set when the state is saved)."""
-        value = self.agent.metrics.registry.get_sample_value("edgewise_agent_deployed_version")
-        version = int(value or 0)
+        registry = self.agent.metrics.registry
+        now = time.monotonic()
+        target = int(registry.get_sample_value("edgewise_agent_target_version") or 0)
+        if target and (self.seen is None or self.seen[0] != target):
+            self.seen = (target, now)
+        version = int(registry.get_sample_value("edgewise_agent_deployed_version") or 0)
         if version and (self.deployed is None or self.deployed[0] != version):
-            self.deployed, self.deployed_at = (version, ""), time.monotonic()
+            self.deployed, self.deployed_at = (version, ""), now
+            if self.seen is not None and self.seen[0] == version:
+                self.deploy_seconds = now - self.seen[1]
 
     def serving(self) -> int | None:
         for status in self.client.repository_index():
@@ -276,6 +286,8 @@ def converge(
     during: Callable[[], None],
 ) -> dict[str, Any]:
     real = [a for a in agents if isinstance(a, RealNode)]
+    for node in real:
+        node.deploy_seconds = None
     flipped = time.monotonic()
     admin.set_alias(MODEL, ALIAS, version)
     # The outage (or nothing) in a thread of its own: the real nodes are observed meanwhile.
@@ -310,6 +322,11 @@ def converge(
             real_nodes=len(real),
             real_p50_seconds=round(statistics.median(real_done), 2) if real_done else None,
             real_max_seconds=round(max(real_done), 2) if len(real_done) == len(real) else None,
+            # From the poll that saw the version to the switch (the waves' wait included).
+            real_deploy_seconds=[
+                None if node.deploy_seconds is None else round(node.deploy_seconds, 2)
+                for node in real
+            ],
             real_serving=sum(node.serving() == version for node in real),
             real_errors=[repr(node.error) for node in real if node.error is not None],
         )

@@ -35,7 +35,12 @@ sections when it pins versions.
 A version that fails any step is refused (recorded in the state file with its reason, not retried
 until the alias names something else; a corrupted download is retried after
 ``corrupt_retry_seconds``), and the server keeps serving the last good version. ``edgewise
-rollback NAME`` does a rollback by hand.
+rollback NAME`` does a rollback by hand; while a version is on its way (installed, loading, in
+its rollout policy's steps: recorded in the state file, see
+:class:`~edgewise.runtime.agent.state.Rollout`), it aborts that candidate instead.
+
+The state lock is held while the state changes, never across a load, a golden request or a
+step's wait (docs/rollout.md): a reader or ``edgewise rollback`` never waits for a rollout.
 
 Store or server unreachable, slow or failing: exponential backoff with jitter, one log line per
 failure, the server untouched. State lives in ``REPO/.edgewise-agent/NAME.json``; a restarted
