@@ -90,6 +90,7 @@ __all__ = [
     "convert_files",
     "frame_to_inputs",
     "load_model",
+    "opset_range",
     "require_converter",
     "to_onnx",
 ]
@@ -188,6 +189,12 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def opset_range() -> tuple[int, int]:
+    """The ``ai.onnx`` opsets the converter targets: (lowest, the installed onnx's latest)."""
+    onnx_lib = require_module("onnx", "conversion")
+    return _MIN_OPSET, int(onnx_lib.defs.onnx_opset_version())
+
+
 def _target_opsets(opset: int | Mapping[str, int] | None) -> dict[str, int]:
     if opset is None:
         target = {"": DEFAULT_OPSET, _ML_DOMAIN: DEFAULT_ML_OPSET}
@@ -199,8 +206,7 @@ def _target_opsets(opset: int | Mapping[str, int] | None) -> dict[str, int]:
         target = {"": opset, _ML_DOMAIN: DEFAULT_ML_OPSET}
     else:
         raise InvalidInput(f"opset: expected an integer, got {opset!r}")
-    onnx_lib = require_module("onnx", "conversion")
-    latest = int(onnx_lib.defs.onnx_opset_version())
+    _, latest = opset_range()
     if not _MIN_OPSET <= target[""] <= latest:
         raise InvalidInput(
             f"opset: {target['']} is not supported; choose {_MIN_OPSET} to {latest} "

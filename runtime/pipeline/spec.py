@@ -347,16 +347,37 @@ def _convert(table: Mapping[str, Any], where: str) -> ConvertStep:
     opset = table.get("opset")
     if opset is not None:
         opset = _integer(opset, f"{where}: [convert] opset", 1)
+        _check_opset(opset, where)
     atol = table.get("atol", 1e-4)
     if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
         raise InvalidInput(f"{where}: [convert] atol must be a number >= 0")
     return ConvertStep(opset=opset, atol=float(atol))
 
 
+def _check_opset(opset: int, where: str) -> None:
+    """An opset the converter cannot target is refused here, not after training (without onnx
+    installed the convert step says what to install)."""
+    from edgewise.runtime.convert.converter import opset_range
+    from edgewise.runtime.package.tabular import MissingDependency
+
+    try:
+        low, high = opset_range()
+    except MissingDependency:
+        return
+    if not low <= opset <= high:
+        raise InvalidInput(
+            f"{where}: [convert] opset {opset} is not supported; choose {low} to {high}"
+        )
+
+
 def _evaluate(table: Mapping[str, Any], where: str) -> EvaluateStep:
     _known(table, {"slice_by", "min_slice_size"}, f"{where}: [evaluate]")
+    slice_by = names(f"{where}: [evaluate] slice_by", table.get("slice_by", []))
+    twice = sorted({c for c in slice_by if slice_by.count(c) > 1})
+    if twice:
+        raise InvalidInput(f"{where}: [evaluate] slice_by names {twice[0]!r} more than once")
     return EvaluateStep(
-        slice_by=names(f"{where}: [evaluate] slice_by", table.get("slice_by", [])),
+        slice_by=slice_by,
         min_slice_size=_integer(
             table.get("min_slice_size", 30), f"{where}: [evaluate] min_slice_size", 1
         ),

@@ -63,6 +63,12 @@ def test_a_minimal_file_parses_with_defaults(tmp_path: Path) -> None:
             "[gate.data]",
         ),
         (_with(format=2), "format 2 is not known"),
+        (_with(convert={"opset": 99}), "[convert] opset 99 is not supported; choose 9 to"),
+        (_with(convert={"opset": 8}), "[convert] opset 8 is not supported"),
+        (
+            _with(evaluate={"slice_by": ["size", "region", "size"]}),
+            "[evaluate] slice_by names 'size' more than once",
+        ),
     ],
 )
 def test_bad_files_are_refused_naming_the_entry(document: dict[str, Any], message: str) -> None:
