@@ -1,20 +1,31 @@
-"""Data capture's cost on the request path, and the capture writer's throughput, in one run.
+"""Data capture's cost on the request path, and the capture's throughput, in one run.
 
     .venv/bin/python benchmarks/capture.py [--rounds R (default 5)] [--seconds S (default 3)]
                                            [--models logreg32,forest100] [--records N]
                                            [--core-requests N] [--skip-request-path]
 
+The capture's CPU is the serving process's (the request thread's offer, the shipper thread that
+turns the queue into columns) plus its writer process's (Arrow, Parquet): every measure below
+counts both; the writer's own CPU comes from ``edgewise_capture_writer_cpu_seconds_total`` (its
+process_time, reported after each file) in process, from the server's process tree (psutil,
+children included) end to end.
+
 Writer throughput (``capture_writer_throughput``): in this process, the real serving core
 answers ``--records`` requests of one row (logreg32) and offers each to a Capture whose queue
-holds them all and whose writer waits; then the writer is woken and timed until every record is
-in Parquet files: records/s written, the rate beyond which a server's queue fills and drops.
+holds them all and whose shipper waits; then it is woken and timed until every record is in
+Parquet files: records/s written, and the CPU per record in this process and in the writer.
+
+Saturation (``capture_saturation``): one answered request offered again and again (bursts of
+500, then 1 ms) to a Capture with the server's defaults (queue 10,000, a file as soon as 5,000
+wait) for ``--seconds``: the records written per second while the queue overflows, the most
+the capture takes before it drops.
 
 Core CPU (``capture_core_cpu``): the serving core alone in this process, no transport: CPU time
-of the process (every thread, the capture writer's included) per request of one row, capture
+of the process (every thread) and of the capture's writer process per request of one row, capture
 off, off again (the control: what a ratio of 1 looks like in this run), 1 % and 100 %, in
 alternating rounds (2 x --rounds); medians and the medians of per-round ratios against off;
-and where it went: the CPU time of the request thread (the core, the capture's offer) and of
-the other threads (the capture's writer) per request.
+and where it went: the CPU time of the request thread (the core, the capture's offer), of the
+other threads (the capture's shipper) and of the writer process per request.
 
 Request path (``capture_request_path``): four edgewise servers serve the same models
 (serving.py's build_models) with the native front end: capture off, off again (the control),
@@ -23,10 +34,11 @@ every 0.5 s (``--capture-flush-seconds 0.5``: the writer's work falls inside the
 windows). tritonclient[grpc] (serving.py's client processes) drives each at concurrency 1 and 8;
 rounds alternate between the servers and the order rotates each round, so drift on the shared
 machine hits all of them. The server's CPU per request is the CPU time of the whole process
-(front end, core and the capture's writer thread) over the window, divided by the requests
-answered. One JSON line per (model, concurrency, server): medians over rounds of p50, server CPU
-per request and throughput, and the medians of the per-round ratios against capture off (target
-at rate 1: server CPU ratio <= 1.05; the control's ratio is the run's noise). The capture
+and its children (front end, core, the capture's shipper and its writer process) over the
+window, divided by the requests answered. One JSON line per (model, concurrency, server):
+medians over rounds of p50, server CPU per request and throughput, and the medians of the
+per-round ratios against capture off (target at rate 1: server CPU ratio <= 1.05; the
+control's ratio is the run's noise). The capture
 servers' metrics are read at the end: records captured, written and dropped.
 """
 
@@ -202,9 +214,10 @@ def writer_cpu_of(registry: Any) -> float:
 
 def saturation(server: Any, work: Path, seconds: float) -> None:
     """Capture's throughput before the queue drops: one answered request offered to a Capture
-    with the server's defaults (queue 10,000, a file as soon as 5,000 wait) faster than it can
-    write (bursts of 500 offers, then 1 ms for the shipper to take the GIL) for ``seconds``:
-    the records written per second while the queue overflows is the most it takes."""
+    with the server's defaults (queue 10,000, a file as soon as 5,000 wait) at a paced rate
+    (offers every millisecond, caught up to the rate), stepping up from 25,000 to 400,000 a
+    second, ``seconds`` a step: per step, what was offered and written a second and what the
+    full queue dropped. The highest rate without drops is the most the capture takes."""
     import numpy as np
     from prometheus_client import CollectorRegistry
 
@@ -212,8 +225,6 @@ def saturation(server: Any, work: Path, seconds: float) -> None:
     from edgewise.runtime.serving.capture import Capture, CaptureSettings
     from edgewise.runtime.serving.pipeline import InferenceCore
 
-    registry = CollectorRegistry()
-    capture = Capture(CaptureSettings(work / "capture-saturation", max_bytes=4 << 30), registry)
     kept: list[Any] = []
 
     class Keeper:  # the core's capture for one request: what it offers, kept
@@ -227,33 +238,42 @@ def saturation(server: Any, work: Path, seconds: float) -> None:
     request.raw_input_contents.append(np.ones((1, bench.N_FEATURES), np.float32).tobytes())
     core.infer_on_thread(request, None, time.perf_counter(), defer=lambda f, *a: f(*a))
     prepared, response = kept[0]
-    name = "edgewise_capture_written_records_total"
-    offered = 0
-    started = time.perf_counter()
-    written_before = registry.get_sample_value(name, {"model": "logreg32"}) or 0.0
-    while time.perf_counter() - started < seconds:
-        for _ in range(500):
-            capture.offer(prepared, response)
-        offered += 500
-        time.sleep(0.001)
-    elapsed = time.perf_counter() - started
-    written = (registry.get_sample_value(name, {"model": "logreg32"}) or 0.0) - written_before
-    dropped = registry.get_sample_value(
-        "edgewise_capture_dropped_total", {"model": "logreg32", "reason": "queue_full"}
-    )
-    assert capture.flush(120)
-    capture.close()
-    print(
-        json.dumps(
-            {
-                "case": "capture_saturation", "model": "logreg32", "seconds": round(elapsed, 2),
-                "offered_per_s": round(offered / elapsed),
-                "written_per_s": round(written / elapsed),
-                "dropped": dropped,
-            }
-        ),
-        flush=True,
-    )  # fmt: skip
+    for rate in (25_000, 50_000, 100_000, 200_000, 400_000):
+        registry = CollectorRegistry()
+        capture = Capture(
+            CaptureSettings(work / f"capture-saturation-{rate}", max_bytes=4 << 30), registry
+        )
+        capture.offer(prepared, response)  # the writer process started and ready: not timed
+        assert capture.flush(120)
+        offered = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds:
+            for _ in range(int(elapsed * rate) - offered):
+                capture.offer(prepared, response)
+            offered = max(offered, int(elapsed * rate))
+            time.sleep(0.001)
+        assert capture.flush(120)
+        elapsed = time.perf_counter() - started
+        written = (
+            registry.get_sample_value(
+                "edgewise_capture_written_records_total", {"model": "logreg32"}
+            )
+            or 0.0
+        ) - 1
+        dropped = registry.get_sample_value(
+            "edgewise_capture_dropped_total", {"model": "logreg32", "reason": "queue_full"}
+        )
+        capture.close()
+        print(
+            json.dumps(
+                {
+                    "case": "capture_saturation", "model": "logreg32", "rate": rate,
+                    "offered": offered, "written": written, "dropped": dropped or 0.0,
+                    "written_per_s_until_flushed": round(written / elapsed),
+                }
+            ),
+            flush=True,
+        )  # fmt: skip
 
 
 def core_cpu(rounds: int, requests: int, work: Path) -> None:

@@ -11,14 +11,19 @@ a few hundred bytes, not the request's and answer's objects. Nothing there waits
 converts or touches a file: a full queue drops the record and counts it
 (``edgewise_capture_dropped_total{model,reason="queue_full"}``).
 
-A writer thread drains the queue every ``flush_seconds`` (or as soon as ``batch_records`` wait),
-builds one table per model version (:mod:`~edgewise.runtime.serving.capture_tables`: a chunk of
-records per Arrow call; the answers' bytes joined per output, not decoded one by one) and writes
-it as one complete Parquet file
-(:class:`~edgewise.runtime.serving.capture_files.CaptureFolder`: atomic, oldest removed past the
-size cap). A writer error is counted (``reason="write_error"``) and logged once; it never
-reaches a request. After SIGKILL at most the records not yet written are lost (those queued
-since the last write: up to ``flush_seconds`` or ``batch_records`` of them); SIGTERM writes them.
+A shipper thread takes the queue every ``flush_seconds`` (or as soon as ``batch_records``
+wait), groups it by model version and choice of outputs, turns each group into plain columns
+(:func:`~edgewise.runtime.serving.capture_tables.encode`: numpy, a chunk of records per call, the
+tensors' and answers' bytes joined at once) and sends them to the capture's writer process
+(:mod:`~edgewise.runtime.serving.capture_process`,
+:mod:`~edgewise.runtime.serving.capture_writer`), which builds the Arrow tables and writes each
+as one complete Parquet file (atomic, oldest removed past the size cap): Arrow and Parquet never
+take the serving process's GIL. The writer's reports move the metrics here. A write error is
+counted (``reason="write_error"``) and logged once; a writer process that dies is counted
+(``reason="writer_exited"``) and replaced at the next flush; neither reaches a request. After
+SIGKILL of the server, at most the records not yet sent are lost (those queued since the
+shipper last took the queue: up to ``flush_seconds`` or ``batch_records`` of them; the writer
+writes what it had received, then exits); SIGTERM writes them all.
 
 The columns of a file: see :mod:`~edgewise.runtime.serving.capture_tables`.
 """
@@ -191,7 +196,8 @@ class CaptureMetrics:
         self.dropped = Counter(
             "edgewise_capture_dropped",
             "Captured requests lost, by model and reason: queue_full (the writer fell behind; "
-            "the request was answered), write_error (a file could not be written).",
+            "the request was answered), write_error (a file could not be written), "
+            "writer_exited (the writer process died before writing them).",
             ["model", "reason"],
             registry=registry,
         )

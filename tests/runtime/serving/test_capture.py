@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -224,9 +225,9 @@ def test_labels_sent_as_feedback_join_the_export(
 def test_sigkill_leaves_only_complete_files(
     repo: Path, tmp_path: Path, server_factory: list[RunningServer]
 ) -> None:
-    """A server killed with SIGKILL while it captures and writes: every .parquet in the folder
-    reads whole; what a write cut short is a hidden temporary file, removed when a server opens
-    the folder again."""
+    """A server killed with SIGKILL while it captures and writes: its writer process writes what
+    it received and exits on its own; every .parquet in the folder reads whole; what a write cut
+    short is a hidden temporary file, removed when a server opens the folder again."""
     folder = tmp_path / "captured"
     server = serve(
         server_factory, repo, tmp_path, "--front-end", "grpcio",
@@ -243,8 +244,12 @@ def test_sigkill_leaves_only_complete_files(
         assert len(list(captured_files(folder))) >= 3
         for more in range(50):  # the writer is busy as the kill lands
             client.infer("logreg", {"features": rows_of(repo, 8, more)}, request_id=f"z{more}")
+    writers = psutil.Process(server.process.pid).children()
+    assert [w.cmdline()[-3] for w in writers] == ["edgewise.runtime.serving.capture_writer"]
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(timeout=30)
+    _, alive = psutil.wait_procs(writers, timeout=30)  # it ends at its stdin's end
+    assert not alive
     files = list(captured_files(folder))
     assert files
     total = 0
