@@ -8,20 +8,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgewise.runtime.cli.argtypes import positive_int, positive_seconds
+
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["_add_batch"]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
 
 
 def _size(text: str) -> int:
@@ -58,7 +50,10 @@ def _add_batch(sub: Subparsers) -> None:
         "mlflow://HOST:PORT or http(s)://HOST:PORT [EDGEWISE_STORE]",
     )
     p.add_argument(
-        "--store-timeout", type=float, default=30.0, help="seconds per store request (default 30)"
+        "--store-timeout",
+        type=positive_seconds,
+        default=30.0,
+        help="seconds per store request (default 30)",
     )
     p.add_argument(
         "--model-cache", type=Path,
@@ -89,14 +84,14 @@ def _add_batch(sub: Subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the job in OUTPUT")
     p.add_argument(
         "--chunk-rows",
-        type=_positive,
+        type=positive_int,
         help="rows per chunk, and per part file without --part-rows/--part-bytes (default 65536)",
     )
     p.add_argument(
-        "--threads", type=_positive,
+        "--threads", type=positive_int,
         help="scorer threads (default: the worker threads of the CPU budget)",
     )  # fmt: skip
-    p.add_argument("--intra-op-threads", type=_positive, help="onnxruntime intra-op threads")
+    p.add_argument("--intra-op-threads", type=positive_int, help="onnxruntime intra-op threads")
     p.add_argument(
         "--no-drift-report", action="store_true", help="skip the input statistics and drift"
     )
@@ -105,14 +100,14 @@ def _add_batch(sub: Subparsers) -> None:
         help="a bar on a terminal, log lines otherwise (default auto)",
     )  # fmt: skip
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    p.add_argument("--ray-actors", type=_positive, help="scoring actors (default: cluster CPUs)")
+    p.add_argument("--ray-actors", type=positive_int, help="scoring actors (default: cluster CPUs)")
     p.add_argument(
         "--carry-columns", action="store_true",
         help="copy every input column to the output, after the id columns (SageMaker's join "
         "source); input columns named like a model output are left out, with a warning",
     )  # fmt: skip
     p.add_argument(
-        "--part-rows", type=_positive, metavar="N",
+        "--part-rows", type=positive_int, metavar="N",
         help="compact the output: a part file closes once it holds N rows or more (whole "
         "chunks; default: one part file per chunk)",
     )  # fmt: skip

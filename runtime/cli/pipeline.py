@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgewise.runtime.cli.argtypes import positive_int, seconds
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.pipeline.trigger import ALERT_KINDS
 
@@ -24,16 +25,6 @@ __all__ = ["_add_pipeline"]
 
 EXIT_DIFFERS = 1
 ALERT_FIELDS = ("kind", "model", "version", "window", "time", "rows")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
-    return value
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +70,9 @@ def _add_pipeline(sub: Subparsers) -> None:
     _store_args(runs)
     runs.add_argument("--pipeline", type=Path, help="take the store from this pipeline file")
     runs.add_argument("--model", help="only this model's runs")
-    runs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    runs.add_argument(
+        "--limit", type=positive_int, default=20, help="at most this many (default 20)"
+    )
     runs.add_argument("--json", action="store_true", help="JSON lines, one record each")
     runs.set_defaults(handler=_cmd_runs)
 
@@ -119,11 +112,11 @@ def _add_pipeline(sub: Subparsers) -> None:
     trig.add_argument("pipeline", type=Path, help="the pipeline file (TOML)")
     _store_args(trig)
     trig.add_argument(
-        "--cooldown", type=_seconds, default=900.0,
+        "--cooldown", type=seconds, default=900.0,
         help="seconds after a run starts before another may start (default 900)",
     )  # fmt: skip
     trig.add_argument(
-        "--stale-after", type=_seconds, default=6 * 3600.0,
+        "--stale-after", type=seconds, default=6 * 3600.0,
         help="a run lock older than this many seconds is stale (default 21600)",
     )  # fmt: skip
     trig.add_argument(
@@ -238,7 +231,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
     log = open_run_log(_reader_store(args), create=False)
     try:
-        records = log.list_runs(args.model, limit=max(args.limit, 1))
+        records = log.list_runs(args.model, limit=args.limit)
     finally:
         log.close()
     if args.json:

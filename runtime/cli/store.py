@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgewise.runtime.cli.argtypes import positive_seconds
 from edgewise.runtime.config.settings import (
     add_client_security_arguments,
     client_security_from_args,
@@ -39,7 +40,10 @@ def _store_argument(parser: argparse.ArgumentParser) -> None:
         "http(s)://HOST:PORT [EDGEWISE_STORE]",
     )
     parser.add_argument(
-        "--store-timeout", type=float, default=30.0, help="seconds per store request (default 30)"
+        "--store-timeout",
+        type=positive_seconds,
+        default=30.0,
+        help="seconds per store request (default 30)",
     )
 
 
