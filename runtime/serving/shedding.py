@@ -110,6 +110,9 @@ class LoadShedder(grpc.GenericRpcHandler):
         # Inference calls counted outside this shedder that share its limit (the native front
         # end's, counted in C++; it checks the limit itself with them and :attr:`inflight`).
         self._elsewhere = elsewhere
+        # Told the new count at each enter and leave (the HTTP front end's calls): the native
+        # front end's fast path keeps a copy in native memory to check the limit without the GIL.
+        self.on_change: Callable[[int], None] | None = None
         self.shed = 0
         self.last_shed = -1e9  # time.monotonic() of the last refusal
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -174,11 +177,15 @@ class LoadShedder(grpc.GenericRpcHandler):
             self.record_shed()
             return False
         self.inflight += 1
+        if self.on_change is not None:
+            self.on_change(self.inflight)
         return True
 
     def leave(self) -> None:
         """The end of a call :meth:`enter` took."""
         self.inflight -= 1
+        if self.on_change is not None:
+            self.on_change(self.inflight)
 
     def calls_in_flight(self) -> int:
         """Inference calls dispatched and not yet ended (refused ones excluded)."""
