@@ -855,6 +855,19 @@ struct Front {
   // with no model version of the table to count them on.
   std::shared_ptr<const FastTable> fast_table;
   std::atomic<long> fast_limit{0};
+  std::atomic<long> other_in_flight{0};  // the HTTP front end's calls, as the shedder counts them
+  // Set by a fast call, cleared by wait_fast: wakes Python's publisher (fast_path.py) once per
+  // batch of calls, never per call.
+  std::atomic<bool> fast_dirty{false};
+  std::mutex fast_mu;
+  std::condition_variable fast_cv;
+  void FastAnswered() {
+    fast_calls.fetch_add(1, std::memory_order_relaxed);
+    if (!fast_dirty.exchange(true, std::memory_order_acq_rel)) {
+      std::lock_guard<std::mutex> lock(fast_mu);
+      fast_cv.notify_one();
+    }
+  }
   std::atomic<size_t> fast_max_bytes{0};  // larger requests go to Python (memory admission); 0 none
   std::atomic<long> fast_calls{0};
   std::atomic<uint64_t> fallbacks[kReasons] = {};
@@ -1324,7 +1337,8 @@ bool InferCall::TryFast() {
   // Admission: the limit Python set on the calls in flight (this one included); at or over it
   // Python decides (it sheds, with its metrics and trailers).
   long limit = front_->fast_limit.load(std::memory_order_relaxed);
-  if (limit > 0 && front_->in_flight.load(std::memory_order_relaxed) > limit) {
+  if (limit > 0 && front_->in_flight.load(std::memory_order_relaxed) +
+                       front_->other_in_flight.load(std::memory_order_relaxed) > limit) {
     release_values();
     return front_->Fallback(&model, kLimit);
   }
@@ -1418,7 +1432,7 @@ bool InferCall::TryFast() {
   answer.reply = grpc::Slice(w.out);
   answer.has_reply = true;
   model.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
-  front_->fast_calls.fetch_add(1, std::memory_order_relaxed);
+  front_->FastAnswered();
   std::unique_lock<std::mutex> lock(mu_);
   Deliver(answer, lock);  // `this` may be gone once it returns
   return true;
@@ -2041,6 +2055,35 @@ PyObject* FrontSetFast(PyObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// set_other_in_flight(n): the calls in flight on the other front ends that share the limit.
+PyObject* FrontSetOtherInFlight(PyObject* self, PyObject* arg) {
+  long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (object->front) object->front->other_in_flight.store(n, std::memory_order_relaxed);
+  Py_RETURN_NONE;
+}
+
+// wait_fast(timeout) -> bool: wait (the GIL released) until a call has been answered on the fast
+// path since the last wait, or timeout seconds; True when one was.
+PyObject* FrontWaitFast(PyObject* self, PyObject* arg) {
+  double timeout = PyFloat_AsDouble(arg);
+  if (timeout == -1.0 && PyErr_Occurred()) return nullptr;
+  auto* object = reinterpret_cast<FrontObject*>(self);
+  if (!object->front) Py_RETURN_FALSE;
+  Front* front = object->front;
+  bool answered;
+  Py_BEGIN_ALLOW_THREADS
+  {
+    std::unique_lock<std::mutex> lock(front->fast_mu);
+    front->fast_cv.wait_for(lock, std::chrono::duration<double>(timeout > 0 ? timeout : 0),
+                            [&] { return front->fast_dirty.load(std::memory_order_acquire); });
+  }
+  answered = front->fast_dirty.exchange(false, std::memory_order_acq_rel);
+  Py_END_ALLOW_THREADS
+  return PyBool_FromLong(answered);
+}
+
 // fast_counts() -> (calls answered on the fast path, fallbacks without a model version by reason)
 PyObject* FrontFastCounts(PyObject* self, PyObject*) {
   auto* object = reinterpret_cast<FrontObject*>(self);
@@ -2057,6 +2100,10 @@ PyMethodDef kFrontMethods[] = {
 #ifdef EDGEWISE_FAST
     {"set_fast", FrontSetFast, METH_VARARGS,
      "set_fast(table, limit, max_bytes): the model versions served on the fast path, its limits"},
+    {"set_other_in_flight", FrontSetOtherInFlight, METH_O,
+     "set_other_in_flight(n): the other front ends' calls in flight (the shared limit)"},
+    {"wait_fast", FrontWaitFast, METH_O,
+     "wait_fast(timeout) -> bool: until a call was answered on the fast path, or timeout"},
     {"fast_counts", FrontFastCounts, METH_NOARGS,
      "fast_counts() -> (fast calls, fallbacks without a model version by reason)"},
 #endif

@@ -1,15 +1,14 @@
 """The native front end's fast path (issue 26): the common ModelInfer call without the GIL.
 
 With the fast path on (``serve --native-fast-path on``, ``EDGEWISE_NATIVE_FAST_PATH=on``; off by
-default, see docs/native.md),
-C++ (``_front.cc``) answers a ModelInfer call on the thread that read it: it decodes the
-request, runs the model through onnxruntime's C API and encodes the answer, the GIL never taken.
-Python keeps control: :class:`FastPath` decides which model versions may be served so, makes
-each one's C API session from the same bytes the Python side loaded and validated (its digest
-checked against the manifest), and hands C++ a new table after every change of the served set
-(the repository's ``on_swap``) and whenever what it depends on changes (checked every
-:data:`TICK_SECONDS`). Sessions are reference counted: a call that found a version keeps it
-until it is answered, so a swap under load loses no call.
+default, see docs/native.md), C++ (``_front.cc``) answers a ModelInfer call on the thread that
+read it: it decodes the request, runs the model through onnxruntime's C API and encodes the
+answer, the GIL never taken. Python keeps control: :class:`FastPath` decides which model
+versions may be served so, makes each one's C API session from the same bytes the Python side
+loaded and validated (its digest checked against the manifest), and hands C++ a new table after
+every change of the served set (the repository's ``on_swap``) and whenever what it depends on
+changes (checked every :data:`TICK_SECONDS`). Sessions are reference counted: a call that found
+a version keeps it until it is answered, so a swap under load loses no call.
 
 A call is served on the fast path only when all of this holds; otherwise it takes the Python
 path, unchanged, and is counted in ``edgewise_native_fallback_total{model,reason}``:
@@ -18,26 +17,27 @@ path, unchanged, and is counted in ``edgewise_native_fallback_total{model,reason
   no traffic split, shadow or label (rollouts), a request small enough that memory admission
   would not look at it (``reason="limit"`` otherwise);
 * the model version (:func:`ineligible`): no dynamic batching, no feature lookup, no
-  performance estimate; FP32, FP64, INT32 or INT64 inputs with a batch dimension;
-  numeric outputs;
-* the call: the model version is in the table (``not_in_table``), the request has no parameters
-  and carries exactly the model's inputs, all raw or all typed, one batch size (``inputs``;
-  ``request_form`` for anything unusual in its encoding), its deadline has not passed
-  (``deadline``), the calls in flight are within ``--max-inflight`` (``limit``: Python then
-  sheds), onnxruntime runs it (``run``: Python runs it again and answers the error), it has
-  no request id (in its body or ``x-request-id``) where the model keeps predictions for labels
-  to come (online quality: ``keyed``), its body is at most ``--inline-max-bytes`` (``large``:
-  a larger one runs on the front end's worker threads, as before, so the thread that reads
-  the calls never runs a long one).
+  performance estimate; FP32, FP64, INT32 or INT64 inputs with a batch dimension; numeric
+  outputs;
+* the call: the model version is in the table (``not_in_table``); the request has no
+  parameters and carries exactly the model's inputs, all raw or all typed, one batch size
+  (``inputs``; ``request_form`` for anything unusual in its encoding); its deadline has not
+  passed (``deadline``); the calls in flight (its own and the HTTP front end's) are within
+  ``--max-inflight`` (``limit``: Python then sheds); onnxruntime runs it (``run``: Python runs
+  it again and answers the error); it has no request id (in its body or ``x-request-id``) where
+  the model keeps predictions for labels to come (online quality: ``keyed``); its body is at
+  most ``--inline-max-bytes`` (``large``: a larger one runs on the front end's worker threads,
+  as before, so the thread that reads the calls never runs a long one).
 
 Monitoring stays numba's: C++ copies each answered call's rows (inputs and the watched output)
 into a ring per model version, bounded at :data:`RING_MAX_ROWS` rows (a call that would overflow
 it is not kept, counted in ``edgewise_native_monitor_dropped_rows_total``; the call itself never
-waits); a thread of this module drains every ring each :data:`TICK_SECONDS` into the monitor's
-kernels, one ``observe`` per drain. The drift figures therefore lag the calls by at most about
-one tick (plus the kernels' time). The request counts and latency histogram are kept in native
-memory and added to ``edgewise_requests_total`` and ``edgewise_request_duration_seconds`` when
-the metrics are read, so a scrape sees every call answered before it; the in-flight gauge counts
+waits); a thread of this module, woken by C++ once calls were answered, drains every ring into
+the monitor's kernels (one ``observe`` per drain) and publishes the counts, then rests
+:data:`GAP_SECONDS`. The drift figures therefore lag the calls by a few milliseconds (plus the
+kernels' time). The request counts and latency histogram are kept in native memory and added to
+``edgewise_requests_total`` and ``edgewise_request_duration_seconds`` when the metrics are read
+(so a scrape sees every call answered before it) and by that thread; the in-flight gauge counts
 Python-path calls only (a fast call holds no Python state to count).
 """
 
@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -79,8 +80,11 @@ ENVIRONMENT: Final = "EDGEWISE_NATIVE_FAST_PATH"
 REASONS: Final = (
     "not_in_table", "request_form", "inputs", "limit", "deadline", "run", "keyed", "large",
 )  # fmt: skip
-#: How often the rings are drained into the monitors and the table checked (seconds).
+#: How often the table is checked, and the longest the rings wait for a drain (seconds).
 TICK_SECONDS: Final = 0.05
+#: After calls were answered, the publisher wakes at once, drains the rings and publishes the
+#: counts, then rests at least this long (seconds): at most 1 / GAP_SECONDS wake-ups a second.
+GAP_SECONDS: Final = 0.005
 #: The rows a model version's ring holds at most between two drains.
 RING_MAX_ROWS: Final = 65536
 #: The input datatypes C++ decodes.
@@ -194,6 +198,9 @@ class FastPath:
         """Serve on the fast path from now on: the first table, the drain thread, the hooks."""
         self.repository.on_swap.append(self._refresh_quietly)
         self.metrics.before_collect.append(self.publish)
+        if self.shedder is not None:  # the HTTP front end's calls share the limit
+            self.shedder.on_change = self._front.set_other_in_flight
+            self._front.set_other_in_flight(self.shedder.calls_in_flight())
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="edgewise-fast-path", daemon=True)
         self._thread.start()
@@ -204,6 +211,8 @@ class FastPath:
             self._front.set_fast({}, 0, 0)
         if self._refresh_quietly in self.repository.on_swap:
             self.repository.on_swap.remove(self._refresh_quietly)
+        if self.shedder is not None:
+            self.shedder.on_change = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -332,13 +341,22 @@ class FastPath:
     # ---- off the request path -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.wait(TICK_SECONDS):
+        """Drain and publish soon after calls were answered (at most every GAP_SECONDS), and
+        check the table every TICK_SECONDS: the drift figures and the counts of a process
+        whose metrics another process serves (--processes) lag by milliseconds."""
+        last_refresh = time.monotonic()
+        while not self._stop.is_set():
+            self._front.wait_fast(TICK_SECONDS)
             try:
-                self.refresh()
+                now = time.monotonic()
+                if now - last_refresh >= TICK_SECONDS:
+                    last_refresh = now
+                    self.refresh()
                 self.drain()
-                self.publish()  # also where no scrape runs here (a --processes child)
+                self.publish()
             except Exception:
                 log.exception("the native fast path's drain failed")
+            self._stop.wait(GAP_SECONDS)
 
     def drain(self) -> None:
         """Every ring's rows into its monitor (one ``observe`` per model version)."""
