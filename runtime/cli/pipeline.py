@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["_add_pipeline"]
 
 EXIT_DIFFERS = 1
+EXIT_FAILED = 1
 ALERT_FIELDS = ("kind", "model", "version", "window", "time", "rows")
 
 
@@ -59,7 +60,10 @@ def _add_pipeline(sub: Subparsers) -> None:
     run.add_argument(
         "--no-cache", action="store_true", help="run every step (their outputs refresh the cache)"
     )
-    run.add_argument("--json", action="store_true", help="print the run's record as JSON")
+    run.add_argument(
+        "--json", action="store_true",
+        help="print the run's record as JSON (a failed run's too; its error goes to stderr)",
+    )  # fmt: skip
     run.add_argument("--trigger-folder", type=Path, help=argparse.SUPPRESS)
     run.add_argument("--trigger-alert", help=argparse.SUPPRESS)
     run.set_defaults(handler=_cmd_run)
@@ -204,7 +208,7 @@ def _reader_store(args: argparse.Namespace) -> StoreURI:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgewise.runtime.pipeline.runner import pipeline_store, run_pipeline
+    from edgewise.runtime.pipeline.runner import PipelineFailed, pipeline_store, run_pipeline
     from edgewise.runtime.pipeline.spec import load_spec
 
     trigger: dict[str, Any] = {"by": "cli"}
@@ -214,6 +218,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         spec = load_spec(args.pipeline)
         uri = _credentials(pipeline_store(spec, args.store))
         record = run_pipeline(spec, store=uri, trigger=trigger, use_cache=not args.no_cache)
+    except PipelineFailed as exc:
+        if not args.json:
+            raise
+        print(json.dumps(exc.record.to_json(), sort_keys=True))  # the failed run's record
+        print(f"edgewise pipeline: error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if args.trigger_folder is not None:
             from edgewise.runtime.pipeline.trigger import Trigger, TriggerConfig

@@ -5,6 +5,7 @@ SIGTERM. Whatever ends it, the run is recorded ``failed`` with the reason, never
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,11 @@ def test_sigterm_during_a_run_records_it_failed(workspace: Workspace, tmp_path: 
     assert "Traceback" not in err
     (run,) = _runs(workspace)
     assert run.outcome == "failed" and run.failed_step == "train" and run.reason == "terminated"
+
+
+def test_a_failed_run_with_json_prints_its_record(workspace: Workspace, cli: RunCli) -> None:
+    code, out, err = cli("pipeline", "run", workspace.pipeline(args=("--fail",)), "--json")
+    assert code == 1 and err.count("\n") == 1 and "failed at train" in err, err
+    record = json.loads(out)
+    assert record["outcome"] == "failed" and record["failed_step"] == "train"
+    assert record["run_id"] == _runs(workspace)[0].run_id
