@@ -58,9 +58,11 @@ T = TypeVar("T")
 #: Where work taken off the response's path goes (the monitor's statistics): ``defer(f, *args)``.
 Deferrer = Callable[..., object]
 
-#: While model runs have recently taken longer than this a call (a moving average), every request
-#: runs on a worker thread: onnxruntime releases the GIL, so such runs overlap and the event loop
-#: stays free to take calls in (and shed them). The native front end uses the same figure.
+#: While model runs have recently taken longer than this a call (a moving average; a call's
+#: decoding, checks and feature lookup included, refused calls too: a feature store that does not
+#: answer holds the thread for its budget), every request runs on a worker thread: onnxruntime
+#: releases the GIL, so such runs overlap and the event loop stays free to take calls in (and
+#: shed them). The native front end uses the same figure.
 SIDE_BY_SIDE_SECONDS = 0.0005
 
 
@@ -238,13 +240,19 @@ class InferenceCore:
             return await self._on_worker(
                 self._run_counted, request, deadline, started, reservation, reservation=reservation
             )
-        prepared = self._prepare_counted(request, reservation)
+        began = time.perf_counter()
+        try:
+            prepared = self._prepare_counted(request, reservation)
+        except Exception:
+            # A refusal counts in the moving average too: one that took long (a feature store
+            # that did not answer within its budget) sends the next calls to the workers.
+            self._timed(began)
+            raise
         if prepared.model.batching is not None:
             return await self._batched(prepared, deadline, started, reservation)
         try:
-            began = time.perf_counter()
             response = self._execute_counted(prepared, deadline, started, reservation)
-            self._timed(began)
+            self._timed(began)  # decoding, checks and feature lookup included
             return response
         finally:
             if self.loop_load is not None:  # the loop's time spent on models
@@ -423,12 +431,14 @@ class InferenceCore:
         gone away is still counted with the outcome it really had."""
         name, version = request.model_name, request.model_version
         began = time.perf_counter()
-        with _CallAccounting(self, name, version, started, reservation) as call:
-            prepared = self.dataplane.prepare(request)
-            call.name, call.version = prepared.model.name, prepared.model.version_str
-            _label(prepared)
-            response = self.dataplane.execute(prepared, deadline)
-        self._timed(began)
+        try:
+            with _CallAccounting(self, name, version, started, reservation) as call:
+                prepared = self.dataplane.prepare(request)
+                call.name, call.version = prepared.model.name, prepared.model.version_str
+                _label(prepared)
+                response = self.dataplane.execute(prepared, deadline)
+        finally:
+            self._timed(began)  # a refusal too (see _infer)
         self._after_answer(prepared, response)
         return response
 

@@ -354,6 +354,72 @@ def test_slow_store_per_policy_and_counted(setup: Setup, tmp_path: Path) -> None
             conn.close()
 
 
+@pytest.mark.parametrize("front_end", ["grpcio", "native"])
+def test_slow_store_holds_up_no_other_model(setup: Setup, tmp_path: Path, front_end: str) -> None:
+    """Models without lookups are answered while a lookup waits on a store that does not
+    answer: once one such call has taken its budget, the next ones run beside other calls
+    (the serving core's and the native front end's moving averages of a call's time), so a
+    plain call sent while a lookup call waits is answered before it."""
+    import socket
+    import threading
+
+    if front_end == "native":
+        from edgewise.runtime.frontends.native.binding import load_front
+
+        module, reason = load_front()
+        if module is None:
+            unmet(f"the native front end is not available: {reason}")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+    connected = threading.Semaphore(0)
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+            connected.release()
+
+    threading.Thread(target=accept, daemon=True).start()
+    models = tmp_path / "models"
+    convert(setup.model, setup.X, name="plain", repo=models)
+    convert(setup.model, setup.X, name="stuck", repo=models)
+    section = _features_section(setup.repo, cache={"ttl_seconds": 0}, budget_ms=300)
+    section["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
+    _configure(models, "stuck", section)
+    server = start_server(models, tmp_path / "server", extra_args=["--front-end", front_end])
+    finished: dict[str, float] = {}
+
+    def stuck_call() -> None:
+        with server.client() as client, pytest.raises(ServerError):
+            client.infer("stuck", _request([0], [0.0]))
+        finished["stuck"] = time.monotonic()
+
+    try:
+        with server.client() as client:
+            client.infer("plain", {"features": np.zeros((1, 10), np.float32)})
+            with pytest.raises(ServerError) as caught:  # the first: its budget, in full
+                client.infer("stuck", _request([0], [0.0]))
+            assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+            assert connected.acquire(timeout=30)
+            waiting = threading.Thread(target=stuck_call)
+            waiting.start()
+            assert connected.acquire(timeout=30)  # the second lookup waits on the store now
+            client.infer("plain", {"features": np.zeros((1, 10), np.float32)})
+            finished["plain"] = time.monotonic()
+            waiting.join(timeout=60)
+        assert finished["plain"] < finished["stuck"]
+    finally:
+        server.stop()
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
 def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> None:
     """The same repository with Redis as its online store: the reader's values equal Feast's
     get_online_features, and a model served from it answers as from SQLite."""
