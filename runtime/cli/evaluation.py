@@ -2,8 +2,9 @@
 and
 :mod:`edgewise.runtime.evaluation.gate`.
 
-Exit codes: 0 success (for ``gate``: the gate passed); 1 an error, or a gate that failed (its
-verdict is printed); 2 bad usage. Errors are one line on stderr, never a traceback.
+Exit codes: ``evaluate``: 0 success, 1 an error, 2 bad usage. ``gate``: 0 the gate passed, 1 it
+failed (its verdict is printed), 2 an error or bad usage (it could not judge). Errors are one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from edgewise.runtime.cli.verdict import errors_exit_2
 from edgewise.runtime.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -99,11 +101,12 @@ def _add_evaluate(sub: Subparsers) -> None:
 def _add_gate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "gate",
-        help="judge a candidate version against a promotion gate (exit 0 pass, 1 fail)",
+        help="judge a candidate version against a promotion gate (exit 0 pass, 1 fail, 2 error)",
         description="Evaluate a candidate version on labelled data and judge it against the "
         "thresholds of a gate specification (TOML or JSON): metrics overall and per slice, "
         "absolute and relative to a baseline, and a latency budget measured on the candidate. "
-        "Prints the verdict; exits 0 when the gate passes and 1 when it fails.",
+        "Prints the verdict; exits 0 when the gate passes, 1 when it fails, and 2 when it "
+        "cannot judge (bad arguments, a spec, model or data that does not load).",
     )
     p.add_argument("--spec", type=Path, required=True, help="the gate specification file")
     _common(p, data_required=False)
@@ -232,7 +235,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    return _run(args, _gate)
+    return errors_exit_2(args, lambda a: _run(a, _gate))  # exit 1 is the verdict
 
 
 def _gate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgewise.runtime.cli.argtypes import positive_int, seconds
+from edgewise.runtime.cli.verdict import errors_exit_2
 from edgewise.runtime.errors import InvalidInput
 from edgewise.runtime.pipeline.trigger import ALERT_KINDS
 
@@ -93,7 +94,8 @@ def _add_pipeline(sub: Subparsers) -> None:
         description="Rerun RUN with its recorded code version, arguments and data (no cache, "
         "nothing registered or moved) and compare the trained model, the ONNX model (sha256) "
         "and every metric. Refused when the training code or the data no longer match the "
-        "record. Exit 0 when identical, 1 when something differs (listed).",
+        "record. Exit 0 when identical, 1 when something differs (listed), 2 when it could "
+        "not be compared (refused, or the rerun failed).",
     )
     rep.add_argument("run", help="the run id")
     _store_args(rep)
@@ -280,6 +282,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    return errors_exit_2(args, _reproduce)  # exit 1 is the verdict: differs
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     from edgewise.runtime.pipeline.reproduce import reproduce
 
     record = reproduce(args.run, _reader_store(args), data=args.data)

@@ -188,12 +188,12 @@ def test_cli_gate_usage_and_errors(
     capsys.readouterr()
     broken = tmp_path / "broken.toml"
     broken.write_text("[overall]\naccuracy = { minimum = 0.5 }\n")
-    assert main([*base, "--spec", str(broken)]) == 1
+    assert main([*base, "--spec", str(broken)]) == 2  # an error, not a verdict: exit 2
     err = capsys.readouterr().err
     assert "unknown key(s) 'minimum'" in err and err.count("\n") == 1
     regression_rule = tmp_path / "mae.toml"
     regression_rule.write_text("[overall]\nmae = { max = 1.0 }\n")
-    assert main([*base, "--spec", str(regression_rule), *data, "--label", "diagnosis"]) == 1
+    assert main([*base, "--spec", str(regression_rule), *data, "--label", "diagnosis"]) == 2
     assert "does not apply to a classification model" in capsys.readouterr().err
 
 
@@ -203,7 +203,7 @@ def test_cli_gate_refuses_unwritable_outputs_before_judging(
     verdict_json = tmp_path / "verdict.json"
     argv = ["gate", "--spec", str(scenario / "gate.toml"), "--repo", str(scenario / "repo")]
     argv += ["--model", "logreg:2", "--baseline", "logreg:1", "--json", str(verdict_json)]
-    assert main([*argv, "--html", str(tmp_path / "missing" / "report.html")]) == 1
+    assert main([*argv, "--html", str(tmp_path / "missing" / "report.html")]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "does not exist" in captured.err
     assert "gate PASSED" not in captured.out  # refused, not judged

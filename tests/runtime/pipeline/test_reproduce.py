@@ -34,12 +34,12 @@ def test_reproduce_gives_the_same_model_and_metrics(workspace: Workspace, cli: R
     moved = workspace.root.parent / "elsewhere.parquet"
     shutil.move(workspace.data, moved)
     code, _, err = cli("pipeline", "reproduce", original.run_id, "--store", workspace.store)
-    assert code == 1 and "no such file" in err and "--data" in err
+    assert code == 2 and "no such file" in err and "--data" in err  # refused: exit 2
     # the data changed: refused with the fingerprints
     frame = pd.read_parquet(moved)
     frame.iloc[:-1].to_parquet(workspace.data, index=False)
     code, _, err = cli("pipeline", "reproduce", original.run_id, "--store", workspace.store)
-    assert code == 1 and err.count("\n") == 1 and "fingerprint" in err and "differs" in err
+    assert code == 2 and err.count("\n") == 1 and "fingerprint" in err and "differs" in err
     code, out, err = cli("pipeline", "reproduce", original.run_id, "--store", workspace.store,
                          "--data", moved)  # fmt: skip
     assert code == 0, err
@@ -51,7 +51,7 @@ def test_reproduce_gives_the_same_model_and_metrics(workspace: Workspace, cli: R
     calls = len(workspace.calls_made())
     code, _, err = cli("pipeline", "reproduce", original.run_id, "--store", workspace.store,
                        "--data", moved)  # fmt: skip
-    assert code == 1 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
     assert "check out " + original.code["commit"] in err
     assert len(workspace.calls_made()) == calls
 
