@@ -62,8 +62,16 @@ typed = FeatureView(
     ],
     source=source,
 )
+# Two of the same columns with a one-hour TTL: the values (three hours old) are stale.
+short = FeatureView(
+    name="typed_short",
+    entities=[patient],
+    ttl=timedelta(hours=1),
+    schema=[Field(name="f32", dtype=Float32), Field(name="i32", dtype=Int32)],
+    source=source,
+)
 service = FeatureService(name="diabetes_v1", features=[typed])
-OBJECTS = [patient, typed, service]
+OBJECTS = [patient, typed, short, service]
 """
 FEATURES = ("f64", "f32", "i64", "i32", "flag", "word", "color", "f64s", "f32s", "i64s", "i32s",
             "words", "flags", "emb")  # fmt: skip
@@ -341,3 +349,67 @@ def test_list_feature_fills_the_models_columns(sqlite_repo: Any) -> None:
     assert "only lists of numbers" in reason
     reason = states["whole"].reason
     assert "feature typed:f64s is a list (DOUBLE_LIST)" in reason and "f64s[0]" in reason
+
+
+def test_stale_values_per_policy(sqlite_repo: Any) -> None:
+    """Values older than their feature view's TTL (typed_short: one hour; the values are three
+    hours old, loaded by ``feast materialize START END``, which does not filter by TTL): served
+    as they are under on_stale "serve" (as Feast's reads do, marked OUTSIDE_MAX_AGE), the
+    reference profile's means under "default", NOT_FOUND naming the entity under "not_found";
+    each stale value counted as skew (reason stale)."""
+    from datetime import timedelta
+
+    from sklearn.linear_model import LinearRegression
+
+    from edgewise.runtime.client.client import ServerError
+    from edgewise.runtime.convert.converter import convert
+    from tests.servers import start_server
+
+    folder, online = sqlite_repo
+    start = (fr.T0 - timedelta(hours=1)).isoformat()
+    process = fr.feast_command(folder, "materialize", start, fr.NOW.isoformat())
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(12, 2)), columns=["f32", "i32"])
+    model = LinearRegression().fit(X, rng.normal(size=12))
+    models = folder.parent / "stale_models"
+    for policy in ("serve", "default", "not_found"):
+        convert(model, X, name=policy, repo=models)
+        section = {
+            "registry": str(folder / "data" / "registry.db"),
+            "project": fr.PROJECT,
+            "online_store": {"type": "sqlite", "path": str(folder / "data" / "online_store.db")},
+            "features": ["typed_short:f32", "typed_short:i32"],
+            "cache": {"ttl_seconds": 0},
+            "on_stale": policy,
+        }
+        (models / policy / "config.json").write_text(json.dumps({"features": section}))
+    session = ort.InferenceSession(str(models / "serve" / "1" / "model.onnx"))
+    stored = np.array([[online["f32"][n], online["i32"][n]] for n in range(len(IDS))], np.float32)
+    means = np.repeat(X.mean().to_numpy(np.float32).reshape(1, -1), len(IDS), axis=0)
+    keys = {fr.ENTITY: np.array(IDS, np.int64).reshape(-1, 1)}
+    server = start_server(models, folder.parent / "stale_server")
+    try:
+        with server.client() as client:
+            served = client.infer("serve", keys)
+            defaulted = client.infer("default", keys)
+            with pytest.raises(ServerError) as caught:
+                client.infer("not_found", keys)
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    finally:
+        server.stop()
+    for got, rows in ((served, stored), (defaulted, means)):
+        np.testing.assert_allclose(
+            got.outputs["predictions"].reshape(-1),
+            np.asarray(session.run(None, {"features": rows})[0]).reshape(-1),
+            rtol=1e-5,
+        )
+    assert caught.value.status.name == "NOT_FOUND"
+    assert "patient_id=0" in caught.value.details and "only stale values" in caught.value.details
+    stale = {
+        line.split('model="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edgewise_feature_skew_total{") and 'reason="stale"' in line
+    }
+    assert stale.get("serve") == stale.get("default") == 2.0 * len(IDS), stale
