@@ -1,12 +1,15 @@
 """The ``edgewise`` command: argv -> settings -> wiring, nothing else.
 
 Every failure edgewise expects ends as one readable line on stderr and a non-zero exit code
-(1 for an error, 2 for bad usage, 130 for an interrupt); no traceback.
+(1 for an error, 2 for bad usage, 130 for an interrupt); no traceback. A reader that closes the
+output early (``edgewise pipeline runs --json | head``) ends the command quietly, exit 141.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = ["main"]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
 
 
 def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -657,6 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader closed it (``edgewise ... | head``)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -667,7 +681,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     handler: Any = args.handler
     try:
-        return int(handler(args))
+        code = int(handler(args))
+        sys.stdout.flush()  # a reader that went away is seen here, not at exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # another pipe (a socket, a child): an error like any OSError
+            print(f"edgewise {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return EXIT_BROKEN_PIPE
     except EdgewiseError as exc:
         print(f"edgewise {args.command}: error: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
