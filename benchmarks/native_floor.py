@@ -220,8 +220,12 @@ def main() -> None:
                 upper = results[(model, concurrency, top)]
                 lower = results[(model, concurrency, bottom)]
                 for key in ("p50_us", "server_cpu_us_per_req"):
-                    ratios = [u[key] / w[key] for u, w in zip(upper, lower, strict=True)]
-                    line[f"ratio_{top}_vs_{bottom}_{key}"] = round(statistics.median(ratios), 3)
+                    ratios = [
+                        u[key] / w[key] for u, w in zip(upper, lower, strict=True) if w[key] > 0
+                    ]  # a round /proc measured no CPU in (its ticks are 10 ms) is left out
+                    line[f"ratio_{top}_vs_{bottom}_{key}"] = (
+                        round(statistics.median(ratios), 3) if ratios else None
+                    )
             print(json.dumps(line), flush=True)
 
 

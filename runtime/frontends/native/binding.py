@@ -168,7 +168,7 @@ class NativeFront:
         )
         if tls is not None:
             tls.watch(loop)
-        if fast_path and getattr(module, "FAST_PATH", 0):
+        if fast_path and bool(getattr(module, "FAST_PATH", False)):
             self.fast = FastPath(
                 self._front,
                 module,

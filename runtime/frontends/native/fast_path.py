@@ -287,8 +287,8 @@ class FastPath:
         # The version's series, shown from its load on (0: none of its calls was fast).
         self.fast_calls.labels(model.name, model.version_str)
         self.dropped.labels(model.name, model.version_str)
-        for reason in REASONS:
-            self.fallbacks.labels(model.name, reason)
+        for label in REASONS:
+            self.fallbacks.labels(model.name, label)
         reason = ineligible(model)
         session: CapiSession | None = None
         if reason is None:
