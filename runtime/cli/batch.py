@@ -13,7 +13,7 @@ from edgewise.runtime.cli.argtypes import positive_int, positive_seconds
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["_add_batch"]
+__all__ = ["add_batch"]
 
 
 def _size(text: str) -> int:
@@ -26,7 +26,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _add_batch(sub: Subparsers) -> None:
+def add_batch(sub: Subparsers) -> None:
     p = sub.add_parser(
         "batch",
         help="score Parquet/CSV/NumPy files with a model, resumably",

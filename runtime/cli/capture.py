@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["_add_capture"]
+__all__ = ["add_capture"]
 
 
-def _add_capture(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_capture(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "capture",
         help="list captured requests, or export them with their labels for training",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgewise.runtime.errors import InvalidInput
 
-__all__ = ["_add_drift_history", "history_folder"]
+__all__ = ["add_drift_history", "history_folder"]
 
 
 def history_folder(repo: Path, override: Path | None) -> Path:
@@ -27,7 +27,7 @@ def history_folder(repo: Path, override: Path | None) -> Path:
     return Path(configured) if configured else repo / DEFAULT_DIR
 
 
-def _add_drift_history(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_drift_history(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "drift-history",
         help="the recorded drift reports of a model's closed windows",

@@ -21,7 +21,7 @@ from edgewise.runtime.errors import InvalidInput
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["_add_evaluate", "_add_gate"]
+__all__ = ["add_evaluate", "add_gate"]
 
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
@@ -74,7 +74,7 @@ def _common(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("--html", type=Path, metavar="PATH", help="write the HTML report")
 
 
-def _add_evaluate(sub: Subparsers) -> None:
+def add_evaluate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "evaluate",
         help="quality metrics of a model version on labelled data, overall and per slice",
@@ -98,7 +98,7 @@ def _add_evaluate(sub: Subparsers) -> None:
     p.set_defaults(handler=_cmd_evaluate)
 
 
-def _add_gate(sub: Subparsers) -> None:
+def add_gate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "gate",
         help="judge a candidate version against a promotion gate (exit 0 pass, 1 fail, 2 error)",

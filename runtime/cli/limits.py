@@ -13,10 +13,10 @@ from pathlib import Path
 from edgewise.runtime.config.limits import detect_limits, format_report
 from edgewise.runtime.config.settings import BUDGET_FIELDS, ServerSettings
 
-__all__ = ["_add_limits"]
+__all__ = ["add_limits"]
 
 
-def _add_limits(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_limits(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "limits",
         help="print the CPU and memory limits found and how they are split",

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from edgewise.runtime.cli import store as store_cli
-from edgewise.runtime.cli.batch import _add_batch
-from edgewise.runtime.cli.capture import _add_capture
-from edgewise.runtime.cli.drift_history import _add_drift_history
-from edgewise.runtime.cli.evaluation import _add_evaluate, _add_gate
-from edgewise.runtime.cli.limits import _add_limits
+from edgewise.runtime.cli.batch import add_batch
+from edgewise.runtime.cli.capture import add_capture
+from edgewise.runtime.cli.drift_history import add_drift_history
+from edgewise.runtime.cli.evaluation import add_evaluate, add_gate
+from edgewise.runtime.cli.limits import add_limits
 from edgewise.runtime.cli.logformat import LOG_FORMATS, configure_logging
-from edgewise.runtime.cli.pipeline import _add_pipeline
+from edgewise.runtime.cli.pipeline import add_pipeline
 from edgewise.runtime.cli.rollout import ROLLOUT_ACTIONS, add_rollout_actions, run_rollout
 from edgewise.runtime.config.settings import AUTO, switch
 from edgewise.runtime.errors import EdgewiseError
-from edgewise.runtime.resources.cgroup_run import _add_run
-from edgewise.runtime.resources.render import _add_containers
+from edgewise.runtime.resources.cgroup_run import add_run
+from edgewise.runtime.resources.render import add_containers
 
 __all__ = ["main"]
 
@@ -643,21 +643,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repository(sub)
     _add_demo(sub)
     _add_drift(sub)
-    _add_drift_history(sub)
+    add_drift_history(sub)
     _add_quality(sub)
-    _add_limits(sub)
-    _add_run(sub)
-    _add_containers(sub)
-    store_cli._add_register(sub)
-    store_cli._add_models(sub)
-    store_cli._add_agent(sub)
-    store_cli._add_rollback(sub)
-    store_cli._add_keys(sub)
-    _add_evaluate(sub)
-    _add_gate(sub)
-    _add_batch(sub)
-    _add_capture(sub)
-    _add_pipeline(sub)
+    add_limits(sub)
+    add_run(sub)
+    add_containers(sub)
+    store_cli.add_register(sub)
+    store_cli.add_models(sub)
+    store_cli.add_agent(sub)
+    store_cli.add_rollback(sub)
+    store_cli.add_keys(sub)
+    add_evaluate(sub)
+    add_gate(sub)
+    add_batch(sub)
+    add_capture(sub)
+    add_pipeline(sub)
     return parser
 
 

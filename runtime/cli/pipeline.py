@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["_add_pipeline"]
+__all__ = ["add_pipeline"]
 
 EXIT_DIFFERS = 1
 EXIT_FAILED = 1
@@ -38,7 +38,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_pipeline(sub: Subparsers) -> None:
+def add_pipeline(sub: Subparsers) -> None:
     p = sub.add_parser(
         "pipeline",
         help="run, list, show and reproduce training pipeline runs",

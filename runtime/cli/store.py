@@ -1,5 +1,5 @@
 """The store and agent subcommands of ``edgewise``: ``register``, ``models``, ``agent`` and
-``rollback``. Each ``_add_*`` function adds one subcommand to the main parser (see
+``rollback``. Each ``add_*`` function adds one subcommand to the main parser (see
 :mod:`edgewise.runtime.cli.main`); heavy modules are imported when a command runs, not at start-up.
 
 ``--store`` defaults to ``$EDGEWISE_STORE``, else the embedded store ``~/.edgewise/store.db``.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["_add_agent", "_add_keys", "_add_models", "_add_register", "_add_rollback"]
+__all__ = ["add_agent", "add_keys", "add_models", "add_register", "add_rollback"]
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +70,7 @@ def _human_bytes(count: int) -> str:
 # ---- register --------------------------------------------------------------------------------
 
 
-def _add_register(sub: Subparsers) -> None:
+def add_register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "register",
         help="publish a model package to a store, with its lineage",
@@ -195,7 +195,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 # ---- models ------------------------------------------------------------------------------------
 
 
-def _add_models(sub: Subparsers) -> None:
+def add_models(sub: Subparsers) -> None:
     p = sub.add_parser(
         "models",
         help="list, show and alias model versions in a store",
@@ -380,7 +380,7 @@ def _show(store: Store, args: argparse.Namespace) -> None:
 # ---- agent ---------------------------------------------------------------------------------------
 
 
-def _add_agent(sub: Subparsers) -> None:
+def add_agent(sub: Subparsers) -> None:
     p = sub.add_parser(
         "agent",
         help="keep a server's model at the version a store's alias names",
@@ -500,7 +500,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 # ---- rollback ----------------------------------------------------------------------------------
 
 
-def _add_rollback(sub: Subparsers) -> None:
+def add_rollback(sub: Subparsers) -> None:
     p = sub.add_parser(
         "rollback",
         help="switch a server back to the previous good version",
@@ -534,7 +534,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 # ---- keys ----------------------------------------------------------------------------------------
 
 
-def _add_keys(sub: Subparsers) -> None:
+def add_keys(sub: Subparsers) -> None:
     p = sub.add_parser(
         "keys",
         help="make ed25519 keys and sign or verify model packages",

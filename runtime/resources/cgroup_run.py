@@ -42,7 +42,15 @@ from edgewise.runtime.config.limits import (
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.resources.container_profiles import Profile, load_profile
 
-__all__ = ["CFS_PERIOD_US", "CgroupError", "CgroupPlan", "CgroupSession", "plan_cgroup", "run"]
+__all__ = [
+    "CFS_PERIOD_US",
+    "CgroupError",
+    "CgroupPlan",
+    "CgroupSession",
+    "add_run",
+    "plan_cgroup",
+    "run",
+]
 
 #: The CFS period written with the quota (the kernel's default period).
 CFS_PERIOD_US: Final = 100_000
@@ -364,7 +372,7 @@ def run(
 # ---- command line --------------------------------------------------------------------------
 
 
-def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run an edgewise command inside a cgroup with a profile's limits",

@@ -42,6 +42,7 @@ __all__ = [
     "FORMATS",
     "INFERENCE_SERVICE",
     "RenderOptions",
+    "add_containers",
     "docker_args",
     "healthcheck",
     "render",
@@ -401,7 +402,7 @@ def healthcheck(
 # ---- command line ---------------------------------------------------------------------------
 
 
-def _add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_containers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "containers",
         help="render profiles for docker, compose and Kubernetes; the image's health check",
