@@ -191,3 +191,86 @@ def test_a_rollback_to_another_version_during_a_rollout_is_refused(
         assert not rig.client.get_rollout(rig.name).weights
     finally:
         running.stop()
+
+
+def test_a_rollout_left_by_a_dead_agent_is_aborted_and_recorded_by_the_next_one(
+    rig: Rig, packages: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent killed in a step leaves its rollout in the state file and its split on the
+    server: `edgewise rollback` aborts it all the same (traffic back at once), and the next
+    agent's first poll records the abort and unloads the candidate."""
+    from dataclasses import replace
+
+    from edgewise.runtime.agent.state import Rollout
+
+    rig.register(0)
+    rig.start_agent().run_once()
+    assert rig.publisher is not None
+    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
+    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
+    record = register(rig.publisher, candidate, alias="production").record
+    running = AgentThread(rig)
+    wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
+    running.stop()  # a clean stop clears what a SIGKILL leaves: put it back as it would be
+    state = rig.state()
+    assert state.rollout is None
+    dead = Rollout(2, record.model_sha256, 1, 0.0)
+    rig.state_file.write(replace(state, rollout=dead))
+    rig.client.set_traffic_split(rig.name, [("1", 50), ("2", 50)])
+    rig.client.set_version_label(rig.name, "canary", "2")
+
+    argv = ["rollback", rig.name, "--repo", str(rig.repo), "--server", rig.server.target]
+    assert main(argv) == 0
+    assert "from version 2 to version 1" in capsys.readouterr().out
+    rollout = rig.client.get_rollout(rig.name)
+    assert not rollout.weights and dict(rollout.labels)["canary"] == "1"
+    aborted = rig.state().rollout
+    assert aborted is not None and aborted.aborted == "manual"  # nobody recorded it yet
+
+    agent = rig.start_agent()
+    agent.run_once()
+    assert rig.state().rollout is None
+    decision = read_decisions(rig.publisher, rig.name)[-1]
+    assert (decision["verdict"], decision["reasons"]) == ("abort", ["manual"])
+    assert decision["evidence"]["by"] == "edgewise rollback"
+    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+    assert {
+        s.version
+        for s in rig.client.repository_index()
+        if s.name == rig.name and s.state == "READY"
+    } == {"1"}
+    assert served_default(rig.client, rig.name) == 1
+
+
+def test_a_rollout_left_by_a_dead_agent_is_withdrawn_at_the_next_poll(
+    rig: Rig, packages: dict[str, Path]
+) -> None:
+    """Not aborted: the next agent's first poll takes the candidate out of traffic and clears
+    the record; the candidate is not refused."""
+    from dataclasses import replace
+
+    from edgewise.runtime.agent.state import Rollout
+
+    rig.register(0)
+    rig.start_agent().run_once()
+    assert rig.publisher is not None
+    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
+    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
+    record = register(rig.publisher, candidate, alias="production").record
+    running = AgentThread(rig)
+    wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
+    running.stop()
+    dead = Rollout(2, record.model_sha256, 1, 0.0)
+    rig.state_file.write(replace(rig.state(), rollout=dead))
+    rig.client.set_traffic_split(rig.name, [("1", 50), ("2", 50)])
+
+    # The alias back on version 1: only the clearing of what the dead agent left can change
+    # the server's rollout in the next poll.
+    rig.publisher.set_alias(rig.name, "production", 1)
+    rig.start_agent().run_once()
+    assert rig.state().rollout is None
+    rollout = rig.client.get_rollout(rig.name)
+    assert not rollout.weights and not rollout.shadow_version
+    assert dict(rollout.labels)["canary"] == "1"
+    assert rig.state().rejection(2, record.model_sha256) is None  # not refused
+    assert served_default(rig.client, rig.name) == 1
