@@ -8,6 +8,7 @@ output early (``edgewise pipeline runs --json | head``) ends the command quietly
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import select
 import sys
@@ -25,7 +26,7 @@ from edgewise.runtime.cli.logformat import LOG_FORMATS, configure_logging
 from edgewise.runtime.cli.pipeline import add_pipeline
 from edgewise.runtime.cli.rollout import ROLLOUT_ACTIONS, add_rollout_actions, run_rollout
 from edgewise.runtime.config.settings import AUTO, switch
-from edgewise.runtime.errors import EdgewiseError
+from edgewise.runtime.errors import EdgewiseError, InvalidInput
 from edgewise.runtime.resources.cgroup_run import add_run
 from edgewise.runtime.resources.render import add_containers
 
@@ -56,7 +57,19 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "calibrates its probabilities to estimate accuracy and ROC-AUC before labels arrive",
     )
     p.add_argument("--opset", type=int, help="target ONNX opset (default: edgewise's choice)")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument(
+        "--atol",
+        type=_tolerance,
+        default=1e-4,
+        help="absolute parity tolerance (default 1e-4): probabilities and labels must match "
+        "within it",
+    )
+    p.add_argument(
+        "--rtol",
+        type=_tolerance,
+        help="relative parity tolerance (default 1e-5), only for unbounded outputs (regression "
+        "predictions, transforms): they must match within atol + rtol * |value|",
+    )
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
     p.add_argument(
         "--no-profile", action="store_true", help="do not store a reference profile for drift"
@@ -64,9 +77,24 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_cmd_convert)
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from edgewise.runtime.convert.converter import convert_files
 
+    for option, path in (("--sample", args.sample), ("--held-out", args.held_out),
+                         ("--labels", args.labels)):  # fmt: skip
+        if path is not None and not path.is_file():
+            raise InvalidInput(f"{option} {path}: no such file")
+    tolerances = {"atol": args.atol} | ({} if args.rtol is None else {"rtol": args.rtol})
     result = convert_files(
         args.model,
         args.sample,
@@ -75,8 +103,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         held_out_path=args.held_out,
         labels_path=args.labels,
         opset=args.opset,
-        atol=args.atol,
         version=args.version,
+        **tolerances,
         reference_profile=not args.no_profile,
     )
     parity = result.manifest.parity.get("max_abs_diff", {})

@@ -534,6 +534,18 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 # ---- keys ----------------------------------------------------------------------------------------
 
 
+def _key_name(text: str) -> str:
+    """A key pair's file name stem: the safe-name rule of model names (no path parts)."""
+    from edgewise.runtime.package.manifest import validate_model_name
+
+    try:
+        return validate_model_name(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(
+            exc.message.replace(f"model name {text!r}", f"key name {text!r}", 1)
+        ) from None
+
+
 def add_keys(sub: Subparsers) -> None:
     p = sub.add_parser(
         "keys",
@@ -550,7 +562,9 @@ def add_keys(sub: Subparsers) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     generate = actions.add_parser("generate", help="write NAME.key (private) and NAME.pub")
     generate.add_argument("--out", type=Path, required=True, help="folder for the two files")
-    generate.add_argument("--name", default="edgewise", help="file name stem (default edgewise)")
+    generate.add_argument(
+        "--name", type=_key_name, default="edgewise", help="file name stem (default edgewise)"
+    )
     sign = actions.add_parser(
         "sign",
         help="sign a package folder in place, as the version its folder names, with its "
