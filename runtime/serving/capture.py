@@ -30,6 +30,7 @@ The columns of a file: see :mod:`~edgewise.runtime.serving.capture_tables`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 import threading
@@ -77,11 +78,14 @@ PYARROW_MISSING: Final = (
 
 
 def require_pyarrow() -> None:
-    """Import pyarrow (and its Parquet writer) or refuse with one line naming the extra."""
+    """Refuse with one line naming the extra unless pyarrow is installed. Found, not imported:
+    a serving process leaves Arrow and Parquet to its capture's writer process and never loads
+    them (tens of megabytes); the readers import it when they read."""
     try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
+        found = importlib.util.find_spec("pyarrow") is not None
+    except ValueError:  # a module whose spec is unset: not an installed pyarrow
+        found = False
+    if not found:
         raise InvalidInput(PYARROW_MISSING) from None
 
 

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +281,22 @@ def test_requests_of_other_outputs_and_batch_sizes_are_written_as_answered(
                     np.asarray(table[f"output.{name}"][place]), values[row]
                 )
     assert seen == {(i, r) for i, rows in sent.items() for r in range(len(rows))}
+
+
+def test_the_serving_process_leaves_arrow_to_the_writer_process(tmp_path: Path) -> None:
+    """A capture's serving process never loads pyarrow (its writer process does): checked in a
+    fresh interpreter, where nothing else has loaded it."""
+    script = (
+        "import sys, pathlib\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from edgewise.runtime.serving.capture import Capture, CaptureSettings\n"
+        f"settings = CaptureSettings(pathlib.Path({str(tmp_path)!r}))\n"
+        "capture = Capture(settings, CollectorRegistry())\n"
+        "assert capture.flush(60)\n"
+        "capture.close()\n"
+        "print('pyarrow' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "False"
