@@ -175,11 +175,15 @@ class SqliteRunLog:
                 f"store {self.uri}: {self.path} does not exist (a reader never creates it; "
                 "a pipeline run creates it)"
             )
-        mode = "rw" if self._create else "ro"
-        target = f"file:{urllib.parse.quote(str(self.path))}?mode={mode}"
+        # a reader opens read-write too, with writes refused (query_only): a read-only
+        # connection to a WAL database leaves its -wal and -shm files behind when it closes,
+        # which a read-write one removes (a reader never creates what it reads)
+        target = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
         try:
             db = sqlite3.connect(target, uri=True, timeout=self._busy_timeout, isolation_level=None)
-            if self._create:
+            if not self._create:
+                db.execute("PRAGMA query_only=ON")
+            else:
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute(_TABLE)
         except sqlite3.Error as exc:
