@@ -568,16 +568,24 @@ class FeatureLookup:
         now = time.time()
         for view, targets, header, lengths in self._plans:
             key_values = [entities[k] for k in view.keys]
-            if header is not None:  # one integer join key: its constant head and the value
-                head, pack = header
-                keys = [head + pack(value) for value in key_values[0]]
-            elif len(view.keys) == 1:
-                keys = [entity_key(view.keys, view.types, (value,)) for value in key_values[0]]
-            else:
-                keys = [
-                    entity_key(view.keys, view.types, [values[r] for values in key_values])
-                    for r in range(rows)
-                ]
+            try:
+                if header is not None:  # one integer join key: its constant head and the value
+                    head, pack = header
+                    keys = [head + pack(value) for value in key_values[0]]
+                elif len(view.keys) == 1:
+                    keys = [entity_key(view.keys, view.types, (value,)) for value in key_values[0]]
+                else:
+                    keys = [
+                        entity_key(view.keys, view.types, [values[r] for values in key_values])
+                        for r in range(rows)
+                    ]
+            except struct.error:  # an INT64 value sent for an INT32 entity, out of its range
+                m.errors.labels(self.model_name, "bad_entity").inc()
+                names = " or ".join(map(repr, view.keys))
+                raise InvalidInput(
+                    f"entity key {names}: a value out of the entity's range "
+                    f"({', '.join(VALUE_TYPE_NAMES[t] for t in view.types)})"
+                ) from None
             try:
                 stored = self._read(view.name, keys, view.features, began)
             except _StoreDefaults:  # the store failed, on_store_error "default": the means
@@ -600,7 +608,7 @@ class FeatureLookup:
                     continue
                 stamp, values = row
                 stale = view.ttl > 0 and now - stamp > view.ttl
-                if not stale and not view.texts and _NUMBERS.issuperset(map(type, values)):
+                if not (stale or view.texts or lengths) and _NUMBERS.issuperset(map(type, values)):
                     # Every value there and a number: the row's columns in one pass.
                     for target, columns, take in targets:
                         line = matrices[target][r]
