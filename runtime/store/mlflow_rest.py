@@ -323,7 +323,10 @@ class MlflowStore:
 
     def list_versions(self, name: str) -> list[VersionRecord]:
         validate_model_name(name)
-        self.http.call("GET", "registered-models/get", params={"name": name})  # 404 if unknown
+        try:
+            self.http.call("GET", "registered-models/get", params={"name": name})
+        except ModelNotFound:  # 404: the words the embedded store uses, not MLflow's
+            raise ModelNotFound(f"store {self.uri} has no model {name!r}") from None
         records = []
         params = {
             "filter": f"name='{name}'",

@@ -102,8 +102,8 @@ def test_publish_get_and_list(store: Store, source: Path, tmp_path: Path) -> Non
 
     with pytest.raises(ModelNotFound):
         store.get_version(name, 3)
-    with pytest.raises(ModelNotFound):
-        store.list_versions(name + "-missing")
+    with pytest.raises(ModelNotFound, match=f"has no model '{name}-missing'$"):
+        store.list_versions(name + "-missing")  # the same words from every store, no HTTP text
 
 
 def test_aliases(store: Store, source: Path, tmp_path: Path) -> None:
