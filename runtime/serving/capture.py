@@ -262,6 +262,7 @@ class Capture:
         self._wake = threading.Event()
         self._stopping = False
         self._failed = False  # a write failed and was logged (later ones are counted only)
+        self._restarted = False  # a writer process exited and was replaced (said once)
         self._idle = threading.Condition()
         self._busy = 0  # records taken from the queue and not yet sent or dropped
         self._writer = self._start_writer()
@@ -388,9 +389,14 @@ class Capture:
         """Turn what was taken into frames (one per group: model version and choice of outputs,
         the same columns throughout; one per model's labels) and send them to the writer."""
         writer = self._writer
-        if writer.dead:  # it exited (killed, out of memory): counted, said, started again
-            log.error("capture: the writer process exited (%s): starting another",
-                      writer.process.poll())  # fmt: skip
+        if writer.dead:  # it exited (killed, out of memory): counted, said once, started again
+            if not self._restarted:
+                self._restarted = True
+                log.error(
+                    "capture: the writer process exited (%s): starting another (later exits "
+                    'are counted in edgewise_capture_dropped_total{reason="writer_exited"})',
+                    writer.process.poll(),
+                )
             writer = self._writer = self._start_writer()
         groups: dict[Group, list[Record]] = {}
         labels: dict[str, list[tuple[int, Sequence[tuple[str, int, object]]]]] = {}

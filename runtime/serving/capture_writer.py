@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(10)
-    report = _Reports(sys.stdout.buffer)
+    # The reports get stdout's pipe to themselves: whatever a library prints goes to stderr.
+    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    report = _Reports(sink)
     try:
         # Everything a frame needs, loaded now (pyarrow loads pandas at its first conversion
         # of a numpy array): the first frame costs what the others do.
