@@ -35,4 +35,3 @@ def test_a_reader_leaves_no_file_behind(
     main([*command, "--store", str(store)])
     capsys.readouterr()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-
