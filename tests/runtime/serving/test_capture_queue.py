@@ -104,6 +104,8 @@ def test_a_full_queue_drops_and_counts_and_every_request_is_answered(
     assert value(registry, "edgewise_capture_written_bytes_total") == written_bytes
     assert value(registry, "edgewise_capture_folder_bytes") == written_bytes
     assert value(registry, "edgewise_capture_files") == 2
+    # The writer process's CPU (start-up and two files), which the server's own does not hold.
+    assert value(registry, "edgewise_capture_writer_cpu_seconds_total") > 0
     capture.close()
 
 
