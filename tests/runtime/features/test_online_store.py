@@ -147,3 +147,66 @@ def test_resp_replies() -> None:
     assert parse_reply(b"*-1\r\n", 0) == (None, 5)
     with pytest.raises(StoreError, match="WRONGTYPE"):
         parse_reply(b"-WRONGTYPE bad\r\n", 0)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_redis_replies_in_pieces(tmp_path: Path) -> None:
+    """HMGET replies larger than one ``recv`` (a 40,000-item list of doubles, ~320 kB per
+    entity), nil fields, an entity the store does not have, over TCP and the Unix socket of a
+    real redis-server: read in pieces, each value equals what was written (the hashes are
+    written in Feast's Redis layout with plain RESP commands)."""
+    import socket
+
+    from tests import feast_repo as fr
+    from tests.prerequisites import unmet
+
+    reason = fr.redis_missing()
+    if reason is not None:
+        unmet(reason)
+    items = [i / 7 for i in range(40_000)]
+    packed = struct.pack(f"<{len(items)}d", *items)
+    inner = b"\x0a" + _varint(len(packed)) + packed  # DoubleList {repeated double val = 1}
+    big = b"\x7a" + _varint(len(inner)) + inner  # Value.double_list_val = 15
+    small = b"\x29" + struct.pack("<d", 2.5)  # Value.double_val = 5
+    stamp = b"\x08" + _varint(1_700_000_000)  # Timestamp {seconds = 1}
+    view, project = "v", "p"
+    fields = {"big": big, "small": small}
+    with fr.redis_server(tmp_path / "redis") as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for entity, names in ((1, ("big", "small")), (2, ("big",))):
+                key = entity_key(["id"], [4], [entity]) + project.encode()
+                parts = [b"HSET", key, f"_ts:{view}".encode(), stamp]
+                for name in names:
+                    parts += [
+                        struct.pack("<I", murmur3_32(f"{view}:{name}".encode())),
+                        fields[name],
+                    ]
+                sock.sendall(
+                    b"*%d\r\n" % len(parts)
+                    + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+                )
+                assert sock.recv(64).startswith(b":")
+        keys = [entity_key(["id"], [4], [i]) for i in (1, 2, 3)]
+        for store in (
+            RedisOnlineStore("127.0.0.1", port, project),
+            RedisOnlineStore.from_connection_string(
+                f"127.0.0.1:1,unix_socket_path={fr.redis_socket(tmp_path / 'redis')}", project
+            ),
+        ):
+            try:
+                for _ in range(2):  # a second read on the same connection
+                    rows = store.read(view, keys, ["small", "big"], 5.0)
+                    assert rows[0] == (1_700_000_000.0, [2.5, items])
+                    assert rows[1] == (1_700_000_000.0, [None, items])
+                    assert rows[2] is None
+            finally:
+                store.close()
