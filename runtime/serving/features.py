@@ -8,15 +8,16 @@ the reason); per request, :meth:`FeatureLookup.feeds` checks the request's tenso
 the entity keys, reads each feature view's values through a bounded cache with a TTL and from
 the store under the model's latency budget, applies the missing / stale / store-error policies
 and packs the model's input tensors in the manifest's column order: numeric columns (FP32,
-from INT32/INT64/FLOAT/DOUBLE/BOOL features) and categorical ones (their own BYTES [batch, 1]
-tensor, from STRING features, UTF-8). Feast itself is never imported here (online_store.py
-reads its layout).
+from INT32/INT64/FLOAT/DOUBLE/BOOL features, or ``NAME[i]``: item i of a list of those),
+and categorical ones (their own BYTES [batch, 1] tensor, from STRING features, UTF-8).
+Feast itself is never imported here (online_store.py reads its layout).
 
 Policies (each counted in ``edgewise_feature_skew_total`` or
 ``edgewise_feature_lookup_errors_total``):
 
-* ``on_missing`` (an entity the store does not have; a single missing value always takes the
-  default): ``default`` (the column's mean in the package's reference profile, a categorical
+* ``on_missing`` (an entity the store does not have; a single missing value, or a list of
+  another length than the model's ``NAME[i]`` columns, always takes the default):
+  ``default`` (the column's mean in the package's reference profile, a categorical
   column's most frequent category there) or ``not_found`` (NOT_FOUND naming the entity).
 * ``on_stale`` (a value older than its feature view's TTL): ``serve`` (as Feast's own reads do,
   which mark it OUTSIDE_MAX_AGE), ``default`` or ``not_found``.
