@@ -88,8 +88,11 @@ def _tolerance(text: str) -> float:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from edgewise.runtime.convert.converter import convert_files
+    from edgewise.runtime.convert.converter import convert_files, require_converter
 
+    require_converter()  # a node without the convert extra is told so first
+    if not args.model.is_file():
+        raise InvalidInput(f"{args.model}: no such file")
     for option, path in (("--sample", args.sample), ("--held-out", args.held_out),
                          ("--labels", args.labels)):  # fmt: skip
         if path is not None and not path.is_file():
