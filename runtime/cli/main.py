@@ -179,7 +179,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="{on,off}",
         help="with the native front end, answer the common ModelInfer call (a model without "
         "batching or feature lookups, numeric inputs, no tokens, capture, tracing or split) in "
-        "C++ without the GIL (default off); anything else takes the Python path, counted in "
+        "C++ without the GIL (default on); anything else takes the Python path, counted in "
         "edgewise_native_fallback_total (docs/native.md)",
     )
     p.add_argument(

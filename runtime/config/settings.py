@@ -82,7 +82,7 @@ class ServerSettings:
     front_end: str = "auto"
     # EDGEWISE_NATIVE_FAST_PATH: on | off: the native front end answers the common ModelInfer call
     # in C++ without the GIL (frontends/native/fast_path.py); anything else takes the Python path
-    native_fast_path: bool = False
+    native_fast_path: bool = True
     gc_tuning: bool = True  # EDGEWISE_GC_TUNING: freeze start-up objects, rarer collections
     quality: bool = True  # EDGEWISE_QUALITY: on | off (keep predictions by request id for labels)
     alert_command: str | None = None  # EDGEWISE_ALERT_COMMAND: run with the alert JSON on stdin

@@ -221,10 +221,10 @@ class ServerMetrics:
             self._latency_children[hkey] = histogram
         # prometheus_client has no bulk observe: its child's per-bucket values and sum (the
         # ones observe() increments) take the counts at once.
-        for value, count in zip(histogram._buckets, buckets, strict=True):  # noqa: SLF001
+        for value, count in zip(histogram._buckets, buckets, strict=True):
             if count:
                 value.inc(count)
-        histogram._sum.inc(seconds)  # noqa: SLF001
+        histogram._sum.inc(seconds)
 
     def model_event(self, model: str, version: int, event: str) -> None:
         """Count a lifecycle event of a version found in the repository (``load`` also makes

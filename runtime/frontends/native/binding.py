@@ -63,6 +63,7 @@ __all__ = ["PENDING", "SOURCE", "NativeFront", "front_status", "load_front", "so
 log = logging.getLogger(__name__)
 
 SOURCE: Final = Path(__file__).with_name("_front.cc")
+SHARED_HEADER: Final = Path(__file__).with_name("ort_shared.h")
 MODULE: Final = "edgewise.runtime.frontends.native._front"
 MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -78,8 +79,11 @@ _PENDING_ANSWER: Final[Answer] = (PENDING, "", None, (), False)
 
 
 def source_digest() -> str:
-    """The digest of ``_front.cc`` a built module must carry to be used."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """The digest of ``_front.cc`` (and ``ort_shared.h``, the fast path's contract with
+    ``_ort.cc``) a built module must carry to be used."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(SHARED_HEADER.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_front() -> tuple[ModuleType | None, str]:
@@ -179,7 +183,10 @@ class NativeFront:
             )
             self.fast.start()
         elif fast_path:
-            log.warning("native fast path: the front end was built without it (no C API headers)")
+            log.info(
+                "native fast path: the front end was built without it (no onnxruntime C API "
+                "headers): every call takes the Python path"
+            )
         return int(self._front.port)
 
     def shutdown(self, grace: float) -> None:

@@ -1,7 +1,7 @@
 """The native front end's fast path (issue 26): the common ModelInfer call without the GIL.
 
-With the fast path on (``serve --native-fast-path on``, ``EDGEWISE_NATIVE_FAST_PATH=on``; off by
-default, see docs/native.md), C++ (``_front.cc``) answers a ModelInfer call on the thread that
+With the fast path on (``serve --native-fast-path on``, ``EDGEWISE_NATIVE_FAST_PATH=on``, the
+default; see docs/native.md), C++ (``_front.cc``) answers a ModelInfer call on the thread that
 read it: it decodes the request, runs the model through onnxruntime's C API and encodes the
 answer, the GIL never taken. Python keeps control: :class:`FastPath` decides which model
 versions may be served so, makes each one's C API session from the same bytes the Python side

@@ -39,8 +39,11 @@ MODULE: Final = "edgewise.runtime.frontends.native._ort"
 
 
 def ort_source_digest() -> str:
-    """The digest of ``_ort.cc`` a built module must carry to be used."""
-    return hashlib.sha256(ORT_SOURCE.read_bytes()).hexdigest()[:16]
+    """The digest of ``_ort.cc`` (and ``ort_shared.h``, its contract with the native front
+    end) a built module must carry to be used."""
+    digest = hashlib.sha256(ORT_SOURCE.read_bytes())
+    digest.update(ORT_SOURCE.with_name("ort_shared.h").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def library_path() -> Path:
