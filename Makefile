@@ -80,13 +80,7 @@ loop: $(STAMP) $(NATIVE_STAMP)
 
 ## test: the whole test suite (what CI runs). promtool (Debian's prometheus package) checks the
 ## alert rules and the dashboard's queries (tests/containers/test_observability.py); redis-server
-## is the Redis online store of the feature-lookup tests. The suite runs on every core (pytest-xdist,
-## PYTEST_WORKERS of them, a module's tests on one worker); the tests marked serial (they measure
-## CPU, memory, threads or timing under load) run after it, alone, as they would on their own.
-## PYTEST_WORKERS=0 runs it all in one process.
-PYTEST_WORKERS ?= logical
-# pytest exits 5 when a selection holds no test (PYTEST_ARGS naming a folder without serial tests).
-pytest_or_none = $(1); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ]
+## is the Redis online store of the feature-lookup tests.
 test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP) $(FEAST_STAMP)
 	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 		|| apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
@@ -96,9 +90,8 @@ test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP) $(FEAST_STAMP)
 		|| apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1; } \
 		|| echo "redis-server could not be installed"
-	$(call pytest_or_none,$(BIN)/python -m pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS))
-	$(call pytest_or_none,$(BIN)/python -m pytest -m serial $(PYTEST_ARGS))
-	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
 ## check: lint, format, strict typing, the layer contract, generated-code and lockfile freshness
 check: lint typecheck imports proto-check lock-check
