@@ -408,7 +408,7 @@ class Capture:
             else:
                 groups.setdefault(key, []).extend(run)
         for group, records in groups.items():
-            name = group.model.name
+            name = group.name
             try:
                 batch = encode(group, records)
             except Exception as exc:  # a record the shipper cannot turn into columns

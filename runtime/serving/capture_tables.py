@@ -71,17 +71,20 @@ class Batch(TypedDict):
 
 
 class Group:
-    """What the captured requests of one file share: the model version, the choice of outputs
-    (None: all) and the answers' layout, ``(name, datatype)`` per output in answer order (read
-    from the first answer). ``numeric``: every output has a fixed-size datatype, so a raw answer
-    is kept as its bytes, one per output."""
+    """What the captured requests of one file share: the model version (its ``name`` and
+    ``version`` text only: a group outlives a version that was unloaded while its records
+    waited, and must not keep its session alive), the choice of outputs (None: all) and the
+    answers' layout, ``(name, datatype)`` per output in answer order (read from the first
+    answer). ``numeric``: every output has a fixed-size datatype, so a raw answer is kept as
+    its bytes, one per output."""
 
-    __slots__ = ("layout", "model", "numeric", "outputs")
+    __slots__ = ("layout", "name", "numeric", "outputs", "version")
 
     def __init__(
         self, model: LoadedModel, outputs: tuple[str, ...] | None, response: pb.ModelInferResponse
     ) -> None:
-        self.model = model
+        self.name: str = model.name
+        self.version: str = model.version_str
         self.outputs = outputs
         self.layout = tuple((output.name, output.datatype) for output in response.outputs)
         self.numeric = all(d in DATATYPE_TO_NUMPY and d != BYTES for _, d in self.layout)
@@ -105,8 +108,8 @@ def encode(group: Group, records: Sequence[Record]) -> Batch:
         for start in range(0, len(records), CHUNK_RECORDS)
     ]
     return {
-        "model": group.model.name,
-        "version": group.model.version_str,
+        "model": group.name,
+        "version": group.version,
         "records": len(records),
         "chunks": chunks,
     }

@@ -5,6 +5,7 @@ is deterministic and near its rate."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -302,3 +304,32 @@ def test_the_serving_process_leaves_arrow_to_the_writer_process(tmp_path: Path) 
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_an_unloaded_version_is_freed_with_capture_on(model_repo: Path, tmp_path: Path) -> None:
+    """The capture keeps a model version's name and version text, not the version: once it is
+    unloaded (its records written), its LoadedModel and onnxruntime session are freed."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "logreg", repo / "logreg")
+    server = InferenceServer(ServerSettings.from_sources({"repo": repo, "metrics_port": -1}))
+    try:
+        server.repository.load_all()
+        server.dataplane.set_ready(True)
+        registry = CollectorRegistry()
+        capture = Capture(CaptureSettings(tmp_path / "capture", flush_seconds=NEVER), registry)
+        core = core_with(server, capture)
+        model = server.repository.get("logreg")
+        freed = weakref.ref(model)
+        del model
+        answer(core, 0)
+        message = request(1)
+        message.outputs.add(name="label")  # a group of its own: one chosen output
+        core.infer_on_thread(message, None, time.perf_counter(), defer=lambda f, *args: f(*args))
+        assert capture.flush(30)
+        assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 2
+        server.repository.unload("logreg")
+        gc.collect()
+        assert freed() is None
+        capture.close()
+    finally:
+        server.executor.shutdown()
