@@ -201,7 +201,8 @@ class CaptureMetrics:
             "edgewise_capture_dropped",
             "Captured requests lost, by model and reason: queue_full (the writer fell behind; "
             "the request was answered), write_error (a file could not be written), "
-            "writer_exited (the writer process died before writing them).",
+            "writer_exited (the writer process died before writing them), stopped (the server "
+            "stopped and the writer did not write them in time: killed).",
             ["model", "reason"],
             registry=registry,
         )
@@ -265,6 +266,8 @@ class Capture:
         self._restarted = False  # a writer process exited and was replaced (said once)
         self._idle = threading.Condition()
         self._busy = 0  # records taken from the queue and not yet sent or dropped
+        self._abandoned = False  # close() gave up waiting and killed the writer
+        self._stopped = 0  # records counted lost as "stopped"
         self._writer = self._start_writer()
         self._thread = threading.Thread(target=self._run, name="edgewise-capture", daemon=True)
         self._thread.start()
@@ -351,10 +354,38 @@ class Capture:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the shipper and the writer process (a server's
-        stop)."""
+        stop). If that takes longer than ``timeout`` (the writer is behind: a stalled disk, a
+        hung write), the writer process is killed and every record not yet written, sent or
+        still queued, is counted lost (``reason="stopped"``) and logged."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return
+        self._abandoned = True  # the shipper counts what it holds rather than send it
+        self._writer.abort(timeout)  # a send blocked on its pipe fails at once
+        self._thread.join(timeout)
+        with self._idle:
+            left = list(self._queue)
+            self._queue.clear()
+        self._count(left, "stopped")
+        log.error(
+            "capture: the writer did not finish within %gs of the stop: killed; %d captured "
+            'record(s) never written (edgewise_capture_dropped_total{reason="stopped"})',
+            timeout,
+            self._stopped,
+        )
+
+    def _count(self, items: Sequence[tuple[Any, ...]], reason: str) -> None:
+        """Count queued items (records and labels) lost, per model."""
+        lost: dict[str, int] = {}
+        for item in items:
+            if item[0] is _LABELS:
+                lost[item[2]] = lost.get(item[2], 0) + len(item[3])
+            else:
+                lost[item[0].name] = lost.get(item[0].name, 0) + 1
+        for name, count in lost.items():
+            self._lost(name, count, reason)
 
     def _start_writer(self) -> WriterProcess:
         return WriterProcess(
@@ -388,6 +419,9 @@ class Capture:
     def _ship(self, taken: list[tuple[Any, ...]]) -> None:
         """Turn what was taken into frames (one per group: model version and choice of outputs,
         the same columns throughout; one per model's labels) and send them to the writer."""
+        if self._abandoned:  # the server stopped and the writer was killed: counted
+            self._count(taken, "stopped")
+            return
         writer = self._writer
         if writer.dead:  # it exited (killed, out of memory): counted, said once, started again
             if not self._restarted:
@@ -443,6 +477,9 @@ class Capture:
 
     def _lost(self, name: str, count: int, reason: str, error: str = "") -> None:
         self.metrics.dropped.labels(name, reason).inc(count)
+        if reason == "stopped":  # logged by close() with their total
+            self._stopped += count
+            return
         if not self._failed:
             self._failed = True
             log.error(

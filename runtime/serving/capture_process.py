@@ -34,7 +34,8 @@ class WriterProcess:
     each JSON report but ``done`` (see the writer's module), on the reader thread, and
     ``{"cpu": seconds}``: the CPU time it spent since it last said;
     ``on_lost(model, records, reason)``: records sent that the writer will never report (reason
-    ``writer_exited``, or ``write_error`` for those a finished frame did not report)."""
+    ``writer_exited``, ``stopped`` after :meth:`abort`, or ``write_error`` for those a finished
+    frame did not report)."""
 
     def __init__(
         self,
@@ -55,6 +56,9 @@ class WriterProcess:
         self._sent: deque[tuple[str, int]] = deque()  # frames not yet done: (model, records)
         self._lock = threading.Condition()
         self.dead = False
+        #: The reason the records it will never write are counted under: writer_exited (it
+        #: died), stopped (the server stopped it: :meth:`abort`).
+        self.reason = "writer_exited"
         self._cpu = 0.0  # the CPU seconds it reported so far
         self._reader = threading.Thread(
             target=self._read, name="edgewise-capture-reports", daemon=True
@@ -76,7 +80,7 @@ class WriterProcess:
                 lost = False
                 self._sent.append((model, records))
         if lost:
-            self.on_lost(model, records, "writer_exited")
+            self.on_lost(model, records, self.reason)
             return False
         stdin = self.process.stdin
         assert stdin is not None
@@ -114,6 +118,17 @@ class WriterProcess:
             self.process.wait()
         self._reader.join(timeout)
 
+    def abort(self, timeout: float = 10.0) -> None:
+        """Kill it now (a server's stop that could not wait for it: a stalled disk, a hung
+        write): what it was sent and had not written is counted lost as ``stopped``, and a
+        thread blocked sending to it gets an error at once."""
+        self.reason = "stopped"
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        self._reader.join(timeout)
+
     def _read(self) -> None:
         stdout = self.process.stdout
         assert stdout is not None
@@ -140,4 +155,4 @@ class WriterProcess:
             self._sent.clear()
             self._lock.notify_all()
         for model, records in lost:
-            self.on_lost(model, records, "writer_exited")
+            self.on_lost(model, records, self.reason)

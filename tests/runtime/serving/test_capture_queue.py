@@ -333,3 +333,36 @@ def test_an_unloaded_version_is_freed_with_capture_on(model_repo: Path, tmp_path
         capture.close()
     finally:
         server.executor.shutdown()
+
+
+def test_a_stop_with_the_writer_stalled_kills_it_and_counts_what_was_never_written(
+    server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() with the writer stalled (its disk hangs: stopped here) and the shipper blocked on
+    its pipe: the writer process is killed and every captured record is accounted for, written
+    or counted lost as stopped (logged once with the total)."""
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER), registry)
+    core = core_with(server, capture)
+    writer = capture.writer_pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        for index in range(3000):  # a frame larger than the pipe holds: the shipper blocks
+            answer(core, index)
+        with caplog.at_level(logging.ERROR, logger="edgewise.runtime.serving.capture"):
+            capture.close(timeout=1)
+        deadline = time.monotonic() + 10
+        while pid_alive(writer) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pid_alive(writer)  # killed, though it was stopped
+        stopped = value(
+            registry, "edgewise_capture_dropped_total", model="logreg", reason="stopped"
+        )
+        written = value(registry, "edgewise_capture_written_records_total", model="logreg")
+        assert value(registry, "edgewise_capture_records_total", model="logreg") == 3000
+        assert stopped == 3000 and written == 0
+        said = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+        assert len(said) == 1 and "3000 captured record(s) never written" in said[0]
+    finally:
+        if pid_alive(writer):
+            os.kill(writer, signal.SIGKILL)
