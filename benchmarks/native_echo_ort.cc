@@ -1,7 +1,8 @@
 // The compute floor served natively: echo_server.cc plus onnxruntime's C API. Like the echo
 // server it answers every ModelInfer call with one canned message (edgewise's own answer to a
 // one-row request), but first runs the real model once through onnxruntime's C API on one row
-// of ones (the request's shape): the least a C++ server that runs the model can do per call (no
+// like the client's (serving.py: uniform in [0, 16), 64 rows taken in turn; a tree ensemble's
+// time depends on the values): the least a C++ server that runs the model can do per call (no
 // decoding, no encoding). Built and driven by benchmarks/native_floor.py:
 //
 //     g++ -O2 -std=c++17 -I<onnxruntime headers> native_echo_ort.cc -o echo_ort \
@@ -16,6 +17,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
+#include <random>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -95,7 +97,12 @@ int main(int argc, char** argv) {
   OrtMemoryInfo* cpu = nullptr;
   Check(g_api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu), "memory info");
   const int64_t features = std::stoll(argv[6]);
-  std::vector<float> row(static_cast<size_t>(features), 1.0f);
+  constexpr int kRows = 64;
+  std::vector<float> rows(static_cast<size_t>(kRows * features));
+  std::mt19937 random(12345);
+  std::uniform_real_distribution<float> uniform(0.0f, 16.0f);
+  for (float& value : rows) value = uniform(random);
+  int next = 0;
   std::vector<int64_t> shape = {1, features};
   const char* input_name = argv[5];
   size_t outputs = 0;
@@ -113,7 +120,9 @@ int main(int argc, char** argv) {
   for (const auto& name : output_names) names.push_back(name.c_str());
   auto run = [&] {
     OrtValue* input = nullptr;
-    Check(g_api->CreateTensorWithDataAsOrtValue(cpu, row.data(), row.size() * sizeof(float),
+    float* row = rows.data() + static_cast<size_t>(next) * static_cast<size_t>(features);
+    next = (next + 1) % kRows;
+    Check(g_api->CreateTensorWithDataAsOrtValue(cpu, row, static_cast<size_t>(features) * sizeof(float),
                                                 shape.data(), shape.size(),
                                                 ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &input),
           "input");
