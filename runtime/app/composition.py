@@ -170,6 +170,7 @@ def data_capture(
             rate=default,
             max_bytes=settings.capture_max_bytes,
             queue_records=settings.capture_queue,
+            queue_bytes=settings.capture_queue_bytes,
             flush_seconds=settings.capture_flush_seconds,
         ),
         metrics.registry,

@@ -225,7 +225,8 @@ def _add_serve_tracing(p: argparse.ArgumentParser) -> None:
 
 #: Settings of ``serve``'s data capture flags (see _add_serve_capture).
 SERVE_CAPTURE_KEYS = (
-    "capture_dir", "capture_rate", "capture_max_bytes", "capture_queue", "capture_flush_seconds",
+    "capture_dir", "capture_rate", "capture_max_bytes", "capture_queue", "capture_queue_bytes",
+    "capture_flush_seconds",
 )  # fmt: skip
 
 
@@ -254,10 +255,16 @@ def _add_serve_capture(p: argparse.ArgumentParser) -> None:
         "(default 10000)",
     )
     g.add_argument(
+        "--capture-queue-bytes",
+        type=int,
+        help="bytes of the captured records (inputs and answers) waiting for the writer; "
+        "beyond, records are dropped and counted (default 64 MiB)",
+    )
+    g.add_argument(
         "--capture-flush-seconds",
         type=float,
-        help="write a file at least this often (default 5; sooner once 5000 records wait): "
-        "SIGKILL loses at most what was queued since the last write",
+        help="write a file at least this often (default 5; sooner once 5000 records wait); "
+        "SIGKILL loses at most what waits for the writer (--capture-queue records)",
     )
 
 

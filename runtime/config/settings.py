@@ -115,6 +115,7 @@ class ServerSettings:
     capture_rate: float = 1.0  # EDGEWISE_CAPTURE_RATE: fraction captured (config.json overrides)
     capture_max_bytes: int = 1 << 30  # EDGEWISE_CAPTURE_MAX_BYTES: the folder's size cap
     capture_queue: int = 10_000  # EDGEWISE_CAPTURE_QUEUE: records waiting; beyond: dropped
+    capture_queue_bytes: int = 64 << 20  # EDGEWISE_CAPTURE_QUEUE_BYTES: ... and their bytes
     capture_flush_seconds: float = 5.0  # EDGEWISE_CAPTURE_FLUSH_SECONDS: write at least this often
     # Tracing (runtime/serving/tracing.py; needs the edgewise[otel] extra):
     otel_endpoint: str | None = None  # EDGEWISE_OTEL_ENDPOINT: OTLP/gRPC collector (None: off)
@@ -216,6 +217,10 @@ class ServerSettings:
             raise InvalidInput(f"capture-max-bytes must be positive, not {self.capture_max_bytes}")
         if self.capture_queue < 1:
             raise InvalidInput(f"capture-queue must be at least 1, not {self.capture_queue}")
+        if self.capture_queue_bytes < 1:
+            raise InvalidInput(
+                f"capture-queue-bytes must be at least 1, not {self.capture_queue_bytes}"
+            )
         if not self.capture_flush_seconds > 0:
             raise InvalidInput(
                 f"capture-flush-seconds must be positive, not {self.capture_flush_seconds}"

@@ -20,10 +20,13 @@ tensors' and answers' bytes joined at once) and sends them to the capture's writ
 as one complete Parquet file (atomic, oldest removed past the size cap): Arrow and Parquet never
 take the serving process's GIL. The writer's reports move the metrics here. A write error is
 counted (``reason="write_error"``) and logged once; a writer process that dies is counted
-(``reason="writer_exited"``) and replaced at the next flush; neither reaches a request. After
-SIGKILL of the server, at most the records not yet sent are lost (those queued since the
-shipper last took the queue: up to ``flush_seconds`` or ``batch_records`` of them; the writer
-writes what it had received, then exits); SIGTERM writes them all.
+(``reason="writer_exited"``) and replaced at the next flush; neither reaches a request. The
+queue's bound (``queue_records`` and ``queue_bytes``: a full queue drops, counted as
+``queue_full``) counts the records the shipper has taken and not yet sent too, so that it
+bounds the capture's memory and what a crash loses: after SIGKILL of the server, the records
+not yet sent, at most ``queue_records`` (the writer writes what it had received, then exits).
+A stop (:meth:`Capture.close`) writes them all, unless the writer takes longer than its timeout:
+then the writer is killed and what it had not written is counted (``reason="stopped"``).
 
 The columns of a file: see :mod:`~edgewise.runtime.serving.capture_tables`.
 """
@@ -41,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -130,6 +133,7 @@ class CaptureSettings:
     rate: float = 1.0  # the default sampling rate of every model
     max_bytes: int = 1 << 30  # the folder's size cap
     queue_records: int = 10_000  # records waiting for the writer; beyond: dropped
+    queue_bytes: int = 64 << 20  # ... and their bytes (inputs and answers); beyond: dropped
     flush_seconds: float = 5.0  # the writer writes at least this often
     batch_records: int = 5_000  # ... or as soon as this many wait
 
@@ -139,6 +143,8 @@ class CaptureSettings:
             raise InvalidInput(f"capture-max-bytes must be at least 1, not {self.max_bytes}")
         if self.queue_records < 1:
             raise InvalidInput(f"capture-queue must be at least 1, not {self.queue_records}")
+        if self.queue_bytes < 1:
+            raise InvalidInput(f"capture-queue-bytes must be at least 1, not {self.queue_bytes}")
         if not self.flush_seconds > 0:
             raise InvalidInput(f"capture-flush-seconds must be positive, not {self.flush_seconds}")
         if self.batch_records < 1:
@@ -146,6 +152,8 @@ class CaptureSettings:
                 f"capture batch_records must be at least 1, not {self.batch_records}"
             )
 
+
+_NBYTES: Final = attrgetter("nbytes")
 
 #: The first item of a queued tuple of feedback labels: (_LABELS, time_ns, model, labels).
 _LABELS: Final = object()
@@ -259,6 +267,12 @@ class Capture:
         # Captured requests (Record tuples) and feedback labels ((_LABELS, ...) tuples).
         self._queue: deque[tuple[Any, ...]] = deque()
         self._limit = settings.queue_records
+        self._bytes_limit = settings.queue_bytes
+        # The bytes of the queued records (inputs and answers), and of those the shipper holds.
+        # Added to by request threads without a lock (a lost update is rare and small) and reset
+        # as the shipper takes the queue: an error never outlives a flush.
+        self._queued_bytes = 0
+        self._held_bytes = 0
         self._batch = settings.batch_records
         self._wake = threading.Event()
         self._stopping = False
@@ -292,21 +306,30 @@ class Capture:
         if rate < 1.0 and (rate <= 0.0 or not sampled(prepared.request_id, rate)):
             return
         queue = self._queue
-        if len(queue) >= self._limit:
+        # What the shipper holds (taken, not yet sent) counts too: the bound is on all the
+        # records and bytes a stop or a SIGKILL can lose.
+        if (
+            len(queue) + self._busy >= self._limit
+            or self._queued_bytes + self._held_bytes >= self._bytes_limit
+        ):
             entry.full.inc()
             return
+        feeds = prepared.feeds
         outputs = prepared.outputs
         group = entry.group if outputs is None else entry.chosen.get(tuple(outputs))
         if group is None:
             group = entry.group_for(model, outputs, response)
         # A raw numeric answer's bytes, one per output (the response is not kept: its message
         # and arena weigh more than its values); else the response.
-        answer: list[bytes] | pb.ModelInferResponse = (
-            list(response.raw_output_contents) if prepared.raw and group.numeric else response
-        )
-        queue.append(
-            (group, time.time_ns(), prepared.request_id, prepared.rows, prepared.feeds, answer)
-        )
+        answer: list[bytes] | pb.ModelInferResponse
+        if prepared.raw and group.numeric:
+            answer = list(response.raw_output_contents)
+            size = sum(map(len, answer))
+        else:
+            answer = response
+            size = response.ByteSize()
+        self._queued_bytes += size + sum(map(_NBYTES, feeds.values()))
+        queue.append((group, time.time_ns(), prepared.request_id, prepared.rows, feeds, answer))
         entry.captured.inc()
         if len(queue) >= self._batch:
             self._wake.set()
@@ -329,7 +352,7 @@ class Capture:
         (counted) when the queue is full, like a request."""
         if not labels:
             return
-        if len(self._queue) >= self._limit:
+        if len(self._queue) + self._busy >= self._limit:
             self.metrics.dropped.labels(model, "queue_full").inc(len(labels))
             return
         self._queue.append((_LABELS, time.time_ns(), model, list(labels)))
@@ -403,14 +426,18 @@ class Capture:
                 while queue:
                     taken.append(queue.popleft())
                 self._busy = len(taken)
+                self._held_bytes = self._queued_bytes
+                self._queued_bytes = 0
             try:
                 if taken:
                     self._ship(taken)
             except Exception as exc:  # never let the shipper die: what it held is counted
                 log.exception("capture: shipping %d record(s) failed: %s", len(taken), exc)
             finally:
+                del taken  # the records' arrays, before the requests may queue more
                 with self._idle:
                     self._busy = 0
+                    self._held_bytes = 0
                     self._idle.notify_all()
             if stopping and not self._queue:
                 break

@@ -270,6 +270,7 @@ def test_sigkill_leaves_only_complete_files(
         (["--capture-rate", "1.5"], "capture-rate must be a fraction from 0 to 1"),
         (["--capture-max-bytes", "-1"], "capture-max-bytes must be positive"),
         (["--capture-queue", "0"], "capture-queue must be at least 1"),
+        (["--capture-queue-bytes", "0"], "capture-queue-bytes must be at least 1"),
     ],
 )
 def test_bad_capture_settings_are_one_line_and_exit_one(

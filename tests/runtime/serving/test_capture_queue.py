@@ -366,3 +366,77 @@ def test_a_stop_with_the_writer_stalled_kills_it_and_counts_what_was_never_writt
     finally:
         if pid_alive(writer):
             os.kill(writer, signal.SIGKILL)
+
+
+def large_request(index: int, rows: int = 512) -> pb.ModelInferRequest:
+    values = np.random.default_rng(index).normal(size=(rows, 30)).astype(np.float32)
+    message = pb.ModelInferRequest(model_name="logreg", id=f"big{index}")
+    message.inputs.add(name="features", datatype="FP32", shape=[rows, 30])
+    message.raw_input_contents.append(values.tobytes())
+    return message
+
+
+def test_the_queue_is_bounded_by_bytes_too(server: InferenceServer, tmp_path: Path) -> None:
+    """Records of 60 KiB of inputs each: a queue of 1 MiB takes 17 of them (the budget's
+    worth, inputs and answers counted), drops the rest (queue_full); once written, it takes
+    more again."""
+    registry = CollectorRegistry()
+    budget = 1 << 20
+    capture = Capture(CaptureSettings(tmp_path, flush_seconds=NEVER, queue_bytes=budget), registry)
+    core = core_with(server, capture)
+    sent = large_request(0).raw_input_contents[0]
+    for index in range(50):
+        response = core.infer_on_thread(
+            large_request(index), None, time.perf_counter(), defer=lambda f, *args: f(*args)
+        )
+        assert isinstance(response, pb.ModelInferResponse)
+    captured = value(registry, "edgewise_capture_records_total", model="logreg")
+    per_record = len(sent) + sum(map(len, response.raw_output_contents))
+    assert captured == -(-budget // per_record)  # up to the first record at or over the budget
+    dropped = value(registry, "edgewise_capture_dropped_total", model="logreg", reason="queue_full")
+    assert dropped == 50 - captured
+    assert capture.flush(60)
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == captured
+    for index in range(50, 55):
+        core.infer_on_thread(
+            large_request(index), None, time.perf_counter(), defer=lambda f, *args: f(*args)
+        )
+    assert value(registry, "edgewise_capture_records_total", model="logreg") == captured + 5
+    capture.close()
+
+
+def test_records_the_shipper_holds_count_against_the_queue(
+    server: InferenceServer, tmp_path: Path
+) -> None:
+    """With the writer behind, the records the shipper took and cannot send yet still count
+    against --capture-queue: what a stop or SIGKILL can lose is at most that many records."""
+    registry = CollectorRegistry()
+    capture = Capture(
+        CaptureSettings(tmp_path, queue_records=100, flush_seconds=NEVER, batch_records=1000),
+        registry,
+    )
+    core = core_with(server, capture)
+    writer = capture.writer_pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        for index in range(100):
+            core.infer_on_thread(
+                large_request(index), None, time.perf_counter(), defer=lambda f, *args: f(*args)
+            )
+        assert not capture.flush(1)  # taken by the shipper: a frame larger than the pipe
+        for index in range(100, 130):
+            core.infer_on_thread(
+                large_request(index), None, time.perf_counter(), defer=lambda f, *args: f(*args)
+            )
+        dropped = value(
+            registry, "edgewise_capture_dropped_total", model="logreg", reason="queue_full"
+        )
+        assert dropped == 30
+        capture.close(timeout=1)
+        assert (
+            value(registry, "edgewise_capture_dropped_total", model="logreg", reason="stopped")
+            == 100
+        )
+    finally:
+        if pid_alive(writer):
+            os.kill(writer, signal.SIGKILL)
