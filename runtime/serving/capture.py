@@ -20,7 +20,8 @@ tensors' and answers' bytes joined at once) and sends them to the capture's writ
 as one complete Parquet file (atomic, oldest removed past the size cap): Arrow and Parquet never
 take the serving process's GIL. The writer's reports move the metrics here. A write error is
 counted (``reason="write_error"``) and logged once; a writer process that dies is counted
-(``reason="writer_exited"``) and replaced at the next flush; neither reaches a request. The
+(``reason="writer_exited"``) and replaced at the next flush (writers that exit in a row before
+finishing a frame after a back-off of up to a minute); neither reaches a request. The
 queue's bound (``queue_records`` and ``queue_bytes``: a full queue drops, counted as
 ``queue_full``) counts the records the shipper has taken and not yet sent too, so that it
 bounds the capture's memory and what a crash loses: after SIGKILL of the server, the records
@@ -154,6 +155,8 @@ class CaptureSettings:
 
 
 _NBYTES: Final = attrgetter("nbytes")
+#: The longest wait before another writer process replaces one that exited before writing.
+RESTART_BACKOFF_MAX: Final = 60.0
 
 #: The first item of a queued tuple of feedback labels: (_LABELS, time_ns, model, labels).
 _LABELS: Final = object()
@@ -278,6 +281,10 @@ class Capture:
         self._stopping = False
         self._failed = False  # a write failed and was logged (later ones are counted only)
         self._restarted = False  # a writer process exited and was replaced (said once)
+        # Writers that exited in a row without finishing a frame (a folder that became
+        # unusable: each would import pyarrow to fail again), and when the next may start.
+        self._exits = 0
+        self._restart_at = 0.0
         self._idle = threading.Condition()
         self._busy = 0  # records taken from the queue and not yet sent or dropped
         self._abandoned = False  # close() gave up waiting and killed the writer
@@ -451,14 +458,11 @@ class Capture:
             return
         writer = self._writer
         if writer.dead:  # it exited (killed, out of memory): counted, said once, started again
-            if not self._restarted:
-                self._restarted = True
-                log.error(
-                    "capture: the writer process exited (%s): starting another (later exits "
-                    'are counted in edgewise_capture_dropped_total{reason="writer_exited"})',
-                    writer.process.poll(),
-                )
-            writer = self._writer = self._start_writer()
+            restarted = self._restart(writer)
+            if restarted is None:  # backing off: what was taken is lost
+                self._count(taken, "writer_exited")
+                return
+            writer = restarted
         groups: dict[Group, list[Record]] = {}
         labels: dict[str, list[tuple[int, Sequence[tuple[str, int, object]]]]] = {}
         # The queue holds long runs of one group, taken a run at a time.
@@ -480,6 +484,30 @@ class Capture:
         for name, batches in labels.items():
             count = sum(len(batch) for _, batch in batches)
             writer.send(("labels", name, batches), name, count)
+
+    def _restart(self, dead: WriterProcess) -> WriterProcess | None:
+        """Another writer in place of ``dead``, or None while backing off: the first exit is
+        replaced at once; writers that exit in a row without finishing a frame are replaced
+        after 1, 2, 4 ... up to :data:`RESTART_BACKOFF_MAX` seconds."""
+        if dead.finished:  # it wrote before it died: not a writer that cannot start
+            self._exits = 0
+            self._restart_at = 0.0
+        now = time.monotonic()
+        if now < self._restart_at:
+            return None
+        if not self._restarted:
+            self._restarted = True
+            log.error(
+                "capture: the writer process exited (exit status %s): starting another (later "
+                'exits are counted in edgewise_capture_dropped_total{reason="writer_exited"}; '
+                "writers that exit before writing are restarted at most every %gs)",
+                dead.exit_code,
+                RESTART_BACKOFF_MAX,
+            )
+        self._exits += 1
+        self._restart_at = now + min(RESTART_BACKOFF_MAX, 2.0 ** (self._exits - 1))
+        self._writer = self._start_writer()
+        return self._writer
 
     def _reported(self, report: dict[str, Any]) -> None:
         """A report of the writer process (on its reader thread): the metrics it moves."""

@@ -56,6 +56,7 @@ class WriterProcess:
         self._sent: deque[tuple[str, int]] = deque()  # frames not yet done: (model, records)
         self._lock = threading.Condition()
         self.dead = False
+        self.finished = 0  # frames it finished (0: it never got to write)
         #: The reason the records it will never write are counted under: writer_exited (it
         #: died), stopped (the server stopped it: :meth:`abort`).
         self.reason = "writer_exited"
@@ -68,6 +69,12 @@ class WriterProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """Its exit status once :attr:`dead` (negative: the signal that killed it), else
+        None."""
+        return self.process.returncode
 
     def send(self, message: tuple[Any, ...], model: str, records: int) -> bool:
         """Send one frame (waits while the pipe is full: the writer is behind); False, and the
@@ -143,12 +150,17 @@ class WriterProcess:
                 self._cpu = cpu
             if "done" in report:
                 with self._lock:
+                    self.finished += 1
                     model, records = self._sent.popleft()
                     self._lock.notify_all()
                 if records > report["done"]:
                     self.on_lost(model, records - report["done"], "write_error")
             elif "ready" not in report:
                 self.on_report(report)
+        # Its output ended: it exits (it is reaped here, so that its exit status is known by
+        # the time it is said to be dead).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5.0)
         with self._lock:  # the writer exited: what it had not finished is lost
             self.dead = True
             lost = list(self._sent)

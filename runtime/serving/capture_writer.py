@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda files, size, removed: report(folder=[files, size, removed]),
         )
     except Exception as exc:
-        report(fatal=f"cannot open the capture folder {root}: {exc}")
+        # With its CPU (the imports': a writer that cannot start costs that much each time).
+        report(fatal=f"cannot open the capture folder {root}: {exc}", cpu=time.process_time())
         return 1
     report(ready=True, cpu=time.process_time())  # start-up's CPU (imports, the folder's scan)
     source = sys.stdin.buffer

@@ -440,3 +440,30 @@ def test_records_the_shipper_holds_count_against_the_queue(
     finally:
         if pid_alive(writer):
             os.kill(writer, signal.SIGKILL)
+
+
+def test_writers_that_cannot_start_are_restarted_with_a_back_off(
+    server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture folder that became unusable (here a file in its place): each writer exits at
+    start. Ten flushes in a row start a few writers, not ten (restarts back off), every record
+    is counted lost, the writers' CPU (their imports) is published and the log gives the exit
+    status."""
+    folder = tmp_path / "gone"
+    folder.write_text("a file where the capture folder was")
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.ERROR, logger="edgewise.runtime.serving.capture"):
+        capture = Capture(CaptureSettings(folder, flush_seconds=NEVER), registry)
+        core = core_with(server, capture)
+        writers = {capture.writer_pid}
+        for index in range(10):
+            answer(core, index)
+            assert capture.flush(60)
+            writers.add(capture.writer_pid)
+        capture.close()
+    assert 2 <= len(writers) <= 4
+    lost = value(registry, "edgewise_capture_dropped_total", model="logreg", reason="writer_exited")
+    assert lost == 10
+    assert value(registry, "edgewise_capture_writer_cpu_seconds_total") > 0
+    said = [r.getMessage() for r in caplog.records if "writer process exited" in r.getMessage()]
+    assert len(said) == 1 and "exit status 1" in said[0]
