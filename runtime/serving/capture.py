@@ -285,6 +285,7 @@ class Capture:
         # unusable: each would import pyarrow to fail again), and when the next may start.
         self._exits = 0
         self._restart_at = 0.0
+        self._oversize = False  # a file larger than the cap was written (said once)
         self._idle = threading.Condition()
         self._busy = 0  # records taken from the queue and not yet sent or dropped
         self._abandoned = False  # close() gave up waiting and killed the writer
@@ -511,6 +512,16 @@ class Capture:
 
     def _reported(self, report: dict[str, Any]) -> None:
         """A report of the writer process (on its reader thread): the metrics it moves."""
+        if "oversize" in report and not self._oversize:
+            self._oversize = True
+            log.warning(
+                "capture: a file of %d bytes is larger than the folder's size cap "
+                "(--capture-max-bytes %d) and was removed as soon as written (its records count "
+                "in edgewise_capture_written_records_total, the file in "
+                "edgewise_capture_files_removed_total); raise the cap",
+                report["bytes"],
+                report["oversize"],
+            )
         if "written" in report:
             self.metrics.written.labels(report["written"]).inc(report["records"])
             self.metrics.written_bytes.inc(report["bytes"])

@@ -78,6 +78,12 @@ class _Reports:
             self.gone = True
 
 
+def _oversize(stored: Any, folder: Any) -> dict[str, int]:
+    """``{"oversize": cap}`` if a file just written was removed at once (alone larger than the
+    folder's size cap), else nothing."""
+    return {} if stored.path.exists() else {"oversize": folder.max_bytes}
+
+
 def _handle(message: tuple[Any, ...], folder: Any, report: _Reports) -> int:
     """Write one frame's file(s); the records it reported (written or failed)."""
     from edgewise.runtime.serving.capture_files import LABELS_FOLDER
@@ -98,7 +104,7 @@ def _handle(message: tuple[Any, ...], folder: Any, report: _Reports) -> int:
             except Exception as exc:
                 report(failed=name, records=count, error=str(exc))
                 continue
-            report(written=name, records=count, bytes=stored.size)
+            report(written=name, records=count, bytes=stored.size, **_oversize(stored, folder))
         return sum(count for _, count in built)
     if kind == "labels":
         name, batches = message[1], message[2]
@@ -108,7 +114,7 @@ def _handle(message: tuple[Any, ...], folder: Any, report: _Reports) -> int:
         except Exception as exc:
             report(failed=name, records=count, error=str(exc))
             return count
-        report(labels=name, records=count, bytes=stored.size)
+        report(labels=name, records=count, bytes=stored.size, **_oversize(stored, folder))
         return count
     report(fatal=f"unknown frame {kind!r}")
     return 0

@@ -467,3 +467,27 @@ def test_writers_that_cannot_start_are_restarted_with_a_back_off(
     assert value(registry, "edgewise_capture_writer_cpu_seconds_total") > 0
     said = [r.getMessage() for r in caplog.records if "writer process exited" in r.getMessage()]
     assert len(said) == 1 and "exit status 1" in said[0]
+
+
+def test_a_file_larger_than_the_cap_is_counted_removed_and_said_once(
+    server: InferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    capture = Capture(CaptureSettings(tmp_path, max_bytes=100, flush_seconds=NEVER), registry)
+    core = core_with(server, capture)
+    with caplog.at_level(logging.WARNING, logger="edgewise.runtime.serving.capture"):
+        for round_ in range(2):
+            for index in range(3):
+                answer(core, 10 * round_ + index)
+            assert capture.flush(30)
+        capture.close()
+    assert value(registry, "edgewise_capture_written_records_total", model="logreg") == 6
+    assert value(registry, "edgewise_capture_files_removed_total") == 2
+    assert value(registry, "edgewise_capture_files") == 0
+    assert not list(captured_files(tmp_path))
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "larger than the folder's size cap" in r.getMessage()
+    ]
+    assert len(said) == 1 and "--capture-max-bytes 100" in said[0]
