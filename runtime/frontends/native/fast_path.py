@@ -373,19 +373,19 @@ class FastPath:
             return
         rows, inputs, output, tail = taken
         total = int(sum(rows))
-        feeds = {
-            spec.name: np.frombuffer(bytearray(data), dtype=numpy_dtype(spec.datatype)).reshape(
-                (total, *spec.shape[1:])
-            )
-            for spec, data in zip(model.inputs, inputs, strict=True)
-        }
-        outputs = None
-        watched = monitor.prediction_output
-        if watched and output:
-            spec = next(s for s in model.outputs if s.name == watched)
-            block = np.frombuffer(bytearray(output), dtype=numpy_dtype(spec.datatype))
-            outputs = {watched: block.reshape((total, *tail))}
-        try:
+        try:  # a failure is logged and its rows lost; the answers already stand
+            feeds = {
+                spec.name: np.frombuffer(bytearray(data), dtype=numpy_dtype(spec.datatype)).reshape(
+                    (total, *spec.shape[1:])
+                )
+                for spec, data in zip(model.inputs, inputs, strict=True)
+            }
+            outputs = None
+            watched = monitor.prediction_output
+            if watched and output:
+                spec = next(s for s in model.outputs if s.name == watched)
+                block = np.frombuffer(bytearray(output), dtype=numpy_dtype(spec.datatype))
+                outputs = {watched: block.reshape((-1, *tail))}
             monitor.observe(feeds, outputs)
         except Exception:
             log.exception("monitoring statistics of fast-path requests failed")
