@@ -260,6 +260,11 @@ class FastPath:
             if signature == self._signature:
                 return
             table: dict[tuple[str, str], Any] = {}
+            for model in models:  # every version's series, shown from its load on (0: none)
+                self.fast_calls.labels(model.name, model.version_str)
+                self.dropped.labels(model.name, model.version_str)
+                for reason in REASONS:
+                    self.fallbacks.labels(model.name, reason)
             if why_not is None:
                 for model in models:
                     served = self._serve(model)
@@ -284,11 +289,6 @@ class FastPath:
         served = self._served.get(id(model))
         if served is not None or id(model) in self._refused:
             return served
-        # The version's series, shown from its load on (0: none of its calls was fast).
-        self.fast_calls.labels(model.name, model.version_str)
-        self.dropped.labels(model.name, model.version_str)
-        for label in REASONS:
-            self.fallbacks.labels(model.name, label)
         reason = ineligible(model)
         session: CapiSession | None = None
         if reason is None:

@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgewise.runtime.client.client import ServerError
+from edgewise.runtime.client.client import EdgewiseClient, ServerError
+from edgewise.runtime.config.settings import ClientSecurity
 from edgewise.runtime.frontends.native.fast_path import ENVIRONMENT
 from edgewise.runtime.frontends.native.ort_capi import load_ort
 from edgewise.runtime.package.manifest import MODEL_FILE
@@ -177,4 +178,35 @@ def test_swap_under_load_loses_no_call(fast_module: Any, model_repo: Path, tmp_p
         assert fast > 0
     finally:
         stop.set()
+        server.stop()
+
+
+def test_with_tokens_every_call_is_checked_in_python(
+    fast_module: Any, model_repo: Path, tmp_path: Path
+) -> None:
+    """The fast path checks no credentials: with a tokens file, no call is answered there, and
+    a call without a token is refused as before."""
+    token = "fast-path-token-0123456789abcdef"
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{token}\n")
+    server = start_server(
+        model_repo,
+        tmp_path / "server",
+        ["--front-end", "native", "--tokens-file", str(tokens)],
+        env={ENVIRONMENT: "on"},
+        security=ClientSecurity(token=token),
+    )
+    try:
+        with server.client() as client:
+            client.infer("logreg", {"features": _rows(2, 30)})
+        with EdgewiseClient(server.target, security=ClientSecurity()) as anonymous:
+            with pytest.raises(ServerError) as refused:
+                anonymous.infer("logreg", {"features": _rows(2, 30)})
+            assert "UNAUTHENTICATED" in str(refused.value)
+        text = metrics_text(server)
+        assert metric_value(text, "edgewise_native_fast_calls_total") == 0
+        # shown all the same (a counter family is never empty on the page)
+        assert 'edgewise_native_fast_calls_total{model="logreg",version="1"} 0.0' in text
+        assert metric_value(text, "edgewise_requests_total", model="logreg", code="OK") == 1
+    finally:
         server.stop()
