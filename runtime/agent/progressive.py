@@ -128,7 +128,7 @@ class Decision:
     stable: int
     step: int  # index in the policy; len(steps) for the promotion
     description: str
-    verdict: str  # pass | fail | promote
+    verdict: str  # pass | fail | promote | abort | withdrawn
     reasons: tuple[str, ...]
     evidence: dict[str, Any]
     at: str
@@ -205,11 +205,12 @@ class Progressive:
         )
         self.decisions = Counter(
             "edgewise_agent_rollout_decisions",
-            "Rollout verdicts by outcome (pass, fail, promote; abort: edgewise rollback).",
+            "Rollout verdicts by outcome (pass, fail, promote; abort: edgewise rollback; "
+            "withdrawn: a rollout that ended with no verdict, the agent stopped or failed).",
             ["verdict"],
             registry=registry,
         )
-        for verdict in ("pass", "fail", "promote", "abort"):
+        for verdict in ("pass", "fail", "promote", "abort", "withdrawn"):
             self.decisions.labels(verdict)
 
     # ---- the steps -----------------------------------------------------------------------------
@@ -232,6 +233,11 @@ class Progressive:
                 self.step_gauge.set(index + 1)
                 reasons, evidence = self._step(policy, step, stable, candidate)
                 verdict = "fail" if reasons else "pass"
+                if reasons:
+                    # An abort recorded before this verdict is the outcome (RolloutAborted):
+                    # never both a fail and an abort for one rollout.
+                    with self.guard():
+                        pass
                 self._record(
                     policy, index, step.describe(), stable, candidate, verdict, reasons, evidence
                 )
@@ -255,6 +261,18 @@ class Progressive:
             None, index, description, stable, candidate, "abort", (reason,), evidence, "abort"
         )
 
+    def withdrawn(self, stable: int, candidate: int, why: str, evidence: dict[str, Any]) -> None:
+        """Record a rollout that ended with no verdict (the agent stopped, failed or died in it;
+        the candidate is out of traffic): its decision in the store, counted in the decisions'
+        ``withdrawn`` verdict (a store that cannot take it: logged, counted all the same)."""
+        self.step_gauge.set(0)
+        step = evidence.get("step")
+        index = step - 1 if isinstance(step, int) and step > 0 else 0
+        description = str(evidence.get("step_description", "before the steps"))
+        self._record(
+            None, index, description, stable, candidate, "withdrawn", (why,), evidence, "withdrawn"
+        )
+
     def finish(self, policy: RolloutPolicy, stable: int, candidate: int) -> None:
         """After the switch: no split or shadow, ``stable`` names the candidate."""
         self.client.set_traffic_split(self.model, [])
@@ -264,10 +282,12 @@ class Progressive:
         self._record(policy, len(policy.steps), "100 %", stable, candidate, "promote", (), {})
         self.step_gauge.set(0)
 
-    def withdraw(self, stable: int, candidate: int) -> None:
+    def withdraw(self, stable: int, candidate: int) -> bool:
         """Out of traffic at once: no split, no shadow (the default version answers), and the
-        clients that ask for "canary" get ``stable`` (none of their requests fails)."""
+        clients that ask for "canary" get ``stable`` (none of their requests fails). False when
+        the server did not take all of it (logged): the candidate may still get traffic."""
         self.step_gauge.set(0)
+        done = True
         client, model = self.client, self.model
         undo: list[tuple[Callable[..., object], tuple[object, ...]]] = [
             (client.set_traffic_split, (model, [])),
@@ -279,6 +299,8 @@ class Progressive:
                 call(*args)
             except EdgewiseError as exc:
                 log.error("model %s: withdrawing version %d: %s", self.model, candidate, exc)
+                done = False
+        return done
 
     def _step(
         self, policy: RolloutPolicy, step: Step, stable: int, candidate: int

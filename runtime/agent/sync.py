@@ -60,6 +60,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -512,7 +513,8 @@ class Agent:
         self._wave_seen: tuple[int, float] | None = None  # (version, when first seen)
         self._rollback_refused: tuple[int, str] | None = None  # counted once per target
         self._rolling: int | None = None  # the version this agent is rolling out (no lock held)
-        self._abort_evidence: dict[str, object] = {}  # where the rollout was when aborted
+        # Where the rollout of (version, sha256) was when it was aborted (for its decision).
+        self._abort_evidence: tuple[int, str, dict[str, object]] | None = None
         self.metrics.info.labels(settings.model, settings.alias, settings.node_id).set(1)
         # The alias's rollout policy, when it has one (docs/rollout.md).
         self.progressive = Progressive(
@@ -544,7 +546,7 @@ class Agent:
             return self._stop.wait(seconds)
         deadline = time.monotonic() + seconds
         while True:
-            self._check_abort(self.state_file.read())
+            self._check_abort(self._read_state(publish=False))
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -727,9 +729,16 @@ class Agent:
         self.metrics.healthy.set(1 if healthy else 0)
         self.metrics.failures.set(self.failures)
 
-    def _read_state(self) -> AgentState:
-        state = self.state_file.read()
-        self._publish_state(state)
+    def _read_state(self, publish: bool = True) -> AgentState:
+        """The state file; :class:`EdgewiseError` (never :class:`PackageError`, which refuses a
+        candidate) when it cannot be read: a state-file problem fails the poll, not the
+        package."""
+        try:
+            state = self.state_file.read()
+        except PackageError as exc:
+            raise EdgewiseError(f"the agent's state: {exc.message}") from None
+        if publish:
+            self._publish_state(state)
         return state
 
     def _save(self, state: AgentState) -> AgentState:
@@ -1156,15 +1165,7 @@ class Agent:
                 checked,
             )
         except RolloutAborted:
-            reached = self.progressive.reached if self.phase == "rollout" else None
-            self._abort_evidence = {"phase": self.phase}
-            if reached is not None:
-                index, description, began = reached
-                self._abort_evidence.update(
-                    step=index + 1,
-                    step_description=description,
-                    step_seconds=round(time.time() - began, 3),
-                )
+            self._abort_evidence = (version, record.model_sha256, self._where())
         except _Refused as refused:
             self._refuse(record, refused)
         except ArtifactCorrupt as exc:
@@ -1179,10 +1180,42 @@ class Agent:
                 )
             self._refuse(record, _Refused(exc.message, kind="invalid"))
         finally:
+            pending = sys.exc_info()[1]
+            where = self._where()
             self._rolling = None
             self.phase = "idle"
-            if self.state_file.read().rollout is not None:
-                self._settle_rollout(version, withdraw=False)  # (the steps withdrew it)
+            try:
+                if self._read_state(publish=False).rollout is not None:
+                    why = (
+                        "the agent stopped"
+                        if isinstance(pending, _Stopped)
+                        else (f"{type(pending).__name__}: {pending}" if pending else "no verdict")
+                    )
+                    self._settle_rollout(version, why, where)
+            except (EdgewiseError, OSError) as exc:
+                if pending is None:
+                    raise
+                # The exception in flight is what the poll reports; this one is logged.
+                log.error(
+                    "model %s: ending the rollout of version %d: %s",
+                    self.settings.model,
+                    version,
+                    exc.message if isinstance(exc, EdgewiseError) else exc,
+                )
+
+    def _where(self) -> dict[str, object]:
+        """Where the rollout this agent runs is (its phase, its step): evidence for its
+        decision."""
+        where: dict[str, object] = {"phase": self.phase}
+        reached = self.progressive.reached if self.phase == "rollout" else None
+        if reached is not None:
+            index, description, began = reached
+            where.update(
+                step=index + 1,
+                step_description=description,
+                step_seconds=round(time.time() - began, 3),
+            )
+        return where
 
     def _rollout_policy(self, previous: int | None, version: int) -> RolloutPolicy | None:
         """The alias's rollout policy when ``version`` replaces a served one (None: the switch
@@ -1198,6 +1231,20 @@ class Agent:
         name, version = record.name, record.version
         with self.state_file.locked():
             state = self._read_state()
+            rollout = state.rollout
+            ours = rollout is not None and rollout.version == version
+            aborted = ours and rollout is not None and rollout.aborted is not None
+            if aborted and refused.kind != "rollout":
+                # The abort came first: it is the outcome (settled in _deploy's finally).
+                log.info(
+                    "model %s: version %d: %s (after its rollout was aborted)",
+                    name,
+                    version,
+                    refused.reason,
+                )
+                return
+            if ours:  # a failed step's verdict came first: the refusal is the outcome
+                state = replace(state, rollout=None)
             serving = state.deployed is not None and state.deployed.version == version
             if refused.kind in ("load", "golden", "rollout") and not serving:
                 with contextlib.suppress(EdgewiseError):
@@ -1231,13 +1278,22 @@ class Agent:
         )
         self._maybe_report(force=True)
 
-    def _settle_rollout(self, version: int, withdraw: bool = True) -> AgentState:
-        """End the rollout of ``version`` recorded in the state while none runs. An aborted one
-        (``edgewise rollback``): its decision goes to the store with its evidence (a store that
-        cannot take it leaves the record, tried again at the next poll), counted
-        (``edgewise_agent_rollbacks{reason}``, ``edgewise_agent_deploys{rolled_back}``), the
-        candidate unloaded and refused. Any other (the agent stopped or failed mid-way, or died):
-        cleared, the candidate out of traffic (``withdraw``: the steps had not done it)."""
+    def _settle_rollout(
+        self,
+        version: int,
+        why: str = "left by an agent that stopped or died",
+        where: dict[str, object] | None = None,
+    ) -> AgentState:
+        """End the rollout of ``version`` recorded in the state while none runs. Either way the
+        candidate is taken out of traffic first (no split, no shadow, ``canary`` names the
+        stable version), and only once the server took that is it unloaded: no client request
+        meets an unloaded version. An aborted one (``edgewise rollback``): its decision goes to
+        the store with its evidence (a store that cannot take it leaves the record, tried again
+        at the next poll), counted (``edgewise_agent_rollbacks{reason}``,
+        ``edgewise_agent_deploys{rolled_back}``), the candidate unloaded and refused. Any other
+        (the agent stopped, failed or died mid-way: ``why``): cleared, the candidate unloaded
+        unless the alias names it or the server serves it by default, unpinned, its
+        ``withdrawn`` decision recorded and counted; not refused."""
         with self.state_file.locked():
             state = self._read_state()
             rollout = state.rollout
@@ -1245,9 +1301,9 @@ class Agent:
                 return state
             stable = rollout.stable
             if rollout.aborted is None:
-                if withdraw and stable is not None:
-                    self.progressive.withdraw(stable, version)
-                return self._save(replace(state, rollout=None))
+                return self._withdrawn_locked(state, rollout, why, where or {})
+            if stable is not None and not self.progressive.withdraw(stable, version):
+                return state  # the server did not take it: unloading would fail its clients
             reason = rollout.aborted
             evidence: dict[str, object] = {
                 "by": "edgewise rollback",
@@ -1255,11 +1311,13 @@ class Agent:
                 "rollout_seconds": round(time.time() - rollout.since, 3),
                 "stable": stable,
                 "sha256": rollout.sha256,
-                **self._abort_evidence,
             }
+            kept = self._abort_evidence
+            if kept is not None and kept[:2] == (version, rollout.sha256):
+                evidence.update(kept[2])
             if not self.progressive.abort(stable or 0, version, reason, evidence):
                 return state  # the store did not take the decision: tried again next poll
-            self._abort_evidence = {}
+            self._abort_evidence = None
             serving = state.deployed is not None and state.deployed.version == version
             if not serving:
                 with contextlib.suppress(EdgewiseError):
@@ -1281,6 +1339,51 @@ class Agent:
         self._said = self.detail
         log.error("model %s: %s", self.settings.model, self.detail)
         self._maybe_report(force=True)
+        return state
+
+    def _withdrawn_locked(
+        self, state: AgentState, rollout: Rollout, why: str, where: dict[str, object]
+    ) -> AgentState:
+        """A rollout that ended with no verdict (the state lock is held): see
+        :meth:`_settle_rollout`."""
+        version, stable = rollout.version, rollout.stable
+        target = self.target
+        wanted = (
+            target is not None
+            and target.version == version
+            and target.model_sha256 == rollout.sha256
+        )
+        serving = state.deployed is not None and state.deployed.version == version
+        if stable is not None and not self.progressive.withdraw(stable, version):
+            return state  # the server did not take it: tried again at the next poll
+        unload = stable is not None and not wanted and not serving
+        if unload:
+            try:
+                unload = not self._default_is(version)  # (a switch that failed half-way)
+            except EdgewiseError:
+                unload = False
+            if unload:
+                with contextlib.suppress(EdgewiseError):
+                    self.client.unload_model(self.settings.model, str(version))
+        state = self._save(replace(state, rollout=None))
+        self._write_config(state, extra=None if unload else version)
+        evidence: dict[str, object] = {
+            "by": "agent",
+            "rollout_seconds": round(time.time() - rollout.since, 3),
+            "sha256": rollout.sha256,
+            "unloaded": unload,
+            **where,
+        }
+        if stable is not None:
+            self.progressive.withdrawn(stable, version, why, evidence)
+        log.warning(
+            "model %s: the rollout of version %d ended with no verdict (%s): out of traffic%s; "
+            "not refused",
+            self.settings.model,
+            version,
+            why,
+            ", unloaded and unpinned" if unload else "",
+        )
         return state
 
     # ---- after the switch ------------------------------------------------------------------------
@@ -1594,6 +1697,18 @@ def pin_versions(model_dir: Path, versions: tuple[int, ...], default: int) -> No
     write_text_atomic(path, json.dumps({**sections, **pins}, indent=2) + "\n")
 
 
+def _refuse_other_target(name: str, state: AgentState, to: int | None) -> None:
+    """While a rollout runs, a rollback aborts it and goes back to its stable version: ``--to``
+    naming another is refused (:class:`EdgewiseError`, nothing changed)."""
+    rollout = state.rollout
+    if rollout is None or rollout.stable is None or to is None or to == rollout.stable:
+        return
+    raise EdgewiseError(
+        f"model {name!r}: version {rollout.version} is being rolled out; a rollback aborts it "
+        f"and goes back to the stable version {rollout.stable} (--to {to} is another)"
+    )
+
+
 def rollback(
     repo: Path,
     name: str,
@@ -1610,13 +1725,7 @@ def rollback(
     state_file = StateFile.for_repo(repo, name, state_dir)
     # Refused before the lock, which would create the state folder and its lock file.
     first = state_file.read()
-    running = first.rollout is not None and first.rollout.stable is not None
-    if running and to is not None and first.rollout and to != first.rollout.stable:
-        raise EdgewiseError(
-            f"model {name!r}: version {first.rollout.version} is being rolled out; a rollback "
-            f"aborts it and goes back to the stable version {first.rollout.stable} (--to "
-            f"{to} is another)"
-        )
+    _refuse_other_target(name, first, to)
     if first.deployed is None:
         raise EdgewiseError(
             f"model {name!r}: the agent's state ({state_file.path}) records no deployed version"
@@ -1625,6 +1734,7 @@ def rollback(
         raise EdgewiseError(f"model {name!r}: version {to} is not on disk in {repo / name}")
     with state_file.locked():
         state = state_file.read()
+        _refuse_other_target(name, state, to)  # (a rollout may have begun since the read)
         rollout = state.rollout
         if rollout is not None and rollout.stable is not None and to in (None, rollout.stable):
             abort_rollout_locked(client, state_file, state, "manual")

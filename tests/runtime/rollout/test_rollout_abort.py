@@ -230,7 +230,10 @@ def test_a_rollout_left_by_a_dead_agent_is_aborted_and_recorded_by_the_next_one(
     agent = rig.start_agent()
     agent.run_once()
     assert rig.state().rollout is None
-    decision = read_decisions(rig.publisher, rig.name)[-1]
+    # (the clean stop above recorded the candidate withdrawn, maybe within the same second)
+    verdicts = {d["verdict"]: d for d in read_decisions(rig.publisher, rig.name)}
+    assert verdicts["withdrawn"]["reasons"] == ["the agent stopped"]
+    decision = verdicts["abort"]
     assert (decision["verdict"], decision["reasons"]) == ("abort", ["manual"])
     assert decision["evidence"]["by"] == "edgewise rollback"
     assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1

@@ -301,7 +301,10 @@ def test_a_failure_between_the_steps_and_the_switch_leaves_no_canary_route(
 
     monkeypatch.setattr(Agent, "_baseline", fails_at_the_candidate)
     _roll(rig, candidates, "good", _policy(CANARY_25))
-    assert [d["verdict"] for d in _decisions(rig)] == ["pass"]
+    # The step passed; the rollout then ended with no verdict: recorded as withdrawn.
+    decisions = _decisions(rig)
+    assert [d["verdict"] for d in decisions] == ["pass", "withdrawn"]
+    assert decisions[-1]["reasons"] == ["RuntimeError: the switch failed"]
     rollout = rig.client.get_rollout(rig.name)
     assert not rollout.weights and not rollout.shadow_version
     assert dict(rollout.labels)["canary"] == "1"

@@ -3,7 +3,9 @@ thread (as its process does) over a real server and a real SQLite store, while t
 registers versions (each goes through a label step judged on the requests that ask for
 "canary"), sends requests, reads the state, restarts the agent mid-rollout and runs
 `edgewise rollback`, during a rollout (the candidate is aborted) or not (the deployed version
-goes back), against a small reference model.
+goes back), and kills the agent mid-step then aborts its rollout from where the server cannot be
+reached (the next agent takes the candidate out of traffic, then unloads it), against a small
+reference model.
 
 What it holds at every step: the server's default is the expected version (a rollout never
 moves it before its last step passed); the state file records the deployed and refused versions
@@ -13,8 +15,9 @@ metrics."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +35,7 @@ from hypothesis.stateful import (
 from edgewise.runtime.agent.policy import parse_policy, write_policy
 from edgewise.runtime.agent.progressive import read_decisions
 from edgewise.runtime.agent.sync import rollback
+from edgewise.runtime.client.client import EdgewiseClient
 from edgewise.runtime.errors import EdgewiseError
 from tests.runtime.rollout.helpers import rows
 from tests.runtime.rollout.test_rollout_abort import AgentThread
@@ -163,6 +167,50 @@ class RolloutAgentMachine(RuleBasedStateMachine):
         expected.aborts = 0  # a new process: new metrics
         self._wait_in_step(expected.rolling)
 
+    @precondition(lambda self: self.expected.rolling is not None)
+    @rule()
+    def abort_unreached_after_the_agent_died(self) -> None:
+        """The agent dies mid-step (its rollout record and the canary label stay); `edgewise
+        rollback` aborts the rollout but cannot reach the server; the next agent takes the
+        candidate out of traffic, then unloads it (a "canary" request never fails)."""
+        expected, rig = self.expected, self.rig
+        candidate = expected.rolling
+        assert candidate is not None
+        left = rig.state().rollout
+        assert left is not None and left.version == candidate
+        self.running.stop()  # a clean stop clears what SIGKILL leaves: put it back
+        rig.state_file.write(replace(rig.state(), rollout=left))
+        rig.client.set_version_label(rig.name, "canary", str(candidate))
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            unreachable = EdgewiseClient(f"127.0.0.1:{probe.getsockname()[1]}", timeout=2.0)
+        try:
+            with pytest.raises(EdgewiseError, match="the agent does at its next check"):
+                rollback(rig.repo, rig.name, unreachable)
+        finally:
+            unreachable.close()
+        aborted = rig.state().rollout
+        assert aborted is not None and aborted.aborted == "manual"
+        assert self._ask("canary") == str(candidate)  # nobody took it out of traffic yet
+        self.running = AgentThread(rig)
+        wait_for(lambda: rig.state().rollout is None, TIMEOUT, "the next agent ending the abort")
+        assert dict(rig.client.get_rollout(rig.name).labels)["canary"] == str(expected.deployed)
+        assert self._ask("canary") == str(expected.deployed)
+        ready = {
+            s.version
+            for s in rig.client.repository_index()
+            if s.name == rig.name and s.state == "READY"
+        }
+        assert str(candidate) not in ready
+        expected.refused.add(candidate)
+        expected.rolling = None
+        expected.aborts = 1  # a new process: new metrics, this abort
+        assert rig.publisher is not None
+        assert any(
+            d["verdict"] == "abort" and d["candidate"] == candidate
+            for d in read_decisions(rig.publisher, rig.name)
+        )
+
     @rule()
     def rollback_by_hand(self) -> None:
         expected = self.expected
@@ -181,8 +229,11 @@ class RolloutAgentMachine(RuleBasedStateMachine):
             expected.rolling = None
             expected.aborts += 1
             assert rig.publisher is not None
-            decision = read_decisions(rig.publisher, rig.name)[-1]
-            assert (decision["verdict"], decision["candidate"]) == ("abort", candidate)
+            decision = [
+                d
+                for d in read_decisions(rig.publisher, rig.name)
+                if d["verdict"] == "abort" and d["candidate"] == candidate
+            ][-1]
             assert decision["reasons"] == ["manual"] and decision["evidence"]["step"] == 1
             assert rig.state().rejected[-1].reason == "manual"
             return
