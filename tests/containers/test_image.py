@@ -1,10 +1,10 @@
-"""A real image, built from containers/Dockerfile with podman and run under the edge-tiny
-profile's flags (as ``edgewise containers render --format docker`` gives them): it starts with the
-native front end, passes its health check, serves a converted model to a client on this host
-(also over TLS), and reports the limits it was started with. The build itself: only the serve
-lock's packages inside (no numba, llvmlite, onnx, ml_dtypes, SciPy, scikit-learn, pip), the OCI
-labels, the SBOM beside it, at most 250 MB, no untagged image left behind, every layer's and
-site-packages entry's size in the output.
+"""A real image, built from containers/Dockerfile with podman and run under the edge-tiny profile's
+flags (as ``edgewise containers render --format docker`` gives them): it starts with the native
+front end, passes its health check, serves a converted model to a client on this host (also over
+TLS), answers the common call on the native fast path (docs/native.md), and reports the limits it
+was started with. The build itself: only the serve lock's packages inside (no numba, llvmlite, onnx,
+ml_dtypes, SciPy, scikit-learn, pip), the OCI labels, the SBOM beside it, at most 250 MB, no
+untagged image left behind, every layer's and site-packages entry's size in the output.
 
 Needs root and podman (installed by containers/install-podman.sh when missing). Skipped with the
 reason otherwise, except in CI (``CI`` set), where a missing prerequisite fails the test
@@ -107,6 +107,35 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"no sample {name}")
 
 
+FAST_CALLS = "edgewise_native_fast_calls_total"
+FALLBACKS = "edgewise_native_fallback_total"
+
+
+def family_total(text: str, name: str) -> float:
+    """The sum of a labelled family's samples (0 when it has none)."""
+    samples = [line.split()[-1] for line in text.splitlines() if line.startswith(name + "{")]
+    return sum(float(sample) for sample in samples)
+
+
+def scrape(metrics_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def wait_fast_calls(metrics_port: int, at_least: float) -> str:
+    """The metrics once the fast path's counts reach ``at_least`` (C++ counts them; the
+    publisher adds them to the metrics when they are read, and drains every 50 ms), or after
+    30 s; the caller asserts on the text."""
+    started = time.monotonic()
+    text = scrape(metrics_port)
+    while time.monotonic() - started < 30:
+        if family_total(text, FAST_CALLS) >= at_least:
+            break
+        time.sleep(0.05)
+        text = scrape(metrics_port)
+    return text
+
+
 def wait_serving(target: str, security: ClientSecurity | None = None) -> str:
     started = time.monotonic()
     status = "no answer"
@@ -155,9 +184,25 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, models_dir: Pa
         result = client.infer("logreg", {"features": features})
     np.testing.assert_array_equal(result.outputs["label"], model.predict(X.iloc[:20]))
 
+    # The common call is answered on the native fast path (docs/native.md: C++ through
+    # onnxruntime's C API, without the GIL): the image has the C API module and the wheel's
+    # libonnxruntime.so it opens. Each one-row call is eligible (no tokens, a small body, the
+    # model's version on the fast path's table, which the call above found there), so each
+    # one counts, and none falls back to the Python path.
+    before = wait_fast_calls(metrics_port, 1)
+    calls = 20
+    with EdgewiseClient(target) as client:
+        for row in range(calls):
+            one = client.infer("logreg", {"features": features[row : row + 1]})
+            assert one.outputs["label"][0] == model.predict(X.iloc[row : row + 1])[0]
+    fast_before = family_total(before, FAST_CALLS)
+    text = wait_fast_calls(metrics_port, fast_before + calls)
+    lines = [line for line in text.splitlines() if line.startswith("edgewise_native_f")]
+    assert family_total(text, FAST_CALLS) - fast_before == calls, lines
+    assert family_total(text, FALLBACKS) == family_total(before, FALLBACKS), lines
+    assert "native fast path: the front end was built without it" not in log, log
+
     # It reports the limits it was started with: metrics and `edgewise limits` inside.
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
     assert metric(text, 'edgewise_resource_limit{resource="cpu_cores"}') == 0.5
     assert metric(text, 'edgewise_resource_limit{resource="memory_bytes"}') == 256 * MiB
     assert metric(text, 'edgewise_runtime_split{setting="worker_threads"}') == 1
@@ -188,6 +233,8 @@ def test_image_serves_under_a_profile(podman: Podman, image: str, models_dir: Pa
     maps = in_container(podman, "edgewise-test", "print(open('/proc/1/maps').read())")
     assert "_native_kernels_x86_64_v" in maps and "/opt/edgewise/lib/libgrpc++" in maps
     assert "llvmlite" not in maps
+    # The fast path's onnxruntime: the wheel's C API library, opened by the _ort module.
+    assert "/onnxruntime/capi/libonnxruntime.so" in maps and "/_ort.cpython-" in maps
     print(f"server in the container: {kernels}, VmRSS {fields['VmRSS'].strip()}")
 
     # SIGTERM drains and exits 0.
@@ -207,6 +254,11 @@ def test_image_is_the_serve_lock_with_labels_and_sbom(podman: Podman, built: Bui
         assert name not in site and not any(e.startswith(f"{name}-") for e in site), (name, site)
     assert "onnxruntime" in site and "grpc" in site and "edgewise" in site
     assert "dependency set: exactly the" in built.output
+    # The native parts came with the fast path, so onnxruntime's C API library was kept.
+    assert "libonnxruntime.so kept (the fast path)" in built.output, built.output
+    assert any(e.startswith("_ort.cpython-") for e in in_image(podman, built.tag, (
+        "import os, edgewise.runtime.frontends.native as n; print(*os.listdir(n.__path__[0]))"
+    )).split())  # fmt: skip
     lock = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "containers" / "lockfile.py"),
          "pins", str(ROOT / "requirements" / "serve.txt")],
