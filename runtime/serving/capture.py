@@ -342,6 +342,69 @@ class Capture:
         if len(queue) >= self._batch:
             self._wake.set()
 
+    def rate_for(self, model: LoadedModel) -> float:
+        """The sampling rate of a served model version (0: not captured): what a front end that
+        samples its calls itself (the native fast path) samples at, by :func:`sampled`'s rule."""
+        entry = self._models.get(id(model))
+        if entry is None or entry.ref() is not model:
+            entry = self._entry_for(model)
+        return entry.rate
+
+    def offer_sampled(
+        self,
+        model: LoadedModel,
+        outputs: tuple[str, ...] | None,
+        layout: tuple[tuple[str, str], ...],
+        records: Sequence[tuple[int, str, int, dict[str, Any], list[bytes]]],
+        dropped: int = 0,
+    ) -> None:
+        """Calls answered and sampled elsewhere (the native fast path: at :meth:`rate_for`, by
+        :func:`sampled`'s rule), in a batch: each ``(time_ns, request_id, rows, feeds,
+        answer)``, ``answer`` the raw bytes of each output of ``layout`` (``(name, datatype)``
+        in answer order; ``outputs`` the names the calls asked for, None: all), queued as
+        :meth:`offer` queues a raw numeric answer, so that the writer writes them alike. Those
+        past the queue's bound, and ``dropped`` ones the caller could not keep, are counted as
+        ``queue_full``. Never raises for a request's sake; never waits."""
+        entry = self._models.get(id(model))
+        if entry is None or entry.ref() is not model:
+            entry = self._entry_for(model)
+        if entry.rate <= 0.0:
+            return
+        if dropped:
+            entry.full.inc(dropped)
+        if not records:
+            return
+        group = entry.group if outputs is None else entry.chosen.get(outputs)
+        if group is None:
+            described = pb.ModelInferResponse(
+                outputs=[
+                    pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype)
+                    for name, datatype in layout
+                ]
+            )
+            group = entry.group_for(model, None if outputs is None else list(outputs), described)
+        queue = self._queue
+        room = min(
+            len(records),
+            max(0, self._limit - len(queue) - self._busy),
+        )
+        size = 0
+        taken = 0
+        now_bytes = self._queued_bytes + self._held_bytes
+        for time_ns, request_id, rows, feeds, answer in records[:room]:
+            if now_bytes + size >= self._bytes_limit:
+                break
+            size += sum(map(len, answer)) + sum(map(_NBYTES, feeds.values()))
+            queue.append((group, time_ns, request_id, rows, feeds, answer))
+            taken += 1
+        self._queued_bytes += size
+        if taken:
+            entry.captured.inc(taken)
+        if taken < len(records):
+            entry.full.inc(len(records) - taken)
+        if len(queue) >= self._batch:
+            self._wake.set()
+
     def _entry_for(self, model: LoadedModel) -> _Model:
         try:
             rate = self.rate_of(model.name)

@@ -32,6 +32,7 @@
 #include <structmember.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -247,6 +248,53 @@ struct RingRecord {
   int64_t rows = 0;
 };
 
+// One sampled call for the data capture (capture.py): the id it is captured under (the
+// request's, else the caller's x-request-id, else "": the Python path's rule), when it was
+// answered, its inputs in the request's order (the model's dtype; the model's input index and
+// the shape of each) and its answered outputs' raw bytes (names only when the call named them).
+struct CaptureRecord {
+  std::string request_id;
+  int64_t time_ns = 0;
+  int64_t rows = 0;
+  std::vector<int> input_index;
+  std::vector<std::string> inputs;
+  std::vector<std::vector<int64_t>> input_shapes;
+  bool named = false;  // the call named its outputs (else: every output, in the model's order)
+  std::vector<std::string> output_names;
+  std::vector<const char*> output_types;
+  std::vector<std::string> outputs;
+  size_t bytes = 0;
+};
+
+// CRC-32 (zlib's polynomial, as Python's zlib.crc32).
+uint32_t Crc32(const std::string& text) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  uint32_t crc = 0xFFFFFFFFu;
+  for (unsigned char byte : text) crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+
+// capture.py's sampled(): a hash of the id (CRC-32 times a Fibonacci multiplier, modulo 2**32)
+// against the rate, so that a call is sampled alike on both paths; at random without an id.
+bool CaptureSampled(const std::string& id, double rate) {
+  if (rate >= 1.0) return true;
+  if (rate <= 0.0) return false;
+  if (!id.empty()) {
+    uint32_t mixed = Crc32(id) * 0x9E3779B1u;
+    return static_cast<double>(mixed) < rate * 4294967296.0;
+  }
+  thread_local std::mt19937_64 random{std::random_device{}()};
+  return static_cast<double>(random() >> 11) * 0x1.0p-53 < rate;
+}
+
 struct FastModel {
   std::string name, version;
   std::vector<FastInput> inputs;
@@ -266,6 +314,14 @@ struct FastModel {
   std::mutex ring_mu;
   std::deque<RingRecord> ring;
   size_t ring_rows = 0;
+
+  // The data capture (0: off): the sampled calls wait here for Python's drain, bounded.
+  double capture_rate = 0.0;
+  size_t capture_max_records = 0, capture_max_bytes = 0;
+  std::atomic<uint64_t> capture_dropped{0};
+  std::mutex capture_mu;
+  std::deque<CaptureRecord> captured;
+  size_t captured_bytes = 0;
 
   ~FastModel() {
     if (session != nullptr) session->release(session);
@@ -287,6 +343,16 @@ struct FastModel {
     }
     ring_rows += static_cast<size_t>(record.rows);
     ring.push_back(std::move(record));
+  }
+  // Likewise for a captured call: over the bound it is dropped and counted (queue_full).
+  void Capture(CaptureRecord&& record) {
+    std::lock_guard<std::mutex> lock(capture_mu);
+    if (captured.size() >= capture_max_records || captured_bytes + record.bytes > capture_max_bytes) {
+      capture_dropped.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    captured_bytes += record.bytes;
+    captured.push_back(std::move(record));
   }
 };
 
@@ -1416,6 +1482,34 @@ bool InferCall::TryFast() {
   for (size_t o = 0; o < answered.size(); ++o)
     WriteOutput(w, answered[o], outs[o].kind, outs[o].shape, outs[o].data, outs[o].count, raw, &raws);
   for (const auto& [p, n] : raws) w.Bytes(6, p, n);
+  // The capture's copy of a sampled call (drained by Python: fast_path.py).
+  if (model.capture_rate > 0.0) {
+    std::string capture_id = req.id.size ? req.id.str() : (sent ? sent_id : std::string());
+    if (CaptureSampled(capture_id, model.capture_rate)) {
+      CaptureRecord record;
+      record.request_id = std::move(capture_id);
+      record.time_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()).count();
+      record.rows = rows;
+      for (size_t j = 0; j < req.inputs.size(); ++j) {
+        size_t i = 0;
+        while (static_cast<size_t>(order[i]) != j) ++i;
+        record.input_index.push_back(static_cast<int>(i));
+        record.inputs.push_back(buffers[i]);
+        record.input_shapes.push_back(req.inputs[j].shape);
+        record.bytes += buffers[i].size();
+      }
+      record.named = !req.outputs.empty();
+      for (size_t o = 0; o < answered.size(); ++o) {
+        const Out& out = outs[o];
+        if (record.named) record.output_names.push_back(answered[o]);
+        record.output_types.push_back(out.kind.datatype);
+        record.outputs.emplace_back(reinterpret_cast<const char*>(out.data), out.count * out.kind.item);
+        record.bytes += record.outputs.back().size();
+      }
+      model.Capture(std::move(record));
+    }
+  }
   // The monitor's copy of the rows (drained by Python: fast_path.py).
   if (model.monitored) {
     RingRecord record;
@@ -1682,6 +1776,7 @@ bool ElementOf(const std::string& datatype, ONNXTensorElementDataType* element, 
 int FastModelInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   static const char* keywords[] = {"name", "version", "inputs", "outputs", "watched",
                                     "monitored", "session", "ring_max_rows", "keeps_keyed",
+                                    "capture_rate", "capture_max_records", "capture_max_bytes",
                                     nullptr};
   const char* name;
   const char* version;
@@ -1692,9 +1787,12 @@ int FastModelInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   int monitored;
   Py_ssize_t ring_max_rows;
   int keeps_keyed = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOspOn|p", const_cast<char**>(keywords), &name,
+  double capture_rate = 0.0;
+  Py_ssize_t capture_max_records = 0, capture_max_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOOspOn|pdnn", const_cast<char**>(keywords), &name,
                                    &version, &inputs, &outputs, &watched, &monitored, &capsule,
-                                   &ring_max_rows, &keeps_keyed))
+                                   &ring_max_rows, &keeps_keyed, &capture_rate,
+                                   &capture_max_records, &capture_max_bytes))
     return -1;
   auto* shared = static_cast<EdgewiseOrtShared*>(PyCapsule_GetPointer(capsule, EDGEWISE_ORT_SHARED_CAPSULE));
   if (shared == nullptr) return -1;
@@ -1705,6 +1803,9 @@ int FastModelInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   model->monitored = monitored != 0;
   model->keeps_keyed = keeps_keyed != 0;
   model->ring_max_rows = ring_max_rows > 0 ? static_cast<size_t>(ring_max_rows) : 0;
+  model->capture_rate = capture_rate;
+  model->capture_max_records = capture_max_records > 0 ? static_cast<size_t>(capture_max_records) : 0;
+  model->capture_max_bytes = capture_max_bytes > 0 ? static_cast<size_t>(capture_max_bytes) : 0;
   PyObject* seq = PySequence_Fast(inputs, "inputs must be a sequence");
   if (seq == nullptr) return -1;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
@@ -1840,7 +1941,78 @@ PyObject* FastModelDrain(PyObject* self, PyObject*) {
                        static_cast<Py_ssize_t>(output.size()), py_tail);
 }
 
+// drain_capture() -> (records, dropped): the captured calls waiting, taken out, and the calls
+// dropped by a full buffer since the last drain. A record: (request_id, time_ns, rows, inputs,
+// named, outputs, datatypes): inputs ((model input index, bytes, shape), ...) in the request's
+// order; named the output names the call asked for (None: every output, the model's order);
+// outputs each answered output's raw bytes and datatypes their datatypes, in answer order.
+PyObject* FastModelDrainCapture(PyObject* self, PyObject*) {
+  FastModel* model = ModelOf(self);
+  if (model == nullptr) return nullptr;
+  std::deque<CaptureRecord> taken;
+  {
+    std::lock_guard<std::mutex> lock(model->capture_mu);
+    taken.swap(model->captured);
+    model->captured_bytes = 0;
+  }
+  unsigned long long dropped = model->capture_dropped.exchange(0);
+  PyObject* records = PyList_New(static_cast<Py_ssize_t>(taken.size()));
+  if (records == nullptr) return nullptr;
+  Py_ssize_t k = 0;
+  for (CaptureRecord& r : taken) {
+    PyObject* inputs = PyTuple_New(static_cast<Py_ssize_t>(r.inputs.size()));
+    PyObject* outputs = PyTuple_New(static_cast<Py_ssize_t>(r.outputs.size()));
+    PyObject* types = PyTuple_New(static_cast<Py_ssize_t>(r.outputs.size()));
+    PyObject* named = nullptr;
+    if (r.named) {
+      named = PyTuple_New(static_cast<Py_ssize_t>(r.output_names.size()));
+    } else {
+      named = Py_None;
+      Py_INCREF(named);
+    }
+    if (inputs == nullptr || outputs == nullptr || types == nullptr || named == nullptr) {
+      Py_XDECREF(inputs);
+      Py_XDECREF(outputs);
+      Py_XDECREF(types);
+      Py_XDECREF(named);
+      Py_DECREF(records);
+      return nullptr;
+    }
+    for (size_t i = 0; i < r.inputs.size(); ++i) {
+      PyObject* shape = PyTuple_New(static_cast<Py_ssize_t>(r.input_shapes[i].size()));
+      if (shape != nullptr)
+        for (size_t d = 0; d < r.input_shapes[i].size(); ++d)
+          PyTuple_SET_ITEM(shape, static_cast<Py_ssize_t>(d), PyLong_FromLongLong(r.input_shapes[i][d]));
+      PyTuple_SET_ITEM(inputs, static_cast<Py_ssize_t>(i),
+                       Py_BuildValue("(iy#N)", r.input_index[i], r.inputs[i].data(),
+                                     static_cast<Py_ssize_t>(r.inputs[i].size()), shape));
+    }
+    for (size_t o = 0; o < r.outputs.size(); ++o) {
+      PyTuple_SET_ITEM(outputs, static_cast<Py_ssize_t>(o),
+                       PyBytes_FromStringAndSize(r.outputs[o].data(), static_cast<Py_ssize_t>(r.outputs[o].size())));
+      PyTuple_SET_ITEM(types, static_cast<Py_ssize_t>(o), PyUnicode_InternFromString(r.output_types[o]));
+      if (r.named)
+        PyTuple_SET_ITEM(named, static_cast<Py_ssize_t>(o),
+                         PyUnicode_FromStringAndSize(r.output_names[o].data(),
+                                                     static_cast<Py_ssize_t>(r.output_names[o].size())));
+    }
+    PyObject* record = Py_BuildValue("(s#LLNNNN)", r.request_id.data(),
+                                     static_cast<Py_ssize_t>(r.request_id.size()),
+                                     static_cast<long long>(r.time_ns), static_cast<long long>(r.rows),
+                                     inputs, named, outputs, types);
+    if (record == nullptr || PyErr_Occurred()) {
+      Py_XDECREF(record);
+      Py_DECREF(records);
+      return nullptr;
+    }
+    PyList_SET_ITEM(records, k++, record);
+  }
+  return Py_BuildValue("(NK)", records, dropped);
+}
+
 PyMethodDef kFastModelMethods[] = {
+    {"drain_capture", FastModelDrainCapture, METH_NOARGS,
+     "drain_capture() -> (records, dropped): the captured calls, taken out"},
     {"counts", FastModelCounts, METH_NOARGS,
      "counts() -> (ok, buckets, seconds, fallbacks, dropped_rows)"},
     {"drain", FastModelDrain, METH_NOARGS,

@@ -13,7 +13,7 @@ a version keeps it until it is answered, so a swap under load loses no call.
 A call is served on the fast path only when all of this holds; otherwise it takes the Python
 path, unchanged, and is counted in ``edgewise_native_fallback_total{model,reason}``:
 
-* the server: no tokens or client-certificate credentials (auth), no data capture, no tracing,
+* the server: no tokens or client-certificate credentials (auth), no tracing,
   no traffic split, shadow or label (rollouts), a request small enough that memory admission
   would not look at it (``reason="limit"`` otherwise);
 * the model version (:func:`ineligible`): no dynamic batching, no feature lookup, no
@@ -35,7 +35,17 @@ it is not kept, counted in ``edgewise_native_monitor_dropped_rows_total``; the c
 waits); a thread of this module, woken by C++ once calls were answered, drains every ring into
 the monitor's kernels (one ``observe`` per drain) and publishes the counts, then rests
 :data:`GAP_SECONDS`. The drift figures therefore lag the calls by a few milliseconds (plus the
-kernels' time). The request counts and latency histogram are kept in native memory and added to
+kernels' time). Data capture (``serve --capture-dir``) keeps the fast path: C++ samples each answered call by
+the Python capture's rule (:func:`~edgewise.runtime.serving.capture.sampled`: CRC-32 of the
+request id, else the caller's ``x-request-id``, else at random, against the version's rate from
+:meth:`Capture.rate_for <edgewise.runtime.serving.capture.Capture.rate_for>`) and copies a sampled
+call's id, time, inputs (the model's dtype, with their shapes) and answered outputs' raw bytes
+into a buffer per model version, bounded by the capture's ``queue_records`` and
+``queue_bytes`` (a call that would overflow it is answered and counted as a capture drop,
+``queue_full``). The same thread drains the buffers and hands each version's records to
+:meth:`Capture.offer_sampled <edgewise.runtime.serving.capture.Capture.offer_sampled>` in one
+batch per choice of outputs: queued as the Python path's, written alike by the writer process.
+The request counts and latency histogram are kept in native memory and added to
 ``edgewise_requests_total`` and ``edgewise_request_duration_seconds`` when the metrics are read
 (so a scrape sees every call answered before it) and by that thread; the in-flight gauge counts
 Python-path calls only (a fast call holds no Python state to count).
@@ -226,8 +236,6 @@ class FastPath:
         if self.auth is not None:
             return "credentials are checked (auth)"
         core = self.core
-        if core.capture is not None:
-            return "data capture is on"
         if core.tracing is not None:
             return "tracing is on"
         if core.rollouts is not None and core.rollouts.active:
@@ -307,6 +315,8 @@ class FastPath:
             return None
         monitor = model.monitor
         watched = (monitor.prediction_output or "") if monitor is not None else ""
+        capture = self.core.capture
+        rate = capture.rate_for(model) if capture is not None else 0.0
         fast = self._module.FastModel(
             name=model.name,
             version=model.version_str,
@@ -317,6 +327,9 @@ class FastPath:
             session=session.shared,
             ring_max_rows=RING_MAX_ROWS,
             keeps_keyed=model.quality is not None,
+            capture_rate=rate,
+            capture_max_records=capture.settings.queue_records if capture is not None else 0,
+            capture_max_bytes=capture.settings.queue_bytes if capture is not None else 0,
         )
         served = _Served(model, session, fast)
         self._served[id(model)] = served
@@ -336,6 +349,7 @@ class FastPath:
     def _retire(self, served: _Served) -> None:
         """A version no longer served: its last rows to its monitor, its counts published."""
         self._drain_one(served)
+        self._capture_one(served)
         self._publish_one(served)
 
     # ---- off the request path -------------------------------------------------------------------
@@ -364,6 +378,38 @@ class FastPath:
             served = list(self._served.values())
         for entry in served:
             self._drain_one(entry)
+            self._capture_one(entry)
+
+    def _capture_one(self, served: _Served) -> None:
+        """The calls C++ sampled for the data capture, handed to it in a batch per choice of
+        outputs (queued as the Python path's are: the writer writes them alike)."""
+        capture = self.core.capture
+        if capture is None:
+            return
+        records, dropped = served.fast.drain_capture()
+        if not records and not dropped:
+            return
+        model = served.model
+        try:  # a failure is logged and the records lost; the answers already stand
+            specs = [(spec.name, numpy_dtype(spec.datatype)) for spec in model.inputs]
+            groups: dict[tuple[str, ...] | None, tuple[tuple[tuple[str, str], ...], list[Any]]] = {}
+            for request_id, time_ns, rows, inputs, named, outputs, types in records:
+                feeds = {}
+                for index, data, shape in inputs:
+                    name, dtype = specs[index]
+                    feeds[name] = np.frombuffer(data, dtype).reshape(shape)
+                group = groups.get(named)
+                if group is None:
+                    names = named if named is not None else model.output_names
+                    group = groups[named] = (tuple(zip(names, types, strict=True)), [])
+                group[1].append((time_ns, request_id, rows, feeds, list(outputs)))
+            for outputs_named, (layout, batch) in groups.items():
+                capture.offer_sampled(model, outputs_named, layout, batch, dropped)
+                dropped = 0
+            if dropped:
+                capture.offer_sampled(model, None, (), [], dropped)
+        except Exception:
+            log.exception("data capture of fast-path requests failed")
 
     def _drain_one(self, served: _Served) -> None:
         taken = served.fast.drain()
