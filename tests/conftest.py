@@ -19,11 +19,19 @@ from tests.models import build_repo
 from tests.prerequisites import unmet
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own makes the temporary root from the option
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "requires(reason): runs only where reason is None; else skipped, or failed under CI",
     )
+    worker: dict[str, str] | None = getattr(config, "workerinput", None)
+    if worker is not None and config.option.basetemp:
+        # An xdist worker's temporary root is popen-gwN under the run's: 8 bytes more than the
+        # N used here, which took the Unix sockets a native front end makes in a test's TMPDIR
+        # past their 107-byte path limit.
+        base = Path(config.option.basetemp)
+        config.option.basetemp = str(base.with_name(worker["workerid"].removeprefix("gw")))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

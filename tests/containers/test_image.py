@@ -47,7 +47,7 @@ from tests.prerequisites import unmet
 
 # The module's image fixture builds both bases and the image from nothing on a clean checkout
 # (about 6 minutes on a quiet 2-core machine, more under load), inside its first test's timeout.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(1500)]
 
 TAG = "localhost/edgewise:test"
 MiB = 1 << 20

@@ -73,6 +73,7 @@ def _gone(pid: int) -> bool:
     return state == "Z"  # exited, not reaped yet (its parent, the demo, is gone)
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_demo_stopped_by_a_signal_stops_its_server(tmp_path: Path, stop: signal.Signals) -> None:
     demo = subprocess.Popen(

@@ -38,6 +38,7 @@ def gauge(server: RunningServer, name: str) -> float:
     return float(line.split()[1])
 
 
+@pytest.mark.serial
 def test_a_call_arriving_behind_a_costly_one_is_shed_before_it_ends(
     model_repo: Path, tmp_path: Path
 ) -> None:
@@ -68,6 +69,7 @@ def test_a_call_arriving_behind_a_costly_one_is_shed_before_it_ends(
     assert running_after_refusal == 1  # refused while the costly model ran, not after
 
 
+@pytest.mark.serial
 def test_every_call_of_a_burst_past_the_limit_is_refused_with_the_retry_hint(
     model_repo: Path, tmp_path: Path
 ) -> None:

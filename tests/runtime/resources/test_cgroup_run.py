@@ -248,6 +248,7 @@ def no_leftovers(name: str) -> Iterator[None]:
 
 
 @real_cgroups
+@pytest.mark.serial
 def test_limits_inside_the_group_and_removal(tmp_path: Path) -> None:
     name = group_name()
     with no_leftovers(name):
@@ -385,6 +386,7 @@ def cpu_stat(folder: Path) -> dict[str, int]:
 
 
 @real_cgroups
+@pytest.mark.serial
 def test_half_a_cpu_holds_and_compute_threads_follow_the_split(
     model_repo: Path, tmp_path: Path
 ) -> None:
@@ -491,6 +493,7 @@ def memory_stat(folder: Path) -> dict[str, int]:
 
 
 @real_cgroups
+@pytest.mark.serial
 def test_memory_admission_keeps_the_server_alive_where_it_is_otherwise_oom_killed(
     model_repo: Path, tmp_path: Path
 ) -> None:

@@ -75,6 +75,7 @@ def check_common(result: dict[str, Any], front_end: str = "native") -> None:
     assert result["health_check_failures"] == 0 and result["samples"] > 0, result
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_overload_is_shed_with_a_retry_hint(tmp_path: Path, front_end: str) -> None:
     result = soak(tmp_path, seconds=20, rate=400, front_end=front_end)
@@ -86,6 +87,7 @@ def test_overload_is_shed_with_a_retry_hint(tmp_path: Path, front_end: str) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_minute_of_overload_leaves_memory_and_threads_flat(tmp_path: Path) -> None:
     result = soak(tmp_path, seconds=60, rate=300)
     check_common(result)
