@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/capture.py [--rounds R (default 5)] [--seconds S (default 3)]
                                            [--models logreg32,forest100] [--records N]
                                            [--core-requests N] [--skip-request-path]
+                                           [--only-request-path]
 
 The capture's CPU is the serving process's (the request thread's offer, the shipper thread that
 turns the queue into columns) plus its writer process's (Arrow, Parquet): every measure below
@@ -27,9 +28,11 @@ alternating rounds (2 x --rounds); medians and the medians of per-round ratios a
 and where it went: the CPU time of the request thread (the core, the capture's offer), of the
 other threads (the capture's shipper) and of the writer process per request.
 
-Request path (``capture_request_path``): four edgewise servers serve the same models
-(serving.py's build_models) with the native front end: capture off, off again (the control),
-``--capture-rate 0.01`` and ``--capture-rate 1``, each capturing into its own folder and writing
+Request path (``capture_request_path``): five edgewise servers serve the same models
+(serving.py's build_models) with the native front end, on its fast path (docs/native.md): capture
+off, off again (the control), ``--capture-rate 0.01`` and ``--capture-rate 1``, and
+``--capture-rate 1`` with ``--native-fast-path off`` (the Python path: what capture cost before
+the fast path captured), each capturing into its own folder and writing
 every 0.5 s (``--capture-flush-seconds 0.5``: the writer's work falls inside the measurement
 windows). tritonclient[grpc] (serving.py's client processes) drives each at concurrency 1 and 8;
 rounds alternate between the servers and the order rotates each round, so drift on the shared
@@ -38,8 +41,9 @@ and its children (front end, core, the capture's shipper and its writer process)
 window, divided by the requests answered. One JSON line per (model, concurrency, server):
 medians over rounds of p50, server CPU per request and throughput, and the medians of the
 per-round ratios against capture off (target at rate 1: server CPU ratio <= 1.05; the
-control's ratio is the run's noise). The capture
-servers' metrics are read at the end: records captured, written and dropped.
+control's ratio is the run's noise). The servers' metrics are read at the end: records
+captured, written and dropped, and the calls answered on the fast path (``fast_calls``) of all
+answered (``requests``). ``--only-request-path`` skips the in-process cases.
 """
 
 from __future__ import annotations
@@ -62,9 +66,17 @@ assert _spec is not None and _spec.loader is not None
 bench: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-#: The servers: capture off twice (the second, "off-control", measures the run's noise: its
-#: ratio against "off" is what a ratio of 1 looks like on this machine now), 1 % and 100 %.
-RATES = {"off": None, "off-control": None, "1%": "0.01", "100%": "1"}
+#: The servers, all on the native fast path (docs/native.md): capture off twice (the second,
+#: "off-control", measures the run's noise: its ratio against "off" is what a ratio of 1 looks
+#: like on this machine now), 1 % and 100 %; and 100 % on the Python path
+#: (``--native-fast-path off``: every call, captured or not, as before the fast path captured).
+RATES: dict[str, tuple[str | None, bool]] = {
+    "off": (None, True),
+    "off-control": (None, True),
+    "1%": ("0.01", True),
+    "100%": ("1", True),
+    "100%-python-path": ("1", False),
+}
 
 
 def metric_total(text: str, name: str) -> float:
@@ -75,14 +87,14 @@ def metric_total(text: str, name: str) -> float:
     return total
 
 
-def start(work: Path, label: str, rate: str | None) -> tuple[Any, int]:
-    slug = label.strip("%")
+def start(work: Path, label: str, rate: str | None, fast: bool = True) -> tuple[Any, int]:
+    slug = label.replace("%", "")
     port_file = work / f"{slug}.port"
     command = [
         sys.executable, "-m", "edgewise.runtime.cli", "--log-level", "WARNING", "serve",
         "--repo", str(work / "repo"), "--host", "127.0.0.1", "--port", "0",
         "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--port-file", str(port_file),
-        "--front-end", "native",
+        "--front-end", "native", "--native-fast-path", "on" if fast else "off",
     ]  # fmt: skip
     if rate is not None:
         command += [
@@ -95,7 +107,7 @@ def start(work: Path, label: str, rate: str | None) -> tuple[Any, int]:
 
 
 def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> None:
-    servers = {label: start(work, label, rate) for label, rate in RATES.items()}
+    servers = {label: start(work, label, rate, fast) for label, (rate, fast) in RATES.items()}
     labels = list(RATES)
     results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     try:
@@ -110,8 +122,6 @@ def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> 
                         )
         counts = {}
         for label, (_, metrics_port) in servers.items():
-            if RATES[label] is None:
-                continue
             url = f"http://127.0.0.1:{metrics_port}/metrics"
             with urllib.request.urlopen(url, timeout=10) as response:
                 text = response.read().decode()
@@ -119,6 +129,8 @@ def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> 
                 "captured": metric_total(text, "edgewise_capture_records_total"),
                 "written": metric_total(text, "edgewise_capture_written_records_total"),
                 "dropped": metric_total(text, "edgewise_capture_dropped_total"),
+                "fast_calls": metric_total(text, "edgewise_native_fast_calls_total"),
+                "requests": metric_total(text, "edgewise_requests_total"),
             }
     finally:
         for server, _ in servers.values():
@@ -131,7 +143,7 @@ def request_path(models: list[str], rounds: int, seconds: float, work: Path) -> 
                 line: dict[str, Any] = {
                     "case": "capture_request_path", "model": model, "concurrency": concurrency,
                     "capture": label, "rounds": rounds, "seconds": seconds,
-                    "front_end": "native",
+                    "front_end": "native", "fast_path": RATES[label][1],
                 }  # fmt: skip
                 for key in ("p50_us", "server_cpu_us_per_req", "rps"):
                     line[key] = round(statistics.median(r[key] for r in rows), 2)
@@ -385,12 +397,18 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--core-requests", type=int, default=20_000)
     parser.add_argument("--skip-request-path", action="store_true")
+    parser.add_argument(
+        "--only-request-path",
+        action="store_true",
+        help="skip the in-process cases (writer throughput, saturation, core CPU)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgewise-capture-bench-"))
     try:
         bench.build_models(work / "repo")
-        writer_throughput(args.records, work, args.seconds)
-        core_cpu(args.rounds * 2, args.core_requests, work)
+        if not args.only_request_path:
+            writer_throughput(args.records, work, args.seconds)
+            core_cpu(args.rounds * 2, args.core_requests, work)
         if not args.skip_request_path:
             request_path(args.models.split(","), args.rounds, args.seconds, work)
     finally:
