@@ -35,7 +35,9 @@ it is not kept, counted in ``edgewise_native_monitor_dropped_rows_total``; the c
 waits); a thread of this module, woken by C++ once calls were answered, drains every ring into
 the monitor's kernels (one ``observe`` per drain) and publishes the counts, then rests
 :data:`GAP_SECONDS`. The drift figures therefore lag the calls by a few milliseconds (plus the
-kernels' time). Data capture (``serve --capture-dir``) keeps the fast path: C++ samples each answered call by
+kernels' time).
+
+Data capture (``serve --capture-dir``) keeps the fast path: C++ samples each answered call by
 the Python capture's rule (:func:`~edgewise.runtime.serving.capture.sampled`: CRC-32 of the
 request id, else the caller's ``x-request-id``, else at random, against the version's rate from
 :meth:`Capture.rate_for <edgewise.runtime.serving.capture.Capture.rate_for>`) and copies a sampled
@@ -45,6 +47,7 @@ into a buffer per model version, bounded by the capture's ``queue_records`` and
 ``queue_full``). The same thread drains the buffers and hands each version's records to
 :meth:`Capture.offer_sampled <edgewise.runtime.serving.capture.Capture.offer_sampled>` in one
 batch per choice of outputs: queued as the Python path's, written alike by the writer process.
+
 The request counts and latency histogram are kept in native memory and added to
 ``edgewise_requests_total`` and ``edgewise_request_duration_seconds`` when the metrics are read
 (so a scrape sees every call answered before it) and by that thread; the in-flight gauge counts
