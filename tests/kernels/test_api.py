@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,12 @@ import pytest
 import edgewise.kernels as kernels
 from edgewise.kernels import _config, _native, native_build
 from tests.fresh import run_python
+from tests.kernels.kernel_paths import (
+    WRAPPERS,
+    install_kernels,
+    kernel_module,
+    use_numba_kernels,
+)
 from tests.prerequisites import native_kernels_missing, unmet
 
 PUBLIC_API = [
@@ -91,49 +96,6 @@ class KernelPath:
     calls: list[str] = field(default_factory=list)
 
 
-#: Each wrapper's kernels: (module, attribute) -> the compiled functions in it when the
-#: ahead-of-time module serves; a pair ([float32, float64] or [int32, int64]) is a tuple there,
-#: a single function is the attribute itself.
-WRAPPERS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("moments", "_UPDATE"): ("moments_update_f32", "moments_update_f64"),
-    ("moments", "_MERGE"): ("moments_merge",),
-    ("moments", "_SUBTRACT"): ("moments_subtract",),
-    ("histograms", "_HISTOGRAM_UPDATE"): ("histogram_update_f32", "histogram_update_f64"),
-    ("histograms", "_CATEGORICAL_UPDATE"): ("categorical_update_i32", "categorical_update_i64"),
-    ("profile", "_UPDATE"): ("profile_update_f32", "profile_update_f64"),
-    ("drift", "_DRIFT_ALL"): ("drift_all",),
-    ("multivariate", "_UPDATE"): ("reconstruction_update_f32", "reconstruction_update_f64"),
-    ("drift", "_KS_STATISTIC"): ("ks_statistic_f32", "ks_statistic_f64"),
-    ("drift", "_WASSERSTEIN_SORTED"): ("wasserstein_sorted_f32", "wasserstein_sorted_f64"),
-    ("drift", "_KSTWO_SF"): ("kstwo_sf",),
-    ("drift", "_KS2_SQUARE"): ("ks2_prob_outside_square",),
-    ("drift", "_KS2_BAND"): ("ks2_prob_outside_band",),
-    ("detectors", "_DDM_RESTART"): ("ddm_restart",),
-    ("detectors", "_DDM_UPDATE"): ("ddm_update",),
-    ("detectors", "_ADWIN_RESTART"): ("adwin_restart",),
-    ("detectors", "_ADWIN_UPDATE"): ("adwin_update",),
-}
-
-
-def _module(name: str) -> Any:
-    return importlib.import_module(f"edgewise.kernels.{name}")
-
-
-def _install(monkeypatch: pytest.MonkeyPatch, function_of: Callable[[str], Any]) -> None:
-    """Every wrapper of WRAPPERS calls ``function_of(exported name)`` for this test."""
-    for (module, attribute), names in WRAPPERS.items():
-        functions = tuple(function_of(name) for name in names)
-        monkeypatch.setattr(
-            _module(module), attribute, functions if len(names) > 1 else functions[0]
-        )
-
-
-def numba_kernel(name: str) -> Any:
-    """The numba kernel the compiled function ``name`` is built from."""
-    module, kernel = _native.EXPORTS[name]
-    return getattr(_module(module), kernel)
-
-
 def _check_arguments(name: str, signature: Any, args: tuple[Any, ...]) -> None:
     """The compiled functions check nothing (a wrong dtype is read as theirs): every argument a
     wrapper passes must have the type, dtype, rank and layout of the signature it was built
@@ -163,8 +125,7 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         pytest.skip("NUMBA_DISABLE_JIT=1: the kernels run as Python, neither compiled path")
     path = KernelPath(request.param)
     if path.name == "jit":
-        _config._make_dispatchers()  # numba's dispatchers in place of the lazy kernels
-        _install(monkeypatch, numba_kernel)
+        use_numba_kernels(monkeypatch)
         return path
     missing = native_kernels_missing()
     if missing is not None:
@@ -173,7 +134,8 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     # The package calls the compiled functions where they are loaded; the spies stand in for them.
     for (module, attribute), names in WRAPPERS.items():
         loaded = tuple(getattr(_native.NATIVE, name) for name in names)
-        assert getattr(_module(module), attribute) == (loaded if len(names) > 1 else loaded[0])
+        expected = loaded if len(names) > 1 else loaded[0]
+        assert getattr(kernel_module(module), attribute) == expected
 
     def spy(name: str) -> Callable[..., Any]:
         compiled = getattr(_native.NATIVE, name)
@@ -185,7 +147,7 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
         return checked
 
-    _install(monkeypatch, spy)
+    install_kernels(monkeypatch, spy)
     return path
 
 
@@ -211,7 +173,7 @@ def _exported_kernel_signatures() -> dict[str, int]:
     """Signatures numba compiled for the kernels the ahead-of-time module also holds."""
     out = {}
     for module, kernel in set(_native.EXPORTS.values()):
-        dispatcher = getattr(_module(module), kernel)
+        dispatcher = getattr(kernel_module(module), kernel)
         out[f"{module}.{kernel}"] = len(getattr(dispatcher, "signatures", ()))  # lazy: none yet
     return out
 

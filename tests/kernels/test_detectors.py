@@ -16,6 +16,7 @@ from river import drift as river_drift  # the oracle; a test-only dependency
 
 from edgewise.kernels import ADWIN, DDM, _config
 from edgewise.kernels import detectors as det
+from tests.kernels.kernel_paths import use_numba_kernels
 
 SEEDS = range(8)
 
@@ -320,9 +321,10 @@ def test_repr() -> None:
 
 
 @pytest.mark.skipif(_config.JIT_DISABLED, reason="inspects numba dispatchers; no JIT here")
-def test_no_compile_after_warmup() -> None:
+def test_no_compile_after_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
     import edgewise.kernels as kernels
 
+    use_numba_kernels(monkeypatch)  # the dispatchers, also where the compiled kernels serve
     kernels.warmup()
     dispatchers = (det._ddm_update, det._adwin_update)
     before = [len(d.signatures) for d in dispatchers]
