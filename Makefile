@@ -80,7 +80,13 @@ loop: $(STAMP) $(NATIVE_STAMP)
 
 ## test: the whole test suite (what CI runs). promtool (Debian's prometheus package) checks the
 ## alert rules and the dashboard's queries (tests/containers/test_observability.py); redis-server
-## is the Redis online store of the feature-lookup tests.
+## is the Redis online store of the feature-lookup tests. The suite runs on every core (pytest-xdist,
+## PYTEST_WORKERS of them; a module's tests, and tests/kernels, on one worker: tests/conftest.py);
+## the tests marked serial (they measure CPU, memory, threads or timing under load) run after it,
+## alone. PYTEST_WORKERS=0 runs the first pass in one process.
+PYTEST_WORKERS ?= logical
+# pytest exits 5 when a selection holds no test (PYTEST_ARGS naming a folder without serial tests).
+pytest_or_none = $(1); rc=$$?; [ $$rc = 0 ] || [ $$rc = 5 ]
 test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP) $(FEAST_STAMP)
 	@command -v promtool >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 		|| apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
@@ -90,7 +96,8 @@ test: $(STAMP) $(NATIVE_STAMP) $(MLFLOW_STAMP) $(FEAST_STAMP)
 		|| apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1; } \
 		|| echo "redis-server could not be installed"
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call pytest_or_none,$(BIN)/python -m pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS))
+	$(call pytest_or_none,$(BIN)/python -m pytest -m serial $(PYTEST_ARGS))
 	NUMBA_DISABLE_JIT=1 $(BIN)/python -m pytest tests/kernels -q -p no:randomly $(PYTEST_ARGS)
 
 ## check: lint, format, strict typing, the layer contract, generated-code and lockfile freshness

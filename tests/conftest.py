@@ -34,6 +34,17 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.basetemp = str(base.with_name(worker["workerid"].removeprefix("gw")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (make test) a module's tests run on one xdist worker, so its
+    module-scoped servers start once; tests/kernels runs on one worker in its own order."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module = item.nodeid.partition("::")[0]
+        group = "tests/kernels" if module.startswith("tests/kernels/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         reason = mark.args[0] if mark.args else mark.kwargs.get("reason")

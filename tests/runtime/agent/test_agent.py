@@ -371,6 +371,7 @@ def test_store_answering_garbage_resetting_or_slowly_never_stops_the_agent(
     assert "closed connection without response" in log or "reset" in log.lower()
 
 
+@pytest.mark.serial  # timing-bound: a download cut and resumed within the wait
 def test_connection_dropped_mid_download_resumes_with_range(
     mlflow_server: MlflowServer,  # noqa: F811
     agents: Agents,

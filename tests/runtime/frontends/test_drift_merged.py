@@ -43,6 +43,7 @@ def wait_for(condition, timeout: float = 60.0) -> None:  # type: ignore[no-untyp
         time.sleep(0.05)
 
 
+@pytest.mark.serial  # timing-bound: two processes' traffic reaches one report within the wait
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 def test_two_processes_answer_one_report_over_all_their_traffic(
     model_repo: Path, tmp_path: Path, front_end: str
