@@ -188,10 +188,22 @@ def _run_demo(repo: Path, port: int, metrics_port: int, exit_after_requests: boo
                     f"print(t.InferenceServerClient('{target}').get_model_metadata('{MODEL_NAME}'))\"\n"
                     f"Press Ctrl-C to stop."
                 )
-                process.wait()
+                _wait_interruptibly(process)
             return 0
         finally:
             _stop_server(process)
+
+
+def _wait_interruptibly(process: subprocess.Popen[bytes]) -> None:
+    """Wait for the server to end, in short timed waits: the client's gRPC threads live on, and
+    the kernel may hand Ctrl-C or SIGTERM to one of them, which would not interrupt a blocking
+    waitpid in this thread; between two timed waits the handler's KeyboardInterrupt is raised."""
+    while True:
+        try:
+            process.wait(timeout=0.5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _stop_server(process: subprocess.Popen[bytes]) -> None:

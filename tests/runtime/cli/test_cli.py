@@ -76,11 +76,12 @@ def _gone(pid: int) -> bool:
 @pytest.mark.serial
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_demo_stopped_by_a_signal_stops_its_server(tmp_path: Path, stop: signal.Signals) -> None:
+    errors = (tmp_path / "demo.err").open("w")  # with every thread's stack if it hangs
     demo = subprocess.Popen(
         [sys.executable, "-m", "edgewise.runtime.cli", "demo", "--port", "0",
          "--metrics-port", "0", "--repo", str(tmp_path / "demo-repo")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=errors, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     try:
         assert demo.stdout is not None
@@ -95,8 +96,16 @@ def test_demo_stopped_by_a_signal_stops_its_server(tmp_path: Path, stop: signal.
             client.wait_until_serving(timeout=30)
         (server,) = (c for c in _children(demo.pid) if "serve" in _command_line(c))
         demo.send_signal(stop)
-        assert demo.wait(timeout=60) == 0
+        try:
+            assert demo.wait(timeout=60) == 0
+        except subprocess.TimeoutExpired:
+            demo.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                demo.wait(timeout=10)
+            stacks = (tmp_path / "demo.err").read_text()[-6000:]
+            raise AssertionError(f"the demo did not stop on {stop.name}:\n{stacks}") from None
     finally:
+        errors.close()
         if demo.poll() is None:
             leftovers = _children(demo.pid)
             demo.kill()
