@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgewise.runtime.pipeline.records import RunRecord, SqliteRunLog
 from tests.mlflow_server import mlflow_server
 
 __all__ = ["Workspace", "mlflow_server", "workspace"]
@@ -78,6 +79,14 @@ class Workspace:
 
     def calls_made(self) -> list[str]:
         return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+    def runs(self) -> list[RunRecord]:
+        """The run records in the workspace's store, newest first."""
+        log = SqliteRunLog(self.store, create=False)
+        try:
+            return log.list_runs()
+        finally:
+            log.close()
 
     def pipeline(
         self,

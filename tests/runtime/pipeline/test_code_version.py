@@ -7,16 +7,7 @@ from __future__ import annotations
 import json
 
 from edgewise.runtime.pipeline.fingerprint import code_version
-from edgewise.runtime.pipeline.records import SqliteRunLog
 from tests.runtime.pipeline.conftest import RunCli, Workspace, git
-
-
-def _runs(workspace: Workspace) -> list:
-    log = SqliteRunLog(workspace.store, create=False)
-    try:
-        return log.list_runs()
-    finally:
-        log.close()
 
 
 def test_a_committed_pipeline_file_edited_is_no_code_change(
@@ -26,14 +17,14 @@ def test_a_committed_pipeline_file_edited_is_no_code_change(
     git(workspace.root, "add", path.name, workspace.data.name)
     git(workspace.root, "commit", "-q", "-m", "pipeline and data")
     assert cli("pipeline", "run", path)[0] == 0
-    first = _runs(workspace)[0]
+    first = workspace.runs()[0]
     assert first.code["dirty"] is False
     # an edit to the committed pipeline file that leaves train's inputs alone
     path.write_text(path.read_text().replace('alias = "production"', 'alias = "production"\n'
                                              'description = "edited"'))  # fmt: skip
     code, _, err = cli("pipeline", "run", path, "--json")
     assert code == 0, err
-    second = _runs(workspace)[0]
+    second = workspace.runs()[0]
     assert second.code["dirty"] is False and second.code == first.code
     assert {s["name"]: s["status"] for s in second.steps}["train"] == "skipped"
     assert len(workspace.calls_made()) == 1

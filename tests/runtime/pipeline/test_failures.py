@@ -16,16 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from edgewise.runtime.pipeline.records import SqliteRunLog
 from tests.runtime.pipeline.conftest import RunCli, Workspace
-
-
-def _runs(workspace: Workspace) -> list:
-    log = SqliteRunLog(workspace.store, create=False)
-    try:
-        return log.list_runs()
-    finally:
-        log.close()
 
 
 def test_a_slice_column_missing_from_the_data_fails_the_data_step(
@@ -37,7 +28,7 @@ def test_a_slice_column_missing_from_the_data_fails_the_data_step(
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "failed at data" in err and "'region'" in err and "slice_by" in err
     assert workspace.calls_made() == []  # train never ran
-    (run,) = _runs(workspace)
+    (run,) = workspace.runs()
     assert run.outcome == "failed" and run.failed_step == "data" and "'region'" in run.reason
 
 
@@ -53,7 +44,7 @@ def test_a_slice_column_missing_from_the_holdout_file_fails_the_data_step(
     assert code == 1 and "Traceback" not in err, err
     assert "failed at data: holdout" in err and "'size'" in err
     assert workspace.calls_made() == []
-    assert _runs(workspace)[0].outcome == "failed"
+    assert workspace.runs()[0].outcome == "failed"
 
 
 def test_an_unexpected_error_is_recorded_and_printed_as_one_line(
@@ -68,7 +59,7 @@ def test_an_unexpected_error_is_recorded_and_printed_as_one_line(
     code, _, err = cli("pipeline", "run", workspace.pipeline())
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "No space left on device" in err
-    (run,) = _runs(workspace)
+    (run,) = workspace.runs()
     assert run.outcome == "failed" and run.failed_step == "evaluate"
     assert "OSError" in run.reason and "No space left on device" in run.reason
     assert run.finished_at
@@ -86,7 +77,7 @@ def test_a_bug_is_recorded_before_it_propagates(
     monkeypatch.setattr(runner, "_evaluate", bug)
     with pytest.raises(KeyError):
         cli("pipeline", "run", workspace.pipeline())
-    (run,) = _runs(workspace)
+    (run,) = workspace.runs()
     assert run.outcome == "failed" and run.reason == "KeyError: 'nosuch'"
 
 
@@ -119,7 +110,7 @@ def test_sigterm_during_a_run_records_it_failed(workspace: Workspace, tmp_path: 
             child.wait()
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
-    (run,) = _runs(workspace)
+    (run,) = workspace.runs()
     assert run.outcome == "failed" and run.failed_step == "train" and run.reason == "terminated"
 
 
@@ -128,4 +119,4 @@ def test_a_failed_run_with_json_prints_its_record(workspace: Workspace, cli: Run
     assert code == 1 and err.count("\n") == 1 and "failed at train" in err, err
     record = json.loads(out)
     assert record["outcome"] == "failed" and record["failed_step"] == "train"
-    assert record["run_id"] == _runs(workspace)[0].run_id
+    assert record["run_id"] == workspace.runs()[0].run_id

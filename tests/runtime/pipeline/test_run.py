@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from edgewise.runtime.pipeline.records import SqliteRunLog
 from edgewise.runtime.store.sqlite import SqliteStore
 from tests.runtime.pipeline.conftest import FEATURES, RunCli, Workspace, git
 
@@ -25,14 +24,6 @@ def _fingerprint(path: Path) -> str:
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     line = f"0\0{path.name}\0{path.stat().st_size}\0{sha}\n"
     return "sha256:" + hashlib.sha256(line.encode()).hexdigest()
-
-
-def _runs(workspace: Workspace) -> list:
-    log = SqliteRunLog(workspace.store, create=False)
-    try:
-        return log.list_runs()
-    finally:
-        log.close()
 
 
 def test_a_run_registers_the_model_with_its_lineage_and_records_itself(
@@ -46,7 +37,7 @@ def test_a_run_registers_the_model_with_its_lineage_and_records_itself(
         production = store.resolve_alias("cancer", "production")
     finally:
         store.close()
-    (record,) = _runs(workspace)
+    (record,) = workspace.runs()
     assert record.outcome == "succeeded" and record.kind == "run"
     assert production.version == record.registered["version"] == 1
     # lineage of the version: the run, the code's commit, the data fingerprint, the metrics
@@ -92,12 +83,12 @@ def test_unchanged_inputs_skip_their_steps(workspace: Workspace, cli: RunCli) ->
     assert cli("pipeline", "run", pipeline)[0] == 0
     assert cli("pipeline", "run", pipeline)[0] == 0
     assert len(workspace.calls_made()) == 1  # the user's command ran once
-    second, first = _runs(workspace)
+    second, first = workspace.runs()
     status = {s["name"]: s["status"] for s in second.steps}
     # the baseline moved (production names version 1 now): evaluate judges again
     assert status["evaluate"] == "ran" and status["train"] == status["convert"] == "skipped"
     assert cli("pipeline", "run", pipeline)[0] == 0
-    second = _runs(workspace)[0]
+    second = workspace.runs()[0]
     status = {s["name"]: s["status"] for s in second.steps}
     assert status == {
         "data": "ran", "train": "skipped", "convert": "skipped", "evaluate": "skipped",
@@ -109,7 +100,7 @@ def test_unchanged_inputs_skip_their_steps(workspace: Workspace, cli: RunCli) ->
     code, _, err = cli("pipeline", "run", workspace.pipeline(args=("--C", "3.0")))
     assert code == 0, err
     assert len(workspace.calls_made()) == 2
-    third = _runs(workspace)[0]
+    third = workspace.runs()[0]
     assert {s["name"]: s["status"] for s in third.steps}["train"] == "ran"
     assert third.registered["version"] == 2
     # the gate names the candidate as such, not by its package's number (1, the baseline's)
@@ -121,7 +112,7 @@ def test_unchanged_inputs_skip_their_steps(workspace: Workspace, cli: RunCli) ->
     )
     code, _, err = cli("pipeline", "run", workspace.pipeline(args=("--C", "3.0")))
     assert code == 0, err
-    fourth = _runs(workspace)[0]
+    fourth = workspace.runs()[0]
     assert fourth.code["dirty"] is True and fourth.code["diff_sha256"]
     assert {s["name"]: s["status"] for s in fourth.steps}["train"] == "ran"
     assert len(workspace.calls_made()) == 3
@@ -158,7 +149,7 @@ def test_a_failed_train_is_recorded_and_moves_nothing(
     store = SqliteStore(workspace.store, create=False)
     assert store.resolve_alias("cancer", "production").version == 1
     store.close()
-    failed = _runs(workspace)[0]
+    failed = workspace.runs()[0]
     assert failed.outcome == "failed" and failed.failed_step == "train"
     assert expected.split(": ", 1)[1] in failed.reason
     assert {s["name"]: s["status"] for s in failed.steps}["register"] == "not_run"
@@ -238,7 +229,7 @@ def test_runs_and_show_read_without_creating_the_store(workspace: Workspace, cli
     assert cli("pipeline", "run", workspace.pipeline())[0] == 0
     code, out, _ = cli("pipeline", "runs", "--pipeline", workspace.pipeline())
     assert code == 0 and "succeeded" in out
-    run_id = _runs(workspace)[0].run_id
+    run_id = workspace.runs()[0].run_id
     code, out, _ = cli("pipeline", "show", run_id, "--store", str(workspace.store), "--json")
     shown = json.loads(out)
     assert shown["run_id"] == run_id and shown["outcome"] == "succeeded"
@@ -256,7 +247,7 @@ def test_a_candidate_worse_than_production_fails_the_gate(
     assert "failed at gate: gate FAILED: cancer candidate against cancer version 1" in err
     assert "nothing registered or moved" in err
     assert _versions(workspace) == [1]
-    failed = _runs(workspace)[0]
+    failed = workspace.runs()[0]
     assert failed.gate["passed"] is False and failed.gate["failures"]
     assert failed.metrics["accuracy"] < 0.8  # evaluated, judged, refused
 
