@@ -18,28 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from edgewise.runtime.frontends.native.fast_path import ENVIRONMENT
-from edgewise.runtime.frontends.native.ort_capi import load_ort
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2 as pb
 from edgewise.runtime.proto.generated.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgewise.runtime.serving.capture import sampled
 from edgewise.runtime.serving.capture_files import captured_files
 from tests.runtime.frontends.test_server import metric_value, metrics_text
-from tests.servers import RunningServer, native_front_or_unmet, start_server
+from tests.servers import RunningServer, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
 FLUSH = ["--capture-flush-seconds", "0.05"]
 MODELS = ("logreg", "forest")
-
-
-@pytest.fixture(scope="module")
-def fast_module() -> Any:
-    module = native_front_or_unmet()
-    if not getattr(module, "FAST_PATH", 0):
-        pytest.skip("the native front end was built without the fast path (no C API headers)")
-    if load_ort()[0] is None:
-        pytest.skip(f"the onnxruntime C API module: {load_ort()[1]}")
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,11 @@ import pytest
 from edgewise.runtime.client.client import EdgewiseClient, ServerError
 from edgewise.runtime.config.settings import ClientSecurity
 from edgewise.runtime.frontends.native.fast_path import ENVIRONMENT
-from edgewise.runtime.frontends.native.ort_capi import load_ort
 from edgewise.runtime.package.manifest import MODEL_FILE
 from tests.runtime.frontends.test_server import metric_value, metrics_text
-from tests.servers import RunningServer, native_front_or_unmet, start_server
+from tests.servers import RunningServer, start_server
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def fast_module() -> Any:
-    module = native_front_or_unmet()
-    if not getattr(module, "FAST_PATH", 0):
-        pytest.skip("the native front end was built without the fast path (no C API headers)")
-    if load_ort()[0] is None:
-        pytest.skip(f"the onnxruntime C API module: {load_ort()[1]}")
-    return module
 
 
 def _serve(repo: Path, workdir: Path, on: bool = True) -> RunningServer:
