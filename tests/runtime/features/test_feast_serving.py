@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LinearRegression
 
-from edgewise.runtime.client.client import ServerError
+from edgewise.runtime.client.client import InferResult, ServerError
 from edgewise.runtime.convert.converter import convert
 from edgewise.runtime.errors import EdgewiseError
 from edgewise.runtime.pipeline.spec import parse_spec
@@ -270,6 +270,18 @@ def test_unknown_feature_service_fails_the_load(setup: Setup) -> None:
     )
 
 
+def _assert_reference_means(setup: Setup, fallback: InferResult) -> None:
+    """The answer is the plain model's on the reference profile's means (request input 0)."""
+    means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
+    means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
+    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+    np.testing.assert_allclose(
+        fallback.outputs["predictions"].reshape(-1),
+        np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
+        rtol=1e-4,
+    )
+
+
 def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
     with setup.server.client() as client:
         with pytest.raises(ServerError) as caught:
@@ -278,14 +290,7 @@ def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
         assert "feature lookup failed" in caught.value.details
         assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
         fallback = client.infer("risk_down_default", _request([0], [0.0]))
-        means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
-        means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
-        session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
-        np.testing.assert_allclose(
-            fallback.outputs["predictions"].reshape(-1),
-            np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
-            rtol=1e-4,
-        )
+        _assert_reference_means(setup, fallback)
     assert (
         _metric(
             setup, "edgewise_feature_lookup_errors_total", model="risk_down", reason="store_error"
@@ -335,14 +340,7 @@ def test_slow_store_per_policy_and_counted(setup: Setup, tmp_path: Path) -> None
             assert "over the" in caught.value.details and "ms budget" in caught.value.details
             assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
             fallback = client.infer("risk_slow_default", _request([0], [0.0]))
-        means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
-        means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
-        session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
-        np.testing.assert_allclose(
-            fallback.outputs["predictions"].reshape(-1),
-            np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
-            rtol=1e-4,
-        )
+        _assert_reference_means(setup, fallback)
         for name in ("risk_slow", "risk_slow_default"):
             assert (
                 _metric(setup, "edgewise_feature_lookup_errors_total", model=name, reason="slow")
