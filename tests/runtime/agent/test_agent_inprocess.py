@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,6 @@ from edgewise.runtime.agent.sync import AgentSettings, rollback
 from edgewise.runtime.errors import EdgewiseError
 from tests.runtime.store.agent_rig import Rig, gauge, served_default
 from tests.runtime.store.helpers import wait_for
-from tests.servers import RunningServer
-
-
-@pytest.fixture
-def rig(
-    edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
-) -> Iterator[Rig]:
-    repo, server = edge
-    made = Rig(server, repo, tmp_path / "rig", sources)
-    yield made
-    made.close()
 
 
 def _tree(root: Path) -> list[str]:

@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from edgewise.runtime.agent.sync import rollback
 from edgewise.runtime.errors import EdgewiseError
-from tests.runtime.store.agent_rig import Rig, gauge, served_default
+from tests.runtime.store.agent_rig import Rig, gauge, run_rig_machine, served_default
 from tests.servers import RunningServer
 
 NEVER, PRESENT, AWAY = "never", "present", "away"
@@ -213,19 +211,4 @@ class AgentMachine(RuleBasedStateMachine):
 def test_agent_state_machine(
     edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    repo, server = edge
-    count = iter(range(10**6))
-
-    def make() -> Rig:
-        return Rig(server, repo, tmp_path / f"example-{next(count)}", sources)
-
-    AgentMachine.rig_factory = staticmethod(make)
-    run_state_machine_as_test(
-        AgentMachine,
-        settings=settings(
-            max_examples=25,
-            stateful_step_count=20,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+    run_rig_machine(AgentMachine, edge, sources, tmp_path, max_examples=25, steps=20)

@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,17 +23,6 @@ from edgewise.runtime.store.register import package_files, register
 from edgewise.runtime.store.sqlite import SqliteStore
 from edgewise.runtime.store.transfer import fetch_file
 from tests.runtime.store.agent_rig import Rig, gauge, served_default
-from tests.servers import RunningServer
-
-
-@pytest.fixture
-def rig(
-    edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
-) -> Iterator[Rig]:
-    repo, server = edge
-    made = Rig(server, repo, tmp_path / "rig", sources)
-    yield made
-    made.close()
 
 
 def _refusals(rig: Rig, reason: str) -> float:

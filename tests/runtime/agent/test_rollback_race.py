@@ -9,33 +9,13 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from edgewise.runtime.agent.state import Rollout, StateFile
 from edgewise.runtime.agent.sync import rollback
 from edgewise.runtime.errors import EdgewiseError
-from tests.runtime.store.agent_rig import Rig, served_default
-from tests.servers import RunningServer
-
-
-@pytest.fixture
-def rig(
-    edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
-) -> Iterator[Rig]:
-    repo, server = edge
-    made = Rig(server, repo, tmp_path / "rig", sources)
-    yield made
-    made.close()
-
-
-def _ready(rig: Rig) -> list[str]:
-    return sorted(
-        s.version
-        for s in rig.client.repository_index()
-        if s.name == rig.name and s.state == "READY"
-    )
+from tests.runtime.store.agent_rig import Rig, ready_versions, served_default
 
 
 def test_a_rollout_recorded_after_the_first_read_refuses_a_rollback_to_another_version(
@@ -47,7 +27,7 @@ def test_a_rollout_recorded_after_the_first_read_refuses_a_rollback_to_another_v
     rig.register(1)
     agent.run_once()
     assert served_default(rig.client, rig.name) == 2
-    versions = _ready(rig)
+    versions = ready_versions(rig)
     state_file = rig.state_file
 
     # The agent records its rollout of a version 3 (stable: 2) just before rollback takes the
@@ -73,4 +53,4 @@ def test_a_rollout_recorded_after_the_first_read_refuses_a_rollback_to_another_v
     assert state.deployed is not None and state.deployed.version == 2
     assert state.rejected == ()
     assert served_default(rig.client, rig.name) == 2
-    assert _ready(rig) == versions
+    assert ready_versions(rig) == versions

@@ -7,8 +7,6 @@ waits (a reader or a rollback never waits for a rollout)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,53 +16,10 @@ from edgewise.runtime.agent.policy import parse_policy, write_policy
 from edgewise.runtime.agent.progressive import read_decisions
 from edgewise.runtime.cli.main import main
 from edgewise.runtime.store.register import register
-from tests.runtime.rollout.helpers import add_version
+from tests.runtime.rollout.conftest import LONG_CANARY, AgentThread, in_canary_step, metric
 from tests.runtime.rollout.test_rollout_agent import Clients
-from tests.runtime.store.agent_rig import Rig, gauge, served_default
-from tests.runtime.store.helpers import copy_package, logreg_v1, wait_for
-from tests.servers import RunningServer
-
-# A canary step that lasts until it is aborted (the test's rollback ends it).
-LONG_CANARY = {
-    "steps": [{"mode": "canary", "weight": 50, "seconds": 600}],
-    "analysis": {"min_requests": 1, "max_wait_seconds": 600, "fail_on_drift": False},
-}
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("packages")
-    return {"v1": logreg_v1(root / "v1"), "good": add_version(root / "good", "good", 1)}
-
-
-@pytest.fixture
-def rig(
-    edge: tuple[Path, RunningServer], packages: dict[str, Path], tmp_path: Path
-) -> Iterator[Rig]:
-    repo, server = edge
-    made = Rig(server, repo, tmp_path / "rig", (packages["v1"],))
-    yield made
-    made.close()
-
-
-class AgentThread:
-    """The agent's loop in a thread (its process's main loop), stopped as SIGTERM does."""
-
-    def __init__(self, rig: Rig) -> None:
-        self.agent = rig.start_agent()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,))
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive()
-
-
-def _metric(rig: Rig, name: str, **labels: str) -> float:
-    assert rig.agent is not None
-    return gauge(rig.agent.metrics, name, **labels) or 0.0
+from tests.runtime.store.agent_rig import Rig, served_default
+from tests.runtime.store.helpers import copy_package, wait_for
 
 
 def test_a_rollback_during_a_canary_aborts_the_candidate(
@@ -85,8 +40,8 @@ def test_a_rollback_during_a_canary_aborts_the_candidate(
     try:
         # The canary answers part of the traffic: the rollout is in its step.
         wait_for(lambda: "2" in traffic.versions, 60, "the canary answering clients")
-        assert _metric(rig, "edgewise_agent_rollout_step") == 1
-        assert _metric(rig, "edgewise_agent_rollout_version") == 2
+        assert metric(rig, "edgewise_agent_rollout_step") == 1
+        assert metric(rig, "edgewise_agent_rollout_version") == 2
         state = rig.state()
         assert state.rollout is not None and state.rollout.version == 2
         assert state.deployed is not None and state.deployed.version == 1
@@ -120,11 +75,11 @@ def test_a_rollback_during_a_canary_aborts_the_candidate(
         assert evidence["by"] == "edgewise rollback" and evidence["step"] == 1
         assert evidence["step_description"] == "canary 50 % for 600 s"
         assert evidence["phase"] == "rollout" and evidence["aborted_at"]
-        assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
-        assert _metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 1
-        assert _metric(rig, "edgewise_agent_rollout_decisions_total", verdict="abort") == 1
-        assert _metric(rig, "edgewise_agent_rollout_step") == 0
-        assert _metric(rig, "edgewise_agent_rollout_version") == 0
+        assert metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+        assert metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 1
+        assert metric(rig, "edgewise_agent_rollout_decisions_total", verdict="abort") == 1
+        assert metric(rig, "edgewise_agent_rollout_step") == 0
+        assert metric(rig, "edgewise_agent_rollout_version") == 0
         state = rig.state()
         assert state.deployed is not None and state.deployed.version == 1
         assert state.rejected[-1].version == 2 and state.rejected[-1].reason == "manual"
@@ -143,9 +98,9 @@ def test_a_rollback_during_a_canary_aborts_the_candidate(
         )
         # The alias still names version 2: the agent keeps it refused, version 1 serves.
         assert rig.agent is not None
-        polls = _metric(rig, "edgewise_agent_polls_total", result="ok")
+        polls = metric(rig, "edgewise_agent_polls_total", result="ok")
         wait_for(
-            lambda: _metric(rig, "edgewise_agent_polls_total", result="ok") > polls + 2,
+            lambda: metric(rig, "edgewise_agent_polls_total", result="ok") > polls + 2,
             30,
             "more polls",
         )
@@ -176,7 +131,7 @@ def test_a_rollback_to_another_version_during_a_rollout_is_refused(
     register(rig.publisher, candidate, alias="production")
     running = AgentThread(rig)
     try:
-        wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
+        wait_for(lambda: metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
         before = rig.state_file.path.read_bytes()
         argv = ["rollback", rig.name, "--repo", str(rig.repo), "--server", rig.server.target]
         capsys.readouterr()
@@ -203,15 +158,8 @@ def test_a_rollout_left_by_a_dead_agent_is_aborted_and_recorded_by_the_next_one(
 
     from edgewise.runtime.agent.state import Rollout
 
-    rig.register(0)
-    rig.start_agent().run_once()
-    assert rig.publisher is not None
-    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
-    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
-    record = register(rig.publisher, candidate, alias="production").record
-    running = AgentThread(rig)
-    wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
-    running.stop()  # a clean stop clears what a SIGKILL leaves: put it back as it would be
+    # a clean stop clears what a SIGKILL leaves: put it back as it would be
+    record = in_canary_step(rig, packages)
     state = rig.state()
     assert state.rollout is None
     dead = Rollout(2, record.model_sha256, 1, 0.0)
@@ -236,7 +184,7 @@ def test_a_rollout_left_by_a_dead_agent_is_aborted_and_recorded_by_the_next_one(
     decision = verdicts["abort"]
     assert (decision["verdict"], decision["reasons"]) == ("abort", ["manual"])
     assert decision["evidence"]["by"] == "edgewise rollback"
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
     assert {
         s.version
         for s in rig.client.repository_index()
@@ -254,15 +202,7 @@ def test_a_rollout_left_by_a_dead_agent_is_withdrawn_at_the_next_poll(
 
     from edgewise.runtime.agent.state import Rollout
 
-    rig.register(0)
-    rig.start_agent().run_once()
-    assert rig.publisher is not None
-    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
-    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
-    record = register(rig.publisher, candidate, alias="production").record
-    running = AgentThread(rig)
-    wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
-    running.stop()
+    record = in_canary_step(rig, packages)
     dead = Rollout(2, record.model_sha256, 1, 0.0)
     rig.state_file.write(replace(rig.state(), rollout=dead))
     rig.client.set_traffic_split(rig.name, [("1", 50), ("2", 50)])

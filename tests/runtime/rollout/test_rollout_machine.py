@@ -23,13 +23,11 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from edgewise.runtime.agent.policy import parse_policy, write_policy
@@ -37,9 +35,9 @@ from edgewise.runtime.agent.progressive import read_decisions
 from edgewise.runtime.agent.sync import rollback
 from edgewise.runtime.client.client import EdgewiseClient
 from edgewise.runtime.errors import EdgewiseError
+from tests.runtime.rollout.conftest import AgentThread
 from tests.runtime.rollout.helpers import rows
-from tests.runtime.rollout.test_rollout_abort import AgentThread
-from tests.runtime.store.agent_rig import Rig, gauge, served_default
+from tests.runtime.store.agent_rig import Rig, gauge, run_rig_machine, served_default
 from tests.runtime.store.helpers import wait_for
 from tests.servers import RunningServer
 
@@ -277,19 +275,4 @@ class RolloutAgentMachine(RuleBasedStateMachine):
 def test_rollout_agent_state_machine(
     edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    repo, server = edge
-    count = iter(range(10**6))
-
-    def make() -> Rig:
-        return Rig(server, repo, tmp_path / f"example-{next(count)}", sources)
-
-    RolloutAgentMachine.rig_factory = staticmethod(make)
-    run_state_machine_as_test(
-        RolloutAgentMachine,
-        settings=settings(
-            max_examples=8,
-            stateful_step_count=10,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+    run_rig_machine(RolloutAgentMachine, edge, sources, tmp_path, max_examples=8, steps=10)

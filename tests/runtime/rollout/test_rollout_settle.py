@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,63 +24,21 @@ from edgewise.runtime.agent.progressive import Progressive, read_decisions
 from edgewise.runtime.agent.state import AgentState, Rejection, Rollout, StateFile
 from edgewise.runtime.agent.sync import abort_rollout_locked
 from edgewise.runtime.errors import PackageError
-from edgewise.runtime.store.base import VersionRecord
 from edgewise.runtime.store.register import register
-from tests.runtime.rollout.helpers import add_version
-from tests.runtime.rollout.test_rollout_abort import LONG_CANARY, AgentThread, _metric
+from tests.runtime.rollout.conftest import LONG_CANARY, AgentThread, in_canary_step, metric
 from tests.runtime.rollout.test_rollout_agent import Clients
-from tests.runtime.store.agent_rig import Rig, served_default
-from tests.runtime.store.helpers import copy_package, logreg_v1, wait_for
-from tests.servers import RunningServer
-
-
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("packages")
-    return {"v1": logreg_v1(root / "v1"), "good": add_version(root / "good", "good", 1)}
-
-
-@pytest.fixture
-def rig(
-    edge: tuple[Path, RunningServer], packages: dict[str, Path], tmp_path: Path
-) -> Iterator[Rig]:
-    repo, server = edge
-    made = Rig(server, repo, tmp_path / "rig", (packages["v1"],))
-    yield made
-    made.close()
-
-
-def _ready(rig: Rig) -> list[str]:
-    return sorted(
-        s.version
-        for s in rig.client.repository_index()
-        if s.name == rig.name and s.state == "READY"
-    )
+from tests.runtime.store.agent_rig import Rig, ready_versions, served_default
+from tests.runtime.store.helpers import copy_package, wait_for
 
 
 def _pins(rig: Rig) -> Any:
     return json.loads((rig.repo / rig.name / "config.json").read_text())["version_policy"]
 
 
-def _in_canary_step(rig: Rig, packages: dict[str, Path]) -> VersionRecord:
-    """Version 1 deployed, version 2 registered with a long canary step; the agent (a thread)
-    runs it and is stopped in the step as SIGTERM does. Returns version 2's record."""
-    rig.register(0)
-    rig.start_agent().run_once()
-    assert rig.publisher is not None
-    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
-    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
-    record = register(rig.publisher, candidate, alias="production").record
-    running = AgentThread(rig)
-    wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
-    running.stop()
-    return record
-
-
 def test_an_abort_that_could_not_reach_the_server_is_withdrawn_before_the_unload(
     rig: Rig, packages: dict[str, Path]
 ) -> None:
-    record = _in_canary_step(rig, packages)
+    record = in_canary_step(rig, packages)
     # What a dead agent leaves (its rollout, its split) and what abort_rollout_locked wrote
     # before its server calls failed (the server unreachable from where it ran).
     state = rig.state().reject(Rejection(2, record.model_sha256, "manual", "t", None))
@@ -93,9 +50,9 @@ def test_an_abort_that_could_not_reach_the_server_is_withdrawn_before_the_unload
     rollout = rig.client.get_rollout(rig.name)
     assert not rollout.weights and not rollout.shadow_version
     assert dict(rollout.labels)["canary"] == "1"
-    assert _ready(rig) == ["1"]
+    assert ready_versions(rig) == ["1"]
     assert rig.state().rollout is None
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
     assert rig.publisher is not None
     verdicts = [
         d["verdict"] for d in read_decisions(rig.publisher, rig.name) if d["candidate"] == 2
@@ -115,12 +72,12 @@ def test_an_abort_that_could_not_reach_the_server_is_withdrawn_before_the_unload
 def test_a_rollout_left_with_no_verdict_is_unloaded_unpinned_and_recorded(
     rig: Rig, packages: dict[str, Path]
 ) -> None:
-    record = _in_canary_step(rig, packages)
+    record = in_canary_step(rig, packages)
     # A clean stop: the alias still names the candidate, which stays loaded and pinned for the
     # next start; the stop is recorded as withdrawn.
     assert rig.state().rollout is None
-    assert _ready(rig) == ["1", "2"] and _pins(rig) == {"specific": [1, 2]}
-    assert _metric(rig, "edgewise_agent_rollout_decisions_total", verdict="withdrawn") == 1
+    assert ready_versions(rig) == ["1", "2"] and _pins(rig) == {"specific": [1, 2]}
+    assert metric(rig, "edgewise_agent_rollout_decisions_total", verdict="withdrawn") == 1
     assert rig.publisher is not None
     withdrawn = [d for d in read_decisions(rig.publisher, rig.name) if d["verdict"] == "withdrawn"]
     assert len(withdrawn) == 1 and withdrawn[0]["reasons"] == ["the agent stopped"]
@@ -134,9 +91,9 @@ def test_a_rollout_left_with_no_verdict_is_unloaded_unpinned_and_recorded(
     assert rig.state().rollout is None
     assert served_default(rig.client, rig.name) == 1
     assert not rig.client.get_rollout(rig.name).weights
-    assert _ready(rig) == ["1"]
+    assert ready_versions(rig) == ["1"]
     assert _pins(rig) == {"specific": [1]}
-    assert _metric(rig, "edgewise_agent_rollout_decisions_total", verdict="withdrawn") == 1
+    assert metric(rig, "edgewise_agent_rollout_decisions_total", verdict="withdrawn") == 1
     decision = next(
         d for d in read_decisions(rig.publisher, rig.name) if d["verdict"] == "withdrawn"
     )
@@ -180,21 +137,25 @@ def _failing_step_with_abort(
     progressive._record = record_then_abort  # type: ignore[method-assign]
     agent.run_once()
     assert rig.state().rollout is None
-    assert _ready(rig) == ["1"] and served_default(rig.client, rig.name) == 1
+    assert ready_versions(rig) == ["1"] and served_default(rig.client, rig.name) == 1
     assert not rig.client.get_rollout(rig.name).weights
+
+
+def _verdicts(rig: Rig) -> list[str]:
+    assert rig.publisher is not None
+    return [d["verdict"] for d in read_decisions(rig.publisher, rig.name)]
 
 
 def test_an_abort_before_a_failing_verdict_is_the_one_outcome(
     rig: Rig, packages: dict[str, Path]
 ) -> None:
     _failing_step_with_abort(rig, packages, abort_after_verdict=False)
-    assert rig.publisher is not None
-    verdicts = [d["verdict"] for d in read_decisions(rig.publisher, rig.name)]
+    verdicts = _verdicts(rig)
     assert verdicts.count("abort") == 1 and "fail" not in verdicts
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="rollout") == 0
-    assert _metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 1
-    assert _metric(rig, "edgewise_agent_deploys_total", result="rejected") == 0
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 1
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="rollout") == 0
+    assert metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 1
+    assert metric(rig, "edgewise_agent_deploys_total", result="rejected") == 0
     state = rig.state()
     assert [(r.version, r.reason) for r in state.rejected] == [(2, "manual")]
 
@@ -203,13 +164,12 @@ def test_a_failing_verdict_before_an_abort_is_the_one_outcome(
     rig: Rig, packages: dict[str, Path]
 ) -> None:
     _failing_step_with_abort(rig, packages, abort_after_verdict=True)
-    assert rig.publisher is not None
-    verdicts = [d["verdict"] for d in read_decisions(rig.publisher, rig.name)]
+    verdicts = _verdicts(rig)
     assert verdicts.count("fail") == 1 and "abort" not in verdicts
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 0
-    assert _metric(rig, "edgewise_agent_rollbacks_total", reason="rollout") == 1
-    assert _metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 0
-    assert _metric(rig, "edgewise_agent_deploys_total", result="rejected") == 1
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="manual") == 0
+    assert metric(rig, "edgewise_agent_rollbacks_total", reason="rollout") == 1
+    assert metric(rig, "edgewise_agent_deploys_total", result="rolled_back") == 0
+    assert metric(rig, "edgewise_agent_deploys_total", result="rejected") == 1
     state = rig.state()
     assert len(state.rejected) == 1 and state.rejected[0].version == 2
     assert state.rejected[0].reason.startswith("rollout step 1")
@@ -239,16 +199,16 @@ def test_a_state_file_unreadable_during_a_step_fails_the_poll_not_the_candidate(
     monkeypatch.setattr(StateFile, "read", read)
     running = AgentThread(rig)
     try:
-        wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
+        wait_for(lambda: metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
         armed.set()  # the next read is the waiting step's
         wait_for(
-            lambda: _metric(rig, "edgewise_agent_polls_total", result="error") >= 1,
+            lambda: metric(rig, "edgewise_agent_polls_total", result="error") >= 1,
             60,
             "the poll failing",
         )
-        assert _metric(rig, "edgewise_agent_deploys_total", result="rejected") == 0
+        assert metric(rig, "edgewise_agent_deploys_total", result="rejected") == 0
         # Not refused: the next poll runs the rollout again.
-        wait_for(lambda: _metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step again")
+        wait_for(lambda: metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step again")
         assert rig.state().rejection(2, record.model_sha256) is None
     finally:
         running.stop()

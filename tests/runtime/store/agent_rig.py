@@ -41,6 +41,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Runni
     server.stop()
 
 
+def ready_versions(rig: Rig) -> list[str]:
+    """The versions of the rig's model the server reports READY, sorted."""
+    return sorted(
+        s.version
+        for s in rig.client.repository_index()
+        if s.name == rig.name and s.state == "READY"
+    )
+
+
 def gauge(metrics: AgentMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
@@ -137,3 +146,46 @@ class Rig:
                 self.client.unload_model(self.name, status.version)
         self.client.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def rig(
+    edge: tuple[Path, RunningServer], sources: tuple[Path, Path], tmp_path: Path
+) -> Iterator[Rig]:
+    """A rig on the module's edge node, its model published from ``sources``; closed after."""
+    repo, server = edge
+    made = Rig(server, repo, tmp_path / "rig", sources)
+    yield made
+    made.close()
+
+
+def run_rig_machine(
+    machine: Any,
+    edge: tuple[Path, RunningServer],
+    sources: tuple[Path, Path],
+    tmp_path: Path,
+    *,
+    max_examples: int,
+    steps: int,
+) -> None:
+    """Run a hypothesis state machine whose examples each get a rig of their own (its
+    ``rig_factory``) on the module's edge node."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    repo, server = edge
+    count = itertools.count()
+
+    def make() -> Rig:
+        return Rig(server, repo, tmp_path / f"example-{next(count)}", sources)
+
+    machine.rig_factory = staticmethod(make)
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=max_examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
