@@ -13,7 +13,6 @@
 // edgewise's default options (one intra-op thread, sequential, all graph optimisations).
 
 #include <dlfcn.h>
-#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
@@ -25,22 +24,10 @@
 #include <string>
 #include <vector>
 
+#include "echo_loop.h"
 #include "onnxruntime_c_api.h"
 
 namespace {
-
-struct Call {
-  enum class Stage { kAsked, kRead, kAnswered };
-  grpc::GenericServerContext context;
-  grpc::GenericServerAsyncReaderWriter stream{&context};
-  grpc::ByteBuffer request;
-  Stage stage = Stage::kAsked;
-};
-
-void Ask(grpc::AsyncGenericService& service, grpc::ServerCompletionQueue* queue) {
-  auto* call = new Call();
-  service.RequestCall(&call->context, &call->stream, queue, queue, call);
-}
 
 const OrtApi* g_api = nullptr;
 
@@ -135,51 +122,5 @@ int main(int argc, char** argv) {
   };
   run();  // warm
 
-  grpc::AsyncGenericService service;
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterAsyncGenericService(&service);
-  auto queue = builder.AddCompletionQueue();
-  auto server = builder.BuildAndStart();
-  if (!server || port == 0) {
-    std::cerr << "echo_ort: cannot bind\n";
-    return 1;
-  }
-  {
-    std::ofstream out(std::string(argv[1]) + ".tmp");
-    out << port;
-  }
-  std::rename((std::string(argv[1]) + ".tmp").c_str(), argv[1]);
-
-  for (int i = 0; i < 8; ++i) Ask(service, queue.get());
-  void* tag;
-  bool ok;
-  while (queue->Next(&tag, &ok)) {
-    auto* call = static_cast<Call*>(tag);
-    switch (call->stage) {
-      case Call::Stage::kAsked:
-        if (!ok) {
-          delete call;
-          break;
-        }
-        Ask(service, queue.get());
-        call->stage = Call::Stage::kRead;
-        call->stream.Read(&call->request, call);
-        break;
-      case Call::Stage::kRead:
-        call->stage = Call::Stage::kAnswered;
-        if (ok) {
-          run();
-          call->stream.WriteAndFinish(answer, grpc::WriteOptions(), grpc::Status::OK, call);
-        } else {
-          call->stream.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request"), call);
-        }
-        break;
-      case Call::Stage::kAnswered:
-        delete call;
-        break;
-    }
-  }
-  return 0;
+  return echo_loop::Serve("echo_ort", argv[1], answer, run);
 }
