@@ -210,6 +210,21 @@ def test_model_without_lookups_unaffected(setup: Setup) -> None:
     )
 
 
+def _assert_reference_means(
+    setup: Setup, fallback: InferResult, request_input: float = 0.0
+) -> None:
+    """The answer is the plain model's on the reference profile's means, the request input as
+    sent (``request_input``)."""
+    means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
+    means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = request_input
+    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
+    np.testing.assert_allclose(
+        fallback.outputs["predictions"].reshape(-1),
+        np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
+        rtol=1e-4,
+    )
+
+
 def test_unknown_entity_per_policy(setup: Setup) -> None:
     with setup.server.client() as client:
         with pytest.raises(ServerError) as caught:
@@ -219,14 +234,7 @@ def test_unknown_entity_per_policy(setup: Setup) -> None:
         answered = client.infer("risk_default", _request([UNKNOWN], [0.01]))
         assert client.infer("plain", {"features": np.zeros((1, 10), np.float32)}).outputs
     # on_missing "default": every column the reference profile's mean (bmi as sent).
-    means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
-    means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.01
-    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
-    np.testing.assert_allclose(
-        answered.outputs["predictions"].reshape(-1),
-        np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
-        rtol=1e-4,
-    )
+    _assert_reference_means(setup, answered, request_input=0.01)
     assert (
         _metric(setup, "edgewise_feature_lookup_errors_total", model="risk", reason="not_found")
         >= 1
@@ -267,18 +275,6 @@ def test_unknown_feature_service_fails_the_load(setup: Setup) -> None:
     assert (
         _metric(setup, "edgewise_model_events_total", model="risk_badservice", event="load_failed")
         >= 1
-    )
-
-
-def _assert_reference_means(setup: Setup, fallback: InferResult) -> None:
-    """The answer is the plain model's on the reference profile's means (request input 0)."""
-    means = setup.X.mean().to_numpy(dtype=np.float32).reshape(1, -1)
-    means[0, list(fr.COLUMNS).index(fr.REQUEST_INPUT)] = 0.0
-    session = ort.InferenceSession(str(setup.models / "plain" / "1" / "model.onnx"))
-    np.testing.assert_allclose(
-        fallback.outputs["predictions"].reshape(-1),
-        np.asarray(session.run(None, {"features": means})[0]).reshape(-1),
-        rtol=1e-4,
     )
 
 

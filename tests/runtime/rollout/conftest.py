@@ -60,15 +60,21 @@ def metric(rig: Rig, name: str, **labels: str) -> float:
     return gauge(rig.agent.metrics, name, **labels) or 0.0
 
 
-def in_canary_step(rig: Rig, packages: dict[str, Path]) -> VersionRecord:
-    """Version 1 deployed, version 2 registered with a long canary step; the agent (a thread)
-    runs it and is stopped in the step as SIGTERM does. Returns version 2's record."""
+def candidate_with_long_canary(rig: Rig, packages: dict[str, Path]) -> VersionRecord:
+    """Version 1 deployed, version 2 registered with a long canary step (not yet run).
+    Returns version 2's record."""
     rig.register(0)
     rig.start_agent().run_once()
     assert rig.publisher is not None
     write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
     candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
-    record = register(rig.publisher, candidate, alias="production").record
+    return register(rig.publisher, candidate, alias="production").record
+
+
+def in_canary_step(rig: Rig, packages: dict[str, Path]) -> VersionRecord:
+    """Version 1 deployed, version 2 registered with a long canary step; the agent (a thread)
+    runs it and is stopped in the step as SIGTERM does. Returns version 2's record."""
+    record = candidate_with_long_canary(rig, packages)
     running = AgentThread(rig)
     wait_for(lambda: metric(rig, "edgewise_agent_rollout_step") == 1, 60, "the step")
     running.stop()

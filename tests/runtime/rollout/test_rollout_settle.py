@@ -25,7 +25,13 @@ from edgewise.runtime.agent.state import AgentState, Rejection, Rollout, StateFi
 from edgewise.runtime.agent.sync import abort_rollout_locked
 from edgewise.runtime.errors import PackageError
 from edgewise.runtime.store.register import register
-from tests.runtime.rollout.conftest import LONG_CANARY, AgentThread, in_canary_step, metric
+from tests.runtime.rollout.conftest import (
+    LONG_CANARY,
+    AgentThread,
+    candidate_with_long_canary,
+    in_canary_step,
+    metric,
+)
 from tests.runtime.rollout.test_rollout_agent import Clients
 from tests.runtime.store.agent_rig import Rig, ready_versions, served_default
 from tests.runtime.store.helpers import copy_package, wait_for
@@ -181,12 +187,7 @@ def test_a_state_file_unreadable_during_a_step_fails_the_poll_not_the_candidate(
     """The state file cannot be read once while the step waits (an operator's editor saving
     it, say): the rollout stops with the poll failed; the candidate is not refused as an
     invalid package, and the next poll starts its rollout again."""
-    rig.register(0)
-    rig.start_agent().run_once()
-    assert rig.publisher is not None
-    write_policy(rig.publisher, rig.name, "production", parse_policy(LONG_CANARY))
-    candidate = copy_package(packages["good"], rig.root / "candidate", rig.name)
-    record = register(rig.publisher, candidate, alias="production").record
+    record = candidate_with_long_canary(rig, packages)
     real_read = StateFile.read
     armed = threading.Event()
 
