@@ -7,7 +7,9 @@ Feast answers; the server never imports Feast."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -295,29 +297,40 @@ def test_store_down_is_unavailable_and_counted(setup: Setup) -> None:
     )
 
 
+class _SilentStore:
+    """A store that accepts connections and never answers (a socket that reads nothing) on
+    127.0.0.1 at ``port``; ``connected`` is released once per connection accepted."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.connected = threading.Semaphore(0)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.listener.accept()[0])
+            except OSError:
+                return
+            self.connected.release()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
 def test_slow_store_per_policy_and_counted(setup: Setup, tmp_path: Path) -> None:
     """A store that accepts the connection and never answers (a socket that reads nothing):
     the lookup gives up at its budget, UNAVAILABLE naming the budget under on_store_error
     "unavailable", the reference profile's means under "default"; counted as slow; a model
     without lookups is answered meanwhile."""
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    stuck = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
+    store = _SilentStore()
+    stuck = {"type": "redis", "connection_string": f"127.0.0.1:{store.port}"}
     try:
         for name, policy in (("risk_slow", "unavailable"), ("risk_slow_default", "default")):
             convert(setup.model, setup.X, name=name, repo=setup.models)
@@ -343,9 +356,7 @@ def test_slow_store_per_policy_and_counted(setup: Setup, tmp_path: Path) -> None
                 >= 1
             )
     finally:
-        listener.close()
-        for conn in accepted:
-            conn.close()
+        store.close()
 
 
 @pytest.mark.parametrize("front_end", ["grpcio", "native"])
@@ -354,36 +365,18 @@ def test_slow_store_holds_up_no_other_model(setup: Setup, tmp_path: Path, front_
     answer: once one such call has taken its budget, the next ones run beside other calls
     (the serving core's and the native front end's moving averages of a call's time), so a
     plain call sent while a lookup call waits is answered before it."""
-    import socket
-    import threading
-
     if front_end == "native":
         from edgewise.runtime.frontends.native.binding import load_front
 
         module, reason = load_front()
         if module is None:
             unmet(f"the native front end is not available: {reason}")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    accepted: list[socket.socket] = []
-    connected = threading.Semaphore(0)
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-            connected.release()
-
-    threading.Thread(target=accept, daemon=True).start()
+    store = _SilentStore()
     models = tmp_path / "models"
     convert(setup.model, setup.X, name="plain", repo=models)
     convert(setup.model, setup.X, name="stuck", repo=models)
     section = _features_section(setup.repo, cache={"ttl_seconds": 0}, budget_ms=300)
-    section["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{port}"}
+    section["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{store.port}"}
     _configure(models, "stuck", section)
     server = start_server(models, tmp_path / "server", extra_args=["--front-end", front_end])
     finished: dict[str, float] = {}
@@ -399,19 +392,17 @@ def test_slow_store_holds_up_no_other_model(setup: Setup, tmp_path: Path, front_
             with pytest.raises(ServerError) as caught:  # the first: its budget, in full
                 client.infer("stuck", _request([0], [0.0]))
             assert caught.value.status == grpc.StatusCode.UNAVAILABLE
-            assert connected.acquire(timeout=30)
+            assert store.connected.acquire(timeout=30)
             waiting = threading.Thread(target=stuck_call)
             waiting.start()
-            assert connected.acquire(timeout=30)  # the second lookup waits on the store now
+            assert store.connected.acquire(timeout=30)  # the second lookup waits on the store now
             client.infer("plain", {"features": np.zeros((1, 10), np.float32)})
             finished["plain"] = time.monotonic()
             waiting.join(timeout=60)
         assert finished["plain"] < finished["stuck"]
     finally:
         server.stop()
-        listener.close()
-        for conn in accepted:
-            conn.close()
+        store.close()
 
 
 def test_redis_reads_equal_feasts_and_serve(setup: Setup, tmp_path: Path) -> None:
