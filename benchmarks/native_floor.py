@@ -62,19 +62,25 @@ suite: Any = _load("suite")
 ab: Any = _load("ab_checkouts")
 
 
-def build_echo(work: Path) -> Path:
-    """Compile echo_server.cc; the binary's path."""
+def _compile(
+    source: str, binary: Path, *, before: tuple[str, ...] = (), after: tuple[str, ...] = ()
+) -> Path:
+    """Compile ``source`` (next to this file) against grpc++ into ``binary``; its path."""
     flags = subprocess.run(
         ["pkg-config", "--cflags", "--libs", "grpc++"], check=True, capture_output=True, text=True
     ).stdout
-    binary = work / "echo_server"
     compiler = os.environ.get("CXX", "g++")
     subprocess.run(
-        [compiler, "-O2", "-std=c++17", str(HERE / "echo_server.cc"), "-o", str(binary),
-         *shlex.split(flags)],
+        [compiler, "-O2", "-std=c++17", *before, str(HERE / source), "-o", str(binary),
+         *shlex.split(flags), *after],
         check=True,
     )  # fmt: skip
     return binary
+
+
+def build_echo(work: Path) -> Path:
+    """Compile echo_server.cc; the binary's path."""
+    return _compile("echo_server.cc", work / "echo_server")
 
 
 def build_echo_ort(work: Path) -> Path | None:
@@ -87,17 +93,9 @@ def build_echo_ort(work: Path) -> Path | None:
     except HeadersError as exc:
         print(f"native_floor: no echo_ort ({exc})", file=sys.stderr)
         return None
-    flags = subprocess.run(
-        ["pkg-config", "--cflags", "--libs", "grpc++"], check=True, capture_output=True, text=True
-    ).stdout
-    binary = work / "echo_ort"
-    compiler = os.environ.get("CXX", "g++")
-    subprocess.run(
-        [compiler, "-O2", "-std=c++17", f"-I{include}", str(HERE / "native_echo_ort.cc"),
-         "-o", str(binary), *shlex.split(flags), "-ldl"],
-        check=True,
-    )  # fmt: skip
-    return binary
+    return _compile(
+        "native_echo_ort.cc", work / "echo_ort", before=(f"-I{include}",), after=("-ldl",)
+    )
 
 
 def one_row_answer(url: str, model: str) -> bytes:
