@@ -77,12 +77,19 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_demo_stopped_by_a_signal_stops_its_server(tmp_path: Path, stop: signal.Signals) -> None:
     errors = (tmp_path / "demo.err").open("w")  # with every thread's stack if it hangs
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "edgewise.runtime.cli", "demo", "--port", "0",
-         "--metrics-port", "0", "--repo", str(tmp_path / "demo-repo")],
-        stdout=subprocess.PIPE, stderr=errors, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
-    )  # fmt: skip
+    # A process started with SIGINT ignored keeps ignoring it, as shells want for background
+    # jobs (a test run under nohup or `&` has it so): the demo gets Ctrl-C as a terminal would
+    # give it. A handled signal is reset to its default by exec.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "edgewise.runtime.cli", "demo", "--port", "0",
+             "--metrics-port", "0", "--repo", str(tmp_path / "demo-repo")],
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         assert demo.stdout is not None
         target = ""
